@@ -1,0 +1,291 @@
+"""`Engine` (weights + tokenizer + device) and `Session` (one conversation's KV cache).
+
+A session holds the token ids whose keys and values sit in its cache. Feeding it a new
+token list runs only what lies beyond the longest common prefix with what it holds, so
+a chat turn, an edited message or a regenerated reply costs only the tokens that changed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import MistolError
+from .model import KVCache, ModelConfig, Transformer
+from .sampling import SamplingParams, sample_next
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+DEFAULT_CHUNK = 512  # prefill chunk: bounds activation memory and the rolling-cache slack
+DEFAULT_MAX_CONTEXT = 8192  # for models without a sliding window, whose cache grows with it
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer=None, name: str = "model"):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self._tokenizer = tokenizer
+        self.name = name
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path,
+        dtype: str = "auto",
+        device: str = "cpu",
+        progress: bool | None = None,
+    ) -> "Engine":
+        """Load a model directory (or anything `resolve_model` accepts)."""
+        from .hub import resolve_model
+        from .weights import load_model
+
+        model_dir = resolve_model(str(model))
+        device = _check_device(device)
+        torch_dtype = resolve_dtype(dtype, model_dir, device)
+        transformer = load_model(model_dir, dtype=torch_dtype, device=device, progress=progress)
+        tokenizer = None
+        if (model_dir / "tokenizer.model").is_file():
+            from .tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_dir(model_dir)
+        return cls(transformer, tokenizer, name=str(model))
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            raise MistolError(f"{self.name}: the model has no tokenizer (tokenizer.model)")
+        return self._tokenizer
+
+    def new_session(self, max_context: int | None = None, chunk_size: int = DEFAULT_CHUNK) -> "Session":
+        return Session(self, max_context=max_context, chunk_size=chunk_size)
+
+
+def resolve_dtype(name: str, model_dir: Path, device: torch.device) -> torch.dtype:
+    if name in DTYPES:
+        return DTYPES[name]
+    if name != "auto":
+        raise MistolError(f"unknown dtype {name!r} (choose from auto, {', '.join(DTYPES)})")
+    if device.type == "cuda":
+        return torch.bfloat16
+    # On CPU f32 is exact and fast to compute (this CPU class has no native bf16 matmul);
+    # fall back to bf16 where f32 weights would crowd out memory.
+    from .weights import find_weight_files
+
+    file_bytes = sum(f.stat().st_size for f in find_weight_files(model_dir))
+    f32_bytes = file_bytes * 2 if file_bytes else 0  # files are usually 16-bit
+    return torch.float32 if f32_bytes < _available_memory() // 2 else torch.bfloat16
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MistolError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MistolError("--device cuda: this torch build or machine has no CUDA GPU")
+    return dev
+
+
+@dataclass
+class Generation:
+    """The outcome of one `Session.stream`: filled in as the text streams."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0  # tokens of the prompt
+    prefilled_tokens: int = 0  # of those, how many had to run through the model
+    finish_reason: str | None = None  # "stop" (stop token/string), "length" or "cancelled"
+    time_to_first_token: float | None = None
+    decode_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = len(self.token_ids) - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+class Session:
+    """One conversation: a KV cache and the token ids it holds."""
+
+    def __init__(self, engine: Engine, max_context: int | None = None, chunk_size: int = DEFAULT_CHUNK):
+        config = engine.config
+        self.engine = engine
+        self.model = engine.model
+        if max_context is None:
+            max_context = config.max_position_embeddings
+            if config.sliding_window is None:
+                max_context = min(max_context, DEFAULT_MAX_CONTEXT)
+        self.max_context = max_context
+        self.chunk_size = chunk_size
+        capacity = max_context
+        if config.sliding_window is not None:
+            capacity = min(max_context, config.sliding_window + chunk_size)
+        self.cache = KVCache(config, capacity, self.model.dtype, self.model.device)
+        self.tokens: list[int] = []  # exactly the tokens whose keys/values are cached
+        self.tokens_processed = 0  # running count of tokens run through the model
+        self._last_logits: torch.Tensor | None = None
+
+    # -- feeding -------------------------------------------------------------------------
+    def feed(self, tokens: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        """Make the session hold `tokens`, running only those past the common prefix.
+
+        Returns the float32 logits after the last token ([vocab]), or with `all_logits`
+        the logits of every token that had to run ([n, vocab]).
+        """
+        tokens = list(tokens)
+        if not tokens:
+            raise MistolError("cannot feed an empty token list")
+        if len(tokens) > self.max_context:
+            raise MistolError(f"{len(tokens)} tokens exceed the context of {self.max_context}")
+        keep = _common_prefix(self.tokens, tokens)
+        if keep == len(tokens) == len(self.tokens) and self._last_logits is not None and not all_logits:
+            return self._last_logits
+        keep = min(keep, len(tokens) - 1)  # the last token must run to give logits
+        self.truncate(keep)
+        return self._run(tokens[keep:], all_logits)
+
+    def truncate(self, length: int) -> None:
+        """Roll the conversation back to its first `length` tokens."""
+        if length >= len(self.tokens):
+            return
+        kept = self.tokens[:length]
+        self._last_logits = None
+        if self.cache.truncate(length):
+            self.tokens = kept
+        else:  # a rolling cache already overwrote what that state needs: rebuild it
+            self.reset()
+            if kept:
+                self._run(kept, all_logits=False)
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.tokens = []
+        self._last_logits = None
+
+    @torch.inference_mode()
+    def _run(self, new: list[int], all_logits: bool) -> torch.Tensor:
+        device = self.model.device
+        outputs = []
+        for start in range(0, len(new), self.chunk_size):
+            chunk = new[start : start + self.chunk_size]
+            pos0 = len(self.tokens)
+            ids = torch.tensor([chunk], dtype=torch.long, device=device)
+            positions = torch.arange(pos0, pos0 + len(chunk), device=device)
+            logits = self.model(ids, positions, self.cache, all_logits=all_logits)[0]
+            outputs.append(logits)
+            self.tokens.extend(chunk)
+            self.tokens_processed += len(chunk)
+        self._last_logits = outputs[-1][-1] if all_logits else outputs[-1]
+        return torch.cat(outputs) if all_logits else self._last_logits
+
+    # -- generating ----------------------------------------------------------------------
+    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len + max_tokens > self.max_context:
+            raise MistolError(
+                f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds "
+                f"the context of {self.max_context} tokens"
+            )
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """Yield new token ids after `prompt`. The last one yielded (a stop token, say)
+        is not yet in the cache; the next `feed` of the conversation adds it."""
+        prompt = list(prompt)
+        self.check_fits(len(prompt), params.max_tokens)
+        if params.max_tokens == 0:
+            return
+        logits = self.feed(prompt)
+        generator = params.make_generator()
+        stop_ids = set(params.stop_token_ids)
+        for i in range(params.max_tokens):
+            context = torch.tensor(self.tokens) if params.repetition_penalty != 1.0 else None
+            token = sample_next(logits, params, generator, context)
+            yield token
+            if token in stop_ids or i == params.max_tokens - 1:
+                return
+            logits = self._run([token], all_logits=False)
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams, result: Generation | None = None) -> Iterator[str]:
+        """Yield the reply's text as it forms, ending at a stop token, a stop string or
+        max_tokens; `result` (a `Generation`) collects the text, ids and timings."""
+        result = result if result is not None else Generation()
+        tokenizer = self.engine.tokenizer
+        decoder = tokenizer.stream_decoder()
+        prompt = list(prompt)
+        result.prompt_tokens = len(prompt)
+        stop_ids = set(params.stop_token_ids)
+        stops = [s for s in params.stop if s]
+        pending = ""  # text held back while it could still begin a stop string
+        start = time.perf_counter()
+        before = self.tokens_processed
+        result.finish_reason = "length"
+        for token in self.generate(prompt, params):
+            now = time.perf_counter()
+            if result.time_to_first_token is None:
+                result.time_to_first_token = now - start
+                result.prefilled_tokens = self.tokens_processed - before
+                decode_start = now
+            else:
+                result.decode_seconds = now - decode_start
+            result.token_ids.append(token)
+            if token in stop_ids:
+                result.finish_reason = "stop"
+                break
+            pending += decoder.push(token)
+            if stops:
+                cut = _find_stop(pending, stops)
+                if cut is not None:
+                    pending = pending[:cut]
+                    result.finish_reason = "stop"
+                    break
+                safe = len(pending) - _longest_stop_prefix(pending, stops)
+                emit, pending = pending[:safe], pending[safe:]
+            else:
+                emit, pending = pending, ""
+            if emit:
+                result.text += emit
+                yield emit
+        if result.finish_reason == "length":
+            pending += decoder.flush()
+            if stops and (cut := _find_stop(pending, stops)) is not None:
+                pending, result.finish_reason = pending[:cut], "stop"
+        if pending:
+            result.text += pending
+            yield pending
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(hits) if hits else None
+
+
+def _longest_stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

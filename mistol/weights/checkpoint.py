@@ -1,0 +1,158 @@
+"""Loading a Hugging Face model directory into a `Transformer`.
+
+Accepted layouts: `model.safetensors`; sharded `model-0000x-of-0000y.safetensors` with
+`model.safetensors.index.json`; `pytorch_model.bin`; sharded `pytorch_model-*.bin` with
+`pytorch_model.bin.index.json`. Every file is memory-mapped; tensors already in the
+target dtype are used in place, the others are converted one at a time and their mapped
+pages released, so peak memory stays near the size of the loaded weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import MistolError
+from ..model import ModelConfig, Transformer
+from .memory import release_pages
+from .safetensors_file import SafetensorsFile
+
+# Tensors some checkpoints carry that the model recomputes.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass
+class TensorSource:
+    """One tensor of a checkpoint, read on demand."""
+
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    nbytes: int
+    read: Callable[[], torch.Tensor]
+
+
+def find_weight_files(model_dir: Path) -> list[Path]:
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = model_dir / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise MistolError(f"{index}: not a valid checkpoint index ({e})") from None
+            files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise MistolError(f"{index}: names shard files that are missing: {', '.join(missing)}")
+            return files
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+    raise MistolError(
+        f"{model_dir}: no weights found (expected model.safetensors, sharded "
+        "model-*-of-*.safetensors with model.safetensors.index.json, or pytorch_model*.bin)"
+    )
+
+
+def iter_tensor_sources(files: list[Path]) -> Iterator[TensorSource]:
+    for path in files:
+        if path.suffix == ".safetensors":
+            st = SafetensorsFile(path)
+            for name in st.keys():
+                yield TensorSource(name, path, st.shape(name), st.nbytes(name), lambda st=st, n=name: st.tensor(n))
+        else:
+            state = _load_bin(path)
+            for name, t in state.items():
+                yield TensorSource(name, path, tuple(t.shape), t.numel() * t.element_size(), lambda t=t: t)
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for a bad pickle/zip
+        raise MistolError(f"{path}: truncated or corrupt PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise MistolError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def model_key(hf_name: str) -> str | None:
+    """Hugging Face tensor name -> our parameter name (None: not a model parameter)."""
+    if hf_name.endswith(_IGNORED_SUFFIXES):
+        return None
+    return hf_name.removeprefix("model.")
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+) -> Transformer:
+    """Build a `Transformer` from a Hugging Face model directory."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise MistolError(f"{model_dir}: no such model directory")
+    config = ModelConfig.from_file(model_dir / "config.json")
+    files = find_weight_files(model_dir)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = dict(model.named_parameters())
+    loaded: set[str] = set()
+    device = torch.device(device)
+
+    sources = list(iter_tensor_sources(files))
+    total = sum(s.nbytes for s in sources)
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", disable=_no_bar(progress)) as bar:
+        for src in sources:
+            key = model_key(src.name)
+            if key == "lm_head.weight" and config.tie_word_embeddings:
+                key = None
+            if key is not None:
+                if key not in expected:
+                    raise MistolError(f"{src.file}: unexpected tensor {src.name!r} for this config.json")
+                want = tuple(expected[key].shape)
+                if src.shape != want:
+                    raise MistolError(
+                        f"{src.file}: tensor {src.name!r} has shape {list(src.shape)}, "
+                        f"config.json implies {list(want)}"
+                    )
+                _set_parameter(model, key, _to_target(src.read(), dtype, device))
+                loaded.add(key)
+            bar.update(src.nbytes)
+
+    missing = [k for k in expected if k not in loaded]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise MistolError(f"{model_dir}: checkpoint is missing {len(missing)} tensor(s): {shown}")
+    model.rotary.to(device)
+    return model.eval().requires_grad_(False)
+
+
+def _to_target(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if t.dtype == dtype and t.device == device:
+        return t  # stays a view of the mapped file: no copy
+    out = t.to(device=device, dtype=dtype, copy=True)
+    release_pages(t)
+    return out
+
+
+def _set_parameter(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_path, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_path)
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def _no_bar(progress: bool | None) -> bool | None:
+    # tqdm: disable=None means "only on a terminal"
+    return None if progress is None else not progress

@@ -1,0 +1,90 @@
+"""Zero-copy reading of `.safetensors` files.
+
+The format is an 8-byte little-endian header length, a JSON header naming each tensor's
+dtype, shape and byte range, then the raw data. We map the file (private, copy-on-write:
+the file itself is never modified) and hand out tensors that are views into the mapping,
+so a checkpoint in the dtype we compute in costs no copy at all.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import torch
+
+from ..errors import MistolError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class SafetensorsFile:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = self.path.stat().st_size
+                if size < 8:
+                    raise ValueError("shorter than its 8-byte header length")
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > size - 8:
+                    raise ValueError(f"header of {header_len} bytes in a file of {size}")
+                header = json.loads(f.read(header_len))
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except OSError as e:
+            raise MistolError(f"{self.path}: cannot read ({e.strerror or e})") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise MistolError(f"{self.path}: truncated or corrupt safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self._data_start = 8 + header_len
+        self._entries = header
+        for name, entry in header.items():
+            try:
+                start, end = entry["data_offsets"]
+                dtype = entry["dtype"]
+                shape = entry["shape"]
+            except (KeyError, TypeError, ValueError):
+                raise MistolError(f"{self.path}: corrupt header entry for tensor {name!r}") from None
+            if dtype not in DTYPES:
+                raise MistolError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
+            if self._data_start + end > size:
+                raise MistolError(
+                    f"{self.path}: truncated file: tensor {name!r} ends at byte "
+                    f"{self._data_start + end}, the file has {size}"
+                )
+            itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+            if end - start != itemsize * _numel(shape):
+                raise MistolError(f"{self.path}: tensor {name!r} has a byte range that does not match its shape")
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def nbytes(self, name: str) -> int:
+        start, end = self._entries[name]["data_offsets"]
+        return end - start
+
+    def tensor(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        dtype = DTYPES[entry["dtype"]]
+        start, end = entry["data_offsets"]
+        shape = entry["shape"]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self._map, dtype=dtype, count=_numel(shape), offset=self._data_start + start)
+        return flat.view(shape)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

@@ -1,0 +1,52 @@
+"""Building tiny random-weight Mistral/Llama checkpoints with transformers' own classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 32002  # the Mistral tokenizer plus OpenHermes' two ChatML tokens
+
+
+def make_checkpoint(
+    path: Path,
+    arch: str = "mistral",
+    window: int | None = 8,
+    heads: int = 4,
+    kv_heads: int = 2,
+    layers: int = 2,
+    hidden: int = 64,
+    tie: bool = False,
+    max_shard_size: str | None = None,
+    safe: bool = True,
+    seed: int = 0,
+    tokenizer: bool = True,
+) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        tie_word_embeddings=tie, initializer_range=0.2, rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(seed)
+    if arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=window, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    kwargs = {"safe_serialization": safe}
+    if max_shard_size:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(path, **kwargs)
+    if tokenizer:
+        from helpers import make_openhermes_tokenizer_dir
+
+        make_openhermes_tokenizer_dir(path)
+    return Path(path)
+
+
+def reference(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -1,0 +1,139 @@
+"""The engine against the reference implementation (transformers), on random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint, reference
+from mistol.engine import Engine
+from mistol.sampling import SamplingParams
+from mistol.weights import load_model
+
+TOL = 1e-4
+
+
+def ref_logits(path, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return reference(path)(torch.tensor([tokens])).logits[0].float()
+
+
+def our_logits(path, tokens: list[int], **session_kw) -> torch.Tensor:
+    engine = Engine(load_model(path))
+    return engine.new_session(**session_kw).feed(tokens, all_logits=True)
+
+
+def random_tokens(n: int, seed: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 32000, (n,), generator=g).tolist()
+
+
+def test_mistral_sliding_window_logits_match_reference(mistral_dir):
+    tokens = random_tokens(40)  # five times the window of 8
+    diff = (our_logits(mistral_dir, tokens) - ref_logits(mistral_dir, tokens)).abs().max()
+    assert diff <= TOL
+
+
+def test_sliding_window_matches_reference_with_rolling_cache_wrapping(mistral_dir):
+    tokens = random_tokens(40, seed=2)
+    # chunk 4 -> a cache of 8 + 4 slots, overwritten many times over 40 tokens
+    ours = our_logits(mistral_dir, tokens, chunk_size=4)
+    engine = Engine(load_model(mistral_dir))
+    assert engine.new_session(chunk_size=4).cache.capacity == 12
+    assert (ours - ref_logits(mistral_dir, tokens)).abs().max() <= TOL
+
+
+def test_llama_without_window_logits_match_reference(llama_dir):
+    tokens = random_tokens(40, seed=3)
+    assert (our_logits(llama_dir, tokens) - ref_logits(llama_dir, tokens)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["gqa1", "gqa2", "gqa4"])
+def test_grouped_query_attention_ratios(tmp_path, kv_heads):
+    path = make_checkpoint(tmp_path, heads=4, kv_heads=kv_heads, tokenizer=False, seed=kv_heads)
+    tokens = random_tokens(24, seed=kv_heads)
+    assert (our_logits(path, tokens) - ref_logits(path, tokens)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize(
+    "layout", [dict(max_shard_size="5MB"), dict(safe=False), dict(safe=False, max_shard_size="5MB"), dict(tie=True)],
+    ids=["sharded-safetensors", "bin", "sharded-bin", "tied-embeddings"],
+)
+def test_checkpoint_layouts(tmp_path, layout):
+    path = make_checkpoint(tmp_path, tokenizer=False, **layout)
+    if "max_shard_size" in layout:
+        assert len([p for p in path.iterdir() if "-of-" in p.name]) > 1
+    tokens = random_tokens(20, seed=5)
+    assert (our_logits(path, tokens) - ref_logits(path, tokens)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("fixture", ["mistral_dir", "llama_dir"])
+def test_greedy_generation_matches_reference_past_the_window(request, fixture):
+    path = request.getfixturevalue(fixture)
+    prompt = random_tokens(10, seed=7)
+    with torch.no_grad():
+        out = reference(path).generate(
+            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    expected = out[0, len(prompt):].tolist()
+    session = Engine(load_model(path)).new_session()
+    ours = list(session.generate(prompt, SamplingParams(temperature=0, max_tokens=32)))
+    assert ours == expected
+    assert len(prompt) + 32 > 8 * 4  # well past the sliding window
+
+
+def test_chunked_prefill_equals_one_shot(mistral_dir):
+    tokens = random_tokens(30, seed=8)
+    one_shot = our_logits(mistral_dir, tokens)
+    for chunk in (1, 3, 7):
+        assert (our_logits(mistral_dir, tokens, chunk_size=chunk) - one_shot).abs().max() <= TOL
+
+
+def test_turn_by_turn_equals_all_at_once(mistral_dir):
+    engine = Engine(load_model(mistral_dir))
+    tokens = random_tokens(36, seed=9)
+    whole = engine.new_session().feed(tokens)
+    session = engine.new_session()
+    for end in (5, 17, 18, 30, 36):
+        last = session.feed(tokens[:end])
+    assert session.tokens == tokens
+    assert (last - whole).abs().max() <= TOL
+    assert session.tokens_processed == len(tokens)  # nothing ran twice
+
+
+def test_rollback_and_refeed_gives_same_logits(mistral_dir):
+    engine = Engine(load_model(mistral_dir))
+    a, b = random_tokens(20, seed=10), random_tokens(15, seed=11)
+    session = engine.new_session(chunk_size=4)
+    first = session.feed(a + b[:5])
+    session.feed(a + b)  # 35 tokens through a 12-slot rolling cache
+    again = session.feed(a + b[:5])  # rolled back beyond what the cache kept: rebuilt
+    assert (again - first).abs().max() <= TOL
+    small = engine.new_session()  # a cache large enough to roll back in place
+    small.feed(a + b)
+    processed = small.tokens_processed
+    assert (small.feed(a + b[:5]) - first).abs().max() <= TOL
+    assert small.tokens_processed == processed + 1  # only the last token re-ran
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(mistral_dir):
+    engine = Engine(load_model(mistral_dir))
+    prompt = random_tokens(6, seed=12)
+
+    def run(**kw):
+        return list(engine.new_session().generate(prompt, SamplingParams(max_tokens=16, **kw)))
+
+    sampled = run(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=123)
+    assert sampled == run(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=123)
+    assert sampled != run(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=124)
+    assert run(temperature=1.5, top_k=1, seed=5) == run(temperature=0)
+
+
+def test_context_overflow_is_refused_before_any_work(mistral_dir):
+    from mistol.errors import MistolError
+
+    engine = Engine(load_model(mistral_dir))
+    session = engine.new_session(max_context=64)
+    with pytest.raises(MistolError, match="context of 64"):
+        next(session.generate(random_tokens(40), SamplingParams(max_tokens=30)))
+    assert session.tokens_processed == 0
