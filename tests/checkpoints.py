@@ -35,15 +35,40 @@ def make_checkpoint(
         model = MistralForCausalLM(MistralConfig(sliding_window=window, **common))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
-    kwargs = {"safe_serialization": safe}
-    if max_shard_size:
-        kwargs["max_shard_size"] = max_shard_size
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
+    if not safe:
+        convert_to_bin(Path(path), shards=2 if max_shard_size else 1)
     if tokenizer:
         from helpers import make_openhermes_tokenizer_dir
 
         make_openhermes_tokenizer_dir(path)
     return Path(path)
+
+
+def convert_to_bin(path: Path, shards: int = 1) -> None:
+    """Rewrite a checkpoint as `pytorch_model*.bin` (transformers 5 only writes safetensors),
+    the layout of the original OpenHermes 2.5 upload."""
+    import json
+
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+        f.unlink()
+    (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    if shards == 1:
+        torch.save(state, path / "pytorch_model.bin")
+        return
+    names = list(state)
+    weight_map = {}
+    for i in range(shards):
+        shard = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = names[i::shards]
+        torch.save({n: state[n] for n in part}, path / shard)
+        weight_map.update({n: shard for n in part})
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def reference(path: Path):

@@ -63,6 +63,8 @@ def test_checkpoint_layouts(tmp_path, layout):
     path = make_checkpoint(tmp_path, tokenizer=False, **layout)
     if "max_shard_size" in layout:
         assert len([p for p in path.iterdir() if "-of-" in p.name]) > 1
+    if layout.get("safe") is False:
+        assert not list(path.glob("*.safetensors")) and list(path.glob("*.bin"))
     tokens = random_tokens(20, seed=5)
     assert (our_logits(path, tokens) - ref_logits(path, tokens)).abs().max() <= TOL
 

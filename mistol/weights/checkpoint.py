@@ -103,8 +103,7 @@ def load_model(
         raise MistolError(f"{model_dir}: no such model directory")
     config = ModelConfig.from_file(model_dir / "config.json")
     files = find_weight_files(model_dir)
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = Transformer(config, device="meta")
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
     device = torch.device(device)
