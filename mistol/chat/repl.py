@@ -1,0 +1,182 @@
+"""The chat loop: read a message, stream the reply, keep and save the conversation.
+
+Input comes from prompt_toolkit on a terminal (history, editing, Esc then Enter for a new
+line, pasted text kept whole) or line by line from a pipe (`echo hi | mistol chat`).
+Ctrl-C during a reply stops it and keeps what was said; Ctrl-C or Ctrl-D at the prompt
+leaves. Every message is written to the chat log as it happens.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import MistolError
+from ..sampling import SamplingParams
+from .log import ChatLog, data_dir, drop_last_exchange, replay, save_messages, set_system
+
+DEFAULT_SYSTEM = "You are Hermes, a helpful, honest and concise assistant."
+
+HELP = """\
+Commands:
+  /help           this help
+  /system TEXT    set the system prompt
+  /reset          start over (keeps the system prompt)
+  /undo           drop the last exchange
+  /save FILE      save the conversation as JSON
+  /load FILE      load a conversation saved with /save (or a chat log)
+  /exit           leave (Ctrl-D works too)
+Keys: Enter sends, Esc then Enter adds a new line, Ctrl-C stops a reply."""
+
+
+@dataclass
+class ChatOptions:
+    verbose: bool = False
+    interactive: bool = True
+
+
+class ChatApp:
+    def __init__(self, llm, params: SamplingParams, log: ChatLog, messages: list[dict], options: ChatOptions):
+        self.llm = llm
+        self.params = params
+        self.log = log
+        self.messages = messages
+        self.options = options
+
+    # -- output --------------------------------------------------------------------------
+    def notice(self, text: str) -> None:
+        print(f"\033[2m{text}\033[0m" if self.options.interactive else text, file=sys.stderr, flush=True)
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self, lines: Iterator[str]) -> None:
+        for line in lines:
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if not self.command(line.strip()):
+                    return
+            else:
+                self.user_turn(line)
+
+    def user_turn(self, text: str) -> None:
+        self.add("user", text)
+        self.reply()
+
+    def add(self, role: str, content: str) -> None:
+        self.messages.append({"role": role, "content": content})
+        self.log.write("message", role=role, content=content)
+
+    def reply(self, continue_last: bool = False) -> str:
+        """Stream the assistant's reply (or the rest of it) and record it as it comes."""
+        if not continue_last:
+            self.add("assistant", "")
+        message = self.messages[-1]
+        context = self.messages[:-1] if not continue_last else self.messages
+        before = message["content"]
+        out = sys.stdout
+        try:
+            stream = self.llm.chat(context, self.params, continue_last=continue_last)
+            for piece in stream:
+                message["content"] += piece
+                self.log.write("delta", content=piece)
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write("\n")
+            self.notice("[stopped]")
+        except MistolError as e:
+            if message["content"] == before and not continue_last:
+                self.messages.pop()  # nothing was said: do not keep an empty reply
+                drop_last_exchange(self.messages)
+                self.log.write("undo")
+            raise
+        out.write("\n")
+        out.flush()
+        self.report()
+        return message["content"][len(before):]
+
+    def report(self) -> None:
+        if getattr(self.llm, "dropped", 0):
+            self.notice(f"(context full: the {self.llm.dropped} oldest message(s) were left out of the prompt)")
+        last = getattr(self.llm, "last", None)
+        if self.options.verbose and last is not None:
+            ttft = f"{last.time_to_first_token:.2f} s" if last.time_to_first_token is not None else "-"
+            self.notice(
+                f"({len(last.token_ids)} tokens, {last.tokens_per_second:.1f} tok/s, first token {ttft}, "
+                f"{last.prefilled_tokens} prompt tokens run)"
+            )
+
+    # -- slash commands ------------------------------------------------------------------
+    def command(self, line: str) -> bool:
+        """Run a /command; False means leave."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/help":
+            print(HELP, file=sys.stderr)
+        elif name == "/system":
+            if not arg:
+                current = self.messages[0]["content"] if self.messages and self.messages[0]["role"] == "system" else ""
+                self.notice(f"system prompt: {current or '(none)'}")
+            else:
+                set_system(self.messages, arg)
+                self.log.write("system", content=arg)
+                self.notice("system prompt set")
+        elif name == "/reset":
+            self.messages[:] = [m for m in self.messages[:1] if m["role"] == "system"]
+            self.log.write("reset")
+            self.notice("conversation cleared")
+        elif name == "/undo":
+            if drop_last_exchange(self.messages):
+                self.log.write("undo")
+                self.notice("last exchange dropped")
+            else:
+                self.notice("nothing to undo")
+        elif name == "/save":
+            if not arg:
+                self.notice("usage: /save FILE")
+            else:
+                save_messages(Path(arg).expanduser(), self.messages)
+                self.notice(f"saved to {arg}")
+        elif name == "/load":
+            if not arg:
+                self.notice("usage: /load FILE")
+            else:
+                loaded = replay(Path(arg).expanduser())
+                self.messages[:] = loaded
+                self.log.write("replace", messages=loaded)
+                self.notice(f"loaded {len(loaded)} message(s) from {arg}")
+        else:
+            self.notice(f"unknown command {name}; /help lists them")
+        return True
+
+
+# -- input -------------------------------------------------------------------------------
+def terminal_lines() -> Iterator[str]:
+    """Lines from an interactive prompt; ends on Ctrl-D or Ctrl-C."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _(event):
+        event.current_buffer.insert_text("\n")
+
+    history = data_dir() / "history"
+    history.parent.mkdir(parents=True, exist_ok=True)
+    session = PromptSession(history=FileHistory(str(history)), key_bindings=bindings)
+    while True:
+        try:
+            yield session.prompt(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            return
+
+
+def piped_lines() -> Iterator[str]:
+    for line in sys.stdin:
+        yield line.rstrip("\n")

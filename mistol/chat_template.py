@@ -1,0 +1,153 @@
+"""Rendering a conversation into token ids: ChatML, or the model's own Jinja template.
+
+Messages are OpenAI-style dicts: {"role": "system"|"user"|"assistant", "content": str}.
+
+The control tokens come only from the template; message text is never scanned for them,
+so a user who types "<|im_start|>system" gets those characters, not a forged turn. For a
+Jinja template we render with a placeholder in place of each message's text, parse the
+special tokens of what the template wrote, and put the text back as plain text.
+
+Replies the model generated can be passed back as the token ids it produced
+(`reply_tokens`): re-encoding a reply's text may give other ids than the model chose, and
+then the session's cache would no longer share the prefix and would run the reply again.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+from .errors import MistolError
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+# Text and token ids in prompt order: str is encoded as plain text, int is placed as is.
+Pieces = list
+
+
+class ChatTemplate:
+    def __init__(self, tokenizer, jinja_source: str | None = None):
+        self.tokenizer = tokenizer
+        self.jinja_source = jinja_source
+        self._jinja = _compile(jinja_source) if jinja_source else None
+        self._chatml = tokenizer.token_id(IM_START) is not None and tokenizer.token_id(IM_END) is not None
+        if self._jinja is None and not self._chatml:
+            raise MistolError("the tokenizer has no <|im_start|>/<|im_end|> tokens and the model no chat_template")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, use_model_template: bool = True) -> "ChatTemplate":
+        source = getattr(tokenizer, "chat_template", None) if use_model_template else None
+        return cls(tokenizer, source)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end an assistant turn."""
+        ids = {self.tokenizer.eos_id, self.tokenizer.token_id(IM_END)}
+        return sorted(i for i in ids if i is not None)
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = True,
+        continue_last: bool = False,
+        reply_tokens: Mapping[str, Pieces] | None = None,
+    ) -> list[int]:
+        """Token ids for `messages`, BOS first.
+
+        continue_last: the last message (an assistant's) is left open, for the model to go
+        on writing it; otherwise `add_generation_prompt` opens a new assistant turn.
+        reply_tokens: assistant texts (or beginnings of them) mapped to pieces holding the
+        token ids the model generated for them.
+        """
+        if not messages and continue_last:
+            raise MistolError("continue_last needs a message to continue")
+        for m in messages:
+            if not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+                raise MistolError("each message needs a string 'role' and 'content'")
+        contents = [
+            known_pieces(m["content"], reply_tokens) if m["role"] == "assistant" else [m["content"]]
+            for m in messages
+        ]
+        gen_prompt = add_generation_prompt and not continue_last
+        if self._jinja is not None:
+            pieces = self._jinja_pieces(messages, contents, gen_prompt, continue_last)
+        else:
+            pieces = self._chatml_pieces(messages, contents, gen_prompt, continue_last)
+        tok = self.tokenizer
+        add_bos = tok.add_bos and not (pieces and pieces[0] == tok.bos_id)
+        return tok.encode_pieces(pieces, add_bos=add_bos)
+
+    # ChatML, as OpenHermes 2.5's template writes it
+    def _chatml_pieces(self, messages, contents, gen_prompt, continue_last) -> Pieces:
+        start, end = self.tokenizer.token_id(IM_START), self.tokenizer.token_id(IM_END)
+        pieces: Pieces = []
+        for i, (m, content) in enumerate(zip(messages, contents)):
+            pieces += [start, f"{m['role']}\n", *content]
+            if not (continue_last and i == len(messages) - 1):
+                pieces += [end, "\n"]
+        if gen_prompt:
+            pieces += [start, "assistant\n"]
+        return pieces
+
+    def _jinja_pieces(self, messages, contents, gen_prompt, continue_last) -> Pieces:
+        marks = [f"\x00mistol-content-{i}\x00" for i in range(len(messages))]
+        tok = self.tokenizer
+        rendered = self._jinja.render(
+            messages=[{**m, "content": mark} for m, mark in zip(messages, marks)],
+            add_generation_prompt=gen_prompt,
+            bos_token=_content_of(tok, tok.bos_id), eos_token=_content_of(tok, tok.eos_id),
+        )
+        parts = re.split("(" + "|".join(map(re.escape, marks)) + ")", rendered) if marks else [rendered]
+        if sorted(p for p in parts if p in marks) != sorted(marks):
+            raise MistolError("the model's chat_template alters message text; run with the built-in ChatML template")
+        pieces: Pieces = []
+        for part in parts:
+            if part in marks:
+                pieces += contents[marks.index(part)]
+                if continue_last and part == marks[-1]:
+                    break  # leave the last message open
+            else:
+                pieces += _split_special(tok, part)
+        return pieces
+
+
+def known_pieces(text: str, reply_tokens: Mapping[str, Pieces] | None) -> Pieces:
+    """`text` as pieces, reusing the generated ids of the longest known beginning of it."""
+    best = max((k for k in (reply_tokens or {}) if text.startswith(k)), key=len, default=None)
+    if best is None:
+        return [text]
+    rest = text[len(best):]
+    return [*reply_tokens[best], rest] if rest else list(reply_tokens[best])
+
+
+def _split_special(tok, text: str) -> list:
+    """Template-written text -> plain text and special-token ids."""
+    specials = sorted(tok.special_ids, key=len, reverse=True)
+    if not specials:
+        return [text] if text else []
+    pattern = "(" + "|".join(map(re.escape, specials)) + ")"
+    return [tok.special_ids[p] if p in tok.special_ids else p for p in re.split(pattern, text) if p]
+
+
+def _content_of(tok, token_id):
+    for content, i in tok.special_ids.items():
+        if i == token_id:
+            return content
+    return ""
+
+
+def _compile(source: str):
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:  # pragma: no cover - jinja2 is a core dependency
+        raise MistolError("rendering the model's chat_template needs jinja2") from None
+
+    def raise_exception(message):
+        raise MistolError(f"chat_template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except Exception as e:
+        raise MistolError(f"the model's chat_template does not parse ({e})") from None

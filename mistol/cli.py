@@ -1,0 +1,174 @@
+"""The `mistol` command. Each subcommand is a small function over the library.
+
+Output meant for scripts goes to stdout; progress and logs go to stderr. Any
+`MistolError` ends the command with a one-line message and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import MistolError
+
+DEFAULT_MODEL = "teknium/OpenHermes-2.5-Mistral-7B"
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--model", "-m", required=required, default=None if required else DEFAULT_MODEL,
+        help="a model directory (Hugging Face layout) or a Hugging Face repo id"
+        + ("" if required else f" (default: {DEFAULT_MODEL})"),
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"],
+                   help="weight and compute dtype (auto: f32 on CPU when it fits in memory, else bf16; bf16 on CUDA)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens to generate (default: {max_tokens})")
+    g.add_argument("--temperature", "-t", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="keep the K most likely tokens, 0 = off (default: 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling, 1 = off (default: 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="drop tokens below P x the top probability (default: 0.05)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (default: 1.0)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+
+
+def sampling_params(args, stop_token_ids: list[int]):
+    from .sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
+        stop_token_ids=stop_token_ids, stop=list(args.stop),
+    )
+
+
+def load_engine(args):
+    from .engine import Engine
+
+    return Engine.load(args.model, dtype=args.dtype, device=args.device)
+
+
+# -- subcommands ---------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    engine = load_engine(args)
+    tok = engine.tokenizer
+    prompt = tok.encode(args.prompt, add_bos=True, parse_special=args.special)
+    stop_ids = sorted({i for i in (tok.eos_id, engine.config.eos_token_id) if i is not None})
+    params = sampling_params(args, stop_ids)
+    session = engine.new_session()
+    for piece in session.stream(prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat.log import ChatLog, latest_chat, replay, set_system
+    from .chat.repl import DEFAULT_SYSTEM, ChatApp, ChatOptions, piped_lines, terminal_lines
+    from .llm import LocalLLM
+
+    interactive = sys.stdin.isatty()
+    if args.resume:
+        path = latest_chat()
+        messages, log = replay(path), ChatLog(path)
+    else:
+        messages, log = [], ChatLog.create()
+    if args.system is not None or not messages:
+        system = DEFAULT_SYSTEM if args.system is None else args.system
+        set_system(messages, system)
+        log.write("system", content=system)
+    engine = load_engine(args)
+    llm = LocalLLM(engine, max_context=args.ctx)
+    app = ChatApp(llm, sampling_params(args, []), log, messages, ChatOptions(args.verbose, interactive))
+    if interactive:
+        app.notice(f"mistol chat · {args.model} · saving to {log.path}\n/help for commands, Ctrl-D to leave")
+    try:
+        app.run(terminal_lines() if interactive else piped_lines())
+    finally:
+        log.close()
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from .hub import resolve_model
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(resolve_model(args.model))
+    ids = tok.encode(args.text, add_bos=tok.add_bos and not args.no_bos, parse_special=args.special)
+    print(json.dumps(ids))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mistol",
+        description="A local, private assistant running Mistral/Llama-architecture models "
+        "(OpenHermes 2.5 Mistral 7B by default) on your own machine.",
+    )
+    parser.add_argument("--version", action="version", version=f"mistol {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="complete a prompt and print only the generated text",
+                       description="Complete PROMPT (a BOS token is put in front) and print only the "
+                       "generated text on stdout; logs and progress go to stderr.")
+    add_model_args(p, required=True)
+    p.add_argument("--prompt", "-p", required=True, help="the text to complete")
+    p.add_argument("--special", action="store_true",
+                   help="parse special tokens such as <|im_start|> written in the prompt (default: plain text)")
+    add_sampling_args(p)
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with the model in the terminal",
+                       description="Chat in the terminal (ChatML). Replies stream as they are written; "
+                       "the conversation is saved as it goes under ~/.local/share/mistol/chats/. "
+                       "Without a terminal, each line of standard input is one message: "
+                       "echo 'hi' | mistol chat --model DIR")
+    add_model_args(p)
+    p.add_argument("--system", "-s", default=None, help="the system prompt")
+    p.add_argument("--resume", action="store_true", help="continue the last saved chat")
+    p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's; 8192 at most without a sliding window)")
+    p.add_argument("--verbose", "-v", action="store_true", help="after each reply, show tokens/s and time to first token")
+    add_sampling_args(p, max_tokens=1024)
+    p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("tokenize", help="print the token ids of a text as a JSON list",
+                       description="Print TEXT's token ids as a JSON list, with the model's BOS in front "
+                       "when its tokenizer adds one.")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model directory or Hugging Face repo id")
+    p.add_argument("--special", action="store_true",
+                   help="turn special tokens written in TEXT (<|im_start|>, <s>, ...) into their ids; "
+                   "without it they are tokenized as plain text")
+    p.add_argument("--no-bos", action="store_true", help="do not put the BOS token in front")
+    p.add_argument("text", help="the text to tokenize")
+    p.set_defaults(run=cmd_tokenize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except MistolError as e:
+        print(f"mistol: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `mistol generate ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
