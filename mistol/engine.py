@@ -185,7 +185,12 @@ class Session:
             pos0 = len(self.tokens)
             ids = torch.tensor([chunk], dtype=torch.long, device=device)
             positions = torch.arange(pos0, pos0 + len(chunk), device=device)
-            logits = self.model(ids, positions, self.cache, all_logits=all_logits)[0]
+            try:
+                logits = self.model(ids, positions, self.cache, all_logits=all_logits)[0]
+            except BaseException:  # Ctrl-C mid-step: keep the cache consistent with `tokens`
+                self.cache.truncate(len(self.tokens))
+                self._last_logits = None
+                raise
             outputs.append(logits)
             self.tokens.extend(chunk)
             self.tokens_processed += len(chunk)
@@ -265,6 +270,31 @@ class Session:
         if pending:
             result.text += pending
             yield pending
+
+
+@torch.inference_mode()
+def decode_step(sessions: Sequence[Session], tokens: Sequence[int]) -> torch.Tensor:
+    """Append one token to each session in a single forward pass.
+
+    Decoding is bound by reading the weights, so B sequences in one step cost about what one
+    does: this is what lets a server serve concurrent requests together. Returns the float32
+    logits after each new token, [B, vocab].
+    """
+    model = sessions[0].model
+    for s in sessions:
+        if s.model is not model:
+            raise ValueError("decode_step: sessions of different models")
+        if len(s.tokens) >= s.max_context:
+            raise MistolError(f"a session is at its context limit of {s.max_context} tokens")
+    device = model.device
+    ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
+    positions = torch.tensor([[len(s.tokens)] for s in sessions], device=device)
+    logits = model(ids, positions, [s.cache for s in sessions])
+    for s, token, row in zip(sessions, tokens, logits):
+        s.tokens.append(int(token))
+        s.tokens_processed += 1
+        s._last_logits = row
+    return logits
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

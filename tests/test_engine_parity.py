@@ -139,3 +139,20 @@ def test_context_overflow_is_refused_before_any_work(mistral_dir):
     with pytest.raises(MistolError, match="context of 64"):
         next(session.generate(random_tokens(40), SamplingParams(max_tokens=30)))
     assert session.tokens_processed == 0
+
+
+def test_batched_decode_step_equals_one_session_at_a_time(mistral_dir):
+    from mistol.engine import decode_step
+
+    engine = Engine(load_model(mistral_dir))
+    prompts = [random_tokens(n, seed=20 + n) for n in (3, 11, 25)]  # different lengths and windows
+    batch = [engine.new_session(chunk_size=4) for _ in prompts]
+    alone = [engine.new_session(chunk_size=4) for _ in prompts]
+    for s, p in zip(batch + alone, prompts + prompts):
+        s.feed(p)
+    for step in range(12):
+        tokens = [1000 + 37 * step + i for i in range(len(prompts))]
+        together = decode_step(batch, tokens)
+        for i, s in enumerate(alone):
+            single = s.feed(s.tokens + [tokens[i]])
+            assert (together[i] - single).abs().max() <= 1e-5

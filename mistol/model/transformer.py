@@ -8,6 +8,8 @@ Numerics follow the reference too: RMSNorm in float32, RoPE angles in float32, t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,13 +39,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        freqs = positions.float()[..., None] * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, L, D]; cos/sin: [L, D]."""
+    """x: [B, heads, L, D]; cos/sin: [B, 1, L, D]."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -60,20 +62,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, kv, bias=False, device=device)
         self.o_proj = nn.Linear(q, h, bias=False, device=device)
 
-    def forward(self, x, cos, sin, cache: KVCache, plan: AttentionPlan):
+    def forward(self, x, cos, sin, caches: list[KVCache], plans: list[AttentionPlan]):
+        """Row b of `x` continues the sequence in caches[b]: the projections run batched
+        (one read of the weights for all rows), attention runs per row over its own cache."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        cache_k, cache_v = cache.k[self.layer], cache.v[self.layer]
-        cache_k.index_copy_(2, plan.slots, k)
-        cache_v.index_copy_(2, plan.slots, v)
-        keys, values = cache_k[:, :, : plan.n_keys], cache_v[:, :, : plan.n_keys]
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=plan.mask, enable_gqa=self.n_heads != self.n_kv
-        )
+        outs = []
+        for row, (cache, plan) in enumerate(zip(caches, plans)):
+            cache_k, cache_v = cache.k[self.layer], cache.v[self.layer]
+            cache_k.index_copy_(2, plan.slots, k[row : row + 1])
+            cache_v.index_copy_(2, plan.slots, v[row : row + 1])
+            keys, values = cache_k[:, :, : plan.n_keys], cache_v[:, :, : plan.n_keys]
+            outs.append(F.scaled_dot_product_attention(
+                q[row : row + 1], keys, values, attn_mask=plan.mask, enable_gqa=self.n_heads != self.n_kv
+            ))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -97,8 +104,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
 
-    def forward(self, x, cos, sin, cache, plan):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, plan)
+    def forward(self, x, cos, sin, caches, plans):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, caches, plans)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -127,18 +134,28 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.device
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, all_logits: bool = False
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        caches: KVCache | Sequence[KVCache],
+        all_logits: bool = False,
     ) -> torch.Tensor:
-        """tokens: [B, L] at consecutive `positions` [L] following what `cache` holds.
+        """tokens: [B, L]; row b continues the sequence held by caches[b] at the consecutive
+        `positions[b]` ([B, L]; for a single sequence, one cache and positions [L] will do).
 
         Returns float32 logits: [B, L, vocab] if `all_logits`, else [B, vocab] of the last
         position (the only one decoding needs; the head is the largest matrix of a step).
         """
+        if isinstance(caches, KVCache):
+            caches = [caches]
+        if positions.dim() == 1:
+            positions = positions.expand(tokens.shape[0], -1)
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary(positions, x.dtype)
-        plan = cache.plan(positions)
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        plans = [cache.plan(pos) for cache, pos in zip(caches, positions)]
         for block in self.layers:
-            x = block(x, cos, sin, cache, plan)
+            x = block(x, cos, sin, caches, plans)
         x = self.norm(x if all_logits else x[:, -1])
         logits = F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
         return logits.float()
