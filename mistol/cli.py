@@ -39,6 +39,15 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     g.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
 
 
+def add_api_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("remote server (instead of the local engine)")
+    g.add_argument("--api", metavar="URL", default=None,
+                   help="use an OpenAI-compatible server (mistol serve, llama.cpp, vLLM, ollama), "
+                   "e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--api-key", default=None, help="the server's API key")
+    g.add_argument("--api-model", default=None, help="the model name on the server (default: its first)")
+
+
 def sampling_params(args, stop_token_ids: list[int]):
     from .sampling import SamplingParams
 
@@ -47,6 +56,12 @@ def sampling_params(args, stop_token_ids: list[int]):
         repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
         stop_token_ids=stop_token_ids, stop=list(args.stop),
     )
+
+
+def remote_llm(args):
+    from .remote import OpenAICompatibleLLM
+
+    return OpenAICompatibleLLM(args.api, api_key=args.api_key, model=args.api_model)
 
 
 def load_engine(args, model: str | None = None):
@@ -85,11 +100,11 @@ def cmd_chat(args) -> int:
         system = DEFAULT_SYSTEM if args.system is None else args.system
         set_system(messages, system)
         log.write("system", content=system)
-    engine = load_engine(args)
-    llm = LocalLLM(engine, max_context=args.ctx)
+    llm = remote_llm(args) if args.api else LocalLLM(load_engine(args), max_context=args.ctx)
     app = ChatApp(llm, sampling_params(args, []), log, messages, ChatOptions(args.verbose, interactive))
     if interactive:
-        app.notice(f"mistol chat · {args.model} · saving to {log.path}\n/help for commands, Ctrl-D to leave")
+        where = args.api or args.model
+        app.notice(f"mistol chat · {where} · saving to {log.path}\n/help for commands, Ctrl-D to leave")
     try:
         app.run(terminal_lines() if interactive else piped_lines())
     finally:
@@ -105,6 +120,8 @@ def cmd_duo(args) -> int:
     engines = {}
 
     def llm_for(model: str):
+        if args.api:
+            return remote_llm(args)
         if model not in engines:
             engines[model] = load_engine(args, model)
         return LocalLLM(engines[model], max_context=args.ctx)
@@ -140,7 +157,7 @@ def cmd_duo(args) -> int:
             last = speaker.llm.last
             if args.verbose and last is not None:
                 ran = speaker.llm.session.tokens_processed - processed if hasattr(speaker.llm, "session") else 0
-                print(f"({speaker.name}: {len(last.token_ids)} tokens, {last.tokens_per_second:.1f} tok/s, "
+                print(f"({speaker.name}: {last.completion_tokens} tokens, {last.tokens_per_second:.1f} tok/s, "
                       f"{ran} tokens run)", file=sys.stderr)
             if duo.finished():
                 print(f"({speaker.name} said the stop phrase)", file=sys.stderr)
@@ -194,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's; 8192 at most without a sliding window)")
     p.add_argument("--verbose", "-v", action="store_true", help="after each reply, show tokens/s and time to first token")
     add_sampling_args(p, max_tokens=1024)
+    add_api_args(p)
     p.set_defaults(run=cmd_chat)
 
     p = sub.add_parser("duo", help="two agents talking to each other",
@@ -215,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens per agent")
     p.add_argument("--verbose", "-v", action="store_true", help="show tokens/s and tokens run per turn")
     add_sampling_args(p, max_tokens=256)
+    add_api_args(p)
     p.set_defaults(run=cmd_duo)
 
     p = sub.add_parser("tokenize", help="print the token ids of a text as a JSON list",

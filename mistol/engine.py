@@ -105,7 +105,8 @@ class Generation:
     """The outcome of one `Session.stream`: filled in as the text streams."""
 
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # empty when a remote server generated
+    completion_tokens: int = 0
     prompt_tokens: int = 0  # tokens of the prompt
     prefilled_tokens: int = 0  # of those, how many had to run through the model
     finish_reason: str | None = None  # "stop" (stop token/string), "length" or "cancelled"
@@ -114,7 +115,7 @@ class Generation:
 
     @property
     def tokens_per_second(self) -> float:
-        n = len(self.token_ids) - 1
+        n = self.completion_tokens - 1
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
 
 
@@ -246,6 +247,7 @@ class Session:
             else:
                 result.decode_seconds = now - decode_start
             result.token_ids.append(token)
+            result.completion_tokens += 1
             if token in stop_ids:
                 result.finish_reason = "stop"
                 break

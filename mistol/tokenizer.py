@@ -342,16 +342,20 @@ class Tokenizer:
         Ints are emitted as they are; each run of strings is encoded as ordinary text, with the "▁"
         prefix rules of a chunk at that position. When the text holds no special-token strings, the
         result equals `encode(rendered, parse_special=True)` of the same prompt written out in full.
+        Text right after an ordinary (non-special) token id continues that text: it gets no "▁"
+        prefix (this is how tool output is appended to the tokens a model generated).
         """
         ids = [self.bos_id] if add_bos and self.bos_id is not None else []
+        special = set(self.special_ids.values())
         run: list[str] = []
         at_start = True
+        continuation = False
         for piece in [*pieces, None]:
             if isinstance(piece, str):
                 run.append(piece)
                 continue
             text = "".join(run)
-            ids += self._encode_chunk(text, at_start)
+            ids += self._encode_chunk(text, at_start, continuation)
             at_start = at_start and not text
             run = []
             if piece is not None:
@@ -359,16 +363,17 @@ class Tokenizer:
                     raise ValueError(f"token id {piece} is outside the vocabulary ({self.vocab_size})")
                 ids.append(int(piece))
                 at_start = False
+                continuation = int(piece) not in special
         return ids
 
-    def _encode_chunk(self, text: str, at_start: bool) -> list[int]:
+    def _encode_chunk(self, text: str, at_start: bool, continuation: bool = False) -> list[int]:
         """Encode text that holds no special tokens, as one chunk of the tokenizers pipeline."""
         if not text:
             return []
         # " " -> "▁". legacy: every chunk gets SentencePiece's dummy "▁" prefix, even one that
         # starts with a space; otherwise only the chunk at offset 0, and only if it has no space.
         text = text.replace(" ", SPACE)
-        if self.legacy or (at_start and not text.startswith(SPACE)):
+        if not continuation and (self.legacy or (at_start and not text.startswith(SPACE))):
             text = SPACE + text
         if self._word_re is None:
             return self._bpe(text)

@@ -53,3 +53,10 @@ def test_continue_last_leaves_the_reply_open(tok):
     closed = ChatTemplate(tok, None).render(messages, add_generation_prompt=False)
     assert closed[: len(open_ids)] == open_ids
     assert closed[len(open_ids)] == 32000
+
+
+def test_text_after_generated_ids_continues_without_a_new_prefix(tok):
+    generated = tok.encode("The result is")
+    assert tok.encode_pieces([*generated, " 42, as printed."]) == tok.encode("The result is 42, as printed.")
+    # after a special token the legacy prefix rule still applies
+    assert tok.encode_pieces([32001, "user"]) == [32001, *tok.encode("user")]

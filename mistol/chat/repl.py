@@ -104,7 +104,7 @@ class ChatApp:
         if self.options.verbose and last is not None:
             ttft = f"{last.time_to_first_token:.2f} s" if last.time_to_first_token is not None else "-"
             self.notice(
-                f"({len(last.token_ids)} tokens, {last.tokens_per_second:.1f} tok/s, first token {ttft}, "
+                f"({last.completion_tokens} tokens, {last.tokens_per_second:.1f} tok/s, first token {ttft}, "
                 f"{last.prefilled_tokens} prompt tokens run)"
             )
 

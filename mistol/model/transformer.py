@@ -62,14 +62,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, kv, bias=False, device=device)
         self.o_proj = nn.Linear(q, h, bias=False, device=device)
 
-    def forward(self, x, cos, sin, caches: list[KVCache], plans: list[AttentionPlan]):
+    def forward(self, x, cos, sin, caches: list[KVCache] | None, plans: list[AttentionPlan] | None):
         """Row b of `x` continues the sequence in caches[b]: the projections run batched
-        (one read of the weights for all rows), attention runs per row over its own cache."""
+        (one read of the weights for all rows), attention runs per row over its own cache.
+        Without caches (training), each row is a whole sequence under a causal mask."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if caches is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv)
+            return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
         outs = []
         for row, (cache, plan) in enumerate(zip(caches, plans)):
@@ -157,5 +161,18 @@ class Transformer(nn.Module):
         for block in self.layers:
             x = block(x, cos, sin, caches, plans)
         x = self.norm(x if all_logits else x[:, -1])
-        logits = F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
-        return logits.float()
+        return self.head(x).float()
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states of whole sequences [B, L], causal, no cache: for training
+        (sequences shorter than any sliding window)."""
+        x = self.embed_tokens(tokens)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = cos[:, None], sin[:, None]
+        for block in self.layers:
+            x = block(x, cos, sin, None, None)
+        return self.norm(x)
