@@ -1,7 +1,8 @@
 """Turning a `--model` argument into a local model directory.
 
-Accepted: a local directory in Hugging Face layout, or a Hugging Face repo id
-("teknium/OpenHermes-2.5-Mistral-7B"), downloaded once into the usual Hugging Face cache.
+Accepted: `demo` (the tiny model that ships inside the package), a local directory in
+Hugging Face layout, or a Hugging Face repo id ("teknium/OpenHermes-2.5-Mistral-7B"),
+downloaded once into the usual Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ _ALWAYS = ["config.json", "generation_config.json", "tokenizer.model", "tokenize
            "tokenizer.json", "added_tokens.json", "special_tokens_map.json"]
 
 
+DEMO_MODEL = Path(__file__).parent / "demo_model"
+
+
 def resolve_model(spec: str) -> Path:
+    if spec == "demo":
+        if not (DEMO_MODEL / "config.json").is_file():
+            raise MistolError(f"the demo model is missing from {DEMO_MODEL}; scripts/train_demo.py builds it")
+        return DEMO_MODEL
     path = Path(spec).expanduser()
     if path.is_dir():
         return path

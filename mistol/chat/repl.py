@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ..errors import MistolError
 from ..sampling import SamplingParams
+from ..tools.codeblocks import CodeBlock, CodeBlockDetector, format_output, is_runnable
+from .code_mode import MAX_CODE_ROUNDS, CodeRunner
 from .log import ChatLog, data_dir, drop_last_exchange, replay, save_messages, set_system
 
 DEFAULT_SYSTEM = "You are Hermes, a helpful, honest and concise assistant."
@@ -38,12 +40,16 @@ class ChatOptions:
 
 
 class ChatApp:
-    def __init__(self, llm, params: SamplingParams, log: ChatLog, messages: list[dict], options: ChatOptions):
+    def __init__(
+        self, llm, params: SamplingParams, log: ChatLog, messages: list[dict], options: ChatOptions,
+        code: CodeRunner | None = None,
+    ):
         self.llm = llm
         self.params = params
         self.log = log
         self.messages = messages
         self.options = options
+        self.code = code  # None: code blocks are shown, never run
 
     # -- output --------------------------------------------------------------------------
     def notice(self, text: str) -> None:
@@ -68,34 +74,62 @@ class ChatApp:
         self.messages.append({"role": role, "content": content})
         self.log.write("message", role=role, content=content)
 
-    def reply(self, continue_last: bool = False) -> str:
-        """Stream the assistant's reply (or the rest of it) and record it as it comes."""
-        if not continue_last:
-            self.add("assistant", "")
+    def reply(self) -> str:
+        """Stream the assistant's reply and record it as it comes; in between, run the code
+        blocks it writes (with the person's yes) and feed their output back."""
+        self.add("assistant", "")
         message = self.messages[-1]
-        context = self.messages[:-1] if not continue_last else self.messages
-        before = message["content"]
-        out = sys.stdout
+        continue_last = False
+        for _ in range(MAX_CODE_ROUNDS + 1):
+            block = self._stream(message, continue_last)
+            if block is None or self.code is None:
+                break
+            self._say(message, format_output(self.code.handle(block)), dim=True)
+            continue_last = True
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        self.report()
+        return message["content"]
+
+    def _stream(self, message: dict, continue_last: bool) -> CodeBlock | None:
+        """Stream until the reply ends, or until a runnable code block closes (returned)."""
+        context = self.messages if continue_last else self.messages[:-1]
+        detector = CodeBlockDetector() if self.code is not None else None
+        written = ""
+        stream = self.llm.chat(context, self.params, continue_last=continue_last)
         try:
-            stream = self.llm.chat(context, self.params, continue_last=continue_last)
             for piece in stream:
-                message["content"] += piece
-                self.log.write("delta", content=piece)
-                out.write(piece)
-                out.flush()
+                if detector is not None:
+                    before, written = len(written), written + piece
+                    blocks = detector.feed(piece)
+                    if not blocks and detector.in_block and written.endswith("\n```"):
+                        blocks = detector.finish()  # a closing fence: do not wait for its newline
+                    runnable = [b for b in blocks if is_runnable(b)]
+                    if runnable:
+                        # Keep the reply up to the closing fence; the output brings its own newline.
+                        end = runnable[0].end - (written[runnable[0].end - 1 : runnable[0].end] == "\n")
+                        self._say(message, piece[: end - before])
+                        return runnable[0]
+                self._say(message, piece)
         except KeyboardInterrupt:
-            out.write("\n")
+            sys.stdout.write("\n")
             self.notice("[stopped]")
-        except MistolError as e:
-            if message["content"] == before and not continue_last:
+        except MistolError:
+            if not message["content"] and not continue_last:
                 self.messages.pop()  # nothing was said: do not keep an empty reply
                 drop_last_exchange(self.messages)
                 self.log.write("undo")
             raise
-        out.write("\n")
+        finally:
+            stream.close()
+        return None
+
+    def _say(self, message: dict, text: str, dim: bool = False) -> None:
+        message["content"] += text
+        self.log.write("delta", content=text)
+        out = sys.stdout
+        out.write(f"\033[2m{text}\033[0m" if dim and self.options.interactive else text)
         out.flush()
-        self.report()
-        return message["content"][len(before):]
 
     def report(self) -> None:
         if getattr(self.llm, "dropped", 0):
@@ -128,6 +162,8 @@ class ChatApp:
         elif name == "/reset":
             self.messages[:] = [m for m in self.messages[:1] if m["role"] == "system"]
             self.log.write("reset")
+            if self.code is not None:
+                self.code.reset()
             self.notice("conversation cleared")
         elif name == "/undo":
             if drop_last_exchange(self.messages):
@@ -180,3 +216,13 @@ def terminal_lines() -> Iterator[str]:
 def piped_lines() -> Iterator[str]:
     for line in sys.stdin:
         yield line.rstrip("\n")
+
+
+def ask_line(question: str) -> str:
+    """One answer typed at the terminal (Ctrl-C or Ctrl-D count as no)."""
+    from prompt_toolkit import prompt
+
+    try:
+        return prompt(question)
+    except (EOFError, KeyboardInterrupt):
+        return "n"

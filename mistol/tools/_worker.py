@@ -1,0 +1,400 @@
+"""The process that runs the model's code; started by `sandbox.py`, never imported by mistol.
+
+It is started as a script (`python -I -u -X utf8 _worker.py CONFIG`) so that it imports only
+the standard library: no torch, no mistol, a start in tens of milliseconds.
+
+Process tree, when the kernel allows namespaces (it does as root and, on most distributions,
+for ordinary users through a user namespace):
+
+    launcher   unshares a network namespace (no network: only its own loopback) and a PID
+       |       namespace, then waits for `init` and exits with its status
+    init       PID 1 of the new PID namespace: reaps orphans; when it exits the kernel kills
+       |       every process left in the namespace, so nothing the code started survives it
+    worker     drops root (to nobody), sets the rlimits, then runs the code the parent sends;
+               after each block it kills what the code left running in the namespace
+
+Protocol: the parent writes length-prefixed JSON requests ({"code": ...}) on the `ctl` pipe;
+the worker answers on the `status` pipe ({"ready": ...} once, then {"ok": bool} after each
+run). stdout and stderr of the code are one pipe, read by the parent, so they stay in the
+order they were written (the interpreter runs unbuffered, -u).
+"""
+
+import ast
+import ctypes
+import json
+import linecache
+import os
+import resource
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+import types
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWPID = 0x20000000
+PR_SET_KEEPCAPS = 8
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+CAP_DAC_READ_SEARCH = 2
+WORKER_FILE = os.path.abspath(__file__)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_running = False  # SIGINT interrupts the code, never the worker's own bookkeeping
+
+
+# -- namespaces ----------------------------------------------------------------------------
+def unshare(flags: int) -> None:
+    if hasattr(os, "unshare"):  # Python 3.12+
+        os.unshare(flags)
+    elif _libc.unshare(flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def enter_namespaces(isolate_network: bool) -> tuple[bool, bool]:
+    """Unshare the network (if asked) and PID namespaces; returns (network, pid) as done.
+
+    Root may create them directly. Anyone else needs a user namespace first, in which this
+    process maps its own uid and gid to themselves, so files it writes stay the user's.
+    """
+    net = CLONE_NEWNET if isolate_network else 0
+    user = CLONE_NEWUSER if os.geteuid() != 0 else 0
+    last_error = None
+    for flags in (net | CLONE_NEWPID, net):
+        if not flags:
+            break
+        try:
+            unshare(flags | user)
+        except OSError as e:
+            last_error = e
+            continue
+        if user:
+            uid, gid = os.geteuid(), os.getegid()
+            with open("/proc/self/setgroups", "w") as f:
+                f.write("deny")
+            with open("/proc/self/uid_map", "w") as f:
+                f.write(f"{uid} {uid} 1")
+            with open("/proc/self/gid_map", "w") as f:
+                f.write(f"{gid} {gid} 1")
+        if net:
+            loopback_up()
+        return bool(net), bool(flags & CLONE_NEWPID)
+    if isolate_network:
+        raise last_error
+    return False, False
+
+
+def loopback_up() -> None:
+    """A new network namespace has only `lo`, and down: bring it up so local servers work."""
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    import fcntl
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            flags = struct.unpack("16sH22x", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH22x", b"lo", 0)))[1]
+            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+    except OSError:
+        pass  # no loopback inside is an inconvenience, not a hole
+
+
+def probe() -> int:
+    """Exit status 0 when a network namespace can be made here (used by the parent)."""
+    try:
+        unshare(CLONE_NEWNET | (CLONE_NEWUSER if os.geteuid() != 0 else 0))
+    except OSError:
+        return 1
+    return 0
+
+
+# -- privileges and limits -----------------------------------------------------------------
+def world_readable(path: str) -> bool:
+    """Whether a user with no special rights can reach and list `path`."""
+    path = os.path.abspath(path)
+    try:
+        if not os.path.isdir(path):
+            return True  # zip files and missing entries: nothing to decide on
+        if os.stat(path).st_mode & 0o005 != 0o005:
+            return False
+        while path != "/":
+            path = os.path.dirname(path)
+            if not os.stat(path).st_mode & 0o001:
+                return False
+    except OSError:
+        return True
+    return True
+
+
+def drop_root(uid: int) -> str:
+    """Run as `uid` (nobody) instead of root; returns a note for the isolation report.
+
+    As root the kernel does not enforce RLIMIT_NPROC, and the code could change any file.
+    When the interpreter lives under a private directory (pyenv in /root), nobody could not
+    import the standard library, so then the capability to read (not write) any file is kept,
+    as an ambient capability so that subprocesses such as `python -c` keep it too.
+    """
+    keep_read = not all(world_readable(p) for p in [sys.base_prefix, sys.prefix] + sys.path if p)
+    if keep_read:
+        _libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    if not keep_read:
+        return "nobody"
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    data = (Data * 2)()
+    bit = 1 << CAP_DAC_READ_SEARCH
+    data[0].effective = data[0].permitted = data[0].inheritable = bit
+    if _libc.capset(ctypes.byref(Header(0x20080522, 0)), data) != 0:
+        return "nobody (could not keep read access: the standard library may not import)"
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH, 0, 0)
+    _libc.prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0)
+    return "nobody (with read access to all files)"
+
+
+def tasks_of(uid: int) -> int:
+    """Processes and threads of `uid` on the system: what RLIMIT_NPROC counts outside a user namespace."""
+    n = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            if int(fields["Uid"].split()[0]) == uid:
+                n += int(fields["Threads"])
+        except (OSError, KeyError, ValueError):
+            pass
+    return n
+
+
+def set_limits(cfg: dict, own_user_namespace: bool) -> int | None:
+    """Set the rlimits; returns the RLIMIT_NPROC value when the kernel enforces it."""
+    mem = cfg["memory_mb"] * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    set_cpu_limit(cfg["cpu_s"])
+    # In our own user namespace the count is this sandbox's tasks only (launcher and init
+    # included); otherwise it is all the tasks of the user, so leave room for those.
+    base = 2 if own_user_namespace else tasks_of(os.getuid())
+    nproc = base + cfg["max_processes"]
+    enforced = nproc_enforced()
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+    return nproc if enforced else None
+
+
+def nproc_enforced() -> bool:
+    """Whether the kernel applies RLIMIT_NPROC to us: not to real root, whatever the namespaces say."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    resource.setrlimit(resource.RLIMIT_NPROC, (1, hard))  # we are one task already
+    try:
+        pid = os.fork()
+    except BlockingIOError:
+        return True
+    finally:
+        resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return False
+
+
+def set_cpu_limit(cpu_s: int) -> None:
+    """RLIMIT_CPU counts the whole life of the process: give each run `cpu_s` more seconds."""
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    soft = int(used.ru_utime + used.ru_stime) + cpu_s
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.getrlimit(resource.RLIMIT_CPU)[1]))
+
+
+# -- messages ------------------------------------------------------------------------------
+def send(fd: int, message: dict) -> None:
+    data = json.dumps(message).encode()
+    data = struct.pack(">I", len(data)) + data
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def receive(fd: int) -> dict | None:
+    def read(n: int) -> bytes | None:
+        buf = b""
+        while len(buf) < n:
+            chunk = os.read(fd, n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return buf
+
+    head = read(4)
+    if head is None:
+        return None
+    body = read(struct.unpack(">I", head)[0])
+    return None if body is None else json.loads(body)
+
+
+# -- running code --------------------------------------------------------------------------
+def run_code(code: str, namespace: dict, n: int) -> bool:
+    """Run one block like a REPL cell: the value of a last bare expression is printed."""
+    global _running
+    filename = f"<cell {n}>"
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    _running = True
+    try:
+        tree = ast.parse(code, filename, "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Interactive([tree.body.pop()])
+        exec(compile(tree, filename, "exec"), namespace)
+        if last is not None:
+            exec(compile(last, filename, "single"), namespace)  # sys.displayhook prints it
+        return True
+    except SystemExit as e:
+        _running = False
+        if e.code in (None, 0):
+            return True
+        print(f"SystemExit: {e.code}", file=sys.stderr)
+        return False
+    except BaseException as e:  # KeyboardInterrupt too: the block ends, the worker goes on
+        _running = False
+        print_user_traceback(e)
+        return False
+    finally:
+        _running = False
+
+
+def print_user_traceback(e: BaseException) -> None:
+    """The traceback without the worker's own frames, its last 20 frames at most."""
+    tb = e.__traceback__
+    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell "):
+        tb = tb.tb_next
+    if tb is None:  # a SyntaxError from ast.parse: its message names the line already
+        sys.stderr.write("".join(traceback.format_exception_only(type(e), e)))
+        return
+    report = traceback.TracebackException(type(e), e, tb, compact=True)
+    seen, todo = set(), [report]
+    while todo:  # the chained exceptions too ("During handling of the above exception ...")
+        t = todo.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        frames = [f for f in t.stack if f.filename != WORKER_FILE][-20:]
+        t.stack = traceback.StackSummary.from_list(frames)
+        todo += [c for c in (t.__cause__, t.__context__) if c is not None]
+    sys.stderr.write("".join(report.format()))
+
+
+def end_other_processes() -> None:
+    """Kill what the code left running: a fork bomb, a forgotten server, a busy loop.
+
+    Such processes would otherwise compete with the model for the CPU until the sandbox
+    closes. Inside our PID namespace kill(-1) reaches every process of the sandbox except
+    PID 1 and this one; outside one it would reach all the user's processes, so it is only
+    called there.
+    """
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:  # until none is left, reaped: the next block starts clean
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        try:  # our own children are zombies until we reap them; PID 1 reaps the others
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+        time.sleep(0.001)
+
+
+def on_sigint(signum, frame):
+    if _running:
+        raise KeyboardInterrupt
+
+
+def serve(cfg: dict, isolation: dict, init_pid: int | None) -> None:
+    ctl, status = cfg["ctl"], cfg["status"]
+    os.set_inheritable(ctl, False)
+    os.set_inheritable(status, False)
+    if os.geteuid() == 0 and cfg.get("drop_to") is not None:
+        try:
+            isolation["user"] = drop_root(cfg["drop_to"])
+        except OSError as e:
+            isolation["user"] = f"root (could not switch to uid {cfg['drop_to']}: {e.strerror})"
+    isolation["process_limit"] = set_limits(cfg, own_user_namespace=isolation.pop("user_namespace"))
+    _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid program (sudo, su) gives rights back
+    signal.signal(signal.SIGINT, on_sigint)
+    main = types.ModuleType("__main__")  # the code's globals; `__main__` so pickling finds its functions
+    main.__dict__["__builtins__"] = __builtins__
+    sys.modules["__main__"] = main
+    sys.argv = [""]
+    sys.path.insert(0, "")  # like a REPL: modules the code writes in its directory import
+    me = os.getpid()
+    send(status, {"ready": True, "pid": int(os.readlink("/proc/self")), "init_pid": init_pid, "isolation": isolation})
+    n = 0
+    while True:
+        request = receive(ctl)
+        if request is None:
+            os._exit(0)
+        n += 1
+        set_cpu_limit(cfg["cpu_s"])
+        ok = run_code(request["code"], main.__dict__, n)
+        if os.getpid() != me:
+            os._exit(0 if ok else 1)  # a child the code forked came back here: it ends, like a script's
+        if isolation["pid_namespace"]:
+            end_other_processes()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        send(status, {"ok": ok})
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--probe"]:
+        sys.exit(probe())
+    cfg = json.loads(sys.argv[1])
+    isolation = {}
+    try:
+        net, pid_ns = enter_namespaces(not cfg["allow_network"])
+    except OSError as e:
+        send(cfg["status"], {"error": f"unshare: {e.strerror or e}"})
+        sys.exit(3)
+    isolation = {"network": net, "pid_namespace": pid_ns, "user_namespace": (net or pid_ns) and os.geteuid() != 0,
+                 "user": "root" if os.geteuid() == 0 else str(os.geteuid())}
+    if not pid_ns:
+        serve(cfg, isolation, None)
+        return
+    # unshare(CLONE_NEWPID) applies to children: the next one is PID 1 of the namespace.
+    init = os.fork()
+    if init:
+        os.close(cfg["ctl"])
+        os.close(cfg["status"])
+        _, st = os.waitpid(init, 0)
+        code = os.waitstatus_to_exitcode(st)
+        os._exit(128 - code if code < 0 else code)
+    init_host_pid = int(os.readlink("/proc/self"))
+    worker = os.fork()
+    if worker == 0:
+        serve(cfg, isolation, init_host_pid)
+        return
+    os.close(cfg["ctl"])
+    os.close(cfg["status"])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            pid, st = os.wait()
+        except ChildProcessError:
+            os._exit(0)
+        if pid == worker:  # exiting kills whatever the code left running in the namespace
+            code = os.waitstatus_to_exitcode(st)
+            os._exit(128 - code if code < 0 else code)
+
+
+if __name__ == "__main__":
+    main()

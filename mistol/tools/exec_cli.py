@@ -1,0 +1,82 @@
+"""`mistol exec FILE`: run a file the way the chat runs the model's code, and show the result.
+
+It prints exactly the text the model would be shown after its code block, so the sandbox can
+be tried (and its limits checked) without a model. The exit status is 0 whatever the code
+did (its errors are part of that text); 1 only when mistol itself cannot run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import MistolError
+from .sandbox import Sandbox, SandboxLimits
+
+DESCRIPTION = (
+    "Run FILE's Python code the way mistol runs the code a model writes in a chat: in a separate "
+    "process, in a new temporary directory, without network access (unless --allow-network), "
+    "with a time limit, a memory limit and a limit on processes. Prints what the model would be "
+    "shown: stdout and stderr in the order written, the value of a last bare expression (as in "
+    "a REPL), a traceback of the code's own frames, a long output cut in the middle."
+)
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+        return value
+
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    limits = SandboxLimits()
+    p.add_argument("file", metavar="FILE", help="the Python file to run (- reads standard input)")
+    p.add_argument("--timeout", type=_positive(float), default=limits.timeout_s, metavar="S",
+                   help=f"stop the code after S seconds (default: {limits.timeout_s:g})")
+    p.add_argument("--memory", type=_positive(int), default=limits.memory_mb, metavar="MB",
+                   help=f"address space limit in MiB; past it the code gets MemoryError (default: {limits.memory_mb})")
+    p.add_argument("--allow-network", action="store_true",
+                   help="let the code use the network (needed where the system allows no network namespace)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("exec", help="run a Python file in the code sandbox and print what the model would see",
+                              description=DESCRIPTION)
+    add_arguments(p)
+    p.set_defaults(run=cmd_exec)
+
+
+def cmd_exec(args) -> int:
+    try:
+        code = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MistolError(f"{args.file}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MistolError(f"{args.file}: cannot read it as UTF-8 text ({e})") from None
+    limits = SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory, allow_network=args.allow_network)
+    with Sandbox(limits) as sandbox:
+        output = sandbox.run(code).output
+    sys.stdout.write(output if not output or output.endswith("\n") else output + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mistol exec` on its own: main(["script.py", "--timeout", "5"])."""
+    parser = argparse.ArgumentParser(prog="mistol exec", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_exec(args)
+    except MistolError as e:
+        print(f"mistol: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
