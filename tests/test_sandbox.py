@@ -252,7 +252,7 @@ except MistolError as e:
     print("refused:", e)
 print(main([{str(script)!r}]))
 print(main([{str(script)!r}, "--allow-network"]))
-with Sandbox(SandboxLimits(allow_network=True, timeout_s=1)) as sb:
+with Sandbox(SandboxLimits(allow_network=True, timeout_s=3)) as sb:
     print(sb.isolation.network, sb.isolation.pid_namespace, sb.run("while True: pass").timed_out)
     print(sb.run("'alive'").output, end="")
 """
