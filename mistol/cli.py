@@ -22,8 +22,10 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
         help="a model directory (Hugging Face layout) or a Hugging Face repo id"
         + ("" if required else f" (default: {DEFAULT_MODEL})"),
     )
-    p.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"],
-                   help="weight and compute dtype (auto: f32 on CPU when it fits in memory, else bf16; bf16 on CUDA)")
+    p.add_argument("--dtype", "--quant", dest="dtype", default="auto", choices=["auto", "f32", "bf16", "f16", "int8", "int4"],
+                   help="weight format (auto: f32 on CPU when it fits in memory, else bf16; bf16 on CUDA). "
+                   "int8/int4: linear layers quantized as they load (llama.cpp Q8_0/Q4_0 blocks; "
+                   "2x/4x less memory than bf16 and faster decoding on CPU), the rest in f32 on CPU")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
 
 
@@ -67,6 +69,9 @@ def remote_llm(args):
 def load_engine(args, model: str | None = None):
     from .engine import Engine
 
+    if args.dtype in ("int8", "int4"):  # f32 for what stays unquantized: small, and fast on CPU
+        dtype = "f32" if args.device == "cpu" else "auto"
+        return Engine.load(model or args.model, dtype=dtype, device=args.device, quant=args.dtype)
     return Engine.load(model or args.model, dtype=args.dtype, device=args.device)
 
 
@@ -87,7 +92,9 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from .chat.log import ChatLog, latest_chat, replay, set_system
-    from .chat.repl import DEFAULT_SYSTEM, ChatApp, ChatOptions, piped_lines, terminal_lines
+    from .chat.code_mode import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner
+    from .chat.repl import DEFAULT_SYSTEM, ChatApp, ChatOptions, ask_line, piped_lines, terminal_lines
+    from .tools.sandbox import SandboxLimits
     from .llm import LocalLLM
 
     interactive = sys.stdin.isatty()
@@ -97,11 +104,18 @@ def cmd_chat(args) -> int:
     else:
         messages, log = [], ChatLog.create()
     if args.system is not None or not messages:
-        system = DEFAULT_SYSTEM if args.system is None else args.system
+        code_prompt = args.code or args.model == "demo"
+        system = args.system if args.system is not None else CODE_SYSTEM_PROMPT if code_prompt else DEFAULT_SYSTEM
         set_system(messages, system)
         log.write("system", content=system)
     llm = remote_llm(args) if args.api else LocalLLM(load_engine(args), max_context=args.ctx)
-    app = ChatApp(llm, sampling_params(args, []), log, messages, ChatOptions(args.verbose, interactive))
+    options = ChatOptions(args.verbose, interactive)
+    code = None
+    if not args.no_code:
+        limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory, allow_network=args.allow_network)
+        code = CodeRunner(CodeOptions(auto_yes=args.yes, limits=limits), ask_line if interactive else None,
+                          lambda text: print(text, file=sys.stderr, flush=True))
+    app = ChatApp(llm, sampling_params(args, []), log, messages, options, code)
     if interactive:
         where = args.api or args.model
         app.notice(f"mistol chat · {where} · saving to {log.path}\n/help for commands, Ctrl-D to leave")
@@ -109,6 +123,8 @@ def cmd_chat(args) -> int:
         app.run(terminal_lines() if interactive else piped_lines())
     finally:
         log.close()
+        if code is not None:
+            code.close()
     return 0
 
 
@@ -208,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--system", "-s", default=None, help="the system prompt")
     p.add_argument("--resume", action="store_true", help="continue the last saved chat")
+    g = p.add_argument_group("running the code the model writes (in a sandbox: no network, time and memory limits)")
+    g.add_argument("--yes", "-y", action="store_true",
+                   help="run the model's Python blocks without asking (they run on this machine)")
+    g.add_argument("--code", action="store_true",
+                   help="use the code-mode system prompt (the default with --model demo)")
+    g.add_argument("--no-code", action="store_true", help="never offer to run code blocks")
+    g.add_argument("--allow-network", action="store_true", help="let the code use the network")
+    g.add_argument("--code-timeout", type=float, default=30.0, help="seconds per block (default: 30)")
+    g.add_argument("--code-memory", type=int, default=2048, help="MB of memory per block (default: 2048)")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's; 8192 at most without a sliding window)")
     p.add_argument("--verbose", "-v", action="store_true", help="after each reply, show tokens/s and time to first token")
     add_sampling_args(p, max_tokens=1024)
@@ -246,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bos", action="store_true", help="do not put the BOS token in front")
     p.add_argument("text", help="the text to tokenize")
     p.set_defaults(run=cmd_tokenize)
+
+    from .mathbench.cli import register as register_math
+    from .server.cli import register as register_serve
+    from .tools.exec_cli import register as register_exec
+    from .voice.cli import register as register_voice
+
+    register_exec(sub)
+    register_serve(sub)
+    register_math(sub)
+    register_voice(sub)
     return parser
 
 

@@ -37,15 +37,17 @@ class Engine:
         dtype: str = "auto",
         device: str = "cpu",
         progress: bool | None = None,
+        quant: str | None = None,
     ) -> "Engine":
-        """Load a model directory (or anything `resolve_model` accepts)."""
+        """Load a model directory (or anything `resolve_model` accepts); `quant` ("int8" or
+        "int4") quantizes the linear layers' weights as they load (see `mistol.quant`)."""
         from .hub import resolve_model
         from .weights import load_model
 
         model_dir = resolve_model(str(model))
         device = _check_device(device)
         torch_dtype = resolve_dtype(dtype, model_dir, device)
-        transformer = load_model(model_dir, dtype=torch_dtype, device=device, progress=progress)
+        transformer = load_model(model_dir, dtype=torch_dtype, device=device, progress=progress, quant=quant)
         tokenizer = None
         if (model_dir / "tokenizer.model").is_file():
             from .tokenizer import Tokenizer

@@ -156,3 +156,13 @@ def test_batched_decode_step_equals_one_session_at_a_time(mistral_dir):
         for i, s in enumerate(alone):
             single = s.feed(s.tokens + [tokens[i]])
             assert (together[i] - single).abs().max() <= 1e-5
+
+
+def test_window_longer_than_the_context_is_plain_causal(mistral_dir):
+    # OpenHermes' window is 4096; a session with --ctx 2048 (or a model whose max positions
+    # are below its window) must still work: the window can never slide.
+    engine = Engine(load_model(mistral_dir))
+    tokens = random_tokens(7, seed=30)
+    session = engine.new_session(max_context=6 + 1, chunk_size=4)  # capacity 7 < window + chunk
+    assert session.cache.window is None
+    assert (session.feed(tokens, all_logits=True) - ref_logits(mistral_dir, tokens)).abs().max() <= TOL

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from ..errors import MistolError
 from ..sampling import SamplingParams
-from ..tools.codeblocks import CodeBlock, CodeBlockDetector, format_output, is_runnable
-from .code_mode import MAX_CODE_ROUNDS, CodeRunner
+from .code_loop import code_turn
+from .code_mode import CodeRunner
 from .log import ChatLog, data_dir, drop_last_exchange, replay, save_messages, set_system
 
 DEFAULT_SYSTEM = "You are Hermes, a helpful, honest and concise assistant."
@@ -79,57 +79,26 @@ class ChatApp:
         blocks it writes (with the person's yes) and feed their output back."""
         self.add("assistant", "")
         message = self.messages[-1]
-        continue_last = False
-        for _ in range(MAX_CODE_ROUNDS + 1):
-            block = self._stream(message, continue_last)
-            if block is None or self.code is None:
-                break
-            self._say(message, format_output(self.code.handle(block)), dim=True)
-            continue_last = True
+        try:
+            code_turn(self.llm, self.messages, self.params, self.code.handle if self.code else None, self._show)
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            self.notice("[stopped]")
+        except MistolError:
+            if not message["content"]:
+                self.messages.pop()  # nothing was said: do not keep an empty reply
+                drop_last_exchange(self.messages)
+                self.log.write("undo")
+            raise
         sys.stdout.write("\n")
         sys.stdout.flush()
         self.report()
         return message["content"]
 
-    def _stream(self, message: dict, continue_last: bool) -> CodeBlock | None:
-        """Stream until the reply ends, or until a runnable code block closes (returned)."""
-        context = self.messages if continue_last else self.messages[:-1]
-        detector = CodeBlockDetector() if self.code is not None else None
-        written = ""
-        stream = self.llm.chat(context, self.params, continue_last=continue_last)
-        try:
-            for piece in stream:
-                if detector is not None:
-                    before, written = len(written), written + piece
-                    blocks = detector.feed(piece)
-                    if not blocks and detector.in_block and written.endswith("\n```"):
-                        blocks = detector.finish()  # a closing fence: do not wait for its newline
-                    runnable = [b for b in blocks if is_runnable(b)]
-                    if runnable:
-                        # Keep the reply up to the closing fence; the output brings its own newline.
-                        end = runnable[0].end - (written[runnable[0].end - 1 : runnable[0].end] == "\n")
-                        self._say(message, piece[: end - before])
-                        return runnable[0]
-                self._say(message, piece)
-        except KeyboardInterrupt:
-            sys.stdout.write("\n")
-            self.notice("[stopped]")
-        except MistolError:
-            if not message["content"] and not continue_last:
-                self.messages.pop()  # nothing was said: do not keep an empty reply
-                drop_last_exchange(self.messages)
-                self.log.write("undo")
-            raise
-        finally:
-            stream.close()
-        return None
-
-    def _say(self, message: dict, text: str, dim: bool = False) -> None:
-        message["content"] += text
+    def _show(self, text: str, is_output: bool) -> None:
         self.log.write("delta", content=text)
-        out = sys.stdout
-        out.write(f"\033[2m{text}\033[0m" if dim and self.options.interactive else text)
-        out.flush()
+        sys.stdout.write(f"\033[2m{text}\033[0m" if is_output and self.options.interactive else text)
+        sys.stdout.flush()
 
     def report(self) -> None:
         if getattr(self.llm, "dropped", 0):

@@ -39,7 +39,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_pos = torch.full((capacity,), -1, dtype=torch.long, device=device)
         self.capacity = capacity
-        self.window = config.sliding_window
+        # A window at least as long as the cache never slides: attention is plain causal.
+        window = config.sliding_window
+        self.window = window if window is not None and window < capacity else None
         self.length = 0  # positions [0, length) have been written
 
     @property

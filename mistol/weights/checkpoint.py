@@ -25,6 +25,8 @@ from .safetensors_file import SafetensorsFile
 
 # Tensors some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+QUANT_FORMATS = ("int8", "int4")  # weight-only quantization of the linear layers (mistol.quant)
+_SLAB = 1 << 22  # elements converted at a time
 
 
 @dataclass
@@ -96,11 +98,19 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
+    quant: str | None = None,
 ) -> Transformer:
-    """Build a `Transformer` from a Hugging Face model directory."""
+    """Build a `Transformer` from a Hugging Face model directory.
+
+    `quant` ("int8" or "int4", see `mistol.quant`) quantizes every linear layer's weight
+    as it is read, so memory peaks near the quantized size; embeddings and norms stay in
+    `dtype`.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise MistolError(f"{model_dir}: no such model directory")
+    if quant is not None and quant not in QUANT_FORMATS:
+        raise MistolError(f"unknown quantization {quant!r} (choose from {', '.join(QUANT_FORMATS)})")
     config = ModelConfig.from_file(model_dir / "config.json")
     files = find_weight_files(model_dir)
     model = Transformer(config, device="meta")
@@ -126,7 +136,10 @@ def load_model(
                         f"{src.file}: tensor {src.name!r} has shape {list(src.shape)}, "
                         f"config.json implies {list(want)}"
                     )
-                _set_parameter(model, key, _to_target(src.read(), dtype, device))
+                if quant and _is_linear_weight(model, key):
+                    _set_quantized(model, key, src.read(), quant, device)
+                else:
+                    _set_parameter(model, key, _to_target(src.read(), dtype, device))
                 loaded.add(key)
             bar.update(src.nbytes)
 
@@ -141,8 +154,17 @@ def load_model(
 def _to_target(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if t.dtype == dtype and t.device == device:
         return t  # stays a view of the mapped file: no copy
-    out = t.to(device=device, dtype=dtype, copy=True)
-    release_pages(t)
+    if not t.is_contiguous():
+        out = t.to(device=device, dtype=dtype, copy=True)
+        release_pages(t)
+        return out
+    # A slab at a time, each slab's mapped pages given back once copied: memory peaks near
+    # the converted size, not converted + source (the embedding is the largest tensor).
+    out = torch.empty(t.shape, dtype=dtype, device=device)
+    src, dst = t.view(-1), out.view(-1)
+    for i in range(0, src.numel(), _SLAB):
+        dst[i : i + _SLAB].copy_(src[i : i + _SLAB])
+        release_pages(src[i : i + _SLAB])
     return out
 
 
@@ -150,6 +172,20 @@ def _set_parameter(model: nn.Module, key: str, value: torch.Tensor) -> None:
     module_path, _, attr = key.rpartition(".")
     module = model.get_submodule(module_path)
     setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def _is_linear_weight(model: nn.Module, key: str) -> bool:
+    module_path, _, attr = key.rpartition(".")
+    return attr == "weight" and isinstance(model.get_submodule(module_path), nn.Linear)
+
+
+def _set_quantized(model: nn.Module, key: str, weight: torch.Tensor, fmt: str, device: torch.device) -> None:
+    """Quantize a linear layer's (memory-mapped) weight and put a `QuantizedLinear` in its place."""
+    from ..quant import quantize_linear
+
+    layer = quantize_linear(weight, fmt, name=key, release=release_pages).to(device)
+    parent, _, name = key.removesuffix(".weight").rpartition(".")
+    setattr(model.get_submodule(parent), name, layer)
 
 
 def _no_bar(progress: bool | None) -> bool | None:

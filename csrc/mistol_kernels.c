@@ -1,0 +1,463 @@
+/* mistol's CPU kernels: y = x @ W^T with W quantized in blocks of 32 along K.
+ *
+ * Plain C ABI (called through ctypes on tensor.data_ptr()), no torch or Python headers.
+ *
+ * Weight layout ("packed"): the N rows are taken in groups of 8 (the last group padded
+ * with zero rows), and within a group the blocks of the 8 rows that cover the same 32
+ * inputs sit next to each other:
+ *
+ *     packed[G = ceil(N/8)][B = K/32][16 + 8 * QB] bytes
+ *       bytes 0..15   the 8 rows' scales d, fp16
+ *       bytes 16..    the 8 rows' quants, QB bytes each:
+ *                     int8: QB = 32, q[j] int8, value = d * q[j]              (llama.cpp Q8_0)
+ *                     int4: QB = 16, byte j holds element j (low nibble) and
+ *                           element j+16 (high nibble), value = d * (nibble - 8) (llama.cpp Q4_0)
+ *
+ * So each 8-row group is one contiguous stream and a thread's share of rows is one
+ * sequential read; the per-row blocks are byte-for-byte llama.cpp's Q8_0/Q4_0 blocks
+ * (scale moved next to its neighbours'), which lets GGUF tensors be repacked, not requantized.
+ *
+ * Activations are quantized per block of 32 to int8 with an fp32 scale (as llama.cpp does
+ * for its Q8_0 dot products; round half to even), so a block's dot product is exact integer
+ * arithmetic and only the per-block sum is scaled and accumulated in fp32.
+ *
+ * Two implementations of the same arithmetic: AVX2+FMA+F16C (compiled for that target
+ * function by function and chosen at run time, so the library still loads on older CPUs)
+ * and portable scalar C.
+ */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* -DMISTOL_PORTABLE_ONLY builds the scalar code alone, as on CPUs other than x86 */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(MISTOL_PORTABLE_ONLY)
+#define MISTOL_X86 1
+#include <immintrin.h>
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#endif
+
+#if defined(_WIN32)
+#define EXPORT __declspec(dllexport)
+#else
+#define EXPORT __attribute__((visibility("default")))
+#endif
+
+#define QK 32        /* inputs per block */
+#define IL 8         /* rows interleaved per group */
+#define KCHUNK 64    /* blocks per step when several activation rows share a weight chunk */
+#ifndef PREFETCH
+/* Software prefetch distance in bytes. Each thread reads one sequential stream, which the
+ * hardware prefetcher mostly follows; one page ahead keeps the stream going across page
+ * boundaries. Measured on a 2-core EPYC: 1 KB ahead cost 5-20%, 4 KB ~ none or better. */
+#define PREFETCH 4096
+#endif
+#define SERIAL_BYTES (64 << 10) /* less work than this (weight bytes x rows): one thread */
+
+enum { FMT_INT8 = 1, FMT_INT4 = 2 };
+enum { IMPL_AUTO = 0, IMPL_SCALAR = 1, IMPL_AVX2 = 2 };
+enum { OK = 0, ERR_K = -1, ERR_FMT = -2, ERR_NOMEM = -3, ERR_IMPL = -4, ERR_ARG = -5 };
+
+static int64_t quant_bytes(int fmt) { return fmt == FMT_INT8 ? QK : QK / 2; }
+static int64_t group_block_bytes(int fmt) { return 2 * IL + IL * quant_bytes(fmt); }
+
+/* ---------------------------------------------------------------------------------------
+ * fp16 <-> fp32 without F16C
+ */
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: normalise */
+        int e = -1;
+        do { e++; man <<= 1; } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static uint16_t float_to_half(float f) { /* round to nearest even, as the hardware does */
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
+    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0));
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00); /* rounds past the largest half */
+    if (ax < 0x38800000u) { /* subnormal half (or zero) */
+        if (ax < 0x33000000u) return (uint16_t)sign;
+        uint32_t e = ax >> 23, man = (ax & 0x7fffff) | 0x800000, shift = 126 - e;
+        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((ax >> 13) - (112u << 10)), rem = ax & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
+
+static uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+/* ---------------------------------------------------------------------------------------
+ * Activations: one row x[K] -> qa[K] int8, da[K/32] scales, sa[K/32] block sums of qa
+ * (the int4 dot product subtracts 8 * sa once per block instead of 8 from every nibble).
+ */
+static void quantize_act_scalar(const float *x, int64_t K, int8_t *qa, float *da, int32_t *sa) {
+    for (int64_t b = 0; b < K / QK; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        int32_t s = 0;
+        for (int j = 0; j < QK; j++) {
+            int q = (int)nearbyintf(xb[j] * id);
+            qa[b * QK + j] = (int8_t)q;
+            s += q;
+        }
+        da[b] = d;
+        sa[b] = s;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Scalar kernels: one 8-row group against one activation row, blocks [b0, b1), adding
+ * into acc[8].
+ */
+static void group_int8_scalar(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                              int64_t b0, int64_t b1, float *acc) {
+    (void)sa;
+    for (int64_t b = b0; b < b1; b++) {
+        const uint8_t *blk = wg + b * (2 * IL + IL * QK);
+        const int8_t *a = qa + b * QK;
+        for (int r = 0; r < IL; r++) {
+            const int8_t *q = (const int8_t *)(blk + 2 * IL + r * QK);
+            int32_t s = 0;
+            for (int j = 0; j < QK; j++) s += q[j] * a[j];
+            acc[r] += (float)s * (half_to_float(load_u16(blk + 2 * r)) * da[b]);
+        }
+    }
+}
+
+static void group_int4_scalar(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                              int64_t b0, int64_t b1, float *acc) {
+    for (int64_t b = b0; b < b1; b++) {
+        const uint8_t *blk = wg + b * (2 * IL + IL * QK / 2);
+        const int8_t *a = qa + b * QK;
+        for (int r = 0; r < IL; r++) {
+            const uint8_t *q = blk + 2 * IL + r * (QK / 2);
+            int8_t w[QK]; /* unpacked first: both loops then vectorize (SSE2 at least) */
+            for (int j = 0; j < QK / 2; j++) w[j] = (int8_t)(q[j] & 15), w[j + QK / 2] = (int8_t)(q[j] >> 4);
+            int32_t s = 0;
+            for (int j = 0; j < QK; j++) s += w[j] * a[j];
+            s -= 8 * sa[b];
+            acc[r] += (float)s * (half_to_float(load_u16(blk + 2 * r)) * da[b]);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * AVX2 kernels: the same arithmetic, the 8 rows' sums of a block reduced into one vector
+ * (lane r = row r) so that scaling and accumulation are one multiply and one FMA.
+ */
+#ifdef MISTOL_X86
+AVX2_FN static inline float hmax_ps(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+AVX2_FN static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+AVX2_FN static void quantize_act_avx2(const float *x, int64_t K, int8_t *qa, float *da, int32_t *sa) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < K / QK; b++) {
+        const float *xb = x + b * QK;
+        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+        __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, absmask), _mm256_and_ps(v1, absmask)),
+                                 _mm256_max_ps(_mm256_and_ps(v2, absmask), _mm256_and_ps(v3, absmask)));
+        float amax = hmax_ps(m);
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vid), rnd));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), rnd));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), rnd));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vid), rnd));
+        sa[b] = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+        /* packs interleave 128-bit lanes; the final permute restores element order */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(qa + b * QK), _mm256_permutevar8x32_epi32(p, perm));
+        da[b] = d;
+    }
+}
+
+/* [p0..p7] (lane sums of 8 rows) -> one vector whose lane r is row r's total */
+AVX2_FN static inline __m256i reduce8_epi32(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __m256i p4,
+                                            __m256i p5, __m256i p6, __m256i p7) {
+    __m256i s0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+    __m256i s4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(p4, p5), _mm256_hadd_epi32(p6, p7));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(s0123, s4567, 0x20),
+                            _mm256_permute2x128_si256(s0123, s4567, 0x31));
+}
+
+/* int8 x int8 -> int32 lane sums: maddubs wants one unsigned operand, so take |w| and
+ * move w's sign onto a (exact for w = -128 too: |w| reads as 128 unsigned). */
+AVX2_FN static inline __m256i dot_i8(__m256i w, __m256i a, __m256i ones) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)), ones);
+}
+
+AVX2_FN static void group_int8_avx2(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                    int64_t b0, int64_t b1, float *acc_out) {
+    (void)sa;
+    const int64_t bb = 2 * IL + IL * QK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_loadu_ps(acc_out);
+    const uint8_t *pf = wg + b0 * bb + PREFETCH;
+    for (int64_t b = b0; b < b1; b++) {
+        const uint8_t *blk = wg + b * bb;
+        for (; pf < blk + bb + PREFETCH; pf += 64) _mm_prefetch((const char *)pf, _MM_HINT_T0);
+        const __m256i a = _mm256_loadu_si256((const __m256i *)(qa + b * QK));
+        const __m256i *q = (const __m256i *)(blk + 2 * IL);
+        __m256i s = reduce8_epi32(
+            dot_i8(_mm256_loadu_si256(q + 0), a, ones), dot_i8(_mm256_loadu_si256(q + 1), a, ones),
+            dot_i8(_mm256_loadu_si256(q + 2), a, ones), dot_i8(_mm256_loadu_si256(q + 3), a, ones),
+            dot_i8(_mm256_loadu_si256(q + 4), a, ones), dot_i8(_mm256_loadu_si256(q + 5), a, ones),
+            dot_i8(_mm256_loadu_si256(q + 6), a, ones), dot_i8(_mm256_loadu_si256(q + 7), a, ones));
+        __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)), _mm256_set1_ps(da[b]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
+    }
+    _mm256_storeu_ps(acc_out, acc);
+}
+
+/* Two int4 rows per 32-byte load: low nibbles are elements 0..15 of both rows, high
+ * nibbles elements 16..31, against the activation's halves broadcast to both lanes. */
+AVX2_FN static inline __m256i dot_q4_pair(const uint8_t *q, __m256i alo, __m256i ahi, __m256i m4, __m256i ones) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)q);
+    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, alo), _mm256_maddubs_epi16(hi, ahi));
+    return _mm256_madd_epi16(s16, ones); /* lanes 0..3: first row, 4..7: second row */
+}
+
+AVX2_FN static void group_int4_avx2(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                    int64_t b0, int64_t b1, float *acc_out) {
+    const int64_t bb = 2 * IL + IL * QK / 2;
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(15);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256 acc = _mm256_loadu_ps(acc_out);
+    const uint8_t *pf = wg + b0 * bb + PREFETCH;
+    for (int64_t b = b0; b < b1; b++) {
+        const uint8_t *blk = wg + b * bb;
+        for (; pf < blk + bb + PREFETCH; pf += 64) _mm_prefetch((const char *)pf, _MM_HINT_T0);
+        const __m256i a = _mm256_loadu_si256((const __m256i *)(qa + b * QK));
+        const __m256i alo = _mm256_permute2x128_si256(a, a, 0x00), ahi = _mm256_permute2x128_si256(a, a, 0x11);
+        const uint8_t *q = blk + 2 * IL;
+        __m256i p01 = dot_q4_pair(q, alo, ahi, m4, ones), p23 = dot_q4_pair(q + 32, alo, ahi, m4, ones);
+        __m256i p45 = dot_q4_pair(q + 64, alo, ahi, m4, ones), p67 = dot_q4_pair(q + 96, alo, ahi, m4, ones);
+        /* hadd lanes come out as rows [0 2 4 6 | 1 3 5 7] */
+        __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(p01, p23), _mm256_hadd_epi32(p45, p67));
+        s = _mm256_sub_epi32(_mm256_permutevar8x32_epi32(s, order), _mm256_set1_epi32(8 * sa[b]));
+        __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)), _mm256_set1_ps(da[b]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
+    }
+    _mm256_storeu_ps(acc_out, acc);
+}
+
+static int cpu_has_avx2(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    }
+    return cached;
+}
+#else
+static int cpu_has_avx2(void) { return 0; }
+#endif
+
+/* ---------------------------------------------------------------------------------------
+ * Driver: quantize the activation rows, then split the row groups into one contiguous
+ * range per thread (a static schedule: each thread streams its own part of the weights).
+ */
+typedef void (*quant_fn)(const float *, int64_t, int8_t *, float *, int32_t *);
+typedef void (*group_fn)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, int64_t, float *);
+
+static void run_groups(group_fn fn, const uint8_t *w, int64_t gbytes, const int8_t *qa,
+                       const float *da, const int32_t *sa, int64_t M, int64_t K, int64_t N, float *y,
+                       int64_t g0, int64_t g1, float *acc /* [M][8] */) {
+    const int64_t B = K / QK;
+    const int64_t kc = M == 1 ? B : KCHUNK; /* several rows: keep a weight chunk in L1 across them */
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *wg = w + g * gbytes;
+        memset(acc, 0, sizeof(float) * IL * M);
+        for (int64_t b0 = 0; b0 < B; b0 += kc) {
+            int64_t b1 = b0 + kc < B ? b0 + kc : B;
+            for (int64_t m = 0; m < M; m++) fn(wg, qa + m * K, da + m * B, sa + m * B, b0, b1, acc + m * IL);
+        }
+        int64_t rows = N - g * IL < IL ? N - g * IL : IL;
+        for (int64_t m = 0; m < M; m++) memcpy(y + m * N + g * IL, acc + m * IL, sizeof(float) * rows);
+    }
+}
+
+EXPORT int mistol_kernels_abi(void) { return 1; }
+
+EXPORT int mistol_best_impl(void) { return cpu_has_avx2() ? IMPL_AVX2 : IMPL_SCALAR; }
+
+/* y[M][N] = x[M][K] @ W^T, W packed as described at the top. Returns 0 or a negative error. */
+EXPORT int mistol_gemm(int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y,
+                       int nthreads, int impl) {
+    if (fmt != FMT_INT8 && fmt != FMT_INT4) return ERR_FMT;
+    if (K <= 0 || K % QK != 0) return ERR_K;
+    if (M < 0 || N < 0) return ERR_ARG;
+    if (M == 0 || N == 0) return OK;
+    if (impl == IMPL_AUTO) impl = mistol_best_impl();
+    if (impl == IMPL_AVX2 && !cpu_has_avx2()) return ERR_IMPL;
+
+    quant_fn quant = quantize_act_scalar;
+    group_fn group = fmt == FMT_INT8 ? group_int8_scalar : group_int4_scalar;
+#ifdef MISTOL_X86
+    if (impl == IMPL_AVX2) {
+        quant = quantize_act_avx2;
+        group = fmt == FMT_INT8 ? group_int8_avx2 : group_int4_avx2;
+    }
+#endif
+    const int64_t B = K / QK, G = (N + IL - 1) / IL;
+    const int64_t gbytes = B * group_block_bytes(fmt);
+    if (nthreads > G) nthreads = (int)G;
+    if (nthreads < 1 || G * gbytes * M < SERIAL_BYTES) nthreads = 1;
+
+    int8_t *qa = malloc((size_t)(M * K));
+    float *da = malloc(sizeof(float) * (size_t)(M * B));
+    int32_t *sa = malloc(sizeof(int32_t) * (size_t)(M * B));
+    float *acc = malloc(sizeof(float) * (size_t)(IL * M * nthreads));
+    if (!qa || !da || !sa || !acc) {
+        free(qa), free(da), free(sa), free(acc);
+        return ERR_NOMEM;
+    }
+
+    /* One thread quantizes the activations: a small fraction of the matmul's time at any
+     * M, and no barrier inside the parallel region. */
+    for (int64_t m = 0; m < M; m++) quant(x + m * K, K, qa + m * K, da + m * B, sa + m * B);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#endif
+    {
+#ifdef _OPENMP
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        int t = 0, nt = 1;
+#endif
+        int64_t g0 = G * t / nt, g1 = G * (t + 1) / nt;
+        run_groups(group, w, gbytes, qa, da, sa, M, K, N, y, g0, g1, acc + (int64_t)t * IL * M);
+    }
+    free(qa), free(da), free(sa), free(acc);
+    return OK;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Weight quantization, bit-exact with llama.cpp's reference quantize_row_q8_0/q4_0.
+ * Source rows x[n][K] in fp32, bf16 or fp16 (read straight from a mapped checkpoint);
+ * output either llama.cpp's blocks in row order (Q8_0: fp16 d + 32 int8 = 34 bytes; Q4_0:
+ * fp16 d + 16 bytes = 18 bytes) or our packed layout, padding rows zeroed.
+ */
+enum { SRC_F32 = 0, SRC_BF16 = 1, SRC_F16 = 2 };
+
+static void load_block(const void *x, int xtype, int64_t off, float *buf) {
+    if (xtype == SRC_F32) {
+        memcpy(buf, (const float *)x + off, QK * sizeof(float));
+    } else if (xtype == SRC_BF16) {
+        const uint16_t *h = (const uint16_t *)x + off;
+        for (int j = 0; j < QK; j++) {
+            uint32_t bits = (uint32_t)h[j] << 16;
+            memcpy(buf + j, &bits, 4);
+        }
+    } else {
+        const uint16_t *h = (const uint16_t *)x + off;
+        for (int j = 0; j < QK; j++) buf[j] = half_to_float(h[j]);
+    }
+}
+
+static inline int round_away(float v) { /* roundf for |v| < 2^31, without a libm call */
+    int i = (int)v;
+    float f = v - (float)i;
+    return i + (f >= 0.5f) - (f <= -0.5f);
+}
+
+static void quantize_q8_0_block(const float *x, uint8_t *d_out, uint8_t *q_out) {
+    float amax = 0.0f;
+    for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    uint16_t h = float_to_half(d);
+    memcpy(d_out, &h, 2);
+    for (int j = 0; j < QK; j++) q_out[j] = (uint8_t)(int8_t)round_away(x[j] * id);
+}
+
+static void quantize_q4_0_block(const float *x, uint8_t *d_out, uint8_t *q_out) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < QK; j++) {
+        if (amax < fabsf(x[j])) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    }
+    const float d = max / -8, id = d != 0.0f ? 1.0f / d : 0.0f;
+    uint16_t h = float_to_half(d);
+    memcpy(d_out, &h, 2);
+    for (int j = 0; j < QK / 2; j++) {
+        const int xi0 = (int)(int8_t)(x[j] * id + 8.5f), xi1 = (int)(int8_t)(x[QK / 2 + j] * id + 8.5f);
+        q_out[j] = (uint8_t)((xi0 < 15 ? xi0 : 15) | ((xi1 < 15 ? xi1 : 15) << 4));
+    }
+}
+
+EXPORT int mistol_quantize(int fmt, const void *x, int xtype, int64_t n, int64_t K, uint8_t *out, int packed,
+                           int nthreads) {
+    if (fmt != FMT_INT8 && fmt != FMT_INT4) return ERR_FMT;
+    if (xtype < SRC_F32 || xtype > SRC_F16 || n < 0) return ERR_ARG;
+    if (K <= 0 || K % QK != 0) return ERR_K;
+    const int64_t B = K / QK, qb = quant_bytes(fmt), gbb = group_block_bytes(fmt);
+    const int64_t units = packed ? (n + IL - 1) / IL : n; /* groups of 8 rows, or rows */
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && units * B > 4096)
+#endif
+    for (int64_t u = 0; u < units; u++) {
+        float buf[QK];
+        const int64_t r0 = packed ? u * IL : u, rows = packed ? IL : 1;
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t i = 0; i < rows; i++) {
+                uint8_t *d_out, *q_out;
+                if (packed) {
+                    d_out = out + (u * B + b) * gbb + 2 * i;
+                    q_out = out + (u * B + b) * gbb + 2 * IL + i * qb;
+                } else {
+                    d_out = out + (u * B + b) * (2 + qb);
+                    q_out = d_out + 2;
+                }
+                if (r0 + i >= n) { /* padding row: zero scale and quants read as zero weights */
+                    memset(d_out, 0, 2), memset(q_out, 0, (size_t)qb);
+                    continue;
+                }
+                load_block(x, xtype, (r0 + i) * K + b * QK, buf);
+                if (fmt == FMT_INT8) quantize_q8_0_block(buf, d_out, q_out);
+                else quantize_q4_0_block(buf, d_out, q_out);
+            }
+        }
+    }
+    return OK;
+}

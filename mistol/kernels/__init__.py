@@ -1,0 +1,123 @@
+"""mistol's compiled CPU kernels (csrc/mistol_kernels.c), called through ctypes.
+
+The library is built by the package's build (setup.py) as `mistol/_kernels*.so`. Which
+implementation runs is chosen once, from `MISTOL_KERNELS`:
+
+- `auto` (default): AVX2+FMA+F16C where the CPU has them, else portable scalar C;
+- `avx2` / `scalar`: force one (tests use `scalar` to check the fallback);
+- `torch`: do not use the library at all (PyTorch ops: dequantize, then matmul).
+
+When the library is missing or fails to load, mistol says so once on stderr and uses
+PyTorch ops. `use(impl)` switches at run time (a context manager, for tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import os
+import sys
+
+import torch
+
+FORMAT_IDS = {"int8": 1, "int4": 2}
+IMPLS = {"auto": 0, "scalar": 1, "avx2": 2}
+
+_ERRORS = {-1: "K must be a positive multiple of 32", -2: "unknown format", -3: "out of memory",
+           -4: "this CPU lacks AVX2/FMA/F16C", -5: "bad shape"}
+
+_lib: ctypes.CDLL | None = None
+_load_error: str | None = None
+_loaded = False
+_impl = os.environ.get("MISTOL_KERNELS", "auto").lower()
+_noticed = False
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _load_error, _loaded
+    if _loaded:
+        return _lib
+    _loaded = True
+    try:
+        spec = importlib.util.find_spec("mistol._kernels")
+        if spec is None or not spec.origin:
+            raise OSError("mistol/_kernels*.so is not built (reinstall with `pip install -e .` and a C compiler)")
+        lib = ctypes.CDLL(spec.origin)
+        if lib.mistol_kernels_abi() != 1:
+            raise OSError(f"{spec.origin}: stale build (ABI {lib.mistol_kernels_abi()}); reinstall mistol")
+    except (OSError, AttributeError) as e:
+        _load_error = str(e)
+        return None
+    i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.mistol_gemm.argtypes = [c_int, vp, i64, i64, vp, i64, vp, c_int, c_int]
+    lib.mistol_gemm.restype = c_int
+    lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
+    lib.mistol_quantize.restype = c_int
+    lib.mistol_best_impl.restype = c_int
+    _lib = lib
+    return lib
+
+
+def available() -> bool:
+    """True when quantized matmuls run on the compiled kernels (else: PyTorch ops)."""
+    if _impl == "torch":
+        return False
+    if _load() is None:
+        _notice()
+        return False
+    return True
+
+
+def _notice() -> None:
+    global _noticed
+    if not _noticed:
+        _noticed = True
+        print(f"mistol: compiled CPU kernels unavailable ({_load_error}); quantized layers use "
+              "slower PyTorch ops", file=sys.stderr)
+
+
+def impl_name() -> str:
+    """The implementation quantized matmuls use now: avx2, scalar or torch."""
+    if not available():
+        return "torch"
+    if _impl in ("scalar", "avx2"):
+        return _impl
+    return "avx2" if _lib.mistol_best_impl() == IMPLS["avx2"] else "scalar"
+
+
+@contextlib.contextmanager
+def use(impl: str):
+    """Run the enclosed code with `impl` (auto, avx2, scalar or torch)."""
+    global _impl
+    if impl not in (*IMPLS, "torch"):
+        raise ValueError(f"unknown kernel implementation {impl!r} (auto, avx2, scalar, torch)")
+    before, _impl = _impl, impl
+    try:
+        yield
+    finally:
+        _impl = before
+
+
+def gemm(fmt: str, x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """y[M, n] = x[M, K] @ W^T for W packed by `mistol.quant` (x: float32, contiguous, CPU)."""
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = _lib.mistol_gemm(FORMAT_IDS[fmt], x.data_ptr(), m, k, packed.data_ptr(), n, y.data_ptr(),
+                          torch.get_num_threads(), IMPLS.get(_impl, 0))
+    if rc != 0:
+        raise RuntimeError(f"mistol_gemm({fmt}, M={m}, K={k}, N={n}): {_ERRORS.get(rc, rc)}")
+    return y
+
+
+_SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def quantize(fmt: str, w: torch.Tensor, out: torch.Tensor, packed: bool) -> None:
+    """Rows of w [n, K] -> llama.cpp Q8_0/Q4_0 blocks in `out`: in row order, or with
+    `packed` in `mistol.quant`'s layout. w: CPU, contiguous, float32/bfloat16/float16."""
+    n, k = w.shape
+    rc = _lib.mistol_quantize(FORMAT_IDS[fmt], w.data_ptr(), _SOURCE_DTYPES[w.dtype], n, k, out.data_ptr(),
+                              int(packed), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"mistol_quantize({fmt}, K={k}): {_ERRORS.get(rc, rc)}")

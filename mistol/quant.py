@@ -1,0 +1,280 @@
+"""Weight-only quantization of linear layers: int8 (llama.cpp Q8_0) and int4 (Q4_0).
+
+Both formats cut each weight row into blocks of 32 inputs with one fp16 scale per block,
+exactly as llama.cpp does (same rounding, same bytes):
+
+- int8 = Q8_0: d = max|x| / 127, q = round(x / d) in -127..127; 34 bytes per block.
+- int4 = Q4_0: d = m / -8 where m is the block's largest-magnitude value (signed),
+  q = min(15, trunc(x / d + 8.5)) in 0..15, value d * (q - 8); byte j holds elements j
+  (low nibble) and j + 16 (high nibble); 18 bytes per block.
+
+`QuantizedLinear` keeps them repacked for the CPU kernels (`mistol.kernels`): rows in
+groups of 8, the 8 rows' blocks of the same inputs side by side (scales first), so that
+a thread reads its rows as one sequential stream:
+
+    packed: uint8 [ceil(N/8), K/32, 16 + 8 * (32 | 16)]
+
+Each row's quants are llama.cpp's bytes unchanged, so `QuantizedLinear.from_ggml` maps a
+GGUF Q8_0/Q4_0 tensor onto this layout by moving bytes only (no dequantizing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .errors import MistolError
+
+BLOCK = 32  # inputs per block (llama.cpp's QK8_0 / QK4_0)
+INTERLEAVE = 8  # rows per group in the packed layout
+_CHUNK_ELEMENTS = 1 << 21  # rows converted at a time while quantizing: bounds the temporaries
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    name: str  # "int8" | "int4"
+    ggml_type: str  # the GGUF tensor type it maps to
+    quant_bytes: int  # bytes of quants per row and block
+
+    @property
+    def ggml_block_bytes(self) -> int:  # one row's block in llama.cpp: fp16 scale + quants
+        return 2 + self.quant_bytes
+
+    @property
+    def group_block_bytes(self) -> int:  # one block of 8 interleaved rows in our layout
+        return INTERLEAVE * self.ggml_block_bytes
+
+
+FORMATS = {"int8": QuantFormat("int8", "Q8_0", 32), "int4": QuantFormat("int4", "Q4_0", 16)}
+
+
+def _format(fmt: str) -> QuantFormat:
+    if fmt not in FORMATS:
+        raise MistolError(f"unknown quantization {fmt!r} (choose from {', '.join(FORMATS)})")
+    return FORMATS[fmt]
+
+
+def _check_k(k: int, what: str = "weight") -> None:
+    if k <= 0 or k % BLOCK:
+        raise MistolError(f"{what}: input size {k} is not a multiple of {BLOCK}, the int8/int4 block size")
+
+
+# -- llama.cpp blocks ------------------------------------------------------------------------
+def quantize_ggml(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Rows of w [n, K] -> llama.cpp Q8_0/Q4_0 blocks, uint8 [n, K/32, 34 | 18].
+
+    Bit-exact with llama.cpp's reference quantizers (C kernels when built, else torch ops).
+    """
+    f = _format(fmt)
+    n, k = w.shape
+    _check_k(k)
+    out = torch.empty(n, k // BLOCK, f.ggml_block_bytes, dtype=torch.uint8)
+    if kernels.available():
+        kernels.quantize(fmt, _kernel_source(w), out, packed=False)
+        return out
+    x = w.detach().to(device="cpu", dtype=torch.float32).contiguous().view(n, k // BLOCK, BLOCK)
+    if fmt == "int8":
+        d = x.abs().amax(-1, keepdim=True) / 127
+        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        v = x * inv
+        r = v.trunc()
+        q = (r + torch.where((v - r).abs() >= 0.5, v.sign(), torch.zeros_like(v))).to(torch.int8)  # roundf
+        out[..., 2:] = q.view(torch.uint8)
+    else:
+        m = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # first largest |x|, with its sign
+        d = m / -8
+        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        q = (x * inv + 8.5).trunc().clamp(0, 15).to(torch.uint8)
+        out[..., 2:] = q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4)
+    out[..., :2] = d.to(torch.float16).view(torch.uint8)
+    return out
+
+
+def dequantize_ggml(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
+    """llama.cpp blocks [n, K/32, 34 | 18] -> float32 [n, K]."""
+    n, nb, _ = blocks.shape
+    d = blocks[..., :2].contiguous().view(torch.float16).float()
+    qs = blocks[..., 2:]
+    if fmt == "int8":
+        q = qs.contiguous().view(torch.int8).float()
+    else:
+        q = torch.cat((qs & 15, qs >> 4), dim=-1).float() - 8
+    return (q * d).reshape(n, nb * BLOCK)
+
+
+def pack_ggml(blocks: torch.Tensor, fmt: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """llama.cpp blocks [n, B, 34 | 18] -> our layout [ceil(n/8), B, 8 * (34 | 18)].
+
+    Padding rows (n not a multiple of 8) are zero, which the kernels read as zero weights.
+    """
+    f = _format(fmt)
+    n, nb, bb = blocks.shape
+    if bb != f.ggml_block_bytes:
+        raise MistolError(f"{f.ggml_type} blocks are {f.ggml_block_bytes} bytes, found {bb}")
+    groups = -(-n // INTERLEAVE)
+    if n % INTERLEAVE:
+        blocks = torch.cat((blocks, blocks.new_zeros(groups * INTERLEAVE - n, nb, bb)))
+    g = blocks.view(groups, INTERLEAVE, nb, bb).transpose(1, 2)  # [G, B, 8, bb]
+    if out is None:
+        out = torch.empty(groups, nb, f.group_block_bytes, dtype=torch.uint8)
+    out[..., : 2 * INTERLEAVE] = g[..., :2].reshape(groups, nb, 2 * INTERLEAVE)
+    out[..., 2 * INTERLEAVE :] = g[..., 2:].reshape(groups, nb, INTERLEAVE * f.quant_bytes)
+    return out
+
+
+def unpack_ggml(packed: torch.Tensor, n: int, fmt: str) -> torch.Tensor:
+    """Our layout -> llama.cpp blocks [n, B, 34 | 18] (the inverse of `pack_ggml`)."""
+    f = _format(fmt)
+    groups, nb, _ = packed.shape
+    scales = packed[..., : 2 * INTERLEAVE].reshape(groups, nb, INTERLEAVE, 2)
+    quants = packed[..., 2 * INTERLEAVE :].reshape(groups, nb, INTERLEAVE, f.quant_bytes)
+    blocks = torch.cat((scales, quants), dim=-1).transpose(1, 2)  # [G, 8, B, bb]
+    return blocks.reshape(groups * INTERLEAVE, nb, f.ggml_block_bytes)[:n]
+
+
+def _dequantize_packed(packed: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """Our layout (any device) -> [groups * 8, K] in `dtype`, padding rows included."""
+    groups, nb, _ = packed.shape
+    d = packed[..., : 2 * INTERLEAVE].contiguous().view(torch.float16).to(dtype)  # [G, B, 8]
+    qs = packed[..., 2 * INTERLEAVE :].reshape(groups, nb, INTERLEAVE, -1)
+    if fmt == "int8":
+        q = qs.view(torch.int8).to(dtype)
+    else:
+        q = torch.cat((qs & 15, qs >> 4), dim=-1).to(dtype) - 8
+    w = q * d[..., None]  # [G, B, 8, 32]
+    return w.transpose(1, 2).reshape(groups * INTERLEAVE, nb * BLOCK)
+
+
+# -- the module ------------------------------------------------------------------------------
+class QuantizedLinear(nn.Module):
+    """A bias-free `nn.Linear` whose weight is int8 (Q8_0) or int4 (Q4_0) in blocks of 32.
+
+    The packed weight is a uint8 buffer, so `.to(device)`, `state_dict()` and memory
+    accounting see it; `.to(dtype)` leaves it alone. On CPU the matmul runs on mistol's
+    kernels (activations quantized to int8 per block of 32, fp32 accumulation); elsewhere,
+    or without the kernels, on PyTorch ops over the dequantized weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, packed: torch.Tensor):
+        super().__init__()
+        f = _format(fmt)
+        _check_k(in_features)
+        want = (-(-out_features // INTERLEAVE), in_features // BLOCK, f.group_block_bytes)
+        if tuple(packed.shape) != want or packed.dtype != torch.uint8:
+            raise MistolError(f"packed {fmt} weight: expected uint8 {list(want)}, found "
+                              f"{packed.dtype} {list(packed.shape)}")
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.register_buffer("packed", packed.contiguous())
+
+    @classmethod
+    def from_ggml(cls, blocks, fmt: str, out_features: int, in_features: int) -> "QuantizedLinear":
+        """A GGUF Q8_0 (fmt="int8") or Q4_0 ("int4") tensor of shape [out, in] (GGUF dims
+        [in, out]) given as its raw bytes (a uint8 tensor, numpy array or buffer)."""
+        f = _format(fmt)
+        _check_k(in_features)
+        nb = in_features // BLOCK
+        if not isinstance(blocks, torch.Tensor):
+            import warnings
+
+            import numpy as np
+
+            with warnings.catch_warnings():  # read-only (a mapped file): we only read it
+                warnings.simplefilter("ignore", UserWarning)
+                blocks = torch.from_numpy(np.frombuffer(blocks, dtype=np.uint8))
+        size = out_features * nb * f.ggml_block_bytes
+        if blocks.numel() * blocks.element_size() != size:
+            raise MistolError(f"{f.ggml_type} tensor [{out_features}, {in_features}] takes {size} bytes, "
+                              f"found {blocks.numel() * blocks.element_size()}")
+        blocks = blocks.reshape(-1).view(torch.uint8).view(out_features, nb, f.ggml_block_bytes)
+        packed = torch.empty(-(-out_features // INTERLEAVE), nb, f.group_block_bytes, dtype=torch.uint8)
+        step = _chunk_rows(in_features)
+        for r0 in range(0, out_features, step):
+            pack_ggml(blocks[r0 : r0 + step], fmt, out=_groups_of(packed, r0, step))
+        return cls(in_features, out_features, fmt, packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.device.type == "cpu" and kernels.available():
+            if x2.dtype != torch.float32 or not x2.is_contiguous():  # (a decode step: skip no-op calls)
+                x2 = x2.to(torch.float32).contiguous()
+            y = kernels.gemm(self.fmt, x2, self.packed, self.out_features)
+        else:
+            y = self._matmul_dequantized(x2)
+        y = y.view(x.shape[:-1] + (self.out_features,))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _matmul_dequantized(self, x: torch.Tensor) -> torch.Tensor:
+        # Dequantize a slab of rows at a time: memory stays near the quantized size.
+        dtype = torch.float32 if x.device.type == "cpu" or not x.is_floating_point() else x.dtype
+        x = x.to(dtype)
+        y = torch.empty(x.shape[0], self.packed.shape[0] * INTERLEAVE, dtype=dtype, device=x.device)
+        step = max(1, _CHUNK_ELEMENTS * 4 // (self.in_features * INTERLEAVE))
+        for g0 in range(0, self.packed.shape[0], step):
+            w = _dequantize_packed(self.packed[g0 : g0 + step], self.fmt, dtype)
+            torch.matmul(x, w.T, out=y[:, g0 * INTERLEAVE : g0 * INTERLEAVE + w.shape[0]])
+        return y[:, : self.out_features]
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 [out_features, in_features] (the values the kernels use)."""
+        return _dequantize_packed(self.packed, self.fmt, torch.float32)[: self.out_features]
+
+    def to_ggml(self) -> torch.Tensor:
+        """The weight as llama.cpp blocks, uint8 [out_features, in_features/32, 34 | 18]."""
+        return unpack_ggml(self.packed.cpu(), self.out_features, self.fmt)
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.packed.numel()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+def quantize_linear(
+    weight: torch.Tensor | nn.Linear, fmt: str, name: str = "weight", release: Callable | None = None
+) -> QuantizedLinear:
+    """Quantize a linear layer's weight [out, in], of any float dtype.
+
+    The weight is read a slab of rows at a time, so it is never copied whole; `release`,
+    if given, is called on each slab once quantized (the loader passes `release_pages` to
+    drop a memory-mapped checkpoint's pages as it goes). `name` is for error messages.
+    """
+    if isinstance(weight, nn.Linear):
+        if weight.bias is not None:
+            raise MistolError("quantize_linear: layers with a bias are not supported")
+        weight = weight.weight
+    f = _format(fmt)
+    n, k = weight.shape
+    _check_k(k, name)
+    packed = torch.empty(-(-n // INTERLEAVE), k // BLOCK, f.group_block_bytes, dtype=torch.uint8)
+    step = _chunk_rows(k)
+    fast = kernels.available()
+    for r0 in range(0, n, step):
+        if fast:  # straight from the source dtype into the packed layout, in one pass
+            kernels.quantize(fmt, _kernel_source(weight[r0 : r0 + step]), _groups_of(packed, r0, step), packed=True)
+        else:
+            pack_ggml(quantize_ggml(weight[r0 : r0 + step], fmt), fmt, out=_groups_of(packed, r0, step))
+        if release is not None:
+            release(weight[r0 : r0 + step])
+    return QuantizedLinear(k, n, fmt, packed)
+
+
+def _kernel_source(w: torch.Tensor) -> torch.Tensor:
+    w = w.detach()
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        w = w.float()
+    return w.cpu().contiguous()
+
+
+def _chunk_rows(k: int) -> int:
+    return max(INTERLEAVE, _CHUNK_ELEMENTS // k // INTERLEAVE * INTERLEAVE)
+
+
+def _groups_of(packed: torch.Tensor, row0: int, rows: int) -> torch.Tensor:
+    """The packed groups holding rows [row0, row0 + rows) (row0 a multiple of 8)."""
+    return packed[row0 // INTERLEAVE : -(-(row0 + rows) // INTERLEAVE)]

@@ -1,0 +1,326 @@
+"""The HTTP side of `mistol serve`: an OpenAI-compatible API over one `Engine`.
+
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health.
+Handlers check the request, render the prompt, and hand a `Job` to the `Scheduler`
+(whose thread owns the engine); text comes back through an asyncio queue and leaves as
+one JSON body or as server-sent events ending with `data: [DONE]`. Every error, bad input
+or not, is OpenAI's `{"error": {...}}` with a fitting status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import PurePath
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..chat_template import ChatTemplate
+from ..engine import Engine
+from ..errors import MistolError
+from . import protocol as p
+from .protocol import APIError, GenerationRequest
+from .scheduler import Job, Output, Scheduler
+
+log = logging.getLogger("mistol.server")
+
+MAX_REMEMBERED_REPLIES = 512
+
+
+@dataclass
+class ServerOptions:
+    model_name: str | None = None  # the id clients send as `model` (default: the engine's name)
+    api_key: str | None = None  # if set, every /v1 request needs "Authorization: Bearer KEY"
+    max_batch: int = 4  # requests decoded together; more wait in a queue
+    max_context: int | None = None  # tokens per request, prompt and reply (default: the model's)
+    max_body_bytes: int = 4 << 20
+
+
+def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
+    options = options or ServerOptions()
+    server = _Server(engine, options)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.scheduler.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(server.scheduler.stop)
+
+    app = FastAPI(title="mistol", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    auth = [Depends(server.authorize)]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.model_id, **server.scheduler.stats()}
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        return p.models_list(server.model_id, server.created)
+
+    @app.get("/v1/models/{model:path}", dependencies=auth)
+    async def model(model: str):
+        server.check_model(model)
+        return p.model_card(server.model_id, server.created)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: Request):
+        return await server.generate(request, chat=True)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request):
+        return await server.generate(request, chat=False)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):  # unknown path, wrong method
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(p.error_body(e.status_code, message), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e: RequestValidationError):
+        return JSONResponse(p.error_body(400, f"invalid request: {e.errors()}"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=e)
+        return JSONResponse(p.error_body(500, "internal server error"), status_code=500)
+
+    return app
+
+
+class _Server:
+    def __init__(self, engine: Engine, options: ServerOptions):
+        self.engine = engine
+        self.options = options
+        self.tokenizer = engine.tokenizer
+        self.template = ChatTemplate.for_tokenizer(self.tokenizer)
+        self.vocab_size = min(self.tokenizer.vocab_size, engine.config.vocab_size)  # valid token ids
+        self.scheduler = Scheduler(engine, max_batch=options.max_batch, max_context=options.max_context)
+        self.model_id = options.model_name or engine.name
+        self._aliases = {self.model_id, PurePath(self.model_id).name}
+        self.created = p.now()
+        # Generated replies by text -> the ids the model chose: a resent conversation then
+        # renders to the very tokens the session holds, so the prefix cache covers the reply.
+        self._replies: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+
+    # -- checks ------------------------------------------------------------------------------
+    async def authorize(self, request: Request) -> None:
+        key = self.options.api_key
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "invalid or missing API key (send the header 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+    def check_model(self, name: str) -> None:
+        if name not in self._aliases:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_id!r}",
+                           "model", "model_not_found")
+
+    async def read_json(self, request: Request):
+        limit = self.options.max_body_bytes
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise APIError(413, f"the request body ({int(length)} bytes) exceeds the limit of {limit} bytes",
+                           code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({e})") from None
+
+    # -- generation ------------------------------------------------------------------------
+    async def generate(self, request: Request, chat: bool):
+        spec = (p.parse_chat_request if chat else p.parse_completion_request)(await self.read_json(request))
+        self.check_model(spec.model)
+        replies = self._known_replies(spec)
+        prompt = await run_in_threadpool(self._prompt_ids, spec, replies)
+        params = self._params(spec, prompt, chat)
+        for token in spec.logit_bias:
+            if not 0 <= token < self.vocab_size:
+                raise APIError(400, f"logit_bias: token id {token} is outside the vocabulary", "logit_bias")
+
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[Output] = asyncio.Queue()
+        job = Job(prompt, params, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
+                  logprobs=spec.logprobs, frequency_penalty=spec.frequency_penalty,
+                  presence_penalty=spec.presence_penalty, logit_bias=spec.logit_bias)
+        if not self.scheduler.submit(job):
+            raise APIError(503, "the server is busy (too many queued requests); retry later", code="server_busy")
+        reply = _Reply(self, spec, chat, len(prompt))
+        if spec.stream:
+            return StreamingResponse(self._stream(job, outputs, reply), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self._collect(job, outputs, reply, request)
+
+    def _known_replies(self, spec: GenerationRequest) -> dict[str, list[int]]:
+        """The remembered ids of this conversation's assistant messages (exact texts only)."""
+        if spec.messages is None:
+            return {}
+        texts = {m["content"] for m in spec.messages if m["role"] == "assistant"}
+        return {t: list(self._replies[t]) for t in texts if t in self._replies}
+
+    def _prompt_ids(self, spec: GenerationRequest, replies: dict[str, list[int]]) -> list[int]:
+        if spec.messages is not None:
+            try:
+                return self.template.render(spec.messages, add_generation_prompt=spec.add_generation_prompt,
+                                            continue_last=spec.continue_final_message, reply_tokens=replies)
+            except MistolError as e:
+                raise APIError(400, f"messages: {e}", "messages") from None
+        if isinstance(spec.prompt, list):
+            vocab = self.vocab_size
+            bad = next((t for t in spec.prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(400, f"prompt: token id {bad} is outside the vocabulary of {vocab}", "prompt")
+            return list(spec.prompt)
+        return self.tokenizer.encode(spec.prompt, add_bos=True)
+
+    def _params(self, spec: GenerationRequest, prompt: list[int], chat: bool):
+        context, n = self.scheduler.max_context, len(prompt)
+        where = "messages" if chat else "prompt"
+        if n == 0:
+            raise APIError(400, "the prompt is empty", where)
+        if spec.max_tokens is None and n >= context:
+            raise APIError(400, f"the prompt ({n} tokens) leaves no room for a reply in the context of "
+                           f"{context} tokens", where, "context_length_exceeded")
+        max_tokens = spec.max_tokens if spec.max_tokens is not None else context - n
+        if n + max_tokens > context:
+            raise APIError(
+                400,
+                f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds the context of {context} tokens",
+                "max_tokens" if spec.max_tokens is not None else where, "context_length_exceeded",
+            )
+        if spec.ignore_eos:
+            stop_ids = []
+        elif chat:
+            stop_ids = self.template.stop_ids
+        else:  # as `mistol generate`: the tokenizer's EOS and the model's
+            ids = (self.tokenizer.eos_id, self.engine.config.eos_token_id)
+            stop_ids = sorted({i for i in ids if i is not None})
+        return replace(spec.params, max_tokens=max_tokens, stop_token_ids=stop_ids)
+
+    def remember(self, text: str, token_ids: list[int]) -> None:
+        ids = [t for t in token_ids if t not in self.template.stop_ids]
+        if not ids or self.tokenizer.decode(ids) != text:
+            return  # e.g. cut by a stop string: the next turn encodes the text
+        self._replies[text] = ids
+        self._replies.move_to_end(text)
+        while len(self._replies) > MAX_REMEMBERED_REPLIES:
+            self._replies.popitem(last=False)
+
+    async def _collect(self, job: Job, outputs: asyncio.Queue, reply: "_Reply", request: Request):
+        async def gather() -> Output:
+            while True:
+                out = await outputs.get()
+                reply.add(out)
+                if out.finish_reason is not None:
+                    return out
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        waiter, watcher = asyncio.ensure_future(gather()), asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            job.cancel()  # a no-op once finished; frees the slot if the client left
+            watcher.cancel()
+            waiter.cancel()
+        if not waiter.done() or waiter.cancelled():
+            return JSONResponse(p.error_body(499, "client closed the request"), status_code=499)
+        last = waiter.result()
+        if last.error is not None:
+            return JSONResponse(p.error_body(500, last.error), status_code=500)
+        return reply.response(last)
+
+    async def _stream(self, job: Job, outputs: asyncio.Queue, reply: "_Reply"):
+        try:
+            if reply.chat:
+                yield reply.sse(reply.chunk(delta={"role": "assistant", "content": ""}))
+            while True:
+                out = await outputs.get()
+                reply.add(out)
+                if out.error is not None:
+                    yield reply.sse(p.error_body(500, out.error))
+                    break
+                if out.text or out.logprobs:
+                    yield reply.sse(reply.chunk(text=out.text, logprobs=out.logprobs))
+                if out.finish_reason is not None:
+                    yield reply.sse(reply.chunk(text="", finish_reason=out.finish_reason, final=True))
+                    if reply.spec.include_usage:
+                        yield reply.sse(reply.usage_chunk(out))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # the client went away (or we are done): free the slot
+
+
+class _Reply:
+    """One response being built: its id, its text so far, and its JSON shapes."""
+
+    def __init__(self, server: _Server, spec: GenerationRequest, chat: bool, prompt_tokens: int):
+        self.server, self.spec, self.chat = server, spec, chat
+        self.id = p.new_id("chatcmpl" if chat else "cmpl")
+        self.created = p.now()
+        self.text = ""
+        self.logprobs = []
+        self.prompt_tokens = prompt_tokens
+
+    def add(self, out: Output) -> None:
+        self.text += out.text
+        self.logprobs += out.logprobs
+        if out.finish_reason in ("stop", "length") and self.chat:
+            self.server.remember(self.text, out.token_ids)
+
+    def _usage(self, last: Output) -> dict:
+        return p.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+
+    def _logprobs(self, items, offset: int = 0):
+        if self.spec.logprobs is None:
+            return None
+        return p.chat_logprobs(items) if self.chat else p.completion_logprobs(items, offset)
+
+    def response(self, last: Output) -> dict:
+        build = p.chat_response if self.chat else p.completion_response
+        model = self.server.model_id
+        return build(self.id, self.created, model, self.text, last.finish_reason,
+                     self._logprobs(self.logprobs), self._usage(last))
+
+    def chunk(self, delta: dict | None = None, text: str = "", logprobs=(), finish_reason=None, final=False) -> dict:
+        model, inc = self.server.model_id, self.spec.include_usage
+        lp = self._logprobs(list(logprobs), len(self.text) - len(text)) if logprobs else None
+        if self.chat:
+            delta = delta if delta is not None else ({} if final else {"content": text})
+            return p.chat_chunk(self.id, self.created, model, delta, finish_reason, lp, None, inc)
+        return p.completion_chunk(self.id, self.created, model, text, finish_reason, lp, None, inc)
+
+    def usage_chunk(self, last: Output) -> dict:
+        build = p.chat_chunk if self.chat else p.completion_chunk
+        return build(self.id, self.created, self.server.model_id, None, use=self._usage(last), include_usage=True)
+
+    @staticmethod
+    def sse(event: dict) -> str:
+        return f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"

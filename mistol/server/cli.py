@@ -1,0 +1,90 @@
+"""The `serve` subcommand: `mistol serve --model M [--host 127.0.0.1] [--port 8000] ...`."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from ..cli import add_model_args, load_engine
+from ..errors import MistolError
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="serve the model over an OpenAI-compatible HTTP API",
+        description="Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
+        "/v1/models; /health). Concurrent requests are decoded together, and each conversation's KV cache "
+        "is kept, so a client that resends the history only pays for its new tokens. "
+        "Binds to 127.0.0.1 unless told otherwise.",
+    )
+    add_model_args(p, required=True)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: $MISTOL_API_KEY, else none)")
+    p.add_argument("--max-batch", type=int, default=4,
+                   help="requests decoded together; more wait their turn (default: 4). "
+                   "Each keeps a KV cache, as do 4 more idle conversations")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="context per request in tokens, prompt plus reply (default: the model's; "
+                   "8192 at most without a sliding window)")
+    p.add_argument("--name", default=None, help="the model id clients ask for (default: the --model value)")
+    p.set_defaults(run=cmd_serve)
+    return p
+
+
+def cmd_serve(args) -> int:
+    from .app import ServerOptions, create_app
+
+    if args.max_batch < 1:
+        raise MistolError(f"--max-batch must be at least 1 (got {args.max_batch})")
+    if args.ctx is not None and args.ctx < 2:
+        raise MistolError(f"--ctx must be at least 2 tokens (got {args.ctx})")
+    if not 0 <= args.port <= 65535:
+        raise MistolError(f"--port must be in 0..65535 (got {args.port})")
+    api_key = args.api_key or os.environ.get("MISTOL_API_KEY") or None
+    if not _is_loopback(args.host) and api_key is None:
+        print(f"mistol serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+              "port can use the model", file=sys.stderr)
+    try:
+        import uvicorn
+    except ImportError:
+        raise MistolError("mistol serve needs fastapi and uvicorn: pip install fastapi uvicorn") from None
+    engine = load_engine(args)
+    options = ServerOptions(model_name=args.name, api_key=api_key, max_batch=args.max_batch, max_context=args.ctx)
+    app = create_app(engine, options)
+    server = app.state.server
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"mistol serve: {server.model_id} at http://{host}:{args.port}/v1 (batch {args.max_batch}, "
+          f"context {server.scheduler.max_context} tokens{', API key required' if api_key else ''})",
+          file=sys.stderr)
+    # On Ctrl-C, streams still generating get a few seconds, not their whole max_tokens.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mistol serve` on its own: main(["--model", DIR, "--port", "8001"])."""
+    parser = argparse.ArgumentParser(prog="mistol")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.run(args)
+    except MistolError as e:
+        print(f"mistol: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,347 @@
+"""The OpenAI wire format: request bodies checked into our types, and the response shapes.
+
+Requests are validated by hand rather than by a schema library so that every rejection is
+an OpenAI-shaped 400 naming the offending field (`param`), never a framework's 422 or a
+500. Fields a client may send that we do not implement are ignored when they hold their
+default (`n: 1`, `tools: []`, `response_format: {"type": "text"}`) and refused otherwise:
+silently ignoring them would return something other than what was asked for.
+
+Unset sampling fields take mistol's defaults (temperature 0.8, top_k 40, top_p 0.95,
+min_p 0.05; the same as `mistol chat` and llama.cpp's server), not OpenAI's 1.0/1.0.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..sampling import SamplingParams
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+                405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
+
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+
+
+class APIError(Exception):
+    """A request we refuse, with its HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return error_body(self.status, self.message, self.param, self.code)
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# -- requests ---------------------------------------------------------------------------------
+@dataclass
+class GenerationRequest:
+    """A chat or text completion request, checked. Exactly one of `messages`/`prompt` is set."""
+
+    model: str
+    params: SamplingParams  # max_tokens and stop_token_ids are filled in once the prompt is known
+    max_tokens: int | None  # None: as many as the context leaves
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None  # None: off; else how many top alternatives per token
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    ignore_eos: bool = False  # extension (as in vLLM): generate max_tokens, for benchmarks
+    messages: list[dict] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    prompt: str | list[int] | None = None
+
+
+def parse_chat_request(body: Any) -> GenerationRequest:
+    body = _object(body)
+    messages = _messages(body.get("messages"))
+    logprobs = _bool(body, "logprobs", False)
+    top = _int(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if top and not logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+    continue_final = _bool(body, "continue_final_message", False)
+    if continue_final and messages[-1]["role"] != "assistant":
+        raise APIError(400, "continue_final_message needs the last message to be the assistant's", "messages")
+    if body.get("tools") or body.get("functions"):
+        raise APIError(400, "tools and function calling are not supported by this server", "tools")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type", "text") == "text"):
+        raise APIError(400, "only response_format {\"type\": \"text\"} is supported", "response_format")
+    max_tokens = _int(body, "max_completion_tokens", None, 1)
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", None, 1)
+    return GenerationRequest(
+        **_common(body),
+        max_tokens=max_tokens,
+        logprobs=(top or 0) if logprobs else None,
+        messages=messages,
+        add_generation_prompt=_bool(body, "add_generation_prompt", True),
+        continue_final_message=continue_final,
+    )
+
+
+def parse_completion_request(body: Any) -> GenerationRequest:
+    body = _object(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list):
+        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise APIError(400, "prompt must be a string or a list of token ids (one prompt per request)", "prompt")
+    elif not isinstance(prompt, str):
+        raise APIError(400, "prompt is required: a string or a list of token ids", "prompt")
+    if _bool(body, "echo", False):
+        raise APIError(400, "echo is not supported", "echo")
+    if body.get("suffix"):
+        raise APIError(400, "suffix is not supported", "suffix")
+    if _int(body, "best_of", 1, 1) != 1:
+        raise APIError(400, "best_of must be 1", "best_of")
+    return GenerationRequest(
+        **_common(body),
+        max_tokens=_int(body, "max_tokens", None, 1),
+        logprobs=_int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS),
+        prompt=prompt,
+    )
+
+
+def _common(body: dict) -> dict:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "model is required (see GET /v1/models)", "model")
+    if _int(body, "n", 1, 1) != 1:
+        raise APIError(400, "n must be 1: this server returns one choice per request", "n")
+    d = SamplingParams()
+    params = SamplingParams(
+        temperature=_float(body, "temperature", d.temperature, 0.0, 2.0),
+        top_p=_float(body, "top_p", d.top_p, 0.0, 1.0, low_open=True),
+        top_k=_int(body, "top_k", d.top_k, 0),
+        min_p=_float(body, "min_p", d.min_p, 0.0, 1.0),
+        repetition_penalty=_float(body, "repetition_penalty", d.repetition_penalty, 0.0, 10.0, low_open=True),
+        seed=_int(body, "seed", None, -(2**63), 2**64 - 1),  # what torch.Generator accepts
+        stop=_stop(body.get("stop")),
+    )
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise APIError(400, "stream_options must be an object", "stream_options")
+    return dict(
+        model=model,
+        params=params,
+        stream=_bool(body, "stream", False),
+        include_usage=bool(options and _bool(options, "include_usage", False, "stream_options.include_usage")),
+        frequency_penalty=_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        presence_penalty=_float(body, "presence_penalty", 0.0, -2.0, 2.0),
+        logit_bias=_logit_bias(body.get("logit_bias")),
+        ignore_eos=_bool(body, "ignore_eos", False),
+    )
+
+
+def _object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def _messages(value: Any) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "messages is required: a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(400, f"{where} must be an object with role and content", where)
+        role = m.get("role")
+        if role == "developer":  # OpenAI's newer name for the system role
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"{where}.role must be system, user or assistant (got {role!r})", f"{where}.role")
+        out.append({"role": role, "content": _content(m.get("content"), f"{where}.content")})
+    return out
+
+
+def _content(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise APIError(400, f"{where}[{j}]: only text parts are supported (got {kind!r})", f"{where}[{j}]")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise APIError(400, f"{where} must be a string or a list of text parts", where)
+
+
+def _stop(value: Any) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise APIError(400, "stop must be a string or a list of strings", "stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} strings (got {len(stops)})", "stop")
+    return [s for s in stops if s]
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise APIError(400, "logit_bias must be an object mapping token ids to biases", "logit_bias")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id", "logit_bias") from None
+        if not _is_number(bias) or not -100 <= bias <= 100:
+            raise APIError(400, f"logit_bias[{key}] must be a number in [-100, 100]", "logit_bias")
+        out[token] = float(bias)
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
+
+
+def _float(body: dict, key: str, default, lo: float, hi: float, low_open: bool = False):
+    v = body.get(key)
+    if v is None:
+        return default
+    if not _is_number(v) or v > hi or v < lo or (low_open and v == lo):
+        left = "(" if low_open else "["
+        raise APIError(400, f"{key} must be a number in {left}{lo:g}, {hi:g}] (got {v!r})", key)
+    return float(v)
+
+
+def _int(body: dict, key: str, default, lo: int | None = None, hi: int | None = None):
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f" >= {lo}" if hi is None and lo is not None else f" in [{lo}, {hi}]" if hi is not None else ""
+        raise APIError(400, f"{key} must be an integer{bounds} (got {v!r})", key)
+    return v
+
+
+def _bool(body: dict, key: str, default: bool, param: str | None = None) -> bool:
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise APIError(400, f"{param or key} must be true or false (got {v!r})", param or key)
+    return v
+
+
+# -- responses --------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """`cached_tokens`: prompt tokens whose keys and values were already in a session's cache
+    (the rest, prompt_tokens - cached_tokens, ran through the model)."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def models_list(model_id: str, created: int) -> dict:
+    return {"object": "list", "data": [model_card(model_id, created)]}
+
+
+def model_card(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "mistol"}
+
+
+def chat_response(rid, created, model, text, finish_reason, logprobs, use) -> dict:
+    return {
+        "id": rid, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+        }],
+        "usage": use,
+    }
+
+
+def chat_chunk(rid, created, model, delta: dict | None, finish_reason=None, logprobs=None,
+               use: dict | None = None, include_usage: bool = False) -> dict:
+    """delta None: the usage-only chunk that ends a stream with include_usage."""
+    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": [] if delta is None else
+             [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    if include_usage:
+        chunk["usage"] = use
+    return chunk
+
+
+def completion_response(rid, created, model, text, finish_reason, logprobs, use) -> dict:
+    return {
+        "id": rid, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "usage": use,
+    }
+
+
+def completion_chunk(rid, created, model, text: str | None, finish_reason=None, logprobs=None,
+                     use: dict | None = None, include_usage: bool = False) -> dict:
+    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
+             "choices": [] if text is None else
+             [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    if include_usage:
+        chunk["usage"] = use
+    return chunk
+
+
+# Log-probabilities. A `TokenLogprob` (from the scheduler) carries token strings already.
+def chat_logprobs(items) -> dict:
+    def entry(token, logprob):
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(t.token, t.logprob), "top_logprobs": [entry(tok, lp) for tok, lp in t.top]}
+            for t in items
+        ],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(items, text_offset: int = 0) -> dict:
+    """The legacy completions shape; offsets count characters of the token strings."""
+    offsets, at = [], text_offset
+    for t in items:
+        offsets.append(at)
+        at += len(t.token)
+    return {
+        "tokens": [t.token for t in items],
+        "token_logprobs": [t.logprob for t in items],
+        "top_logprobs": [dict(t.top) for t in items],
+        "text_offset": offsets,
+    }

@@ -1,0 +1,385 @@
+"""The engine loop: one thread owns the engine and decodes every active request together.
+
+Continuous batching. Requests wait in a queue; between two decode steps the loop admits
+at most one of them (while fewer than `max_batch` run), prefills its prompt in one
+`Session.feed` (which yields its first token's logits), and from then on the request is a
+row of `decode_step`, one forward pass for all active requests: decoding is bound by
+reading the weights, so B rows cost little more than one. A request leaves the batch the
+moment it finishes or is cancelled; its session goes back to the pool.
+
+Prefix cache. Clients resend the whole conversation each turn. Finished sessions stay in a
+small LRU pool (one KV cache each) with the tokens they hold, and a new request gets the
+free session that shares the longest prefix with its prompt, so `Session.feed` runs only
+the tokens past it: a follow-up turn prefills only what the client added.
+
+Threads. HTTP handlers (an asyncio loop) only `submit` jobs and set `Job.cancelled`; the
+engine thread alone touches sessions and the model, and hands text back through each job's
+`on_output` callback (the server's callback posts it into the handler's asyncio queue).
+Cancellation is a flag checked before every step: a client that goes away frees its slot
+within one step, and its session keeps what it had computed, for the cache.
+
+Each request samples with its own `SamplingParams` and seeded generator, exactly as
+`Session.generate` does, so a greedy request gives the same tokens as `mistol generate`
+(batched rows may differ from one-row steps in the last float bits; see the tests).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine import Engine, Session, _common_prefix, _find_stop, _longest_stop_prefix, decode_step
+from ..sampling import SamplingParams, sample_next
+
+log = logging.getLogger("mistol.server")
+
+MAX_WAITING = 256  # queued requests beyond this are refused (503) rather than piled up
+
+
+@dataclass
+class TokenLogprob:
+    token: str  # the token's text as it appears in the output (a byte piece as "<0xNN>")
+    logprob: float
+    top: list[tuple[str, float]]  # the most likely tokens of that step, most likely first
+
+
+@dataclass
+class Output:
+    """What one step adds to a request; the last one has `finish_reason` set."""
+
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", or "error" (with `error`)
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # counting a stop token the model emitted
+    cached_tokens: int = 0  # prompt tokens that were already in the session's cache
+    token_ids: list[int] = field(default_factory=list)  # on the last output: every generated id
+
+
+class Job:
+    """One request inside the scheduler. Only `cancel()` may be called from other threads."""
+
+    def __init__(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        on_output: Callable[[Output], None],
+        logprobs: int | None = None,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+    ):
+        self.prompt = list(prompt)
+        self.params = params
+        self.on_output = on_output
+        self.logprobs = logprobs  # None: off; k: the chosen token and the top k
+        self.frequency_penalty = frequency_penalty
+        self.presence_penalty = presence_penalty
+        self.logit_bias = dict(logit_bias or {})
+        self.cancelled = False
+        # engine-thread state
+        self.session: Session | None = None
+        self.next_token: int | None = None  # sampled, to be fed by the next decode step
+        self.generator: torch.Generator | None = None
+        self.text: TextStream | None = None
+        self.token_ids: list[int] = []
+        self.cached_tokens = 0
+        self._counts: dict[int, int] = {}
+        self._held_logprobs: list[TokenLogprob] = []
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logit bias and OpenAI's frequency/presence penalties (over the generated tokens)."""
+        if not (self.logit_bias or (self._counts and (self.frequency_penalty or self.presence_penalty))):
+            return logits
+        logits = logits.clone()
+        if self.logit_bias:
+            ids = torch.tensor(list(self.logit_bias))
+            logits[ids] += torch.tensor(list(self.logit_bias.values()), dtype=logits.dtype)
+        if self._counts and (self.frequency_penalty or self.presence_penalty):
+            ids = torch.tensor(list(self._counts))
+            counts = torch.tensor(list(self._counts.values()), dtype=logits.dtype)
+            logits[ids] -= self.frequency_penalty * counts + self.presence_penalty
+        return logits
+
+
+class TextStream:
+    """The reply's text as tokens arrive, held back while it could still begin a stop string
+    (the logic of `Session.stream`)."""
+
+    def __init__(self, tokenizer, stops: Sequence[str]):
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """(text now safe to show, whether a stop string ended the reply)"""
+        self.pending += self.decoder.push(token)
+        return self._release(final=False)
+
+    def finish(self, flush: bool) -> tuple[str, bool]:
+        """The rest of the text. `flush`: also what the decoder still holds (at max_tokens;
+        `Session.stream` drops an unfinished character when a stop token ends the reply)."""
+        if flush:
+            self.pending += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> tuple[str, bool]:
+        if self.stops and (cut := _find_stop(self.pending, self.stops)) is not None:
+            text, self.pending = self.pending[:cut], ""
+            return text, True
+        keep = 0 if final or not self.stops else _longest_stop_prefix(self.pending, self.stops)
+        safe = len(self.pending) - keep
+        text, self.pending = self.pending[:safe], self.pending[safe:]
+        return text, False
+
+
+class SessionPool:
+    """Sessions (KV caches) kept for reuse, least recently used first.
+
+    A request gets the free session sharing the longest prefix with its prompt when that
+    session's tokens all lie on the prompt (the same conversation, continued), or when the
+    prefix covers at least half the prompt (a regenerated or edited turn); otherwise a fresh
+    session while the pool has room (so that a shared BOS and template header do not
+    overwrite another conversation's cache), and once it is full, the best match or else
+    the least recently used session.
+    """
+
+    def __init__(self, engine: Engine, size: int, max_context: int | None = None):
+        self.engine = engine
+        self.size = size
+        self.max_context = max_context
+        self.sessions: list[Session] = [engine.new_session(max_context=max_context)]
+        self._free: list[Session] = list(self.sessions)  # least recently used first
+
+    def acquire(self, prompt: Sequence[int]) -> Session:
+        best, best_n = None, 0
+        for s in self._free:
+            n = _common_prefix(s.tokens, prompt)
+            if n > best_n:
+                best, best_n = s, n
+        continues = best is not None and (best_n == len(best.tokens) or 2 * best_n >= len(prompt))
+        if not continues and len(self.sessions) < self.size:
+            best = self.engine.new_session(max_context=self.max_context)
+            self.sessions.append(best)
+            return best
+        best = best or self._free[0]
+        self._free.remove(best)
+        return best
+
+    def release(self, session: Session) -> None:
+        self._free.append(session)
+
+    @property
+    def idle(self) -> int:
+        return len(self._free)
+
+
+class Scheduler:
+    def __init__(
+        self, engine: Engine, max_batch: int = 4, max_context: int | None = None, pool_size: int | None = None
+    ):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_batch = max_batch
+        self.pool = SessionPool(engine, pool_size or max_batch + 4, max_context)
+        self.max_context = self.pool.sessions[0].max_context
+        self._active: list[Job] = []
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._piece_cache: dict[int, str] = {}
+        self.counters = dict(requests=0, prefill_tokens=0, decode_tokens=0, steps=0, peak_batch=0,
+                             cancelled=0, errors=0)
+
+    # -- the HTTP side ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="mistol-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the queue is full (the caller answers 503)."""
+        with self._cond:
+            if len(self._waiting) >= MAX_WAITING:
+                return False
+            self._waiting.append(job)
+            self._cond.notify()
+        return True
+
+    def stats(self) -> dict:
+        return {**self.counters, "active": len(self._active), "waiting": len(self._waiting),
+                "max_batch": self.max_batch, "sessions": len(self.pool.sessions),
+                "max_context": self.max_context}
+
+    # -- the engine thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                job = self._next_job()
+                if self._stopping:
+                    break
+                self._drop_cancelled()
+                if job is not None:
+                    self._guarded(job, self._admit, job)
+                if self._active:
+                    self._step()
+        with self._cond:
+            leftover = [*self._active, *self._waiting]
+            self._waiting.clear()
+        for job in leftover:
+            self._fail(job, "the server is shutting down")
+
+    def _guarded(self, job: Job, fn, *args) -> None:
+        """Run fn; if it raises, fail this one job: the loop and the other requests go on."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001
+            log.exception("request failed in the engine loop")
+            self._fail(job, f"{type(e).__name__}: {e}")
+
+    def _next_job(self) -> Job | None:
+        with self._cond:
+            while not self._stopping and not self._active and not self._waiting:
+                self._cond.wait()
+            while self._waiting and self._waiting[0].cancelled:
+                self._waiting.popleft()
+                self.counters["cancelled"] += 1
+            if self._waiting and len(self._active) < self.max_batch:
+                return self._waiting.popleft()
+        return None
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._active if j.cancelled]:
+            self._active.remove(job)
+            self.pool.release(job.session)  # what it holds stays useful to the cache
+            job.session = None
+            self.counters["cancelled"] += 1
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled:
+            self.counters["cancelled"] += 1
+            return
+        self.counters["requests"] += 1
+        job.session = session = self.pool.acquire(job.prompt)
+        before = session.tokens_processed
+        logits = session.feed(job.prompt).cpu()  # sampling, like the generators, runs on the CPU
+        prefilled = session.tokens_processed - before
+        self.counters["prefill_tokens"] += prefilled
+        job.cached_tokens = max(0, len(job.prompt) - prefilled)
+        job.generator = job.params.make_generator()
+        job.text = TextStream(self.tokenizer, job.params.stop)
+        self._active.append(job)
+        self._advance(job, logits)
+
+    def _step(self) -> None:
+        jobs = list(self._active)
+        try:
+            logits = decode_step([j.session for j in jobs], [j.next_token for j in jobs]).cpu()
+        except Exception as e:  # noqa: BLE001
+            log.exception("decode step failed")
+            for job in jobs:
+                self._fail(job, f"decode step failed: {type(e).__name__}: {e}")
+            return
+        self.counters["steps"] += 1
+        self.counters["peak_batch"] = max(self.counters["peak_batch"], len(jobs))
+        for job, row in zip(jobs, logits):
+            self._guarded(job, self._advance, job, row)
+
+    def _advance(self, job: Job, logits: torch.Tensor) -> None:
+        """Sample the job's next token from `logits`, and pass on the text it completes."""
+        params = job.params
+        context = torch.tensor(job.session.tokens) if params.repetition_penalty != 1.0 else None
+        token = sample_next(job.adjusted(logits), params, job.generator, context)
+        job.token_ids.append(token)
+        job._counts[token] = job._counts.get(token, 0) + 1
+        self.counters["decode_tokens"] += 1
+        stop_token = token in params.stop_token_ids
+        if job.logprobs is not None and not stop_token:
+            job._held_logprobs.append(self._logprob(logits, token, job.logprobs))
+        if stop_token:
+            text, finish = job.text.finish(flush=False)[0], "stop"
+        else:
+            text, hit = job.text.push(token)
+            finish = "stop" if hit else None
+            if finish is None and len(job.token_ids) >= params.max_tokens:
+                rest, hit = job.text.finish(flush=True)
+                text, finish = text + rest, "stop" if hit else "length"
+        if finish is not None:
+            self._finish(job, text, finish)
+            return
+        job.next_token = token
+        if text:
+            self._emit(job, Output(text=text, logprobs=self._take_logprobs(job)))
+
+    def _finish(self, job: Job, text: str, reason: str) -> None:
+        self._active.remove(job)
+        self.pool.release(job.session)
+        job.session = None
+        self._emit(job, Output(
+            text=text, logprobs=self._take_logprobs(job), finish_reason=reason,
+            prompt_tokens=len(job.prompt), completion_tokens=len(job.token_ids),
+            cached_tokens=job.cached_tokens, token_ids=list(job.token_ids),
+        ))
+
+    def _fail(self, job: Job, message: str) -> None:
+        self.counters["errors"] += 1
+        if job in self._active:
+            self._active.remove(job)
+        if job.session is not None:
+            job.session.reset()  # its cache may be half written
+            self.pool.release(job.session)
+            job.session = None
+        self._emit(job, Output(finish_reason="error", error=message, prompt_tokens=len(job.prompt),
+                               completion_tokens=len(job.token_ids)))
+
+    def _emit(self, job: Job, output: Output) -> None:
+        try:
+            job.on_output(output)
+        except Exception:  # noqa: BLE001 - e.g. the handler's event loop has closed
+            job.cancel()
+
+    @staticmethod
+    def _take_logprobs(job: Job) -> list[TokenLogprob]:
+        held, job._held_logprobs = job._held_logprobs, []
+        return held
+
+    # -- log-probabilities -------------------------------------------------------------------
+    def _logprob(self, logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+        """From the model's own distribution (before temperature, penalties and bias)."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = []
+        if k:
+            values, ids = logprobs.topk(k)
+            top = [(self._piece(int(i)), float(v)) for v, i in zip(values, ids)]
+        return TokenLogprob(self._piece(token), float(logprobs[token]), top)
+
+    def _piece(self, token: int) -> str:
+        """A token's text with its leading space (decode() strips the first one)."""
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            item_of = getattr(self.tokenizer, "_item", None)
+            item = item_of(token, False) if item_of else self.tokenizer.decode([token], skip_special=False)
+            piece = f"<0x{item:02X}>" if isinstance(item, int) else (item or "")
+            self._piece_cache[token] = piece
+        return piece

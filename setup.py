@@ -1,0 +1,39 @@
+"""Builds mistol's CPU kernels (csrc/mistol_kernels.c) as a plain shared library.
+
+Everything else about the package lives in pyproject.toml. The library has a C ABI and is
+loaded with ctypes (mistol/kernels/__init__.py), so it needs neither torch nor Python
+headers; it is named like an extension module only so that setuptools builds and installs
+it. The AVX2 code is compiled per function (target attributes) and chosen at run time, so
+no -march flag is used and the library runs on any x86-64. If no C compiler works, the
+install still succeeds and mistol runs quantized layers with PyTorch ops instead.
+"""
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildKernels(build_ext):
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # no OpenMP (e.g. Apple clang): build single-threaded instead
+            if "-fopenmp" not in ext.extra_compile_args:
+                raise
+            print(f"mistol: building {ext.name} without OpenMP ({e})")
+            ext.extra_compile_args = [a for a in ext.extra_compile_args if a != "-fopenmp"]
+            ext.extra_link_args = [a for a in ext.extra_link_args if a != "-fopenmp"]
+            super().build_extension(ext)
+
+    def get_export_symbols(self, ext):
+        return []  # not a Python module: no PyInit_ symbol to export
+
+
+kernels = Extension(
+    "mistol._kernels",
+    sources=["csrc/mistol_kernels.c"],
+    extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fopenmp"],  # no FMA contraction: llama.cpp-exact rounding
+    extra_link_args=["-fopenmp"],
+    optional=True,  # a failed build warns; mistol then falls back to PyTorch ops
+)
+
+setup(ext_modules=[kernels], cmdclass={"build_ext": BuildKernels})
