@@ -144,7 +144,15 @@ def cmd_duo(args) -> int:
 
     a = Agent(args.a_name, args.a, llm_for(args.model_a or args.model))
     b = Agent(args.b_name, args.b, llm_for(args.model_b or args.model))
-    duo = Duo(a, b, args.topic, sampling_params(args, []), stop_phrase=args.stop_phrase)
+    code = None
+    if args.code:
+        from .chat.code_mode import CodeOptions, CodeRunner
+        from .chat.repl import ask_line
+        from .tools.sandbox import SandboxLimits
+
+        code = CodeRunner(CodeOptions(auto_yes=args.yes, limits=SandboxLimits(allow_network=args.allow_network)),
+                          ask_line if sys.stdin.isatty() else None, lambda text: print(text, file=sys.stderr, flush=True))
+    duo = Duo(a, b, args.topic, sampling_params(args, []), stop_phrase=args.stop_phrase, code=code)
     log = ChatLog.create(data_dir() / "duos")
     log.write("topic", content=args.topic, a=[a.name, a.persona], b=[b.name, b.persona])
     markdown = open(args.out, "w", encoding="utf-8") if args.out else None
@@ -160,11 +168,13 @@ def cmd_duo(args) -> int:
             sys.stdout.write(name)
             log.write("message", role=speaker.name, content="")
             processed = speaker.llm.session.tokens_processed if hasattr(speaker.llm, "session") else 0
+            def show(piece: str, is_output: bool = False) -> None:
+                log.write("delta", content=piece)
+                sys.stdout.write(f"\033[2m{piece}\033[0m{colors[speaker.name]}" if is_output and color else piece)
+                sys.stdout.flush()
+
             try:
-                for piece in duo.step():
-                    log.write("delta", content=piece)
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+                duo.step(show)
             finally:
                 sys.stdout.write("\033[0m\n" if color else "\n")
                 if markdown:
@@ -184,6 +194,8 @@ def cmd_duo(args) -> int:
         log.close()
         if markdown:
             markdown.close()
+        if code is not None:
+            code.close()
     return 0
 
 
@@ -255,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-phrase", "--stop-at", dest="stop_phrase", default=None,
                    help="end when either agent says this phrase")
     p.add_argument("--out", default=None, help="also write the transcript as Markdown to this file")
+    p.add_argument("--code", action="store_true",
+                   help="let the agents run the Python they write (asked first, in the code sandbox)")
+    p.add_argument("--yes", "-y", action="store_true", help="with --code: run without asking")
+    p.add_argument("--allow-network", action="store_true", help="with --code: let the code use the network")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens per agent")
     p.add_argument("--verbose", "-v", action="store_true", help="show tokens/s and tokens run per turn")
     add_sampling_args(p, max_tokens=256)

@@ -9,9 +9,11 @@ user turns and its own as assistant turns, so every turn feeds only the newest l
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .chat.code_loop import code_turn
+from .chat.code_mode import CodeRunner
 from .sampling import SamplingParams
 
 
@@ -34,8 +36,12 @@ def agent_system_prompt(me: str, persona: str, other: str, topic: str) -> str:
 class Duo:
     """Alternating turns between agents `a` and `b`; `a` opens on the topic."""
 
-    def __init__(self, a: Agent, b: Agent, topic: str, params: SamplingParams, stop_phrase: str | None = None):
+    def __init__(
+        self, a: Agent, b: Agent, topic: str, params: SamplingParams, stop_phrase: str | None = None,
+        code: CodeRunner | None = None,
+    ):
         self.agents = (a, b)
+        self.code = code  # None: code blocks are text; else both agents' blocks run through it
         self.topic = topic
         self.params = params
         self.stop_phrase = stop_phrase.lower() if stop_phrase else None
@@ -53,21 +59,21 @@ class Duo:
     def listener(self) -> Agent:
         return self.agents[(self.turn + 1) % 2]
 
-    def step(self) -> Iterator[str]:
-        """Stream the next line; when the stream ends (or is abandoned), the line is recorded
-        in both agents' views and the transcript."""
+    def step(self, show: Callable[[str, bool], None] | None = None) -> str:
+        """Write the next line, passing each piece to `show(text, is_output)` as it comes;
+        with a code runner, the speaker's ```python blocks run and their output feeds back.
+        However it ends (Ctrl-C too), the line is recorded in both agents' views."""
         speaker, listener = self.speaker, self.listener
-        line = ""
+        message = {"role": "assistant", "content": ""}
+        speaker.messages.append(message)  # the speaker keeps its line verbatim: its cache holds it
         try:
-            for piece in speaker.llm.chat(speaker.messages, self.params):
-                line += piece
-                yield piece
+            code_turn(speaker.llm, speaker.messages, self.params, self.code.handle if self.code else None, show)
         finally:
-            # The speaker keeps its line verbatim (its cache holds exactly those tokens).
-            speaker.messages.append({"role": "assistant", "content": line})
-            listener.messages.append({"role": "user", "content": line.strip()})
-            self.transcript.append({"speaker": speaker.name, "content": line.strip()})
+            line = message["content"].strip()
+            listener.messages.append({"role": "user", "content": line})
+            self.transcript.append({"speaker": speaker.name, "content": line})
             self.turn += 1
+        return line
 
     def finished(self) -> bool:
         """Whether the last line said the stop phrase."""

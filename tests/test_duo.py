@@ -29,7 +29,7 @@ def test_agent_caches_are_isolated(mistral_dir):
     duo, a, b = make_duo(engine)
     for _ in range(6):
         speaker = duo.speaker
-        "".join(duo.step())
+        duo.step()
         if speaker is a:
             # A's logits from its own cache (B ran in between) equal a fresh session's.
             prompt = a.llm.prompt_ids(a.messages[:-1])
@@ -46,7 +46,7 @@ def test_tokens_run_per_turn_do_not_grow(mistral_dir):
     for _ in range(8):
         llm = duo.speaker.llm
         before = llm.session.tokens_processed
-        "".join(duo.step())
+        duo.step()
         ran.append(llm.session.tokens_processed - before)
     later = ran[2:]  # after each agent's first turn (which runs its system prompt)
     assert max(later) <= min(later) + 4, ran
@@ -56,9 +56,9 @@ def test_tokens_run_per_turn_do_not_grow(mistral_dir):
 def test_stop_phrase_and_turn_limit(mistral_dir):
     engine = Engine.load(mistral_dir, dtype="f32")
     duo, a, b = make_duo(engine)
-    first = "".join(duo.step()).strip()
+    first = duo.step().strip()
     duo2, *_ = make_duo(engine, stop_phrase=first.split()[0])
-    "".join(duo2.step())
+    duo2.step()
     assert duo2.finished()
     assert not make_duo(engine, stop_phrase="zzzz never said")[0].finished()
 
@@ -102,3 +102,24 @@ def test_ctrl_c_keeps_the_transcript(tmp_path):
     assert child.exitstatus == 0
     speakers = transcript(tmp_path)
     assert 1 <= len(speakers) < 4 and speakers[0] == "Alice"  # stopped early, what was said kept
+
+
+def test_agents_can_run_code(tmp_path):
+    """--code: an agent's block runs in the sandbox and its output is in its line."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_code_chat import ScriptedLLM
+
+    from mistol.chat.code_mode import CodeOptions, CodeRunner
+
+    a = Agent("Ann", "x", ScriptedLLM("```python\nprint(6 * 7)\n```", " So 42."))
+    b = Agent("Ben", "y", ScriptedLLM("Nice."))
+    runner = CodeRunner(CodeOptions(auto_yes=True), None, lambda text: None)
+    duo = Duo(a, b, "numbers", GREEDY, code=runner)
+    try:
+        line = duo.step()
+        assert "Output:\n```\n42\n```" in line and line.endswith("So 42.")
+        assert b.messages[-1] == {"role": "user", "content": line}
+    finally:
+        runner.close()
