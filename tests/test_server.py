@@ -380,3 +380,31 @@ def test_serve_command_line_defaults_are_safe():
     assert (args.host, args.port, args.api_key, args.max_batch, args.ctx) == ("127.0.0.1", 8000, None, 4, None)
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.2")
+
+
+def test_terminal_chat_against_our_own_server(server, tmp_path):
+    """`mistol chat --api URL`: the same chat, served by `mistol serve`, with the same replies."""
+    pexpect = pytest.importorskip("pexpect")
+    import os
+    import sys
+
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(sys.executable, ["-m", "mistol", "chat", "--api", server.url + "/v1", "--api-key", KEY,
+                                           "-t", "0", "--max-tokens", "8", "--system", "You are a helpful assistant.",
+                                           "--no-code"], env=env, encoding="utf-8", timeout=120, dimensions=(40, 200))
+    try:
+        child.expect_exact(">>>")
+        child.sendline("hello")
+        child.expect_exact(">>>")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    from mistol.chat.log import replay
+
+    (log,) = (tmp_path / "mistol" / "chats").glob("*.jsonl")
+    messages = replay(log)
+    prompt = server.template.render(chat_messages("hello"))
+    expected, _ = reference(server, prompt, 8, server.template.stop_ids)
+    assert messages[-1] == {"role": "assistant", "content": expected}
