@@ -200,18 +200,10 @@ def evaluate_data(problems: list, strategies: list, args, progress: bool) -> int
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`mistol math` on its own: main(["--generate", "arithmetic", "--n", "5"])."""
-    parser = argparse.ArgumentParser(prog="mistol")
-    register(parser.add_subparsers())
-    args = parser.parse_args(["math", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.run(args)
-    except MistolError as e:
-        print(f"mistol: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    """`mistol math` on its own (python -m mistol.mathbench.cli ARGS): the same parser and errors."""
+    from mistol.cli import main as mistol_main
+
+    return mistol_main(["math", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

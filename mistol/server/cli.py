@@ -76,15 +76,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`mistol serve` on its own: main(["--model", DIR, "--port", "8001"])."""
-    parser = argparse.ArgumentParser(prog="mistol")
-    sub = parser.add_subparsers(dest="command")
-    register(sub)
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.run(args)
-    except MistolError as e:
-        print(f"mistol: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    """`mistol serve` on its own (python -m mistol.server.cli ARGS): the same parser and errors."""
+    from mistol.cli import main as mistol_main
+
+    return mistol_main(["serve", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

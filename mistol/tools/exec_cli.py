@@ -67,15 +67,10 @@ def cmd_exec(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`mistol exec` on its own: main(["script.py", "--timeout", "5"])."""
-    parser = argparse.ArgumentParser(prog="mistol exec", description=DESCRIPTION)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cmd_exec(args)
-    except MistolError as e:
-        print(f"mistol: error: {e}", file=sys.stderr)
-        return 1
+    """`mistol exec` on its own (python -m mistol.tools.exec_cli ARGS): the same parser and errors."""
+    from mistol.cli import main as mistol_main
+
+    return mistol_main(["exec", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

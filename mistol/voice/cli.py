@@ -175,15 +175,10 @@ def cmd_voice(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`mistol voice` on its own: python -m mistol.voice.cli --model M --input q.wav --output a.wav"""
-    parser = argparse.ArgumentParser(prog="mistol voice", description=DESCRIPTION)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cmd_voice(args)
-    except MistolError as e:
-        print(f"mistol: error: {e}", file=sys.stderr)
-        return 1
+    """`mistol voice` on its own (python -m mistol.voice.cli ARGS): the same parser and errors."""
+    from mistol.cli import main as mistol_main
+
+    return mistol_main(["voice", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
