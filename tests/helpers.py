@@ -72,3 +72,34 @@ def make_openhermes_tokenizer_dir(path, legacy: bool = True) -> Path:
         model_config = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32002}
         (path / "config.json").write_text(json.dumps(model_config, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+class LoopbackServer:
+    """Run an ASGI app with uvicorn on a free loopback port in a thread: `with LoopbackServer(app) as url`."""
+
+    def __init__(self, app, timeout: float = 30.0):
+        self.app, self.timeout = app, timeout
+
+    def __enter__(self) -> str:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + self.timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()

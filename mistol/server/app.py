@@ -1,6 +1,7 @@
 """The HTTP side of `mistol serve`: an OpenAI-compatible API over one `Engine`.
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health.
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health,
+and the chat page at / (see web.py).
 Handlers check the request, render the prompt, and hand a `Job` to the `Scheduler`
 (whose thread owns the engine); text comes back through an asyncio queue and leaves as
 one JSON body or as server-sent events ending with `data: [DONE]`. Every error, bad input
@@ -27,9 +28,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..chat_template import ChatTemplate
 from ..engine import Engine
 from ..errors import MistolError
+from ..tools.sandbox import SandboxLimits
 from . import protocol as p
 from .protocol import APIError, GenerationRequest
 from .scheduler import Job, Output, Scheduler
+from .web import add_web_routes
 
 log = logging.getLogger("mistol.server")
 
@@ -43,6 +46,8 @@ class ServerOptions:
     max_batch: int = 4  # requests decoded together; more wait in a queue
     max_context: int | None = None  # tokens per request, prompt and reply (default: the model's)
     max_body_bytes: int = 4 << 20
+    allow_code: bool = False  # the chat page may run Python blocks (POST /api/run; see web.py)
+    code_limits: SandboxLimits | None = None  # for those runs (default: the terminal chat's)
 
 
 def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
@@ -56,6 +61,8 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
             yield
         finally:
             await run_in_threadpool(server.scheduler.stop)
+            for close in server.on_close:
+                await run_in_threadpool(close)
 
     app = FastAPI(title="mistol", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -81,6 +88,8 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):
         return await server.generate(request, chat=False)
+
+    add_web_routes(app, server)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -116,6 +125,7 @@ class _Server:
         self.model_id = options.model_name or engine.name
         self._aliases = {self.model_id, PurePath(self.model_id).name}
         self.created = p.now()
+        self.on_close: list = []  # called at shutdown, after the scheduler stops
         # Generated replies by text -> the ids the model chose: a resent conversation then
         # renders to the very tokens the session holds, so the prefix cache covers the reply.
         self._replies: collections.OrderedDict[str, list[int]] = collections.OrderedDict()

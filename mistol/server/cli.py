@@ -17,6 +17,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
         "/v1/models; /health). Concurrent requests are decoded together, and each conversation's KV cache "
         "is kept, so a client that resends the history only pays for its new tokens. "
+        "A chat page for the browser is at / (http://127.0.0.1:8000/ by default). "
         "Binds to 127.0.0.1 unless told otherwise.",
     )
     add_model_args(p, required=True)
@@ -32,11 +33,18 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="context per request in tokens, prompt plus reply (default: the model's; "
                    "8192 at most without a sliding window)")
     p.add_argument("--name", default=None, help="the model id clients ask for (default: the --model value)")
+    g = p.add_argument_group("running code from the chat page (in a sandbox: no network, time and memory limits)")
+    g.add_argument("--allow-code", action="store_true",
+                   help="give the page's Python blocks a Run button (each run confirmed in the page). "
+                   "Only on a loopback address unless --api-key is set")
+    g.add_argument("--code-timeout", type=float, default=30.0, help="seconds per block (default: 30)")
+    g.add_argument("--code-memory", type=int, default=2048, help="MB of memory per block (default: 2048)")
     p.set_defaults(run=cmd_serve)
     return p
 
 
 def cmd_serve(args) -> int:
+    from ..tools.sandbox import SandboxLimits
     from .app import ServerOptions, create_app
 
     if args.max_batch < 1:
@@ -46,6 +54,11 @@ def cmd_serve(args) -> int:
     if not 0 <= args.port <= 65535:
         raise MistolError(f"--port must be in 0..65535 (got {args.port})")
     api_key = args.api_key or os.environ.get("MISTOL_API_KEY") or None
+    if args.allow_code and not _is_loopback(args.host) and api_key is None:
+        raise MistolError(f"--allow-code on {args.host} would let anyone who reaches this port run code here; "
+                          "listen on 127.0.0.1, or set --api-key")
+    if args.code_timeout <= 0 or args.code_memory < 64:
+        raise MistolError("--code-timeout must be positive and --code-memory at least 64 MB")
     if not _is_loopback(args.host) and api_key is None:
         print(f"mistol serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
@@ -54,12 +67,16 @@ def cmd_serve(args) -> int:
     except ImportError:
         raise MistolError("mistol serve needs fastapi and uvicorn: pip install fastapi uvicorn") from None
     engine = load_engine(args)
-    options = ServerOptions(model_name=args.name, api_key=api_key, max_batch=args.max_batch, max_context=args.ctx)
+    limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory)
+    options = ServerOptions(model_name=args.name, api_key=api_key, max_batch=args.max_batch, max_context=args.ctx,
+                            allow_code=args.allow_code, code_limits=limits)
     app = create_app(engine, options)
     server = app.state.server
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"mistol serve: {server.model_id} at http://{host}:{args.port}/v1 (batch {args.max_batch}, "
-          f"context {server.scheduler.max_context} tokens{', API key required' if api_key else ''})",
+          f"context {server.scheduler.max_context} tokens{', API key required' if api_key else ''})\n"
+          f"mistol serve: chat page at http://{host}:{args.port}/"
+          f"{' (Python blocks can be run, after a confirmation in the page)' if args.allow_code else ''}",
           file=sys.stderr)
     # On Ctrl-C, streams still generating get a few seconds, not their whole max_tokens.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
