@@ -391,3 +391,24 @@ def test_allow_code_refuses_a_public_address_without_a_key():
     assert r.returncode != 0
     assert "--allow-code" in r.stderr and "--api-key" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_with_an_api_key_the_page_asks_for_it_and_the_run_endpoint_needs_it(driver):
+    engine, server = start_server("demo", allow_code=True, api_key="sk-page-key")
+    with server as url:
+        r = httpx.post(url + "/api/run", json={"code": "print(1)"}, headers={"Origin": url})
+        assert r.status_code == 401
+        r = httpx.post(url + "/api/run", json={"code": "print(2)"},
+                       headers={"Origin": url, "Authorization": "Bearer sk-page-key"})
+        assert r.status_code == 200 and r.json()["output"] == "2\n"
+
+        open_page(driver, url, settings=GREEDY)
+        assert driver.find_element(By.ID, "api-key").is_displayed()  # settings open, asking for the key
+        assert "API key" in driver.find_element(By.ID, "notice").text
+        type_message(driver, "Hi!")
+        wait(driver, lambda d: idle(d) and len(messages(d)) == 2 and d.find_elements(By.CSS_SELECTOR, ".error"))
+        assert "API key" in driver.find_element(By.CSS_SELECTOR, ".message.assistant .error").text
+        driver.find_element(By.ID, "api-key").send_keys("sk-page-key")
+        driver.find_element(By.CSS_SELECTOR, ".message.assistant .regenerate").click()
+        wait(driver, lambda d: idle(d) and stored(d)[0]["messages"][1]["content"])
+        assert not driver.find_elements(By.CSS_SELECTOR, ".error")
