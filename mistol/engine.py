@@ -8,7 +8,7 @@ a chat turn, an edited message or a regenerated reply costs only the tokens that
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,33 +39,66 @@ class Engine:
         progress: bool | None = None,
         quant: str | None = None,
     ) -> "Engine":
-        """Load a model directory (or anything `resolve_model` accepts); `quant` ("int8" or
-        "int4") quantizes the linear layers' weights as they load (see `mistol.quant`)."""
-        from .hub import resolve_model
-        from .weights import load_model
+        """Load a model directory or a `.gguf` file (or anything `resolve_model` accepts);
+        `quant` ("int8" or "int4") quantizes the linear layers' weights as they load (see
+        `mistol.quant`; for what it does to a GGUF file's tensors, `mistol.weights.gguf_load`)."""
+        from .hub import is_gguf, resolve_model
 
-        model_dir = resolve_model(str(model))
+        path = resolve_model(str(model))
         device = _check_device(device)
-        torch_dtype = resolve_dtype(dtype, model_dir, device)
-        transformer = load_model(model_dir, dtype=torch_dtype, device=device, progress=progress, quant=quant)
+        if is_gguf(path):
+            from .weights.gguf_file import GGUFFile
+            from .weights.gguf_load import float_bytes, load_gguf
+            from .weights.gguf_vocab import tokenizer_from_gguf
+
+            gf = GGUFFile(path)
+            gf.config()  # a file we cannot run fails here, before the tokenizer or any weights
+            tokenizer = tokenizer_from_gguf(gf)
+            torch_dtype = resolve_dtype(dtype, device, lambda: float_bytes(gf, quant))
+            transformer = load_gguf(gf, dtype=torch_dtype, device=device, progress=progress, quant=quant)
+            return cls(transformer, tokenizer, name=str(model))
+
+        from .weights import find_weight_files, load_model
+
+        torch_dtype = resolve_dtype(dtype, device, lambda: 2 * sum(f.stat().st_size for f in find_weight_files(path)))
+        transformer = load_model(path, dtype=torch_dtype, device=device, progress=progress, quant=quant)
         tokenizer = None
-        if (model_dir / "tokenizer.model").is_file():
+        if (path / "tokenizer.model").is_file():
             from .tokenizer import Tokenizer
 
-            tokenizer = Tokenizer.from_dir(model_dir)
+            tokenizer = Tokenizer.from_dir(path)
         return cls(transformer, tokenizer, name=str(model))
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            raise MistolError(f"{self.name}: the model has no tokenizer (tokenizer.model)")
+            raise MistolError(f"{self.name}: the model has no tokenizer (tokenizer.model, or GGUF tokenizer metadata)")
         return self._tokenizer
 
     def new_session(self, max_context: int | None = None, chunk_size: int = DEFAULT_CHUNK) -> "Session":
         return Session(self, max_context=max_context, chunk_size=chunk_size)
 
 
-def resolve_dtype(name: str, model_dir: Path, device: torch.device) -> torch.dtype:
+def load_tokenizer(model: str | Path):
+    """Only the tokenizer of a model directory or `.gguf` file (no weights are read)."""
+    from .hub import is_gguf, resolve_model
+    from .tokenizer import Tokenizer
+
+    path = resolve_model(str(model))
+    if not is_gguf(path):
+        return Tokenizer.from_dir(path)
+    from .weights.gguf_file import GGUFFile
+    from .weights.gguf_vocab import tokenizer_from_gguf
+
+    tokenizer = tokenizer_from_gguf(GGUFFile(path))
+    if tokenizer is None:
+        raise MistolError(f"{path}: the file has no tokenizer metadata")
+    return tokenizer
+
+
+def resolve_dtype(name: str, device: torch.device, f32_bytes: Callable[[], int]) -> torch.dtype:
+    """`f32_bytes()`: what the weights that load as floats would take in f32 (checkpoint
+    files are usually 16-bit: twice their size); asked only for "auto" on CPU."""
     if name in DTYPES:
         return DTYPES[name]
     if name != "auto":
@@ -74,11 +107,7 @@ def resolve_dtype(name: str, model_dir: Path, device: torch.device) -> torch.dty
         return torch.bfloat16
     # On CPU f32 is exact and fast to compute (this CPU class has no native bf16 matmul);
     # fall back to bf16 where f32 weights would crowd out memory.
-    from .weights import find_weight_files
-
-    file_bytes = sum(f.stat().st_size for f in find_weight_files(model_dir))
-    f32_bytes = file_bytes * 2 if file_bytes else 0  # files are usually 16-bit
-    return torch.float32 if f32_bytes < _available_memory() // 2 else torch.bfloat16
+    return torch.float32 if f32_bytes() < _available_memory() // 2 else torch.bfloat16
 
 
 def _available_memory() -> int:

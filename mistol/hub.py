@@ -1,8 +1,8 @@
-"""Turning a `--model` argument into a local model directory.
+"""Turning a `--model` argument into a local model directory or file.
 
 Accepted: `demo` (the tiny model that ships inside the package), a local directory in
-Hugging Face layout, or a Hugging Face repo id ("teknium/OpenHermes-2.5-Mistral-7B"),
-downloaded once into the usual Hugging Face cache.
+Hugging Face layout, a llama.cpp `.gguf` file, or a Hugging Face repo id
+("teknium/OpenHermes-2.5-Mistral-7B"), downloaded once into the usual Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -26,13 +26,19 @@ def resolve_model(spec: str) -> Path:
             raise MistolError(f"the demo model is missing from {DEMO_MODEL}; scripts/train_demo.py builds it")
         return DEMO_MODEL
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if path.is_dir() or is_gguf(path):
         return path
     if path.is_file():
-        raise MistolError(f"{spec}: is a file; --model takes a model directory or a Hugging Face repo id")
+        raise MistolError(f"{spec}: is a file; --model takes a model directory, a .gguf file or a Hugging Face repo id")
+    if path.suffix.lower() == ".gguf":
+        raise MistolError(f"{spec}: no such file")
     if _REPO_ID.match(spec) and not spec.startswith((".", "/")):
         return download(spec)
     raise MistolError(f"{spec}: no such model directory (or Hugging Face repo id)")
+
+
+def is_gguf(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf" and path.is_file()
 
 
 def download(repo_id: str) -> Path:

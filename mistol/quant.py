@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
@@ -248,19 +247,31 @@ def quantize_linear(
         if weight.bias is not None:
             raise MistolError("quantize_linear: layers with a bias are not supported")
         weight = weight.weight
-    f = _format(fmt)
     n, k = weight.shape
+    return quantize_rows(lambda r0, r1: weight[r0:r1], n, k, fmt, name=name, release=release)
+
+
+def quantize_rows(
+    read: Callable[[int, int], torch.Tensor], out_features: int, in_features: int, fmt: str,
+    name: str = "weight", release: Callable | None = None,
+) -> QuantizedLinear:
+    """Quantize a weight [out_features, in_features] that `read(r0, r1)` hands out a slab
+    of rows at a time (any float dtype), for weights that are not one tensor yet, such as
+    another format's blocks dequantized slab by slab. `release` as in `quantize_linear`."""
+    f = _format(fmt)
+    n, k = out_features, in_features
     _check_k(k, name)
     packed = torch.empty(-(-n // INTERLEAVE), k // BLOCK, f.group_block_bytes, dtype=torch.uint8)
     step = _chunk_rows(k)
     fast = kernels.available()
     for r0 in range(0, n, step):
+        rows = read(r0, min(n, r0 + step))
         if fast:  # straight from the source dtype into the packed layout, in one pass
-            kernels.quantize(fmt, _kernel_source(weight[r0 : r0 + step]), _groups_of(packed, r0, step), packed=True)
+            kernels.quantize(fmt, _kernel_source(rows), _groups_of(packed, r0, step), packed=True)
         else:
-            pack_ggml(quantize_ggml(weight[r0 : r0 + step], fmt), fmt, out=_groups_of(packed, r0, step))
+            pack_ggml(quantize_ggml(rows, fmt), fmt, out=_groups_of(packed, r0, step))
         if release is not None:
-            release(weight[r0 : r0 + step])
+            release(rows)
     return QuantizedLinear(k, n, fmt, packed)
 
 

@@ -134,6 +134,11 @@ class Tokenizer:
         self.add_bos: bool = bool(add_bos)
         self.chat_template: str | None = chat_template
         self.special_ids: dict[str, int] = {t.content: t.id for t in added.values()}
+        # The vocabulary as given, for writing it out again (e.g. into a GGUF file).
+        self.pieces: list[str] = pieces
+        self.piece_types: list[int] = types
+        self.scores: list[float] | None = list(scores) if scores is not None else None
+        self.added_tokens: tuple[AddedToken, ...] = tuple(added.values())
         self._skip = frozenset(t.id for t in added.values() if t.special)
 
         self._init_bpe(pieces, types, piece_ids, scores)

@@ -122,7 +122,7 @@ def load_model(
     total = sum(s.nbytes for s in sources)
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", disable=_no_bar(progress)) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", disable=bar_disabled(progress)) as bar:
         for src in sources:
             key = model_key(src.name)
             if key == "lm_head.weight" and config.tie_word_embeddings:
@@ -139,7 +139,7 @@ def load_model(
                 if quant and _is_linear_weight(model, key):
                     _set_quantized(model, key, src.read(), quant, device)
                 else:
-                    _set_parameter(model, key, _to_target(src.read(), dtype, device))
+                    set_parameter(model, key, to_target(src.read(), dtype, device))
                 loaded.add(key)
             bar.update(src.nbytes)
 
@@ -151,7 +151,7 @@ def load_model(
     return model.eval().requires_grad_(False)
 
 
-def _to_target(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_target(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if t.dtype == dtype and t.device == device:
         return t  # stays a view of the mapped file: no copy
     if not t.is_contiguous():
@@ -168,7 +168,7 @@ def _to_target(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tor
     return out
 
 
-def _set_parameter(model: nn.Module, key: str, value: torch.Tensor) -> None:
+def set_parameter(model: nn.Module, key: str, value: torch.Tensor) -> None:
     module_path, _, attr = key.rpartition(".")
     module = model.get_submodule(module_path)
     setattr(module, attr, nn.Parameter(value, requires_grad=False))
@@ -183,11 +183,15 @@ def _set_quantized(model: nn.Module, key: str, weight: torch.Tensor, fmt: str, d
     """Quantize a linear layer's (memory-mapped) weight and put a `QuantizedLinear` in its place."""
     from ..quant import quantize_linear
 
-    layer = quantize_linear(weight, fmt, name=key, release=release_pages).to(device)
+    set_linear(model, key, quantize_linear(weight, fmt, name=key, release=release_pages).to(device))
+
+
+def set_linear(model: nn.Module, key: str, layer: nn.Module) -> None:
+    """Put `layer` (a `QuantizedLinear`) in place of the linear layer whose weight is `key`."""
     parent, _, name = key.removesuffix(".weight").rpartition(".")
     setattr(model.get_submodule(parent), name, layer)
 
 
-def _no_bar(progress: bool | None) -> bool | None:
+def bar_disabled(progress: bool | None) -> bool | None:
     # tqdm: disable=None means "only on a terminal"
     return None if progress is None else not progress

@@ -1,0 +1,110 @@
+"""The tokenizer in GGUF metadata, both ways: building a `Tokenizer` from it, writing one into it.
+
+A llama-architecture GGUF carries its SentencePiece vocabulary as three parallel arrays,
+`tokenizer.ggml.tokens` / `scores` / `token_type` (SentencePiece's piece types), plus the
+ids of BOS/EOS/UNK, `add_bos_token` and the chat template. Tokens that Hugging Face adds on
+top of the SentencePiece model (OpenHermes' `<|im_end|>`=32000, `<|im_start|>`=32001) are
+in the same arrays, typed CONTROL when special and USER_DEFINED otherwise; we turn those
+back into added tokens, so that trusted text (a chat template) can name them.
+
+llama.cpp's SentencePiece tokenizer gives each run of text after a special token the "▁"
+prefix, as Hugging Face's `legacy=True` does; a tokenizer with `legacy=False` written here
+tokenizes the legacy way once read back (by us or by llama.cpp).
+"""
+
+from __future__ import annotations
+
+from ..errors import MistolError
+from ..tokenizer import BYTE, CONTROL, NORMAL, SPACE, UNKNOWN, UNUSED, USER_DEFINED, AddedToken, Tokenizer
+from .gguf_file import GGUFFile
+
+_ADDED_SCORE = -1000.0  # what convert_hf_to_gguf.py gives added tokens
+_PAD_SCORE = -10000.0  # and the "[PADn]" filler of ids the tokenizer has no piece for
+
+
+def tokenizer_from_gguf(gf: GGUFFile) -> Tokenizer | None:
+    """The file's tokenizer, or None when it carries none."""
+    kind = gf.get("tokenizer.ggml.model")
+    if kind is None:
+        return None
+    if kind != "llama":
+        raise MistolError(
+            f"{gf.path}: tokenizer {kind!r} is not supported; mistol reads SentencePiece "
+            "vocabularies ('llama', as in Mistral and Llama 2 files)"
+        )
+    if gf.get("tokenizer.ggml.add_space_prefix", True) is False:
+        raise MistolError(f"{gf.path}: tokenizers without the SentencePiece space prefix are not supported")
+    tokens = gf.need("tokenizer.ggml.tokens")
+    n = len(tokens)
+    types = gf.get("tokenizer.ggml.token_type") or [NORMAL] * n
+    scores = gf.get("tokenizer.ggml.scores")
+    if len(types) != n or (scores is not None and len(scores) != n):
+        raise MistolError(f"{gf.path}: the tokenizer's tokens, scores and token types differ in length")
+    added = [AddedToken(tokens[i], i, special=_special(tokens[i], t)) for i, t in enumerate(types)
+             if t in (CONTROL, USER_DEFINED)]
+
+    def token(key: str) -> str | None:
+        i = gf.get(key)
+        if i is None:
+            return None
+        if not 0 <= i < n:
+            raise MistolError(f"{gf.path}: {key} {i} is outside the vocabulary of {n} tokens")
+        return tokens[i]
+
+    pad = token("tokenizer.ggml.padding_token_id")
+    return Tokenizer(
+        tokens,
+        types,
+        added,
+        scores=scores,
+        legacy=True,
+        add_bos=bool(gf.get("tokenizer.ggml.add_bos_token", True)),
+        bos_token=token("tokenizer.ggml.bos_token_id"),
+        eos_token=token("tokenizer.ggml.eos_token_id"),
+        unk_token=token("tokenizer.ggml.unknown_token_id"),
+        special_tokens=[pad] if pad is not None else [],
+        chat_template=gf.get("tokenizer.chat_template"),
+        source=str(gf.path),
+    )
+
+
+def _special(token: str, kind: int) -> bool:
+    # Older converters typed every added token USER_DEFINED, ChatML's included; llama.cpp's
+    # converter takes "<|...|>" for a control token, and so do we.
+    return kind == CONTROL or (token.startswith("<|") and token.endswith("|>"))
+
+
+def add_vocabulary(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Write `tokenizer` into a `gguf.GGUFWriter` as convert_hf_to_gguf.py does for a
+    SentencePiece model: `vocab_size` (the model's) entries, added tokens in place."""
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [_PAD_SCORE] * vocab_size
+    types = [UNUSED] * vocab_size
+    for i, piece in enumerate(tokenizer.pieces[:vocab_size]):
+        tokens[i] = piece
+        scores[i] = float(tokenizer.scores[i]) if tokenizer.scores is not None else 0.0
+        kind = tokenizer.piece_types[i]
+        types[i] = kind if kind in (UNKNOWN, CONTROL, UNUSED, BYTE) else NORMAL
+    for t in tokenizer.added_tokens:
+        if t.id >= vocab_size:
+            continue  # the model has no embedding for it
+        # llama.cpp matches user-defined tokens against text with spaces, not "▁"
+        tokens[t.id] = t.content if t.special else t.content.replace(SPACE, " ")
+        scores[t.id] = _ADDED_SCORE
+        types[t.id] = CONTROL if t.special else USER_DEFINED
+
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    if tokenizer.bos_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_id)
+    if tokenizer.eos_id is not None:
+        writer.add_eos_token_id(tokenizer.eos_id)
+    if tokenizer.unk_id is not None:
+        writer.add_unk_token_id(tokenizer.unk_id)
+    writer.add_add_bos_token(tokenizer.add_bos)
+    writer.add_add_eos_token(False)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)

@@ -1,0 +1,476 @@
+"""GGUF files (llama.cpp's format): writing, reading, and running them like a checkpoint directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints import make_checkpoint, reference
+from mistol.cli import main
+from mistol.engine import Engine
+from mistol.errors import MistolError
+from mistol.model import ModelConfig
+from mistol.quant import QuantizedLinear, dequantize_ggml, quantize_ggml, quantize_linear
+from mistol.weights import find_weight_files
+from mistol.weights.checkpoint import iter_tensor_sources
+from mistol.weights.gguf_export import write_gguf
+from mistol.weights.gguf_file import GGUFFile
+from mistol.weights.gguf_layout import from_gguf_rows
+from mistol.weights.gguf_load import load_gguf
+
+gguf = pytest.importorskip("gguf")
+T = gguf.GGMLQuantizationType
+
+TOKENS = torch.randint(3, 32000, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def checkpoint_tensors(model_dir):
+    return [(s.name, s.read()) for s in iter_tensor_sources(find_weight_files(model_dir))]
+
+
+def export(model_dir, path, tensor_type="F32", tokenizer=False, **kw):
+    """A checkpoint directory as GGUF; without the tokenizer unless asked (reading a
+    32k-token vocabulary costs gguf's reader about a second)."""
+    config = ModelConfig.from_file(model_dir / "config.json")
+    return write_gguf(path, config, checkpoint_tensors(model_dir), model_dir if tokenizer else None, tensor_type, **kw)
+
+
+def logits(model, tokens=TOKENS, **load_kw) -> torch.Tensor:
+    return Engine.load(model, dtype="f32", **load_kw).new_session().feed(tokens, all_logits=True)
+
+
+def relative_error(out, ref) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory):
+    """A 128-wide llama model whose projections have the scale of real checkpoints (std 0.02):
+    the test checkpoints' 0.2 saturates attention, so that any rounding flips outputs at random."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_checkpoint(tmp_path_factory.mktemp("gguf128"), arch="llama", hidden=128, heads=4, kv_heads=2)
+    state = {k: v * 0.1 if k.endswith("proj.weight") else v for k, v in load_file(path / "model.safetensors").items()}
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+# -- float files ------------------------------------------------------------------------------
+@pytest.mark.parametrize("fixture", ["mistral_dir", "llama_dir"])
+def test_f32_gguf_gives_the_checkpoints_logits(request, fixture, tmp_path):
+    model_dir = request.getfixturevalue(fixture)
+    path = export(model_dir, tmp_path / "model.gguf")
+    ours = logits(path)
+    assert (ours - logits(model_dir)).abs().max() <= 1e-4
+    with torch.no_grad():
+        ref = reference(model_dir)(torch.tensor([TOKENS])).logits[0]
+    assert (ours - ref).abs().max() <= 1e-4
+    config, expected = GGUFFile(path).config(), ModelConfig.from_file(model_dir / "config.json")
+    # written without a tokenizer: no BOS/EOS ids
+    assert replace(config, bos_token_id=expected.bos_token_id, eos_token_id=expected.eos_token_id) == expected
+    assert config.sliding_window == (8 if fixture == "mistral_dir" else None)
+
+
+def test_tied_embeddings_have_no_output_tensor(tmp_path):
+    model_dir = make_checkpoint(tmp_path / "tied", tie=True, tokenizer=False)
+    path = export(model_dir, tmp_path / "tied.gguf")
+    assert "output.weight" not in GGUFFile(path).tensors
+    assert GGUFFile(path).config().tie_word_embeddings
+    assert (logits(path) - logits(model_dir)).abs().max() <= 1e-4
+
+
+def test_f16_and_bf16_files_track_f32(mistral_dir, tmp_path):
+    ref = logits(mistral_dir)
+    # measured: f16 0.14% relative error (max 0.023 on logits up to ~8), bf16 1.1%
+    for tensor_type, worst in (("F16", 0.005), ("BF16", 0.03)):
+        out = logits(export(mistral_dir, tmp_path / f"{tensor_type}.gguf", tensor_type))
+        assert relative_error(out, ref) < worst
+        assert (out.argmax(-1) == ref.argmax(-1)).all()
+    model = load_gguf(GGUFFile(tmp_path / "BF16.gguf"), dtype=torch.bfloat16)
+    assert model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+# -- q/k row order ------------------------------------------------------------------------------
+def test_q_and_k_rows_are_stored_in_llama_cpp_order_and_read_back_exactly(mistral_dir, tmp_path):
+    state = dict(checkpoint_tensors(mistral_dir))
+    path = export(mistral_dir, tmp_path / "f32.gguf")
+    stored = {t.name: t.data for t in gguf.GGUFReader(path).tensors}
+    stored_q8 = {t.name: t.data for t in gguf.GGUFReader(export(mistral_dir, tmp_path / "q8.gguf", "Q8_0")).tensors}
+    for short, heads in (("q", 4), ("k", 2)):
+        w = state[f"model.layers.1.self_attn.{short}_proj.weight"]
+        # convert_hf_to_gguf.py's LlamaModel.permute
+        permuted = w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        assert not torch.equal(permuted, w)
+        assert np.array_equal(stored[f"blk.1.attn_{short}.weight"], permuted.numpy())
+        q8_rows = quantize_ggml(permuted, "int8").reshape(w.shape[0], -1).numpy()
+        assert np.array_equal(stored_q8[f"blk.1.attn_{short}.weight"], q8_rows)
+    assert np.array_equal(stored["blk.1.attn_v.weight"], state["model.layers.1.self_attn.v_proj.weight"].numpy())
+
+    model = load_gguf(GGUFFile(path))
+    for key, value in model.state_dict().items():
+        source = state.get(f"model.{key}", state.get(key))
+        assert torch.equal(value, source), key
+
+
+def test_writer_takes_tensors_in_any_order_and_checks_them(mistral_dir, tmp_path):
+    in_order = export(mistral_dir, tmp_path / "a.gguf", "Q8_0")
+    config = ModelConfig.from_file(mistral_dir / "config.json")
+    tensors = checkpoint_tensors(mistral_dir)
+    reversed_ = write_gguf(tmp_path / "b.gguf", config, reversed(tensors), tensor_type="Q8_0")
+    assert in_order.read_bytes() == reversed_.read_bytes()
+    with pytest.raises(MistolError, match="1 tensor\\(s\\) were not given: layers.1.mlp.down_proj.weight"):
+        write_gguf(tmp_path / "c.gguf", config, (t for t in tensors if "1.mlp.down" not in t[0]))
+    assert not (tmp_path / "c.gguf").exists()  # no half-written file left behind
+    with pytest.raises(MistolError, match="unknown GGUF tensor type 'Q5_K'"):
+        write_gguf(tmp_path / "d.gguf", config, tensors, tensor_type="Q5_K")
+
+
+# -- Q8_0 / Q4_0 files ------------------------------------------------------------------------
+@pytest.mark.parametrize("tensor_type,fmt", [("Q8_0", "int8"), ("Q4_0", "int4")])
+def test_q8_0_and_q4_0_load_as_our_quantized_layers_unchanged(realistic, tmp_path, tensor_type, fmt):
+    # With the embedding kept in f32, the file holds exactly what quantizing ourselves gives.
+    path = export(realistic, tmp_path / "q.gguf", tensor_type, embedding_type="F32")
+    from_file = Engine.load(path, dtype="f32")
+    from_dir = Engine.load(realistic, dtype="f32", quant=fmt)
+    for layer in range(2):
+        for name in LINEARS:
+            ours = from_file.model.get_submodule(f"layers.{layer}.{name}")
+            assert isinstance(ours, QuantizedLinear) and ours.fmt == fmt
+            assert torch.equal(ours.packed, from_dir.model.get_submodule(f"layers.{layer}.{name}").packed)
+    assert torch.equal(from_file.model.lm_head.packed, from_dir.model.lm_head.packed)
+    session = from_file.new_session()
+    assert torch.equal(session.feed(TOKENS, all_logits=True), from_dir.new_session().feed(TOKENS, all_logits=True))
+
+    # As llama.cpp writes them, the embedding is quantized too: read back as its dequantized values.
+    default = export(realistic, tmp_path / "default.gguf", tensor_type)
+    model = Engine.load(default, dtype="f32").model
+    embedding = dict(checkpoint_tensors(realistic))["model.embed_tokens.weight"]
+    assert torch.equal(model.embed_tokens.weight, dequantize_ggml(quantize_ggml(embedding, fmt), fmt))
+
+
+def test_quantized_files_stay_within_quantization_noise_of_f32(realistic, tmp_path):
+    tokens = torch.randint(3, 32000, (128,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref = logits(realistic, tokens)
+    stats = {}
+    for tensor_type in ("Q8_0", "Q4_0"):
+        out = logits(export(realistic, tmp_path / f"{tensor_type}.gguf", tensor_type), tokens)
+        stats[tensor_type] = relative_error(out, ref), (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print("relative logit error, top-1 agreement with f32:", stats)
+    assert stats["Q8_0"][0] < 0.02 and stats["Q8_0"][1] >= 0.95
+    assert stats["Q4_0"][0] < 0.2 and stats["Q4_0"][1] >= 0.6
+
+
+def test_quant_option_on_gguf_files(realistic, tmp_path):
+    q8 = export(realistic, tmp_path / "q8.gguf", "Q8_0", embedding_type="F32")
+    q4 = export(realistic, tmp_path / "q4.gguf", "Q4_0", embedding_type="F32")
+    f32 = export(realistic, tmp_path / "f32.gguf", "F32")
+    # --quant int8 keeps Q4_0 as it is: upconverting would cost memory for nothing.
+    assert torch.equal(logits(q4, quant="int8"), logits(q4))
+    assert Engine.load(q4, quant="int8").model.layers[0].mlp.up_proj.fmt == "int4"
+    # --quant int4 requantizes Q8_0 from its dequantized values.
+    model = Engine.load(q8, quant="int4").model
+    q8_layer = Engine.load(q8).model.layers[1].mlp.down_proj
+    assert torch.equal(model.layers[1].mlp.down_proj.packed, quantize_linear(q8_layer.dequantize(), "int4").packed)
+    # A float file with --quant is quantized as it loads, like a checkpoint directory.
+    for fmt in ("int8", "int4"):
+        assert torch.equal(logits(f32, quant=fmt), logits(realistic, quant=fmt))
+
+
+PEAK_RSS_SCRIPT = """
+import sys, torch
+from mistol.engine import Engine
+from mistol.quant import quantize_linear
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+import gguf.quants, tqdm  # warm up: library code pages count in RSS too, but are not data
+quantize_linear(torch.randn(64, 64), "int8")(torch.randn(2, 64))
+before = status("VmRSS")
+model = Engine.load(sys.argv[1], dtype="f32", quant=sys.argv[2]).model
+size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+print(size, status("VmHWM") - before)
+"""
+
+
+@pytest.mark.parametrize("tensor_type,quant", [("F16", "int8"), ("Q8_0", "int4")])
+def test_peak_memory_while_loading_stays_near_the_loaded_size(tmp_path, tensor_type, quant):
+    """Tensor by tensor, slab by slab, each source's mapped pages given back once converted:
+    floats quantized as they load, and blocks dequantized and requantized (as k-quants are)."""
+    model_dir = make_checkpoint(tmp_path / "big", hidden=512, layers=4, heads=8, kv_heads=2, tokenizer=False)
+    path = export(model_dir, tmp_path / "model.gguf", tensor_type)
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(path), quant],
+                         capture_output=True, text=True, check=True)
+    size, growth = map(int, out.stdout.split())
+    print(f"{tensor_type} as {quant}: loaded {size / 1e6:.0f} MB, peak RSS grew {growth / 1e6:.0f} MB")
+    assert growth <= 1.5 * size  # measured 1.1 (F16) and 1.4 (Q8_0: the dequantizer's f32 slabs)
+
+
+# -- other block types ------------------------------------------------------------------------
+F16_AT = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+def random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
+    """Raw k-quant rows from random bytes, with sane fp16 scales (gguf can only dequantize these)."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    scale = (rng.uniform(0.5, 1.5, (rows, cols // block)) * 2e-3).astype(np.float16)
+    for at in F16_AT[qtype]:
+        raw[..., at : at + 2] = scale.view(np.uint8).reshape(rows, cols // block, 2)
+    return raw.reshape(rows, -1)
+
+
+def write_llama_gguf(path, config: ModelConfig, tensors: dict, arch: str = "llama", tokenizer: str | None = None):
+    """A GGUF file written with gguf's own writer, tensors given as llama.cpp names them:
+    name -> float32 array, or (raw block bytes [rows, bytes], type)."""
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(config.num_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_heads)
+    w.add_head_count_kv(config.num_kv_heads)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if tokenizer:
+        w.add_tokenizer_model(tokenizer)
+        w.add_token_list(["<unk>", "<s>", "</s>"])
+    for name, value in tensors.items():
+        if isinstance(value, tuple):
+            w.add_tensor(name, value[0], raw_dtype=value[1])
+        else:
+            w.add_tensor(name, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+SMALL = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4,
+                    num_kv_heads=2, head_dim=64, max_position_embeddings=64)
+# Each linear layer in another type: as in a Q4_K_M file (Q4_K with some Q6_K), and beyond.
+MIXED = {"attn_q": T.Q4_K, "attn_k": T.Q6_K, "attn_v": T.Q5_K, "attn_output": T.Q4_1,
+         "ffn_gate": T.Q5_0, "ffn_up": T.Q2_K, "ffn_down": T.Q3_K, "output": T.Q6_K}
+SHAPES = {"attn_q": (256, 256), "attn_k": (128, 256), "attn_v": (128, 256), "attn_output": (256, 256),
+          "ffn_gate": (512, 256), "ffn_up": (512, 256), "ffn_down": (256, 512), "output": (256, 256)}
+
+
+def test_k_quants_and_other_blocks_are_requantized_from_their_dequantized_values(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {"token_embd.weight": (random_blocks(T.Q4_K, 256, 256, rng), T.Q4_K)}
+    for short, qtype in MIXED.items():
+        rows, cols = SHAPES[short]
+        if qtype in F16_AT:
+            raw = random_blocks(qtype, rows, cols, rng)
+        else:  # gguf quantizes these in numpy
+            raw = gguf.quants.quantize(rng.normal(0, 0.02, (rows, cols)).astype(np.float32), qtype)
+        tensors["output.weight" if short == "output" else f"blk.0.{short}.weight"] = (raw, qtype)
+    for norm in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
+        tensors[norm] = rng.uniform(0.5, 1.5, 256).astype(np.float32)
+    path = write_llama_gguf(tmp_path / "mixed.gguf", SMALL, tensors)
+
+    def dequantized(name):
+        raw, qtype = tensors[name]
+        w = torch.from_numpy(gguf.quants.dequantize(raw, qtype))
+        heads = {"blk.0.attn_q.weight": 4, "blk.0.attn_k.weight": 2}.get(name)
+        return w[from_gguf_rows(w.shape[0], heads)] if heads else w
+
+    for quant, fmt in ((None, "int8"), ("int4", "int4")):
+        model = load_gguf(GGUFFile(path), quant=quant)
+        for ours, name in zip(LINEARS, [f"blk.0.{n}.weight" for n in MIXED if n != "output"]):
+            layer = model.get_submodule(f"layers.0.{ours}")
+            assert layer.fmt == fmt, ours
+            assert torch.equal(layer.packed, quantize_linear(dequantized(name), fmt).packed), ours
+        assert torch.equal(model.lm_head.packed, quantize_linear(dequantized("output.weight"), fmt).packed)
+        assert torch.equal(model.embed_tokens.weight, dequantized("token_embd.weight"))
+        out = Engine(model).new_session().feed(list(range(10)), all_logits=True)
+        assert out.isfinite().all()
+
+
+# -- tokenizer ---------------------------------------------------------------------------------
+TEXTS = [
+    "Hello, world!",
+    "<|im_start|>system\nYou are Hermes.<|im_end|>\n<|im_start|>user\nHi  there,   how are you?<|im_end|>\n"
+    "<|im_start|>assistant\n",
+    "  two leading spaces and a trailing one ",
+    "tabs\tand\nnew\n\nlines",
+    "unicode: wörld café 😃 日本語 ﷽ \u200b",
+    "<s>markers</s> inside text <unk>",
+    "a  b   c    d     e",
+    "\u2581 already a SentencePiece space",
+    "control \x00 and \x7f bytes",
+    "x<|im_start|>y<|im_end|>z",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def hermes_gguf(mistral_dir, tmp_path_factory):
+    """The mistral checkpoint with OpenHermes' tokenizer (ChatML tokens 32000/32001) as GGUF."""
+    return export(mistral_dir, tmp_path_factory.mktemp("hermes") / "hermes.gguf", "F32", tokenizer=True)
+
+
+def test_tokenizer_from_metadata_gives_hugging_faces_ids(mistral_dir, hermes_gguf):
+    from transformers import AutoTokenizer
+
+    from mistol.chat_template import ChatTemplate
+    from mistol.engine import load_tokenizer
+
+    hf = AutoTokenizer.from_pretrained(mistral_dir)
+    tok = load_tokenizer(hermes_gguf)
+    for text in TEXTS:
+        assert tok.encode(text, add_bos=True, parse_special=True) == hf.encode(text), text
+        assert tok.encode(text) == hf.encode(text, add_special_tokens=False, split_special_tokens=True), text
+        assert tok.decode(hf.encode(text)) == hf.decode(hf.encode(text), skip_special_tokens=True), text
+    assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.vocab_size) == (1, 32000, True, 32002)
+    assert tok.token_id("<|im_start|>") == 32001 and tok.token_id("<|im_end|>") == 32000
+    assert tok.chat_template == hf.chat_template
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi  there"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}]
+    ids = ChatTemplate.for_tokenizer(tok).render(messages)
+    expected = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert ids == [1] + hf.encode(expected, add_special_tokens=False)
+
+
+def test_vocabulary_is_written_as_convert_hf_to_gguf_writes_it(hermes_gguf):
+    gf = GGUFFile(hermes_gguf)
+    types = gf.get("tokenizer.ggml.token_type")
+    tokens = gf.get("tokenizer.ggml.tokens")
+    assert gf.get("tokenizer.ggml.model") == "llama" and len(tokens) == 32002
+    assert tokens[32000:] == ["<|im_end|>", "<|im_start|>"] and types[32000:] == [3, 3]  # CONTROL
+    assert types[:3] == [3, 3, 3] and types[3] == 6 and tokens[3] == "<0x00>"  # BYTE
+    assert gf.get("tokenizer.ggml.eos_token_id") == 32000 and gf.get("tokenizer.ggml.add_bos_token") is True
+
+
+def test_chatml_tokens_typed_user_defined_by_older_converters_are_special(tmp_path):
+    from mistol.engine import load_tokenizer
+    from mistol.model import Transformer
+    from mistol.tokenizer import AddedToken, Tokenizer
+
+    pieces = ["<unk>", "<s>", "</s>", "\u2581", "a", "\u2581a", "<|im_end|>", "<|im_start|>"]
+    chatml = [AddedToken("<|im_end|>", 6, special=False), AddedToken("<|im_start|>", 7, special=False)]
+    tok = Tokenizer(pieces, [2, 3, 3, 1, 1, 1, 4, 4], chatml, scores=[0, 0, 0, -1, -2, -0.5, 0, 0],
+                    bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    config = ModelConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                         num_kv_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    random_model = Transformer(config)  # a writer's input can be any model's state dict
+    for p in random_model.parameters():
+        p.data.normal_(0, 0.02)
+    path = write_gguf(tmp_path / "old.gguf", config, random_model.state_dict().items(), tok, "F32")
+    assert GGUFFile(path).get("tokenizer.ggml.token_type")[6:] == [4, 4]  # USER_DEFINED
+    read = load_tokenizer(path)
+    assert read.encode("<|im_start|>a<|im_end|>", parse_special=True) == [7, 5, 6]
+    assert read.decode([7, 5, 6]) == "a"  # skipped as special tokens, as Hugging Face would
+    loaded = load_gguf(GGUFFile(path))
+    for key, value in random_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+# -- the command line --------------------------------------------------------------------------
+def test_generate_with_a_gguf_model_prints_the_reference_text(mistral_dir, hermes_gguf):
+    from transformers import AutoTokenizer
+
+    prompt = "The quick brown fox"
+    tok = AutoTokenizer.from_pretrained(mistral_dir)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = reference(mistral_dir).generate(ids, max_new_tokens=24, do_sample=False,
+                                              eos_token_id=[2, 32000], pad_token_id=0)
+    expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mistol", "generate", "--model", str(hermes_gguf), "--prompt", prompt,
+         "--max-tokens", "24", "--temperature", "0"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n" and len(expected) > 20
+
+
+def test_tokenize_command_reads_a_gguf(hermes_gguf, mistral_dir, capsys):
+    from transformers import AutoTokenizer
+
+    text = "<|im_start|>user\nHello,  wörld! 😃<|im_end|>"
+    assert main(["tokenize", "--model", str(hermes_gguf), "--special", text]) == 0
+    assert json.loads(capsys.readouterr().out) == AutoTokenizer.from_pretrained(mistral_dir).encode(text)
+
+
+def one_line_error(args, capsys) -> str:
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("mistol: error: ") and "Traceback" not in captured.err
+    return line
+
+
+def test_bad_gguf_files_give_one_line_errors(mistral_dir, tmp_path, capsys):
+    text = tmp_path / "notes.gguf"
+    text.write_text("just some text, not a model\n")
+    result = subprocess.run([sys.executable, "-m", "mistol", "generate", "--model", str(text), "-p", "hi"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"mistol: error: {text}: not a GGUF file (it does not start with the bytes 'GGUF')"
+
+    good = export(mistral_dir, tmp_path / "good.gguf", "Q8_0").read_bytes()
+    cuts = {"data": len(good) // 2, "header": 200}
+    for what, size in cuts.items():
+        cut = tmp_path / f"cut-{what}.gguf"
+        cut.write_bytes(good[:size])
+        assert f"{cut}: truncated or corrupt GGUF file" in one_line_error(["generate", "--model", str(cut), "-p", "x"], capsys)
+
+    config = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                         num_kv_heads=2, head_dim=16)
+    embd = {"token_embd.weight": np.zeros((32, 32), np.float32)}
+    gpt2 = write_llama_gguf(tmp_path / "gpt2.gguf", config, embd, arch="gpt2")
+    assert "unsupported architecture 'gpt2'" in one_line_error(["generate", "--model", str(gpt2), "-p", "x"], capsys)
+
+    bpe = write_llama_gguf(tmp_path / "bpe.gguf", config, embd, tokenizer="gpt2")
+    line = one_line_error(["tokenize", "--model", str(bpe), "x"], capsys)
+    assert "tokenizer 'gpt2' is not supported" in line
+
+    iq = {**embd, "output.weight": (np.zeros((32, 18), np.uint8), T.IQ4_NL)}
+    iq_path = write_llama_gguf(tmp_path / "iq.gguf", config, iq)
+    line = one_line_error(["generate", "--model", str(iq_path), "-p", "x"], capsys)
+    assert "tensor 'output.weight' has type IQ4_NL, which mistol does not read" in line
+
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"\0" * 8)
+    assert ".gguf file" in one_line_error(["generate", "--model", str(other), "-p", "x"], capsys)
+    # a relative path would pass for a Hugging Face repo id ("owner/name")
+    assert one_line_error(["chat", "--model", "models/missing.gguf"], capsys).endswith("models/missing.gguf: no such file")
+
+
+# -- llama.cpp itself --------------------------------------------------------------------------
+def test_llama_cpp_reads_our_files_and_computes_the_same_logits(realistic, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tokens = [1] + TOKENS  # a llama checkpoint: llama.cpp has no sliding window for llama files
+    ref = logits(realistic, tokens)
+    text = "<|im_start|>user\nHello,  wörld 😃<|im_end|>"
+    for tensor_type in ("F32", "Q8_0", "Q4_0"):
+        path = export(realistic, tmp_path / f"{tensor_type}.gguf", tensor_type, tokenizer=True)
+        # an f32 KV cache (llama.cpp's default is f16) so that F32 files compare exactly
+        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False,
+                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+        llm.eval(tokens)
+        theirs = torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float32))
+        engine = Engine.load(path, dtype="f32")
+        ours = engine.new_session().feed(tokens, all_logits=True)
+        error = relative_error(ours, theirs)
+        print(f"{tensor_type}: mistol vs llama.cpp {error:.1e}, vs f32 {relative_error(ours, ref):.1e}")
+        if tensor_type == "F32":  # measured 2e-7
+            assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+            ids = engine.tokenizer.encode(text, add_bos=True, parse_special=True)
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids
+        else:  # both quantize activations to int8 per block of 32, and sum in other orders:
+            # measured 2.7e-3 (Q8_0) and 3e-3 (Q4_0), where quantizing costs 9e-3 and 1.2e-1
+            assert error <= 0.5 * relative_error(ours, ref)
+            assert (ours.argmax(-1) == theirs.argmax(-1)).all()
