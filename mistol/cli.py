@@ -19,7 +19,7 @@ DEFAULT_MODEL = "teknium/OpenHermes-2.5-Mistral-7B"
 def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--model", "-m", required=required, default=None if required else DEFAULT_MODEL,
-        help="a model directory (Hugging Face layout) or a Hugging Face repo id"
+        help="a model directory (Hugging Face layout), a llama.cpp .gguf file or a Hugging Face repo id"
         + ("" if required else f" (default: {DEFAULT_MODEL})"),
     )
     p.add_argument("--dtype", "--quant", dest="dtype", default="auto", choices=["auto", "f32", "bf16", "f16", "int8", "int4"],
@@ -200,10 +200,9 @@ def cmd_duo(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from .hub import resolve_model
-    from .tokenizer import Tokenizer
+    from .engine import load_tokenizer
 
-    tok = Tokenizer.from_dir(resolve_model(args.model))
+    tok = load_tokenizer(args.model)
     ids = tok.encode(args.text, add_bos=tok.add_bos and not args.no_bos, parse_special=args.special)
     print(json.dumps(ids))
     return 0
@@ -280,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenize", help="print the token ids of a text as a JSON list",
                        description="Print TEXT's token ids as a JSON list, with the model's BOS in front "
                        "when its tokenizer adds one.")
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model directory or Hugging Face repo id")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model directory, .gguf file or Hugging Face repo id")
     p.add_argument("--special", action="store_true",
                    help="turn special tokens written in TEXT (<|im_start|>, <s>, ...) into their ids; "
                    "without it they are tokenized as plain text")
@@ -288,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", help="the text to tokenize")
     p.set_defaults(run=cmd_tokenize)
 
+    from .bench.cli import register as register_bench
     from .mathbench.cli import register as register_math
     from .server.cli import register as register_serve
     from .tools.exec_cli import register as register_exec
@@ -297,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_serve(sub)
     register_math(sub)
     register_voice(sub)
+    register_bench(sub)
     return parser
 
 

@@ -1,0 +1,263 @@
+"""The `bench` subcommand: mistol, transformers and llama.cpp on one machine, in one run.
+
+    mistol bench --shape 7b [--quant int8,int4,bf16] [--engines mistol,transformers,llama.cpp] [--json]
+
+Every engine/format pair runs in a process of its own (see engines.py), one after another,
+on the same random prompt ids. The memory bandwidth is measured at the start and the end
+of the run; decode speed is then compared with its ceiling, bandwidth / bytes per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import MistolError
+from .engines import Spec
+from .shapes import GGUF_TYPES, SHAPES, all_weights, bytes_per_token, model_config
+
+ENGINES = ("mistol", "transformers", "llama.cpp")
+FORMATS = ("int8", "int4", "bf16", "f16", "f32")
+QUANTIZED = ("int8", "int4")
+WORKER_TIMEOUT_S = 3 * 3600
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="measure prefill and decode speed against transformers and llama.cpp",
+        description="Build random-weight models of a named shape directly in each format and measure, in one "
+        "run: prefill tok/s (each --prompts length), time to first token, decode tok/s (median over --steps "
+        "greedy steps) and peak RSS, for mistol (each --quant), transformers (its float formats) and llama.cpp "
+        "through llama-cpp-python on a GGUF of the same shape (Q8_0 for int8, Q4_0 for int4). Engines that are "
+        "not installed, and formats that do not fit in memory, are skipped with a notice. Decode speed is "
+        "compared with the bandwidth ceiling measured in the same run. Compare figures of one run only: "
+        "other processes on the machine change them.",
+    )
+    p.add_argument("--shape", default="7b", choices=list(SHAPES), help="model shape (default: 7b, Mistral 7B)")
+    p.add_argument("--quant", default="int8,int4,bf16,f32",
+                   help="formats to measure, comma-separated, from int8,int4,bf16,f16,f32 (default: "
+                   "int8,int4,bf16,f32); transformers runs the float ones, llama.cpp the quantized ones")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated (default: {','.join(ENGINES)})")
+    p.add_argument("--prompts", default="64,512", help="prompt lengths for prefill (default: 64,512)")
+    p.add_argument("--steps", type=int, default=32, help="decode steps, at least 32 (default: 32)")
+    p.add_argument("--threads", type=int, default=0, help="threads for every engine (default: all cores)")
+    p.add_argument("--gguf-dir", type=Path, default=None,
+                   help="where the GGUF files for llama.cpp are written and kept for the next run "
+                   "(default: ~/.cache/mistol/bench)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.set_defaults(run=cmd_bench)
+    return p
+
+
+def _list(value: str, allowed, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise MistolError(f"--{what}: {', '.join(bad) or 'nothing given'} (choose from {', '.join(allowed)})")
+    return items
+
+
+def cmd_bench(args) -> int:
+    formats = _list(args.quant, FORMATS, "quant")
+    engines = _list(args.engines, ENGINES, "engines")
+    try:
+        prompts = sorted({int(n) for n in args.prompts.split(",") if n.strip()})
+    except ValueError:
+        raise MistolError(f"--prompts: comma-separated token counts, not {args.prompts!r}") from None
+    if not prompts or prompts[0] < 8:
+        raise MistolError("--prompts: each prompt needs at least 8 tokens")
+    if args.steps < 1:
+        raise MistolError("--steps must be at least 1 (32 or more for a stable median)")
+    if args.threads < 0:
+        raise MistolError("--threads must be 0 (all cores) or more")
+    config = model_config(args.shape)
+    gguf_dir = args.gguf_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mistol" / "bench"
+    say = (lambda text: print(text, file=sys.stderr, flush=True))
+
+    plan: list[Spec] = []
+    notes: list[str] = []
+    for engine in engines:
+        for fmt in formats:
+            if engine == "transformers" and fmt in QUANTIZED:
+                continue  # transformers has no CPU int8/int4 path of this kind
+            if engine == "llama.cpp" and fmt not in QUANTIZED:
+                continue  # compared at the same bits as mistol's quantized formats
+            plan.append(Spec(engine, fmt, args.shape, prompts, args.steps, args.threads))
+    available = _available(engines)
+    results = []
+    bandwidth = [measure_bandwidth(args.threads)]
+    say(f"memory bandwidth (torch sum over 1 GiB, {args.threads or os.cpu_count()} threads): {bandwidth[0]:.1f} GB/s")
+    for spec in plan:
+        label = f"{spec.engine} {_format_name(spec)}"
+        if not available[spec.engine]:
+            notes.append(f"{label}: skipped ({_MISSING[spec.engine]})")
+            continue
+        need = all_weights(config) * (4 if spec.fmt == "f32" else 2 if spec.fmt in ("bf16", "f16") else 1.1) * 1.1
+        if spec.engine == "mistol" and spec.fmt in QUANTIZED:  # quantized linears, float32 embedding
+            need = all_weights(config) * 1.1 + config.vocab_size * config.hidden_size * 4
+        free = _available_memory()
+        if need > free:
+            notes.append(f"{label}: skipped (needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available)")
+            continue
+        if spec.engine == "llama.cpp":
+            spec.gguf = str(_gguf_file(gguf_dir, args.shape, spec.fmt, config, say))
+        say(f"measuring {label} ...")
+        t0 = time.perf_counter()
+        result = _run_worker(spec)
+        result["wall_s"] = time.perf_counter() - t0
+        if "error" in result:
+            notes.append(f"{label}: failed ({result['error']})")
+        results.append(result)
+    bandwidth.append(measure_bandwidth(args.threads))
+    report = _report(config, results, bandwidth, notes)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_table(report))
+    return 0
+
+
+_MISSING = {"transformers": "pip install transformers", "llama.cpp": "pip install llama-cpp-python", "mistol": ""}
+
+
+def _available(engines: list[str]) -> dict[str, bool]:
+    import importlib.util
+
+    modules = {"mistol": "mistol", "transformers": "transformers", "llama.cpp": "llama_cpp"}
+    return {e: importlib.util.find_spec(modules[e]) is not None for e in ENGINES}
+
+
+def _available_memory() -> int:
+    from ..engine import _available_memory as available
+
+    return available()
+
+
+def _format_name(spec: Spec) -> str:
+    return GGUF_TYPES[spec.fmt] if spec.engine == "llama.cpp" else spec.fmt
+
+
+def _gguf_file(directory: Path, shape: str, fmt: str, config, say) -> Path:
+    from .models import write_bench_gguf
+
+    path = directory / f"random-{shape}-{GGUF_TYPES[fmt]}.gguf"
+    if not path.is_file():
+        say(f"writing {path} for llama.cpp (kept for the next run) ...")
+        write_bench_gguf(path, config, GGUF_TYPES[fmt], progress=None)
+    return path
+
+
+def _run_worker(spec: Spec) -> dict:
+    command = [sys.executable, "-m", "mistol.bench.engines", json.dumps(asdict(spec))]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if spec.threads:
+        env["OMP_NUM_THREADS"] = str(spec.threads)
+    try:
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=WORKER_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        return {**asdict(spec), "error": f"took longer than {WORKER_TIMEOUT_S} s"}
+    lines = done.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return {**asdict(spec), "error": f"the worker exited with status {done.returncode} and no result"}
+
+
+def measure_bandwidth(threads: int = 0, gib: float = 1.0, repeats: int = 5) -> float:
+    """GB/s of reading a large float32 tensor (torch's sum), best of `repeats`."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        x = torch.ones(int(gib * 2**30) // 4)
+        x.sum()
+        best = min(_timed(x.sum) for _ in range(repeats))
+        return x.numel() * 4 / best / 1e9
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _report(config, results: list[dict], bandwidth: list[float], notes: list[str]) -> dict:
+    gbs = statistics.mean(bandwidth)
+    rows = []
+    for r in results:
+        if "error" in r:
+            continue
+        context = min(r["prompts"]) + r["steps"] // 2
+        kv_bytes = 2 if r["fmt"] in ("bf16", "f16") and r["engine"] != "llama.cpp" else 4
+        if r["engine"] == "llama.cpp":
+            kv_bytes = 2  # llama.cpp keeps its cache in f16
+        per_token = bytes_per_token(config, r["fmt"], context, kv_bytes)
+        ceiling = gbs * 1e9 / per_token
+        weights = per_token - 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * kv_bytes
+        rows.append({**r, "format": _format_name(Spec(r["engine"], r["fmt"], r["shape"])),
+                     "bytes_per_token": per_token, "roofline_tok_s": ceiling,
+                     "roofline_share": r["decode_tok_s"] / ceiling, "weight_bytes": weights,
+                     "rss_growth": r["peak_rss"] - r["base_rss"]})
+    ratios = []
+
+    def find(engine, fmt):
+        return next((row for row in rows if row["engine"] == engine and row["fmt"] == fmt), None)
+
+    for fmt in FORMATS:
+        ours = find("mistol", fmt)
+        for other in ("llama.cpp", "transformers"):
+            theirs = find(other, fmt)
+            if ours and theirs:
+                ratio = {"mistol": fmt, "versus": f"{other} {theirs['format']}",
+                         "decode": ours["decode_tok_s"] / theirs["decode_tok_s"],
+                         "ttft": theirs["ttft_s"] / ours["ttft_s"]}
+                for n in ours["prefill_tok_s"]:
+                    ratio[f"prefill_{n}"] = ours["prefill_tok_s"][n] / theirs["prefill_tok_s"][n]
+                ratios.append(ratio)
+    return {"shape": results[0]["shape"] if results else None, "bandwidth_gb_s": bandwidth, "rows": rows,
+            "ratios": ratios, "notes": notes}
+
+
+def _table(report: dict) -> str:
+    rows = report["rows"]
+    prompts = sorted({int(n) for r in rows for n in r["prefill_tok_s"]})
+    bw = report["bandwidth_gb_s"]
+    lines = [f"shape {report['shape']}; memory bandwidth {bw[0]:.1f} GB/s at the start, {bw[-1]:.1f} GB/s at the end",
+             ""]
+    head = ["engine", "format"] + [f"prefill {n}" for n in prompts] + [
+        "TTFT s", "decode tok/s", "ceiling", "of ceiling", "peak RSS", "RSS/weights"]
+    table = [head]
+    for r in rows:
+        table.append([r["engine"], r["format"]] + [f"{r['prefill_tok_s'][str(n)]:.2f}" for n in prompts] + [
+            f"{r['ttft_s']:.2f}", f"{r['decode_tok_s']:.2f}", f"{r['roofline_tok_s']:.2f}",
+            f"{100 * r['roofline_share']:.0f}%", f"{r['peak_rss'] / 2**30:.2f} GiB",
+            f"{r['rss_growth'] / r['weight_bytes']:.2f}"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for n, row in enumerate(table):
+        lines.append("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append("prefill and decode in tokens/s; ceiling = bandwidth / bytes read per decoded token; "
+                 "RSS/weights = peak RSS growth over the bytes of the weights")
+    if report["ratios"]:
+        lines.append("")
+        for ratio in report["ratios"]:
+            parts = [f"decode {ratio['decode']:.2f}"] + [
+                f"prefill {k.split('_')[1]} {v:.2f}" for k, v in ratio.items() if k.startswith("prefill_")]
+            lines.append(f"mistol {ratio['mistol']} / {ratio['versus']} (speed ratios, >1: mistol faster): "
+                         + ", ".join(parts) + f", time to first token {ratio['ttft']:.2f}")
+    for note in report["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Random-weight models for `mistol bench`, each built straight in the format it runs.
+
+Weights are drawn once per distinct matrix shape and copied into every layer, so building a
+7B model costs a few draws and memory copies, not seven billion random numbers (each layer
+still has its own memory: decoding reads all of it, as with real weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..engine import DTYPES
+from ..model import ModelConfig, Transformer
+from ..quant import QuantizedLinear, quantize_linear
+
+QUANT_FORMATS = ("int8", "int4")
+STD = 0.02
+
+
+def _random(shape, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype).normal_(0.0, STD, generator=generator)
+
+
+def mistol_model(config: ModelConfig, fmt: str, seed: int = 0) -> Transformer:
+    """Our `Transformer` with random weights: linear layers in `fmt` (int8/int4 quantized,
+    or bf16/f16/f32), embeddings and norms in float32 for the quantized formats."""
+    dtype = torch.float32 if fmt in QUANT_FORMATS else DTYPES[fmt]
+    generator = torch.Generator().manual_seed(seed)
+    model = Transformer(config, device="meta")
+    templates: dict[tuple[int, int], torch.Tensor | QuantizedLinear] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        shape = (module.out_features, module.in_features)
+        if shape not in templates:
+            weight = _random(shape, torch.bfloat16 if fmt in QUANT_FORMATS else dtype, generator)
+            templates[shape] = quantize_linear(weight, fmt) if fmt in QUANT_FORMATS else weight
+        template = templates[shape]
+        if fmt in QUANT_FORMATS:
+            layer = QuantizedLinear(module.in_features, module.out_features, fmt, template.packed.clone())
+        else:
+            layer = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            layer.weight = nn.Parameter(template.clone(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    for name, param in list(model.named_parameters()):
+        if param.device.type != "meta":
+            continue
+        value = torch.ones(param.shape, dtype=dtype) if name.endswith("norm.weight") else _random(param.shape, dtype, generator)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Parameter(value, requires_grad=False))
+    model.rotary.to("cpu")
+    return model.eval().requires_grad_(False)
+
+
+def transformers_model(hf_config: dict, fmt: str, seed: int = 0):
+    """transformers' own model class at this shape, random weights in bf16/f16/f32."""
+    import transformers
+
+    arch = hf_config["architectures"][0]
+    config_class = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    config = config_class(**{k: v for k, v in hf_config.items() if k != "architectures"})
+    config.architectures = [arch]
+    dtype = DTYPES[fmt]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # allocate in the target dtype: no float32 model first
+    try:
+        model = getattr(transformers, arch)(config)
+    finally:
+        torch.set_default_dtype(previous)
+    generators: dict[torch.device, torch.Generator] = {}  # the model may live on a GPU
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            if param.device not in generators:
+                generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+            param.normal_(0.0, STD, generator=generators[param.device])
+    return model.eval().requires_grad_(False)
+
+
+def gguf_tensors(config: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, random bf16 tensor) for every weight, one at a time, as
+    `write_gguf` takes them; equal shapes share one draw."""
+    generator = torch.Generator().manual_seed(seed)
+    drawn: dict[tuple[int, ...], torch.Tensor] = {}
+    for name, param in Transformer(config, device="meta").named_parameters():
+        hf_name = name if name.startswith("lm_head") else f"model.{name}"
+        if name.endswith("norm.weight"):
+            yield hf_name, torch.ones(param.shape)
+            continue
+        shape = tuple(param.shape)
+        if shape not in drawn:
+            drawn[shape] = _random(shape, torch.bfloat16, generator)
+        yield hf_name, drawn[shape]
+
+
+def write_bench_gguf(path: Path, config: ModelConfig, tensor_type: str, progress: bool = True) -> Path:
+    from ..weights.gguf_export import write_gguf
+    from .shapes import synthetic_tokenizer
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    write_gguf(partial, config, gguf_tensors(config), synthetic_tokenizer(config.vocab_size),
+               tensor_type=tensor_type, progress=progress)
+    partial.replace(path)  # only a whole file gets the final name (a cache for the next run)
+    return path

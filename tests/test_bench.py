@@ -1,0 +1,87 @@
+"""`mistol bench` at the tiny shape: the real command in a subprocess, its JSON checked for
+sense (speeds are printed figures, never asserted: these machines are noisy)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mistol.bench.models import gguf_tensors, mistol_model
+from mistol.bench.shapes import all_weights, bytes_per_token, linear_weights, model_config
+from mistol.quant import QuantizedLinear
+
+
+def bench(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mistol", "bench", "--shape", "tiny", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_json_report_for_mistol_formats(tmp_path):
+    r = bench("--engines", "mistol", "--quant", "int8,int4,f32", "--prompts", "16,40", "--steps", "4", "--json",
+              "--gguf-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["shape"] == "tiny" and len(report["bandwidth_gb_s"]) == 2
+    assert all(b > 0 for b in report["bandwidth_gb_s"])
+    rows = {row["fmt"]: row for row in report["rows"]}
+    assert set(rows) == {"int8", "int4", "f32"}
+    config = model_config("tiny")
+    for fmt, row in rows.items():
+        assert row["engine"] == "mistol" and row["decode_steps"] == 4
+        assert set(row["prefill_tok_s"]) == {"16", "40"} and all(v > 0 for v in row["prefill_tok_s"].values())
+        assert row["decode_tok_s"] > 0 and row["ttft_s"] > 0 and 0 < row["roofline_share"]
+        assert row["peak_rss"] >= row["base_rss"] > 0
+        assert row["bytes_per_token"] == pytest.approx(bytes_per_token(config, fmt, 16 + 2), rel=1e-9)
+    assert rows["int4"]["bytes_per_token"] < rows["int8"]["bytes_per_token"] < rows["f32"]["bytes_per_token"]
+    assert report["ratios"] == []  # nothing to compare with
+
+
+def test_table_and_skips(tmp_path):
+    r = bench("--engines", "mistol,transformers", "--quant", "int8,bf16", "--prompts", "16", "--steps", "2",
+              "--gguf-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "mistol        int8" in out and "mistol        bf16" in out
+    assert "transformers  bf16" in out
+    assert "transformers  int8" not in out  # transformers runs float formats only
+    assert "mistol bf16 / transformers bf16" in out
+
+
+def test_bad_arguments_are_one_line_errors():
+    for args in (["--quant", "int3"], ["--engines", "vllm"], ["--prompts", "4"], ["--prompts", "x"]):
+        r = bench(*args, timeout=60)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_random_models_are_built_in_their_format():
+    config = model_config("tiny")
+    model = mistol_model(config, "int4")
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 7 * config.num_layers + 1  # every linear, the head included
+    assert sum(m.in_features * m.out_features for m in layers) == linear_weights(config)
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.embed_tokens.weight.dtype == torch.float32
+    logits = model.head(model.hidden_states(torch.tensor([[1, 2, 3]])))
+    assert torch.isfinite(logits).all()
+    # Layers have memory of their own (decoding must read each), even where values repeat.
+    assert layers[0].packed.data_ptr() != model.layers[1].self_attn.q_proj.packed.data_ptr()
+
+    tensors = dict(gguf_tensors(config))
+    assert sum(t.numel() for t in tensors.values()) == all_weights(config)
+    assert "lm_head.weight" in tensors and "model.embed_tokens.weight" in tensors
+
+
+def test_llama_cpp_row(tmp_path):
+    pytest.importorskip("llama_cpp")
+    r = bench("--engines", "llama.cpp,mistol", "--quant", "int8", "--prompts", "16", "--steps", "2", "--json",
+              "--gguf-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert sorted(row["format"] for row in report["rows"]) == ["Q8_0", "int8"]
+    assert (tmp_path / "random-tiny-Q8_0.gguf").is_file()
+    assert report["ratios"][0]["versus"] == "llama.cpp Q8_0"
