@@ -23,7 +23,8 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
         + ("" if required else f" (default: {DEFAULT_MODEL})"),
     )
     p.add_argument("--dtype", "--quant", dest="dtype", default="auto", choices=["auto", "f32", "bf16", "f16", "int8", "int4"],
-                   help="weight format (auto: f32 on CPU when it fits in memory, else bf16; bf16 on CUDA). "
+                   help="weight format. auto (the default): on CPU, int8 for checkpoints of 2 GiB or more "
+                   "(a 7B model), exact f32 for smaller ones; a .gguf file's own types; bf16 on CUDA. "
                    "int8/int4: linear layers quantized as they load (llama.cpp Q8_0/Q4_0 blocks; "
                    "2x/4x less memory than bf16 and faster decoding on CPU), the rest in f32 on CPU")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")

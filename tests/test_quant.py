@@ -307,3 +307,19 @@ def test_engine_and_cli_pass_quant_through(mistral_dir, capsys):
     assert main(["generate", "--model", str(mistral_dir), "-p", "Hello", "--quant", "int8",
                  "--max-tokens", "3", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.endswith("\n")
+
+
+def test_auto_loads_large_checkpoints_as_int8_on_cpu(mistral_dir, monkeypatch):
+    import mistol.engine
+    from mistol.engine import Engine
+
+    small = Engine.load(mistral_dir)  # below the threshold: exact f32
+    assert not any(isinstance(m, QuantizedLinear) for m in small.model.modules())
+    assert small.model.dtype == torch.float32
+    monkeypatch.setattr(mistol.engine, "AUTO_INT8_BYTES", 1)  # as if it were a 7B checkpoint
+    large = Engine.load(mistral_dir)
+    layers = [m for m in large.model.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and all(m.fmt == "int8" for m in layers)
+    assert large.model.embed_tokens.weight.dtype == torch.float32
+    explicit = Engine.load(mistral_dir, dtype="bf16")  # an explicit format is kept
+    assert not any(isinstance(m, QuantizedLinear) for m in explicit.model.modules())
