@@ -157,7 +157,8 @@ def speed() -> dict:
 
     with torch.inference_mode():
         out["mistol"] = _timed_decode(prefill, lambda t: decode_step([state["s"]], [t])[0], prompt)
-    del engine, model, state
+    engine = model = None
+    state.clear()
     gc.collect()
     torch.cuda.empty_cache()
 
