@@ -7,6 +7,7 @@ a chat turn, an edited message or a regenerated reply costs only the tokens that
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ class Engine:
         self.config: ModelConfig = model.config
         self._tokenizer = tokenizer
         self.name = name
+        # On a GPU, single-token decode steps replay CUDA graphs (see model/cuda_graphs.py).
+        self.cuda_graphs = os.environ.get("MISTOL_CUDA_GRAPHS", "1") != "0"
 
     @classmethod
     def load(
@@ -180,6 +183,7 @@ class Session:
         self.tokens: list[int] = []  # exactly the tokens whose keys/values are cached
         self.tokens_processed = 0  # running count of tokens run through the model
         self._last_logits: torch.Tensor | None = None
+        self._graphed = None  # a GraphedDecoder, made at the first decode step on a GPU
 
     # -- feeding -------------------------------------------------------------------------
     def feed(self, tokens: Sequence[int], all_logits: bool = False) -> torch.Tensor:
@@ -221,6 +225,8 @@ class Session:
     @torch.inference_mode()
     def _run(self, new: list[int], all_logits: bool) -> torch.Tensor:
         device = self.model.device
+        if len(new) == 1 and not all_logits and device.type == "cuda" and self.engine.cuda_graphs:
+            return self._graph_step(new[0])
         outputs = []
         for start in range(0, len(new), self.chunk_size):
             chunk = new[start : start + self.chunk_size]
@@ -238,6 +244,17 @@ class Session:
             self.tokens_processed += len(chunk)
         self._last_logits = outputs[-1][-1] if all_logits else outputs[-1]
         return torch.cat(outputs) if all_logits else self._last_logits
+
+    def _graph_step(self, token: int) -> torch.Tensor:
+        if self._graphed is None:
+            from .model.cuda_graphs import GraphedDecoder
+
+            self._graphed = GraphedDecoder(self.model, self.cache)
+        logits = self._graphed.step(int(token), len(self.tokens))
+        self.tokens.append(int(token))
+        self.tokens_processed += 1
+        self._last_logits = logits
+        return logits
 
     # -- generating ----------------------------------------------------------------------
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
@@ -323,6 +340,11 @@ def decode_step(sessions: Sequence[Session], tokens: Sequence[int]) -> torch.Ten
     does: this is what lets a server serve concurrent requests together. Returns the float32
     logits after each new token, [B, vocab].
     """
+    if len(sessions) == 1:  # one session: its own path (on a GPU, a CUDA graph replay)
+        session = sessions[0]
+        if len(session.tokens) >= session.max_context:
+            raise MistolError(f"a session is at its context limit of {session.max_context} tokens")
+        return session._run([int(tokens[0])], all_logits=False)[None]
     model = sessions[0].model
     for s in sessions:
         if s.model is not model:

@@ -84,6 +84,15 @@ def parity(model_dir: Path) -> dict:
             mine = list(engine.new_session(max_context=256).generate(ids[0, :8].tolist(),
                                                                     SamplingParams(temperature=0, max_tokens=40)))
             out["greedy_40_identical"] = mine == gen.tolist()
+            # CUDA graphs (the default) against eager steps: 300 greedy tokens, several key buckets.
+            params = SamplingParams(temperature=0, max_tokens=300)
+            engine.cuda_graphs = False
+            eager = list(engine.new_session(max_context=400).generate(ids[0, :20].tolist(), params))
+            engine.cuda_graphs = True
+            session = engine.new_session(max_context=400)
+            graphed = list(session.generate(ids[0, :20].tolist(), params))
+            out["graphs_equal_eager_300"] = graphed == eager
+            out["graph_buckets"] = sorted(session._graphed._graphs) if session._graphed else []
             # Three sessions decoded in one batch equal each decoded alone.
             sessions = [engine.new_session(max_context=256) for _ in range(3)]
             for n, s in enumerate(sessions):
@@ -99,7 +108,8 @@ def parity(model_dir: Path) -> dict:
         del ref, engine
         gc.collect()
         torch.cuda.empty_cache()
-    out["pass"] = out["f32_max_abs_err"] < 1e-3 and out["greedy_40_identical"] and out["bf16_top1_agree"] > 0.9
+    out["pass"] = (out["f32_max_abs_err"] < 1e-3 and out["greedy_40_identical"] and out["bf16_top1_agree"] > 0.9
+                   and out["graphs_equal_eager_300"])
     return out
 
 
@@ -156,7 +166,22 @@ def speed() -> dict:
         return state["s"].feed(ids)
 
     with torch.inference_mode():
+        engine.cuda_graphs = False
+        out["mistol_eager"] = _timed_decode(prefill, lambda t: decode_step([state["s"]], [t])[0], prompt)
+        engine.cuda_graphs = True
         out["mistol"] = _timed_decode(prefill, lambda t: decode_step([state["s"]], [t])[0], prompt)
+        for batch in (4, 16):  # several sessions per step (the server's path): eager
+            sessions = [engine.new_session(max_context=1024) for _ in range(batch)]
+            for s in sessions:
+                s.feed(prompt[:64])
+            decode_step(sessions, [5] * batch)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(16):
+                decode_step(sessions, [5] * batch)
+            torch.cuda.synchronize()
+            out[f"mistol_batch{batch}_tok_s"] = 16 * batch / (time.perf_counter() - t0)
+            sessions = None
     engine = model = None
     state.clear()
     gc.collect()
@@ -181,6 +206,7 @@ def speed() -> dict:
     with torch.inference_mode():
         out["transformers"] = _timed_decode(hf_prefill, hf_step, prompt)
     out["decode_ratio_mistol_over_transformers"] = out["mistol"]["decode_tok_s"] / out["transformers"]["decode_tok_s"]
+    out["roofline_share_at_4_8_TB_s"] = out["mistol"]["decode_tok_s"] * out["weights_gb"] / 4800
     return out
 
 

@@ -70,6 +70,19 @@ class KVCache:
             mask &= q - key_pos < self.window
         return AttentionPlan(slots, n_keys, mask)
 
+    def plan_on_device(self, positions: torch.Tensor, n_keys: int) -> AttentionPlan:
+        """`plan` for the next token at `positions` ([1], on the device), attending over the
+        first `n_keys` slots under a mask, without reading anything back to the host: a
+        CUDA graph can capture it. The caller knows the position and sets `length`."""
+        slots = positions % self.capacity
+        self.slot_pos.index_copy_(0, slots, positions)
+        key_pos = self.slot_pos[:n_keys]
+        q = positions[:, None]
+        mask = (key_pos >= 0) & (key_pos <= q)
+        if self.window is not None:
+            mask &= q - key_pos < self.window
+        return AttentionPlan(slots, n_keys, mask)
+
     def truncate(self, length: int) -> bool:
         """Forget positions >= `length`. False if the cache can no longer serve that state
         exactly (a rolling buffer already overwrote keys that position `length` needs)."""

@@ -143,6 +143,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor,
         caches: KVCache | Sequence[KVCache],
         all_logits: bool = False,
+        plans: Sequence[AttentionPlan] | None = None,
     ) -> torch.Tensor:
         """tokens: [B, L]; row b continues the sequence held by caches[b] at the consecutive
         `positions[b]` ([B, L]; for a single sequence, one cache and positions [L] will do).
@@ -157,7 +158,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary(positions, x.dtype)
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-        plans = [cache.plan(pos) for cache, pos in zip(caches, positions)]
+        if plans is None:  # (given by a caller that plans on the device: see cuda_graphs.py)
+            plans = [cache.plan(pos) for cache, pos in zip(caches, positions)]
         for block in self.layers:
             x = block(x, cos, sin, caches, plans)
         x = self.norm(x if all_logits else x[:, -1])
