@@ -20,6 +20,8 @@ GGUF Q8_0/Q4_0 tensor onto this layout by moving bytes only (no dequantizing).
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -149,6 +151,24 @@ def _dequantize_packed(packed: torch.Tensor, fmt: str, dtype: torch.dtype) -> to
     return w.transpose(1, 2).reshape(groups * INTERLEAVE, nb * BLOCK)
 
 
+BF16_MIN_ROWS = 32  # from this many rows (a prefill chunk) a bf16-capable CPU runs bf16 matmuls
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16
+    matrix products outrun int8 ones; MISTOL_BF16_PREFILL=0/1 overrides."""
+    forced = os.environ.get("MISTOL_BF16_PREFILL")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 # -- the module ------------------------------------------------------------------------------
 class QuantizedLinear(nn.Module):
     """A bias-free `nn.Linear` whose weight is int8 (Q8_0) or int4 (Q4_0) in blocks of 32.
@@ -198,7 +218,11 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.device.type == "cpu" and kernels.available():
+        if x2.device.type == "cpu" and x2.shape[0] >= BF16_MIN_ROWS and native_bf16():
+            # Prefill: compute-bound, and a CPU with bf16 dot-product instructions multiplies
+            # bf16 about twice as fast as our int8 kernels do (and a little more exactly).
+            y = self._matmul_dequantized(x2, torch.bfloat16)
+        elif x2.device.type == "cpu" and kernels.available():
             if x2.dtype != torch.float32 or not x2.is_contiguous():  # (a decode step: skip no-op calls)
                 x2 = x2.to(torch.float32).contiguous()
             y = kernels.gemm(self.fmt, x2, self.packed, self.out_features)
@@ -207,9 +231,10 @@ class QuantizedLinear(nn.Module):
         y = y.view(x.shape[:-1] + (self.out_features,))
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
-    def _matmul_dequantized(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul_dequantized(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         # Dequantize a slab of rows at a time: memory stays near the quantized size.
-        dtype = torch.float32 if x.device.type == "cpu" or not x.is_floating_point() else x.dtype
+        if dtype is None:
+            dtype = torch.float32 if x.device.type == "cpu" or not x.is_floating_point() else x.dtype
         x = x.to(dtype)
         y = torch.empty(x.shape[0], self.packed.shape[0] * INTERLEAVE, dtype=dtype, device=x.device)
         step = max(1, _CHUNK_ELEMENTS * 4 // (self.in_features * INTERLEAVE))

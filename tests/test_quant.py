@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint
-from mistol import kernels
+from mistol import kernels, quant
 from mistol.errors import MistolError
 from mistol.quant import (
     FORMATS, QuantizedLinear, dequantize_ggml, pack_ggml, quantize_ggml, quantize_linear, unpack_ggml,
@@ -20,6 +20,13 @@ from mistol.quant import (
 FMTS = ["int8", "int4"]
 IMPLS = ["avx2", "scalar"] if kernels.impl_name() == "avx2" else ["scalar"]
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="mistol's C kernels are not built")
+
+
+@pytest.fixture(autouse=True)
+def int8_kernels_for_every_row_count(monkeypatch):
+    """These tests check our kernels: keep them from handing prefill-sized inputs to bf16
+    matmuls (as they do on CPUs with bf16 instructions; that path has its own test)."""
+    monkeypatch.setattr(quant, "native_bf16", lambda: False)
 
 
 def reference_gemm(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
@@ -323,3 +330,19 @@ def test_auto_loads_large_checkpoints_as_int8_on_cpu(mistral_dir, monkeypatch):
     assert large.model.embed_tokens.weight.dtype == torch.float32
     explicit = Engine.load(mistral_dir, dtype="bf16")  # an explicit format is kept
     assert not any(isinstance(m, QuantizedLinear) for m in explicit.model.modules())
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_prefill_rows_use_bf16_matmuls_where_the_cpu_has_them(fmt, monkeypatch):
+    torch.manual_seed(0)
+    layer = quantize_linear(torch.randn(200, 256), fmt)
+    exact = lambda x: (x.double() @ layer.dequantize().double().T)  # noqa: E731
+    monkeypatch.setattr(quant, "native_bf16", lambda: True)
+    x = torch.randn(quant.BF16_MIN_ROWS, 256)
+    y = layer(x)
+    assert y.dtype == torch.float32 and y.shape == (quant.BF16_MIN_ROWS, 200)
+    error = ((y.double() - exact(x)).norm() / exact(x).norm()).item()
+    assert 1e-5 < error < 1e-2  # bf16 rounding: not the int8-activation kernel, not exact f32
+    if kernels.available():  # fewer rows (a decode step) stay on the kernels
+        few = torch.randn(quant.BF16_MIN_ROWS - 1, 256)
+        assert_close_to_reference(layer(few), few, layer)

@@ -208,7 +208,8 @@ def _report(config, results: list[dict], bandwidth: list[float], notes: list[str
         rows.append({**r, "format": _format_name(Spec(r["engine"], r["fmt"], r["shape"])),
                      "bytes_per_token": per_token, "roofline_tok_s": ceiling,
                      "roofline_share": r["decode_tok_s"] / ceiling, "weight_bytes": weights,
-                     "rss_growth": r["peak_rss"] - r["base_rss"]})
+                     "rss_growth": r["peak_rss"] - r["base_rss"],
+                     "rss_ratio": (r["peak_rss"] - r["base_rss"]) / (r["model_bytes"] + r["kv_bytes"])})
     ratios = []
 
     def find(engine, fmt):
@@ -236,13 +237,13 @@ def _table(report: dict) -> str:
     lines = [f"shape {report['shape']}; memory bandwidth {bw[0]:.1f} GB/s at the start, {bw[-1]:.1f} GB/s at the end",
              ""]
     head = ["engine", "format"] + [f"prefill {n}" for n in prompts] + [
-        "TTFT s", "decode tok/s", "ceiling", "of ceiling", "peak RSS", "RSS/weights"]
+        "TTFT s", "decode tok/s", "ceiling", "of ceiling", "peak RSS", "RSS/(model+KV)"]
     table = [head]
     for r in rows:
         table.append([r["engine"], r["format"]] + [f"{r['prefill_tok_s'][str(n)]:.2f}" for n in prompts] + [
             f"{r['ttft_s']:.2f}", f"{r['decode_tok_s']:.2f}", f"{r['roofline_tok_s']:.2f}",
             f"{100 * r['roofline_share']:.0f}%", f"{r['peak_rss'] / 2**30:.2f} GiB",
-            f"{r['rss_growth'] / r['weight_bytes']:.2f}"])
+            f"{r['rss_ratio']:.2f}"])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for n, row in enumerate(table):
         lines.append("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
@@ -250,7 +251,8 @@ def _table(report: dict) -> str:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
     lines.append("prefill and decode in tokens/s; ceiling = bandwidth / bytes read per decoded token; "
-                 "RSS/weights = peak RSS growth over the bytes of the weights")
+                 "RSS/(model+KV) = growth of the peak RSS while measuring over the bytes of the model as held "
+                 "(quantized layers, float embedding and norms; for llama.cpp its file) plus its KV cache")
     if report["ratios"]:
         lines.append("")
         for ratio in report["ratios"]:

@@ -114,7 +114,10 @@ def measure_mistol(spec: Spec) -> dict:
         result = _Timer(spec, prefill, step, reset, lambda logits: int(logits.argmax())).run()
     from .. import kernels
 
-    return {**result, "load_s": load_s, "kernels": kernels.impl_name() if spec.fmt in ("int8", "int4") else "torch"}
+    model = engine.model
+    held = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+    return {**result, "load_s": load_s, "kernels": kernels.impl_name() if spec.fmt in ("int8", "int4") else "torch",
+            "model_bytes": held, "kv_bytes": state["session"].cache.nbytes}
 
 
 def measure_transformers(spec: Spec) -> dict:
@@ -147,7 +150,9 @@ def measure_transformers(spec: Spec) -> dict:
         result = _Timer(spec, run, lambda token: run([token]), reset, lambda logits: int(logits.argmax())).run()
     import transformers
 
-    return {**result, "load_s": load_s, "version": transformers.__version__}
+    held = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+    return {**result, "load_s": load_s, "version": transformers.__version__, "model_bytes": held,
+            "kv_bytes": _kv_bytes(spec, 2 if spec.fmt in ("bf16", "f16") else 4)}
 
 
 def measure_llama_cpp(spec: Spec) -> dict:
@@ -161,12 +166,24 @@ def measure_llama_cpp(spec: Spec) -> dict:
                           verbose=False)
     load_s = time.perf_counter() - t0
 
+    n_vocab = llm.n_vocab()
+
     def run(ids):
-        llm.eval(ids)
-        return llm.scores[llm.n_tokens - 1]
+        llm.eval(ids)  # without logits_all, llama-cpp-python keeps no scores: read the context's
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
 
     result = _Timer(spec, run, lambda token: run([token]), llm.reset, lambda logits: int(np.argmax(logits))).run()
-    return {**result, "load_s": load_s, "version": llama_cpp.__version__}
+    return {**result, "load_s": load_s, "version": llama_cpp.__version__,
+            "model_bytes": os.path.getsize(spec.gguf), "kv_bytes": _kv_bytes(spec, 2, llm.n_ctx())}
+
+
+def _kv_bytes(spec: Spec, element_bytes: int, context: int | None = None) -> int:
+    """A cache of `context` positions (default: what the measurement uses) for every layer."""
+    from .shapes import model_config
+
+    config = model_config(spec.shape)
+    context = context or max(spec.prompts) + spec.steps + 8
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * element_bytes
 
 
 MEASURE = {"mistol": measure_mistol, "transformers": measure_transformers, "llama.cpp": measure_llama_cpp}
