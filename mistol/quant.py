@@ -151,7 +151,10 @@ def _dequantize_packed(packed: torch.Tensor, fmt: str, dtype: torch.dtype) -> to
     return w.transpose(1, 2).reshape(groups * INTERLEAVE, nb * BLOCK)
 
 
-BF16_MIN_ROWS = 32  # from this many rows (a prefill chunk) a bf16-capable CPU runs bf16 matmuls
+# From this many rows (a prefill chunk) a bf16-capable CPU runs bf16 matmuls. Each call first
+# dequantizes the whole weight, a fixed cost that pays off only over enough rows: these are
+# the crossovers measured at 7B shapes on a 2-core AVX512-BF16 machine (int4 unpacks slower).
+BF16_MIN_ROWS = {"int8": 96, "int4": 224}
 
 
 @functools.cache
@@ -218,7 +221,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.device.type == "cpu" and x2.shape[0] >= BF16_MIN_ROWS and native_bf16():
+        if x2.device.type == "cpu" and x2.shape[0] >= BF16_MIN_ROWS[self.fmt] and native_bf16():
             # Prefill: compute-bound, and a CPU with bf16 dot-product instructions multiplies
             # bf16 about twice as fast as our int8 kernels do (and a little more exactly).
             y = self._matmul_dequantized(x2, torch.bfloat16)

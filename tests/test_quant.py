@@ -338,11 +338,38 @@ def test_prefill_rows_use_bf16_matmuls_where_the_cpu_has_them(fmt, monkeypatch):
     layer = quantize_linear(torch.randn(200, 256), fmt)
     exact = lambda x: (x.double() @ layer.dequantize().double().T)  # noqa: E731
     monkeypatch.setattr(quant, "native_bf16", lambda: True)
-    x = torch.randn(quant.BF16_MIN_ROWS, 256)
+    rows = quant.BF16_MIN_ROWS[fmt]
+    x = torch.randn(rows, 256)
     y = layer(x)
-    assert y.dtype == torch.float32 and y.shape == (quant.BF16_MIN_ROWS, 200)
+    assert y.dtype == torch.float32 and y.shape == (rows, 200)
     error = ((y.double() - exact(x)).norm() / exact(x).norm()).item()
     assert 1e-5 < error < 1e-2  # bf16 rounding: not the int8-activation kernel, not exact f32
     if kernels.available():  # fewer rows (a decode step) stay on the kernels
-        few = torch.randn(quant.BF16_MIN_ROWS - 1, 256)
+        few = torch.randn(rows - 1, 256)
         assert_close_to_reference(layer(few), few, layer)
+
+
+def test_int8_agrees_with_f32_on_a_trained_model():
+    """Top-1 agreement where predictions are not near-ties (random weights, or random token ids
+    fed to a small model, are mostly ties that any rounding flips): the demo model on its own
+    kind of conversation, along the reply f32 writes greedily."""
+    import random
+
+    from mistol.demo_problems import make_problem
+    from mistol.engine import Engine
+    from mistol.sampling import SamplingParams
+
+    f32, int8 = Engine.load("demo", dtype="f32"), Engine.load("demo", dtype="f32", quant="int8")
+    rng = random.Random(5)
+    agree = total = 0
+    for _ in range(12):
+        question = make_problem(rng).question
+        prompt = f32.tokenizer.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+                                      add_bos=True, parse_special=True)
+        reply = list(f32.new_session().generate(prompt, SamplingParams(temperature=0, max_tokens=40)))
+        ref = f32.new_session().feed(prompt + reply, all_logits=True)
+        out = int8.new_session().feed(prompt + reply, all_logits=True)
+        agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
+        total += len(prompt) + len(reply)
+    print(f"int8 top-1 agreement with f32 on the demo model: {agree}/{total}")
+    assert agree / total >= 0.99
