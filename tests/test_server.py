@@ -4,8 +4,6 @@ client (and raw httpx where the client would hide what we check). No mocks."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -17,6 +15,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from helpers import LoopbackServer  # noqa: E402
 from mistol.chat_template import ChatTemplate  # noqa: E402
 from mistol.engine import Engine, Generation  # noqa: E402
 from mistol.sampling import SamplingParams  # noqa: E402
@@ -28,31 +27,16 @@ CONTEXT = 1024  # per request (the fixture's window is 8, so a session's cache h
 
 @pytest.fixture(scope="module")
 def server(mistral_dir):
-    import uvicorn
-
     from mistol.server import ServerOptions, create_app
 
     engine = Engine.load(mistral_dir, dtype="f32")
     app = create_app(engine, ServerOptions(model_name=MODEL, api_key=KEY, max_batch=8, max_context=CONTEXT))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-    yield SimpleNamespace(url=url, engine=engine, client=client, http=http,
-                          template=ChatTemplate.for_tokenizer(engine.tokenizer))
-    http.close()
-    uv.should_exit = True
-    thread.join(15)
-    sock.close()
+    with LoopbackServer(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        yield SimpleNamespace(url=url, engine=engine, client=client, http=http,
+                              template=ChatTemplate.for_tokenizer(engine.tokenizer))
+        http.close()
 
 
 def health(server) -> dict:

@@ -63,12 +63,7 @@ class KVCache:
 
         if n == 1 and (self.window is None or self.length <= self.window):
             return AttentionPlan(slots, n_keys, None)  # one query sees every filled slot
-        key_pos = self.slot_pos[:n_keys]
-        q = positions[:, None]
-        mask = (key_pos >= 0) & (key_pos <= q)
-        if self.window is not None:
-            mask &= q - key_pos < self.window
-        return AttentionPlan(slots, n_keys, mask)
+        return AttentionPlan(slots, n_keys, self._mask(positions, n_keys))
 
     def plan_on_device(self, positions: torch.Tensor, n_keys: int) -> AttentionPlan:
         """`plan` for the next token at `positions` ([1], on the device), attending over the
@@ -76,12 +71,16 @@ class KVCache:
         CUDA graph can capture it. The caller knows the position and sets `length`."""
         slots = positions % self.capacity
         self.slot_pos.index_copy_(0, slots, positions)
+        return AttentionPlan(slots, n_keys, self._mask(positions, n_keys))
+
+    def _mask(self, positions: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """[L, n_keys]: query at position p sees the filled slots at positions <= p (within the window)."""
         key_pos = self.slot_pos[:n_keys]
         q = positions[:, None]
         mask = (key_pos >= 0) & (key_pos <= q)
         if self.window is not None:
             mask &= q - key_pos < self.window
-        return AttentionPlan(slots, n_keys, mask)
+        return mask
 
     def truncate(self, length: int) -> bool:
         """Forget positions >= `length`. False if the cache can no longer serve that state
