@@ -55,7 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0, help="time per shape, all methods together (default 3)")
     ap.add_argument("--threads", type=int, default=None, help="threads (default: torch's)")
-    ap.add_argument("--impl", default="auto", choices=["auto", "avx2", "scalar"], help="mistol kernel to time")
+    ap.add_argument("--impl", default="auto", choices=["auto", "avx512vnni", "avx2", "scalar"], help="mistol kernel to time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,7 +18,7 @@ from mistol.quant import (
 )
 
 FMTS = ["int8", "int4"]
-IMPLS = ["avx2", "scalar"] if kernels.impl_name() == "avx2" else ["scalar"]
+IMPLS = {"avx512vnni": ["avx512vnni", "avx2", "scalar"], "avx2": ["avx2", "scalar"]}.get(kernels.best_impl(), ["scalar"])
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="mistol's C kernels are not built")
 
 
@@ -179,6 +179,23 @@ def test_avx2_and_scalar_agree_and_threads_do_not_change_results(fmt):
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])  # each row summed by one thread
     torch.testing.assert_close(outs[0], scalar, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FMTS)
+def test_vnni_and_avx2_give_the_same_bits(fmt):
+    if "avx512vnni" not in IMPLS:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    torch.manual_seed(6)
+    layer = quantize_linear(torch.randn(203, 1024), fmt)
+    for rows in (1, 5):
+        x = torch.randn(rows, 1024) * 3
+        x[0, :32] = torch.linspace(-127, 127, 32)  # extremes of the int8 activations
+        with kernels.use("avx2"):
+            avx2 = layer(x)
+        with kernels.use("avx512vnni"):
+            vnni = layer(x)
+        assert torch.equal(avx2, vnni)
 
 
 def test_module_shapes_dtypes_and_memory():

@@ -3,8 +3,9 @@
 The library is built by the package's build (setup.py) as `mistol/_kernels*.so`. Which
 implementation runs is chosen once, from `MISTOL_KERNELS`:
 
-- `auto` (default): AVX2+FMA+F16C where the CPU has them, else portable scalar C;
-- `avx2` / `scalar`: force one (tests use `scalar` to check the fallback);
+- `auto` (default): AVX512-VNNI dot products where the CPU has them, else AVX2+FMA+F16C,
+  else portable scalar C;
+- `avx512vnni` / `avx2` / `scalar`: force one (tests compare them);
 - `torch`: do not use the library at all (PyTorch ops: dequantize, then matmul).
 
 When the library is missing or fails to load, mistol says so once on stderr and uses
@@ -22,10 +23,11 @@ import sys
 import torch
 
 FORMAT_IDS = {"int8": 1, "int4": 2}
-IMPLS = {"auto": 0, "scalar": 1, "avx2": 2}
+IMPLS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512vnni": 3}
+_IMPL_NAMES = {v: k for k, v in IMPLS.items()}
 
 _ERRORS = {-1: "K must be a positive multiple of 32", -2: "unknown format", -3: "out of memory",
-           -4: "this CPU lacks AVX2/FMA/F16C", -5: "bad shape"}
+           -4: "this CPU lacks the instructions of the chosen implementation", -5: "bad shape"}
 
 _lib: ctypes.CDLL | None = None
 _load_error: str | None = None
@@ -78,20 +80,25 @@ def _notice() -> None:
 
 
 def impl_name() -> str:
-    """The implementation quantized matmuls use now: avx2, scalar or torch."""
+    """The implementation quantized matmuls use now: avx512vnni, avx2, scalar or torch."""
     if not available():
         return "torch"
-    if _impl in ("scalar", "avx2"):
+    if _impl in IMPLS and _impl != "auto":
         return _impl
-    return "avx2" if _lib.mistol_best_impl() == IMPLS["avx2"] else "scalar"
+    return _IMPL_NAMES.get(_lib.mistol_best_impl(), "scalar")
+
+
+def best_impl() -> str:
+    """The fastest implementation this CPU runs ("torch" without the library)."""
+    return _IMPL_NAMES.get(_lib.mistol_best_impl(), "scalar") if available() else "torch"
 
 
 @contextlib.contextmanager
 def use(impl: str):
-    """Run the enclosed code with `impl` (auto, avx2, scalar or torch)."""
+    """Run the enclosed code with `impl` (auto, avx512vnni, avx2, scalar or torch)."""
     global _impl
     if impl not in (*IMPLS, "torch"):
-        raise ValueError(f"unknown kernel implementation {impl!r} (auto, avx2, scalar, torch)")
+        raise ValueError(f"unknown kernel implementation {impl!r} ({', '.join([*IMPLS, 'torch'])})")
     before, _impl = _impl, impl
     try:
         yield
