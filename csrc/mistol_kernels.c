@@ -220,94 +220,29 @@ AVX2_FN static inline __m256i reduce8_epi32(__m256i p0, __m256i p1, __m256i p2, 
                             _mm256_permute2x128_si256(s0123, s4567, 0x31));
 }
 
-/* int8 x int8 -> int32 lane sums: maddubs wants one unsigned operand, so take |w| and
- * move w's sign onto a (exact for w = -128 too: |w| reads as 128 unsigned). */
-AVX2_FN static inline __m256i dot_i8(__m256i w, __m256i a, __m256i ones) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)), ones);
-}
-
-AVX2_FN static void group_int8_avx2(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
-                                    int64_t b0, int64_t b1, float *acc_out) {
-    (void)sa;
-    const int64_t bb = 2 * IL + IL * QK;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc = _mm256_loadu_ps(acc_out);
-    const uint8_t *pf = wg + b0 * bb + PREFETCH;
-    for (int64_t b = b0; b < b1; b++) {
-        const uint8_t *blk = wg + b * bb;
-        for (; pf < blk + bb + PREFETCH; pf += 64) _mm_prefetch((const char *)pf, _MM_HINT_T0);
-        const __m256i a = _mm256_loadu_si256((const __m256i *)(qa + b * QK));
-        const __m256i *q = (const __m256i *)(blk + 2 * IL);
-        __m256i s = reduce8_epi32(
-            dot_i8(_mm256_loadu_si256(q + 0), a, ones), dot_i8(_mm256_loadu_si256(q + 1), a, ones),
-            dot_i8(_mm256_loadu_si256(q + 2), a, ones), dot_i8(_mm256_loadu_si256(q + 3), a, ones),
-            dot_i8(_mm256_loadu_si256(q + 4), a, ones), dot_i8(_mm256_loadu_si256(q + 5), a, ones),
-            dot_i8(_mm256_loadu_si256(q + 6), a, ones), dot_i8(_mm256_loadu_si256(q + 7), a, ones));
-        __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)), _mm256_set1_ps(da[b]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
-    }
-    _mm256_storeu_ps(acc_out, acc);
-}
-
-/* Two int4 rows per 32-byte load: low nibbles are elements 0..15 of both rows, high
- * nibbles elements 16..31, against the activation's halves broadcast to both lanes. */
-AVX2_FN static inline __m256i dot_q4_pair(const uint8_t *q, __m256i alo, __m256i ahi, __m256i m4, __m256i ones) {
-    __m256i v = _mm256_loadu_si256((const __m256i *)q);
-    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-    __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, alo), _mm256_maddubs_epi16(hi, ahi));
-    return _mm256_madd_epi16(s16, ones); /* lanes 0..3: first row, 4..7: second row */
-}
-
-AVX2_FN static void group_int4_avx2(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
-                                    int64_t b0, int64_t b1, float *acc_out) {
-    const int64_t bb = 2 * IL + IL * QK / 2;
-    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(15);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    __m256 acc = _mm256_loadu_ps(acc_out);
-    const uint8_t *pf = wg + b0 * bb + PREFETCH;
-    for (int64_t b = b0; b < b1; b++) {
-        const uint8_t *blk = wg + b * bb;
-        for (; pf < blk + bb + PREFETCH; pf += 64) _mm_prefetch((const char *)pf, _MM_HINT_T0);
-        const __m256i a = _mm256_loadu_si256((const __m256i *)(qa + b * QK));
-        const __m256i alo = _mm256_permute2x128_si256(a, a, 0x00), ahi = _mm256_permute2x128_si256(a, a, 0x11);
-        const uint8_t *q = blk + 2 * IL;
-        __m256i p01 = dot_q4_pair(q, alo, ahi, m4, ones), p23 = dot_q4_pair(q + 32, alo, ahi, m4, ones);
-        __m256i p45 = dot_q4_pair(q + 64, alo, ahi, m4, ones), p67 = dot_q4_pair(q + 96, alo, ahi, m4, ones);
-        /* hadd lanes come out as rows [0 2 4 6 | 1 3 5 7] */
-        __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(p01, p23), _mm256_hadd_epi32(p45, p67));
-        s = _mm256_sub_epi32(_mm256_permutevar8x32_epi32(s, order), _mm256_set1_epi32(8 * sa[b]));
-        __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)), _mm256_set1_ps(da[b]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
-    }
-    _mm256_storeu_ps(acc_out, acc);
+/* The dot products of one block, per instruction set; the group loops below are shared.
+ *
+ * int8 x int8 -> int32 lane sums: maddubs (and dpbusd) want one unsigned operand, so take
+ * |w| and move w's sign onto a (exact for w = -128 too: |w| reads as 128 unsigned). */
+AVX2_FN static inline __m256i dot_i8_avx2(__m256i w, __m256i a) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)),
+                             _mm256_set1_epi16(1));
 }
 
 /* AVX512-VNNI: dpbusd (unsigned x signed bytes, four products into each int32 lane)
- * replaces maddubs + madd. The reductions and the scaling are the AVX2 kernels'. */
+ * replaces maddubs + madd. */
 VNNI_FN static inline __m256i dot_i8_vnni(__m256i w, __m256i a) {
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
 }
 
-VNNI_FN static void group_int8_vnni(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
-                                    int64_t b0, int64_t b1, float *acc_out) {
-    (void)sa;
-    const int64_t bb = 2 * IL + IL * QK;
-    __m256 acc = _mm256_loadu_ps(acc_out);
-    const uint8_t *pf = wg + b0 * bb + PREFETCH;
-    for (int64_t b = b0; b < b1; b++) {
-        const uint8_t *blk = wg + b * bb;
-        for (; pf < blk + bb + PREFETCH; pf += 64) _mm_prefetch((const char *)pf, _MM_HINT_T0);
-        const __m256i a = _mm256_loadu_si256((const __m256i *)(qa + b * QK));
-        const __m256i *q = (const __m256i *)(blk + 2 * IL);
-        __m256i s = reduce8_epi32(
-            dot_i8_vnni(_mm256_loadu_si256(q + 0), a), dot_i8_vnni(_mm256_loadu_si256(q + 1), a),
-            dot_i8_vnni(_mm256_loadu_si256(q + 2), a), dot_i8_vnni(_mm256_loadu_si256(q + 3), a),
-            dot_i8_vnni(_mm256_loadu_si256(q + 4), a), dot_i8_vnni(_mm256_loadu_si256(q + 5), a),
-            dot_i8_vnni(_mm256_loadu_si256(q + 6), a), dot_i8_vnni(_mm256_loadu_si256(q + 7), a));
-        __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)), _mm256_set1_ps(da[b]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
-    }
-    _mm256_storeu_ps(acc_out, acc);
+/* Two int4 rows per 32-byte load: low nibbles are elements 0..15 of both rows, high
+ * nibbles elements 16..31, against the activation's halves broadcast to both lanes.
+ * Lanes 0..3 hold the first row's sums, 4..7 the second's. */
+AVX2_FN static inline __m256i dot_q4_pair_avx2(const uint8_t *q, __m256i alo, __m256i ahi, __m256i m4) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)q);
+    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, alo), _mm256_maddubs_epi16(hi, ahi));
+    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
 }
 
 VNNI_FN static inline __m256i dot_q4_pair_vnni(const uint8_t *q, __m256i alo, __m256i ahi, __m256i m4) {
@@ -316,28 +251,63 @@ VNNI_FN static inline __m256i dot_q4_pair_vnni(const uint8_t *q, __m256i alo, __
     return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, alo), hi, ahi);
 }
 
-VNNI_FN static void group_int4_vnni(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
-                                    int64_t b0, int64_t b1, float *acc_out) {
-    const int64_t bb = 2 * IL + IL * QK / 2;
-    const __m256i m4 = _mm256_set1_epi8(15);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    __m256 acc = _mm256_loadu_ps(acc_out);
-    const uint8_t *pf = wg + b0 * bb + PREFETCH;
-    for (int64_t b = b0; b < b1; b++) {
-        const uint8_t *blk = wg + b * bb;
-        for (; pf < blk + bb + PREFETCH; pf += 64) _mm_prefetch((const char *)pf, _MM_HINT_T0);
-        const __m256i a = _mm256_loadu_si256((const __m256i *)(qa + b * QK));
-        const __m256i alo = _mm256_permute2x128_si256(a, a, 0x00), ahi = _mm256_permute2x128_si256(a, a, 0x11);
-        const uint8_t *q = blk + 2 * IL;
-        __m256i p01 = dot_q4_pair_vnni(q, alo, ahi, m4), p23 = dot_q4_pair_vnni(q + 32, alo, ahi, m4);
-        __m256i p45 = dot_q4_pair_vnni(q + 64, alo, ahi, m4), p67 = dot_q4_pair_vnni(q + 96, alo, ahi, m4);
-        __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(p01, p23), _mm256_hadd_epi32(p45, p67));
-        s = _mm256_sub_epi32(_mm256_permutevar8x32_epi32(s, order), _mm256_set1_epi32(8 * sa[b]));
-        __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)), _mm256_set1_ps(da[b]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
+/* One group of 8 rows over blocks [b0, b1), accumulated into acc_out[8]: written once as a
+ * macro and instantiated per instruction set (TARGET) with that set's dot product (DOT). */
+#define DEFINE_GROUP_INT8(NAME, TARGET, DOT)                                                                   \
+    TARGET static void NAME(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,           \
+                            int64_t b0, int64_t b1, float *acc_out) {                                          \
+        (void)sa;                                                                                              \
+        const int64_t bb = 2 * IL + IL * QK;                                                                   \
+        __m256 acc = _mm256_loadu_ps(acc_out);                                                                 \
+        const uint8_t *pf = wg + b0 * bb + PREFETCH;                                                           \
+        for (int64_t b = b0; b < b1; b++) {                                                                    \
+            const uint8_t *blk = wg + b * bb;                                                                  \
+            for (; pf < blk + bb + PREFETCH; pf += 64) _mm_prefetch((const char *)pf, _MM_HINT_T0);           \
+            const __m256i a = _mm256_loadu_si256((const __m256i *)(qa + b * QK));                              \
+            const __m256i *q = (const __m256i *)(blk + 2 * IL);                                                \
+            __m256i s = reduce8_epi32(                                                                         \
+                DOT(_mm256_loadu_si256(q + 0), a), DOT(_mm256_loadu_si256(q + 1), a),                          \
+                DOT(_mm256_loadu_si256(q + 2), a), DOT(_mm256_loadu_si256(q + 3), a),                          \
+                DOT(_mm256_loadu_si256(q + 4), a), DOT(_mm256_loadu_si256(q + 5), a),                          \
+                DOT(_mm256_loadu_si256(q + 6), a), DOT(_mm256_loadu_si256(q + 7), a));                         \
+            __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)),               \
+                                         _mm256_set1_ps(da[b]));                                               \
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);                                          \
+        }                                                                                                      \
+        _mm256_storeu_ps(acc_out, acc);                                                                        \
     }
-    _mm256_storeu_ps(acc_out, acc);
-}
+
+#define DEFINE_GROUP_INT4(NAME, TARGET, DOT_PAIR)                                                              \
+    TARGET static void NAME(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,           \
+                            int64_t b0, int64_t b1, float *acc_out) {                                          \
+        const int64_t bb = 2 * IL + IL * QK / 2;                                                               \
+        const __m256i m4 = _mm256_set1_epi8(15);                                                               \
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);                                       \
+        __m256 acc = _mm256_loadu_ps(acc_out);                                                                 \
+        const uint8_t *pf = wg + b0 * bb + PREFETCH;                                                           \
+        for (int64_t b = b0; b < b1; b++) {                                                                    \
+            const uint8_t *blk = wg + b * bb;                                                                  \
+            for (; pf < blk + bb + PREFETCH; pf += 64) _mm_prefetch((const char *)pf, _MM_HINT_T0);           \
+            const __m256i a = _mm256_loadu_si256((const __m256i *)(qa + b * QK));                              \
+            const __m256i alo = _mm256_permute2x128_si256(a, a, 0x00);                                         \
+            const __m256i ahi = _mm256_permute2x128_si256(a, a, 0x11);                                         \
+            const uint8_t *q = blk + 2 * IL;                                                                   \
+            __m256i p01 = DOT_PAIR(q, alo, ahi, m4), p23 = DOT_PAIR(q + 32, alo, ahi, m4);                     \
+            __m256i p45 = DOT_PAIR(q + 64, alo, ahi, m4), p67 = DOT_PAIR(q + 96, alo, ahi, m4);                \
+            /* hadd lanes come out as rows [0 2 4 6 | 1 3 5 7] */                                              \
+            __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(p01, p23), _mm256_hadd_epi32(p45, p67));           \
+            s = _mm256_sub_epi32(_mm256_permutevar8x32_epi32(s, order), _mm256_set1_epi32(8 * sa[b]));         \
+            __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)),               \
+                                         _mm256_set1_ps(da[b]));                                               \
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);                                          \
+        }                                                                                                      \
+        _mm256_storeu_ps(acc_out, acc);                                                                        \
+    }
+
+DEFINE_GROUP_INT8(group_int8_avx2, AVX2_FN, dot_i8_avx2)
+DEFINE_GROUP_INT8(group_int8_vnni, VNNI_FN, dot_i8_vnni)
+DEFINE_GROUP_INT4(group_int4_avx2, AVX2_FN, dot_q4_pair_avx2)
+DEFINE_GROUP_INT4(group_int4_vnni, VNNI_FN, dot_q4_pair_vnni)
 
 static int cpu_has_avx2(void) {
     static int cached = -1;
