@@ -8,14 +8,18 @@
  *
  *     packed[G = ceil(N/8)][B = K/32][16 + 8 * QB] bytes
  *       bytes 0..15   the 8 rows' scales d, fp16
- *       bytes 16..    the 8 rows' quants, QB bytes each:
+ *       bytes 16..    the 8 rows' quants, QB bytes each, interleaved 4 bytes at a time:
+ *                     quant byte j of row r sits at 32 * (j / 4) + 4 * r + j % 4
  *                     int8: QB = 32, q[j] int8, value = d * q[j]              (llama.cpp Q8_0)
  *                     int4: QB = 16, byte j holds element j (low nibble) and
  *                           element j+16 (high nibble), value = d * (nibble - 8) (llama.cpp Q4_0)
  *
  * So each 8-row group is one contiguous stream and a thread's share of rows is one
  * sequential read; the per-row blocks are byte-for-byte llama.cpp's Q8_0/Q4_0 blocks
- * (scale moved next to its neighbours'), which lets GGUF tensors be repacked, not requantized.
+ * (scale moved next to its neighbours', quants interleaved), which lets GGUF tensors be
+ * repacked, not requantized. The 4-byte interleave makes lane r of a 32-byte load hold
+ * row r's bytes: one dot-product instruction against 4 activation bytes broadcast to every
+ * lane adds 4 products into each row's own lane, and no horizontal sums are needed.
  *
  * Activations are quantized per block of 32 to int8 with an fp32 scale (as llama.cpp does
  * for its Q8_0 dot products; round half to even), so a block's dot product is exact integer
@@ -135,6 +139,9 @@ static void quantize_act_scalar(const float *x, int64_t K, int8_t *qa, float *da
  * Scalar kernels: one 8-row group against one activation row, blocks [b0, b1), adding
  * into acc[8].
  */
+/* Row r's quant byte j within a group block's quants (see the layout at the top). */
+static inline int64_t quant_offset(int r, int j) { return 32 * (j >> 2) + 4 * r + (j & 3); }
+
 static void group_int8_scalar(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
                               int64_t b0, int64_t b1, float *acc) {
     (void)sa;
@@ -142,9 +149,9 @@ static void group_int8_scalar(const uint8_t *wg, const int8_t *qa, const float *
         const uint8_t *blk = wg + b * (2 * IL + IL * QK);
         const int8_t *a = qa + b * QK;
         for (int r = 0; r < IL; r++) {
-            const int8_t *q = (const int8_t *)(blk + 2 * IL + r * QK);
+            const int8_t *q = (const int8_t *)(blk + 2 * IL);
             int32_t s = 0;
-            for (int j = 0; j < QK; j++) s += q[j] * a[j];
+            for (int j = 0; j < QK; j++) s += q[quant_offset(r, j)] * a[j];
             acc[r] += (float)s * (half_to_float(load_u16(blk + 2 * r)) * da[b]);
         }
     }
@@ -156,11 +163,12 @@ static void group_int4_scalar(const uint8_t *wg, const int8_t *qa, const float *
         const uint8_t *blk = wg + b * (2 * IL + IL * QK / 2);
         const int8_t *a = qa + b * QK;
         for (int r = 0; r < IL; r++) {
-            const uint8_t *q = blk + 2 * IL + r * (QK / 2);
-            int8_t w[QK]; /* unpacked first: both loops then vectorize (SSE2 at least) */
-            for (int j = 0; j < QK / 2; j++) w[j] = (int8_t)(q[j] & 15), w[j + QK / 2] = (int8_t)(q[j] >> 4);
+            const uint8_t *q = blk + 2 * IL;
             int32_t s = 0;
-            for (int j = 0; j < QK; j++) s += w[j] * a[j];
+            for (int j = 0; j < QK / 2; j++) {
+                uint8_t v = q[quant_offset(r, j)];
+                s += (v & 15) * a[j] + (v >> 4) * a[j + QK / 2];
+            }
             s -= 8 * sa[b];
             acc[r] += (float)s * (half_to_float(load_u16(blk + 2 * r)) * da[b]);
         }
@@ -211,65 +219,65 @@ AVX2_FN static void quantize_act_avx2(const float *x, int64_t K, int8_t *qa, flo
     }
 }
 
-/* [p0..p7] (lane sums of 8 rows) -> one vector whose lane r is row r's total */
-AVX2_FN static inline __m256i reduce8_epi32(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __m256i p4,
-                                            __m256i p5, __m256i p6, __m256i p7) {
-    __m256i s0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
-    __m256i s4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(p4, p5), _mm256_hadd_epi32(p6, p7));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(s0123, s4567, 0x20),
-                            _mm256_permute2x128_si256(s0123, s4567, 0x31));
-}
-
-/* The dot products of one block, per instruction set; the group loops below are shared.
+/* The dot products of one 32-byte chunk of a group block (4 quant bytes of each of the 8
+ * rows, lane r = row r) against 4 activation bytes broadcast to every lane, added into
+ * acc's int32 lanes; per instruction set, the group loops below are shared.
  *
- * int8 x int8 -> int32 lane sums: maddubs (and dpbusd) want one unsigned operand, so take
- * |w| and move w's sign onto a (exact for w = -128 too: |w| reads as 128 unsigned). */
-AVX2_FN static inline __m256i dot_i8_avx2(__m256i w, __m256i a) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)),
-                             _mm256_set1_epi16(1));
+ * int8: maddubs (and dpbusd) want one unsigned operand, so take |w| and move w's sign
+ * onto a (exact for w = -128 too: |w| reads as 128 unsigned). */
+AVX2_FN static inline __m256i dot_i8_avx2(__m256i acc, __m256i w, __m256i a) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w),
+                                                                        _mm256_sign_epi8(a, w)),
+                                                   _mm256_set1_epi16(1)));
 }
 
 /* AVX512-VNNI: dpbusd (unsigned x signed bytes, four products into each int32 lane)
- * replaces maddubs + madd. */
-VNNI_FN static inline __m256i dot_i8_vnni(__m256i w, __m256i a) {
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+ * replaces maddubs + madd + add. */
+VNNI_FN static inline __m256i dot_i8_vnni(__m256i acc, __m256i w, __m256i a) {
+    return _mm256_dpbusd_epi32(acc, _mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
 }
 
-/* Two int4 rows per 32-byte load: low nibbles are elements 0..15 of both rows, high
- * nibbles elements 16..31, against the activation's halves broadcast to both lanes.
- * Lanes 0..3 hold the first row's sums, 4..7 the second's. */
-AVX2_FN static inline __m256i dot_q4_pair_avx2(const uint8_t *q, __m256i alo, __m256i ahi, __m256i m4) {
-    __m256i v = _mm256_loadu_si256((const __m256i *)q);
+/* int4: the low nibbles are elements 4c..4c+3 of each row, the high nibbles 16 further on
+ * (alo, ahi: those activation bytes, broadcast). Nibbles are unsigned already. */
+AVX2_FN static inline __m256i dot_q4_avx2(__m256i acc, __m256i v, __m256i alo, __m256i ahi) {
+    const __m256i m4 = _mm256_set1_epi8(15);
     __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    /* pair sums are at most 2 * 15 * 127 each, so the two halves add in int16 */
     __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, alo), _mm256_maddubs_epi16(hi, ahi));
-    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
 }
 
-VNNI_FN static inline __m256i dot_q4_pair_vnni(const uint8_t *q, __m256i alo, __m256i ahi, __m256i m4) {
-    __m256i v = _mm256_loadu_si256((const __m256i *)q);
+VNNI_FN static inline __m256i dot_q4_vnni(__m256i acc, __m256i v, __m256i alo, __m256i ahi) {
+    const __m256i m4 = _mm256_set1_epi8(15);
     __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, alo), hi, ahi);
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, lo, alo), hi, ahi);
 }
+
+static inline int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+#define CHUNK(q, c) _mm256_loadu_si256((const __m256i *)((q) + 32 * (c)))
+#define BCAST4(a, j) _mm256_set1_epi32(load_i32((a) + (j)))
 
 /* One group of 8 rows over blocks [b0, b1), accumulated into acc_out[8]: written once as a
- * macro and instantiated per instruction set (TARGET) with that set's dot product (DOT). */
+ * macro and instantiated per instruction set (TARGET) with that set's dot product (DOT).
+ * Independent partial sums keep the dot products' latency chains short. */
 #define DEFINE_GROUP_INT8(NAME, TARGET, DOT)                                                                   \
     TARGET static void NAME(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,           \
                             int64_t b0, int64_t b1, float *acc_out) {                                          \
         (void)sa;                                                                                              \
         const int64_t bb = 2 * IL + IL * QK;                                                                   \
+        const __m256i z = _mm256_setzero_si256();                                                              \
         __m256 acc = _mm256_loadu_ps(acc_out);                                                                 \
         const uint8_t *pf = wg + b0 * bb + PREFETCH;                                                           \
         for (int64_t b = b0; b < b1; b++) {                                                                    \
-            const uint8_t *blk = wg + b * bb;                                                                  \
+            const uint8_t *blk = wg + b * bb, *q = blk + 2 * IL;                                               \
             for (; pf < blk + bb + PREFETCH; pf += 64) _mm_prefetch((const char *)pf, _MM_HINT_T0);           \
-            const __m256i a = _mm256_loadu_si256((const __m256i *)(qa + b * QK));                              \
-            const __m256i *q = (const __m256i *)(blk + 2 * IL);                                                \
-            __m256i s = reduce8_epi32(                                                                         \
-                DOT(_mm256_loadu_si256(q + 0), a), DOT(_mm256_loadu_si256(q + 1), a),                          \
-                DOT(_mm256_loadu_si256(q + 2), a), DOT(_mm256_loadu_si256(q + 3), a),                          \
-                DOT(_mm256_loadu_si256(q + 4), a), DOT(_mm256_loadu_si256(q + 5), a),                          \
-                DOT(_mm256_loadu_si256(q + 6), a), DOT(_mm256_loadu_si256(q + 7), a));                         \
+            const int8_t *a = qa + b * QK;                                                                     \
+            __m256i s0 = DOT(DOT(z, CHUNK(q, 0), BCAST4(a, 0)), CHUNK(q, 1), BCAST4(a, 4));                    \
+            __m256i s1 = DOT(DOT(z, CHUNK(q, 2), BCAST4(a, 8)), CHUNK(q, 3), BCAST4(a, 12));                   \
+            __m256i s2 = DOT(DOT(z, CHUNK(q, 4), BCAST4(a, 16)), CHUNK(q, 5), BCAST4(a, 20));                  \
+            __m256i s3 = DOT(DOT(z, CHUNK(q, 6), BCAST4(a, 24)), CHUNK(q, 7), BCAST4(a, 28));                  \
+            __m256i s = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));                  \
             __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)),               \
                                          _mm256_set1_ps(da[b]));                                               \
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);                                          \
@@ -277,26 +285,23 @@ VNNI_FN static inline __m256i dot_q4_pair_vnni(const uint8_t *q, __m256i alo, __
         _mm256_storeu_ps(acc_out, acc);                                                                        \
     }
 
-#define DEFINE_GROUP_INT4(NAME, TARGET, DOT_PAIR)                                                              \
+#define DEFINE_GROUP_INT4(NAME, TARGET, DOT)                                                                   \
     TARGET static void NAME(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,           \
                             int64_t b0, int64_t b1, float *acc_out) {                                          \
         const int64_t bb = 2 * IL + IL * QK / 2;                                                               \
-        const __m256i m4 = _mm256_set1_epi8(15);                                                               \
-        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);                                       \
+        const __m256i z = _mm256_setzero_si256();                                                              \
         __m256 acc = _mm256_loadu_ps(acc_out);                                                                 \
         const uint8_t *pf = wg + b0 * bb + PREFETCH;                                                           \
         for (int64_t b = b0; b < b1; b++) {                                                                    \
-            const uint8_t *blk = wg + b * bb;                                                                  \
+            const uint8_t *blk = wg + b * bb, *q = blk + 2 * IL;                                               \
             for (; pf < blk + bb + PREFETCH; pf += 64) _mm_prefetch((const char *)pf, _MM_HINT_T0);           \
-            const __m256i a = _mm256_loadu_si256((const __m256i *)(qa + b * QK));                              \
-            const __m256i alo = _mm256_permute2x128_si256(a, a, 0x00);                                         \
-            const __m256i ahi = _mm256_permute2x128_si256(a, a, 0x11);                                         \
-            const uint8_t *q = blk + 2 * IL;                                                                   \
-            __m256i p01 = DOT_PAIR(q, alo, ahi, m4), p23 = DOT_PAIR(q + 32, alo, ahi, m4);                     \
-            __m256i p45 = DOT_PAIR(q + 64, alo, ahi, m4), p67 = DOT_PAIR(q + 96, alo, ahi, m4);                \
-            /* hadd lanes come out as rows [0 2 4 6 | 1 3 5 7] */                                              \
-            __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(p01, p23), _mm256_hadd_epi32(p45, p67));           \
-            s = _mm256_sub_epi32(_mm256_permutevar8x32_epi32(s, order), _mm256_set1_epi32(8 * sa[b]));         \
+            const int8_t *a = qa + b * QK;                                                                     \
+            __m256i s0 = DOT(DOT(z, CHUNK(q, 0), BCAST4(a, 0), BCAST4(a, 16)), CHUNK(q, 1), BCAST4(a, 4),      \
+                             BCAST4(a, 20));                                                                   \
+            __m256i s1 = DOT(DOT(z, CHUNK(q, 2), BCAST4(a, 8), BCAST4(a, 24)), CHUNK(q, 3), BCAST4(a, 12),     \
+                             BCAST4(a, 28));                                                                   \
+            /* nibbles are stored as n = q + 8: subtract 8 * (the activation block's sum) */                   \
+            __m256i s = _mm256_sub_epi32(_mm256_add_epi32(s0, s1), _mm256_set1_epi32(8 * sa[b]));              \
             __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)),               \
                                          _mm256_set1_ps(da[b]));                                               \
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);                                          \
@@ -306,8 +311,8 @@ VNNI_FN static inline __m256i dot_q4_pair_vnni(const uint8_t *q, __m256i alo, __
 
 DEFINE_GROUP_INT8(group_int8_avx2, AVX2_FN, dot_i8_avx2)
 DEFINE_GROUP_INT8(group_int8_vnni, VNNI_FN, dot_i8_vnni)
-DEFINE_GROUP_INT4(group_int4_avx2, AVX2_FN, dot_q4_pair_avx2)
-DEFINE_GROUP_INT4(group_int4_vnni, VNNI_FN, dot_q4_pair_vnni)
+DEFINE_GROUP_INT4(group_int4_avx2, AVX2_FN, dot_q4_avx2)
+DEFINE_GROUP_INT4(group_int4_vnni, VNNI_FN, dot_q4_vnni)
 
 static int cpu_has_avx2(void) {
     static int cached = -1;
@@ -333,15 +338,18 @@ static int cpu_has_vnni(void) { return 0; }
 #endif
 
 /* ---------------------------------------------------------------------------------------
- * Driver: quantize the activation rows, then split the row groups into one contiguous
- * range per thread (a static schedule: each thread streams its own part of the weights).
+ * Driver: quantize the activation rows once, then split the row groups of all the matrices
+ * into one contiguous range per thread (a static schedule: each thread streams its own part
+ * of the weights). Several matrices that share an input (a layer's q/k/v, gate/up) thus
+ * cost one parallel region and one activation quantization.
  */
 typedef void (*quant_fn)(const float *, int64_t, int8_t *, float *, int32_t *);
 typedef void (*group_fn)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, int64_t, float *);
 
+/* Groups [g0, g1) of one matrix with N rows into its output columns y[m * ldy + n]. */
 static void run_groups(group_fn fn, const uint8_t *w, int64_t gbytes, const int8_t *qa,
                        const float *da, const int32_t *sa, int64_t M, int64_t K, int64_t N, float *y,
-                       int64_t g0, int64_t g1, float *acc /* [M][8] */) {
+                       int64_t ldy, int64_t g0, int64_t g1, float *acc /* [M][8] */) {
     const int64_t B = K / QK;
     const int64_t kc = M == 1 ? B : KCHUNK; /* several rows: keep a weight chunk in L1 across them */
     for (int64_t g = g0; g < g1; g++) {
@@ -352,21 +360,29 @@ static void run_groups(group_fn fn, const uint8_t *w, int64_t gbytes, const int8
             for (int64_t m = 0; m < M; m++) fn(wg, qa + m * K, da + m * B, sa + m * B, b0, b1, acc + m * IL);
         }
         int64_t rows = N - g * IL < IL ? N - g * IL : IL;
-        for (int64_t m = 0; m < M; m++) memcpy(y + m * N + g * IL, acc + m * IL, sizeof(float) * rows);
+        for (int64_t m = 0; m < M; m++) memcpy(y + m * ldy + g * IL, acc + m * IL, sizeof(float) * rows);
     }
 }
 
-EXPORT int mistol_kernels_abi(void) { return 1; }
+EXPORT int mistol_kernels_abi(void) { return 2; }
 
 EXPORT int mistol_best_impl(void) { return cpu_has_vnni() ? IMPL_VNNI : cpu_has_avx2() ? IMPL_AVX2 : IMPL_SCALAR; }
 
-/* y[M][N] = x[M][K] @ W^T, W packed as described at the top. Returns 0 or a negative error. */
-EXPORT int mistol_gemm(int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y,
-                       int nthreads, int impl) {
+/* For i < count: y[:, cols of matrix i] = x[M][K] @ W_i^T, W_i (N_i rows) packed as described
+ * at the top; matrix i's outputs start at column sum(N_0..N_{i-1}) of y, whose rows are ldy
+ * floats apart. Returns 0 or a negative error. */
+EXPORT int mistol_gemm_many(int fmt, const float *x, int64_t M, int64_t K, int count, const uint8_t *const *ws,
+                            const int64_t *ns, float *y, int64_t ldy, int nthreads, int impl) {
     if (fmt != FMT_INT8 && fmt != FMT_INT4) return ERR_FMT;
     if (K <= 0 || K % QK != 0) return ERR_K;
-    if (M < 0 || N < 0) return ERR_ARG;
-    if (M == 0 || N == 0) return OK;
+    if (M < 0 || count < 0) return ERR_ARG;
+    int64_t G = 0, cols = 0;
+    for (int i = 0; i < count; i++) {
+        if (ns[i] < 0) return ERR_ARG;
+        G += (ns[i] + IL - 1) / IL, cols += ns[i];
+    }
+    if (ldy < cols) return ERR_ARG;
+    if (M == 0 || G == 0) return OK;
     if (impl == IMPL_AUTO) impl = mistol_best_impl();
     if ((impl == IMPL_AVX2 && !cpu_has_avx2()) || (impl == IMPL_VNNI && !cpu_has_vnni())) return ERR_IMPL;
 
@@ -381,7 +397,7 @@ EXPORT int mistol_gemm(int fmt, const float *x, int64_t M, int64_t K, const uint
         group = fmt == FMT_INT8 ? group_int8_vnni : group_int4_vnni;
     }
 #endif
-    const int64_t B = K / QK, G = (N + IL - 1) / IL;
+    const int64_t B = K / QK;
     const int64_t gbytes = B * group_block_bytes(fmt);
     if (nthreads > G) nthreads = (int)G;
     if (nthreads < 1 || G * gbytes * M < SERIAL_BYTES) nthreads = 1;
@@ -407,11 +423,26 @@ EXPORT int mistol_gemm(int fmt, const float *x, int64_t M, int64_t K, const uint
 #else
         int t = 0, nt = 1;
 #endif
-        int64_t g0 = G * t / nt, g1 = G * (t + 1) / nt;
-        run_groups(group, w, gbytes, qa, da, sa, M, K, N, y, g0, g1, acc + (int64_t)t * IL * M);
+        /* this thread's share of all the groups, walked matrix by matrix */
+        const int64_t start = G * t / nt, end = G * (t + 1) / nt;
+        int64_t first = 0, col = 0;
+        for (int i = 0; i < count && first < end; i++) {
+            const int64_t gi = (ns[i] + IL - 1) / IL;
+            const int64_t g0 = start > first ? start - first : 0, g1 = end - first < gi ? end - first : gi;
+            if (g0 < g1)
+                run_groups(group, ws[i], gbytes, qa, da, sa, M, K, ns[i], y + col, ldy, g0, g1,
+                           acc + (int64_t)t * IL * M);
+            first += gi, col += ns[i];
+        }
     }
     free(qa), free(da), free(sa), free(acc);
     return OK;
+}
+
+/* y[M][N] = x[M][K] @ W^T: one matrix (mistol_gemm_many with count 1). */
+EXPORT int mistol_gemm(int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y,
+                       int nthreads, int impl) {
+    return mistol_gemm_many(fmt, x, M, K, 1, &w, &N, y, N, nthreads, impl);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -486,20 +517,25 @@ EXPORT int mistol_quantize(int fmt, const void *x, int xtype, int64_t n, int64_t
         for (int64_t b = 0; b < B; b++) {
             for (int64_t i = 0; i < rows; i++) {
                 uint8_t *d_out, *q_out;
-                if (packed) {
+                uint8_t row_q[QK];
+                if (packed) { /* quantize into row_q, then interleave (see the layout at the top) */
                     d_out = out + (u * B + b) * gbb + 2 * i;
-                    q_out = out + (u * B + b) * gbb + 2 * IL + i * qb;
+                    q_out = row_q;
                 } else {
                     d_out = out + (u * B + b) * (2 + qb);
                     q_out = d_out + 2;
                 }
                 if (r0 + i >= n) { /* padding row: zero scale and quants read as zero weights */
                     memset(d_out, 0, 2), memset(q_out, 0, (size_t)qb);
-                    continue;
+                } else {
+                    load_block(x, xtype, (r0 + i) * K + b * QK, buf);
+                    if (fmt == FMT_INT8) quantize_q8_0_block(buf, d_out, q_out);
+                    else quantize_q4_0_block(buf, d_out, q_out);
                 }
-                load_block(x, xtype, (r0 + i) * K + b * QK, buf);
-                if (fmt == FMT_INT8) quantize_q8_0_block(buf, d_out, q_out);
-                else quantize_q4_0_block(buf, d_out, q_out);
+                if (packed) {
+                    uint8_t *dst = out + (u * B + b) * gbb + 2 * IL;
+                    for (int64_t j = 0; j < qb; j += 4) memcpy(dst + quant_offset((int)i, (int)j), q_out + j, 4);
+                }
             }
         }
     }

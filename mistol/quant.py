@@ -9,8 +9,9 @@ exactly as llama.cpp does (same rounding, same bytes):
   (low nibble) and j + 16 (high nibble); 18 bytes per block.
 
 `QuantizedLinear` keeps them repacked for the CPU kernels (`mistol.kernels`): rows in
-groups of 8, the 8 rows' blocks of the same inputs side by side (scales first), so that
-a thread reads its rows as one sequential stream:
+groups of 8, the 8 rows' blocks of the same inputs side by side (scales first, then the
+quants interleaved 4 bytes at a time, so that a 32-byte load holds 4 bytes of each row),
+and a thread reads its rows as one sequential stream:
 
     packed: uint8 [ceil(N/8), K/32, 16 + 8 * (32 | 16)]
 
@@ -22,8 +23,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -124,8 +125,16 @@ def pack_ggml(blocks: torch.Tensor, fmt: str, out: torch.Tensor | None = None) -
     if out is None:
         out = torch.empty(groups, nb, f.group_block_bytes, dtype=torch.uint8)
     out[..., : 2 * INTERLEAVE] = g[..., :2].reshape(groups, nb, 2 * INTERLEAVE)
-    out[..., 2 * INTERLEAVE :] = g[..., 2:].reshape(groups, nb, INTERLEAVE * f.quant_bytes)
+    quants = g[..., 2:].reshape(groups, nb, INTERLEAVE, f.quant_bytes // 4, 4).transpose(2, 3)
+    out[..., 2 * INTERLEAVE :] = quants.reshape(groups, nb, INTERLEAVE * f.quant_bytes)
     return out
+
+
+def _row_quants(packed: torch.Tensor, quant_bytes: int) -> torch.Tensor:
+    """Our layout's quants -> [G, B, 8, quant_bytes]: each row's bytes in llama.cpp's order."""
+    groups, nb, _ = packed.shape
+    quants = packed[..., 2 * INTERLEAVE :].reshape(groups, nb, quant_bytes // 4, INTERLEAVE, 4)
+    return quants.transpose(2, 3).reshape(groups, nb, INTERLEAVE, quant_bytes)
 
 
 def unpack_ggml(packed: torch.Tensor, n: int, fmt: str) -> torch.Tensor:
@@ -133,8 +142,7 @@ def unpack_ggml(packed: torch.Tensor, n: int, fmt: str) -> torch.Tensor:
     f = _format(fmt)
     groups, nb, _ = packed.shape
     scales = packed[..., : 2 * INTERLEAVE].reshape(groups, nb, INTERLEAVE, 2)
-    quants = packed[..., 2 * INTERLEAVE :].reshape(groups, nb, INTERLEAVE, f.quant_bytes)
-    blocks = torch.cat((scales, quants), dim=-1).transpose(1, 2)  # [G, 8, B, bb]
+    blocks = torch.cat((scales, _row_quants(packed, f.quant_bytes)), dim=-1).transpose(1, 2)  # [G, 8, B, bb]
     return blocks.reshape(groups * INTERLEAVE, nb, f.ggml_block_bytes)[:n]
 
 
@@ -142,7 +150,7 @@ def _dequantize_packed(packed: torch.Tensor, fmt: str, dtype: torch.dtype) -> to
     """Our layout (any device) -> [groups * 8, K] in `dtype`, padding rows included."""
     groups, nb, _ = packed.shape
     d = packed[..., : 2 * INTERLEAVE].contiguous().view(torch.float16).to(dtype)  # [G, B, 8]
-    qs = packed[..., 2 * INTERLEAVE :].reshape(groups, nb, INTERLEAVE, -1)
+    qs = _row_quants(packed, _format(fmt).quant_bytes)
     if fmt == "int8":
         q = qs.view(torch.int8).to(dtype)
     else:
@@ -221,18 +229,23 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.device.type == "cpu" and x2.shape[0] >= BF16_MIN_ROWS[self.fmt] and native_bf16():
+        if self._bf16_prefill(x2):
             # Prefill: compute-bound, and a CPU with bf16 dot-product instructions multiplies
             # bf16 about twice as fast as our int8 kernels do (and a little more exactly).
             y = self._matmul_dequantized(x2, torch.bfloat16)
-        elif x2.device.type == "cpu" and kernels.available():
-            if x2.dtype != torch.float32 or not x2.is_contiguous():  # (a decode step: skip no-op calls)
-                x2 = x2.to(torch.float32).contiguous()
-            y = kernels.gemm(self.fmt, x2, self.packed, self.out_features)
+        elif self._on_kernels(x2):
+            y = kernels.gemm(self.fmt, _kernel_input(x2), self.packed, self.out_features)
         else:
             y = self._matmul_dequantized(x2)
         y = y.view(x.shape[:-1] + (self.out_features,))
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _bf16_prefill(self, x2: torch.Tensor) -> bool:
+        return x2.device.type == "cpu" and x2.shape[0] >= BF16_MIN_ROWS[self.fmt] and native_bf16()
+
+    def _on_kernels(self, x2: torch.Tensor) -> bool:
+        """Whether the product with these input rows runs on mistol's compiled kernels."""
+        return x2.device.type == "cpu" and not self._bf16_prefill(x2) and kernels.available()
 
     def _matmul_dequantized(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         # Dequantize a slab of rows at a time: memory stays near the quantized size.
@@ -260,6 +273,26 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+def _kernel_input(x2: torch.Tensor) -> torch.Tensor:
+    if x2.dtype != torch.float32 or not x2.is_contiguous():  # (a decode step: skip no-op calls)
+        x2 = x2.to(torch.float32).contiguous()
+    return x2
+
+
+def linear_many(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
+    """The outputs of bias-free linear layers that share an input, side by side:
+    [..., sum of out_features]. Quantized layers of one format on the CPU kernels run as one
+    kernel call (one parallel region, one quantization of x); other layers run one by one."""
+    first = layers[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    if (isinstance(first, QuantizedLinear) and first._on_kernels(x2)
+            and all(isinstance(layer, QuantizedLinear) and layer.fmt == first.fmt for layer in layers)):
+        y = kernels.gemm_many(first.fmt, _kernel_input(x2), [(layer.packed, layer.out_features) for layer in layers])
+        y = y.view(x.shape[:-1] + (y.shape[-1],))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+    return torch.cat([layer(x) for layer in layers], dim=-1)
 
 
 def quantize_linear(

@@ -198,6 +198,32 @@ def test_vnni_and_avx2_give_the_same_bits(fmt):
         assert torch.equal(avx2, vnni)
 
 
+@needs_kernels
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", FMTS)
+def test_several_matrices_in_one_call_equal_separate_calls(impl, fmt):
+    """A layer's q/k/v (gate/up) run as one kernel call: the same bits as one call each,
+    whatever the row counts (odd ones split a thread's share across matrices)."""
+    torch.manual_seed(8)
+    layers = [quantize_linear(torch.randn(n, 256) * 0.05, fmt) for n in (64, 13, 40, 8, 129)]
+    for rows in (1, 3):
+        x = torch.randn(2, rows, 256)
+        with kernels.use(impl):
+            together = quant.linear_many(x, layers)
+            apart = torch.cat([layer(x) for layer in layers], dim=-1)
+        assert together.shape == (2, rows, 64 + 13 + 40 + 8 + 129)
+        assert torch.equal(together, apart)
+
+
+def test_linear_many_falls_back_to_one_call_per_layer():
+    torch.manual_seed(9)
+    linears = [torch.nn.Linear(64, n, bias=False) for n in (32, 16)]
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(quant.linear_many(x, linears), torch.cat([x @ l.weight.T for l in linears], dim=-1))
+    mixed = [quantize_linear(linears[0], "int8"), quantize_linear(linears[1], "int4")]  # formats differ
+    torch.testing.assert_close(quant.linear_many(x, mixed), torch.cat([layer(x) for layer in mixed], dim=-1))
+
+
 def test_module_shapes_dtypes_and_memory():
     torch.manual_seed(5)
     linear = torch.nn.Linear(64, 40, bias=False)

@@ -46,7 +46,7 @@ def _load() -> ctypes.CDLL | None:
         if spec is None or not spec.origin:
             raise OSError("mistol/_kernels*.so is not built (reinstall with `pip install -e .` and a C compiler)")
         lib = ctypes.CDLL(spec.origin)
-        if lib.mistol_kernels_abi() != 1:
+        if lib.mistol_kernels_abi() != 2:
             raise OSError(f"{spec.origin}: stale build (ABI {lib.mistol_kernels_abi()}); reinstall mistol")
     except (OSError, AttributeError) as e:
         _load_error = str(e)
@@ -54,6 +54,8 @@ def _load() -> ctypes.CDLL | None:
     i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.mistol_gemm.argtypes = [c_int, vp, i64, i64, vp, i64, vp, c_int, c_int]
     lib.mistol_gemm.restype = c_int
+    lib.mistol_gemm_many.argtypes = [c_int, vp, i64, i64, c_int, vp, vp, vp, i64, c_int, c_int]
+    lib.mistol_gemm_many.restype = c_int
     lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
     lib.mistol_quantize.restype = c_int
     lib.mistol_best_impl.restype = c_int
@@ -114,6 +116,21 @@ def gemm(fmt: str, x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tenso
                           torch.get_num_threads(), IMPLS.get(_impl, 0))
     if rc != 0:
         raise RuntimeError(f"mistol_gemm({fmt}, M={m}, K={k}, N={n}): {_ERRORS.get(rc, rc)}")
+    return y
+
+
+def gemm_many(fmt: str, x: torch.Tensor, weights: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """x[M, K] times several packed matrices (packed, n) that share the input, in one call:
+    their outputs side by side, y[M, sum of n]."""
+    m, k = x.shape
+    count = len(weights)
+    ptrs = (ctypes.c_void_p * count)(*(packed.data_ptr() for packed, _ in weights))
+    ns = (ctypes.c_int64 * count)(*(n for _, n in weights))
+    y = torch.empty(m, sum(ns), dtype=torch.float32)
+    rc = _lib.mistol_gemm_many(FORMAT_IDS[fmt], x.data_ptr(), m, k, count, ptrs, ns, y.data_ptr(), y.shape[1],
+                               torch.get_num_threads(), IMPLS.get(_impl, 0))
+    if rc != 0:
+        raise RuntimeError(f"mistol_gemm_many({fmt}, M={m}, K={k}, N={list(ns)}): {_ERRORS.get(rc, rc)}")
     return y
 
 
