@@ -446,6 +446,95 @@ EXPORT int mistol_gemm(int fmt, const float *x, int64_t M, int64_t K, const uint
 }
 
 /* ---------------------------------------------------------------------------------------
+ * Dequantization of packed groups to float32 or bfloat16 rows, for the matmuls of long
+ * prefills (compute-bound: bf16 dot-product instructions outrun the int8 kernels there).
+ * out[groups * 8][K], padding rows included; each value d * q is exact in float32 and
+ * rounded once to bf16 (to nearest even).
+ */
+enum { OUT_F32 = 0, OUT_BF16 = 1 };
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16); /* finite values only */
+}
+
+/* One row's block: 32 int8 values q times d, stored as float32 or bf16. */
+static void dequantize_row_scalar(const int8_t *q, float d, int out_type, void *out) {
+    for (int j = 0; j < QK; j++) {
+        const float v = d * (float)q[j];
+        if (out_type == OUT_F32) ((float *)out)[j] = v;
+        else ((uint16_t *)out)[j] = float_to_bf16(v);
+    }
+}
+
+#ifdef MISTOL_X86
+AVX2_FN static inline __m256i bf16_bits_avx2(__m256 v) { /* float_to_bf16 on 8 lanes, in int32 */
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+}
+
+AVX2_FN static void dequantize_row_avx2(const int8_t *q, float d, int out_type, void *out) {
+    const __m256 vd = _mm256_set1_ps(d);
+    __m256 v[4];
+    for (int i = 0; i < 4; i++)
+        v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * i)))), vd);
+    if (out_type == OUT_F32) {
+        for (int i = 0; i < 4; i++) _mm256_storeu_ps((float *)out + 8 * i, v[i]);
+        return;
+    }
+    for (int i = 0; i < 4; i += 2) { /* packus interleaves 128-bit lanes; the permute restores order */
+        __m256i h = _mm256_packus_epi32(bf16_bits_avx2(v[i]), bf16_bits_avx2(v[i + 1]));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + 8 * i), _mm256_permute4x64_epi64(h, 0xd8));
+    }
+}
+#endif
+
+typedef void (*dequant_row_fn)(const int8_t *, float, int, void *);
+
+/* One group: each row's quants back in row order as int8 values, then scaled and stored. */
+static void dequantize_group(dequant_row_fn row_fn, int fmt, const uint8_t *wg, int64_t B, int64_t K,
+                             int out_type, void *out) {
+    const int64_t gbb = group_block_bytes(fmt), qb = quant_bytes(fmt), esize = out_type == OUT_F32 ? 4 : 2;
+    for (int64_t b = 0; b < B; b++) {
+        const uint8_t *blk = wg + b * gbb;
+        for (int r = 0; r < IL; r++) {
+            uint8_t bytes[QK];
+            int8_t q[QK];
+            for (int j = 0; j < qb; j += 4) memcpy(bytes + j, blk + 2 * IL + quant_offset(r, j), 4);
+            if (fmt == FMT_INT8) {
+                memcpy(q, bytes, QK);
+            } else {
+                for (int j = 0; j < QK / 2; j++) q[j] = (int8_t)((bytes[j] & 15) - 8);
+                for (int j = 0; j < QK / 2; j++) q[j + QK / 2] = (int8_t)((bytes[j] >> 4) - 8);
+            }
+            row_fn(q, half_to_float(load_u16(blk + 2 * r)), out_type, (uint8_t *)out + (r * K + b * QK) * esize);
+        }
+    }
+}
+
+EXPORT int mistol_dequantize(int fmt, const uint8_t *w, int64_t groups, int64_t K, void *out, int out_type,
+                             int nthreads) {
+    if (fmt != FMT_INT8 && fmt != FMT_INT4) return ERR_FMT;
+    if (K <= 0 || K % QK != 0) return ERR_K;
+    if (groups < 0 || (out_type != OUT_F32 && out_type != OUT_BF16)) return ERR_ARG;
+    const int64_t B = K / QK, gbytes = B * group_block_bytes(fmt);
+    const int64_t esize = out_type == OUT_F32 ? 4 : 2;
+    if (nthreads < 1) nthreads = 1;
+    dequant_row_fn row_fn = dequantize_row_scalar;
+#ifdef MISTOL_X86
+    if (cpu_has_avx2()) row_fn = dequantize_row_avx2;
+#endif
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && groups * B > 256)
+#endif
+    for (int64_t g = 0; g < groups; g++)
+        dequantize_group(row_fn, fmt, w + g * gbytes, B, K, out_type, (uint8_t *)out + g * IL * K * esize);
+    return OK;
+}
+
+/* ---------------------------------------------------------------------------------------
  * Weight quantization, bit-exact with llama.cpp's reference quantize_row_q8_0/q4_0.
  * Source rows x[n][K] in fp32, bf16 or fp16 (read straight from a mapped checkpoint);
  * output either llama.cpp's blocks in row order (Q8_0: fp16 d + 32 int8 = 34 bytes; Q4_0:

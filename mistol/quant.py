@@ -146,8 +146,13 @@ def unpack_ggml(packed: torch.Tensor, n: int, fmt: str) -> torch.Tensor:
     return blocks.reshape(groups * INTERLEAVE, nb, f.ggml_block_bytes)[:n]
 
 
-def _dequantize_packed(packed: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
-    """Our layout (any device) -> [groups * 8, K] in `dtype`, padding rows included."""
+def _dequantize_packed(
+    packed: torch.Tensor, fmt: str, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Our layout (any device) -> [groups * 8, K] in `dtype`, padding rows included (into
+    `out` where the compiled kernels do it; otherwise `out` is only a hint)."""
+    if packed.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and kernels.available():
+        return kernels.dequantize(fmt, packed, dtype, out)
     groups, nb, _ = packed.shape
     d = packed[..., : 2 * INTERLEAVE].contiguous().view(torch.float16).to(dtype)  # [G, B, 8]
     qs = _row_quants(packed, _format(fmt).quant_bytes)
@@ -160,9 +165,9 @@ def _dequantize_packed(packed: torch.Tensor, fmt: str, dtype: torch.dtype) -> to
 
 
 # From this many rows (a prefill chunk) a bf16-capable CPU runs bf16 matmuls. Each call first
-# dequantizes the whole weight, a fixed cost that pays off only over enough rows: these are
-# the crossovers measured at 7B shapes on a 2-core AVX512-BF16 machine (int4 unpacks slower).
-BF16_MIN_ROWS = {"int8": 96, "int4": 224}
+# dequantizes the whole weight (in C, slab by slab), a fixed cost that pays off only over
+# enough rows: these are the crossovers measured at 7B shapes on a 2-core AVX512-BF16 machine.
+BF16_MIN_ROWS = {"int8": 112, "int4": 144}
 
 
 @functools.cache
@@ -253,9 +258,13 @@ class QuantizedLinear(nn.Module):
             dtype = torch.float32 if x.device.type == "cpu" or not x.is_floating_point() else x.dtype
         x = x.to(dtype)
         y = torch.empty(x.shape[0], self.packed.shape[0] * INTERLEAVE, dtype=dtype, device=x.device)
+        groups = self.packed.shape[0]
         step = max(1, _CHUNK_ELEMENTS * 4 // (self.in_features * INTERLEAVE))
-        for g0 in range(0, self.packed.shape[0], step):
-            w = _dequantize_packed(self.packed[g0 : g0 + step], self.fmt, dtype)
+        # one buffer for every slab: fresh memory for each would cost page faults
+        scratch = torch.empty(min(step, groups) * INTERLEAVE, self.in_features, dtype=dtype, device=x.device)
+        for g0 in range(0, groups, step):
+            slab = self.packed[g0 : g0 + step]
+            w = _dequantize_packed(slab, self.fmt, dtype, out=scratch[: slab.shape[0] * INTERLEAVE])
             torch.matmul(x, w.T, out=y[:, g0 * INTERLEAVE : g0 * INTERLEAVE + w.shape[0]])
         return y[:, : self.out_features]
 

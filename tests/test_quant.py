@@ -215,6 +215,21 @@ def test_several_matrices_in_one_call_equal_separate_calls(impl, fmt):
         assert torch.equal(together, apart)
 
 
+@needs_kernels
+@pytest.mark.parametrize("fmt", FMTS)
+def test_compiled_dequantization_matches_torch_ops(fmt, monkeypatch):
+    """The prefill path's dequantization in C: float32 values exact, bf16 rounded once."""
+    torch.manual_seed(10)
+    layer = quantize_linear(torch.randn(45, 96), fmt)  # a padded last group
+    f32 = kernels.dequantize(fmt, layer.packed, torch.float32)
+    monkeypatch.setattr(kernels, "_impl", "torch")  # the same function on PyTorch ops
+    torch_f32 = quant._dequantize_packed(layer.packed, fmt, torch.float32)
+    monkeypatch.undo()
+    assert torch.equal(f32, torch_f32)
+    assert torch.equal(f32[45:], torch.zeros(3, 96))
+    assert torch.equal(kernels.dequantize(fmt, layer.packed, torch.bfloat16), f32.to(torch.bfloat16))
+
+
 def test_linear_many_falls_back_to_one_call_per_layer():
     torch.manual_seed(9)
     linears = [torch.nn.Linear(64, n, bias=False) for n in (32, 16)]

@@ -58,6 +58,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mistol_gemm_many.restype = c_int
     lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
     lib.mistol_quantize.restype = c_int
+    lib.mistol_dequantize.argtypes = [c_int, vp, i64, i64, vp, c_int, c_int]
+    lib.mistol_dequantize.restype = c_int
     lib.mistol_best_impl.restype = c_int
     _lib = lib
     return lib
@@ -132,6 +134,23 @@ def gemm_many(fmt: str, x: torch.Tensor, weights: list[tuple[torch.Tensor, int]]
     if rc != 0:
         raise RuntimeError(f"mistol_gemm_many({fmt}, M={m}, K={k}, N={list(ns)}): {_ERRORS.get(rc, rc)}")
     return y
+
+
+_OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def dequantize(fmt: str, packed: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed groups [G, K/32, bytes] (CPU) -> rows [G * 8, K] in float32 or bfloat16
+    (into `out` if given: contiguous, of that shape and dtype)."""
+    groups, nb, _ = packed.shape
+    if out is None:
+        out = torch.empty(groups * 8, nb * 32, dtype=dtype)
+    assert out.shape == (groups * 8, nb * 32) and out.dtype == dtype and out.is_contiguous()
+    rc = _lib.mistol_dequantize(FORMAT_IDS[fmt], packed.data_ptr(), groups, nb * 32, out.data_ptr(),
+                                _OUT_DTYPES[dtype], torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"mistol_dequantize({fmt}, K={nb * 32}): {_ERRORS.get(rc, rc)}")
+    return out
 
 
 _SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
