@@ -446,6 +446,140 @@ EXPORT int mistol_gemm(int fmt, const float *x, int64_t M, int64_t K, const uint
 }
 
 /* ---------------------------------------------------------------------------------------
+ * Float weights (unquantized models): y = x @ W^T for a few rows of x (decode steps), W
+ * [N][K] in float32, bfloat16 or float16 as torch holds it (row-major, no repacking), x and
+ * y float32. Reading W is the whole cost, so each thread streams its own rows once, four
+ * at a time sharing the loads of x, with float32 products and sums (bf16 and f16 values
+ * are exact in float32).
+ */
+enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
+
+
+static inline float dense_value(const void *w, int wtype, int64_t k) {
+    if (wtype == W_F32) return ((const float *)w)[k];
+    const uint16_t h = ((const uint16_t *)w)[k];
+    if (wtype == W_F16) return half_to_float(h);
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static float dense_row_scalar(const uint8_t *row, int wtype, const float *x, const float *xs, int64_t K) {
+    (void)xs;
+    float s = 0.0f;
+    for (int64_t k = 0; k < K; k++) s += dense_value(row, wtype, k) * x[k];
+    return s;
+}
+
+#ifdef MISTOL_X86
+AVX2_FN static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One row against x. Rows are read one after another (a thread's rows are one sequential
+ * stream, which measured faster than interleaving several), 32 values per step into four
+ * accumulators (FMA latency). bf16 values are read 16 per load without shuffles: a 32-bit
+ * lane holds values 2i (low half) and 2i+1 (high half), and a shift or a mask makes each a
+ * float32, so xs holds each 16 values of x as its 8 even ones, then its 8 odd ones. */
+AVX2_FN static inline void dense_load16(const uint8_t *row, int wtype, int64_t k, __m256 *w0, __m256 *w1) {
+    if (wtype == W_BF16) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k));
+        *w0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        *w1 = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+    } else if (wtype == W_F16) {
+        *w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + k)));
+        *w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + k + 8)));
+    } else {
+        *w0 = _mm256_loadu_ps((const float *)row + k);
+        *w1 = _mm256_loadu_ps((const float *)row + k + 8);
+    }
+}
+
+AVX2_FN static float dense_row_avx2(const uint8_t *row, int wtype, const float *x, const float *xs, int64_t K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    __m256 w0, w1, w2, w3;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        dense_load16(row, wtype, k, &w0, &w1);
+        dense_load16(row, wtype, k + 16, &w2, &w3);
+        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs + k), a0);
+        a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xs + k + 8), a1);
+        a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xs + k + 16), a2);
+        a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xs + k + 24), a3);
+    }
+    if (k + 16 <= K) {
+        dense_load16(row, wtype, k, &w0, &w1);
+        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs + k), a0);
+        a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xs + k + 8), a1);
+        k += 16;
+    }
+    float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; k++) s += dense_value(row, wtype, k) * x[k];
+    return s;
+}
+#endif
+
+typedef float (*dense_fn)(const uint8_t *, int, const float *, const float *, int64_t);
+
+/* Like mistol_gemm_many, for float weights: matrix i (N_i rows of K values of type wtype)
+ * writes columns sum(N_0..N_{i-1}) onwards of y, whose rows are ldy floats apart. */
+EXPORT int mistol_dense_many(int wtype, const float *x, int64_t M, int64_t K, int count, const void *const *ws,
+                             const int64_t *ns, float *y, int64_t ldy, int nthreads) {
+    if (wtype < W_F32 || wtype > W_F16 || K <= 0 || M < 0 || count < 0) return ERR_ARG;
+    int64_t N = 0;
+    for (int i = 0; i < count; i++) {
+        if (ns[i] < 0) return ERR_ARG;
+        N += ns[i];
+    }
+    if (ldy < N) return ERR_ARG;
+    if (M == 0 || N == 0) return OK;
+    const int64_t row_bytes = K * (wtype == W_F32 ? 4 : 2);
+    dense_fn fn = dense_row_scalar;
+#ifdef MISTOL_X86
+    if (cpu_has_avx2()) fn = dense_row_avx2;
+#endif
+    /* x as the bf16 loop reads it: each 16 values as the 8 even ones, then the 8 odd ones */
+    float *xs = NULL;
+    if (wtype == W_BF16) {
+        xs = malloc(sizeof(float) * (size_t)(M * K));
+        if (!xs) return ERR_NOMEM;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t k = 0; k + 16 <= K; k += 16)
+                for (int j = 0; j < 8; j++)
+                    xs[m * K + k + j] = x[m * K + k + 2 * j], xs[m * K + k + 8 + j] = x[m * K + k + 2 * j + 1];
+    }
+    if (nthreads > N) nthreads = (int)N;
+    if (nthreads < 1 || N * row_bytes * M < SERIAL_BYTES) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#endif
+    {
+#ifdef _OPENMP
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        int t = 0, nt = 1;
+#endif
+        const int64_t start = N * t / nt, end = N * (t + 1) / nt; /* this thread's rows of all matrices */
+        int64_t first = 0; /* global index of matrix i's first row */
+        for (int i = 0; i < count && first < end; i++) {
+            const int64_t r0 = start > first ? start - first : 0, r1 = end - first < ns[i] ? end - first : ns[i];
+            for (int64_t r = r0; r < r1; r++) {
+                const uint8_t *row = (const uint8_t *)ws[i] + r * row_bytes;
+                for (int64_t m = 0; m < M; m++)
+                    y[m * ldy + first + r] = fn(row, wtype, x + m * K, (xs ? xs : x) + m * K, K);
+            }
+            first += ns[i];
+        }
+    }
+    free(xs);
+    return OK;
+}
+
+/* ---------------------------------------------------------------------------------------
  * Dequantization of packed groups to float32 or bfloat16 rows, for the matmuls of long
  * prefills (compute-bound: bf16 dot-product instructions outrun the int8 kernels there).
  * out[groups * 8][K], padding rows included; each value d * q is exact in float32 and
@@ -478,8 +612,10 @@ AVX2_FN static inline __m256i bf16_bits_avx2(__m256 v) { /* float_to_bf16 on 8 l
 AVX2_FN static void dequantize_row_avx2(const int8_t *q, float d, int out_type, void *out) {
     const __m256 vd = _mm256_set1_ps(d);
     __m256 v[4];
-    for (int i = 0; i < 4; i++)
-        v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * i)))), vd);
+    for (int i = 0; i < 4; i++) {
+        const __m256i q32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * i)));
+        v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(q32), vd);
+    }
     if (out_type == OUT_F32) {
         for (int i = 0; i < 4; i++) _mm256_storeu_ps((float *)out + 8 * i, v[i]);
         return;

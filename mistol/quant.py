@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -239,7 +239,7 @@ class QuantizedLinear(nn.Module):
             # bf16 about twice as fast as our int8 kernels do (and a little more exactly).
             y = self._matmul_dequantized(x2, torch.bfloat16)
         elif self._on_kernels(x2):
-            y = kernels.gemm(self.fmt, _kernel_input(x2), self.packed, self.out_features)
+            y = kernels.gemm(self.fmt, kernel_input(x2), self.packed, self.out_features)
         else:
             y = self._matmul_dequantized(x2)
         y = y.view(x.shape[:-1] + (self.out_features,))
@@ -284,24 +284,10 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
 
 
-def _kernel_input(x2: torch.Tensor) -> torch.Tensor:
+def kernel_input(x2: torch.Tensor) -> torch.Tensor:
     if x2.dtype != torch.float32 or not x2.is_contiguous():  # (a decode step: skip no-op calls)
         x2 = x2.to(torch.float32).contiguous()
     return x2
-
-
-def linear_many(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
-    """The outputs of bias-free linear layers that share an input, side by side:
-    [..., sum of out_features]. Quantized layers of one format on the CPU kernels run as one
-    kernel call (one parallel region, one quantization of x); other layers run one by one."""
-    first = layers[0]
-    x2 = x.reshape(-1, x.shape[-1])
-    if (isinstance(first, QuantizedLinear) and first._on_kernels(x2)
-            and all(isinstance(layer, QuantizedLinear) and layer.fmt == first.fmt for layer in layers)):
-        y = kernels.gemm_many(first.fmt, _kernel_input(x2), [(layer.packed, layer.out_features) for layer in layers])
-        y = y.view(x.shape[:-1] + (y.shape[-1],))
-        return y if y.dtype == x.dtype else y.to(x.dtype)
-    return torch.cat([layer(x) for layer in layers], dim=-1)
 
 
 def quantize_linear(

@@ -23,7 +23,8 @@ from mistol.bench.models import mistol_model
 from mistol.bench.shapes import model_config
 from mistol.engine import Engine, decode_step
 from mistol.model import transformer
-from mistol.quant import QuantizedLinear, linear_many
+from mistol.model.linear import linear_many
+from mistol.quant import QuantizedLinear
 
 
 def main() -> int:

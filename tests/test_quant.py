@@ -199,23 +199,6 @@ def test_vnni_and_avx2_give_the_same_bits(fmt):
 
 
 @needs_kernels
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("fmt", FMTS)
-def test_several_matrices_in_one_call_equal_separate_calls(impl, fmt):
-    """A layer's q/k/v (gate/up) run as one kernel call: the same bits as one call each,
-    whatever the row counts (odd ones split a thread's share across matrices)."""
-    torch.manual_seed(8)
-    layers = [quantize_linear(torch.randn(n, 256) * 0.05, fmt) for n in (64, 13, 40, 8, 129)]
-    for rows in (1, 3):
-        x = torch.randn(2, rows, 256)
-        with kernels.use(impl):
-            together = quant.linear_many(x, layers)
-            apart = torch.cat([layer(x) for layer in layers], dim=-1)
-        assert together.shape == (2, rows, 64 + 13 + 40 + 8 + 129)
-        assert torch.equal(together, apart)
-
-
-@needs_kernels
 @pytest.mark.parametrize("fmt", FMTS)
 def test_compiled_dequantization_matches_torch_ops(fmt, monkeypatch):
     """The prefill path's dequantization in C: float32 values exact, bf16 rounded once."""
@@ -228,15 +211,6 @@ def test_compiled_dequantization_matches_torch_ops(fmt, monkeypatch):
     assert torch.equal(f32, torch_f32)
     assert torch.equal(f32[45:], torch.zeros(3, 96))
     assert torch.equal(kernels.dequantize(fmt, layer.packed, torch.bfloat16), f32.to(torch.bfloat16))
-
-
-def test_linear_many_falls_back_to_one_call_per_layer():
-    torch.manual_seed(9)
-    linears = [torch.nn.Linear(64, n, bias=False) for n in (32, 16)]
-    x = torch.randn(3, 64)
-    torch.testing.assert_close(quant.linear_many(x, linears), torch.cat([x @ l.weight.T for l in linears], dim=-1))
-    mixed = [quantize_linear(linears[0], "int8"), quantize_linear(linears[1], "int4")]  # formats differ
-    torch.testing.assert_close(quant.linear_many(x, mixed), torch.cat([layer(x) for layer in mixed], dim=-1))
 
 
 def test_module_shapes_dtypes_and_memory():

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..engine import DTYPES
 from ..model import ModelConfig, Transformer
+from ..model.linear import Linear
 from ..quant import QuantizedLinear, quantize_linear
 
 QUANT_FORMATS = ("int8", "int4")
@@ -43,7 +44,7 @@ def mistol_model(config: ModelConfig, fmt: str, seed: int = 0) -> Transformer:
         if fmt in QUANT_FORMATS:
             layer = QuantizedLinear(module.in_features, module.out_features, fmt, template.packed.clone())
         else:
-            layer = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            layer = Linear(module.in_features, module.out_features, device="meta")
             layer.weight = nn.Parameter(template.clone(), requires_grad=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import linear_many
 from .config import ModelConfig
 from .kv_cache import AttentionPlan, KVCache
+from .linear import Linear, linear, linear_many
 
 
 class RMSNorm(nn.Module):
@@ -60,10 +60,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         h, q, kv = config.hidden_size, self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        self.q_proj = nn.Linear(h, q, bias=False, device=device)
-        self.k_proj = nn.Linear(h, kv, bias=False, device=device)
-        self.v_proj = nn.Linear(h, kv, bias=False, device=device)
-        self.o_proj = nn.Linear(q, h, bias=False, device=device)
+        self.q_proj = Linear(h, q, device)
+        self.k_proj = Linear(h, kv, device)
+        self.v_proj = Linear(h, kv, device)
+        self.o_proj = Linear(q, h, device)
 
     def forward(self, x, cos, sin, caches: list[KVCache] | None, plans: list[AttentionPlan] | None):
         """Row b of `x` continues the sequence in caches[b]: the projections run batched
@@ -112,9 +112,9 @@ class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig, device=None):
         super().__init__()
         h, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, f, bias=False, device=device)
-        self.up_proj = nn.Linear(h, f, bias=False, device=device)
-        self.down_proj = nn.Linear(f, h, bias=False, device=device)
+        self.gate_proj = Linear(h, f, device)
+        self.up_proj = Linear(h, f, device)
+        self.down_proj = Linear(f, h, device)
 
     def forward(self, x):
         gate, up = linear_many(x, (self.gate_proj, self.up_proj)).chunk(2, dim=-1)
@@ -146,7 +146,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
         self.lm_head = (
             None if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
+            else Linear(config.hidden_size, config.vocab_size, device)
         )
         self.rotary = RotaryEmbedding(config)
 
@@ -187,7 +187,7 @@ class Transformer(nn.Module):
         return self.head(x).float()
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+        return linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states of whole sequences [B, L], causal, no cache: for training
