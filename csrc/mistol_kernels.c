@@ -346,6 +346,25 @@ static int cpu_has_vnni(void) { return 0; }
 typedef void (*quant_fn)(const float *, int64_t, int8_t *, float *, int32_t *);
 typedef void (*group_fn)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, int64_t, float *);
 
+static int64_t thread_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* Inside a parallel region: this thread's contiguous share [start, end) of `total` units. */
+static void thread_share(int64_t total, int64_t *start, int64_t *end) {
+#ifdef _OPENMP
+    const int64_t nt = omp_get_num_threads();
+#else
+    const int64_t nt = 1;
+#endif
+    const int64_t t = thread_index();
+    *start = total * t / nt, *end = total * (t + 1) / nt;
+}
+
 /* Groups [g0, g1) of one matrix with N rows into its output columns y[m * ldy + n]. */
 static void run_groups(group_fn fn, const uint8_t *w, int64_t gbytes, const int8_t *qa,
                        const float *da, const int32_t *sa, int64_t M, int64_t K, int64_t N, float *y,
@@ -364,7 +383,7 @@ static void run_groups(group_fn fn, const uint8_t *w, int64_t gbytes, const int8
     }
 }
 
-EXPORT int mistol_kernels_abi(void) { return 2; }
+EXPORT int mistol_kernels_abi(void) { return 3; }
 
 EXPORT int mistol_best_impl(void) { return cpu_has_vnni() ? IMPL_VNNI : cpu_has_avx2() ? IMPL_AVX2 : IMPL_SCALAR; }
 
@@ -418,31 +437,20 @@ EXPORT int mistol_gemm_many(int fmt, const float *x, int64_t M, int64_t K, int c
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
-#ifdef _OPENMP
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        int t = 0, nt = 1;
-#endif
-        /* this thread's share of all the groups, walked matrix by matrix */
-        const int64_t start = G * t / nt, end = G * (t + 1) / nt;
+        int64_t start, end; /* this thread's share of all the groups, walked matrix by matrix */
+        thread_share(G, &start, &end);
         int64_t first = 0, col = 0;
         for (int i = 0; i < count && first < end; i++) {
             const int64_t gi = (ns[i] + IL - 1) / IL;
             const int64_t g0 = start > first ? start - first : 0, g1 = end - first < gi ? end - first : gi;
             if (g0 < g1)
                 run_groups(group, ws[i], gbytes, qa, da, sa, M, K, ns[i], y + col, ldy, g0, g1,
-                           acc + (int64_t)t * IL * M);
+                           acc + thread_index() * IL * M);
             first += gi, col += ns[i];
         }
     }
     free(qa), free(da), free(sa), free(acc);
     return OK;
-}
-
-/* y[M][N] = x[M][K] @ W^T: one matrix (mistol_gemm_many with count 1). */
-EXPORT int mistol_gemm(int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y,
-                       int nthreads, int impl) {
-    return mistol_gemm_many(fmt, x, M, K, 1, &w, &N, y, N, nthreads, impl);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -558,12 +566,8 @@ EXPORT int mistol_dense_many(int wtype, const float *x, int64_t M, int64_t K, in
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
-#ifdef _OPENMP
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        int t = 0, nt = 1;
-#endif
-        const int64_t start = N * t / nt, end = N * (t + 1) / nt; /* this thread's rows of all matrices */
+        int64_t start, end; /* this thread's rows of all the matrices */
+        thread_share(N, &start, &end);
         int64_t first = 0; /* global index of matrix i's first row */
         for (int i = 0; i < count && first < end; i++) {
             const int64_t r0 = start > first ? start - first : 0, r1 = end - first < ns[i] ? end - first : ns[i];

@@ -149,8 +149,8 @@ def unpack_ggml(packed: torch.Tensor, n: int, fmt: str) -> torch.Tensor:
 def _dequantize_packed(
     packed: torch.Tensor, fmt: str, dtype: torch.dtype, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Our layout (any device) -> [groups * 8, K] in `dtype`, padding rows included (into
-    `out` where the compiled kernels do it; otherwise `out` is only a hint)."""
+    """Our layout (any device) -> [groups * 8, K] in `dtype`, padding rows included (written
+    into `out`, if given, where the compiled kernels dequantize; else a new tensor)."""
     if packed.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and kernels.available():
         return kernels.dequantize(fmt, packed, dtype, out)
     groups, nb, _ = packed.shape
@@ -242,8 +242,7 @@ class QuantizedLinear(nn.Module):
             y = kernels.gemm(self.fmt, kernel_input(x2), self.packed, self.out_features)
         else:
             y = self._matmul_dequantized(x2)
-        y = y.view(x.shape[:-1] + (self.out_features,))
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        return output_like(y, x)
 
     def _bf16_prefill(self, x2: torch.Tensor) -> bool:
         return x2.device.type == "cpu" and x2.shape[0] >= BF16_MIN_ROWS[self.fmt] and native_bf16()
@@ -260,11 +259,14 @@ class QuantizedLinear(nn.Module):
         y = torch.empty(x.shape[0], self.packed.shape[0] * INTERLEAVE, dtype=dtype, device=x.device)
         groups = self.packed.shape[0]
         step = max(1, _CHUNK_ELEMENTS * 4 // (self.in_features * INTERLEAVE))
-        # one buffer for every slab: fresh memory for each would cost page faults
-        scratch = torch.empty(min(step, groups) * INTERLEAVE, self.in_features, dtype=dtype, device=x.device)
+        # on a CPU one buffer for every slab: fresh memory for each would cost page faults
+        scratch = None
+        if x.device.type == "cpu":
+            scratch = torch.empty(min(step, groups) * INTERLEAVE, self.in_features, dtype=dtype)
         for g0 in range(0, groups, step):
             slab = self.packed[g0 : g0 + step]
-            w = _dequantize_packed(slab, self.fmt, dtype, out=scratch[: slab.shape[0] * INTERLEAVE])
+            out = None if scratch is None else scratch[: slab.shape[0] * INTERLEAVE]
+            w = _dequantize_packed(slab, self.fmt, dtype, out=out)
             torch.matmul(x, w.T, out=y[:, g0 * INTERLEAVE : g0 * INTERLEAVE + w.shape[0]])
         return y[:, : self.out_features]
 
@@ -285,9 +287,16 @@ class QuantizedLinear(nn.Module):
 
 
 def kernel_input(x2: torch.Tensor) -> torch.Tensor:
+    """Input rows [M, K] as the kernels take them: float32, contiguous."""
     if x2.dtype != torch.float32 or not x2.is_contiguous():  # (a decode step: skip no-op calls)
         x2 = x2.to(torch.float32).contiguous()
     return x2
+
+
+def output_like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Kernel output rows [M, N] back to x's leading shape and dtype."""
+    y = y.view(x.shape[:-1] + (y.shape[-1],))
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def quantize_linear(

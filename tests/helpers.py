@@ -103,3 +103,12 @@ class LoopbackServer:
         self.server.should_exit = True
         self.thread.join(15)
         self.sock.close()
+
+
+def kernel_impls() -> list[str]:
+    """The compiled kernel implementations this CPU runs, fastest first."""
+    from mistol import kernels
+
+    return {"avx512vnni": ["avx512vnni", "avx2", "scalar"], "avx2": ["avx2", "scalar"]}.get(
+        kernels.best_impl(), ["scalar"]
+    )

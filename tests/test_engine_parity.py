@@ -167,18 +167,3 @@ def test_window_longer_than_the_context_is_plain_causal(mistral_dir):
     assert session.cache.window is None
     assert (session.feed(tokens, all_logits=True) - ref_logits(mistral_dir, tokens)).abs().max() <= TOL
 
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_single_query_attention_equals_the_general_kernel(masked):
-    """Decode steps on a CPU attend with batched products instead of SDPA: same result."""
-    import torch.nn.functional as F
-
-    from mistol.model.transformer import _attend_one
-
-    torch.manual_seed(5)
-    q, keys, values = torch.randn(1, 8, 1, 16), torch.randn(1, 2, 37, 16), torch.randn(1, 2, 37, 16)
-    mask = (torch.rand(1, 37) > 0.3) if masked else None
-    if masked:
-        mask[0, 0] = True
-    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(_attend_one(q, keys, values, mask), want, rtol=1e-5, atol=1e-6)

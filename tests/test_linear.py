@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import kernel_impls
 from mistol import kernels
 from mistol.model.linear import DENSE_MAX_ROWS, Linear, linear_many
 from mistol.quant import quantize_linear
 
 FMTS = ["int8", "int4"]
-IMPLS = {"avx512vnni": ["avx512vnni", "avx2", "scalar"], "avx2": ["avx2", "scalar"]}.get(
-    kernels.best_impl(), ["scalar"]
-)
+IMPLS = kernel_impls()
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="mistol's C kernels are not built")
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint
+from helpers import kernel_impls
 from mistol import kernels, quant
 from mistol.errors import MistolError
 from mistol.quant import (
@@ -18,7 +19,7 @@ from mistol.quant import (
 )
 
 FMTS = ["int8", "int4"]
-IMPLS = {"avx512vnni": ["avx512vnni", "avx2", "scalar"], "avx2": ["avx2", "scalar"]}.get(kernels.best_impl(), ["scalar"])
+IMPLS = kernel_impls()
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="mistol's C kernels are not built")
 
 

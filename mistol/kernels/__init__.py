@@ -46,14 +46,12 @@ def _load() -> ctypes.CDLL | None:
         if spec is None or not spec.origin:
             raise OSError("mistol/_kernels*.so is not built (reinstall with `pip install -e .` and a C compiler)")
         lib = ctypes.CDLL(spec.origin)
-        if lib.mistol_kernels_abi() != 2:
+        if lib.mistol_kernels_abi() != 3:
             raise OSError(f"{spec.origin}: stale build (ABI {lib.mistol_kernels_abi()}); reinstall mistol")
     except (OSError, AttributeError) as e:
         _load_error = str(e)
         return None
     i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.mistol_gemm.argtypes = [c_int, vp, i64, i64, vp, i64, vp, c_int, c_int]
-    lib.mistol_gemm.restype = c_int
     lib.mistol_gemm_many.argtypes = [c_int, vp, i64, i64, c_int, vp, vp, vp, i64, c_int, c_int]
     lib.mistol_gemm_many.restype = c_int
     lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
@@ -114,13 +112,7 @@ def use(impl: str):
 
 def gemm(fmt: str, x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     """y[M, n] = x[M, K] @ W^T for W packed by `mistol.quant` (x: float32, contiguous, CPU)."""
-    m, k = x.shape
-    y = torch.empty(m, n, dtype=torch.float32)
-    rc = _lib.mistol_gemm(FORMAT_IDS[fmt], x.data_ptr(), m, k, packed.data_ptr(), n, y.data_ptr(),
-                          torch.get_num_threads(), IMPLS.get(_impl, 0))
-    if rc != 0:
-        raise RuntimeError(f"mistol_gemm({fmt}, M={m}, K={k}, N={n}): {_ERRORS.get(rc, rc)}")
-    return y
+    return gemm_many(fmt, x, [(packed, n)])
 
 
 def gemm_many(fmt: str, x: torch.Tensor, weights: list[tuple[torch.Tensor, int]]) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ..quant import QuantizedLinear, kernel_input
+from ..quant import QuantizedLinear, kernel_input, output_like
 
 DENSE_MAX_ROWS = 4  # rows of input up to which float weights use the kernel
 
@@ -46,7 +46,7 @@ def linear_many(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if first._on_kernels(x2) and all(isinstance(la, QuantizedLinear) and la.fmt == first.fmt for la in layers):
             y = kernels.gemm_many(first.fmt, kernel_input(x2), [(la.packed, la.out_features) for la in layers])
-            return _shaped(y, x)
+            return output_like(y, x)
     elif all(isinstance(la, Linear) for la in layers):
         weights = [la.weight for la in layers]
         if _on_dense_kernel(x, weights):
@@ -68,9 +68,5 @@ def _on_dense_kernel(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
 
 def _dense(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
     # float32 products and sums, rounded once to x's dtype: what F.linear does in bf16
-    return _shaped(kernels.dense_many(kernel_input(x.reshape(-1, x.shape[-1])), list(weights)), x)
+    return output_like(kernels.dense_many(kernel_input(x.reshape(-1, x.shape[-1])), list(weights)), x)
 
-
-def _shaped(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    y = y.view(x.shape[:-1] + (y.shape[-1],))
-    return y if y.dtype == x.dtype else y.to(x.dtype)

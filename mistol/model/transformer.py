@@ -86,26 +86,11 @@ class Attention(nn.Module):
             cache_k.index_copy_(2, plan.slots, k[row : row + 1])
             cache_v.index_copy_(2, plan.slots, v[row : row + 1])
             keys, values = cache_k[:, :, : plan.n_keys], cache_v[:, :, : plan.n_keys]
-            if n == 1 and x.device.type == "cpu" and q.dtype == torch.float32:
-                outs.append(_attend_one(q[row : row + 1], keys, values, plan.mask))
-            else:
-                outs.append(F.scaled_dot_product_attention(
-                    q[row : row + 1], keys, values, attn_mask=plan.mask, enable_gqa=hq != hkv
-                ))
+            outs.append(F.scaled_dot_product_attention(
+                q[row : row + 1], keys, values, attn_mask=plan.mask, enable_gqa=hq != hkv
+            ))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-
-
-def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of one query token, q [1, hq, 1, d], over keys/values [1, hkv, L, d]: the
-    query heads that share a key head as one batched product. On a CPU this is several
-    times quicker than the general kernel for a single query (a decode step)."""
-    _, hq, _, d = q.shape
-    hkv = keys.shape[1]
-    scores = torch.bmm(q.reshape(hkv, hq // hkv, d), keys[0].transpose(1, 2)).mul_(d**-0.5)  # [hkv, g, L]
-    if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
-    return torch.bmm(scores.softmax(-1), values[0]).view(1, hq, 1, d)
 
 
 class FeedForward(nn.Module):
