@@ -1,4 +1,4 @@
-"""Builds mistol's CPU kernels (csrc/mistol_kernels.c) as a plain shared library.
+"""Builds mistol's CPU kernels (csrc/*.c) as a plain shared library.
 
 Everything else about the package lives in pyproject.toml. The library has a C ABI and is
 loaded with ctypes (mistol/kernels/__init__.py), so it needs neither torch nor Python
@@ -30,9 +30,11 @@ class BuildKernels(build_ext):
 
 kernels = Extension(
     "mistol._kernels",
-    sources=["csrc/mistol_kernels.c"],
-    extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fopenmp"],  # no FMA contraction: llama.cpp-exact rounding
+    sources=["csrc/mistol_kernels.c", "csrc/mistol_decode.c"],
+    depends=["csrc/mistol_kernels.h"],
+    extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fvisibility=hidden", "-fopenmp"],  # no FMA contraction: llama.cpp-exact rounding
     extra_link_args=["-fopenmp"],
+    libraries=["m"],
     optional=True,  # a failed build warns; mistol then falls back to PyTorch ops
 )
 

@@ -41,22 +41,8 @@
 #include <omp.h>
 #endif
 
-/* -DMISTOL_PORTABLE_ONLY builds the scalar code alone, as on CPUs other than x86 */
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(MISTOL_PORTABLE_ONLY)
-#define MISTOL_X86 1
-#include <immintrin.h>
-#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
-#define VNNI_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
-#endif
+#include "mistol_kernels.h"
 
-#if defined(_WIN32)
-#define EXPORT __declspec(dllexport)
-#else
-#define EXPORT __attribute__((visibility("default")))
-#endif
-
-#define QK 32        /* inputs per block */
-#define IL 8         /* rows interleaved per group */
 #define KCHUNK 64    /* blocks per step when several activation rows share a weight chunk */
 #ifndef PREFETCH
 /* Software prefetch distance in bytes. Each thread reads one sequential stream, which the
@@ -66,12 +52,9 @@
 #endif
 #define SERIAL_BYTES (64 << 10) /* less work than this (weight bytes x rows): one thread */
 
-enum { FMT_INT8 = 1, FMT_INT4 = 2 };
-enum { IMPL_AUTO = 0, IMPL_SCALAR = 1, IMPL_AVX2 = 2, IMPL_VNNI = 3 };
-enum { OK = 0, ERR_K = -1, ERR_FMT = -2, ERR_NOMEM = -3, ERR_IMPL = -4, ERR_ARG = -5 };
 
 static int64_t quant_bytes(int fmt) { return fmt == FMT_INT8 ? QK : QK / 2; }
-static int64_t group_block_bytes(int fmt) { return 2 * IL + IL * quant_bytes(fmt); }
+int64_t group_block_bytes(int fmt) { return 2 * IL + IL * quant_bytes(fmt); }
 
 /* ---------------------------------------------------------------------------------------
  * fp16 <-> fp32 without F16C
@@ -314,7 +297,7 @@ DEFINE_GROUP_INT8(group_int8_vnni, VNNI_FN, dot_i8_vnni)
 DEFINE_GROUP_INT4(group_int4_avx2, AVX2_FN, dot_q4_avx2)
 DEFINE_GROUP_INT4(group_int4_vnni, VNNI_FN, dot_q4_vnni)
 
-static int cpu_has_avx2(void) {
+int cpu_has_avx2(void) {
     static int cached = -1;
     if (cached < 0) {
         __builtin_cpu_init();
@@ -333,20 +316,15 @@ static int cpu_has_vnni(void) {
     return cached;
 }
 #else
-static int cpu_has_avx2(void) { return 0; }
+int cpu_has_avx2(void) { return 0; }
 static int cpu_has_vnni(void) { return 0; }
 #endif
 
 /* ---------------------------------------------------------------------------------------
- * Driver: quantize the activation rows once, then split the row groups of all the matrices
- * into one contiguous range per thread (a static schedule: each thread streams its own part
- * of the weights). Several matrices that share an input (a layer's q/k/v, gate/up) thus
- * cost one parallel region and one activation quantization.
+ * Driver: quantize the activation rows once, then each thread multiplies its share of the
+ * weights' row groups.
  */
-typedef void (*quant_fn)(const float *, int64_t, int8_t *, float *, int32_t *);
-typedef void (*group_fn)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, int64_t, float *);
-
-static int64_t thread_index(void) {
+int64_t thread_index(void) {
 #ifdef _OPENMP
     return omp_get_thread_num();
 #else
@@ -354,8 +332,7 @@ static int64_t thread_index(void) {
 #endif
 }
 
-/* Inside a parallel region: this thread's contiguous share [start, end) of `total` units. */
-static void thread_share(int64_t total, int64_t *start, int64_t *end) {
+void thread_share(int64_t total, int64_t *start, int64_t *end) {
 #ifdef _OPENMP
     const int64_t nt = omp_get_num_threads();
 #else
@@ -383,16 +360,49 @@ static void run_groups(group_fn fn, const uint8_t *w, int64_t gbytes, const int8
     }
 }
 
-EXPORT int mistol_kernels_abi(void) { return 3; }
-
 EXPORT int mistol_best_impl(void) { return cpu_has_vnni() ? IMPL_VNNI : cpu_has_avx2() ? IMPL_AVX2 : IMPL_SCALAR; }
+
+int qkernels_select(int impl, qkernels *out) {
+    if (impl == IMPL_AUTO) impl = mistol_best_impl();
+    if ((impl == IMPL_AVX2 && !cpu_has_avx2()) || (impl == IMPL_VNNI && !cpu_has_vnni())) return ERR_IMPL;
+    *out = (qkernels){quantize_act_scalar, {NULL, group_int8_scalar, group_int4_scalar}};
+#ifdef MISTOL_X86
+    if (impl == IMPL_AVX2) *out = (qkernels){quantize_act_avx2, {NULL, group_int8_avx2, group_int4_avx2}};
+    if (impl == IMPL_VNNI) *out = (qkernels){quantize_act_avx2, {NULL, group_int8_vnni, group_int4_vnni}};
+#endif
+    return OK;
+}
+
+/* The groups of all the matrices, split into one contiguous range per thread (a static
+ * schedule: each thread streams its own part of the weights), walked matrix by matrix. */
+void qgemm_share(const qkernels *kn, const int *fmts, const int8_t *qa, const float *da, const int32_t *sa,
+                 int64_t M, int64_t K, int count, const uint8_t *const *ws, const int64_t *ns, float *y,
+                 int64_t ldy, float *acc) {
+    int64_t G = 0;
+    for (int i = 0; i < count; i++) G += (ns[i] + IL - 1) / IL;
+    int64_t start, end, first = 0, col = 0;
+    thread_share(G, &start, &end);
+    for (int i = 0; i < count && first < end; i++) {
+        const int64_t gi = (ns[i] + IL - 1) / IL;
+        const int64_t g0 = start > first ? start - first : 0, g1 = end - first < gi ? end - first : gi;
+        if (g0 < g1)
+            run_groups(kn->group[fmts[i]], ws[i], K / QK * group_block_bytes(fmts[i]), qa, da, sa, M, K, ns[i],
+                       y + col, ldy, g0, g1, acc);
+        first += gi, col += ns[i];
+    }
+}
+
+EXPORT int mistol_kernels_abi(void) { return 4; }
 
 /* For i < count: y[:, cols of matrix i] = x[M][K] @ W_i^T, W_i (N_i rows) packed as described
  * at the top; matrix i's outputs start at column sum(N_0..N_{i-1}) of y, whose rows are ldy
- * floats apart. Returns 0 or a negative error. */
+ * floats apart. Several matrices that share an input (a layer's q/k/v, gate/up) thus cost
+ * one parallel region and one activation quantization. Returns 0 or a negative error. */
 EXPORT int mistol_gemm_many(int fmt, const float *x, int64_t M, int64_t K, int count, const uint8_t *const *ws,
                             const int64_t *ns, float *y, int64_t ldy, int nthreads, int impl) {
+    qkernels kn;
     if (fmt != FMT_INT8 && fmt != FMT_INT4) return ERR_FMT;
+    if (qkernels_select(impl, &kn) != OK) return ERR_IMPL;
     if (K <= 0 || K % QK != 0) return ERR_K;
     if (M < 0 || count < 0) return ERR_ARG;
     int64_t G = 0, cols = 0;
@@ -402,54 +412,29 @@ EXPORT int mistol_gemm_many(int fmt, const float *x, int64_t M, int64_t K, int c
     }
     if (ldy < cols) return ERR_ARG;
     if (M == 0 || G == 0) return OK;
-    if (impl == IMPL_AUTO) impl = mistol_best_impl();
-    if ((impl == IMPL_AVX2 && !cpu_has_avx2()) || (impl == IMPL_VNNI && !cpu_has_vnni())) return ERR_IMPL;
-
-    quant_fn quant = quantize_act_scalar;
-    group_fn group = fmt == FMT_INT8 ? group_int8_scalar : group_int4_scalar;
-#ifdef MISTOL_X86
-    if (impl == IMPL_AVX2) {
-        quant = quantize_act_avx2;
-        group = fmt == FMT_INT8 ? group_int8_avx2 : group_int4_avx2;
-    } else if (impl == IMPL_VNNI) {
-        quant = quantize_act_avx2;
-        group = fmt == FMT_INT8 ? group_int8_vnni : group_int4_vnni;
-    }
-#endif
     const int64_t B = K / QK;
-    const int64_t gbytes = B * group_block_bytes(fmt);
     if (nthreads > G) nthreads = (int)G;
-    if (nthreads < 1 || G * gbytes * M < SERIAL_BYTES) nthreads = 1;
+    if (nthreads < 1 || G * B * group_block_bytes(fmt) * M < SERIAL_BYTES) nthreads = 1;
 
     int8_t *qa = malloc((size_t)(M * K));
     float *da = malloc(sizeof(float) * (size_t)(M * B));
     int32_t *sa = malloc(sizeof(int32_t) * (size_t)(M * B));
     float *acc = malloc(sizeof(float) * (size_t)(IL * M * nthreads));
-    if (!qa || !da || !sa || !acc) {
-        free(qa), free(da), free(sa), free(acc);
+    int *fmts = malloc(sizeof(int) * (size_t)count);
+    if (!qa || !da || !sa || !acc || !fmts) {
+        free(qa), free(da), free(sa), free(acc), free(fmts);
         return ERR_NOMEM;
     }
+    for (int i = 0; i < count; i++) fmts[i] = fmt;
 
     /* One thread quantizes the activations: a small fraction of the matmul's time at any
      * M, and no barrier inside the parallel region. */
-    for (int64_t m = 0; m < M; m++) quant(x + m * K, K, qa + m * K, da + m * B, sa + m * B);
+    for (int64_t m = 0; m < M; m++) kn.quant(x + m * K, K, qa + m * K, da + m * B, sa + m * B);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
-    {
-        int64_t start, end; /* this thread's share of all the groups, walked matrix by matrix */
-        thread_share(G, &start, &end);
-        int64_t first = 0, col = 0;
-        for (int i = 0; i < count && first < end; i++) {
-            const int64_t gi = (ns[i] + IL - 1) / IL;
-            const int64_t g0 = start > first ? start - first : 0, g1 = end - first < gi ? end - first : gi;
-            if (g0 < g1)
-                run_groups(group, ws[i], gbytes, qa, da, sa, M, K, ns[i], y + col, ldy, g0, g1,
-                           acc + thread_index() * IL * M);
-            first += gi, col += ns[i];
-        }
-    }
-    free(qa), free(da), free(sa), free(acc);
+    qgemm_share(&kn, fmts, qa, da, sa, M, K, count, ws, ns, y, ldy, acc + thread_index() * IL * M);
+    free(qa), free(da), free(sa), free(acc), free(fmts);
     return OK;
 }
 
@@ -481,13 +466,6 @@ static float dense_row_scalar(const uint8_t *row, int wtype, const float *x, con
 }
 
 #ifdef MISTOL_X86
-AVX2_FN static inline float hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* One row against x. Rows are read one after another (a thread's rows are one sequential
  * stream, which measured faster than interleaving several), 32 values per step into four
  * accumulators (FMA latency). bf16 values are read 16 per load without shuffles: a 32-bit

@@ -3,14 +3,17 @@
     python scripts/profile_decode.py [--shape 7b] [--quant int8] [--context 64] [--steps 32]
 
 Builds a random-weight model of the shape (as `mistol bench` does), fills a context, then
-times `--steps` greedy decode steps twice: once plain (the step time), once with every
-linear layer timed on its own. The rest of the step is listed by operator with
-torch.profiler (norms, RoPE, attention, cache writes, the Python between them).
+times `--steps` greedy decode steps: plain (quantized models on a CPU run each layer as one
+compiled call, see mistol/model/cpu_decode.py), with the PyTorch layers, and with the
+PyTorch layers and every linear layer timed on its own. The rest of the PyTorch step is
+listed by operator with torch.profiler (norms, RoPE, attention, cache writes, the Python
+between them).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -22,7 +25,7 @@ from torch import nn
 from mistol.bench.models import mistol_model
 from mistol.bench.shapes import model_config
 from mistol.engine import Engine, decode_step
-from mistol.model import transformer
+from mistol.model import cpu_decode, transformer
 from mistol.model.linear import linear_many
 from mistol.quant import QuantizedLinear
 
@@ -40,7 +43,7 @@ def main() -> int:
 
     print(f"building a random {args.shape} model in {args.quant} ...", file=sys.stderr)
     engine = Engine(mistol_model(model_config(args.shape), args.quant))
-    session = engine.new_session(max_context=args.context + 3 * args.steps + 16)
+    session = engine.new_session(max_context=args.context + 5 * args.steps + 32)
     token = int(session.feed([1] + list(range(300, 300 + args.context - 1))).argmax())
 
     def steps(n: int) -> list[float]:
@@ -52,58 +55,83 @@ def main() -> int:
             times.append(time.perf_counter() - t0)
         return times
 
-    with torch.inference_mode():
-        steps(4)  # warm up
-        step = statistics.median(steps(args.steps))
+    linear_time: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    name_of = {module: name.rsplit(".", 1)[-1] for name, module in engine.model.named_modules()}
 
-        linear_time: dict[str, float] = defaultdict(float)
-        calls: dict[str, int] = defaultdict(int)
-        originals = {}
-        kinds = (QuantizedLinear, nn.Linear)
-        for name, module in engine.model.named_modules():
-            if isinstance(module, kinds):
-                kind = name.rsplit(".", 1)[-1]
-                forward = module.forward
+    def timed(module):
+        forward = module.forward
 
-                def timed(x, _forward=forward, _kind=kind):
-                    t0 = time.perf_counter()
-                    y = _forward(x)
-                    linear_time[_kind] += time.perf_counter() - t0
-                    calls[_kind] += 1
-                    return y
-
-                originals[module] = forward
-                module.forward = timed
-
-        def timed_many(x, layers):  # q/k/v and gate/up run as one call
-            kind = "+".join(name_of[layer] for layer in layers)
+        def run(x):
             t0 = time.perf_counter()
-            y = linear_many(x, layers)
-            linear_time[kind] += time.perf_counter() - t0
-            calls[kind] += 1
+            y = forward(x)
+            linear_time[name_of[module]] += time.perf_counter() - t0
+            calls[name_of[module]] += 1
             return y
 
-        name_of = {module: name.rsplit(".", 1)[-1] for name, module in engine.model.named_modules()}
-        transformer.linear_many = timed_many
-        timed_steps = steps(args.steps)
-        transformer.linear_many = linear_many
-        for module, forward in originals.items():
-            module.forward = forward
+        return run
 
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    def timed_many(x, layers):  # q/k/v and gate/up run as one call
+        kind = "+".join(name_of[layer] for layer in layers)
+        t0 = time.perf_counter()
+        y = linear_many(x, layers)
+        linear_time[kind] += time.perf_counter() - t0
+        calls[kind] += 1
+        return y
+
+    compiled_of = cpu_decode.CpuDecoder.of
+    compiled = compiled_of(engine.model) is not None
+    linears = [m for m in engine.model.modules() if isinstance(m, (QuantizedLinear, nn.Linear))]
+
+    @contextlib.contextmanager
+    def mode(name: str):
+        """"compiled": as mistol runs; "pytorch": the PyTorch layers; "timed": the PyTorch
+        layers with each linear layer timed."""
+        if name != "compiled":
+            cpu_decode.CpuDecoder.of = classmethod(lambda cls, model: None)
+        if name == "timed":
+            transformer.linear_many = timed_many
+            for m in linears:
+                m.forward = timed(m)
+        try:
+            yield
+        finally:
+            cpu_decode.CpuDecoder.of = compiled_of
+            if name == "timed":
+                transformer.linear_many = linear_many
+                for m in linears:
+                    del m.forward  # back to the class's method
+
+    # The modes take turns, a few steps at a time: this machine's bandwidth drifts.
+    times: dict[str, list[float]] = {"compiled": [], "pytorch": [], "timed": []}
+    rounds = max(1, args.steps // 4)
+    with torch.inference_mode():
+        steps(4)  # warm up
+        for _ in range(rounds):
+            for name in times:
+                with mode(name):
+                    steps(1)
+                    times[name] += steps(4)
+        with mode("pytorch"), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             steps(8)
 
-    per_step = {k: v / args.steps for k, v in linear_time.items()}
+    n_timed = len(times["timed"])
+    per_step = {k: v / (n_timed + rounds) for k, v in linear_time.items()}  # (+ each round's untimed first step)
     gemv = sum(per_step.values())
-    total = statistics.mean(timed_steps)
+    step, pytorch_step = statistics.median(times["compiled"]), statistics.median(times["pytorch"])
+    total = statistics.mean(times["timed"])
     print(f"\n{args.shape} {args.quant}, context {args.context}, {torch.get_num_threads()} threads")
-    print(f"decode step (median of {args.steps}): {step * 1e3:.1f} ms = {1 / step:.2f} tok/s")
-    print(f"with each linear layer timed: {total * 1e3:.1f} ms per step, of which linear layers "
+    print(f"decode step (median of {len(times['compiled'])}): {step * 1e3:.1f} ms = {1 / step:.2f} tok/s"
+          + (" (compiled layers)" if compiled else ""))
+    if compiled:
+        print(f"with the PyTorch layers: {pytorch_step * 1e3:.1f} ms ({(pytorch_step - step) * 1e3:.1f} ms more)")
+    print(f"PyTorch layers, each linear layer timed: {total * 1e3:.1f} ms per step, of which linear layers "
           f"{gemv * 1e3:.1f} ms ({100 * gemv / total:.1f}%), everything else {(total - gemv) * 1e3:.1f} ms "
           f"({100 * (total - gemv) / total:.1f}%)")
     for kind, t in sorted(per_step.items(), key=lambda kv: -kv[1]):
-        print(f"  {kind:<10} {t * 1e3:7.2f} ms per step ({calls[kind] // args.steps} calls)")
-    print("\nthe other operators (8 steps, torch.profiler; our kernels run inside the linear layers):")
+        print(f"  {kind:<10} {t * 1e3:7.2f} ms per step ({calls[kind] // (n_timed + rounds)} calls)")
+    print("\nthe other operators of the PyTorch layers (8 steps, torch.profiler; our kernels run inside the "
+          "linear layers):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     return 0
 

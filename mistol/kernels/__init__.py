@@ -1,4 +1,4 @@
-"""mistol's compiled CPU kernels (csrc/mistol_kernels.c), called through ctypes.
+"""mistol's compiled CPU kernels (csrc/), called through ctypes.
 
 The library is built by the package's build (setup.py) as `mistol/_kernels*.so`. Which
 implementation runs is chosen once, from `MISTOL_KERNELS`:
@@ -46,7 +46,7 @@ def _load() -> ctypes.CDLL | None:
         if spec is None or not spec.origin:
             raise OSError("mistol/_kernels*.so is not built (reinstall with `pip install -e .` and a C compiler)")
         lib = ctypes.CDLL(spec.origin)
-        if lib.mistol_kernels_abi() != 3:
+        if lib.mistol_kernels_abi() != 4:
             raise OSError(f"{spec.origin}: stale build (ABI {lib.mistol_kernels_abi()}); reinstall mistol")
     except (OSError, AttributeError) as e:
         _load_error = str(e)
@@ -60,6 +60,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mistol_dense_many.restype = c_int
     lib.mistol_dequantize.argtypes = [c_int, vp, i64, i64, vp, c_int, c_int]
     lib.mistol_dequantize.restype = c_int
+    lib.mistol_decode_layer.argtypes = [vp, vp, vp, vp, ctypes.c_float, c_int, c_int]
+    lib.mistol_decode_layer.restype = c_int
     lib.mistol_best_impl.restype = c_int
     _lib = lib
     return lib
@@ -176,3 +178,18 @@ def quantize(fmt: str, w: torch.Tensor, out: torch.Tensor, packed: bool) -> None
                               int(packed), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"mistol_quantize({fmt}, K={k}): {_ERRORS.get(rc, rc)}")
+
+
+def format_ids(fmts: list[str]) -> ctypes.Array:
+    """The kernels' ids of weight formats ("int8", "int4"), as a C array."""
+    return (ctypes.c_int * len(fmts))(*(FORMAT_IDS[f] for f in fmts))
+
+
+def decode_layer(fmts: ctypes.Array, x: torch.Tensor, pointers: ctypes.Array, dims: ctypes.Array, eps: float) -> None:
+    """x [hidden] (float32, contiguous, CPU) += one decoder layer for one new token, with
+    quantized weights: see csrc/mistol_decode.c for what `fmts` (`format_ids` of the seven
+    weights), `pointers` and `dims` hold."""
+    rc = _lib.mistol_decode_layer(fmts, x.data_ptr(), pointers, dims, eps, torch.get_num_threads(),
+                                  IMPLS.get(_impl, 0))
+    if rc != 0:
+        raise RuntimeError(f"mistol_decode_layer(dims={list(dims)}): {_ERRORS.get(rc, rc)}")

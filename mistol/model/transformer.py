@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .cpu_decode import CpuDecoder
 from .kv_cache import AttentionPlan, KVCache
 from .linear import Linear, linear, linear_many
 
@@ -135,6 +136,10 @@ class Transformer(nn.Module):
         )
         self.rotary = RotaryEmbedding(config)
 
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_cpu_decoder", None)  # tensors may move: look at them again
+        return super()._apply(fn, *args, **kwargs)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
@@ -166,8 +171,12 @@ class Transformer(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         if plans is None:  # (given by a caller that plans on the device: see cuda_graphs.py)
             plans = [cache.plan(pos) for cache, pos in zip(caches, positions)]
-        for block in self.layers:
-            x = block(x, cos, sin, caches, plans)
+        decoder = CpuDecoder.of(self) if x.shape[:2] == (1, 1) else None
+        if decoder is not None and decoder.applies(x, caches):
+            x = decoder.run(x, cos, sin, caches[0], plans[0])
+        else:
+            for block in self.layers:
+                x = block(x, cos, sin, caches, plans)
         x = self.norm(x if all_logits else x[:, -1])
         return self.head(x).float()
 

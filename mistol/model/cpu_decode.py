@@ -1,0 +1,110 @@
+"""Decode steps of one sequence on a CPU with quantized weights: each decoder layer as one
+call into the compiled kernels (csrc/mistol_decode.c).
+
+The same layer in PyTorch is some 25 small operations besides its four matrix products,
+each costing ~10 µs of dispatch on a CPU: a tenth of a 7B int4 step. The compiled layer
+does the same float32 arithmetic in one parallel region. Anything else (prefill, several
+sequences, float weights, CUDA, autograd) runs the PyTorch layers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+
+import torch
+
+from .. import kernels
+from ..quant import QuantizedLinear
+from .kv_cache import AttentionPlan, KVCache
+
+_WEIGHTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # in mistol_decode_layer's order
+_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+_POINTERS = len(_NORMS) + len(_WEIGHTS) + 5  # then cache k and v, cos, sin, mask
+
+
+class CpuDecoder:
+    """A model's layers, ready for `mistol_decode_layer`."""
+
+    def __init__(self, config, layers: list[tuple[list[str], list[torch.Tensor]]]):
+        self.eps = float(config.rms_norm_eps)
+        self.shape = (config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
+                      config.head_dim)
+        self.tensors = [tensors for _, tensors in layers]  # kept alive: we hold their addresses
+        self.formats = [kernels.format_ids(fmts) for fmts, _ in layers]
+        self.pointers = [[t.data_ptr() for t in tensors] for _, tensors in layers]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> CpuDecoder | None:
+        """The decoder for `model`, or None when its layers do not fit the compiled path.
+        Kept on the model while the modules and tensors it was built from are still in
+        place (a check of dictionary entries, ~40 µs at 7B), else built again."""
+        cached = getattr(model, "_cpu_decoder", None)
+        if cached is not None and all(d.get(key) is obj for d, key, obj in cached[0]):
+            return cached[1]
+        links: list[tuple[dict, str, object]] = []
+        layers = _layers(model, links)
+        decoder = cls(model.config, layers) if layers else None
+        model._cpu_decoder = (links, decoder)
+        return decoder
+
+    def applies(self, x: torch.Tensor, caches: Sequence[KVCache]) -> bool:
+        """True for one new token of one sequence in float32 on the CPU, without autograd."""
+        return (
+            x.shape[:2] == (1, 1)
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and len(caches) == 1
+            and caches[0].k.dtype == torch.float32
+            and caches[0].k.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and kernels.impl_name() != "torch"
+        )
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+            plan: AttentionPlan) -> torch.Tensor:
+        """All layers for x [1, 1, hidden], the new token's embedding (cos/sin: its RoPE
+        values, [1, 1, 1, head_dim]): the hidden state after the last layer."""
+        x = x.contiguous().clone()  # updated in place, layer by layer
+        cos, sin = cos.contiguous(), sin.contiguous()
+        mask = None if plan.mask is None else plan.mask.contiguous()
+        dims = (ctypes.c_int64 * 8)(*self.shape, cache.capacity, int(plan.slots[0]), plan.n_keys)
+        step = [cos.data_ptr(), sin.data_ptr(), 0 if mask is None else mask.data_ptr()]
+        k0, v0, layer_bytes = cache.k.data_ptr(), cache.v.data_ptr(), cache.k[0].nbytes
+        for i, (fmts, weights) in enumerate(zip(self.formats, self.pointers)):
+            pointers = (ctypes.c_void_p * _POINTERS)(*weights, k0 + i * layer_bytes, v0 + i * layer_bytes, *step)
+            kernels.decode_layer(fmts, x, pointers, dims, self.eps)
+        return x
+
+
+def _layers(model: torch.nn.Module, links: list[tuple[dict, str, object]]):
+    """Per layer: the formats of its seven linear layers and its tensors (the two norms'
+    weights, then the packed weights), if every linear layer is quantized and every norm
+    is float32, all on the CPU; else None. `links` receives each (dictionary, key, object)
+    on the way from the model to them."""
+
+    def child(module: torch.nn.Module, path: str):
+        *parents, name = path.split(".")
+        for part in parents:
+            links.append((module._modules, part, module := module._modules[part]))
+        for store in (module._modules, module._parameters, module._buffers):
+            if name in store:
+                links.append((store, name, store[name]))
+                return store[name]
+        raise AttributeError(path)
+
+    layers = []
+    for i in range(len(child(model, "layers"))):
+        block = child(model.layers, str(i))
+        linears = [child(block, name) for name in _WEIGHTS]
+        norms = [child(block, name) for name in _NORMS]
+        if not all(isinstance(la, QuantizedLinear) for la in linears):
+            return None
+        packed = [child(la, "packed") for la in linears]
+        if any(t.device.type != "cpu" for t in packed) or any(
+            n.dtype != torch.float32 or n.device.type != "cpu" or not n.is_contiguous() for n in norms
+        ):
+            return None
+        layers.append(([la.fmt for la in linears], [*norms, *packed]))
+    return layers

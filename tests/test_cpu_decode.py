@@ -1,0 +1,137 @@
+"""Decode steps on the compiled layer (csrc/mistol_decode.c) against the PyTorch layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import kernel_impls
+from mistol import kernels
+from mistol.bench.models import mistol_model
+from mistol.engine import Engine, decode_step
+from mistol.model import cpu_decode
+from mistol.model.config import ModelConfig
+from mistol.quant import QuantizedLinear, quantize_linear
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="mistol's C kernels are not built")
+
+
+def config(hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=160, window=None, layers=2) -> ModelConfig:
+    return ModelConfig(vocab_size=512, hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
+                       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, sliding_window=window)
+
+
+def model(cfg: ModelConfig, fmt: str, seed: int = 0):
+    m = mistol_model(cfg, "int4" if fmt == "mixed" else fmt, seed=seed)
+    if fmt == "mixed":  # as a Q4_K_M GGUF loads: some matrices int8, the rest int4
+        for block in m.layers[::2]:
+            down = block.mlp.down_proj
+            block.mlp.down_proj = quantize_linear(down.dequantize(), "int8")
+            block.self_attn.v_proj = quantize_linear(block.self_attn.v_proj.dequantize(), "int8")
+    return m
+
+
+def teacher_forced_logits(m, tokens: list[int], max_context: int, compiled: bool, monkeypatch) -> torch.Tensor:
+    """Logits after a one-token prompt and then each of `tokens` fed as a decode step."""
+    with monkeypatch.context() as patch:
+        if not compiled:
+            patch.setattr(cpu_decode.CpuDecoder, "of", classmethod(lambda cls, model: None))
+        session = Engine(m).new_session(max_context=max_context, chunk_size=4)
+        out = [session.feed([1])]
+        with torch.inference_mode():
+            out += [decode_step([session], [t])[0] for t in tokens]
+    return torch.stack(out)
+
+
+def assert_agree(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """The same float32 arithmetic in another order: a step's logits agree to ~1e-7. Now
+    and then a rounding difference moves one activation across an int8 step before a
+    matrix product, which shows as ~0.5% in that step's logits and the ones after."""
+    rel = (ours - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert (rel < 1e-5).float().mean() >= 0.9 and rel.max() < 0.02, rel
+
+
+SHAPES = {
+    "gqa": config(),
+    "no-gqa, odd head size": config(hidden=96, heads=4, kv_heads=4, head_dim=40, ffn=96),
+    "one kv head": config(hidden=128, heads=8, kv_heads=1, head_dim=16, ffn=224),
+    "sliding window": config(window=8),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fmt", ["int8", "int4", "mixed"])
+def test_compiled_decode_matches_the_pytorch_layers(shape, fmt, monkeypatch):
+    """40 steps: the sliding-window cache (capacity 12) wraps around several times."""
+    m = model(SHAPES[shape], fmt)
+    tokens = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours = teacher_forced_logits(m, tokens, 64, True, monkeypatch)
+    ref = teacher_forced_logits(m, tokens, 64, False, monkeypatch)
+    assert_agree(ours, ref)
+
+
+@pytest.mark.parametrize("impl", kernel_impls())
+def test_every_kernel_implementation_and_thread_count(impl, monkeypatch):
+    m = model(config(window=8), "int4")
+    tokens = list(range(100, 120))
+    ref = teacher_forced_logits(m, tokens, 32, False, monkeypatch)
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            with kernels.use(impl):
+                ours = teacher_forced_logits(m, tokens, 32, True, monkeypatch)
+            assert_agree(ours, ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def count_compiled_layers(monkeypatch) -> list[int]:
+    calls = [0]
+    real = kernels.decode_layer
+
+    def counting(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(kernels, "decode_layer", counting)
+    return calls
+
+
+def test_only_single_token_steps_of_one_sequence_take_the_compiled_path(monkeypatch):
+    m = model(config(layers=3), "int8")
+    calls = count_compiled_layers(monkeypatch)
+    engine = Engine(m)
+    a, b = engine.new_session(), engine.new_session()
+    a.feed([1, 5, 9]), b.feed([1, 7])
+    assert calls[0] == 0  # prefill: the PyTorch layers
+    decode_step([a], [11])
+    assert calls[0] == 3  # one call per layer
+    decode_step([a, b], [12, 13])
+    assert calls[0] == 3  # two sequences at once: the PyTorch layers
+    with kernels.use("torch"):
+        decode_step([a], [14])
+    assert calls[0] == 3
+
+
+def test_float_models_keep_the_pytorch_layers(monkeypatch):
+    calls = count_compiled_layers(monkeypatch)
+    m = mistol_model(config(), "f32")
+    session = Engine(m).new_session()
+    session.feed([1, 2]), session.feed([3])
+    assert calls[0] == 0 and cpu_decode.CpuDecoder.of(m) is None
+
+
+def test_a_replaced_layer_is_seen(monkeypatch):
+    """The decoder keeps the weights' addresses: replacing a module or moving the model
+    must make it look again."""
+    m = model(config(), "int8")
+    tokens = [5, 6, 7]
+    before = teacher_forced_logits(m, tokens, 32, True, monkeypatch)
+    down = m.layers[1].mlp.down_proj
+    m.layers[1].mlp.down_proj = QuantizedLinear(down.in_features, down.out_features, "int8", down.packed * 0)
+    after = teacher_forced_logits(m, tokens, 32, True, monkeypatch)
+    assert not torch.allclose(before, after)
+    assert_agree(after, teacher_forced_logits(m, tokens, 32, False, monkeypatch))
+    m.to(torch.float64)  # norms change dtype: no longer the compiled path's float32
+    assert cpu_decode.CpuDecoder.of(m) is None
