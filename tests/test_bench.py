@@ -38,6 +38,7 @@ def test_json_report_for_mistol_formats(tmp_path):
         assert row["bytes_per_token"] == pytest.approx(bytes_per_token(config, fmt, 16 + 2), rel=1e-9)
     assert rows["int4"]["bytes_per_token"] < rows["int8"]["bytes_per_token"] < rows["f32"]["bytes_per_token"]
     assert report["ratios"] == []  # nothing to compare with
+    assert all(row["decoded_with"] == [] for row in rows.values())
 
 
 def test_table_and_skips(tmp_path):
@@ -49,6 +50,7 @@ def test_table_and_skips(tmp_path):
     assert "transformers  bf16" in out
     assert "transformers  int8" not in out  # transformers runs float formats only
     assert "mistol bf16 / transformers bf16" in out
+    assert "decoding in turns of 4 steps, under the same load: mistol bf16 with transformers bf16" in out
 
 
 def test_bad_arguments_are_one_line_errors():
@@ -85,3 +87,6 @@ def test_llama_cpp_row(tmp_path):
     assert sorted(row["format"] for row in report["rows"]) == ["Q8_0", "int8"]
     assert (tmp_path / "random-tiny-Q8_0.gguf").is_file()
     assert report["ratios"][0]["versus"] == "llama.cpp Q8_0"
+    # loaded together, they took turns decoding (under the same load from the rest of the machine)
+    assert {row["format"]: row["decoded_with"] for row in report["rows"]} == {"Q8_0": ["mistol int8"],
+                                                                              "int8": ["llama.cpp Q8_0"]}

@@ -2,9 +2,13 @@
 
     mistol bench --shape 7b [--quant int8,int4,bf16] [--engines mistol,transformers,llama.cpp] [--json]
 
-Every engine/format pair runs in a process of its own (see engines.py), one after another,
-on the same random prompt ids. The memory bandwidth is measured at the start and the end
-of the run; decode speed is then compared with its ceiling, bandwidth / bytes per token.
+Every engine/format pair runs in a process of its own (see engines.py), on the same random
+prompt ids. The engines measured at one format (mistol int4 and llama.cpp Q4_0, say) are
+loaded together where memory allows and take turns decoding, a few steps each: this
+machine's bandwidth drifts by half within minutes, and engines measured one after the
+other would be compared under different loads. The memory bandwidth is measured at the
+start and the end of the run; decode speed is then compared with its ceiling, bandwidth /
+bytes per token.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +32,7 @@ ENGINES = ("mistol", "transformers", "llama.cpp")
 FORMATS = ("int8", "int4", "bf16", "f16", "f32")
 QUANTIZED = ("int8", "int4")
 WORKER_TIMEOUT_S = 3 * 3600
+TURN_STEPS = 4  # decode steps an engine times per turn (plus one untimed: the other engine just ran)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -90,11 +97,11 @@ def cmd_bench(args) -> int:
                 continue  # compared at the same bits as mistol's quantized formats
             plan.append(Spec(engine, fmt, args.shape, prompts, args.steps, args.threads))
     available = _available(engines)
-    results = []
     bandwidth = [measure_bandwidth(args.threads)]
     say(f"memory read bandwidth ({args.threads or os.cpu_count()} threads): {bandwidth[0]:.1f} GB/s")
+    runnable: list[tuple[Spec, float]] = []
     for spec in plan:
-        label = f"{spec.engine} {_format_name(spec)}"
+        label = _label(spec)
         if not available[spec.engine]:
             notes.append(f"{label}: skipped ({_MISSING[spec.engine]})")
             continue
@@ -105,15 +112,18 @@ def cmd_bench(args) -> int:
         if need > free:
             notes.append(f"{label}: skipped (needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available)")
             continue
-        if spec.engine == "llama.cpp":
-            spec.gguf = str(_gguf_file(gguf_dir, args.shape, spec.fmt, config, say))
-        say(f"measuring {label} ...")
-        t0 = time.perf_counter()
-        result = _run_worker(spec)
-        result["wall_s"] = time.perf_counter() - t0
-        if "error" in result:
-            notes.append(f"{label}: failed ({result['error']})")
-        results.append(result)
+        runnable.append((spec, need))
+    results = []
+    for group in _groups(runnable, formats):
+        for spec in group:
+            if spec.engine == "llama.cpp":
+                spec.gguf = str(_gguf_file(gguf_dir, args.shape, spec.fmt, config, say))
+        labels = " and ".join(_label(spec) for spec in group)
+        say(f"measuring {labels}" + (", taking turns decoding ..." if len(group) > 1 else " ..."))
+        for result in _measure(group):
+            if "error" in result:
+                notes.append(f"{_label(Spec(result['engine'], result['fmt'], args.shape))}: failed ({result['error']})")
+            results.append(result)
     bandwidth.append(measure_bandwidth(args.threads))
     report = _report(config, results, bandwidth, notes)
     if args.json:
@@ -153,20 +163,104 @@ def _gguf_file(directory: Path, shape: str, fmt: str, config, say) -> Path:
     return path
 
 
-def _run_worker(spec: Spec) -> dict:
-    command = [sys.executable, "-m", "mistol.bench.engines", json.dumps(asdict(spec))]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if spec.threads:
-        env["OMP_NUM_THREADS"] = str(spec.threads)
+def _label(spec: Spec) -> str:
+    return f"{spec.engine} {_format_name(spec)}"
+
+
+def _groups(runnable: list[tuple[Spec, float]], formats: list[str]) -> list[list[Spec]]:
+    """The engines of each format, together where their memory fits at once, else one by one."""
+    groups = []
+    for fmt in formats:
+        specs = [(spec, need) for spec, need in runnable if spec.fmt == fmt]
+        if len(specs) > 1 and sum(need for _, need in specs) <= _available_memory():
+            groups.append([spec for spec, _ in specs])
+        else:
+            groups += [[spec] for spec, _ in specs]
+    return groups
+
+
+class WorkerError(Exception):
+    pass
+
+
+class Worker:
+    """One engine's process (engines.py), asked one request at a time."""
+
+    def __init__(self, spec: Spec):
+        command = [sys.executable, "-m", "mistol.bench.engines", json.dumps(asdict(spec))]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if spec.threads:
+            env["OMP_NUM_THREADS"] = str(spec.threads)
+        self.spec = spec
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.watchdog = threading.Timer(WORKER_TIMEOUT_S, self.process.kill)
+        self.watchdog.start()
+        try:
+            self.ask(None)  # until it has loaded its model
+        except WorkerError:
+            self.close()
+            raise
+
+    def ask(self, request: dict | None) -> dict:
+        try:
+            if request is not None:
+                self.process.stdin.write(json.dumps(request) + "\n")
+                self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except OSError:
+            line = ""
+        if not line:
+            status = self.process.wait()
+            timed_out = not self.watchdog.is_alive()
+            raise WorkerError(f"took longer than {WORKER_TIMEOUT_S} s" if timed_out
+                              else f"the worker exited with status {status} and no result")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise WorkerError(reply["error"])
+        return reply
+
+    def close(self) -> None:
+        self.watchdog.cancel()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def _measure(specs: list[Spec]) -> list[dict]:
+    """Each spec's figures (or its error). The engines load one after the other, measure
+    their prompts one after the other, then take turns decoding, TURN_STEPS at a time."""
+    results = {id(spec): {**asdict(spec)} for spec in specs}
+    started: list[Worker] = []
+
+    def attempt(spec: Spec, action) -> bool:
+        try:
+            action()
+            return True
+        except WorkerError as e:
+            results[id(spec)]["error"] = str(e)
+            return False
+
     try:
-        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=WORKER_TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired:
-        return {**asdict(spec), "error": f"took longer than {WORKER_TIMEOUT_S} s"}
-    lines = done.stdout.strip().splitlines()
-    try:
-        return json.loads(lines[-1])
-    except (IndexError, ValueError):
-        return {**asdict(spec), "error": f"the worker exited with status {done.returncode} and no result"}
+        for spec in specs:
+            attempt(spec, lambda: started.append(Worker(spec)))
+        workers = [w for w in started if attempt(w.spec, lambda: results[id(w.spec)].update(w.ask({"do": "prompts"})))]
+        steps: dict[int, list[float]] = {id(w.spec): [] for w in workers}
+        while any(len(steps[id(w.spec)]) < w.spec.steps for w in workers):
+            for w in list(workers):
+                n = min(TURN_STEPS, w.spec.steps - len(steps[id(w.spec)]))
+                if n > 0 and not attempt(w.spec, lambda: steps[id(w.spec)].extend(
+                        w.ask({"do": "decode", "steps": n + 1})["steps"][1:])):
+                    workers.remove(w)
+        for w in workers:
+            if attempt(w.spec, lambda: results[id(w.spec)].update(w.ask({"do": "finish"}))):
+                times = steps[id(w.spec)]
+                results[id(w.spec)].update(
+                    decode_tok_s=1 / statistics.median(times), decode_best_tok_s=1 / min(times),
+                    decode_steps=len(times), decoded_with=[_label(o.spec) for o in workers if o is not w])
+    finally:
+        for w in started:
+            w.close()
+    return [results[id(spec)] for spec in specs]
 
 
 def measure_bandwidth(threads: int = 0, gib: float = 1.0, repeats: int = 8) -> float:
@@ -261,6 +355,10 @@ def _table(report: dict) -> str:
     lines.append("prefill and decode in tokens/s; ceiling = bandwidth / bytes read per decoded token; "
                  "RSS/(model+KV) = growth of the peak RSS while measuring over the bytes of the model as held "
                  "(quantized layers, float embedding and norms; for llama.cpp its file) plus its KV cache")
+    together = sorted({" with ".join(sorted([f"{r['engine']} {r['format']}", *r["decoded_with"]]))
+                       for r in rows if r.get("decoded_with")})
+    if together:
+        lines.append(f"decoding in turns of {TURN_STEPS} steps, under the same load: " + "; ".join(together))
     if report["ratios"]:
         lines.append("")
         for ratio in report["ratios"]:

@@ -1,13 +1,18 @@
-"""One engine, one format, measured in a process of its own: `python -m mistol.bench.engines SPEC`.
+"""One engine, one format, in a process of its own: `python -m mistol.bench.engines SPEC`.
 
-Each measurement runs in a fresh process so that its peak RSS is its own and its memory
-is gone before the next starts. It prints one JSON object as its last line of output.
+Each engine runs in a process of its own so that its peak RSS is its own and its memory is
+gone when it exits. The process loads the model, then answers requests read from stdin,
+one JSON object per line, with one JSON line on stdout each:
 
-What is measured (the same for every engine, on the same random token ids):
-- prefill tok/s: a fresh context fed an n-token prompt in one call, for each n asked;
-- time to first token: a fresh context, the shortest prompt, until the first greedy token;
-- decode tok/s: the median time of each following greedy step (each step is one token);
-- peak RSS: the process's high-water mark (VmHWM), and its RSS before the model existed.
+- {"do": "prompts"}: prefill tok/s (a fresh context fed an n-token prompt in one call, for
+  each n asked) and time to first token (a fresh context, the shortest prompt, until the
+  first greedy token); the context is left there for decoding;
+- {"do": "decode", "steps": n}: n more greedy steps, each one token: their times;
+- {"do": "finish"}: what it held (bytes of the model and KV cache) and its memory: the
+  high-water mark of the RSS (VmHWM) and the RSS before the model existed; then it exits.
+
+So the caller can let two engines take turns decoding, a few steps each, and compare them
+under the same load from the rest of the machine. Every engine sees the same token ids.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -48,22 +53,28 @@ def memory_status() -> dict[str, int]:
     return fields
 
 
-class _Timer:
-    """Run the three measurements with engine-specific `prefill(ids) -> logits`, `step(token) -> logits`
-    and `reset()` callables."""
+@dataclass
+class Runner:
+    """One loaded engine: `prefill(ids) -> logits` on the current context, `step(token) ->
+    logits`, `reset()` to an empty context, `argmax(logits) -> int`, and what to report."""
 
-    def __init__(self, spec: Spec, prefill, step, reset, argmax):
-        self.spec, self.prefill, self.step, self.reset, self.argmax = spec, prefill, step, reset, argmax
+    spec: Spec
+    prefill: Callable
+    step: Callable
+    reset: Callable
+    argmax: Callable
+    info: dict  # load_s, version, model_bytes, kv_bytes (a callable: read at the end), ...
+    token: int = 0
 
-    def run(self) -> dict:
+    def prompts(self) -> dict:
         spec = self.spec
         ids = prompt_ids(max(spec.prompts), spec.seed)
         # Warm up (first-call allocations, thread pools, lazy initialisation) with the same shapes.
         for n in sorted(spec.prompts):
             self.reset()
-            token = self.argmax(self.prefill(ids[:n]))
+            self.token = self.argmax(self.prefill(ids[:n]))
         for _ in range(2):
-            token = self.argmax(self.step(token))
+            self.token = self.argmax(self.step(self.token))
         prefill = {}
         for n in sorted(spec.prompts):
             self.reset()
@@ -71,24 +82,30 @@ class _Timer:
             self.prefill(ids[:n])
             prefill[str(n)] = n / (time.perf_counter() - t0)
         self.reset()
-        n = min(spec.prompts)
         t0 = time.perf_counter()
-        token = self.argmax(self.prefill(ids[:n]))
-        ttft = time.perf_counter() - t0
-        steps = []
-        for _ in range(spec.steps):
+        self.token = self.argmax(self.prefill(ids[: min(spec.prompts)]))
+        return {"prefill_tok_s": prefill, "ttft_s": time.perf_counter() - t0}
+
+    def decode(self, steps: int) -> list[float]:
+        times = []
+        for _ in range(steps):
             t0 = time.perf_counter()
-            token = self.argmax(self.step(token))
-            steps.append(time.perf_counter() - t0)
-        median = statistics.median(steps)
-        return {"prefill_tok_s": prefill, "ttft_s": ttft, "decode_tok_s": 1.0 / median,
-                "decode_best_tok_s": 1.0 / min(steps), "decode_steps": len(steps)}
+            self.token = self.argmax(self.step(self.token))
+            times.append(time.perf_counter() - t0)
+        return times
 
 
-def measure_mistol(spec: Spec) -> dict:
+def context_length(spec: Spec) -> int:
+    """Positions a measurement needs: the longest prompt, or the shortest one and every
+    decode step (each turn of decoding takes one step more than it times)."""
+    return max(max(spec.prompts), min(spec.prompts) + 2 * spec.steps + 2) + 8
+
+
+def load_mistol(spec: Spec) -> Runner:
     import torch
 
-    from ..engine import Engine
+    from .. import kernels
+    from ..engine import Engine, decode_step
     from .models import mistol_model
     from .shapes import model_config
 
@@ -96,32 +113,31 @@ def measure_mistol(spec: Spec) -> dict:
     t0 = time.perf_counter()
     engine = Engine(mistol_model(config, spec.fmt, spec.seed), name=f"random {spec.shape}")
     load_s = time.perf_counter() - t0
-    context = max(spec.prompts) + spec.steps + 8
     state = {}
 
     def reset():
-        state["session"] = engine.new_session(max_context=context)
+        state["session"] = engine.new_session(max_context=context_length(spec))
 
+    @torch.inference_mode()
     def prefill(ids):
         return state["session"].feed(ids)
 
+    @torch.inference_mode()
     def step(token):
-        from ..engine import decode_step
-
         return decode_step([state["session"]], [token])[0]
-
-    with torch.inference_mode():
-        result = _Timer(spec, prefill, step, reset, lambda logits: int(logits.argmax())).run()
-    from .. import kernels
 
     model = engine.model
     held = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
-    return {**result, "load_s": load_s, "kernels": kernels.impl_name() if spec.fmt in ("int8", "int4") else "torch",
-            "model_bytes": held, "kv_bytes": state["session"].cache.nbytes}
+    info = {"load_s": load_s, "kernels": kernels.impl_name() if spec.fmt in ("int8", "int4") else "torch",
+            "model_bytes": held, "kv_bytes": lambda: state["session"].cache.nbytes}
+    return Runner(spec, prefill, step, reset, lambda logits: int(logits.argmax()), info)
 
 
-def measure_transformers(spec: Spec) -> dict:
+def load_transformers(spec: Spec) -> Runner:
+    import inspect
+
     import torch
+    import transformers
     from transformers import DynamicCache
 
     from .models import transformers_model
@@ -134,47 +150,39 @@ def measure_transformers(spec: Spec) -> dict:
 
     def reset():
         state["cache"] = DynamicCache()
-        state["length"] = 0
-
-    import inspect
 
     # The cache argument was renamed in transformers 5 ("cache"; "past_key_values" before).
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
+    @torch.inference_mode()
     def run(ids):
         out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1, **{cache_arg: state["cache"]})
-        state["length"] += len(ids)
         return out.logits[0, -1]
 
-    with torch.inference_mode():
-        result = _Timer(spec, run, lambda token: run([token]), reset, lambda logits: int(logits.argmax())).run()
-    import transformers
-
     held = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
-    return {**result, "load_s": load_s, "version": transformers.__version__, "model_bytes": held,
+    info = {"load_s": load_s, "version": transformers.__version__, "model_bytes": held,
             "kv_bytes": _kv_bytes(spec, 2 if spec.fmt in ("bf16", "f16") else 4)}
+    return Runner(spec, run, lambda token: run([token]), reset, lambda logits: int(logits.argmax()), info)
 
 
-def measure_llama_cpp(spec: Spec) -> dict:
+def load_llama_cpp(spec: Spec) -> Runner:
     import llama_cpp
     import numpy as np
 
     threads = spec.threads or os.cpu_count() or 1
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=spec.gguf, n_ctx=max(spec.prompts) + spec.steps + 16, n_batch=512,
-                          n_ubatch=512, n_threads=threads, n_threads_batch=threads, logits_all=False,
-                          verbose=False)
+    llm = llama_cpp.Llama(model_path=spec.gguf, n_ctx=context_length(spec), n_batch=512, n_ubatch=512,
+                          n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
     load_s = time.perf_counter() - t0
-
     n_vocab = llm.n_vocab()
 
     def run(ids):
         llm.eval(ids)  # without logits_all, llama-cpp-python keeps no scores: read the context's
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
 
-    result = _Timer(spec, run, lambda token: run([token]), llm.reset, lambda logits: int(np.argmax(logits))).run()
-    return {**result, "load_s": load_s, "version": llama_cpp.__version__,
-            "model_bytes": os.path.getsize(spec.gguf), "kv_bytes": _kv_bytes(spec, 2, llm.n_ctx())}
+    info = {"load_s": load_s, "version": llama_cpp.__version__, "model_bytes": os.path.getsize(spec.gguf),
+            "kv_bytes": _kv_bytes(spec, 2, llm.n_ctx())}
+    return Runner(spec, run, lambda token: run([token]), llm.reset, lambda logits: int(np.argmax(logits)), info)
 
 
 def _kv_bytes(spec: Spec, element_bytes: int, context: int | None = None) -> int:
@@ -182,32 +190,44 @@ def _kv_bytes(spec: Spec, element_bytes: int, context: int | None = None) -> int
     from .shapes import model_config
 
     config = model_config(spec.shape)
-    context = context or max(spec.prompts) + spec.steps + 8
+    context = context or context_length(spec)
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * element_bytes
 
 
-MEASURE = {"mistol": measure_mistol, "transformers": measure_transformers, "llama.cpp": measure_llama_cpp}
+LOAD = {"mistol": load_mistol, "transformers": load_transformers, "llama.cpp": load_llama_cpp}
 
 
-def measure(spec: Spec) -> dict:
+def serve(spec: Spec, requests, reply: Callable[[dict], None]) -> None:
     import torch
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     before = memory_status()["VmRSS"]
-    result = MEASURE[spec.engine](spec)
-    memory = memory_status()
-    return {**asdict(spec), **result, "base_rss": before, "peak_rss": memory["VmHWM"],
-            "threads_used": spec.threads or torch.get_num_threads()}
+    runner = LOAD[spec.engine](spec)
+    reply({"loaded": True})
+    for line in requests:
+        request = json.loads(line)
+        if request["do"] == "prompts":
+            reply(runner.prompts())
+        elif request["do"] == "decode":
+            reply({"steps": runner.decode(request["steps"])})
+        elif request["do"] == "finish":
+            info = {k: v() if callable(v) else v for k, v in runner.info.items()}
+            reply({**info, "base_rss": before, "peak_rss": memory_status()["VmHWM"],
+                   "threads_used": spec.threads or torch.get_num_threads()})
+            return
 
 
 def main(argv: list[str]) -> int:
     spec = Spec(**json.loads(argv[0]))
+
+    def reply(message: dict) -> None:
+        print(json.dumps(message), flush=True)
+
     try:
-        result = measure(spec)
+        serve(spec, sys.stdin, reply)
     except Exception as e:  # reported in the table, not as a traceback
-        result = {**asdict(spec), "error": f"{type(e).__name__}: {e}"}
-    print(json.dumps(result), flush=True)
+        reply({"error": f"{type(e).__name__}: {e}"})
     return 0
 
 
