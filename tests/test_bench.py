@@ -34,6 +34,8 @@ def test_json_report_for_mistol_formats(tmp_path):
         assert row["engine"] == "mistol" and row["decode_steps"] == 4
         assert set(row["prefill_tok_s"]) == {"16", "40"} and all(v > 0 for v in row["prefill_tok_s"].values())
         assert row["decode_tok_s"] > 0 and row["ttft_s"] > 0 and 0 < row["roofline_share"]
+        # the ceiling's bandwidth was read in turns with the decoding
+        assert row["ceiling_bandwidth_gb_s"] == row["decode_bandwidth_gb_s"] > 0
         assert row["peak_rss"] >= row["base_rss"] > 0
         assert row["bytes_per_token"] == pytest.approx(bytes_per_token(config, fmt, 16 + 2), rel=1e-9)
     assert rows["int4"]["bytes_per_token"] < rows["int8"]["bytes_per_token"] < rows["f32"]["bytes_per_token"]

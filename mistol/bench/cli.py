@@ -6,14 +6,16 @@ Every engine/format pair runs in a process of its own (see engines.py), on the s
 prompt ids. The engines measured at one format (mistol int4 and llama.cpp Q4_0, say) are
 loaded together where memory allows and take turns decoding, a few steps each: this
 machine's bandwidth drifts by half within minutes, and engines measured one after the
-other would be compared under different loads. The memory bandwidth is measured at the
-start and the end of the run; decode speed is then compared with its ceiling, bandwidth /
-bytes per token.
+other would be compared under different loads. For the same reason the memory bandwidth is
+read in turns with the decoding too (a 1 GiB sum after each round of turns): decode speed is
+compared with its ceiling at that time, bandwidth / bytes per token. The bandwidth is also
+measured at the start and the end of the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -33,6 +35,7 @@ FORMATS = ("int8", "int4", "bf16", "f16", "f32")
 QUANTIZED = ("int8", "int4")
 WORKER_TIMEOUT_S = 3 * 3600
 TURN_STEPS = 4  # decode steps an engine times per turn (plus one untimed: the other engine just ran)
+PROBE_BYTES = 1 << 30  # read in turns with the decoding, for the bandwidth at that time
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -120,7 +123,7 @@ def cmd_bench(args) -> int:
                 spec.gguf = str(_gguf_file(gguf_dir, args.shape, spec.fmt, config, say))
         labels = " and ".join(_label(spec) for spec in group)
         say(f"measuring {labels}" + (", taking turns decoding ..." if len(group) > 1 else " ..."))
-        for result in _measure(group):
+        for result in _measure(group, args.threads):
             if "error" in result:
                 notes.append(f"{_label(Spec(result['engine'], result['fmt'], args.shape))}: failed ({result['error']})")
             results.append(result)
@@ -172,7 +175,7 @@ def _groups(runnable: list[tuple[Spec, float]], formats: list[str]) -> list[list
     groups = []
     for fmt in formats:
         specs = [(spec, need) for spec, need in runnable if spec.fmt == fmt]
-        if len(specs) > 1 and sum(need for _, need in specs) <= _available_memory():
+        if len(specs) > 1 and sum(need for _, need in specs) + PROBE_BYTES <= _available_memory():
             groups.append([spec for spec, _ in specs])
         else:
             groups += [[spec] for spec, _ in specs]
@@ -226,11 +229,13 @@ class Worker:
         self.process.wait()
 
 
-def _measure(specs: list[Spec]) -> list[dict]:
+def _measure(specs: list[Spec], threads: int) -> list[dict]:
     """Each spec's figures (or its error). The engines load one after the other, measure
-    their prompts one after the other, then take turns decoding, TURN_STEPS at a time."""
+    their prompts one after the other, then take turns decoding, TURN_STEPS at a time; after
+    each round of turns the memory bandwidth is read."""
     results = {id(spec): {**asdict(spec)} for spec in specs}
     started: list[Worker] = []
+    probe = BandwidthProbe(threads)
 
     def attempt(spec: Spec, action) -> bool:
         try:
@@ -251,12 +256,14 @@ def _measure(specs: list[Spec]) -> list[dict]:
                 if n > 0 and not attempt(w.spec, lambda: steps[id(w.spec)].extend(
                         w.ask({"do": "decode", "steps": n + 1})["steps"][1:])):
                     workers.remove(w)
+            probe.sample()
         for w in workers:
             if attempt(w.spec, lambda: results[id(w.spec)].update(w.ask({"do": "finish"}))):
                 times = steps[id(w.spec)]
                 results[id(w.spec)].update(
                     decode_tok_s=1 / statistics.median(times), decode_best_tok_s=1 / min(times),
-                    decode_steps=len(times), decoded_with=[_label(o.spec) for o in workers if o is not w])
+                    decode_steps=len(times), decoded_with=[_label(o.spec) for o in workers if o is not w],
+                    decode_bandwidth_gb_s=statistics.median(probe.samples))
     finally:
         for w in started:
             w.close()
@@ -268,16 +275,40 @@ def measure_bandwidth(threads: int = 0, gib: float = 1.0, repeats: int = 8) -> f
     an int8 max, whose arithmetic is cheapest), as a decode step reads its weights."""
     import torch
 
+    nbytes = int(gib * 2**30)
+    with _torch_threads(threads):
+        return max(_read_rate(make(), read, repeats)
+                   for make, read in ((lambda: torch.ones(nbytes // 4), torch.Tensor.sum),
+                                      (lambda: torch.ones(nbytes, dtype=torch.int8), torch.amax)))
+
+
+class BandwidthProbe:
+    """The memory's read rate now and then (the best of two float32 sums over 1 GiB): the
+    bandwidth while engines take turns decoding."""
+
+    def __init__(self, threads: int):
+        import torch
+
+        self.threads = threads
+        self.x = torch.ones(PROBE_BYTES // 4)
+        self.samples: list[float] = []
+
+    def sample(self) -> None:
+        import torch
+
+        with _torch_threads(self.threads):
+            self.samples.append(_read_rate(self.x, torch.Tensor.sum, 2))
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    import torch
+
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        nbytes = int(gib * 2**30)
-        best = 0.0
-        for make, read in ((lambda: torch.ones(nbytes // 4), torch.Tensor.sum),
-                           (lambda: torch.ones(nbytes, dtype=torch.int8), torch.amax)):
-            best = max(best, _read_rate(make(), read, repeats))
-        return best
+        yield
     finally:
         torch.set_num_threads(previous)
 
@@ -294,11 +325,12 @@ def _timed(fn) -> float:
 
 
 def _report(config, results: list[dict], bandwidth: list[float], notes: list[str]) -> dict:
-    gbs = max(bandwidth)  # the best the machine showed in this run (other processes lower it)
     rows = []
     for r in results:
         if "error" in r:
             continue
+        # the bandwidth read in turns with this engine's decoding (else the run's best)
+        gbs = r.get("decode_bandwidth_gb_s") or max(bandwidth)
         context = min(r["prompts"]) + r["steps"] // 2
         kv_bytes = 2 if r["fmt"] in ("bf16", "f16") and r["engine"] != "llama.cpp" else 4
         if r["engine"] == "llama.cpp":
@@ -307,7 +339,7 @@ def _report(config, results: list[dict], bandwidth: list[float], notes: list[str
         ceiling = gbs * 1e9 / per_token
         weights = per_token - 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * kv_bytes
         rows.append({**r, "format": _format_name(Spec(r["engine"], r["fmt"], r["shape"])),
-                     "bytes_per_token": per_token, "roofline_tok_s": ceiling,
+                     "bytes_per_token": per_token, "ceiling_bandwidth_gb_s": gbs, "roofline_tok_s": ceiling,
                      "roofline_share": r["decode_tok_s"] / ceiling, "weight_bytes": weights,
                      "rss_growth": r["peak_rss"] - r["base_rss"],
                      "rss_ratio": (r["peak_rss"] - r["base_rss"]) / (r["model_bytes"] + r["kv_bytes"])})
@@ -335,15 +367,15 @@ def _table(report: dict) -> str:
     rows = report["rows"]
     prompts = sorted({int(n) for r in rows for n in r["prefill_tok_s"]})
     bw = report["bandwidth_gb_s"]
-    lines = [f"shape {report['shape']}; memory read bandwidth {bw[0]:.1f} GB/s at the start, {bw[-1]:.1f} GB/s at the end "
-             f"(the ceiling uses the higher)",
+    lines = [f"shape {report['shape']}; memory read bandwidth {bw[0]:.1f} GB/s at the start, {bw[-1]:.1f} GB/s at the end",
              ""]
     head = ["engine", "format"] + [f"prefill {n}" for n in prompts] + [
-        "TTFT s", "decode tok/s", "ceiling", "of ceiling", "peak RSS", "RSS/(model+KV)"]
+        "TTFT s", "decode tok/s", "GB/s", "ceiling", "of ceiling", "peak RSS", "RSS/(model+KV)"]
     table = [head]
     for r in rows:
         table.append([r["engine"], r["format"]] + [f"{r['prefill_tok_s'][str(n)]:.2f}" for n in prompts] + [
-            f"{r['ttft_s']:.2f}", f"{r['decode_tok_s']:.2f}", f"{r['roofline_tok_s']:.2f}",
+            f"{r['ttft_s']:.2f}", f"{r['decode_tok_s']:.2f}", f"{r['ceiling_bandwidth_gb_s']:.1f}",
+            f"{r['roofline_tok_s']:.2f}",
             f"{100 * r['roofline_share']:.0f}%", f"{r['peak_rss'] / 2**30:.2f} GiB",
             f"{r['rss_ratio']:.2f}"])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
@@ -352,7 +384,8 @@ def _table(report: dict) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
-    lines.append("prefill and decode in tokens/s; ceiling = bandwidth / bytes read per decoded token; "
+    lines.append("prefill and decode in tokens/s; ceiling = bandwidth (read in turns with the decoding, column "
+                 "'GB/s') / bytes read per decoded token; "
                  "RSS/(model+KV) = growth of the peak RSS while measuring over the bytes of the model as held "
                  "(quantized layers, float embedding and norms; for llama.cpp its file) plus its KV cache")
     together = sorted({" with ".join(sorted([f"{r['engine']} {r['format']}", *r["decoded_with"]]))
