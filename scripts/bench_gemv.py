@@ -77,9 +77,9 @@ def main() -> None:
             Method("aten._weight_int8pack_mm (bf16 x, per row)", w8.clone, w8.numel() + 2 * n,
                    lambda c: torch.ops.aten._weight_int8pack_mm(xb, c, scales.bfloat16())),
         ]
-        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            methods.append(Method(f"mistol {name} (dense kernel)", lambda d=dtype: w.to(d), w.numel() * w.new_empty(0, dtype=dtype).element_size(),
-                                  lambda c: linear(x, c)))
+        for dtype, name, xd in ((torch.float32, "fp32", x), (torch.bfloat16, "bf16", xb)):  # x in the model's dtype
+            methods.append(Method(f"mistol {name} (dense kernel)", lambda d=dtype: w.to(d), w.numel() * xd.element_size(),
+                                  lambda c, xd=xd: linear(xd, c)))
         for fmt in ("int8", "int4"):
             q = quantize_linear(w, fmt)
             methods.append(Method(f"mistol {fmt} ({impl})", lambda q=q: QuantizedLinear(k, n, q.fmt, q.packed.clone()),

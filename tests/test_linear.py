@@ -41,6 +41,21 @@ def test_float_weights_on_the_kernel_match_float64(dtype):
 
 
 @needs_kernels
+def test_bf16_weights_both_ways():
+    """bf16 inputs may take the CPU's bf16 dot products (where it has them); float32 inputs
+    take the float32 loop. On bf16-valued inputs both agree with float64 to float32 sums."""
+    torch.manual_seed(5)
+    for n, k in [(37, 14336 + 40), (9, 48), (130, 4096)]:
+        w = (torch.randn(n, k) * 0.02).to(torch.bfloat16)
+        x = torch.randn(2, k).to(torch.bfloat16).float()
+        exact = x.double() @ w.double().T
+        bound = (x.double().abs() @ w.double().abs().T) * 1e-5 + 1e-7
+        for x_is_bf16 in (True, False):
+            y = kernels.dense_many(x, [w], x_is_bf16)
+            assert ((y.double() - exact).abs() <= bound).all(), (n, k, x_is_bf16)
+
+
+@needs_kernels
 def test_bf16_kernel_rounds_like_pytorch():
     torch.manual_seed(2)
     layer = linear_layer(301, 4096, torch.bfloat16)

@@ -68,5 +68,6 @@ def _on_dense_kernel(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
 
 def _dense(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
     # float32 products and sums, rounded once to x's dtype: what F.linear does in bf16
-    return output_like(kernels.dense_many(kernel_input(x.reshape(-1, x.shape[-1])), list(weights)), x)
+    y = kernels.dense_many(kernel_input(x.reshape(-1, x.shape[-1])), list(weights), x.dtype == torch.bfloat16)
+    return output_like(y, x)
 
