@@ -201,12 +201,14 @@ EXPORT int mistol_decode_layer(const int *fmts, float *x, const void *const *ptr
         qgemm_share(&kn, fmts + 4, qa, da, sa, 1, D, 2, w_gu, n_gu, gu, 2 * F, my_acc);
 #ifdef _OPENMP
 #pragma omp barrier
-#pragma omp single
 #endif
-        {
-            for (int64_t i = 0; i < F; i++) h[i] = silu(gu[i]) * gu[F + i];
-            kn.quant(h, F, qa, da, sa);
-        }
+        int64_t b0, b1; /* SiLU (an exp per value) and quantization of this thread's blocks */
+        thread_share(F / QK, &b0, &b1);
+        for (int64_t i = b0 * QK; i < b1 * QK; i++) h[i] = silu(gu[i]) * gu[F + i];
+        kn.quant(h + b0 * QK, (b1 - b0) * QK, qa + b0 * QK, da + b0, sa + b0);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
         qgemm_share(&kn, fmts + 6, qa, da, sa, 1, F, 1, &w[P_WD], n_d, y, D, my_acc);
 #ifdef _OPENMP
 #pragma omp barrier

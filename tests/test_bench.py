@@ -89,6 +89,9 @@ def test_llama_cpp_row(tmp_path):
     assert sorted(row["format"] for row in report["rows"]) == ["Q8_0", "int8"]
     assert (tmp_path / "random-tiny-Q8_0.gguf").is_file()
     assert report["ratios"][0]["versus"] == "llama.cpp Q8_0"
+    rows = {row["engine"]: row for row in report["rows"]}
+    assert report["ratios"][0]["decode_same_bandwidth"] == pytest.approx(
+        rows["mistol"]["roofline_share"] / rows["llama.cpp"]["roofline_share"])
     # loaded together, they took turns decoding (under the same load from the rest of the machine)
     assert {row["format"]: row["decoded_with"] for row in report["rows"]} == {"Q8_0": ["mistol int8"],
                                                                               "int8": ["llama.cpp Q8_0"]}

@@ -355,6 +355,9 @@ def _report(config, results: list[dict], bandwidth: list[float], notes: list[str
             if ours and theirs:
                 ratio = {"mistol": fmt, "versus": f"{other} {theirs['format']}",
                          "decode": ours["decode_tok_s"] / theirs["decode_tok_s"],
+                         # each against the bandwidth read while it decoded: the two compared
+                         # at the same bandwidth (what matters where they could not take turns)
+                         "decode_same_bandwidth": ours["roofline_share"] / theirs["roofline_share"],
                          "ttft": theirs["ttft_s"] / ours["ttft_s"]}
                 for n in ours["prefill_tok_s"]:
                     ratio[f"prefill_{n}"] = ours["prefill_tok_s"][n] / theirs["prefill_tok_s"][n]
@@ -395,7 +398,10 @@ def _table(report: dict) -> str:
     if report["ratios"]:
         lines.append("")
         for ratio in report["ratios"]:
-            parts = [f"decode {ratio['decode']:.2f}"] + [
+            decode = f"decode {ratio['decode']:.2f}"
+            if abs(ratio["decode_same_bandwidth"] / ratio["decode"] - 1) > 0.05:
+                decode += f" ({ratio['decode_same_bandwidth']:.2f} at the same memory bandwidth)"
+            parts = [decode] + [
                 f"prefill {k.split('_')[1]} {v:.2f}" for k, v in ratio.items() if k.startswith("prefill_")]
             lines.append(f"mistol {ratio['mistol']} / {ratio['versus']} (speed ratios, >1: mistol faster): "
                          + ", ".join(parts) + f", time to first token {ratio['ttft']:.2f}")

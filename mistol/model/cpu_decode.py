@@ -49,18 +49,25 @@ class CpuDecoder:
         model._cpu_decoder = (links, decoder)
         return decoder
 
-    def applies(self, x: torch.Tensor, caches: Sequence[KVCache]) -> bool:
-        """True for one new token of one sequence in float32 on the CPU, without autograd."""
-        return (
+    @classmethod
+    def for_step(cls, model: torch.nn.Module, x: torch.Tensor, caches: Sequence[KVCache]) -> CpuDecoder | None:
+        """The decoder for this step of `model` (x: the new tokens' embeddings), or None
+        unless it is one token of one sequence in float32 on a CPU, without autograd, and
+        the model fits the compiled path."""
+        fits = (
             x.shape[:2] == (1, 1)
             and x.dtype == torch.float32
             and x.device.type == "cpu"
             and len(caches) == 1
             and caches[0].k.dtype == torch.float32
             and caches[0].k.device.type == "cpu"
+            and caches[0].k.shape[1] == 1  # a cache of one sequence
+            and caches[0].k.is_contiguous()
+            and caches[0].v.is_contiguous()
             and not (torch.is_grad_enabled() and x.requires_grad)
             and kernels.impl_name() != "torch"
         )
+        return cls.of(model) if fits else None
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
             plan: AttentionPlan) -> torch.Tensor:

@@ -171,8 +171,8 @@ class Transformer(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         if plans is None:  # (given by a caller that plans on the device: see cuda_graphs.py)
             plans = [cache.plan(pos) for cache, pos in zip(caches, positions)]
-        decoder = CpuDecoder.of(self) if x.shape[:2] == (1, 1) else None
-        if decoder is not None and decoder.applies(x, caches):
+        decoder = CpuDecoder.for_step(self, x, caches)
+        if decoder is not None:  # one token of one sequence on a CPU, quantized: compiled layers
             x = decoder.run(x, cos, sin, caches[0], plans[0])
         else:
             for block in self.layers:
