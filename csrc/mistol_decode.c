@@ -23,11 +23,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "mistol_kernels.h"
+
+#ifdef _OPENMP
+#define BARRIER _Pragma("omp barrier")
+#define SINGLE _Pragma("omp single") /* the next statement: one thread, then a barrier */
+#else
+#define BARRIER
+#define SINGLE
+#endif
 
 /* Indices into mistol_decode_layer's pointer and size arrays. */
 enum { P_NORM_ATTN, P_NORM_MLP, P_WQ, P_WK, P_WV, P_WO, P_WG, P_WU, P_WD, P_CACHE_K, P_CACHE_V, P_COS, P_SIN,
@@ -161,17 +165,13 @@ EXPORT int mistol_decode_layer(const int *fmts, float *x, const void *const *ptr
 #endif
     {
         float *my_acc = acc + thread_index() * IL, *my_scores = scores + thread_index() * group * n_keys;
-#ifdef _OPENMP
-#pragma omp single
-#endif
+        SINGLE
         {
             rms_norm(x, f[P_NORM_ATTN], D, eps, h);
             kn.quant(h, D, qa, da, sa);
         }
         qgemm_share(&kn, fmts, qa, da, sa, 1, D, 3, w_qkv, n_qkv, qkv, dq + 2 * dkv, my_acc);
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+        BARRIER
         int64_t j0, j1; /* this thread's kv heads, with their query heads */
         thread_share(hkv, &j0, &j1);
         for (int64_t j = j0; j < j1; j++) {
@@ -183,37 +183,27 @@ EXPORT int mistol_decode_layer(const int *fmts, float *x, const void *const *ptr
             attend(dot, axpy, qkv + j * group * hd, group, cache_k + j * cap * hd, cache_v + j * cap * hd, hd,
                    n_keys, mask, my_scores, att + j * group * hd);
         }
-#ifdef _OPENMP
-#pragma omp barrier
-#pragma omp single
-#endif
+        BARRIER
+        SINGLE
         kn.quant(att, dq, qa, da, sa);
         qgemm_share(&kn, fmts + 3, qa, da, sa, 1, dq, 1, &w[P_WO], n_d, y, D, my_acc);
-#ifdef _OPENMP
-#pragma omp barrier
-#pragma omp single
-#endif
+        BARRIER
+        SINGLE
         {
             for (int64_t i = 0; i < D; i++) x[i] += y[i];
             rms_norm(x, f[P_NORM_MLP], D, eps, h);
             kn.quant(h, D, qa, da, sa);
         }
         qgemm_share(&kn, fmts + 4, qa, da, sa, 1, D, 2, w_gu, n_gu, gu, 2 * F, my_acc);
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+        BARRIER
         int64_t b0, b1; /* SiLU (an exp per value) and quantization of this thread's blocks */
         thread_share(F / QK, &b0, &b1);
         for (int64_t i = b0 * QK; i < b1 * QK; i++) h[i] = silu(gu[i]) * gu[F + i];
         kn.quant(h + b0 * QK, (b1 - b0) * QK, qa + b0 * QK, da + b0, sa + b0);
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+        BARRIER
         qgemm_share(&kn, fmts + 6, qa, da, sa, 1, F, 1, &w[P_WD], n_d, y, D, my_acc);
-#ifdef _OPENMP
-#pragma omp barrier
-#pragma omp single
-#endif
+        BARRIER
+        SINGLE
         for (int64_t i = 0; i < D; i++) x[i] += y[i];
     }
     free(h), free(qkv), free(att), free(gu), free(y), free(da), free(qa), free(sa), free(scores), free(acc);
