@@ -166,4 +166,3 @@ def test_window_longer_than_the_context_is_plain_causal(mistral_dir):
     session = engine.new_session(max_context=6 + 1, chunk_size=4)  # capacity 7 < window + chunk
     assert session.cache.window is None
     assert (session.feed(tokens, all_logits=True) - ref_logits(mistral_dir, tokens)).abs().max() <= TOL
-

@@ -89,9 +89,7 @@ def impl_name() -> str:
     """The implementation quantized matmuls use now: avx512vnni, avx2, scalar or torch."""
     if not available():
         return "torch"
-    if _impl in IMPLS and _impl != "auto":
-        return _impl
-    return _IMPL_NAMES.get(_lib.mistol_best_impl(), "scalar")
+    return _impl if _impl in IMPLS and _impl != "auto" else best_impl()
 
 
 def best_impl() -> str:
@@ -121,15 +119,19 @@ def gemm_many(fmt: str, x: torch.Tensor, weights: list[tuple[torch.Tensor, int]]
     """x[M, K] times several packed matrices (packed, n) that share the input, in one call:
     their outputs side by side, y[M, sum of n]."""
     m, k = x.shape
-    count = len(weights)
-    ptrs = (ctypes.c_void_p * count)(*(packed.data_ptr() for packed, _ in weights))
-    ns = (ctypes.c_int64 * count)(*(n for _, n in weights))
+    count, ptrs, ns = _matrices([packed for packed, _ in weights], [n for _, n in weights])
     y = torch.empty(m, sum(ns), dtype=torch.float32)
     rc = _lib.mistol_gemm_many(FORMAT_IDS[fmt], x.data_ptr(), m, k, count, ptrs, ns, y.data_ptr(), y.shape[1],
                                torch.get_num_threads(), IMPLS.get(_impl, 0))
     if rc != 0:
         raise RuntimeError(f"mistol_gemm_many({fmt}, M={m}, K={k}, N={list(ns)}): {_ERRORS.get(rc, rc)}")
     return y
+
+
+def _matrices(tensors: list[torch.Tensor], rows: list[int]) -> tuple[int, ctypes.Array, ctypes.Array]:
+    """Several matrices as the C functions take them: count, their addresses, their rows."""
+    count = len(tensors)
+    return count, (ctypes.c_void_p * count)(*(t.data_ptr() for t in tensors)), (ctypes.c_int64 * count)(*rows)
 
 
 DENSE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -141,9 +143,7 @@ def dense_many(x: torch.Tensor, weights: list[torch.Tensor], x_is_bf16: bool = F
     `x_is_bf16`: x's values are all bf16 numbers (bf16 weights may then use the CPU's bf16
     dot products)."""
     m, k = x.shape
-    count = len(weights)
-    ptrs = (ctypes.c_void_p * count)(*(w.data_ptr() for w in weights))
-    ns = (ctypes.c_int64 * count)(*(w.shape[0] for w in weights))
+    count, ptrs, ns = _matrices(weights, [w.shape[0] for w in weights])
     y = torch.empty(m, sum(ns), dtype=torch.float32)
     rc = _lib.mistol_dense_many(DENSE_DTYPES[weights[0].dtype], x.data_ptr(), int(x_is_bf16), m, k, count, ptrs, ns,
                                 y.data_ptr(), y.shape[1], torch.get_num_threads())
