@@ -118,14 +118,16 @@ static void attend(dot_fn dot, axpy_fn axpy, const float *q, int64_t group, cons
 }
 
 /* x[D] (float32, in place) += one layer, as described at the top. ptrs and dims are
- * indexed by P_* and D_*; fmts[i] is the format of weight P_WQ + i (packed in
- * mistol_kernels.c's layout); norms, caches ([kv_heads][capacity][head_dim], this
+ * indexed by P_* and D_*; fmts[i] is the format of weight P_WQ + i and tiles[i] its blocks
+ * per tile (packed in mistol_kernels.c's layout); norms, caches ([kv_heads][capacity][head_dim], this
  * layer's) and cos/sin float32, mask uint8 [n_keys] or NULL. Returns 0 or an error. */
-EXPORT int mistol_decode_layer(const int *fmts, float *x, const void *const *ptrs, const int64_t *dims, float eps,
-                               int nthreads, int impl) {
+EXPORT int mistol_decode_layer(const int *fmts, const int64_t *tiles, float *x, const void *const *ptrs,
+                               const int64_t *dims, float eps, int nthreads, int impl) {
     qkernels kn;
-    for (int i = 0; i < 7; i++)
+    for (int i = 0; i < 7; i++) {
         if (fmts[i] != FMT_INT8 && fmts[i] != FMT_INT4) return ERR_FMT;
+        if (tiles[i] <= 0) return ERR_ARG;
+    }
     if (qkernels_select(impl, &kn) != OK) return ERR_IMPL;
     const int64_t D = dims[D_HIDDEN], F = dims[D_FFN], hq = dims[D_HEADS], hkv = dims[D_KV_HEADS];
     const int64_t hd = dims[D_HEAD_DIM], cap = dims[D_CAPACITY], slot = dims[D_SLOT], n_keys = dims[D_KEYS];
@@ -170,7 +172,7 @@ EXPORT int mistol_decode_layer(const int *fmts, float *x, const void *const *ptr
             rms_norm(x, f[P_NORM_ATTN], D, eps, h);
             kn.quant(h, D, qa, da, sa);
         }
-        qgemm_share(&kn, fmts, qa, da, sa, 1, D, 3, w_qkv, n_qkv, qkv, dq + 2 * dkv, my_acc);
+        qgemm_share(&kn, fmts, qa, da, sa, 1, D, 3, w_qkv, n_qkv, tiles, qkv, dq + 2 * dkv, my_acc);
         BARRIER
         int64_t j0, j1; /* this thread's kv heads, with their query heads */
         thread_share(hkv, &j0, &j1);
@@ -186,7 +188,7 @@ EXPORT int mistol_decode_layer(const int *fmts, float *x, const void *const *ptr
         BARRIER
         SINGLE
         kn.quant(att, dq, qa, da, sa);
-        qgemm_share(&kn, fmts + 3, qa, da, sa, 1, dq, 1, &w[P_WO], n_d, y, D, my_acc);
+        qgemm_share(&kn, fmts + 3, qa, da, sa, 1, dq, 1, &w[P_WO], n_d, tiles + 3, y, D, my_acc);
         BARRIER
         SINGLE
         {
@@ -194,14 +196,14 @@ EXPORT int mistol_decode_layer(const int *fmts, float *x, const void *const *ptr
             rms_norm(x, f[P_NORM_MLP], D, eps, h);
             kn.quant(h, D, qa, da, sa);
         }
-        qgemm_share(&kn, fmts + 4, qa, da, sa, 1, D, 2, w_gu, n_gu, gu, 2 * F, my_acc);
+        qgemm_share(&kn, fmts + 4, qa, da, sa, 1, D, 2, w_gu, n_gu, tiles + 4, gu, 2 * F, my_acc);
         BARRIER
         int64_t b0, b1; /* SiLU (an exp per value) and quantization of this thread's blocks */
         thread_share(F / QK, &b0, &b1);
         for (int64_t i = b0 * QK; i < b1 * QK; i++) h[i] = silu(gu[i]) * gu[F + i];
         kn.quant(h + b0 * QK, (b1 - b0) * QK, qa + b0 * QK, da + b0, sa + b0);
         BARRIER
-        qgemm_share(&kn, fmts + 6, qa, da, sa, 1, F, 1, &w[P_WD], n_d, y, D, my_acc);
+        qgemm_share(&kn, fmts + 6, qa, da, sa, 1, F, 1, &w[P_WD], n_d, tiles + 6, y, D, my_acc);
         BARRIER
         SINGLE
         for (int64_t i = 0; i < D; i++) x[i] += y[i];

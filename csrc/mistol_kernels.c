@@ -14,10 +14,17 @@
  *                     int4: QB = 16, byte j holds element j (low nibble) and
  *                           element j+16 (high nibble), value = d * (nibble - 8) (llama.cpp Q4_0)
  *
- * So each 8-row group is one contiguous stream and a thread's share of rows is one
- * sequential read; the per-row blocks are byte-for-byte llama.cpp's Q8_0/Q4_0 blocks
- * (scale moved next to its neighbours', quants interleaved), which lets GGUF tensors be
- * repacked, not requantized. The 4-byte interleave makes lane r of a 32-byte load hold
+ * Long rows are cut into tiles along K: packed[T][G][B/T][16 + 8 * QB], tile t holding
+ * blocks [t * B/T, (t + 1) * B/T) of every group (T = 1 up to 4096 inputs; mistol.quant
+ * chooses T and the kernels take the blocks per tile). A decode step multiplies tile by
+ * tile, so a thread's share of a tile is one sequential read and the tile's activations
+ * (4 KB or so) stay in L1 across its groups; without tiles a group of 8 rows of 14336
+ * inputs (64 KB of int4) evicts them from L1 before the next group starts, and a down
+ * projection read its weights 25% slower.
+ *
+ * Each 8-row group's part of a tile is one contiguous stream. The per-row blocks are
+ * byte-for-byte llama.cpp's Q8_0/Q4_0 blocks (scale moved next to its neighbours', quants
+ * interleaved), which lets GGUF tensors be repacked, not requantized. The 4-byte interleave makes lane r of a 32-byte load hold
  * row r's bytes: one dot-product instruction against 4 activation bytes broadcast to every
  * lane adds 4 products into each row's own lane, and no horizontal sums are needed.
  *
@@ -349,22 +356,40 @@ void thread_share(int64_t total, int64_t *start, int64_t *end) {
     *start = total * t / nt, *end = total * (t + 1) / nt;
 }
 
-/* Groups [g0, g1) of one matrix with N rows into its output columns y[m * ldy + n]. */
-static void run_groups(group_fn fn, const uint8_t *w, int64_t gbytes, const int8_t *qa,
-                       const float *da, const int32_t *sa, int64_t M, int64_t K, int64_t N, float *y,
-                       int64_t ldy, int64_t g0, int64_t g1, float *acc /* [M][8] */) {
-    const int64_t B = K / QK;
-    const int64_t kc = M == 1 ? B : KCHUNK; /* several rows: keep a weight chunk in L1 across them */
-    for (int64_t g = g0; g < g1; g++) {
-        const uint8_t *wg = w + g * gbytes;
-        memset(acc, 0, sizeof(float) * IL * M);
-        for (int64_t b0 = 0; b0 < B; b0 += kc) {
-            int64_t b1 = b0 + kc < B ? b0 + kc : B;
-            for (int64_t m = 0; m < M; m++) fn(wg, qa + m * K, da + m * B, sa + m * B, b0, b1, acc + m * IL);
+/* Groups [g0, g1) of one matrix with N rows, packed in tiles of tb blocks (see the top),
+ * into its output columns y[m * ldy + n]. acc: scratch of IL * M floats. */
+static void run_groups(group_fn fn, const uint8_t *w, int64_t bb, int64_t tb, const int8_t *qa, const float *da,
+                       const int32_t *sa, int64_t M, int64_t K, int64_t N, float *y, int64_t ldy, int64_t g0,
+                       int64_t g1, float *acc) {
+    const int64_t B = K / QK, G = (N + IL - 1) / IL;
+    if (tb > B) tb = B;
+/* group g's blocks [t0, t0 + tw) sit in the tile at t0; the kernels index blocks from 0 */
+#define GROUP_IN_TILE(g, t0, tw) (w + (t0) * G * bb + ((g) * (tw) - (t0)) * bb)
+    if (M == 1) { /* tile by tile, each group's sums kept in y (the padded last group's in acc) */
+        for (int64_t g = g0; g < g1; g++) memset(g * IL + IL <= N ? y + g * IL : acc, 0, sizeof(float) * IL);
+        for (int64_t t0 = 0; t0 < B; t0 += tb) {
+            const int64_t tw = B - t0 < tb ? B - t0 : tb;
+            for (int64_t g = g0; g < g1; g++)
+                fn(GROUP_IN_TILE(g, t0, tw), qa, da, sa, t0, t0 + tw, g * IL + IL <= N ? y + g * IL : acc);
         }
-        int64_t rows = N - g * IL < IL ? N - g * IL : IL;
+        if (g1 * IL > N && g0 < g1) memcpy(y + (g1 - 1) * IL, acc, sizeof(float) * (size_t)(N - (g1 - 1) * IL));
+        return;
+    }
+    /* several rows: group by group, each weight chunk kept in L1 across the rows */
+    for (int64_t g = g0; g < g1; g++) {
+        memset(acc, 0, sizeof(float) * IL * M);
+        for (int64_t t0 = 0; t0 < B; t0 += tb) {
+            const int64_t tw = B - t0 < tb ? B - t0 : tb;
+            for (int64_t b0 = t0; b0 < t0 + tw; b0 += KCHUNK) {
+                const int64_t b1 = b0 + KCHUNK < t0 + tw ? b0 + KCHUNK : t0 + tw;
+                for (int64_t m = 0; m < M; m++)
+                    fn(GROUP_IN_TILE(g, t0, tw), qa + m * K, da + m * B, sa + m * B, b0, b1, acc + m * IL);
+            }
+        }
+        const int64_t rows = N - g * IL < IL ? N - g * IL : IL;
         for (int64_t m = 0; m < M; m++) memcpy(y + m * ldy + g * IL, acc + m * IL, sizeof(float) * rows);
     }
+#undef GROUP_IN_TILE
 }
 
 EXPORT int mistol_best_impl(void) { return cpu_has_vnni() ? IMPL_VNNI : cpu_has_avx2() ? IMPL_AVX2 : IMPL_SCALAR; }
@@ -383,8 +408,8 @@ int qkernels_select(int impl, qkernels *out) {
 /* The groups of all the matrices, split into one contiguous range per thread (a static
  * schedule: each thread streams its own part of the weights), walked matrix by matrix. */
 void qgemm_share(const qkernels *kn, const int *fmts, const int8_t *qa, const float *da, const int32_t *sa,
-                 int64_t M, int64_t K, int count, const uint8_t *const *ws, const int64_t *ns, float *y,
-                 int64_t ldy, float *acc) {
+                 int64_t M, int64_t K, int count, const uint8_t *const *ws, const int64_t *ns, const int64_t *tbs,
+                 float *y, int64_t ldy, float *acc) {
     int64_t G = 0;
     for (int i = 0; i < count; i++) G += (ns[i] + IL - 1) / IL;
     int64_t start, end, first = 0, col = 0;
@@ -393,20 +418,20 @@ void qgemm_share(const qkernels *kn, const int *fmts, const int8_t *qa, const fl
         const int64_t gi = (ns[i] + IL - 1) / IL;
         const int64_t g0 = start > first ? start - first : 0, g1 = end - first < gi ? end - first : gi;
         if (g0 < g1)
-            run_groups(kn->group[fmts[i]], ws[i], K / QK * group_block_bytes(fmts[i]), qa, da, sa, M, K, ns[i],
+            run_groups(kn->group[fmts[i]], ws[i], group_block_bytes(fmts[i]), tbs[i], qa, da, sa, M, K, ns[i],
                        y + col, ldy, g0, g1, acc);
         first += gi, col += ns[i];
     }
 }
 
-EXPORT int mistol_kernels_abi(void) { return 5; }
+EXPORT int mistol_kernels_abi(void) { return 6; }
 
 /* For i < count: y[:, cols of matrix i] = x[M][K] @ W_i^T, W_i (N_i rows) packed as described
- * at the top; matrix i's outputs start at column sum(N_0..N_{i-1}) of y, whose rows are ldy
+ * at the top in tiles of tbs[i] blocks; matrix i's outputs start at column sum(N_0..N_{i-1}) of y, whose rows are ldy
  * floats apart. Several matrices that share an input (a layer's q/k/v, gate/up) thus cost
  * one parallel region and one activation quantization. Returns 0 or a negative error. */
 EXPORT int mistol_gemm_many(int fmt, const float *x, int64_t M, int64_t K, int count, const uint8_t *const *ws,
-                            const int64_t *ns, float *y, int64_t ldy, int nthreads, int impl) {
+                            const int64_t *ns, const int64_t *tbs, float *y, int64_t ldy, int nthreads, int impl) {
     qkernels kn;
     if (fmt != FMT_INT8 && fmt != FMT_INT4) return ERR_FMT;
     if (qkernels_select(impl, &kn) != OK) return ERR_IMPL;
@@ -414,7 +439,7 @@ EXPORT int mistol_gemm_many(int fmt, const float *x, int64_t M, int64_t K, int c
     if (M < 0 || count < 0) return ERR_ARG;
     int64_t G = 0, cols = 0;
     for (int i = 0; i < count; i++) {
-        if (ns[i] < 0) return ERR_ARG;
+        if (ns[i] < 0 || tbs[i] <= 0) return ERR_ARG;
         G += (ns[i] + IL - 1) / IL, cols += ns[i];
     }
     if (ldy < cols) return ERR_ARG;
@@ -440,7 +465,7 @@ EXPORT int mistol_gemm_many(int fmt, const float *x, int64_t M, int64_t K, int c
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
-    qgemm_share(&kn, fmts, qa, da, sa, M, K, count, ws, ns, y, ldy, acc + thread_index() * IL * M);
+    qgemm_share(&kn, fmts, qa, da, sa, M, K, count, ws, ns, tbs, y, ldy, acc + thread_index() * IL * M);
     free(qa), free(da), free(sa), free(acc), free(fmts);
     return OK;
 }

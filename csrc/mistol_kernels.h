@@ -48,11 +48,12 @@ int64_t group_block_bytes(int fmt);
 
 /* Inside a parallel region (or outside it, as the only thread): this thread's share of
  * y[:, matrix i's columns] = (quantized rows qa/da/sa)[M][K] @ W_i^T for i < count, W_i of
- * ns[i] rows packed in format fmts[i]; matrix i's outputs start at column sum(ns[0..i-1]),
- * rows of y are ldy floats apart. acc: this thread's scratch of IL * M floats. */
+ * ns[i] rows packed in format fmts[i], in tiles of tbs[i] blocks; matrix i's outputs start
+ * at column sum(ns[0..i-1]), rows of y are ldy floats apart. acc: this thread's scratch of
+ * IL * M floats. */
 void qgemm_share(const qkernels *kn, const int *fmts, const int8_t *qa, const float *da, const int32_t *sa,
-                 int64_t M, int64_t K, int count, const uint8_t *const *ws, const int64_t *ns, float *y,
-                 int64_t ldy, float *acc);
+                 int64_t M, int64_t K, int count, const uint8_t *const *ws, const int64_t *ns, const int64_t *tbs,
+                 float *y, int64_t ldy, float *acc);
 
 /* Inside a parallel region: this thread's index, and its contiguous share [start, end) of
  * `total` units. */

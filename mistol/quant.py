@@ -11,9 +11,9 @@ exactly as llama.cpp does (same rounding, same bytes):
 `QuantizedLinear` keeps them repacked for the CPU kernels (`mistol.kernels`): rows in
 groups of 8, the 8 rows' blocks of the same inputs side by side (scales first, then the
 quants interleaved 4 bytes at a time, so that a 32-byte load holds 4 bytes of each row),
-and a thread reads its rows as one sequential stream:
+and rows longer than 4096 inputs cut into tiles along K (see `tile_blocks`):
 
-    packed: uint8 [ceil(N/8), K/32, 16 + 8 * (32 | 16)]
+    packed: uint8 [tiles, ceil(N/8), K/32/tiles, 16 + 8 * (32 | 16)]
 
 Each row's quants are llama.cpp's bytes unchanged, so `QuantizedLinear.from_ggml` maps a
 GGUF Q8_0/Q4_0 tensor onto this layout by moving bytes only (no dequantizing).
@@ -34,6 +34,9 @@ from .errors import MistolError
 
 BLOCK = 32  # inputs per block (llama.cpp's QK8_0 / QK4_0)
 INTERLEAVE = 8  # rows per group in the packed layout
+# Most blocks of a row per tile: a tile's activations (4 KB) then stay in L1 while a decode
+# step streams the tile's weights (see csrc/mistol_kernels.c).
+TILE_BLOCKS = 128
 _CHUNK_ELEMENTS = 1 << 21  # rows converted at a time while quantizing: bounds the temporaries
 
 
@@ -64,6 +67,43 @@ def _format(fmt: str) -> QuantFormat:
 def _check_k(k: int, what: str = "weight") -> None:
     if k <= 0 or k % BLOCK:
         raise MistolError(f"{what}: input size {k} is not a multiple of {BLOCK}, the int8/int4 block size")
+
+
+def tile_blocks(k: int) -> int:
+    """Blocks of 32 inputs per tile of the packed layout for rows of k inputs: all of them up
+    to TILE_BLOCKS, else the largest equal tiles of at most TILE_BLOCKS blocks (14336 inputs:
+    4 tiles of 112), or no tiles where that would make them shorter than 32 blocks."""
+    blocks = k // BLOCK
+    if blocks <= TILE_BLOCKS:
+        return blocks
+    for tiles in range(-(-blocks // TILE_BLOCKS), blocks // 32 + 1):
+        if blocks % tiles == 0:
+            return blocks // tiles
+    return blocks
+
+
+def packed_shape(out_features: int, in_features: int, fmt: str) -> tuple[int, int, int, int]:
+    """The packed layout's shape: [tiles, groups of 8 rows, blocks per tile, bytes per block]."""
+    per_tile = tile_blocks(in_features)
+    return (in_features // BLOCK // per_tile, -(-out_features // INTERLEAVE), per_tile,
+            _format(fmt).group_block_bytes)
+
+
+def _to_tiles(groups: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Groups [G, K/32, bytes] in row order -> tiles [T, G, K/32/T, bytes] (into `out`, if given)."""
+    g, nb, bb = groups.shape
+    per_tile = tile_blocks(k)
+    tiled = groups.view(g, nb // per_tile, per_tile, bb).transpose(0, 1)
+    if out is None:
+        return tiled.contiguous()
+    out.copy_(tiled)
+    return out
+
+
+def _from_tiles(packed: torch.Tensor) -> torch.Tensor:
+    """Tiles [T, G, K/32/T, bytes] -> groups [G, K/32, bytes] in row order (a copy if T > 1)."""
+    tiles, g, per_tile, bb = packed.shape
+    return packed.transpose(0, 1).reshape(g, tiles * per_tile, bb)
 
 
 # -- llama.cpp blocks ------------------------------------------------------------------------
@@ -110,7 +150,8 @@ def dequantize_ggml(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
 
 
 def pack_ggml(blocks: torch.Tensor, fmt: str, out: torch.Tensor | None = None) -> torch.Tensor:
-    """llama.cpp blocks [n, B, 34 | 18] -> our layout [ceil(n/8), B, 8 * (34 | 18)].
+    """llama.cpp blocks [n, B, 34 | 18] -> our layout, `packed_shape(n, 32 * B)` (into `out`,
+    if given).
 
     Padding rows (n not a multiple of 8) are zero, which the kernels read as zero weights.
     """
@@ -122,24 +163,25 @@ def pack_ggml(blocks: torch.Tensor, fmt: str, out: torch.Tensor | None = None) -
     if n % INTERLEAVE:
         blocks = torch.cat((blocks, blocks.new_zeros(groups * INTERLEAVE - n, nb, bb)))
     g = blocks.view(groups, INTERLEAVE, nb, bb).transpose(1, 2)  # [G, B, 8, bb]
-    if out is None:
-        out = torch.empty(groups, nb, f.group_block_bytes, dtype=torch.uint8)
-    out[..., : 2 * INTERLEAVE] = g[..., :2].reshape(groups, nb, 2 * INTERLEAVE)
+    rows = torch.empty(groups, nb, f.group_block_bytes, dtype=torch.uint8)
+    rows[..., : 2 * INTERLEAVE] = g[..., :2].reshape(groups, nb, 2 * INTERLEAVE)
     quants = g[..., 2:].reshape(groups, nb, INTERLEAVE, f.quant_bytes // 4, 4).transpose(2, 3)
-    out[..., 2 * INTERLEAVE :] = quants.reshape(groups, nb, INTERLEAVE * f.quant_bytes)
-    return out
+    rows[..., 2 * INTERLEAVE :] = quants.reshape(groups, nb, INTERLEAVE * f.quant_bytes)
+    return _to_tiles(rows, nb * BLOCK, out)
 
 
-def _row_quants(packed: torch.Tensor, quant_bytes: int) -> torch.Tensor:
-    """Our layout's quants -> [G, B, 8, quant_bytes]: each row's bytes in llama.cpp's order."""
-    groups, nb, _ = packed.shape
-    quants = packed[..., 2 * INTERLEAVE :].reshape(groups, nb, quant_bytes // 4, INTERLEAVE, 4)
-    return quants.transpose(2, 3).reshape(groups, nb, INTERLEAVE, quant_bytes)
+def _row_quants(groups: torch.Tensor, quant_bytes: int) -> torch.Tensor:
+    """Groups [G, B, bytes] (untiled) -> quants [G, B, 8, quant_bytes]: each row's bytes in
+    llama.cpp's order."""
+    n_groups, nb, _ = groups.shape
+    quants = groups[..., 2 * INTERLEAVE :].reshape(n_groups, nb, quant_bytes // 4, INTERLEAVE, 4)
+    return quants.transpose(2, 3).reshape(n_groups, nb, INTERLEAVE, quant_bytes)
 
 
 def unpack_ggml(packed: torch.Tensor, n: int, fmt: str) -> torch.Tensor:
     """Our layout -> llama.cpp blocks [n, B, 34 | 18] (the inverse of `pack_ggml`)."""
     f = _format(fmt)
+    packed = _from_tiles(packed)
     groups, nb, _ = packed.shape
     scales = packed[..., : 2 * INTERLEAVE].reshape(groups, nb, INTERLEAVE, 2)
     blocks = torch.cat((scales, _row_quants(packed, f.quant_bytes)), dim=-1).transpose(1, 2)  # [G, 8, B, bb]
@@ -151,6 +193,7 @@ def _dequantize_packed(
 ) -> torch.Tensor:
     """Our layout (any device) -> [groups * 8, K] in `dtype`, padding rows included (written
     into `out`, if given, where the compiled kernels dequantize; else a new tensor)."""
+    packed = _from_tiles(packed)
     if packed.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and kernels.available():
         return kernels.dequantize(fmt, packed, dtype, out)
     groups, nb, _ = packed.shape
@@ -197,9 +240,8 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, fmt: str, packed: torch.Tensor):
         super().__init__()
-        f = _format(fmt)
         _check_k(in_features)
-        want = (-(-out_features // INTERLEAVE), in_features // BLOCK, f.group_block_bytes)
+        want = packed_shape(out_features, in_features, fmt)
         if tuple(packed.shape) != want or packed.dtype != torch.uint8:
             raise MistolError(f"packed {fmt} weight: expected uint8 {list(want)}, found "
                               f"{packed.dtype} {list(packed.shape)}")
@@ -226,7 +268,7 @@ class QuantizedLinear(nn.Module):
             raise MistolError(f"{f.ggml_type} tensor [{out_features}, {in_features}] takes {size} bytes, "
                               f"found {blocks.numel() * blocks.element_size()}")
         blocks = blocks.reshape(-1).view(torch.uint8).view(out_features, nb, f.ggml_block_bytes)
-        packed = torch.empty(-(-out_features // INTERLEAVE), nb, f.group_block_bytes, dtype=torch.uint8)
+        packed = torch.empty(packed_shape(out_features, in_features, fmt), dtype=torch.uint8)
         step = _chunk_rows(in_features)
         for r0 in range(0, out_features, step):
             pack_ggml(blocks[r0 : r0 + step], fmt, out=_groups_of(packed, r0, step))
@@ -256,16 +298,16 @@ class QuantizedLinear(nn.Module):
         if dtype is None:
             dtype = torch.float32 if x.device.type == "cpu" or not x.is_floating_point() else x.dtype
         x = x.to(dtype)
-        y = torch.empty(x.shape[0], self.packed.shape[0] * INTERLEAVE, dtype=dtype, device=x.device)
-        groups = self.packed.shape[0]
+        groups = self.packed.shape[1]
+        y = torch.empty(x.shape[0], groups * INTERLEAVE, dtype=dtype, device=x.device)
         step = max(1, _CHUNK_ELEMENTS * 4 // (self.in_features * INTERLEAVE))
         # on a CPU one buffer for every slab: fresh memory for each would cost page faults
         scratch = None
         if x.device.type == "cpu":
             scratch = torch.empty(min(step, groups) * INTERLEAVE, self.in_features, dtype=dtype)
         for g0 in range(0, groups, step):
-            slab = self.packed[g0 : g0 + step]
-            out = None if scratch is None else scratch[: slab.shape[0] * INTERLEAVE]
+            slab = self.packed[:, g0 : g0 + step]
+            out = None if scratch is None else scratch[: slab.shape[1] * INTERLEAVE]
             w = _dequantize_packed(slab, self.fmt, dtype, out=out)
             torch.matmul(x, w.T, out=y[:, g0 * INTERLEAVE : g0 * INTERLEAVE + w.shape[0]])
         return y[:, : self.out_features]
@@ -323,18 +365,23 @@ def quantize_rows(
     """Quantize a weight [out_features, in_features] that `read(r0, r1)` hands out a slab
     of rows at a time (any float dtype), for weights that are not one tensor yet, such as
     another format's blocks dequantized slab by slab. `release` as in `quantize_linear`."""
-    f = _format(fmt)
     n, k = out_features, in_features
     _check_k(k, name)
-    packed = torch.empty(-(-n // INTERLEAVE), k // BLOCK, f.group_block_bytes, dtype=torch.uint8)
+    _format(fmt)
+    packed = torch.empty(packed_shape(n, k, fmt), dtype=torch.uint8)
     step = _chunk_rows(k)
     fast = kernels.available()
     for r0 in range(0, n, step):
         rows = read(r0, min(n, r0 + step))
+        dest = _groups_of(packed, r0, step)
         if fast:  # straight from the source dtype into the packed layout, in one pass
-            kernels.quantize(fmt, _kernel_source(rows), _groups_of(packed, r0, step), packed=True)
+            tiles, n_groups, per_tile, bb = dest.shape  # (the kernel writes groups in row order)
+            groups = dest[0] if tiles == 1 else torch.empty(n_groups, tiles * per_tile, bb, dtype=torch.uint8)
+            kernels.quantize(fmt, _kernel_source(rows), groups, packed=True)
+            if tiles > 1:
+                _to_tiles(groups, k, out=dest)
         else:
-            pack_ggml(quantize_ggml(rows, fmt), fmt, out=_groups_of(packed, r0, step))
+            pack_ggml(quantize_ggml(rows, fmt), fmt, out=dest)
         if release is not None:
             release(rows)
     return QuantizedLinear(k, n, fmt, packed)
@@ -352,5 +399,5 @@ def _chunk_rows(k: int) -> int:
 
 
 def _groups_of(packed: torch.Tensor, row0: int, rows: int) -> torch.Tensor:
-    """The packed groups holding rows [row0, row0 + rows) (row0 a multiple of 8)."""
-    return packed[row0 // INTERLEAVE : -(-(row0 + rows) // INTERLEAVE)]
+    """The packed groups (of every tile) holding rows [row0, row0 + rows) (row0 a multiple of 8)."""
+    return packed[:, row0 // INTERLEAVE : -(-(row0 + rows) // INTERLEAVE)]

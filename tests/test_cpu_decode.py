@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import kernel_impls
-from mistol import kernels
+from mistol import kernels, quant
 from mistol.bench.models import mistol_model
 from mistol.engine import Engine, decode_step
 from mistol.model import cpu_decode
@@ -56,6 +56,7 @@ SHAPES = {
     "no-gqa, odd head size": config(hidden=96, heads=4, kv_heads=4, head_dim=40, ffn=96),
     "one kv head": config(hidden=128, heads=8, kv_heads=1, head_dim=16, ffn=224),
     "sliding window": config(window=8),
+    "down projection in tiles": config(ffn=8256),  # rows of 8256 inputs: 3 tiles of 86 blocks
 }
 
 
@@ -68,6 +69,21 @@ def test_compiled_decode_matches_the_pytorch_layers(shape, fmt, monkeypatch):
     ours = teacher_forced_logits(m, tokens, 64, True, monkeypatch)
     ref = teacher_forced_logits(m, tokens, 64, False, monkeypatch)
     assert_agree(ours, ref)
+
+
+def test_tiles_change_the_layout_not_the_sums(monkeypatch):
+    """Rows cut into tiles (hidden 4160: q/k/v, gate and up in 2 tiles of 65 blocks; ffn
+    8256: the down projection in 3 of 86) give the same bits as uncut rows."""
+    cfg = config(hidden=4160, ffn=8256, layers=1)
+    tokens = list(range(100, 110))
+    tiled = model(cfg, "mixed")
+    assert tiled.layers[0].mlp.gate_proj.packed.shape[0] == 2 and tiled.layers[0].mlp.down_proj.packed.shape[0] == 3
+    with monkeypatch.context() as patch:
+        patch.setattr(quant, "TILE_BLOCKS", 10**6)
+        whole = model(cfg, "mixed")
+    assert whole.layers[0].mlp.down_proj.packed.shape[0] == 1
+    ours = teacher_forced_logits(tiled, tokens, 32, True, monkeypatch)
+    assert torch.equal(ours, teacher_forced_logits(whole, tokens, 32, True, monkeypatch))
 
 
 @pytest.mark.parametrize("impl", kernel_impls())

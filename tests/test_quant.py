@@ -90,16 +90,21 @@ def test_blocks_match_the_gguf_package(fmt):
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize("n", [1, 8, 13, 64])
-def test_ggml_blocks_repack_without_requantizing(fmt, n):
+@pytest.mark.parametrize("n,k,tiles", [(1, 96, 1), (8, 96, 1), (13, 96, 1), (64, 96, 1), (13, 8256, 3)])
+def test_ggml_blocks_repack_without_requantizing(fmt, n, k, tiles):
     torch.manual_seed(n)
-    w = torch.randn(n, 96)
+    w = torch.randn(n, k)
     blocks = quantize_ggml(w, fmt)
-    layer = QuantizedLinear.from_ggml(blocks.numpy().tobytes(), fmt, n, 96)  # as a GGUF loader would
+    layer = QuantizedLinear.from_ggml(blocks.numpy().tobytes(), fmt, n, k)  # as a GGUF loader would
     assert torch.equal(layer.packed, pack_ggml(blocks, fmt))
     assert torch.equal(unpack_ggml(layer.packed, n, fmt), blocks)
     assert torch.equal(layer.dequantize(), dequantize_ggml(blocks, fmt))
-    assert layer.packed.shape == (-(-n // 8), 3, FORMATS[fmt].group_block_bytes)
+    assert layer.packed.shape == (tiles, -(-n // 8), k // 32 // tiles, FORMATS[fmt].group_block_bytes)
+    assert torch.equal(quantize_linear(w, fmt).packed, layer.packed)  # the quantizer's tiles: the same bytes
+
+
+def test_long_rows_are_cut_into_equal_tiles_of_at_most_128_blocks():
+    assert [quant.tile_blocks(32 * b) for b in (1, 128, 448, 344, 129, 130, 131)] == [1, 128, 112, 86, 43, 65, 131]
 
 
 # int8: half a step (max/127), plus the fp16 rounding of the scale; int4: one step
@@ -200,18 +205,34 @@ def test_vnni_and_avx2_give_the_same_bits(fmt):
 
 
 @needs_kernels
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", FMTS)
+def test_tiles_change_the_layout_not_the_sums(impl, fmt, monkeypatch):
+    torch.manual_seed(11)
+    w, x = torch.randn(21, 8256), torch.randn(3, 8256)  # 3 tiles of 86 blocks, a padded last group
+    tiled = quantize_linear(w, fmt)
+    monkeypatch.setattr(quant, "TILE_BLOCKS", 10**6)
+    whole = quantize_linear(w, fmt)
+    assert tiled.packed.shape[0] == 3 and whole.packed.shape[0] == 1
+    with kernels.use(impl):
+        for rows in (x[:1], x):  # a decode step (tile by tile) and several rows (group by group)
+            assert torch.equal(tiled(rows), whole(rows))
+    assert torch.equal(tiled.dequantize(), whole.dequantize())
+
+
+@needs_kernels
 @pytest.mark.parametrize("fmt", FMTS)
 def test_compiled_dequantization_matches_torch_ops(fmt, monkeypatch):
     """The prefill path's dequantization in C: float32 values exact, bf16 rounded once."""
     torch.manual_seed(10)
     layer = quantize_linear(torch.randn(45, 96), fmt)  # a padded last group
-    f32 = kernels.dequantize(fmt, layer.packed, torch.float32)
+    f32 = kernels.dequantize(fmt, layer.packed[0], torch.float32)  # (one tile: the groups in row order)
     monkeypatch.setattr(kernels, "_impl", "torch")  # the same function on PyTorch ops
     torch_f32 = quant._dequantize_packed(layer.packed, fmt, torch.float32)
     monkeypatch.undo()
     assert torch.equal(f32, torch_f32)
     assert torch.equal(f32[45:], torch.zeros(3, 96))
-    assert torch.equal(kernels.dequantize(fmt, layer.packed, torch.bfloat16), f32.to(torch.bfloat16))
+    assert torch.equal(kernels.dequantize(fmt, layer.packed[0], torch.bfloat16), f32.to(torch.bfloat16))
 
 
 def test_module_shapes_dtypes_and_memory():

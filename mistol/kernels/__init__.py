@@ -46,13 +46,13 @@ def _load() -> ctypes.CDLL | None:
         if spec is None or not spec.origin:
             raise OSError("mistol/_kernels*.so is not built (reinstall with `pip install -e .` and a C compiler)")
         lib = ctypes.CDLL(spec.origin)
-        if lib.mistol_kernels_abi() != 5:
+        if lib.mistol_kernels_abi() != 6:
             raise OSError(f"{spec.origin}: stale build (ABI {lib.mistol_kernels_abi()}); reinstall mistol")
     except (OSError, AttributeError) as e:
         _load_error = str(e)
         return None
     i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.mistol_gemm_many.argtypes = [c_int, vp, i64, i64, c_int, vp, vp, vp, i64, c_int, c_int]
+    lib.mistol_gemm_many.argtypes = [c_int, vp, i64, i64, c_int, vp, vp, vp, vp, i64, c_int, c_int]
     lib.mistol_gemm_many.restype = c_int
     lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
     lib.mistol_quantize.restype = c_int
@@ -60,7 +60,7 @@ def _load() -> ctypes.CDLL | None:
     lib.mistol_dense_many.restype = c_int
     lib.mistol_dequantize.argtypes = [c_int, vp, i64, i64, vp, c_int, c_int]
     lib.mistol_dequantize.restype = c_int
-    lib.mistol_decode_layer.argtypes = [vp, vp, vp, vp, ctypes.c_float, c_int, c_int]
+    lib.mistol_decode_layer.argtypes = [vp, vp, vp, vp, vp, ctypes.c_float, c_int, c_int]
     lib.mistol_decode_layer.restype = c_int
     lib.mistol_best_impl.restype = c_int
     _lib = lib
@@ -116,12 +116,13 @@ def gemm(fmt: str, x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tenso
 
 
 def gemm_many(fmt: str, x: torch.Tensor, weights: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
-    """x[M, K] times several packed matrices (packed, n) that share the input, in one call:
-    their outputs side by side, y[M, sum of n]."""
+    """x[M, K] times several packed matrices (packed [tiles, groups, blocks per tile, bytes],
+    n rows) that share the input, in one call: their outputs side by side, y[M, sum of n]."""
     m, k = x.shape
     count, ptrs, ns = _matrices([packed for packed, _ in weights], [n for _, n in weights])
+    tiles = (ctypes.c_int64 * count)(*(packed.shape[2] for packed, _ in weights))
     y = torch.empty(m, sum(ns), dtype=torch.float32)
-    rc = _lib.mistol_gemm_many(FORMAT_IDS[fmt], x.data_ptr(), m, k, count, ptrs, ns, y.data_ptr(), y.shape[1],
+    rc = _lib.mistol_gemm_many(FORMAT_IDS[fmt], x.data_ptr(), m, k, count, ptrs, ns, tiles, y.data_ptr(), y.shape[1],
                                torch.get_num_threads(), IMPLS.get(_impl, 0))
     if rc != 0:
         raise RuntimeError(f"mistol_gemm_many({fmt}, M={m}, K={k}, N={list(ns)}): {_ERRORS.get(rc, rc)}")
@@ -156,8 +157,8 @@ _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def dequantize(fmt: str, packed: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Packed groups [G, K/32, bytes] (CPU) -> rows [G * 8, K] in float32 or bfloat16
-    (into `out` if given: contiguous, of that shape and dtype)."""
+    """Packed groups in row order, untiled [G, K/32, bytes] (CPU, contiguous) -> rows [G * 8, K]
+    in float32 or bfloat16 (into `out` if given: contiguous, of that shape and dtype)."""
     groups, nb, _ = packed.shape
     if out is None:
         out = torch.empty(groups * 8, nb * 32, dtype=dtype)
@@ -187,11 +188,12 @@ def format_ids(fmts: list[str]) -> ctypes.Array:
     return (ctypes.c_int * len(fmts))(*(FORMAT_IDS[f] for f in fmts))
 
 
-def decode_layer(fmts: ctypes.Array, x: torch.Tensor, pointers: ctypes.Array, dims: ctypes.Array, eps: float) -> None:
+def decode_layer(fmts: ctypes.Array, tiles: ctypes.Array, x: torch.Tensor, pointers: ctypes.Array,
+                 dims: ctypes.Array, eps: float) -> None:
     """x [hidden] (float32, contiguous, CPU) += one decoder layer for one new token, with
     quantized weights: see csrc/mistol_decode.c for what `fmts` (`format_ids` of the seven
-    weights), `pointers` and `dims` hold."""
-    rc = _lib.mistol_decode_layer(fmts, x.data_ptr(), pointers, dims, eps, torch.get_num_threads(),
+    weights), `tiles` (their blocks per tile), `pointers` and `dims` hold."""
+    rc = _lib.mistol_decode_layer(fmts, tiles, x.data_ptr(), pointers, dims, eps, torch.get_num_threads(),
                                   IMPLS.get(_impl, 0))
     if rc != 0:
         raise RuntimeError(f"mistol_decode_layer(dims={list(dims)}): {_ERRORS.get(rc, rc)}")

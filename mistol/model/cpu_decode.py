@@ -33,6 +33,8 @@ class CpuDecoder:
                       config.head_dim)
         self.tensors = [tensors for _, tensors in layers]  # kept alive: we hold their addresses
         self.formats = [kernels.format_ids(fmts) for fmts, _ in layers]
+        self.tiles = [(ctypes.c_int64 * len(_WEIGHTS))(*(t.shape[2] for t in tensors[len(_NORMS):]))
+                      for _, tensors in layers]
         self.pointers = [[t.data_ptr() for t in tensors] for _, tensors in layers]
 
     @classmethod
@@ -79,9 +81,9 @@ class CpuDecoder:
         dims = (ctypes.c_int64 * 8)(*self.shape, cache.capacity, int(plan.slots[0]), plan.n_keys)
         step = [cos.data_ptr(), sin.data_ptr(), 0 if mask is None else mask.data_ptr()]
         k0, v0, layer_bytes = cache.k.data_ptr(), cache.v.data_ptr(), cache.k[0].nbytes
-        for i, (fmts, weights) in enumerate(zip(self.formats, self.pointers)):
+        for i, (fmts, tiles, weights) in enumerate(zip(self.formats, self.tiles, self.pointers)):
             pointers = (ctypes.c_void_p * _POINTERS)(*weights, k0 + i * layer_bytes, v0 + i * layer_bytes, *step)
-            kernels.decode_layer(fmts, x, pointers, dims, self.eps)
+            kernels.decode_layer(fmts, tiles, x, pointers, dims, self.eps)
         return x
 
 
