@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
-from mistol.bench.models import gguf_tensors, mistol_model
+from mistol.bench.models import gguf_tensors, mistol_model, write_bench_checkpoint
 from mistol.bench.shapes import all_weights, bytes_per_token, linear_weights, model_config
 from mistol.quant import QuantizedLinear
+from mistol.weights.checkpoint import load_model
 
 
 def bench(*args, timeout=300) -> subprocess.CompletedProcess:
@@ -22,7 +23,7 @@ def bench(*args, timeout=300) -> subprocess.CompletedProcess:
 
 def test_json_report_for_mistol_formats(tmp_path):
     r = bench("--engines", "mistol", "--quant", "int8,int4,f32", "--prompts", "16,40", "--steps", "4", "--json",
-              "--gguf-dir", str(tmp_path))
+              "--cache-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["shape"] == "tiny" and len(report["bandwidth_gb_s"]) == 2
@@ -45,7 +46,7 @@ def test_json_report_for_mistol_formats(tmp_path):
 
 def test_table_and_skips(tmp_path):
     r = bench("--engines", "mistol,transformers", "--quant", "int8,bf16", "--prompts", "16", "--steps", "2",
-              "--gguf-dir", str(tmp_path))
+              "--cache-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "mistol        int8" in out and "mistol        bf16" in out
@@ -53,6 +54,25 @@ def test_table_and_skips(tmp_path):
     assert "transformers  int8" not in out  # transformers runs float formats only
     assert "mistol bf16 / transformers bf16" in out
     assert "decoding in turns of 4 steps, under the same load: mistol bf16 with transformers bf16" in out
+    assert (tmp_path / "random-tiny-bf16" / "model.safetensors").is_file()  # the two engines' shared weights
+
+
+def test_float_checkpoint_is_computed_on_in_place_by_both_engines(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    path = write_bench_checkpoint(tmp_path / "random-tiny-f32", "tiny", "f32", progress=False)
+    ours = load_model(path, dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 300, 7]])
+    with torch.inference_mode():
+        torch.testing.assert_close(ours.head(ours.hidden_states(ids)), theirs(ids).logits, rtol=1e-4, atol=1e-4)
+    # the values of the GGUF files' draws, and both models' weights are the mapped file's pages
+    drawn = dict(gguf_tensors(model_config("tiny")))["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(ours.layers[1].mlp.down_proj.weight, drawn.float())
+    with open("/proc/self/maps") as f:
+        mapped = [tuple(int(a, 16) for a in line.split()[0].split("-")) for line in f
+                  if line.rstrip().endswith(str(path / "model.safetensors"))]
+    for weight in (ours.layers[1].mlp.down_proj.weight, theirs.model.layers[1].mlp.down_proj.weight):
+        assert any(start <= weight.data_ptr() < end for start, end in mapped)
 
 
 def test_bad_arguments_are_one_line_errors():
@@ -83,7 +103,7 @@ def test_random_models_are_built_in_their_format():
 def test_llama_cpp_row(tmp_path):
     pytest.importorskip("llama_cpp")
     r = bench("--engines", "llama.cpp,mistol", "--quant", "int8", "--prompts", "16", "--steps", "2", "--json",
-              "--gguf-dir", str(tmp_path))
+              "--cache-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert sorted(row["format"] for row in report["rows"]) == ["Q8_0", "int8"]

@@ -6,7 +6,9 @@ Every engine/format pair runs in a process of its own (see engines.py), on the s
 prompt ids. The engines measured at one format (mistol int4 and llama.cpp Q4_0, say) are
 loaded together where memory allows and take turns decoding, a few steps each: this
 machine's bandwidth drifts by half within minutes, and engines measured one after the
-other would be compared under different loads. For the same reason the memory bandwidth is
+other would be compared under different loads. Float formats are loaded by mistol and
+transformers from one checkpoint file that both map, so the two hold one copy of the
+weights between them. For the same reason the memory bandwidth is
 read in turns with the decoding too (a 1 GiB sum after each round of turns): decode speed is
 compared with its ceiling at that time, bandwidth / bytes per token. The bandwidth is also
 measured at the start and the end of the run.
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import MistolError
@@ -57,9 +59,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompts", default="64,512", help="prompt lengths for prefill (default: 64,512)")
     p.add_argument("--steps", type=int, default=32, help="decode steps, at least 32 (default: 32)")
     p.add_argument("--threads", type=int, default=0, help="threads for every engine (default: all cores)")
-    p.add_argument("--gguf-dir", type=Path, default=None,
-                   help="where the GGUF files for llama.cpp are written and kept for the next run "
-                   "(default: ~/.cache/mistol/bench)")
+    p.add_argument("--cache-dir", "--gguf-dir", dest="cache_dir", type=Path, default=None,
+                   help="where the model files are written and kept for the next run: GGUF files for llama.cpp, "
+                   "a safetensors checkpoint per float format for mistol and transformers (default: "
+                   "~/.cache/mistol/bench)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.set_defaults(run=cmd_bench)
     return p
@@ -87,7 +90,7 @@ def cmd_bench(args) -> int:
     if args.threads < 0:
         raise MistolError("--threads must be 0 (all cores) or more")
     config = model_config(args.shape)
-    gguf_dir = args.gguf_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mistol" / "bench"
+    cache_dir = args.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mistol" / "bench"
     say = (lambda text: print(text, file=sys.stderr, flush=True))
 
     plan: list[Spec] = []
@@ -102,25 +105,29 @@ def cmd_bench(args) -> int:
     available = _available(engines)
     bandwidth = [measure_bandwidth(args.threads)]
     say(f"memory read bandwidth ({args.threads or os.cpu_count()} threads): {bandwidth[0]:.1f} GB/s")
-    runnable: list[tuple[Spec, float]] = []
+    runnable: list[tuple[Spec, Memory]] = []
     for spec in plan:
         label = _label(spec)
         if not available[spec.engine]:
             notes.append(f"{label}: skipped ({_MISSING[spec.engine]})")
             continue
-        need = all_weights(config) * (4 if spec.fmt == "f32" else 2 if spec.fmt in ("bf16", "f16") else 1.1) * 1.1
-        if spec.engine == "mistol" and spec.fmt in QUANTIZED:  # quantized linears, float32 embedding
-            need = all_weights(config) * 1.1 + config.vocab_size * config.hidden_size * 4
-        free = _available_memory()
-        if need > free:
-            notes.append(f"{label}: skipped (needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available)")
+        need, free = _memory_need(spec, config), _available_memory()
+        if need.total > free:
+            notes.append(f"{label}: skipped (needs about {need.total / 2**30:.1f} GiB, "
+                         f"{free / 2**30:.1f} GiB available)")
             continue
         runnable.append((spec, need))
     results = []
     for group in _groups(runnable, formats):
-        for spec in group:
-            if spec.engine == "llama.cpp":
-                spec.gguf = str(_gguf_file(gguf_dir, args.shape, spec.fmt, config, say))
+        try:
+            for spec in group:
+                if spec.engine == "llama.cpp":
+                    spec.gguf = str(_gguf_file(cache_dir, args.shape, spec.fmt, config, say))
+                elif spec.fmt not in QUANTIZED:
+                    spec.checkpoint = str(_checkpoint(cache_dir, args.shape, spec.fmt, say))
+        except OSError as e:
+            notes += [f"{_label(spec)}: skipped (cannot write its model file: {e})" for spec in group]
+            continue
         labels = " and ".join(_label(spec) for spec in group)
         say(f"measuring {labels}" + (", taking turns decoding ..." if len(group) > 1 else " ..."))
         for result in _measure(group, args.threads):
@@ -156,6 +163,16 @@ def _format_name(spec: Spec) -> str:
     return GGUF_TYPES[spec.fmt] if spec.engine == "llama.cpp" else spec.fmt
 
 
+def _checkpoint(directory: Path, shape: str, fmt: str, say) -> Path:
+    from .models import write_bench_checkpoint
+
+    path = directory / f"random-{shape}-{fmt}"
+    if not (path / "model.safetensors").is_file():
+        say(f"writing {path} for mistol and transformers (kept for the next run) ...")
+        write_bench_checkpoint(path, shape, fmt, progress=None)
+    return path
+
+
 def _gguf_file(directory: Path, shape: str, fmt: str, config, say) -> Path:
     from .models import write_bench_gguf
 
@@ -170,12 +187,36 @@ def _label(spec: Spec) -> str:
     return f"{spec.engine} {_format_name(spec)}"
 
 
-def _groups(runnable: list[tuple[Spec, float]], formats: list[str]) -> list[list[Spec]]:
+@dataclass
+class Memory:
+    """What an engine needs: its own memory, and the mapped weights it can share with another
+    engine of its format (they map one file)."""
+
+    own: float
+    shared: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.own + self.shared
+
+
+def _memory_need(spec: Spec, config) -> Memory:
+    weights = all_weights(config)
+    if spec.engine == "mistol" and spec.fmt in QUANTIZED:  # quantized linears, float32 embedding
+        return Memory(weights * 1.1 + config.vocab_size * config.hidden_size * 4)
+    if spec.engine == "llama.cpp":
+        return Memory(weights * 1.1 * 1.1)
+    mapped = weights * (4 if spec.fmt == "f32" else 2)  # a float checkpoint, mapped
+    return Memory(0.1 * mapped, mapped)
+
+
+def _groups(runnable: list[tuple[Spec, Memory]], formats: list[str]) -> list[list[Spec]]:
     """The engines of each format, together where their memory fits at once, else one by one."""
     groups = []
     for fmt in formats:
         specs = [(spec, need) for spec, need in runnable if spec.fmt == fmt]
-        if len(specs) > 1 and sum(need for _, need in specs) + PROBE_BYTES <= _available_memory():
+        together = sum(need.own for _, need in specs) + max((need.shared for _, need in specs), default=0)
+        if len(specs) > 1 and together + PROBE_BYTES <= _available_memory():
             groups.append([spec for spec, _ in specs])
         else:
             groups += [[spec] for spec, _ in specs]

@@ -35,6 +35,7 @@ class Spec:
     steps: int = 32
     threads: int = 0  # 0: all cores
     gguf: str | None = None  # llama.cpp: the file to load
+    checkpoint: str | None = None  # mistol/transformers float formats: a model directory to map (else built here)
     seed: int = 0
 
 
@@ -109,9 +110,15 @@ def load_mistol(spec: Spec) -> Runner:
     from .models import mistol_model
     from .shapes import model_config
 
-    config = model_config(spec.shape)
     t0 = time.perf_counter()
-    engine = Engine(mistol_model(config, spec.fmt, spec.seed), name=f"random {spec.shape}")
+    if spec.checkpoint:
+        from ..engine import DTYPES
+        from ..weights.checkpoint import load_model
+
+        model = load_model(spec.checkpoint, dtype=DTYPES[spec.fmt], progress=False)
+    else:
+        model = mistol_model(model_config(spec.shape), spec.fmt, spec.seed)
+    engine = Engine(model, name=f"random {spec.shape}")
     load_s = time.perf_counter() - t0
     state = {}
 
@@ -140,11 +147,19 @@ def load_transformers(spec: Spec) -> Runner:
     import transformers
     from transformers import DynamicCache
 
+    from ..engine import DTYPES
     from .models import transformers_model
     from .shapes import hf_config
 
     t0 = time.perf_counter()
-    model = transformers_model(hf_config(spec.shape), spec.fmt, spec.seed)
+    if spec.checkpoint:  # ("torch_dtype" before transformers 4.56)
+        transformers.utils.logging.disable_progress_bar()
+        version = tuple(int(v) for v in transformers.__version__.split(".")[:2] if v.isdigit())
+        dtype_arg = "dtype" if version >= (4, 56) else "torch_dtype"
+        model = transformers.AutoModelForCausalLM.from_pretrained(spec.checkpoint, **{dtype_arg: DTYPES[spec.fmt]})
+        model = model.eval().requires_grad_(False)
+    else:
+        model = transformers_model(hf_config(spec.shape), spec.fmt, spec.seed)
     load_s = time.perf_counter() - t0
     state = {}
 

@@ -7,6 +7,8 @@ still has its own memory: decoding reads all of it, as with real weights).
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from ..quant import QuantizedLinear, quantize_linear
 
 QUANT_FORMATS = ("int8", "int4")
 STD = 0.02
+DTYPES_HF = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}  # config.json's torch_dtype
 
 
 def _random(shape, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
@@ -87,7 +90,7 @@ def transformers_model(hf_config: dict, fmt: str, seed: int = 0):
 
 def gguf_tensors(config: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, random bf16 tensor) for every weight, one at a time, as
-    `write_gguf` takes them; equal shapes share one draw."""
+    `write_gguf` and `write_bench_checkpoint` take them; equal shapes share one draw."""
     generator = torch.Generator().manual_seed(seed)
     drawn: dict[tuple[int, ...], torch.Tensor] = {}
     for name, param in Transformer(config, device="meta").named_parameters():
@@ -111,3 +114,44 @@ def write_bench_gguf(path: Path, config: ModelConfig, tensor_type: str, progress
                tensor_type=tensor_type, progress=progress)
     partial.replace(path)  # only a whole file gets the final name (a cache for the next run)
     return path
+
+
+def write_bench_checkpoint(directory: Path, shape: str, fmt: str, progress: bool | None = True) -> Path:
+    """A Hugging Face model directory (config.json, model.safetensors) of random weights at
+    `shape` in a float format (bf16, f16, f32), the same values as the GGUF files'.
+
+    mistol and transformers both map such a file and compute on the mapped weights, so two
+    engines loaded from it hold one copy of the weights between them (the page cache's): a
+    bf16 7B model (14.5 GB) fits twice in 24 GB this way, and the two can take turns.
+    """
+    from tqdm import tqdm
+
+    from ..engine import DTYPES
+    from ..weights.safetensors_file import DTYPES as FILE_DTYPES
+    from .shapes import hf_config, model_config
+
+    dtype = DTYPES[fmt]
+    file_dtype = next(name for name, t in FILE_DTYPES.items() if t == dtype)
+    config = model_config(shape)
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text(json.dumps({**hf_config(shape), "torch_dtype": DTYPES_HF[fmt]}, indent=2))
+    entries, offset = {}, 0
+    for name, t in gguf_tensors(config):  # a header first: names, shapes and byte ranges
+        size = t.numel() * dtype.itemsize
+        entries[name] = {"dtype": file_dtype, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+    with open(partial / "model.safetensors", "wb") as f, tqdm(
+            total=offset, unit="B", unit_scale=True, desc=f"Writing {shape} {fmt} weights",
+            disable=None if progress is None else not progress) as bar:
+        f.write(len(header).to_bytes(8, "little") + header)
+        for _, t in gguf_tensors(config):  # the same draws again, one tensor at a time
+            f.write(t.to(dtype).contiguous().view(torch.uint8).numpy())
+            bar.update(t.numel() * dtype.itemsize)
+    shutil.rmtree(directory, ignore_errors=True)
+    partial.replace(directory)  # only a whole checkpoint gets the final name (a cache for the next run)
+    return directory
+
