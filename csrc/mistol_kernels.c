@@ -424,7 +424,7 @@ void qgemm_share(const qkernels *kn, const int *fmts, const int8_t *qa, const fl
     }
 }
 
-EXPORT int mistol_kernels_abi(void) { return 6; }
+EXPORT int mistol_kernels_abi(void) { return 7; }
 
 /* For i < count: y[:, cols of matrix i] = x[M][K] @ W_i^T, W_i (N_i rows) packed as described
  * at the top in tiles of tbs[i] blocks; matrix i's outputs start at column sum(N_0..N_{i-1}) of y, whose rows are ldy
@@ -581,19 +581,23 @@ static int cpu_has_bf16dp(void) {
 typedef float (*dense_fn)(const uint8_t *, int, const float *, const void *, int64_t);
 
 /* Like mistol_gemm_many, for float weights: matrix i (N_i rows of K values of type wtype)
- * writes columns sum(N_0..N_{i-1}) onwards of y, whose rows are ldy floats apart.
+ * writes columns sum(N_0..N_{i-1}) onwards of y, whose rows are ldy floats apart. Matrix i
+ * is held in tiles of tks[i] values along K ([K / tks[i]][N_i][tks[i]]; tks[i] = K: plain
+ * rows), multiplied tile by tile as the quantized kernels do, so that the tile of x stays
+ * in L1 across the rows (tks[i] a multiple of 16 dividing K).
  * x_is_bf16: every value of x is a bf16 number (lets bf16 weights use bf16 dot products). */
 EXPORT int mistol_dense_many(int wtype, const float *x, int x_is_bf16, int64_t M, int64_t K, int count,
-                             const void *const *ws, const int64_t *ns, float *y, int64_t ldy, int nthreads) {
+                             const void *const *ws, const int64_t *ns, const int64_t *tks, float *y, int64_t ldy,
+                             int nthreads) {
     if (wtype < W_F32 || wtype > W_F16 || K <= 0 || M < 0 || count < 0) return ERR_ARG;
     int64_t N = 0;
     for (int i = 0; i < count; i++) {
-        if (ns[i] < 0) return ERR_ARG;
+        if (ns[i] < 0 || tks[i] <= 0 || K % tks[i] || (tks[i] < K && tks[i] % 16)) return ERR_ARG;
         N += ns[i];
     }
     if (ldy < N) return ERR_ARG;
     if (M == 0 || N == 0) return OK;
-    const int64_t row_bytes = K * (wtype == W_F32 ? 4 : 2);
+    const int64_t esize = wtype == W_F32 ? 4 : 2;
     dense_fn fn = dense_row_scalar;
     void *prepared = NULL; /* x as the row function reads it, if not as given: */
     int64_t prepared_size = 0; /* bytes per value */
@@ -623,7 +627,7 @@ EXPORT int mistol_dense_many(int wtype, const float *x, int x_is_bf16, int64_t M
     (void)x_is_bf16;
 #endif
     if (nthreads > N) nthreads = (int)N;
-    if (nthreads < 1 || N * row_bytes * M < SERIAL_BYTES) nthreads = 1;
+    if (nthreads < 1 || N * K * esize * M < SERIAL_BYTES) nthreads = 1;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
@@ -633,12 +637,16 @@ EXPORT int mistol_dense_many(int wtype, const float *x, int x_is_bf16, int64_t M
         int64_t first = 0; /* global index of matrix i's first row */
         for (int i = 0; i < count && first < end; i++) {
             const int64_t r0 = start > first ? start - first : 0, r1 = end - first < ns[i] ? end - first : ns[i];
-            for (int64_t r = r0; r < r1; r++) {
-                const uint8_t *row = (const uint8_t *)ws[i] + r * row_bytes;
-                for (int64_t m = 0; m < M; m++) {
-                    const void *xm = prepared ? (const void *)((const uint8_t *)prepared + m * K * prepared_size)
-                                              : (const void *)(x + m * K);
-                    y[m * ldy + first + r] = fn(row, wtype, x + m * K, xm, K);
+            const int64_t tk = tks[i];
+            for (int64_t k0 = 0; k0 < K; k0 += tk) { /* tile by tile: rows of tk values */
+                const uint8_t *tile = (const uint8_t *)ws[i] + k0 * ns[i] * esize;
+                for (int64_t r = r0; r < r1; r++) {
+                    for (int64_t m = 0; m < M; m++) {
+                        const void *xm = prepared ? (const void *)((const uint8_t *)prepared + (m * K + k0) * prepared_size)
+                                                  : (const void *)(x + m * K + k0);
+                        const float v = fn(tile + r * tk * esize, wtype, x + m * K + k0, xm, tk);
+                        y[m * ldy + first + r] = k0 ? y[m * ldy + first + r] + v : v;
+                    }
                 }
             }
             first += ns[i];

@@ -23,11 +23,12 @@ def make_checkpoint(
     seed: int = 0,
     tokenizer: bool = True,
     max_positions: int = 256,
+    intermediate: int | None = None,
 ) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     common = dict(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate or hidden * 2, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
         tie_word_embeddings=tie, initializer_range=0.2, rms_norm_eps=1e-5,
     )

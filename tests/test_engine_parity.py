@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint, reference
+from mistol import kernels
 from mistol.engine import Engine
+from mistol.model.linear import TiledLinear
 from mistol.sampling import SamplingParams
 from mistol.weights import load_model
 
@@ -53,6 +55,19 @@ def test_grouped_query_attention_ratios(tmp_path, kv_heads):
     path = make_checkpoint(tmp_path, heads=4, kv_heads=kv_heads, tokenizer=False, seed=kv_heads)
     tokens = random_tokens(24, seed=kv_heads)
     assert (our_logits(path, tokens) - ref_logits(path, tokens)).abs().max() <= TOL
+
+
+def test_long_rows_load_in_tiles_and_decode_like_the_reference(tmp_path):
+    """A down projection of 8256 inputs loads as a TiledLinear on a CPU; prefill (F.linear)
+    and decode steps (the tiled kernel) both give the reference's logits."""
+    path = make_checkpoint(tmp_path, intermediate=8256, tokenizer=False)
+    model = load_model(path)
+    assert isinstance(model.layers[0].mlp.down_proj, TiledLinear) == kernels.available()
+    assert torch.equal(model.layers[0].mlp.down_proj.weight, reference(path).model.layers[0].mlp.down_proj.weight)
+    tokens = random_tokens(16, seed=7)
+    session = Engine(model).new_session()
+    ours = [session.feed(tokens[:8], all_logits=True)] + [session.feed(tokens[:n])[None] for n in range(9, 17)]
+    assert (torch.cat(ours) - ref_logits(path, tokens)).abs().max() <= TOL
 
 
 @pytest.mark.parametrize(

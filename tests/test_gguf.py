@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint, reference
+from mistol import kernels
 from mistol.cli import main
 from mistol.engine import Engine
 from mistol.errors import MistolError
@@ -77,6 +78,16 @@ def test_f32_gguf_gives_the_checkpoints_logits(request, fixture, tmp_path):
     # written without a tokenizer: no BOS/EOS ids
     assert replace(config, bos_token_id=expected.bos_token_id, eos_token_id=expected.eos_token_id) == expected
     assert config.sliding_window == (8 if fixture == "mistral_dir" else None)
+
+
+def test_long_rows_of_float_files_load_in_tiles(tmp_path):
+    model_dir = make_checkpoint(tmp_path / "long", intermediate=8256, tokenizer=False)
+    path = export(model_dir, tmp_path / "long.gguf")
+    model = load_gguf(GGUFFile(path))
+    assert type(model.layers[1].mlp.down_proj).__name__ == ("TiledLinear" if kernels.available() else "Linear")
+    session = Engine(model).new_session()
+    ours = [session.feed(TOKENS[:8], all_logits=True)] + [session.feed(TOKENS[:n])[None] for n in range(9, 17)]
+    assert (torch.cat(ours) - logits(model_dir, TOKENS[:16])).abs().max() <= 1e-4
 
 
 def test_tied_embeddings_have_no_output_tensor(tmp_path):

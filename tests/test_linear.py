@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from helpers import kernel_impls
 from mistol import kernels
-from mistol.model.linear import DENSE_MAX_ROWS, Linear, linear_many
+from mistol.model.linear import DENSE_MAX_ROWS, Linear, TiledLinear, linear_many, tile_values, tiles_pay_off
 from mistol.quant import quantize_linear
 
 FMTS = ["int8", "int4"]
@@ -63,6 +63,34 @@ def test_bf16_kernel_rounds_like_pytorch():
     with torch.inference_mode():
         ours, theirs = layer(x).float(), F.linear(x, layer.weight).float()
     assert ((ours - theirs).abs() <= theirs.abs() * 2**-7 + 1e-6).all()  # at most one bf16 step apart
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_long_rows_in_tiles_match_float64_and_pytorch(dtype):
+    """A down projection's rows (8256 inputs: 3 tiles of 2752) held in tiles: decode-sized
+    inputs on the kernel as exact as from plain rows, longer inputs F.linear's own result."""
+    torch.manual_seed(6)
+    w = (torch.randn(45, 8256) * 0.02).to(dtype)
+    layer = TiledLinear.from_rows(lambda r0, r1: w[r0:r1].float(), 45, 8256, dtype)  # (converted as it loads)
+    assert layer.tiles.shape == (3, 45, 2752) and torch.equal(layer.weight, w)
+    with torch.inference_mode():
+        for rows in (1, DENSE_MAX_ROWS):
+            x = torch.randn(rows, 8256).to(dtype)
+            exact = x.double() @ w.double().T
+            rounding = 2**-8 if dtype != torch.float32 else 0
+            bound = (x.double().abs() @ w.double().abs().T) * 1e-5 + exact.abs() * rounding
+            assert ((layer(x).double() - exact).abs() <= bound + 1e-6).all()
+            assert torch.equal(linear_many(x, [layer, linear_layer(3, 8256, dtype)])[:, :45], layer(x))
+        x = torch.randn(DENSE_MAX_ROWS + 3, 8256).to(dtype)
+        assert torch.equal(layer(x), F.linear(x, w))
+
+
+def test_only_long_rows_on_a_cpu_with_the_kernels_load_in_tiles():
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert tile_values(14336) == 3584 and tile_values(4096) == 4096 and tile_values(14336 + 16) == 14336 + 16
+    assert tiles_pay_off((4096, 14336), cpu) == kernels.available()
+    assert not tiles_pay_off((14336, 4096), cpu) and not tiles_pay_off((4096, 14336), meta)
 
 
 def test_longer_inputs_and_training_use_pytorch():

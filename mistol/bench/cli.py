@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..errors import MistolError
 from .engines import Spec
+from ..model.linear import tile_values
 from .shapes import GGUF_TYPES, SHAPES, all_weights, bytes_per_token, model_config
 
 ENGINES = ("mistol", "transformers", "llama.cpp")
@@ -190,7 +191,8 @@ def _label(spec: Spec) -> str:
 @dataclass
 class Memory:
     """What an engine needs: its own memory, and the mapped weights it can share with another
-    engine of its format (they map one file)."""
+    engine of its format (they map one file; mistol copies its down projections into tiles,
+    see `mistol.model.linear.TiledLinear`)."""
 
     own: float
     shared: float = 0.0
@@ -206,8 +208,12 @@ def _memory_need(spec: Spec, config) -> Memory:
         return Memory(weights * 1.1 + config.vocab_size * config.hidden_size * 4)
     if spec.engine == "llama.cpp":
         return Memory(weights * 1.1 * 1.1)
-    mapped = weights * (4 if spec.fmt == "f32" else 2)  # a float checkpoint, mapped
-    return Memory(0.1 * mapped, mapped)
+    element = 4 if spec.fmt == "f32" else 2
+    mapped = weights * element  # a float checkpoint, mapped
+    own = 0.05 * mapped
+    if spec.engine == "mistol" and tile_values(config.intermediate_size) < config.intermediate_size:
+        own += config.num_layers * config.hidden_size * config.intermediate_size * element  # tiled copies
+    return Memory(own, mapped)
 
 
 def _groups(runnable: list[tuple[Spec, Memory]], formats: list[str]) -> list[list[Spec]]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..engine import DTYPES
 from ..model import ModelConfig, Transformer
-from ..model.linear import Linear
+from ..model.linear import Linear, TiledLinear, tiles_pay_off
 from ..quant import QuantizedLinear, quantize_linear
 
 QUANT_FORMATS = ("int8", "int4")
@@ -46,6 +46,8 @@ def mistol_model(config: ModelConfig, fmt: str, seed: int = 0) -> Transformer:
         template = templates[shape]
         if fmt in QUANT_FORMATS:
             layer = QuantizedLinear(module.in_features, module.out_features, fmt, template.packed.clone())
+        elif tiles_pay_off(shape, torch.device("cpu")):  # as the loaders hold long rows
+            layer = TiledLinear.from_rows(lambda r0, r1: template[r0:r1], *shape, dtype)
         else:
             layer = Linear(module.in_features, module.out_features, device="meta")
             layer.weight = nn.Parameter(template.clone(), requires_grad=False)

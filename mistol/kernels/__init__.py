@@ -46,7 +46,7 @@ def _load() -> ctypes.CDLL | None:
         if spec is None or not spec.origin:
             raise OSError("mistol/_kernels*.so is not built (reinstall with `pip install -e .` and a C compiler)")
         lib = ctypes.CDLL(spec.origin)
-        if lib.mistol_kernels_abi() != 6:
+        if lib.mistol_kernels_abi() != 7:
             raise OSError(f"{spec.origin}: stale build (ABI {lib.mistol_kernels_abi()}); reinstall mistol")
     except (OSError, AttributeError) as e:
         _load_error = str(e)
@@ -56,7 +56,7 @@ def _load() -> ctypes.CDLL | None:
     lib.mistol_gemm_many.restype = c_int
     lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
     lib.mistol_quantize.restype = c_int
-    lib.mistol_dense_many.argtypes = [c_int, vp, c_int, i64, i64, c_int, vp, vp, vp, i64, c_int]
+    lib.mistol_dense_many.argtypes = [c_int, vp, c_int, i64, i64, c_int, vp, vp, vp, vp, i64, c_int]
     lib.mistol_dense_many.restype = c_int
     lib.mistol_dequantize.argtypes = [c_int, vp, i64, i64, vp, c_int, c_int]
     lib.mistol_dequantize.restype = c_int
@@ -139,15 +139,17 @@ DENSE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def dense_many(x: torch.Tensor, weights: list[torch.Tensor], x_is_bf16: bool = False) -> torch.Tensor:
-    """x[M, K] (float32, contiguous) times float weights [n, K] (float32/bfloat16/float16,
-    one dtype, contiguous) that share the input, in one call: y[M, sum of n], float32.
-    `x_is_bf16`: x's values are all bf16 numbers (bf16 weights may then use the CPU's bf16
-    dot products)."""
+    """x[M, K] (float32, contiguous) times float weights (float32/bfloat16/float16, one
+    dtype, contiguous) that share the input, in one call: y[M, sum of n], float32. Each
+    weight is [n, K], or [K / t, n, t] held in tiles of t values along K (see
+    `mistol.model.linear.TiledLinear`). `x_is_bf16`: x's values are all bf16 numbers (bf16
+    weights may then use the CPU's bf16 dot products)."""
     m, k = x.shape
-    count, ptrs, ns = _matrices(weights, [w.shape[0] for w in weights])
+    count, ptrs, ns = _matrices(weights, [w.shape[-2] for w in weights])
+    tiles = (ctypes.c_int64 * count)(*(w.shape[-1] for w in weights))
     y = torch.empty(m, sum(ns), dtype=torch.float32)
     rc = _lib.mistol_dense_many(DENSE_DTYPES[weights[0].dtype], x.data_ptr(), int(x_is_bf16), m, k, count, ptrs, ns,
-                                y.data_ptr(), y.shape[1], torch.get_num_threads())
+                                tiles, y.data_ptr(), y.shape[1], torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"mistol_dense_many(M={m}, K={k}, N={list(ns)}): {_ERRORS.get(rc, rc)}")
     return y

@@ -9,14 +9,14 @@ compute-bound), other devices and training use `F.linear`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ..quant import QuantizedLinear, kernel_input, output_like
+from ..quant import BLOCK, QuantizedLinear, kernel_input, output_like, tile_blocks
 
 DENSE_MAX_ROWS = 4  # rows of input up to which float weights use the kernel
 
@@ -27,6 +27,68 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)
+
+
+class TiledLinear(nn.Module):
+    """A bias-free linear layer of float weights with long rows (more than 4096 inputs: a
+    down projection), held in tiles along K for decode steps on a CPU:
+
+        tiles [T, out_features, in_features / T]: tile t holds inputs [t * in/T, (t+1) * in/T)
+
+    The kernel multiplies tile by tile, so the tile of x stays in L1 while the weights stream
+    past; from plain rows of 14336 inputs a 7B bf16 down projection read its weights half as
+    fast as the other layers (the same cause as in mistol.quant's tiles). Longer inputs
+    (prefill), other devices and training use `F.linear` on the rows put back together.
+    """
+
+    def __init__(self, tiles: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = tiles.shape[0] * tiles.shape[2], tiles.shape[1]
+        self.tiles = nn.Parameter(tiles, requires_grad=False)
+
+    @classmethod
+    def from_rows(cls, read: Callable[[int, int], torch.Tensor], out_features: int, in_features: int,
+                  dtype: torch.dtype, release: Callable | None = None) -> "TiledLinear":
+        """From a weight [out, in] that `read(r0, r1)` hands out a slab of rows at a time (in
+        any float dtype, converted to `dtype`); `release`, if given, is called on each slab
+        once copied (loaders pass `release_pages` for slabs of a mapped file)."""
+        per_tile = tile_values(in_features)
+        tiles = torch.empty(in_features // per_tile, out_features, per_tile, dtype=dtype)
+        step = max(1, (1 << 22) // in_features)
+        for r0 in range(0, out_features, step):
+            rows = read(r0, min(out_features, r0 + step))
+            tiles[:, r0 : r0 + rows.shape[0]] = rows.reshape(rows.shape[0], -1, per_tile).transpose(0, 1)
+            if release is not None:
+                release(rows)
+        return cls(tiles)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as plain rows [out_features, in_features] (a copy)."""
+        return self.tiles.transpose(0, 1).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _on_dense_kernel(x, (self.tiles,)):
+            return _dense(x, (self.tiles,))
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tiles={self.tiles.shape[0]}"
+
+
+def tile_values(in_features: int) -> int:
+    """Inputs per tile for float rows of `in_features`: the quantized layout's tiles (blocks of
+    32 inputs, see `mistol.quant.tile_blocks`); all of them where that does not apply."""
+    if in_features % BLOCK:
+        return in_features
+    return tile_blocks(in_features) * BLOCK
+
+
+def tiles_pay_off(weight_shape: Sequence[int], device: torch.device) -> bool:
+    """Whether a float linear weight [out, in] should load as a `TiledLinear`: rows long
+    enough to tile, on a CPU where the compiled kernels run (without them every product
+    would put the rows back together first)."""
+    return device.type == "cpu" and tile_values(weight_shape[1]) < weight_shape[1] and kernels.available()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -47,8 +109,8 @@ def linear_many(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
         if first._on_kernels(x2) and all(isinstance(la, QuantizedLinear) and la.fmt == first.fmt for la in layers):
             y = kernels.gemm_many(first.fmt, kernel_input(x2), [(la.packed, la.out_features) for la in layers])
             return output_like(y, x)
-    elif all(isinstance(la, Linear) for la in layers):
-        weights = [la.weight for la in layers]
+    elif all(isinstance(la, (Linear, TiledLinear)) for la in layers):
+        weights = [la.tiles if isinstance(la, TiledLinear) else la.weight for la in layers]
         if _on_dense_kernel(x, weights):
             return _dense(x, weights)
     return torch.cat([layer(x) for layer in layers], dim=-1)

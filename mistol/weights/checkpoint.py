@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import MistolError
 from ..model import ModelConfig, Transformer
+from ..model.linear import TiledLinear, tiles_pay_off
 from .memory import release_pages
 from .safetensors_file import SafetensorsFile
 
@@ -138,6 +139,10 @@ def load_model(
                     )
                 if quant and _is_linear_weight(model, key):
                     _set_quantized(model, key, src.read(), quant, device)
+                elif _is_linear_weight(model, key) and tiles_pay_off(src.shape, device):
+                    weight = src.read()
+                    set_linear(model, key, TiledLinear.from_rows(lambda r0, r1: weight[r0:r1], *src.shape, dtype,
+                                                                 release=release_pages))
                 else:
                     set_parameter(model, key, to_target(src.read(), dtype, device))
                 loaded.add(key)
@@ -187,7 +192,7 @@ def _set_quantized(model: nn.Module, key: str, weight: torch.Tensor, fmt: str, d
 
 
 def set_linear(model: nn.Module, key: str, layer: nn.Module) -> None:
-    """Put `layer` (a `QuantizedLinear`) in place of the linear layer whose weight is `key`."""
+    """Put `layer` (a `QuantizedLinear` or `TiledLinear`) in place of the linear layer whose weight is `key`."""
     parent, _, name = key.removesuffix(".weight").rpartition(".")
     setattr(model.get_submodule(parent), name, layer)
 

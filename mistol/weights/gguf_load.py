@@ -24,6 +24,7 @@ import torch
 
 from ..errors import MistolError
 from ..model import Transformer
+from ..model.linear import TiledLinear, tiles_pay_off
 from ..quant import QuantizedLinear, quantize_rows
 from .checkpoint import QUANT_FORMATS, bar_disabled, set_linear, set_parameter, to_target
 from .gguf_file import GGUFFile
@@ -78,7 +79,10 @@ def load_gguf(
             heads = rope_heads(key, config)
             src = _Rows(tensor, from_gguf_rows(tensor.data.shape[0], heads) if heads else None)
             fmt = convert_format(src.type, quant) if _is_linear(key, tensor) else None
-            if fmt is None:
+            if fmt is None and _is_linear(key, tensor) and tiles_pay_off(src.shape, device):
+                release = release_pages if src.order is None else None  # (values: views of the mapped file)
+                set_linear(model, key, TiledLinear.from_rows(src.values, *src.shape, dtype, release=release))
+            elif fmt is None:
                 set_parameter(model, key, _floats(src, dtype, device))
             else:
                 set_linear(model, key, _quantized(src, key, fmt).to(device))
