@@ -156,7 +156,7 @@ def speed() -> dict:
     prompt = [1] + [int(t) for t in torch.randint(300, 32000, (511,), generator=torch.Generator().manual_seed(0))]
     out = {"weights_gb": bytes_per_token(config, "bf16", 0) / 1e9}
     t0 = time.perf_counter()
-    model = mistol_model(config, "bf16").to("cuda")
+    model = mistol_model(config, "bf16", device="cuda")
     out["mistol_build_s"] = time.perf_counter() - t0
     engine = Engine(model)
     state = {}

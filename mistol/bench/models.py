@@ -29,9 +29,10 @@ def _random(shape, dtype: torch.dtype, generator: torch.Generator) -> torch.Tens
     return torch.empty(shape, dtype=dtype).normal_(0.0, STD, generator=generator)
 
 
-def mistol_model(config: ModelConfig, fmt: str, seed: int = 0) -> Transformer:
-    """Our `Transformer` with random weights: linear layers in `fmt` (int8/int4 quantized,
-    or bf16/f16/f32), embeddings and norms in float32 for the quantized formats."""
+def mistol_model(config: ModelConfig, fmt: str, seed: int = 0, device: str = "cpu") -> Transformer:
+    """Our `Transformer` with random weights on `device`: linear layers in `fmt` (int8/int4
+    quantized, or bf16/f16/f32, long rows in tiles on a CPU as the loaders hold them),
+    embeddings and norms in float32 for the quantized formats."""
     dtype = torch.float32 if fmt in QUANT_FORMATS else DTYPES[fmt]
     generator = torch.Generator().manual_seed(seed)
     model = Transformer(config, device="meta")
@@ -46,7 +47,7 @@ def mistol_model(config: ModelConfig, fmt: str, seed: int = 0) -> Transformer:
         template = templates[shape]
         if fmt in QUANT_FORMATS:
             layer = QuantizedLinear(module.in_features, module.out_features, fmt, template.packed.clone())
-        elif tiles_pay_off(shape, torch.device("cpu")):  # as the loaders hold long rows
+        elif tiles_pay_off(shape, torch.device(device)):
             layer = TiledLinear.from_rows(lambda r0, r1: template[r0:r1], *shape, dtype)
         else:
             layer = Linear(module.in_features, module.out_features, device="meta")
@@ -60,7 +61,7 @@ def mistol_model(config: ModelConfig, fmt: str, seed: int = 0) -> Transformer:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, nn.Parameter(value, requires_grad=False))
     model.rotary.to("cpu")
-    return model.eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def transformers_model(hf_config: dict, fmt: str, seed: int = 0):
