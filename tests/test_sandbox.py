@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-from mistol.errors import MistolError
 from mistol.tools import exec_cli
 from mistol.tools.sandbox import Sandbox, SandboxLimits, network_isolation_available
 

@@ -6,12 +6,13 @@ Every engine/format pair runs in a process of its own (see engines.py), on the s
 prompt ids. The engines measured at one format (mistol int4 and llama.cpp Q4_0, say) are
 loaded together where memory allows and take turns decoding, a few steps each: this
 machine's bandwidth drifts by half within minutes, and engines measured one after the
-other would be compared under different loads. Float formats are loaded by mistol and
-transformers from one checkpoint file that both map, so the two hold one copy of the
-weights between them. For the same reason the memory bandwidth is
+other would be compared under different loads. For the same reason the memory bandwidth is
 read in turns with the decoding too (a 1 GiB sum after each round of turns): decode speed is
 compared with its ceiling at that time, bandwidth / bytes per token. The bandwidth is also
 measured at the start and the end of the run.
+
+Float formats are loaded by mistol and transformers from one checkpoint file that both map,
+so that a bf16 7B pair holds one copy of most weights and can take turns in 24 GB.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import MistolError
-from .engines import Spec
 from ..model.linear import tile_values
+from .engines import Spec
 from .shapes import GGUF_TYPES, SHAPES, all_weights, bytes_per_token, model_config
 
 ENGINES = ("mistol", "transformers", "llama.cpp")

@@ -4,7 +4,9 @@ Accepted layouts: `model.safetensors`; sharded `model-0000x-of-0000y.safetensors
 `model.safetensors.index.json`; `pytorch_model.bin`; sharded `pytorch_model-*.bin` with
 `pytorch_model.bin.index.json`. Every file is memory-mapped; tensors already in the
 target dtype are used in place, the others are converted one at a time and their mapped
-pages released, so peak memory stays near the size of the loaded weights.
+pages released, so peak memory stays near the size of the loaded weights. (On a CPU, linear
+weights with rows longer than 4096 inputs are copied into tiles, `TiledLinear`, and
+quantized ones into mistol.quant's layout, their pages released the same way.)
 """
 
 from __future__ import annotations
@@ -192,7 +194,8 @@ def _set_quantized(model: nn.Module, key: str, weight: torch.Tensor, fmt: str, d
 
 
 def set_linear(model: nn.Module, key: str, layer: nn.Module) -> None:
-    """Put `layer` (a `QuantizedLinear` or `TiledLinear`) in place of the linear layer whose weight is `key`."""
+    """Put `layer` (a `QuantizedLinear` or `TiledLinear`) in place of the linear layer whose
+    weight is `key`."""
     parent, _, name = key.removesuffix(".weight").rpartition(".")
     setattr(model.get_submodule(parent), name, layer)
 
