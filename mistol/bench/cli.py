@@ -45,8 +45,9 @@ PROBE_BYTES = 1 << 30  # read in turns with the decoding, for the bandwidth at t
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench", help="measure prefill and decode speed against transformers and llama.cpp",
-        description="Build random-weight models of a named shape directly in each format and measure, in one "
-        "run: prefill tok/s (each --prompts length), time to first token, decode tok/s (median over --steps "
+        description="Build random-weight models of a named shape in each format (quantized ones in memory; GGUF "
+        "files for llama.cpp and a safetensors checkpoint per float format, which mistol and transformers both map, "
+        "written once into --cache-dir) and measure, in one run: prefill tok/s (each --prompts length), time to first token, decode tok/s (median over --steps "
         "greedy steps) and peak RSS, for mistol (each --quant), transformers (its float formats) and llama.cpp "
         "through llama-cpp-python on a GGUF of the same shape (Q8_0 for int8, Q4_0 for int4). Engines that are "
         "not installed, and formats that do not fit in memory, are skipped with a notice. Decode speed is "
