@@ -4,7 +4,8 @@
 mistol's compiled kernels on a CPU: reading the weight is the whole cost there, and the
 kernel streams float32/bf16/f16 weights near the memory's speed, where PyTorch's bf16
 matrix-vector product reaches well under half of it. Longer inputs (prefill is
-compute-bound), other devices and training use `F.linear`.
+compute-bound), other devices and training use `F.linear`. `TiledLinear` holds rows longer
+than 4096 inputs in tiles along K for that kernel.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ class TiledLinear(nn.Module):
     The kernel multiplies tile by tile, so the tile of x stays in L1 while the weights stream
     past; from plain rows of 14336 inputs a 7B bf16 down projection read its weights half as
     fast as the other layers (the same cause as in mistol.quant's tiles). Longer inputs
-    (prefill), other devices and training multiply each tile in one batched matmul and add
-    the tiles' products in float32 (in bf16 one more rounding per tile than `F.linear`, as
-    fast: putting the rows back together would cost more than the product at 64 rows).
+    (prefill), other devices and training multiply the tiles in one batched matmul and add
+    their products in float32: as fast as `F.linear` on plain rows (putting the rows back
+    together first cost half as much again at 64 rows), with one more rounding per tile in
+    bf16.
     """
 
     def __init__(self, tiles: torch.Tensor):
@@ -91,8 +93,8 @@ def tile_values(in_features: int) -> int:
 
 def tiles_pay_off(weight_shape: Sequence[int], device: torch.device) -> bool:
     """Whether a float linear weight [out, in] should load as a `TiledLinear`: rows long
-    enough to tile, on a CPU where the compiled kernels run (without them every product
-    would put the rows back together first)."""
+    enough to tile, on a CPU where the compiled kernels run (only their kernel gains from
+    the tiles)."""
     return device.type == "cpu" and tile_values(weight_shape[1]) < weight_shape[1] and kernels.available()
 
 
