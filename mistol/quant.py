@@ -89,10 +89,10 @@ def packed_shape(out_features: int, in_features: int, fmt: str) -> tuple[int, in
             _format(fmt).group_block_bytes)
 
 
-def _to_tiles(groups: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def _to_tiles(groups: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Groups [G, K/32, bytes] in row order -> tiles [T, G, K/32/T, bytes] (into `out`, if given)."""
     g, nb, bb = groups.shape
-    per_tile = tile_blocks(k)
+    per_tile = tile_blocks(nb * BLOCK)
     tiled = groups.view(g, nb // per_tile, per_tile, bb).transpose(0, 1)
     if out is None:
         return tiled.contiguous()
@@ -167,7 +167,7 @@ def pack_ggml(blocks: torch.Tensor, fmt: str, out: torch.Tensor | None = None) -
     rows[..., : 2 * INTERLEAVE] = g[..., :2].reshape(groups, nb, 2 * INTERLEAVE)
     quants = g[..., 2:].reshape(groups, nb, INTERLEAVE, f.quant_bytes // 4, 4).transpose(2, 3)
     rows[..., 2 * INTERLEAVE :] = quants.reshape(groups, nb, INTERLEAVE * f.quant_bytes)
-    return _to_tiles(rows, nb * BLOCK, out)
+    return _to_tiles(rows, out)
 
 
 def _row_quants(groups: torch.Tensor, quant_bytes: int) -> torch.Tensor:
@@ -379,7 +379,7 @@ def quantize_rows(
             groups = dest[0] if tiles == 1 else torch.empty(n_groups, tiles * per_tile, bb, dtype=torch.uint8)
             kernels.quantize(fmt, _kernel_source(rows), groups, packed=True)
             if tiles > 1:
-                _to_tiles(groups, k, out=dest)
+                _to_tiles(groups, out=dest)
         else:
             pack_ggml(quantize_ggml(rows, fmt), fmt, out=dest)
         if release is not None:

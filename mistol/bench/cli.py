@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import MistolError
-from ..model.linear import tile_values
+from ..model.linear import tiles_pay_off
 from .engines import Spec
 from .shapes import GGUF_TYPES, SHAPES, all_weights, bytes_per_token, model_config
 
@@ -205,6 +205,8 @@ class Memory:
 
 
 def _memory_need(spec: Spec, config) -> Memory:
+    import torch
+
     weights = all_weights(config)
     if spec.engine == "mistol" and spec.fmt in QUANTIZED:  # quantized linears, float32 embedding
         return Memory(weights * 1.1 + config.vocab_size * config.hidden_size * 4)
@@ -213,7 +215,7 @@ def _memory_need(spec: Spec, config) -> Memory:
     element = 4 if spec.fmt == "f32" else 2
     mapped = weights * element  # a float checkpoint, mapped
     own = 0.05 * mapped
-    if spec.engine == "mistol" and tile_values(config.intermediate_size) < config.intermediate_size:
+    if spec.engine == "mistol" and tiles_pay_off((config.hidden_size, config.intermediate_size), torch.device("cpu")):
         own += config.num_layers * config.hidden_size * config.intermediate_size * element  # tiled copies
     return Memory(own, mapped)
 
