@@ -147,8 +147,8 @@ class SessionPool:
 
     A request gets the free session sharing the longest prefix with its prompt when that
     session's tokens all lie on the prompt (the same conversation, continued), or when the
-    prefix covers at least half the prompt (a regenerated or edited turn); otherwise a fresh
-    session while the pool has room (so that a shared BOS and template header do not
+    prefix covers at least half the prompt (a regenerated or edited turn); otherwise an empty
+    session, or a fresh one while the pool has room (so that a shared BOS and template header do not
     overwrite another conversation's cache), and once it is full, the best match or else
     the least recently used session.
     """
@@ -167,10 +167,15 @@ class SessionPool:
             if n > best_n:
                 best, best_n = s, n
         continues = best is not None and (best_n == len(best.tokens) or 2 * best_n >= len(prompt))
-        if not continues and len(self.sessions) < self.size:
-            best = self.engine.new_session(max_context=self.max_context)
-            self.sessions.append(best)
-            return best
+        if not continues:
+            empty = next((s for s in self._free if not s.tokens), None)
+            if empty is not None:  # as fresh as a new one, and its cache is already allocated
+                self._free.remove(empty)
+                return empty
+            if len(self.sessions) < self.size:
+                best = self.engine.new_session(max_context=self.max_context)
+                self.sessions.append(best)
+                return best
         best = best or self._free[0]
         self._free.remove(best)
         return best
@@ -244,11 +249,12 @@ class Scheduler:
                     self._guarded(job, self._admit, job)
                 if self._active:
                     self._step()
-        with self._cond:
-            leftover = [*self._active, *self._waiting]
-            self._waiting.clear()
-        for job in leftover:
-            self._fail(job, "the server is shutting down")
+            # still in inference mode: failing a running job resets its cache's tensors
+            with self._cond:
+                leftover = [*self._active, *self._waiting]
+                self._waiting.clear()
+            for job in leftover:
+                self._fail(job, "the server is shutting down")
 
     def _guarded(self, job: Job, fn, *args) -> None:
         """Run fn; if it raises, fail this one job: the loop and the other requests go on."""
