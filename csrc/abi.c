@@ -1,12 +1,14 @@
 /* The library's ABI as data: its version, and every id, error message, struct size and
- * field offset of mistol_abi.h by name, so that the Python side reads them instead of
+ * field offset and size of mistol_abi.h by name, so that the Python side reads them instead of
  * writing them again (and notices a stale or mismatched build at load). */
 
 #include <stddef.h>
 
 #include "mistol_kernels.h"
 
-#define FIELD(type, field) {"offsetof", #type "." #field, offsetof(type, field)}
+/* a struct field's offset and size */
+#define FIELD(type, field) \
+    {"offsetof", #type "." #field, offsetof(type, field)}, {"fieldsize", #type "." #field, sizeof(((type *)0)->field)}
 
 static const mistol_constant constants[] = {
     {"abi", "version", MISTOL_ABI_VERSION},

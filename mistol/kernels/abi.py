@@ -2,7 +2,7 @@
 
 csrc/mistol_abi.h defines the ids of weight formats, implementations, dtypes and errors,
 and the structs the decode layer takes; csrc/abi.c lists them by name with the structs'
-sizes and field offsets. `read_abi` takes every id from that list (none is written here)
+sizes and their fields' offsets and sizes. `read_abi` takes every id from that list (none is written here)
 and checks the ctypes mirrors below against it, so that a library built from other
 sources is refused at load instead of misreading its arguments.
 """
@@ -71,21 +71,22 @@ def check_version(found: int, origin: str = "the library") -> None:
                           "rebuild it (`pip install -e .` or `python setup.py build_ext --inplace`)")
 
 
-def check_layout(struct: type[ctypes.Structure], sizes: dict[str, int], offsets: dict[str, int]) -> None:
-    """Raise AbiMismatch unless the ctypes mirror `struct` has the size and the fields (names
-    and offsets) that the library lists for the C struct of the same name."""
+def check_layout(struct: type[ctypes.Structure], constants: dict[str, dict[str, int]]) -> None:
+    """Raise AbiMismatch unless the ctypes mirror `struct` has the size and the fields (names,
+    offsets and sizes) that the library lists for the C struct of the same name."""
     c_name = {"Matrix": "mistol_matrix", "Layer": "mistol_layer", "DecodeArgs": "mistol_decode_args"}[struct.__name__]
-    ours = {f"{c_name}.{name}": getattr(struct, name).offset for name, *_ in struct._fields_}
-    theirs = {key: value for key, value in offsets.items() if key.startswith(c_name + ".")}
+    sizes = constants["sizeof"]
+    ours = {f"{c_name}.{name}": (getattr(struct, name).offset, getattr(struct, name).size)
+            for name, *_ in struct._fields_}
+    theirs = {key: (offset, constants["fieldsize"][key]) for key, offset in constants["offsetof"].items()
+              if key.startswith(c_name + ".")}
     if ctypes.sizeof(struct) != sizes.get(c_name) or ours != theirs:
         raise AbiMismatch(f"{c_name} differs between the library ({sizes.get(c_name)} bytes, {theirs}) and "
                           f"mistol/kernels/abi.py ({ctypes.sizeof(struct)} bytes, {ours}): rebuild the library")
 
 
-def read_abi(lib: ctypes.CDLL, origin: str = "the library") -> Abi:
-    """The ABI of the loaded library `lib`, after checking its version and struct layouts."""
-    lib.mistol_kernels_abi.restype = ctypes.c_int
-    check_version(lib.mistol_kernels_abi(), origin)
+def read_constants(lib: ctypes.CDLL) -> dict[str, dict[str, int]]:
+    """The library's table of named values (mistol_abi_constants), by group."""
     lib.mistol_abi_constants.restype = ctypes.POINTER(Constant)
     table = lib.mistol_abi_constants()
     groups: dict[str, dict[str, int]] = {}
@@ -93,6 +94,14 @@ def read_abi(lib: ctypes.CDLL, origin: str = "the library") -> Abi:
     while table[i].group is not None:
         groups.setdefault(table[i].group.decode(), {})[table[i].name.decode()] = table[i].value
         i += 1
+    return groups
+
+
+def read_abi(lib: ctypes.CDLL, origin: str = "the library") -> Abi:
+    """The ABI of the loaded library `lib`, after checking its version and struct layouts."""
+    lib.mistol_kernels_abi.restype = ctypes.c_int
+    check_version(lib.mistol_kernels_abi(), origin)
+    groups = read_constants(lib)
     weights = tuple(sorted(groups["decode_weight"], key=groups["decode_weight"].get))
     if sorted(groups["decode_weight"].values()) != list(range(len(weights))):
         raise AbiMismatch(f"{origin}: the decode layer's weight indices are not 0..{len(weights) - 1}")
@@ -100,5 +109,5 @@ def read_abi(lib: ctypes.CDLL, origin: str = "the library") -> Abi:
               errors={code: message for message, code in groups["error"].items()}, decode_weights=weights,
               Layer=_layer_type(len(weights)))
     for struct in (Matrix, abi.Layer, DecodeArgs):
-        check_layout(struct, groups["sizeof"], groups["offsetof"])
+        check_layout(struct, groups)
     return abi
