@@ -13,10 +13,14 @@
  *   x += (silu(h Wg^T) * h Wu^T) Wd^T
  *
  * The same arithmetic as mistol's PyTorch layer (float32 throughout; the matrix products
- * are mistol_kernels.c's), in one parallel region: the threads split each product's
+ * are quant_gemv.c's), in one parallel region: the threads split each product's
  * weights and the attention's kv heads, and meet at a barrier between steps. A decode
  * step is a few hundred small operations besides its matrix products; run one by one
  * from Python they cost about a tenth of the step, here a few barriers.
+ *
+ * The arguments come as one mistol_decode_args (mistol_abi.h); the scratch buffers live in
+ * a mistol_workspace that the caller creates once per model and that grows only when a
+ * step needs more (a longer cache, more threads) than any step before.
  */
 
 #include <math.h>
@@ -33,10 +37,37 @@
 #define SINGLE
 #endif
 
-/* Indices into mistol_decode_layer's pointer and size arrays. */
-enum { P_NORM_ATTN, P_NORM_MLP, P_WQ, P_WK, P_WV, P_WO, P_WG, P_WU, P_WD, P_CACHE_K, P_CACHE_V, P_COS, P_SIN,
-       P_MASK, P_COUNT };
-enum { D_HIDDEN, D_FFN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_CAPACITY, D_SLOT, D_KEYS, D_COUNT };
+/* The scratch of one decode step: h (the products' float input), qkv, the attention
+ * output, gate|up, the layer outputs added to x, the quantized input, and per thread:
+ * attention scores and accumulators. Each buffer holds `*_size` elements. */
+struct mistol_workspace {
+    float *h, *qkv, *att, *gu, *y, *da, *scores, *acc;
+    int8_t *qa;
+    int32_t *sa;
+    int64_t h_size, qkv_size, att_size, gu_size, y_size, da_size, scores_size, acc_size, qa_size, sa_size;
+};
+typedef struct mistol_workspace mistol_workspace;
+
+EXPORT mistol_workspace *mistol_workspace_new(void) { return calloc(1, sizeof(mistol_workspace)); }
+
+EXPORT void mistol_workspace_free(mistol_workspace *ws) {
+    if (!ws) return;
+    free(ws->h), free(ws->qkv), free(ws->att), free(ws->gu), free(ws->y), free(ws->da), free(ws->scores);
+    free(ws->acc), free(ws->qa), free(ws->sa), free(ws);
+}
+
+/* *buf holds at least n elements of `size` bytes afterwards (its contents are scratch):
+ * 0, or -1 when out of memory (*buf unchanged). */
+static int reserve(void **buf, int64_t *have, int64_t n, size_t size) {
+    if (n <= *have) return 0;
+    void *grown = malloc(size * (size_t)n);
+    if (!grown) return -1;
+    free(*buf);
+    *buf = grown, *have = n;
+    return 0;
+}
+
+#define RESERVE(ws, name, n) reserve((void **)&(ws)->name, &(ws)->name##_size, (n), sizeof(*(ws)->name))
 
 static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out) {
     float part[8] = {0}; /* eight independent sums: the compiler vectorizes them */
@@ -117,50 +148,43 @@ static void attend(dot_fn dot, axpy_fn axpy, const float *q, int64_t group, cons
     }
 }
 
-/* x[D] (float32, in place) += one layer, as described at the top. ptrs and dims are
- * indexed by P_* and D_*; fmts[i] is the format of weight P_WQ + i and tiles[i] its blocks
- * per tile (packed in mistol_kernels.c's layout); norms, caches ([kv_heads][capacity][head_dim], this
- * layer's) and cos/sin float32, mask uint8 [n_keys] or NULL. Returns 0 or an error. */
-EXPORT int mistol_decode_layer(const int *fmts, const int64_t *tiles, float *x, const void *const *ptrs,
-                               const int64_t *dims, float eps, int nthreads, int impl) {
+/* args->x[hidden] (float32, in place) += layer args->layer, as described at the top, with
+ * ws's scratch. Returns 0 or an error. */
+EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *args) {
     qkernels kn;
-    for (int i = 0; i < 7; i++) {
-        if (fmts[i] != FMT_INT8 && fmts[i] != FMT_INT4) return ERR_FMT;
-        if (tiles[i] <= 0) return ERR_ARG;
-    }
-    if (qkernels_select(impl, &kn) != OK) return ERR_IMPL;
-    const int64_t D = dims[D_HIDDEN], F = dims[D_FFN], hq = dims[D_HEADS], hkv = dims[D_KV_HEADS];
-    const int64_t hd = dims[D_HEAD_DIM], cap = dims[D_CAPACITY], slot = dims[D_SLOT], n_keys = dims[D_KEYS];
+    const int64_t D = args->hidden, F = args->ffn, hq = args->heads, hkv = args->kv_heads, hd = args->head_dim;
+    const int64_t cap = args->capacity, slot = args->slot, n_keys = args->n_keys;
     if (D <= 0 || F <= 0 || D % QK || F % QK || (hq * hd) % QK || hkv <= 0 || hq % hkv || hd % 2) return ERR_ARG;
-    if (slot < 0 || slot >= cap || n_keys <= 0 || n_keys > cap) return ERR_ARG;
-    if (nthreads < 1) nthreads = 1;
+    if (slot < 0 || slot >= cap || n_keys <= 0 || n_keys > cap || args->layer < 0) return ERR_ARG;
+    const int64_t dq = hq * hd, dkv = hkv * hd, group = hq / hkv, kmax = F > D ? (F > dq ? F : dq) : (D > dq ? D : dq);
+    const mistol_layer *layer = &args->layers[args->layer];
+    const mistol_matrix *w = layer->weights;
+    const int64_t rows[W_COUNT] = {[W_Q] = dq, [W_K] = dkv, [W_V] = dkv, [W_O] = D, [W_GATE] = F, [W_UP] = F,
+                                   [W_DOWN] = D};
+    for (int i = 0; i < W_COUNT; i++) {
+        if (w[i].format != FMT_INT8 && w[i].format != FMT_INT4) return ERR_FMT;
+        if (w[i].tile_blocks <= 0 || w[i].rows != rows[i]) return ERR_ARG;
+    }
+    if (qkernels_select(args->impl, &kn) != OK) return ERR_IMPL;
+    const int nthreads = args->nthreads < 1 ? 1 : args->nthreads;
+    if (RESERVE(ws, h, kmax) || RESERVE(ws, qkv, dq + 2 * dkv) || RESERVE(ws, att, dq) || RESERVE(ws, gu, 2 * F) ||
+        RESERVE(ws, y, D) || RESERVE(ws, da, kmax / QK) || RESERVE(ws, qa, kmax) || RESERVE(ws, sa, kmax / QK) ||
+        RESERVE(ws, scores, nthreads * group * n_keys) || RESERVE(ws, acc, nthreads * IL))
+        return ERR_NOMEM;
     dot_fn dot = dot_scalar;
     axpy_fn axpy = axpy_scalar;
 #ifdef MISTOL_X86
-    if (impl != IMPL_SCALAR && cpu_has_avx2()) dot = dot_avx2, axpy = axpy_avx2;
+    if (args->impl != IMPL_SCALAR && cpu_has_avx2()) dot = dot_avx2, axpy = axpy_avx2;
 #endif
 
-    const int64_t dq = hq * hd, dkv = hkv * hd, group = hq / hkv, kmax = F > D ? (F > dq ? F : dq) : (D > dq ? D : dq);
-    const float *const *f = (const float *const *)ptrs;
-    const uint8_t *const *w = (const uint8_t *const *)ptrs;
-    float *cache_k = (float *)ptrs[P_CACHE_K], *cache_v = (float *)ptrs[P_CACHE_V];
-    const uint8_t *mask = ptrs[P_MASK];
-
-    /* scratch: h (the products' float input), qkv, attention output, gate|up, the layer
-     * outputs added to x, the quantized input, and per thread: scores and accumulators */
-    float *h = malloc(sizeof(float) * (size_t)kmax), *qkv = malloc(sizeof(float) * (size_t)(dq + 2 * dkv));
-    float *att = malloc(sizeof(float) * (size_t)dq), *gu = malloc(sizeof(float) * (size_t)(2 * F));
-    float *y = malloc(sizeof(float) * (size_t)D), *da = malloc(sizeof(float) * (size_t)(kmax / QK));
-    int8_t *qa = malloc((size_t)kmax);
-    int32_t *sa = malloc(sizeof(int32_t) * (size_t)(kmax / QK));
-    float *scores = malloc(sizeof(float) * (size_t)(nthreads * group * n_keys));
-    float *acc = malloc(sizeof(float) * (size_t)(nthreads * IL));
-    if (!h || !qkv || !att || !gu || !y || !da || !qa || !sa || !scores || !acc) {
-        free(h), free(qkv), free(att), free(gu), free(y), free(da), free(qa), free(sa), free(scores), free(acc);
-        return ERR_NOMEM;
-    }
-    const uint8_t *w_qkv[3] = {w[P_WQ], w[P_WK], w[P_WV]}, *w_gu[2] = {w[P_WG], w[P_WU]};
-    const int64_t n_qkv[3] = {dq, dkv, dkv}, n_gu[2] = {F, F}, n_d[1] = {D};
+    float *x = args->x, *h = ws->h, *qkv = ws->qkv, *att = ws->att, *gu = ws->gu, *y = ws->y, *da = ws->da;
+    int8_t *qa = ws->qa;
+    int32_t *sa = ws->sa;
+    float *scores = ws->scores, *acc = ws->acc;
+    const int64_t layer_floats = hkv * cap * hd; /* one layer's part of each cache */
+    float *cache_k = args->cache_k + args->layer * layer_floats, *cache_v = args->cache_v + args->layer * layer_floats;
+    const float *cos = args->cos, *sin = args->sin;
+    const uint8_t *mask = args->mask;
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
@@ -169,45 +193,44 @@ EXPORT int mistol_decode_layer(const int *fmts, const int64_t *tiles, float *x, 
         float *my_acc = acc + thread_index() * IL, *my_scores = scores + thread_index() * group * n_keys;
         SINGLE
         {
-            rms_norm(x, f[P_NORM_ATTN], D, eps, h);
+            rms_norm(x, layer->norm_attn, D, args->eps, h);
             kn.quant(h, D, qa, da, sa);
         }
-        qgemm_share(&kn, fmts, qa, da, sa, 1, D, 3, w_qkv, n_qkv, tiles, qkv, dq + 2 * dkv, my_acc);
+        qgemm_share(&kn, &w[W_Q], 3, qa, da, sa, 1, D, qkv, dq + 2 * dkv, my_acc); /* q, k, v */
         BARRIER
         int64_t j0, j1; /* this thread's kv heads, with their query heads */
         thread_share(hkv, &j0, &j1);
         for (int64_t j = j0; j < j1; j++) {
             float *k = qkv + dq + j * hd, *v = qkv + dq + dkv + j * hd;
-            rope(k, f[P_COS], f[P_SIN], hd);
+            rope(k, cos, sin, hd);
             memcpy(cache_k + (j * cap + slot) * hd, k, sizeof(float) * (size_t)hd);
             memcpy(cache_v + (j * cap + slot) * hd, v, sizeof(float) * (size_t)hd);
-            for (int64_t g = 0; g < group; g++) rope(qkv + (j * group + g) * hd, f[P_COS], f[P_SIN], hd);
+            for (int64_t g = 0; g < group; g++) rope(qkv + (j * group + g) * hd, cos, sin, hd);
             attend(dot, axpy, qkv + j * group * hd, group, cache_k + j * cap * hd, cache_v + j * cap * hd, hd,
                    n_keys, mask, my_scores, att + j * group * hd);
         }
         BARRIER
         SINGLE
         kn.quant(att, dq, qa, da, sa);
-        qgemm_share(&kn, fmts + 3, qa, da, sa, 1, dq, 1, &w[P_WO], n_d, tiles + 3, y, D, my_acc);
+        qgemm_share(&kn, &w[W_O], 1, qa, da, sa, 1, dq, y, D, my_acc);
         BARRIER
         SINGLE
         {
             for (int64_t i = 0; i < D; i++) x[i] += y[i];
-            rms_norm(x, f[P_NORM_MLP], D, eps, h);
+            rms_norm(x, layer->norm_mlp, D, args->eps, h);
             kn.quant(h, D, qa, da, sa);
         }
-        qgemm_share(&kn, fmts + 4, qa, da, sa, 1, D, 2, w_gu, n_gu, tiles + 4, gu, 2 * F, my_acc);
+        qgemm_share(&kn, &w[W_GATE], 2, qa, da, sa, 1, D, gu, 2 * F, my_acc); /* gate, up */
         BARRIER
         int64_t b0, b1; /* SiLU (an exp per value) and quantization of this thread's blocks */
         thread_share(F / QK, &b0, &b1);
         for (int64_t i = b0 * QK; i < b1 * QK; i++) h[i] = silu(gu[i]) * gu[F + i];
         kn.quant(h + b0 * QK, (b1 - b0) * QK, qa + b0 * QK, da + b0, sa + b0);
         BARRIER
-        qgemm_share(&kn, fmts + 6, qa, da, sa, 1, F, 1, &w[P_WD], n_d, tiles + 6, y, D, my_acc);
+        qgemm_share(&kn, &w[W_DOWN], 1, qa, da, sa, 1, F, y, D, my_acc);
         BARRIER
         SINGLE
         for (int64_t i = 0; i < D; i++) x[i] += y[i];
     }
-    free(h), free(qkv), free(att), free(gu), free(y), free(da), free(qa), free(sa), free(scores), free(acc);
     return OK;
 }

@@ -1,11 +1,43 @@
-/* Declarations shared by mistol's C sources: the quantized matrix-vector products of
- * mistol_kernels.c, used on their own (through ctypes) and inside the fused decode layer
- * of mistol_decode.c. Everything here is internal to the library (hidden visibility);
- * the ctypes entry points are marked EXPORT. */
+/* Declarations shared by mistol's C sources: the packed weight layout and its block
+ * structs, the runtime choice of instruction set (CPU detection and the kernel table),
+ * the threads' shares of a parallel region, fp16 conversion and common SIMD helpers.
+ * Everything here is internal to the library (hidden visibility); the ctypes entry
+ * points are marked EXPORT and what Python must agree on is in mistol_abi.h.
+ *
+ * Weight layout ("packed"): the N rows are taken in groups of 8 (the last group padded
+ * with zero rows), and within a group the blocks of the 8 rows that cover the same 32
+ * inputs sit next to each other:
+ *
+ *     packed[G = ceil(N/8)][B = K/32] group blocks (block_q8_0x8 or block_q4_0x8)
+ *       d      the 8 rows' scales, fp16
+ *       qs     the 8 rows' quants, QB bytes each, interleaved 4 bytes at a time:
+ *              quant byte j of row r sits at 32 * (j / 4) + 4 * r + j % 4
+ *              int8: QB = 32, q[j] int8, value = d * q[j]              (llama.cpp Q8_0)
+ *              int4: QB = 16, byte j holds element j (low nibble) and
+ *                    element j+16 (high nibble), value = d * (nibble - 8) (llama.cpp Q4_0)
+ *
+ * Long rows are cut into tiles along K: packed[T][G][B/T] group blocks, tile t holding
+ * blocks [t * B/T, (t + 1) * B/T) of every group (T = 1 up to 4096 inputs; mistol.quant
+ * chooses T and the kernels take the blocks per tile). A decode step multiplies tile by
+ * tile, so a thread's share of a tile is one sequential read and the tile's activations
+ * (4 KB or so) stay in L1 across its groups; without tiles a group of 8 rows of 14336
+ * inputs (64 KB of int4) evicts them from L1 before the next group starts, and a down
+ * projection read its weights 25% slower.
+ *
+ * Each 8-row group's part of a tile is one contiguous stream. The per-row blocks are
+ * byte-for-byte llama.cpp's Q8_0/Q4_0 blocks (scale moved next to its neighbours', quants
+ * interleaved), which lets GGUF tensors be repacked, not requantized. The 4-byte
+ * interleave makes lane r of a 32-byte load hold row r's bytes: one dot-product
+ * instruction against 4 activation bytes broadcast to every lane adds 4 products into
+ * each row's own lane, and no horizontal sums are needed.
+ */
 #ifndef MISTOL_KERNELS_H
 #define MISTOL_KERNELS_H
 
 #include <stdint.h>
+#include <string.h>
+
+#include "mistol_abi.h"
 
 /* -DMISTOL_PORTABLE_ONLY builds the scalar code alone, as on CPUs other than x86 */
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(MISTOL_PORTABLE_ONLY)
@@ -23,10 +55,47 @@
 
 #define QK 32 /* inputs per block */
 #define IL 8  /* rows interleaved per group */
+#define SERIAL_BYTES (64 << 10) /* less work than this (weight bytes x rows): one thread */
 
-enum { FMT_INT8 = 1, FMT_INT4 = 2 };
-enum { IMPL_AUTO = 0, IMPL_SCALAR = 1, IMPL_AVX2 = 2, IMPL_VNNI = 3 };
-enum { OK = 0, ERR_K = -1, ERR_FMT = -2, ERR_NOMEM = -3, ERR_IMPL = -4, ERR_ARG = -5 };
+/* llama.cpp's blocks of one row, as GGUF files and the row-order quantizer hold them. */
+typedef struct {
+    uint16_t d; /* fp16 scale */
+    int8_t qs[QK];
+} block_q8_0;
+
+typedef struct {
+    uint16_t d;
+    uint8_t qs[QK / 2]; /* element j in the low nibble of byte j, element j + 16 in its high nibble */
+} block_q4_0;
+
+/* The packed layout's group blocks: the same blocks of 8 rows, scales first, quants
+ * interleaved (quant_offset). */
+typedef struct {
+    uint16_t d[IL];
+    int8_t qs[IL * QK];
+} block_q8_0x8;
+
+typedef struct {
+    uint16_t d[IL];
+    uint8_t qs[IL * QK / 2];
+} block_q4_0x8;
+
+_Static_assert(sizeof(block_q8_0) == 34 && sizeof(block_q4_0) == 18, "llama.cpp's block sizes");
+_Static_assert(sizeof(block_q8_0x8) == 8 * 34 && sizeof(block_q4_0x8) == 8 * 18, "no padding in group blocks");
+
+/* Quant bytes per row of one block, and bytes of one group block, in format fmt. */
+static inline int64_t quant_bytes(int fmt) { return fmt == FMT_INT8 ? QK : QK / 2; }
+static inline int64_t group_block_bytes(int fmt) { return fmt == FMT_INT8 ? sizeof(block_q8_0x8) : sizeof(block_q4_0x8); }
+
+/* Row r's quant byte j within a group block's quants. */
+static inline int64_t quant_offset(int r, int j) { return 32 * (j >> 2) + 4 * r + (j & 3); }
+
+/* ---------------------------------------------------------------------------------------
+ * Runtime dispatch
+ */
+int cpu_has_avx2(void);    /* AVX2 + FMA + F16C */
+int cpu_has_vnni(void);    /* and AVX512-VNNI (on 256-bit vectors) */
+int cpu_has_bf16dp(void);  /* and AVX512-BF16 */
 
 /* One activation row x[K] -> qa[K] int8, da[K/32] scales, sa[K/32] block sums of qa. */
 typedef void (*quant_fn)(const float *, int64_t, int8_t *, float *, int32_t *);
@@ -40,34 +109,92 @@ typedef struct {
     group_fn group[3]; /* indexed by FMT_INT8 and FMT_INT4 */
 } qkernels;
 
+/* The best implementation this CPU runs (IMPL_VNNI, IMPL_AVX2 or IMPL_SCALAR). */
+int best_impl(void);
 /* The kernels of impl (IMPL_AUTO: the best this CPU runs): OK or ERR_IMPL. */
 int qkernels_select(int impl, qkernels *out);
 
-/* Bytes of one block of 8 interleaved rows (32 inputs) in fmt's packed layout. */
-int64_t group_block_bytes(int fmt);
-
 /* Inside a parallel region (or outside it, as the only thread): this thread's share of
- * y[:, matrix i's columns] = (quantized rows qa/da/sa)[M][K] @ W_i^T for i < count, W_i of
- * ns[i] rows packed in format fmts[i], in tiles of tbs[i] blocks; matrix i's outputs start
- * at column sum(ns[0..i-1]), rows of y are ldy floats apart. acc: this thread's scratch of
- * IL * M floats. */
-void qgemm_share(const qkernels *kn, const int *fmts, const int8_t *qa, const float *da, const int32_t *sa,
-                 int64_t M, int64_t K, int count, const uint8_t *const *ws, const int64_t *ns, const int64_t *tbs,
-                 float *y, int64_t ldy, float *acc);
+ * y[:, matrix i's columns] = (quantized rows qa/da/sa)[M][K] @ W_i^T for i < count;
+ * matrix i's outputs start at column sum(rows of mats[0..i-1]), rows of y are ldy floats
+ * apart. acc: this thread's scratch of IL * M floats. */
+void qgemm_share(const qkernels *kn, const mistol_matrix *mats, int count, const int8_t *qa, const float *da,
+                 const int32_t *sa, int64_t M, int64_t K, float *y, int64_t ldy, float *acc);
 
 /* Inside a parallel region: this thread's index, and its contiguous share [start, end) of
  * `total` units. */
 int64_t thread_index(void);
 void thread_share(int64_t total, int64_t *start, int64_t *end);
 
-int cpu_has_avx2(void);
+/* ---------------------------------------------------------------------------------------
+ * fp16 / bf16 <-> fp32 without F16C
+ */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: normalise */
+        int e = -1;
+        do { e++; man <<= 1; } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
 
+static inline uint16_t float_to_half(float f) { /* round to nearest even, as the hardware does */
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
+    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0));
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00); /* rounds past the largest half */
+    if (ax < 0x38800000u) { /* subnormal half (or zero) */
+        if (ax < 0x33000000u) return (uint16_t)sign;
+        uint32_t e = ax >> 23, man = (ax & 0x7fffff) | 0x800000, shift = 126 - e;
+        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((ax >> 13) - (112u << 10)), rem = ax & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Horizontal reductions of one AVX2 vector
+ */
 #ifdef MISTOL_X86
 AVX2_FN static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+AVX2_FN static inline float hmax_ps(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+AVX2_FN static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
 }
 #endif
 

@@ -8,8 +8,11 @@ implementation runs is chosen once, from `MISTOL_KERNELS`:
 - `avx512vnni` / `avx2` / `scalar`: force one (tests compare them);
 - `torch`: do not use the library at all (PyTorch ops: dequantize, then matmul).
 
-When the library is missing or fails to load, mistol says so once on stderr and uses
-PyTorch ops. `use(impl)` switches at run time (a context manager, for tests).
+When the library is missing, fails to load or was built for another ABI (see `abi`:
+every id is read from the library and its structs checked at load), mistol says so once
+on stderr and uses PyTorch ops. `use(impl)` switches at run time (a context manager, for
+tests). FORMAT_IDS, IMPLS and DENSE_DTYPES load the library when first read (empty
+without it).
 """
 
 from __future__ import annotations
@@ -19,17 +22,14 @@ import ctypes
 import importlib.util
 import os
 import sys
+import weakref
 
 import torch
 
-FORMAT_IDS = {"int8": 1, "int4": 2}
-IMPLS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512vnni": 3}
-_IMPL_NAMES = {v: k for k, v in IMPLS.items()}
-
-_ERRORS = {-1: "K must be a positive multiple of 32", -2: "unknown format", -3: "out of memory",
-           -4: "this CPU lacks the instructions of the chosen implementation", -5: "bad shape"}
+from .abi import Abi, AbiMismatch, DecodeArgs, Matrix, read_abi
 
 _lib: ctypes.CDLL | None = None
+_abi: Abi | None = None
 _load_error: str | None = None
 _loaded = False
 _impl = os.environ.get("MISTOL_KERNELS", "auto").lower()
@@ -37,7 +37,7 @@ _noticed = False
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _load_error, _loaded
+    global _lib, _abi, _load_error, _loaded
     if _loaded:
         return _lib
     _loaded = True
@@ -46,10 +46,10 @@ def _load() -> ctypes.CDLL | None:
         if spec is None or not spec.origin:
             raise OSError("mistol/_kernels*.so is not built (reinstall with `pip install -e .` and a C compiler)")
         lib = ctypes.CDLL(spec.origin)
-        if lib.mistol_kernels_abi() != 7:
-            raise OSError(f"{spec.origin}: stale build (ABI {lib.mistol_kernels_abi()}); reinstall mistol")
-    except (OSError, AttributeError) as e:
+        abi = read_abi(lib, spec.origin)
+    except (OSError, AttributeError, AbiMismatch) as e:
         _load_error = str(e)
+        _set_tables(None)
         return None
     i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.mistol_gemm_many.argtypes = [c_int, vp, i64, i64, c_int, vp, vp, vp, vp, i64, c_int, c_int]
@@ -60,11 +60,46 @@ def _load() -> ctypes.CDLL | None:
     lib.mistol_dense_many.restype = c_int
     lib.mistol_dequantize.argtypes = [c_int, vp, i64, i64, vp, c_int, c_int]
     lib.mistol_dequantize.restype = c_int
-    lib.mistol_decode_layer.argtypes = [vp, vp, vp, vp, vp, ctypes.c_float, c_int, c_int]
+    lib.mistol_decode_layer.argtypes = [vp, ctypes.POINTER(DecodeArgs)]
     lib.mistol_decode_layer.restype = c_int
+    lib.mistol_workspace_new.restype = vp
+    lib.mistol_workspace_free.argtypes = [vp]
     lib.mistol_best_impl.restype = c_int
-    _lib = lib
+    _lib, _abi = lib, abi
+    _set_tables(abi)
     return lib
+
+
+_TABLES = ("FORMAT_IDS", "IMPLS", "DENSE_DTYPES")
+
+
+def _set_tables(abi: Abi | None) -> None:
+    """FORMAT_IDS (weight format -> id), IMPLS (implementation -> id) and DENSE_DTYPES (torch
+    dtype -> id) as module attributes: the library's, or empty without it."""
+    globals().update(FORMAT_IDS=dict(abi.formats) if abi else {}, IMPLS=dict(abi.impls) if abi else {},
+                     DENSE_DTYPES={getattr(torch, name): i for name, i in abi.dtypes.items()} if abi else {})
+
+
+def __getattr__(name: str):
+    if name not in _TABLES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _load()  # sets the tables
+    return globals()[name]
+
+
+def abi() -> Abi:
+    """The loaded library's ids and struct mirrors (the library must be `available()`)."""
+    if _load() is None:
+        raise RuntimeError(f"mistol's compiled kernels are unavailable ({_load_error})")
+    return _abi
+
+
+def _error(rc: int) -> str:
+    return _abi.errors.get(rc, f"error {rc}")
+
+
+def _impl_id() -> int:
+    return _abi.impls.get(_impl, _abi.impls["auto"])
 
 
 def available() -> bool:
@@ -89,20 +124,23 @@ def impl_name() -> str:
     """The implementation quantized matmuls use now: avx512vnni, avx2, scalar or torch."""
     if not available():
         return "torch"
-    return _impl if _impl in IMPLS and _impl != "auto" else best_impl()
+    return _impl if _impl in _abi.impls and _impl != "auto" else best_impl()
 
 
 def best_impl() -> str:
     """The fastest implementation this CPU runs ("torch" without the library)."""
-    return _IMPL_NAMES.get(_lib.mistol_best_impl(), "scalar") if available() else "torch"
+    if not available():
+        return "torch"
+    return {i: name for name, i in _abi.impls.items()}.get(_lib.mistol_best_impl(), "scalar")
 
 
 @contextlib.contextmanager
 def use(impl: str):
     """Run the enclosed code with `impl` (auto, avx512vnni, avx2, scalar or torch)."""
     global _impl
-    if impl not in (*IMPLS, "torch"):
-        raise ValueError(f"unknown kernel implementation {impl!r} ({', '.join([*IMPLS, 'torch'])})")
+    names = [*(_abi.impls if _load() is not None else ["auto"]), "torch"]
+    if impl not in names and _lib is not None:  # (without the library, every name means PyTorch ops)
+        raise ValueError(f"unknown kernel implementation {impl!r} ({', '.join(names)})")
     before, _impl = _impl, impl
     try:
         yield
@@ -122,10 +160,10 @@ def gemm_many(fmt: str, x: torch.Tensor, weights: list[tuple[torch.Tensor, int]]
     count, ptrs, ns = _matrices([packed for packed, _ in weights], [n for _, n in weights])
     tiles = (ctypes.c_int64 * count)(*(packed.shape[2] for packed, _ in weights))
     y = torch.empty(m, sum(ns), dtype=torch.float32)
-    rc = _lib.mistol_gemm_many(FORMAT_IDS[fmt], x.data_ptr(), m, k, count, ptrs, ns, tiles, y.data_ptr(), y.shape[1],
-                               torch.get_num_threads(), IMPLS.get(_impl, 0))
+    rc = _lib.mistol_gemm_many(_abi.formats[fmt], x.data_ptr(), m, k, count, ptrs, ns, tiles, y.data_ptr(),
+                               y.shape[1], torch.get_num_threads(), _impl_id())
     if rc != 0:
-        raise RuntimeError(f"mistol_gemm_many({fmt}, M={m}, K={k}, N={list(ns)}): {_ERRORS.get(rc, rc)}")
+        raise RuntimeError(f"mistol_gemm_many({fmt}, M={m}, K={k}, N={list(ns)}): {_error(rc)}")
     return y
 
 
@@ -133,9 +171,6 @@ def _matrices(tensors: list[torch.Tensor], rows: list[int]) -> tuple[int, ctypes
     """Several matrices as the C functions take them: count, their addresses, their rows."""
     count = len(tensors)
     return count, (ctypes.c_void_p * count)(*(t.data_ptr() for t in tensors)), (ctypes.c_int64 * count)(*rows)
-
-
-DENSE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def dense_many(x: torch.Tensor, weights: list[torch.Tensor], x_is_bf16: bool = False) -> torch.Tensor:
@@ -148,14 +183,15 @@ def dense_many(x: torch.Tensor, weights: list[torch.Tensor], x_is_bf16: bool = F
     count, ptrs, ns = _matrices(weights, [w.shape[-2] for w in weights])
     tiles = (ctypes.c_int64 * count)(*(w.shape[-1] for w in weights))
     y = torch.empty(m, sum(ns), dtype=torch.float32)
-    rc = _lib.mistol_dense_many(DENSE_DTYPES[weights[0].dtype], x.data_ptr(), int(x_is_bf16), m, k, count, ptrs, ns,
+    rc = _lib.mistol_dense_many(_dtype_id(weights[0].dtype), x.data_ptr(), int(x_is_bf16), m, k, count, ptrs, ns,
                                 tiles, y.data_ptr(), y.shape[1], torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"mistol_dense_many(M={m}, K={k}, N={list(ns)}): {_ERRORS.get(rc, rc)}")
+        raise RuntimeError(f"mistol_dense_many(M={m}, K={k}, N={list(ns)}): {_error(rc)}")
     return y
 
 
-_OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+def _dtype_id(dtype: torch.dtype) -> int:
+    return _abi.dtypes[str(dtype).removeprefix("torch.")]
 
 
 def dequantize(fmt: str, packed: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,37 +201,51 @@ def dequantize(fmt: str, packed: torch.Tensor, dtype: torch.dtype, out: torch.Te
     if out is None:
         out = torch.empty(groups * 8, nb * 32, dtype=dtype)
     assert out.shape == (groups * 8, nb * 32) and out.dtype == dtype and out.is_contiguous()
-    rc = _lib.mistol_dequantize(FORMAT_IDS[fmt], packed.data_ptr(), groups, nb * 32, out.data_ptr(),
-                                _OUT_DTYPES[dtype], torch.get_num_threads())
+    assert dtype in (torch.float32, torch.bfloat16)
+    rc = _lib.mistol_dequantize(_abi.formats[fmt], packed.data_ptr(), groups, nb * 32, out.data_ptr(),
+                                _dtype_id(dtype), torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"mistol_dequantize({fmt}, K={nb * 32}): {_ERRORS.get(rc, rc)}")
+        raise RuntimeError(f"mistol_dequantize({fmt}, K={nb * 32}): {_error(rc)}")
     return out
-
-
-_SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def quantize(fmt: str, w: torch.Tensor, out: torch.Tensor, packed: bool) -> None:
     """Rows of w [n, K] -> llama.cpp Q8_0/Q4_0 blocks in `out`: in row order, or with
     `packed` in `mistol.quant`'s layout. w: CPU, contiguous, float32/bfloat16/float16."""
     n, k = w.shape
-    rc = _lib.mistol_quantize(FORMAT_IDS[fmt], w.data_ptr(), _SOURCE_DTYPES[w.dtype], n, k, out.data_ptr(),
+    rc = _lib.mistol_quantize(_abi.formats[fmt], w.data_ptr(), _dtype_id(w.dtype), n, k, out.data_ptr(),
                               int(packed), torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"mistol_quantize({fmt}, K={k}): {_ERRORS.get(rc, rc)}")
+        raise RuntimeError(f"mistol_quantize({fmt}, K={k}): {_error(rc)}")
 
 
-def format_ids(fmts: list[str]) -> ctypes.Array:
-    """The kernels' ids of weight formats ("int8", "int4"), as a C array."""
-    return (ctypes.c_int * len(fmts))(*(FORMAT_IDS[f] for f in fmts))
+def matrix(fmt: str, packed: torch.Tensor, rows: int) -> Matrix:
+    """A packed matrix (`mistol.quant`'s layout, [tiles, groups, blocks per tile, bytes]) of
+    `rows` rows as the decode layer takes it; the caller keeps `packed` alive."""
+    return Matrix(packed.data_ptr(), rows, packed.shape[2], _abi.formats[fmt])
 
 
-def decode_layer(fmts: ctypes.Array, tiles: ctypes.Array, x: torch.Tensor, pointers: ctypes.Array,
-                 dims: ctypes.Array, eps: float) -> None:
-    """x [hidden] (float32, contiguous, CPU) += one decoder layer for one new token, with
-    quantized weights: see csrc/mistol_decode.c for what `fmts` (`format_ids` of the seven
-    weights), `tiles` (their blocks per tile), `pointers` and `dims` hold."""
-    rc = _lib.mistol_decode_layer(fmts, tiles, x.data_ptr(), pointers, dims, eps, torch.get_num_threads(),
-                                  IMPLS.get(_impl, 0))
+class DecodeWorkspace:
+    """The decode layer's scratch buffers, kept from call to call (one per model: its calls
+    must not overlap). They grow to the largest step seen and are freed with this object."""
+
+    def __init__(self):
+        self.handle = _lib.mistol_workspace_new()
+        if not self.handle:
+            raise MemoryError("mistol_workspace_new")
+        self._free = weakref.finalize(self, _lib.mistol_workspace_free, self.handle)
+
+    def close(self) -> None:
+        self._free()
+
+
+def decode_layer(workspace: DecodeWorkspace, args: DecodeArgs) -> None:
+    """args.x (float32 [hidden], CPU) += decoder layer args.layer for one new token, with
+    quantized weights: see csrc/mistol_abi.h for the fields of `args` (this call fills in
+    the thread count and the implementation)."""
+    args.nthreads, args.impl = torch.get_num_threads(), _impl_id()
+    rc = _lib.mistol_decode_layer(workspace.handle, ctypes.byref(args))
     if rc != 0:
-        raise RuntimeError(f"mistol_decode_layer(dims={list(dims)}): {_ERRORS.get(rc, rc)}")
+        raise RuntimeError(f"mistol_decode_layer(layer {args.layer}, hidden={args.hidden}, ffn={args.ffn}, "
+                           f"heads={args.heads}/{args.kv_heads}x{args.head_dim}, slot {args.slot} of "
+                           f"{args.capacity}, keys={args.n_keys}): {_error(rc)}")

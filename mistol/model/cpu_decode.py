@@ -1,5 +1,6 @@
 """Decode steps of one sequence on a CPU with quantized weights: each decoder layer as one
-call into the compiled kernels (csrc/mistol_decode.c).
+call into the compiled kernels (csrc/mistol_decode.c), its arguments one struct
+(`kernels.abi.DecodeArgs`) and its scratch a workspace kept with the decoder.
 
 The same layer in PyTorch is some 25 small operations besides its four matrix products,
 each costing ~10 µs of dispatch on a CPU: a tenth of a 7B int4 step. The compiled layer
@@ -10,6 +11,7 @@ sequences, float weights, CUDA, autograd) runs the PyTorch layers.
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -18,24 +20,32 @@ from .. import kernels
 from ..quant import QuantizedLinear
 from .kv_cache import AttentionPlan, KVCache
 
-_WEIGHTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # in mistol_decode_layer's order
+_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # where each matrix sits in a layer
 _NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
-_POINTERS = len(_NORMS) + len(_WEIGHTS) + 5  # then cache k and v, cos, sin, mask
+
+
+def _weight_paths() -> list[str]:
+    """The module paths of a layer's matrices, in the order the compiled layer takes them."""
+    return [f"{_PARENT[name]}.{name}" for name in kernels.abi().decode_weights]
 
 
 class CpuDecoder:
     """A model's layers, ready for `mistol_decode_layer`."""
 
-    def __init__(self, config, layers: list[tuple[list[str], list[torch.Tensor]]]):
+    def __init__(self, config, layers: list[tuple[list[QuantizedLinear], list[torch.Tensor]]]):
         self.eps = float(config.rms_norm_eps)
-        self.shape = (config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
-                      config.head_dim)
+        self.shape = dict(hidden=config.hidden_size, ffn=config.intermediate_size, heads=config.num_heads,
+                          kv_heads=config.num_kv_heads, head_dim=config.head_dim)
         self.tensors = [tensors for _, tensors in layers]  # kept alive: we hold their addresses
-        self.formats = [kernels.format_ids(fmts) for fmts, _ in layers]
-        self.tiles = [(ctypes.c_int64 * len(_WEIGHTS))(*(t.shape[2] for t in tensors[len(_NORMS):]))
-                      for _, tensors in layers]
-        self.pointers = [[t.data_ptr() for t in tensors] for _, tensors in layers]
+        self.layers = (kernels.abi().Layer * len(layers))()
+        for layer, (linears, tensors) in zip(self.layers, layers):
+            norm_attn, norm_mlp, *packed = tensors
+            layer.norm_attn, layer.norm_mlp = norm_attn.data_ptr(), norm_mlp.data_ptr()
+            for i, (la, p) in enumerate(zip(linears, packed)):
+                layer.weights[i] = kernels.matrix(la.fmt, p, la.out_features)
+        self.workspace = kernels.DecodeWorkspace()
+        self.lock = threading.Lock()  # one workspace: one step at a time
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> CpuDecoder | None:
@@ -78,19 +88,22 @@ class CpuDecoder:
         x = x.contiguous().clone()  # updated in place, layer by layer
         cos, sin = cos.contiguous(), sin.contiguous()
         mask = None if plan.mask is None else plan.mask.contiguous()
-        dims = (ctypes.c_int64 * 8)(*self.shape, cache.capacity, int(plan.slots[0]), plan.n_keys)
-        step = [cos.data_ptr(), sin.data_ptr(), 0 if mask is None else mask.data_ptr()]
-        k0, v0, layer_bytes = cache.k.data_ptr(), cache.v.data_ptr(), cache.k[0].nbytes
-        for i, (fmts, tiles, weights) in enumerate(zip(self.formats, self.tiles, self.pointers)):
-            pointers = (ctypes.c_void_p * _POINTERS)(*weights, k0 + i * layer_bytes, v0 + i * layer_bytes, *step)
-            kernels.decode_layer(fmts, tiles, x, pointers, dims, self.eps)
+        args = kernels.DecodeArgs(
+            layers=ctypes.addressof(self.layers), x=x.data_ptr(), cache_k=cache.k.data_ptr(),
+            cache_v=cache.v.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(),
+            mask=None if mask is None else mask.data_ptr(), capacity=cache.capacity, slot=int(plan.slots[0]),
+            n_keys=plan.n_keys, eps=self.eps, **self.shape)
+        with self.lock:
+            for i in range(len(self.layers)):
+                args.layer = i
+                kernels.decode_layer(self.workspace, args)
         return x
 
 
 def _layers(model: torch.nn.Module, links: list[tuple[dict, str, object]]):
-    """Per layer: the formats of its seven linear layers and its tensors (the two norms'
-    weights, then the packed weights), if every linear layer is quantized and every norm
-    is float32, all on the CPU; else None. `links` receives each (dictionary, key, object)
+    """Per layer: its linear layers (in the compiled layer's order) and its tensors (the two
+    norms' weights, then the packed weights), if every linear layer is quantized and every
+    norm is float32, all on the CPU; else None. `links` receives each (dictionary, key, object)
     on the way from the model to them."""
 
     def child(module: torch.nn.Module, path: str):
@@ -104,9 +117,10 @@ def _layers(model: torch.nn.Module, links: list[tuple[dict, str, object]]):
         raise AttributeError(path)
 
     layers = []
+    paths = _weight_paths()
     for i in range(len(child(model, "layers"))):
         block = child(model.layers, str(i))
-        linears = [child(block, name) for name in _WEIGHTS]
+        linears = [child(block, name) for name in paths]
         norms = [child(block, name) for name in _NORMS]
         if not all(isinstance(la, QuantizedLinear) for la in linears):
             return None
@@ -115,5 +129,5 @@ def _layers(model: torch.nn.Module, links: list[tuple[dict, str, object]]):
             n.dtype != torch.float32 or n.device.type != "cpu" or not n.is_contiguous() for n in norms
         ):
             return None
-        layers.append(([la.fmt for la in linears], [*norms, *packed]))
+        layers.append((linears, [*norms, *packed]))
     return layers

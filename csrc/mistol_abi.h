@@ -1,0 +1,66 @@
+/* What the library and its Python side (mistol/kernels/__init__.py) agree on: the ABI
+ * version, the ids of formats, implementations, dtypes and errors, and the structs the
+ * decode layer takes. Python writes none of these numbers itself: it reads them at load
+ * from mistol_abi_constants() (abi.c), and checks its ctypes mirrors of the structs
+ * against the sizes and offsets listed there. Bump MISTOL_ABI_VERSION on any change here
+ * or in an exported function's parameters. */
+#ifndef MISTOL_ABI_H
+#define MISTOL_ABI_H
+
+#include <stdint.h>
+
+#define MISTOL_ABI_VERSION 8
+
+/* Weight formats of the quantized kernels (see the layout in mistol_kernels.h). */
+enum { FMT_INT8 = 1, FMT_INT4 = 2 };
+/* Implementations of the quantized kernels; IMPL_AUTO: the best this CPU runs. */
+enum { IMPL_AUTO = 0, IMPL_SCALAR = 1, IMPL_AVX2 = 2, IMPL_VNNI = 3 };
+/* Element types of float tensors (dense weights, quantizer sources, dequantized output). */
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+enum { OK = 0, ERR_K = -1, ERR_FMT = -2, ERR_NOMEM = -3, ERR_IMPL = -4, ERR_ARG = -5 };
+
+/* One quantized matrix: `rows` rows packed in format `format`, in tiles of `tile_blocks`
+ * blocks of 32 inputs. */
+typedef struct {
+    const uint8_t *data;
+    int64_t rows;
+    int64_t tile_blocks;
+    int32_t format;
+} mistol_matrix;
+
+/* The weights of one decoder layer, in the order of `weights` below. */
+enum { W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN, W_COUNT };
+
+typedef struct {
+    mistol_matrix weights[W_COUNT];
+    const float *norm_attn, *norm_mlp; /* the two RMSNorms' weights, [hidden] */
+} mistol_layer;
+
+/* Everything one call of mistol_decode_layer reads: layer `layer` of `layers` for the
+ * token whose hidden state x[hidden] it updates in place. The caches hold every layer:
+ * [layers][kv_heads][capacity][head_dim] float32; the new key and value go to slot
+ * `slot`, attention reads slots [0, n_keys) where mask[s] != 0 (mask NULL: all of them).
+ * cos/sin: the token's RoPE values, [head_dim]. */
+typedef struct {
+    const mistol_layer *layers;
+    int64_t layer;
+    float *x;
+    float *cache_k, *cache_v;
+    const float *cos, *sin;
+    const uint8_t *mask;
+    int64_t hidden, ffn, heads, kv_heads, head_dim;
+    int64_t capacity, slot, n_keys;
+    float eps;
+    int32_t nthreads;
+    int32_t impl;
+} mistol_decode_args;
+
+/* One entry of mistol_abi_constants(): a named value in a group ("format", "error", ...);
+ * the list ends with an entry whose group is NULL. */
+typedef struct {
+    const char *group;
+    const char *name;
+    int64_t value;
+} mistol_constant;
+
+#endif
