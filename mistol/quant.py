@@ -35,7 +35,7 @@ from .errors import MistolError
 BLOCK = 32  # inputs per block (llama.cpp's QK8_0 / QK4_0)
 INTERLEAVE = 8  # rows per group in the packed layout
 # Most blocks of a row per tile: a tile's activations (4 KB) then stay in L1 while a decode
-# step streams the tile's weights (see csrc/mistol_kernels.c).
+# step streams the tile's weights (see csrc/mistol_kernels.h).
 TILE_BLOCKS = 128
 _CHUNK_ELEMENTS = 1 << 21  # rows converted at a time while quantizing: bounds the temporaries
 
