@@ -35,7 +35,7 @@ from mistol.chat_template import ChatTemplate  # noqa: E402
 from mistol.demo_problems import make_problem  # noqa: E402
 from mistol.model import ModelConfig, Transformer  # noqa: E402
 from mistol.tokenizer import Tokenizer  # noqa: E402
-from mistol.tools.codeblocks import format_output  # noqa: E402
+from mistol.sandbox.codeblocks import format_output  # noqa: E402
 from mistol.weights.safetensors_file import save_safetensors  # noqa: E402
 
 CHAT_TEMPLATE = (

@@ -10,7 +10,7 @@ from mistol.chat.code_mode import DECLINED, CodeOptions, CodeRunner
 from mistol.chat.log import ChatLog
 from mistol.chat.repl import ChatApp, ChatOptions
 from mistol.sampling import SamplingParams
-from mistol.tools.codeblocks import format_output
+from mistol.sandbox.codeblocks import format_output
 
 
 class ScriptedLLM:

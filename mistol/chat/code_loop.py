@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..sampling import SamplingParams
-from ..tools.codeblocks import CodeBlock, CodeBlockDetector, format_output, is_runnable
+from ..sandbox.codeblocks import CodeBlock, CodeBlockDetector, format_output, is_runnable
 from .code_mode import MAX_CODE_ROUNDS
 
 

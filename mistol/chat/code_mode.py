@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import MistolError
-from ..tools.codeblocks import CodeBlock
-from ..tools.sandbox import Sandbox, SandboxLimits, network_isolation_available
+from ..sandbox.codeblocks import CodeBlock
+from ..sandbox.sandbox import Sandbox, SandboxLimits, network_isolation_available
 
 CODE_SYSTEM_PROMPT = (
     "You are Quentin, a useful assistant who writes short Python code to answer questions. "

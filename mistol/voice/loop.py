@@ -31,7 +31,7 @@ import numpy as np
 
 from ..chat.code_mode import MAX_CODE_ROUNDS, CodeRunner
 from ..sampling import SamplingParams
-from ..tools.codeblocks import CodeBlockDetector, format_output, is_runnable
+from ..sandbox.codeblocks import CodeBlockDetector, format_output, is_runnable
 from .audio import Audio, concat
 from .sentences import Sentence, SentenceSplitter
 from .stt import STT
