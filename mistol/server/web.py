@@ -29,8 +29,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..chat.code_mode import CODE_SYSTEM_PROMPT
 from ..errors import MistolError
+from ..sandbox.code_turn import CODE_SYSTEM_PROMPT
 from ..sandbox.codeblocks import format_output
 from ..sandbox.sandbox import Sandbox, SandboxLimits
 from .protocol import APIError
