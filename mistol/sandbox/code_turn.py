@@ -17,11 +17,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import MistolError
-from ..sampling import SamplingParams
 from .codeblocks import CodeBlock, CodeBlockDetector, format_output, is_runnable
 from .sandbox import Sandbox, SandboxLimits, network_isolation_available
+
+if TYPE_CHECKING:  # only named in annotations: the module stays free of torch
+    from ..sampling import SamplingParams
 
 CODE_SYSTEM_PROMPT = (
     "You are Quentin, a useful assistant who writes short Python code to answer questions. "
