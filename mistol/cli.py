@@ -93,9 +93,9 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from .chat.log import ChatLog, latest_chat, replay, set_system
-    from .chat.code_mode import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner
+    from .sandbox.code_turn import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner
     from .chat.repl import DEFAULT_SYSTEM, ChatApp, ChatOptions, ask_line, piped_lines, terminal_lines
-    from .tools.sandbox import SandboxLimits
+    from .sandbox.sandbox import SandboxLimits
     from .llm import LocalLLM
 
     interactive = sys.stdin.isatty()
@@ -147,9 +147,9 @@ def cmd_duo(args) -> int:
     b = Agent(args.b_name, args.b, llm_for(args.model_b or args.model))
     code = None
     if args.code:
-        from .chat.code_mode import CodeOptions, CodeRunner
+        from .sandbox.code_turn import CodeOptions, CodeRunner
         from .chat.repl import ask_line
-        from .tools.sandbox import SandboxLimits
+        from .sandbox.sandbox import SandboxLimits
 
         code = CodeRunner(CodeOptions(auto_yes=args.yes, limits=SandboxLimits(allow_network=args.allow_network)),
                           ask_line if sys.stdin.isatty() else None, lambda text: print(text, file=sys.stderr, flush=True))

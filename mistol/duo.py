@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .chat.code_loop import code_turn
-from .chat.code_mode import CodeRunner
 from .sampling import SamplingParams
+from .sandbox.code_turn import CodeRunner, code_turn
 
 
 @dataclass

@@ -21,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mistol.chat.code_mode import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner  # noqa: E402
 from mistol.chat.log import ChatLog  # noqa: E402
 from mistol.chat.repl import ChatApp, ChatOptions  # noqa: E402
 from mistol.demo_problems import make_problem  # noqa: E402
 from mistol.engine import Engine  # noqa: E402
 from mistol.llm import LocalLLM  # noqa: E402
 from mistol.sampling import SamplingParams  # noqa: E402
+from mistol.sandbox.code_turn import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner  # noqa: E402
 
 
 def is_correct(problem, reply: str) -> bool:

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mistol.chat.code_mode import CODE_SYSTEM_PROMPT  # noqa: E402
 from mistol.chat_template import ChatTemplate  # noqa: E402
 from mistol.demo_problems import make_problem  # noqa: E402
 from mistol.model import ModelConfig, Transformer  # noqa: E402
+from mistol.sandbox.code_turn import CODE_SYSTEM_PROMPT  # noqa: E402
+from mistol.sandbox.codeblocks import format_output  # noqa: E402
 from mistol.tokenizer import Tokenizer  # noqa: E402
-from mistol.tools.codeblocks import format_output  # noqa: E402
 from mistol.weights.safetensors_file import save_safetensors  # noqa: E402
 
 CHAT_TEMPLATE = (

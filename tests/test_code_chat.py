@@ -1,4 +1,4 @@
-"""The chat's code loop: a block closes, the person decides, the output goes back to the model.
+"""The code turn: a block closes, the person decides, the output goes back to the model.
 
 The assistant side is scripted here (a random model does not write code); everything else —
 detection while streaming, the decision, the sandbox, the continuation — is the real path.
@@ -6,11 +6,11 @@ detection while streaming, the decision, the sandbox, the continuation — is th
 
 from __future__ import annotations
 
-from mistol.chat.code_mode import DECLINED, CodeOptions, CodeRunner
 from mistol.chat.log import ChatLog
 from mistol.chat.repl import ChatApp, ChatOptions
 from mistol.sampling import SamplingParams
-from mistol.tools.codeblocks import format_output
+from mistol.sandbox.code_turn import DECLINED, CodeOptions, CodeRunner, code_turn
+from mistol.sandbox.codeblocks import format_output
 
 
 class ScriptedLLM:
@@ -96,3 +96,17 @@ def test_non_python_fences_are_not_run(tmp_path):
     app.user_turn("show me")
     assert "Output:" not in app.messages[-1]["content"]
     assert len(llm.calls) == 1
+
+
+def test_a_turn_told_to_stop_ends_where_it_is_and_runs_nothing():
+    """`stopped` (a voice barge-in) is asked before each piece and before each run."""
+    reply = "Let me see.\n```python\nprint(1)\n```\nmore"
+    for stop_after, kept in [("Let me", "Let me"), ("print(1)\n```", "Let me see.\n```python\nprint(1)\n```")]:
+        ran, shown = [], []
+        llm = ScriptedLLM(reply, "never asked for")
+        messages = [{"role": "user", "content": "go"}, {"role": "assistant", "content": ""}]
+        turn = code_turn(llm, messages, SamplingParams(), lambda block: ran.append(block) or "1\n",
+                         lambda text, is_output: shown.append(text),
+                         stopped=lambda: messages[-1]["content"].endswith(stop_after))
+        assert not ran and not turn.runs and len(llm.calls) == 1
+        assert messages[-1]["content"] == "".join(shown) == kept

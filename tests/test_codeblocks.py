@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mistol.tools.codeblocks import CodeBlock, CodeBlockDetector, format_output, is_runnable
+from mistol.sandbox.codeblocks import CodeBlock, CodeBlockDetector, format_output, is_runnable
 
 REPLY = "Let me compute it.\n```python\nx = 6 * 7\nprint(x)\n```\nThe answer follows.\n"
 CLOSE_END = REPLY.index("```\nThe") + 4  # just after the closing fence line

@@ -111,7 +111,7 @@ def test_agents_can_run_code(tmp_path):
     _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from test_code_chat import ScriptedLLM
 
-    from mistol.chat.code_mode import CodeOptions, CodeRunner
+    from mistol.sandbox.code_turn import CodeOptions, CodeRunner
 
     a = Agent("Ann", "x", ScriptedLLM("```python\nprint(6 * 7)\n```", " So 42."))
     b = Agent("Ben", "y", ScriptedLLM("Nice."))

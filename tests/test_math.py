@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mistol.chat.code_mode import CodeOptions, CodeRunner
 from mistol.engine import Engine
 from mistol.hub import DEMO_MODEL
 from mistol.llm import LocalLLM
@@ -29,6 +28,7 @@ from mistol.mathbench.evaluate import evaluate, read_records, wilson_interval
 from mistol.mathbench.strategies import Attempt, Strategy, best_solution, majority
 from mistol.mathbench.verify import StepScorer, judge_messages, solution_score, split_steps
 from mistol.sampling import SamplingParams
+from mistol.sandbox.code_turn import CodeOptions, CodeRunner
 
 # -- grading -------------------------------------------------------------------------------
 GRADER_CASES = [

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from mistol.tools import exec_cli
-from mistol.tools.sandbox import Sandbox, SandboxLimits, network_isolation_available
+from mistol.sandbox.sandbox import Sandbox, SandboxLimits, network_isolation_available
 
 NO_NAMESPACES = "the kernel allows no network namespace here (unshare fails), so the sandbox cannot cut the network"
 
@@ -243,7 +243,7 @@ def test_without_namespaces_the_sandbox_refuses_to_start_unless_network_is_allow
     code = f"""
 from mistol.errors import MistolError
 from mistol.tools.exec_cli import main
-from mistol.tools.sandbox import Sandbox, SandboxLimits, network_isolation_available
+from mistol.sandbox.sandbox import Sandbox, SandboxLimits, network_isolation_available
 print(network_isolation_available())
 try:
     Sandbox()

@@ -297,7 +297,7 @@ def test_voice_file_mode_answers_a_recording(mistral_dir, tmp_path):
 @needs_vad
 @pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="the demo model is not built yet (scripts/train_demo.py)")
 def test_demo_model_answers_arithmetic_by_voice(tmp_path):
-    from mistol.tools.sandbox import network_isolation_available
+    from mistol.sandbox.sandbox import network_isolation_available
 
     if not network_isolation_available():
         pytest.skip("the demo model answers by running code, which needs a network namespace here")

@@ -23,7 +23,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from helpers import LoopbackServer  # noqa: E402
-from mistol.chat.code_mode import CODE_SYSTEM_PROMPT  # noqa: E402
+from mistol.sandbox.code_turn import CODE_SYSTEM_PROMPT  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from ..errors import MistolError
 from ..sampling import SamplingParams
-from .code_loop import code_turn
-from .code_mode import CodeRunner
+from ..sandbox.code_turn import CodeRunner, code_turn
 from .log import ChatLog, data_dir, drop_last_exchange, replay, save_messages, set_system
 
 DEFAULT_SYSTEM = "You are Hermes, a helpful, honest and concise assistant."

@@ -103,8 +103,8 @@ def cmd_math(args) -> int:
 
         problems = load_problems(args.data, args.limit)  # before the model loads: a bad file fails fast
 
-    from ..chat.code_mode import CodeOptions, CodeRunner
-    from ..tools.sandbox import SandboxLimits
+    from ..sandbox.code_turn import CodeOptions, CodeRunner
+    from ..sandbox.sandbox import SandboxLimits
 
     progress = args.data is not None and not args.quiet
     llm = remote_llm(args) if args.api else _local_llm(args)

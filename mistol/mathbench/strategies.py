@@ -3,7 +3,7 @@
 - cot: one greedy solution, step by step, ending "The answer is ...".
 - code: one greedy program-aided solution: the model writes Python, the sandbox runs it
   (no question asked: the user chose this mode; the sandbox's limits hold), the output goes
-  back into the reply and the model states the answer (the chat's own code loop).
+  back into the reply and the model states the answer (the same code turn as the chat).
 - vote: self-consistency (Wang et al. 2022): K solutions sampled at temperature > 0, the
   answer most of them reach wins (answers that are equal as math count together; a tie goes
   to the answer reached first).
@@ -20,10 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from ..chat.code_loop import code_turn
-from ..chat.code_mode import CODE_SYSTEM_PROMPT
 from ..errors import MistolError
 from ..sampling import SamplingParams
+from ..sandbox.code_turn import CODE_SYSTEM_PROMPT, code_turn
 from .answers import code_output_answer, extract_answer, is_equivalent
 from .verify import StepScorer, solution_score, split_steps
 

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..chat_template import ChatTemplate
 from ..engine import Engine
 from ..errors import MistolError
-from ..tools.sandbox import SandboxLimits
+from ..sandbox.sandbox import SandboxLimits
 from . import protocol as p
 from .protocol import APIError, GenerationRequest
 from .scheduler import Job, Output, Scheduler

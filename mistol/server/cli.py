@@ -44,7 +44,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args) -> int:
-    from ..tools.sandbox import SandboxLimits
+    from ..sandbox.sandbox import SandboxLimits
     from .app import ServerOptions, create_app
 
     if args.max_batch < 1:

@@ -29,10 +29,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..chat.code_mode import CODE_SYSTEM_PROMPT
 from ..errors import MistolError
-from ..tools.codeblocks import format_output
-from ..tools.sandbox import Sandbox, SandboxLimits
+from ..sandbox.code_turn import CODE_SYSTEM_PROMPT
+from ..sandbox.codeblocks import format_output
+from ..sandbox.sandbox import Sandbox, SandboxLimits
 from .protocol import APIError
 
 STATIC_DIR = Path(__file__).with_name("web")

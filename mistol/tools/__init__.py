@@ -1,5 +1,1 @@
-"""Tools the model can use in a chat: for now, running the Python code it writes.
-
-`codeblocks` finds fenced code blocks in streamed text; `sandbox` runs code in an isolated
-worker process; `exec_cli` is `mistol exec FILE`, which shows what the model would see.
-"""
+"""`mistol exec FILE` (`exec_cli`): run a file the way the model's code runs, in the sandbox."""

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MistolError
-from .sandbox import Sandbox, SandboxLimits
+from ..sandbox.sandbox import Sandbox, SandboxLimits
 
 DESCRIPTION = (
     "Run FILE's Python code the way mistol runs the code a model writes in a chat: in a separate "

@@ -97,7 +97,7 @@ def _timings(turn, live_silence_ms: int | None) -> str:
 
 
 def cmd_voice(args) -> int:
-    from ..chat.code_mode import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner
+    from ..sandbox.code_turn import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner
     from ..cli import load_engine, remote_llm, sampling_params
     from ..llm import LocalLLM
     from .audio import read_wav, silence, write_wav

@@ -29,9 +29,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ..chat.code_mode import MAX_CODE_ROUNDS, CodeRunner
 from ..sampling import SamplingParams
-from ..tools.codeblocks import CodeBlockDetector, format_output, is_runnable
+from ..sandbox.code_turn import CodeRunner, code_turn
 from .audio import Audio, concat
 from .sentences import Sentence, SentenceSplitter
 from .stt import STT
@@ -175,7 +174,6 @@ class Responder:
         input to watch)."""
         message = {"role": "assistant", "content": ""}
         messages.append(message)
-        self._first_token = False
         stop = threading.Event()
         ready: queue.Queue[tuple[int, Sentence, int] | None] = queue.Queue()
         spans: dict[int, tuple[int, int]] = {}  # clip tag -> the sentence's [start, end) in the message
@@ -185,29 +183,35 @@ class Responder:
         def generate() -> None:
             splitter = SentenceSplitter()
             last_end = 0
+            first_token = True
 
             def queue_sentences(found: list[Sentence]) -> None:
                 nonlocal last_end
-                inserted = len(message["content"]) - splitter.fed  # code output the loop added
+                inserted = len(message["content"]) - splitter.fed  # code output the turn added
                 for s in found:
                     end = min(len(message["content"]), s.end + inserted)
                     ready.put((last_end, s, end))
                     last_end = end
                     self.events.add("sentence", s.text)
 
+            def show(text: str, is_output: bool) -> None:
+                nonlocal first_token
+                if first_token:
+                    first_token = False
+                    self.events.add("first_token")
+                self.on_text(text)
+                if not is_output:  # code output is shown, never spoken
+                    queue_sentences(splitter.feed(text))
+
+            def run(block) -> str:
+                # The round ended on the closing fence without its newline: close it for the
+                # splitter too, or it would take what follows the output for more code.
+                queue_sentences(splitter.feed("\n"))
+                return self.code.handle(block)
+
             try:
-                context_continue = False
-                for _ in range(MAX_CODE_ROUNDS + 1):
-                    block = self._stream(messages, message, context_continue, splitter, queue_sentences, stop)
-                    if block is None or stop.is_set():
-                        break
-                    # The round ended on the closing fence without its newline: close it for the
-                    # splitter too, or it would take what follows the output for more code.
-                    queue_sentences(splitter.feed("\n"))
-                    output = format_output(self.code.handle(block))
-                    message["content"] += output
-                    self.on_text(output)
-                    context_continue = True
+                code_turn(self.llm, messages, self.params, run if self.code is not None else None, show,
+                          stopped=stop.is_set)
                 if not stop.is_set():
                     queue_sentences(splitter.flush())
             except BaseException as e:  # reported by the calling thread
@@ -270,39 +274,6 @@ class Responder:
         if failures:
             raise failures[0]
         return Reply(message["content"], generated, interrupted, spoken)
-
-    def _stream(self, messages, message, continue_last, splitter, queue_sentences, stop):
-        """One round of generation; returns a runnable code block that closed it, if any."""
-        context = messages if continue_last else messages[:-1]
-        detector = CodeBlockDetector() if self.code is not None else None
-        written = ""
-        stream = self.llm.chat(context, self.params, continue_last=continue_last)
-        try:
-            for piece in stream:
-                if stop.is_set():
-                    return None
-                if not self._first_token:
-                    self._first_token = True
-                    self.events.add("first_token")
-                if detector is not None:
-                    before, written = len(written), written + piece
-                    blocks = detector.feed(piece)
-                    if not blocks and detector.in_block and written.endswith("\n```"):
-                        blocks = detector.finish()  # a closing fence: do not wait for its newline
-                    runnable = [b for b in blocks if is_runnable(b)]
-                    if runnable:
-                        end = runnable[0].end - (written[runnable[0].end - 1 : runnable[0].end] == "\n")
-                        piece = piece[: end - before]
-                        message["content"] += piece
-                        self.on_text(piece)
-                        queue_sentences(splitter.feed(piece))
-                        return runnable[0]
-                message["content"] += piece
-                self.on_text(piece)
-                queue_sentences(splitter.feed(piece))
-        finally:
-            stream.close()
-        return None
 
     def _as_spoken(self, text: str, spans: dict[int, tuple[int, int]]) -> str:
         """The reply as far as it was played: whole sentences, then the words of the one that
