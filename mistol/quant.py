@@ -213,7 +213,8 @@ class QuantizedLinear(nn.Module):
     The packed weight is a uint8 buffer, so `.to(device)`, `state_dict()` and memory
     accounting see it; `.to(dtype)` leaves it alone. On CPU the matmul runs on mistol's
     kernels (activations quantized to int8 per block of 32, fp32 accumulation); elsewhere,
-    or without the kernels, on PyTorch ops over the dequantized weight.
+    or without the kernels, on PyTorch ops over the dequantized weight; prefill-sized inputs
+    on a CPU with bf16 instructions, as bf16 matmuls (`backend.quantized_route`).
     """
 
     def __init__(self, in_features: int, out_features: int, fmt: str, packed: torch.Tensor):
