@@ -8,30 +8,31 @@ it after the engine made its plan needs a new plan (`Engine.replan`).
 
 A forward step's decoder layers run on one of:
 
-| path                 | runs when                                                           | code                      |
-|----------------------|---------------------------------------------------------------------|---------------------------|
-| CUDA graph replay    | one new token of one session on a CUDA device, graphs on            | `cuda_graphs.GraphedDecoder` |
-|                      | (`MISTOL_CUDA_GRAPHS` is not "0")                                   |                           |
-| fused C decode layer | one new token of one session on a CPU, every linear layer of every  | `cpu_decode.CpuDecoder`   |
-|                      | block int8/int4, float32 norms, embeddings and cache, the C kernels |  (`mistol_decode_layer`)  |
-|                      | built and not switched to "torch", no autograd                      |                           |
-| PyTorch layers       | everything else: prefill, several sessions in one step, float       | `Transformer.forward`     |
-|                      | weights, CUDA without graphs, training                              |                           |
+| path                 | runs when                                                  | code                         |
+|----------------------|------------------------------------------------------------|------------------------------|
+| CUDA graph replay    | one new token of one session on a CUDA device, graphs on   | `cuda_graphs.GraphedDecoder` |
+|                      | (`MISTOL_CUDA_GRAPHS` is not "0")                          |                              |
+| fused C decode layer | one new token of one session on a CPU; every linear layer  | `cpu_decode.CpuDecoder`      |
+|                      | of every block int8/int4; float32 norms, embeddings and    | (`mistol_decode_layer`)      |
+|                      | cache; C kernels built, not switched to "torch"; no grad   |                              |
+| PyTorch layers       | everything else: prefill, several sessions in one step,    | `Transformer.forward`        |
+|                      | float weights, CUDA without graphs, training               |                              |
 
 Inside the PyTorch layers each linear product picks its kernel by its number of input
 rows (`quantized_route`, `dense_kernel_runs`):
 
-| path               | runs when                                                              | code                          |
-|--------------------|------------------------------------------------------------------------|-------------------------------|
-| quantized kernels  | a `QuantizedLinear` on a CPU with the C kernels, and fewer rows than   | `kernels.gemm`, `gemm_many`   |
-|                    | `BF16_MIN_ROWS[fmt]` or no native bf16                                 |                               |
-| bf16 prefill       | a `QuantizedLinear` on a CPU with bf16 dot-product instructions        | dequantize to bf16, matmul    |
-|                    | (`native_bf16`), at least `BF16_MIN_ROWS[fmt]` rows                    |                               |
-| dequantized matmul | a `QuantizedLinear` anywhere else (CUDA, no C kernels)                 | dequantize slab by slab, matmul |
-| dense kernel       | float weights (`Linear`, `TiledLinear`, a tied head) on a CPU with the | `kernels.dense_many`          |
-|                    | C kernels, at most `DENSE_MAX_ROWS` rows, f32/bf16/f16, no autograd    |                               |
-| PyTorch matmul     | float weights otherwise                                                | `F.linear`; `TiledLinear`: one |
-|                    |                                                                        | batched matmul over its tiles |
+| path               | runs when                                                    | code                         |
+|--------------------|--------------------------------------------------------------|------------------------------|
+| quantized kernels  | a `QuantizedLinear` on a CPU with the C kernels, fewer rows  | `kernels.gemm`, `gemm_many`  |
+|                    | than `BF16_MIN_ROWS[fmt]` or no native bf16                  |                              |
+| bf16 prefill       | a `QuantizedLinear` on a CPU with bf16 dot-product           | dequantize to bf16, matmul   |
+|                    | instructions (`native_bf16`), `BF16_MIN_ROWS[fmt]`+ rows     |                              |
+| dequantized matmul | a `QuantizedLinear` anywhere else (CUDA, no C kernels)       | dequantize by slabs, matmul  |
+| dense kernel       | float weights (`Linear`, `TiledLinear`, a tied head) on a    | `kernels.dense_many`         |
+|                    | CPU with the C kernels, at most `DENSE_MAX_ROWS` rows,       |                              |
+|                    | f32/bf16/f16, no grad                                        |                              |
+| PyTorch matmul     | float weights otherwise                                      | `F.linear`; `TiledLinear`:   |
+|                    |                                                              | a batched matmul of tiles    |
 
 Which float layers load as `TiledLinear` is decided by the loaders through `tiles_pay_off`
 (model/linear.py); which load as `QuantizedLinear`, by `--quant` and `Engine.load`.
