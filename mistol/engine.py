@@ -1,23 +1,28 @@
-"""`Engine` (weights + tokenizer + device) and `Session` (one conversation's KV cache).
+"""`Engine` (weights + tokenizer + the plan of its steps) and `Session` (one conversation's
+KV cache).
 
 A session holds the token ids whose keys and values sit in its cache. Feeding it a new
 token list runs only what lies beyond the longest common prefix with what it holds, so
 a chat turn, an edited message or a regenerated reply costs only the tokens that changed.
+Every step runs through the engine's `Backend` (model/backend.py), which knows which code
+runs it.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import MistolError
+from .generation import Generation
 from .model import KVCache, ModelConfig, Transformer
+from .model.backend import Backend
 from .sampling import SamplingParams, sample_next
+from .stops import StopFilter
+from .util import available_memory, common_prefix
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 DEFAULT_CHUNK = 512  # prefill chunk: bounds activation memory and the rolling-cache slack
@@ -36,8 +41,20 @@ class Engine:
         self.config: ModelConfig = model.config
         self._tokenizer = tokenizer
         self.name = name
-        # On a GPU, single-token decode steps replay CUDA graphs (see model/cuda_graphs.py).
-        self.cuda_graphs = os.environ.get("MISTOL_CUDA_GRAPHS", "1") != "0"
+        self.backend = Backend.choose(model)
+
+    def replan(self) -> None:
+        """Choose the plan again, after the model's modules changed or it moved."""
+        self.backend = Backend.choose(self.model, self.backend.cuda_graphs)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether single-token decode steps on a GPU replay CUDA graphs (model/cuda_graphs.py)."""
+        return self.backend.cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, on: bool) -> None:
+        self.backend.cuda_graphs = on
 
     @classmethod
     def load(
@@ -91,6 +108,28 @@ class Engine:
     def new_session(self, max_context: int | None = None, chunk_size: int = DEFAULT_CHUNK) -> "Session":
         return Session(self, max_context=max_context, chunk_size=chunk_size)
 
+    @torch.inference_mode()
+    def decode_step(self, sessions: Sequence["Session"], tokens: Sequence[int]) -> torch.Tensor:
+        """Append one token to each of this engine's `sessions` in a single forward pass.
+
+        Decoding is bound by reading the weights, so B sequences in one step cost about what
+        one does: this is what lets a server serve concurrent requests together. Returns the
+        float32 logits after each new token, [B, vocab].
+        """
+        if len(sessions) == 1:  # one session: its own path (on a GPU, a CUDA graph replay)
+            return sessions[0].step(tokens[0])[None]
+        for s in sessions:
+            if s.engine is not self:
+                raise ValueError("decode_step: a session of another engine")
+            s.check_room()
+        device = self.model.device
+        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
+        positions = torch.tensor([[len(s.tokens)] for s in sessions], device=device)
+        logits = self.backend.forward(self.model, ids, positions, [s.cache for s in sessions])
+        for s, token, row in zip(sessions, tokens, logits):
+            s._appended([int(token)], row)
+        return logits
+
 
 def load_tokenizer(model: str | Path):
     """Only the tokenizer of a model directory or `.gguf` file (no weights are read)."""
@@ -120,18 +159,7 @@ def resolve_dtype(name: str, device: torch.device, f32_bytes: Callable[[], int])
         return torch.bfloat16
     # On CPU f32 is exact and fast to compute (this CPU class has no native bf16 matmul);
     # fall back to bf16 where f32 weights would crowd out memory.
-    return torch.float32 if f32_bytes() < _available_memory() // 2 else torch.bfloat16
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
+    return torch.float32 if f32_bytes() < available_memory() // 2 else torch.bfloat16
 
 
 def _check_device(device: str) -> torch.device:
@@ -142,25 +170,6 @@ def _check_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MistolError("--device cuda: this torch build or machine has no CUDA GPU")
     return dev
-
-
-@dataclass
-class Generation:
-    """The outcome of one `Session.stream`: filled in as the text streams."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)  # empty when a remote server generated
-    completion_tokens: int = 0
-    prompt_tokens: int = 0  # tokens of the prompt
-    prefilled_tokens: int = 0  # of those, how many had to run through the model
-    finish_reason: str | None = None  # "stop" (stop token/string), "length" or "cancelled"
-    time_to_first_token: float | None = None
-    decode_seconds: float = 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        n = self.completion_tokens - 1
-        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
 
 
 class Session:
@@ -197,7 +206,7 @@ class Session:
             raise MistolError("cannot feed an empty token list")
         if len(tokens) > self.max_context:
             raise MistolError(f"{len(tokens)} tokens exceed the context of {self.max_context}")
-        keep = _common_prefix(self.tokens, tokens)
+        keep = common_prefix(self.tokens, tokens)
         if keep == len(tokens) == len(self.tokens) and self._last_logits is not None and not all_logits:
             return self._last_logits
         keep = min(keep, len(tokens) - 1)  # the last token must run to give logits
@@ -222,11 +231,22 @@ class Session:
         self.tokens = []
         self._last_logits = None
 
+    def step(self, token: int) -> torch.Tensor:
+        """Append one token (a decode step): the float32 logits after it, [vocab]."""
+        self.check_room()
+        return self._run([int(token)], all_logits=False)
+
+    def check_room(self) -> None:
+        """Raise unless the cache has room for one more token."""
+        if len(self.tokens) >= self.max_context:
+            raise MistolError(f"a session is at its context limit of {self.max_context} tokens")
+
     @torch.inference_mode()
     def _run(self, new: list[int], all_logits: bool) -> torch.Tensor:
-        device = self.model.device
-        if len(new) == 1 and not all_logits and device.type == "cuda" and self.engine.cuda_graphs:
+        backend = self.engine.backend
+        if len(new) == 1 and not all_logits and backend.graphs:
             return self._graph_step(new[0])
+        device = self.model.device
         outputs = []
         for start in range(0, len(new), self.chunk_size):
             chunk = new[start : start + self.chunk_size]
@@ -234,27 +254,27 @@ class Session:
             ids = torch.tensor([chunk], dtype=torch.long, device=device)
             positions = torch.arange(pos0, pos0 + len(chunk), device=device)
             try:
-                logits = self.model(ids, positions, self.cache, all_logits=all_logits)[0]
+                logits = backend.forward(self.model, ids, positions, [self.cache], all_logits=all_logits)[0]
             except BaseException:  # Ctrl-C mid-step: keep the cache consistent with `tokens`
                 self.cache.truncate(len(self.tokens))
                 self._last_logits = None
                 raise
             outputs.append(logits)
-            self.tokens.extend(chunk)
-            self.tokens_processed += len(chunk)
-        self._last_logits = outputs[-1][-1] if all_logits else outputs[-1]
+            self._appended(chunk, logits[-1] if all_logits else logits)
         return torch.cat(outputs) if all_logits else self._last_logits
 
     def _graph_step(self, token: int) -> torch.Tensor:
         if self._graphed is None:
-            from .model.cuda_graphs import GraphedDecoder
-
-            self._graphed = GraphedDecoder(self.model, self.cache)
+            self._graphed = self.engine.backend.graphed_decoder(self.model, self.cache)
         logits = self._graphed.step(int(token), len(self.tokens))
-        self.tokens.append(int(token))
-        self.tokens_processed += 1
-        self._last_logits = logits
+        self._appended([int(token)], logits)
         return logits
+
+    def _appended(self, tokens: list[int], last_logits: torch.Tensor) -> None:
+        """Record tokens whose keys and values a step just wrote into the cache."""
+        self.tokens.extend(tokens)
+        self.tokens_processed += len(tokens)
+        self._last_logits = last_logits
 
     # -- generating ----------------------------------------------------------------------
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
@@ -280,7 +300,7 @@ class Session:
             yield token
             if token in stop_ids or i == params.max_tokens - 1:
                 return
-            logits = self._run([token], all_logits=False)
+            logits = self.step(token)
 
     def stream(self, prompt: Sequence[int], params: SamplingParams, result: Generation | None = None) -> Iterator[str]:
         """Yield the reply's text as it forms, ending at a stop token, a stop string or
@@ -291,8 +311,7 @@ class Session:
         prompt = list(prompt)
         result.prompt_tokens = len(prompt)
         stop_ids = set(params.stop_token_ids)
-        stops = [s for s in params.stop if s]
-        pending = ""  # text held back while it could still begin a stop string
+        stops = StopFilter(params.stop)
         start = time.perf_counter()
         before = self.tokens_processed
         result.finish_reason = "length"
@@ -309,78 +328,25 @@ class Session:
             if token in stop_ids:
                 result.finish_reason = "stop"
                 break
-            pending += decoder.push(token)
-            if stops:
-                cut = _find_stop(pending, stops)
-                if cut is not None:
-                    pending = pending[:cut]
-                    result.finish_reason = "stop"
-                    break
-                safe = len(pending) - _longest_stop_prefix(pending, stops)
-                emit, pending = pending[:safe], pending[safe:]
-            else:
-                emit, pending = pending, ""
+            emit = stops.push(decoder.push(token))
             if emit:
                 result.text += emit
                 yield emit
-        if result.finish_reason == "length":
-            pending += decoder.flush()
-            if stops and (cut := _find_stop(pending, stops)) is not None:
-                pending, result.finish_reason = pending[:cut], "stop"
-        if pending:
-            result.text += pending
-            yield pending
-
-
-@torch.inference_mode()
-def decode_step(sessions: Sequence[Session], tokens: Sequence[int]) -> torch.Tensor:
-    """Append one token to each session in a single forward pass.
-
-    Decoding is bound by reading the weights, so B sequences in one step cost about what one
-    does: this is what lets a server serve concurrent requests together. Returns the float32
-    logits after each new token, [B, vocab].
-    """
-    if len(sessions) == 1:  # one session: its own path (on a GPU, a CUDA graph replay)
-        session = sessions[0]
-        if len(session.tokens) >= session.max_context:
-            raise MistolError(f"a session is at its context limit of {session.max_context} tokens")
-        return session._run([int(tokens[0])], all_logits=False)[None]
-    model = sessions[0].model
-    for s in sessions:
-        if s.model is not model:
-            raise ValueError("decode_step: sessions of different models")
-        if len(s.tokens) >= s.max_context:
-            raise MistolError(f"a session is at its context limit of {s.max_context} tokens")
-    device = model.device
-    ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
-    positions = torch.tensor([[len(s.tokens)] for s in sessions], device=device)
-    logits = model(ids, positions, [s.cache for s in sessions])
-    for s, token, row in zip(sessions, tokens, logits):
-        s.tokens.append(int(token))
-        s.tokens_processed += 1
-        s._last_logits = row
-    return logits
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for s in stops if (i := text.find(s)) >= 0]
-    return min(hits) if hits else None
-
-
-def _longest_stop_prefix(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
+            if stops.stopped:
+                result.finish_reason = "stop"
                 break
-    return best
+        if result.finish_reason == "length":
+            rest = stops.push(decoder.flush())
+            if stops.stopped:
+                result.finish_reason = "stop"
+        else:  # a stop token: an unfinished character in the decoder is dropped
+            rest = ""
+        rest += stops.flush()
+        if rest:
+            result.text += rest
+            yield rest
+
+
+def decode_step(sessions: Sequence[Session], tokens: Sequence[int]) -> torch.Tensor:
+    """`Engine.decode_step` of the sessions' engine."""
+    return sessions[0].engine.decode_step(sessions, tokens)

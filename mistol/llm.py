@@ -9,11 +9,14 @@ the same interface for remote servers.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Mapping, Protocol
+from typing import TYPE_CHECKING, Mapping, Protocol
 
 from .chat_template import ChatTemplate, Pieces, known_pieces
-from .engine import Engine, Generation
+from .generation import Generation
 from .sampling import SamplingParams
+
+if TYPE_CHECKING:  # the interface itself, and a remote server's client, need no torch
+    from .engine import Engine
 
 Message = Mapping[str, str]
 

@@ -21,8 +21,6 @@ GGUF Q8_0/Q4_0 tensor onto this layout by moving bytes only (no dequantizing).
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +29,7 @@ from torch import nn
 
 from . import kernels
 from .errors import MistolError
+from .model import backend
 
 BLOCK = 32  # inputs per block (llama.cpp's QK8_0 / QK4_0)
 INTERLEAVE = 8  # rows per group in the packed layout
@@ -207,27 +206,6 @@ def _dequantize_packed(
     return w.transpose(1, 2).reshape(groups * INTERLEAVE, nb * BLOCK)
 
 
-# From this many rows (a prefill chunk) a bf16-capable CPU runs bf16 matmuls. Each call first
-# dequantizes the whole weight (in C, slab by slab), a fixed cost that pays off only over
-# enough rows: these are the crossovers measured at 7B shapes on a 2-core AVX512-BF16 machine.
-BF16_MIN_ROWS = {"int8": 112, "int4": 144}
-
-
-@functools.cache
-def native_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16
-    matrix products outrun int8 ones; MISTOL_BF16_PREFILL=0/1 overrides."""
-    forced = os.environ.get("MISTOL_BF16_PREFILL")
-    if forced in ("0", "1"):
-        return forced == "1"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 # -- the module ------------------------------------------------------------------------------
 class QuantizedLinear(nn.Module):
     """A bias-free `nn.Linear` whose weight is int8 (Q8_0) or int4 (Q4_0) in blocks of 32.
@@ -235,7 +213,8 @@ class QuantizedLinear(nn.Module):
     The packed weight is a uint8 buffer, so `.to(device)`, `state_dict()` and memory
     accounting see it; `.to(dtype)` leaves it alone. On CPU the matmul runs on mistol's
     kernels (activations quantized to int8 per block of 32, fp32 accumulation); elsewhere,
-    or without the kernels, on PyTorch ops over the dequantized weight.
+    or without the kernels, on PyTorch ops over the dequantized weight; prefill-sized inputs
+    on a CPU with bf16 instructions, as bf16 matmuls (`backend.quantized_route`).
     """
 
     def __init__(self, in_features: int, out_features: int, fmt: str, packed: torch.Tensor):
@@ -276,22 +255,12 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self._bf16_prefill(x2):
-            # Prefill: compute-bound, and a CPU with bf16 dot-product instructions multiplies
-            # bf16 about twice as fast as our int8 kernels do (and a little more exactly).
-            y = self._matmul_dequantized(x2, torch.bfloat16)
-        elif self._on_kernels(x2):
+        route = backend.quantized_route(x2.shape[0], x2.device, self.fmt)
+        if route == backend.QUANTIZED_KERNELS:
             y = kernels.gemm(self.fmt, kernel_input(x2), self.packed, self.out_features)
         else:
-            y = self._matmul_dequantized(x2)
+            y = self._matmul_dequantized(x2, torch.bfloat16 if route == backend.BF16_PREFILL else None)
         return output_like(y, x)
-
-    def _bf16_prefill(self, x2: torch.Tensor) -> bool:
-        return x2.device.type == "cpu" and x2.shape[0] >= BF16_MIN_ROWS[self.fmt] and native_bf16()
-
-    def _on_kernels(self, x2: torch.Tensor) -> bool:
-        """Whether the product with these input rows runs on mistol's compiled kernels."""
-        return x2.device.type == "cpu" and not self._bf16_prefill(x2) and kernels.available()
 
     def _matmul_dequantized(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         # Dequantize a slab of rows at a time: memory stays near the quantized size.

@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 
-from .engine import Generation
 from .errors import MistolError
+from .generation import Generation
 from .sampling import SamplingParams
 
 

@@ -2,15 +2,18 @@
 
 The controls and their order follow Hugging Face's generate(): repetition penalty first,
 then temperature, top-k, top-p (nucleus) and min-p. temperature == 0 is greedy.
+`SamplingParams` needs no torch (a client of a remote server imports it); sampling does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import MistolError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -43,6 +46,8 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
     def make_generator(self) -> torch.Generator:
+        import torch
+
         g = torch.Generator()
         if self.seed is None:
             g.seed()
@@ -59,6 +64,8 @@ def sample_next(
 ) -> int:
     """logits: [vocab] float32 for one position; context: token ids seen so far (for the
     repetition penalty)."""
+    import torch
+
     if params.repetition_penalty != 1.0 and context is not None and context.numel():
         logits = logits.clone()
         seen = context.unique()

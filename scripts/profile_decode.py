@@ -25,7 +25,7 @@ from torch import nn
 from mistol.bench.models import mistol_model
 from mistol.bench.shapes import model_config
 from mistol.engine import Engine, decode_step
-from mistol.model import cpu_decode, transformer
+from mistol.model import transformer
 from mistol.model.linear import linear_many
 from mistol.quant import QuantizedLinear
 
@@ -79,8 +79,8 @@ def main() -> int:
         calls[kind] += 1
         return y
 
-    compiled_of = cpu_decode.CpuDecoder.of
-    compiled = compiled_of(engine.model) is not None
+    compiled_decoder = engine.backend.cpu_decoder
+    compiled = compiled_decoder is not None
     linears = [m for m in engine.model.modules() if isinstance(m, (QuantizedLinear, nn.Linear))]
 
     @contextlib.contextmanager
@@ -88,7 +88,7 @@ def main() -> int:
         """"compiled": as mistol runs; "pytorch": the PyTorch layers; "timed": the PyTorch
         layers with each linear layer timed."""
         if name != "compiled":
-            cpu_decode.CpuDecoder.of = classmethod(lambda cls, model: None)
+            engine.backend.cpu_decoder = None
         if name == "timed":
             transformer.linear_many = timed_many
             for m in linears:
@@ -96,7 +96,7 @@ def main() -> int:
         try:
             yield
         finally:
-            cpu_decode.CpuDecoder.of = compiled_of
+            engine.backend.cpu_decoder = compiled_decoder
             if name == "timed":
                 transformer.linear_many = linear_many
                 for m in linears:

@@ -139,8 +139,8 @@ def test_float_models_keep_the_pytorch_layers(monkeypatch):
 
 
 def test_a_replaced_layer_is_seen(monkeypatch):
-    """The decoder keeps the weights' addresses: replacing a module or moving the model
-    must make it look again."""
+    """The decoder keeps the weights' addresses: the plan of an engine made after a module
+    was replaced or the model moved must look again."""
     m = model(config(), "int8")
     tokens = [5, 6, 7]
     before = teacher_forced_logits(m, tokens, 32, True, monkeypatch)
@@ -151,3 +151,22 @@ def test_a_replaced_layer_is_seen(monkeypatch):
     assert_agree(after, teacher_forced_logits(m, tokens, 32, False, monkeypatch))
     m.to(torch.float64)  # norms change dtype: no longer the compiled path's float32
     assert cpu_decode.CpuDecoder.of(m) is None
+
+
+def test_the_plan_is_the_engines_not_the_models(monkeypatch):
+    """The fused decoder lives in the engine's plan; the model stays a plain module, and
+    `replan` looks at it again."""
+    m = model(config(), "int8")
+    engine = Engine(m)
+    assert engine.backend.cpu_decoder is not None and "_cpu_decoder" not in vars(m)
+    calls = count_compiled_layers(monkeypatch)
+    session = engine.new_session()
+    session.feed([1, 2])
+    session.step(3)
+    assert calls[0] == 2
+    engine.backend.cpu_decoder = None  # as after a change the plan did not see
+    session.step(4)
+    assert calls[0] == 2
+    engine.replan()
+    session.step(5)
+    assert calls[0] == 4

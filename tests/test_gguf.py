@@ -463,10 +463,10 @@ def test_bad_gguf_files_give_one_line_errors(mistral_dir, tmp_path, capsys):
 # -- llama.cpp itself --------------------------------------------------------------------------
 def test_llama_cpp_reads_our_files_and_computes_the_same_logits(realistic, tmp_path, monkeypatch):
     llama_cpp = pytest.importorskip("llama_cpp")
-    import mistol.quant
+    from mistol.model import backend
 
     # Compare like with like: int8 activations, as llama.cpp uses (not the bf16 prefill path).
-    monkeypatch.setattr(mistol.quant, "native_bf16", lambda: False)
+    monkeypatch.setattr(backend, "native_bf16", lambda: False)
     tokens = [1] + TOKENS  # a llama checkpoint: llama.cpp has no sliding window for llama files
     ref = logits(realistic, tokens)
     text = "<|im_start|>user\nHello,  wörld 😃<|im_end|>"

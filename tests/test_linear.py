@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from helpers import kernel_impls
 from mistol import kernels
-from mistol.model.linear import DENSE_MAX_ROWS, Linear, TiledLinear, linear_many, tile_values, tiles_pay_off
+from mistol.model.backend import DENSE_MAX_ROWS
+from mistol.model.linear import Linear, TiledLinear, linear_many, tile_values, tiles_pay_off
 from mistol.quant import quantize_linear
 
 FMTS = ["int8", "int4"]

@@ -14,6 +14,7 @@ from checkpoints import make_checkpoint
 from helpers import kernel_impls
 from mistol import kernels, quant
 from mistol.errors import MistolError
+from mistol.model import backend
 from mistol.quant import (
     FORMATS, QuantizedLinear, dequantize_ggml, pack_ggml, quantize_ggml, quantize_linear, unpack_ggml,
 )
@@ -27,7 +28,7 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="mistol's C k
 def int8_kernels_for_every_row_count(monkeypatch):
     """These tests check our kernels: keep them from handing prefill-sized inputs to bf16
     matmuls (as they do on CPUs with bf16 instructions; that path has its own test)."""
-    monkeypatch.setattr(quant, "native_bf16", lambda: False)
+    monkeypatch.setattr(backend, "native_bf16", lambda: False)
 
 
 def reference_gemm(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
@@ -391,8 +392,8 @@ def test_prefill_rows_use_bf16_matmuls_where_the_cpu_has_them(fmt, monkeypatch):
     torch.manual_seed(0)
     layer = quantize_linear(torch.randn(200, 256), fmt)
     exact = lambda x: (x.double() @ layer.dequantize().double().T)  # noqa: E731
-    monkeypatch.setattr(quant, "native_bf16", lambda: True)
-    rows = quant.BF16_MIN_ROWS[fmt]
+    monkeypatch.setattr(backend, "native_bf16", lambda: True)
+    rows = backend.BF16_MIN_ROWS[fmt]
     x = torch.randn(rows, 256)
     y = layer(x)
     assert y.dtype == torch.float32 and y.shape == (rows, 200)

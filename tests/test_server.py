@@ -17,7 +17,8 @@ httpx = pytest.importorskip("httpx")
 
 from helpers import LoopbackServer  # noqa: E402
 from mistol.chat_template import ChatTemplate  # noqa: E402
-from mistol.engine import Engine, Generation  # noqa: E402
+from mistol.engine import Engine  # noqa: E402
+from mistol.generation import Generation  # noqa: E402
 from mistol.sampling import SamplingParams  # noqa: E402
 
 KEY = "sk-test-key"

@@ -157,7 +157,7 @@ def _available(engines: list[str]) -> dict[str, bool]:
 
 
 def _available_memory() -> int:
-    from ..engine import _available_memory as available
+    from ..util import available_memory as available
 
     return available()
 

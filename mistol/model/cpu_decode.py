@@ -4,20 +4,18 @@ call into the compiled kernels (csrc/mistol_decode.c), its arguments one struct
 
 The same layer in PyTorch is some 25 small operations besides its four matrix products,
 each costing ~10 µs of dispatch on a CPU: a tenth of a 7B int4 step. The compiled layer
-does the same float32 arithmetic in one parallel region. Anything else (prefill, several
-sequences, float weights, CUDA, autograd) runs the PyTorch layers.
+does the same float32 arithmetic in one parallel region. When a step takes this path is
+the execution plan's decision (model/backend.py).
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Sequence
 
 import torch
 
 from .. import kernels
-from ..quant import QuantizedLinear
 from .kv_cache import AttentionPlan, KVCache
 
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -33,7 +31,7 @@ def _weight_paths() -> list[str]:
 class CpuDecoder:
     """A model's layers, ready for `mistol_decode_layer`."""
 
-    def __init__(self, config, layers: list[tuple[list[QuantizedLinear], list[torch.Tensor]]]):
+    def __init__(self, config, layers: list[tuple[list[torch.nn.Module], list[torch.Tensor]]]):
         self.eps = float(config.rms_norm_eps)
         self.shape = dict(hidden=config.hidden_size, ffn=config.intermediate_size, heads=config.num_heads,
                           kv_heads=config.num_kv_heads, head_dim=config.head_dim)
@@ -49,37 +47,15 @@ class CpuDecoder:
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> CpuDecoder | None:
-        """The decoder for `model`, or None when its layers do not fit the compiled path.
-        Kept on the model while the modules and tensors it was built from are still in
-        place (a check of dictionary entries, ~40 µs at 7B), else built again."""
-        cached = getattr(model, "_cpu_decoder", None)
-        if cached is not None and all(d.get(key) is obj for d, key, obj in cached[0]):
-            return cached[1]
-        links: list[tuple[dict, str, object]] = []
-        layers = _layers(model, links)
-        decoder = cls(model.config, layers) if layers else None
-        model._cpu_decoder = (links, decoder)
-        return decoder
-
-    @classmethod
-    def for_step(cls, model: torch.nn.Module, x: torch.Tensor, caches: Sequence[KVCache]) -> CpuDecoder | None:
-        """The decoder for this step of `model` (x: the new tokens' embeddings), or None
-        unless it is one token of one sequence in float32 on a CPU, without autograd, and
-        the model fits the compiled path."""
-        fits = (
-            x.shape[:2] == (1, 1)
-            and x.dtype == torch.float32
-            and x.device.type == "cpu"
-            and len(caches) == 1
-            and caches[0].k.dtype == torch.float32
-            and caches[0].k.device.type == "cpu"
-            and caches[0].k.shape[1] == 1  # a cache of one sequence
-            and caches[0].k.is_contiguous()
-            and caches[0].v.is_contiguous()
-            and not (torch.is_grad_enabled() and x.requires_grad)
-            and kernels.impl_name() != "torch"
-        )
-        return cls.of(model) if fits else None
+        """The decoder for `model`'s layers as they are now, or None when they do not fit
+        the compiled path. It holds the tensors' addresses (and the tensors, to keep them
+        alive): make a new one when the model's modules change or move."""
+        try:
+            paths = _weight_paths()
+        except RuntimeError:  # the compiled kernels did not load
+            return None
+        layers = _layers(model, paths)
+        return cls(model.config, layers) if layers else None
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
             plan: AttentionPlan) -> torch.Tensor:
@@ -100,34 +76,25 @@ class CpuDecoder:
         return x
 
 
-def _layers(model: torch.nn.Module, links: list[tuple[dict, str, object]]):
+def _layers(model: torch.nn.Module, paths: list[str]):
     """Per layer: its linear layers (in the compiled layer's order) and its tensors (the two
     norms' weights, then the packed weights), if every linear layer is quantized and every
-    norm is float32, all on the CPU; else None. `links` receives each (dictionary, key, object)
-    on the way from the model to them."""
-
-    def child(module: torch.nn.Module, path: str):
-        *parents, name = path.split(".")
-        for part in parents:
-            links.append((module._modules, part, module := module._modules[part]))
-        for store in (module._modules, module._parameters, module._buffers):
-            if name in store:
-                links.append((store, name, store[name]))
-                return store[name]
-        raise AttributeError(path)
-
+    norm is float32, all on the CPU; else None."""
     layers = []
-    paths = _weight_paths()
-    for i in range(len(child(model, "layers"))):
-        block = child(model.layers, str(i))
-        linears = [child(block, name) for name in paths]
-        norms = [child(block, name) for name in _NORMS]
-        if not all(isinstance(la, QuantizedLinear) for la in linears):
-            return None
-        packed = [child(la, "packed") for la in linears]
-        if any(t.device.type != "cpu" for t in packed) or any(
+    for block in model.layers:
+        linears = [block.get_submodule(name) for name in paths]
+        norms = [block.get_parameter(name) for name in _NORMS]
+        packed = [_packed_weight(la) for la in linears]
+        if any(p is None or p.device.type != "cpu" for p in packed) or any(
             n.dtype != torch.float32 or n.device.type != "cpu" or not n.is_contiguous() for n in norms
         ):
             return None
         layers.append((linears, [*norms, *packed]))
     return layers
+
+
+def _packed_weight(layer: torch.nn.Module) -> torch.Tensor | None:
+    """The weight of a layer in mistol.quant's packed int8/int4 layout (a `QuantizedLinear`:
+    its `fmt` and `packed` buffer), or None for any other layer."""
+    packed = getattr(layer, "packed", None)
+    return packed if packed is not None and isinstance(getattr(layer, "fmt", None), str) else None

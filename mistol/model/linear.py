@@ -4,8 +4,8 @@
 mistol's compiled kernels on a CPU: reading the weight is the whole cost there, and the
 kernel streams float32/bf16/f16 weights near the memory's speed, where PyTorch's bf16
 matrix-vector product reaches well under half of it. Longer inputs (prefill is
-compute-bound), other devices and training use `F.linear`. `TiledLinear` holds rows longer
-than 4096 inputs in tiles along K for that kernel.
+compute-bound), other devices and training use `F.linear` (the rules: model/backend.py).
+`TiledLinear` holds rows longer than 4096 inputs in tiles along K for that kernel.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from torch import nn
 
 from .. import kernels
 from ..quant import BLOCK, QuantizedLinear, kernel_input, output_like, tile_blocks
-
-DENSE_MAX_ROWS = 4  # rows of input up to which float weights use the kernel
+from .backend import QUANTIZED_KERNELS, dense_kernel_runs, quantized_route
 
 
 class Linear(nn.Linear):
@@ -72,7 +71,7 @@ class TiledLinear(nn.Module):
         return self.tiles.transpose(0, 1).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _on_dense_kernel(x, (self.tiles,)):
+        if dense_kernel_runs(x, (self.tiles,)):
             return _dense(x, (self.tiles,))
         tiles, _, per_tile = self.tiles.shape
         x3 = x.reshape(-1, tiles, per_tile).transpose(0, 1)  # [tiles, rows, per_tile]
@@ -100,7 +99,7 @@ def tiles_pay_off(weight_shape: Sequence[int], device: torch.device) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T for a float weight [out, in] (the model's layers and a tied head)."""
-    if _on_dense_kernel(x, (weight,)):
+    if dense_kernel_runs(x, (weight,)):
         return _dense(x, (weight,))
     return F.linear(x, weight)
 
@@ -113,26 +112,15 @@ def linear_many(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
     first = layers[0]
     if isinstance(first, QuantizedLinear):
         x2 = x.reshape(-1, x.shape[-1])
-        if first._on_kernels(x2) and all(isinstance(la, QuantizedLinear) and la.fmt == first.fmt for la in layers):
+        on_kernels = quantized_route(x2.shape[0], x2.device, first.fmt) == QUANTIZED_KERNELS
+        if on_kernels and all(isinstance(la, QuantizedLinear) and la.fmt == first.fmt for la in layers):
             y = kernels.gemm_many(first.fmt, kernel_input(x2), [(la.packed, la.out_features) for la in layers])
             return output_like(y, x)
     elif all(isinstance(la, (Linear, TiledLinear)) for la in layers):
         weights = [la.tiles if isinstance(la, TiledLinear) else la.weight for la in layers]
-        if _on_dense_kernel(x, weights):
+        if dense_kernel_runs(x, weights):
             return _dense(x, weights)
     return torch.cat([layer(x) for layer in layers], dim=-1)
-
-
-def _on_dense_kernel(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
-    dtype = weights[0].dtype
-    return (
-        x.device.type == "cpu"
-        and x.numel() <= DENSE_MAX_ROWS * x.shape[-1]
-        and dtype in kernels.DENSE_DTYPES
-        and all(w.dtype == dtype and w.device.type == "cpu" and w.is_contiguous() for w in weights)
-        and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
-        and kernels.available()
-    )
 
 
 def _dense(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -4,6 +4,9 @@ Module and parameter names follow Hugging Face's `MistralForCausalLM` (without i
 `model.` prefix), so a checkpoint's tensors map onto this model by name alone.
 Numerics follow the reference too: RMSNorm in float32, RoPE angles in float32, the
 "rotate half" (non-interleaved) RoPE layout.
+
+A plain PyTorch model: which code runs a step (fused C layers, CUDA graphs, which kernel
+a product uses) is the execution plan's business (model/backend.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .cpu_decode import CpuDecoder
 from .kv_cache import AttentionPlan, KVCache
 from .linear import Linear, linear, linear_many
 
@@ -136,10 +138,6 @@ class Transformer(nn.Module):
         )
         self.rotary = RotaryEmbedding(config)
 
-    def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_cpu_decoder", None)  # tensors may move: look at them again
-        return super()._apply(fn, *args, **kwargs)
-
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
@@ -166,17 +164,25 @@ class Transformer(nn.Module):
             caches = [caches]
         if positions.dim() == 1:
             positions = positions.expand(tokens.shape[0], -1)
-        x = self.embed_tokens(tokens)
-        cos, sin = self.rotary(positions, x.dtype)
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        x, cos, sin = self.embed(tokens, positions)
         if plans is None:  # (given by a caller that plans on the device: see cuda_graphs.py)
             plans = [cache.plan(pos) for cache, pos in zip(caches, positions)]
-        decoder = CpuDecoder.for_step(self, x, caches)
-        if decoder is not None:  # one token of one sequence on a CPU, quantized: compiled layers
-            x = decoder.run(x, cos, sin, caches[0], plans[0])
-        else:
-            for block in self.layers:
-                x = block(x, cos, sin, caches, plans)
+        for block in self.layers:
+            x = block(x, cos, sin, caches, plans)
+        return self.logits(x, all_logits)
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor):
+        """The input of the first layer: the tokens' embeddings [B, L, hidden], and their
+        RoPE cos/sin [B, 1, L, head_dim] (positions as in `forward`)."""
+        if positions.dim() == 1:
+            positions = positions.expand(tokens.shape[0], -1)
+        x = self.embed_tokens(tokens)
+        cos, sin = self.rotary(positions, x.dtype)
+        return x, cos[:, None], sin[:, None]  # cos/sin broadcast over heads
+
+    def logits(self, x: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """float32 logits from the last layer's output x [B, L, hidden]: of every position
+        with `all_logits`, else of the last one only."""
         x = self.norm(x if all_logits else x[:, -1])
         return self.head(x).float()
 
@@ -186,10 +192,7 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states of whole sequences [B, L], causal, no cache: for training
         (sequences shorter than any sliding window)."""
-        x = self.embed_tokens(tokens)
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        cos, sin = self.rotary(positions, x.dtype)
-        cos, sin = cos[:, None], sin[:, None]
+        x, cos, sin = self.embed(tokens, torch.arange(tokens.shape[1], device=tokens.device))
         for block in self.layers:
             x = block(x, cos, sin, None, None)
         return self.norm(x)

@@ -3,7 +3,7 @@
 Continuous batching. Requests wait in a queue; between two decode steps the loop admits
 at most one of them (while fewer than `max_batch` run), prefills its prompt in one
 `Session.feed` (which yields its first token's logits), and from then on the request is a
-row of `decode_step`, one forward pass for all active requests: decoding is bound by
+row of `Engine.decode_step`, one forward pass for all active requests: decoding is bound by
 reading the weights, so B rows cost little more than one. A request leaves the batch the
 moment it finishes or is cancelled; its session goes back to the pool.
 
@@ -33,8 +33,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine import Engine, Session, _common_prefix, _find_stop, _longest_stop_prefix, decode_step
+from ..engine import Engine, Session
 from ..sampling import SamplingParams, sample_next
+from ..stops import StopFilter
+from ..util import common_prefix
 
 log = logging.getLogger("mistol.server")
 
@@ -87,7 +89,8 @@ class Job:
         self.session: Session | None = None
         self.next_token: int | None = None  # sampled, to be fed by the next decode step
         self.generator: torch.Generator | None = None
-        self.text: TextStream | None = None
+        self.decoder = None  # the tokenizer's stream decoder: token ids -> text
+        self.stops: StopFilter | None = None
         self.token_ids: list[int] = []
         self.cached_tokens = 0
         self._counts: dict[int, int] = {}
@@ -111,37 +114,6 @@ class Job:
         return logits
 
 
-class TextStream:
-    """The reply's text as tokens arrive, held back while it could still begin a stop string
-    (the logic of `Session.stream`)."""
-
-    def __init__(self, tokenizer, stops: Sequence[str]):
-        self.decoder = tokenizer.stream_decoder()
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """(text now safe to show, whether a stop string ended the reply)"""
-        self.pending += self.decoder.push(token)
-        return self._release(final=False)
-
-    def finish(self, flush: bool) -> tuple[str, bool]:
-        """The rest of the text. `flush`: also what the decoder still holds (at max_tokens;
-        `Session.stream` drops an unfinished character when a stop token ends the reply)."""
-        if flush:
-            self.pending += self.decoder.flush()
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> tuple[str, bool]:
-        if self.stops and (cut := _find_stop(self.pending, self.stops)) is not None:
-            text, self.pending = self.pending[:cut], ""
-            return text, True
-        keep = 0 if final or not self.stops else _longest_stop_prefix(self.pending, self.stops)
-        safe = len(self.pending) - keep
-        text, self.pending = self.pending[:safe], self.pending[safe:]
-        return text, False
-
-
 class SessionPool:
     """Sessions (KV caches) kept for reuse, least recently used first.
 
@@ -163,7 +135,7 @@ class SessionPool:
     def acquire(self, prompt: Sequence[int]) -> Session:
         best, best_n = None, 0
         for s in self._free:
-            n = _common_prefix(s.tokens, prompt)
+            n = common_prefix(s.tokens, prompt)
             if n > best_n:
                 best, best_n = s, n
         continues = best is not None and (best_n == len(best.tokens) or 2 * best_n >= len(prompt))
@@ -294,14 +266,15 @@ class Scheduler:
         self.counters["prefill_tokens"] += prefilled
         job.cached_tokens = max(0, len(job.prompt) - prefilled)
         job.generator = job.params.make_generator()
-        job.text = TextStream(self.tokenizer, job.params.stop)
+        job.decoder = self.tokenizer.stream_decoder()
+        job.stops = StopFilter(job.params.stop)
         self._active.append(job)
         self._advance(job, logits)
 
     def _step(self) -> None:
         jobs = list(self._active)
         try:
-            logits = decode_step([j.session for j in jobs], [j.next_token for j in jobs]).cpu()
+            logits = self.engine.decode_step([j.session for j in jobs], [j.next_token for j in jobs]).cpu()
         except Exception as e:  # noqa: BLE001
             log.exception("decode step failed")
             for job in jobs:
@@ -323,14 +296,16 @@ class Scheduler:
         stop_token = token in params.stop_token_ids
         if job.logprobs is not None and not stop_token:
             job._held_logprobs.append(self._logprob(logits, token, job.logprobs))
+        # the text as `Session.stream` gives it: at a stop token, an unfinished character
+        # in the decoder is dropped; at max_tokens, it is flushed
         if stop_token:
-            text, finish = job.text.finish(flush=False)[0], "stop"
+            text, finish = job.stops.flush(), "stop"
         else:
-            text, hit = job.text.push(token)
-            finish = "stop" if hit else None
+            text = job.stops.push(job.decoder.push(token))
+            finish = "stop" if job.stops.stopped else None
             if finish is None and len(job.token_ids) >= params.max_tokens:
-                rest, hit = job.text.finish(flush=True)
-                text, finish = text + rest, "stop" if hit else "length"
+                text += job.stops.push(job.decoder.flush()) + job.stops.flush()
+                finish = "stop" if job.stops.stopped else "length"
         if finish is not None:
             self._finish(job, text, finish)
             return

@@ -1,0 +1,150 @@
+"""Which code runs a model's steps: the plan, chosen once when an `Engine` gets its model.
+
+`Backend.choose(model)` looks at the model (device, dtype, which linear layers are
+quantized) and the machine (the C kernels, CUDA) and keeps what it found; sessions and
+`Engine.decode_step` run every step through the plan. The `Transformer` is a plain
+PyTorch model and knows nothing of the paths below. Changing a model's modules or moving
+it after the engine made its plan needs a new plan (`Engine.replan`).
+
+A forward step's decoder layers run on one of:
+
+| path                 | runs when                                                  | code                         |
+|----------------------|------------------------------------------------------------|------------------------------|
+| CUDA graph replay    | one new token of one session on a CUDA device, graphs on   | `cuda_graphs.GraphedDecoder` |
+|                      | (`MISTOL_CUDA_GRAPHS` is not "0")                          |                              |
+| fused C decode layer | one new token of one session on a CPU; every linear layer  | `cpu_decode.CpuDecoder`      |
+|                      | of every block int8/int4; float32 norms, embeddings and    | (`mistol_decode_layer`)      |
+|                      | cache; C kernels built, not switched to "torch"; no grad   |                              |
+| PyTorch layers       | everything else: prefill, several sessions in one step,    | `Transformer.forward`        |
+|                      | float weights, CUDA without graphs, training               |                              |
+
+Inside the PyTorch layers each linear product picks its kernel by its number of input
+rows (`quantized_route`, `dense_kernel_runs`):
+
+| path               | runs when                                                    | code                         |
+|--------------------|--------------------------------------------------------------|------------------------------|
+| quantized kernels  | a `QuantizedLinear` on a CPU with the C kernels, fewer rows  | `kernels.gemm`, `gemm_many`  |
+|                    | than `BF16_MIN_ROWS[fmt]` or no native bf16                  |                              |
+| bf16 prefill       | a `QuantizedLinear` on a CPU with bf16 dot-product           | dequantize to bf16, matmul   |
+|                    | instructions (`native_bf16`), `BF16_MIN_ROWS[fmt]`+ rows     |                              |
+| dequantized matmul | a `QuantizedLinear` anywhere else (CUDA, no C kernels)       | dequantize by slabs, matmul  |
+| dense kernel       | float weights (`Linear`, `TiledLinear`, a tied head) on a    | `kernels.dense_many`         |
+|                    | CPU with the C kernels, at most `DENSE_MAX_ROWS` rows,       |                              |
+|                    | f32/bf16/f16, no grad                                        |                              |
+| PyTorch matmul     | float weights otherwise                                      | `F.linear`; `TiledLinear`:   |
+|                    |                                                              | a batched matmul of tiles    |
+
+Which float layers load as `TiledLinear` is decided by the loaders through `tiles_pay_off`
+(model/linear.py); which load as `QuantizedLinear`, by `--quant` and `Engine.load`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels
+from .cpu_decode import CpuDecoder
+from .cuda_graphs import GraphedDecoder
+from .kv_cache import KVCache
+
+DENSE_MAX_ROWS = 4  # rows of input up to which float weights use the dense kernel
+# From this many rows (a prefill chunk) a bf16-capable CPU runs bf16 matmuls. Each call first
+# dequantizes the whole weight (in C, slab by slab), a fixed cost that pays off only over
+# enough rows: these are the crossovers measured at 7B shapes on a 2-core AVX512-BF16 machine.
+BF16_MIN_ROWS = {"int8": 112, "int4": 144}
+
+QUANTIZED_KERNELS, BF16_PREFILL, DEQUANTIZED = "kernels", "bf16", "dequantized"
+
+
+@dataclass
+class Backend:
+    """The plan of one model's steps (see the module's table)."""
+
+    device: torch.device
+    cpu_decoder: CpuDecoder | None = None  # the fused C layers, when the model fits them
+    cuda_graphs: bool = False  # single-token steps replay CUDA graphs (on a CUDA device)
+
+    @classmethod
+    def choose(cls, model: torch.nn.Module, cuda_graphs: bool | None = None) -> "Backend":
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("MISTOL_CUDA_GRAPHS", "1") != "0"
+        device = model.embed_tokens.weight.device
+        fused = device.type == "cpu" and model.embed_tokens.weight.dtype == torch.float32
+        return cls(device, CpuDecoder.of(model) if fused else None, cuda_graphs)
+
+    @property
+    def graphs(self) -> bool:
+        """Whether single-token steps of one session replay CUDA graphs."""
+        return self.cuda_graphs and self.device.type == "cuda"
+
+    def graphed_decoder(self, model: torch.nn.Module, cache: KVCache) -> GraphedDecoder:
+        return GraphedDecoder(model, cache)
+
+    def forward(self, model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
+                caches: Sequence[KVCache], all_logits: bool = False) -> torch.Tensor:
+        """`model(tokens, positions, caches, all_logits)`, on the fused C layers where they apply."""
+        if self._fused_fits(model, tokens, caches) and not all_logits:
+            x, cos, sin = model.embed(tokens, positions)
+            plan = caches[0].plan(positions.reshape(-1))
+            return model.logits(self.cpu_decoder.run(x, cos, sin, caches[0], plan))
+        return model(tokens, positions, caches, all_logits=all_logits)
+
+    def _fused_fits(self, model: torch.nn.Module, tokens: torch.Tensor, caches: Sequence[KVCache]) -> bool:
+        if self.cpu_decoder is None or tokens.shape != (1, 1) or len(caches) != 1:
+            return False
+        k, v = caches[0].k, caches[0].v
+        return (
+            k.dtype == torch.float32
+            and k.device.type == "cpu"
+            and k.shape[1] == 1  # a cache of one sequence
+            and k.is_contiguous()
+            and v.is_contiguous()
+            and not (torch.is_grad_enabled() and model.embed_tokens.weight.requires_grad)
+            and kernels.impl_name() != "torch"
+        )
+
+
+# -- linear products ---------------------------------------------------------------------------
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16
+    matrix products outrun int8 ones; MISTOL_BF16_PREFILL=0/1 overrides."""
+    forced = os.environ.get("MISTOL_BF16_PREFILL")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def quantized_route(rows: int, device: torch.device, fmt: str) -> str:
+    """How a quantized layer multiplies `rows` input rows on `device`: QUANTIZED_KERNELS,
+    BF16_PREFILL or DEQUANTIZED."""
+    if device.type != "cpu":
+        return DEQUANTIZED
+    if rows >= BF16_MIN_ROWS[fmt] and native_bf16():
+        # Prefill is compute-bound, and a CPU with bf16 dot-product instructions multiplies
+        # bf16 about twice as fast as our int8 kernels do (and a little more exactly).
+        return BF16_PREFILL
+    return QUANTIZED_KERNELS if kernels.available() else DEQUANTIZED
+
+
+def dense_kernel_runs(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    """Whether x times these float weights (of one dtype) runs on the dense C kernel."""
+    dtype = weights[0].dtype
+    return (
+        x.device.type == "cpu"
+        and x.numel() <= DENSE_MAX_ROWS * x.shape[-1]
+        and dtype in kernels.DENSE_DTYPES
+        and all(w.dtype == dtype and w.device.type == "cpu" and w.is_contiguous() for w in weights)
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+        and kernels.available()
+    )

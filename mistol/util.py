@@ -1,0 +1,28 @@
+"""Small torch-free functions that several modules share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+DEFAULT_AVAILABLE_MEMORY = 8 << 30  # where the system does not say (no /proc/meminfo)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items `a` and `b` share (token ids: what a KV cache can keep)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def available_memory() -> int:
+    """Bytes of memory the system can hand out now without swapping (Linux's MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return DEFAULT_AVAILABLE_MEMORY
