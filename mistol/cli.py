@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_tokenize)
 
     from .bench.cli import register as register_bench
-    from .mathbench.cli import register as register_math
+    from .mathsolve.cli import register as register_math
     from .server.cli import register as register_serve
     from .tools.exec_cli import register as register_exec
     from .voice.cli import register as register_voice

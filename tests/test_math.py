@@ -22,12 +22,12 @@ from mistol.chat.code_mode import CodeOptions, CodeRunner
 from mistol.engine import Engine
 from mistol.hub import DEMO_MODEL
 from mistol.llm import LocalLLM
-from mistol.mathbench.answers import extract_answer, is_equivalent, parse_answer, reference_answer
-from mistol.mathbench.cli import main as math_main
-from mistol.mathbench.datasets import generate_arithmetic, load_problems
-from mistol.mathbench.evaluate import evaluate, read_records, wilson_interval
-from mistol.mathbench.strategies import Attempt, Strategy, best_solution, majority
-from mistol.mathbench.verify import StepScorer, judge_messages, solution_score, split_steps
+from mistol.mathsolve.answers import extract_answer, is_equivalent, parse_answer, reference_answer
+from mistol.mathsolve.cli import main as math_main
+from mistol.mathsolve.datasets import generate_arithmetic, load_problems
+from mistol.mathsolve.evaluate import evaluate, read_records, wilson_interval
+from mistol.mathsolve.strategies import Attempt, Strategy, best_solution, majority
+from mistol.mathsolve.verify import StepScorer, judge_messages, solution_score, split_steps
 from mistol.sampling import SamplingParams
 
 # -- grading -------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_generated_arithmetic_is_reproducible_and_self_consistent():
 
 def test_gsm_symbolic_generates_offline():
     pytest.importorskip("reasoning_gym")
-    from mistol.mathbench.datasets import generate_gsm_symbolic
+    from mistol.mathsolve.datasets import generate_gsm_symbolic
 
     records = generate_gsm_symbolic(3, seed=1)
     assert len(records) == 3 and all(r["question"] and r["answer"] for r in records)

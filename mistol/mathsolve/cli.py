@@ -200,7 +200,7 @@ def evaluate_data(problems: list, strategies: list, args, progress: bool) -> int
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`mistol math` on its own (python -m mistol.mathbench.cli ARGS): the same parser and errors."""
+    """`mistol math` on its own (python -m mistol.mathsolve.cli ARGS): the same parser and errors."""
     from mistol.cli import main as mistol_main
 
     return mistol_main(["math", *(sys.argv[1:] if argv is None else argv)])
