@@ -28,11 +28,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .engines import Spec
+from .engines import ENGINES, FORMATS, Spec
 from .shapes import GGUF_TYPES, all_weights, bytes_per_token, model_config
 
-ENGINES = ("mistol", "transformers", "llama.cpp")
-FORMATS = ("int8", "int4", "bf16", "f16", "f32")
 QUANTIZED = ("int8", "int4")
 WORKER_TIMEOUT_S = 3 * 3600
 TURN_STEPS = 4  # decode steps an engine times per turn (plus one untimed: the other engine just ran)

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from ..bench.run import ENGINES, FORMATS
+from ..bench.engines import ENGINES, FORMATS
 from ..bench.shapes import SHAPES
 from ..errors import MistolError
 from . import COMMANDS
