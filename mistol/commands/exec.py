@@ -65,4 +65,3 @@ def cmd_exec(args) -> int:
     sys.stdout.write(output if not output or output.endswith("\n") else output + "\n")
     sys.stdout.flush()
     return 0
-

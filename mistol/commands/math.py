@@ -198,4 +198,3 @@ def evaluate_data(problems: list, strategies: list, args, progress: bool) -> int
     print(f"{args.data}: {len(problems)} problem(s)" + (f", results in {out}" if out else ""))
     print(format_table(summaries))
     return 0
-

@@ -171,4 +171,3 @@ def cmd_voice(args) -> int:
             if device is not None:
                 device.close()
     return 0
-
