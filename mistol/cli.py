@@ -32,7 +32,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     named = _command_in(argv) if argv is not None else None
     for name, summary in COMMANDS.items():
         if argv is None or name == named:
-            importlib.import_module(f"{__package__}.commands.{name}").register(sub)
+            importlib.import_module(f"mistol.commands.{name}").register(sub)
         else:
             sub.add_parser(name, help=summary)
     return parser
