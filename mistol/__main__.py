@@ -1,3 +1,5 @@
+"""`python -m mistol`: the `mistol` command."""
+
 import sys
 
 from .cli import main

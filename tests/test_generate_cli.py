@@ -34,5 +34,5 @@ def test_generate_prints_the_reference_greedy_text(mistral_dir):
 def test_generate_help_explains_the_options():
     out = subprocess.run([sys.executable, "-m", "mistol", "generate", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for option in ("--model", "--prompt", "--max-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--dtype"):
+    for option in ("--model", "--prompt", "--max-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--quant"):
         assert option in out.stdout

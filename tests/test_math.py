@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from mistol.cli import main
 from mistol.engine import Engine
 from mistol.hub import DEMO_MODEL
 from mistol.llm import LocalLLM
-from mistol.mathbench.answers import extract_answer, is_equivalent, parse_answer, reference_answer
-from mistol.mathbench.cli import main as math_main
-from mistol.mathbench.datasets import generate_arithmetic, load_problems
-from mistol.mathbench.evaluate import evaluate, read_records, wilson_interval
-from mistol.mathbench.strategies import Attempt, Strategy, best_solution, majority
-from mistol.mathbench.verify import StepScorer, judge_messages, solution_score, split_steps
+from mistol.mathsolve.answers import extract_answer, is_equivalent, parse_answer, reference_answer
+from mistol.mathsolve.datasets import generate_arithmetic, load_problems
+from mistol.mathsolve.evaluate import evaluate, read_records, wilson_interval
+from mistol.mathsolve.strategies import Attempt, Strategy, best_solution, majority
+from mistol.mathsolve.verify import StepScorer, judge_messages, solution_score, split_steps
 from mistol.sampling import SamplingParams
 from mistol.sandbox.code_turn import CodeOptions, CodeRunner
 
@@ -187,7 +187,7 @@ def test_generated_arithmetic_is_reproducible_and_self_consistent():
 
 def test_gsm_symbolic_generates_offline():
     pytest.importorskip("reasoning_gym")
-    from mistol.mathbench.datasets import generate_gsm_symbolic
+    from mistol.mathsolve.datasets import generate_gsm_symbolic
 
     records = generate_gsm_symbolic(3, seed=1)
     assert len(records) == 3 and all(r["question"] and r["answer"] for r in records)
@@ -319,12 +319,12 @@ def test_verify_runs_the_code_scores_every_solution_and_picks_the_best(tiny_llm)
 
 
 def test_verify_is_refused_over_an_api(capsys):
-    assert math_main(["--api", "http://127.0.0.1:9/v1", "--strategy", "code,verify", "What is 2+2?"]) == 1
+    assert main(["math", "--api", "http://127.0.0.1:9/v1", "--strategy", "code,verify", "What is 2+2?"]) == 1
     assert "not available with --api" in capsys.readouterr().err
 
 
 def test_vote_needs_a_temperature(mistral_dir, capsys):
-    assert math_main(["--model", str(mistral_dir), "--strategy", "vote", "-t", "0", "What is 2+2?"]) == 1
+    assert main(["math", "--model", str(mistral_dir), "--strategy", "vote", "-t", "0", "What is 2+2?"]) == 1
     assert "--temperature > 0" in capsys.readouterr().err
 
 
@@ -359,8 +359,8 @@ def test_an_interrupted_run_resumes_without_redoing_problems(mistral_dir, tmp_pa
 
     # The same command again: nothing left to do, the file unchanged, the table printed.
     before = out.read_text()
-    argv = ["--model", str(mistral_dir), "--data", str(data), "--strategy", "cot", "--out", str(out), "--quiet"]
-    assert math_main(argv) == 0
+    argv = ["math", "--model", str(mistral_dir), "--data", str(data), "--strategy", "cot", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
     assert out.read_text() == before
     table = capsys.readouterr().out
     assert "cot" in table and "95% CI" in table and " 6 " in table
@@ -369,7 +369,7 @@ def test_an_interrupted_run_resumes_without_redoing_problems(mistral_dir, tmp_pa
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({**r, "question": r["question"] + " Show your work."}) + "\n"
                              for r in generate_arithmetic(6, seed=3)))
-    assert math_main(["--model", str(mistral_dir), "--data", str(other), "--strategy", "cot", "--out", str(out), "--quiet"]) == 1
+    assert main(["math", "--model", str(mistral_dir), "--data", str(other), "--strategy", "cot", "--out", str(out), "--quiet"]) == 1
     assert "another data set" in capsys.readouterr().err
 
 
@@ -391,7 +391,7 @@ needs_demo = pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(),
 def test_demo_code_strategy(tmp_path, capsys, one_thread):
     data = write_problems(tmp_path / "problems.jsonl", 20, seed=11)
     out = tmp_path / "results.jsonl"
-    assert math_main(["--model", "demo", "--data", str(data), "--strategy", "code", "--out", str(out), "--quiet"]) == 0
+    assert main(["math", "--model", "demo", "--data", str(data), "--strategy", "code", "--out", str(out), "--quiet"]) == 0
     records = read_records(out)
     assert len(records) == 20
     accuracy = sum(r["correct"] for r in records) / 20
@@ -405,8 +405,8 @@ def test_demo_code_strategy(tmp_path, capsys, one_thread):
 def test_demo_vote_and_verify_print_their_table(tmp_path, capsys, one_thread):
     data = write_problems(tmp_path / "problems.jsonl", 3, seed=12)
     out = tmp_path / "results.jsonl"
-    argv = ["--model", "demo", "--data", str(data), "--strategy", "vote,verify", "--samples", "3", "--out", str(out), "--quiet"]
-    assert math_main(argv) == 0
+    argv = ["math", "--model", "demo", "--data", str(data), "--strategy", "vote,verify", "--samples", "3", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
     table = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split() for line in table if line.split() and line.split()[0] in ("vote", "verify")}
     assert set(rows) == {"vote", "verify"} and rows["vote"][1] == rows["verify"][1] == "3"
@@ -419,7 +419,7 @@ def test_demo_vote_and_verify_print_their_table(tmp_path, capsys, one_thread):
 
 @needs_demo
 def test_demo_solves_one_question(capsys, one_thread):
-    assert math_main(["--model", "demo", "Solve x^2 - 5x + 6 = 0"]) == 0
+    assert main(["math", "--model", "demo", "Solve x^2 - 5x + 6 = 0"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("```python\n") and "\nOutput:\n```\n" in out  # the reasoning, the code and its output
     last = out.rstrip().splitlines()[-1]

@@ -365,7 +365,7 @@ def test_engine_and_cli_pass_quant_through(mistral_dir, capsys):
     engine = Engine.load(str(mistral_dir), quant="int4")
     assert type(engine.model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
     args = build_parser().parse_args(["generate", "--model", "m", "-p", "x", "--quant", "int8"])
-    assert args.dtype == "int8"
+    assert args.quant == "int8"
     assert main(["generate", "--model", str(mistral_dir), "-p", "Hello", "--quant", "int8",
                  "--max-tokens", "3", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.endswith("\n")

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from mistol.tools import exec_cli
+from mistol.cli import main
+from mistol.commands import exec as exec_command
 from mistol.sandbox.sandbox import Sandbox, SandboxLimits, network_isolation_available
 
 NO_NAMESPACES = "the kernel allows no network namespace here (unshare fails), so the sandbox cannot cut the network"
@@ -242,15 +243,15 @@ def test_without_namespaces_the_sandbox_refuses_to_start_unless_network_is_allow
     script.write_text("import os\nprint(6 * 7)\n")
     code = f"""
 from mistol.errors import MistolError
-from mistol.tools.exec_cli import main
+from mistol.cli import main
 from mistol.sandbox.sandbox import Sandbox, SandboxLimits, network_isolation_available
 print(network_isolation_available())
 try:
     Sandbox()
 except MistolError as e:
     print("refused:", e)
-print(main([{str(script)!r}]))
-print(main([{str(script)!r}, "--allow-network"]))
+print(main(["exec", {str(script)!r}]))
+print(main(["exec", {str(script)!r}, "--allow-network"]))
 with Sandbox(SandboxLimits(allow_network=True, timeout_s=3)) as sb:
     print(sb.isolation.network, sb.isolation.pid_namespace, sb.run("while True: pass").timed_out)
     print(sb.run("'alive'").output, end="")
@@ -268,11 +269,11 @@ def test_exec_prints_what_the_model_would_see(tmp_path, capsys):
     script = tmp_path / "script.py"
     script.write_text("import sys\nprint('out')\nprint('err', file=sys.stderr)\n6 * 7\n")
     network = [] if network_isolation_available() else ["--allow-network"]
-    assert exec_cli.main([str(script), "--timeout", "10", *network]) == 0
+    assert main(["exec", str(script), "--timeout", "10", *network]) == 0
     assert capsys.readouterr().out == "out\nerr\n42\n"
 
     parser = argparse.ArgumentParser(prog="mistol")
-    exec_cli.register(parser.add_subparsers(dest="command"))
+    exec_command.register(parser.add_subparsers(dest="command"))
     script.write_text("block = bytearray(512 * 2**20)")
     args = parser.parse_args(["exec", str(script), "--memory", "256", *network])
     assert args.run(args) == 0
@@ -280,5 +281,5 @@ def test_exec_prints_what_the_model_would_see(tmp_path, capsys):
 
 
 def test_exec_of_a_missing_file_is_a_one_line_error(tmp_path, capsys):
-    assert exec_cli.main([str(tmp_path / "missing.py")]) == 1
+    assert main(["exec", str(tmp_path / "missing.py")]) == 1
     assert capsys.readouterr().err == f"mistol: error: {tmp_path / 'missing.py'}: no such file\n"

@@ -357,14 +357,14 @@ def test_server_keeps_serving_after_bad_requests(server):
 def test_serve_command_line_defaults_are_safe():
     import argparse
 
-    from mistol.server.cli import _is_loopback, register
+    from mistol.commands.serve import is_loopback, register
 
     sub = argparse.ArgumentParser().add_subparsers(dest="command")
     register(sub)
     args = sub.choices["serve"].parse_args(["--model", "m"])
     assert (args.host, args.port, args.api_key, args.max_batch, args.ctx) == ("127.0.0.1", 8000, None, 4, None)
-    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
-    assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.2")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
 
 
 def test_terminal_chat_against_our_own_server(server, tmp_path):

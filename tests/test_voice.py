@@ -266,7 +266,7 @@ def test_barge_in_stops_playback_and_generation_and_listens():
 # -- the command -----------------------------------------------------------------------------
 def run_voice(tmp_path, *args, timeout=240):
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path)}
-    return subprocess.run([sys.executable, "-m", "mistol.voice.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mistol", "voice", *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
 
 
@@ -313,7 +313,7 @@ def test_demo_model_answers_arithmetic_by_voice(tmp_path):
 
 
 def test_register_adds_the_voice_subcommand():
-    from mistol.voice.cli import register
+    from mistol.commands.voice import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
@@ -360,7 +360,7 @@ def test_each_missing_piece_names_what_to_install(monkeypatch):
     with pytest.raises(MistolError, match="no microphone found"):
         devices.Microphone()
 
-    from mistol.voice.cli import add_arguments, cmd_voice
+    from mistol.commands.voice import add_arguments, cmd_voice
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

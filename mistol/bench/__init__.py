@@ -2,5 +2,5 @@
 
 `shapes` names the model shapes and what a decode step reads, `models` builds random-weight
 models directly in each format, `engines` measures one engine in a process of its own, and
-`cli` runs them all and prints the comparison.
+`run` runs them all and reports the comparison (the command itself is mistol/commands/bench.py).
 """

@@ -25,6 +25,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+ENGINES = ("mistol", "transformers", "llama.cpp")
+FORMATS = ("int8", "int4", "bf16", "f16", "f32")  # llama.cpp: the GGUF type of the same bits (shapes.GGUF_TYPES)
+
 
 @dataclass
 class Spec:

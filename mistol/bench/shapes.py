@@ -7,8 +7,12 @@ long as they are finite. Each engine builds its model directly in the format it 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import MistolError
-from ..model import ModelConfig
+
+if TYPE_CHECKING:  # imported where used: the model package imports torch
+    from ..model import ModelConfig
 
 # Hugging Face config.json fields, so that transformers, mistol and the GGUF writer share them.
 SHAPES: dict[str, dict] = {
@@ -47,6 +51,8 @@ def hf_config(shape: str) -> dict:
 
 
 def model_config(shape: str) -> ModelConfig:
+    from ..model import ModelConfig
+
     return ModelConfig.from_hf_dict(hf_config(shape), source=f"shape {shape}")
 
 

@@ -4,7 +4,7 @@
     mistol math --data test.jsonl --strategy code,vote --samples 5 --limit 100 --out results.jsonl
     mistol math --generate arithmetic --n 200 --seed 1 > problems.jsonl
 
-The subcommand is registered by `register(subparsers)` from mistol/cli.py.
+The solving and grading are in mistol/mathsolve/; this module reads the options and prints.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import add_api_args, add_model_args, add_sampling_args, load_engine, remote_llm, sampling_params
 from ..errors import MistolError
-from .datasets import GENERATORS
-from .strategies import DEFAULT_VOTE_TEMPERATURE, SAMPLING, STRATEGIES
+from ..mathsolve.choices import DEFAULT_VOTE_TEMPERATURE, SAMPLING, STRATEGIES
+from ..mathsolve.datasets import GENERATORS
+from . import COMMANDS
+from .options import add_api_args, add_model_args, add_sampling_args, load_engine, remote_llm, sampling_params
 
 DESCRIPTION = (
     "Solve a math problem, showing the reasoning, the code the model runs and the final answer; "
@@ -28,9 +29,8 @@ DESCRIPTION = (
 )
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("math", help="solve math problems; evaluate cot/code/vote/verify on a data set",
-                              description=DESCRIPTION)
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("math", help=COMMANDS["math"], description=DESCRIPTION)
     add_model_args(p)
     p.add_argument("question", nargs="?", default=None, help="a problem to solve (instead of --data)")
     p.add_argument("--data", metavar="FILE.jsonl", default=None, help="evaluate on this data set")
@@ -65,6 +65,7 @@ def register(subparsers) -> None:
         elif action.dest == "seed":
             action.help = "seed for sampling, and for --generate (default: 0, so runs repeat)"
     p.set_defaults(run=cmd_math, temperature=None, seed=0)
+    return p
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -79,7 +80,7 @@ def parse_strategies(text: str) -> list[str]:
 
 def cmd_math(args) -> int:
     if args.generate:
-        from .datasets import generate
+        from ..mathsolve.datasets import generate
 
         for record in generate(args.generate, args.n, args.seed if args.seed is not None else 0):
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -90,7 +91,7 @@ def cmd_math(args) -> int:
         raise MistolError("mistol math: give a QUESTION or --data FILE.jsonl, not both")
     names = parse_strategies(args.strategy)
     if "verify" in names and args.api:
-        from .verify import VERIFY_NEEDS_ENGINE
+        from ..mathsolve.verify import VERIFY_NEEDS_ENGINE
 
         raise MistolError(VERIFY_NEEDS_ENGINE)
     sampled = [n for n in names if n in SAMPLING]
@@ -99,7 +100,7 @@ def cmd_math(args) -> int:
                           "(at 0 they would all be the same)")
     problems = None
     if args.data is not None:
-        from .datasets import load_problems
+        from ..mathsolve.datasets import load_problems
 
         problems = load_problems(args.data, args.limit)  # before the model loads: a bad file fails fast
 
@@ -134,11 +135,11 @@ def _notice(text: str) -> None:
 def make_strategies(names: list[str], llm, args, runner) -> list:
     from dataclasses import replace
 
-    from .strategies import Strategy
+    from ..mathsolve.strategies import Strategy
 
     scorer = None
     if "verify" in names:
-        from .verify import StepScorer
+        from ..mathsolve.verify import StepScorer
 
         scorer = StepScorer(llm)
     base = sampling_params(args if args.temperature is not None else _with_temperature(args, 0.0), [])
@@ -184,7 +185,7 @@ def solve_one(question: str, strategies: list, seed: int | None) -> int:
 
 # -- a data set -------------------------------------------------------------------------------
 def evaluate_data(problems: list, strategies: list, args, progress: bool) -> int:
-    from .evaluate import evaluate, format_table, read_records
+    from ..mathsolve.evaluate import evaluate, format_table, read_records
 
     out = Path(args.out) if args.out else None
     try:
@@ -197,14 +198,3 @@ def evaluate_data(problems: list, strategies: list, args, progress: bool) -> int
     print(f"{args.data}: {len(problems)} problem(s)" + (f", results in {out}" if out else ""))
     print(format_table(summaries))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`mistol math` on its own (python -m mistol.mathbench.cli ARGS): the same parser and errors."""
-    from mistol.cli import main as mistol_main
-
-    return mistol_main(["math", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,11 +24,9 @@ from ..errors import MistolError
 from ..sampling import SamplingParams
 from ..sandbox.code_turn import CODE_SYSTEM_PROMPT, code_turn
 from .answers import code_output_answer, extract_answer, is_equivalent
+from .choices import SAMPLING, STRATEGIES
 from .verify import StepScorer, solution_score, split_steps
 
-STRATEGIES = ("cot", "code", "vote", "verify")
-SAMPLING = ("vote", "verify")  # strategies that need temperature > 0
-DEFAULT_VOTE_TEMPERATURE = 0.7
 TIE = 1e-6  # verify: solution scores this close (relative) count as equal
 
 COT_SYSTEM_PROMPT = (

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import MistolError
 from ..sandbox.sandbox import Sandbox, SandboxLimits
+from . import COMMANDS
 
 DESCRIPTION = (
     "Run FILE's Python code the way mistol runs the code a model writes in a chat: in a separate "
@@ -44,11 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="let the code use the network (needed where the system allows no network namespace)")
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("exec", help="run a Python file in the code sandbox and print what the model would see",
-                              description=DESCRIPTION)
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("exec", help=COMMANDS["exec"], description=DESCRIPTION)
     add_arguments(p)
     p.set_defaults(run=cmd_exec)
+    return p
 
 
 def cmd_exec(args) -> int:
@@ -64,14 +65,3 @@ def cmd_exec(args) -> int:
     sys.stdout.write(output if not output or output.endswith("\n") else output + "\n")
     sys.stdout.flush()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`mistol exec` on its own (python -m mistol.tools.exec_cli ARGS): the same parser and errors."""
-    from mistol.cli import main as mistol_main
-
-    return mistol_main(["exec", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

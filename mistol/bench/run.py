@@ -1,4 +1,4 @@
-"""The `bench` subcommand: mistol, transformers and llama.cpp on one machine, in one run.
+"""What `mistol bench` runs: mistol, transformers and llama.cpp on one machine, in one run.
 
     mistol bench --shape 7b [--quant int8,int4,bf16] [--engines mistol,transformers,llama.cpp] [--json]
 
@@ -17,7 +17,6 @@ so that a bf16 7B pair holds one copy of most weights and can take turns in 24 G
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -29,71 +28,21 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import MistolError
-from ..model.linear import tiles_pay_off
-from .engines import Spec
-from .shapes import GGUF_TYPES, SHAPES, all_weights, bytes_per_token, model_config
+from .engines import ENGINES, FORMATS, Spec
+from ..util import available_memory
+from .shapes import GGUF_TYPES, all_weights, bytes_per_token, model_config
 
-ENGINES = ("mistol", "transformers", "llama.cpp")
-FORMATS = ("int8", "int4", "bf16", "f16", "f32")
 QUANTIZED = ("int8", "int4")
 WORKER_TIMEOUT_S = 3 * 3600
 TURN_STEPS = 4  # decode steps an engine times per turn (plus one untimed: the other engine just ran)
 PROBE_BYTES = 1 << 30  # read in turns with the decoding, for the bandwidth at that time
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "bench", help="measure prefill and decode speed against transformers and llama.cpp",
-        description="Build random-weight models of a named shape in each format (quantized ones in memory; GGUF "
-        "files for llama.cpp and a safetensors checkpoint per float format, which mistol and transformers both map, "
-        "written once into --cache-dir) and measure, in one run: prefill tok/s (each --prompts length), time to first token, decode tok/s (median over --steps "
-        "greedy steps) and peak RSS, for mistol (each --quant), transformers (its float formats) and llama.cpp "
-        "through llama-cpp-python on a GGUF of the same shape (Q8_0 for int8, Q4_0 for int4). Engines that are "
-        "not installed, and formats that do not fit in memory, are skipped with a notice. Decode speed is "
-        "compared with the bandwidth ceiling measured in the same run. Compare figures of one run only: "
-        "other processes on the machine change them.",
-    )
-    p.add_argument("--shape", default="7b", choices=list(SHAPES), help="model shape (default: 7b, Mistral 7B)")
-    p.add_argument("--quant", default="int8,int4,bf16,f32",
-                   help="formats to measure, comma-separated, from int8,int4,bf16,f16,f32 (default: "
-                   "int8,int4,bf16,f32); transformers runs the float ones, llama.cpp the quantized ones")
-    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated (default: {','.join(ENGINES)})")
-    p.add_argument("--prompts", default="64,512", help="prompt lengths for prefill (default: 64,512)")
-    p.add_argument("--steps", type=int, default=32, help="decode steps, at least 32 (default: 32)")
-    p.add_argument("--threads", type=int, default=0, help="threads for every engine (default: all cores)")
-    p.add_argument("--cache-dir", "--gguf-dir", dest="cache_dir", type=Path, default=None,
-                   help="where the model files are written and kept for the next run: GGUF files for llama.cpp, "
-                   "a safetensors checkpoint per float format for mistol and transformers (default: "
-                   "~/.cache/mistol/bench)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    p.set_defaults(run=cmd_bench)
-    return p
-
-
-def _list(value: str, allowed, what: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
-    if bad or not items:
-        raise MistolError(f"--{what}: {', '.join(bad) or 'nothing given'} (choose from {', '.join(allowed)})")
-    return items
-
-
-def cmd_bench(args) -> int:
-    formats = _list(args.quant, FORMATS, "quant")
-    engines = _list(args.engines, ENGINES, "engines")
-    try:
-        prompts = sorted({int(n) for n in args.prompts.split(",") if n.strip()})
-    except ValueError:
-        raise MistolError(f"--prompts: comma-separated token counts, not {args.prompts!r}") from None
-    if not prompts or prompts[0] < 8:
-        raise MistolError("--prompts: each prompt needs at least 8 tokens")
-    if args.steps < 1:
-        raise MistolError("--steps must be at least 1 (32 or more for a stable median)")
-    if args.threads < 0:
-        raise MistolError("--threads must be 0 (all cores) or more")
-    config = model_config(args.shape)
-    cache_dir = args.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mistol" / "bench"
+def run_bench(shape: str, formats: list[str], engines: list[str], prompts: list[int], steps: int, threads: int,
+              cache_dir: Path) -> dict:
+    """Measure each engine at each format (the pairs that apply, installed and fitting in memory)
+    and return the report that `report_table` prints; model files are written to `cache_dir`."""
+    config = model_config(shape)
     say = (lambda text: print(text, file=sys.stderr, flush=True))
 
     plan: list[Spec] = []
@@ -104,17 +53,17 @@ def cmd_bench(args) -> int:
                 continue  # transformers has no CPU int8/int4 path of this kind
             if engine == "llama.cpp" and fmt not in QUANTIZED:
                 continue  # compared at the same bits as mistol's quantized formats
-            plan.append(Spec(engine, fmt, args.shape, prompts, args.steps, args.threads))
+            plan.append(Spec(engine, fmt, shape, prompts, steps, threads))
     available = _available(engines)
-    bandwidth = [measure_bandwidth(args.threads)]
-    say(f"memory read bandwidth ({args.threads or os.cpu_count()} threads): {bandwidth[0]:.1f} GB/s")
+    bandwidth = [measure_bandwidth(threads)]
+    say(f"memory read bandwidth ({threads or os.cpu_count()} threads): {bandwidth[0]:.1f} GB/s")
     runnable: list[tuple[Spec, Memory]] = []
     for spec in plan:
         label = _label(spec)
         if not available[spec.engine]:
             notes.append(f"{label}: skipped ({_MISSING[spec.engine]})")
             continue
-        need, free = _memory_need(spec, config), _available_memory()
+        need, free = _memory_need(spec, config), available_memory()
         if need.total > free:
             notes.append(f"{label}: skipped (needs about {need.total / 2**30:.1f} GiB, "
                          f"{free / 2**30:.1f} GiB available)")
@@ -125,25 +74,21 @@ def cmd_bench(args) -> int:
         try:
             for spec in group:
                 if spec.engine == "llama.cpp":
-                    spec.gguf = str(_gguf_file(cache_dir, args.shape, spec.fmt, config, say))
+                    spec.gguf = str(_gguf_file(cache_dir, shape, spec.fmt, config, say))
                 elif spec.fmt not in QUANTIZED:
-                    spec.checkpoint = str(_checkpoint(cache_dir, args.shape, spec.fmt, say))
+                    spec.checkpoint = str(_checkpoint(cache_dir, shape, spec.fmt, say))
         except OSError as e:
             notes += [f"{_label(spec)}: skipped (cannot write its model file: {e})" for spec in group]
             continue
         labels = " and ".join(_label(spec) for spec in group)
         say(f"measuring {labels}" + (", taking turns decoding ..." if len(group) > 1 else " ..."))
-        for result in _measure(group, args.threads):
+        for result in _measure(group, threads):
             if "error" in result:
-                notes.append(f"{_label(Spec(result['engine'], result['fmt'], args.shape))}: failed ({result['error']})")
+                notes.append(f"{_label(Spec(result['engine'], result['fmt'], shape))}: failed ({result['error']})")
             results.append(result)
-    bandwidth.append(measure_bandwidth(args.threads))
-    report = _report(config, results, bandwidth, notes)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(_table(report))
-    return 0
+    bandwidth.append(measure_bandwidth(threads))
+    return _report(config, results, bandwidth, notes)
+
 
 
 _MISSING = {"transformers": "pip install transformers", "llama.cpp": "pip install llama-cpp-python", "mistol": ""}
@@ -154,12 +99,6 @@ def _available(engines: list[str]) -> dict[str, bool]:
 
     modules = {"mistol": "mistol", "transformers": "transformers", "llama.cpp": "llama_cpp"}
     return {e: importlib.util.find_spec(modules[e]) is not None for e in ENGINES}
-
-
-def _available_memory() -> int:
-    from ..util import available_memory as available
-
-    return available()
 
 
 def _format_name(spec: Spec) -> str:
@@ -207,6 +146,8 @@ class Memory:
 def _memory_need(spec: Spec, config) -> Memory:
     import torch
 
+    from ..model.linear import tiles_pay_off
+
     weights = all_weights(config)
     if spec.engine == "mistol" and spec.fmt in QUANTIZED:  # quantized linears, float32 embedding
         return Memory(weights * 1.1 + config.vocab_size * config.hidden_size * 4)
@@ -226,7 +167,7 @@ def _groups(runnable: list[tuple[Spec, Memory]], formats: list[str]) -> list[lis
     for fmt in formats:
         specs = [(spec, need) for spec, need in runnable if spec.fmt == fmt]
         together = sum(need.own for _, need in specs) + max((need.shared for _, need in specs), default=0)
-        if len(specs) > 1 and together + PROBE_BYTES <= _available_memory():
+        if len(specs) > 1 and together + PROBE_BYTES <= available_memory():
             groups.append([spec for spec, _ in specs])
         else:
             groups += [[spec] for spec, _ in specs]
@@ -417,7 +358,7 @@ def _report(config, results: list[dict], bandwidth: list[float], notes: list[str
             "ratios": ratios, "notes": notes}
 
 
-def _table(report: dict) -> str:
+def report_table(report: dict) -> str:
     rows = report["rows"]
     prompts = sorted({int(n) for r in rows for n in r["prefill_tok_s"]})
     bw = report["bandwidth_gb_s"]

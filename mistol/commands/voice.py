@@ -10,6 +10,8 @@ import argparse
 import sys
 
 from ..errors import MistolError
+from . import COMMANDS
+from .options import add_api_args, add_model_args, add_sampling_args, load_engine, remote_llm, sampling_params
 
 DESCRIPTION = (
     "A spoken conversation: the microphone is cut into utterances by voice activity detection "
@@ -22,8 +24,6 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_api_args, add_model_args, add_sampling_args
-
     add_model_args(p)
     p.add_argument("--persona", default=None, metavar="stacy|FILE",
                    help="the assistant's system prompt: 'stacy' (a friendly voice assistant with short "
@@ -53,11 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_api_args(p)
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("voice", help="talk with the model (speech in, spoken answers out)",
-                              description=DESCRIPTION)
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("voice", help=COMMANDS["voice"], description=DESCRIPTION)
     add_arguments(p)
     p.set_defaults(run=cmd_voice)
+    return p
 
 
 class _Printer:
@@ -98,14 +98,13 @@ def _timings(turn, live_silence_ms: int | None) -> str:
 
 def cmd_voice(args) -> int:
     from ..sandbox.code_turn import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner
-    from ..cli import load_engine, remote_llm, sampling_params
     from ..llm import LocalLLM
-    from .audio import read_wav, silence, write_wav
-    from .loop import BufferSink, Conversation
-    from .persona import load_persona
-    from .stt import make_stt
-    from .tts import make_tts
-    from .vad import SileroVAD, VADConfig
+    from ..voice.audio import read_wav, silence, write_wav
+    from ..voice.loop import BufferSink, Conversation
+    from ..voice.persona import load_persona
+    from ..voice.stt import make_stt
+    from ..voice.tts import make_tts
+    from ..voice.vad import SileroVAD, VADConfig
 
     if args.output and not args.input:
         raise MistolError("--output needs --input (live mode plays the answer on the speaker)")
@@ -118,7 +117,7 @@ def cmd_voice(args) -> int:
     recording = read_wav(args.input) if args.input else None
     mic = speaker = None
     if recording is None:
-        from .devices import Microphone, Speaker
+        from ..voice.devices import Microphone, Speaker
 
         speaker = Speaker()
         mic = Microphone()
@@ -172,14 +171,3 @@ def cmd_voice(args) -> int:
             if device is not None:
                 device.close()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`mistol voice` on its own (python -m mistol.voice.cli ARGS): the same parser and errors."""
-    from mistol.cli import main as mistol_main
-
-    return mistol_main(["voice", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

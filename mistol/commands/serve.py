@@ -1,4 +1,4 @@
-"""The `serve` subcommand: `mistol serve --model M [--host 127.0.0.1] [--port 8000] ...`."""
+"""`mistol serve --model M [--host 127.0.0.1] [--port 8000] ...`: the OpenAI-compatible server."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import ipaddress
 import os
 import sys
 
-from ..cli import add_model_args, load_engine
 from ..errors import MistolError
+from . import COMMANDS
+from .options import add_model_args, load_engine
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "serve", help="serve the model over an OpenAI-compatible HTTP API",
+        "serve", help=COMMANDS["serve"],
         description="Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
         "/v1/models; /health). Concurrent requests are decoded together, and each conversation's KV cache "
         "is kept, so a client that resends the history only pays for its new tokens. "
@@ -45,7 +46,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def cmd_serve(args) -> int:
     from ..sandbox.sandbox import SandboxLimits
-    from .app import ServerOptions, create_app
+    from ..server.app import ServerOptions, create_app
 
     if args.max_batch < 1:
         raise MistolError(f"--max-batch must be at least 1 (got {args.max_batch})")
@@ -54,12 +55,12 @@ def cmd_serve(args) -> int:
     if not 0 <= args.port <= 65535:
         raise MistolError(f"--port must be in 0..65535 (got {args.port})")
     api_key = args.api_key or os.environ.get("MISTOL_API_KEY") or None
-    if args.allow_code and not _is_loopback(args.host) and api_key is None:
+    if args.allow_code and not is_loopback(args.host) and api_key is None:
         raise MistolError(f"--allow-code on {args.host} would let anyone who reaches this port run code here; "
                           "listen on 127.0.0.1, or set --api-key")
     if args.code_timeout <= 0 or args.code_memory < 64:
         raise MistolError("--code-timeout must be positive and --code-memory at least 64 MB")
-    if not _is_loopback(args.host) and api_key is None:
+    if not is_loopback(args.host) and api_key is None:
         print(f"mistol serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
     try:
@@ -83,21 +84,10 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`mistol serve` on its own (python -m mistol.server.cli ARGS): the same parser and errors."""
-    from mistol.cli import main as mistol_main
-
-    return mistol_main(["serve", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

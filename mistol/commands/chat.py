@@ -1,0 +1,73 @@
+"""`mistol chat`: chat with the model in the terminal, or with a server through --api."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import COMMANDS
+from .options import add_api_args, add_model_args, add_sampling_args, load_engine, remote_llm, sampling_params
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("chat", help=COMMANDS["chat"],
+                       description="Chat in the terminal (ChatML). Replies stream as they are written; "
+                       "the conversation is saved as it goes under ~/.local/share/mistol/chats/. "
+                       "Without a terminal, each line of standard input is one message: "
+                       "echo 'hi' | mistol chat --model DIR")
+    add_model_args(p)
+    p.add_argument("--system", "-s", default=None, help="the system prompt")
+    p.add_argument("--resume", action="store_true", help="continue the last saved chat")
+    g = p.add_argument_group("running the code the model writes (in a sandbox: no network, time and memory limits)")
+    g.add_argument("--yes", "-y", action="store_true",
+                   help="run the model's Python blocks without asking (they run on this machine)")
+    g.add_argument("--code", action="store_true",
+                   help="use the code-mode system prompt (the default with --model demo)")
+    g.add_argument("--no-code", action="store_true", help="never offer to run code blocks")
+    g.add_argument("--allow-network", action="store_true", help="let the code use the network")
+    g.add_argument("--code-timeout", type=float, default=30.0, help="seconds per block (default: 30)")
+    g.add_argument("--code-memory", type=int, default=2048, help="MB of memory per block (default: 2048)")
+    p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's; 8192 at most without a sliding window)")
+    p.add_argument("--verbose", "-v", action="store_true", help="after each reply, show tokens/s and time to first token")
+    add_sampling_args(p, max_tokens=1024)
+    add_api_args(p)
+    p.set_defaults(run=cmd_chat)
+    return p
+
+
+def cmd_chat(args) -> int:
+    from ..chat.log import ChatLog, latest_chat, replay, set_system
+    from ..sandbox.code_turn import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner
+    from ..chat.repl import DEFAULT_SYSTEM, ChatApp, ChatOptions, ask_line, piped_lines, terminal_lines
+    from ..sandbox.sandbox import SandboxLimits
+    from ..llm import LocalLLM
+
+    interactive = sys.stdin.isatty()
+    if args.resume:
+        path = latest_chat()
+        messages, log = replay(path), ChatLog(path)
+    else:
+        messages, log = [], ChatLog.create()
+    if args.system is not None or not messages:
+        code_prompt = args.code or args.model == "demo"
+        system = args.system if args.system is not None else CODE_SYSTEM_PROMPT if code_prompt else DEFAULT_SYSTEM
+        set_system(messages, system)
+        log.write("system", content=system)
+    llm = remote_llm(args) if args.api else LocalLLM(load_engine(args), max_context=args.ctx)
+    options = ChatOptions(args.verbose, interactive)
+    code = None
+    if not args.no_code:
+        limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory, allow_network=args.allow_network)
+        code = CodeRunner(CodeOptions(auto_yes=args.yes, limits=limits), ask_line if interactive else None,
+                          lambda text: print(text, file=sys.stderr, flush=True))
+    app = ChatApp(llm, sampling_params(args, []), log, messages, options, code)
+    if interactive:
+        where = args.api or args.model
+        app.notice(f"mistol chat · {where} · saving to {log.path}\n/help for commands, Ctrl-D to leave")
+    try:
+        app.run(terminal_lines() if interactive else piped_lines())
+    finally:
+        log.close()
+        if code is not None:
+            code.close()
+    return 0
