@@ -15,10 +15,14 @@ __all__ = ["Engine", "Generation", "MistolError", "SamplingParams", "Session", "
 
 def __getattr__(name):
     # Imported lazily so that `mistol --help` does not wait for torch.
-    if name in ("Engine", "Generation", "Session"):
+    if name in ("Engine", "Session"):
         from . import engine
 
         return getattr(engine, name)
+    if name == "Generation":
+        from .generation import Generation
+
+        return Generation
     if name == "SamplingParams":
         from .sampling import SamplingParams
 

@@ -28,8 +28,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .engines import ENGINES, FORMATS, Spec
 from ..util import available_memory
+from .engines import ENGINES, FORMATS, Spec
 from .shapes import GGUF_TYPES, all_weights, bytes_per_token, model_config
 
 QUANTIZED = ("int8", "int4")
