@@ -21,6 +21,7 @@ def bench(*args, timeout=300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_json_report_for_mistol_formats(tmp_path):
     r = bench("--engines", "mistol", "--quant", "int8,int4,f32", "--prompts", "16,40", "--steps", "4", "--json",
               "--cache-dir", str(tmp_path))
@@ -44,6 +45,7 @@ def test_json_report_for_mistol_formats(tmp_path):
     assert all(row["decoded_with"] == [] for row in rows.values())
 
 
+@pytest.mark.slow
 def test_table_and_skips(tmp_path):
     r = bench("--engines", "mistol,transformers", "--quant", "int8,bf16", "--prompts", "16", "--steps", "2",
               "--cache-dir", str(tmp_path))
@@ -57,6 +59,7 @@ def test_table_and_skips(tmp_path):
     assert (tmp_path / "random-tiny-bf16" / "model.safetensors").is_file()  # the two engines' shared weights
 
 
+@pytest.mark.slow
 def test_float_checkpoint_is_computed_on_in_place_by_both_engines(tmp_path):
     transformers = pytest.importorskip("transformers")
     path = write_bench_checkpoint(tmp_path / "random-tiny-f32", "tiny", "f32", progress=False)
@@ -75,6 +78,7 @@ def test_float_checkpoint_is_computed_on_in_place_by_both_engines(tmp_path):
         assert any(start <= weight.data_ptr() < end for start, end in mapped)
 
 
+@pytest.mark.slow
 def test_bad_arguments_are_one_line_errors():
     for args in (["--quant", "int3"], ["--engines", "vllm"], ["--prompts", "4"], ["--prompts", "x"]):
         r = bench(*args, timeout=60)
@@ -100,6 +104,7 @@ def test_random_models_are_built_in_their_format():
     assert "lm_head.weight" in tensors and "model.embed_tokens.weight" in tensors
 
 
+@pytest.mark.slow
 def test_llama_cpp_row(tmp_path):
     pytest.importorskip("llama_cpp")
     r = bench("--engines", "llama.cpp,mistol", "--quant", "int8", "--prompts", "16", "--steps", "2", "--json",

@@ -51,6 +51,7 @@ def test_context_overflow_drops_oldest_exchanges_but_keeps_the_system_prompt(mis
     assert len(messages) == 13  # the conversation itself keeps every message
 
 
+@pytest.mark.slow
 def test_piped_chat_answers_and_exits(mistral_dir, tmp_path):
     import subprocess
 
@@ -71,6 +72,7 @@ def long_model(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("long"), arch="llama", kv_heads=4, max_positions=4096)
 
 
+@pytest.mark.slow
 def test_terminal_session_with_undo_reset_and_ctrl_c(long_model, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1", "PROMPT_TOOLKIT_NO_CPR": "1"}

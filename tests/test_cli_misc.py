@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from mistol.chat.log import replay
@@ -17,6 +18,7 @@ def run(*args, input=None, env=None, check=True):
                           text=True, env=env, timeout=300, check=check)
 
 
+@pytest.mark.slow
 def test_tokenize_matches_the_reference(mistral_dir):
     from transformers import AutoTokenizer
 

@@ -213,6 +213,7 @@ print(size, status("VmHWM") - before)
 
 
 @pytest.mark.parametrize("tensor_type,quant", [("F16", "int8"), ("Q8_0", "int4")])
+@pytest.mark.slow
 def test_peak_memory_while_loading_stays_near_the_loaded_size(tmp_path, tensor_type, quant):
     """Tensor by tensor, slab by slab, each source's mapped pages given back once converted:
     floats quantized as they load, and blocks dequantized and requantized (as k-quants are)."""
@@ -388,6 +389,7 @@ def test_chatml_tokens_typed_user_defined_by_older_converters_are_special(tmp_pa
 
 
 # -- the command line --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_generate_with_a_gguf_model_prints_the_reference_text(mistral_dir, hermes_gguf):
     from transformers import AutoTokenizer
 
@@ -461,6 +463,7 @@ def test_bad_gguf_files_give_one_line_errors(mistral_dir, tmp_path, capsys):
 
 
 # -- llama.cpp itself --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_llama_cpp_reads_our_files_and_computes_the_same_logits(realistic, tmp_path, monkeypatch):
     llama_cpp = pytest.importorskip("llama_cpp")
     from mistol.model import backend

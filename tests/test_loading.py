@@ -130,6 +130,7 @@ PEAK_RSS_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("saved,loaded", [("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16")])
+@pytest.mark.slow
 def test_peak_memory_while_loading_stays_near_the_weights(tmp_path, saved, loaded):
     """Peak RSS growth while loading <= 1.25 x the loaded weights (mmap, no duplicate copies)."""
     path = make_checkpoint(tmp_path / "big", hidden=512, layers=6, heads=8, kv_heads=2, tokenizer=False)

@@ -388,6 +388,7 @@ needs_demo = pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(),
 
 
 @needs_demo
+@pytest.mark.slow
 def test_demo_code_strategy(tmp_path, capsys, one_thread):
     data = write_problems(tmp_path / "problems.jsonl", 20, seed=11)
     out = tmp_path / "results.jsonl"
@@ -402,6 +403,7 @@ def test_demo_code_strategy(tmp_path, capsys, one_thread):
 
 
 @needs_demo
+@pytest.mark.slow
 def test_demo_vote_and_verify_print_their_table(tmp_path, capsys, one_thread):
     data = write_problems(tmp_path / "problems.jsonl", 3, seed=12)
     out = tmp_path / "results.jsonl"

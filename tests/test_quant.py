@@ -289,6 +289,7 @@ def _logits(path, tokens, **load_kw):
     return torch.cat([session.feed(t, all_logits=True) for t in tokens])
 
 
+@pytest.mark.slow
 def test_quantized_model_logits_stay_close_to_f32(model_256):
     from mistol.weights import load_model
 
@@ -342,6 +343,7 @@ PEAK_RSS_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("saved", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_peak_memory_while_quantizing_stays_near_the_quantized_size(tmp_path, saved):
     """Each linear weight is quantized as it is read and its mapped pages given back."""
     path = make_checkpoint(tmp_path / "big", hidden=512, layers=6, heads=8, kv_heads=2, tokenizer=False)
@@ -404,6 +406,7 @@ def test_prefill_rows_use_bf16_matmuls_where_the_cpu_has_them(fmt, monkeypatch):
         assert_close_to_reference(layer(few), few, layer)
 
 
+@pytest.mark.slow
 def test_int8_agrees_with_f32_on_a_trained_model():
     """Top-1 agreement where predictions are not near-ties (random weights, or random token ids
     fed to a small model, are mostly ties that any rounding flips): the demo model on its own

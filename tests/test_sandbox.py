@@ -238,6 +238,7 @@ def run_where_namespaces_fail(code: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_without_namespaces_the_sandbox_refuses_to_start_unless_network_is_allowed(tmp_path):
     script = tmp_path / "script.py"
     script.write_text("import os\nprint(6 * 7)\n")

@@ -134,6 +134,7 @@ def test_number_words_become_digits():
 
 @needs_espeak
 @needs_sphinx
+@pytest.mark.slow
 def test_pocketsphinx_with_the_arithmetic_grammar_hears_the_question():
     from mistol.voice.stt import PocketSphinxSTT
 
@@ -281,6 +282,7 @@ def check_answer_wav(path: Path) -> Audio:
 @needs_espeak
 @needs_sphinx
 @needs_vad
+@pytest.mark.slow
 def test_voice_file_mode_answers_a_recording(mistral_dir, tmp_path):
     question = concat([silence(0.5, 22050), speak("what is two plus two"), silence(0.8, 22050)])
     (tmp_path / "q.wav").write_bytes(wav_bytes(question))
@@ -296,6 +298,7 @@ def test_voice_file_mode_answers_a_recording(mistral_dir, tmp_path):
 @needs_sphinx
 @needs_vad
 @pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="the demo model is not built yet (scripts/train_demo.py)")
+@pytest.mark.slow
 def test_demo_model_answers_arithmetic_by_voice(tmp_path):
     from mistol.sandbox.sandbox import network_isolation_available
 

@@ -382,6 +382,7 @@ def test_phone_width(driver, plain_server):
 
 
 
+@pytest.mark.slow
 def test_allow_code_refuses_a_public_address_without_a_key():
     import subprocess
     import sys

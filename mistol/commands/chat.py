@@ -37,10 +37,10 @@ def register(sub) -> argparse.ArgumentParser:
 
 def cmd_chat(args) -> int:
     from ..chat.log import ChatLog, latest_chat, replay, set_system
-    from ..sandbox.code_turn import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner
     from ..chat.repl import DEFAULT_SYSTEM, ChatApp, ChatOptions, ask_line, piped_lines, terminal_lines
-    from ..sandbox.sandbox import SandboxLimits
     from ..llm import LocalLLM
+    from ..sandbox.code_turn import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner
+    from ..sandbox.sandbox import SandboxLimits
 
     interactive = sys.stdin.isatty()
     if args.resume:

@@ -56,8 +56,8 @@ def cmd_duo(args) -> int:
     b = Agent(args.b_name, args.b, llm_for(args.model_b or args.model))
     code = None
     if args.code:
-        from ..sandbox.code_turn import CodeOptions, CodeRunner
         from ..chat.repl import ask_line
+        from ..sandbox.code_turn import CodeOptions, CodeRunner
         from ..sandbox.sandbox import SandboxLimits
 
         code = CodeRunner(CodeOptions(auto_yes=args.yes, limits=SandboxLimits(allow_network=args.allow_network)),

@@ -97,8 +97,8 @@ def _timings(turn, live_silence_ms: int | None) -> str:
 
 
 def cmd_voice(args) -> int:
-    from ..sandbox.code_turn import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner
     from ..llm import LocalLLM
+    from ..sandbox.code_turn import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner
     from ..voice.audio import read_wav, silence, write_wav
     from ..voice.loop import BufferSink, Conversation
     from ..voice.persona import load_persona
