@@ -110,7 +110,7 @@ async function streamReply(conversation, message, continueLast) {
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
-    for (;;) {
+    read: for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
       buffer += decoder.decode(value, { stream: true });
@@ -137,6 +137,9 @@ async function streamReply(conversation, message, continueLast) {
               message.content = message.content.slice(0, block.end);
               state.streaming.stoppedForCode = true;
               controller.abort();
+              scheduleRender(message);
+              saveSoon();
+              break read; // events already read in the same chunk come after the block: drop them
             }
             scheduleRender(message);
             saveSoon();
