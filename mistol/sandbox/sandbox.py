@@ -120,6 +120,8 @@ class Sandbox:
         if sys.platform != "linux":
             raise MistolError(f"running code needs Linux (namespaces, rlimits); this is {sys.platform}")
         self.limits = limits or SandboxLimits()
+        if self.limits.disk_mb < 1:  # a tmpfs of size 0 would have no limit at all
+            raise MistolError(f"the code's disk limit must be at least 1 MB (got {self.limits.disk_mb})")
         own = workdir is None
         if not own and not Path(workdir).is_dir():
             raise MistolError(f"{workdir}: no such directory for the code sandbox")
