@@ -277,3 +277,18 @@ def test_as_an_unprivileged_user_the_attacks_hold_too(nobody_home):
     for place in (f"/tmp/{name}", f"/var/tmp/{name}", f"/dev/shm/{name}", str(nobody_home / name)):
         assert not os.path.exists(place)
     assert not [p for p in os.listdir("/tmp") if p.startswith("mistol-sandbox-") and Path("/tmp", p).stat().st_uid == NOBODY]
+
+
+# -- through the chat's code path ----------------------------------------------------------
+def test_a_block_the_model_writes_in_a_chat_sees_none_of_it(secrets):
+    from mistol.sandbox.code_turn import CodeOptions, CodeRunner
+    from mistol.sandbox.codeblocks import CodeBlock
+
+    notices = []
+    runner = CodeRunner(CodeOptions(auto_yes=True, limits=isolated_limits()), None, notices.append)
+    try:
+        output = runner.handle(CodeBlock("python", attack_code(secrets)))
+    finally:
+        runner.close()
+    assert_nothing_reached(verdicts(output), secrets)
+    assert not notices  # run without a warning: the system keeps the code from the files
