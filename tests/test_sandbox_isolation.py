@@ -248,10 +248,9 @@ def nobody_home():
         shutil.rmtree(home)
 
 
-@pytest.mark.slow
 def test_as_an_unprivileged_user_the_attacks_hold_too(nobody_home):
     if not filesystem_isolation_available():
-        pytest.skip("no mount namespace and no Landlock here")
+        pytest.skip("no mount namespace here")
     sock_path = f"/tmp/mistol-test-{uuid.uuid4().hex[:8]}.sock"
     name = f"mistol-left-{uuid.uuid4().hex[:8]}"
     targets = {"files": ["/etc/shadow", str(nobody_home / "private.txt"), str(nobody_home / "public.txt")],
@@ -276,7 +275,6 @@ def test_as_an_unprivileged_user_the_attacks_hold_too(nobody_home):
     assert "disk: ENOSPC" in result.stdout and f"uid {NOBODY}" in result.stdout, result.stdout
     for place in (f"/tmp/{name}", f"/var/tmp/{name}", f"/dev/shm/{name}", str(nobody_home / name)):
         assert not os.path.exists(place)
-    assert not [p for p in os.listdir("/tmp") if p.startswith("mistol-sandbox-") and Path("/tmp", p).stat().st_uid == NOBODY]
 
 
 # -- through the chat's code path ----------------------------------------------------------
@@ -292,3 +290,32 @@ def test_a_block_the_model_writes_in_a_chat_sees_none_of_it(secrets):
         runner.close()
     assert_nothing_reached(verdicts(output), secrets)
     assert not notices  # run without a warning: the system keeps the code from the files
+
+
+# -- where the kernel allows no mount namespace --------------------------------------------
+def test_without_a_mount_namespace_landlock_still_keeps_the_files_and_each_block_is_asked(secrets):
+    """In a user namespace whose limits allow no new namespace, as on kernels that forbid them."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-U", "-r", "true"], capture_output=True).returncode:
+        pytest.skip("cannot make a user namespace here to simulate a kernel without namespaces")
+    code = f"""
+import json
+from mistol.sandbox.code_turn import CodeOptions, CodeRunner
+from mistol.sandbox.sandbox import Sandbox, SandboxLimits, filesystem_isolation_available
+print(filesystem_isolation_available())
+with Sandbox(SandboxLimits(allow_network=True, timeout_s=20)) as sb:
+    print(sb.isolation.filesystem)
+    print(sb.run({attack_code(secrets)!r}).output, end="")
+runner = CodeRunner(CodeOptions(auto_yes=True, limits=SandboxLimits(allow_network=True)), None, print)
+print(runner.confirm("print(1)"))
+"""
+    limits = " && ".join(f"echo 0 > /proc/sys/user/max_{kind}_namespaces" for kind in ("net", "pid", "mnt"))
+    result = subprocess.run(["unshare", "-U", "-r", "sh", "-c", limits + ' && exec "$0" -c "$1"', sys.executable, code],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = result.stdout.splitlines()
+    assert lines[0] == "False", result.stderr
+    if not lines[1].startswith("Landlock"):
+        pytest.skip(f"no Landlock here either ({lines[1]})")
+    got = verdicts(result.stdout)
+    for path in secrets["files"]:  # forbidden by Landlock, though they exist
+        assert got[path] == "PermissionError", got
+    assert "no mount namespace" in result.stdout and lines[-1] == "None"  # warned, and nobody to say yes

@@ -158,8 +158,9 @@ class CodeRunner:
         isolated = network and files
         if not isolated and not self._warned:
             if not files:
-                self.notice("WARNING: this system offers neither mount namespaces nor Landlock, so code could read "
-                            "and change your files. Each block needs your explicit yes.")
+                self.notice("WARNING: this system offers no mount namespace, so code could read and change your "
+                            "files (Landlock, where there is one, limits that) and use your unix sockets. "
+                            "Each block needs your explicit yes.")
             else:
                 self.notice("WARNING: this system offers no network namespace, so code could reach the network. "
                             "Each block needs your explicit yes (or start with --allow-network).")

@@ -8,8 +8,9 @@ it in its own session, with:
   of `disk_mb` MB that ends with the worker, and nothing else (no home, no /root, no
   /etc/shadow, no host unix socket). Landlock (`_landlock.py`) locks that view: no mounting,
   no abstract unix sockets, no signals out. Where the kernel has no mount namespace, Landlock
-  alone allows only the system paths and the working directory (on disk, no size cap); where
-  it has neither, `filesystem_isolation_available()` is False and the caller must ask;
+  alone allows only the system paths and the working directory (on disk, no size cap), but
+  host unix sockets stay reachable: `filesystem_isolation_available()` is then False and the
+  caller must ask for each block;
 - no network: its own network namespace, where only its own loopback exists. Where the
   kernel allows no namespace, `Sandbox` refuses to start unless `allow_network=True`;
 - a PID namespace: the worker's parent is PID 1 there, and when it dies the kernel kills
@@ -104,7 +105,7 @@ def network_isolation_available() -> bool:
 
 @functools.cache
 def filesystem_isolation_available() -> bool:
-    """Whether this system can keep the code from the person's files (mount namespace or Landlock)."""
+    """Whether this system can keep the code from the person's files and sockets (a mount namespace)."""
     if sys.platform != "linux":
         return False
     try:
