@@ -27,6 +27,7 @@ def register(sub) -> argparse.ArgumentParser:
     g.add_argument("--allow-network", action="store_true", help="let the code use the network")
     g.add_argument("--code-timeout", type=float, default=30.0, help="seconds per block (default: 30)")
     g.add_argument("--code-memory", type=int, default=2048, help="MB of memory per block (default: 2048)")
+    g.add_argument("--code-disk", type=int, default=512, help="MB for the files the code writes: its directory and /tmp together (default: 512)")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's; 8192 at most without a sliding window)")
     p.add_argument("--verbose", "-v", action="store_true", help="after each reply, show tokens/s and time to first token")
     add_sampling_args(p, max_tokens=1024)
@@ -57,7 +58,8 @@ def cmd_chat(args) -> int:
     options = ChatOptions(args.verbose, interactive)
     code = None
     if not args.no_code:
-        limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory, allow_network=args.allow_network)
+        limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory, disk_mb=args.code_disk,
+                               allow_network=args.allow_network)
         code = CodeRunner(CodeOptions(auto_yes=args.yes, limits=limits), ask_line if interactive else None,
                           lambda text: print(text, file=sys.stderr, flush=True))
     app = ChatApp(llm, sampling_params(args, []), log, messages, options, code)

@@ -30,6 +30,7 @@ def register(sub) -> argparse.ArgumentParser:
                    help="let the agents run the Python they write (asked first, in the code sandbox)")
     p.add_argument("--yes", "-y", action="store_true", help="with --code: run without asking")
     p.add_argument("--allow-network", action="store_true", help="with --code: let the code use the network")
+    p.add_argument("--code-disk", type=int, default=512, help="with --code: MB for the files the code writes (default: 512)")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens per agent")
     p.add_argument("--verbose", "-v", action="store_true", help="show tokens/s and tokens run per turn")
     add_sampling_args(p, max_tokens=256)
@@ -60,7 +61,7 @@ def cmd_duo(args) -> int:
         from ..sandbox.code_turn import CodeOptions, CodeRunner
         from ..sandbox.sandbox import SandboxLimits
 
-        code = CodeRunner(CodeOptions(auto_yes=args.yes, limits=SandboxLimits(allow_network=args.allow_network)),
+        code = CodeRunner(CodeOptions(auto_yes=args.yes, limits=SandboxLimits(allow_network=args.allow_network, disk_mb=args.code_disk)),
                           ask_line if sys.stdin.isatty() else None, lambda text: print(text, file=sys.stderr, flush=True))
     duo = Duo(a, b, args.topic, sampling_params(args, []), stop_phrase=args.stop_phrase, code=code)
     log = ChatLog.create(data_dir() / "duos")

@@ -17,7 +17,7 @@ from . import COMMANDS
 
 DESCRIPTION = (
     "Run FILE's Python code the way mistol runs the code a model writes in a chat: in a separate "
-    "process, in a new temporary directory, without network access (unless --allow-network), "
+    "process, in a private temporary directory, without network access (unless --allow-network), "
     "with a time limit, a memory limit and a limit on processes. Prints what the model would be "
     "shown: stdout and stderr in the order written, the value of a last bare expression (as in "
     "a REPL), a traceback of the code's own frames, a long output cut in the middle."
@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"stop the code after S seconds (default: {limits.timeout_s:g})")
     p.add_argument("--memory", type=_positive(int), default=limits.memory_mb, metavar="MB",
                    help=f"address space limit in MiB; past it the code gets MemoryError (default: {limits.memory_mb})")
+    p.add_argument("--disk", "--code-disk", dest="disk", type=_positive(int), default=limits.disk_mb, metavar="MB",
+                   help="MB for the files the code writes, in its directory and /tmp together; past it writes fail "
+                   f"with 'No space left on device' (default: {limits.disk_mb})")
     p.add_argument("--allow-network", action="store_true",
                    help="let the code use the network (needed where the system allows no network namespace)")
 
@@ -59,7 +62,8 @@ def cmd_exec(args) -> int:
         raise MistolError(f"{args.file}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise MistolError(f"{args.file}: cannot read it as UTF-8 text ({e})") from None
-    limits = SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory, allow_network=args.allow_network)
+    limits = SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory, disk_mb=args.disk,
+                           allow_network=args.allow_network)
     with Sandbox(limits) as sandbox:
         output = sandbox.run(code).output
     sys.stdout.write(output if not output or output.endswith("\n") else output + "\n")

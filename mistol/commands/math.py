@@ -53,6 +53,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("running the model's code (in the sandbox: no network, time and memory limits)")
     g.add_argument("--code-timeout", type=float, default=30.0, help="seconds per block (default: 30)")
     g.add_argument("--code-memory", type=int, default=2048, help="MB of memory per block (default: 2048)")
+    g.add_argument("--code-disk", type=int, default=512, help="MB for the files the code writes: its directory and /tmp together (default: 512)")
     g.add_argument("--allow-network", action="store_true", help="let the code use the network")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -109,7 +110,8 @@ def cmd_math(args) -> int:
 
     progress = args.data is not None and not args.quiet
     llm = remote_llm(args) if args.api else _local_llm(args)
-    limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory, allow_network=args.allow_network)
+    limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory, disk_mb=args.code_disk,
+                           allow_network=args.allow_network)
     runner = CodeRunner(CodeOptions(auto_yes=True, limits=limits), ask=None, notice=_notice)
     try:
         strategies = make_strategies(names, llm, args, runner)

@@ -40,6 +40,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "Only on a loopback address unless --api-key is set")
     g.add_argument("--code-timeout", type=float, default=30.0, help="seconds per block (default: 30)")
     g.add_argument("--code-memory", type=int, default=2048, help="MB of memory per block (default: 2048)")
+    g.add_argument("--code-disk", type=int, default=512, help="MB for the files the code writes: its directory and /tmp together (default: 512)")
     p.set_defaults(run=cmd_serve)
     return p
 
@@ -58,8 +59,8 @@ def cmd_serve(args) -> int:
     if args.allow_code and not is_loopback(args.host) and api_key is None:
         raise MistolError(f"--allow-code on {args.host} would let anyone who reaches this port run code here; "
                           "listen on 127.0.0.1, or set --api-key")
-    if args.code_timeout <= 0 or args.code_memory < 64:
-        raise MistolError("--code-timeout must be positive and --code-memory at least 64 MB")
+    if args.code_timeout <= 0 or args.code_memory < 64 or args.code_disk < 1:
+        raise MistolError("--code-timeout must be positive, --code-memory at least 64 MB and --code-disk at least 1 MB")
     if not is_loopback(args.host) and api_key is None:
         print(f"mistol serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
@@ -68,7 +69,7 @@ def cmd_serve(args) -> int:
     except ImportError:
         raise MistolError("mistol serve needs fastapi and uvicorn: pip install fastapi uvicorn") from None
     engine = load_engine(args)
-    limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory)
+    limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory, disk_mb=args.code_disk)
     options = ServerOptions(model_name=args.name, api_key=api_key, max_batch=args.max_batch, max_context=args.ctx,
                             allow_code=args.allow_code, code_limits=limits)
     app = create_app(engine, options)

@@ -6,12 +6,15 @@ the standard library: no torch, no mistol, a start in tens of milliseconds.
 Process tree, when the kernel allows namespaces (it does as root and, on most distributions,
 for ordinary users through a user namespace):
 
-    launcher   unshares a network namespace (no network: only its own loopback) and a PID
-       |       namespace, then waits for `init` and exits with its status
+    launcher   unshares a network namespace (no network: only its own loopback), a mount
+       |       namespace and a PID namespace, then waits for `init` and exits with its status
     init       PID 1 of the new PID namespace: reaps orphans; when it exits the kernel kills
        |       every process left in the namespace, so nothing the code started survives it
-    worker     drops root (to nobody), sets the rlimits, then runs the code the parent sends;
-               after each block it kills what the code left running in the namespace
+    worker     moves into a private root (`_mounts.py`: the interpreter read-only, a private
+               working directory and /tmp on a size-capped tmpfs, nothing else), drops root
+               (to nobody) or its capabilities, sets the rlimits, locks the files it may use
+               with Landlock (`_landlock.py`), then runs the code the parent sends; after each
+               block it kills what the code left running in the namespace
 
 Protocol: the parent writes length-prefixed JSON requests ({"code": ...}) on the `ctl` pipe;
 the worker answers on the `status` pipe ({"ready": ...} once, then {"ok": bool} after each
@@ -33,14 +36,20 @@ import time
 import traceback
 import types
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I left out the script's directory
+import _landlock  # noqa: E402
+import _mounts  # noqa: E402
+
+del sys.path[0]  # the code's imports do not look here
+
+CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWPID = 0x20000000
-PR_SET_KEEPCAPS = 8
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_RAISE = 2
-CAP_DAC_READ_SEARCH = 2
+PR_CAP_AMBIENT_CLEAR_ALL = 4
 WORKER_FILE = os.path.abspath(__file__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -56,8 +65,8 @@ def unshare(flags: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def enter_namespaces(isolate_network: bool) -> tuple[bool, bool]:
-    """Unshare the network (if asked) and PID namespaces; returns (network, pid) as done.
+def enter_namespaces(isolate_network: bool) -> tuple[bool, bool, bool]:
+    """Unshare the network (if asked), mount and PID namespaces; returns (network, pid, mount) as done.
 
     Root may create them directly. Anyone else needs a user namespace first, in which this
     process maps its own uid and gid to themselves, so files it writes stay the user's.
@@ -65,7 +74,7 @@ def enter_namespaces(isolate_network: bool) -> tuple[bool, bool]:
     net = CLONE_NEWNET if isolate_network else 0
     user = CLONE_NEWUSER if os.geteuid() != 0 else 0
     last_error = None
-    for flags in (net | CLONE_NEWPID, net):
+    for flags in (net | CLONE_NEWNS | CLONE_NEWPID, net | CLONE_NEWNS, net | CLONE_NEWPID, net):
         if not flags:
             break
         try:
@@ -83,10 +92,10 @@ def enter_namespaces(isolate_network: bool) -> tuple[bool, bool]:
                 f.write(f"{gid} {gid} 1")
         if net:
             loopback_up()
-        return bool(net), bool(flags & CLONE_NEWPID)
+        return bool(net), bool(flags & CLONE_NEWPID), bool(flags & CLONE_NEWNS)
     if isolate_network:
         raise last_error
-    return False, False
+    return False, False, False
 
 
 def loopback_up() -> None:
@@ -103,48 +112,77 @@ def loopback_up() -> None:
 
 
 def probe() -> int:
-    """Exit status 0 when a network namespace can be made here (used by the parent)."""
+    """Exit status 0 when network and mount namespaces can be made here (used by the parent)."""
     try:
-        unshare(CLONE_NEWNET | (CLONE_NEWUSER if os.geteuid() != 0 else 0))
+        unshare(CLONE_NEWNET | CLONE_NEWNS | (CLONE_NEWUSER if os.geteuid() != 0 else 0))
     except OSError:
         return 1
-    return 0
+    return 0 if _mounts.available() else 1
 
 
-# -- privileges and limits -----------------------------------------------------------------
-def world_readable(path: str) -> bool:
-    """Whether a user with no special rights can reach and list `path`."""
-    path = os.path.abspath(path)
+def probe_files() -> int:
+    """Exit status 0 when the code can get a private root here (a mount namespace).
+
+    Landlock alone is not enough to say yes: it cannot stop a connect() to a host unix socket.
+    """
     try:
-        if not os.path.isdir(path):
-            return True  # zip files and missing entries: nothing to decide on
-        if os.stat(path).st_mode & 0o005 != 0o005:
-            return False
-        while path != "/":
-            path = os.path.dirname(path)
-            if not os.stat(path).st_mode & 0o001:
-                return False
+        unshare(CLONE_NEWNS | (CLONE_NEWUSER if os.geteuid() != 0 else 0))
     except OSError:
-        return True
-    return True
+        return 1
+    return 0 if _mounts.available() else 1
+
+
+# -- files, privileges and limits -------------------------------------------------------------
+def confine_files(cfg: dict, isolation: dict, owner: tuple[int, int]) -> None:
+    """Give the code its private root (with a mount namespace) and lock it with Landlock.
+
+    Records in `isolation["filesystem"]` what was done. Raises OSError when the private root
+    could not be built: the code must then not run at all.
+    """
+    workdir = cfg["workdir"]
+    done = []
+    if isolation.pop("mount_namespace") and _mounts.available():
+        _mounts.private_root(workdir, cfg["disk_mb"], owner, mount_proc=isolation["pid_namespace"])
+        done.append(f"private root, {cfg['disk_mb']} MB for its files")
+        read_only, read_write = ["/"], [workdir, "/tmp", "/var/tmp", "/dev/shm"]
+    else:  # the host's files, allowlisted: no private /tmp, no size cap
+        etc = ["/etc/" + name for name in _mounts.ETC + ["passwd", "group"]]
+        read_only, read_write = _mounts.SYSTEM + _mounts.interpreter_paths() + etc + ["/proc"], [workdir]
+        os.chdir(workdir)
+    isolation["filesystem"] = ", ".join(done) or "none"
+    isolation["landlock"] = (read_only, read_write)  # applied once privileges are dropped
+
+
+def apply_landlock(isolation: dict) -> None:
+    read_only, read_write = isolation.pop("landlock")
+    try:
+        abi = _landlock.restrict(read_only, read_write, ["/dev/" + name for name in _mounts.DEVICES])
+    except OSError as e:
+        if isolation["filesystem"] == "none":
+            isolation["filesystem"] = f"none (no mount namespace, no Landlock: {e.strerror})"
+        return
+    what = "Landlock ABI %d" % abi
+    isolation["filesystem"] = what if isolation["filesystem"] == "none" else f"{isolation['filesystem']}, {what}"
 
 
 def drop_root(uid: int) -> str:
     """Run as `uid` (nobody) instead of root; returns a note for the isolation report.
 
     As root the kernel does not enforce RLIMIT_NPROC, and the code could change any file.
-    When the interpreter lives under a private directory (pyenv in /root), nobody could not
-    import the standard library, so then the capability to read (not write) any file is kept,
-    as an ambient capability so that subprocesses such as `python -c` keep it too.
+    Switching user clears every capability.
     """
-    keep_read = not all(world_readable(p) for p in [sys.base_prefix, sys.prefix] + sys.path if p)
-    if keep_read:
-        _libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
-    if not keep_read:
-        return "nobody"
+    return "nobody"
+
+
+def drop_capabilities() -> None:
+    """Give up the capabilities the user namespace granted: the code must not remount or unmount."""
+    for cap in range(64):
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            break  # past the last capability this kernel knows
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 
     class Header(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
@@ -152,14 +190,9 @@ def drop_root(uid: int) -> str:
     class Data(ctypes.Structure):
         _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
-    data = (Data * 2)()
-    bit = 1 << CAP_DAC_READ_SEARCH
-    data[0].effective = data[0].permitted = data[0].inheritable = bit
-    if _libc.capset(ctypes.byref(Header(0x20080522, 0)), data) != 0:
-        return "nobody (could not keep read access: the standard library may not import)"
-    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH, 0, 0)
-    _libc.prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0)
-    return "nobody (with read access to all files)"
+    if _libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
 
 
 def tasks_of(uid: int) -> int:
@@ -319,17 +352,33 @@ def on_sigint(signum, frame):
         raise KeyboardInterrupt
 
 
+def lock_down(cfg: dict, isolation: dict) -> None:
+    """Everything between the namespaces and the first block: files, user, capabilities, limits."""
+    as_root = os.geteuid() == 0
+    drop_to = cfg.get("drop_to") if as_root else None
+    owner = (drop_to, drop_to) if drop_to is not None else (os.geteuid(), os.getegid())
+    confine_files(cfg, isolation, owner)
+    if drop_to is not None:
+        try:
+            isolation["user"] = drop_root(drop_to)
+        except OSError as e:
+            isolation["user"] = f"root (could not switch to uid {drop_to}: {e.strerror})"
+    drop_capabilities()
+    isolation["process_limit"] = set_limits(cfg, own_user_namespace=isolation.pop("user_namespace"))
+    _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid program (sudo, su) gives rights back
+    apply_landlock(isolation)
+
+
 def serve(cfg: dict, isolation: dict, init_pid: int | None) -> None:
     ctl, status = cfg["ctl"], cfg["status"]
     os.set_inheritable(ctl, False)
     os.set_inheritable(status, False)
-    if os.geteuid() == 0 and cfg.get("drop_to") is not None:
-        try:
-            isolation["user"] = drop_root(cfg["drop_to"])
-        except OSError as e:
-            isolation["user"] = f"root (could not switch to uid {cfg['drop_to']}: {e.strerror})"
-    isolation["process_limit"] = set_limits(cfg, own_user_namespace=isolation.pop("user_namespace"))
-    _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid program (sudo, su) gives rights back
+    host_pid = int(os.readlink("/proc/self"))  # before /proc becomes the sandbox's own
+    try:
+        lock_down(cfg, isolation)
+    except OSError as e:
+        send(status, {"error": f"the code's private filesystem could not be set up: {e}"})
+        os._exit(3)
     signal.signal(signal.SIGINT, on_sigint)
     main = types.ModuleType("__main__")  # the code's globals; `__main__` so pickling finds its functions
     main.__dict__["__builtins__"] = __builtins__
@@ -337,7 +386,7 @@ def serve(cfg: dict, isolation: dict, init_pid: int | None) -> None:
     sys.argv = [""]
     sys.path.insert(0, "")  # like a REPL: modules the code writes in its directory import
     me = os.getpid()
-    send(status, {"ready": True, "pid": int(os.readlink("/proc/self")), "init_pid": init_pid, "isolation": isolation})
+    send(status, {"ready": True, "pid": host_pid, "init_pid": init_pid, "isolation": isolation})
     n = 0
     while True:
         request = receive(ctl)
@@ -358,14 +407,18 @@ def serve(cfg: dict, isolation: dict, init_pid: int | None) -> None:
 def main() -> None:
     if sys.argv[1:] == ["--probe"]:
         sys.exit(probe())
+    if sys.argv[1:] == ["--probe-files"]:
+        sys.exit(probe_files())
     cfg = json.loads(sys.argv[1])
+    os.chdir("/")  # no process here keeps the host directory it started in (see _mounts.private_root)
     isolation = {}
     try:
-        net, pid_ns = enter_namespaces(not cfg["allow_network"])
+        net, pid_ns, mount_ns = enter_namespaces(not cfg["allow_network"])
     except OSError as e:
         send(cfg["status"], {"error": f"unshare: {e.strerror or e}"})
         sys.exit(3)
-    isolation = {"network": net, "pid_namespace": pid_ns, "user_namespace": (net or pid_ns) and os.geteuid() != 0,
+    isolation = {"network": net, "pid_namespace": pid_ns, "mount_namespace": mount_ns,
+                 "user_namespace": (net or pid_ns or mount_ns) and os.geteuid() != 0,
                  "user": "root" if os.geteuid() == 0 else str(os.geteuid())}
     if not pid_ns:
         serve(cfg, isolation, None)

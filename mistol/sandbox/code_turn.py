@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import MistolError
 from .codeblocks import CodeBlock, CodeBlockDetector, format_output, is_runnable
-from .sandbox import Sandbox, SandboxLimits, network_isolation_available
+from .sandbox import Sandbox, SandboxLimits, filesystem_isolation_available, network_isolation_available
 
 if TYPE_CHECKING:  # only named in annotations: the module stays free of torch
     from ..sampling import SamplingParams
@@ -153,16 +153,24 @@ class CodeRunner:
 
     def confirm(self, code: str) -> str | None:
         """The code to run (maybe edited), or None when declined."""
-        isolated = self.limits.allow_network or network_isolation_available()
+        files = filesystem_isolation_available()
+        network = self.limits.allow_network or network_isolation_available()
+        isolated = network and files
         if not isolated and not self._warned:
-            self.notice("WARNING: this system offers no network namespace, so code could reach the network. "
-                        "Each block needs your explicit yes (or start with --allow-network).")
+            if not files:
+                self.notice("WARNING: this system offers no mount namespace, so code could read and change your "
+                            "files (Landlock, where there is one, limits that) and use your unix sockets. "
+                            "Each block needs your explicit yes.")
+            else:
+                self.notice("WARNING: this system offers no network namespace, so code could reach the network. "
+                            "Each block needs your explicit yes (or start with --allow-network).")
             self._warned = True
         if self.always and isolated:
             return code
         if self.ask is None:
             self.notice("(code not run: nobody to ask here; use --yes to run code without asking)"
-                        if isolated else "(code not run: no network isolation; use --allow-network)")
+                        if isolated else "(code not run: no network isolation; use --allow-network)" if files
+                        else "(code not run: nothing here keeps it from your files)")
             return None
         self.notice(_show(code))
         while True:
@@ -181,7 +189,7 @@ class CodeRunner:
                 code = edited
                 self.notice(_show(code))
                 continue
-        if not isolated:
+        if not network:
             self.limits.allow_network = True  # the person said yes knowing it
         return code
 

@@ -1,21 +1,31 @@
 """Run the model's Python code in a separate, limited process, like a notebook kernel.
 
 The code never runs in mistol's process. A worker (`_worker.py`, standard library only) runs
-it in a temporary directory, in its own session, with:
+it in its own session, with:
 
+- its own view of the files (a mount namespace, `_mounts.py`): the interpreter and system
+  libraries read-only, a private working directory, /tmp, /var/tmp and /dev/shm on one tmpfs
+  of `disk_mb` MB that ends with the worker, and nothing else (no home, no /root, no
+  /etc/shadow, no host unix socket). Landlock (`_landlock.py`) locks that view: no mounting,
+  no abstract unix sockets, no signals out. Where the kernel has no mount namespace, Landlock
+  alone allows only the system paths and the working directory (on disk, no size cap), but
+  host unix sockets stay reachable: `filesystem_isolation_available()` is then False and the
+  caller must ask for each block;
 - no network: its own network namespace, where only its own loopback exists. Where the
   kernel allows no namespace, `Sandbox` refuses to start unless `allow_network=True`;
 - a PID namespace: the worker's parent is PID 1 there, and when it dies the kernel kills
   everything the code started, even processes that called setsid();
 - RLIMIT_AS (a memory hog gets MemoryError), RLIMIT_CPU, and RLIMIT_NPROC against fork
   bombs. The kernel ignores RLIMIT_NPROC for root, so as root the worker switches to the
-  user `nobody` (keeping, where the interpreter lives in a private home such as
-  /root/.pyenv, only the right to read files). For other users the limit is counted inside
-  the sandbox's own user namespace, so their other processes do not use it up;
+  user `nobody`, with no capability left (the interpreter, even in /root/.pyenv, is bound
+  into its view). For other users the limit is counted inside the sandbox's own user
+  namespace, so their other processes do not use it up, and the capabilities that namespace
+  gives are dropped before the code runs;
 - a wall-clock timeout: past it the whole sandbox is killed and started again;
 - no way back to more rights: PR_SET_NO_NEW_PRIVS (setuid programs such as sudo do not work).
 
-State (variables, imports) lives on between `run` calls until a timeout, a crash or `reset`.
+State (variables, imports, and the files it wrote) lives on between `run` calls until a
+timeout, a crash or `reset`.
 Processes the code leaves running (a server, a fork bomb) are killed when its block ends, so
 that they do not compete with the model for the CPU; with no PID namespace they live on until
 the sandbox closes. Output that background threads write between runs is dropped.
@@ -54,6 +64,7 @@ class SandboxLimits:
     cpu_s: int = 60  # CPU seconds per run for the worker, and for each process it starts
     max_processes: int = 64  # processes and threads the code may have at once
     max_output_chars: int = 4000  # longer output keeps its head and tail
+    disk_mb: int = 512  # the code's files: working directory, /tmp, /var/tmp and /dev/shm together
     allow_network: bool = False
 
 
@@ -65,6 +76,7 @@ class Isolation:
     pid_namespace: bool  # killing the sandbox ends every process the code started
     user: str  # whom the code runs as: "nobody ..." when mistol runs as root, else the uid
     process_limit: int | None  # RLIMIT_NPROC in force, None where the kernel ignores it
+    filesystem: str = "none"  # how the code's view of the files is confined ("none": the user's files)
 
 
 @dataclass
@@ -91,11 +103,26 @@ def network_isolation_available() -> bool:
     return probe.returncode == 0
 
 
+@functools.cache
+def filesystem_isolation_available() -> bool:
+    """Whether this system can keep the code from the person's files and sockets (a mount namespace)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        probe = subprocess.run([sys.executable, "-I", WORKER, "--probe-files"], stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=START_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
 class Sandbox:
     def __init__(self, limits: SandboxLimits | None = None, workdir: str | Path | None = None):
         if sys.platform != "linux":
             raise MistolError(f"running code needs Linux (namespaces, rlimits); this is {sys.platform}")
         self.limits = limits or SandboxLimits()
+        if self.limits.disk_mb < 1:  # a tmpfs of size 0 would have no limit at all
+            raise MistolError(f"the code's disk limit must be at least 1 MB (got {self.limits.disk_mb})")
         own = workdir is None
         if not own and not Path(workdir).is_dir():
             raise MistolError(f"{workdir}: no such directory for the code sandbox")
@@ -172,7 +199,7 @@ class Sandbox:
         return _result(out, note, ok=False, interrupted=True, restarted=True)
 
     def reset(self) -> None:
-        """Start a fresh worker: variables and imports are gone, files in the directory stay."""
+        """Start a fresh worker: variables, imports and the files the code wrote are gone."""
         self._restart()
 
     def close(self) -> None:
@@ -232,6 +259,7 @@ class _Worker:
         config = {
             "ctl": ctl_r, "status": status_w, "memory_mb": limits.memory_mb, "cpu_s": limits.cpu_s,
             "max_processes": limits.max_processes, "allow_network": limits.allow_network, "drop_to": drop_to,
+            "workdir": str(workdir), "disk_mb": limits.disk_mb,
         }
         try:
             self.proc = subprocess.Popen(
@@ -265,7 +293,7 @@ class _Worker:
             self.isolation = Isolation(**ready["isolation"])
             return
         self.kill()
-        if isinstance(ready, dict) and "error" in ready and not limits.allow_network:
+        if isinstance(ready, dict) and str(ready.get("error")).startswith("unshare") and not limits.allow_network:
             raise MistolError(
                 f"cannot run code without network access: this system does not allow network namespaces "
                 f"({ready['error']}); allow network access (--allow-network) to run it anyway"
