@@ -140,6 +140,15 @@ time.sleep(1)
     assert outputs[-2:] == ["2\n", "3\n"]
 
 
+def test_closing_or_replacing_the_workers_pipes_is_a_note_not_a_traceback(runner):
+    output = run(runner, "import os\nos.closerange(3, 1024)\nprint('closed')")
+    assert output.splitlines()[-1].startswith(NOTE) and "Traceback" not in output
+    assert run(runner, "print('fresh')") == "fresh\n"
+    output = run(runner, "import os\nfor fd in range(3, 64):\n    try: os.dup2(1, fd)\n    except OSError: pass")
+    assert "Traceback" not in output and output.splitlines()[-1].startswith(("SandboxError", "TimeoutError")), output
+    assert run(runner, "print('again')") == "again\n"
+
+
 def test_a_huge_length_and_a_flood_keep_mistols_memory_bounded(runner):
     run(runner, "print('warm')")
     before = rss_kib()

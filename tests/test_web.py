@@ -349,6 +349,15 @@ def test_run_endpoint_needs_the_token_of_this_start_even_on_loopback(code_server
     assert code_server.token not in httpx.get(url + "/static/app.js").text
 
 
+def test_a_forged_status_message_through_the_server_is_a_note_and_the_conversation_goes_on(code_server):
+    url, headers = code_server.url, {"Origin": code_server.url, "X-Mistol-Run-Token": code_server.token}
+    forged = "import os\nfor fd in range(3, 64):\n    try: os.write(fd, b'\\0\\0\\0\\x09{not json')\n    except OSError: pass"
+    r = httpx.post(url + "/api/run", json={"code": forged, "conversation": "forged"}, headers=headers, timeout=60)
+    assert r.status_code == 200 and "SandboxError" in r.json()["output"] and r.json()["ok"] is False
+    r = httpx.post(url + "/api/run", json={"code": "print(6 * 7)", "conversation": "forged"}, headers=headers, timeout=60)
+    assert r.status_code == 200 and r.json()["output"] == "42\n"
+
+
 def test_a_page_opened_without_the_token_says_how_to_run_code_and_runs_nothing(driver, code_server):
     open_page(driver, code_server.url, settings=GREEDY)
     assert "?token=" in driver.find_element(By.ID, "notice").text

@@ -54,6 +54,7 @@ PR_CAP_AMBIENT_RAISE = 2
 CAP_DAC_READ_SEARCH = 2
 WORKER_FILE = os.path.abspath(__file__)
 MAX_REPLY = 1 << 14  # the worker's replies are under a kilobyte: a longer one is forged
+PIPES_LOST = 125  # the worker's exit status when the code closed or replaced its pipes to the relay
 READY = object()  # what the relay waits for before the first block: the worker's "ready"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -351,7 +352,10 @@ def serve(cfg: dict, isolation: dict, requests: int, replies: int) -> None:
     send(replies, {"ready": True, "pid": int(os.readlink("/proc/self")), "isolation": isolation})
     n = 0
     while True:
-        request = receive(requests)
+        try:
+            request = receive(requests)
+        except (OSError, ValueError):  # the code closed or replaced the pipe: nothing left to trust
+            os._exit(PIPES_LOST)
         if request is None:
             os._exit(0)
         n += 1
@@ -363,7 +367,10 @@ def serve(cfg: dict, isolation: dict, requests: int, replies: int) -> None:
             end_other_processes()
         sys.stdout.flush()
         sys.stderr.flush()
-        send(replies, {"ok": ok, "id": request["id"]})
+        try:
+            send(replies, {"ok": ok, "id": request["id"]})
+        except OSError:
+            os._exit(PIPES_LOST)
 
 
 def main() -> None:
@@ -526,6 +533,8 @@ def wait_for(worker: int, timeout: float) -> int:
 def exit_as(wait_status: int) -> None:
     """End with the worker's status, a signal as 128 + its number (as a shell reports it)."""
     code = os.waitstatus_to_exitcode(wait_status)
+    if code == PIPES_LOST:
+        raise Forged("the code closed or replaced the worker's pipes")
     os._exit(128 - code if code < 0 else code)
 
 
