@@ -21,7 +21,7 @@ import pytest
 
 from mistol.sandbox.code_turn import CodeOptions, CodeRunner
 from mistol.sandbox.codeblocks import CodeBlock
-from mistol.sandbox.sandbox import SandboxLimits, network_isolation_available
+from mistol.sandbox.sandbox import Sandbox, SandboxLimits, network_isolation_available
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOW_NETWORK = not network_isolation_available()
@@ -186,3 +186,47 @@ def test_exec_exit_status_says_how_the_code_ended(tmp_path, code, status):
     result, _ = exec_file(tmp_path, code, "--timeout", "2", "--memory", "256")
     assert result.returncode == status, (result.stdout, result.stderr)
     assert result.stderr == ""
+
+
+# -- mistol's own end of the channel -------------------------------------------------------
+def forge_on_mistols_end(sandbox: Sandbox, data: bytes) -> threading.Thread:
+    """Write `data` into the pipe mistol reads the sandbox's status from, through /proc as a
+    process of the same user could (where the code's /proc shows mistol's process), in a thread."""
+    fd = os.open(f"/proc/self/fd/{sandbox._live[0].status.fd}", os.O_WRONLY)
+
+    def write():
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:  # the sandbox was stopped and the pipe closed: the flood ends
+            pass
+        finally:
+            os.close(fd)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    return writer
+
+
+def test_mistol_checks_its_end_of_the_channel_too():
+    limits = SandboxLimits(timeout_s=10, allow_network=ALLOW_NETWORK)
+    with Sandbox(limits) as sandbox:
+        forge_on_mistols_end(sandbox, b"\0\0\0\x09{not json").join()
+        output = sandbox.run("print('a')").output
+        assert output.splitlines()[-1].startswith(NOTE) and "Traceback" not in output
+        assert sandbox.run("print('b')").output == "b\n"
+
+        forge_on_mistols_end(sandbox, frame({"ok": True})).join()  # a stale reply waiting before a block
+        assert NOTE in sandbox.run("print('c')").output
+        forge_on_mistols_end(sandbox, frame({"ok": True, "id": "0123456789abcdef"}))  # a guessed id
+        assert NOTE in sandbox.run("import time; time.sleep(0.5); print('slow')").output
+        assert [sandbox.run(f"print({i})").output for i in range(3)] == ["0\n", "1\n", "2\n"]
+
+        before = rss_kib()
+        writer = forge_on_mistols_end(sandbox, struct.pack(">I", 0xFFFFFFF0) + b"A" * (100 << 20))
+        output = sandbox.run("import time; time.sleep(0.5)").output
+        writer.join(30)
+        assert rss_kib() - before < 20 * 1024
+        assert NOTE in output and "bytes" in output
+        assert sandbox.run("print('after')").output == "after\n"
