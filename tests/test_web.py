@@ -315,7 +315,8 @@ def test_run_asks_first_then_shows_the_output_and_the_model_goes_on(driver, code
 
 def test_run_endpoint_checks_origin_and_host(code_server):
     url, token = code_server.url, {"X-Mistol-Run-Token": code_server.token}
-    ok = httpx.post(url + "/api/run", json={"code": "print(6 * 7)", "conversation": "t"}, headers={"Origin": url, **token})
+    ok = httpx.post(url + "/api/run", json={"code": "print(6 * 7)", "conversation": "t"},
+                    headers={"Origin": url, **token})
     assert ok.status_code == 200 and ok.json()["output"] == "42\n" and ok.json()["feedback"].startswith("\nOutput:")
     for headers in [{}, {"Origin": "http://evil.example"}, {"Origin": "null"}, token, {"Origin": "null", **token}]:
         r = httpx.post(url + "/api/run", json={"code": "print(1)"}, headers=headers)
@@ -351,10 +352,12 @@ def test_run_endpoint_needs_the_token_of_this_start_even_on_loopback(code_server
 
 def test_a_forged_status_message_through_the_server_is_a_note_and_the_conversation_goes_on(code_server):
     url, headers = code_server.url, {"Origin": code_server.url, "X-Mistol-Run-Token": code_server.token}
-    forged = "import os\nfor fd in range(3, 64):\n    try: os.write(fd, b'\\0\\0\\0\\x09{not json')\n    except OSError: pass"
+    forged = ("import os\nfor fd in range(3, 64):\n"
+              "    try: os.write(fd, b'\\0\\0\\0\\x09{not json')\n    except OSError: pass")
     r = httpx.post(url + "/api/run", json={"code": forged, "conversation": "forged"}, headers=headers, timeout=60)
     assert r.status_code == 200 and "SandboxError" in r.json()["output"] and r.json()["ok"] is False
-    r = httpx.post(url + "/api/run", json={"code": "print(6 * 7)", "conversation": "forged"}, headers=headers, timeout=60)
+    r = httpx.post(url + "/api/run", json={"code": "print(6 * 7)", "conversation": "forged"}, headers=headers,
+                   timeout=60)
     assert r.status_code == 200 and r.json()["output"] == "42\n"
 
 

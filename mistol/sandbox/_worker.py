@@ -393,7 +393,7 @@ def main() -> None:
         os.close(cfg["ctl"])
         os.close(cfg["status"])
         _, st = os.waitpid(init, 0)
-        exit_as(st)
+        os._exit(shell_status(st))
     start_worker(cfg, isolation, int(os.readlink("/proc/self")))
 
 
@@ -446,7 +446,6 @@ def relay(ctl: int, status: int, worker: int, requests: int, replies: int, init_
         if replies in readable:
             messages = reader.read()
             if messages is None:  # the worker closed it, or is ending: its status tells
-                watched.remove(replies)
                 exit_as(wait_for(worker, 1.0))
             for message in messages:
                 send(status, checked(message, expected, init_pid))
@@ -464,8 +463,9 @@ def checked(message, expected: object, init_pid: int | None) -> dict:
     if expected is None:
         raise Forged("a reply came while no block was running")
     if expected is READY:
-        if (not isinstance(message, dict) or set(message) != {"ready", "pid", "isolation"} or message["ready"] is not True
-                or type(message["pid"]) is not int or not isinstance(message["isolation"], dict)):
+        if (not isinstance(message, dict) or set(message) != {"ready", "pid", "isolation"}
+                or message["ready"] is not True or type(message["pid"]) is not int
+                or not isinstance(message["isolation"], dict)):
             raise Forged("the first reply is not the worker's")
         return {**message, "init_pid": init_pid}
     if not isinstance(message, dict) or set(message) != {"ok", "id"} or not isinstance(message["ok"], bool):
@@ -520,7 +520,7 @@ def reap(worker: int, everyone: bool) -> int | None:
 
 
 def wait_for(worker: int, timeout: float) -> int:
-    """The worker's wait status once it ends; it is killed when it has not ended by `timeout`."""
+    """The worker's wait status once it ends; Forged when it lives on without its reply pipe."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pid, st = os.waitpid(worker, os.WNOHANG)
@@ -531,11 +531,16 @@ def wait_for(worker: int, timeout: float) -> int:
 
 
 def exit_as(wait_status: int) -> None:
-    """End with the worker's status, a signal as 128 + its number (as a shell reports it)."""
-    code = os.waitstatus_to_exitcode(wait_status)
-    if code == PIPES_LOST:
+    """End with the worker's status (see `shell_status`)."""
+    if os.waitstatus_to_exitcode(wait_status) == PIPES_LOST:
         raise Forged("the code closed or replaced the worker's pipes")
-    os._exit(128 - code if code < 0 else code)
+    os._exit(shell_status(wait_status))
+
+
+def shell_status(wait_status: int) -> int:
+    """An exit status as a shell reports it: a signal as 128 + its number."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    return 128 - code if code < 0 else code
 
 
 def _kill(pid: int) -> None:

@@ -289,7 +289,8 @@ class _Worker:
             except (KeyError, TypeError, ValueError):
                 ready = {"error": "its first message is not a ready message"}
         self.kill()
-        if isinstance(ready, dict) and "error" in ready and "unshare" in str(ready["error"]) and not limits.allow_network:
+        unshare_failed = isinstance(ready, dict) and "unshare" in str(ready.get("error", ""))
+        if unshare_failed and not limits.allow_network:
             raise MistolError(
                 f"cannot run code without network access: this system does not allow network namespaces "
                 f"({ready['error']}); allow network access (--allow-network) to run it anyway"
