@@ -281,7 +281,7 @@ def test_exec_prints_what_the_model_would_see(tmp_path, capsys):
     exec_command.register(parser.add_subparsers(dest="command"))
     script.write_text("block = bytearray(512 * 2**20)")
     args = parser.parse_args(["exec", str(script), "--memory", "256", *network])
-    assert args.run(args) == 0
+    assert args.run(args) == 1  # the code raised
     assert capsys.readouterr().out.splitlines()[-1] == "MemoryError"
 
 

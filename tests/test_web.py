@@ -48,7 +48,7 @@ def code_server():
     """The demo model (it answers arithmetic with Python) with Run buttons."""
     engine, server = start_server("demo", allow_code=True)
     with server as url:
-        yield SimpleNamespace(url=url, engine=engine)
+        yield SimpleNamespace(url=url, engine=engine, token=server.app.state.server.run_token)
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +78,16 @@ def driver(tmp_path_factory):
     browser.quit()
 
 
-def open_page(driver, url, conversations=None, settings=None):
-    """Load the page with a clean (or given) localStorage and wait until it knows the server."""
+def open_page(driver, url, conversations=None, settings=None, token=None):
+    """Load the page with a clean (or given) localStorage and wait until it knows the server;
+    with `token`, through the address `mistol serve --allow-code` prints (/?token=...)."""
     driver.get(url + "/static/icon.svg")  # same origin: localStorage can be set before the app starts
-    driver.execute_script("localStorage.clear();")
+    driver.execute_script("localStorage.clear(); sessionStorage.clear();")
     if conversations is not None:
         driver.execute_script("localStorage.setItem('mistol.conversations.v1', arguments[0]);", json.dumps(conversations))
     if settings is not None:
         driver.execute_script("localStorage.setItem('mistol.settings.v1', arguments[0]);", json.dumps(settings))
-    driver.get(url + "/")
+    driver.get(url + "/" + (f"?token={token}" if token else ""))
     wait(driver, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
 
 
@@ -280,7 +281,11 @@ def test_without_allow_code_there_is_no_run_button_and_no_endpoint(driver, plain
 
 
 def test_run_asks_first_then_shows_the_output_and_the_model_goes_on(driver, code_server):
-    open_page(driver, code_server.url, settings=GREEDY)
+    open_page(driver, code_server.url, settings=GREEDY, token=code_server.token)
+    # the token is kept for this tab and gone from the address bar
+    assert driver.current_url == code_server.url + "/"
+    assert driver.execute_script("return sessionStorage.getItem('mistol.runToken')") == code_server.token
+    assert not driver.find_element(By.ID, "notice").is_displayed()
     type_message(driver, "What is 1234 + 4321?")
     try:
         run = wait(driver, lambda d: idle(d) and d.find_elements(By.CSS_SELECTOR, ".run-code"))[0]
@@ -309,20 +314,63 @@ def test_run_asks_first_then_shows_the_output_and_the_model_goes_on(driver, code
 
 
 def test_run_endpoint_checks_origin_and_host(code_server):
-    url = code_server.url
-    ok = httpx.post(url + "/api/run", json={"code": "print(6 * 7)", "conversation": "t"}, headers={"Origin": url})
+    url, token = code_server.url, {"X-Mistol-Run-Token": code_server.token}
+    ok = httpx.post(url + "/api/run", json={"code": "print(6 * 7)", "conversation": "t"},
+                    headers={"Origin": url, **token})
     assert ok.status_code == 200 and ok.json()["output"] == "42\n" and ok.json()["feedback"].startswith("\nOutput:")
-    for headers in [{}, {"Origin": "http://evil.example"}, {"Origin": "null"}]:
+    for headers in [{}, {"Origin": "http://evil.example"}, {"Origin": "null"}, token, {"Origin": "null", **token}]:
         r = httpx.post(url + "/api/run", json={"code": "print(1)"}, headers=headers)
         assert r.status_code == 403, (headers, r.text)
     # DNS rebinding: a foreign name pointing at 127.0.0.1 (Origin and Host agree, but are not loopback).
     r = httpx.post(url + "/api/run", json={"code": "print(1)"},
-                   headers={"Host": "evil.example", "Origin": "http://evil.example"})
+                   headers={"Host": "evil.example", "Origin": "http://evil.example", **token})
     assert r.status_code == 403
     # A cross-site form post (text/plain) cannot run code either.
     r = httpx.post(url + "/api/run", content='{"code": "print(1)"}',
-                   headers={"Origin": url, "Content-Type": "text/plain"})
+                   headers={"Origin": url, "Content-Type": "text/plain", **token})
     assert r.status_code == 415
+
+
+def test_run_endpoint_needs_the_token_of_this_start_even_on_loopback(code_server):
+    """Another account on this machine reaches loopback too, and can send any Origin it likes
+    (curl -H 'Origin: http://127.0.0.1:PORT'): without the token printed at start, no run."""
+    url = code_server.url
+    marker = "print('ran')"
+    for token in [None, "", "wrong", code_server.token[:-1], code_server.token + "x", code_server.token.upper()]:
+        headers = {"Origin": url} | ({"X-Mistol-Run-Token": token} if token is not None else {})
+        r = httpx.post(url + "/api/run", json={"code": marker, "conversation": "curl"}, headers=headers)
+        assert r.status_code == 403, (token, r.text)
+        assert "run token" in r.json()["error"]["message"] and "ran" not in r.text
+    r = httpx.post(url + "/api/run", json={"code": marker, "conversation": "curl"}, params={"token": code_server.token},
+                   headers={"Origin": url})
+    assert r.status_code == 403  # only the header counts: a token in a URL is not enough
+    # the token is not handed out by the server to whoever asks
+    assert code_server.token not in httpx.get(url + "/api/config").text
+    assert code_server.token not in httpx.get(url + "/").text
+    assert code_server.token not in httpx.get(url + "/static/app.js").text
+
+
+def test_a_forged_status_message_through_the_server_is_a_note_and_the_conversation_goes_on(code_server):
+    url, headers = code_server.url, {"Origin": code_server.url, "X-Mistol-Run-Token": code_server.token}
+    forged = ("import os\nfor fd in range(3, 64):\n"
+              "    try: os.write(fd, b'\\0\\0\\0\\x09{not json')\n    except OSError: pass")
+    r = httpx.post(url + "/api/run", json={"code": forged, "conversation": "forged"}, headers=headers, timeout=60)
+    assert r.status_code == 200 and "SandboxError" in r.json()["output"] and r.json()["ok"] is False
+    r = httpx.post(url + "/api/run", json={"code": "print(6 * 7)", "conversation": "forged"}, headers=headers,
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["output"] == "42\n"
+
+
+def test_a_page_opened_without_the_token_says_how_to_run_code_and_runs_nothing(driver, code_server):
+    open_page(driver, code_server.url, settings=GREEDY)
+    assert "?token=" in driver.find_element(By.ID, "notice").text
+    type_message(driver, "What is 1234 + 4321?")
+    run = wait(driver, lambda d: idle(d) and d.find_elements(By.CSS_SELECTOR, ".run-code"))[0]
+    run.click()
+    driver.find_element(By.ID, "run-confirm").click()
+    wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".message.assistant .error"))
+    assert "run token" in driver.find_element(By.CSS_SELECTOR, ".message.assistant .error").text
+    assert "Output:" not in stored(driver)[0]["messages"][1]["content"]
 
 
 # -- conversations ------------------------------------------------------------------------------
@@ -392,6 +440,44 @@ def test_allow_code_refuses_a_public_address_without_a_key():
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_serve_prints_the_page_address_with_a_new_run_token_at_each_start():
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    tokens = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "mistol", "serve", "--model", "demo", "--allow-code",
+                                 "--port", str(port)], stderr=subprocess.PIPE, text=True)
+        try:
+            for line in proc.stderr:
+                if "chat page at" in line:
+                    break
+            page = re.search(r"(http://127\.0\.0\.1:\d+/)\?token=([\w-]+)", line)
+            assert page, line
+            url, token = page[1].rstrip("/"), page[2]
+            tokens.append(token)
+            deadline = time.monotonic() + 60
+            while True:  # the address is printed before uvicorn listens
+                try:
+                    r = httpx.post(url + "/api/run", json={"code": "print(6 * 7)"},
+                                   headers={"Origin": url, "X-Mistol-Run-Token": token})
+                    break
+                except httpx.ConnectError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+            assert r.status_code == 200 and r.json()["output"] == "42\n"
+            assert httpx.post(url + "/api/run", json={"code": "print(1)"}, headers={"Origin": url}).status_code == 403
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    assert tokens[0] != tokens[1] and len(tokens[0]) >= 32
+
+
 def test_with_an_api_key_the_page_asks_for_it_and_the_run_endpoint_needs_it(driver):
     engine, server = start_server("demo", allow_code=True, api_key="sk-page-key")
     with server as url:
@@ -399,6 +485,10 @@ def test_with_an_api_key_the_page_asks_for_it_and_the_run_endpoint_needs_it(driv
         assert r.status_code == 401
         r = httpx.post(url + "/api/run", json={"code": "print(2)"},
                        headers={"Origin": url, "Authorization": "Bearer sk-page-key"})
+        assert r.status_code == 403  # the key is not the run token
+        r = httpx.post(url + "/api/run", json={"code": "print(2)"},
+                       headers={"Origin": url, "Authorization": "Bearer sk-page-key",
+                                "X-Mistol-Run-Token": server.app.state.server.run_token})
         assert r.status_code == 200 and r.json()["output"] == "2\n"
 
         open_page(driver, url, settings=GREEDY)

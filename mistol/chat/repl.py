@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import MistolError
 from ..sampling import SamplingParams
 from ..sandbox.code_turn import CodeRunner, code_turn
+from ..sandbox.visible import visible
 from .log import ChatLog, data_dir, drop_last_exchange, replay, save_messages, set_system
 
 DEFAULT_SYSTEM = "You are Hermes, a helpful, honest and concise assistant."
@@ -96,6 +97,7 @@ class ChatApp:
 
     def _show(self, text: str, is_output: bool) -> None:
         self.log.write("delta", content=text)
+        text = visible(text)  # the reply and the code's output: shown, never obeyed by the terminal
         sys.stdout.write(f"\033[2m{text}\033[0m" if is_output and self.options.interactive else text)
         sys.stdout.flush()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..sandbox.visible import visible
 from . import COMMANDS
 from .options import add_api_args, add_model_args, add_sampling_args, load_engine, remote_llm, sampling_params
 
@@ -81,6 +82,7 @@ def cmd_duo(args) -> int:
             processed = speaker.llm.session.tokens_processed if hasattr(speaker.llm, "session") else 0
             def show(piece: str, is_output: bool = False) -> None:
                 log.write("delta", content=piece)
+                piece = visible(piece)
                 sys.stdout.write(f"\033[2m{piece}\033[0m{colors[speaker.name]}" if is_output and color else piece)
                 sys.stdout.flush()
 

@@ -1,8 +1,10 @@
 """`mistol exec FILE`: run a file the way the chat runs the model's code, and show the result.
 
 It prints exactly the text the model would be shown after its code block, so the sandbox can
-be tried (and its limits checked) without a model. The exit status is 0 whatever the code
-did (its errors are part of that text); 1 only when mistol itself cannot run it.
+be tried (and its limits checked) without a model. The exit status says how the code ended:
+0 when it ran to its end, 1 when it raised, was stopped or hit a limit (or mistol itself
+could not run it), 124 when it ran past the time limit, as with timeout(1). On a terminal
+the output's control characters are written out (ESC as \\x1b), not obeyed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import sys
 from pathlib import Path
 
 from ..errors import MistolError
-from ..sandbox.sandbox import Sandbox, SandboxLimits
+from ..sandbox.sandbox import RunResult, Sandbox, SandboxLimits
+from ..sandbox.visible import visible
 from . import COMMANDS
 
 DESCRIPTION = (
@@ -65,7 +68,15 @@ def cmd_exec(args) -> int:
     limits = SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory, disk_mb=args.disk,
                            allow_network=args.allow_network)
     with Sandbox(limits) as sandbox:
-        output = sandbox.run(code).output
+        result = sandbox.run(code)
+    output = visible(result.output) if sys.stdout.isatty() else result.output
     sys.stdout.write(output if not output or output.endswith("\n") else output + "\n")
     sys.stdout.flush()
-    return 0
+    return exit_status(result)
+
+
+def exit_status(result: RunResult) -> int:
+    """0: the code ran to its end; 124: it timed out; 1: it raised, crashed or was stopped."""
+    if result.timed_out:
+        return 124
+    return 0 if result.ok else 1

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import MistolError
 from ..mathsolve.choices import DEFAULT_VOTE_TEMPERATURE, SAMPLING, STRATEGIES
 from ..mathsolve.datasets import GENERATORS
+from ..sandbox.visible import visible
 from . import COMMANDS
 from .options import add_api_args, add_model_args, add_sampling_args, load_engine, remote_llm, sampling_params
 
@@ -165,6 +166,7 @@ def solve_one(question: str, strategies: list, seed: int | None) -> int:
     color = sys.stdout.isatty()
 
     def show(text: str, kind: str) -> None:
+        text = visible(text)
         if color and kind != "text":
             text = f"\033[2m{text}\033[0m"
         sys.stdout.write(text)

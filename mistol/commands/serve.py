@@ -75,10 +75,13 @@ def cmd_serve(args) -> int:
     app = create_app(engine, options)
     server = app.state.server
     host = f"[{args.host}]" if ":" in args.host else args.host
+    # With --allow-code the page's address carries the run token: only who reads this can run code.
+    page = f"http://{host}:{args.port}/" + (f"?token={server.run_token}" if args.allow_code else "")
+    code_note = " (Python blocks can be run, after a confirmation in the page; open this exact address)"
     print(f"mistol serve: {server.model_id} at http://{host}:{args.port}/v1 (batch {args.max_batch}, "
           f"context {server.scheduler.max_context} tokens{', API key required' if api_key else ''})\n"
-          f"mistol serve: chat page at http://{host}:{args.port}/"
-          f"{' (Python blocks can be run, after a confirmation in the page)' if args.allow_code else ''}",
+          f"mistol serve: chat page at {page}"
+          f"{code_note if args.allow_code else ''}",
           file=sys.stderr)
     # On Ctrl-C, streams still generating get a few seconds, not their whole max_tokens.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)

@@ -16,10 +16,19 @@ for ordinary users through a user namespace):
                with Landlock (`_landlock.py`), then runs the code the parent sends; after each
                block it kills what the code left running in the namespace
 
-Protocol: the parent writes length-prefixed JSON requests ({"code": ...}) on the `ctl` pipe;
-the worker answers on the `status` pipe ({"ready": ...} once, then {"ok": bool} after each
-run). stdout and stderr of the code are one pipe, read by the parent, so they stay in the
-order they were written (the interpreter runs unbuffered, -u).
+Protocol: the parent writes length-prefixed JSON requests ({"code": ..., "id": ...}) on the
+`ctl` pipe and reads the answers on the `status` pipe ({"ready": ...} once, then
+{"ok": bool, "id": ...} after each run, or {"broken": why}). Those two pipes are held by
+`init` (or, with no PID namespace, by the launcher), never by the worker: the code runs in
+the worker, and whatever it can reach it can forge. `init` relays the worker's replies over a
+pipe of their own and checks each one: at most MAX_REPLY bytes, JSON of the expected shape,
+the id of the block it is running. Anything else means the code wrote there: init says
+{"broken": why} and ends the sandbox, so a forged reply never shifts one block's output to
+the next. init cannot be signalled from inside its namespace and is not dumpable, so the code
+can neither kill it nor open its descriptors through /proc.
+
+stdout and stderr of the code are one pipe, read by the parent, so they stay in the order
+they were written (the interpreter runs unbuffered, -u).
 """
 
 import ast
@@ -28,6 +37,7 @@ import json
 import linecache
 import os
 import resource
+import select
 import signal
 import socket
 import struct
@@ -48,9 +58,13 @@ CLONE_NEWNET = 0x40000000
 CLONE_NEWPID = 0x20000000
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
+PR_SET_DUMPABLE = 4
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 WORKER_FILE = os.path.abspath(__file__)
+MAX_REPLY = 1 << 14  # the worker's replies are under a kilobyte: a longer one is forged
+PIPES_LOST = 125  # the worker's exit status when the code closed or replaced its pipes to the relay
+READY = object()  # what the relay waits for before the first block: the worker's "ready"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _running = False  # SIGINT interrupts the code, never the worker's own bookkeeping
@@ -369,15 +383,14 @@ def lock_down(cfg: dict, isolation: dict) -> None:
     apply_landlock(isolation)
 
 
-def serve(cfg: dict, isolation: dict, init_pid: int | None) -> None:
-    ctl, status = cfg["ctl"], cfg["status"]
-    os.set_inheritable(ctl, False)
-    os.set_inheritable(status, False)
+def serve(cfg: dict, isolation: dict, requests: int, replies: int) -> None:
+    """The worker: lock itself down, then run each block `requests` brings and answer on
+    `replies` (both to `relay`)."""
     host_pid = int(os.readlink("/proc/self"))  # before /proc becomes the sandbox's own
     try:
         lock_down(cfg, isolation)
     except OSError as e:
-        send(status, {"error": f"the code's private filesystem could not be set up: {e}"})
+        send(replies, {"error": f"the code's private filesystem could not be set up: {e}"})
         os._exit(3)
     signal.signal(signal.SIGINT, on_sigint)
     main = types.ModuleType("__main__")  # the code's globals; `__main__` so pickling finds its functions
@@ -386,10 +399,13 @@ def serve(cfg: dict, isolation: dict, init_pid: int | None) -> None:
     sys.argv = [""]
     sys.path.insert(0, "")  # like a REPL: modules the code writes in its directory import
     me = os.getpid()
-    send(status, {"ready": True, "pid": host_pid, "init_pid": init_pid, "isolation": isolation})
+    send(replies, {"ready": True, "pid": host_pid, "isolation": isolation})
     n = 0
     while True:
-        request = receive(ctl)
+        try:
+            request = receive(requests)
+        except (OSError, ValueError):  # the code closed or replaced the pipe: nothing left to trust
+            os._exit(PIPES_LOST)
         if request is None:
             os._exit(0)
         n += 1
@@ -401,7 +417,10 @@ def serve(cfg: dict, isolation: dict, init_pid: int | None) -> None:
             end_other_processes()
         sys.stdout.flush()
         sys.stderr.flush()
-        send(status, {"ok": ok})
+        try:
+            send(replies, {"ok": ok, "id": request["id"]})
+        except OSError:
+            os._exit(PIPES_LOST)
 
 
 def main() -> None:
@@ -420,33 +439,171 @@ def main() -> None:
     isolation = {"network": net, "pid_namespace": pid_ns, "mount_namespace": mount_ns,
                  "user_namespace": (net or pid_ns or mount_ns) and os.geteuid() != 0,
                  "user": "root" if os.geteuid() == 0 else str(os.geteuid())}
-    if not pid_ns:
-        serve(cfg, isolation, None)
-        return
+    if not pid_ns:  # the launcher itself relays
+        start_worker(cfg, isolation, None)
     # unshare(CLONE_NEWPID) applies to children: the next one is PID 1 of the namespace.
     init = os.fork()
     if init:
         os.close(cfg["ctl"])
         os.close(cfg["status"])
         _, st = os.waitpid(init, 0)
-        code = os.waitstatus_to_exitcode(st)
-        os._exit(128 - code if code < 0 else code)
-    init_host_pid = int(os.readlink("/proc/self"))
+        os._exit(shell_status(st))
+    start_worker(cfg, isolation, int(os.readlink("/proc/self")))
+
+
+# -- the relay: the only holder of the parent's pipes ---------------------------------------
+class Forged(Exception):
+    """Something on the worker's reply pipe that the worker did not send: the code wrote it."""
+
+
+def start_worker(cfg: dict, isolation: dict, init_pid: int | None) -> None:
+    """Fork the worker, which runs the code without the parent's pipes; relay for it until it ends.
+
+    `init_pid` is our host pid when we are PID 1 of the sandbox's namespace (we then reap the
+    orphans too), None when there is no PID namespace.
+    """
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no /proc/PID/fd of ours for the code to open
+    requests_r, requests_w = os.pipe()
+    replies_r, replies_w = os.pipe()
     worker = os.fork()
     if worker == 0:
-        serve(cfg, isolation, init_host_pid)
-        return
-    os.close(cfg["ctl"])
-    os.close(cfg["status"])
+        for fd in (cfg["ctl"], cfg["status"], requests_w, replies_r):
+            os.close(fd)
+        _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # the worker is as it was before the fork
+        serve(cfg, isolation, requests_r, replies_w)
+        os._exit(0)
+    os.close(requests_r)
+    os.close(replies_w)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        relay(cfg["ctl"], cfg["status"], worker, requests_w, replies_r, init_pid)
+    except Forged as e:
+        send(cfg["status"], {"broken": str(e)})
+    except BaseException:  # never a traceback of ours in the code's output
+        pass
+    # PID 1 exiting ends everything in the namespace; without one, the parent kills the group
+    _kill(worker)
+    os._exit(0)
+
+
+def relay(ctl: int, status: int, worker: int, requests: int, replies: int, init_pid: int | None) -> None:
+    """Pass the parent's requests to the worker and its checked replies back; exits with the
+    worker's status when it ends, raises Forged when the reply pipe carries anything else."""
+    reader = ReplyReader(replies)
+    expected = READY  # the reply the worker owes: READY first, then the id of the running block, else None
+    watched = [ctl, replies]
+    while True:
+        readable = select.select(watched, [], [], 0.1)[0]
+        ended = reap(worker, everyone=init_pid is not None)
+        if ended is not None:
+            exit_as(ended)
+        if replies in readable:
+            messages = reader.read()
+            if messages is None:  # the worker closed it, or is ending: its status tells
+                exit_as(wait_for(worker, 1.0))
+            for message in messages:
+                send(status, checked(message, expected, init_pid))
+                expected = None
+        if ctl in readable:
+            request = receive(ctl)
+            if request is None:  # the parent closed the sandbox
+                return
+            expected = request["id"]
+            send(requests, request)
+
+
+def checked(message, expected: object, init_pid: int | None) -> dict:
+    """The reply as sent on to the parent, if it is the one the worker owes now."""
+    if expected is None:
+        raise Forged("a reply came while no block was running")
+    if expected is READY:
+        if isinstance(message, dict) and set(message) == {"error"} and isinstance(message["error"], str):
+            return message  # the worker could not lock itself down (before any code ran)
+        if (not isinstance(message, dict) or set(message) != {"ready", "pid", "isolation"}
+                or message["ready"] is not True or type(message["pid"]) is not int
+                or not isinstance(message["isolation"], dict)):
+            raise Forged("the first reply is not the worker's")
+        return {**message, "init_pid": init_pid}
+    if not isinstance(message, dict) or set(message) != {"ok", "id"} or not isinstance(message["ok"], bool):
+        raise Forged("a reply of the wrong form")
+    if message["id"] != expected:
+        raise Forged("a reply for another block")
+    return message
+
+
+class ReplyReader:
+    """Length-prefixed JSON from a non-blocking pipe, each message at most MAX_REPLY bytes."""
+
+    def __init__(self, fd: int):
+        self.fd, self.buf = fd, b""
+        os.set_blocking(fd, False)
+
+    def read(self) -> list | None:
+        """The messages complete now; None at end of file. Raises Forged on anything malformed."""
+        try:
+            data = os.read(self.fd, MAX_REPLY + 4)
+        except BlockingIOError:
+            return []
+        if not data:
+            return None
+        self.buf += data
+        messages = []
+        while len(self.buf) >= 4:
+            size = struct.unpack(">I", self.buf[:4])[0]
+            if size > MAX_REPLY:
+                raise Forged(f"a reply of {size} bytes")
+            if len(self.buf) < 4 + size:
+                break
+            body, self.buf = self.buf[4:4 + size], self.buf[4 + size:]
+            try:
+                messages.append(json.loads(body))
+            except ValueError:  # UnicodeDecodeError included
+                raise Forged("a reply that is not JSON") from None
+        return messages
+
+
+def reap(worker: int, everyone: bool) -> int | None:
+    """Reap ended children (all of them as PID 1: orphans come to us); the worker's wait status if it ended."""
     while True:
         try:
-            pid, st = os.wait()
+            pid, st = os.waitpid(-1 if everyone else worker, os.WNOHANG)
         except ChildProcessError:
-            os._exit(0)
-        if pid == worker:  # exiting kills whatever the code left running in the namespace
-            code = os.waitstatus_to_exitcode(st)
-            os._exit(128 - code if code < 0 else code)
+            return 0
+        if pid == 0:
+            return None
+        if pid == worker:
+            return st
+
+
+def wait_for(worker: int, timeout: float) -> int:
+    """The worker's wait status once it ends; Forged when it lives on without its reply pipe."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid, st = os.waitpid(worker, os.WNOHANG)
+        if pid:
+            return st
+        time.sleep(0.01)
+    raise Forged("the worker closed its reply pipe")
+
+
+def exit_as(wait_status: int) -> None:
+    """End with the worker's status (see `shell_status`)."""
+    if os.waitstatus_to_exitcode(wait_status) == PIPES_LOST:
+        raise Forged("the code closed or replaced the worker's pipes")
+    os._exit(shell_status(wait_status))
+
+
+def shell_status(wait_status: int) -> int:
+    """An exit status as a shell reports it: a signal as 128 + its number."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    return 128 - code if code < 0 else code
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from ..errors import MistolError
 from .codeblocks import CodeBlock, CodeBlockDetector, format_output, is_runnable
 from .sandbox import Sandbox, SandboxLimits, filesystem_isolation_available, network_isolation_available
+from .visible import visible
 
 if TYPE_CHECKING:  # only named in annotations: the module stays free of torch
     from ..sampling import SamplingParams
@@ -217,7 +218,8 @@ class CodeRunner:
 
 
 def _show(code: str) -> str:
-    """The code, syntax-highlighted on a terminal."""
+    """The code, syntax-highlighted on a terminal, its control characters written out."""
+    code = visible(code)
     if sys.stderr.isatty():
         try:
             from rich.console import Console

@@ -24,8 +24,13 @@ it in its own session, with:
 - a wall-clock timeout: past it the whole sandbox is killed and started again;
 - no way back to more rights: PR_SET_NO_NEW_PRIVS (setuid programs such as sudo do not work).
 
-State (variables, imports, and the files it wrote) lives on between `run` calls until a
-timeout, a crash or `reset`.
+The code cannot reach the pipes that tell mistol how a block ended: they are held by a
+process of the sandbox that never runs code (see `_worker.py`). Each status message is
+bounded in size, must be JSON of the expected shape, and names the block it ends by a random
+id; anything else stops the sandbox with a one-line note, and the next block gets a fresh one.
+
+State (variables, imports, the files it wrote) lives on between `run` calls until a timeout, a
+crash or `reset`.
 Processes the code leaves running (a server, a fork bomb) are killed when its block ends, so
 that they do not compete with the model for the CPU; with no PID namespace they live on until
 the sandbox closes. Output that background threads write between runs is dropped.
@@ -37,6 +42,7 @@ import codecs
 import functools
 import json
 import os
+import secrets
 import selectors
 import shutil
 import signal
@@ -54,6 +60,7 @@ from ..errors import MistolError
 WORKER = str(Path(__file__).with_name("_worker.py"))
 NOBODY = 65534
 START_TIMEOUT_S = 20.0
+MAX_MESSAGE = 1 << 16  # the worker's status messages are small; a longer one means the channel is broken
 LOST_STATE = "the sandbox was restarted, so variables and imports from earlier blocks are gone"
 
 
@@ -168,8 +175,11 @@ class Sandbox:
             out.add(f"(the sandbox had stopped: {LOST_STATE})\n")
         worker = self._live[0]
         worker.drain(_Output(0))  # what background processes wrote since the last run is not this run's
+        if (leftover := worker.unexpected()) is not None:  # e.g. the code ended its last block early
+            return self._broken(out, leftover)
+        block = secrets.token_hex(8)  # a reply for any other block is refused, so outputs never shift
         try:
-            worker.send({"code": code})
+            worker.send({"code": code, "id": block})
         except OSError:
             return self._died(out)
         deadline = time.monotonic() + self.limits.timeout_s
@@ -188,7 +198,9 @@ class Sandbox:
                 outcome = "interrupt"
             break
         if isinstance(outcome, dict):
-            return _result(out, ok=bool(outcome.get("ok")), interrupted=interrupted, restarted=restarted)
+            if set(outcome) == {"ok", "id"} and outcome["id"] == block and isinstance(outcome["ok"], bool):
+                return _result(out, ok=outcome["ok"], interrupted=interrupted, restarted=restarted)
+            return self._broken(out, outcome)
         if outcome == "died":
             return self._died(out)
         self._restart()
@@ -222,6 +234,15 @@ class Sandbox:
         why = "ended" if status is None else worker.describe_exit(status)
         note = f"SandboxError: the Python process running the code {why}; {LOST_STATE}"
         return _result(out, note, ok=False, restarted=True, exit_status=status)
+
+    def _broken(self, out: _Output, message: dict) -> RunResult:
+        """The worker's status channel carried something it should not: start afresh, say why."""
+        self._live[0].drain(out)
+        self._restart()
+        why = message.get("broken") if isinstance(message.get("broken"), str) else "an unexpected status message"
+        note = (f"SandboxError: the code wrote to the sandbox's own channel ({why[:200]}), "
+                f"so the sandbox was stopped; {LOST_STATE}")
+        return _result(out, note, ok=False, restarted=True)
 
 
 def _result(out: _Output, note: str = "", **fields) -> RunResult:
@@ -289,16 +310,20 @@ class _Worker:
             self.kill()
             raise
         if isinstance(ready, dict) and ready.get("ready"):
-            self.pid, self.init_pid = ready["pid"], ready["init_pid"]
-            self.isolation = Isolation(**ready["isolation"])
-            return
+            try:
+                self.pid, self.init_pid = int(ready["pid"]), ready["init_pid"]
+                self.isolation = Isolation(**ready["isolation"])
+                return
+            except (KeyError, TypeError, ValueError):
+                ready = {"error": "its first message is not a ready message"}
         self.kill()
-        if isinstance(ready, dict) and str(ready.get("error")).startswith("unshare") and not limits.allow_network:
+        unshare_failed = isinstance(ready, dict) and str(ready.get("error", "")).startswith("unshare")
+        if unshare_failed and not limits.allow_network:
             raise MistolError(
                 f"cannot run code without network access: this system does not allow network namespaces "
                 f"({ready['error']}); allow network access (--allow-network) to run it anyway"
             )
-        detail = ready.get("error") if isinstance(ready, dict) else ready
+        detail = (ready.get("error") or ready.get("broken")) if isinstance(ready, dict) else ready
         raise MistolError(f"the code sandbox did not start ({detail}): {out.text()[0].strip() or 'no output'}")
 
     def alive(self) -> bool:
@@ -310,10 +335,23 @@ class _Worker:
         while data:
             data = data[os.write(self.ctl, data):]
 
-    def pump(self, out: _Output, deadline: float) -> dict | str:
-        """Collect output until the worker's next message; else "died" or "timeout"."""
-        while True:
+    def unexpected(self) -> dict | None:
+        """A status message that came while no block ran (the channel is then broken), else None."""
+        self.status.read()
+        try:
             message = self.status.next()
+        except ValueError as e:
+            return {"broken": str(e)}
+        return None if message is None else message if "broken" in message else {"broken": "a reply after its block"}
+
+    def pump(self, out: _Output, deadline: float) -> dict | str:
+        """Collect output until the worker's next message; else "died" or "timeout". A message
+        that cannot be read comes back as {"broken": why}."""
+        while True:
+            try:
+                message = self.status.next()
+            except ValueError as e:
+                message = {"broken": str(e)}
             if message is not None:
                 self.drain(out)
                 return message
@@ -364,8 +402,8 @@ class _Worker:
         self.status.close()
 
     def describe_exit(self, status: int) -> str:
-        # With a PID namespace the status is relayed by two processes, as a shell would: 128 + signal.
-        sig = -status if status < 0 else status - 128 if self.init_pid is not None and status > 128 else None
+        # The status is relayed by the worker's parent (init, or the launcher), as a shell would: 128 + signal.
+        sig = -status if status < 0 else status - 128 if status > 128 else None
         if not sig:
             return f"exited with status {status}"
         try:
@@ -391,13 +429,15 @@ def _environment(limits: SandboxLimits, workdir: Path) -> dict[str, str]:
 
 
 class _Messages:
-    """Length-prefixed JSON messages read from a non-blocking pipe."""
+    """Length-prefixed JSON objects read from a non-blocking pipe, each at most MAX_MESSAGE bytes."""
 
     def __init__(self, fd: int):
         self.fd, self.buf, self.eof = fd, b"", False
         os.set_blocking(fd, False)
 
     def read(self) -> None:
+        if len(self.buf) > MAX_MESSAGE + 4:
+            return  # next() refuses what is there; reading more would only grow the buffer
         try:
             data = os.read(self.fd, 1 << 16)
         except BlockingIOError:
@@ -406,12 +446,21 @@ class _Messages:
         self.buf += data
 
     def next(self) -> dict | None:
+        """The next whole message, None while it is incomplete; ValueError when it is not one."""
         if len(self.buf) < 4:
             return None
         size = struct.unpack(">I", self.buf[:4])[0]
+        if size > MAX_MESSAGE:
+            raise ValueError(f"a status message of {size} bytes")
         if len(self.buf) < 4 + size:
             return None
-        message, self.buf = json.loads(self.buf[4:4 + size]), self.buf[4 + size:]
+        body, self.buf = self.buf[4:4 + size], self.buf[4 + size:]
+        try:
+            message = json.loads(body)
+        except ValueError:  # UnicodeDecodeError included
+            raise ValueError("a status message that is not JSON") from None
+        if not isinstance(message, dict):
+            raise ValueError("a status message that is not a JSON object")
         return message
 
     def close(self) -> None:

@@ -8,19 +8,26 @@ untrusted there: the page builds the DOM from text nodes, and the Content-Securi
 below forbids inline scripts and any other origin, so even a rendering slip cannot run
 script or send the conversation away.
 
-Running code is the dangerous part, so `/api/run` is guarded three ways: it exists only
+Running code is the dangerous part, so `/api/run` is guarded four ways: it exists only
 with `--allow-code`; it needs the API key when one is set (and `mistol serve` refuses
-`--allow-code` on a non-loopback address without one); and the request must come from
-this page: the Origin header must name the host the request was sent to, and without a
-key that host must be a loopback name. The last check stops another web site from posting
-code (cross-site requests carry their own Origin) and DNS rebinding (a foreign name that
-resolves to 127.0.0.1 is refused).
+`--allow-code` on a non-loopback address without one); it needs the run token, a random
+secret made at each start and shown only in the page's URL that `mistol serve` prints
+(`/?token=...`, as Jupyter does), so that another account on this machine, which can reach
+loopback too, cannot run code as the person who started the server; and the request must
+come from this page: the Origin header must name the host the request was sent to, and
+without a key that host must be a loopback name. The last check stops another web site
+from posting code (cross-site requests carry their own Origin) and DNS rebinding (a foreign
+name that resolves to 127.0.0.1 is refused). The page takes the token from its address,
+keeps it in sessionStorage, removes it from the address bar and sends it as
+`X-Mistol-Run-Token` with each run.
 """
 
 from __future__ import annotations
 
 import collections
+import hmac
 import ipaddress
+import secrets
 import threading
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -50,6 +57,7 @@ SECURITY_HEADERS = {
 }
 MAX_CODE_CHARS = 100_000
 MAX_SANDBOXES = 4  # conversations whose code state (variables, imports) is kept at once
+RUN_TOKEN_HEADER = "X-Mistol-Run-Token"
 
 
 def add_web_routes(app: FastAPI, server) -> None:
@@ -81,10 +89,12 @@ def add_web_routes(app: FastAPI, server) -> None:
 
     runs = CodeRuns(options.code_limits or SandboxLimits())
     server.on_close.append(runs.close)
+    server.run_token = secrets.token_urlsafe(32)  # new at each start; `mistol serve` prints it in the page's URL
 
     @app.post("/api/run", dependencies=[Depends(server.authorize)])
     async def run(request: Request):
         check_same_origin(request, key_required=options.api_key is not None)
+        check_run_token(request, server.run_token)
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             raise APIError(415, "send the code as application/json", code="unsupported_media_type")
         body = await server.read_json(request)
@@ -117,6 +127,14 @@ def check_same_origin(request: Request, key_required: bool) -> None:
     if not key_required and not _is_loopback_name(urlsplit(f"//{host}").hostname or ""):
         raise APIError(403, f"code can only be run through a loopback address without an API key (Host: {host})",
                        code="forbidden_host")
+
+
+def check_run_token(request: Request, token: str) -> None:
+    """Refuse a run without this start's token (compared in constant time)."""
+    given = request.headers.get(RUN_TOKEN_HEADER, "")
+    if not hmac.compare_digest(given.encode("utf-8", "replace"), token.encode()):
+        raise APIError(403, "running code needs this server's run token: open the chat page through the URL "
+                       "that `mistol serve --allow-code` printed (http://.../?token=...)", code="forbidden_token")
 
 
 def _is_loopback_name(name: str) -> bool:

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..sampling import SamplingParams
 from ..sandbox.code_turn import CodeRunner, code_turn
+from ..sandbox.visible import visible
 from .audio import Audio, concat
 from .sentences import Sentence, SentenceSplitter
 from .stt import STT
@@ -199,7 +200,7 @@ class Responder:
                 if first_token:
                     first_token = False
                     self.events.add("first_token")
-                self.on_text(text)
+                self.on_text(visible(text))  # shown on a terminal: escapes written out, not obeyed
                 if not is_output:  # code output is shown, never spoken
                     queue_sentences(splitter.feed(text))
 
@@ -339,7 +340,7 @@ class Conversation:
             turn = Turn("", None, audio.seconds, timings)
             self.turns.append(turn)
             return turn
-        self.on_transcript(text)
+        self.on_transcript(visible(text))
         self.messages.append({"role": "user", "content": text})
         responder = Responder(self.llm, self.params, self.tts, sink, self.events, self.code, self.on_text)
         marks = len(self.events.events)

@@ -7,6 +7,7 @@ const STORE_KEY = "mistol.conversations.v1";
 const SETTINGS_KEY = "mistol.settings.v1";
 const DEFAULT_SETTINGS = { system: "", temperature: 0.7, top_p: 0.95, max_tokens: 1024, apiKey: "" };
 const MAX_CODE_ROUNDS = 8; // as the terminal chat: blocks run within one reply
+const RUN_TOKEN_KEY = "mistol.runToken"; // sessionStorage: this tab only, gone when it closes
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -62,6 +63,32 @@ function newConversation() {
 function authHeaders() {
   const key = state.settings.apiKey.trim();
   return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+// The run token comes in the address `mistol serve --allow-code` printed (/?token=...). It is
+// kept for this tab and taken out of the address bar, so that it is not bookmarked, shared
+// or left in the history.
+function takeRunToken() {
+  const url = new URL(location.href);
+  const token = url.searchParams.get("token");
+  if (token === null) return;
+  try {
+    sessionStorage.setItem(RUN_TOKEN_KEY, token);
+  } catch {
+    // no sessionStorage: the token is lost with this page and runs will be refused
+  }
+  url.searchParams.delete("token");
+  history.replaceState(history.state, "", url.pathname + url.search + url.hash);
+}
+
+function runHeaders() {
+  let token = null;
+  try {
+    token = sessionStorage.getItem(RUN_TOKEN_KEY);
+  } catch {
+    token = null;
+  }
+  return token ? { "X-Mistol-Run-Token": token } : {};
 }
 
 async function errorText(response) {
@@ -225,7 +252,7 @@ async function runBlock(conversation, message, code) {
   try {
     const response = await fetch("/api/run", {
       method: "POST",
-      headers: { "Content-Type": "application/json", ...authHeaders() },
+      headers: { "Content-Type": "application/json", ...authHeaders(), ...runHeaders() },
       body: JSON.stringify({ code, conversation: conversation.id }),
     });
     if (!response.ok) throw new Error(await errorText(response));
@@ -562,6 +589,9 @@ async function loadConfig() {
   $("model").textContent = state.config.model;
   if (state.config.allow_code) $("system-prompt").placeholder = state.config.code_system_prompt;
   $("api-key-label").hidden = !state.config.api_key_required;
+  if (state.config.allow_code && !runHeaders()["X-Mistol-Run-Token"]) {
+    showNotice("To run code, open this page through the address `mistol serve` printed (it ends in ?token=…).");
+  }
   if (state.config.api_key_required && !state.settings.apiKey) {
     $("settings").hidden = false;
     showNotice("This server needs an API key: enter it under Settings.");
@@ -570,6 +600,7 @@ async function loadConfig() {
 }
 
 function start() {
+  takeRunToken();
   load();
   state.currentId = state.conversations[0]?.id ?? null;
   bindSettings();
