@@ -157,9 +157,11 @@ class _Server:
             if len(body) > limit:
                 raise APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
         try:
-            return json.loads(body)
+            value = json.loads(body)
         except (ValueError, RecursionError) as e:
             raise APIError(400, f"the request body is not valid JSON ({e})") from None
+        p.check_unicode(value)
+        return value
 
     # -- generation ------------------------------------------------------------------------
     async def generate(self, request: Request, chat: bool):
