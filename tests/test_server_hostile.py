@@ -6,6 +6,7 @@ request afterwards."""
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -290,3 +291,57 @@ def test_a_lone_surrogate_is_refused_with_400(server, path, body):
     raw = raw_json(body).replace(b"\\ud800", b"\xed\xa0\x80")
     r = server.http.post(path, content=raw, headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_unicode"
+
+
+# -- running code from many conversations at once ------------------------------------------------
+@pytest.fixture(scope="module")
+def code_server(mistral_dir):
+    from mistol.engine import Engine
+    from mistol.server import ServerOptions, create_app
+
+    app = create_app(Engine.load(mistral_dir, dtype="f32"), ServerOptions(model_name=MODEL, allow_code=True))
+    with LoopbackServer(app) as url:
+        yield url
+
+
+def run_code(url: str, conversation: str, code: str) -> httpx.Response:
+    return httpx.post(url + "/api/run", json={"code": code, "conversation": conversation},
+                      headers={"Origin": url}, timeout=60)
+
+
+def test_a_running_sandbox_is_not_evicted_by_new_conversations(code_server):
+    """Five conversations and more while one runs: it used to be closed under its running code (a 500)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mistol.server.web import MAX_SANDBOXES
+
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(run_code, code_server, "slow", "import time\nx = 42\ntime.sleep(3)\nprint('slow done')")
+        time.sleep(1)  # it is running now
+        for i in range(MAX_SANDBOXES + 2):
+            r = run_code(code_server, f"quick-{i}", "print('quick')")
+            assert r.status_code == 200 and r.json()["output"] == "quick\n", r.text
+        r = slow.result()
+    assert r.status_code == 200 and r.json()["output"] == "slow done\n", r.text
+    r = run_code(code_server, "slow", "print(x)")  # its variables were kept
+    assert r.status_code == 200 and r.json()["output"] == "42\n", r.text
+
+
+def test_more_concurrent_runs_than_sandboxes_get_200_or_503_never_500(code_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mistol.server.web import MAX_SANDBOXES
+
+    n = MAX_SANDBOXES * 2
+    with ThreadPoolExecutor(n) as pool:
+        replies = list(pool.map(lambda i: run_code(code_server, f"busy-{i}", "import time\ntime.sleep(2)\n"
+                                                   "print('ran')"), range(n)))
+    statuses = sorted(r.status_code for r in replies)
+    assert set(statuses) <= {200, 503}, [r.text for r in replies]
+    assert statuses.count(200) >= MAX_SANDBOXES
+    for r in replies:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "server_busy" and "retry" in r.json()["error"]["message"]
+        else:
+            assert r.json()["output"] == "ran\n"
+    assert run_code(code_server, "afterwards", "print(1 + 1)").json()["output"] == "2\n"
