@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -125,3 +126,51 @@ def test_terminal_session_with_undo_reset_and_ctrl_c(long_model, tmp_path):
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]
     assert messages[1]["content"] == "write a very long story"
     assert 0 < len(messages[2]["content"])
+
+
+def test_terminal_load_and_save_errors_keep_the_chat_and_a_wipe_asks_first(mistral_dir, tmp_path):
+    """In a real terminal: a bad /load or /save is a one-line notice at the same prompt, and a
+    file that would wipe the conversation is loaded only after a yes."""
+    pexpect = pytest.importorskip("pexpect")
+    (tmp_path / "garbage.txt").write_text("one line of garbage")
+    (tmp_path / "delta.jsonl").write_text('{"event": "delta", "content": "x"}\n{"event": "undo"}\n')
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "empty.json").write_text('{"messages": []}')
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(sys.executable, ["-m", "mistol", "chat", "--model", str(mistral_dir), "-t", "0",
+                                           "--max-tokens", "3", "--no-code"],
+                          env=env, encoding="utf-8", timeout=120, dimensions=(40, 200), cwd=str(tmp_path))
+    child.logfile_read = transcript = io.StringIO()
+    try:
+        child.expect_exact(">>>")
+        child.sendline("hello there")
+        child.expect_exact(">>>")
+        for name in ("garbage.txt", "delta.jsonl", "deep.json", "missing.json"):
+            child.sendline(f"/load {name}")
+            child.expect_exact("not loaded: ")
+            child.expect_exact(">>>")
+        child.sendline("/save no/such/dir.json")
+        child.expect_exact("not saved: ")
+        child.expect_exact(">>>")
+        child.sendline("/load empty.json")
+        child.expect_exact("Load it anyway? [y/N]")
+        child.sendline("n")
+        child.expect_exact("not loaded")
+        child.expect_exact(">>>")
+        child.sendline("/save kept.json")
+        child.expect_exact("saved to kept.json")
+        child.expect_exact(">>>")
+        child.sendline("/load empty.json")
+        child.expect_exact("Load it anyway? [y/N]")
+        child.sendline("y")
+        child.expect_exact("loaded 0 message(s)")
+        child.expect_exact(">>>")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0 and "Traceback" not in transcript.getvalue()
+    kept = json.loads((tmp_path / "kept.json").read_text())["messages"]
+    assert [m["role"] for m in kept] == ["system", "user", "assistant"] and kept[1]["content"] == "hello there"
+    (log,) = (tmp_path / "mistol" / "chats").glob("*.jsonl")
+    assert replay(log) == []  # the wipe that was confirmed

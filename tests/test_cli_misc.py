@@ -61,3 +61,67 @@ def test_bfloat16_and_float16_track_float32(mistral_dir):
         assert logits.dtype == torch.float32
         agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean()
         assert agree >= 0.9, (dtype, agree)
+
+
+def hostile_chat_files(d):
+    """Files /load (or --resume) used to crash on, or to load as an empty conversation."""
+    (d / "delta-first.jsonl").write_text('{"event": "delta", "content": "x"}\n{"event": "undo"}\n')
+    (d / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (d / "deep-line.jsonl").write_text('{"event": "reset"}\n' + "[" * 100_000 + "]" * 100_000 + "\n{}\n")
+    (d / "not-utf8.jsonl").write_bytes(b"\xff\xfe\x00\x80garbage\n\xc3(\n")
+    (d / "garbage.txt").write_text("just one line of garbage")
+    (d / "wrong-types.json").write_text('{"messages": [{"role": 5, "content": []}]}')
+    (d / "messages-string.json").write_text('{"messages": "hello"}')
+    (d / "bad-role.jsonl").write_text('{"event": "message", "role": "wizard", "content": "x"}\n{"event": "undo"}\n')
+    (d / "a-directory").mkdir()
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_malformed_chat_files_are_one_clear_error(tmp_path):
+    from mistol.errors import MistolError
+
+    for name in hostile_chat_files(tmp_path) + ["missing.json", "nul\0name"]:
+        with pytest.raises(MistolError) as e:
+            replay(tmp_path / name)
+        assert "\n" not in str(e.value) and len(str(e.value)) < 300, name
+
+
+def test_a_lone_surrogate_in_a_log_is_replaced_on_load_and_on_resume(mistral_dir, tmp_path):
+    chats = tmp_path / "data" / "mistol" / "chats"
+    chats.mkdir(parents=True)
+    log = chats / "2020-01-01T00-00-00.jsonl"
+    log.write_text('{"event": "system", "content": "sys"}\n'
+                   '{"event": "message", "role": "user", "content": "PIN \\ud800"}\n'
+                   '{"event": "message", "role": "assistant", "content": "ok \\udfff"}\n')
+    assert replay(log)[1:] == [{"role": "user", "content": "PIN \ufffd"}, {"role": "assistant", "content": "ok \ufffd"}]
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    out = run("chat", "--model", str(mistral_dir), "--max-tokens", "3", "-t", "0", "--resume", "--no-code",
+              input="and again\n", env=env, check=False)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    messages = replay(log)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert messages[1]["content"] == "PIN \ufffd" and messages[3]["content"] == "and again"
+
+
+def test_load_and_save_errors_keep_the_piped_chat_going(mistral_dir, tmp_path):
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    files = tmp_path / "files"
+    files.mkdir()
+    names = hostile_chat_files(files) + ["missing.json"]
+    (files / "empty.json").write_text('{"messages": []}')
+    (files / "empty.jsonl").write_text("")
+    good = tmp_path / "good.json"
+    script = "first message\n" + "".join(f"/load {files / n}\n" for n in names)
+    script += f"/load {files / 'empty.json'}\n/load {files / 'empty.jsonl'}\n"
+    script += f"/save {files / 'a-directory'}\n/save {tmp_path / 'no' / 'such' / 'dir.json'}\n"
+    script += f"second message\n/save {good}\n"
+    out = run("chat", "--model", str(mistral_dir), "--max-tokens", "3", "-t", "0", "--no-code", input=script,
+              env=env, check=False)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    notices = out.stderr.splitlines()
+    assert sum(line.startswith("not loaded: ") for line in notices) == len(names) + 2, out.stderr
+    assert sum("would wipe this one (2 message(s) and the system prompt)" in line for line in notices) == 2
+    assert sum(line.startswith("not saved: ") for line in notices) == 2, out.stderr
+    conv = json.loads(good.read_text())["messages"]
+    assert [m["role"] for m in conv] == ["system", "user", "assistant", "user", "assistant"]
+    assert conv[1]["content"] == "first message" and conv[3]["content"] == "second message"

@@ -393,3 +393,86 @@ def test_terminal_chat_against_our_own_server(server, tmp_path):
     prompt = server.template.render(chat_messages("hello"))
     expected, _ = reference(server, prompt, 8, server.template.stop_ids)
     assert messages[-1] == {"role": "assistant", "content": expected}
+
+
+# -- the prefix cache is not an oracle for another client's prompt -----------------------------
+DIGITS = [28734, 28740, 28750, 28770, 28781, 28782, 28784, 28787, 28783, 28774]  # "0".."9" (Mistral v0.1)
+SECRET_PIN = [DIGITS[4], DIGITS[8], DIGITS[2], DIGITS[1]]
+FILLER = 1000  # any token that is not a digit
+
+
+def cached_tokens(http, prompt: list[int], key: str | None = None) -> int:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = http.post(COMPLETIONS, json={"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0},
+                  headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def guess_next_digit(http, victim: list[int], known: list[int], key: str | None = None,
+                     victim_key: str | None = None) -> list[int]:
+    """The attack: while the victim keeps sending `victim` (a prompt that starts with `known`),
+    send `known + d + filler` for each digit d and read cached_tokens (a prompt's last token
+    always runs, hence the filler). On a leaking server the right digit scores one more."""
+    cached_tokens(http, known + [FILLER, FILLER], key)  # warm up on our own prefix first
+    scores = []
+    for d in DIGITS:
+        cached_tokens(http, victim, victim_key)
+        scores.append(cached_tokens(http, known + [d, FILLER], key))
+    return scores
+
+
+def start(mistral_dir, **options):
+    from mistol.server import ServerOptions, create_app
+
+    engine = Engine.load(mistral_dir, dtype="f32")
+    return engine, LoopbackServer(create_app(engine, ServerOptions(model_name=MODEL, max_batch=2,
+                                                                   max_context=CONTEXT, **options)))
+
+
+def test_a_client_cannot_read_another_keys_prompt_from_cached_tokens(mistral_dir):
+    engine, server = start(mistral_dir, api_key=["key-A", "key-B"])
+    base = engine.tokenizer.encode("The door code for the server room is", add_bos=True)
+    with server as url, httpx.Client(base_url=url, timeout=60) as http:
+        cached_tokens(http, base + SECRET_PIN, "key-A")  # the victim
+        # ... whose own follow-up still finds its prompt cached
+        assert cached_tokens(http, base + SECRET_PIN + [DIGITS[5]], "key-A") >= len(base) + len(SECRET_PIN)
+        victim = base + SECRET_PIN
+        for known in (base, base + SECRET_PIN[:1], base + SECRET_PIN[:3]):
+            scores = guess_next_digit(http, victim, known, "key-B", "key-A")
+            assert len(set(scores)) == 1, f"the right digit stands out: {scores}"
+        # the same key is the same client, whose cache is shared: there the attack works
+        scores = guess_next_digit(http, victim, base, "key-A", "key-A")
+        assert scores[4] == len(base) + 1 and scores.count(len(base)) == 9, scores
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer key-C"}).status_code == 401
+
+
+def test_keyless_requests_share_nothing_with_the_flag_off(mistral_dir):
+    engine, server = start(mistral_dir, share_prefix_cache=False)
+    base = engine.tokenizer.encode("My PIN is", add_bos=True)
+    with server as url, httpx.Client(base_url=url, timeout=60) as http:
+        cached_tokens(http, base + SECRET_PIN)
+        assert cached_tokens(http, base + SECRET_PIN[:2] + [FILLER]) == 0
+        assert set(guess_next_digit(http, base + SECRET_PIN, base)) == {0}
+
+
+def test_keyless_requests_share_the_cache_by_default(mistral_dir):
+    """The documented default without keys: one person's server, one shared cache."""
+    engine, server = start(mistral_dir)
+    base = engine.tokenizer.encode("My PIN is", add_bos=True)
+    with server as url, httpx.Client(base_url=url, timeout=60) as http:
+        cached_tokens(http, base + SECRET_PIN)
+        assert cached_tokens(http, base + SECRET_PIN[:2] + [FILLER]) == len(base) + 2
+
+
+def test_api_key_can_be_repeated_and_sharing_turned_off_on_the_command_line():
+    import argparse
+
+    from mistol.commands.serve import register
+
+    sub = argparse.ArgumentParser().add_subparsers(dest="command")
+    register(sub)
+    args = sub.choices["serve"].parse_args(["--model", "m", "--api-key", "a", "--api-key", "b"])
+    assert args.api_key == ["a", "b"] and args.share_prefix_cache is True
+    args = sub.choices["serve"].parse_args(["--model", "m", "--no-shared-prefix-cache"])
+    assert args.share_prefix_cache is False

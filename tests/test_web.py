@@ -501,3 +501,56 @@ def test_with_an_api_key_the_page_asks_for_it_and_the_run_endpoint_needs_it(driv
         driver.find_element(By.CSS_SELECTOR, ".message.assistant .regenerate").click()
         wait(driver, lambda d: idle(d) and stored(d)[0]["messages"][1]["content"])
         assert not driver.find_elements(By.CSS_SELECTOR, ".error")
+
+
+# -- hostile Markdown ----------------------------------------------------------------------------
+DEEP_MARKDOWN = {
+    "nested-lists": "* " * 2000 + "x",
+    "nested-quotes": ">" * 20000,
+    "nested-quotes-with-text": ">" * 5000 + " deep text",
+    "nested-emphasis": "*_" * 3000 + "x" + "_*" * 3000,
+    "nested-links": "[" * 3000 + "a" + "](https://example.org)" * 3000,
+    "nested-ordered": "".join(f"{' ' * (3 * i)}1. level {i}\n" for i in range(1500)),
+}
+
+
+def browser_errors(driver) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+@pytest.mark.parametrize("name", list(DEEP_MARKDOWN))
+def test_deeply_nested_markdown_renders_and_the_page_survives_reloads(driver, plain_server, name):
+    """It used to throw 'Maximum call stack size exceeded', and a stored conversation broke every reload."""
+    reply = DEEP_MARKDOWN[name]
+    conversations = [{"id": "c1", "title": "stored", "created": 0, "updated": 0,
+                      "messages": [{"role": "user", "content": "go"}, {"role": "assistant", "content": reply},
+                                   {"role": "user", "content": "after"},
+                                   {"role": "assistant", "content": "**still rendered**"}]}]
+    browser_errors(driver)  # clear the log
+    open_page(driver, plain_server.url, conversations=conversations)
+    for reload in (False, True):
+        if reload:  # what the page stored, loaded again
+            driver.refresh()
+            wait(driver, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+        shown = messages(driver)
+        assert [role for role, _ in shown] == ["user", "assistant", "user", "assistant"]
+        assert shown[1][1].strip() and shown[3][1] == "still rendered"
+        last = driver.find_elements(By.CSS_SELECTOR, ".message.assistant .content")[-1]
+        assert last.find_element(By.TAG_NAME, "strong").text == "still rendered"
+        depth = driver.execute_script(
+            "let n = document.querySelector('.message.assistant .content'), d = 0;"
+            "while (n.firstElementChild) { n = n.firstElementChild; d++; } return d;")
+        assert depth < 60  # capped: deeper text is shown as written
+    assert not [e for e in browser_errors(driver) if "call stack" in e or "RangeError" in e]
+
+
+def test_a_message_that_cannot_render_is_shown_as_text(driver, plain_server):
+    open_page(driver, plain_server.url)
+    text = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "import('/static/markdown.js').then((m) => {"
+        "  const f = m.renderMarkdown('# title\\n```python\\nprint(1)\\n```', {codeBlock() { throw new Error('boom'); }});"
+        "  const box = document.createElement('div'); box.append(f);"
+        "  done([box.textContent, box.querySelectorAll('h3, .code-block').length]);"
+        "}, (e) => done(String(e)));")
+    assert text == ["# title\n```python\nprint(1)\n```", 0]

@@ -6,6 +6,11 @@ loses nothing already shown); {"event": "undo"} drops the last exchange; {"event
 "reset"} clears all but the system prompt; {"event": "system", "content"} sets it;
 {"event": "replace", "messages"} puts a loaded conversation in place.
 Replaying the events rebuilds the conversation.
+
+Reading is defensive, since a log may be damaged or a /load may name any file: a malformed
+file is one clear `MistolError`, never a traceback; a line cut short by a crash at the end
+is dropped; a byte that is not UTF-8, or a lone surrogate (which JSON can spell and UTF-8
+cannot hold), becomes U+FFFD so that the chat can still be resumed and sent to a model.
 """
 
 from __future__ import annotations
@@ -16,6 +21,24 @@ import time
 from pathlib import Path
 
 from ..errors import MistolError
+
+ROLES = ("system", "user", "assistant")
+MAX_FILE_BYTES = 64 << 20  # a chat is text; /load of a device or a huge file stops here
+
+
+class _BadEvent(ValueError):
+    """A log line that parses as JSON but is not an event this conversation can apply."""
+
+
+def clean_text(text: str) -> str:
+    """`text` with each lone surrogate replaced by U+FFFD (a pair stays one character)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def data_dir() -> Path:
@@ -45,7 +68,8 @@ class ChatLog:
         return cls(path)
 
     def write(self, event: str, **fields) -> None:
-        self._file.write(json.dumps({"event": event, **fields}, ensure_ascii=False) + "\n")
+        line = clean_text(json.dumps({"event": event, **fields}, ensure_ascii=False))
+        self._file.write(line + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -61,45 +85,76 @@ def latest_chat(directory: Path | None = None) -> Path:
 
 
 def replay(path: Path) -> list[dict]:
-    """The conversation a log file (or a /save file) describes."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise MistolError(f"{path}: cannot read ({e.strerror})") from None
+    """The conversation a log file (or a /save file) describes; MistolError if it is neither."""
+    text = _read_text(Path(path))
     try:
         whole = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         whole = None
     if isinstance(whole, dict) and "messages" in whole:
         return _messages_file(path, whole)
     messages: list[dict] = []
-    for n, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    applied = 0
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            event = json.loads(line)
-            apply_event(messages, event)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            if n == len(text.splitlines()):
+            apply_event(messages, json.loads(line))
+            applied += 1
+        except (ValueError, RecursionError):  # not JSON, too deep, or not an event we can apply
+            if n == len(lines) and applied:
                 break  # a line cut short by a crash: everything before it stands
-            raise MistolError(f"{path}:{n}: not a chat log line") from None
+            raise MistolError(f"{path}:{n}: not a chat log line (nor is the file a chat saved with /save)") from None
     return messages
 
 
+def _read_text(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise MistolError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError as e:  # a NUL in the name
+        raise MistolError(f"{path!r}: not a usable file name ({e})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise MistolError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MB: not a chat")
+    return data.decode("utf-8", "replace")
+
+
 def apply_event(messages: list[dict], event: dict) -> None:
+    """Apply one log event; _BadEvent (a ValueError) if it is malformed or does not fit."""
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        raise _BadEvent("not an event")
     kind = event["event"]
     if kind == "message":
-        messages.append({"role": event["role"], "content": event["content"]})
+        messages.append(_message(event))
     elif kind == "delta":
-        messages[-1]["content"] += event["content"]
+        if not messages:
+            raise _BadEvent("a delta before any message")
+        messages[-1]["content"] += _text(event.get("content"))
     elif kind == "undo":
         drop_last_exchange(messages)
     elif kind == "reset":
         messages[:] = [m for m in messages[:1] if m["role"] == "system"]
     elif kind == "system":
-        set_system(messages, event["content"])
+        set_system(messages, _text(event.get("content")))
     elif kind == "replace":
-        messages[:] = [{"role": m["role"], "content": m["content"]} for m in event["messages"]]
+        if not isinstance(event.get("messages"), list):
+            raise _BadEvent("replace needs a list of messages")
+        messages[:] = [_message(m) for m in event["messages"]]
+
+
+def _message(m) -> dict:
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise _BadEvent("a message needs a role: system, user or assistant")
+    return {"role": m["role"], "content": _text(m.get("content"))}
+
+
+def _text(value) -> str:
+    if not isinstance(value, str):
+        raise _BadEvent("content must be text")
+    return clean_text(value)
 
 
 def drop_last_exchange(messages: list[dict]) -> bool:
@@ -119,14 +174,19 @@ def set_system(messages: list[dict], content: str) -> None:
 
 
 def save_messages(path: Path, messages: list[dict]) -> None:
+    text = clean_text(json.dumps({"messages": messages}, ensure_ascii=False, indent=1))
     try:
-        Path(path).write_text(json.dumps({"messages": messages}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        Path(path).write_text(text + "\n", encoding="utf-8")
     except OSError as e:
-        raise MistolError(f"{path}: cannot write ({e.strerror})") from None
+        raise MistolError(f"{path}: cannot write ({e.strerror or e})") from None
+    except ValueError as e:  # a NUL in the name
+        raise MistolError(f"{path!r}: not a usable file name ({e})") from None
 
 
 def _messages_file(path, saved: dict) -> list[dict]:
+    if not isinstance(saved["messages"], list):
+        raise MistolError(f"{path}: not a saved chat (messages is not a list)")
     try:
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in saved["messages"]]
-    except (KeyError, TypeError) as e:
+        return [_message(m) for m in saved["messages"]]
+    except _BadEvent as e:
         raise MistolError(f"{path}: not a saved chat ({e})") from None

@@ -145,19 +145,53 @@ class ChatApp:
             if not arg:
                 self.notice("usage: /save FILE")
             else:
-                save_messages(Path(arg).expanduser(), self.messages)
-                self.notice(f"saved to {arg}")
+                self.save(arg)
         elif name == "/load":
             if not arg:
                 self.notice("usage: /load FILE")
             else:
-                loaded = replay(Path(arg).expanduser())
-                self.messages[:] = loaded
-                self.log.write("replace", messages=loaded)
-                self.notice(f"loaded {len(loaded)} message(s) from {arg}")
+                self.load(arg)
         else:
             self.notice(f"unknown command {name}; /help lists them")
         return True
+
+
+    def save(self, name: str) -> None:
+        """/save: a failure is a one-line notice; the chat goes on."""
+        try:
+            save_messages(Path(name).expanduser(), self.messages)
+        except MistolError as e:
+            self.notice(f"not saved: {e}")
+            return
+        self.notice(f"saved to {name}")
+
+    def load(self, name: str) -> None:
+        """/load: a file that is not a chat is a one-line notice; one that would leave nothing
+        of this conversation is loaded only after a yes (never when input is piped)."""
+        try:
+            loaded = replay(Path(name).expanduser())
+        except MistolError as e:
+            self.notice(f"not loaded: {e}")
+            return
+        if _exchanges(self.messages) and not _exchanges(loaded):
+            had = f"{_exchanges(self.messages)} message(s)"
+            if self.messages[0]["role"] == "system" and not loaded:
+                had += " and the system prompt"
+            warning = f"{name} holds no conversation: loading it would wipe this one ({had})"
+            if not self.options.interactive:
+                self.notice(f"not loaded: {warning}")
+                return
+            if ask_line(f"{warning}. Load it anyway? [y/N] ").strip().lower() not in ("y", "yes"):
+                self.notice("not loaded")
+                return
+        self.messages[:] = loaded
+        self.log.write("replace", messages=loaded)
+        self.notice(f"loaded {len(loaded)} message(s) from {name}")
+
+
+def _exchanges(messages: list[dict]) -> int:
+    """How many messages are more than the system prompt."""
+    return sum(m["role"] != "system" for m in messages)
 
 
 # -- input -------------------------------------------------------------------------------

@@ -25,8 +25,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: $MISTOL_API_KEY, else none)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: $MISTOL_API_KEY, else none). "
+                   "Repeat it to give each client its own key: cached prompt prefixes are shared only between "
+                   "requests with the same key")
+    p.add_argument("--no-shared-prefix-cache", dest="share_prefix_cache", action="store_false",
+                   help="without API keys, do not let one request reuse the prompt cache another left "
+                   "(which tells a client, through usage.cached_tokens and timing, how another's prompt began); "
+                   "each request then runs its whole prompt")
     p.add_argument("--max-batch", type=int, default=4,
                    help="requests decoded together; more wait their turn (default: 4). "
                    "Each keeps a KV cache, as do 4 more idle conversations")
@@ -55,7 +61,10 @@ def cmd_serve(args) -> int:
         raise MistolError(f"--ctx must be at least 2 tokens (got {args.ctx})")
     if not 0 <= args.port <= 65535:
         raise MistolError(f"--port must be in 0..65535 (got {args.port})")
-    api_key = args.api_key or os.environ.get("MISTOL_API_KEY") or None
+    keys = args.api_key or [k for k in [os.environ.get("MISTOL_API_KEY")] if k]
+    if any(not key.strip() for key in keys):
+        raise MistolError("--api-key must not be empty")
+    api_key = keys or None
     if args.allow_code and not is_loopback(args.host) and api_key is None:
         raise MistolError(f"--allow-code on {args.host} would let anyone who reaches this port run code here; "
                           "listen on 127.0.0.1, or set --api-key")
@@ -71,7 +80,8 @@ def cmd_serve(args) -> int:
     engine = load_engine(args)
     limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory, disk_mb=args.code_disk)
     options = ServerOptions(model_name=args.name, api_key=api_key, max_batch=args.max_batch, max_context=args.ctx,
-                            allow_code=args.allow_code, code_limits=limits)
+                            allow_code=args.allow_code, code_limits=limits,
+                            share_prefix_cache=args.share_prefix_cache)
     app = create_app(engine, options)
     server = app.state.server
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -79,13 +89,21 @@ def cmd_serve(args) -> int:
     page = f"http://{host}:{args.port}/" + (f"?token={server.run_token}" if args.allow_code else "")
     code_note = " (Python blocks can be run, after a confirmation in the page; open this exact address)"
     print(f"mistol serve: {server.model_id} at http://{host}:{args.port}/v1 (batch {args.max_batch}, "
-          f"context {server.scheduler.max_context} tokens{', API key required' if api_key else ''})\n"
+          f"context {server.scheduler.max_context} tokens{key_note(keys, args.share_prefix_cache)})\n"
           f"mistol serve: chat page at {page}"
           f"{code_note if args.allow_code else ''}",
           file=sys.stderr)
     # On Ctrl-C, streams still generating get a few seconds, not their whole max_tokens.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
+
+
+def key_note(keys: list[str], shared: bool) -> str:
+    if len(keys) > 1:
+        return f", {len(keys)} API keys, each with its own prompt cache"
+    if keys:
+        return ", API key required"
+    return "" if shared else ", no prompt cache shared between requests"
 
 
 def is_loopback(host: str) -> bool:

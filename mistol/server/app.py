@@ -16,6 +16,7 @@ import json
 import logging
 import secrets
 from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import PurePath
 
@@ -42,7 +43,11 @@ MAX_REMEMBERED_REPLIES = 512
 @dataclass
 class ServerOptions:
     model_name: str | None = None  # the id clients send as `model` (default: the engine's name)
-    api_key: str | None = None  # if set, every /v1 request needs "Authorization: Bearer KEY"
+    # If set (one key, or several: one per client), every /v1 request needs "Authorization: Bearer KEY".
+    api_key: str | Sequence[str] | None = None
+    # Keyless requests reuse each other's cached prompt prefixes (False: none ever does).
+    # With keys, requests share cached prefixes only with requests sending the same key.
+    share_prefix_cache: bool = True
     max_batch: int = 4  # requests decoded together; more wait in a queue
     max_context: int | None = None  # tokens per request, prompt and reply (default: the model's)
     max_body_bytes: int = 4 << 20
@@ -125,20 +130,34 @@ class _Server:
         self.model_id = options.model_name or engine.name
         self._aliases = {self.model_id, PurePath(self.model_id).name}
         self.created = p.now()
+        key = options.api_key
+        self._keys = [key] if isinstance(key, str) else list(key or ())
         self.on_close: list = []  # called at shutdown, after the scheduler stops
-        # Generated replies by text -> the ids the model chose: a resent conversation then
-        # renders to the very tokens the session holds, so the prefix cache covers the reply.
-        self._replies: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+        # Generated replies by (client, text) -> the ids the model chose: a resent conversation
+        # then renders to the very tokens the session holds, so the prefix cache covers the reply.
+        self._replies: collections.OrderedDict[tuple, list[int]] = collections.OrderedDict()
 
     # -- checks ------------------------------------------------------------------------------
     async def authorize(self, request: Request) -> None:
-        key = self.options.api_key
-        if key is None:
+        """Check the API key, and note which client sent it (`request.state.client`, see `client_of`)."""
+        if not self._keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+        sent = token.strip().encode()
+        # every key is compared, in constant time, so the timing tells nothing of which matched
+        matches = [secrets.compare_digest(sent, key.encode()) for key in self._keys]
+        if scheme.lower() != "bearer" or not any(matches):
             raise APIError(401, "invalid or missing API key (send the header 'Authorization: Bearer KEY')",
                            code="invalid_api_key")
+        request.state.client = ("key", matches.index(True))
+
+    def client_of(self, request: Request):
+        """Whose cached prefixes (and remembered replies) a request may reuse: its key's, or
+        without keys everyone's (None) or, with sharing off, nobody's (a new object)."""
+        client = getattr(request.state, "client", None)
+        if client is not None:
+            return client
+        return None if self.options.share_prefix_cache else object()
 
     def check_model(self, name: str) -> None:
         if name not in self._aliases:
@@ -157,15 +176,18 @@ class _Server:
             if len(body) > limit:
                 raise APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
         try:
-            return json.loads(body)
+            value = json.loads(body)
         except (ValueError, RecursionError) as e:
             raise APIError(400, f"the request body is not valid JSON ({e})") from None
+        p.check_unicode(value)
+        return value
 
     # -- generation ------------------------------------------------------------------------
     async def generate(self, request: Request, chat: bool):
         spec = (p.parse_chat_request if chat else p.parse_completion_request)(await self.read_json(request))
         self.check_model(spec.model)
-        replies = self._known_replies(spec)
+        client = self.client_of(request)
+        replies = self._known_replies(spec, client)
         prompt = await run_in_threadpool(self._prompt_ids, spec, replies)
         params = self._params(spec, prompt, chat)
         for token in spec.logit_bias:
@@ -176,21 +198,22 @@ class _Server:
         outputs: asyncio.Queue[Output] = asyncio.Queue()
         job = Job(prompt, params, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
                   logprobs=spec.logprobs, frequency_penalty=spec.frequency_penalty,
-                  presence_penalty=spec.presence_penalty, logit_bias=spec.logit_bias)
+                  presence_penalty=spec.presence_penalty, logit_bias=spec.logit_bias, client=client)
         if not self.scheduler.submit(job):
             raise APIError(503, "the server is busy (too many queued requests); retry later", code="server_busy")
-        reply = _Reply(self, spec, chat, len(prompt))
+        reply = _Reply(self, spec, chat, len(prompt), client)
         if spec.stream:
             return StreamingResponse(self._stream(job, outputs, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._collect(job, outputs, reply, request)
 
-    def _known_replies(self, spec: GenerationRequest) -> dict[str, list[int]]:
-        """The remembered ids of this conversation's assistant messages (exact texts only)."""
+    def _known_replies(self, spec: GenerationRequest, client) -> dict[str, list[int]]:
+        """The remembered ids of this conversation's assistant messages (exact texts only),
+        among the replies this client was given."""
         if spec.messages is None:
             return {}
         texts = {m["content"] for m in spec.messages if m["role"] == "assistant"}
-        return {t: list(self._replies[t]) for t in texts if t in self._replies}
+        return {t: list(self._replies[client, t]) for t in texts if (client, t) in self._replies}
 
     def _prompt_ids(self, spec: GenerationRequest, replies: dict[str, list[int]]) -> list[int]:
         if spec.messages is not None:
@@ -231,12 +254,12 @@ class _Server:
             stop_ids = sorted({i for i in ids if i is not None})
         return replace(spec.params, max_tokens=max_tokens, stop_token_ids=stop_ids)
 
-    def remember(self, text: str, token_ids: list[int]) -> None:
+    def remember(self, client, text: str, token_ids: list[int]) -> None:
         ids = [t for t in token_ids if t not in self.template.stop_ids]
         if not ids or self.tokenizer.decode(ids) != text:
             return  # e.g. cut by a stop string: the next turn encodes the text
-        self._replies[text] = ids
-        self._replies.move_to_end(text)
+        self._replies[client, text] = ids
+        self._replies.move_to_end((client, text))
         while len(self._replies) > MAX_REMEMBERED_REPLIES:
             self._replies.popitem(last=False)
 
@@ -291,8 +314,8 @@ class _Server:
 class _Reply:
     """One response being built: its id, its text so far, and its JSON shapes."""
 
-    def __init__(self, server: _Server, spec: GenerationRequest, chat: bool, prompt_tokens: int):
-        self.server, self.spec, self.chat = server, spec, chat
+    def __init__(self, server: _Server, spec: GenerationRequest, chat: bool, prompt_tokens: int, client=None):
+        self.server, self.spec, self.chat, self.client = server, spec, chat, client
         self.id = p.new_id("chatcmpl" if chat else "cmpl")
         self.created = p.now()
         self.text = ""
@@ -303,7 +326,7 @@ class _Reply:
         self.text += out.text
         self.logprobs += out.logprobs
         if out.finish_reason in ("stop", "length") and self.chat:
-            self.server.remember(self.text, out.token_ids)
+            self.server.remember(self.client, self.text, out.token_ids)
 
     def _usage(self, last: Output) -> dict:
         return p.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)

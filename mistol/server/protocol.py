@@ -6,6 +6,10 @@ an OpenAI-shaped 400 naming the offending field (`param`), never a framework's 4
 default (`n: 1`, `tools: []`, `response_format: {"type": "text"}`) and refused otherwise:
 silently ignoring them would return something other than what was asked for.
 
+Text must be Unicode: a lone surrogate ("\\ud800", which JSON can spell but UTF-8 cannot
+hold) anywhere in a body is refused with a 400 naming where it is, rather than replaced,
+so that the model never answers a text other than the one sent.
+
 Unset sampling fields take mistol's defaults (temperature 0.8, top_k 40, top_p 0.95,
 min_p 0.05; the same as `mistol chat` and llama.cpp's server), not OpenAI's 1.0/1.0.
 """
@@ -24,6 +28,10 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404:
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+# Below this, logits / temperature overflow float32 and sampling would see inf and NaN; such
+# a temperature samples as what it approaches: the most likely token.
+MIN_TEMPERATURE = 1e-3
+MIN_REPETITION_PENALTY = 0.01  # likewise: logits / penalty must stay finite
 
 
 class APIError(Exception):
@@ -64,6 +72,33 @@ class GenerationRequest:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     prompt: str | list[int] | None = None
+
+
+def check_unicode(body: Any) -> None:
+    """Refuse a parsed body holding a lone surrogate in any string or key (see the module's docstring)."""
+    stack = [(body, "")]
+    while stack:  # a loop, not recursion: the nesting depth is the client's to choose
+        value, where = stack.pop()
+        if isinstance(value, str):
+            _check_string(value, where or "the request body")
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+        elif isinstance(value, dict):
+            for key, v in value.items():
+                _check_string(key, f"a key of {where or 'the request body'}")
+                stack.append((v, f"{where}.{key}" if where else key))
+
+
+def _check_string(text: str, where: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = text[e.start]
+        raise APIError(400, f"{where}: contains a lone surrogate ({ascii(char)[1:-1]}) at character {e.start}, "
+                       "which is not valid Unicode text", where if not where.startswith(("a key", "the ")) else None,
+                       "invalid_unicode") from None
 
 
 def parse_chat_request(body: Any) -> GenerationRequest:
@@ -126,11 +161,11 @@ def _common(body: dict) -> dict:
         raise APIError(400, "n must be 1: this server returns one choice per request", "n")
     d = SamplingParams()
     params = SamplingParams(
-        temperature=_float(body, "temperature", d.temperature, 0.0, 2.0),
+        temperature=_temperature(_float(body, "temperature", d.temperature, 0.0, 2.0)),
         top_p=_float(body, "top_p", d.top_p, 0.0, 1.0, low_open=True),
         top_k=_int(body, "top_k", d.top_k, 0),
         min_p=_float(body, "min_p", d.min_p, 0.0, 1.0),
-        repetition_penalty=_float(body, "repetition_penalty", d.repetition_penalty, 0.0, 10.0, low_open=True),
+        repetition_penalty=_float(body, "repetition_penalty", d.repetition_penalty, MIN_REPETITION_PENALTY, 10.0),
         seed=_int(body, "seed", None, -(2**63), 2**64 - 1),  # what torch.Generator accepts
         stop=_stop(body.get("stop")),
     )
@@ -147,6 +182,10 @@ def _common(body: dict) -> dict:
         logit_bias=_logit_bias(body.get("logit_bias")),
         ignore_eos=_bool(body, "ignore_eos", False),
     )
+
+
+def _temperature(value: float) -> float:
+    return value if value >= MIN_TEMPERATURE else 0.0
 
 
 def _object(body: Any) -> dict:

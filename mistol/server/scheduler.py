@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -76,8 +76,10 @@ class Job:
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
         logit_bias: dict[int, float] | None = None,
+        client: Hashable = None,
     ):
         self.prompt = list(prompt)
+        self.client = client  # whose cached prefixes this job may reuse (see SessionPool)
         self.params = params
         self.on_output = on_output
         self.logprobs = logprobs  # None: off; k: the chosen token and the top k
@@ -123,6 +125,11 @@ class SessionPool:
     session, or a fresh one while the pool has room (so that a shared BOS and template header do not
     overwrite another conversation's cache), and once it is full, the best match or else
     the least recently used session.
+
+    Sessions belong to a client (any hashable: the server passes its API key's identity):
+    only a session holding the same client's tokens is matched, and one taken over from
+    another client is emptied first. Otherwise how much of a prompt was cached (or how fast
+    it came back) would tell one client, token by token, what another had sent.
     """
 
     def __init__(self, engine: Engine, size: int, max_context: int | None = None):
@@ -131,10 +138,20 @@ class SessionPool:
         self.max_context = max_context
         self.sessions: list[Session] = [engine.new_session(max_context=max_context)]
         self._free: list[Session] = list(self.sessions)  # least recently used first
+        self._client: dict[int, Hashable] = {}  # id(session) -> the client whose tokens it holds
 
-    def acquire(self, prompt: Sequence[int]) -> Session:
+    def acquire(self, prompt: Sequence[int], client: Hashable = None) -> Session:
+        session = self._choose(prompt, client)
+        if session.tokens and self._client.get(id(session)) != client:
+            session.reset()  # another client's tokens are never this one's prefix
+        self._client[id(session)] = client
+        return session
+
+    def _choose(self, prompt: Sequence[int], client: Hashable) -> Session:
         best, best_n = None, 0
         for s in self._free:
+            if self._client.get(id(s)) != client:
+                continue
             n = common_prefix(s.tokens, prompt)
             if n > best_n:
                 best, best_n = s, n
@@ -259,7 +276,7 @@ class Scheduler:
             self.counters["cancelled"] += 1
             return
         self.counters["requests"] += 1
-        job.session = session = self.pool.acquire(job.prompt)
+        job.session = session = self.pool.acquire(job.prompt, job.client)
         before = session.tokens_processed
         logits = session.feed(job.prompt).cpu()  # sampling, like the generators, runs on the CPU
         prefilled = session.tokens_processed - before

@@ -148,31 +148,56 @@ def _is_loopback_name(name: str) -> bool:
 
 class CodeRuns:
     """One sandbox per conversation (so its variables live on between blocks), the least
-    recently used closed beyond `MAX_SANDBOXES`. A sandbox runs one block at a time."""
+    recently used idle one closed beyond `MAX_SANDBOXES`. A sandbox runs one block at a
+    time. A sandbox that is running code is never closed under it: when every kept one is
+    busy, a new conversation is told to retry (503)."""
 
     def __init__(self, limits: SandboxLimits):
         self.limits = limits
-        self._sandboxes: collections.OrderedDict[str, tuple[Sandbox, threading.Lock]] = collections.OrderedDict()
+        self._sandboxes: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def run(self, conversation: str, code: str):
         with self._lock:
             entry = self._sandboxes.get(conversation)
+            evicted = None
             if entry is None:
-                entry = self._sandboxes[conversation] = (Sandbox(self.limits), threading.Lock())
+                if len(self._sandboxes) >= MAX_SANDBOXES:
+                    evicted = self._evict_idle()
+                entry = self._sandboxes[conversation] = _Entry(Sandbox(self.limits))
             self._sandboxes.move_to_end(conversation)
-            evicted = []
-            while len(self._sandboxes) > MAX_SANDBOXES:
-                evicted.append(self._sandboxes.popitem(last=False)[1][0])
-        for sandbox in evicted:
-            sandbox.close()
-        sandbox, lock = entry
-        with lock:
-            return sandbox.run(code)
+            entry.users += 1  # from here on, no other request closes it
+        try:
+            if evicted is not None:
+                evicted.close()
+            with entry.lock:
+                return entry.sandbox.run(code)
+        finally:
+            with self._lock:
+                entry.users -= 1
+
+    def _evict_idle(self) -> Sandbox:
+        """Take the least recently used sandbox that no request is using out (the caller closes it)."""
+        for conversation, entry in self._sandboxes.items():
+            if entry.users == 0:
+                del self._sandboxes[conversation]
+                return entry.sandbox
+        raise APIError(503, f"{MAX_SANDBOXES} conversations are running code already; retry when one has "
+                       "finished", code="server_busy")
 
     def close(self) -> None:
         with self._lock:
-            sandboxes = [s for s, _ in self._sandboxes.values()]
+            sandboxes = [e.sandbox for e in self._sandboxes.values()]
             self._sandboxes.clear()
         for sandbox in sandboxes:
             sandbox.close()
+
+
+class _Entry:
+    """A conversation's sandbox, the lock that runs its blocks one at a time, and how many
+    requests are using it (running or waiting their turn)."""
+
+    def __init__(self, sandbox: Sandbox):
+        self.sandbox = sandbox
+        self.lock = threading.Lock()
+        self.users = 0

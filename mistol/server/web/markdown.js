@@ -5,6 +5,10 @@
 // The subset models write: fenced code (open fences render while they stream), headings,
 // lists, block quotes, tables, rules, paragraphs; inline code, bold, italic, strikethrough,
 // links and bare URLs.
+//
+// Nesting is capped (quotes in quotes, lists in lists, bold in italic...): deeper text is
+// shown as written, so that hostile input (">" x 20000) cannot exhaust the call stack. And
+// whatever goes wrong, a message is shown as plain text rather than breaking the page.
 
 const FENCE_OPEN = /^( {0,3})(`{3,}|~{3,})[ \t]*([^`\s]*)[^`]*$/;
 const HEADING = /^ {0,3}(#{1,6})[ \t]+(.*?)[ \t#]*$/;
@@ -12,6 +16,8 @@ const RULE = /^ {0,3}([-*_])([ \t]*\1){2,}[ \t]*$/;
 const QUOTE = /^ {0,3}> ?/;
 const LIST_ITEM = /^( *)([-*+]|\d{1,9}[.)])[ \t]+(.*)$/;
 const TABLE_DIVIDER = /^ *\|? *:?-+:? *(\| *:?-+:? *)*\|? *$/;
+const MAX_BLOCK_DEPTH = 12; // quotes and list items inside each other
+const MAX_INLINE_DEPTH = 8; // emphasis and links inside each other
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -23,11 +29,23 @@ function el(tag, className, text) {
 // options.codeBlock(pre, language, code, closed) may decorate each code block (buttons).
 export function renderMarkdown(text, options = {}) {
   const fragment = document.createDocumentFragment();
-  renderBlocks(text.replace(/\r\n?/g, "\n").split("\n"), fragment, options);
+  try {
+    renderBlocks(String(text).replace(/\r\n?/g, "\n").split("\n"), fragment, options, 0);
+  } catch (error) {
+    console.warn("mistol: a message could not be rendered as Markdown; shown as text", error);
+    const plain = el("div", "markdown-plain", String(text));
+    plain.style.whiteSpace = "pre-wrap";
+    fragment.replaceChildren(plain);
+  }
   return fragment;
 }
 
-function renderBlocks(lines, parent, options) {
+function renderBlocks(lines, parent, options, depth) {
+  if (depth > MAX_BLOCK_DEPTH) {
+    const text = lines.map((line) => line.trim()).filter(Boolean);
+    if (text.length) parent.append(el("p", null, text.join("\n")));
+    return;
+  }
   let i = 0;
   let paragraph = [];
   const flush = () => {
@@ -73,13 +91,13 @@ function renderBlocks(lines, parent, options) {
       const quoted = [];
       while (i < lines.length && QUOTE.test(lines[i])) quoted.push(lines[i++].replace(QUOTE, ""));
       const quote = el("blockquote");
-      renderBlocks(quoted, quote, options);
+      renderBlocks(quoted, quote, options, depth + 1);
       parent.append(quote);
       continue;
     }
     if ((m = LIST_ITEM.exec(line)) && (!paragraph.length || m[1].length === 0)) {
       flush();
-      i = renderList(lines, i, parent, options);
+      i = renderList(lines, i, parent, options, depth);
       continue;
     }
     if (line.includes("|") && i + 1 < lines.length && TABLE_DIVIDER.test(lines[i + 1]) && lines[i + 1].includes("-")) {
@@ -102,7 +120,7 @@ function renderParagraph(lines) {
   return p;
 }
 
-function renderList(lines, start, parent, options) {
+function renderList(lines, start, parent, options, depth) {
   const first = LIST_ITEM.exec(lines[start]);
   const indent = first[1].length;
   const ordered = /\d/.test(first[2]);
@@ -135,7 +153,7 @@ function renderList(lines, start, parent, options) {
     }
     const item = el("li");
     const tight = !body.includes("");
-    renderBlocks(body, item, options);
+    renderBlocks(body, item, options, depth + 1);
     if (tight && item.children.length && item.firstElementChild.tagName === "P") {
       item.firstElementChild.replaceWith(...item.firstElementChild.childNodes);
     }
@@ -225,7 +243,7 @@ export function safeUrl(href) {
   }
 }
 
-function link(href, label, parent) {
+function link(href, label, parent, depth) {
   const url = safeUrl(href);
   if (url === null) return false;
   const a = el("a");
@@ -233,26 +251,31 @@ function link(href, label, parent) {
   a.target = "_blank";
   a.rel = "noopener noreferrer nofollow";
   if (label === undefined) a.textContent = href;
-  else renderInline(label, a);
+  else renderInline(label, a, depth + 1);
   parent.append(a);
   return true;
 }
 
-export function renderInline(text, parent) {
+export function renderInline(text, parent, depth = 0) {
+  if (depth > MAX_INLINE_DEPTH) {
+    parent.append(text);
+    return parent;
+  }
   let last = 0;
   for (const m of text.matchAll(INLINE)) {
     if (m.index > last) parent.append(text.slice(last, m.index));
     last = m.index + m[0].length;
     if (m[2] !== undefined) parent.append(el("code", "inline", m[2].replace(/^ (.+) $/, "$1")));
-    else if (m[3] !== undefined || m[4] !== undefined) parent.append(renderInline(m[3] ?? m[4], el("strong")));
-    else if (m[5] !== undefined || m[6] !== undefined) parent.append(renderInline(m[5] ?? m[6], el("em")));
-    else if (m[7] !== undefined) parent.append(renderInline(m[7], el("del")));
+    else if (m[3] !== undefined || m[4] !== undefined) {
+      parent.append(renderInline(m[3] ?? m[4], el("strong"), depth + 1));
+    } else if (m[5] !== undefined || m[6] !== undefined) parent.append(renderInline(m[5] ?? m[6], el("em"), depth + 1));
+    else if (m[7] !== undefined) parent.append(renderInline(m[7], el("del"), depth + 1));
     else if (m[8] !== undefined) {
-      if (!link(m[9], m[8], parent)) parent.append(m[0]); // an unsafe target: shown, not linked
+      if (!link(m[9], m[8], parent, depth)) parent.append(m[0]); // an unsafe target: shown, not linked
     } else if (m[10] !== undefined) {
-      if (!link(m[10], undefined, parent)) parent.append(m[0]);
+      if (!link(m[10], undefined, parent, depth)) parent.append(m[0]);
     } else if (m[11] !== undefined) {
-      if (!link(m[11], undefined, parent)) parent.append(m[0]);
+      if (!link(m[11], undefined, parent, depth)) parent.append(m[0]);
     }
   }
   if (last < text.length) parent.append(text.slice(last));
