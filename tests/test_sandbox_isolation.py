@@ -319,3 +319,49 @@ print(runner.confirm("print(1)"))
     for path in secrets["files"]:  # forbidden by Landlock, though they exist
         assert got[path] == "PermissionError", got
     assert "no mount namespace" in result.stdout and lines[-1] == "None"  # warned, and nobody to say yes
+
+
+# -- kernel objects beyond files: SysV IPC, keyrings, memory files -------------------------------
+KERNEL_OBJECTS = """
+import ctypes, json, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+got = {}
+def attempt(name, call):
+    ctypes.set_errno(0)
+    try:
+        result = call()
+        got[name] = "ok" if result is not None and result >= 0 else os.strerror(ctypes.get_errno())
+    except OSError as e:
+        got[name] = e.strerror
+HOST_KEY = %d
+attempt("host shm", lambda: libc.shmget(HOST_KEY, 0, 0))
+attempt("new shm", lambda: libc.shmget(HOST_KEY + 1, 1 << 20, 0o1666))
+attempt("new msg queue", lambda: libc.msgget(HOST_KEY + 2, 0o1666))
+attempt("memfd", lambda: os.memfd_create("x"))
+keyctl = {"x86_64": 250, "aarch64": 219}.get(platform.machine())
+if keyctl:  # KEYCTL_READ of the session keyring the code started with (KEY_SPEC_SESSION_KEYRING = -3)
+    buf = ctypes.create_string_buffer(4096)
+    attempt("session keyring", lambda: libc.syscall(ctypes.c_long(keyctl), ctypes.c_long(11), ctypes.c_long(-3), buf, ctypes.c_long(4096)))
+print(json.dumps(got))
+"""
+
+
+def test_the_code_reaches_no_host_ipc_keyring_or_memory_file():
+    """Host shared memory read by the code, segments left behind, the starter's session keys,
+    and memfd files past every limit: each was possible before the IPC namespace and the filter."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 0x4D150000 + os.getpid() % 0xFFFF
+    host_segment = libc.shmget(key, 4096, 0o1666)
+    assert host_segment >= 0
+    try:
+        with Sandbox(isolated_limits()) as sb:
+            if not sb.isolation.syscalls == "filtered":
+                pytest.skip(f"no system-call filter here ({sb.isolation.syscalls})")
+            got = json.loads(sb.run(KERNEL_OBJECTS % key).output)
+        assert got["host shm"] != "ok" and got["new shm"] != "ok" and got["new msg queue"] != "ok", got
+        assert got["memfd"] != "ok" and got.get("session keyring", "refused") != "ok", got
+        assert libc.shmget(key + 1, 0, 0) == -1  # nothing was left behind on the host
+    finally:
+        libc.shmctl(host_segment, 0, None)  # IPC_RMID

@@ -49,6 +49,7 @@ import types
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I left out the script's directory
 import _landlock  # noqa: E402
 import _mounts  # noqa: E402
+import _seccomp  # noqa: E402
 
 del sys.path[0]  # the code's imports do not look here
 
@@ -56,6 +57,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWIPC = 0x08000000  # SysV IPC objects of its own, gone with the namespace
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
 PR_SET_DUMPABLE = 4
@@ -92,7 +94,7 @@ def enter_namespaces(isolate_network: bool) -> tuple[bool, bool, bool]:
         if not flags:
             break
         try:
-            unshare(flags | user)
+            try_unshare(flags | user)
         except OSError as e:
             last_error = e
             continue
@@ -110,6 +112,14 @@ def enter_namespaces(isolate_network: bool) -> tuple[bool, bool, bool]:
     if isolate_network:
         raise last_error
     return False, False, False
+
+
+def try_unshare(flags: int) -> None:
+    """unshare(flags), with an IPC namespace of its own where the kernel allows one."""
+    try:
+        unshare(flags | CLONE_NEWIPC)
+    except OSError:
+        unshare(flags)
 
 
 def loopback_up() -> None:
@@ -381,6 +391,16 @@ def lock_down(cfg: dict, isolation: dict) -> None:
     isolation["process_limit"] = set_limits(cfg, own_user_namespace=isolation.pop("user_namespace"))
     _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid program (sudo, su) gives rights back
     apply_landlock(isolation)
+    apply_seccomp(isolation)
+
+
+def apply_seccomp(isolation: dict) -> None:
+    """No keyrings, SysV IPC, message queues or memory files for the code (see _seccomp)."""
+    _seccomp.leave_session_keyring()
+    try:
+        isolation["syscalls"] = "filtered" if _seccomp.install() else "not filtered (no filter for this machine)"
+    except OSError as e:
+        isolation["syscalls"] = f"not filtered ({e.strerror})"
 
 
 def serve(cfg: dict, isolation: dict, requests: int, replies: int) -> None:
@@ -557,7 +577,7 @@ class ReplyReader:
             body, self.buf = self.buf[4:4 + size], self.buf[4 + size:]
             try:
                 messages.append(json.loads(body))
-            except ValueError:  # UnicodeDecodeError included
+            except (ValueError, RecursionError):  # UnicodeDecodeError included; deep nesting
                 raise Forged("a reply that is not JSON") from None
         return messages
 

@@ -84,6 +84,7 @@ class Isolation:
     user: str  # whom the code runs as: "nobody ..." when mistol runs as root, else the uid
     process_limit: int | None  # RLIMIT_NPROC in force, None where the kernel ignores it
     filesystem: str = "none"  # how the code's view of the files is confined ("none": the user's files)
+    syscalls: str = "not filtered"  # keyrings, SysV IPC, memory files refused ("filtered"), or why not
 
 
 @dataclass
@@ -457,7 +458,7 @@ class _Messages:
         body, self.buf = self.buf[4:4 + size], self.buf[4 + size:]
         try:
             message = json.loads(body)
-        except ValueError:  # UnicodeDecodeError included
+        except (ValueError, RecursionError):  # UnicodeDecodeError included; deep nesting
             raise ValueError("a status message that is not JSON") from None
         if not isinstance(message, dict):
             raise ValueError("a status message that is not a JSON object")
