@@ -101,23 +101,21 @@ class RunResult:
 @functools.cache
 def network_isolation_available() -> bool:
     """Whether this system lets the sandbox run without network (a network namespace)."""
-    if sys.platform != "linux":
-        return False
-    try:
-        probe = subprocess.run([sys.executable, "-I", WORKER, "--probe"], stdin=subprocess.DEVNULL,
-                               capture_output=True, timeout=START_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0
+    return _worker_probe("--probe")
 
 
 @functools.cache
 def filesystem_isolation_available() -> bool:
     """Whether this system can keep the code from the person's files and sockets (a mount namespace)."""
+    return _worker_probe("--probe-files")
+
+
+def _worker_probe(flag: str) -> bool:
+    """Whether the worker, started with `flag`, could set up what that probe checks."""
     if sys.platform != "linux":
         return False
     try:
-        probe = subprocess.run([sys.executable, "-I", WORKER, "--probe-files"], stdin=subprocess.DEVNULL,
+        probe = subprocess.run([sys.executable, "-I", WORKER, flag], stdin=subprocess.DEVNULL,
                                capture_output=True, timeout=START_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired):
         return False
