@@ -365,3 +365,28 @@ def test_the_code_reaches_no_host_ipc_keyring_or_memory_file():
         assert libc.shmget(key + 1, 0, 0) == -1  # nothing was left behind on the host
     finally:
         libc.shmctl(host_segment, 0, None)  # IPC_RMID
+
+
+def test_a_python_installed_under_tmp_still_runs_in_the_private_tmp():
+    """The private /tmp is mounted over the host's: a venv living in /tmp (a CI checkout, say)
+    must be put back on top of it, or the code cannot start its own interpreter."""
+    import mistol
+
+    base = Path(tempfile.mkdtemp(prefix="mistol-venv-", dir="/tmp"))
+    try:
+        subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(base / "venv")], check=True)
+        script = ("from mistol.sandbox.sandbox import Sandbox, SandboxLimits\n"
+                  f"with Sandbox(SandboxLimits(allow_network={not network_isolation_available()})) as sb:\n"
+                  "    print(sb.isolation.filesystem)\n"
+                  "    print(sb.run('import subprocess, sys\\nprint(subprocess.run([sys.executable, \"-c\", "
+                  "\"print(6 * 7)\"], capture_output=True, text=True).stdout.strip())').output)\n")
+        env = {**os.environ, "PYTHONPATH": str(Path(mistol.__file__).parent.parent)}
+        done = subprocess.run([str(base / "venv" / "bin" / "python"), "-c", script], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        filesystem, output = done.stdout.splitlines()[:2]
+        if not filesystem.startswith("private root"):
+            pytest.skip(f"no mount namespace here (filesystem: {filesystem})")
+        assert output == "42", done.stdout
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

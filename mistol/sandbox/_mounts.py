@@ -81,7 +81,9 @@ def private_root(workdir: str, disk_mb: int, owner: tuple[int, int], mount_proc:
     new = workdir
     _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=0755")
     readable = []
-    for path in SYSTEM + [p for p in interpreter_paths() if not _under(p, SYSTEM)]:
+    python = [p for p in interpreter_paths() if not _under(p, SYSTEM)]
+    in_scratch = [p for p in python if _under(p, list(SCRATCH))]  # a venv in /tmp, say
+    for path in SYSTEM + [p for p in python if p not in in_scratch]:
         if _copy(path, new):
             readable.append(path)
     os.makedirs(new + "/etc", mode=0o755)
@@ -97,6 +99,9 @@ def private_root(workdir: str, disk_mb: int, owner: tuple[int, int], mount_proc:
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, new + "/dev/" + name)
     _scratch(new, workdir, disk_mb, owner)
+    for path in in_scratch:  # on top of the private /tmp, which would hide them
+        if _copy(path, new):
+            readable.append(path)
     os.makedirs(new + "/proc", mode=0o555)
     if mount_proc:  # before the old root goes: the kernel wants a full /proc in view to allow a new one
         _mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
