@@ -105,6 +105,13 @@ def test_garbage_on_the_status_channel_is_one_line_and_the_next_block_runs_afres
     assert run(runner, "print(6 * 7)") == "42\n"
 
 
+def test_a_deeply_nested_forged_reply_is_a_forgery_not_a_crash(runner):
+    body = b"[" * 8000 + b"]" * 8000  # within the size cap, past the JSON decoder's recursion limit
+    output = run(runner, forge(struct.pack(">I", len(body)) + body, then="import time; time.sleep(1)"))
+    assert output.splitlines()[-1].startswith(NOTE) and "not JSON" in output, output
+    assert run(runner, "print(6 * 7)") == "42\n"
+
+
 def test_a_forged_ok_does_not_shift_the_output_of_later_blocks(runner):
     assert run(runner, "x = 1\nprint('first')") == "first\n"
     output = run(runner, forge(frame({"ok": True}), then="import time; time.sleep(0.5); print('late')"))
