@@ -60,6 +60,7 @@ from ..errors import MistolError
 WORKER = str(Path(__file__).with_name("_worker.py"))
 NOBODY = 65534
 START_TIMEOUT_S = 20.0
+DRAIN_S = 0.5  # reading the output a block left in the pipe, at most
 MAX_MESSAGE = 1 << 16  # the worker's status messages are small; a longer one means the channel is broken
 LOST_STATE = "the sandbox was restarted, so variables and imports from earlier blocks are gone"
 
@@ -367,8 +368,10 @@ class _Worker:
                     self.selector.unregister(key.fileobj)
 
     def drain(self, out: _Output) -> None:
-        """Read all the output there is: what the worker wrote before its message is in the pipe."""
-        while self._read(out):
+        """Read the output there is: what the worker wrote before its message is in the pipe.
+        Bounded in time, so that processes the code left writing cannot hold the block open."""
+        deadline = time.monotonic() + DRAIN_S
+        while self._read(out) and time.monotonic() < deadline:
             pass
 
     def _read(self, out: _Output) -> bytes | None:
