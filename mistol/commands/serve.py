@@ -40,6 +40,15 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="context per request in tokens, prompt plus reply (default: the model's; "
                    "8192 at most without a sliding window)")
     p.add_argument("--name", default=None, help="the model id clients ask for (default: the --model value)")
+    p.add_argument("--strict-model", action="store_true",
+                   help="refuse a request without 'model' (400) or naming another model (404); by default any "
+                   "name, or none, is answered by this model, whose id the reply gives, as llama.cpp's server does")
+    p.add_argument("--cors-origins", default=None, metavar="ORIGINS",
+                   help="comma-separated origins (https://app.example.com) whose web pages may call the API "
+                   "from the browser; '*' for any page, only with --api-key (default: none)")
+    p.add_argument("--max-tokens-default", type=int, default=None, metavar="N",
+                   help="tokens a reply may take when the request sets no max_tokens (default: until the "
+                   "context is full, or the model stops)")
     g = p.add_argument_group("running code from the chat page (in a sandbox: no network, time and memory limits)")
     g.add_argument("--allow-code", action="store_true",
                    help="give the page's Python blocks a Run button (each run confirmed in the page). "
@@ -65,6 +74,12 @@ def cmd_serve(args) -> int:
     if any(not key.strip() for key in keys):
         raise MistolError("--api-key must not be empty")
     api_key = keys or None
+    cors_origins = [o.strip() for o in (args.cors_origins or "").split(",") if o.strip()]
+    if "*" in cors_origins and api_key is None:
+        raise MistolError("--cors-origins '*' would let any web page anyone opens use this server; "
+                          "set --api-key, or name the origins")
+    if args.max_tokens_default is not None and args.max_tokens_default < 1:
+        raise MistolError(f"--max-tokens-default must be at least 1 (got {args.max_tokens_default})")
     if args.allow_code and not is_loopback(args.host) and api_key is None:
         raise MistolError(f"--allow-code on {args.host} would let anyone who reaches this port run code here; "
                           "listen on 127.0.0.1, or set --api-key")
@@ -81,7 +96,8 @@ def cmd_serve(args) -> int:
     limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory, disk_mb=args.code_disk)
     options = ServerOptions(model_name=args.name, api_key=api_key, max_batch=args.max_batch, max_context=args.ctx,
                             allow_code=args.allow_code, code_limits=limits,
-                            share_prefix_cache=args.share_prefix_cache)
+                            share_prefix_cache=args.share_prefix_cache, strict_model=args.strict_model,
+                            cors_origins=cors_origins, max_tokens_default=args.max_tokens_default)
     app = create_app(engine, options)
     server = app.state.server
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -1,7 +1,9 @@
 """The HTTP side of `mistol serve`: an OpenAI-compatible API over one `Engine`.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health,
-and the chat page at / (see web.py).
+and the chat page at / (see web.py). /models and /chat/completions answer at the root too, for
+clients whose base URL has no /v1 (as llama.cpp's server allows); /completions does not, as
+llama.cpp's own API lives there.
 Handlers check the request, render the prompt, and hand a `Job` to the `Scheduler`
 (whose thread owns the engine); text comes back through an asyncio queue and leaves as
 one JSON body or as server-sent events ending with `data: [DONE]`. Every error, bad input
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import logging
 import secrets
@@ -22,10 +25,12 @@ from pathlib import PurePath
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from ..chat_template import ChatTemplate
 from ..engine import Engine
 from ..errors import MistolError
@@ -43,7 +48,7 @@ MAX_REMEMBERED_REPLIES = 512
 @dataclass
 class ServerOptions:
     model_name: str | None = None  # the id clients send as `model` (default: the engine's name)
-    # If set (one key, or several: one per client), every /v1 request needs "Authorization: Bearer KEY".
+    # If set (one key, or several: one per client), every API request needs "Authorization: Bearer KEY".
     api_key: str | Sequence[str] | None = None
     # Keyless requests reuse each other's cached prompt prefixes (False: none ever does).
     # With keys, requests share cached prefixes only with requests sending the same key.
@@ -53,10 +58,17 @@ class ServerOptions:
     max_body_bytes: int = 4 << 20
     allow_code: bool = False  # the chat page may run Python blocks (POST /api/run; see web.py)
     code_limits: SandboxLimits | None = None  # for those runs (default: the terminal chat's)
+    # False: any `model` (or none) is answered by the served model, named in the reply's `model`,
+    # as llama.cpp's server and LM Studio do. True: a missing model is a 400, another name a 404.
+    strict_model: bool = False
+    # Origins whose web pages may call the API (CORS); "*" for any, allowed only with an API key.
+    cors_origins: Sequence[str] = ()
+    max_tokens_default: int | None = None  # when a request has no max_tokens (None: to the end of the context)
 
 
 def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
     options = options or ServerOptions()
+    check_options(options)
     server = _Server(engine, options)
 
     @asynccontextmanager
@@ -77,24 +89,32 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
     async def health():
         return {"status": "ok", "model": server.model_id, **server.scheduler.stats()}
 
-    @app.get("/v1/models", dependencies=auth)
     async def models():
         return p.models_list(server.model_id, server.created)
 
-    @app.get("/v1/models/{model:path}", dependencies=auth)
     async def model(model: str):
         server.check_model(model)
         return p.model_card(server.model_id, server.created)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request):
         return await server.generate(request, chat=True)
+
+    for prefix in ("/v1", ""):  # see the module's docstring
+        app.get(f"{prefix}/models", dependencies=auth)(models)
+        app.get(f"{prefix}/models/{{model:path}}", dependencies=auth)(model)
+        app.post(f"{prefix}/chat/completions", dependencies=auth)(chat_completions)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):
         return await server.generate(request, chat=False)
 
     add_web_routes(app, server)
+    if options.cors_origins:
+        # Preflights are answered before authorization (a browser sends no key with them);
+        # the request that follows still needs its key.
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_credentials=False,
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                           max_age=600)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -119,6 +139,21 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
     return app
 
 
+def check_options(options: ServerOptions) -> None:
+    """Refuse settings that would open the server wider than its owner can have meant."""
+    if "*" in options.cors_origins and not options.api_key:
+        raise MistolError("--cors-origins '*' would let any web page anyone opens use this server; "
+                          "set --api-key, or name the origins")
+    if options.max_tokens_default is not None and options.max_tokens_default < 1:
+        raise MistolError(f"--max-tokens-default must be at least 1 (got {options.max_tokens_default})")
+
+
+def _weight_types(engine: Engine) -> str:
+    """The kinds of tensors the weights are held in: what a quantization changes."""
+    model = engine.model
+    return ",".join(sorted({str(t.dtype) for t in itertools.chain(model.parameters(), model.buffers())}))
+
+
 class _Server:
     def __init__(self, engine: Engine, options: ServerOptions):
         self.engine = engine
@@ -129,6 +164,7 @@ class _Server:
         self.scheduler = Scheduler(engine, max_batch=options.max_batch, max_context=options.max_context)
         self.model_id = options.model_name or engine.name
         self._aliases = {self.model_id, PurePath(self.model_id).name}
+        self.fingerprint = p.fingerprint(__version__, self.model_id, _weight_types(engine))
         self.created = p.now()
         key = options.api_key
         self._keys = [key] if isinstance(key, str) else list(key or ())
@@ -160,9 +196,18 @@ class _Server:
         return None if self.options.share_prefix_cache else object()
 
     def check_model(self, name: str) -> None:
+        """A model card is only the served model's, under its id or its file name."""
         if name not in self._aliases:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_id!r}",
                            "model", "model_not_found")
+
+    def check_requested_model(self, name: str | None) -> None:
+        """Any name, or none, is answered by the served model, unless the server is strict."""
+        if not self.options.strict_model:
+            return
+        if name is None:
+            raise APIError(400, "model is required (see GET /v1/models)", "model")
+        self.check_model(name)
 
     async def read_json(self, request: Request):
         limit = self.options.max_body_bytes
@@ -185,7 +230,7 @@ class _Server:
     # -- generation ------------------------------------------------------------------------
     async def generate(self, request: Request, chat: bool):
         spec = (p.parse_chat_request if chat else p.parse_completion_request)(await self.read_json(request))
-        self.check_model(spec.model)
+        self.check_requested_model(spec.model)
         client = self.client_of(request)
         replies = self._known_replies(spec, client)
         prompt = await run_in_threadpool(self._prompt_ids, spec, replies)
@@ -238,7 +283,9 @@ class _Server:
         if spec.max_tokens is None and n >= context:
             raise APIError(400, f"the prompt ({n} tokens) leaves no room for a reply in the context of "
                            f"{context} tokens", where, "context_length_exceeded")
-        max_tokens = spec.max_tokens if spec.max_tokens is not None else context - n
+        max_tokens = spec.max_tokens
+        if max_tokens is None:  # the server's default, cut to what the context leaves
+            max_tokens = min(self.options.max_tokens_default or context, context - n)
         if n + max_tokens > context:
             raise APIError(
                 400,
@@ -340,19 +387,21 @@ class _Reply:
         build = p.chat_response if self.chat else p.completion_response
         model = self.server.model_id
         return build(self.id, self.created, model, self.text, last.finish_reason,
-                     self._logprobs(self.logprobs), self._usage(last))
+                     self._logprobs(self.logprobs), self._usage(last), self.server.fingerprint)
 
     def chunk(self, delta: dict | None = None, text: str = "", logprobs=(), finish_reason=None, final=False) -> dict:
         model, inc = self.server.model_id, self.spec.include_usage
         lp = self._logprobs(list(logprobs), len(self.text) - len(text)) if logprobs else None
+        fp = self.server.fingerprint
         if self.chat:
             delta = delta if delta is not None else ({} if final else {"content": text})
-            return p.chat_chunk(self.id, self.created, model, delta, finish_reason, lp, None, inc)
-        return p.completion_chunk(self.id, self.created, model, text, finish_reason, lp, None, inc)
+            return p.chat_chunk(self.id, self.created, model, delta, finish_reason, lp, None, inc, fp)
+        return p.completion_chunk(self.id, self.created, model, text, finish_reason, lp, None, inc, fp)
 
     def usage_chunk(self, last: Output) -> dict:
         build = p.chat_chunk if self.chat else p.completion_chunk
-        return build(self.id, self.created, self.server.model_id, None, use=self._usage(last), include_usage=True)
+        return build(self.id, self.created, self.server.model_id, None, use=self._usage(last), include_usage=True,
+                     fingerprint=self.server.fingerprint)
 
     @staticmethod
     def sse(event: dict) -> str:

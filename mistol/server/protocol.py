@@ -16,6 +16,7 @@ min_p 0.05; the same as `mistol chat` and llama.cpp's server), not OpenAI's 1.0/
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 class GenerationRequest:
     """A chat or text completion request, checked. Exactly one of `messages`/`prompt` is set."""
 
-    model: str
+    model: str | None  # None: not given (the served model answers; see ServerOptions.strict_model)
     params: SamplingParams  # max_tokens and stop_token_ids are filled in once the prompt is known
     max_tokens: int | None  # None: as many as the context leaves
     stream: bool = False
@@ -109,6 +110,10 @@ def parse_chat_request(body: Any) -> GenerationRequest:
     if top and not logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
     continue_final = _bool(body, "continue_final_message", False)
+    if continue_final and _bool(body, "add_generation_prompt", False):
+        # one opens a new assistant turn, the other extends the last one: no prompt does both
+        raise APIError(400, "add_generation_prompt and continue_final_message cannot both be true: the first "
+                       "starts a new assistant message, the second continues the last one", "continue_final_message")
     if continue_final and messages[-1]["role"] != "assistant":
         raise APIError(400, "continue_final_message needs the last message to be the assistant's", "messages")
     if body.get("tools") or body.get("functions"):
@@ -155,8 +160,10 @@ def parse_completion_request(body: Any) -> GenerationRequest:
 
 def _common(body: dict) -> dict:
     model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise APIError(400, "model is required (see GET /v1/models)", "model")
+    if model == "":
+        model = None
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, "model must be a string (see GET /v1/models)", "model")
     if _int(body, "n", 1, 1) != 1:
         raise APIError(400, "n must be 1: this server returns one choice per request", "n")
     d = SamplingParams()
@@ -312,13 +319,21 @@ def models_list(model_id: str, created: int) -> dict:
     return {"object": "list", "data": [model_card(model_id, created)]}
 
 
+def fingerprint(version: str, model_id: str, weight_types: str) -> str:
+    """`system_fingerprint`: changes when mistol or the served weights (name, quantization) change,
+    which is what tells a client that the same request and seed may now answer differently."""
+    digest = hashlib.sha256(f"{model_id}\0{weight_types}".encode()).hexdigest()[:10]
+    return f"mistol-{version}-{digest}"
+
+
 def model_card(model_id: str, created: int) -> dict:
     return {"id": model_id, "object": "model", "created": created, "owned_by": "mistol"}
 
 
-def chat_response(rid, created, model, text, finish_reason, logprobs, use) -> dict:
+def chat_response(rid, created, model, text, finish_reason, logprobs, use, fingerprint=None) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": model,
+        "system_fingerprint": fingerprint,
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": text, "refusal": None},
@@ -330,9 +345,10 @@ def chat_response(rid, created, model, text, finish_reason, logprobs, use) -> di
 
 
 def chat_chunk(rid, created, model, delta: dict | None, finish_reason=None, logprobs=None,
-               use: dict | None = None, include_usage: bool = False) -> dict:
+               use: dict | None = None, include_usage: bool = False, fingerprint=None) -> dict:
     """delta None: the usage-only chunk that ends a stream with include_usage."""
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+             "system_fingerprint": fingerprint,
              "choices": [] if delta is None else
              [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if include_usage:
@@ -340,17 +356,19 @@ def chat_chunk(rid, created, model, delta: dict | None, finish_reason=None, logp
     return chunk
 
 
-def completion_response(rid, created, model, text, finish_reason, logprobs, use) -> dict:
+def completion_response(rid, created, model, text, finish_reason, logprobs, use, fingerprint=None) -> dict:
     return {
         "id": rid, "object": "text_completion", "created": created, "model": model,
+        "system_fingerprint": fingerprint,
         "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
         "usage": use,
     }
 
 
 def completion_chunk(rid, created, model, text: str | None, finish_reason=None, logprobs=None,
-                     use: dict | None = None, include_usage: bool = False) -> dict:
+                     use: dict | None = None, include_usage: bool = False, fingerprint=None) -> dict:
     chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
+             "system_fingerprint": fingerprint,
              "choices": [] if text is None else
              [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if include_usage:
