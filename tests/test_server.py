@@ -293,7 +293,7 @@ BAD_REQUESTS = [
     ("top-p-zero", CHAT, {"model": MODEL, "messages": HI, "top_p": 0}, 400, "top_p"),
     ("max-tokens-zero", CHAT, {"model": MODEL, "messages": HI, "max_tokens": 0}, 400, "max_tokens"),
     ("max-tokens-string", CHAT, {"model": MODEL, "messages": HI, "max_tokens": "ten"}, 400, "max_tokens"),
-    ("n-two", CHAT, {"model": MODEL, "messages": HI, "n": 2}, 400, "n"),
+    ("n-too-many", CHAT, {"model": MODEL, "messages": HI, "n": 17}, 400, "n"),
     ("stop-number", CHAT, {"model": MODEL, "messages": HI, "stop": 5}, 400, "stop"),
     ("top-logprobs-alone", CHAT, {"model": MODEL, "messages": HI, "top_logprobs": 2}, 400, "top_logprobs"),
     ("top-logprobs-too-many", CHAT, {"model": MODEL, "messages": HI, "logprobs": True, "top_logprobs": 50}, 400,

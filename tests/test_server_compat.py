@@ -249,3 +249,62 @@ def test_max_tokens_default_must_be_positive(mistral_dir, capsys):
 
     assert main(["serve", "--model", str(mistral_dir), "--max-tokens-default", "0"]) == 1
     assert "--max-tokens-default" in capsys.readouterr().err
+
+
+# -- 4: n choices --------------------------------------------------------------------------------
+@pytest.mark.parametrize("base", ["v1", "root"])
+def test_n_greedy_choices_each_equal_the_single_reply(server, base):
+    client = getattr(server, base)
+    one = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=6, temperature=0)
+    many = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=6, temperature=0, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert [c.message.content for c in many.choices] == [one.choices[0].message.content] * 3
+    assert many.usage.prompt_tokens == one.usage.prompt_tokens  # counted once, as OpenAI does
+    assert many.usage.completion_tokens == 3 * one.usage.completion_tokens
+
+
+def test_n_seeded_choices_differ_and_repeat(server):
+    ask = dict(model=MODEL, messages=HI, max_tokens=8, temperature=1.5, top_p=1.0, seed=7, n=3,
+               extra_body={"top_k": 0, "min_p": 0.0})  # wide sampling: the choices have room to differ
+    first = server.v1.chat.completions.create(**ask)
+    again = server.v1.chat.completions.create(**ask)
+    texts = [c.message.content for c in first.choices]
+    assert len(set(texts)) > 1  # each choice samples with its own seed
+    assert texts == [c.message.content for c in again.choices]
+
+
+def test_n_text_completions(server):
+    one = server.v1.completions.create(model=MODEL, prompt="The sky", max_tokens=5, temperature=0)
+    many = server.v1.completions.create(model=MODEL, prompt="The sky", max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in many.choices] == [0, 1]
+    assert [c.text for c in many.choices] == [one.choices[0].text] * 2
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_n_choices_stream(server, chat):
+    ask = dict(model=MODEL, max_tokens=6, temperature=0)
+    if chat:
+        one = server.v1.chat.completions.create(messages=HI, **ask).choices[0].message.content
+        stream = server.v1.chat.completions.create(messages=HI, n=2, stream=True,
+                                                   stream_options={"include_usage": True}, **ask)
+    else:
+        one = server.v1.completions.create(prompt="The sky", **ask).choices[0].text
+        stream = server.v1.completions.create(prompt="The sky", n=2, stream=True,
+                                              stream_options={"include_usage": True}, **ask)
+    texts, finished, usage = {0: "", 1: ""}, {}, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] += (c.delta.content or "") if chat else c.text
+            if c.finish_reason is not None:
+                finished[c.index] = c.finish_reason
+    assert texts == {0: one, 1: one} and set(finished) == {0, 1}
+    assert usage is not None and usage.completion_tokens >= 2
+
+
+def test_n_beyond_the_limit_is_refused(server):
+    r = server.http.post("/v1/chat/completions", json={"messages": HI, "n": 17})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = server.http.post("/v1/completions", json={"prompt": "hi", "n": 2, "best_of": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"

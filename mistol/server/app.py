@@ -5,7 +5,8 @@ and the chat page at / (see web.py). /models and /chat/completions answer at the
 clients whose base URL has no /v1 (as llama.cpp's server allows); /completions does not, as
 llama.cpp's own API lives there.
 Handlers check the request, render the prompt, and hand a `Job` to the `Scheduler`
-(whose thread owns the engine); text comes back through an asyncio queue and leaves as
+(whose thread owns the engine; `n` choices are `n` jobs, decoded as rows of one batch);
+text comes back through an asyncio queue and leaves as
 one JSON body or as server-sent events ending with `data: [DONE]`. Every error, bad input
 or not, is OpenAI's `{"error": {...}}` with a fitting status, never a traceback.
 """
@@ -240,17 +241,29 @@ class _Server:
                 raise APIError(400, f"logit_bias: token id {token} is outside the vocabulary", "logit_bias")
 
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[Output] = asyncio.Queue()
-        job = Job(prompt, params, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
-                  logprobs=spec.logprobs, frequency_penalty=spec.frequency_penalty,
-                  presence_penalty=spec.presence_penalty, logit_bias=spec.logit_bias, client=client)
-        if not self.scheduler.submit(job):
-            raise APIError(503, "the server is busy (too many queued requests); retry later", code="server_busy")
+        outputs: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()  # (choice index, output)
+
+        def job_for(index: int) -> Job:
+            def deliver(out: Output) -> None:
+                loop.call_soon_threadsafe(outputs.put_nowait, (index, out))
+
+            return Job(prompt, _choice_params(params, index), deliver, logprobs=spec.logprobs,
+                       frequency_penalty=spec.frequency_penalty, presence_penalty=spec.presence_penalty,
+                       logit_bias=spec.logit_bias, client=client)
+
+        # n choices are n jobs: the scheduler decodes them together, rows of one batch
+        jobs = [job_for(i) for i in range(spec.n)]
+        for submitted, job in enumerate(jobs):
+            if not self.scheduler.submit(job):
+                for earlier in jobs[:submitted]:
+                    earlier.cancel()
+                raise APIError(503, "the server is busy (too many queued requests); retry later",
+                               code="server_busy")
         reply = _Reply(self, spec, chat, len(prompt), client)
         if spec.stream:
-            return StreamingResponse(self._stream(job, outputs, reply), media_type="text/event-stream",
+            return StreamingResponse(self._stream(jobs, outputs, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._collect(job, outputs, reply, request)
+        return await self._collect(jobs, outputs, reply, request)
 
     def _known_replies(self, spec: GenerationRequest, client) -> dict[str, list[int]]:
         """The remembered ids of this conversation's assistant messages (exact texts only),
@@ -310,13 +323,15 @@ class _Server:
         while len(self._replies) > MAX_REMEMBERED_REPLIES:
             self._replies.popitem(last=False)
 
-    async def _collect(self, job: Job, outputs: asyncio.Queue, reply: "_Reply", request: Request):
-        async def gather() -> Output:
-            while True:
-                out = await outputs.get()
-                reply.add(out)
-                if out.finish_reason is not None:
+    async def _collect(self, jobs: list[Job], outputs: asyncio.Queue, reply: "_Reply", request: Request):
+        async def gather() -> Output | None:
+            """None once every choice is finished; the first failed output if one fails."""
+            while not reply.done:
+                index, out = await outputs.get()
+                reply.add(index, out)
+                if out.error is not None:
                     return out
+            return None
 
         async def disconnected() -> None:
             while (await request.receive())["type"] != "http.disconnect":
@@ -326,81 +341,103 @@ class _Server:
         try:
             await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            job.cancel()  # a no-op once finished; frees the slot if the client left
+            for job in jobs:
+                job.cancel()  # a no-op once finished; frees the slot if the client left
             watcher.cancel()
             waiter.cancel()
         if not waiter.done() or waiter.cancelled():
             return JSONResponse(p.error_body(499, "client closed the request"), status_code=499)
-        last = waiter.result()
-        if last.error is not None:
-            return JSONResponse(p.error_body(500, last.error), status_code=500)
-        return reply.response(last)
+        failed = waiter.result()
+        if failed is not None:
+            return JSONResponse(p.error_body(500, failed.error), status_code=500)
+        return reply.response()
 
-    async def _stream(self, job: Job, outputs: asyncio.Queue, reply: "_Reply"):
+    async def _stream(self, jobs: list[Job], outputs: asyncio.Queue, reply: "_Reply"):
         try:
             if reply.chat:
-                yield reply.sse(reply.chunk(delta={"role": "assistant", "content": ""}))
-            while True:
-                out = await outputs.get()
-                reply.add(out)
+                for index in range(reply.spec.n):
+                    yield reply.sse(reply.chunk(index, delta={"role": "assistant", "content": ""}))
+            while not reply.done:
+                index, out = await outputs.get()
+                reply.add(index, out)
                 if out.error is not None:
                     yield reply.sse(p.error_body(500, out.error))
                     break
                 if out.text or out.logprobs:
-                    yield reply.sse(reply.chunk(text=out.text, logprobs=out.logprobs))
+                    yield reply.sse(reply.chunk(index, text=out.text, logprobs=out.logprobs))
                 if out.finish_reason is not None:
-                    yield reply.sse(reply.chunk(text="", finish_reason=out.finish_reason, final=True))
-                    if reply.spec.include_usage:
-                        yield reply.sse(reply.usage_chunk(out))
-                    break
+                    yield reply.sse(reply.chunk(index, text="", finish_reason=out.finish_reason, final=True))
+            else:
+                if reply.spec.include_usage:
+                    yield reply.sse(reply.usage_chunk())
             yield "data: [DONE]\n\n"
         finally:
-            job.cancel()  # the client went away (or we are done): free the slot
+            for job in jobs:
+                job.cancel()  # the client went away (or we are done): free the slots
+
+
+def _choice_params(params, index: int):
+    """Choice i of a seeded request samples with seed + i: the choices differ, and each is
+    reproducible (choice 0 is what the same request with n = 1 gives)."""
+    if index == 0 or params.seed is None:
+        return params
+    seed = params.seed + index
+    return replace(params, seed=seed if seed < 2**64 else seed - 2**64)
 
 
 class _Reply:
-    """One response being built: its id, its text so far, and its JSON shapes."""
+    """One response being built: its id, each choice's text so far, and its JSON shapes."""
 
     def __init__(self, server: _Server, spec: GenerationRequest, chat: bool, prompt_tokens: int, client=None):
         self.server, self.spec, self.chat, self.client = server, spec, chat, client
         self.id = p.new_id("chatcmpl" if chat else "cmpl")
         self.created = p.now()
-        self.text = ""
-        self.logprobs = []
+        self.texts = [""] * spec.n
+        self.logprobs = [[] for _ in range(spec.n)]
+        self.last: list[Output | None] = [None] * spec.n  # each choice's final output
         self.prompt_tokens = prompt_tokens
 
-    def add(self, out: Output) -> None:
-        self.text += out.text
-        self.logprobs += out.logprobs
-        if out.finish_reason in ("stop", "length") and self.chat:
-            self.server.remember(self.client, self.text, out.token_ids)
+    @property
+    def done(self) -> bool:
+        return all(last is not None for last in self.last)
 
-    def _usage(self, last: Output) -> dict:
-        return p.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+    def add(self, index: int, out: Output) -> None:
+        self.texts[index] += out.text
+        self.logprobs[index] += out.logprobs
+        if out.finish_reason is not None:
+            self.last[index] = out
+        if out.finish_reason in ("stop", "length") and self.chat:
+            self.server.remember(self.client, self.texts[index], out.token_ids)
+
+    def _usage(self) -> dict:
+        """As OpenAI counts: the prompt once, the completion tokens of every choice."""
+        first = self.last[0]
+        return p.usage(first.prompt_tokens, sum(last.completion_tokens for last in self.last), first.cached_tokens)
 
     def _logprobs(self, items, offset: int = 0):
         if self.spec.logprobs is None:
             return None
         return p.chat_logprobs(items) if self.chat else p.completion_logprobs(items, offset)
 
-    def response(self, last: Output) -> dict:
+    def response(self) -> dict:
+        choice = p.chat_choice if self.chat else p.completion_choice
         build = p.chat_response if self.chat else p.completion_response
-        model = self.server.model_id
-        return build(self.id, self.created, model, self.text, last.finish_reason,
-                     self._logprobs(self.logprobs), self._usage(last), self.server.fingerprint)
+        choices = [choice(i, self.texts[i], last.finish_reason, self._logprobs(self.logprobs[i]))
+                   for i, last in enumerate(self.last)]
+        return build(self.id, self.created, self.server.model_id, choices, self._usage(), self.server.fingerprint)
 
-    def chunk(self, delta: dict | None = None, text: str = "", logprobs=(), finish_reason=None, final=False) -> dict:
-        model, inc = self.server.model_id, self.spec.include_usage
-        lp = self._logprobs(list(logprobs), len(self.text) - len(text)) if logprobs else None
-        fp = self.server.fingerprint
+    def chunk(self, index: int, delta: dict | None = None, text: str = "", logprobs=(), finish_reason=None,
+              final=False) -> dict:
+        model, inc, fp = self.server.model_id, self.spec.include_usage, self.server.fingerprint
+        lp = self._logprobs(list(logprobs), len(self.texts[index]) - len(text)) if logprobs else None
         if self.chat:
             delta = delta if delta is not None else ({} if final else {"content": text})
-            return p.chat_chunk(self.id, self.created, model, delta, finish_reason, lp, None, inc, fp)
-        return p.completion_chunk(self.id, self.created, model, text, finish_reason, lp, None, inc, fp)
+            return p.chat_chunk(self.id, self.created, model, delta, finish_reason, lp, None, inc, fp, index)
+        return p.completion_chunk(self.id, self.created, model, text, finish_reason, lp, None, inc, fp, index)
 
-    def usage_chunk(self, last: Output) -> dict:
+    def usage_chunk(self) -> dict:
         build = p.chat_chunk if self.chat else p.completion_chunk
-        return build(self.id, self.created, self.server.model_id, None, use=self._usage(last), include_usage=True,
+        return build(self.id, self.created, self.server.model_id, None, use=self._usage(), include_usage=True,
                      fingerprint=self.server.fingerprint)
 
     @staticmethod

@@ -3,7 +3,7 @@
 Requests are validated by hand rather than by a schema library so that every rejection is
 an OpenAI-shaped 400 naming the offending field (`param`), never a framework's 422 or a
 500. Fields a client may send that we do not implement are ignored when they hold their
-default (`n: 1`, `tools: []`, `response_format: {"type": "text"}`) and refused otherwise:
+default (`tools: []`, `response_format: {"type": "text"}`) and refused otherwise:
 silently ignoring them would return something other than what was asked for.
 
 Text must be Unicode: a lone surrogate ("\\ud800", which JSON can spell but UTF-8 cannot
@@ -28,6 +28,7 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404:
                 405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
 
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16  # `n`: each choice is a row of the batch, with its own KV cache
 MAX_TOP_LOGPROBS = 20
 # Below this, logits / temperature overflow float32 and sampling would see inf and NaN; such
 # a temperature samples as what it approaches: the most likely token.
@@ -69,6 +70,7 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False  # extension (as in vLLM): generate max_tokens, for benchmarks
+    n: int = 1  # choices, sampled independently from the same prompt
     messages: list[dict] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -148,10 +150,11 @@ def parse_completion_request(body: Any) -> GenerationRequest:
         raise APIError(400, "echo is not supported", "echo")
     if body.get("suffix"):
         raise APIError(400, "suffix is not supported", "suffix")
-    if _int(body, "best_of", 1, 1) != 1:
-        raise APIError(400, "best_of must be 1", "best_of")
+    common = _common(body)
+    if _int(body, "best_of", common["n"], 1) != common["n"]:
+        raise APIError(400, "best_of must be left out, or equal n (choices are not ranked)", "best_of")
     return GenerationRequest(
-        **_common(body),
+        **common,
         max_tokens=_int(body, "max_tokens", None, 1),
         logprobs=_int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS),
         prompt=prompt,
@@ -164,8 +167,7 @@ def _common(body: dict) -> dict:
         model = None
     if model is not None and not isinstance(model, str):
         raise APIError(400, "model must be a string (see GET /v1/models)", "model")
-    if _int(body, "n", 1, 1) != 1:
-        raise APIError(400, "n must be 1: this server returns one choice per request", "n")
+    n = _int(body, "n", 1, 1, MAX_CHOICES)
     d = SamplingParams()
     params = SamplingParams(
         temperature=_temperature(_float(body, "temperature", d.temperature, 0.0, 2.0)),
@@ -188,6 +190,7 @@ def _common(body: dict) -> dict:
         presence_penalty=_float(body, "presence_penalty", 0.0, -2.0, 2.0),
         logit_bias=_logit_bias(body.get("logit_bias")),
         ignore_eos=_bool(body, "ignore_eos", False),
+        n=n,
     )
 
 
@@ -330,47 +333,48 @@ def model_card(model_id: str, created: int) -> dict:
     return {"id": model_id, "object": "model", "created": created, "owned_by": "mistol"}
 
 
-def chat_response(rid, created, model, text, finish_reason, logprobs, use, fingerprint=None) -> dict:
+def chat_choice(index: int, text: str, finish_reason, logprobs) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_response(rid, created, model, choices: list[dict], use, fingerprint=None) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": logprobs,
-            "finish_reason": finish_reason,
-        }],
-        "usage": use,
+        "system_fingerprint": fingerprint, "choices": choices, "usage": use,
     }
 
 
 def chat_chunk(rid, created, model, delta: dict | None, finish_reason=None, logprobs=None,
-               use: dict | None = None, include_usage: bool = False, fingerprint=None) -> dict:
+               use: dict | None = None, include_usage: bool = False, fingerprint=None, index: int = 0) -> dict:
     """delta None: the usage-only chunk that ends a stream with include_usage."""
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
              "system_fingerprint": fingerprint,
              "choices": [] if delta is None else
-             [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+             [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if include_usage:
         chunk["usage"] = use
     return chunk
 
 
-def completion_response(rid, created, model, text, finish_reason, logprobs, use, fingerprint=None) -> dict:
+def completion_choice(index: int, text: str, finish_reason, logprobs) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_response(rid, created, model, choices: list[dict], use, fingerprint=None) -> dict:
     return {
         "id": rid, "object": "text_completion", "created": created, "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-        "usage": use,
+        "system_fingerprint": fingerprint, "choices": choices, "usage": use,
     }
 
 
 def completion_chunk(rid, created, model, text: str | None, finish_reason=None, logprobs=None,
-                     use: dict | None = None, include_usage: bool = False, fingerprint=None) -> dict:
+                     use: dict | None = None, include_usage: bool = False, fingerprint=None,
+                     index: int = 0) -> dict:
     chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
              "system_fingerprint": fingerprint,
              "choices": [] if text is None else
-             [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+             [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if include_usage:
         chunk["usage"] = use
     return chunk
