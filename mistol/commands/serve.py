@@ -16,7 +16,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve", help=COMMANDS["serve"],
         description="Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
-        "/v1/models; /health). Concurrent requests are decoded together, and each conversation's KV cache "
+        "/v1/models; /health; /models and /chat/completions also without /v1). Concurrent requests are decoded together, and each conversation's KV cache "
         "is kept, so a client that resends the history only pays for its new tokens. "
         "A chat page for the browser is at / (http://127.0.0.1:8000/ by default). "
         "Binds to 127.0.0.1 unless told otherwise.",
