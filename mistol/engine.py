@@ -248,8 +248,11 @@ class Session:
             return self._graph_step(new[0])
         device = self.model.device
         outputs = []
-        for start in range(0, len(new), self.chunk_size):
-            chunk = new[start : start + self.chunk_size]
+        step = self.chunk_size
+        if self.cache.window is not None:  # a rolling cache keeps the window's keys for a chunk's first query
+            step = min(step, self.cache.capacity - self.cache.window + 1)
+        for start in range(0, len(new), step):
+            chunk = new[start : start + step]
             pos0 = len(self.tokens)
             ids = torch.tensor([chunk], dtype=torch.long, device=device)
             positions = torch.arange(pos0, pos0 + len(chunk), device=device)

@@ -106,6 +106,16 @@ def test_chunked_prefill_equals_one_shot(mistral_dir):
         assert (our_logits(mistral_dir, tokens, chunk_size=chunk) - one_shot).abs().max() <= TOL
 
 
+def test_a_context_shorter_than_window_plus_chunk_still_prefills_long_prompts(mistral_dir):
+    """The rolling cache then holds fewer slots than the window plus a prefill chunk: the
+    prompt must run in chunks that fit (a 254-token prompt at --ctx 256 crashed the step)."""
+    engine = Engine(load_model(mistral_dir))
+    tokens = random_tokens(254, seed=12)
+    small = engine.new_session(max_context=256)
+    assert small.cache.window is not None and small.cache.capacity < small.cache.window + small.chunk_size
+    assert (small.feed(tokens) - engine.new_session(max_context=1024).feed(tokens)).abs().max() <= TOL
+
+
 def test_turn_by_turn_equals_all_at_once(mistral_dir):
     engine = Engine(load_model(mistral_dir))
     tokens = random_tokens(36, seed=9)
