@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        if getattr(args, "prepare", None):  # e.g. fetching the model, before the command's imports
+            args.prepare(args)
         return args.run(args)
     except MistolError as e:
         print(f"mistol: error: {e}", file=sys.stderr)

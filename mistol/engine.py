@@ -136,7 +136,7 @@ def load_tokenizer(model: str | Path):
     from .hub import is_gguf, resolve_model
     from .tokenizer import Tokenizer
 
-    path = resolve_model(str(model))
+    path = resolve_model(str(model), tokenizer_only=True)
     if not is_gguf(path):
         return Tokenizer.from_dir(path)
     from .weights.gguf_file import GGUFFile

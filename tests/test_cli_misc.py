@@ -125,3 +125,14 @@ def test_load_and_save_errors_keep_the_piped_chat_going(mistral_dir, tmp_path):
     conv = json.loads(good.read_text())["messages"]
     assert [m["role"] for m in conv] == ["system", "user", "assistant", "user", "assistant"]
     assert conv[1]["content"] == "first message" and conv[3]["content"] == "second message"
+
+
+def test_threads_from_the_option_or_the_environment(tmp_path):
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path)}
+    ask = ["chat", "--model", "demo", "--no-code", "--max-tokens", "2", "-t", "0", "-v"]
+    assert "mistol: 1 threads" in run(*ask, "--threads", "1", input="hi\n", env=env).stderr
+    assert "mistol: 1 threads" in run(*ask, input="hi\n", env={**env, "MISTOL_THREADS": "1"}).stderr
+    bad = run(*ask, "--threads", "0", input="hi\n", env=env, check=False)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == "mistol: error: --threads 0: expected 1 or more"
+    bad = run(*ask, input="hi\n", env={**env, "MISTOL_THREADS": "many"}, check=False)
+    assert bad.returncode == 1 and "MISTOL_THREADS='many'" in bad.stderr

@@ -7,17 +7,25 @@ Imported by every command's `register`, so it imports nothing heavy at module le
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 DEFAULT_MODEL = "teknium/OpenHermes-2.5-Mistral-7B"
+MODEL_HELP = ("demo (a tiny arithmetic model inside mistol: works offline), a model directory (Hugging Face "
+              "layout), a llama.cpp .gguf file, or a Hugging Face repo id (downloaded once)")
 QUANT_CHOICES = ["auto", "f32", "bf16", "f16", "int8", "int4"]
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--model", "-m", required=required, default=None if required else DEFAULT_MODEL,
-        help="a model directory (Hugging Face layout), a llama.cpp .gguf file or a Hugging Face repo id"
-        + ("" if required else f" (default: {DEFAULT_MODEL})"),
+        help=MODEL_HELP + ("" if required else f" (default: {DEFAULT_MODEL}, a 14 GB download)"),
     )
+    p.set_defaults(prepare=fetch_models)
+    p.add_argument("--download", action="store_true",
+                   help="download a Hugging Face model larger than 1 GiB without asking first")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the model (default: $MISTOL_THREADS, else one per core)")
     p.add_argument("--quant", default="auto", choices=QUANT_CHOICES,
                    help="weight format. auto (the default): on CPU, int8 for checkpoints of 2 GiB or more "
                    "(a 7B model), exact f32 for smaller ones; a .gguf file's own types; bf16 on CUDA. "
@@ -65,8 +73,73 @@ def remote_llm(args):
     return OpenAICompatibleLLM(args.api, api_key=args.api_key, model=args.api_model)
 
 
+def download_confirmation(args):
+    """What `hub.resolve_model` calls before a large download: ask the person, or go ahead when
+    they passed --download (or --yes), or stop with the ways out when nobody can be asked."""
+
+    def confirm(repo_id: str, total: int, cache_dir: str) -> bool:
+        what = f"{repo_id} is not downloaded yet: {total / 1e9:.1f} GB from Hugging Face into {cache_dir}"
+        if args.download or getattr(args, "yes", False):
+            print(f"mistol: {what}; downloading", file=sys.stderr)
+            return True
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            from ..errors import MistolError
+
+            raise MistolError(f"{what}. Pass --download to fetch it, or try --model demo (works offline)")
+        try:
+            answer = input(f"mistol: {what}. Download it now? [y/N] ")
+        except EOFError:
+            answer = ""
+        return answer.strip().lower() in ("y", "yes")
+
+    return confirm
+
+
+def fetch_models(args) -> None:
+    """Make sure the models the command will run are here, before it imports torch: a missing
+    download is found (and asked about, or refused offline) within a second or two."""
+    threads(args)  # a bad --threads or $MISTOL_THREADS stops here, before anything starts
+    if getattr(args, "api", None):
+        return
+    from ..hub import resolve_model
+
+    for spec in dict.fromkeys(getattr(args, key, None) for key in ("model", "model_a", "model_b")):
+        if spec:
+            resolve_model(spec, confirm=download_confirmation(args))
+
+
+def threads(args) -> int | None:
+    """--threads, else $MISTOL_THREADS, else None (torch's default: one per core)."""
+    from ..errors import MistolError
+
+    value = args.threads if getattr(args, "threads", None) is not None else os.environ.get("MISTOL_THREADS")
+    if value is None or value == "":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise MistolError(f"MISTOL_THREADS={value!r}: expected a number of threads") from None
+    if n < 1:
+        raise MistolError(f"--threads {n}: expected 1 or more")
+    return n
+
+
+def apply_threads(args) -> int:
+    """Set the threads the model runs on (torch's and the C kernels', which follow torch's)."""
+    import torch
+
+    n = threads(args)
+    if n is not None:
+        torch.set_num_threads(n)
+    if getattr(args, "verbose", False):
+        print(f"mistol: {torch.get_num_threads()} threads", file=sys.stderr)
+    return torch.get_num_threads()
+
+
 def load_engine(args, model: str | None = None):
     from ..engine import Engine
+
+    apply_threads(args)
 
     if args.quant in ("int8", "int4"):  # f32 for what stays unquantized: small, and fast on CPU
         dtype = "f32" if args.device == "cpu" else "auto"
