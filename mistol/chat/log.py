@@ -4,7 +4,8 @@ Events: {"event": "message", "role", "content"} adds a message; {"event": "delta
 "content"} extends the last message (a reply is written while it streams, so a crash
 loses nothing already shown); {"event": "undo"} drops the last exchange; {"event":
 "reset"} clears all but the system prompt; {"event": "system", "content"} sets it;
-{"event": "replace", "messages"} puts a loaded conversation in place.
+{"event": "replace", "messages"} puts a loaded conversation in place; {"event": "edit",
+"content"} sets the last message's text (the person edited the code that ran).
 Replaying the events rebuilds the conversation.
 
 Reading is defensive, since a log may be damaged or a /load may name any file: a malformed
@@ -133,6 +134,10 @@ def apply_event(messages: list[dict], event: dict) -> None:
         if not messages:
             raise _BadEvent("a delta before any message")
         messages[-1]["content"] += _text(event.get("content"))
+    elif kind == "edit":
+        if not messages:
+            raise _BadEvent("an edit before any message")
+        messages[-1]["content"] = _text(event.get("content"))
     elif kind == "undo":
         drop_last_exchange(messages)
     elif kind == "reset":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import MistolError
 from ..sampling import SamplingParams
-from ..sandbox.code_turn import CodeRunner, code_turn
+from ..sandbox.code_turn import CodeRunner, CodeTurn, code_turn
 from ..sandbox.visible import visible
 from .log import ChatLog, data_dir, drop_last_exchange, replay, save_messages, set_system
 
@@ -50,10 +50,34 @@ class ChatApp:
         self.messages = messages
         self.options = options
         self.code = code  # None: code blocks are shown, never run
+        if code is not None:
+            code.notice = self.notice
+        self._line_open = False  # the reply's last line on stdout has no newline yet
+        self._logged = ""  # the reply as the log has it
 
     # -- output --------------------------------------------------------------------------
     def notice(self, text: str) -> None:
+        self._end_line()  # a notice starts on a line of its own, not after a closing fence
         print(f"\033[2m{text}\033[0m" if self.options.interactive else text, file=sys.stderr, flush=True)
+
+    def _end_line(self) -> None:
+        if self._line_open:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self._line_open = False
+
+    def show_recent(self, exchanges: int = 2) -> None:
+        """The end of a resumed conversation, so the person sees where it left off."""
+        shown = [m for m in self.messages if m["role"] != "system"][-2 * exchanges:]
+        if not shown:
+            return
+        self.notice(f"... resuming ({_exchanges(self.messages)} message(s)); the last:")
+        for m in shown:
+            text = visible(m["content"].strip())
+            if len(text) > 600:
+                text = "... " + text[-600:]
+            prefix = ">>> " if m["role"] == "user" else ""
+            print(prefix + text, flush=True)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, lines: Iterator[str]) -> None:
@@ -79,10 +103,15 @@ class ChatApp:
         blocks it writes (with the person's yes) and feed their output back."""
         self.add("assistant", "")
         message = self.messages[-1]
+        self._logged = ""
+        if self.code is not None:
+            self.code.new_reply()
+        turn = None
         try:
-            code_turn(self.llm, self.messages, self.params, self.code.handle if self.code else None, self._show)
+            run = self.code.run_block if self.code else None
+            turn = code_turn(self.llm, self.messages, self.params, run, self._show)
         except KeyboardInterrupt:
-            sys.stdout.write("\n")
+            self._end_line()
             self.notice("[stopped]")
         except MistolError:
             if not message["content"]:
@@ -90,26 +119,35 @@ class ChatApp:
                 drop_last_exchange(self.messages)
                 self.log.write("undo")
             raise
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        self.report()
+        self._line_open = True
+        self._end_line()
+        if not self.options.interactive:
+            sys.stdout.write("\n")  # piped: a blank line between replies
+            sys.stdout.flush()
+        self.report(turn)
         return message["content"]
 
     def _show(self, text: str, is_output: bool) -> None:
+        content = self.messages[-1]["content"]
+        before = content[: len(content) - len(text)]
+        if before != self._logged:  # the person edited the code that ran: the log keeps the edit
+            self.log.write("edit", content=before)
+        self._logged = content
         self.log.write("delta", content=text)
         text = visible(text)  # the reply and the code's output: shown, never obeyed by the terminal
-        sys.stdout.write(f"\033[2m{text}\033[0m" if is_output and self.options.interactive else text)
-        sys.stdout.flush()
+        if text:
+            sys.stdout.write(f"\033[2m{text}\033[0m" if is_output and self.options.interactive else text)
+            sys.stdout.flush()
+            self._line_open = not text.endswith("\n")
 
-    def report(self) -> None:
+    def report(self, turn: CodeTurn | None = None) -> None:
         if getattr(self.llm, "dropped", 0):
             self.notice(f"(context full: the {self.llm.dropped} oldest message(s) were left out of the prompt)")
-        last = getattr(self.llm, "last", None)
-        if self.options.verbose and last is not None:
-            ttft = f"{last.time_to_first_token:.2f} s" if last.time_to_first_token is not None else "-"
+        if self.options.verbose and turn is not None and turn.completion_tokens:
+            ttft = f"{turn.time_to_first_token:.2f} s" if turn.time_to_first_token is not None else "-"
             self.notice(
-                f"({last.completion_tokens} tokens, {last.tokens_per_second:.1f} tok/s, first token {ttft}, "
-                f"{last.prefilled_tokens} prompt tokens run)"
+                f"({turn.completion_tokens} tokens, {turn.tokens_per_second:.1f} tok/s, first token {ttft}, "
+                f"{turn.prefilled_tokens} prompt tokens run)"
             )
 
     # -- slash commands ------------------------------------------------------------------

@@ -28,6 +28,8 @@ def register(sub) -> argparse.ArgumentParser:
     g.add_argument("--code-timeout", type=float, default=30.0, help="seconds per block (default: 30)")
     g.add_argument("--code-memory", type=int, default=2048, help="MB of memory per block (default: 2048)")
     g.add_argument("--code-disk", type=int, default=512, help="MB for the files the code writes: its directory and /tmp together (default: 512)")
+    g.add_argument("--auto-runs", type=int, default=5, metavar="N",
+                   help="after [a]lways, run at most N blocks of one reply before asking again (default: 5)")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's; 8192 at most without a sliding window)")
     p.add_argument("--verbose", "-v", action="store_true", help="after each reply, show tokens/s and time to first token")
     add_sampling_args(p, max_tokens=1024)
@@ -60,12 +62,15 @@ def cmd_chat(args) -> int:
     if not args.no_code:
         limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory, disk_mb=args.code_disk,
                                allow_network=args.allow_network)
-        code = CodeRunner(CodeOptions(auto_yes=args.yes, limits=limits), ask_line if interactive else None,
+        code = CodeRunner(CodeOptions(auto_yes=args.yes, limits=limits, max_auto_runs=args.auto_runs),
+                          ask_line if interactive else None,
                           lambda text: print(text, file=sys.stderr, flush=True))
     app = ChatApp(llm, sampling_params(args, []), log, messages, options, code)
     if interactive:
         where = args.api or args.model
         app.notice(f"mistol chat · {where} · saving to {log.path}\n/help for commands, Ctrl-D to leave")
+    if args.resume:
+        app.show_recent()
     try:
         app.run(terminal_lines() if interactive else piped_lines())
     finally:

@@ -8,7 +8,10 @@ the model knows ("\\nOutput:\\n```\\n...\\n```\\n"); the model then goes on writ
 same places.
 
 `CodeRunner` is the usual `run`: it shows the code, asks (y / N / e to edit / a for always),
-runs it in the conversation's sandbox and returns its output. Declining is the default. The
+runs it in the conversation's sandbox and returns its output. Declining is the default. An
+edited block replaces the model's block in the turn, so that the conversation (and its log)
+holds the code that ran. "Always" lasts until the conversation is reset, and for at most
+`max_auto_runs` blocks of one reply before the person is asked again (a runaway reply). The
 web page runs its own loop in the browser and takes only `CODE_SYSTEM_PROMPT` from here.
 """
 
@@ -35,29 +38,48 @@ CODE_SYSTEM_PROMPT = (
 
 DECLINED = "(the user declined to run this code)"
 MAX_CODE_ROUNDS = 8  # code blocks run within one reply, before the reply must end
+MAX_AUTO_RUNS = 5  # blocks of one reply that "always" runs before asking again
+
+
+@dataclass
+class Ran:
+    """What `run` did with a block: the code that ran (the person may have edited it) and the
+    output the model is shown."""
+
+    code: str
+    output: str
 
 
 # -- the turn ----------------------------------------------------------------------------------
 @dataclass
 class CodeTurn:
-    """What one turn did: the code it ran with each output, and the tokens it generated."""
+    """What one turn did: the code it ran with each output, and the tokens it generated over
+    all of its rounds (a reply with code is several generations)."""
 
     runs: list[tuple[str, str]] = field(default_factory=list)  # (code, output the model was shown)
     completion_tokens: int = 0
+    prefilled_tokens: int = 0
+    decode_seconds: float = 0.0
+    time_to_first_token: float | None = None  # of the first round
     finish_reason: str | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
 def code_turn(
     llm,
     messages: list[dict],
     params: SamplingParams,
-    run: Callable[[CodeBlock], str] | None,
+    run: Callable[[CodeBlock], str | Ran] | None,
     show: Callable[[str, bool], None] | None = None,
     max_rounds: int = MAX_CODE_ROUNDS,
     stopped: Callable[[], bool] | None = None,
 ) -> CodeTurn:
     """Write the assistant message `messages[-1]` (appending to its "content"), running the
-    runnable code blocks it closes with `run` (None: blocks are written, never run).
+    runnable code blocks it closes with `run` (None: blocks are written, never run). `run`
+    returns the output, or a `Ran` whose code replaces the block's when the person edited it.
 
     `show(text, is_output)` sees each piece as it is appended, the code's output with
     is_output=True. `stopped()` is asked before each piece and before each run: True ends the
@@ -79,15 +101,35 @@ def code_turn(
         finally:
             last = getattr(llm, "last", None)
             if last is not None:
-                turn.completion_tokens += last.completion_tokens
-                turn.finish_reason = last.finish_reason
+                _add_round(turn, last)
         if block is None or run is None or (stopped is not None and stopped()):
             break
-        output = run(block)
-        turn.runs.append((block.code, output))
-        say(format_output(output), True)
+        ran = run(block)
+        ran = ran if isinstance(ran, Ran) else Ran(block.code, ran)
+        if ran.code != block.code:
+            message["content"] = _with_code_replaced(message["content"], block.code, ran.code)
+        turn.runs.append((ran.code, ran.output))
+        say(format_output(ran.output), True)
         continue_last = True
     return turn
+
+
+def _add_round(turn: CodeTurn, generation) -> None:
+    if turn.time_to_first_token is None and not turn.completion_tokens:
+        turn.time_to_first_token = generation.time_to_first_token
+    turn.completion_tokens += generation.completion_tokens
+    turn.prefilled_tokens += getattr(generation, "prefilled_tokens", 0)
+    turn.decode_seconds += getattr(generation, "decode_seconds", 0.0)
+    turn.finish_reason = generation.finish_reason
+
+
+def _with_code_replaced(content: str, old: str, new: str) -> str:
+    """`content` (ending with the block that closed) with the block's code `old` made `new`.
+    A block whose code is not found as written (indented fences) is left as it was."""
+    at = content.rfind(old)
+    if at < 0 or content[at + len(old):].strip(" \n`~") != "":
+        return content
+    return content[:at] + new + content[at + len(old):]
 
 
 def stream_until_block(
@@ -126,6 +168,7 @@ def stream_until_block(
 class CodeOptions:
     auto_yes: bool = False  # --yes: run without asking
     limits: SandboxLimits | None = None
+    max_auto_runs: int = MAX_AUTO_RUNS  # with "always" (not --yes), blocks per reply before asking again
 
 
 class CodeRunner:
@@ -139,18 +182,27 @@ class CodeRunner:
         self.always = options.auto_yes
         self._sandbox: Sandbox | None = None
         self._warned = False
+        self._auto_runs = 0  # blocks "always" ran in the current reply
+
+    def new_reply(self) -> None:
+        """A new assistant reply begins (counts toward `max_auto_runs` start over)."""
+        self._auto_runs = 0
 
     def handle(self, block: CodeBlock) -> str:
         """Decide about `block`, run it if allowed, and return its output for the model."""
+        return self.run_block(block).output
+
+    def run_block(self, block: CodeBlock) -> Ran:
+        """Like `handle`, saying which code ran (the person may edit it before it runs)."""
         code = self.confirm(block.code)
         if code is None:
-            return DECLINED
+            return Ran(block.code, DECLINED)
         try:
             result = self.sandbox().run(code)
         except MistolError as e:
             self.notice(f"could not run the code: {e}")
-            return f"(the code could not be run: {e})"
-        return result.output
+            return Ran(code, f"(the code could not be run: {e})")
+        return Ran(code, result.output)
 
     def confirm(self, code: str) -> str | None:
         """The code to run (maybe edited), or None when declined."""
@@ -167,7 +219,11 @@ class CodeRunner:
                             "Each block needs your explicit yes (or start with --allow-network).")
             self._warned = True
         if self.always and isolated:
-            return code
+            if self.options.auto_yes or self.ask is None or self._auto_runs < self.options.max_auto_runs:
+                self._auto_runs += 1
+                return code
+            self.always = False  # a runaway reply: ask again
+            self.notice(f"({self._auto_runs} blocks of this reply ran without asking; asking again)")
         if self.ask is None:
             self.notice("(code not run: nobody to ask here; use --yes to run code without asking)"
                         if isolated else "(code not run: no network isolation; use --allow-network)" if files
@@ -181,7 +237,7 @@ class CodeRunner:
             if answer in ("", "n", "no"):
                 return None
             if answer in ("a", "always"):
-                self.always = True
+                self.always, self._auto_runs = True, 0
                 break
             if answer in ("e", "edit"):
                 edited = self.ask_edit(code)
@@ -208,6 +264,9 @@ class CodeRunner:
         return self._sandbox
 
     def reset(self) -> None:
+        """A new conversation: a fresh sandbox, and "always" forgotten (--yes stays)."""
+        self.always = self.options.auto_yes
+        self._auto_runs = 0
         if self._sandbox is not None:
             self._sandbox.reset()
 
