@@ -63,6 +63,24 @@ class LocalLLM:
         finally:
             self._remember(kept, result, continue_last)
 
+    def save_cache(self, path) -> int:
+        """Write the conversation's KV cache to `path` (see kv_file.py); its size in bytes."""
+        from . import kv_file
+
+        return kv_file.save(self.session, path, {"reply_tokens": self._reply_tokens})
+
+    def restore_cache(self, path) -> str | None:
+        """Take the KV cache saved at `path`; None when it was taken, else why not (the
+        conversation then runs through the model again on the next turn)."""
+        from . import kv_file
+
+        extra, why_not = kv_file.restore(self.session, path)
+        if extra is not None:
+            replies = extra.get("reply_tokens")
+            if isinstance(replies, dict):
+                self._reply_tokens.update(replies)
+        return why_not
+
     def _fit(self, messages: list, max_tokens: int, continue_last: bool) -> tuple[list[int], list]:
         """Render, dropping the oldest messages after the system prompt until the prompt
         and the reply fit in the context (the caller's list keeps them all)."""

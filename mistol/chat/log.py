@@ -51,11 +51,18 @@ def chats_dir() -> Path:
     return data_dir() / "chats"
 
 
+def private_dir(path: Path) -> Path:
+    """`path`, created if missing with its new parents, readable by its owner only."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
 class ChatLog:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        private_dir(self.path.parent)
+        # What was said is the person's own: readable by them only (directory 0700, file 0600).
+        self._file = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", encoding="utf-8")
 
     @classmethod
     def create(cls, directory: Path | None = None) -> "ChatLog":

@@ -8,6 +8,7 @@ leaves. Every message is written to the chat log as it happens.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from ..errors import MistolError
 from ..sampling import SamplingParams
 from ..sandbox.code_turn import CodeRunner, CodeTurn, code_turn
 from ..sandbox.visible import visible
-from .log import ChatLog, data_dir, drop_last_exchange, replay, save_messages, set_system
+from .log import ChatLog, data_dir, private_dir, drop_last_exchange, replay, save_messages, set_system
 
 DEFAULT_SYSTEM = "You are Hermes, a helpful, honest and concise assistant."
 
@@ -245,8 +246,8 @@ def terminal_lines() -> Iterator[str]:
     def _(event):
         event.current_buffer.insert_text("\n")
 
-    history = data_dir() / "history"
-    history.parent.mkdir(parents=True, exist_ok=True)
+    history = private_dir(data_dir()) / "history"
+    os.close(os.open(history, os.O_WRONLY | os.O_CREAT, 0o600))  # what was typed: the owner's only
     session = PromptSession(history=FileHistory(str(history)), key_bindings=bindings)
     while True:
         try:

@@ -17,7 +17,10 @@ def register(sub) -> argparse.ArgumentParser:
                        "echo 'hi' | mistol chat --model DIR")
     add_model_args(p)
     p.add_argument("--system", "-s", default=None, help="the system prompt")
-    p.add_argument("--resume", action="store_true", help="continue the last saved chat")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the last saved chat (with its saved KV cache: no re-run of the history)")
+    p.add_argument("--no-save-kv", action="store_true",
+                   help="do not save the conversation's KV cache next to its log when the chat ends")
     g = p.add_argument_group("running the code the model writes (in a sandbox: no network, time and memory limits)")
     g.add_argument("--yes", "-y", action="store_true",
                    help="run the model's Python blocks without asking (they run on this machine)")
@@ -69,12 +72,30 @@ def cmd_chat(args) -> int:
     if interactive:
         where = args.api or args.model
         app.notice(f"mistol chat · {where} · saving to {log.path}\n/help for commands, Ctrl-D to leave")
+    kv_path = log.path.with_suffix(".kv")
     if args.resume:
         app.show_recent()
+        if isinstance(llm, LocalLLM) and kv_path.is_file():
+            why_not = llm.restore_cache(kv_path)
+            app.notice(f"KV cache not used ({why_not}): the history runs through the model again" if why_not
+                       else f"KV cache restored ({len(llm.session.tokens)} tokens): no need to run the history again")
     try:
         app.run(terminal_lines() if interactive else piped_lines())
     finally:
         log.close()
         if code is not None:
             code.close()
+        if isinstance(llm, LocalLLM) and not args.no_save_kv and llm.session.tokens:
+            save_kv(llm, kv_path, app.notice)
     return 0
+
+
+def save_kv(llm, path, notice) -> None:
+    from ..errors import MistolError
+
+    try:
+        size = llm.save_cache(path)
+    except MistolError as e:
+        notice(str(e))
+        return
+    notice(f"KV cache saved for --resume ({size / 1e6:.1f} MB, {path}; --no-save-kv to skip)")

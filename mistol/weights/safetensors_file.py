@@ -41,7 +41,8 @@ class SafetensorsFile:
             raise MistolError(f"{self.path}: cannot read ({e.strerror or e})") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise MistolError(f"{self.path}: truncated or corrupt safetensors file ({e})") from None
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None)
+        self.metadata: dict[str, str] = metadata if isinstance(metadata, dict) else {}
         self._data_start = 8 + header_len
         self._entries = header
         for name, entry in header.items():
