@@ -424,3 +424,25 @@ def test_microphone_and_speaker_adapters_move_audio_through_portaudio_callbacks(
     mic.close()
     speaker.close()
     assert all(s.closed for s in sd.streams)
+
+
+@needs_espeak
+@needs_sphinx
+@needs_vad
+@pytest.mark.slow
+def test_a_recording_without_output_is_played_or_says_why_not_and_grammar_none_dictates(mistral_dir, tmp_path):
+    question = concat([silence(0.5, 22050), speak("what is two plus two"), silence(0.8, 22050)])
+    (tmp_path / "q.wav").write_bytes(wav_bytes(question))
+    out = run_voice(tmp_path, "--model", str(mistral_dir), "--input", str(tmp_path / "q.wav"), "--grammar", "none",
+                    "-t", "0", "--max-tokens", "6")
+    assert out.returncode == 0, out.stderr
+    assert "you: " in out.stdout and "\nstacy: " in out.stdout
+    try:
+        from mistol.voice.devices import Speaker
+
+        Speaker().close()
+        has_speaker = True
+    except Exception:
+        has_speaker = False
+    if not has_speaker:
+        assert "the answer was not played:" in out.stderr and "--output FILE.wav" in out.stderr, out.stderr

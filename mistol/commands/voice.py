@@ -33,9 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="speech recognition (default: pocketsphinx, offline, English)")
     g.add_argument("--whisper-model", default=None, metavar="NAME_OR_PATH",
                    help="faster-whisper model for --stt whisper: a name such as base.en or a local directory")
-    g.add_argument("--grammar", default=None, metavar="arithmetic|FILE",
+    g.add_argument("--grammar", default=None, metavar="arithmetic|FILE|none",
                    help="limit PocketSphinx to a JSGF grammar: much more accurate for what it covers "
-                   "(default with --model demo: arithmetic; else open dictation)")
+                   "(default with --model demo: arithmetic; else open dictation, as with 'none')")
     g.add_argument("--tts", choices=["espeak", "piper"], default="espeak",
                    help="speech synthesis (default: espeak-ng)")
     g.add_argument("--piper-voice", default=None, metavar="PATH", help="a piper voice (.onnx, with its .onnx.json)")
@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not stop when you speak during a reply (use when the speaker's sound reaches "
                    "the microphone, without headphones)")
     g.add_argument("--input", default=None, metavar="WAV", help="answer this recording instead of the microphone")
-    g.add_argument("--output", default=None, metavar="WAV", help="with --input: write the spoken answer here")
+    g.add_argument("--output", default=None, metavar="WAV",
+                   help="with --input: write the spoken answer here (without it, the answer is played)")
     p.add_argument("--yes", "-y", action="store_true",
                    help="run the Python blocks the model writes, in the sandbox, without asking")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's)")
@@ -96,6 +97,15 @@ def _timings(turn, live_silence_ms: int | None) -> str:
     return f"(after the end of speech: {' · '.join(parts)}{extra}; heard {turn.heard_s:.1f} s)"
 
 
+def play_to_the_end(speaker, audio) -> None:
+    import time
+
+    speaker.play(audio, tag=0)
+    while speaker.busy():
+        time.sleep(0.05)
+    time.sleep(0.2)  # the device's own buffer
+
+
 def cmd_voice(args) -> int:
     from ..llm import LocalLLM
     from ..sandbox.code_turn import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner
@@ -112,23 +122,37 @@ def cmd_voice(args) -> int:
     system = load_persona(args.persona) if args.persona else CODE_SYSTEM_PROMPT if demo else load_persona("stacy")
     name = "stacy" if (args.persona or ("code" if demo else "stacy")).lower() == "stacy" else "assistant"
     grammar = args.grammar if args.grammar is not None else ("arithmetic" if demo and args.stt == "pocketsphinx" else None)
+    if grammar is not None and grammar.lower() in ("none", ""):
+        grammar = None
 
     # Everything that can be missing is checked before the model loads.
     recording = read_wav(args.input) if args.input else None
     mic = speaker = None
+    no_speaker = None  # why a recording's answer cannot be played
     if recording is None:
         from ..voice.devices import Microphone, Speaker
 
         speaker = Speaker()
         mic = Microphone()
+    elif not args.output:
+        from ..voice.devices import Speaker
+
+        try:
+            speaker = Speaker()
+        except MistolError as e:
+            no_speaker = str(e).split(" (or ")[0].split(";")[0]
     stt = make_stt(args.stt, args.whisper_model, grammar)
     tts = make_tts(args.tts, args.piper_voice)
     vad = SileroVAD.load()
 
     llm = remote_llm(args) if args.api else LocalLLM(load_engine(args), max_context=args.ctx)
-    notice = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    code = CodeRunner(CodeOptions(auto_yes=args.yes), None, notice)
     printer = _Printer(name)
+
+    def notice(text: str) -> None:
+        printer.end()  # on a line of its own, not after the reply's last words
+        print(text, file=sys.stderr, flush=True)
+
+    code = CodeRunner(CodeOptions(auto_yes=args.yes), None, notice)
     config = VADConfig()
     conversation = Conversation(llm, sampling_params(args, []), stt, tts, system, vad=vad, vad_config=config,
                                 code=code, barge_in_ms=None if args.no_barge_in else 300,
@@ -148,6 +172,10 @@ def cmd_voice(args) -> int:
                 audio = sink.audio() or silence(0.1, 22050)
                 write_wav(args.output, audio)
                 notice(f"(wrote {args.output}: {audio.seconds:.1f} s at {audio.rate} Hz)")
+            elif speaker is not None and sink.audio() is not None:
+                play_to_the_end(speaker, sink.audio())
+            elif no_speaker:
+                notice(f"(the answer was not played: {no_speaker}; --output FILE.wav writes it to a file)")
             return 0
 
         def on_turn(turn) -> None:
