@@ -307,16 +307,29 @@ class _Run:
         finally:
             self.job.cancel()  # the client went away (or we are done): free the slot
 
-    async def collect(self):
-        try:
+    async def collect(self, request: Request):
+        async def finished():
             while True:
                 out = await self.next_output()
                 if out.error is not None:
                     return JSONResponse({"error": out.error}, status_code=500)
                 if out.finish_reason is not None:
                     return self.final(out, self.text)
+
+        async def disconnected():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        waiter, watcher = asyncio.ensure_future(finished()), asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self.job.cancel()
+            self.job.cancel()  # a no-op once finished; frees the slot if the client left
+            watcher.cancel()
+            waiter.cancel()
+        if not waiter.done() or waiter.cancelled():
+            return JSONResponse({"error": "client closed the request"}, status_code=499)
+        return waiter.result()
 
 
 def _line(record: dict) -> str:
@@ -335,16 +348,15 @@ def add_ollama_routes(app: FastAPI, server, embedder=None) -> None:
     def check_model(name: str) -> None:
         server.check_requested_model(name.removesuffix(":latest"))
 
-    async def respond(request: Request, body: dict, spec, chat: bool, started: int):
+    async def respond(request: Request, spec, chat: bool, stream: bool, started: int):
         """Queue the request (stopping where the template ends a turn, as ollama stops at the
         model's stop tokens, for /api/generate too) and answer in NDJSON or as one object."""
-        stream = _flag(body, "stream", True)
         client = server.client_of(request)
         jobs, outputs, prompt = await server.submit(spec, True, client)
         run = _Run(server, client, spec, jobs, outputs, prompt, chat, started)
         if stream:
             return StreamingResponse(run.lines(), media_type="application/x-ndjson")
-        return await run.collect()
+        return await run.collect(request)
 
     def loaded(field: str) -> dict:
         """ollama's answer to a request with nothing to generate: the model is loaded."""
@@ -359,12 +371,13 @@ def add_ollama_routes(app: FastAPI, server, embedder=None) -> None:
         body = _object(await server.read_json(request))
         check_model(_model(body))
         _refuse_unsupported(body)
+        stream = _flag(body, "stream", True)
         messages = _messages(body.get("messages", []))
         sampling = _sampling(body)
         if not messages:
             return loaded("message")
         spec = _parsed(p.parse_chat_request, {"messages": messages, **sampling})
-        return await respond(request, body, spec, True, started)
+        return await respond(request, spec, True, stream, started)
 
     @app.post("/api/generate", dependencies=auth)
     @ollama_errors
@@ -376,7 +389,7 @@ def add_ollama_routes(app: FastAPI, server, embedder=None) -> None:
         prompt, system = body.get("prompt") or "", body.get("system") or ""
         if not isinstance(prompt, str) or not isinstance(system, str):
             raise APIError(400, "prompt and system must be strings")
-        raw = _flag(body, "raw", False)
+        raw, stream = _flag(body, "raw", False), _flag(body, "stream", True)
         context = _context(body.get("context"), server.vocab_size)
         sampling = _sampling(body)
         if not prompt:
@@ -393,7 +406,7 @@ def add_ollama_routes(app: FastAPI, server, embedder=None) -> None:
             if context and ids and ids[0] == tok.bos_id:
                 ids = ids[1:]  # the context already began with it
         spec = _parsed(p.parse_completion_request, {"prompt": context + ids, **sampling})
-        return await respond(request, body, spec, False, started)
+        return await respond(request, spec, False, stream, started)
 
     @app.post("/api/embed", dependencies=auth)
     @ollama_errors
