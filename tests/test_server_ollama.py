@@ -7,6 +7,7 @@ chat template and tokenizer for the prompts. A real server on a loopback port; n
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -55,7 +56,8 @@ def hf_tokenizer(mistral_dir):
 
 def template_ids(hf_tokenizer, messages) -> list[int]:
     """The prompt transformers renders for `messages`, tokenized as a prompt is (BOS first)."""
-    return hf_tokenizer(hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)).input_ids
+    text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return hf_tokenizer(text).input_ids
 
 
 def openai_reply(server, messages, max_tokens=12, **extra):
@@ -286,3 +288,21 @@ def test_strict_model_names_the_model_and_accepts_latest(mistral_dir):
 def test_the_chat_pages_routes_are_untouched(server):
     assert server.http.get("/api/config").status_code == 200
     assert server.http.post("/api/run", json={"code": "print(1)"}).status_code == 404  # only with --allow-code
+
+
+def test_seed_minus_one_is_ollamas_random_seed(server):
+    options = {"temperature": 1.0, "seed": -1, "num_predict": 16}
+    replies = {server.client.chat(model=MODEL, messages=MESSAGES, options=options).message.content for _ in range(3)}
+    assert len(replies) > 1
+
+
+def test_a_client_that_leaves_frees_its_slot(server):
+    cancelled = server.http.get("/health").json()["cancelled"]
+    body = {"model": MODEL, "messages": MESSAGES, "stream": False, "options": {"num_predict": 900}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/api/chat", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while server.http.get("/health").json()["cancelled"] == cancelled and time.monotonic() < deadline:
+        time.sleep(0.02)
+    health = server.http.get("/health").json()
+    assert health["cancelled"] == cancelled + 1 and health["active"] == 0

@@ -9,7 +9,7 @@ durations (nanoseconds, measured here from the request's arrival: `prompt_eval_d
 runs to the first text, `eval_duration` from there to the end; `load_duration` is 0, the
 model being loaded at start). Errors are ollama's `{"error": "..."}`, mid-stream as a line.
 
-`options` maps onto the OpenAI fields: temperature, top_p, top_k, min_p, seed, stop,
+`options` maps onto the OpenAI fields: temperature, top_p, top_k, min_p, seed (-1: random), stop,
 num_predict (max_tokens; -1 or -2 for no limit), repeat_penalty (over the whole context),
 frequency_penalty, presence_penalty. Options that only tune how ollama runs a model
 (num_ctx, num_gpu, num_thread, ...) are ignored; mirostat, tfs_z, typical_p and
@@ -114,6 +114,8 @@ def _sampling(body: dict) -> dict:
     for key, value in options.items():
         if value is None or key in IGNORED_OPTIONS:
             continue
+        if key == "seed" and value == -1:
+            continue  # ollama's default: a random seed
         if key in SAME_NAMES:
             fields[key] = value
         elif key == "repeat_penalty":
