@@ -229,7 +229,8 @@ def test_embed_gives_the_openai_routes_vectors(server):
     (lambda c: c.chat(model=MODEL, messages=[{"role": "wizard", "content": "x"}]), ["role"]),
     (lambda c: c.generate(model=MODEL, prompt="x", context=[1, -5]), ["-5", "vocabulary"]),
     (lambda c: c.generate(model=MODEL, prompt="x", context=[2**62]), ["vocabulary"]),
-    (lambda c: c.generate(model=MODEL, prompt="x" * 10, options={"num_predict": CONTEXT}), ["context"]),
+    (lambda c: c.generate(model=MODEL, prompt="x" * 10, options={"num_predict": CONTEXT}),
+     ["options.num_predict", "context"]),
     (lambda c: c.embed(model=MODEL, input=[]), ["input"]),
     (lambda c: c.embed(model=MODEL, input="x", dimensions=3), ["dimensions"]),
 ])

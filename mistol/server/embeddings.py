@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
 
 from ..errors import MistolError
 from .protocol import APIError
@@ -155,7 +156,8 @@ def add_embedding_routes(app: FastAPI, server, auth) -> Embedder:
     embedder = Embedder(server)
 
     async def embeddings(request: Request):
-        spec = parse_request(await server.read_json(request), embedder)
+        # tokenizing a large body takes a while: not on the event loop
+        spec = await run_in_threadpool(parse_request, await server.read_json(request), embedder)
         server.check_requested_model(spec.model)
         vectors = await embedder.vectors(spec.inputs, spec.pooling, spec.normalize)
         tokens = sum(len(ids) for ids in spec.inputs)

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..errors import MistolError
@@ -135,16 +136,21 @@ def _sampling(body: dict) -> dict:
     return fields
 
 
+def _in_ollamas_words(e: APIError) -> APIError:
+    """An error of protocol.py's checks, naming the option the client sent."""
+    names = {"max_tokens": "options.num_predict", "repetition_penalty": "options.repeat_penalty",
+             **{key: f"options.{key}" for key in SAME_NAMES}}
+    if e.param not in names:
+        return e
+    message = e.message.replace(e.param, names[e.param], 1) if e.param in e.message else e.message
+    return APIError(e.status, message, names[e.param], e.code)
+
+
 def _parsed(parse, body: dict):
-    """protocol.py's checks, with ollama's names in the messages."""
     try:
         return parse(body)
     except APIError as e:
-        names = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
-        param = e.param if e.param not in names else names[e.param]
-        message = e.message.replace(e.param, param, 1) if e.param else e.message
-        where = "options." if e.param in (*SAME_NAMES, *names) else ""
-        raise APIError(e.status, where + message, param) from None
+        raise _in_ollamas_words(e) from None
 
 
 def _messages(value) -> list[dict]:
@@ -338,7 +344,7 @@ def _line(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
-def add_ollama_routes(app: FastAPI, server, embedder=None) -> None:
+def add_ollama_routes(app: FastAPI, server, embedder) -> None:
     description = ModelDescription(server)
 
     @ollama_errors
@@ -354,7 +360,10 @@ def add_ollama_routes(app: FastAPI, server, embedder=None) -> None:
         """Queue the request (stopping where the template ends a turn, as ollama stops at the
         model's stop tokens, for /api/generate too) and answer in NDJSON or as one object."""
         client = server.client_of(request)
-        jobs, outputs, prompt = await server.submit(spec, True, client)
+        try:
+            jobs, outputs, prompt = await server.submit(spec, True, client)
+        except APIError as e:
+            raise _in_ollamas_words(e) from None
         run = _Run(server, client, spec, jobs, outputs, prompt, chat, started)
         if stream:
             return StreamingResponse(run.lines(), media_type="application/x-ndjson")
@@ -388,7 +397,8 @@ def add_ollama_routes(app: FastAPI, server, embedder=None) -> None:
         body = _object(await server.read_json(request))
         check_model(_model(body))
         _refuse_unsupported(body)
-        prompt, system = body.get("prompt") or "", body.get("system") or ""
+        prompt, system = body.get("prompt", ""), body.get("system", "")
+        prompt, system = "" if prompt is None else prompt, "" if system is None else system
         if not isinstance(prompt, str) or not isinstance(system, str):
             raise APIError(400, "prompt and system must be strings")
         raw, stream = _flag(body, "raw", False), _flag(body, "stream", True)
@@ -397,9 +407,10 @@ def add_ollama_routes(app: FastAPI, server, embedder=None) -> None:
         if not prompt:
             return loaded("response")
         tok = server.tokenizer
-        if raw:  # the client wrote the whole prompt, control tokens included
-            ids = tok.encode(prompt, add_bos=tok.add_bos and not context, parse_special=True)
-        else:
+
+        def prompt_ids() -> list[int]:
+            if raw:  # the client wrote the whole prompt, control tokens included
+                return tok.encode(prompt, add_bos=tok.add_bos and not context, parse_special=True)
             messages = [{"role": "system", "content": system}] if system else []
             try:
                 ids = server.template.render([*messages, {"role": "user", "content": prompt}])
@@ -407,6 +418,9 @@ def add_ollama_routes(app: FastAPI, server, embedder=None) -> None:
                 raise APIError(400, str(e)) from None
             if context and ids and ids[0] == tok.bos_id:
                 ids = ids[1:]  # the context already began with it
+            return ids
+
+        ids = await run_in_threadpool(prompt_ids)
         spec = _parsed(p.parse_completion_request, {"prompt": context + ids, **sampling})
         return await respond(request, spec, False, stream, started)
 
@@ -416,8 +430,6 @@ def add_ollama_routes(app: FastAPI, server, embedder=None) -> None:
         started = time.perf_counter_ns()
         body = _object(await server.read_json(request))
         check_model(_model(body))
-        if embedder is None:
-            raise APIError(404, "embeddings are not served")
         value = body.get("input")
         texts = [value] if isinstance(value, str) else value
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
@@ -427,13 +439,13 @@ def add_ollama_routes(app: FastAPI, server, embedder=None) -> None:
         if dims is not None and dims != server.engine.config.hidden_size:
             raise APIError(400, f"dimensions: this model's embeddings have {server.engine.config.hidden_size} "
                            "dimensions, and are not shortened")
-        context = server.scheduler.max_context
-        inputs = []
-        for i, text in enumerate(texts):
-            ids = tok_ids = server.tokenizer.encode(text, add_bos=getattr(server.tokenizer, "add_bos", True))
-            if truncate:
-                ids = tok_ids[:context]
-            inputs.append(embedder.token_ids(ids, f"input[{i}]"))
+        tok, context = server.tokenizer, server.scheduler.max_context
+
+        def token_ids(i: int, text: str) -> list[int]:
+            ids = tok.encode(text, add_bos=getattr(tok, "add_bos", True))
+            return embedder.token_ids(ids[:context] if truncate else ids, f"input[{i}]")
+
+        inputs = [await run_in_threadpool(token_ids, i, text) for i, text in enumerate(texts)]
         vectors = await embedder.vectors(inputs, "mean", 2)
         return {"model": server.model_id, "embeddings": [v.tolist() for v in vectors],
                 "total_duration": time.perf_counter_ns() - started, "load_duration": 0,
