@@ -176,6 +176,8 @@ def test_list_show_ps_and_version(server, mistral_dir):
     assert [m.model for m in models] == [MODEL]
     details = models[0].details
     assert details.family == "mistral" and details.quantization_level == "F32" and details.format == "safetensors"
+    parameters = transformers.AutoModelForCausalLM.from_pretrained(mistral_dir).num_parameters()
+    assert details.parameter_size == f"{parameters / 1e6:.2f}M"
     assert len(models[0].digest) == 64 and models[0].size > 0
     shown = server.client.show(MODEL)
     assert shown.capabilities == ["completion"] and shown.details.family == "mistral"
@@ -184,6 +186,7 @@ def test_list_show_ps_and_version(server, mistral_dir):
     assert info["mistral.embedding_length"] == config["hidden_size"]
     assert info["mistral.block_count"] == config["num_hidden_layers"]
     assert info["mistral.attention.head_count_kv"] == config["num_key_value_heads"]
+    assert info["general.parameter_count"] == parameters
     assert "<|im_start|>" in shown.template
     running = server.client.ps().models
     assert [m.model for m in running] == [MODEL] and running[0].context_length == CONTEXT

@@ -189,12 +189,17 @@ def _flag(body: dict, key: str, default: bool) -> bool:
 
 
 # -- the model's description ------------------------------------------------------------------
-def _parameter_count(config) -> int:
-    h, layers = config.hidden_size, config.num_layers
-    attention = h * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
-    mlp = 3 * h * config.intermediate_size
-    heads = 1 if config.tie_word_embeddings else 2
-    return heads * config.vocab_size * h + layers * (attention + mlp + 2 * h) + h
+def _parameter_count(model) -> int:
+    """The weights' values, a quantized layer counting its unpacked matrix."""
+    from ..quant import FORMATS
+
+    total = 0
+    for m in model.modules():
+        if getattr(m, "fmt", None) in FORMATS:
+            total += m.in_features * m.out_features
+        else:
+            total += sum(t.numel() for t in m.parameters(recurse=False))
+    return total
 
 
 def _human(n: int) -> str:
@@ -220,9 +225,9 @@ class ModelDescription:
     def __init__(self, server):
         engine, config = server.engine, server.engine.config
         self.name = server.model_id
-        self.family = "mistral" if config.sliding_window is not None else "llama"
-        self.parameters = _parameter_count(config)
+        self.family = getattr(config, "model_type", None) or ("mistral" if config.sliding_window else "llama")
         model = engine.model
+        self.parameters = _parameter_count(model)
         self.size = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
         self.on_gpu = model.device.type == "cuda"
         self.digest = hashlib.sha256(server.fingerprint.encode()).hexdigest()  # changes with the weights
