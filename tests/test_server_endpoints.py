@@ -336,3 +336,29 @@ def test_embeddings_never_race_decoding(server):
         for d in r.json()["data"]:
             assert d["embedding"] == pytest.approx(single, abs=1e-6)
     assert json.loads(server.http.get("/health").text)["active"] == 0
+
+
+ROUTES = [("/tokenize", '{"content": "a\\ud800b"}'), ("/detokenize", '{"tokens": [1], "x": "\\udfff"}'),
+          ("/apply-template", '{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+          ("/v1/embeddings", '{"input": ["ok", "\\udc00"]}'), ("/embeddings", '{"input": "\\ud800"}'),
+          ("/api/chat", '{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}'),
+          ("/api/generate", '{"model": "m", "prompt": "\\ud800"}'), ("/api/embed", '{"model": "m", "input": "\\ud800"}')]
+
+
+@pytest.mark.parametrize("path, body", ROUTES)
+def test_hostile_bodies_get_clear_4xx_never_a_500(server, path, body):
+    """A lone surrogate (valid JSON, not Unicode text), a body over the size limit, and JSON
+    nested past any parser's recursion: each a 4xx with a one-line message, on every new route."""
+    def message(r):
+        error = r.json()["error"]
+        text = error if isinstance(error, str) else error["message"]  # ollama's routes answer in its shape
+        assert text and "\n" not in text and "Traceback" not in text
+        return text
+
+    headers = {"Content-Type": "application/json"}
+    r = server.http.post(path, content=body.encode(), headers=headers)
+    assert r.status_code == 400 and "surrogate" in message(r)
+    r = server.http.post(path, content=b'{"content": "' + b"a" * (5 << 20) + b'"}', headers=headers)
+    assert r.status_code == 413 and "limit" in message(r)
+    r = server.http.post(path, content=b"[" * 100_000 + b"]" * 100_000, headers=headers)
+    assert r.status_code == 400 and message(r)
