@@ -270,10 +270,10 @@ class ModelDescription:
 
 # -- replies ------------------------------------------------------------------------------------
 class _Run:
-    """One generation in ollama's records: `field` is "message" (chat) or "response" (generate)."""
+    """One generation as ollama's records: its text under "message" (chat) or "response" (generate)."""
 
-    def __init__(self, server, client, spec, jobs, outputs, prompt, chat: bool, started: int):
-        self.server, self.client, self.spec = server, client, spec
+    def __init__(self, server, client, jobs, outputs, prompt, chat: bool, started: int):
+        self.server, self.client = server, client
         self.job, self.outputs, self.prompt = jobs[0], outputs, prompt
         self.chat, self.started = chat, started
         self.first: int | None = None  # when the first text came
@@ -369,7 +369,7 @@ def add_ollama_routes(app: FastAPI, server, embedder) -> None:
             jobs, outputs, prompt = await server.submit(spec, True, client)
         except APIError as e:
             raise _in_ollamas_words(e) from None
-        run = _Run(server, client, spec, jobs, outputs, prompt, chat, started)
+        run = _Run(server, client, jobs, outputs, prompt, chat, started)
         if stream:
             return StreamingResponse(run.lines(), media_type="application/x-ndjson")
         return await run.collect(request)
