@@ -59,6 +59,19 @@ class ChatTemplate:
         reply_tokens: assistant texts (or beginnings of them) mapped to pieces holding the
         token ids the model generated for them.
         """
+        pieces = self._pieces(messages, add_generation_prompt, continue_last, reply_tokens)
+        tok = self.tokenizer
+        add_bos = tok.add_bos and not (pieces and pieces[0] == tok.bos_id)
+        return tok.encode_pieces(pieces, add_bos=add_bos)
+
+    def render_text(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
+                    continue_last: bool = False) -> str:
+        """The prompt as text, control tokens written out ("<|im_start|>user\n..."), as the
+        template writes it: the BOS that `render` puts first is the tokenizer's, not part of it."""
+        pieces = self._pieces(messages, add_generation_prompt, continue_last, None)
+        return "".join(p if isinstance(p, str) else _content_of(self.tokenizer, p) for p in pieces)
+
+    def _pieces(self, messages, add_generation_prompt, continue_last, reply_tokens) -> Pieces:
         if not messages and continue_last:
             raise MistolError("continue_last needs a message to continue")
         for m in messages:
@@ -70,12 +83,8 @@ class ChatTemplate:
         ]
         gen_prompt = add_generation_prompt and not continue_last
         if self._jinja is not None:
-            pieces = self._jinja_pieces(messages, contents, gen_prompt, continue_last)
-        else:
-            pieces = self._chatml_pieces(messages, contents, gen_prompt, continue_last)
-        tok = self.tokenizer
-        add_bos = tok.add_bos and not (pieces and pieces[0] == tok.bos_id)
-        return tok.encode_pieces(pieces, add_bos=add_bos)
+            return self._jinja_pieces(messages, contents, gen_prompt, continue_last)
+        return self._chatml_pieces(messages, contents, gen_prompt, continue_last)
 
     # ChatML, as OpenHermes 2.5's template writes it
     def _chatml_pieces(self, messages, contents, gen_prompt, continue_last) -> Pieces:

@@ -108,6 +108,12 @@ class Engine:
     def new_session(self, max_context: int | None = None, chunk_size: int = DEFAULT_CHUNK) -> "Session":
         return Session(self, max_context=max_context, chunk_size=chunk_size)
 
+    def hidden_states(self, tokens: Sequence[int]) -> torch.Tensor:
+        """The final norm's output at each of `tokens` ([n, hidden], float32): what the head
+        would turn into logits, and what an embeddings endpoint pools. Runs in a cache of its
+        own, chunked as a prefill is, so any sequence that fits the context works."""
+        return self.new_session(max_context=max(len(tokens), 1)).hidden_states(tokens)
+
     @torch.inference_mode()
     def decode_step(self, sessions: Sequence["Session"], tokens: Sequence[int]) -> torch.Tensor:
         """Append one token to each of this engine's `sessions` in a single forward pass.
@@ -248,9 +254,7 @@ class Session:
             return self._graph_step(new[0])
         device = self.model.device
         outputs = []
-        step = self.chunk_size
-        if self.cache.window is not None:  # a rolling cache keeps the window's keys for a chunk's first query
-            step = min(step, self.cache.capacity - self.cache.window + 1)
+        step = self._chunk_step()
         for start in range(0, len(new), step):
             chunk = new[start : start + step]
             pos0 = len(self.tokens)
@@ -265,6 +269,37 @@ class Session:
             outputs.append(logits)
             self._appended(chunk, logits[-1] if all_logits else logits)
         return torch.cat(outputs) if all_logits else self._last_logits
+
+    def _chunk_step(self) -> int:
+        """Tokens per prefill chunk: a rolling cache keeps the window's keys for a chunk's first query."""
+        if self.cache.window is None:
+            return self.chunk_size
+        return min(self.chunk_size, self.cache.capacity - self.cache.window + 1)
+
+    @torch.inference_mode()
+    def hidden_states(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Start over with `tokens` and return the final norm's output at each ([n, hidden],
+        float32) instead of logits (see `Engine.hidden_states`)."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise MistolError("cannot run an empty token list")
+        if len(tokens) > self.max_context:
+            raise MistolError(f"{len(tokens)} tokens exceed the context of {self.max_context}")
+        self.reset()
+        model, device, outputs = self.model, self.model.device, []
+        step = self._chunk_step()
+        for start in range(0, len(tokens), step):
+            chunk = tokens[start : start + step]
+            positions = torch.arange(start, start + len(chunk), device=device)
+            # Transformer.forward up to its head, layer by layer over this session's cache
+            x, cos, sin = model.embed(torch.tensor([chunk], dtype=torch.long, device=device), positions)
+            plans = [self.cache.plan(positions)]
+            for block in model.layers:
+                x = block(x, cos, sin, [self.cache], plans)
+            outputs.append(model.norm(x[0]).float())
+            self.tokens.extend(chunk)
+        self._last_logits = None  # the cache holds the tokens, but no logits were made
+        return torch.cat(outputs)
 
     def _graph_step(self, token: int) -> torch.Tensor:
         if self._graphed is None:

@@ -182,3 +182,28 @@ def test_full_pool_takes_best_match_then_least_recently_used(engine):
     assert pool.acquire([1, 20, 30, 31, 32, 33, 34]) is b  # full: the longest prefix wins (2 > 1)
     pool.release(b)
     assert pool.acquire([2, 3, 4]) is a  # no prefix at all: the least recently used
+
+
+def test_call_runs_between_steps_on_the_engine_thread(engine):
+    """Other model work (embeddings) runs on the engine's thread while requests decode, its
+    errors go back to the caller, and the requests' tokens are the ones decoded alone."""
+    alone, alone_out = job([1, 5, 6, 7], max_tokens=24)
+    sched = Scheduler(engine, max_batch=2, max_context=CONTEXT)
+    sched.start()
+    try:
+        sched.submit(alone)
+        assert alone_out.done.wait(60)
+        running, out = job([1, 5, 6, 7], max_tokens=24)
+        sched.submit(running)
+        threads = [sched.call(lambda: threading.current_thread().name) for _ in range(5)]
+        hidden = sched.call(engine.hidden_states, [1, 5, 6, 7])
+        failing = sched.call(engine.hidden_states, [])
+        assert [f.result(60) for f in threads] == ["mistol-engine"] * 5
+        assert hidden.result(60).shape == (4, engine.config.hidden_size)
+        with pytest.raises(Exception, match="empty"):
+            failing.result(60)
+        assert out.done.wait(60) and out.final.token_ids == alone_out.final.token_ids
+    finally:
+        sched.stop()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        sched.call(lambda: None).result(5)

@@ -16,7 +16,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve", help=COMMANDS["serve"],
         description="Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
-        "/v1/models; /health; /models and /chat/completions also without /v1). Concurrent requests are decoded together, and each conversation's KV cache "
+        "/v1/models, /v1/embeddings; /health; /models, /chat/completions and /embeddings also without /v1), "
+        "llama.cpp's /tokenize, /detokenize, /apply-template and /metrics, and ollama's API (/api/chat, "
+        "/api/generate, /api/tags...). Concurrent requests are decoded together, and each conversation's KV cache "
         "is kept, so a client that resends the history only pays for its new tokens. "
         "A chat page for the browser is at / (http://127.0.0.1:8000/ by default). "
         "Binds to 127.0.0.1 unless told otherwise.",

@@ -1,7 +1,9 @@
 """The HTTP side of `mistol serve`: an OpenAI-compatible API over one `Engine`.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health,
-and the chat page at / (see web.py). /models and /chat/completions answer at the root too, for
+and the chat page at / (see web.py); POST /v1/embeddings (embeddings.py); llama.cpp's
+/tokenize, /detokenize, /apply-template and /metrics (utility_routes.py); ollama's /api/...
+(ollama.py). /models and /chat/completions answer at the root too, for
 clients whose base URL has no /v1 (as llama.cpp's server allows); /completions does not, as
 llama.cpp's own API lives there.
 Handlers check the request, render the prompt, and hand a `Job` to the `Scheduler`
@@ -38,7 +40,10 @@ from ..errors import MistolError
 from ..sandbox.sandbox import SandboxLimits
 from . import protocol as p
 from .protocol import APIError, GenerationRequest
+from .embeddings import add_embedding_routes
+from .ollama import add_ollama_routes
 from .scheduler import Job, Output, Scheduler
+from .utility_routes import add_utility_routes
 from .web import add_web_routes
 
 log = logging.getLogger("mistol.server")
@@ -110,6 +115,9 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
         return await server.generate(request, chat=False)
 
     add_web_routes(app, server)
+    embedder = add_embedding_routes(app, server, auth)
+    add_utility_routes(app, server, auth, embedder)
+    add_ollama_routes(app, server, embedder)
     if options.cors_origins:
         # Preflights are answered before authorization (a browser sends no key with them);
         # the request that follows still needs its key.
@@ -233,6 +241,16 @@ class _Server:
         spec = (p.parse_chat_request if chat else p.parse_completion_request)(await self.read_json(request))
         self.check_requested_model(spec.model)
         client = self.client_of(request)
+        jobs, outputs, prompt = await self.submit(spec, chat, client)
+        reply = _Reply(self, spec, chat, len(prompt), client)
+        if spec.stream:
+            return StreamingResponse(self._stream(jobs, outputs, reply), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self._collect(jobs, outputs, reply, request)
+
+    async def submit(self, spec: GenerationRequest, chat: bool, client) -> tuple[list[Job], asyncio.Queue, list[int]]:
+        """Render and check the prompt, and queue the request's `n` jobs: (the jobs, the queue
+        their (choice index, `Output`) pairs arrive in, the prompt's ids)."""
         replies = self._known_replies(spec, client)
         prompt = await run_in_threadpool(self._prompt_ids, spec, replies)
         params = self._params(spec, prompt, chat)
@@ -259,11 +277,7 @@ class _Server:
                     earlier.cancel()
                 raise APIError(503, "the server is busy (too many queued requests); retry later",
                                code="server_busy")
-        reply = _Reply(self, spec, chat, len(prompt), client)
-        if spec.stream:
-            return StreamingResponse(self._stream(jobs, outputs, reply), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._collect(jobs, outputs, reply, request)
+        return jobs, outputs, prompt
 
     def _known_replies(self, spec: GenerationRequest, client) -> dict[str, list[int]]:
         """The remembered ids of this conversation's assistant messages (exact texts only),

@@ -18,6 +18,9 @@ engine thread alone touches sessions and the model, and hands text back through 
 Cancellation is a flag checked before every step: a client that goes away frees its slot
 within one step, and its session keeps what it had computed, for the cache.
 
+Other work on the model (the hidden states an embeddings request pools) goes through
+`call`: it runs on the engine thread between two steps, so it never races a decode.
+
 Each request samples with its own `SamplingParams` and seeded generator, exactly as
 `Session.generate` does, so a greedy request gives the same tokens as `mistol generate`
 (batched rows may differ from one-row steps in the last float bits; see the tests).
@@ -26,6 +29,7 @@ Each request samples with its own `SamplingParams` and seeded generator, exactly
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Hashable, Sequence
@@ -190,12 +194,13 @@ class Scheduler:
         self.max_context = self.pool.sessions[0].max_context
         self._active: list[Job] = []
         self._waiting: collections.deque[Job] = collections.deque()
+        self._calls: collections.deque[tuple[Callable, tuple, concurrent.futures.Future]] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._piece_cache: dict[int, str] = {}
-        self.counters = dict(requests=0, prefill_tokens=0, decode_tokens=0, steps=0, peak_batch=0,
-                             cancelled=0, errors=0)
+        self.counters = dict(requests=0, prefill_tokens=0, cached_tokens=0, decode_tokens=0, steps=0,
+                             peak_batch=0, cancelled=0, errors=0)
 
     # -- the HTTP side ---------------------------------------------------------------------
     def start(self) -> None:
@@ -221,6 +226,25 @@ class Scheduler:
             self._cond.notify()
         return True
 
+    def call(self, fn: Callable, *args) -> concurrent.futures.Future:
+        """Run fn(*args) on the engine thread between two steps; the future holds its result
+        or its exception (a stopped scheduler fails it)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping or self._thread is None:
+                future.set_exception(RuntimeError("the server is shutting down"))
+                return future
+            self._calls.append((fn, args, future))
+            self._cond.notify()
+        return future
+
+    def kv_usage(self) -> tuple[int, int, int]:
+        """(tokens held, token capacity, bytes) over the pool's KV caches: a snapshot read
+        without stopping the engine thread, exact enough for monitoring."""
+        sessions = list(self.pool.sessions)
+        return (sum(len(s.tokens) for s in sessions), sum(s.cache.capacity for s in sessions),
+                sum(s.cache.nbytes for s in sessions))
+
     def stats(self) -> dict:
         return {**self.counters, "active": len(self._active), "waiting": len(self._waiting),
                 "max_batch": self.max_batch, "sessions": len(self.pool.sessions),
@@ -233,6 +257,7 @@ class Scheduler:
                 job = self._next_job()
                 if self._stopping:
                     break
+                self._run_call()
                 self._drop_cancelled()
                 if job is not None:
                     self._guarded(job, self._admit, job)
@@ -242,8 +267,12 @@ class Scheduler:
             with self._cond:
                 leftover = [*self._active, *self._waiting]
                 self._waiting.clear()
+                calls = list(self._calls)
+                self._calls.clear()
             for job in leftover:
                 self._fail(job, "the server is shutting down")
+            for _, _, future in calls:
+                future.set_exception(RuntimeError("the server is shutting down"))
 
     def _guarded(self, job: Job, fn, *args) -> None:
         """Run fn; if it raises, fail this one job: the loop and the other requests go on."""
@@ -255,7 +284,7 @@ class Scheduler:
 
     def _next_job(self) -> Job | None:
         with self._cond:
-            while not self._stopping and not self._active and not self._waiting:
+            while not self._stopping and not self._active and not self._waiting and not self._calls:
                 self._cond.wait()
             while self._waiting and self._waiting[0].cancelled:
                 self._waiting.popleft()
@@ -263,6 +292,19 @@ class Scheduler:
             if self._waiting and len(self._active) < self.max_batch:
                 return self._waiting.popleft()
         return None
+
+    def _run_call(self) -> None:
+        """One queued `call` per turn of the loop, so that decoding goes on between them."""
+        with self._cond:
+            if not self._calls:
+                return
+            fn, args, future = self._calls.popleft()
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args))
+        except Exception as e:  # noqa: BLE001 - the caller gets it; the loop goes on
+            future.set_exception(e)
 
     def _drop_cancelled(self) -> None:
         for job in [j for j in self._active if j.cancelled]:
@@ -282,6 +324,7 @@ class Scheduler:
         prefilled = session.tokens_processed - before
         self.counters["prefill_tokens"] += prefilled
         job.cached_tokens = max(0, len(job.prompt) - prefilled)
+        self.counters["cached_tokens"] += job.cached_tokens
         job.generator = job.params.make_generator()
         job.decoder = self.tokenizer.stream_decoder()
         job.stops = StopFilter(job.params.stop)
