@@ -310,3 +310,38 @@ def test_n_beyond_the_limit_is_refused(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     r = server.http.post("/v1/completions", json={"prompt": "hi", "n": 2, "best_of": 3})
     assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+
+
+def test_serving_the_demo_without_code_says_so_at_start_and_in_the_models_list(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mistol", "serve", "--model", "demo", "--port", str(port)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not any("note:" in line for line in lines):
+            line = server.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        note = next(line for line in lines if "note:" in line)
+        assert "--allow-code" in note
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert "--allow-code" in models["data"][0]["notice"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -99,7 +99,8 @@ def cmd_serve(args) -> int:
     options = ServerOptions(model_name=args.name, api_key=api_key, max_batch=args.max_batch, max_context=args.ctx,
                             allow_code=args.allow_code, code_limits=limits,
                             share_prefix_cache=args.share_prefix_cache, strict_model=args.strict_model,
-                            cors_origins=cors_origins, max_tokens_default=args.max_tokens_default)
+                            cors_origins=cors_origins, max_tokens_default=args.max_tokens_default,
+                            model_notice=DEMO_NEEDS_CODE if args.model == "demo" else None)
     app = create_app(engine, options)
     server = app.state.server
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -111,9 +112,16 @@ def cmd_serve(args) -> int:
           f"mistol serve: chat page at {page}"
           f"{code_note if args.allow_code else ''}",
           file=sys.stderr)
+    if args.model == "demo" and not args.allow_code:
+        print(f"mistol serve: note: {DEMO_NEEDS_CODE}", file=sys.stderr)
     # On Ctrl-C, streams still generating get a few seconds, not their whole max_tokens.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
+
+
+DEMO_NEEDS_CODE = ("the demo model answers arithmetic by writing Python and then stating its output: "
+                   "API clients get the code, not the answer, and the chat page runs the code only when "
+                   "the server starts with --allow-code")
 
 
 def key_note(keys: list[str], shared: bool) -> str:

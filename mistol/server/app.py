@@ -54,6 +54,7 @@ MAX_REMEMBERED_REPLIES = 512
 @dataclass
 class ServerOptions:
     model_name: str | None = None  # the id clients send as `model` (default: the engine's name)
+    model_notice: str | None = None  # shown in /v1/models: what a client should know about the model
     # If set (one key, or several: one per client), every API request needs "Authorization: Bearer KEY".
     api_key: str | Sequence[str] | None = None
     # Keyless requests reuse each other's cached prompt prefixes (False: none ever does).
@@ -96,11 +97,11 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
         return {"status": "ok", "model": server.model_id, **server.scheduler.stats()}
 
     async def models():
-        return p.models_list(server.model_id, server.created)
+        return p.models_list(server.model_id, server.created, server.options.model_notice)
 
     async def model(model: str):
         server.check_model(model)
-        return p.model_card(server.model_id, server.created)
+        return p.model_card(server.model_id, server.created, server.options.model_notice)
 
     async def chat_completions(request: Request):
         return await server.generate(request, chat=True)

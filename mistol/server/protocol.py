@@ -318,8 +318,8 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
-def models_list(model_id: str, created: int) -> dict:
-    return {"object": "list", "data": [model_card(model_id, created)]}
+def models_list(model_id: str, created: int, notice: str | None = None) -> dict:
+    return {"object": "list", "data": [model_card(model_id, created, notice)]}
 
 
 def fingerprint(version: str, model_id: str, weight_types: str) -> str:
@@ -329,8 +329,12 @@ def fingerprint(version: str, model_id: str, weight_types: str) -> str:
     return f"mistol-{version}-{digest}"
 
 
-def model_card(model_id: str, created: int) -> dict:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "mistol"}
+def model_card(model_id: str, created: int, notice: str | None = None) -> dict:
+    """OpenAI's model object; `notice`: what a client should know about this model."""
+    card = {"id": model_id, "object": "model", "created": created, "owned_by": "mistol"}
+    if notice:
+        card["notice"] = notice
+    return card
 
 
 def chat_choice(index: int, text: str, finish_reason, logprobs) -> dict:
