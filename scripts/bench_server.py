@@ -1,8 +1,16 @@
-"""Aggregate decode tokens/s of `mistol serve` at 1, 2, 4 and 8 concurrent streams, in one run.
+"""Aggregate decode tokens/s of `mistol serve` at 1, 2, 4 and 8 concurrent streams, in one run;
+or, with --stall, how long a running stream waits while a long prompt arrives.
 
     python scripts/bench_server.py                    # a small random model (f32), under a minute
     python scripts/bench_server.py --shape 7b         # Mistral 7B's shape, random bf16 weights:
                                                       # 15 GB of RAM, about 5 minutes on 2 cores
+    python scripts/bench_server.py --stall --shape 1b # the longest gap between two tokens of a
+                                                      # stream while a 2,000-token prompt arrives,
+                                                      # with chunked prefill and with the prompt whole
+
+--stall serves the model twice, with `--prefill-chunk` (default 256) and with a chunk longer
+than the prompt (the prompt runs whole: what the server did before chunked prefill), and for
+each prints the longest gap, the usual gap (median step) and one chunk's prefill time.
 
 The model is built with random weights directly (no checkpoint, no transformers) and served
 by a child process on a loopback port, so the clients here do not share its interpreter.
@@ -33,6 +41,7 @@ import httpx
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, default dtype)
     "small": (512, 1536, 8, 8, 2, "f32"),
+    "1b": (2048, 5632, 22, 32, 4, "f32"),  # TinyLlama 1.1B
     "7b": (4096, 14336, 32, 32, 8, "bf16"),  # Mistral 7B / OpenHermes 2.5
 }
 VOCAB = 32002
@@ -94,7 +103,8 @@ def serve(args) -> None:
     engine = build_engine(args.shape, args.dtype)
     print(f"built {engine.name} ({args.dtype}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     options = ServerOptions(model_name="random", max_batch=max(args.streams),
-                            max_context=args.prompt_tokens + args.tokens + 8)
+                            max_context=max(args.prompt_tokens, args.stall_prompt) + args.tokens + 8,
+                            prefill_chunk=args.prefill_chunk)
     uvicorn.run(create_app(engine, options), host="127.0.0.1", port=args.port, log_level="warning")
 
 
@@ -147,6 +157,60 @@ def run_round(url: str, n: int, args) -> dict:
             "tokens": tokens, "wall_s": wall}
 
 
+def stall_round(url: str, args) -> dict:
+    """One stream decodes; after 10 of its tokens a long prompt arrives. The stream's gaps."""
+    rng = random.Random(7)
+    long_prompt = [1] + [rng.randrange(100, 30000) for _ in range(args.stall_prompt - 1)]
+    chunk_prompt = [1] + [rng.randrange(100, 30000) for _ in range(min(args.prefill_chunk, args.stall_prompt) - 1)]
+    start = time.perf_counter()  # one chunk's prefill, alone (plus one step and the HTTP round trip)
+    httpx.post(url + "/v1/completions", json={"model": "random", "prompt": chunk_prompt, "max_tokens": 1},
+               timeout=None).raise_for_status()
+    chunk_s = time.perf_counter() - start
+    sent = threading.Event()
+
+    def long_request() -> None:
+        sent.wait()
+        httpx.post(url + "/v1/completions", json={"model": "random", "prompt": long_prompt, "max_tokens": 1},
+                   timeout=None).raise_for_status()
+
+    helper = threading.Thread(target=long_request)
+    helper.start()
+    body = {"model": "random", "prompt": [1, 500, 600], "max_tokens": args.tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    times: list[float] = []
+    with httpx.Client(timeout=None) as client, client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                times.append(time.perf_counter())
+                if len(times) == 10:
+                    sent.set()
+    helper.join()
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    usual = sorted(gaps[:9])[4]
+    return {"longest": max(gaps[9:]), "usual": usual, "chunk": chunk_s}
+
+
+def stall(args, start_server) -> None:
+    print(f"shape {args.shape} ({args.dtype}), a {args.stall_prompt}-token prompt arrives while one stream decodes "
+          f"({args.tokens} tokens); {os.cpu_count()} CPUs, torch threads: default")
+    rows = []
+    for chunk in (args.prefill_chunk, args.stall_prompt + 1):
+        child, url = start_server(chunk)
+        try:
+            r = stall_round(url, argparse.Namespace(**{**vars(args), "prefill_chunk": chunk}))
+        finally:
+            child.terminate()
+            child.wait(30)
+        label = f"chunks of {chunk}" if chunk <= args.stall_prompt else "whole prompt"
+        rows.append((label, r))
+        print(f"  {label}: longest gap {r['longest']:.2f} s", file=sys.stderr, flush=True)
+    print(f"{'prefill':>16} {'longest gap':>12} {'usual step':>11} {'one chunk':>10} {'bound 2x(step+chunk)':>21}")
+    for label, r in rows:
+        bound = f"{2 * (r['usual'] + r['chunk']):.2f}s" if label.startswith("chunks") else "-"
+        print(f"{label:>16} {r['longest']:>11.2f}s {r['usual']:>10.3f}s {r['chunk']:>9.2f}s {bound:>21}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=list(SHAPES), default="small")
@@ -155,33 +219,45 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None, help="tokens per stream (default: 128 small, 32 7b)")
     ap.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default: 16)")
     ap.add_argument("--repeat", type=int, default=2, help="sweeps over the stream counts; best kept (default: 2)")
+    ap.add_argument("--stall", action="store_true",
+                    help="measure the gaps of a running stream while a long prompt arrives (see above)")
+    ap.add_argument("--stall-prompt", type=int, default=2000, help="the long prompt's tokens (default: 2000)")
+    ap.add_argument("--prefill-chunk", type=int, default=256, help="the server's --prefill-chunk (default: 256)")
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args()
     args.dtype = args.dtype or SHAPES[args.shape][5]
     args.tokens = args.tokens or (128 if args.shape == "small" else 32)
+    if args.stall:
+        args.tokens = max(args.tokens, 400)
     args.streams = sorted({int(s) for s in str(args.streams).split(",")})
     if args.serve:
         return serve(args)
     if args.tokens <= max(args.streams):
         ap.error("--tokens must exceed the largest stream count (streams join one per step)")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    child = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(port), "--shape", args.shape,
-                              "--dtype", args.dtype, "--streams", ",".join(map(str, args.streams)),
-                              "--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens)])
-    url = f"http://127.0.0.1:{port}"
-    try:
+    def start_server(prefill_chunk: int):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        child = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(port), "--shape", args.shape,
+                                  "--dtype", args.dtype, "--streams", ",".join(map(str, args.streams)),
+                                  "--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens),
+                                  "--stall-prompt", str(args.stall_prompt), "--prefill-chunk", str(prefill_chunk)])
+        url = f"http://127.0.0.1:{port}"
         while True:
             if child.poll() is not None:
                 sys.exit(f"the server exited with status {child.returncode}")
             try:
                 httpx.get(url + "/health", timeout=1)
-                break
+                return child, url
             except httpx.TransportError:
                 time.sleep(0.5)
+
+    if args.stall:
+        return stall(args, start_server)
+    child, url = start_server(args.prefill_chunk)
+    try:
         from importlib.metadata import version
 
         print(f"shape {args.shape} ({args.dtype}), {args.prompt_tokens}-token prompts, {args.tokens} tokens per "

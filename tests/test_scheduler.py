@@ -207,3 +207,41 @@ def test_call_runs_between_steps_on_the_engine_thread(engine):
         sched.stop()
     with pytest.raises(RuntimeError, match="shutting down"):
         sched.call(lambda: None).result(5)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_steps(engine):
+    """While one stream decodes, a 120-token prompt runs 8 tokens at a time: the stream keeps
+    getting tokens during that prefill (one step per chunk), and the new request's tokens are
+    those of a prefill in one go."""
+    long_prompt = [1] + [100 + (i * 37) % 900 for i in range(119)]
+    ref = list(engine.new_session(max_context=CONTEXT).generate(long_prompt, greedy(6)))
+
+    sched = Scheduler(engine, max_batch=2, max_context=CONTEXT, prefill_chunk=8)
+    events: list[str] = []
+
+    class Recorder(Collector):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def __call__(self, output):
+            events.append(self.name)
+            super().__call__(output)
+
+    runner_out, newcomer_out = Recorder("runner"), Recorder("newcomer")
+    runner = Job([1, 5, 6, 7], greedy(100), runner_out)
+    newcomer = Job(long_prompt, greedy(6), newcomer_out)
+    sched.start()
+    try:
+        sched.submit(runner)
+        while len(runner_out.outputs) < 3:
+            threading.Event().wait(0.01)
+        before = len(events)
+        sched.submit(newcomer)
+        assert newcomer_out.done.wait(120) and runner_out.done.wait(120)
+    finally:
+        sched.stop()
+    assert newcomer_out.final.token_ids == ref
+    # the runner's outputs from the newcomer's arrival to its first token: one per chunk
+    steps_while_prefilling = events[before : events.index("newcomer")].count("runner")
+    assert steps_while_prefilling >= 120 // 8 - 3, events[:40]

@@ -38,6 +38,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=4,
                    help="requests decoded together; more wait their turn (default: 4). "
                    "Each keeps a KV cache, as do 4 more idle conversations")
+    p.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
+                   help="while other requests decode, a new prompt runs N tokens between two of their steps "
+                   "(smaller: smoother streams, slower prompts; default: 256)")
     p.add_argument("--ctx", type=int, default=None,
                    help="context per request in tokens, prompt plus reply (default: the model's; "
                    "8192 at most without a sliding window)")
@@ -68,6 +71,8 @@ def cmd_serve(args) -> int:
 
     if args.max_batch < 1:
         raise MistolError(f"--max-batch must be at least 1 (got {args.max_batch})")
+    if args.prefill_chunk < 1:
+        raise MistolError(f"--prefill-chunk must be at least 1 (got {args.prefill_chunk})")
     if args.ctx is not None and args.ctx < 2:
         raise MistolError(f"--ctx must be at least 2 tokens (got {args.ctx})")
     if not 0 <= args.port <= 65535:
@@ -100,7 +105,8 @@ def cmd_serve(args) -> int:
                             allow_code=args.allow_code, code_limits=limits,
                             share_prefix_cache=args.share_prefix_cache, strict_model=args.strict_model,
                             cors_origins=cors_origins, max_tokens_default=args.max_tokens_default,
-                            model_notice=DEMO_NEEDS_CODE if args.model == "demo" else None)
+                            model_notice=DEMO_NEEDS_CODE if args.model == "demo" else None,
+                            prefill_chunk=args.prefill_chunk)
     app = create_app(engine, options)
     server = app.state.server
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -61,6 +61,7 @@ class ServerOptions:
     # With keys, requests share cached prefixes only with requests sending the same key.
     share_prefix_cache: bool = True
     max_batch: int = 4  # requests decoded together; more wait in a queue
+    prefill_chunk: int = 256  # prompt tokens run between two decode steps of the others (see scheduler.py)
     max_context: int | None = None  # tokens per request, prompt and reply (default: the model's)
     max_body_bytes: int = 4 << 20
     allow_code: bool = False  # the chat page may run Python blocks (POST /api/run; see web.py)
@@ -171,7 +172,8 @@ class _Server:
         self.tokenizer = engine.tokenizer
         self.template = ChatTemplate.for_tokenizer(self.tokenizer)
         self.vocab_size = min(self.tokenizer.vocab_size, engine.config.vocab_size)  # valid token ids
-        self.scheduler = Scheduler(engine, max_batch=options.max_batch, max_context=options.max_context)
+        self.scheduler = Scheduler(engine, max_batch=options.max_batch, max_context=options.max_context,
+                                   prefill_chunk=options.prefill_chunk)
         self.model_id = options.model_name or engine.name
         self._aliases = {self.model_id, PurePath(self.model_id).name}
         self.fingerprint = p.fingerprint(__version__, self.model_id, _weight_types(engine))

@@ -1,11 +1,16 @@
 """The engine loop: one thread owns the engine and decodes every active request together.
 
 Continuous batching. Requests wait in a queue; between two decode steps the loop admits
-at most one of them (while fewer than `max_batch` run), prefills its prompt in one
-`Session.feed` (which yields its first token's logits), and from then on the request is a
-row of `Engine.decode_step`, one forward pass for all active requests: decoding is bound by
-reading the weights, so B rows cost little more than one. A request leaves the batch the
-moment it finishes or is cancelled; its session goes back to the pool.
+at most one of them (while fewer than `max_batch` run) and prefills its prompt, and from
+then on the request is a row of `Engine.decode_step`, one forward pass for all active
+requests: decoding is bound by reading the weights, so B rows cost little more than one. A
+request leaves the batch the moment it finishes or is cancelled; its session goes back to
+the pool.
+
+Chunked prefill. While other requests decode, a new prompt runs `prefill_chunk` tokens at a
+time, one chunk between two decode steps, so a long prompt arriving delays the running
+streams by one chunk per token instead of stalling them for the whole prompt (a 2,000-token
+prompt on a CPU: many seconds). With nothing decoding, a prompt runs whole, at full speed.
 
 Prefix cache. Clients resend the whole conversation each turn. Finished sessions stay in a
 small LRU pool (one KV cache each) with the tokens they hold, and a new request gets the
@@ -45,6 +50,7 @@ from ..util import common_prefix
 log = logging.getLogger("mistol.server")
 
 MAX_WAITING = 256  # queued requests beyond this are refused (503) rather than piled up
+PREFILL_CHUNK = 256  # prompt tokens run between two decode steps while other requests decode
 
 
 @dataclass
@@ -99,6 +105,8 @@ class Job:
         self.stops: StopFilter | None = None
         self.token_ids: list[int] = []
         self.cached_tokens = 0
+        self.prefilled = 0  # prompt tokens the session holds so far (chunked prefill)
+        self._processed_before = 0
         self._counts: dict[int, int] = {}
         self._held_logprobs: list[TokenLogprob] = []
 
@@ -183,16 +191,19 @@ class SessionPool:
 
 class Scheduler:
     def __init__(
-        self, engine: Engine, max_batch: int = 4, max_context: int | None = None, pool_size: int | None = None
+        self, engine: Engine, max_batch: int = 4, max_context: int | None = None, pool_size: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ):
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1")
+        self.prefill_chunk = prefill_chunk
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_batch = max_batch
         self.pool = SessionPool(engine, pool_size or max_batch + 4, max_context)
         self.max_context = self.pool.sessions[0].max_context
         self._active: list[Job] = []
+        self._prefilling: collections.deque[Job] = collections.deque()  # admitted, prompt not yet all run
         self._waiting: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable, tuple, concurrent.futures.Future]] = collections.deque()
         self._cond = threading.Condition()
@@ -246,7 +257,8 @@ class Scheduler:
                 sum(s.cache.nbytes for s in sessions))
 
     def stats(self) -> dict:
-        return {**self.counters, "active": len(self._active), "waiting": len(self._waiting),
+        return {**self.counters, "active": len(self._active), "prefilling": len(self._prefilling),
+                "waiting": len(self._waiting),
                 "max_batch": self.max_batch, "sessions": len(self.pool.sessions),
                 "max_context": self.max_context}
 
@@ -261,11 +273,14 @@ class Scheduler:
                 self._drop_cancelled()
                 if job is not None:
                     self._guarded(job, self._admit, job)
+                if self._prefilling:
+                    head = self._prefilling[0]
+                    self._guarded(head, self._prefill, head)
                 if self._active:
                     self._step()
             # still in inference mode: failing a running job resets its cache's tensors
             with self._cond:
-                leftover = [*self._active, *self._waiting]
+                leftover = [*self._active, *self._prefilling, *self._waiting]
                 self._waiting.clear()
                 calls = list(self._calls)
                 self._calls.clear()
@@ -284,12 +299,13 @@ class Scheduler:
 
     def _next_job(self) -> Job | None:
         with self._cond:
-            while not self._stopping and not self._active and not self._waiting and not self._calls:
+            while (not self._stopping and not self._active and not self._prefilling and not self._waiting
+                   and not self._calls):
                 self._cond.wait()
             while self._waiting and self._waiting[0].cancelled:
                 self._waiting.popleft()
                 self.counters["cancelled"] += 1
-            if self._waiting and len(self._active) < self.max_batch:
+            if self._waiting and len(self._active) + len(self._prefilling) < self.max_batch:
                 return self._waiting.popleft()
         return None
 
@@ -307,11 +323,17 @@ class Scheduler:
             future.set_exception(e)
 
     def _drop_cancelled(self) -> None:
-        for job in [j for j in self._active if j.cancelled]:
-            self._active.remove(job)
+        for job in [j for j in [*self._active, *self._prefilling] if j.cancelled]:
+            self._remove(job)
             self.pool.release(job.session)  # what it holds stays useful to the cache
             job.session = None
             self.counters["cancelled"] += 1
+
+    def _remove(self, job: Job) -> None:
+        if job in self._active:
+            self._active.remove(job)
+        if job in self._prefilling:
+            self._prefilling.remove(job)
 
     def _admit(self, job: Job) -> None:
         if job.cancelled:
@@ -319,9 +341,23 @@ class Scheduler:
             return
         self.counters["requests"] += 1
         job.session = session = self.pool.acquire(job.prompt, job.client)
-        before = session.tokens_processed
-        logits = session.feed(job.prompt).cpu()  # sampling, like the generators, runs on the CPU
-        prefilled = session.tokens_processed - before
+        job._processed_before = session.tokens_processed
+        job.prefilled = min(common_prefix(session.tokens, job.prompt), len(job.prompt) - 1)
+        self._prefilling.append(job)
+
+    def _prefill(self, job: Job) -> None:
+        """Run the next chunk of the job's prompt (all of it when nothing else decodes); at
+        the end, the job joins the decoding batch with its first token."""
+        session = job.session
+        chunk = self.prefill_chunk if self._active else len(job.prompt)
+        upto = min(len(job.prompt), job.prefilled + chunk)
+        logits = session.feed(job.prompt[:upto])  # runs only what the session does not hold
+        job.prefilled = upto
+        if upto < len(job.prompt):
+            return
+        self._prefilling.remove(job)
+        logits = logits.cpu()  # sampling, like the generators, runs on the CPU
+        prefilled = session.tokens_processed - job._processed_before
         self.counters["prefill_tokens"] += prefilled
         job.cached_tokens = max(0, len(job.prompt) - prefilled)
         self.counters["cached_tokens"] += job.cached_tokens
@@ -385,8 +421,7 @@ class Scheduler:
 
     def _fail(self, job: Job, message: str) -> None:
         self.counters["errors"] += 1
-        if job in self._active:
-            self._active.remove(job)
+        self._remove(job)
         if job.session is not None:
             job.session.reset()  # its cache may be half written
             self.pool.release(job.session)
