@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 DEFAULT_AVAILABLE_MEMORY = 8 << 30  # where the system does not say (no /proc/meminfo)
 
@@ -26,3 +27,9 @@ def available_memory() -> int:
     except OSError:
         pass
     return DEFAULT_AVAILABLE_MEMORY
+
+
+def private_dir(path: Path) -> Path:
+    """`path`, created if missing with its new parents, readable by its owner only."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path

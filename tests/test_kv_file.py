@@ -136,3 +136,43 @@ def test_chat_resume_takes_the_saved_cache(mistral_dir, tmp_path):
     assert "KV cache not used" in again.stderr and "history runs through the model again" in again.stderr
     skipped = chat("--no-save-kv", text="new chat\n")
     assert "KV cache saved" not in skipped.stderr
+
+
+def test_the_servers_prefix_cache_survives_a_restart_per_api_key(mistral_dir, tmp_path):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from helpers import LoopbackServer
+    from mistol.server import ServerOptions, create_app
+
+    engine = Engine.load(mistral_dir, dtype="f32")
+    kv_dir = tmp_path / "kv"
+    conversation = [{"role": "user", "content": "tell me about the sea, the waves, the boats and the harbour"}]
+
+    def ask(url, key, messages):
+        r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                       json={"model": "m", "messages": messages, "max_tokens": 5, "temperature": 0})
+        r.raise_for_status()
+        body = r.json()
+        return body["choices"][0]["message"]["content"], body["usage"]
+
+    options = dict(model_name="m", max_context=256, kv_dir=str(kv_dir))
+    with LoopbackServer(create_app(engine, ServerOptions(api_key=["alice-key", "bob-key"], **options))) as url:
+        reply, first = ask(url, "alice-key", conversation)
+    assert sorted(p.name for p in kv_dir.iterdir()) == ["prefix-0.kv", "replies.json"]
+    assert stat.S_IMODE(kv_dir.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in kv_dir.iterdir())
+    assert "alice-key" not in (kv_dir / "replies.json").read_text()
+
+    follow_up = [*conversation, {"role": "assistant", "content": reply}, {"role": "user", "content": "and then?"}]
+    # restarted with the keys in another order: the cache follows the key, not its place
+    with LoopbackServer(create_app(engine, ServerOptions(api_key=["bob-key", "alice-key"], **options))) as url:
+        _, bob = ask(url, "bob-key", follow_up)
+        _, alice = ask(url, "alice-key", follow_up)
+    assert bob["prompt_tokens_details"]["cached_tokens"] == 0
+    assert alice["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"] + 4
+
+    # another model's files are skipped: nothing cached, nothing wrong
+    other = Engine.load(make_checkpoint(tmp_path / "other", seed=3), dtype="f32")
+    with LoopbackServer(create_app(other, ServerOptions(api_key=["alice-key"], **options))) as url:
+        _, usage = ask(url, "alice-key", follow_up)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 0

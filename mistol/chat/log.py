@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..errors import MistolError
+from ..util import private_dir
 
 ROLES = ("system", "user", "assistant")
 MAX_FILE_BYTES = 64 << 20  # a chat is text; /load of a device or a huge file stops here
@@ -49,12 +50,6 @@ def data_dir() -> Path:
 
 def chats_dir() -> Path:
     return data_dir() / "chats"
-
-
-def private_dir(path: Path) -> Path:
-    """`path`, created if missing with its new parents, readable by its owner only."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
 
 
 class ChatLog:

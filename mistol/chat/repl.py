@@ -18,7 +18,8 @@ from ..errors import MistolError
 from ..sampling import SamplingParams
 from ..sandbox.code_turn import CodeRunner, CodeTurn, code_turn
 from ..sandbox.visible import visible
-from .log import ChatLog, data_dir, private_dir, drop_last_exchange, replay, save_messages, set_system
+from ..util import private_dir
+from .log import ChatLog, data_dir, drop_last_exchange, replay, save_messages, set_system
 
 DEFAULT_SYSTEM = "You are Hermes, a helpful, honest and concise assistant."
 

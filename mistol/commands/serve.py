@@ -38,6 +38,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=4,
                    help="requests decoded together; more wait their turn (default: 4). "
                    "Each keeps a KV cache, as do 4 more idle conversations")
+    p.add_argument("--kv-dir", default=None, metavar="DIR",
+                   help="keep the prompt cache (the KV caches of recent conversations) in DIR across restarts: "
+                   "saved when the server stops, taken back when it starts (files of another model are skipped)")
     p.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
                    help="while other requests decode, a new prompt runs N tokens between two of their steps "
                    "(smaller: smoother streams, slower prompts; default: 256)")
@@ -106,7 +109,7 @@ def cmd_serve(args) -> int:
                             share_prefix_cache=args.share_prefix_cache, strict_model=args.strict_model,
                             cors_origins=cors_origins, max_tokens_default=args.max_tokens_default,
                             model_notice=DEMO_NEEDS_CODE if args.model == "demo" else None,
-                            prefill_chunk=args.prefill_chunk)
+                            prefill_chunk=args.prefill_chunk, kv_dir=args.kv_dir)
     app = create_app(engine, options)
     server = app.state.server
     host = f"[{args.host}]" if ":" in args.host else args.host

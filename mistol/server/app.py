@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import itertools
 import json
 import logging
+import os
 import secrets
 from contextlib import asynccontextmanager
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,6 +40,7 @@ from ..chat_template import ChatTemplate
 from ..engine import Engine
 from ..errors import MistolError
 from ..sandbox.sandbox import SandboxLimits
+from ..util import private_dir
 from . import protocol as p
 from .protocol import APIError, GenerationRequest
 from .embeddings import add_embedding_routes
@@ -62,6 +65,7 @@ class ServerOptions:
     share_prefix_cache: bool = True
     max_batch: int = 4  # requests decoded together; more wait in a queue
     prefill_chunk: int = 256  # prompt tokens run between two decode steps of the others (see scheduler.py)
+    kv_dir: str | None = None  # where the prefix cache is kept across restarts (see kv_file.py)
     max_context: int | None = None  # tokens per request, prompt and reply (default: the model's)
     max_body_bytes: int = 4 << 20
     allow_code: bool = False  # the chat page may run Python blocks (POST /api/run; see web.py)
@@ -86,6 +90,11 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
             yield
         finally:
             await run_in_threadpool(server.scheduler.stop)
+            if options.kv_dir is not None:
+                try:
+                    await run_in_threadpool(server.save_prefixes, Path(options.kv_dir))
+                except (MistolError, OSError) as e:
+                    log.warning("the prefix cache was not kept: %s", e)
             for close in server.on_close:
                 await run_in_threadpool(close)
 
@@ -184,6 +193,52 @@ class _Server:
         # Generated replies by (client, text) -> the ids the model chose: a resent conversation
         # then renders to the very tokens the session holds, so the prefix cache covers the reply.
         self._replies: collections.OrderedDict[tuple, list[int]] = collections.OrderedDict()
+        if options.kv_dir is not None:
+            self.load_prefixes(Path(options.kv_dir))
+
+    # -- the prefix cache across restarts (--kv-dir) -------------------------------------------
+    def _client_label(self, client) -> str | None:
+        """How a client is named on disk: its key's hash, never the key (None: not kept)."""
+        if client is None and not self._keys:
+            return "shared"
+        if isinstance(client, tuple) and client[0] == "key":
+            return "key:" + hashlib.sha256(self._keys[client[1]].encode()).hexdigest()
+        return None
+
+    def _client_of(self, label: str):
+        labels = {self._client_label(c): c for c in [None, *(("key", i) for i in range(len(self._keys)))]}
+        labels.pop(None, None)
+        return labels[label]
+
+    def save_prefixes(self, directory: Path) -> None:
+        """At shutdown (the engine thread has stopped): the pool's sessions and the token ids
+        of the replies, so that resent conversations find their prefixes after a restart."""
+        private_dir(directory)
+        saved = self.scheduler.pool.save(directory, self._client_label)
+        replies = [[label, text, ids] for (client, text), ids in self._replies.items()
+                   if (label := self._client_label(client)) is not None]
+        tmp = directory / ".replies.json.tmp"
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        tmp.write_text(json.dumps(replies))
+        os.replace(tmp, directory / "replies.json")
+        log.info("kept %d cached prefixes in %s", saved, directory)
+
+    def load_prefixes(self, directory: Path) -> None:
+        if not directory.is_dir():
+            return
+        for reason in self.scheduler.pool.load(directory, self._client_of):
+            log.warning("prefix cache: not using %s", reason)
+        try:
+            replies = json.loads((directory / "replies.json").read_text())
+            for label, text, ids in replies[-MAX_REMEMBERED_REPLIES:]:
+                try:
+                    ids = [int(i) for i in ids]
+                    if all(0 <= i < self.vocab_size for i in ids):
+                        self._replies[(self._client_of(label), str(text))] = ids
+                except (KeyError, TypeError, ValueError):
+                    continue
+        except (OSError, ValueError, TypeError):
+            pass  # no replies file, or a damaged one: prompts are encoded from their text
 
     # -- checks ------------------------------------------------------------------------------
     async def authorize(self, request: Request) -> None:

@@ -39,6 +39,7 @@ import logging
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -183,6 +184,50 @@ class SessionPool:
 
     def release(self, session: Session) -> None:
         self._free.append(session)
+
+    # -- across restarts (`mistol serve --kv-dir`) --------------------------------------------
+    def save(self, directory: Path, label: Callable[[Hashable], str | None]) -> int:
+        """Write every session that holds tokens to `directory` (see kv_file.py), with the label
+        of its client (None: not kept, e.g. a prefix that is nobody else's). Returns how many."""
+        from ..kv_file import save
+
+        for old in directory.glob("prefix-*.kv"):
+            old.unlink()
+        saved = 0
+        for session in self.sessions:
+            client = label(self._client.get(id(session)))
+            if session.tokens and client is not None:
+                save(session, directory / f"prefix-{saved}.kv", {"client": client})
+                saved += 1
+        return saved
+
+    def load(self, directory: Path, client_of: Callable[[str], Hashable]) -> list[str]:
+        """Take the sessions saved in `directory`, as idle cached prefixes of their clients
+        (`client_of(label)`, KeyError for a client this server does not have); returns why
+        each file that was not taken was not."""
+        from ..kv_file import restore
+
+        skipped = []
+        for path in sorted(directory.glob("prefix-*.kv")):
+            if len(self.sessions) >= self.size:
+                skipped.append(f"{path.name}: the pool is full")
+                continue
+            session = self._free.pop() if self._free and not self._free[-1].tokens else \
+                self.engine.new_session(max_context=self.max_context)
+            extra, why_not = restore(session, path)
+            try:
+                client = client_of(str(extra.get("client"))) if not why_not else None
+            except KeyError:
+                why_not = f"{path}: its client (API key) is not one of this server's"
+            if why_not:
+                session.reset()
+                skipped.append(why_not)
+            else:
+                self._client[id(session)] = client
+            if session not in self.sessions:
+                self.sessions.append(session)
+            self._free.append(session)
+        return skipped
 
     @property
     def idle(self) -> int:
