@@ -218,10 +218,9 @@ class BPETokenizer:
             return ids_of[value]
 
         bos_id, eos_id = named("bos_token"), named("eos_token")
-        # Whether the model's own pipeline puts BOS first (Llama 3's post-processor does; Qwen's does not).
-        add_bos = config.get("add_bos_token")
-        if add_bos is None:
-            add_bos = bos_id is not None and full.encode("", add_special_tokens=True).ids[:1] == [bos_id]
+        # Whether the model's own pipeline puts BOS first: tokenizer.json's post-processor says so
+        # (Llama 3's does, Qwen's does not). transformers 5 follows it too, whatever add_bos_token says.
+        add_bos = bos_id is not None and full.encode("", add_special_tokens=True).ids[:1] == [bos_id]
         # Mark bos/eos/pad special even when the files do not.
         for i in (bos_id, eos_id, named("pad_token")):
             if i is not None and i in added and not added[i].special:
