@@ -317,3 +317,23 @@ def test_bpe_directory_needs_a_byte_level_model(tmp_path):
 
 def test_supported_pre_tokenizers_include_the_families():
     assert {"llama-bpe", "qwen2", "smollm", "gpt-2", "default", "deepseek-r1-qwen"} <= set(PRE_TOKENIZERS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_gguf_chat_template_stop_tokens_and_bos_rule_match_llama_cpp(checkpoints, converted, name):
+    import llama_cpp
+
+    from mistol.chat_template import ChatTemplate
+
+    path = converted(name, FAMILIES[name].gguf_pre)
+    ref = llama_cpp_ref.vocab(path)
+    vocab = llama_cpp.llama_model_get_vocab(ref._model.model)
+    end_of_generation = {i for i in range(ref.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    tok = _mistol_gguf_tokenizer(path)
+    template = ChatTemplate.for_tokenizer(tok)
+    assert end_of_generation <= set(template.stop_ids)
+    assert tok.add_bos == llama_cpp.llama_vocab_get_add_bos(vocab)
+    messages = [{"role": "user", "content": "Hi there, how are you?"}, {"role": "assistant", "content": "Fine."},
+                {"role": "user", "content": "Good."}]
+    assert template.render(messages) == ChatTemplate.for_tokenizer(Tokenizer.from_dir(checkpoints(name))).render(messages)
