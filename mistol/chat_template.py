@@ -120,7 +120,9 @@ class ChatTemplate:
             add_generation_prompt=gen_prompt, **specials,
         )
         if real != "".join(texts[marks.index(p)] if p in marks else p for p in parts):
-            contents = [_strip_pieces(content) for content in contents]
+            # (a message left open keeps its end: the model goes on from exactly there)
+            last = len(contents) - 1
+            contents = [_strip_pieces(c, right=not (continue_last and i == last)) for i, c in enumerate(contents)]
             texts = [text.strip() for text in texts]
             if real != "".join(texts[marks.index(p)] if p in marks else p for p in parts):
                 raise MistolError("the model's chat_template alters message text; "
@@ -159,12 +161,12 @@ def _fold_system(messages, contents):
     return folded, [[f"{system}\n\n", *contents[1]], *contents[2:]]
 
 
-def _strip_pieces(content: Pieces) -> Pieces:
+def _strip_pieces(content: Pieces, right: bool = True) -> Pieces:
     """Pieces with whitespace stripped from the text at both ends (ids are left alone)."""
     content = list(content)
     if content and isinstance(content[0], str):
         content[0] = content[0].lstrip()
-    if content and isinstance(content[-1], str):
+    if right and content and isinstance(content[-1], str):
         content[-1] = content[-1].rstrip()
     return [p for p in content if p != ""]
 

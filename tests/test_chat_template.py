@@ -123,3 +123,24 @@ def test_a_template_that_refuses_a_system_message_gets_it_in_the_first_user_mess
     folded = [{"role": "user", "content": MESSAGES[0]["content"] + "\n\n" + MESSAGES[1]["content"]}, *MESSAGES[2:]]
     expected = ref.apply_chat_template(folded, tokenize=True, return_dict=False)
     assert ChatTemplate.for_tokenizer(tok).render(MESSAGES) == list(expected)
+
+
+@pytest.mark.parametrize("name", [*BPE_TEMPLATED, "gpt2"])
+def test_code_mode_conversation_renders_with_every_template(name, tmp_path):
+    """The code-running system prompt, and a reply left open after a code block's output."""
+    from bpe_models import train_bpe_dir
+
+    from mistol.sandbox.code_turn import CODE_SYSTEM_PROMPT
+
+    tok = Tokenizer.from_dir(train_bpe_dir(tmp_path, name))
+    template = ChatTemplate.for_tokenizer(tok)
+    reply = "Let me compute it.\n```python\nprint(2**10)\n```\nOutput:\n```\n1024\n```\n"
+    messages = [{"role": "system", "content": CODE_SYSTEM_PROMPT}, {"role": "user", "content": "What is 2**10?"},
+                {"role": "assistant", "content": reply}]
+    open_ids = template.render(messages, continue_last=True)
+    text = tok.decode(open_ids)
+    assert CODE_SYSTEM_PROMPT in text and "What is 2**10?" in text
+    assert text.endswith(reply)  # the model goes on right after the output, newline included
+    closed = template.render([*messages[:2], {"role": "assistant", "content": reply.rstrip()}],
+                             add_generation_prompt=False)
+    assert closed[: len(open_ids) - 1] == open_ids[:-1]
