@@ -198,10 +198,10 @@ class BPETokenizer:
 
         from tokenizers import Tokenizer as Backend
 
-        full = Backend.from_str(json.dumps(data))
-        plain = dict(data, added_tokens=[], post_processor=None)
         try:
-            backend = Backend.from_str(json.dumps(plain))
+            backend = Backend.from_str(json.dumps(dict(data, added_tokens=[], post_processor=None)))
+            # The post-processor alone (on an empty model): does the model's pipeline put BOS first?
+            framing = Backend.from_str(json.dumps(dict(data, model={"type": "BPE", "vocab": {}, "merges": []})))
         except Exception as e:
             raise MistolError(f"{source}: the tokenizers library cannot build it ({e})") from None
 
@@ -220,7 +220,7 @@ class BPETokenizer:
         bos_id, eos_id = named("bos_token"), named("eos_token")
         # Whether the model's own pipeline puts BOS first: tokenizer.json's post-processor says so
         # (Llama 3's does, Qwen's does not). transformers 5 follows it too, whatever add_bos_token says.
-        add_bos = bos_id is not None and full.encode("", add_special_tokens=True).ids[:1] == [bos_id]
+        add_bos = bos_id is not None and framing.encode("", add_special_tokens=True).ids[:1] == [bos_id]
         # Mark bos/eos/pad special even when the files do not.
         for i in (bos_id, eos_id, named("pad_token")):
             if i is not None and i in added and not added[i].special:
