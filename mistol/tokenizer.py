@@ -42,10 +42,10 @@ import heapq
 import json
 import re
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from mistol.added_token import AddedToken
 from mistol.errors import MistolError
 
 SPACE = "\u2581"  # "▁": how SentencePiece writes a space inside a piece
@@ -55,21 +55,6 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _BPE_MODEL_TYPE = 2
 _WORD_CACHE_SIZE = 50_000
-
-
-@dataclass(frozen=True)
-class AddedToken:
-    """A token matched as a whole in trusted text, e.g. `<|im_start|>`.
-
-    `special` tokens are dropped by `decode(..., skip_special=True)`. `lstrip`/`rstrip` make a match
-    swallow the whitespace to its left/right, as in Hugging Face's AddedToken.
-    """
-
-    content: str
-    id: int
-    special: bool = True
-    lstrip: bool = False
-    rstrip: bool = False
 
 
 class Tokenizer:
@@ -261,13 +246,19 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
         """Load a Hugging Face model directory: tokenizer.model plus whichever of tokenizer_config.json,
-        special_tokens_map.json, added_tokens.json and tokenizer.json are present."""
+        special_tokens_map.json, added_tokens.json and tokenizer.json are present. A directory
+        without tokenizer.model whose tokenizer.json is byte-level BPE (Llama 3, Qwen 2.5) gives a
+        `mistol.bpe_tokenizer.BPETokenizer` instead."""
         d = Path(path)
         if not d.is_dir():
             raise MistolError(f"{d}: not a directory")
         model = d / "tokenizer.model"
         if not model.is_file():
-            raise MistolError(f"{d}: no tokenizer.model found")
+            from .bpe_tokenizer import BPETokenizer, is_byte_level_bpe_dir
+
+            if is_byte_level_bpe_dir(d):
+                return BPETokenizer.from_dir(d)  # type: ignore[return-value]
+            raise MistolError(f"{d}: no tokenizer.model found (nor a tokenizer.json with a byte-level BPE model)")
 
         config = _read_json_object(d / "tokenizer_config.json")
         special_map = _read_json_object(d / "special_tokens_map.json")
