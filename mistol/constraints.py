@@ -101,10 +101,10 @@ class Grammars:
                     raise ConstraintError("a grammar must be a non-empty string (GBNF or Lark)")
                 grammar = llg.grammar_from("grammar", source)
         except ValueError as e:
-            raise ConstraintError(f"invalid {_names[kind]}: {_first_line(e)}") from None
+            raise ConstraintError(f"invalid {_names[kind]}: {_one_line(e)}") from None
         error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.llg_tokenizer)
         if error:
-            raise ConstraintError(f"invalid {_names[kind]}: {_first_line(messages[0])}")
+            raise ConstraintError(f"invalid {_names[kind]}: {_one_line(messages[0])}")
         return grammar
 
     def start(self, grammar: str) -> TokenGrammar:
@@ -112,7 +112,7 @@ class Grammars:
         llg = _llguidance()
         matcher = llg.LLMatcher(self.llg_tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise ConstraintError(f"invalid grammar: {_first_line(matcher.get_error())}")
+            raise ConstraintError(f"invalid grammar: {_one_line(matcher.get_error())}")
         return TokenGrammar(self, matcher)
 
     def allowed(self, bitmask: torch.Tensor) -> torch.Tensor:
@@ -189,6 +189,14 @@ class _Vocabulary:
 _names = {"json_object": "JSON object", "json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}
 
 
-def _first_line(error) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "unknown error"
+def _one_line(error) -> str:
+    """llguidance's message in one line: its first line, plus the line saying what is wrong
+    when that comes below a drawing of where (as the regex parser's messages do)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    text = lines[0]
+    detail = next((line[len("error:"):].strip() for line in lines[1:] if line.startswith("error:")), None)
+    if detail:
+        text = f"{text.rstrip(':')}: {detail}"
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..chat_template import ChatTemplate
+from ..constraints import Constraint, ConstraintError, Grammars
 from ..engine import Engine
 from ..errors import MistolError
 from ..sandbox.sandbox import SandboxLimits
@@ -173,6 +174,7 @@ class _Server:
         # Generated replies by (client, text) -> the ids the model chose: a resent conversation
         # then renders to the very tokens the session holds, so the prefix cache covers the reply.
         self._replies: collections.OrderedDict[tuple, list[int]] = collections.OrderedDict()
+        self._grammars: Grammars | None = None  # the vocabulary as the constraint library sees it
 
     # -- checks ------------------------------------------------------------------------------
     async def authorize(self, request: Request) -> None:
@@ -236,6 +238,7 @@ class _Server:
         replies = self._known_replies(spec, client)
         prompt = await run_in_threadpool(self._prompt_ids, spec, replies)
         params = self._params(spec, prompt, chat)
+        grammar = spec.constraint and await run_in_threadpool(self._compile, spec.constraint, spec.constraint_field)
         for token in spec.logit_bias:
             if not 0 <= token < self.vocab_size:
                 raise APIError(400, f"logit_bias: token id {token} is outside the vocabulary", "logit_bias")
@@ -249,7 +252,8 @@ class _Server:
 
             return Job(prompt, _choice_params(params, index), deliver, logprobs=spec.logprobs,
                        frequency_penalty=spec.frequency_penalty, presence_penalty=spec.presence_penalty,
-                       logit_bias=spec.logit_bias, client=client)
+                       logit_bias=spec.logit_bias, client=client,
+                       grammar=grammar and self._grammars.start(grammar))
 
         # n choices are n jobs: the scheduler decodes them together, rows of one batch
         jobs = [job_for(i) for i in range(spec.n)]
@@ -264,6 +268,15 @@ class _Server:
             return StreamingResponse(self._stream(jobs, outputs, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._collect(jobs, outputs, reply, request)
+
+    def _compile(self, constraint: Constraint, field: str | None) -> str:
+        """The constraint's grammar for this model's vocabulary; a 400 saying what is wrong with it."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.engine.config.vocab_size)
+        try:
+            return self._grammars.compile(constraint)
+        except ConstraintError as e:
+            raise APIError(400, f"{field}: {e}", field, "invalid_constraint") from None
 
     def _known_replies(self, spec: GenerationRequest, client) -> dict[str, list[int]]:
         """The remembered ids of this conversation's assistant messages (exact texts only),

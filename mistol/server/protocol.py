@@ -3,8 +3,9 @@
 Requests are validated by hand rather than by a schema library so that every rejection is
 an OpenAI-shaped 400 naming the offending field (`param`), never a framework's 422 or a
 500. Fields a client may send that we do not implement are ignored when they hold their
-default (`tools: []`, `response_format: {"type": "text"}`) and refused otherwise:
-silently ignoring them would return something other than what was asked for.
+default (`tools: []`, `mirostat: 0`) and refused otherwise: silently ignoring them would
+return something other than what was asked for (see fields.py, which also reads output
+constraints and llama.cpp's names for our fields).
 
 Text must be Unicode: a lone surrogate ("\\ud800", which JSON can spell but UTF-8 cannot
 hold) anywhere in a body is refused with a 400 naming where it is, rather than replaced,
@@ -22,7 +23,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..constraints import Constraint
 from ..sampling import SamplingParams
+from . import fields
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                 405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
@@ -75,6 +78,8 @@ class GenerationRequest:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     prompt: str | list[int] | None = None
+    constraint: Constraint | None = None  # what the output must match (JSON schema, regex, grammar)
+    constraint_field: str | None = None  # the field that asked for it
 
 
 def check_unicode(body: Any) -> None:
@@ -118,17 +123,13 @@ def parse_chat_request(body: Any) -> GenerationRequest:
                        "starts a new assistant message, the second continues the last one", "continue_final_message")
     if continue_final and messages[-1]["role"] != "assistant":
         raise APIError(400, "continue_final_message needs the last message to be the assistant's", "messages")
-    if body.get("tools") or body.get("functions"):
-        raise APIError(400, "tools and function calling are not supported by this server", "tools")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type", "text") == "text"):
-        raise APIError(400, "only response_format {\"type\": \"text\"} is supported", "response_format")
     max_tokens = _int(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", None, 1)
+    common = _common(body)
     return GenerationRequest(
-        **_common(body),
-        max_tokens=max_tokens,
+        **common,
+        max_tokens=fields.max_tokens(body, max_tokens),
         logprobs=(top or 0) if logprobs else None,
         messages=messages,
         add_generation_prompt=_bool(body, "add_generation_prompt", True),
@@ -153,15 +154,17 @@ def parse_completion_request(body: Any) -> GenerationRequest:
     common = _common(body)
     if _int(body, "best_of", common["n"], 1) != common["n"]:
         raise APIError(400, "best_of must be left out, or equal n (choices are not ranked)", "best_of")
+    max_tokens = _int(body, "max_tokens", None, 1)
     return GenerationRequest(
         **common,
-        max_tokens=_int(body, "max_tokens", None, 1),
+        max_tokens=fields.max_tokens(body, max_tokens),
         logprobs=_int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS),
         prompt=prompt,
     )
 
 
 def _common(body: dict) -> dict:
+    fields.refuse_unsupported(body)
     model = body.get("model")
     if model == "":
         model = None
@@ -174,7 +177,8 @@ def _common(body: dict) -> dict:
         top_p=_float(body, "top_p", d.top_p, 0.0, 1.0, low_open=True),
         top_k=_int(body, "top_k", d.top_k, 0),
         min_p=_float(body, "min_p", d.min_p, 0.0, 1.0),
-        repetition_penalty=_float(body, "repetition_penalty", d.repetition_penalty, MIN_REPETITION_PENALTY, 10.0),
+        repetition_penalty=_float(body, "repetition_penalty" if "repetition_penalty" in body else "repeat_penalty",
+                                  d.repetition_penalty, MIN_REPETITION_PENALTY, 10.0),
         seed=_int(body, "seed", None, -(2**63), 2**64 - 1),  # what torch.Generator accepts
         stop=_stop(body.get("stop")),
     )
@@ -191,6 +195,7 @@ def _common(body: dict) -> dict:
         logit_bias=_logit_bias(body.get("logit_bias")),
         ignore_eos=_bool(body, "ignore_eos", False),
         n=n,
+        **dict(zip(("constraint_field", "constraint"), fields.constraint(body) or (None, None))),
     )
 
 
