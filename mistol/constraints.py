@@ -27,7 +27,7 @@ from .errors import MistolError
 if TYPE_CHECKING:
     import torch
 
-KINDS = ("json_object", "json_schema", "regex", "grammar")
+KINDS = ("json_object", "json_schema", "regex", "grammar", "lark")
 # JSON as OpenAI writes it: no free whitespace (which a model could repeat without end); a
 # schema's own "x-guidance" options still apply over these.
 JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -40,7 +40,8 @@ class ConstraintError(MistolError):
 @dataclass(frozen=True)
 class Constraint:
     """What the output must match. `source`: the JSON schema (a dict) for "json_schema", the
-    pattern for "regex", a GBNF (llama.cpp) or Lark grammar for "grammar", unused for "json_object"."""
+    pattern for "regex", a GBNF (llama.cpp) or Lark grammar for "grammar", a Lark grammar in
+    llguidance's dialect (which embeds JSON schemas: `%json {...}`) for "lark", unused for "json_object"."""
 
     kind: str
     source: Any = None
@@ -96,6 +97,8 @@ class Grammars:
                 if not isinstance(source, str) or not source:
                     raise ConstraintError("a regex must be a non-empty string")
                 grammar = llg.LLMatcher.grammar_from_regex(source)
+            elif kind == "lark":
+                grammar = llg.LLMatcher.grammar_from_lark(source)
             else:
                 if not isinstance(source, str) or not source.strip():
                     raise ConstraintError("a grammar must be a non-empty string (GBNF or Lark)")
@@ -186,7 +189,8 @@ class _Vocabulary:
         return self.tokenize(text)
 
 
-_names = {"json_object": "JSON object", "json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}
+_names = {"json_object": "JSON object", "json_schema": "JSON schema", "regex": "regex", "grammar": "grammar",
+          "lark": "grammar"}
 
 
 def _one_line(error) -> str:

@@ -223,8 +223,7 @@ UNSUPPORTED = {
     "t_max_prompt_ms": 100, "post_sampling_probs": True, "timings_per_token": True, "return_tokens": True,
     "return_progress": True, "response_fields": ["content"], "lora": [{"id": 0, "scale": 1.0}],
     "grammar_lazy": True, "grammar_triggers": [{"type": 0, "value": "x"}], "adaptive_target": 0.5,
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-    "tool_choice": "required", "functions": [{"name": "f"}], "audio": {"voice": "alloy", "format": "wav"},
+    "functions": [{"name": "f"}], "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"], "reasoning_effort": "high", "web_search_options": {}, "verbosity": "low",
 }
 NEUTRAL = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1, "dynatemp_range": 0, "xtc_probability": 0.0,
@@ -245,6 +244,13 @@ def test_a_field_that_would_change_the_output_is_refused(server, path, field):
     r = server.http.post(path, json={**body, "max_tokens": 2, field: UNSUPPORTED[field]})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize("field,value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                         ("tool_choice", "required")])
+def test_tools_in_a_text_completion_are_refused(server, field, value):
+    r = server.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 
 
 def test_such_a_field_at_its_neutral_value_and_hints_change_nothing(server):

@@ -37,6 +37,7 @@ from ..constraints import Constraint, ConstraintError, Grammars
 from ..engine import Engine
 from ..errors import MistolError
 from ..sandbox.sandbox import SandboxLimits
+from ..tools import ToolCallParser, render_messages as render_tool_messages
 from . import protocol as p
 from .protocol import APIError, GenerationRequest
 from .scheduler import Job, Output, Scheduler
@@ -288,8 +289,12 @@ class _Server:
 
     def _prompt_ids(self, spec: GenerationRequest, replies: dict[str, list[int]]) -> list[int]:
         if spec.messages is not None:
+            messages = spec.messages
+            offered = spec.tools if spec.tool_choice != "none" else []
             try:
-                return self.template.render(spec.messages, add_generation_prompt=spec.add_generation_prompt,
+                if offered or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+                    messages = render_tool_messages(messages, offered)  # the Hermes format; see tools.py
+                return self.template.render(messages, add_generation_prompt=spec.add_generation_prompt,
                                             continue_last=spec.continue_final_message, reply_tokens=replies)
             except MistolError as e:
                 raise APIError(400, f"messages: {e}", "messages") from None
@@ -376,10 +381,13 @@ class _Server:
                 if out.error is not None:
                     yield reply.sse(p.error_body(500, out.error))
                     break
-                if out.text or out.logprobs:
+                if reply.parsers is not None:  # tools: text or calls, as the parser reads them
+                    for delta in reply.tool_deltas(index, out.text, out.finish_reason is not None):
+                        yield reply.sse(reply.chunk(index, delta=delta))
+                elif out.text or out.logprobs:
                     yield reply.sse(reply.chunk(index, text=out.text, logprobs=out.logprobs))
                 if out.finish_reason is not None:
-                    yield reply.sse(reply.chunk(index, text="", finish_reason=out.finish_reason, final=True))
+                    yield reply.sse(reply.chunk(index, text="", finish_reason=reply.finish_reason(index), final=True))
             else:
                 if reply.spec.include_usage:
                     yield reply.sse(reply.usage_chunk())
@@ -409,6 +417,8 @@ class _Reply:
         self.logprobs = [[] for _ in range(spec.n)]
         self.last: list[Output | None] = [None] * spec.n  # each choice's final output
         self.prompt_tokens = prompt_tokens
+        # with tools, each choice's text read into content and calls
+        self.parsers = [ToolCallParser() for _ in range(spec.n)] if chat and spec.tool_choice != "none" else None
 
     @property
     def done(self) -> bool:
@@ -421,6 +431,27 @@ class _Reply:
             self.last[index] = out
         if out.finish_reason in ("stop", "length") and self.chat:
             self.server.remember(self.client, self.texts[index], out.token_ids)
+
+    def finish_reason(self, index: int) -> str:
+        reason = self.last[index].finish_reason
+        if self.parsers is not None and reason == "stop" and self.parsers[index].calls:
+            return "tool_calls"
+        return reason
+
+    def tool_deltas(self, index: int, text: str, final: bool) -> list[dict]:
+        """Stream deltas for new text of a choice with tools: content, or calls as OpenAI streams
+        them (the call's id and name first, then pieces of its arguments)."""
+        parser = self.parsers[index]
+        events = parser.feed(text) + (parser.finish() if final else [])
+        deltas = []
+        for event in events:
+            if event[0] == "content":
+                deltas.append({"content": event[1]})
+            elif event[0] == "call":
+                deltas.append({"tool_calls": [p.tool_call(parser.calls[event[1]], event[1], "")]})
+            else:
+                deltas.append({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]})
+        return deltas
 
     def _usage(self) -> dict:
         """As OpenAI counts: the prompt once, the completion tokens of every choice."""
@@ -437,6 +468,13 @@ class _Reply:
         build = p.chat_response if self.chat else p.completion_response
         choices = [choice(i, self.texts[i], last.finish_reason, self._logprobs(self.logprobs[i]))
                    for i, last in enumerate(self.last)]
+        if self.parsers is not None:
+            for i, parser in enumerate(self.parsers):
+                parser.feed(self.texts[i])
+                parser.finish()
+                calls = [p.tool_call(c) for c in parser.calls]
+                choices[i] = p.chat_choice(i, None if calls else parser.content, self.finish_reason(i),
+                                           choices[i]["logprobs"], calls)
         return build(self.id, self.created, self.server.model_id, choices, self._usage(), self.server.fingerprint)
 
     def chunk(self, index: int, delta: dict | None = None, text: str = "", logprobs=(), finish_reason=None,

@@ -36,7 +36,7 @@ REFUSED: dict[str, tuple] = {
     "return_tokens": (False,), "return_progress": (False,), "verbose": (False,), "response_fields": ([],),
     "lora": ([],), "image_data": ([],), "multimodal_data": ([],),
     # OpenAI's that ask for more than text
-    "tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",), "audio": (),
+    "functions": ([],), "function_call": ("none",), "audio": (),
     "modalities": (["text"],), "reasoning_effort": (), "web_search_options": (), "verbosity": (),
 }
 # Settings of a sampler above, which do nothing while it is off (and it is refused when on).

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..constraints import Constraint
+from ..errors import MistolError
 from ..sampling import SamplingParams
+from ..tools import Tool, grammar as tool_grammar
 from . import fields
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -80,6 +82,8 @@ class GenerationRequest:
     prompt: str | list[int] | None = None
     constraint: Constraint | None = None  # what the output must match (JSON schema, regex, grammar)
     constraint_field: str | None = None  # the field that asked for it
+    tools: list[Tool] = field(default_factory=list)  # offered to the model (chat only)
+    tool_choice: str = "none"  # "none", "auto", "required", or a tool's name
 
 
 def check_unicode(body: Any) -> None:
@@ -127,8 +131,24 @@ def parse_chat_request(body: Any) -> GenerationRequest:
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", None, 1)
     common = _common(body)
+    tools, choice = _tools(body.get("tools")), _tool_choice(body.get("tool_choice"))
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if choice != "none":
+        if not tools:
+            raise APIError(400, f"tool_choice {choice!r} needs tools", "tool_choice")
+        if common["constraint"] is not None:
+            raise APIError(400, f"{common['constraint_field']} cannot be combined with tools (set tool_choice "
+                           "to \"none\" for a constrained answer)", common["constraint_field"])
+        try:
+            lark = tool_grammar(tools, choice, _bool(body, "parallel_tool_calls", True))
+        except MistolError as e:
+            raise APIError(400, str(e), "tool_choice") from None
+        common.update(constraint=Constraint("lark", lark), constraint_field="tools")
     return GenerationRequest(
         **common,
+        tools=tools,
+        tool_choice=choice,
         max_tokens=fields.max_tokens(body, max_tokens),
         logprobs=(top or 0) if logprobs else None,
         messages=messages,
@@ -151,6 +171,9 @@ def parse_completion_request(body: Any) -> GenerationRequest:
         raise APIError(400, "echo is not supported", "echo")
     if body.get("suffix"):
         raise APIError(400, "suffix is not supported", "suffix")
+    for key in ("tools", "tool_choice"):
+        if body.get(key) not in (None, [], "none"):
+            raise APIError(400, f"{key}: tools are for chat completions (/v1/chat/completions)", key)
     common = _common(body)
     if _int(body, "best_of", common["n"], 1) != common["n"]:
         raise APIError(400, "best_of must be left out, or equal n (choices are not ranked)", "best_of")
@@ -220,10 +243,70 @@ def _messages(value: Any) -> list[dict]:
         role = m.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"{where}.role must be system, user or assistant (got {role!r})", f"{where}.role")
-        out.append({"role": role, "content": _content(m.get("content"), f"{where}.content")})
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"{where}.role must be system, user, assistant or tool (got {role!r})",
+                           f"{where}.role")
+        calls = _tool_calls(m.get("tool_calls"), f"{where}.tool_calls") if role == "assistant" else []
+        content = m.get("content")
+        if calls and content is None:
+            content = ""  # an assistant turn that only calls tools
+        message = {"role": role, "content": _content(content, f"{where}.content")}
+        if calls:
+            message["tool_calls"] = calls
+        if role == "tool":
+            message["tool_call_id"] = m.get("tool_call_id")
+        out.append(message)
     return out
+
+
+def _tools(value: Any) -> list[Tool]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise APIError(400, "tools must be a list of {type: function, function: {name, parameters}}", "tools")
+    tools, names = [], set()
+    for i, entry in enumerate(value):
+        where = f"tools[{i}]"
+        if not (isinstance(entry, dict) and entry.get("type", "function") == "function"
+                and isinstance(entry.get("function"), dict)):
+            raise APIError(400, f"{where} must be {{type: function, function: {{name, parameters}}}}", "tools")
+        fn = entry["function"]
+        name, params, text = fn.get("name"), fn.get("parameters", {"type": "object"}), fn.get("description", "")
+        if not isinstance(params, dict) or not isinstance(text, str):
+            raise APIError(400, f"{where}.function: parameters must be a JSON schema, description a string", "tools")
+        try:
+            tools.append(Tool(name if isinstance(name, str) else repr(name), text, params))
+        except MistolError as e:
+            raise APIError(400, f"{where}.function.name: {e}", "tools") from None
+        if name in names:
+            raise APIError(400, f"{where}: two tools are named {name!r}", "tools")
+        names.add(name)
+    return tools
+
+
+def _tool_choice(value: Any) -> str | None:
+    if value is None or value in ("none", "auto", "required"):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("function"), dict) \
+            and isinstance(value["function"].get("name"), str):
+        return value["function"]["name"]
+    raise APIError(400, "tool_choice must be none, auto, required or {type: function, function: {name}}",
+                   "tool_choice")
+
+
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise APIError(400, f"{where} must be a list", where)
+    calls = []
+    for j, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments", ""), str)):
+            raise APIError(400, f"{where}[{j}] must be {{id, type: function, function: {{name, arguments}}}}",
+                           f"{where}[{j}]")
+        calls.append({"id": call.get("id"), "name": fn["name"], "arguments": fn.get("arguments", "")})
+    return calls
 
 
 def _content(value: Any, where: str) -> str:
@@ -338,9 +421,18 @@ def model_card(model_id: str, created: int) -> dict:
     return {"id": model_id, "object": "model", "created": created, "owned_by": "mistol"}
 
 
-def chat_choice(index: int, text: str, finish_reason, logprobs) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_choice(index: int, text: str | None, finish_reason, logprobs, tool_calls: list[dict] | None = None) -> dict:
+    message = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def tool_call(call, index: int | None = None, arguments: str | None = None) -> dict:
+    """A call in a message (index None) or the first delta of a streamed one (arguments "")."""
+    out = {"id": call.id, "type": "function",
+           "function": {"name": call.name, "arguments": call.arguments if arguments is None else arguments}}
+    return out if index is None else {"index": index, **out}
 
 
 def chat_response(rid, created, model, choices: list[dict], use, fingerprint=None) -> dict:
