@@ -60,17 +60,13 @@ def _llguidance():
 
 
 class Grammars:
-    """One tokenizer's vocabulary as llguidance sees it; compiles constraints into grammars for it.
+    """One tokenizer's vocabulary as llguidance sees it; compiles constraints into grammars for it."""
 
-    `n_logits`: the width of the model's logits, which may exceed the tokenizer's vocabulary
-    (padding rows, never allowed under a constraint)."""
-
-    def __init__(self, tokenizer, n_logits: int | None = None):
+    def __init__(self, tokenizer):
         llg = _llguidance()
         import torch
 
         self.vocab_size = tokenizer.vocab_size
-        self.n_logits = max(n_logits or self.vocab_size, self.vocab_size)
         vocab = tokenizer.vocab_bytes() if hasattr(tokenizer, "vocab_bytes") else [
             tokenizer.token_bytes(i) for i in range(self.vocab_size)]
         special = set(getattr(tokenizer, "control_ids", ()))
@@ -79,7 +75,7 @@ class Grammars:
         wrapper = _Vocabulary(vocab, special, eos, getattr(tokenizer, "bos_id", None))
         self.llg_tokenizer = llg.LLTokenizer(wrapper, n_vocab=self.vocab_size)
         wrapper.tokenize = self.llg_tokenizer.greedy_tokenize
-        self._eos = eos
+        self.eos_id = eos  # the token llguidance allows where the text may end
         self._bits = torch.tensor([1 << b for b in range(32)], dtype=torch.int64).to(torch.int32)
 
     def compile(self, constraint: Constraint) -> str:
@@ -118,13 +114,14 @@ class Grammars:
             raise ConstraintError(f"invalid grammar: {_one_line(matcher.get_error())}")
         return TokenGrammar(self, matcher)
 
-    def allowed(self, bitmask: torch.Tensor) -> torch.Tensor:
-        """llguidance's bitmask (int32 words, bit i of word w = token 32w + i) as a bool per logit."""
+    def allowed(self, bitmask: torch.Tensor, width: int) -> torch.Tensor:
+        """llguidance's bitmask (int32 words, bit i of word w = token 32w + i) as a bool for each
+        of `width` logits; the model's logits past the tokenizer's vocabulary (padding) are never allowed."""
         import torch
 
-        bits = (bitmask.unsqueeze(-1) & self._bits).ne(0).flatten()[: self.vocab_size]
-        if self.n_logits > self.vocab_size:
-            bits = torch.cat([bits, bits.new_zeros(self.n_logits - self.vocab_size)])
+        bits = (bitmask.unsqueeze(-1) & self._bits).ne(0).flatten()[: min(self.vocab_size, width)]
+        if width > bits.numel():
+            bits = torch.cat([bits, bits.new_zeros(width - bits.numel())])
         return bits
 
 
@@ -157,11 +154,11 @@ class TokenGrammar:
         exactly when the text so far is accepted."""
         words = self._words
         self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
-        allowed = self.grammars.allowed(words)
-        eos = self.grammars._eos
+        allowed = self.grammars.allowed(words, logits.shape[-1])
         if stop_ids:
-            accepting = bool(allowed[eos]) or self.matcher.is_accepting()
-            allowed[list(stop_ids)] = accepting
+            eos = self.grammars.eos_id
+            accepting = (eos < allowed.numel() and bool(allowed[eos])) or self.matcher.is_accepting()
+            allowed[[i for i in stop_ids if i < allowed.numel()]] = accepting
         return logits.masked_fill(~allowed, float("-inf"))
 
     def advance(self, token: int) -> None:

@@ -130,6 +130,17 @@ def test_regex_and_gbnf_grammar_from_extra_body(server):
     assert re.fullmatch(r"(yes|no|maybe) (yes|no|maybe)", r.choices[0].text), r.choices[0].text
 
 
+def test_vllm_guided_fields(server):
+    choices = ["C++ (17)", "a-b & c", "naïve"]
+    for seed in range(3):
+        r = server.client.completions.create(model=MODEL, prompt="Pick:", max_tokens=20, temperature=1.0, seed=seed,
+                                             extra_body={"guided_choice": choices})
+        assert r.choices[0].text in choices
+    r = server.client.chat.completions.create(model=MODEL, messages=HI, max_tokens=200, temperature=0.5, seed=4,
+                                              extra_body={"guided_json": SCHEMAS[5]})
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMAS[5])
+
+
 BAD_CONSTRAINTS = [
     ("unknown-type", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "colour"}}}}, "response_format"),

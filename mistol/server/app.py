@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..chat_template import ChatTemplate
-from ..constraints import Constraint, ConstraintError, Grammars
+from ..constraints import ConstraintError, Grammars
 from ..engine import Engine
 from ..errors import MistolError
 from ..sandbox.sandbox import SandboxLimits
@@ -239,7 +239,7 @@ class _Server:
         replies = self._known_replies(spec, client)
         prompt = await run_in_threadpool(self._prompt_ids, spec, replies)
         params = self._params(spec, prompt, chat)
-        grammar = spec.constraint and await run_in_threadpool(self._compile, spec.constraint, spec.constraint_field)
+        grammars = await run_in_threadpool(self._grammars_for, spec) if spec.constraint else [None] * spec.n
         for token in spec.logit_bias:
             if not 0 <= token < self.vocab_size:
                 raise APIError(400, f"logit_bias: token id {token} is outside the vocabulary", "logit_bias")
@@ -253,8 +253,7 @@ class _Server:
 
             return Job(prompt, _choice_params(params, index), deliver, logprobs=spec.logprobs,
                        frequency_penalty=spec.frequency_penalty, presence_penalty=spec.presence_penalty,
-                       logit_bias=spec.logit_bias, client=client,
-                       grammar=grammar and self._grammars.start(grammar))
+                       logit_bias=spec.logit_bias, client=client, grammar=grammars[index])
 
         # n choices are n jobs: the scheduler decodes them together, rows of one batch
         jobs = [job_for(i) for i in range(spec.n)]
@@ -270,12 +269,15 @@ class _Server:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._collect(jobs, outputs, reply, request)
 
-    def _compile(self, constraint: Constraint, field: str | None) -> str:
-        """The constraint's grammar for this model's vocabulary; a 400 saying what is wrong with it."""
+    def _grammars_for(self, spec: GenerationRequest) -> list:
+        """The request's constraint compiled for this model's vocabulary, one walk of it per choice;
+        a 400 saying what is wrong with it."""
         if self._grammars is None:
-            self._grammars = Grammars(self.tokenizer, self.engine.config.vocab_size)
+            self._grammars = Grammars(self.tokenizer)
+        field = spec.constraint_field
         try:
-            return self._grammars.compile(constraint)
+            grammar = self._grammars.compile(spec.constraint)
+            return [self._grammars.start(grammar) for _ in range(spec.n)]
         except ConstraintError as e:
             raise APIError(400, f"{field}: {e}", field, "invalid_constraint") from None
 

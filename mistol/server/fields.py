@@ -22,7 +22,7 @@ import re
 from typing import Any
 
 from ..constraints import Constraint
-from . import protocol  # which imports this module: names are looked up at call time
+from .errors import APIError
 
 # field -> its neutral value(s): the value that asks for nothing (a field at it is accepted)
 REFUSED: dict[str, tuple] = {
@@ -56,14 +56,14 @@ def refuse_unsupported(body: dict) -> None:
     """A 400 for the first field in `REFUSED` that holds anything but its neutral value."""
     for key, neutral in REFUSED.items():
         if key in body and body[key] is not None and not any(_same(body[key], v) for v in neutral):
-            raise protocol.APIError(400, f"{key} is not supported by this server (it would change the output; "
+            raise APIError(400, f"{key} is not supported by this server (it would change the output; "
                            f"leave it out, or set it to {json.dumps(neutral[0]) if neutral else 'null'})",
                            key, "unsupported_parameter")
     # mistol's repetition penalty covers the whole context, as llama.cpp's repeat_last_n = -1
     last_n = body.get("repeat_last_n")
     penalty = body.get("repetition_penalty", body.get("repeat_penalty"))
     if last_n not in (None, -1) and penalty not in (None, 1, 1.0):
-        raise protocol.APIError(400, "repeat_last_n: the repetition penalty here covers the whole context; "
+        raise APIError(400, "repeat_last_n: the repetition penalty here covers the whole context; "
                        "leave repeat_last_n out or set it to -1", "repeat_last_n", "unsupported_parameter")
 
 
@@ -81,7 +81,7 @@ def max_tokens(body: dict, given: int | None) -> int | None:
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool) or v < -1 or v == 0:
-        raise protocol.APIError(400, f"n_predict must be -1 (no limit) or an integer >= 1 (got {v!r})", "n_predict")
+        raise APIError(400, f"n_predict must be -1 (no limit) or an integer >= 1 (got {v!r})", "n_predict")
     return None if v == -1 else v
 
 
@@ -97,7 +97,7 @@ def constraint(body: dict) -> tuple[str, Constraint] | None:
         if body.get(key) is not None:
             schema = body[key]
             if not isinstance(schema, (dict, bool)):
-                raise protocol.APIError(400, f"{key} must be a JSON schema (an object)", key)
+                raise APIError(400, f"{key} must be a JSON schema (an object)", key)
             found.append((key, Constraint("json_schema", schema)))
     for key, kind in (("grammar", "grammar"), ("guided_grammar", "grammar"), ("regex", "regex"),
                       ("guided_regex", "regex")):
@@ -105,22 +105,22 @@ def constraint(body: dict) -> tuple[str, Constraint] | None:
         if value is None or value == "":
             continue  # llama.cpp sends grammar: "" for none
         if not isinstance(value, str):
-            raise protocol.APIError(400, f"{key} must be a string", key)
+            raise APIError(400, f"{key} must be a string", key)
         found.append((key, Constraint(kind, value)))
     choices = body.get("guided_choice")
     if choices is not None:
         if not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
-            raise protocol.APIError(400, "guided_choice must be a non-empty list of strings", "guided_choice")
+            raise APIError(400, "guided_choice must be a non-empty list of strings", "guided_choice")
         found.append(("guided_choice", Constraint("regex", "|".join(_literal(c) for c in choices))))
     if len(found) > 1:
         names = " and ".join(k for k, _ in found)
-        raise protocol.APIError(400, f"{names}: at most one output constraint per request", found[1][0])
+        raise APIError(400, f"{names}: at most one output constraint per request", found[1][0])
     return found[0] if found else None
 
 
 def _response_format(fmt: Any) -> Constraint | None:
     if not isinstance(fmt, dict):
-        raise protocol.APIError(400, "response_format must be an object with a type", "response_format")
+        raise APIError(400, "response_format must be an object with a type", "response_format")
     kind = fmt.get("type", "text")
     if kind == "text":
         return None
@@ -129,14 +129,14 @@ def _response_format(fmt: Any) -> Constraint | None:
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict):
-            raise protocol.APIError(400, "response_format.json_schema must be an object with a schema",
+            raise APIError(400, "response_format.json_schema must be an object with a schema",
                            "response_format.json_schema")
         schema = spec.get("schema")
         if not isinstance(schema, (dict, bool)):
-            raise protocol.APIError(400, "response_format.json_schema.schema must be a JSON schema (an object)",
+            raise APIError(400, "response_format.json_schema.schema must be a JSON schema (an object)",
                            "response_format.json_schema.schema")
         return Constraint("json_schema", schema)
-    raise protocol.APIError(400, f"response_format.type must be text, json_object or json_schema (got {kind!r})",
+    raise APIError(400, f"response_format.type must be text, json_object or json_schema (got {kind!r})",
                    "response_format.type")
 
 

@@ -28,9 +28,7 @@ from ..errors import MistolError
 from ..sampling import SamplingParams
 from ..tools import Tool, grammar as tool_grammar
 from . import fields
-
-_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
+from .errors import APIError, error_body  # noqa: F401 - part of this module's interface
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # `n`: each choice is a row of the batch, with its own KV cache
@@ -39,25 +37,6 @@ MAX_TOP_LOGPROBS = 20
 # a temperature samples as what it approaches: the most likely token.
 MIN_TEMPERATURE = 1e-3
 MIN_REPETITION_PENALTY = 0.01  # likewise: logits / penalty must stay finite
-
-
-class APIError(Exception):
-    """A request we refuse, with its HTTP status and OpenAI's error fields."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict:
-        return error_body(self.status, self.message, self.param, self.code)
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 # -- requests ---------------------------------------------------------------------------------
