@@ -86,8 +86,11 @@ class Grammars:
             if kind == "json_object":
                 grammar = llg.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_DEFAULTS)
             elif kind == "json_schema":
+                if source is False:
+                    raise ConstraintError("invalid JSON schema: false matches nothing")
                 if not isinstance(source, (dict, bool)):
                     raise ConstraintError("a JSON schema must be a JSON object")
+                source = {} if source is True else source  # true: any JSON value
                 grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(source), defaults=JSON_DEFAULTS)
             elif kind == "regex":
                 if not isinstance(source, str) or not source:

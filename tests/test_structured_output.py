@@ -152,6 +152,8 @@ BAD_CONSTRAINTS = [
     ("bad-ref", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "$ref": "#/$defs/missing"}}}}, "response_format"),
     ("unknown-format-type", {"response_format": {"type": "yaml"}}, "response_format.type"),
+    ("unimplemented-keyword", {"json_schema": {"type": "array", "uniqueItems": True}}, "json_schema"),
+    ("false-schema", {"json_schema": False}, "json_schema"),
     ("bad-regex", {"regex": "a("}, "regex"),
     ("bad-grammar", {"grammar": "root ::= undefined-rule"}, "grammar"),
     ("two-constraints", {"regex": "a", "grammar": 'root ::= "a"'}, "regex"),
