@@ -10,7 +10,12 @@ Vocabularies: the Mistral 7B SentencePiece tokenizer (32,000 ids, shipped in mis
 and a synthetic 150,000-id one of the same kinds of byte strings (the 32k pieces, their
 capitalised and spaced variants and joined pairs), as large as Qwen's or Llama 3's.
 
+The mask is then set against one decode step of a model (`--shape`, default the 1b one of
+`mistol bench`, random int8 weights, `--steps` greedy steps after a 64-token prompt): the
+figure that must stay under 10%.
+
     python scripts/bench_constraints.py [--tokens 400] [--libraries llguidance,xgrammar,outlines-core]
+                                        [--shape 1b] [--quant int8] [--steps 16]
 """
 
 from __future__ import annotations
@@ -226,16 +231,39 @@ def run(library_cls, vocab, eos, n_tokens: int) -> dict:
                 p95_us=times[int(0.95 * len(times))] * 1e6, finished=finished, valid=valid)
 
 
+def decode_step_seconds(shape: str, fmt: str, steps: int) -> float:
+    """The median time of one greedy decode step of a random-weight model of `shape`."""
+    from mistol.bench.models import mistol_model
+    from mistol.bench.shapes import model_config
+    from mistol.engine import Engine, decode_step
+
+    engine = Engine(mistol_model(model_config(shape), fmt), name=f"random {shape}")
+    times = []
+    with torch.inference_mode():
+        session = engine.new_session(max_context=256)
+        token = int(session.feed(list(range(100, 164))).argmax())
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            token = int(decode_step([session], [token])[0].argmax())
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=400, help="masked tokens per library and vocabulary")
     ap.add_argument("--libraries", default=",".join(LIBRARIES))
+    ap.add_argument("--shape", default="1b", help="the model whose decode step the mask is set against ('' for none)")
+    ap.add_argument("--quant", default="int8", help="its weights' format (int8, int4, bf16, f32)")
+    ap.add_argument("--steps", type=int, default=16)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the mask is computed on the engine's thread, one row after another
     small, eos = mistral_vocab()
     vocabs = {"32k (Mistral)": (small, eos), "150k (synthetic)": large_vocab(small)}
     print(f"{'library':<14} {'vocabulary':<17} {'setup s':>8} {'compile s':>10} {'mask µs':>9} {'p95 µs':>8} "
           f"{'valid/finished':>14}")
+    masks: dict[str, float] = {}
     for name in args.libraries.split(","):
         for vname, (vocab, eos_id) in vocabs.items():
             try:
@@ -245,6 +273,13 @@ def main() -> None:
                 continue
             print(f"{name:<14} {vname:<17} {r['setup_s']:8.2f} {r['compile_s']:10.3f} {r['mean_us']:9.0f} "
                   f"{r['p95_us']:8.0f} {r['valid']:>3}/{r['finished']:<3}")
+            masks.setdefault(name, r["mean_us"])  # the 32k figure: the vocabulary of the shapes
+    if args.shape and masks:
+        torch.set_num_threads(threads)
+        step = decode_step_seconds(args.shape, args.quant, args.steps)
+        print(f"\ndecode step, shape {args.shape} {args.quant}, {threads} threads: {step * 1e3:.1f} ms (median of "
+              f"{args.steps}); a 32k mask is " + ", ".join(f"{100 * us / 1e6 / step:.2f}% ({name})"
+                                                         for name, us in masks.items()) + " of it")
 
 
 if __name__ == "__main__":
