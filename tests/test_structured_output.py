@@ -141,6 +141,26 @@ def test_vllm_guided_fields(server):
     jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMAS[5])
 
 
+def test_the_engine_generates_under_a_constraint_as_the_server_does(server):
+    from mistol.constraints import Constraint, Grammars
+    from mistol.generation import Generation
+    from mistol.sampling import SamplingParams
+
+    pattern = r"[A-Z]{2}-[0-9]{3,5}( [a-z]{1,6})?"
+    tokenizer = server.engine.tokenizer
+    grammars = Grammars(tokenizer)
+    grammar = grammars.compile(Constraint("regex", pattern))
+    stop_ids = sorted({tokenizer.eos_id, server.engine.config.eos_token_id} - {None})
+    params = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=stop_ids)
+    result = Generation()
+    session = server.engine.new_session(max_context=CONTEXT)
+    text = "".join(session.stream(tokenizer.encode("Code:", add_bos=True), params, result, grammars.start(grammar)))
+    assert re.fullmatch(pattern, text) and result.finish_reason == "stop", text
+    r = server.http.post("/v1/completions", json={"prompt": "Code:", "regex": pattern, "max_tokens": 30,
+                                                  "temperature": 0})
+    assert r.json()["choices"][0]["text"] == text
+
+
 BAD_CONSTRAINTS = [
     ("unknown-type", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "colour"}}}}, "response_format"),
