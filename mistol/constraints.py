@@ -69,7 +69,10 @@ class Grammars:
         self.vocab_size = tokenizer.vocab_size
         vocab = tokenizer.vocab_bytes() if hasattr(tokenizer, "vocab_bytes") else [
             tokenizer.token_bytes(i) for i in range(self.vocab_size)]
+        # never produced as text: control and special tokens, and every added token (a chat
+        # template's markers), whichever of these the tokenizer tells
         special = set(getattr(tokenizer, "control_ids", ()))
+        special |= set(getattr(tokenizer, "special_ids", {}).values())
         special |= {i for i in (getattr(tokenizer, "bos_id", None), tokenizer.eos_id) if i is not None}
         eos = tokenizer.eos_id if tokenizer.eos_id is not None else next(iter(special), 0)
         wrapper = _Vocabulary(vocab, special, eos, getattr(tokenizer, "bos_id", None))
