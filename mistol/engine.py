@@ -324,9 +324,10 @@ class Session:
                 f"the context of {self.max_context} tokens"
             )
 
-    def generate(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
+    def generate(self, prompt: Sequence[int], params: SamplingParams, grammar=None) -> Iterator[int]:
         """Yield new token ids after `prompt`. The last one yielded (a stop token, say)
-        is not yet in the cache; the next `feed` of the conversation adds it."""
+        is not yet in the cache; the next `feed` of the conversation adds it. `grammar`: a
+        `constraints.TokenGrammar` the reply must match; it ends once the grammar is complete."""
         prompt = list(prompt)
         self.check_fits(len(prompt), params.max_tokens)
         if params.max_tokens == 0:
@@ -336,15 +337,23 @@ class Session:
         stop_ids = set(params.stop_token_ids)
         for i in range(params.max_tokens):
             context = torch.tensor(self.tokens) if params.repetition_penalty != 1.0 else None
+            if grammar is not None:
+                logits = grammar.mask(logits.cpu(), params.stop_token_ids)
             token = sample_next(logits, params, generator, context)
             yield token
             if token in stop_ids or i == params.max_tokens - 1:
                 return
+            if grammar is not None:
+                grammar.advance(token)
+                if grammar.finished:
+                    return
             logits = self.step(token)
 
-    def stream(self, prompt: Sequence[int], params: SamplingParams, result: Generation | None = None) -> Iterator[str]:
-        """Yield the reply's text as it forms, ending at a stop token, a stop string or
-        max_tokens; `result` (a `Generation`) collects the text, ids and timings."""
+    def stream(self, prompt: Sequence[int], params: SamplingParams, result: Generation | None = None,
+               grammar=None) -> Iterator[str]:
+        """Yield the reply's text as it forms, ending at a stop token, a stop string,
+        max_tokens or the end of `grammar` (see `generate`); `result` (a `Generation`)
+        collects the text, ids and timings."""
         result = result if result is not None else Generation()
         tokenizer = self.engine.tokenizer
         decoder = tokenizer.stream_decoder()
@@ -355,7 +364,7 @@ class Session:
         start = time.perf_counter()
         before = self.tokens_processed
         result.finish_reason = "length"
-        for token in self.generate(prompt, params):
+        for token in self.generate(prompt, params, grammar):
             now = time.perf_counter()
             if result.time_to_first_token is None:
                 result.time_to_first_token = now - start
@@ -382,6 +391,8 @@ class Session:
         else:  # a stop token: an unfinished character in the decoder is dropped
             rest = ""
         rest += stops.flush()
+        if grammar is not None and grammar.finished:
+            result.finish_reason = "stop"  # the grammar's end, not the length limit
         if rest:
             result.text += rest
             yield rest

@@ -446,6 +446,25 @@ class Tokenizer:
         # The Strip decoder: drop the one space that the "▁" prefix of the first chunk turned into.
         return text[1:] if text.startswith(" ") else text
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to the text, as a grammar sees them: "▁" as a space, a byte piece
+        as its byte, a special or control token as its text (b"" for an id with no token). Unlike
+        `decode`, no leading space is stripped: these bytes concatenate to exactly what the model wrote."""
+        item = self._items[token_id] if 0 <= token_id < self.vocab_size else None
+        if item is None:
+            return b""
+        return bytes([item]) if isinstance(item, int) else item.encode("utf-8")
+
+    def vocab_bytes(self) -> list[bytes]:
+        """`token_bytes` of every id, in id order."""
+        return [self.token_bytes(i) for i in range(self.vocab_size)]
+
+    @property
+    def control_ids(self) -> frozenset[int]:
+        """Ids that stand for no text (special, control and unknown tokens): never part of constrained text."""
+        types = self.piece_types
+        return self._skip | {i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)}
+
     def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
         """A decoder that turns ids into text one at a time, for streaming a reply."""
         return StreamDecoder(self, skip_special)

@@ -37,10 +37,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..chat_template import ChatTemplate
+from ..constraints import ConstraintError, Grammars
 from ..engine import Engine
 from ..errors import MistolError
 from ..sandbox.sandbox import SandboxLimits
 from ..util import private_dir
+from ..tools import ToolCallParser, render_messages as render_tool_messages
 from . import protocol as p
 from .protocol import APIError, GenerationRequest
 from .embeddings import add_embedding_routes
@@ -239,6 +241,7 @@ class _Server:
                     continue
         except (OSError, ValueError, TypeError):
             pass  # no replies file, or a damaged one: prompts are encoded from their text
+        self._grammars: Grammars | None = None  # the vocabulary as the constraint library sees it
 
     # -- checks ------------------------------------------------------------------------------
     async def authorize(self, request: Request) -> None:
@@ -312,6 +315,7 @@ class _Server:
         replies = self._known_replies(spec, client)
         prompt = await run_in_threadpool(self._prompt_ids, spec, replies)
         params = self._params(spec, prompt, chat)
+        grammars = await run_in_threadpool(self._grammars_for, spec) if spec.constraint else [None] * spec.n
         for token in spec.logit_bias:
             if not 0 <= token < self.vocab_size:
                 raise APIError(400, f"logit_bias: token id {token} is outside the vocabulary", "logit_bias")
@@ -325,7 +329,7 @@ class _Server:
 
             return Job(prompt, _choice_params(params, index), deliver, logprobs=spec.logprobs,
                        frequency_penalty=spec.frequency_penalty, presence_penalty=spec.presence_penalty,
-                       logit_bias=spec.logit_bias, client=client)
+                       logit_bias=spec.logit_bias, client=client, grammar=grammars[index])
 
         # n choices are n jobs: the scheduler decodes them together, rows of one batch
         jobs = [job_for(i) for i in range(spec.n)]
@@ -337,6 +341,18 @@ class _Server:
                                code="server_busy")
         return jobs, outputs, prompt
 
+    def _grammars_for(self, spec: GenerationRequest) -> list:
+        """The request's constraint compiled for this model's vocabulary, one walk of it per choice;
+        a 400 saying what is wrong with it."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer)
+        field = spec.constraint_field
+        try:
+            grammar = self._grammars.compile(spec.constraint)
+            return [self._grammars.start(grammar) for _ in range(spec.n)]
+        except ConstraintError as e:
+            raise APIError(400, f"{field}: {e}", field, "invalid_constraint") from None
+
     def _known_replies(self, spec: GenerationRequest, client) -> dict[str, list[int]]:
         """The remembered ids of this conversation's assistant messages (exact texts only),
         among the replies this client was given."""
@@ -347,8 +363,12 @@ class _Server:
 
     def _prompt_ids(self, spec: GenerationRequest, replies: dict[str, list[int]]) -> list[int]:
         if spec.messages is not None:
+            messages = spec.messages
+            offered = spec.tools if spec.tool_choice != "none" else []
             try:
-                return self.template.render(spec.messages, add_generation_prompt=spec.add_generation_prompt,
+                if offered or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+                    messages = render_tool_messages(messages, offered)  # the Hermes format; see tools.py
+                return self.template.render(messages, add_generation_prompt=spec.add_generation_prompt,
                                             continue_last=spec.continue_final_message, reply_tokens=replies)
             except MistolError as e:
                 raise APIError(400, f"messages: {e}", "messages") from None
@@ -435,10 +455,13 @@ class _Server:
                 if out.error is not None:
                     yield reply.sse(p.error_body(500, out.error))
                     break
-                if out.text or out.logprobs:
+                if reply.parsers is not None:  # tools: text or calls, as the parser reads them
+                    for delta in reply.tool_deltas(index, out.text, out.finish_reason is not None):
+                        yield reply.sse(reply.chunk(index, delta=delta))
+                elif out.text or out.logprobs:
                     yield reply.sse(reply.chunk(index, text=out.text, logprobs=out.logprobs))
                 if out.finish_reason is not None:
-                    yield reply.sse(reply.chunk(index, text="", finish_reason=out.finish_reason, final=True))
+                    yield reply.sse(reply.chunk(index, text="", finish_reason=reply.finish_reason(index), final=True))
             else:
                 if reply.spec.include_usage:
                     yield reply.sse(reply.usage_chunk())
@@ -468,6 +491,8 @@ class _Reply:
         self.logprobs = [[] for _ in range(spec.n)]
         self.last: list[Output | None] = [None] * spec.n  # each choice's final output
         self.prompt_tokens = prompt_tokens
+        # with tools, each choice's text read into content and calls
+        self.parsers = [ToolCallParser() for _ in range(spec.n)] if chat and spec.tool_choice != "none" else None
 
     @property
     def done(self) -> bool:
@@ -480,6 +505,27 @@ class _Reply:
             self.last[index] = out
         if out.finish_reason in ("stop", "length") and self.chat:
             self.server.remember(self.client, self.texts[index], out.token_ids)
+
+    def finish_reason(self, index: int) -> str:
+        reason = self.last[index].finish_reason
+        if self.parsers is not None and reason == "stop" and self.parsers[index].calls:
+            return "tool_calls"
+        return reason
+
+    def tool_deltas(self, index: int, text: str, final: bool) -> list[dict]:
+        """Stream deltas for new text of a choice with tools: content, or calls as OpenAI streams
+        them (the call's id and name first, then pieces of its arguments)."""
+        parser = self.parsers[index]
+        events = parser.feed(text) + (parser.finish() if final else [])
+        deltas = []
+        for event in events:
+            if event[0] == "content":
+                deltas.append({"content": event[1]})
+            elif event[0] == "call":
+                deltas.append({"tool_calls": [p.tool_call(parser.calls[event[1]], event[1], "")]})
+            else:
+                deltas.append({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]})
+        return deltas
 
     def _usage(self) -> dict:
         """As OpenAI counts: the prompt once, the completion tokens of every choice."""
@@ -496,6 +542,13 @@ class _Reply:
         build = p.chat_response if self.chat else p.completion_response
         choices = [choice(i, self.texts[i], last.finish_reason, self._logprobs(self.logprobs[i]))
                    for i, last in enumerate(self.last)]
+        if self.parsers is not None:
+            for i, parser in enumerate(self.parsers):
+                parser.feed(self.texts[i])
+                parser.finish()
+                calls = [p.tool_call(c) for c in parser.calls]
+                choices[i] = p.chat_choice(i, None if calls else parser.content, self.finish_reason(i),
+                                           choices[i]["logprobs"], calls)
         return build(self.id, self.created, self.server.model_id, choices, self._usage(), self.server.fingerprint)
 
     def chunk(self, index: int, delta: dict | None = None, text: str = "", logprobs=(), finish_reason=None,

@@ -3,8 +3,9 @@
 Requests are validated by hand rather than by a schema library so that every rejection is
 an OpenAI-shaped 400 naming the offending field (`param`), never a framework's 422 or a
 500. Fields a client may send that we do not implement are ignored when they hold their
-default (`tools: []`, `response_format: {"type": "text"}`) and refused otherwise:
-silently ignoring them would return something other than what was asked for.
+default (`tools: []`, `mirostat: 0`) and refused otherwise: silently ignoring them would
+return something other than what was asked for (see fields.py, which also reads output
+constraints and llama.cpp's names for our fields).
 
 Text must be Unicode: a lone surrogate ("\\ud800", which JSON can spell but UTF-8 cannot
 hold) anywhere in a body is refused with a 400 naming where it is, rather than replaced,
@@ -22,10 +23,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..constraints import Constraint
+from ..errors import MistolError
 from ..sampling import SamplingParams
-
-_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
+from ..tools import Tool, grammar as tool_grammar
+from . import fields
+from .errors import APIError, error_body  # noqa: F401 - part of this module's interface
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # `n`: each choice is a row of the batch, with its own KV cache
@@ -34,25 +37,6 @@ MAX_TOP_LOGPROBS = 20
 # a temperature samples as what it approaches: the most likely token.
 MIN_TEMPERATURE = 1e-3
 MIN_REPETITION_PENALTY = 0.01  # likewise: logits / penalty must stay finite
-
-
-class APIError(Exception):
-    """A request we refuse, with its HTTP status and OpenAI's error fields."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict:
-        return error_body(self.status, self.message, self.param, self.code)
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -75,6 +59,10 @@ class GenerationRequest:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     prompt: str | list[int] | None = None
+    constraint: Constraint | None = None  # what the output must match (JSON schema, regex, grammar)
+    constraint_field: str | None = None  # the field that asked for it
+    tools: list[Tool] = field(default_factory=list)  # offered to the model (chat only)
+    tool_choice: str = "none"  # "none", "auto", "required", or a tool's name
 
 
 def check_unicode(body: Any) -> None:
@@ -118,17 +106,29 @@ def parse_chat_request(body: Any) -> GenerationRequest:
                        "starts a new assistant message, the second continues the last one", "continue_final_message")
     if continue_final and messages[-1]["role"] != "assistant":
         raise APIError(400, "continue_final_message needs the last message to be the assistant's", "messages")
-    if body.get("tools") or body.get("functions"):
-        raise APIError(400, "tools and function calling are not supported by this server", "tools")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type", "text") == "text"):
-        raise APIError(400, "only response_format {\"type\": \"text\"} is supported", "response_format")
     max_tokens = _int(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", None, 1)
+    common = _common(body)
+    tools, choice = _tools(body.get("tools")), _tool_choice(body.get("tool_choice"))
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if choice != "none":
+        if not tools:
+            raise APIError(400, f"tool_choice {choice!r} needs tools", "tool_choice")
+        if common["constraint"] is not None:
+            raise APIError(400, f"{common['constraint_field']} cannot be combined with tools (set tool_choice "
+                           "to \"none\" for a constrained answer)", common["constraint_field"])
+        try:
+            lark = tool_grammar(tools, choice, _bool(body, "parallel_tool_calls", True))
+        except MistolError as e:
+            raise APIError(400, str(e), "tool_choice") from None
+        common.update(constraint=Constraint("lark", lark), constraint_field="tools")
     return GenerationRequest(
-        **_common(body),
-        max_tokens=max_tokens,
+        **common,
+        tools=tools,
+        tool_choice=choice,
+        max_tokens=fields.max_tokens(body, max_tokens),
         logprobs=(top or 0) if logprobs else None,
         messages=messages,
         add_generation_prompt=_bool(body, "add_generation_prompt", True),
@@ -150,18 +150,23 @@ def parse_completion_request(body: Any) -> GenerationRequest:
         raise APIError(400, "echo is not supported", "echo")
     if body.get("suffix"):
         raise APIError(400, "suffix is not supported", "suffix")
+    for key in ("tools", "tool_choice"):
+        if body.get(key) not in (None, [], "none"):
+            raise APIError(400, f"{key}: tools are for chat completions (/v1/chat/completions)", key)
     common = _common(body)
     if _int(body, "best_of", common["n"], 1) != common["n"]:
         raise APIError(400, "best_of must be left out, or equal n (choices are not ranked)", "best_of")
+    max_tokens = _int(body, "max_tokens", None, 1)
     return GenerationRequest(
         **common,
-        max_tokens=_int(body, "max_tokens", None, 1),
+        max_tokens=fields.max_tokens(body, max_tokens),
         logprobs=_int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS),
         prompt=prompt,
     )
 
 
 def _common(body: dict) -> dict:
+    fields.refuse_unsupported(body)
     model = body.get("model")
     if model == "":
         model = None
@@ -174,7 +179,8 @@ def _common(body: dict) -> dict:
         top_p=_float(body, "top_p", d.top_p, 0.0, 1.0, low_open=True),
         top_k=_int(body, "top_k", d.top_k, 0),
         min_p=_float(body, "min_p", d.min_p, 0.0, 1.0),
-        repetition_penalty=_float(body, "repetition_penalty", d.repetition_penalty, MIN_REPETITION_PENALTY, 10.0),
+        repetition_penalty=_float(body, "repetition_penalty" if "repetition_penalty" in body else "repeat_penalty",
+                                  d.repetition_penalty, MIN_REPETITION_PENALTY, 10.0),
         seed=_int(body, "seed", None, -(2**63), 2**64 - 1),  # what torch.Generator accepts
         stop=_stop(body.get("stop")),
     )
@@ -191,6 +197,7 @@ def _common(body: dict) -> dict:
         logit_bias=_logit_bias(body.get("logit_bias")),
         ignore_eos=_bool(body, "ignore_eos", False),
         n=n,
+        **dict(zip(("constraint_field", "constraint"), fields.constraint(body) or (None, None))),
     )
 
 
@@ -215,10 +222,70 @@ def _messages(value: Any) -> list[dict]:
         role = m.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"{where}.role must be system, user or assistant (got {role!r})", f"{where}.role")
-        out.append({"role": role, "content": _content(m.get("content"), f"{where}.content")})
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"{where}.role must be system, user, assistant or tool (got {role!r})",
+                           f"{where}.role")
+        calls = _tool_calls(m.get("tool_calls"), f"{where}.tool_calls") if role == "assistant" else []
+        content = m.get("content")
+        if calls and content is None:
+            content = ""  # an assistant turn that only calls tools
+        message = {"role": role, "content": _content(content, f"{where}.content")}
+        if calls:
+            message["tool_calls"] = calls
+        if role == "tool":
+            message["tool_call_id"] = m.get("tool_call_id")
+        out.append(message)
     return out
+
+
+def _tools(value: Any) -> list[Tool]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise APIError(400, "tools must be a list of {type: function, function: {name, parameters}}", "tools")
+    tools, names = [], set()
+    for i, entry in enumerate(value):
+        where = f"tools[{i}]"
+        if not (isinstance(entry, dict) and entry.get("type", "function") == "function"
+                and isinstance(entry.get("function"), dict)):
+            raise APIError(400, f"{where} must be {{type: function, function: {{name, parameters}}}}", "tools")
+        fn = entry["function"]
+        name, params, text = fn.get("name"), fn.get("parameters", {"type": "object"}), fn.get("description", "")
+        if not isinstance(params, dict) or not isinstance(text, str):
+            raise APIError(400, f"{where}.function: parameters must be a JSON schema, description a string", "tools")
+        try:
+            tools.append(Tool(name if isinstance(name, str) else repr(name), text, params))
+        except MistolError as e:
+            raise APIError(400, f"{where}.function.name: {e}", "tools") from None
+        if name in names:
+            raise APIError(400, f"{where}: two tools are named {name!r}", "tools")
+        names.add(name)
+    return tools
+
+
+def _tool_choice(value: Any) -> str | None:
+    if value is None or value in ("none", "auto", "required"):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("function"), dict) \
+            and isinstance(value["function"].get("name"), str):
+        return value["function"]["name"]
+    raise APIError(400, "tool_choice must be none, auto, required or {type: function, function: {name}}",
+                   "tool_choice")
+
+
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise APIError(400, f"{where} must be a list", where)
+    calls = []
+    for j, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments", ""), str)):
+            raise APIError(400, f"{where}[{j}] must be {{id, type: function, function: {{name, arguments}}}}",
+                           f"{where}[{j}]")
+        calls.append({"id": call.get("id"), "name": fn["name"], "arguments": fn.get("arguments", "")})
+    return calls
 
 
 def _content(value: Any, where: str) -> str:
@@ -337,9 +404,18 @@ def model_card(model_id: str, created: int, notice: str | None = None) -> dict:
     return card
 
 
-def chat_choice(index: int, text: str, finish_reason, logprobs) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_choice(index: int, text: str | None, finish_reason, logprobs, tool_calls: list[dict] | None = None) -> dict:
+    message = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def tool_call(call, index: int | None = None, arguments: str | None = None) -> dict:
+    """A call in a message (index None) or the first delta of a streamed one (arguments "")."""
+    out = {"id": call.id, "type": "function",
+           "function": {"name": call.name, "arguments": call.arguments if arguments is None else arguments}}
+    return out if index is None else {"index": index, **out}
 
 
 def chat_response(rid, created, model, choices: list[dict], use, fingerprint=None) -> dict:

@@ -26,6 +26,10 @@ within one step, and its session keeps what it had computed, for the cache.
 Other work on the model (the hidden states an embeddings request pools) goes through
 `call`: it runs on the engine thread between two steps, so it never races a decode.
 
+A request with an output constraint (a JSON schema, regex or grammar; see constraints.py)
+carries its own `TokenGrammar`: its row's logits are masked before sampling and the grammar
+advances with each token, so constrained and free requests decode together in one batch.
+
 Each request samples with its own `SamplingParams` and seeded generator, exactly as
 `Session.generate` does, so a greedy request gives the same tokens as `mistol generate`
 (batched rows may differ from one-row steps in the last float bits; see the tests).
@@ -43,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from ..constraints import TokenGrammar
 from ..engine import Engine, Session
 from ..sampling import SamplingParams, sample_next
 from ..stops import StopFilter
@@ -88,8 +93,10 @@ class Job:
         presence_penalty: float = 0.0,
         logit_bias: dict[int, float] | None = None,
         client: Hashable = None,
+        grammar: TokenGrammar | None = None,
     ):
         self.prompt = list(prompt)
+        self.grammar = grammar  # the constraint's walk, or None for free text
         self.client = client  # whose cached prefixes this job may reuse (see SessionPool)
         self.params = params
         self.on_output = on_output
@@ -430,11 +437,16 @@ class Scheduler:
         """Sample the job's next token from `logits`, and pass on the text it completes."""
         params = job.params
         context = torch.tensor(job.session.tokens) if params.repetition_penalty != 1.0 else None
-        token = sample_next(job.adjusted(logits), params, job.generator, context)
+        adjusted = job.adjusted(logits)
+        if job.grammar is not None:
+            adjusted = job.grammar.mask(adjusted, params.stop_token_ids)
+        token = sample_next(adjusted, params, job.generator, context)
         job.token_ids.append(token)
         job._counts[token] = job._counts.get(token, 0) + 1
         self.counters["decode_tokens"] += 1
         stop_token = token in params.stop_token_ids
+        if job.grammar is not None and not stop_token:
+            job.grammar.advance(token)
         if job.logprobs is not None and not stop_token:
             job._held_logprobs.append(self._logprob(logits, token, job.logprobs))
         # the text as `Session.stream` gives it: at a stop token, an unfinished character
@@ -444,6 +456,10 @@ class Scheduler:
         else:
             text = job.stops.push(job.decoder.push(token))
             finish = "stop" if job.stops.stopped else None
+            if finish is None and job.grammar is not None and job.grammar.finished:
+                # the grammar can take nothing more: the reply is complete without a stop token
+                text += job.stops.push(job.decoder.flush()) + job.stops.flush()
+                finish = "stop"
             if finish is None and len(job.token_ids) >= params.max_tokens:
                 text += job.stops.push(job.decoder.flush()) + job.stops.flush()
                 finish = "stop" if job.stops.stopped else "length"
