@@ -195,6 +195,7 @@ class _Server:
         # Generated replies by (client, text) -> the ids the model chose: a resent conversation
         # then renders to the very tokens the session holds, so the prefix cache covers the reply.
         self._replies: collections.OrderedDict[tuple, list[int]] = collections.OrderedDict()
+        self._grammars: Grammars | None = None  # the vocabulary as the constraint library sees it
         if options.kv_dir is not None:
             self.load_prefixes(Path(options.kv_dir))
 
@@ -241,7 +242,6 @@ class _Server:
                     continue
         except (OSError, ValueError, TypeError):
             pass  # no replies file, or a damaged one: prompts are encoded from their text
-        self._grammars: Grammars | None = None  # the vocabulary as the constraint library sees it
 
     # -- checks ------------------------------------------------------------------------------
     async def authorize(self, request: Request) -> None:
@@ -361,14 +361,19 @@ class _Server:
         texts = {m["content"] for m in spec.messages if m["role"] == "assistant"}
         return {t: list(self._replies[client, t]) for t in texts if (client, t) in self._replies}
 
+    def chat_messages(self, spec: GenerationRequest) -> list:
+        """The request's messages as the template gets them: with the tools offered and the
+        calls and results of earlier turns written out (the Hermes format; see tools.py)."""
+        messages = spec.messages
+        offered = spec.tools if spec.tool_choice != "none" else []
+        if offered or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            messages = render_tool_messages(messages, offered)
+        return messages
+
     def _prompt_ids(self, spec: GenerationRequest, replies: dict[str, list[int]]) -> list[int]:
         if spec.messages is not None:
-            messages = spec.messages
-            offered = spec.tools if spec.tool_choice != "none" else []
             try:
-                if offered or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-                    messages = render_tool_messages(messages, offered)  # the Hermes format; see tools.py
-                return self.template.render(messages, add_generation_prompt=spec.add_generation_prompt,
+                return self.template.render(self.chat_messages(spec), add_generation_prompt=spec.add_generation_prompt,
                                             continue_last=spec.continue_final_message, reply_tokens=replies)
             except MistolError as e:
                 raise APIError(400, f"messages: {e}", "messages") from None

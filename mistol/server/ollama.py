@@ -14,7 +14,8 @@ num_predict (max_tokens; -1 or -2 for no limit), repeat_penalty (over the whole 
 frequency_penalty, presence_penalty. Options that only tune how ollama runs a model
 (num_ctx, num_gpu, num_thread, ...) are ignored; mirostat, tfs_z, typical_p and
 penalize_newline would change the output and mistol does not implement them: refused
-unless neutral, as are other unknown options. `format` (JSON output), `tools`, `images`,
+unless neutral, as are other unknown options. `format` ("json" or a schema) constrains the
+output as `response_format` does. `tools`, `images`,
 `think`, `logprobs`, `suffix` and `template` are refused with a 400, not ignored.
 """
 
@@ -89,10 +90,19 @@ def _model(body: dict) -> str:
     return model
 
 
-def _refuse_unsupported(body: dict) -> None:
+def _format(body: dict) -> dict:
+    """ollama's `format` ("json", or a JSON schema) as OpenAI's `response_format`."""
     fmt = body.get("format")
-    if fmt not in (None, ""):
-        raise APIError(400, "format (JSON or schema-constrained output) is not supported by this server")
+    if fmt in (None, ""):
+        return {}
+    if fmt == "json":
+        return {"response_format": {"type": "json_object"}}
+    if isinstance(fmt, dict):
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}}
+    raise APIError(400, 'format must be "json" or a JSON schema (an object)')
+
+
+def _refuse_unsupported(body: dict) -> None:
     for key, what in (("tools", "tools"), ("images", "images"), ("suffix", "suffix (fill-in-the-middle)"),
                       ("template", "a template override")):
         if body.get(key):
@@ -392,7 +402,7 @@ def add_ollama_routes(app: FastAPI, server, embedder) -> None:
         sampling = _sampling(body)
         if not messages:
             return loaded("message")
-        spec = _parsed(p.parse_chat_request, {"messages": messages, **sampling})
+        spec = _parsed(p.parse_chat_request, {"messages": messages, **sampling, **_format(body)})
         return await respond(request, spec, True, stream, started)
 
     @app.post("/api/generate", dependencies=auth)
@@ -426,7 +436,7 @@ def add_ollama_routes(app: FastAPI, server, embedder) -> None:
             return ids
 
         ids = await run_in_threadpool(prompt_ids)
-        spec = _parsed(p.parse_completion_request, {"prompt": context + ids, **sampling})
+        spec = _parsed(p.parse_completion_request, {"prompt": context + ids, **sampling, **_format(body)})
         return await respond(request, spec, False, stream, started)
 
     @app.post("/api/embed", dependencies=auth)
