@@ -228,7 +228,6 @@ def test_format_constrains_the_output_to_json_or_a_schema(server):
 
 # -- refusals ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("call, words", [
-    (lambda c: c.chat(model=MODEL, messages=MESSAGES, format="yaml"), ["format"]),
     (lambda c: c.chat(model=MODEL, messages=MESSAGES, format={"type": "nonsense"}), ["format"]),
     (lambda c: c.chat(model=MODEL, messages=MESSAGES, tools=[{"type": "function", "function": {"name": "f"}}]),
      ["tools"]),
@@ -273,6 +272,7 @@ def test_unsupported_or_bad_requests_are_clear_400s(server, call, words):
     ("/api/chat", b'{"model": "m", "messages": [{"role": "user", "content": 5}]}'),
     ("/api/chat", b'{"model": "m", "messages": [], "stream": "yes"}'),
     ("/api/chat", b'{"model": "m", "messages": [], "options": [1]}'),
+    ("/api/chat", b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "format": "yaml"}'),
     ("/api/generate", b'{"model": "m", "prompt": 5}'),
     ("/api/generate", b'{"model": "m", "prompt": "x", "raw": "no"}'),
     ("/api/generate", b'{"model": "m", "prompt": "x", "context": "1 2"}'),
