@@ -46,9 +46,9 @@ def variant(request, tmp_path_factory):
     return request.param, path, ref
 
 
-def logits_of(engine: Engine) -> torch.Tensor:
+def logits_of(engine: Engine, session=None) -> torch.Tensor:
     """Logits of TOKENS: the first half as one prefill, the rest one decode step at a time."""
-    session = engine.new_session()
+    session = session or engine.new_session()
     half = len(TOKENS) // 2
     out = [session.feed(TOKENS[:half], all_logits=True)]
     out += [session.feed(TOKENS[:n])[None] for n in range(half + 1, len(TOKENS) + 1)]
@@ -92,6 +92,21 @@ def test_int8_decode_runs_on_the_compiled_layer_and_tracks_transformers(variant)
         # the head is the embedding matrix itself: one [vocab, hidden] matrix in the model
         assert model.lm_head is None
         assert sum(p.numel() for p in model.parameters() if p.shape[0] == VOCAB) == VOCAB * 64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_steps_match_transformers(variant):
+    """Decode steps replayed from CUDA graphs add the biases and scaled RoPE too (no TF32:
+    float32 products; 1e-3 for the GPU's other summation order)."""
+    name, path, ref = variant
+    engine = Engine.load(path, dtype="f32", device="cuda")
+    engine.cuda_graphs = True
+    session = engine.new_session()
+    ours = logits_of(engine, session).cpu()
+    assert session._graphed is not None
+    diff = (ours - ref).abs().max().item()
+    print(f"{name}: CUDA graphs vs transformers {diff:.1e}")
+    assert diff <= 1e-3
 
 
 def test_old_and_new_rope_config_forms_agree():

@@ -1,9 +1,10 @@
 """Writing a llama- or qwen2-architecture GGUF file that llama.cpp loads, tensor by tensor.
 
 The metadata, tensor names, q/k row order (see `gguf_layout`), tensor types and the
-tokenizer follow llama.cpp's convert_hf_to_gguf.py for Mistral/Llama checkpoints: 1-D
-tensors (the norms) are always F32, every 2-D weight takes the requested type. Q8_0 and
-Q4_0 blocks come from `mistol.quant.quantize_ggml`, bit for bit llama.cpp's quantizers.
+tokenizer follow llama.cpp's convert_hf_to_gguf.py for Mistral/Llama/Qwen2 checkpoints: 1-D
+tensors (the norms and biases) are always F32, every 2-D weight takes the requested type;
+Llama 3.1's RoPE scaling becomes the `rope_freqs` tensor. Q8_0 and Q4_0 blocks come from
+`mistol.quant.quantize_ggml`, bit for bit llama.cpp's quantizers.
 
 The header (metadata and every tensor's name, shape, type and offset) follows from the
 config alone, so it is written first; then each tensor is written at its offset as the
@@ -60,7 +61,7 @@ def write_gguf(
     embedding_type: str | None = None,
     progress: bool | None = False,
 ) -> Path:
-    """Write a model to `path` as a llama-architecture GGUF file.
+    """Write a model to `path` as a llama- or qwen2-architecture GGUF file (`architecture_of`).
 
     `tensors` yields (Hugging Face name, float tensor) pairs, as a checkpoint names them
     ("model.layers.0.self_attn.q_proj.weight"), one at a time, in any order. `tokenizer` is
