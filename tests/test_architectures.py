@@ -167,3 +167,30 @@ def test_qwen2_configs_as_published_load(tmp_path):
     every_layer = hf_config("qwen2", "Qwen2ForCausalLM", use_sliding_window=True, sliding_window=64,
                             max_window_layers=0, num_hidden_layers=4)
     assert ModelConfig.from_hf_dict(every_layer).sliding_window == 64
+
+
+def test_gguf_files_mistol_does_not_run_are_refused_in_one_line(tmp_path):
+    import gguf
+    import numpy as np
+
+    def write(name, arch="llama", extra=None, rope_freqs=None):
+        w = gguf.GGUFWriter(tmp_path / name, arch)
+        for key, value in {"block_count": 1, "embedding_length": 32, "feed_forward_length": 64,
+                           "attention.head_count": 2, **(extra or {})}.items():
+            w.add_uint32(f"{arch}.{key}", value)
+        w.add_tensor("token_embd.weight", np.zeros((16, 32), np.float32))
+        if rope_freqs is not None:
+            w.add_tensor("rope_freqs.weight", rope_freqs)
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+        return tmp_path / name
+
+    cases = {
+        write("gemma.gguf", "gemma"): "unsupported architecture 'gemma'; mistol runs llama-architecture",
+        write("moe.gguf", "qwen2moe"): "unsupported architecture 'qwen2moe'",
+        write("mixtral.gguf", extra={"expert_count": 8}): "mixture-of-experts",
+        write("freqs.gguf", rope_freqs=np.ones(3, np.float32)): "rope_freqs.weight should be F32 of shape [8]",
+    }
+    for path, expected in cases.items():
+        with pytest.raises(MistolError) as e:
+            GGUFFile(path).config()
+        assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
