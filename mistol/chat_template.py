@@ -20,6 +20,8 @@ from typing import Mapping, Sequence
 from .errors import MistolError
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# What ends an assistant turn in the chat formats of the families we run (llama.cpp's list).
+END_OF_TURN = (IM_END, "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
 
 # Text and token ids in prompt order: str is encoded as plain text, int is placed as is.
 Pieces = list
@@ -41,8 +43,11 @@ class ChatTemplate:
 
     @property
     def stop_ids(self) -> list[int]:
-        """Tokens that end an assistant turn."""
-        ids = {self.tokenizer.eos_id, self.tokenizer.token_id(IM_END)}
+        """Tokens that end an assistant turn: EOS, the file's end-of-turn token, and whichever
+        of the families' end-of-turn tokens the vocabulary has (Llama 3 ends a turn with
+        `<|eot_id|>` while its EOS may be `<|end_of_text|>`; ChatML with `<|im_end|>`)."""
+        tok = self.tokenizer
+        ids = {tok.eos_id, getattr(tok, "eot_id", None), *(tok.token_id(t) for t in END_OF_TURN)}
         return sorted(i for i in ids if i is not None)
 
     def render(
@@ -70,7 +75,15 @@ class ChatTemplate:
         ]
         gen_prompt = add_generation_prompt and not continue_last
         if self._jinja is not None:
-            pieces = self._jinja_pieces(messages, contents, gen_prompt, continue_last)
+            try:
+                pieces = self._jinja_pieces(messages, contents, gen_prompt, continue_last)
+            except TemplateRefusal:
+                # Templates such as Mistral's [INST] refuse a system message: give its text to
+                # the first user message instead, so that any system prompt works with them.
+                messages, contents = _fold_system(messages, contents)
+                if messages is None:
+                    raise
+                pieces = self._jinja_pieces(messages, contents, gen_prompt, continue_last)
         else:
             pieces = self._chatml_pieces(messages, contents, gen_prompt, continue_last)
         tok = self.tokenizer
@@ -92,14 +105,28 @@ class ChatTemplate:
     def _jinja_pieces(self, messages, contents, gen_prompt, continue_last) -> Pieces:
         marks = [f"\x00mistol-content-{i}\x00" for i in range(len(messages))]
         tok = self.tokenizer
+        specials = dict(bos_token=_content_of(tok, tok.bos_id), eos_token=_content_of(tok, tok.eos_id))
         rendered = self._jinja.render(
             messages=[{**m, "content": mark} for m, mark in zip(messages, marks)],
-            add_generation_prompt=gen_prompt,
-            bos_token=_content_of(tok, tok.bos_id), eos_token=_content_of(tok, tok.eos_id),
+            add_generation_prompt=gen_prompt, **specials,
         )
         parts = re.split("(" + "|".join(map(re.escape, marks)) + ")", rendered) if marks else [rendered]
         if sorted(p for p in parts if p in marks) != sorted(marks):
             raise MistolError("the model's chat_template alters message text; run with the built-in ChatML template")
+        # Some templates trim each message (Llama 3's `content | trim`): do the same to the text.
+        texts = [m["content"] for m in messages]
+        real = self._jinja.render(
+            messages=[{**m, "content": text} for m, text in zip(messages, texts)],
+            add_generation_prompt=gen_prompt, **specials,
+        )
+        if real != "".join(texts[marks.index(p)] if p in marks else p for p in parts):
+            # (a message left open keeps its end: the model goes on from exactly there)
+            last = len(contents) - 1
+            contents = [_strip_pieces(c, right=not (continue_last and i == last)) for i, c in enumerate(contents)]
+            texts = [text.strip() for text in texts]
+            if real != "".join(texts[marks.index(p)] if p in marks else p for p in parts):
+                raise MistolError("the model's chat_template alters message text; "
+                                  "run with the built-in ChatML template")
         pieces: Pieces = []
         for part in parts:
             if part in marks:
@@ -118,6 +145,30 @@ def known_pieces(text: str, reply_tokens: Mapping[str, Pieces] | None) -> Pieces
         return [text]
     rest = text[len(best):]
     return [*reply_tokens[best], rest] if rest else list(reply_tokens[best])
+
+
+class TemplateRefusal(MistolError):
+    """The template's own raise_exception: it does not accept these messages."""
+
+
+def _fold_system(messages, contents):
+    """The conversation with the system message's text put before the first user message's,
+    or (None, None) when there is no system message to fold."""
+    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+        return None, None
+    system, user = messages[0]["content"], messages[1]["content"]
+    folded = [{**messages[1], "content": f"{system}\n\n{user}"}, *messages[2:]]
+    return folded, [[f"{system}\n\n", *contents[1]], *contents[2:]]
+
+
+def _strip_pieces(content: Pieces, right: bool = True) -> Pieces:
+    """Pieces with whitespace stripped from the text at both ends (ids are left alone)."""
+    content = list(content)
+    if content and isinstance(content[0], str):
+        content[0] = content[0].lstrip()
+    if right and content and isinstance(content[-1], str):
+        content[-1] = content[-1].rstrip()
+    return [p for p in content if p != ""]
 
 
 def _split_special(tok, text: str) -> list:
@@ -143,10 +194,23 @@ def _compile(source: str):
         raise MistolError("rendering the model's chat_template needs jinja2") from None
 
     def raise_exception(message):
-        raise MistolError(f"chat_template: {message}")
+        raise TemplateRefusal(f"chat_template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def strftime_now(fmt):
+        from datetime import datetime
+
+        return datetime.now().strftime(fmt)
+
+    def tojson(value, indent=None):
+        import json
+
+        return json.dumps(value, ensure_ascii=False, indent=indent)
+
+    # The environment transformers' apply_chat_template renders in.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    env.filters["tojson"] = tojson
     try:
         return env.from_string(source)
     except Exception as e:

@@ -93,7 +93,9 @@ class Engine:
         torch_dtype = resolve_dtype(dtype, device, lambda: 2 * file_bytes)
         transformer = load_model(path, dtype=torch_dtype, device=device, progress=progress, quant=quant)
         tokenizer = None
-        if (path / "tokenizer.model").is_file():
+        from .bpe_tokenizer import is_byte_level_bpe_dir
+
+        if (path / "tokenizer.model").is_file() or is_byte_level_bpe_dir(path):
             from .tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_dir(path)

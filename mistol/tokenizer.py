@@ -261,13 +261,19 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
         """Load a Hugging Face model directory: tokenizer.model plus whichever of tokenizer_config.json,
-        special_tokens_map.json, added_tokens.json and tokenizer.json are present."""
+        special_tokens_map.json, added_tokens.json and tokenizer.json are present. A directory
+        without tokenizer.model whose tokenizer.json is byte-level BPE (Llama 3, Qwen 2.5) gives a
+        `mistol.bpe_tokenizer.BPETokenizer` instead."""
         d = Path(path)
         if not d.is_dir():
             raise MistolError(f"{d}: not a directory")
         model = d / "tokenizer.model"
         if not model.is_file():
-            raise MistolError(f"{d}: no tokenizer.model found")
+            from .bpe_tokenizer import BPETokenizer, is_byte_level_bpe_dir
+
+            if is_byte_level_bpe_dir(d):
+                return BPETokenizer.from_dir(d)  # type: ignore[return-value]
+            raise MistolError(f"{d}: no tokenizer.model found (nor a tokenizer.json with a byte-level BPE model)")
 
         config = _read_json_object(d / "tokenizer_config.json")
         special_map = _read_json_object(d / "special_tokens_map.json")

@@ -446,9 +446,12 @@ def test_bad_gguf_files_give_one_line_errors(mistral_dir, tmp_path, capsys):
     gpt2 = write_llama_gguf(tmp_path / "gpt2.gguf", config, embd, arch="gpt2")
     assert "unsupported architecture 'gpt2'" in one_line_error(["generate", "--model", str(gpt2), "-p", "x"], capsys)
 
+    wordpiece = write_llama_gguf(tmp_path / "bert.gguf", config, embd, tokenizer="bert")
+    line = one_line_error(["tokenize", "--model", str(wordpiece), "x"], capsys)
+    assert "tokenizer 'bert' is not supported" in line
     bpe = write_llama_gguf(tmp_path / "bpe.gguf", config, embd, tokenizer="gpt2")
     line = one_line_error(["tokenize", "--model", str(bpe), "x"], capsys)
-    assert "tokenizer 'gpt2' is not supported" in line
+    assert "a 'gpt2' tokenizer without tokenizer.ggml.merges" in line
 
     iq = {**embd, "output.weight": (np.zeros((32, 18), np.uint8), T.IQ4_NL)}
     iq_path = write_llama_gguf(tmp_path / "iq.gguf", config, iq)

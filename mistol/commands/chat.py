@@ -11,7 +11,7 @@ from .options import add_api_args, add_model_args, add_sampling_args, load_engin
 
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help=COMMANDS["chat"],
-                       description="Chat in the terminal (ChatML). Replies stream as they are written; "
+                       description="Chat in the terminal, in the model's own chat template (ChatML without one). Replies stream as they are written; "
                        "the conversation is saved as it goes under ~/.local/share/mistol/chats/. "
                        "Without a terminal, each line of standard input is one message: "
                        "echo 'hi' | mistol chat --model DIR")

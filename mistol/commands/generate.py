@@ -25,7 +25,7 @@ def register(sub) -> argparse.ArgumentParser:
 def cmd_generate(args) -> int:
     engine = load_engine(args)
     tok = engine.tokenizer
-    prompt = tok.encode(args.prompt, add_bos=True, parse_special=args.special)
+    prompt = tok.encode(args.prompt, add_bos=tok.add_bos, parse_special=args.special)
     stop_ids = sorted({i for i in (tok.eos_id, engine.config.eos_token_id) if i is not None})
     params = sampling_params(args, stop_ids)
     session = engine.new_session()
