@@ -35,16 +35,23 @@ FAMILIES = {
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
     """(name, checkpoint directory, transformers' logits of TOKENS, llama.cpp's F32 GGUF of it)."""
-    from safetensors.torch import load_file, save_file
-
     llama_cpp_ref.llama_cpp()
     root = tmp_path_factory.mktemp(request.param)
-    path = make_checkpoint(root / "hf", hidden=256, heads=4, kv_heads=2, intermediate=512, **FAMILIES[request.param])
-    state = {k: v * 0.1 if k.endswith("proj.weight") else v for k, v in load_file(path / "model.safetensors").items()}
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    path = real_scale(make_checkpoint(root / "hf", hidden=256, heads=4, kv_heads=2, intermediate=512,
+                                      **FAMILIES[request.param]))
     with torch.no_grad():
         ref = reference(path)(torch.tensor([TOKENS])).logits[0]
     return request.param, path, ref, llama_cpp_ref.convert(path, root / "F32.gguf", "f32")
+
+
+def real_scale(path):
+    """Projections of std 0.02, as in real checkpoints: the test checkpoints' 0.2 saturates
+    attention, so that any rounding flips outputs at random."""
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v * 0.1 if k.endswith("proj.weight") else v for k, v in load_file(path / "model.safetensors").items()}
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return path
 
 
 def llama_cpp_logits(path) -> torch.Tensor:
@@ -130,3 +137,65 @@ def test_llama_cpp_quantized_files_give_llama_cpps_logits(family, ftype, monkeyp
     assert between <= BOUNDS[ftype]
     if ftype not in ("F16", "Q8_0"):
         assert between <= 0.6 * quantization
+
+
+# -- with their byte-level BPE vocabularies -------------------------------------------------------
+BPE_FAMILIES = {  # the tokenizer family (tests/bpe_models.py) and the model's shape
+    "llama3.2": ("llama3", dict(arch="llama", tie=True, rope_parameters=LLAMA3)),
+    "qwen2.5": ("qwen2", dict(arch="qwen2", tie=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+}
+TEXT = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 1234567 café"
+
+
+def greedy(next_logits, prompt: list[int], steps: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(steps):
+        tokens.append(int(next_logits(tokens).argmax()))
+    return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("name", BPE_FAMILIES)
+def test_bpe_family_files_from_llama_cpp_tokenize_score_and_generate_as_llama_cpp(name, tmp_path, monkeypatch):
+    """A Llama 3.2- or Qwen 2.5-shaped model with its byte-level BPE vocabulary (tokenizer.ggml.model
+    'gpt2'), converted and quantized by llama.cpp: mistol reads the vocabulary and the weights
+    from the file and gives llama.cpp's ids, logits and greedy continuation."""
+    from bpe_models import FAMILIES, train_bpe_dir
+    from tokenizers import Tokenizer
+
+    from mistol.model import backend
+
+    monkeypatch.setattr(backend, "native_bf16", lambda: False)  # int8 activations, as llama.cpp
+
+    lib = llama_cpp_ref.llama_cpp()
+    tokenizer_family, shape = BPE_FAMILIES[name]
+    fam = FAMILIES[tokenizer_family]
+    path = train_bpe_dir(tmp_path / "hf", fam)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    ids = {"bos_token_id": tok.token_to_id(fam.bos) if fam.bos else None, "eos_token_id": tok.token_to_id(fam.eos)}
+    real_scale(make_checkpoint(path, hidden=256, heads=4, kv_heads=2, intermediate=512, tokenizer=False,
+                               max_positions=128, vocab=tok.get_vocab_size() + fam.extra_vocab, **ids, **shape))
+    f32 = llama_cpp_ref.convert(path, tmp_path / "F32.gguf", "f32", pre=fam.gguf_pre)
+    q4 = llama_cpp_ref.quantize(f32, tmp_path / "Q4_K_M.gguf", "Q4_K_M")
+    assert GGUFFile(f32).get("tokenizer.ggml.model") == "gpt2"
+    for path, worst in ((f32, 1e-4), (q4, BOUNDS["Q4_K_M"])):
+        engine = Engine.load(path, dtype="f32")
+        llm = lib.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False,
+                        type_k=lib.GGML_TYPE_F32, type_v=lib.GGML_TYPE_F32)
+        prompt = engine.tokenizer.encode(TEXT, add_bos=engine.tokenizer.add_bos)
+        assert prompt == llm.tokenize(TEXT.encode(), add_bos=True, special=False)
+        llm.eval(prompt)
+        theirs = torch.from_numpy(np.array(llm.scores[: len(prompt)], dtype=np.float32))
+        ours = engine.new_session().feed(prompt, all_logits=True)
+        error = relative_error(ours, theirs)
+        print(f"{name} {path.stem}: {len(prompt)} tokens, mistol vs llama.cpp relative {error:.1e}, "
+              f"max {(ours - theirs).abs().max():.1e}")
+        assert error <= worst
+        if path == f32:
+            session = engine.new_session()
+
+            def llama_cpp_next(tokens):
+                llm.reset()
+                llm.eval(tokens)
+                return np.array(llm.scores[len(tokens) - 1])
+
+            assert greedy(session.feed, prompt, 12) == greedy(llama_cpp_next, prompt, 12)
