@@ -194,3 +194,88 @@ def test_gguf_files_mistol_does_not_run_are_refused_in_one_line(tmp_path):
         with pytest.raises(MistolError) as e:
             GGUFFile(path).config()
         assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# The config.json fields (as published on the Hugging Face hub) that decide what mistol runs.
+PUBLISHED = {
+    "Llama-3.2-1B-Instruct": dict(
+        architectures=["LlamaForCausalLM"], hidden_size=2048, head_dim=64, intermediate_size=8192,
+        num_attention_heads=32, num_hidden_layers=16, num_key_value_heads=8, vocab_size=128256,
+        attention_bias=False, mlp_bias=False, rope_theta=500000.0, tie_word_embeddings=True,
+        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+    "Qwen2.5-0.5B-Instruct": dict(
+        architectures=["Qwen2ForCausalLM"], hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+        num_hidden_layers=24, num_key_value_heads=2, vocab_size=151936, max_window_layers=21, rope_theta=1000000.0,
+        sliding_window=32768, use_sliding_window=False, tie_word_embeddings=True, rms_norm_eps=1e-06),
+    "SmolLM2-135M-Instruct": dict(
+        architectures=["LlamaForCausalLM"], hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+        num_hidden_layers=30, num_key_value_heads=3, vocab_size=49152, rope_scaling=None, rope_theta=100000,
+        tie_word_embeddings=True, attention_bias=False),
+    "DeepSeek-R1-Distill-Qwen-1.5B": dict(
+        architectures=["Qwen2ForCausalLM"], hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
+        num_hidden_layers=28, num_key_value_heads=2, vocab_size=151936, max_window_layers=21, rope_theta=10000,
+        sliding_window=4096, use_sliding_window=False, tie_word_embeddings=False),
+    "DeepSeek-R1-Distill-Llama-8B": dict(
+        architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+        num_hidden_layers=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+        rope_scaling={"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192, "rope_type": "llama3"}, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configs_of_the_families_are_read_as_transformers_reads_them(name):
+    """What transformers builds from each config (its attention layers' biases, head size,
+    RoPE frequencies, sliding windows, tied head) is what mistol's `ModelConfig` describes."""
+    from transformers import AutoConfig
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from mistol.model.transformer import rope_frequencies
+
+    cfg = {"hidden_act": "silu", "max_position_embeddings": 131072, **PUBLISHED[name]}
+    config = ModelConfig.from_hf_dict(cfg)
+    hf = AutoConfig.for_model({"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[cfg["architectures"][0]],
+                              **{k: v for k, v in cfg.items() if k != "architectures"})
+    qwen2 = cfg["architectures"][0] == "Qwen2ForCausalLM"
+    assert config.qkv_bias == (qwen2 or bool(cfg.get("attention_bias")))
+    assert config.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    assert config.sliding_window is None and set(getattr(hf, "layer_types", None) or ["full_attention"]) == {
+        "full_attention"}
+    assert config.tie_word_embeddings == hf.tie_word_embeddings
+    rope_type = hf.rope_parameters["rope_type"]
+    expected, _ = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu") if rope_type != "default" else (None, None)
+    if expected is None:
+        expected = 1.0 / hf.rope_parameters["rope_theta"] ** (
+            torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim)
+    assert torch.equal(rope_frequencies(config), expected)
+
+
+@pytest.mark.parametrize("family,shape", [("llama3", dict(arch="llama", tie=True, rope_parameters=LLAMA3)),
+                                          ("qwen2", dict(arch="qwen2", tie=True))])
+def test_directories_with_byte_level_bpe_generate_what_transformers_generates(family, shape, tmp_path):
+    """A Llama 3.2- or Qwen 2.5-shaped directory with its tokenizer.json: mistol's greedy
+    continuation of a text is transformers', stopping at the same end token (if reached)."""
+    from bpe_models import FAMILIES, train_bpe_dir
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from mistol.sampling import SamplingParams
+
+    fam = FAMILIES[family]
+    path = train_bpe_dir(tmp_path / family, fam)
+    vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size() + fam.extra_vocab
+    make_checkpoint(path, tokenizer=False, vocab=vocab, **shape)
+    text = "The quick brown fox: 12345 + 678 = ?"
+    hf_ids = AutoTokenizer.from_pretrained(path)(text, return_tensors="pt").input_ids
+    engine = Engine.load(path, dtype="f32")
+    prompt = engine.tokenizer.encode(text, add_bos=engine.tokenizer.add_bos)
+    assert prompt == hf_ids[0].tolist()
+    eos = engine.tokenizer.eos_id
+    with torch.no_grad():
+        out = reference(path).generate(hf_ids, max_new_tokens=24, do_sample=False, eos_token_id=eos,
+                                       pad_token_id=eos)
+    ours = list(engine.new_session().generate(prompt, SamplingParams(temperature=0, max_tokens=24,
+                                                                     stop_token_ids=[eos])))
+    assert ours == out[0, hf_ids.shape[1]:].tolist()
