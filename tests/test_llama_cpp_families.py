@@ -78,6 +78,7 @@ def test_llama_cpp_f32_file_gives_transformers_and_llama_cpp_logits(family):
     config = gf.config()
     assert config.tie_word_embeddings == (name == "llama3.2") and config.qkv_bias == (name == "qwen2.5")
     assert (config.rope_freq_factors is not None) == (name == "llama3.2")  # the converter's rope_freqs
+    assert config.rope_theta == (500000.0 if name == "llama3.2" else 1e6)
     ours, theirs = mistol_logits(f32), llama_cpp_logits(f32)
     print(f"{name} F32: mistol vs transformers {(ours - ref).abs().max():.1e}, "
           f"vs llama.cpp {(ours - theirs).abs().max():.1e} (logits up to {ref.abs().max():.1f})")
