@@ -1,8 +1,8 @@
-"""GGUF files of the Llama 3.x and Qwen2 families as llama.cpp itself makes them (its converter,
+"""GGUF files of the Llama 3.x, Qwen2 and Mistral NeMo shapes as llama.cpp itself makes them (its converter,
 then its quantizer for every block type people download), read by mistol, against llama.cpp's
 own logits on the same file and against transformers on the checkpoint they came from.
 
-Both models are tiny (hidden 256, 2 layers) with weights of real checkpoints' scale (std 0.02),
+The models are tiny (hidden 256, 2 layers) with weights of real checkpoints' scale (std 0.02),
 hidden and feed-forward sizes multiples of 256 so that llama.cpp's quantizer gives every
 matrix the file type's k-quant (it keeps rows that are not whole 256-blocks in another type).
 """
@@ -29,6 +29,8 @@ FAMILIES = {
     "llama3.2": dict(arch="llama", tie=True, rope_parameters=LLAMA3, max_positions=64),
     # Qwen 2.5's: q/k/v biases, rope_theta 1e6, its own output matrix (as the 7B has)
     "qwen2.5": dict(arch="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 1e6}, max_positions=64),
+    # Mistral NeMo's: heads wider than hidden / heads (head_dim 128: q has 512 rows for 256 inputs)
+    "mistral-nemo": dict(arch="mistral", window=None, head_dim=128, max_positions=64),
 }
 
 
@@ -78,7 +80,8 @@ def test_llama_cpp_f32_file_gives_transformers_and_llama_cpp_logits(family):
     config = gf.config()
     assert config.tie_word_embeddings == (name == "llama3.2") and config.qkv_bias == (name == "qwen2.5")
     assert (config.rope_freq_factors is not None) == (name == "llama3.2")  # the converter's rope_freqs
-    assert config.rope_theta == (500000.0 if name == "llama3.2" else 1e6)
+    assert config.rope_theta == {"llama3.2": 500000.0, "qwen2.5": 1e6, "mistral-nemo": 10000.0}[name]
+    assert config.head_dim == (128 if name == "mistral-nemo" else 64)
     ours, theirs = mistol_logits(f32), llama_cpp_logits(f32)
     print(f"{name} F32: mistol vs transformers {(ours - ref).abs().max():.1e}, "
           f"vs llama.cpp {(ours - theirs).abs().max():.1e} (logits up to {ref.abs().max():.1f})")
@@ -102,19 +105,21 @@ def test_llama_cpp_reads_mistols_files_of_these_families(family, tmp_path):
 
 
 # mistol vs llama.cpp on the same file: the largest relative error (‖ours − theirs‖ / ‖theirs‖ over
-# all 41 × 32002 logits) each type may show, about twice the largest measured on the two models.
+# all 41 × 32002 logits) each type may show, about twice the largest measured on the three models
+# (llama3.2, qwen2.5, mistral-nemo).
 #   F16: llama.cpp rounds the activations to f16 (2^-11) for F16 weights, mistol multiplies in
-#        f32. Measured 2.3e-4 (llama3.2), 2.7e-4 (qwen2.5).
+#        f32. Measured 2.3e-4, 2.7e-4, 2.3e-4.
 #   Q8_0: the same blocks run as they are, and both round activations to int8 per 32 values;
 #        but llama.cpp's head also takes int8 activations where mistol's head (a tied embedding,
 #        or its own matrix read as floats) does not, and a value rounded the other way at a
-#        step's edge moves a logit by a step. Measured 5.7e-3, 5.0e-3: half of what Q8_0
-#        itself costs (llama.cpp vs transformers: 9.8e-3, 1.1e-2).
+#        step's edge moves a logit by a step. Measured 5.7e-3, 5.0e-3, 5.9e-3: about half of
+#        what Q8_0 itself costs (llama.cpp vs transformers: 9.8e-3, 1.1e-2, 1.0e-2).
 #   Q4_0: as Q8_0, and llama.cpp's quantizer writes the output matrix as Q6_K, which mistol
-#        re-rounds to int8. Measured 7.3e-3, 1.0e-2.
+#        re-rounds to int8. Measured 7.3e-3, 1.0e-2, 1.0e-2.
 #   Q4_1, Q5_0, Q5_1, k-quants: mistol re-rounds every block to int8 (Q8_0's error again, on
 #        top of the file's), and llama.cpp rounds activations to q8_1/q8_K, mistol to int8 per 32.
-#        Measured 8.0e-3 to 8.6e-3 (llama3.2), 1.2e-2 to 1.3e-2 (qwen2.5).
+#        Measured 8.0e-3 to 8.6e-3 (llama3.2), 1.2e-2 to 1.3e-2 (qwen2.5), 1.1e-2 to 1.2e-2
+#        (mistral-nemo).
 BOUNDS = {"F16": 1e-3, "Q8_0": 1.2e-2, "Q4_0": 2e-2, "Q4_1": 2.5e-2, "Q5_0": 2.5e-2, "Q5_1": 2.5e-2,
           "Q4_K_M": 2.5e-2, "Q5_K_M": 2.5e-2, "Q6_K": 2.5e-2}
 
