@@ -1,6 +1,7 @@
-"""GGUF files of the Llama 3.x, Qwen2 and Mistral NeMo shapes as llama.cpp itself makes them (its converter,
-then its quantizer for every block type people download), read by mistol, against llama.cpp's
-own logits on the same file and against transformers on the checkpoint they came from.
+"""GGUF files of Llama 3.x-, Qwen2- and Mistral NeMo-shaped models as llama.cpp itself makes
+them (its converter, then its quantizer for every block type people download), read by mistol,
+against llama.cpp's own logits on the same file and against transformers on the checkpoint
+they came from.
 
 The models are tiny (hidden 256, 2 layers) with weights of real checkpoints' scale (std 0.02),
 hidden and feed-forward sizes multiples of 256 so that llama.cpp's quantizer gives every
