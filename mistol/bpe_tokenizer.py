@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .added_token import AddedToken
+from .chat_template import END_OF_TURN
 from .errors import MistolError
-from .tokenizer import AddedToken
 
 # GGUF token types (llama.cpp's llama_token_type; the SentencePiece piece types)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -78,10 +79,6 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
 # used to name an HF tokenizer's pre-tokenizer when writing it into a GGUF file.
 _HF_LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _HF_QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-
-# Tokens that end a turn in the chat formats of these families (llama.cpp's end-of-generation list).
-END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-                      "<|end_of_text|>")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -286,7 +283,8 @@ class BPETokenizer:
         )
         backend.decoder = decoders.ByteLevel()
         added = [
-            AddedToken(tokens[i], i, special=kind == CONTROL or tokens[i] in END_OF_TURN_TOKENS)
+            # llama.cpp takes the end-of-turn tokens for control tokens whatever their type
+            AddedToken(tokens[i], i, special=kind == CONTROL or tokens[i] in END_OF_TURN)
             for i, kind in enumerate(types) if kind in (CONTROL, USER_DEFINED)
         ]
         for role, i in (("bos", bos_id), ("eos", eos_id), ("eot", eot_id), ("pad", pad_id)):

@@ -114,19 +114,18 @@ class ChatTemplate:
         if sorted(p for p in parts if p in marks) != sorted(marks):
             raise MistolError("the model's chat_template alters message text; run with the built-in ChatML template")
         # Some templates trim each message (Llama 3's `content | trim`): do the same to the text.
+        # Other rewrites (DeepSeek-R1's drops the reasoning before "</think>") are not followed:
+        # the text stays as written.
         texts = [m["content"] for m in messages]
-        real = self._jinja.render(
-            messages=[{**m, "content": text} for m, text in zip(messages, texts)],
-            add_generation_prompt=gen_prompt, **specials,
-        )
-        if real != "".join(texts[marks.index(p)] if p in marks else p for p in parts):
+        real = self._jinja.render(messages=messages, add_generation_prompt=gen_prompt, **specials)
+
+        def joined(texts):
+            return "".join(texts[marks.index(p)] if p in marks else p for p in parts)
+
+        if real != joined(texts) and real == joined([text.strip() for text in texts]):
             # (a message left open keeps its end: the model goes on from exactly there)
             last = len(contents) - 1
             contents = [_strip_pieces(c, right=not (continue_last and i == last)) for i, c in enumerate(contents)]
-            texts = [text.strip() for text in texts]
-            if real != "".join(texts[marks.index(p)] if p in marks else p for p in parts):
-                raise MistolError("the model's chat_template alters message text; "
-                                  "run with the built-in ChatML template")
         pieces: Pieces = []
         for part in parts:
             if part in marks:

@@ -42,10 +42,10 @@ import heapq
 import json
 import re
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from mistol.added_token import AddedToken
 from mistol.errors import MistolError
 
 SPACE = "\u2581"  # "▁": how SentencePiece writes a space inside a piece
@@ -55,21 +55,6 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _BPE_MODEL_TYPE = 2
 _WORD_CACHE_SIZE = 50_000
-
-
-@dataclass(frozen=True)
-class AddedToken:
-    """A token matched as a whole in trusted text, e.g. `<|im_start|>`.
-
-    `special` tokens are dropped by `decode(..., skip_special=True)`. `lstrip`/`rstrip` make a match
-    swallow the whitespace to its left/right, as in Hugging Face's AddedToken.
-    """
-
-    content: str
-    id: int
-    special: bool = True
-    lstrip: bool = False
-    rstrip: bool = False
 
 
 class Tokenizer:

@@ -19,7 +19,7 @@ from bpe_models import make_bpe_checkpoint
 from mistol.chat.log import replay
 from mistol.chat.repl import DEFAULT_SYSTEM
 
-REPLY = " Hello from Llama three!"  # trim in the template: the reply text starts the assistant turn
+REPLY = "Hello from Llama three!"
 USER = "hi"
 
 
@@ -31,7 +31,7 @@ def train_llama3_chat_model(path):
     ref = AutoTokenizer.from_pretrained(path)
     messages = [{"role": "system", "content": DEFAULT_SYSTEM}, {"role": "user", "content": USER}]
     prompt = list(ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-    reply = ref.encode(REPLY.strip(), add_special_tokens=False) + [ref.convert_tokens_to_ids("<|eot_id|>")]
+    reply = ref.encode(REPLY, add_special_tokens=False) + [ref.convert_tokens_to_ids("<|eot_id|>")]
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
     ids = torch.tensor([prompt + reply])
     labels = ids.clone()
@@ -69,7 +69,7 @@ def test_local_chat_uses_the_model_template_and_stops_at_eot(llama3_chat_model):
     eot = llm.engine.tokenizer.token_id("<|eot_id|>")
     assert eot in llm.template.stop_ids and eot != llm.engine.tokenizer.eos_id
     text = "".join(llm.chat(messages, SamplingParams(temperature=0, max_tokens=40)))
-    assert text == REPLY.strip()
+    assert text == REPLY
     assert llm.last.finish_reason == "stop" and llm.last.token_ids == reply
 
 
@@ -84,7 +84,7 @@ def test_terminal_chat_with_a_llama3_model_stops_at_its_end_of_turn(llama3_chat_
     try:
         child.expect_exact(">>>")
         child.sendline(USER)
-        child.expect_exact(REPLY.strip())
+        child.expect_exact(REPLY)
         child.expect_exact(">>>")
         child.sendline("/exit")
         child.expect(pexpect.EOF)
@@ -94,4 +94,23 @@ def test_terminal_chat_with_a_llama3_model_stops_at_its_end_of_turn(llama3_chat_
     (log,) = (tmp_path / "mistol" / "chats").glob("*.jsonl")
     messages = replay(log)
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]
-    assert messages[2]["content"] == REPLY.strip()  # nothing after <|eot_id|>, within 40 tokens
+    assert messages[2]["content"] == REPLY  # nothing after <|eot_id|>, within 40 tokens
+
+
+@pytest.mark.slow
+def test_gguf_of_the_model_chats_from_its_metadata_and_stops_at_eot(llama3_chat_model, tmp_path):
+    """The same model converted by llama.cpp's converter: tokenizer, template and stop tokens
+    come from the file's metadata alone."""
+    import llama_cpp_ref
+
+    from mistol.engine import Engine
+    from mistol.llm import LocalLLM
+    from mistol.sampling import SamplingParams
+
+    path, prompt, reply = llama3_chat_model
+    gguf = llama_cpp_ref.convert(path, tmp_path / "llama3-chat.gguf", pre="llama-bpe")
+    llm = LocalLLM(Engine.load(gguf, dtype="f32"))
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM}, {"role": "user", "content": USER}]
+    assert llm.prompt_ids(messages) == prompt
+    assert "".join(llm.chat(messages, SamplingParams(temperature=0, max_tokens=40))) == REPLY
+    assert llm.last.token_ids == reply

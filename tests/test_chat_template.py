@@ -144,3 +144,15 @@ def test_code_mode_conversation_renders_with_every_template(name, tmp_path):
     closed = template.render([*messages[:2], {"role": "assistant", "content": reply.rstrip()}],
                              add_generation_prompt=False)
     assert closed[: len(open_ids) - 1] == open_ids[:-1]
+
+
+def test_a_template_that_rewrites_replies_keeps_the_text_as_written(tok):
+    """DeepSeek-R1's template drops the reasoning before "</think>" from past replies; the
+    prompt keeps what the model wrote rather than failing."""
+    source = ("{% for m in messages %}{% set c = m['content'] %}{% if '</think>' in c %}"
+              "{% set c = c.split('</think>')[-1] %}{% endif %}<|im_start|>{{ m['role'] }}\n{{ c }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>easy</think>4"},
+                {"role": "user", "content": "thanks"}]
+    ids = ChatTemplate(tok, source).render(messages)
+    assert ids == ChatTemplate(tok, None).render(messages)

@@ -286,7 +286,7 @@ class _Server:
             if bad is not None:
                 raise APIError(400, f"prompt: token id {bad} is outside the vocabulary of {vocab}", "prompt")
             return list(spec.prompt)
-        return self.tokenizer.encode(spec.prompt, add_bos=True)
+        return self.tokenizer.encode(spec.prompt, add_bos=self.tokenizer.add_bos)  # SmolLM2 and Qwen put no BOS first
 
     def _params(self, spec: GenerationRequest, prompt: list[int], chat: bool):
         context, n = self.scheduler.max_context, len(prompt)

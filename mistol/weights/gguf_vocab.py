@@ -16,9 +16,9 @@ tokenizes the legacy way once read back (by us or by llama.cpp).
 
 from __future__ import annotations
 
+from ..bpe_tokenizer import PRE_TOKENIZERS, BPETokenizer
 from ..errors import MistolError
 from ..tokenizer import BYTE, CONTROL, NORMAL, SPACE, UNKNOWN, UNUSED, USER_DEFINED, AddedToken, Tokenizer
-from ..bpe_tokenizer import PRE_TOKENIZERS, BPETokenizer
 from .gguf_file import GGUFFile
 
 _ADDED_SCORE = -1000.0  # what convert_hf_to_gguf.py gives added tokens
