@@ -51,6 +51,8 @@ static const mistol_constant constants[] = {
     FIELD(mistol_layer, weights),
     FIELD(mistol_layer, norm_attn),
     FIELD(mistol_layer, norm_mlp),
+    FIELD(mistol_layer, qkv_bias),
+    FIELD(mistol_layer, o_bias),
 
     {"sizeof", "mistol_decode_args", sizeof(mistol_decode_args)},
     FIELD(mistol_decode_args, layers),

@@ -9,7 +9,7 @@
 
 #include <stdint.h>
 
-#define MISTOL_ABI_VERSION 8
+#define MISTOL_ABI_VERSION 9
 
 /* Weight formats of the quantized kernels (see the layout in mistol_kernels.h). */
 enum { FMT_INT8 = 1, FMT_INT4 = 2 };
@@ -34,6 +34,8 @@ enum { W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN, W_COUNT };
 typedef struct {
     mistol_matrix weights[W_COUNT];
     const float *norm_attn, *norm_mlp; /* the two RMSNorms' weights, [hidden] */
+    const float *qkv_bias;             /* q, k, v biases side by side [dq + 2 dkv] (Qwen2), or NULL */
+    const float *o_bias;               /* the output projection's bias [hidden], or NULL */
 } mistol_layer;
 
 /* Everything one call of mistol_decode_layer reads: layer `layer` of `layers` for the

@@ -3,12 +3,12 @@
  * call:
  *
  *   h = rmsnorm(x) * norm_attn
- *   q, k, v = h Wq^T, h Wk^T, h Wv^T, then RoPE ("rotate half") on q and k
+ *   q, k, v = h Wq^T (+ bq), h Wk^T (+ bk), h Wv^T (+ bv), then RoPE ("rotate half") on q and k
  *   the cache's slot `slot` = k, v
  *   a = softmax(q K^T / sqrt(head_dim)) V per query head over the first n_keys slots
  *       (grouped-query: query head h reads kv head h / (heads / kv_heads); mask[s] = 0
  *       hides slot s, for sliding windows and empty slots)
- *   x += a Wo^T
+ *   x += a Wo^T (+ bo)
  *   h = rmsnorm(x) * norm_mlp
  *   x += (silu(h Wg^T) * h Wu^T) Wd^T
  *
@@ -202,6 +202,11 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
         thread_share(hkv, &j0, &j1);
         for (int64_t j = j0; j < j1; j++) {
             float *k = qkv + dq + j * hd, *v = qkv + dq + dkv + j * hd;
+            if (layer->qkv_bias) { /* this kv head's k and v, and its group's query heads */
+                const float *b = layer->qkv_bias;
+                for (int64_t i = 0; i < hd; i++) k[i] += b[dq + j * hd + i], v[i] += b[dq + dkv + j * hd + i];
+                for (int64_t i = j * group * hd; i < (j + 1) * group * hd; i++) qkv[i] += b[i];
+            }
             rope(k, cos, sin, hd);
             memcpy(cache_k + (j * cap + slot) * hd, k, sizeof(float) * (size_t)hd);
             memcpy(cache_v + (j * cap + slot) * hd, v, sizeof(float) * (size_t)hd);
@@ -216,7 +221,10 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
         BARRIER
         SINGLE
         {
-            for (int64_t i = 0; i < D; i++) x[i] += y[i];
+            if (layer->o_bias)
+                for (int64_t i = 0; i < D; i++) x[i] += y[i] + layer->o_bias[i];
+            else
+                for (int64_t i = 0; i < D; i++) x[i] += y[i];
             rms_norm(x, layer->norm_mlp, D, args->eps, h);
             kn.quant(h, D, qa, da, sa);
         }

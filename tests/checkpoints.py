@@ -1,4 +1,4 @@
-"""Building tiny random-weight Mistral/Llama checkpoints with transformers' own classes."""
+"""Building tiny random-weight Mistral/Llama/Qwen2 checkpoints with transformers' own classes."""
 
 from __future__ import annotations
 
@@ -24,19 +24,31 @@ def make_checkpoint(
     tokenizer: bool = True,
     max_positions: int = 256,
     intermediate: int | None = None,
+    vocab: int = VOCAB,
+    **config: object,
 ) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    """`arch`: "mistral", "llama" or "qwen2"; `config`: more fields of the transformers config
+    (rope_parameters, head_dim, attention_bias...). Biases get random values (transformers
+    starts them at zero, which would hide a bias left out)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     common = dict(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate or hidden * 2, num_hidden_layers=layers,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or hidden * 2, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-        tie_word_embeddings=tie, initializer_range=0.2, rms_norm_eps=1e-5,
+        tie_word_embeddings=tie, initializer_range=0.2, rms_norm_eps=1e-5, **config,
     )
     torch.manual_seed(seed)
     if arch == "mistral":
         model = MistralForCausalLM(MistralConfig(sliding_window=window, **common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     if not safe:

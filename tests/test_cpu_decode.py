@@ -16,9 +16,9 @@ from mistol.quant import QuantizedLinear, quantize_linear
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="mistol's C kernels are not built")
 
 
-def config(hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=160, window=None, layers=2) -> ModelConfig:
+def config(hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=160, window=None, layers=2, **kw) -> ModelConfig:
     return ModelConfig(vocab_size=512, hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
-                       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, sliding_window=window)
+                       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, sliding_window=window, **kw)
 
 
 def model(cfg: ModelConfig, fmt: str, seed: int = 0):
@@ -57,6 +57,8 @@ SHAPES = {
     "one kv head": config(hidden=128, heads=8, kv_heads=1, head_dim=16, ffn=224),
     "sliding window": config(window=8),
     "down projection in tiles": config(ffn=8256),  # rows of 8256 inputs: 3 tiles of 86 blocks
+    "q/k/v biases (Qwen2)": config(qkv_bias=True),
+    "q/k/v/o biases, tied head": config(qkv_bias=True, o_bias=True, tie_word_embeddings=True),
 }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import MistolError
 
-ABI_VERSION = 8  # the version of csrc/mistol_abi.h this module mirrors
+ABI_VERSION = 9  # the version of csrc/mistol_abi.h this module mirrors
 
 
 class AbiMismatch(MistolError):
@@ -36,7 +36,8 @@ def _layer_type(n_weights: int) -> type[ctypes.Structure]:
     class Layer(ctypes.Structure):
         """mistol_layer: one decoder layer's weights (in `Abi.decode_weights` order) and norms."""
 
-        _fields_ = [("weights", Matrix * n_weights), ("norm_attn", ctypes.c_void_p), ("norm_mlp", ctypes.c_void_p)]
+        _fields_ = [("weights", Matrix * n_weights), ("norm_attn", ctypes.c_void_p), ("norm_mlp", ctypes.c_void_p),
+                    ("qkv_bias", ctypes.c_void_p), ("o_bias", ctypes.c_void_p)]
 
     return Layer
 

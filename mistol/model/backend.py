@@ -13,10 +13,16 @@ A forward step's decoder layers run on one of:
 | CUDA graph replay    | one new token of one session on a CUDA device, graphs on   | `cuda_graphs.GraphedDecoder` |
 |                      | (`MISTOL_CUDA_GRAPHS` is not "0")                          |                              |
 | fused C decode layer | one new token of one session on a CPU; every linear layer  | `cpu_decode.CpuDecoder`      |
-|                      | of every block int8/int4; float32 norms, embeddings and    | (`mistol_decode_layer`)      |
-|                      | cache; C kernels built, not switched to "torch"; no grad   |                              |
+|                      | of every block int8/int4; float32 norms, attention biases, | (`mistol_decode_layer`)      |
+|                      | embeddings and cache; C kernels built, not switched to     |                              |
+|                      | "torch"; no grad                                           |                              |
 | PyTorch layers       | everything else: prefill, several sessions in one step,    | `Transformer.forward`        |
 |                      | float weights, CUDA without graphs, training               |                              |
+
+Every path runs every model `ModelConfig` accepts: attention biases (Qwen2's q/k/v, Llama's
+`attention_bias`) are added by the compiled layer and by the PyTorch layers (so also inside CUDA
+graphs); a tied output head is the float embedding matrix itself, multiplied after the layers on
+any path (never a second copy of it).
 
 Inside the PyTorch layers each linear product picks its kernel by its number of input
 rows (`quantized_route`, `dense_kernel_runs`):

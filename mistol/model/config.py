@@ -1,4 +1,11 @@
-"""`ModelConfig`: the shape of a Mistral/Llama model, read from a Hugging Face config.json."""
+"""`ModelConfig`: the shape of a Mistral/Llama/Qwen2 model, read from a Hugging Face config.json.
+
+What mistol runs: a decoder of RMSNorm, RoPE ("rotate half"), grouped-query attention and a
+SwiGLU feed-forward, with an optional sliding window on every layer, optional attention biases
+(Qwen2's q/k/v; Llama's `attention_bias` also on o), tied or separate output embeddings, and RoPE
+frequencies as given (default), divided by a factor ("linear") or Llama 3.1's "llama3". Anything
+else gets a one-line `MistolError` naming what mistol lacks.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,29 @@ from pathlib import Path
 
 from ..errors import MistolError
 
-SUPPORTED_ARCHITECTURES = ("MistralForCausalLM", "LlamaForCausalLM")
+SUPPORTED_ARCHITECTURES = ("MistralForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM")
+MODEL_TYPES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ROPE_TYPES = ("default", "linear", "llama3")
+# Families people ask for that mistol does not run, and what they need that it lacks.
+_NOT_RUN = {
+    "Mixtral": "a mixture-of-experts feed-forward",
+    "Moe": "a mixture-of-experts feed-forward",
+    "Gemma": "Gemma's (1 + weight) norms, GeGLU feed-forward and scaled embeddings",
+    "Phi3": "Phi-3's fused qkv_proj/gate_up_proj and its RoPE scaling",
+    "Qwen3": "Qwen3's q/k norms",
+}
+
+
+@dataclass(frozen=True)
+class Llama3Rope:
+    """Llama 3.1's RoPE scaling (`rope_type: llama3`): frequencies whose wavelength exceeds
+    original_max_position_embeddings / low_freq_factor are divided by `factor`, those below
+    it / high_freq_factor kept, the band between blended."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
 
 
 @dataclass(frozen=True)
@@ -22,6 +51,11 @@ class ModelConfig:
     head_dim: int
     rope_theta: float = 10000.0
     rope_scaling_factor: float = 1.0  # "linear" RoPE scaling divides positions by this
+    rope_llama3: Llama3Rope | None = None  # a config.json's llama3 RoPE scaling
+    # Divisors of each RoPE frequency [head_dim / 2], as a GGUF file's `rope_freqs` tensor gives them
+    rope_freq_factors: tuple[float, ...] | None = None
+    qkv_bias: bool = False  # q, k and v projections add a bias (Qwen2)
+    o_bias: bool = False  # the output projection adds one too (Llama's attention_bias)
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = None
     max_position_embeddings: int = 4096
@@ -30,6 +64,10 @@ class ModelConfig:
     eos_token_id: int | None = 2
 
     def __post_init__(self):
+        if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise MistolError(
+                f"config: {len(self.rope_freq_factors)} RoPE frequency factors for a head of {self.head_dim}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise MistolError(
                 f"config: num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -38,20 +76,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
-        archs = cfg.get("architectures") or []
-        model_type = cfg.get("model_type")
-        if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-            raise MistolError(
-                f"{source}: unsupported architecture {archs[0]!r}; "
-                "mistol runs Mistral/Llama checkpoints (MistralForCausalLM, LlamaForCausalLM)"
-            )
-        if not archs and model_type not in ("mistral", "llama"):
-            raise MistolError(
-                f"{source}: unsupported model_type {model_type!r}; mistol runs Mistral/Llama checkpoints"
-            )
-        for flag in ("attention_bias", "mlp_bias"):
-            if cfg.get(flag):
-                raise MistolError(f"{source}: {flag}=true is not supported")
+        arch = _architecture(cfg, source)
+        if cfg.get("mlp_bias"):
+            raise MistolError(f"{source}: mlp_bias=true (biases in the feed-forward) is not supported")
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise MistolError(f"{source}: hidden_act {act!r} is not supported (expected 'silu')")
@@ -63,22 +90,24 @@ class ModelConfig:
 
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
-        theta, factor = _rope(cfg, source)
-        window = cfg.get("sliding_window")
-        if cfg.get("use_sliding_window") is False:  # Qwen-style switch, honoured if present
-            window = None
+        layers = int(need("num_hidden_layers"))
+        theta, factor, llama3 = _rope(cfg, source)
+        qwen2 = arch == "Qwen2ForCausalLM"
         return cls(
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
             intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             rope_theta=theta,
             rope_scaling_factor=factor,
+            rope_llama3=llama3,
+            qkv_bias=qwen2 or bool(cfg.get("attention_bias")),
+            o_bias=not qwen2 and bool(cfg.get("attention_bias")),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            sliding_window=int(window) if window else None,
+            sliding_window=_window(cfg, layers, source),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=_first(cfg.get("bos_token_id")),
@@ -106,20 +135,77 @@ def _first(value):
     return value
 
 
-def _rope(cfg: dict, source: str) -> tuple[float, float]:
-    """RoPE base and linear scaling factor, from either config form.
+def _architecture(cfg: dict, source: str) -> str:
+    """The config's architecture, if mistol runs it; else a one-line error naming what it lacks."""
+    archs = cfg.get("architectures") or []
+    model_type = cfg.get("model_type")
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None and not archs:
+        arch = MODEL_TYPES.get(model_type)
+    named = archs[0] if archs else model_type
+    if arch is None:
+        missing = next((why for key, why in _NOT_RUN.items() if key.lower() in str(named).lower()), None)
+        raise MistolError(
+            f"{source}: unsupported architecture {named!r}"
+            + (f" (it needs {missing})" if missing else "")
+            + "; mistol runs MistralForCausalLM, LlamaForCausalLM and Qwen2ForCausalLM checkpoints"
+        )
+    for key in ("num_local_experts", "num_experts"):
+        if cfg.get(key):
+            raise MistolError(f"{source}: {key}={cfg[key]}: mixture-of-experts models are not supported")
+    return arch
+
+
+def _window(cfg: dict, layers: int, source: str) -> int | None:
+    """The sliding window every layer uses, or None. Qwen2 switches it with `use_sliding_window`
+    and keeps the first `max_window_layers` layers at full attention; transformers 5 lists each
+    layer's kind in `layer_types`. mistol runs one kind of attention on every layer."""
+    window = cfg.get("sliding_window")
+    if cfg.get("use_sliding_window") is False:
+        return None
+    kinds = cfg.get("layer_types")
+    if kinds is None and cfg.get("use_sliding_window"):
+        first = int(cfg.get("max_window_layers") or 0)
+        kinds = ["full_attention"] * min(first, layers) + ["sliding_attention"] * max(0, layers - first)
+    if kinds:
+        if len(set(kinds)) > 1:
+            raise MistolError(
+                f"{source}: a sliding window on some layers only ({kinds.count('sliding_attention')} of "
+                f"{len(kinds)}: use_sliding_window/max_window_layers or layer_types) is not supported; "
+                "mistol runs one kind of attention on every layer"
+            )
+        if kinds[0] == "full_attention":
+            return None
+        if kinds[0] != "sliding_attention":
+            raise MistolError(f"{source}: layer type {kinds[0]!r} is not supported")
+    return int(window) if window else None
+
+
+def _rope(cfg: dict, source: str) -> tuple[float, float, Llama3Rope | None]:
+    """RoPE base, linear scaling factor and llama3 scaling, from either config form.
 
     transformers < 5 writes a top-level `rope_theta` (and maybe `rope_scaling`);
     transformers 5 writes `rope_parameters: {rope_theta, rope_type, ...}`.
     """
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    params = cfg.get(key) or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        return float(theta), 1.0
-    if rope_type == "linear":
-        return float(theta), float(params["factor"])
-    key = "rope_parameters" if "rope_parameters" in cfg else "rope_scaling"
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise MistolError(f"{source}: partial_rotary_factor {partial} (RoPE on part of each head) is not supported")
+    try:
+        if rope_type == "default":
+            return theta, 1.0, None
+        if rope_type == "linear":
+            return theta, float(params["factor"]), None
+        if rope_type == "llama3":
+            return theta, 1.0, Llama3Rope(
+                float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"]),
+                int(params["original_max_position_embeddings"]),
+            )
+    except KeyError as e:
+        raise MistolError(f"{source}: {key} of rope_type {rope_type!r} lacks {e.args[0]!r}") from None
     raise MistolError(
-        f"{source}: {key}.rope_type {rope_type!r} is not supported (supported: default, linear)"
+        f"{source}: {key}.rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
     )

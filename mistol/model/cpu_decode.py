@@ -31,15 +31,17 @@ def _weight_paths() -> list[str]:
 class CpuDecoder:
     """A model's layers, ready for `mistol_decode_layer`."""
 
-    def __init__(self, config, layers: list[tuple[list[torch.nn.Module], list[torch.Tensor]]]):
+    def __init__(self, config, layers: list[tuple[list[torch.nn.Module], list[torch.Tensor], list]]):
         self.eps = float(config.rms_norm_eps)
         self.shape = dict(hidden=config.hidden_size, ffn=config.intermediate_size, heads=config.num_heads,
                           kv_heads=config.num_kv_heads, head_dim=config.head_dim)
-        self.tensors = [tensors for _, tensors in layers]  # kept alive: we hold their addresses
+        self.tensors = [(tensors, biases) for _, tensors, biases in layers]  # kept alive: we hold their addresses
         self.layers = (kernels.abi().Layer * len(layers))()
-        for layer, (linears, tensors) in zip(self.layers, layers):
+        for layer, (linears, tensors, (qkv_bias, o_bias)) in zip(self.layers, layers):
             norm_attn, norm_mlp, *packed = tensors
             layer.norm_attn, layer.norm_mlp = norm_attn.data_ptr(), norm_mlp.data_ptr()
+            layer.qkv_bias = None if qkv_bias is None else qkv_bias.data_ptr()
+            layer.o_bias = None if o_bias is None else o_bias.data_ptr()
             for i, (la, p) in enumerate(zip(linears, packed)):
                 layer.weights[i] = kernels.matrix(la.fmt, p, la.out_features)
         self.workspace = kernels.DecodeWorkspace()
@@ -77,19 +79,22 @@ class CpuDecoder:
 
 
 def _layers(model: torch.nn.Module, paths: list[str]):
-    """Per layer: its linear layers (in the compiled layer's order) and its tensors (the two
-    norms' weights, then the packed weights), if every linear layer is quantized and every
-    norm is float32, all on the CPU; else None."""
+    """Per layer: its linear layers (in the compiled layer's order), its tensors (the two
+    norms' weights, then the packed weights) and its attention's biases (q|k|v side by side,
+    and o; each None when absent), if every linear layer is quantized and every norm and bias
+    is float32, all on the CPU; else None."""
     layers = []
     for block in model.layers:
         linears = [block.get_submodule(name) for name in paths]
         norms = [block.get_parameter(name) for name in _NORMS]
         packed = [_packed_weight(la) for la in linears]
+        qkv_bias, o_bias = block.self_attn.qkv_bias(), block.self_attn.o_bias
+        floats = [t for t in (*norms, qkv_bias, o_bias) if t is not None]
         if any(p is None or p.device.type != "cpu" for p in packed) or any(
-            n.dtype != torch.float32 or n.device.type != "cpu" or not n.is_contiguous() for n in norms
+            t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in floats
         ):
             return None
-        layers.append((linears, [*norms, *packed]))
+        layers.append((linears, [*norms, *packed], (qkv_bias, o_bias)))
     return layers
 
 

@@ -1,7 +1,9 @@
-"""The Mistral/Llama decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""The Mistral/Llama/Qwen2 decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
 Module and parameter names follow Hugging Face's `MistralForCausalLM` (without its
-`model.` prefix), so a checkpoint's tensors map onto this model by name alone.
+`model.` prefix), so a checkpoint's tensors map onto this model by name alone; the one
+exception is the attention's biases (`q_bias` for `q_proj.bias`...), kept out of the linear
+layers so that every kind of linear layer (float, tiled, quantized) stays bias-free.
 Numerics follow the reference too: RMSNorm in float32, RoPE angles in float32, the
 "rotate half" (non-interleaved) RoPE layout.
 
@@ -11,6 +13,7 @@ a product uses) is the execution plan's business (model/backend.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -39,15 +42,38 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        dim = config.head_dim
-        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
-        inv_freq = 1.0 / (config.rope_theta**exponents) / config.rope_scaling_factor
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions.float()[..., None] * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """The RoPE frequencies [head_dim / 2] (float32), computed as transformers computes them."""
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    if config.rope_llama3 is not None:
+        inv_freq = _llama3_frequencies(inv_freq, config.rope_llama3)
+    if config.rope_freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(config.rope_freq_factors, dtype=torch.float32)
+    return inv_freq / config.rope_scaling_factor
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, rope) -> torch.Tensor:
+    """Llama 3.1's scaling: long wavelengths divided by `factor`, short ones kept, a blend between."""
+    low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+    high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, blended, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -67,6 +93,16 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, kv, device)
         self.v_proj = Linear(h, kv, device)
         self.o_proj = Linear(q, h, device)
+        self.q_bias, self.k_bias, self.v_bias = (_bias(n, config.qkv_bias, device) for n in (q, kv, kv))
+        self.o_bias = _bias(h, config.o_bias, device)
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        """The q, k and v biases side by side, as the projections' outputs are; or None."""
+        return None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+
+    def out(self, a: torch.Tensor) -> torch.Tensor:
+        y = self.o_proj(a)
+        return y if self.o_bias is None else y + self.o_bias
 
     def forward(self, x, cos, sin, caches: list[KVCache] | None, plans: list[AttentionPlan] | None):
         """Row b of `x` continues the sequence in caches[b]: the projections run batched
@@ -75,13 +111,15 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
         qkv = linear_many(x, (self.q_proj, self.k_proj, self.v_proj))
+        if self.q_bias is not None:
+            qkv = qkv + self.qkv_bias()
         # RoPE on the queries and keys together: [b, hq + hkv, n, d]
         qk = apply_rope(qkv[..., : (hq + hkv) * d].view(b, n, hq + hkv, d).transpose(1, 2), cos, sin)
         q, k = qk[:, :hq], qk[:, hq:]
         v = qkv[..., (hq + hkv) * d :].view(b, n, hkv, d).transpose(1, 2)
         if caches is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hq != hkv)
-            return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+            return self.out(out.transpose(1, 2).reshape(b, n, -1))
 
         outs = []
         for row, (cache, plan) in enumerate(zip(caches, plans)):
@@ -93,7 +131,11 @@ class Attention(nn.Module):
                 q[row : row + 1], keys, values, attn_mask=plan.mask, enable_gqa=hq != hkv
             ))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return self.out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def _bias(n: int, present: bool, device) -> nn.Parameter | None:
+    return nn.Parameter(torch.zeros(n, device=device)) if present else None
 
 
 class FeedForward(nn.Module):

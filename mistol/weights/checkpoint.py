@@ -93,7 +93,10 @@ def model_key(hf_name: str) -> str | None:
     """Hugging Face tensor name -> our parameter name (None: not a model parameter)."""
     if hf_name.endswith(_IGNORED_SUFFIXES):
         return None
-    return hf_name.removeprefix("model.")
+    key = hf_name.removeprefix("model.")
+    if key.endswith("_proj.bias") and ".self_attn." in key:  # the attention keeps its biases itself
+        key = key.removesuffix("_proj.bias") + "_bias"
+    return key
 
 
 def load_model(

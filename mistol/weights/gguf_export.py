@@ -1,9 +1,10 @@
-"""Writing a llama-architecture GGUF file that llama.cpp loads, tensor by tensor.
+"""Writing a llama- or qwen2-architecture GGUF file that llama.cpp loads, tensor by tensor.
 
 The metadata, tensor names, q/k row order (see `gguf_layout`), tensor types and the
-tokenizer follow llama.cpp's convert_hf_to_gguf.py for Mistral/Llama checkpoints: 1-D
-tensors (the norms) are always F32, every 2-D weight takes the requested type. Q8_0 and
-Q4_0 blocks come from `mistol.quant.quantize_ggml`, bit for bit llama.cpp's quantizers.
+tokenizer follow llama.cpp's convert_hf_to_gguf.py for Mistral/Llama/Qwen2 checkpoints: 1-D
+tensors (the norms and biases) are always F32, every 2-D weight takes the requested type;
+Llama 3.1's RoPE scaling becomes the `rope_freqs` tensor. Q8_0 and Q4_0 blocks come from
+`mistol.quant.quantize_ggml`, bit for bit llama.cpp's quantizers.
 
 The header (metadata and every tensor's name, shape, type and offset) follows from the
 config alone, so it is written first; then each tensor is written at its offset as the
@@ -14,8 +15,9 @@ ignores it for this architecture, mistol honours it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from ..errors import MistolError
 from ..model import ModelConfig
 from ..quant import BLOCK, quantize_ggml
 from .checkpoint import bar_disabled, find_weight_files, iter_tensor_sources, model_key
-from .gguf_layout import ARCHITECTURE, gguf_name, rope_heads, to_gguf_rows
+from .gguf_layout import architecture_of, gguf_name, rope_heads, to_gguf_rows
 
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 _BYTES_PER_32 = {"F32": 128, "F16": 64, "BF16": 64, "Q8_0": 34, "Q4_0": 18}  # bytes per 32 values
@@ -59,7 +61,7 @@ def write_gguf(
     embedding_type: str | None = None,
     progress: bool | None = False,
 ) -> Path:
-    """Write a model to `path` as a llama-architecture GGUF file.
+    """Write a model to `path` as a llama- or qwen2-architecture GGUF file (`architecture_of`).
 
     `tensors` yields (Hugging Face name, float tensor) pairs, as a checkpoint names them
     ("model.layers.0.self_attn.q_proj.weight"), one at a time, in any order. `tokenizer` is
@@ -84,7 +86,7 @@ def write_gguf(
         tokenizer = Tokenizer.from_dir(tokenizer)
 
     slots = _layout(config, tensor_type, embedding_type)
-    writer = gguf.GGUFWriter(path, ARCHITECTURE)
+    writer = gguf.GGUFWriter(path, architecture_of(config))
     _add_config(writer, config, tensor_type)
     if tokenizer is not None:
         add_vocabulary(writer, tokenizer, config.vocab_size)
@@ -106,8 +108,10 @@ def write_gguf(
         with open(path, "r+b") as f, tqdm(total=total, unit="B", unit_scale=True, desc="Writing GGUF",
                                           disable=bar_disabled(progress)) as bar:
             f.truncate(data_start + end)  # the padding between tensors reads as zeros
+            if ROPE_FREQS in slots:
+                tensors = itertools.chain([(ROPE_FREQS, rope_freq_factors(config))], tensors)
             for hf_name, tensor in tensors:
-                key = model_key(hf_name)
+                key = ROPE_FREQS if hf_name == ROPE_FREQS else model_key(hf_name)
                 if key is None or (key == "lm_head.weight" and config.tie_word_embeddings):
                     continue
                 slot = slots.pop(key, None)
@@ -154,10 +158,24 @@ def _layout(config: ModelConfig, tensor_type: str, embedding_type: str) -> dict[
         ggml_type = "F32" if len(shape) == 1 else embedding_type if key == "embed_tokens.weight" else tensor_type
         if ggml_type in _QUANT and shape[-1] % BLOCK:
             ggml_type = "F16"
-        slot = _Slot(gguf_name(key), shape, ggml_type, offset, rope_heads(key, config))
+        slot = _Slot(gguf_name(key), shape, ggml_type, offset, rope_heads(key, config, architecture_of(config)))
         slots[key] = slot
         offset += _align(slot.nbytes)
+    if config.rope_llama3 is not None or config.rope_freq_factors is not None:
+        # Llama 3.1's RoPE scaling, as llama.cpp's converter writes it (see `rope_freq_factors`)
+        slots[ROPE_FREQS] = _Slot(ROPE_FREQS, (config.head_dim // 2,), "F32", offset, None)
     return slots
+
+
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def rope_freq_factors(config: ModelConfig) -> torch.Tensor:
+    """The divisor of each RoPE frequency that gives the config's scaled frequencies."""
+    from ..model.transformer import rope_frequencies
+
+    plain = rope_frequencies(replace(config, rope_llama3=None, rope_freq_factors=None, rope_scaling_factor=1.0))
+    return plain / rope_frequencies(replace(config, rope_scaling_factor=1.0))
 
 
 def _add_config(writer, config: ModelConfig, tensor_type: str) -> None:

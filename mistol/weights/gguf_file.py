@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import MistolError
 from ..model import ModelConfig
-from .gguf_layout import ARCHITECTURE
+from .gguf_layout import ARCHITECTURES
 
 _MAGIC = b"GGUF"
 
@@ -64,10 +64,10 @@ class GGUFFile:
 
     def config(self) -> ModelConfig:
         arch = self.architecture
-        if arch != ARCHITECTURE:
+        if arch not in ARCHITECTURES:
             raise MistolError(
                 f"{self.path}: unsupported architecture {arch!r}; mistol runs llama-architecture "
-                "GGUF files (Mistral and Llama models)"
+                "(Mistral, Llama) and qwen2-architecture GGUF files"
             )
         if self.get(f"{arch}.expert_count", 0):
             raise MistolError(f"{self.path}: mixture-of-experts models (Mixtral) are not supported")
@@ -100,6 +100,7 @@ class GGUFFile:
             factor = number("rope.scaling.factor", kind=float)
         elif scaling != "none":
             raise MistolError(f"{self.path}: rope.scaling.type {scaling!r} is not supported (supported: none, linear)")
+        freq_factors = self._rope_freq_factors(head_dim)
         window = self.get(f"{arch}.attention.sliding_window")
 
         embedding = self.tensors.get("token_embd.weight")
@@ -115,6 +116,9 @@ class GGUFFile:
             head_dim=head_dim,
             rope_theta=number("rope.freq_base", 10000.0, float),
             rope_scaling_factor=factor,
+            rope_freq_factors=freq_factors,
+            qkv_bias="blk.0.attn_q.bias" in self.tensors,
+            o_bias="blk.0.attn_output.bias" in self.tensors,
             rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5, float),
             sliding_window=int(window) if window else None,
             max_position_embeddings=number("context_length", 4096),
@@ -122,3 +126,16 @@ class GGUFFile:
             bos_token_id=self.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=self.get("tokenizer.ggml.eos_token_id"),
         )
+
+    def _rope_freq_factors(self, head_dim: int) -> tuple[float, ...] | None:
+        """The divisors of the RoPE frequencies that llama.cpp's converter writes for Llama 3.1's
+        scaling (`rope_freqs.weight`, one F32 per pair of head dimensions), or None."""
+        tensor = self.tensors.get("rope_freqs.weight")
+        if tensor is None:
+            return None
+        if tensor.tensor_type.name != "F32" or [int(d) for d in tensor.shape] != [head_dim // 2]:
+            raise MistolError(
+                f"{self.path}: rope_freqs.weight should be F32 of shape [{head_dim // 2}], "
+                f"found {tensor.tensor_type.name} {[int(d) for d in tensor.shape]}"
+            )
+        return tuple(float(v) for v in np.asarray(tensor.data, dtype=np.float32))

@@ -1,4 +1,4 @@
-"""How llama.cpp lays out a llama-architecture model: tensor names and the q/k row order.
+"""How llama.cpp lays out llama- and qwen2-architecture models: tensor names and the q/k row order.
 
 llama.cpp names tensors `token_embd`, `blk.N.attn_q`, ... where Hugging Face (and mistol)
 say `embed_tokens`, `layers.N.self_attn.q_proj`, .... Its converter (convert_hf_to_gguf.py)
@@ -8,7 +8,12 @@ neighbouring rows 2j and 2j + 1, so the converter interleaves the two halves:
 
     gguf = hf.reshape(n_heads, 2, head_dim // 2, in).swapaxes(1, 2).reshape(out, in)
 
-The permutation moves whole rows, so it applies to quantized rows of blocks unchanged.
+The permutation moves whole rows, so it applies to quantized rows of blocks unchanged, and to
+the q/k biases alike. Only the llama architecture is permuted: llama.cpp runs qwen2 with the
+"rotate half" (NEOX) RoPE, so its converter keeps Hugging Face's rows.
+
+Llama 3.1's RoPE scaling travels as a tensor, `rope_freqs.weight` (a divisor per frequency),
+which is part of the config rather than a weight (`CONFIG_TENSORS`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import torch
 from ..model import ModelConfig
 
 ARCHITECTURE = "llama"
+ARCHITECTURES = ("llama", "qwen2")  # the GGUF `general.architecture` values mistol runs
+CONFIG_TENSORS = ("rope_freqs.weight",)
 
 _GLOBAL = {
     "embed_tokens.weight": "token_embd.weight",
@@ -36,6 +43,10 @@ _PER_LAYER = {
     "mlp.down_proj.weight": "ffn_down.weight",
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_bias": "attn_q.bias",
+    "self_attn.k_bias": "attn_k.bias",
+    "self_attn.v_bias": "attn_v.bias",
+    "self_attn.o_bias": "attn_output.bias",
 }
 _GLOBAL_BACK = {g: h for h, g in _GLOBAL.items()}
 _PER_LAYER_BACK = {g: h for h, g in _PER_LAYER.items()}
@@ -62,11 +73,20 @@ def model_name(name: str) -> str | None:
     return None
 
 
-def rope_heads(key: str, config: ModelConfig) -> int | None:
-    """How many heads the rows of `key` hold, for the q/k weights llama.cpp reorders; else None."""
-    if key.endswith("self_attn.q_proj.weight"):
+def architecture_of(config: ModelConfig) -> str:
+    """The llama.cpp architecture a model is written as: Qwen2's shape (biases on q, k and v
+    only) is "qwen2", every other model "llama" (whose loader takes all four biases)."""
+    return "qwen2" if config.qkv_bias and not config.o_bias else ARCHITECTURE
+
+
+def rope_heads(key: str, config: ModelConfig, architecture: str = ARCHITECTURE) -> int | None:
+    """How many heads the rows of `key` hold, for the q/k weights and biases llama.cpp
+    reorders in a file of `architecture`; else None."""
+    if architecture != ARCHITECTURE:
+        return None
+    if key.endswith(("self_attn.q_proj.weight", "self_attn.q_bias")):
         return config.num_heads
-    if key.endswith("self_attn.k_proj.weight"):
+    if key.endswith(("self_attn.k_proj.weight", "self_attn.k_bias")):
         return config.num_kv_heads
     return None
 

@@ -28,7 +28,7 @@ from ..model.linear import TiledLinear, tiles_pay_off
 from ..quant import QuantizedLinear, quantize_rows
 from .checkpoint import QUANT_FORMATS, bar_disabled, set_linear, set_parameter, to_target
 from .gguf_file import GGUFFile
-from .gguf_layout import from_gguf_rows, model_name, rope_heads
+from .gguf_layout import CONFIG_TENSORS, from_gguf_rows, model_name, rope_heads
 from .memory import release_pages
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -76,7 +76,7 @@ def load_gguf(
     total = sum(t.n_bytes for t, _ in plan)
     with tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", disable=bar_disabled(progress)) as bar:
         for tensor, key in plan:
-            heads = rope_heads(key, config)
+            heads = rope_heads(key, config, gf.architecture)
             src = _Rows(tensor, from_gguf_rows(tensor.data.shape[0], heads) if heads else None)
             fmt = convert_format(src.type, quant) if _is_linear(key, tensor) else None
             if fmt is None and _is_linear(key, tensor) and tiles_pay_off(src.shape, device):
@@ -106,9 +106,13 @@ def _plan(gf: GGUFFile, model: Transformer) -> list:
     expected = {k: tuple(p.shape) for k, p in model.named_parameters()}
     plan = []
     for tensor in gf.tensors.values():
+        if tensor.name in CONFIG_TENSORS:
+            continue  # read into the config
         key = model_name(tensor.name)
         if key not in expected:
-            raise MistolError(f"{gf.path}: unexpected tensor {tensor.name!r} for a llama-architecture model")
+            raise MistolError(
+                f"{gf.path}: unexpected tensor {tensor.name!r} for a {gf.architecture}-architecture model"
+            )
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dimensions innermost first
         if shape != expected[key]:
             raise MistolError(
