@@ -113,6 +113,10 @@ def restore(session: Session, path: Path) -> tuple[dict | None, str | None]:
         extra = json.loads(meta.get("extra") or "{}")
     except (KeyError, ValueError):
         return None, f"{path}: damaged KV cache file"
+    if f.tensor("tokens").dtype != torch.int64 or k.dtype != session.cache.k.dtype or v.dtype != k.dtype:
+        return None, f"{path}: damaged KV cache file (tensor types)"
+    if any(not 0 <= t < engine.config.vocab_size for t in tokens):
+        return None, f"{path}: damaged KV cache file (token ids outside the vocabulary)"
     if _tokens_hash(tokens) != meta.get("tokens"):
         return None, f"{path}: damaged KV cache file (its token ids do not match their hash)"
     cache = session.cache
