@@ -32,4 +32,8 @@ def available_memory() -> int:
 def private_dir(path: Path) -> Path:
     """`path`, created if missing with its new parents, readable by its owner only."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        path.chmod(0o700)  # one made by an older version, or by hand, may be readable by others
+    except OSError:
+        pass  # not ours to change: leave it
     return path

@@ -249,6 +249,7 @@ def terminal_lines() -> Iterator[str]:
 
     history = private_dir(data_dir()) / "history"
     os.close(os.open(history, os.O_WRONLY | os.O_CREAT, 0o600))  # what was typed: the owner's only
+    os.chmod(history, 0o600)
     session = PromptSession(history=FileHistory(str(history)), key_bindings=bindings)
     while True:
         try:
