@@ -79,6 +79,8 @@ def save(session: Session, path: Path, extra: dict | None = None) -> int:
         "tokens": _tokens_hash(session.tokens), "extra": json.dumps(extra or {}),
     }
     path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed while saving
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         # Keys and values say what the conversation said: readable by its owner only, as the log is.
