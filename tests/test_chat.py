@@ -70,7 +70,8 @@ def test_piped_chat_answers_and_exits(mistral_dir, tmp_path):
 @pytest.fixture(scope="module")
 def long_model(tmp_path_factory):
     """A model with a long context, so a reply can run long enough to be interrupted."""
-    return make_checkpoint(tmp_path_factory.mktemp("long"), arch="llama", kv_heads=4, max_positions=4096)
+    return make_checkpoint(tmp_path_factory.mktemp("long"), arch="llama", kv_heads=4, max_positions=4096,
+                           hidden=256, layers=4)  # slow enough that a 3000-token reply is still running
 
 
 @pytest.mark.slow

@@ -88,7 +88,8 @@ def test_ctrl_c_keeps_the_transcript(tmp_path):
     pexpect = pytest.importorskip("pexpect")
     from checkpoints import make_checkpoint
 
-    model = make_checkpoint(tmp_path / "long", arch="llama", kv_heads=4, max_positions=4096)
+    model = make_checkpoint(tmp_path / "long", arch="llama", kv_heads=4, max_positions=4096,
+                           hidden=256, layers=4)  # slow enough that a 3000-token reply is still running
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path)}
     child = pexpect.spawn(sys.executable, ["-m", "mistol", "duo", "--model", str(model), "--a", "x", "--b", "y",
                                            "--topic", "z", "--turns", "4", "--max-tokens", "3000", "-t", "0"],
