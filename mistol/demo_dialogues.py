@@ -7,8 +7,8 @@ learned). Besides the plain questions of `demo_problems.make_problem`, it mixes 
 - paraphrases: "compute", "calculate", "what's N squared", "divided by", "add A and B",
   "the sum/product/difference of", "N percent of M", numbers written in words, operators
   with and without spaces (`6*7` is a product);
-- runs that were declined or that failed: the reply states the answer in words when the
-  numbers are small (one digit), or says that it needs to run the code;
+- runs that were declined or that failed: the reply says that it needs to run the code (a
+  tiny model's sums in its head are too often wrong to offer, even for one-digit numbers);
 - questions outside arithmetic, answered by a short refusal that names the way out;
 - a duo (`mistol duo`): one side asks small arithmetic questions, the other answers them.
 
@@ -68,7 +68,7 @@ class Question:
     code: str
     printed: str
     final: str
-    small: str | None = None  # "6 * 7 = 42" when it is small enough to answer without code
+    small: str | None = None  # "6 * 7 = 42": small enough for a duo to answer without code
 
 
 # -- questions ---------------------------------------------------------------------------------
@@ -85,7 +85,8 @@ def _op_text(rng: random.Random, a: str, b: str, op: str) -> str:
 def _wrap(rng: random.Random, body: str, verb_ok: bool = True) -> str:
     """A phrase around an expression: "What is 6*7?", "please compute 6*7", "what's 6*7"."""
     forms = [f"What is {body}?", f"what is {body}?", f"What's {body}?", f"what's {body}", f"{body}?", f"{body} = ?",
-             f"How much is {body}?", f"Tell me {body}.", f"{body}"]
+             f"How much is {body}?", f"Tell me {body}.", f"{body}", f"I want to know {body}.",
+             f"Can you tell me {body}?", f"Give me {body}."]
     if verb_ok:
         forms += [f"Compute {body}.", f"Please compute {body}.", f"Calculate {body}.", f"calculate {body}",
                   f"Can you calculate {body}?", f"Could you compute {body}?", f"Work out {body}.",
@@ -101,7 +102,7 @@ def _choose(rng: random.Random, words: bool, forms: list[str]) -> str:
 
 
 def _small_question(rng: random.Random) -> Question:
-    """One-digit operands: these are answered in words when the code cannot run."""
+    """One-digit operands: what the two sides of a duo ask and answer in words."""
     op = rng.choice("+-*")
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     if op == "-" and b > a and rng.random() < 0.7:
@@ -127,7 +128,9 @@ def _binary_question(rng: random.Random) -> Question:
         b = rng.choice([rng.randint(1, 20), rng.randint(2, 999)])
         if op == "/" and rng.random() < 0.6:
             a = b * rng.randint(1, 999)  # an exact quotient, as people mostly ask
-    words = rng.random() < 0.15 and a < 1000 and b < 1000
+    if op in "+-*" and rng.random() < 0.2:  # two-digit numbers, which people write in words too
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+    words = rng.random() < 0.2 and a < 1000 and b < 1000 or a < 100 and b < 100 and rng.random() < 0.5
     x, y = (in_words(a), in_words(b)) if words else (str(a), str(b))
     if op == "+":
         body = _choose(rng, words, [_wrap(rng, _op_text(rng, x, y, "+")), _wrap(rng, f"{x} plus {y}"),
@@ -187,10 +190,16 @@ def _plain_question(rng: random.Random) -> Question:
     return Question(p.question, p.code, p.answer, p.final)
 
 
+TAILS = [", please.", " please", " for me.", ", please?", " for me, please.", "! Thanks.", ", thanks", " now.",
+         "?", "? Thanks!", ", if you can.", " quickly."]
+
+
 def make_question(rng: random.Random) -> Question:
     make = rng.choices([_small_question, _binary_question, _power_question, _plain_question],
-                       weights=[3, 8, 3, 4])[0]
+                       weights=[4, 8, 3, 4])[0]
     q = make(rng)
+    if rng.random() < 0.25:  # a polite or chatty tail
+        q.text = q.text.rstrip("?.!") + rng.choice(TAILS)
     if rng.random() < 0.08:
         q.text = q.text.lower()
     return q
@@ -240,10 +249,10 @@ def code_exchange(rng: random.Random, q: Question, cell: int, declined: float = 
     block = f"```python\n{q.code}\n```"
     roll = rng.random()
     if roll < declined:
-        output, after = DECLINED, (f"Without running the code: {q.small}." if q.small else NEEDS_CODE)
+        output, after = DECLINED, NEEDS_CODE
     elif roll < declined + failed:
         output = rng.choice(FAILURES).format(n=cell, code=q.code)
-        after = f"Without running the code: {q.small}." if q.small else FAILED
+        after = FAILED
     else:
         output, after = q.printed, q.final
     return Exchange(q.text, [(block, True), (format_output(output), False), (after, True)])
