@@ -1,14 +1,24 @@
 #!/usr/bin/env python3
-"""Train the tiny demo model that ships with mistol (`--model demo`), from scratch, on CPU.
+"""Train the tiny demo model that ships with mistol (`--model demo`), on CPU.
 
 It learns one thing: to answer arithmetic questions by writing a short Python block, and,
-once the block's output is fed back, to state the answer. The conversations are synthetic
-ChatML (mistol/demo_problems.py), tokenized exactly as the chat will at run time: the
-assistant's code is followed by the `Output:` block as tool text (not learned: it is masked
-out of the loss), then the answer sentence and <|im_end|>.
+once the block's output is fed back, to state the answer; over conversations of up to 10
+exchanges, after declined or failed runs, for paraphrased questions, with a short refusal for
+anything else, and as either side of a `mistol duo`. The conversations are synthetic ChatML
+(mistol/demo_dialogues.py), tokenized exactly as the chat will at run time: the assistant's
+code is followed by the `Output:` block as tool text (not learned: it is masked out of the
+loss), then the answer sentence and <|im_end|>. Seeded: the same command gives the same
+weights (unless --minutes cuts the run short, which it says).
 
-    python scripts/train_demo.py                      # ~25 min on 2 cores, writes mistol/demo_model/
+    python scripts/train_demo.py                      # from scratch, writes mistol/demo_model/
+    python scripts/train_demo.py --init DIR --max-steps 1000 --lr 1e-3   # go on from a saved model
     python scripts/train_demo.py --minutes 2 --out /tmp/demo   # a quick try
+
+The shipped weights went on from the first demo model (3000 steps from scratch, ~25 min on 2
+idle cores) in two rounds on a busy 2-core machine, one thread: 1400 steps, --lr 1e-3
+--warmup 50 (35 min, with the generator of the first version of mistol/demo_dialogues.py),
+then 700 steps, --lr 5e-4 --warmup 20 (11.5 min, with the current one). A run from scratch
+on the current generator (the default command) was not measured.
 
 Needs `mistral-common` (pip install -e '.[test]'), which ships the Mistral tokenizer model.
 """
@@ -31,10 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mistol.chat_template import ChatTemplate  # noqa: E402
-from mistol.demo_problems import make_problem  # noqa: E402
+from mistol.demo_dialogues import make_conversation  # noqa: E402
 from mistol.model import ModelConfig, Transformer  # noqa: E402
-from mistol.sandbox.code_turn import CODE_SYSTEM_PROMPT  # noqa: E402
-from mistol.sandbox.codeblocks import format_output  # noqa: E402
 from mistol.tokenizer import Tokenizer  # noqa: E402
 from mistol.weights.safetensors_file import save_safetensors  # noqa: E402
 
@@ -48,6 +56,7 @@ CONFIG = dict(
     head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=4096, max_position_embeddings=2048,
     tie_word_embeddings=True, bos_token_id=1, eos_token_id=32000,
 )
+MAX_EXCHANGES = 10  # the longest conversation trained on
 
 
 def mistral_tokenizer_model() -> Path:
@@ -63,49 +72,36 @@ def make_tokenizer() -> Tokenizer:
     )
 
 
-def reply_text(problem) -> str:
-    if problem.code is None:
-        return problem.final
-    return f"```python\n{problem.code}\n```"
-
-
-def conversation(rng: random.Random, tok: Tokenizer, template: ChatTemplate) -> tuple[list[int], list[int]]:
-    """Token ids of a 1-3 turn conversation and a 0/1 mask of the tokens the model must learn."""
-    messages = [{"role": "system", "content": CODE_SYSTEM_PROMPT}]
+def conversation(rng: random.Random, tok: Tokenizer, template: ChatTemplate, turns: int) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation of `turns` exchanges and a 0/1 mask of the tokens the model
+    must learn: its own text in every reply, not the prompt nor the code runner's output."""
+    system, exchanges = make_conversation(rng, turns)
+    messages = [{"role": "system", "content": system}]
     ids: list[int] = []
     mask: list[int] = []
-    for _ in range(rng.choice([1, 1, 1, 2, 3])):
-        problem = make_problem(rng)
-        messages.append({"role": "user", "content": problem.question})
+    end = tok.token_id("<|im_end|>")
+    for exchange in exchanges:
+        messages.append({"role": "user", "content": exchange.user})
         prompt = template.render(messages)  # ends with <|im_start|>assistant\n, as at run time
         mask += [0] * (len(prompt) - len(ids))
         ids = prompt
-
-        def extend(text: str, learn: bool):
-            nonlocal ids, mask
+        for text, learn in exchange.reply:
             new = tok.encode_pieces([*ids, text])[len(ids):]  # text continuing the generated ids
             ids, mask = ids + new, mask + [int(learn)] * len(new)
-
-        if problem.code is None:
-            extend(problem.final, True)
-            content = problem.final
-        else:
-            output = format_output(problem.answer)
-            extend(reply_text(problem), True)
-            extend(output, False)  # written by the code runner, not the model
-            extend(problem.final, True)
-            content = reply_text(problem) + output + problem.final
-        end = tok.token_id("<|im_end|>")
         ids, mask = ids + [end], mask + [1]
-        messages.append({"role": "assistant", "content": content})
+        messages.append({"role": "assistant", "content": exchange.content})
         closing = tok.encode_pieces([end, "\n"])[1:]
         ids, mask = ids + closing, mask + [0] * len(closing)
     return ids, mask
 
 
-def batches(rng, tok, template, batch_size: int):
+def batches(rng, tok, template, tokens_per_step: int):
+    """Batches of conversations with one number of exchanges each (1 to 10), so that rows have
+    about the same length; longer conversations come in smaller batches."""
     while True:
-        convs = [conversation(rng, tok, template) for _ in range(batch_size)]
+        turns = rng.randint(1, MAX_EXCHANGES)
+        batch_size = max(2, round(tokens_per_step / (120 + 75 * turns)))
+        convs = [conversation(rng, tok, template, turns) for _ in range(batch_size)]
         width = max(len(ids) for ids, _ in convs)
         tokens = torch.zeros(batch_size, width, dtype=torch.long)
         targets = torch.full((batch_size, width), -100, dtype=torch.long)
@@ -152,21 +148,24 @@ def train(args) -> Path:
     config = ModelConfig(**CONFIG)
     model = Transformer(config)
     init_weights(model, args.seed)
+    if args.init:
+        load_weights(model, Path(args.init))
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.2f} M parameters, {config.num_layers} layers, hidden {config.hidden_size}")
     decay = [p for p in model.parameters() if p.dim() == 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
-    data = batches(rng, tok, template, args.batch_size)
+    data = batches(rng, tok, template, args.tokens_per_step)
     start = time.time()
-    budget = args.minutes * 60
+    budget = args.minutes * 60 if args.minutes else math.inf
     step, smoothed = 0, None
     while step < args.max_steps:
         elapsed = time.time() - start
         if elapsed > budget:
             break
-        progress = max(step / args.max_steps, elapsed / budget)
+        # by steps alone unless --minutes bounds the run: then the same command gives the same weights anywhere
+        progress = step / args.max_steps if not args.minutes else max(step / args.max_steps, elapsed / budget)
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -181,10 +180,25 @@ def train(args) -> Path:
             print(f"step {step:5d}  {elapsed / 60:5.1f} min  lr {lr:.2e}  loss {loss.item():.4f}  (smoothed {smoothed:.4f})", flush=True)
         step += 1
     print(f"trained {step} steps in {(time.time() - start) / 60:.1f} min, final smoothed loss {smoothed:.4f}")
-    return save(model, tok, Path(args.out))
+    if step < args.max_steps:
+        print(f"(stopped by --minutes before --max-steps {args.max_steps}: not the reproducible run)")
+    return save(model, tok, Path(args.out), args.init)
 
 
-def save(model: Transformer, tok: Tokenizer, out: Path) -> Path:
+def load_weights(model: Transformer, model_dir: Path) -> None:
+    """Start from a saved demo model (its config must match CONFIG)."""
+    from mistol.weights.safetensors_file import SafetensorsFile
+
+    weights = SafetensorsFile(model_dir / "model.safetensors")
+    state = model.state_dict()
+    for key in weights.keys():
+        name = key.removeprefix("model.")
+        with torch.no_grad():
+            state[name].copy_(weights.tensor(key).float())
+    print(f"starting from the weights in {model_dir}")
+
+
+def save(model: Transformer, tok: Tokenizer, out: Path, started_from: str | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     c = model.config
     config = {
@@ -215,7 +229,8 @@ def save(model: Transformer, tok: Tokenizer, out: Path) -> Path:
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (out / "NOTICE").write_text(
         "tokenizer.model is the Mistral 7B v0.1 tokenizer, (c) Mistral AI, distributed under the Apache License 2.0\n"
-        "as part of the mistral-common package. The weights were trained from scratch by scripts/train_demo.py.\n"
+        "as part of the mistral-common package. The weights were trained by scripts/train_demo.py"
+        + (", starting from an earlier demo model (--init).\n" if started_from else ", from scratch.\n")
     )
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"saved to {out} ({size / 1e6:.1f} MB)")
@@ -225,15 +240,20 @@ def save(model: Transformer, tok: Tokenizer, out: Path) -> Path:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "mistol" / "demo_model"), help="where to write the model")
-    p.add_argument("--minutes", type=float, default=25.0, help="training time budget (default: 25)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="also stop after this many minutes, the schedule following the clock (not reproducible)")
     p.add_argument("--max-steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=24)
+    p.add_argument("--tokens-per-step", type=int, default=4000, help="about how many tokens each step trains on")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--negatives", type=int, default=2048, help="sampled output tokens per step besides the targets")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--init", default=None, metavar="DIR", help="start from this saved demo model instead of random weights")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--log-every", type=int, default=25)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # tiny weights late in training would otherwise crawl on CPU
     train(args)
 
