@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
+# A shell that starts the tests in the background (`pytest &` in a script) ignores SIGINT in
+# them, and every process they start inherits that: the Ctrl-C tests would then test nothing.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from checkpoints import make_checkpoint  # noqa: E402
 
