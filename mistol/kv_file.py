@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import MistolError
+from .util import private_file
 from .weights.safetensors_file import SafetensorsFile, save_safetensors
 
 if TYPE_CHECKING:
@@ -84,8 +85,7 @@ def save(session: Session, path: Path, extra: dict | None = None) -> int:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         # Keys and values say what the conversation said: readable by its owner only, as the log is.
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-        save_safetensors(tmp, tensors, metadata)
+        save_safetensors(private_file(tmp), tensors, metadata)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -110,12 +110,13 @@ def restore(session: Session, path: Path) -> tuple[dict | None, str | None]:
     if meta.get("dtype") != str(session.cache.k.dtype):
         return None, f"{path}: the cache is in {meta.get('dtype')}, this session computes in {session.cache.k.dtype}"
     try:
-        tokens = f.tensor("tokens").tolist()
+        token_ids = f.tensor("tokens")
+        tokens = token_ids.tolist()
         k, v, slot_pos = f.tensor("k"), f.tensor("v"), f.tensor("slot_pos")
         extra = json.loads(meta.get("extra") or "{}")
     except (KeyError, ValueError):
         return None, f"{path}: damaged KV cache file"
-    if f.tensor("tokens").dtype != torch.int64 or k.dtype != session.cache.k.dtype or v.dtype != k.dtype:
+    if token_ids.dtype != torch.int64 or k.dtype != session.cache.k.dtype or v.dtype != k.dtype:
         return None, f"{path}: damaged KV cache file (tensor types)"
     if any(not 0 <= t < engine.config.vocab_size for t in tokens):
         return None, f"{path}: damaged KV cache file (token ids outside the vocabulary)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +28,13 @@ def available_memory() -> int:
     except OSError:
         pass
     return DEFAULT_AVAILABLE_MEMORY
+
+
+def private_file(path: Path) -> Path:
+    """`path`, created empty if missing, readable and writable by its owner only."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)  # one made earlier may be readable by others
+    return path
 
 
 def private_dir(path: Path) -> Path:

@@ -8,7 +8,6 @@ leaves. Every message is written to the chat log as it happens.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from ..errors import MistolError
 from ..sampling import SamplingParams
 from ..sandbox.code_turn import CodeRunner, CodeTurn, code_turn
 from ..sandbox.visible import visible
-from ..util import private_dir
+from ..util import private_dir, private_file
 from .log import ChatLog, data_dir, drop_last_exchange, replay, save_messages, set_system
 
 DEFAULT_SYSTEM = "You are Hermes, a helpful, honest and concise assistant."
@@ -248,8 +247,7 @@ def terminal_lines() -> Iterator[str]:
         event.current_buffer.insert_text("\n")
 
     history = private_dir(data_dir()) / "history"
-    os.close(os.open(history, os.O_WRONLY | os.O_CREAT, 0o600))  # what was typed: the owner's only
-    os.chmod(history, 0o600)
+    private_file(history)  # what was typed: the owner's only
     session = PromptSession(history=FileHistory(str(history)), key_bindings=bindings)
     while True:
         try:

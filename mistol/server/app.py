@@ -41,7 +41,7 @@ from ..constraints import ConstraintError, Grammars
 from ..engine import Engine
 from ..errors import MistolError
 from ..sandbox.sandbox import SandboxLimits
-from ..util import private_dir
+from ..util import private_dir, private_file
 from ..tools import ToolCallParser, render_messages as render_tool_messages
 from . import protocol as p
 from .protocol import APIError, GenerationRequest
@@ -221,8 +221,7 @@ class _Server:
         replies = [[label, text, ids] for (client, text), ids in self._replies.items()
                    if (label := self._client_label(client)) is not None]
         tmp = directory / ".replies.json.tmp"
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-        tmp.write_text(json.dumps(replies))
+        private_file(tmp).write_text(json.dumps(replies))
         os.replace(tmp, directory / "replies.json")
         log.info("kept %d cached prefixes in %s", saved, directory)
 
