@@ -70,6 +70,7 @@ class Engine:
         `mistol.quant`; for what it does to a GGUF file's tensors, `mistol.weights.gguf_load`).
         With dtype "auto" on CPU, a checkpoint of `AUTO_INT8_BYTES` or more loads as int8."""
         from .hub import is_gguf, resolve_model
+        from .quant import quantize_tied_head
 
         path = resolve_model(str(model))
         device = _check_device(device)
@@ -83,6 +84,7 @@ class Engine:
             tokenizer = tokenizer_from_gguf(gf)
             torch_dtype = resolve_dtype(dtype, device, lambda: float_bytes(gf, quant))
             transformer = load_gguf(gf, dtype=torch_dtype, device=device, progress=progress, quant=quant)
+            quantize_tied_head(transformer)
             return cls(transformer, tokenizer, name=str(model))
 
         from .weights import find_weight_files, load_model
@@ -92,6 +94,7 @@ class Engine:
             dtype, quant = "f32", "int8"  # see AUTO_INT8_BYTES
         torch_dtype = resolve_dtype(dtype, device, lambda: 2 * file_bytes)
         transformer = load_model(path, dtype=torch_dtype, device=device, progress=progress, quant=quant)
+        quantize_tied_head(transformer)
         tokenizer = None
         from .bpe_tokenizer import is_byte_level_bpe_dir
 

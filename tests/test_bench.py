@@ -120,3 +120,66 @@ def test_llama_cpp_row(tmp_path):
     # loaded together, they took turns decoding (under the same load from the rest of the machine)
     assert {row["format"]: row["decoded_with"] for row in report["rows"]} == {"Q8_0": ["mistol int8"],
                                                                               "int8": ["llama.cpp Q8_0"]}
+    # one thread count, resolved once, used by both; llama.cpp's build line; the pages each got
+    assert rows["mistol"]["threads_used"] == rows["llama.cpp"]["threads_used"] == report["threads"] >= 1
+    assert "AVX" in report["llama_cpp_system_info"] or "NEON" in report["llama_cpp_system_info"]
+    assert all(row["pages"] == "huge" and row["huge_page_bytes"] >= 0 for row in report["rows"])
+
+
+@pytest.mark.slow
+def test_a_users_gguf_and_llama_cpp_made_kquants(tmp_path):
+    """--kquants: llama.cpp's own quantizer makes the files; --gguf: both engines run a given file."""
+    pytest.importorskip("llama_cpp")
+    r = bench("--kquants", "Q4_K_M", "--prompts", "16", "--steps", "2", "--json", "--threads", "1",
+              "--cache-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    made = tmp_path / "random-tiny-Q4_K_M.gguf"
+    assert made.is_file() and (tmp_path / "random-tiny-F16.gguf").is_file()
+    rows = {row["engine"]: row for row in report["rows"]}
+    assert set(rows) == {"mistol", "llama.cpp"} and {row["format"] for row in rows.values()} == {"Q4_K_M"}
+    assert rows["mistol"]["threads_used"] == rows["llama.cpp"]["threads_used"] == 1
+    # both against the same ceiling: what a step reads of the file (every tensor but the embedding)
+    assert rows["mistol"]["weight_bytes"] == rows["llama.cpp"]["weight_bytes"] < made.stat().st_size
+    assert report["ratios"][0]["versus"] == "llama.cpp Q4_K_M"
+
+    r = bench("--gguf", str(made), "--engines", "mistol", "--prompts", "16", "--steps", "2", "--json",
+              "--cache-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert [row["format"] for row in json.loads(r.stdout)["rows"]] == ["Q4_K_M"]
+    r = bench("--gguf", str(tmp_path / "missing.gguf"), timeout=60)
+    assert r.returncode != 0 and "no such file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("shape", ["0.5b", "135m"])
+def test_small_shapes_match_the_models_they_name(shape):
+    """The small shapes are transformers' own classes at the published sizes, tied heads."""
+    transformers = pytest.importorskip("transformers")
+    from mistol.bench.shapes import hf_config
+
+    config, hf = model_config(shape), hf_config(shape)
+    arch = hf["architectures"][0]
+    theirs_config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(
+        **{k: v for k, v in hf.items() if k != "architectures"})
+    with torch.device("meta"):
+        theirs = getattr(transformers, arch)(theirs_config)
+    weights = sum(p.numel() for name, p in theirs.named_parameters() if not name.endswith(".bias"))
+    assert config.tie_word_embeddings and weights == all_weights(config)
+    expected = {"0.5b": 494_032_768, "135m": 134_515_008}[shape]  # the models' published parameter counts
+    assert sum(p.numel() for p in theirs.parameters()) == expected
+
+
+def test_a_tied_head_is_read_quantized():
+    """A quantized model with tied embeddings gets an int8 head (what a decode step reads),
+    whose logits stay close to the float embedding's."""
+    from mistol.bench.shapes import hf_config
+    from mistol.model import ModelConfig
+
+    config = ModelConfig.from_hf_dict({**hf_config("tiny"), "tie_word_embeddings": True}, source="tied tiny")
+    model = mistol_model(config, "int4")
+    assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.fmt == "int8"
+    x = model.hidden_states(torch.tensor([[1, 2, 3, 400]]))
+    exact = x @ model.embed_tokens.weight.T
+    got = model.head(x)
+    assert (got - exact).abs().max() <= 0.02 * exact.abs().max()
+    assert bytes_per_token(config, "int4", 0) > bytes_per_token(model_config("tiny"), "int4", 0) - 1

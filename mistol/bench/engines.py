@@ -36,8 +36,9 @@ class Spec:
     shape: str
     prompts: list[int] = field(default_factory=lambda: [64, 512])
     steps: int = 32
-    threads: int = 0  # 0: all cores
-    gguf: str | None = None  # llama.cpp: the file to load
+    threads: int = 0  # resolved once by the caller, the same for every engine (0: the engine's default)
+    pages: str = "huge"  # "huge": transparent huge pages for every engine's weights; "small": 4 KiB pages
+    gguf: str | None = None  # llama.cpp: the file to load; mistol too when measuring a GGUF file
     checkpoint: str | None = None  # mistol/transformers float formats: a model directory to map (else built here)
     seed: int = 0
 
@@ -57,6 +58,30 @@ def memory_status() -> dict[str, int]:
     return fields
 
 
+def huge_page_bytes() -> int:
+    """Bytes of this process's memory in transparent huge pages now (0 where unknown)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def page_environment(pages: str) -> dict[str, str]:
+    """The environment that gives an engine's process the page setting `pages`.
+
+    torch's CPU allocator asks for huge pages when THP_MEM_ALLOC_ENABLE is 1 (mistol sets it
+    on import); llama.cpp allocates its weights with malloc (it is given no mmap here), and
+    glibc's malloc asks for huge pages with the `glibc.malloc.hugetlb=1` tunable. Both only
+    ask (madvise): the kernel decides, and each row reports what it got."""
+    if pages == "huge":
+        return {"THP_MEM_ALLOC_ENABLE": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    return {"THP_MEM_ALLOC_ENABLE": "0", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+
+
 @dataclass
 class Runner:
     """One loaded engine: `prefill(ids) -> logits` on the current context, `step(token) ->
@@ -72,7 +97,7 @@ class Runner:
 
     def prompts(self) -> dict:
         spec = self.spec
-        ids = prompt_ids(max(spec.prompts), spec.seed)
+        ids = prompt_ids(max(spec.prompts), spec.seed, min(32000, spec_config(spec).vocab_size))
         # Warm up (first-call allocations, thread pools, lazy initialisation) with the same shapes.
         for n in sorted(spec.prompts):
             self.reset()
@@ -114,14 +139,17 @@ def load_mistol(spec: Spec) -> Runner:
     from .shapes import model_config
 
     t0 = time.perf_counter()
-    if spec.checkpoint:
-        from ..engine import DTYPES
-        from ..weights.checkpoint import load_model
-
-        model = load_model(spec.checkpoint, dtype=DTYPES[spec.fmt], progress=False)
+    if spec.gguf:
+        engine = Engine.load(spec.gguf, progress=False)
     else:
-        model = mistol_model(model_config(spec.shape), spec.fmt, spec.seed)
-    engine = Engine(model, name=f"random {spec.shape}")
+        if spec.checkpoint:
+            from ..engine import DTYPES
+            from ..weights.checkpoint import load_model
+
+            model = load_model(spec.checkpoint, dtype=DTYPES[spec.fmt], progress=False)
+        else:
+            model = mistol_model(model_config(spec.shape), spec.fmt, spec.seed)
+        engine = Engine(model, name=f"random {spec.shape}")
     load_s = time.perf_counter() - t0
     state = {}
 
@@ -138,8 +166,10 @@ def load_mistol(spec: Spec) -> Runner:
 
     model = engine.model
     held = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
-    info = {"load_s": load_s, "kernels": kernels.impl_name() if spec.fmt in ("int8", "int4") else "torch",
-            "model_bytes": held, "kv_bytes": lambda: state["session"].cache.nbytes}
+    quantized = any(b.dtype == torch.uint8 for b in model.buffers())
+    info = {"load_s": load_s, "kernels": kernels.impl_name() if quantized else "torch",
+            "model_bytes": held, "kv_bytes": lambda: state["session"].cache.nbytes,
+            "kv_element_bytes": lambda: state["session"].cache.k.element_size(), "threads_used": torch.get_num_threads()}
     return Runner(spec, prefill, step, reset, lambda logits: int(logits.argmax()), info)
 
 
@@ -179,7 +209,8 @@ def load_transformers(spec: Spec) -> Runner:
 
     held = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
     info = {"load_s": load_s, "version": transformers.__version__, "model_bytes": held,
-            "kv_bytes": _kv_bytes(spec, 2 if spec.fmt in ("bf16", "f16") else 4)}
+            "kv_bytes": _kv_bytes(spec, 2 if spec.fmt in ("bf16", "f16") else 4), "threads_used": torch.get_num_threads(),
+            "kv_element_bytes": 2 if spec.fmt in ("bf16", "f16") else 4}
     return Runner(spec, run, lambda token: run([token]), reset, lambda logits: int(logits.argmax()), info)
 
 
@@ -189,8 +220,11 @@ def load_llama_cpp(spec: Spec) -> Runner:
 
     threads = spec.threads or os.cpu_count() or 1
     t0 = time.perf_counter()
+    # No mmap: the weights in malloc'd memory, where they can have the page setting the other
+    # engines' weights have (page_environment); a mapped file's pages are always 4 KiB.
     llm = llama_cpp.Llama(model_path=spec.gguf, n_ctx=context_length(spec), n_batch=512, n_ubatch=512,
-                          n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+                          n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False,
+                          use_mmap=False)
     load_s = time.perf_counter() - t0
     n_vocab = llm.n_vocab()
 
@@ -199,17 +233,27 @@ def load_llama_cpp(spec: Spec) -> Runner:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
 
     info = {"load_s": load_s, "version": llama_cpp.__version__, "model_bytes": os.path.getsize(spec.gguf),
-            "kv_bytes": _kv_bytes(spec, 2, llm.n_ctx())}
+            "kv_bytes": _kv_bytes(spec, 2, llm.n_ctx()), "threads_used": threads, "kv_element_bytes": 2,
+            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(" |\n")}
     return Runner(spec, run, lambda token: run([token]), llm.reset, lambda logits: int(np.argmax(logits)), info)
 
 
 def _kv_bytes(spec: Spec, element_bytes: int, context: int | None = None) -> int:
     """A cache of `context` positions (default: what the measurement uses) for every layer."""
-    from .shapes import model_config
-
-    config = model_config(spec.shape)
+    config = spec_config(spec)
     context = context or context_length(spec)
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * element_bytes
+
+
+def spec_config(spec: Spec):
+    """The model's shape: the GGUF file's when measuring one, else the named shape's."""
+    if spec.gguf:
+        from ..weights.gguf_file import GGUFFile
+
+        return GGUFFile(spec.gguf).config()
+    from .shapes import model_config
+
+    return model_config(spec.shape)
 
 
 LOAD = {"mistol": load_mistol, "transformers": load_transformers, "llama.cpp": load_llama_cpp}
@@ -232,7 +276,7 @@ def serve(spec: Spec, requests, reply: Callable[[dict], None]) -> None:
         elif request["do"] == "finish":
             info = {k: v() if callable(v) else v for k, v in runner.info.items()}
             reply({**info, "base_rss": before, "peak_rss": memory_status()["VmHWM"],
-                   "threads_used": spec.threads or torch.get_num_threads()})
+                   "huge_page_bytes": huge_page_bytes()})
             return
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from ..engine import DTYPES
 from ..model import ModelConfig, Transformer
 from ..model.linear import Linear, TiledLinear, tiles_pay_off
-from ..quant import QuantizedLinear, quantize_linear
+from ..quant import QuantizedLinear, quantize_linear, quantize_tied_head
 
 QUANT_FORMATS = ("int8", "int4")
 STD = 0.02
@@ -61,6 +61,7 @@ def mistol_model(config: ModelConfig, fmt: str, seed: int = 0, device: str = "cp
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, nn.Parameter(value, requires_grad=False))
     model.rotary.to("cpu")
+    quantize_tied_head(model)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -113,8 +114,10 @@ def write_bench_gguf(path: Path, config: ModelConfig, tensor_type: str, progress
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
+    # A tied embedding is also the head: Q8_0 at 4 bits, as mistol runs it (shapes.head_format)
+    embedding_type = "Q8_0" if config.tie_word_embeddings and tensor_type == "Q4_0" else None
     write_gguf(partial, config, gguf_tensors(config), synthetic_tokenizer(config.vocab_size),
-               tensor_type=tensor_type, progress=progress)
+               tensor_type=tensor_type, embedding_type=embedding_type, progress=progress)
     partial.replace(path)  # only a whole file gets the final name (a cache for the next run)
     return path
 
@@ -159,3 +162,18 @@ def write_bench_checkpoint(directory: Path, shape: str, fmt: str, progress: bool
     partial.replace(directory)  # only a whole checkpoint gets the final name (a cache for the next run)
     return directory
 
+
+
+def write_llama_cpp_quantized(path: Path, source: Path, ftype: str, threads: int) -> Path:
+    """`source` (an F16 GGUF) quantized to `ftype` ("Q4_K_M", "Q6_K", ...) by llama.cpp's own
+    quantizer, so that both engines run a file llama.cpp made and chose the types of."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = threads
+    partial = path.with_name(path.name + ".partial")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params):
+        raise OSError(f"llama.cpp could not quantize {source} to {ftype}")
+    partial.replace(path)
+    return path

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..util import available_memory
-from .engines import ENGINES, FORMATS, Spec
+from .engines import ENGINES, Spec, page_environment, spec_config
 from .shapes import GGUF_TYPES, all_weights, bytes_per_token, model_config
 
 QUANTIZED = ("int8", "int4")
@@ -39,42 +39,58 @@ PROBE_BYTES = 1 << 30  # read in turns with the decoding, for the bandwidth at t
 
 
 def run_bench(shape: str, formats: list[str], engines: list[str], prompts: list[int], steps: int, threads: int,
-              cache_dir: Path) -> dict:
+              cache_dir: Path, pages: list[str] | None = None, ggufs: list[Path] | None = None) -> dict:
     """Measure each engine at each format (the pairs that apply, installed and fitting in memory)
-    and return the report that `report_table` prints; model files are written to `cache_dir`."""
-    config = model_config(shape)
+    and return the report that `report_table` prints; model files are written to `cache_dir`.
+
+    `threads` (0: mistol's default, one per core) is resolved here once and given to every
+    engine; `pages` lists the page settings to measure each engine with ("huge", "small");
+    `ggufs`, when given, are the files to measure instead of the shape's random models: each
+    file by mistol and llama.cpp."""
     say = (lambda text: print(text, file=sys.stderr, flush=True))
+    threads = threads or default_threads()
+    pages = pages or ["huge"]
 
     plan: list[Spec] = []
     notes: list[str] = []
-    for engine in engines:
-        for fmt in formats:
-            if engine == "transformers" and fmt in QUANTIZED:
-                continue  # transformers has no CPU int8/int4 path of this kind
-            if engine == "llama.cpp" and fmt not in QUANTIZED:
-                continue  # compared at the same bits as mistol's quantized formats
-            plan.append(Spec(engine, fmt, shape, prompts, steps, threads))
+    if ggufs:
+        for path in ggufs:
+            for engine in engines:
+                if engine == "transformers":
+                    continue  # (it reads no GGUF files of these types)
+                plan += [Spec(engine, gguf_label(path), path.name, prompts, steps, threads, page, gguf=str(path))
+                         for page in pages]
+    else:
+        for engine in engines:
+            for fmt in formats:
+                if engine == "transformers" and fmt in QUANTIZED:
+                    continue  # transformers has no CPU int8/int4 path of this kind
+                if engine == "llama.cpp" and fmt not in QUANTIZED:
+                    continue  # compared at the same bits as mistol's quantized formats
+                plan += [Spec(engine, fmt, shape, prompts, steps, threads, page) for page in pages]
     available = _available(engines)
     bandwidth = [measure_bandwidth(threads)]
-    say(f"memory read bandwidth ({threads or os.cpu_count()} threads): {bandwidth[0]:.1f} GB/s")
+    say(f"memory read bandwidth ({threads} threads): {bandwidth[0]:.1f} GB/s")
     runnable: list[tuple[Spec, Memory]] = []
     for spec in plan:
         label = _label(spec)
         if not available[spec.engine]:
             notes.append(f"{label}: skipped ({_MISSING[spec.engine]})")
             continue
-        need, free = _memory_need(spec, config), available_memory()
+        need, free = _memory_need(spec, spec_config(spec) if spec.gguf else model_config(shape)), available_memory()
         if need.total > free:
             notes.append(f"{label}: skipped (needs about {need.total / 2**30:.1f} GiB, "
                          f"{free / 2**30:.1f} GiB available)")
             continue
         runnable.append((spec, need))
     results = []
-    for group in _groups(runnable, formats):
+    for group in _groups(runnable):
         try:
             for spec in group:
+                if spec.gguf:
+                    continue
                 if spec.engine == "llama.cpp":
-                    spec.gguf = str(_gguf_file(cache_dir, shape, spec.fmt, config, say))
+                    spec.gguf = str(_gguf_file(cache_dir, shape, spec.fmt, model_config(shape), say))
                 elif spec.fmt not in QUANTIZED:
                     spec.checkpoint = str(_checkpoint(cache_dir, shape, spec.fmt, say))
         except OSError as e:
@@ -84,11 +100,66 @@ def run_bench(shape: str, formats: list[str], engines: list[str], prompts: list[
         say(f"measuring {labels}" + (", taking turns decoding ..." if len(group) > 1 else " ..."))
         for result in _measure(group, threads):
             if "error" in result:
-                notes.append(f"{_label(Spec(result['engine'], result['fmt'], shape))}: failed ({result['error']})")
+                notes.append(f"{_label(Spec(**{k: result[k] for k in ('engine', 'fmt', 'shape', 'pages')}))}: "
+                             f"failed ({result['error']})")
+            elif ggufs:  # both engines' ceiling: what a step reads of the file
+                result["gguf_weight_bytes"] = gguf_weight_bytes(Path(result["gguf"]))
             results.append(result)
     bandwidth.append(measure_bandwidth(threads))
-    return _report(config, results, bandwidth, notes)
+    shape_name = ", ".join(p.name for p in ggufs) if ggufs else shape
+    return _report(model_config(shape) if not ggufs else None, shape_name, results, bandwidth, notes, threads)
 
+
+KQUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K")  # the k-quant files people download most
+
+
+def kquant_files(directory: Path, shape: str, ftypes: list[str], threads: int, say) -> list[Path]:
+    """The shape's random weights as GGUF files that llama.cpp's quantizer made from an F16
+    file (written once into `directory` and kept for the next run)."""
+    from .models import write_bench_gguf, write_llama_cpp_quantized
+
+    f16 = directory / f"random-{shape}-F16.gguf"
+    paths = []
+    for ftype in ftypes:
+        path = directory / f"random-{shape}-{ftype}.gguf"
+        if not path.is_file():
+            if not f16.is_file():
+                say(f"writing {f16} (the source of the k-quant files) ...")
+                write_bench_gguf(f16, model_config(shape), "F16", progress=None)
+            say(f"quantizing it to {ftype} with llama.cpp's quantizer ...")
+            write_llama_cpp_quantized(path, f16, ftype, threads)
+        paths.append(path)
+    return paths
+
+
+def default_threads() -> int:
+    """The threads mistol runs on when not told: torch's default (one per core)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def gguf_label(path: Path) -> str:
+    """A GGUF file's type as llama.cpp names it ("Q4_K_M"), from its `general.file_type`."""
+    from ..weights.gguf_file import GGUFFile
+
+    import gguf
+
+    value = GGUFFile(path).get("general.file_type")
+    try:
+        return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        return "GGUF"
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes of a GGUF file's tensors that one decode step reads: all but the token
+    embedding (of which it reads one row), unless the embedding is also the head."""
+    from ..weights.gguf_file import GGUFFile
+
+    tensors = GGUFFile(path).tensors
+    tied = "output.weight" not in tensors
+    return sum(int(t.n_bytes) for name, t in tensors.items() if name != "token_embd.weight" or tied)
 
 
 _MISSING = {"transformers": "pip install transformers", "llama.cpp": "pip install llama-cpp-python", "mistol": ""}
@@ -102,7 +173,7 @@ def _available(engines: list[str]) -> dict[str, bool]:
 
 
 def _format_name(spec: Spec) -> str:
-    return GGUF_TYPES[spec.fmt] if spec.engine == "llama.cpp" else spec.fmt
+    return GGUF_TYPES.get(spec.fmt, spec.fmt) if spec.engine == "llama.cpp" else spec.fmt
 
 
 def _checkpoint(directory: Path, shape: str, fmt: str, say) -> Path:
@@ -126,7 +197,8 @@ def _gguf_file(directory: Path, shape: str, fmt: str, config, say) -> Path:
 
 
 def _label(spec: Spec) -> str:
-    return f"{spec.engine} {_format_name(spec)}"
+    pages = "" if spec.pages == "huge" else f" ({spec.pages} pages)"
+    return f"{spec.engine} {_format_name(spec)}{pages}"
 
 
 @dataclass
@@ -149,8 +221,9 @@ def _memory_need(spec: Spec, config) -> Memory:
     from ..model.linear import tiles_pay_off
 
     weights = all_weights(config)
-    if spec.engine == "mistol" and spec.fmt in QUANTIZED:  # quantized linears, float32 embedding
-        return Memory(weights * 1.1 + config.vocab_size * config.hidden_size * 4)
+    embedding = config.vocab_size * config.hidden_size * 4
+    if spec.engine == "mistol" and (spec.fmt in QUANTIZED or spec.gguf):  # quantized linears, float32 embedding
+        return Memory(weights * 1.1 + embedding)
     if spec.engine == "llama.cpp":
         return Memory(weights * 1.1 * 1.1)
     element = 4 if spec.fmt == "f32" else 2
@@ -161,11 +234,12 @@ def _memory_need(spec: Spec, config) -> Memory:
     return Memory(own, mapped)
 
 
-def _groups(runnable: list[tuple[Spec, Memory]], formats: list[str]) -> list[list[Spec]]:
-    """The engines of each format, together where their memory fits at once, else one by one."""
+def _groups(runnable: list[tuple[Spec, Memory]]) -> list[list[Spec]]:
+    """The engines of each format, page setting and file, together where their memory fits
+    at once, else one by one."""
     groups = []
-    for fmt in formats:
-        specs = [(spec, need) for spec, need in runnable if spec.fmt == fmt]
+    for key in dict.fromkeys((spec.fmt, spec.pages, spec.gguf) for spec, _ in runnable):
+        specs = [(spec, need) for spec, need in runnable if (spec.fmt, spec.pages, spec.gguf) == key]
         together = sum(need.own for _, need in specs) + max((need.shared for _, need in specs), default=0)
         if len(specs) > 1 and together + PROBE_BYTES <= available_memory():
             groups.append([spec for spec, _ in specs])
@@ -183,7 +257,7 @@ class Worker:
 
     def __init__(self, spec: Spec):
         command = [sys.executable, "-m", "mistol.bench.engines", json.dumps(asdict(spec))]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **page_environment(spec.pages)}
         if spec.threads:
             env["OMP_NUM_THREADS"] = str(spec.threads)
         self.spec = spec
@@ -316,7 +390,10 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _report(config, results: list[dict], bandwidth: list[float], notes: list[str]) -> dict:
+def _report(config, shape: str, results: list[dict], bandwidth: list[float], notes: list[str], threads: int) -> dict:
+    """The rows (each engine's figures, its decode speed against the bandwidth ceiling) and
+    the ratios of mistol to the others at each format. `config`: the shape's (None when
+    measuring GGUF files: each row's file gives its own)."""
     rows = []
     for r in results:
         if "error" in r:
@@ -324,55 +401,77 @@ def _report(config, results: list[dict], bandwidth: list[float], notes: list[str
         # the bandwidth read in turns with this engine's decoding (else the run's best)
         gbs = r.get("decode_bandwidth_gb_s") or max(bandwidth)
         context = min(r["prompts"]) + r["steps"] // 2
-        kv_bytes = 2 if r["fmt"] in ("bf16", "f16") and r["engine"] != "llama.cpp" else 4
-        if r["engine"] == "llama.cpp":
-            kv_bytes = 2  # llama.cpp keeps its cache in f16
-        per_token = bytes_per_token(config, r["fmt"], context, kv_bytes)
+        row_config = config or spec_config(Spec(r["engine"], r["fmt"], r["shape"], gguf=r["gguf"]))
+        kv_element = r.get("kv_element_bytes", 4)
+        kv = 2 * row_config.num_layers * row_config.num_kv_heads * row_config.head_dim * context * kv_element
+        if "gguf_weight_bytes" in r:  # a file's: both engines against what llama.cpp reads of it
+            per_token = r["gguf_weight_bytes"] + kv
+        else:
+            per_token = bytes_per_token(row_config, r["fmt"], context, kv_element)
         ceiling = gbs * 1e9 / per_token
-        weights = per_token - 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * kv_bytes
         rows.append({**r, "format": _format_name(Spec(r["engine"], r["fmt"], r["shape"])),
                      "bytes_per_token": per_token, "ceiling_bandwidth_gb_s": gbs, "roofline_tok_s": ceiling,
-                     "roofline_share": r["decode_tok_s"] / ceiling, "weight_bytes": weights,
+                     "roofline_share": r["decode_tok_s"] / ceiling, "weight_bytes": per_token - kv,
                      "rss_growth": r["peak_rss"] - r["base_rss"],
                      "rss_ratio": (r["peak_rss"] - r["base_rss"]) / (r["model_bytes"] + r["kv_bytes"])})
     ratios = []
+    for ours in (row for row in rows if row["engine"] == "mistol"):
+        for theirs in rows:
+            if theirs["engine"] == "mistol" or (theirs["fmt"], theirs["pages"]) != (ours["fmt"], ours["pages"]):
+                continue
+            pages = "" if ours["pages"] == "huge" else f" ({ours['pages']} pages)"
+            ratio = {"mistol": ours["fmt"] + pages, "versus": f"{theirs['engine']} {theirs['format']}",
+                     "decode": ours["decode_tok_s"] / theirs["decode_tok_s"],
+                     # each against the bandwidth read while it decoded: the two compared
+                     # at the same bandwidth (what matters where they could not take turns)
+                     "decode_same_bandwidth": ours["roofline_share"] / theirs["roofline_share"],
+                     "ttft": theirs["ttft_s"] / ours["ttft_s"]}
+            for n in ours["prefill_tok_s"]:
+                ratio[f"prefill_{n}"] = ours["prefill_tok_s"][n] / theirs["prefill_tok_s"][n]
+            ratios.append(ratio)
+    system_info = next((r["system_info"] for r in rows if r.get("system_info")), None)
+    return {"shape": shape, "threads": threads, "bandwidth_gb_s": bandwidth, "rows": rows, "ratios": ratios,
+            "llama_cpp_system_info": system_info, "machine": machine_line(), "notes": notes}
 
-    def find(engine, fmt):
-        return next((row for row in rows if row["engine"] == engine and row["fmt"] == fmt), None)
 
-    for fmt in FORMATS:
-        ours = find("mistol", fmt)
-        for other in ("llama.cpp", "transformers"):
-            theirs = find(other, fmt)
-            if ours and theirs:
-                ratio = {"mistol": fmt, "versus": f"{other} {theirs['format']}",
-                         "decode": ours["decode_tok_s"] / theirs["decode_tok_s"],
-                         # each against the bandwidth read while it decoded: the two compared
-                         # at the same bandwidth (what matters where they could not take turns)
-                         "decode_same_bandwidth": ours["roofline_share"] / theirs["roofline_share"],
-                         "ttft": theirs["ttft_s"] / ours["ttft_s"]}
-                for n in ours["prefill_tok_s"]:
-                    ratio[f"prefill_{n}"] = ours["prefill_tok_s"][n] / theirs["prefill_tok_s"][n]
-                ratios.append(ratio)
-    return {"shape": results[0]["shape"] if results else None, "bandwidth_gb_s": bandwidth, "rows": rows,
-            "ratios": ratios, "notes": notes}
+def machine_line() -> str:
+    """The CPU's model name and the SIMD extensions the kernels choose between."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni") if f in flags]
+    return f"{name}, {os.cpu_count()} CPUs ({' '.join(simd) or 'no AVX2'})"
 
 
 def report_table(report: dict) -> str:
     rows = report["rows"]
     prompts = sorted({int(n) for r in rows for n in r["prefill_tok_s"]})
     bw = report["bandwidth_gb_s"]
-    lines = [f"shape {report['shape']}; memory read bandwidth {bw[0]:.1f} GB/s at the start, {bw[-1]:.1f} GB/s at the end",
-             ""]
+    lines = [f"model {report['shape']}; {report['machine']}; {report['threads']} threads for every engine",
+             f"memory read bandwidth {bw[0]:.1f} GB/s at the start, {bw[-1]:.1f} GB/s at the end"]
+    if report.get("llama_cpp_system_info"):
+        lines.append(f"llama.cpp build: {report['llama_cpp_system_info']}")
+    lines.append("")
     head = ["engine", "format"] + [f"prefill {n}" for n in prompts] + [
-        "TTFT s", "decode tok/s", "GB/s", "ceiling", "of ceiling", "peak RSS", "RSS/(model+KV)"]
+        "TTFT s", "decode tok/s", "GB/s", "ceiling", "of ceiling", "peak RSS", "RSS/(model+KV)", "threads",
+        "huge pages"]
     table = [head]
     for r in rows:
-        table.append([r["engine"], r["format"]] + [f"{r['prefill_tok_s'][str(n)]:.2f}" for n in prompts] + [
+        pages = "" if r["pages"] == "huge" else f" ({r['pages']} pages)"
+        table.append([r["engine"], r["format"] + pages] + [f"{r['prefill_tok_s'][str(n)]:.2f}" for n in prompts] + [
             f"{r['ttft_s']:.2f}", f"{r['decode_tok_s']:.2f}", f"{r['ceiling_bandwidth_gb_s']:.1f}",
             f"{r['roofline_tok_s']:.2f}",
             f"{100 * r['roofline_share']:.0f}%", f"{r['peak_rss'] / 2**30:.2f} GiB",
-            f"{r['rss_ratio']:.2f}"])
+            f"{r['rss_ratio']:.2f}", str(r.get("threads_used", "?")),
+            f"{r.get('huge_page_bytes', 0) / 2**30:.2f} GiB"])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for n, row in enumerate(table):
         lines.append("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
@@ -382,8 +481,11 @@ def report_table(report: dict) -> str:
     lines.append("prefill and decode in tokens/s; ceiling = bandwidth (read in turns with the decoding, column "
                  "'GB/s') / bytes read per decoded token; "
                  "RSS/(model+KV) = growth of the peak RSS while measuring over the bytes of the model as held "
-                 "(quantized layers, float embedding and norms; for llama.cpp its file) plus its KV cache")
-    together = sorted({" with ".join(sorted([f"{r['engine']} {r['format']}", *r["decoded_with"]]))
+                 "(quantized layers, float embedding and norms; for llama.cpp its file) plus its KV cache; "
+                 "huge pages = the engine's memory in transparent huge pages at the end (every engine asks for "
+                 "them unless --pages small; llama.cpp loads without mmap, so that its weights can have them)")
+    together = sorted({" with ".join(sorted([_label(Spec(r["engine"], r["fmt"], r["shape"], pages=r["pages"])),
+                                             *r["decoded_with"]]))
                        for r in rows if r.get("decoded_with")})
     if together:
         lines.append(f"decoding in turns of {TURN_STEPS} steps, under the same load: " + "; ".join(together))

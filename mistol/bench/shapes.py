@@ -28,6 +28,20 @@ SHAPES: dict[str, dict] = {
         "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
         "max_position_embeddings": 2048, "rope_theta": 10000.0,
     },
+    "0.5b": {  # Qwen2.5 0.5B: a tied head of 136M weights, a third of the model
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+        "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645,
+    },
+    "135m": {  # SmolLM2 135M: per-token overheads, not bandwidth, decide its speed
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+        "max_position_embeddings": 8192, "rope_theta": 100000.0, "tie_word_embeddings": True,
+        "bos_token_id": 0, "eos_token_id": 0,
+    },
     "tiny": {  # for checking the benchmark itself in seconds
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2,
@@ -65,14 +79,24 @@ def linear_weights(config: ModelConfig) -> int:
 
 
 def all_weights(config: ModelConfig) -> int:
-    return linear_weights(config) + config.vocab_size * config.hidden_size + (2 * config.num_layers + 1) * config.hidden_size
+    """Every weight the model stores (a tied head is the embedding: stored once)."""
+    embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return linear_weights(config) + embedding + (2 * config.num_layers + 1) * config.hidden_size
+
+
+def head_format(config: ModelConfig, fmt: str) -> str:
+    """The output head's format: a tied head of a quantized model is int8 (Q8_0) in both
+    engines (`mistol.quant.quantize_tied_head`; the bench's GGUF stores its embedding so)."""
+    return "int8" if config.tie_word_embeddings and fmt in ("int8", "int4") else fmt
 
 
 def bytes_per_token(config: ModelConfig, fmt: str, context: int, kv_bytes: int = 4) -> float:
     """Bytes one decode step reads at `context` tokens: every linear weight once, one
     embedding row, and the keys and values of the context (its share is small here)."""
     kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * kv_bytes
-    return linear_weights(config) * BYTES_PER_WEIGHT[fmt] + kv
+    head = config.vocab_size * config.hidden_size
+    return ((linear_weights(config) - head) * BYTES_PER_WEIGHT[fmt]
+            + head * BYTES_PER_WEIGHT[head_format(config, fmt)] + kv)
 
 
 def synthetic_tokenizer(vocab_size: int):

@@ -7,11 +7,14 @@ the options and prints the report.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 from ..bench.engines import ENGINES, FORMATS
+from ..bench.run import KQUANTS
 from ..bench.shapes import SHAPES
 from ..errors import MistolError
 from . import COMMANDS
@@ -36,7 +39,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated (default: {','.join(ENGINES)})")
     p.add_argument("--prompts", default="64,512", help="prompt lengths for prefill (default: 64,512)")
     p.add_argument("--steps", type=int, default=32, help="decode steps, at least 32 (default: 32)")
-    p.add_argument("--threads", type=int, default=0, help="threads for every engine (default: all cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads for every engine, the same for all (default: mistol's default, one per core)")
+    p.add_argument("--pages", default="huge", choices=["huge", "small", "both"],
+                   help="memory pages for every engine's weights: transparent huge pages (asked for by each "
+                   "engine: torch's allocator, glibc's malloc for llama.cpp), 4 KiB pages, or both, measured in "
+                   "turn (default: huge)")
+    p.add_argument("--gguf", type=Path, action="append", default=None, metavar="FILE",
+                   help="measure mistol and llama.cpp on this GGUF file (repeatable) instead of the shape's "
+                   "random models")
+    p.add_argument("--kquants", nargs="?", const=",".join(KQUANTS), default=None, metavar="TYPES",
+                   help=f"measure mistol and llama.cpp on GGUF files of the shape made by llama.cpp's own "
+                   f"quantizer from an F16 file (default types: {','.join(KQUANTS)})")
     p.add_argument("--cache-dir", "--gguf-dir", dest="cache_dir", type=Path, default=None,
                    help="where the model files are written and kept for the next run: GGUF files for llama.cpp, "
                    "a safetensors checkpoint per float format for mistol and transformers (default: "
@@ -52,6 +66,15 @@ def _list(value: str, allowed, what: str) -> list[str]:
     if bad or not items:
         raise MistolError(f"--{what}: {', '.join(bad) or 'nothing given'} (choose from {', '.join(allowed)})")
     return items
+
+
+def _gguf_argument(path: Path) -> Path:
+    from ..weights.gguf_file import GGUFFile
+
+    if not path.is_file():
+        raise MistolError(f"--gguf {path}: no such file")
+    GGUFFile(path).config()  # a file neither engine could run fails here, in one line
+    return path.resolve()
 
 
 def cmd_bench(args) -> int:
@@ -70,6 +93,24 @@ def cmd_bench(args) -> int:
     if args.threads < 0:
         raise MistolError("--threads must be 0 (all cores) or more")
     cache_dir = args.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mistol" / "bench"
-    report = run_bench(args.shape, formats, engines, prompts, args.steps, args.threads, cache_dir)
+    pages = ["huge", "small"] if args.pages == "both" else [args.pages]
+    ggufs = None
+    if args.gguf and args.kquants:
+        raise MistolError("--gguf and --kquants: give one of them")
+    if args.gguf:
+        ggufs = [_gguf_argument(path) for path in args.gguf]
+    elif args.kquants:
+        ftypes = _list(args.kquants, KQUANTS + ("Q4_K_S", "Q5_K_S", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"),
+                       "kquants")
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise MistolError("--kquants needs llama.cpp's quantizer: pip install llama-cpp-python")
+        from ..bench.run import default_threads, kquant_files
+
+        try:
+            ggufs = kquant_files(cache_dir, args.shape, ftypes, args.threads or default_threads(),
+                                 lambda text: print(text, file=sys.stderr, flush=True))
+        except OSError as e:
+            raise MistolError(f"--kquants: {e}") from None
+    report = run_bench(args.shape, formats, engines, prompts, args.steps, args.threads, cache_dir, pages, ggufs)
     print(json.dumps(report, indent=2) if args.json else report_table(report))
     return 0
