@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -130,9 +131,29 @@ def test_load_and_save_errors_keep_the_piped_chat_going(mistral_dir, tmp_path):
 def test_threads_from_the_option_or_the_environment(tmp_path):
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path)}
     ask = ["chat", "--model", "demo", "--no-code", "--max-tokens", "2", "-t", "0", "-v"]
-    assert "mistol: 1 threads" in run(*ask, "--threads", "1", input="hi\n", env=env).stderr
-    assert "mistol: 1 threads" in run(*ask, input="hi\n", env={**env, "MISTOL_THREADS": "1"}).stderr
+    assert "mistol: 1 thread (--threads)" in run(*ask, "--threads", "1", input="hi\n", env=env).stderr
+    assert "mistol: 1 thread (MISTOL_THREADS)" in run(*ask, input="hi\n", env={**env, "MISTOL_THREADS": "1"}).stderr
     bad = run(*ask, "--threads", "0", input="hi\n", env=env, check=False)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == "mistol: error: --threads 0: expected 1 or more"
     bad = run(*ask, input="hi\n", env={**env, "MISTOL_THREADS": "many"}, check=False)
     assert bad.returncode == 1 and "MISTOL_THREADS='many'" in bad.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs and Linux affinity")
+def test_default_threads_leave_a_busy_core_alone(tmp_path):
+    """With another process keeping one of its two cores busy, the model runs on one thread
+    (two would wait at every barrier for the thread that shares the busy core)."""
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    hog = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, preexec_fn=lambda: os.sched_setaffinity(0, {cpus[1]}))
+    try:
+        time.sleep(0.2)
+        out = subprocess.run(
+            [sys.executable, "-m", "mistol", "chat", "--model", "demo", "--no-code", "--max-tokens", "2", "-v"],
+            input="hi\n", capture_output=True, text=True, timeout=120, env={**os.environ, "XDG_DATA_HOME": str(tmp_path)},
+            preexec_fn=lambda: os.sched_setaffinity(0, set(cpus)))
+    finally:
+        hog.kill()
+        hog.wait()
+    assert out.returncode == 0, out.stderr
+    assert "mistol: 1 thread (1 of 2 cores: " in out.stderr, out.stderr

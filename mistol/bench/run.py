@@ -133,10 +133,12 @@ def kquant_files(directory: Path, shape: str, ftypes: list[str], threads: int, s
 
 
 def default_threads() -> int:
-    """The threads mistol runs on when not told: torch's default (one per core)."""
+    """The threads mistol runs on when not told (one per idle core: `mistol.threads`)."""
     import torch
 
-    return torch.get_num_threads()
+    from ..threads import default_threads as mistol_default
+
+    return mistol_default(torch.get_num_threads())[0]
 
 
 def gguf_label(path: Path) -> str:

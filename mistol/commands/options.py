@@ -25,7 +25,7 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--download", action="store_true",
                    help="download a Hugging Face model larger than 1 GiB without asking first")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for the model (default: $MISTOL_THREADS, else one per core)")
+                   help="CPU threads for the model (default: $MISTOL_THREADS, else one per idle core)")
     p.add_argument("--quant", default="auto", choices=QUANT_CHOICES,
                    help="weight format. auto (the default): on CPU, int8 for checkpoints of 2 GiB or more "
                    "(a 7B model), exact f32 for smaller ones; a .gguf file's own types; bf16 on CUDA. "
@@ -130,10 +130,15 @@ def apply_threads(args) -> int:
 
     n = threads(args)
     if n is not None:
-        torch.set_num_threads(n)
+        why = "--threads" if getattr(args, "threads", None) is not None else "MISTOL_THREADS"
+    else:
+        from ..threads import default_threads
+
+        n, why = default_threads(torch.get_num_threads())
+    torch.set_num_threads(n)
     if getattr(args, "verbose", False):
-        print(f"mistol: {torch.get_num_threads()} threads", file=sys.stderr)
-    return torch.get_num_threads()
+        print(f"mistol: {n} thread{'s' if n > 1 else ''} ({why})", file=sys.stderr)
+    return n
 
 
 def load_engine(args, model: str | None = None):
