@@ -74,6 +74,7 @@ static const mistol_constant constants[] = {
     FIELD(mistol_decode_args, eps),
     FIELD(mistol_decode_args, nthreads),
     FIELD(mistol_decode_args, impl),
+    FIELD(mistol_decode_args, cache_f16),
 
     {NULL, NULL, 0},
 };

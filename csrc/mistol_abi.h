@@ -9,7 +9,7 @@
 
 #include <stdint.h>
 
-#define MISTOL_ABI_VERSION 9
+#define MISTOL_ABI_VERSION 10
 
 /* Weight formats of the quantized kernels (see the layout in mistol_kernels.h). */
 enum { FMT_INT8 = 1, FMT_INT4 = 2 };
@@ -40,14 +40,14 @@ typedef struct {
 
 /* Everything one call of mistol_decode_layer reads: layer `layer` of `layers` for the
  * token whose hidden state x[hidden] it updates in place. The caches hold every layer:
- * [layers][kv_heads][capacity][head_dim] float32; the new key and value go to slot
+ * [layers][kv_heads][capacity][head_dim] float32 (float16 with cache_f16 != 0); the new key and value go to slot
  * `slot`, attention reads slots [0, n_keys) where mask[s] != 0 (mask NULL: all of them).
  * cos/sin: the token's RoPE values, [head_dim]. */
 typedef struct {
     const mistol_layer *layers;
     int64_t layer;
     float *x;
-    float *cache_k, *cache_v;
+    void *cache_k, *cache_v;
     const float *cos, *sin;
     const uint8_t *mask;
     int64_t hidden, ffn, heads, kv_heads, head_dim;
@@ -55,6 +55,7 @@ typedef struct {
     float eps;
     int32_t nthreads;
     int32_t impl;
+    int32_t cache_f16;
 } mistol_decode_args;
 
 /* One entry of mistol_abi_constants(): a named value in a group ("format", "error", ...);

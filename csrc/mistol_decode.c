@@ -4,7 +4,7 @@
  *
  *   h = rmsnorm(x) * norm_attn
  *   q, k, v = h Wq^T (+ bq), h Wk^T (+ bk), h Wv^T (+ bv), then RoPE ("rotate half") on q and k
- *   the cache's slot `slot` = k, v
+ *   the cache's slot `slot` = k, v (float32, or float16: cache_f16)
  *   a = softmax(q K^T / sqrt(head_dim)) V per query head over the first n_keys slots
  *       (grouped-query: query head h reads kv head h / (heads / kv_heads); mask[s] = 0
  *       hides slot s, for sliding windows and empty slots)
@@ -41,10 +41,11 @@
  * output, gate|up, the layer outputs added to x, the quantized input, and per thread:
  * attention scores and accumulators. Each buffer holds `*_size` elements. */
 struct mistol_workspace {
-    float *h, *qkv, *att, *gu, *y, *da, *scores, *acc;
+    float *h, *qkv, *att, *gu, *y, *da, *scores, *acc, *kv_chunk;
     int8_t *qa;
     int32_t *sa;
-    int64_t h_size, qkv_size, att_size, gu_size, y_size, da_size, scores_size, acc_size, qa_size, sa_size;
+    int64_t h_size, qkv_size, att_size, gu_size, y_size, da_size, scores_size, acc_size, kv_chunk_size, qa_size,
+        sa_size;
 };
 typedef struct mistol_workspace mistol_workspace;
 
@@ -53,7 +54,7 @@ EXPORT mistol_workspace *mistol_workspace_new(void) { return calloc(1, sizeof(mi
 EXPORT void mistol_workspace_free(mistol_workspace *ws) {
     if (!ws) return;
     free(ws->h), free(ws->qkv), free(ws->att), free(ws->gu), free(ws->y), free(ws->da), free(ws->scores);
-    free(ws->acc), free(ws->qa), free(ws->sa), free(ws);
+    free(ws->acc), free(ws->kv_chunk), free(ws->qa), free(ws->sa), free(ws);
 }
 
 /* *buf holds at least n elements of `size` bytes afterwards (its contents are scratch):
@@ -148,6 +149,68 @@ static void attend(dot_fn dot, axpy_fn axpy, const float *q, int64_t group, cons
     }
 }
 
+/* A float16 cache (args->cache_f16) holds keys and values in half the bytes: rows are
+ * rounded to f16 as they are written (to nearest even, as torch's .to(float16)) and turned
+ * back into float32 a chunk of KV_CHUNK rows at a time as attention reads them, into a
+ * per-thread scratch that stays in L1; the arithmetic is then attend()'s, on those values. */
+#define KV_CHUNK 32
+typedef void (*halves_fn)(const uint16_t *, float *, int64_t);
+typedef void (*to_halves_fn)(const float *, uint16_t *, int64_t);
+
+static void halves_scalar(const uint16_t *h, float *f, int64_t n) {
+    for (int64_t i = 0; i < n; i++) f[i] = half_to_float(h[i]);
+}
+
+static void to_halves_scalar(const float *f, uint16_t *h, int64_t n) {
+    for (int64_t i = 0; i < n; i++) h[i] = float_to_half(f[i]);
+}
+
+#ifdef MISTOL_X86
+AVX2_FN static void halves_f16c(const uint16_t *h, float *f, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    for (; i < n; i++) f[i] = half_to_float(h[i]);
+}
+
+AVX2_FN static void to_halves_f16c(const float *f, uint16_t *h, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) h[i] = float_to_half(f[i]);
+}
+#endif
+
+/* attend() over float16 keys/values; chunk: scratch of KV_CHUNK * d floats. */
+static void attend_f16(dot_fn dot, axpy_fn axpy, halves_fn halves, const float *q, int64_t group,
+                       const uint16_t *keys, const uint16_t *values, int64_t d, int64_t n_keys, const uint8_t *mask,
+                       float *scores, float *chunk, float *out) {
+    const float scale = 1.0f / sqrtf((float)d);
+    for (int64_t s0 = 0; s0 < n_keys; s0 += KV_CHUNK) { /* each chunk of keys once, for every query head */
+        const int64_t n = n_keys - s0 < KV_CHUNK ? n_keys - s0 : KV_CHUNK;
+        halves(keys + s0 * d, chunk, n * d);
+        for (int64_t g = 0; g < group; g++)
+            for (int64_t s = 0; s < n; s++)
+                scores[g * n_keys + s0 + s] =
+                    mask && !mask[s0 + s] ? -INFINITY : dot(q + g * d, chunk + s * d, d) * scale;
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *sc = scores + g * n_keys, top = -INFINITY, sum = 0.0f;
+        for (int64_t s = 0; s < n_keys; s++) top = sc[s] > top ? sc[s] : top;
+        for (int64_t s = 0; s < n_keys; s++) sum += sc[s] = sc[s] == -INFINITY ? 0.0f : expf(sc[s] - top);
+        memset(out + g * d, 0, sizeof(float) * (size_t)d);
+        for (int64_t s = 0; s < n_keys; s++) sc[s] /= sum;
+    }
+    for (int64_t s0 = 0; s0 < n_keys; s0 += KV_CHUNK) {
+        const int64_t n = n_keys - s0 < KV_CHUNK ? n_keys - s0 : KV_CHUNK;
+        halves(values + s0 * d, chunk, n * d);
+        for (int64_t g = 0; g < group; g++)
+            for (int64_t s = 0; s < n; s++) {
+                const float p = scores[g * n_keys + s0 + s];
+                if (p != 0.0f) axpy(p, chunk + s * d, out + g * d, d);
+            }
+    }
+}
+
 /* args->x[hidden] (float32, in place) += layer args->layer, as described at the top, with
  * ws's scratch. Returns 0 or an error. */
 EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *args) {
@@ -169,7 +232,8 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     const int nthreads = args->nthreads < 1 ? 1 : args->nthreads;
     if (RESERVE(ws, h, kmax) || RESERVE(ws, qkv, dq + 2 * dkv) || RESERVE(ws, att, dq) || RESERVE(ws, gu, 2 * F) ||
         RESERVE(ws, y, D) || RESERVE(ws, da, kmax / QK) || RESERVE(ws, qa, kmax) || RESERVE(ws, sa, kmax / QK) ||
-        RESERVE(ws, scores, nthreads * group * n_keys) || RESERVE(ws, acc, nthreads * IL))
+        RESERVE(ws, scores, nthreads * group * n_keys) || RESERVE(ws, acc, nthreads * IL) ||
+        RESERVE(ws, kv_chunk, nthreads * KV_CHUNK * hd))
         return ERR_NOMEM;
     dot_fn dot = dot_scalar;
     axpy_fn axpy = axpy_scalar;
@@ -182,15 +246,25 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     int32_t *sa = ws->sa;
     float *scores = ws->scores, *acc = ws->acc;
     const int64_t layer_floats = hkv * cap * hd; /* one layer's part of each cache */
-    float *cache_k = args->cache_k + args->layer * layer_floats, *cache_v = args->cache_v + args->layer * layer_floats;
+    float *cache_k = (float *)args->cache_k + args->layer * layer_floats;
+    float *cache_v = (float *)args->cache_v + args->layer * layer_floats;
     const float *cos = args->cos, *sin = args->sin;
     const uint8_t *mask = args->mask;
+    const int f16 = args->cache_f16 != 0;
+    uint16_t *cache_k16 = (uint16_t *)args->cache_k + args->layer * layer_floats;
+    uint16_t *cache_v16 = (uint16_t *)args->cache_v + args->layer * layer_floats;
+    halves_fn halves = halves_scalar;
+    to_halves_fn to_halves = to_halves_scalar;
+#ifdef MISTOL_X86
+    if (args->impl != IMPL_SCALAR && cpu_has_avx2()) halves = halves_f16c, to_halves = to_halves_f16c;
+#endif
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
         float *my_acc = acc + thread_index() * IL, *my_scores = scores + thread_index() * group * n_keys;
+        float *my_chunk = ws->kv_chunk + thread_index() * KV_CHUNK * hd;
         SINGLE
         {
             rms_norm(x, layer->norm_attn, D, args->eps, h);
@@ -208,11 +282,18 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
                 for (int64_t i = j * group * hd; i < (j + 1) * group * hd; i++) qkv[i] += b[i];
             }
             rope(k, cos, sin, hd);
-            memcpy(cache_k + (j * cap + slot) * hd, k, sizeof(float) * (size_t)hd);
-            memcpy(cache_v + (j * cap + slot) * hd, v, sizeof(float) * (size_t)hd);
             for (int64_t g = 0; g < group; g++) rope(qkv + (j * group + g) * hd, cos, sin, hd);
-            attend(dot, axpy, qkv + j * group * hd, group, cache_k + j * cap * hd, cache_v + j * cap * hd, hd,
-                   n_keys, mask, my_scores, att + j * group * hd);
+            if (f16) {
+                to_halves(k, cache_k16 + (j * cap + slot) * hd, hd);
+                to_halves(v, cache_v16 + (j * cap + slot) * hd, hd);
+                attend_f16(dot, axpy, halves, qkv + j * group * hd, group, cache_k16 + j * cap * hd,
+                           cache_v16 + j * cap * hd, hd, n_keys, mask, my_scores, my_chunk, att + j * group * hd);
+            } else {
+                memcpy(cache_k + (j * cap + slot) * hd, k, sizeof(float) * (size_t)hd);
+                memcpy(cache_v + (j * cap + slot) * hd, v, sizeof(float) * (size_t)hd);
+                attend(dot, axpy, qkv + j * group * hd, group, cache_k + j * cap * hd, cache_v + j * cap * hd, hd,
+                       n_keys, mask, my_scores, att + j * group * hd);
+            }
         }
         BARRIER
         SINGLE

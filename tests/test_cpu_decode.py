@@ -31,12 +31,17 @@ def model(cfg: ModelConfig, fmt: str, seed: int = 0):
     return m
 
 
-def teacher_forced_logits(m, tokens: list[int], max_context: int, compiled: bool, monkeypatch) -> torch.Tensor:
-    """Logits after a one-token prompt and then each of `tokens` fed as a decode step."""
+def teacher_forced_logits(m, tokens: list[int], max_context: int, compiled: bool, monkeypatch,
+                          kv_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Logits after a one-token prompt and then each of `tokens` fed as a decode step. The
+    cache is float32 unless asked: the two paths then do the same arithmetic (in float16,
+    a 1e-7 difference now and then rounds a key to the neighbouring half, for good)."""
     with monkeypatch.context() as patch:
         if not compiled:
             patch.setattr(cpu_decode.CpuDecoder, "of", classmethod(lambda cls, model: None))
-        session = Engine(m).new_session(max_context=max_context, chunk_size=4)
+        engine = Engine(m)
+        engine.kv_dtype = kv_dtype
+        session = engine.new_session(max_context=max_context, chunk_size=4)
         out = [session.feed([1])]
         with torch.inference_mode():
             out += [decode_step([session], [t])[0] for t in tokens]
@@ -172,3 +177,53 @@ def test_the_plan_is_the_engines_not_the_models(monkeypatch):
     engine.replan()
     session.step(5)
     assert calls[0] == 4
+
+
+@pytest.mark.parametrize("shape", ["gqa", "sliding window", "no-gqa, odd head size", "q/k/v/o biases, tied head"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "pytorch"])
+def test_a_float16_cache_stays_near_float32(shape, compiled, monkeypatch):
+    """A quantized CPU model's cache is float16 by default. Rounding each key and value to
+    11 significant bits moves a float32 model's logits by ~1e-4 (relative); in an int8
+    model the activations' int8 rounding turns that into ~1% (each flipped int8 step of an
+    activation is 1/127 of its block), a fraction of the int8 weights' own error, over 40
+    steps, windows wrapping included."""
+    cfg = SHAPES[shape]
+    tokens = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    m = model(cfg, "int8")
+    assert Engine(m).kv_dtype == torch.float16
+    half = teacher_forced_logits(m, tokens, 64, compiled, monkeypatch, torch.float16)
+    full = teacher_forced_logits(m, tokens, 64, compiled, monkeypatch)
+    rel = (half - full).norm(dim=-1) / full.norm(dim=-1)
+    assert rel.max() < 0.03, rel
+    assert (half.argmax(-1) == full.argmax(-1)).float().mean() >= 0.9
+
+    exact = mistol_model(cfg, "f32")  # no int8 rounding after the cache: the cache's own error
+    assert Engine(exact).kv_dtype == torch.float32
+    half = teacher_forced_logits(exact, tokens, 64, False, monkeypatch, torch.float16)
+    full = teacher_forced_logits(exact, tokens, 64, False, monkeypatch)
+    rel = (half - full).norm(dim=-1) / full.norm(dim=-1)
+    assert 0 < rel.max() < 2e-3, rel
+
+
+def test_greedy_replies_are_the_same_with_a_float16_cache():
+    """The demo model quantized to int8, as a CPU user runs a large model: its replies with
+    the default float16 cache are token for token those of a float32 cache, up to where the
+    chat stops them (the end of the turn, or of the first code block: the chat runs it)."""
+    from mistol.sampling import SamplingParams
+
+    engine = Engine.load("demo", quant="int8", dtype="f32")
+    assert engine.kv_dtype == torch.float16
+    tok = engine.tokenizer
+    params = SamplingParams(temperature=0.0, max_tokens=60)
+    for question in ("What is 37 * 48?", "Please compute 9876 - 1234.", "what's 17 squared", "Tell me a joke"):
+        prompt = tok.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", add_bos=True, parse_special=True)
+        replies = []
+        for dtype in (torch.float16, torch.float32):
+            engine.kv_dtype = dtype
+            reply = []
+            for token in engine.new_session(max_context=256).generate(prompt, params):
+                reply.append(token)
+                if tok.decode(reply).count("```") == 2:
+                    break
+            replies.append(reply)
+        assert replies[0] == replies[1] and len(replies[0]) > 5, question

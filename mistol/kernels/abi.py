@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import MistolError
 
-ABI_VERSION = 9  # the version of csrc/mistol_abi.h this module mirrors
+ABI_VERSION = 10  # the version of csrc/mistol_abi.h this module mirrors
 
 
 class AbiMismatch(MistolError):
@@ -50,7 +50,8 @@ class DecodeArgs(ctypes.Structure):
                 ("sin", ctypes.c_void_p), ("mask", ctypes.c_void_p),
                 *((name, ctypes.c_int64) for name in ("hidden", "ffn", "heads", "kv_heads", "head_dim", "capacity",
                                                       "slot", "n_keys")),
-                ("eps", ctypes.c_float), ("nthreads", ctypes.c_int32), ("impl", ctypes.c_int32)]
+                ("eps", ctypes.c_float), ("nthreads", ctypes.c_int32), ("impl", ctypes.c_int32),
+                ("cache_f16", ctypes.c_int32)]
 
 
 @dataclass(frozen=True)

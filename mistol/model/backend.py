@@ -105,7 +105,7 @@ class Backend:
             return False
         k, v = caches[0].k, caches[0].v
         return (
-            k.dtype == torch.float32
+            k.dtype in (torch.float32, torch.float16)
             and k.device.type == "cpu"
             and k.shape[1] == 1  # a cache of one sequence
             and k.is_contiguous()

@@ -70,7 +70,7 @@ class CpuDecoder:
             layers=ctypes.addressof(self.layers), x=x.data_ptr(), cache_k=cache.k.data_ptr(),
             cache_v=cache.v.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(),
             mask=None if mask is None else mask.data_ptr(), capacity=cache.capacity, slot=int(plan.slots[0]),
-            n_keys=plan.n_keys, eps=self.eps, **self.shape)
+            n_keys=plan.n_keys, eps=self.eps, cache_f16=int(cache.k.dtype == torch.float16), **self.shape)
         with self.lock:
             for i in range(len(self.layers)):
                 args.layer = i
