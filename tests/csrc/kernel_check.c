@@ -9,6 +9,9 @@
  * layer's attention sums in another order, so those are compared within a tolerance. Any
  * implementation must give the same bits at every thread count.
  *
+ * The float (dense) products pick their code from the CPU alone; they are checked against
+ * products and sums in double.
+ *
  * Output: "best <impl>", then one line per check, "ok ...", "FAIL ..." or "unavailable
  * <impl>" (the CPU lacks its instructions); exit status 1 if any check failed.
  */
@@ -26,6 +29,9 @@ typedef struct mistol_workspace mistol_workspace;
 EXPORT mistol_workspace *mistol_workspace_new(void);
 EXPORT void mistol_workspace_free(mistol_workspace *ws);
 EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *args);
+EXPORT int mistol_dense_many(int wtype, const float *x, int x_is_bf16, int64_t M, int64_t K, int count,
+                             const void *const *ws, const int64_t *ns, const int64_t *tks, float *y, int64_t ldy,
+                             int nthreads);
 
 static const struct {
     int id;
@@ -210,12 +216,62 @@ static void check_decode(const char *name, int impl) {
     free(values), free(k), free(v);
 }
 
+/* mistol_dense_many (which picks its row function from the CPU alone) against products
+ * and sums in double: float32, bf16 and f16 weights, plain rows and tiles, 1 and 2 rows of
+ * x, 1 and 4 threads. Each output's error is measured against the sum of its products'
+ * magnitudes (what float32 rounding can be proportional to). */
+static void check_dense(const char *name) {
+    const int64_t K = 1024, N = 70, tile = 256;
+    const char *types[] = {"float32", "bfloat16", "float16"};
+    for (int wtype = DT_F32; wtype <= DT_F16; wtype++) {
+        const int64_t esize = wtype == DT_F32 ? 4 : 2;
+        float *values = random_floats(N * K, 1.0f), *x = random_floats(2 * K, 1.0f);
+        uint8_t *rows = malloc((size_t)(N * K * esize)), *tiles = malloc((size_t)(N * K * esize));
+        for (int64_t i = 0; i < N * K; i++) { /* the stored value, and that value back as float */
+            uint32_t bits;
+            memcpy(&bits, &values[i], 4);
+            const uint16_t h = wtype == DT_BF16 ? (uint16_t)(bits >> 16) : float_to_half(values[i]);
+            if (wtype == DT_F32) memcpy(rows + 4 * i, &values[i], 4);
+            else memcpy(rows + 2 * i, &h, 2), values[i] = wtype == DT_BF16 ? bf16_to_float(h) : half_to_float(h);
+        }
+        for (int64_t n = 0; n < N; n++) /* [K / tile][N][tile] */
+            for (int64_t k = 0; k < K; k++)
+                memcpy(tiles + ((k / tile * N + n) * tile + k % tile) * esize, rows + (n * K + k) * esize, (size_t)esize);
+        int ok = 1;
+        double worst = 0;
+        for (int tiled = 0; tiled < 2; tiled++)
+            for (int64_t M = 1; M <= 2; M++)
+                for (int threads = 1; threads <= 4; threads += 3) {
+                    float y[2 * 70];
+                    const void *w = tiled ? tiles : rows;
+                    const int64_t tk = tiled ? tile : K;
+                    if (mistol_dense_many(wtype, x, 0, M, K, 1, &w, &N, &tk, y, N, threads) != OK) ok = 0;
+                    for (int64_t m = 0; m < M; m++)
+                        for (int64_t n = 0; n < N; n++) {
+                            double exact = 0, size = 0;
+                            for (int64_t k = 0; k < K; k++) {
+                                exact += (double)values[n * K + k] * x[m * K + k];
+                                size += fabs((double)values[n * K + k] * x[m * K + k]);
+                            }
+                            const double err = fabs(y[m * N + n] - exact) / size;
+                            if (err > worst || err != err) worst = err;
+                        }
+                }
+        char what[64];
+        snprintf(what, sizeof what, "dense %s rows: within 1e-6", types[wtype]);
+        report(ok && worst < 1e-6, name, what, worst);
+        free(values), free(x), free(rows), free(tiles);
+    }
+}
+
 int main(void) {
     const int best = best_impl();
     const char *best_name = best == IMPL_SCALAR ? "scalar" : "?";
     for (size_t i = 0; i < sizeof IMPLS / sizeof IMPLS[0]; i++)
         if (IMPLS[i].id == best) best_name = IMPLS[i].name;
     printf("best %s\n", best_name);
+    rng_state = 7;
+    check_dense(best_name);
     qkernels ref;
     qkernels_select(IMPL_SCALAR, &ref);
     for (size_t i = 0; i < sizeof IMPLS / sizeof IMPLS[0]; i++) {
