@@ -43,6 +43,7 @@ int cpu_has_bf16dp(void) { return 0; }
 #endif
 
 #ifdef MISTOL_ARM
+#ifdef MISTOL_DOTPROD
 /* Linux reports the dot products in the auxiliary vector, macOS in sysctl (every Apple M
  * chip has them); elsewhere only a build that targets them assumes them. */
 #if defined(__linux__)
@@ -75,6 +76,9 @@ int cpu_has_dotprod(void) {
     if (cached < 0) cached = ask_dotprod();
     return cached;
 }
+#else
+int cpu_has_dotprod(void) { return 0; } /* this build has no dot-product kernels */
+#endif
 
 int best_impl(void) { return cpu_has_dotprod() ? IMPL_DOTPROD : IMPL_NEON; }
 #else

@@ -54,12 +54,15 @@
 #define MISTOL_ARM 1
 #include <arm_neon.h>
 #if defined(__ARM_FEATURE_DOTPROD)
+#define MISTOL_DOTPROD 1
 #define DOTPROD_FN /* the whole build targets it already (Apple's arm64) */
-#elif defined(__clang__)
+#elif defined(__clang__) && __clang_major__ >= 17
+#define MISTOL_DOTPROD 1
 #define DOTPROD_FN __attribute__((target("dotprod")))
-#else
+#elif !defined(__clang__) && __GNUC__ >= 8
+#define MISTOL_DOTPROD 1
 #define DOTPROD_FN __attribute__((target("arch=armv8.2-a+dotprod"))) /* as arm_neon.h declares sdot */
-#endif
+#endif /* else this compiler's arm_neon.h has sdot only for builds that target it: NEON alone */
 #endif
 
 #if defined(_WIN32)
@@ -111,7 +114,7 @@ static inline int64_t quant_offset(int r, int j) { return 32 * (j >> 2) + 4 * r 
 int cpu_has_avx2(void);    /* AVX2 + FMA + F16C */
 int cpu_has_vnni(void);    /* and AVX512-VNNI (on 256-bit vectors) */
 int cpu_has_bf16dp(void);  /* and AVX512-BF16 */
-int cpu_has_dotprod(void); /* ARM: NEON and the ARMv8.2 dot products (sdot) */
+int cpu_has_dotprod(void); /* ARM: the ARMv8.2 dot products (sdot), and this build has kernels for them */
 
 /* One activation row x[K] -> qa[K] int8, da[K/32] scales, sa[K/32] block sums of qa. */
 typedef void (*quant_fn)(const float *, int64_t, int8_t *, float *, int32_t *);

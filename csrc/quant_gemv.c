@@ -312,6 +312,7 @@ static void group_int4_neon(const uint8_t *wg, const int8_t *qa, const float *da
     vst1q_f32(acc_out, acc0), vst1q_f32(acc_out + 4, acc1);
 }
 
+#ifdef MISTOL_DOTPROD
 /* With sdot: rows 0-3 (s0) and 4-7 (s1) in int32 lanes directly. */
 DOTPROD_FN static void group_int8_dotprod(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
                                           int64_t b0, int64_t b1, float *acc_out) {
@@ -359,6 +360,7 @@ DOTPROD_FN static void group_int4_dotprod(const uint8_t *wg, const int8_t *qa, c
     }
     vst1q_f32(acc_out, acc0), vst1q_f32(acc_out + 4, acc1);
 }
+#endif
 #undef A4
 #endif
 
@@ -413,7 +415,9 @@ int qkernels_select(int impl, qkernels *out) {
 #ifdef MISTOL_ARM
     if (impl == IMPL_DOTPROD && !cpu_has_dotprod()) return ERR_IMPL;
     if (impl == IMPL_NEON) *out = (qkernels){quantize_act_neon, {NULL, group_int8_neon, group_int4_neon}};
+#ifdef MISTOL_DOTPROD
     if (impl == IMPL_DOTPROD) *out = (qkernels){quantize_act_neon, {NULL, group_int8_dotprod, group_int4_dotprod}};
+#endif
 #else
     if (impl == IMPL_NEON || impl == IMPL_DOTPROD) return ERR_IMPL;
 #endif

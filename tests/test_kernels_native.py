@@ -65,6 +65,25 @@ def test_arm_kernels_give_the_scalar_codes_bits_under_emulation(arm_check, cpu, 
     assert results["avx2"] == results["avx512vnni"] == ["unavailable"]
 
 
+def test_an_apple_like_clang_build_without_openmp_under_emulation(tmp_path):
+    """clang targeting an Apple M1 (as Apple's clang does by default: the dot products are
+    part of the target, no target attributes needed) and without OpenMP (which Apple's clang
+    lacks), on Linux's libc: the closest to a Mac build this machine can run."""
+    if shutil.which("clang") is None or shutil.which(QEMU) is None:
+        pytest.skip("needs clang and qemu-aarch64 (Debian: apt-get install clang qemu-user)")
+    clang = ["clang", "--target=aarch64-linux-gnu", "-mcpu=apple-m1", "-static"]
+    (tmp_path / "empty.c").write_text("int main(void) { return 0; }\n")
+    if subprocess.run([*clang, str(tmp_path / "empty.c"), "-o", str(tmp_path / "empty")],
+                      capture_output=True).returncode != 0:
+        pytest.skip("clang cannot link for aarch64 here (needs gcc-aarch64-linux-gnu's libraries)")
+    exe = tmp_path / "kernel_check"
+    subprocess.run([*clang, *FLAGS, *SOURCES, "-lm", "-o", str(exe)], check=True, capture_output=True)
+    best, results = run_check([QEMU, "-cpu", "max", str(exe)])
+    assert best == "dotprod"
+    assert results["dotprod"] == ["ok"] * (DENSE_CHECKS + CHECKS_PER_IMPL)
+    assert results["neon"] == ["ok"] * CHECKS_PER_IMPL
+
+
 def test_the_kernels_build_and_agree_without_openmp(tmp_path):
     """The C sources with a compiler given no -fopenmp: the parallel regions run as one thread."""
     cc = os.environ.get("CC", "cc")
