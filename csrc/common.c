@@ -10,11 +10,19 @@
 #include "mistol_kernels.h"
 
 #ifdef MISTOL_X86
+#include <cpuid.h>
+
+/* CPUID itself: clang before 16 has no "f16c" for __builtin_cpu_supports */
+static int cpu_has_f16c(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+
 int cpu_has_avx2(void) {
     static int cached = -1;
     if (cached < 0) {
         __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
     }
     return cached;
 }
