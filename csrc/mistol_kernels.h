@@ -114,7 +114,7 @@ static inline int64_t quant_offset(int r, int j) { return 32 * (j >> 2) + 4 * r 
 int cpu_has_avx2(void);    /* AVX2 + FMA + F16C */
 int cpu_has_vnni(void);    /* and AVX512-VNNI (on 256-bit vectors) */
 int cpu_has_bf16dp(void);  /* and AVX512-BF16 */
-int cpu_has_dotprod(void); /* ARM: the ARMv8.2 dot products (sdot), and this build has kernels for them */
+int cpu_has_dotprod(void); /* ARM: the dot products (sdot), and kernels for them in this build */
 
 /* One activation row x[K] -> qa[K] int8, da[K/32] scales, sa[K/32] block sums of qa. */
 typedef void (*quant_fn)(const float *, int64_t, int8_t *, float *, int32_t *);

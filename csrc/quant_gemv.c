@@ -272,7 +272,8 @@ static void group_int8_neon(const uint8_t *wg, const int8_t *qa, const float *da
         const int8_t *q = blk->qs, *a = qa + b * QK;
         const int8x16_t a0 = vld1q_s8(a), a1 = vld1q_s8(a + 16);
         int32x4_t lo[2] = {vdupq_n_s32(0), vdupq_n_s32(0)}, hi[2] = {vdupq_n_s32(0), vdupq_n_s32(0)};
-#define STEP(c, av, lane) mul4_neon(lo, vld1q_s8(q + 32 * (c)), A4(av, lane)), mul4_neon(hi, vld1q_s8(q + 32 * (c) + 16), A4(av, lane))
+#define STEP(c, av, lane) \
+    mul4_neon(lo, vld1q_s8(q + 32 * (c)), A4(av, lane)), mul4_neon(hi, vld1q_s8(q + 32 * (c) + 16), A4(av, lane))
         STEP(0, a0, 0); STEP(1, a0, 1); STEP(2, a0, 2); STEP(3, a0, 3);
         STEP(4, a1, 0); STEP(5, a1, 1); STEP(6, a1, 2); STEP(7, a1, 3);
 #undef STEP

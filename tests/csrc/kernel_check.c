@@ -37,7 +37,8 @@ static const struct {
     int id;
     const char *name;
     int exact; /* its matrix products are the scalar code's arithmetic */
-} IMPLS[] = {{IMPL_AVX2, "avx2", 0}, {IMPL_VNNI, "avx512vnni", 0}, {IMPL_NEON, "neon", 1}, {IMPL_DOTPROD, "dotprod", 1}};
+} IMPLS[] = {
+    {IMPL_AVX2, "avx2", 0}, {IMPL_VNNI, "avx512vnni", 0}, {IMPL_NEON, "neon", 1}, {IMPL_DOTPROD, "dotprod", 1}};
 
 static int failures = 0;
 
@@ -87,7 +88,9 @@ static uint8_t *random_packed(int fmt, int64_t rows, int64_t K) {
         uint16_t *d = (uint16_t *)(w + b * bb); /* both group blocks start with d[IL] */
         for (int r = 0; r < IL; r++) {
             const uint64_t pick = next_u64() % 64;
-            d[r] = pick == 0 ? 0 : pick == 1 ? (uint16_t)(1 + next_u64() % 0x3ff) : float_to_half(uniform(-0.05f, 0.05f));
+            d[r] = pick == 0   ? 0
+                   : pick == 1 ? (uint16_t)(1 + next_u64() % 0x3ff) /* subnormal */
+                               : float_to_half(uniform(-0.05f, 0.05f));
         }
     }
     return w;
@@ -167,8 +170,8 @@ static void check_gemm(const char *name, int impl, int exact, int fmt) {
         free(x), free(ref), free(y);
     }
     char what[96];
-    snprintf(what, sizeof what, "%s gemm (tiled and not, M 1 and 3, 1 and 4 threads): %s", fmt == FMT_INT8 ? "int8" : "int4",
-             exact ? "same bits" : "within 1e-5");
+    snprintf(what, sizeof what, "%s gemm (tiled and not, M 1 and 3, 1 and 4 threads): %s",
+             fmt == FMT_INT8 ? "int8" : "int4", exact ? "same bits" : "within 1e-5");
     report(ok, name, what, exact ? -1 : worst);
     for (int i = 0; i < 3; i++) free(ws[i]);
 }
@@ -236,7 +239,8 @@ static void check_dense(const char *name) {
         }
         for (int64_t n = 0; n < N; n++) /* [K / tile][N][tile] */
             for (int64_t k = 0; k < K; k++)
-                memcpy(tiles + ((k / tile * N + n) * tile + k % tile) * esize, rows + (n * K + k) * esize, (size_t)esize);
+                memcpy(tiles + ((k / tile * N + n) * tile + k % tile) * esize, rows + (n * K + k) * esize,
+                       (size_t)esize);
         int ok = 1;
         double worst = 0;
         for (int tiled = 0; tiled < 2; tiled++)
