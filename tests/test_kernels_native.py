@@ -47,8 +47,9 @@ def arm_check(tmp_path_factory) -> Path:
         pytest.skip(f"{' and '.join(missing)} not installed (Debian: apt-get install gcc-aarch64-linux-gnu qemu-user)")
     exe = tmp_path_factory.mktemp("arm") / "kernel_check"
     # static, so that qemu needs no aarch64 libraries; with OpenMP, so that thread counts are checked
-    subprocess.run([CROSS_CC, *FLAGS, "-fopenmp", "-static", *SOURCES, "-lm", "-o", str(exe)], check=True,
-                   capture_output=True)
+    build = subprocess.run([CROSS_CC, *FLAGS, "-fopenmp", "-static", *SOURCES, "-lm", "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
     return exe
 
 
@@ -77,7 +78,8 @@ def test_an_apple_like_clang_build_without_openmp_under_emulation(tmp_path):
                       capture_output=True).returncode != 0:
         pytest.skip("clang cannot link for aarch64 here (needs gcc-aarch64-linux-gnu's libraries)")
     exe = tmp_path / "kernel_check"
-    subprocess.run([*clang, *FLAGS, *SOURCES, "-lm", "-o", str(exe)], check=True, capture_output=True)
+    build = subprocess.run([*clang, *FLAGS, *SOURCES, "-lm", "-o", str(exe)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
     best, results = run_check([QEMU, "-cpu", "max", str(exe)])
     assert best == "dotprod"
     assert results["dotprod"] == ["ok"] * (DENSE_CHECKS + CHECKS_PER_IMPL)
