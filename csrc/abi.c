@@ -20,6 +20,8 @@ static const mistol_constant constants[] = {
     {"impl", "scalar", IMPL_SCALAR},
     {"impl", "avx2", IMPL_AVX2},
     {"impl", "avx512vnni", IMPL_VNNI},
+    {"impl", "neon", IMPL_NEON},
+    {"impl", "dotprod", IMPL_DOTPROD},
 
     /* named as torch names its dtypes */
     {"dtype", "float32", DT_F32},

@@ -1,7 +1,7 @@
 /* What every kernel file shares at run time: which instruction sets this CPU has (asked
- * once, cached) and each thread's share of a parallel region. The AVX2 code is compiled
- * per function (target attributes) and chosen here at run time, so the library still
- * loads on older CPUs. */
+ * once, cached) and each thread's share of a parallel region. The AVX2 and ARM dot-product
+ * code is compiled per function (target attributes) and chosen here at run time, so the
+ * library still loads on older CPUs. */
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -10,11 +10,19 @@
 #include "mistol_kernels.h"
 
 #ifdef MISTOL_X86
+#include <cpuid.h>
+
+/* CPUID itself: clang before 16 has no "f16c" for __builtin_cpu_supports */
+static int cpu_has_f16c(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+
 int cpu_has_avx2(void) {
     static int cached = -1;
     if (cached < 0) {
         __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
     }
     return cached;
 }
@@ -42,7 +50,50 @@ int cpu_has_vnni(void) { return 0; }
 int cpu_has_bf16dp(void) { return 0; }
 #endif
 
+#ifdef MISTOL_ARM
+#ifdef MISTOL_DOTPROD
+/* Linux reports the dot products in the auxiliary vector, macOS in sysctl (every Apple M
+ * chip has them); elsewhere only a build that targets them assumes them. */
+#if defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+static int ask_dotprod(void) { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
+#elif defined(__APPLE__)
+#include <sys/sysctl.h>
+static int ask_dotprod(void) {
+    int v = 0; /* the older name first, then the one macOS 12 added */
+    size_t n = sizeof(v);
+    if (sysctlbyname("hw.optional.armv8_2_dotprod", &v, &n, NULL, 0) == 0 && v) return 1;
+    v = 0, n = sizeof(v);
+    return sysctlbyname("hw.optional.arm.FEAT_DotProd", &v, &n, NULL, 0) == 0 && v;
+}
+#else
+static int ask_dotprod(void) {
+#ifdef __ARM_FEATURE_DOTPROD
+    return 1;
+#else
+    return 0;
+#endif
+}
+#endif
+
+int cpu_has_dotprod(void) {
+    static int cached = -1;
+    if (cached < 0) cached = ask_dotprod();
+    return cached;
+}
+#else
+int cpu_has_dotprod(void) { return 0; } /* this build has no dot-product kernels */
+#endif
+
+int best_impl(void) { return cpu_has_dotprod() ? IMPL_DOTPROD : IMPL_NEON; }
+#else
+int cpu_has_dotprod(void) { return 0; }
+
 int best_impl(void) { return cpu_has_vnni() ? IMPL_VNNI : cpu_has_avx2() ? IMPL_AVX2 : IMPL_SCALAR; }
+#endif
 
 EXPORT int mistol_best_impl(void) { return best_impl(); }
 

@@ -9,12 +9,12 @@
 
 #include <stdint.h>
 
-#define MISTOL_ABI_VERSION 10
+#define MISTOL_ABI_VERSION 11
 
 /* Weight formats of the quantized kernels (see the layout in mistol_kernels.h). */
 enum { FMT_INT8 = 1, FMT_INT4 = 2 };
 /* Implementations of the quantized kernels; IMPL_AUTO: the best this CPU runs. */
-enum { IMPL_AUTO = 0, IMPL_SCALAR = 1, IMPL_AVX2 = 2, IMPL_VNNI = 3 };
+enum { IMPL_AUTO = 0, IMPL_SCALAR = 1, IMPL_AVX2 = 2, IMPL_VNNI = 3, IMPL_NEON = 4, IMPL_DOTPROD = 5 };
 /* Element types of float tensors (dense weights, quantizer sources, dequantized output). */
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { OK = 0, ERR_K = -1, ERR_FMT = -2, ERR_NOMEM = -3, ERR_IMPL = -4, ERR_ARG = -5 };

@@ -129,6 +129,29 @@ AVX2_FN static void axpy_avx2(float a, const float *x, float *y, int64_t n) {
 }
 #endif
 
+#ifdef MISTOL_ARM
+/* NEON, the AVX2 versions' arithmetic on 4 lanes: fused multiply-adds, four partial sums */
+static float dot_neon(const float *a, const float *b, int64_t n) {
+    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = vfmaq_f32(s0, vld1q_f32(a + i), vld1q_f32(b + i));
+        s1 = vfmaq_f32(s1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+        s2 = vfmaq_f32(s2, vld1q_f32(a + i + 8), vld1q_f32(b + i + 8));
+        s3 = vfmaq_f32(s3, vld1q_f32(a + i + 12), vld1q_f32(b + i + 12));
+    }
+    float s = vaddvq_f32(vaddq_f32(vaddq_f32(s0, s1), vaddq_f32(s2, s3)));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void axpy_neon(float a, const float *x, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+#endif
+
 /* The query heads q[group][d] of one kv head against its cached keys/values [capacity][d]:
  * out[group][d]. scores: scratch of group * n_keys floats. */
 static void attend(dot_fn dot, axpy_fn axpy, const float *q, int64_t group, const float *keys, const float *values,
@@ -239,6 +262,9 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     axpy_fn axpy = axpy_scalar;
 #ifdef MISTOL_X86
     if (args->impl != IMPL_SCALAR && cpu_has_avx2()) dot = dot_avx2, axpy = axpy_avx2;
+#endif
+#ifdef MISTOL_ARM
+    if (args->impl != IMPL_SCALAR) dot = dot_neon, axpy = axpy_neon;
 #endif
 
     float *x = args->x, *h = ws->h, *qkv = ws->qkv, *att = ws->att, *gu = ws->gu, *y = ws->y, *da = ws->da;

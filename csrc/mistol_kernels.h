@@ -39,12 +39,30 @@
 
 #include "mistol_abi.h"
 
-/* -DMISTOL_PORTABLE_ONLY builds the scalar code alone, as on CPUs other than x86 */
+/* -DMISTOL_PORTABLE_ONLY builds the scalar code alone, as on CPUs other than x86 and ARM64 */
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(MISTOL_PORTABLE_ONLY)
 #define MISTOL_X86 1
 #include <immintrin.h>
 #define AVX2_FN __attribute__((target("avx2,fma,f16c")))
 #define VNNI_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#endif
+
+/* 64-bit ARM: NEON (Advanced SIMD) is part of the architecture; the dot-product
+ * instructions (ARMv8.2 "dotprod", every Apple M chip) are compiled per function and
+ * chosen at run time, as AVX2 is on x86. */
+#if defined(__GNUC__) && defined(__aarch64__) && !defined(MISTOL_PORTABLE_ONLY)
+#define MISTOL_ARM 1
+#include <arm_neon.h>
+#if defined(__ARM_FEATURE_DOTPROD)
+#define MISTOL_DOTPROD 1
+#define DOTPROD_FN /* the whole build targets it already (Apple's arm64) */
+#elif defined(__clang__) && __clang_major__ >= 17
+#define MISTOL_DOTPROD 1
+#define DOTPROD_FN __attribute__((target("dotprod")))
+#elif !defined(__clang__) && __GNUC__ >= 8
+#define MISTOL_DOTPROD 1
+#define DOTPROD_FN __attribute__((target("arch=armv8.2-a+dotprod"))) /* as arm_neon.h declares sdot */
+#endif /* else this compiler's arm_neon.h has sdot only for builds that target it: NEON alone */
 #endif
 
 #if defined(_WIN32)
@@ -96,6 +114,7 @@ static inline int64_t quant_offset(int r, int j) { return 32 * (j >> 2) + 4 * r 
 int cpu_has_avx2(void);    /* AVX2 + FMA + F16C */
 int cpu_has_vnni(void);    /* and AVX512-VNNI (on 256-bit vectors) */
 int cpu_has_bf16dp(void);  /* and AVX512-BF16 */
+int cpu_has_dotprod(void); /* ARM: the dot products (sdot), and kernels for them in this build */
 
 /* One activation row x[K] -> qa[K] int8, da[K/32] scales, sa[K/32] block sums of qa. */
 typedef void (*quant_fn)(const float *, int64_t, int8_t *, float *, int32_t *);
@@ -109,7 +128,8 @@ typedef struct {
     group_fn group[3]; /* indexed by FMT_INT8 and FMT_INT4 */
 } qkernels;
 
-/* The best implementation this CPU runs (IMPL_VNNI, IMPL_AVX2 or IMPL_SCALAR). */
+/* The best implementation this CPU runs (IMPL_VNNI, IMPL_AVX2, IMPL_DOTPROD, IMPL_NEON or
+ * IMPL_SCALAR). */
 int best_impl(void);
 /* The kernels of impl (IMPL_AUTO: the best this CPU runs): OK or ERR_IMPL. */
 int qkernels_select(int impl, qkernels *out);

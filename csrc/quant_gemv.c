@@ -95,7 +95,7 @@ AVX2_FN static void quantize_act_avx2(const float *x, int64_t K, int8_t *qa, flo
         float amax = hmax_ps(m);
         float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
         const __m256 vid = _mm256_set1_ps(id);
-        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        enum { rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }; /* a constant expression, as clang requires */
         __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vid), rnd));
         __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), rnd));
         __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), rnd));
@@ -216,6 +216,156 @@ VNNI_FN static void group_int4_vnni(const uint8_t *wg, const int8_t *qa, const f
 #endif
 
 /* ---------------------------------------------------------------------------------------
+ * NEON kernels (64-bit ARM): the scalar code's arithmetic and its bits. Each row's block
+ * sum is exact in int32, then scaled by (d * da) and added without fusing, as the scalar
+ * loop does. Chunk c of a group block (32 bytes) holds 4 quant bytes of each row, rows
+ * 0-3 in its first 16 bytes and rows 4-7 in the next, so with the dot-product extension
+ * one sdot of a 16-byte half against activation bytes 4c..4c+3 (the lane form picks them
+ * from a 16-byte load) adds 4 products into each row's own int32 lane, as dpbusd does on
+ * x86. Without it, widening multiplies (int8 x int8 -> int16, exact) and pairwise adds into
+ * int32 do the same in more steps.
+ */
+#ifdef MISTOL_ARM
+static void quantize_act_neon(const float *x, int64_t K, int8_t *qa, float *da, int32_t *sa) {
+    for (int64_t b = 0; b < K / QK; b++) {
+        const float *xb = x + b * QK;
+        float32x4_t v[8], m = vdupq_n_f32(0.0f);
+        for (int i = 0; i < 8; i++) v[i] = vld1q_f32(xb + 4 * i), m = vmaxq_f32(m, vabsq_f32(v[i]));
+        const float amax = vmaxvq_f32(m);
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        int32x4_t q[8], s = vdupq_n_s32(0);
+        for (int i = 0; i < 8; i++) /* round half to even, as nearbyintf does */
+            q[i] = vcvtnq_s32_f32(vmulq_n_f32(v[i], id)), s = vaddq_s32(s, q[i]);
+        for (int h = 0; h < 2; h++) { /* |q| <= 127: narrowing is exact */
+            const int16x8_t lo = vcombine_s16(vmovn_s32(q[4 * h]), vmovn_s32(q[4 * h + 1]));
+            const int16x8_t hi = vcombine_s16(vmovn_s32(q[4 * h + 2]), vmovn_s32(q[4 * h + 3]));
+            vst1q_s8(qa + b * QK + 16 * h, vcombine_s8(vmovn_s16(lo), vmovn_s16(hi)));
+        }
+        da[b] = d;
+        sa[b] = vaddvq_s32(s);
+    }
+}
+
+/* acc[4] += (float)s[4] * (d[4] * da): four rows' block sums, scaled as the scalar code does */
+static inline float32x4_t add_scaled(float32x4_t acc, int32x4_t s, const uint16_t *d, float da) {
+    const float32x4_t scale = vmulq_n_f32(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(d))), da);
+    return vaddq_f32(acc, vmulq_f32(vcvtq_f32_s32(s), scale));
+}
+
+/* Four rows' 4 weight bytes each (w, 16 bytes) times the same 4 activation bytes (a4, held
+ * twice), added pairwise into p[4] = {row 0 pairs 0-1, row 0 pairs 2-3, row 1 ...} for
+ * rows 0-1 (p[0]) and 2-3 (p[1]); vpaddq of the two gives the rows' sums. */
+static inline void mul4_neon(int32x4_t *p, int8x16_t w, int8x8_t a4) {
+    p[0] = vpadalq_s16(p[0], vmull_s8(vget_low_s8(w), a4));
+    p[1] = vpadalq_s16(p[1], vmull_s8(vget_high_s8(w), a4));
+}
+
+/* activation bytes 4c..4c+3 of a 16-byte load, in both halves of 8 bytes */
+#define A4(v, c) vreinterpret_s8_s32(vdup_laneq_s32(vreinterpretq_s32_s8(v), (c)))
+
+static void group_int8_neon(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa, int64_t b0,
+                            int64_t b1, float *acc_out) {
+    (void)sa;
+    float32x4_t acc0 = vld1q_f32(acc_out), acc1 = vld1q_f32(acc_out + 4);
+    for (int64_t b = b0; b < b1; b++) {
+        const block_q8_0x8 *blk = (const block_q8_0x8 *)wg + b;
+        const int8_t *q = blk->qs, *a = qa + b * QK;
+        const int8x16_t a0 = vld1q_s8(a), a1 = vld1q_s8(a + 16);
+        int32x4_t lo[2] = {vdupq_n_s32(0), vdupq_n_s32(0)}, hi[2] = {vdupq_n_s32(0), vdupq_n_s32(0)};
+#define STEP(c, av, lane) \
+    mul4_neon(lo, vld1q_s8(q + 32 * (c)), A4(av, lane)), mul4_neon(hi, vld1q_s8(q + 32 * (c) + 16), A4(av, lane))
+        STEP(0, a0, 0); STEP(1, a0, 1); STEP(2, a0, 2); STEP(3, a0, 3);
+        STEP(4, a1, 0); STEP(5, a1, 1); STEP(6, a1, 2); STEP(7, a1, 3);
+#undef STEP
+        acc0 = add_scaled(acc0, vpaddq_s32(lo[0], lo[1]), blk->d, da[b]);
+        acc1 = add_scaled(acc1, vpaddq_s32(hi[0], hi[1]), blk->d + 4, da[b]);
+    }
+    vst1q_f32(acc_out, acc0), vst1q_f32(acc_out + 4, acc1);
+}
+
+/* int4: a chunk's low nibbles are elements 4c..4c+3, its high nibbles 16 further on; the
+ * nibbles (n = q + 8, 0..15) multiply as int8, and 8 * (the activations' sum) is
+ * subtracted once per block. */
+static void group_int4_neon(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa, int64_t b0,
+                            int64_t b1, float *acc_out) {
+    const uint8x16_t m4 = vdupq_n_u8(15);
+    float32x4_t acc0 = vld1q_f32(acc_out), acc1 = vld1q_f32(acc_out + 4);
+    for (int64_t b = b0; b < b1; b++) {
+        const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
+        const uint8_t *q = blk->qs;
+        const int8_t *a = qa + b * QK;
+        const int8x16_t a0 = vld1q_s8(a), a1 = vld1q_s8(a + 16);
+        int32x4_t lo[2] = {vdupq_n_s32(0), vdupq_n_s32(0)}, hi[2] = {vdupq_n_s32(0), vdupq_n_s32(0)};
+#define STEP(c)                                                                                        \
+    do {                                                                                               \
+        const uint8x16_t v0 = vld1q_u8(q + 32 * (c)), v1 = vld1q_u8(q + 32 * (c) + 16);                \
+        mul4_neon(lo, vreinterpretq_s8_u8(vandq_u8(v0, m4)), A4(a0, c));                               \
+        mul4_neon(lo, vreinterpretq_s8_u8(vshrq_n_u8(v0, 4)), A4(a1, c));                              \
+        mul4_neon(hi, vreinterpretq_s8_u8(vandq_u8(v1, m4)), A4(a0, c));                               \
+        mul4_neon(hi, vreinterpretq_s8_u8(vshrq_n_u8(v1, 4)), A4(a1, c));                              \
+    } while (0)
+        STEP(0); STEP(1); STEP(2); STEP(3);
+#undef STEP
+        const int32x4_t bias = vdupq_n_s32(8 * sa[b]);
+        acc0 = add_scaled(acc0, vsubq_s32(vpaddq_s32(lo[0], lo[1]), bias), blk->d, da[b]);
+        acc1 = add_scaled(acc1, vsubq_s32(vpaddq_s32(hi[0], hi[1]), bias), blk->d + 4, da[b]);
+    }
+    vst1q_f32(acc_out, acc0), vst1q_f32(acc_out + 4, acc1);
+}
+
+#ifdef MISTOL_DOTPROD
+/* With sdot: rows 0-3 (s0) and 4-7 (s1) in int32 lanes directly. */
+DOTPROD_FN static void group_int8_dotprod(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                          int64_t b0, int64_t b1, float *acc_out) {
+    (void)sa;
+    float32x4_t acc0 = vld1q_f32(acc_out), acc1 = vld1q_f32(acc_out + 4);
+    for (int64_t b = b0; b < b1; b++) {
+        const block_q8_0x8 *blk = (const block_q8_0x8 *)wg + b;
+        const int8_t *q = blk->qs, *a = qa + b * QK;
+        const int8x16_t a0 = vld1q_s8(a), a1 = vld1q_s8(a + 16);
+        int32x4_t s0 = vdupq_n_s32(0), s1 = s0, t0 = s0, t1 = s0; /* two chains per half: sdot latency */
+#define STEP(s, t, off) s = vdotq_laneq_s32(s, vld1q_s8(q + (off)), a0, (off) / 32), \
+                        t = vdotq_laneq_s32(t, vld1q_s8(q + 128 + (off)), a1, (off) / 32)
+        STEP(s0, t0, 0); STEP(s1, t1, 16); STEP(s0, t0, 32); STEP(s1, t1, 48);
+        STEP(s0, t0, 64); STEP(s1, t1, 80); STEP(s0, t0, 96); STEP(s1, t1, 112);
+#undef STEP
+        acc0 = add_scaled(acc0, vaddq_s32(s0, t0), blk->d, da[b]);
+        acc1 = add_scaled(acc1, vaddq_s32(s1, t1), blk->d + 4, da[b]);
+    }
+    vst1q_f32(acc_out, acc0), vst1q_f32(acc_out + 4, acc1);
+}
+
+DOTPROD_FN static void group_int4_dotprod(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                          int64_t b0, int64_t b1, float *acc_out) {
+    const uint8x16_t m4 = vdupq_n_u8(15);
+    float32x4_t acc0 = vld1q_f32(acc_out), acc1 = vld1q_f32(acc_out + 4);
+    for (int64_t b = b0; b < b1; b++) {
+        const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
+        const uint8_t *q = blk->qs;
+        const int8_t *a = qa + b * QK;
+        const int8x16_t a0 = vld1q_s8(a), a1 = vld1q_s8(a + 16);
+        int32x4_t s0 = vdupq_n_s32(0), s1 = s0, t0 = s0, t1 = s0; /* low nibbles in s, high in t */
+#define STEP(c)                                                                                        \
+    do {                                                                                               \
+        const uint8x16_t v0 = vld1q_u8(q + 32 * (c)), v1 = vld1q_u8(q + 32 * (c) + 16);                \
+        s0 = vdotq_laneq_s32(s0, vreinterpretq_s8_u8(vandq_u8(v0, m4)), a0, (c));                      \
+        t0 = vdotq_laneq_s32(t0, vreinterpretq_s8_u8(vshrq_n_u8(v0, 4)), a1, (c));                     \
+        s1 = vdotq_laneq_s32(s1, vreinterpretq_s8_u8(vandq_u8(v1, m4)), a0, (c));                      \
+        t1 = vdotq_laneq_s32(t1, vreinterpretq_s8_u8(vshrq_n_u8(v1, 4)), a1, (c));                     \
+    } while (0)
+        STEP(0); STEP(1); STEP(2); STEP(3);
+#undef STEP
+        const int32x4_t bias = vdupq_n_s32(8 * sa[b]);
+        acc0 = add_scaled(acc0, vsubq_s32(vaddq_s32(s0, t0), bias), blk->d, da[b]);
+        acc1 = add_scaled(acc1, vsubq_s32(vaddq_s32(s1, t1), bias), blk->d + 4, da[b]);
+    }
+    vst1q_f32(acc_out, acc0), vst1q_f32(acc_out + 4, acc1);
+}
+#endif
+#undef A4
+#endif
+
+/* ---------------------------------------------------------------------------------------
  * Driver: quantize the activation rows once, then each thread multiplies its share of the
  * weights' row groups.
  */
@@ -262,6 +412,15 @@ int qkernels_select(int impl, qkernels *out) {
 #ifdef MISTOL_X86
     if (impl == IMPL_AVX2) *out = (qkernels){quantize_act_avx2, {NULL, group_int8_avx2, group_int4_avx2}};
     if (impl == IMPL_VNNI) *out = (qkernels){quantize_act_avx2, {NULL, group_int8_vnni, group_int4_vnni}};
+#endif
+#ifdef MISTOL_ARM
+    if (impl == IMPL_DOTPROD && !cpu_has_dotprod()) return ERR_IMPL;
+    if (impl == IMPL_NEON) *out = (qkernels){quantize_act_neon, {NULL, group_int8_neon, group_int4_neon}};
+#ifdef MISTOL_DOTPROD
+    if (impl == IMPL_DOTPROD) *out = (qkernels){quantize_act_neon, {NULL, group_int8_dotprod, group_int4_dotprod}};
+#endif
+#else
+    if (impl == IMPL_NEON || impl == IMPL_DOTPROD) return ERR_IMPL;
 #endif
     return OK;
 }

@@ -30,7 +30,9 @@ DEFAULT_CHUNK = 512  # prefill chunk: bounds activation memory and the rolling-c
 # (Q8_0 blocks, the rest in f32): decoding reads every weight once per token, so int8 is
 # about 2x faster than bf16 and 4x than f32 and takes half of bf16's memory, for an error
 # far below the model's own noise (llama.cpp users' usual choice). Smaller models (the demo,
-# tests) stay in exact f32. GGUF files keep their own types.
+# tests) stay in exact f32. GGUF files keep their own types. Only where the compiled kernels
+# have SIMD int8 products for this CPU (`auto_int8`): without them int8 layers run on scalar
+# C or PyTorch ops, slower than the float weights they replace.
 AUTO_INT8_BYTES = 2 << 30
 DEFAULT_MAX_CONTEXT = 8192  # for models without a sliding window, whose cache grows with it
 
@@ -69,7 +71,8 @@ class Engine:
         """Load a model directory or a `.gguf` file (or anything `resolve_model` accepts);
         `quant` ("int8" or "int4") quantizes the linear layers' weights as they load (see
         `mistol.quant`; for what it does to a GGUF file's tensors, `mistol.weights.gguf_load`).
-        With dtype "auto" on CPU, a checkpoint of `AUTO_INT8_BYTES` or more loads as int8."""
+        With dtype "auto" on CPU, a checkpoint of `AUTO_INT8_BYTES` or more loads as int8
+        where the compiled kernels have SIMD int8 products for this CPU (`auto_int8`)."""
         from .hub import is_gguf, resolve_model
         from .quant import quantize_tied_head
 
@@ -91,7 +94,7 @@ class Engine:
         from .weights import find_weight_files, load_model
 
         file_bytes = sum(f.stat().st_size for f in find_weight_files(path))
-        if dtype == "auto" and quant is None and device.type == "cpu" and file_bytes >= AUTO_INT8_BYTES:
+        if dtype == "auto" and quant is None and file_bytes >= AUTO_INT8_BYTES and auto_int8(device):
             dtype, quant = "f32", "int8"  # see AUTO_INT8_BYTES
         torch_dtype = resolve_dtype(dtype, device, lambda: 2 * file_bytes)
         transformer = load_model(path, dtype=torch_dtype, device=device, progress=progress, quant=quant)
@@ -160,6 +163,14 @@ def load_tokenizer(model: str | Path):
     return tokenizer
 
 
+def auto_int8(device: torch.device) -> bool:
+    """Whether dtype "auto" may load a large checkpoint as int8 on `device`: on a CPU whose
+    compiled kernels multiply int8 with SIMD instructions (AVX2, AVX512-VNNI, NEON)."""
+    from . import kernels
+
+    return device.type == "cpu" and kernels.impl_name() not in ("scalar", "torch")
+
+
 def resolve_dtype(name: str, device: torch.device, f32_bytes: Callable[[], int]) -> torch.dtype:
     """`f32_bytes()`: what the weights that load as floats would take in f32 (checkpoint
     files are usually 16-bit: twice their size); asked only for "auto" on CPU."""
@@ -169,6 +180,8 @@ def resolve_dtype(name: str, device: torch.device, f32_bytes: Callable[[], int])
         raise MistolError(f"unknown dtype {name!r} (choose from auto, {', '.join(DTYPES)})")
     if device.type == "cuda":
         return torch.bfloat16
+    if device.type == "mps":  # Apple's GPU: float16 runs on every macOS that has MPS (bf16 needs macOS 14)
+        return torch.float16
     # On CPU f32 is exact and fast to compute (this CPU class has no native bf16 matmul);
     # fall back to bf16 where f32 weights would crowd out memory.
     return torch.float32 if f32_bytes() < available_memory() // 2 else torch.bfloat16
@@ -178,9 +191,13 @@ def _check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise MistolError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+        raise MistolError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MistolError("--device cuda: this torch build or machine has no CUDA GPU")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        why = ("this torch build has no MPS (PyTorch's Metal backend)" if not torch.backends.mps.is_built()
+               else "this machine has no Metal GPU (MPS needs macOS 12.3+ on Apple silicon)")
+        raise MistolError(f"--device mps: {why}")
     return dev
 
 

@@ -3,6 +3,11 @@
 The controls and their order follow Hugging Face's generate(): repetition penalty first,
 then temperature, top-k, top-p (nucleus) and min-p. temperature == 0 is greedy.
 `SamplingParams` needs no torch (a client of a remote server imports it); sampling does.
+
+A draw runs where its generator lives (`SamplingParams.make_generator`: the CPU), whatever
+the device of the logits: PyTorch refuses a CPU generator for a GPU tensor, and one
+vocabulary of floats is cheap to copy. The same logits and seed thus give the same token
+on any device.
 """
 
 from __future__ import annotations
@@ -68,13 +73,14 @@ def sample_next(
 
     if params.repetition_penalty != 1.0 and context is not None and context.numel():
         logits = logits.clone()
-        seen = context.unique()
+        seen = context.unique().to(logits.device)
         scores = logits[seen]
         p = params.repetition_penalty
         logits[seen] = torch.where(scores < 0, scores * p, scores / p)
     if params.greedy:
         return int(logits.argmax())
 
+    logits = logits.to(draw_device(logits, generator))
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -88,3 +94,9 @@ def sample_next(
     if params.min_p > 0.0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def draw_device(logits: torch.Tensor, generator: torch.Generator | None) -> torch.device:
+    """Where a token is drawn from `logits`: on the generator's device (without one, the
+    default generator of the logits' own device draws)."""
+    return logits.device if generator is None else generator.device

@@ -1,6 +1,6 @@
 """Effective GB/s of one decode GEMV (y = x @ W^T, one token) at 7B shapes, in one run.
 
-    python scripts/bench_gemv.py [--seconds 3] [--threads N] [--impl auto|avx2|scalar]
+    python scripts/bench_gemv.py [--seconds 3] [--threads N] [--impl auto|avx2|neon|scalar]
 
 GB/s = bytes of weights read per call / time per call. Each method cycles through enough
 copies of its weights (>= 128 MB) that they come from memory, not the last-level cache.
@@ -56,7 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0, help="time per shape, all methods together (default 3)")
     ap.add_argument("--threads", type=int, default=None, help="threads (default: torch's)")
-    ap.add_argument("--impl", default="auto", choices=["auto", "avx512vnni", "avx2", "scalar"], help="mistol kernel to time")
+    ap.add_argument("--impl", default="auto", choices=["auto", "avx512vnni", "avx2", "dotprod", "neon", "scalar"], help="mistol kernel to time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -109,6 +109,5 @@ def kernel_impls() -> list[str]:
     """The compiled kernel implementations this CPU runs, fastest first."""
     from mistol import kernels
 
-    return {"avx512vnni": ["avx512vnni", "avx2", "scalar"], "avx2": ["avx2", "scalar"]}.get(
-        kernels.best_impl(), ["scalar"]
-    )
+    return {"avx512vnni": ["avx512vnni", "avx2", "scalar"], "avx2": ["avx2", "scalar"],
+            "dotprod": ["dotprod", "neon", "scalar"], "neon": ["neon", "scalar"]}.get(kernels.best_impl(), ["scalar"])

@@ -377,6 +377,9 @@ def test_auto_loads_large_checkpoints_as_int8_on_cpu(mistral_dir, monkeypatch):
     import mistol.engine
     from mistol.engine import Engine
 
+    if kernels.impl_name() in ("scalar", "torch"):
+        pytest.skip("this CPU has no SIMD int8 kernels: auto keeps floats (tests/test_devices.py)")
+
     small = Engine.load(mistral_dir)  # below the threshold: exact f32
     assert not any(isinstance(m, QuantizedLinear) for m in small.model.modules())
     assert small.model.dtype == torch.float32

@@ -28,12 +28,15 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="CPU threads for the model (default: $MISTOL_THREADS, else one per idle core)")
     p.add_argument("--quant", default="auto", choices=QUANT_CHOICES,
                    help="weight format. auto (the default): on CPU, int8 for checkpoints of 2 GiB or more "
-                   "(a 7B model), exact f32 for smaller ones; a .gguf file's own types; bf16 on CUDA. "
+                   "(a 7B model) where mistol's kernels have SIMD int8 code for the CPU (x86 AVX2, ARM NEON), "
+                   "else floats; exact f32 for smaller ones; a .gguf file's own types; bf16 on CUDA, f16 on mps. "
                    "int8/int4: linear layers quantized as they load (llama.cpp Q8_0/Q4_0 blocks; "
                    "2x/4x less memory than bf16 and faster decoding on CPU), the rest in f32 on CPU")
     # The option's former name, still accepted; not shown in --help.
     p.add_argument("--dtype", dest="quant", choices=QUANT_CHOICES, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N or mps (Apple's GPU through PyTorch's Metal backend; untested) "
+                   "(default: cpu)")
     p.add_argument("--kv-cache", default="auto", choices=["auto", "f16", "f32"],
                    help="what the KV cache holds. auto (the default): f16 for a quantized model on CPU (half "
                    "the memory of f32: 128 MiB per 1k tokens of context for a 7B model), else the model's dtype")

@@ -3,10 +3,14 @@
 The library is built by the package's build (setup.py) as `mistol/_kernels*.so`. Which
 implementation runs is chosen once, from `MISTOL_KERNELS`:
 
-- `auto` (default): AVX512-VNNI dot products where the CPU has them, else AVX2+FMA+F16C,
-  else portable scalar C;
-- `avx512vnni` / `avx2` / `scalar`: force one (tests compare them);
+- `auto` (default): on x86, AVX512-VNNI dot products where the CPU has them, else
+  AVX2+FMA+F16C, else portable scalar C; on 64-bit ARM, NEON with the dot-product
+  extension (sdot) where the CPU has it, else plain NEON;
+- `avx512vnni` / `avx2` / `dotprod` / `neon` / `scalar`: force one (tests compare them);
 - `torch`: do not use the library at all (PyTorch ops: dequantize, then matmul).
+
+`MISTOL_KERNELS_LIB` names another build of the library to load instead of the package's
+(tests use it to check a build made without OpenMP).
 
 When the library is missing, fails to load or was built for another ABI (see `abi`:
 every id is read from the library and its structs checked at load), mistol says so once
@@ -42,11 +46,14 @@ def _load() -> ctypes.CDLL | None:
         return _lib
     _loaded = True
     try:
-        spec = importlib.util.find_spec("mistol._kernels")
-        if spec is None or not spec.origin:
-            raise OSError("mistol/_kernels*.so is not built (reinstall with `pip install -e .` and a C compiler)")
-        lib = ctypes.CDLL(spec.origin)
-        abi = read_abi(lib, spec.origin)
+        origin = os.environ.get("MISTOL_KERNELS_LIB")
+        if not origin:
+            spec = importlib.util.find_spec("mistol._kernels")
+            if spec is None or not spec.origin:
+                raise OSError("mistol/_kernels*.so is not built (reinstall with `pip install -e .` and a C compiler)")
+            origin = spec.origin
+        lib = ctypes.CDLL(origin)
+        abi = read_abi(lib, origin)
     except (OSError, AttributeError, AbiMismatch) as e:
         _load_error = str(e)
         _set_tables(None)
@@ -121,7 +128,7 @@ def _notice() -> None:
 
 
 def impl_name() -> str:
-    """The implementation quantized matmuls use now: avx512vnni, avx2, scalar or torch."""
+    """The implementation quantized matmuls use now: avx512vnni, avx2, dotprod, neon, scalar or torch."""
     if not available():
         return "torch"
     return _impl if _impl in _abi.impls and _impl != "auto" else best_impl()
@@ -136,7 +143,7 @@ def best_impl() -> str:
 
 @contextlib.contextmanager
 def use(impl: str):
-    """Run the enclosed code with `impl` (auto, avx512vnni, avx2, scalar or torch)."""
+    """Run the enclosed code with `impl` (auto, avx512vnni, avx2, dotprod, neon, scalar or torch)."""
     global _impl
     names = [*(_abi.impls if _load() is not None else ["auto"]), "torch"]
     if impl not in names and _lib is not None:  # (without the library, every name means PyTorch ops)

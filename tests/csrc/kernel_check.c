@@ -1,0 +1,297 @@
+/* Checks every SIMD implementation of the quantized kernels that this CPU runs against the
+ * portable scalar C, on seeded random data. Built from the C files of csrc/ and this file alone (no
+ * Python, no torch), so that it can be cross-compiled for another architecture and run
+ * under an emulator (tests/test_kernels_native.py).
+ *
+ * Where an implementation does the scalar code's arithmetic (the activation quantizer
+ * everywhere; the NEON matrix products, which scale and add without fusing) the results
+ * must be the same bits; the x86 matrix products fuse the multiply-add and the decode
+ * layer's attention sums in another order, so those are compared within a tolerance. Any
+ * implementation must give the same bits at every thread count.
+ *
+ * The float (dense) products pick their code from the CPU alone; they are checked against
+ * products and sums in double.
+ *
+ * Output: "best <impl>", then one line per check, "ok ...", "FAIL ..." or "unavailable
+ * <impl>" (the CPU lacks its instructions); exit status 1 if any check failed.
+ */
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mistol_kernels.h"
+
+EXPORT int mistol_gemm_many(int fmt, const float *x, int64_t M, int64_t K, int count, const uint8_t *const *ws,
+                            const int64_t *ns, const int64_t *tbs, float *y, int64_t ldy, int nthreads, int impl);
+typedef struct mistol_workspace mistol_workspace;
+EXPORT mistol_workspace *mistol_workspace_new(void);
+EXPORT void mistol_workspace_free(mistol_workspace *ws);
+EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *args);
+EXPORT int mistol_dense_many(int wtype, const float *x, int x_is_bf16, int64_t M, int64_t K, int count,
+                             const void *const *ws, const int64_t *ns, const int64_t *tks, float *y, int64_t ldy,
+                             int nthreads);
+
+static const struct {
+    int id;
+    const char *name;
+    int exact; /* its matrix products are the scalar code's arithmetic */
+} IMPLS[] = {
+    {IMPL_AVX2, "avx2", 0}, {IMPL_VNNI, "avx512vnni", 0}, {IMPL_NEON, "neon", 1}, {IMPL_DOTPROD, "dotprod", 1}};
+
+static int failures = 0;
+
+static void report(int ok, const char *impl, const char *what, double err) {
+    printf("%s %s %s", ok ? "ok" : "FAIL", impl, what);
+    if (err >= 0) printf(" (max relative difference %.3g)", err);
+    printf("\n");
+    failures += !ok;
+}
+
+/* splitmix64: the same numbers on every machine */
+static uint64_t rng_state;
+static uint64_t next_u64(void) {
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+static float uniform(float lo, float hi) { return lo + (hi - lo) * (float)((next_u64() >> 40) * (1.0 / (1 << 24))); }
+
+static float *random_floats(int64_t n, float scale) {
+    float *x = malloc(sizeof(float) * (size_t)n);
+    for (int64_t i = 0; i < n; i++) x[i] = uniform(-scale, scale);
+    return x;
+}
+
+/* Activations with the quantizer's edge cases: a zero block, a block whose values land on
+ * halves (ties round to even), one with a single nonzero value, one of extremes. */
+static float *edge_activations(int64_t K) {
+    float *x = random_floats(K, 3.0f);
+    if (K >= 4 * QK) {
+        memset(x, 0, sizeof(float) * QK);
+        for (int j = 0; j < QK; j++) x[QK + j] = (float)(j - 16) + 0.5f, x[QK + QK - 1] = 127.0f;
+        x[2 * QK + 5] = -1e-3f;
+        for (int j = 0; j < QK; j++) x[3 * QK + j] = j % 2 ? 1e4f : -1e4f;
+    }
+    return x;
+}
+
+/* Group blocks of format fmt for rows x K with random quants and scales (a few of them
+ * fp16 subnormals or zero), packed in one tile. */
+static uint8_t *random_packed(int fmt, int64_t rows, int64_t K) {
+    const int64_t blocks = (rows + IL - 1) / IL * (K / QK), bb = group_block_bytes(fmt);
+    uint8_t *w = malloc((size_t)(blocks * bb));
+    for (int64_t i = 0; i < blocks * bb; i++) w[i] = (uint8_t)next_u64();
+    for (int64_t b = 0; b < blocks; b++) {
+        uint16_t *d = (uint16_t *)(w + b * bb); /* both group blocks start with d[IL] */
+        for (int r = 0; r < IL; r++) {
+            const uint64_t pick = next_u64() % 64;
+            d[r] = pick == 0   ? 0
+                   : pick == 1 ? (uint16_t)(1 + next_u64() % 0x3ff) /* subnormal */
+                               : float_to_half(uniform(-0.05f, 0.05f));
+        }
+    }
+    return w;
+}
+
+/* (noinline: GCC 12's aarch64 vectorizer crashes on this loop inlined into check_decode) */
+__attribute__((noinline)) static double max_relative_difference(const float *a, const float *b, int64_t n) {
+    double scale = 0, err = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const double v = fabs((double)b[i]), e = fabs((double)a[i] - b[i]);
+        if (v > scale) scale = v;
+        if (e > err || e != e) err = e; /* a NaN counts as the largest difference */
+    }
+    return scale > 0 ? err / scale : err;
+}
+
+static void check_quantizer(const char *name, const qkernels *kn, const qkernels *ref) {
+    const int64_t K = 4096, B = K / QK;
+    float *x = edge_activations(K), da[2][B];
+    int8_t qa[2][K];
+    int32_t sa[2][B];
+    ref->quant(x, K, qa[0], da[0], sa[0]);
+    kn->quant(x, K, qa[1], da[1], sa[1]);
+    report(!memcmp(qa[0], qa[1], sizeof qa[0]) && !memcmp(da[0], da[1], sizeof da[0]) &&
+               !memcmp(sa[0], sa[1], sizeof sa[0]),
+           name, "activation quantizer: same bits", -1);
+    free(x);
+}
+
+/* One group kernel against the scalar one over several block ranges. */
+static void check_group(const char *name, int exact, int fmt, const qkernels *kn, const qkernels *ref) {
+    const int64_t K = 1024, B = K / QK;
+    uint8_t *w = random_packed(fmt, IL, K);
+    float *x = edge_activations(K), da[B];
+    int8_t qa[K];
+    int32_t sa[B];
+    ref->quant(x, K, qa, da, sa);
+    const int64_t ranges[][2] = {{0, B}, {0, 1}, {3, 4}, {5, 17}};
+    int ok = 1;
+    double worst = 0;
+    for (size_t i = 0; i < sizeof ranges / sizeof ranges[0]; i++) {
+        float a[IL], b[IL];
+        for (int r = 0; r < IL; r++) a[r] = b[r] = uniform(-1, 1); /* the kernels add into acc */
+        ref->group[fmt](w, qa, da, sa, ranges[i][0], ranges[i][1], a);
+        kn->group[fmt](w, qa, da, sa, ranges[i][0], ranges[i][1], b);
+        const double err = max_relative_difference(b, a, IL);
+        worst = fmax(worst, err);
+        ok &= exact ? !memcmp(a, b, sizeof a) : err < 1e-5;
+    }
+    char what[64];
+    snprintf(what, sizeof what, "%s group kernel: %s", fmt == FMT_INT8 ? "int8" : "int4",
+             exact ? "same bits" : "within 1e-5");
+    report(ok, name, what, exact ? -1 : worst);
+    free(w), free(x);
+}
+
+/* mistol_gemm_many: three matrices (one with a padded last group), tiled and not, one and
+ * several rows, one and several threads. */
+static void check_gemm(const char *name, int impl, int exact, int fmt) {
+    const int64_t K = 2048, ns[3] = {203, 64, 40}, N = 203 + 64 + 40;
+    uint8_t *ws[3];
+    for (int i = 0; i < 3; i++) ws[i] = random_packed(fmt, ns[i], K);
+    int ok = 1;
+    double worst = 0;
+    for (int t = 0; t < 2; t++) /* one tile, or tiles of 8 blocks (random bytes either way) */
+    for (int64_t M = 1; M <= 3; M += 2) {
+        const int64_t tb = t ? 8 : K / QK, tiles[3] = {tb, tb, tb};
+        float *x = edge_activations(M * K);
+        float *ref = malloc(sizeof(float) * (size_t)(M * N)), *y = malloc(sizeof(float) * (size_t)(M * N));
+        if (mistol_gemm_many(fmt, x, M, K, 3, (const uint8_t *const *)ws, ns, tiles, ref, N, 1, IMPL_SCALAR)) ok = 0;
+        for (int threads = 1; threads <= 4; threads += 3) {
+            if (mistol_gemm_many(fmt, x, M, K, 3, (const uint8_t *const *)ws, ns, tiles, y, N, threads, impl)) ok = 0;
+            const double err = max_relative_difference(y, ref, M * N);
+            worst = fmax(worst, err);
+            ok &= exact ? !memcmp(y, ref, sizeof(float) * (size_t)(M * N)) : err < 1e-5;
+        }
+        free(x), free(ref), free(y);
+    }
+    char what[96];
+    snprintf(what, sizeof what, "%s gemm (tiled and not, M 1 and 3, 1 and 4 threads): %s",
+             fmt == FMT_INT8 ? "int8" : "int4", exact ? "same bits" : "within 1e-5");
+    report(ok, name, what, exact ? -1 : worst);
+    for (int i = 0; i < 3; i++) free(ws[i]);
+}
+
+/* One decoder layer (grouped-query attention over a few cached tokens, biases, both weight
+ * formats mixed) against the scalar implementation, and at 1 and 3 threads. */
+static void check_decode(const char *name, int impl) {
+    enum { D = 256, F = 512, HQ = 8, HKV = 2, HD = 32, CAP = 24, SLOT = 17 };
+    const int64_t rows[W_COUNT] = {HQ * HD, HKV * HD, HKV * HD, D, F, F, D};
+    const int64_t cols[W_COUNT] = {D, D, D, HQ * HD, D, D, F};
+    mistol_layer layer = {0};
+    uint8_t *packed[W_COUNT];
+    for (int i = 0; i < W_COUNT; i++) {
+        const int fmt = i % 2 ? FMT_INT4 : FMT_INT8;
+        packed[i] = random_packed(fmt, rows[i], cols[i]);
+        layer.weights[i] = (mistol_matrix){packed[i], rows[i], cols[i] / QK, fmt};
+    }
+    float *norm_attn = random_floats(D, 1.0f), *norm_mlp = random_floats(D, 1.0f);
+    float *qkv_bias = random_floats(HQ * HD + 2 * HKV * HD, 0.1f), *o_bias = random_floats(D, 0.1f);
+    layer.norm_attn = norm_attn, layer.norm_mlp = norm_mlp, layer.qkv_bias = qkv_bias, layer.o_bias = o_bias;
+    float *cos = random_floats(HD, 1.0f), *sin = random_floats(HD, 1.0f), *x0 = random_floats(D, 1.0f);
+    const int64_t cache = HKV * CAP * HD;
+    float *keys = random_floats(cache, 1.0f), *values = random_floats(cache, 1.0f);
+    float out[3][D];
+    float *k = malloc(sizeof(float) * cache), *v = malloc(sizeof(float) * cache);
+    mistol_workspace *ws = mistol_workspace_new();
+    const int runs[3][2] = {{IMPL_SCALAR, 1}, {impl, 1}, {impl, 3}};
+    int ok = 1;
+    for (int r = 0; r < 3; r++) {
+        memcpy(k, keys, sizeof(float) * cache), memcpy(v, values, sizeof(float) * cache);
+        memcpy(out[r], x0, sizeof(float) * D);
+        const mistol_decode_args args = {
+            .layers = &layer, .layer = 0, .x = out[r], .cache_k = k, .cache_v = v, .cos = cos, .sin = sin,
+            .mask = NULL, .hidden = D, .ffn = F, .heads = HQ, .kv_heads = HKV, .head_dim = HD,
+            .capacity = CAP, .slot = SLOT, .n_keys = SLOT + 1, .eps = 1e-5f, .nthreads = runs[r][1],
+            .impl = runs[r][0]};
+        if (mistol_decode_layer(ws, &args) != OK) ok = 0;
+    }
+    const double err = max_relative_difference(out[1], out[0], D);
+    report(ok && err < 1e-4, name, "decode layer: within 1e-4 of scalar", err);
+    report(ok && !memcmp(out[1], out[2], sizeof out[1]), name, "decode layer: same bits at 1 and 3 threads", -1);
+    mistol_workspace_free(ws);
+    for (int i = 0; i < W_COUNT; i++) free(packed[i]);
+    free(norm_attn), free(norm_mlp), free(qkv_bias), free(o_bias), free(cos), free(sin), free(x0), free(keys);
+    free(values), free(k), free(v);
+}
+
+/* mistol_dense_many (which picks its row function from the CPU alone) against products
+ * and sums in double: float32, bf16 and f16 weights, plain rows and tiles, 1 and 2 rows of
+ * x, 1 and 4 threads. Each output's error is measured against the sum of its products'
+ * magnitudes (what float32 rounding can be proportional to). */
+static void check_dense(const char *name) {
+    const int64_t K = 1024, N = 70, tile = 256;
+    const char *types[] = {"float32", "bfloat16", "float16"};
+    for (int wtype = DT_F32; wtype <= DT_F16; wtype++) {
+        const int64_t esize = wtype == DT_F32 ? 4 : 2;
+        float *values = random_floats(N * K, 1.0f), *x = random_floats(2 * K, 1.0f);
+        uint8_t *rows = malloc((size_t)(N * K * esize)), *tiles = malloc((size_t)(N * K * esize));
+        for (int64_t i = 0; i < N * K; i++) { /* the stored value, and that value back as float */
+            uint32_t bits;
+            memcpy(&bits, &values[i], 4);
+            const uint16_t h = wtype == DT_BF16 ? (uint16_t)(bits >> 16) : float_to_half(values[i]);
+            if (wtype == DT_F32) memcpy(rows + 4 * i, &values[i], 4);
+            else memcpy(rows + 2 * i, &h, 2), values[i] = wtype == DT_BF16 ? bf16_to_float(h) : half_to_float(h);
+        }
+        for (int64_t n = 0; n < N; n++) /* [K / tile][N][tile] */
+            for (int64_t k = 0; k < K; k++)
+                memcpy(tiles + ((k / tile * N + n) * tile + k % tile) * esize, rows + (n * K + k) * esize,
+                       (size_t)esize);
+        int ok = 1;
+        double worst = 0;
+        for (int tiled = 0; tiled < 2; tiled++)
+            for (int64_t M = 1; M <= 2; M++)
+                for (int threads = 1; threads <= 4; threads += 3) {
+                    float y[2 * 70];
+                    const void *w = tiled ? tiles : rows;
+                    const int64_t tk = tiled ? tile : K;
+                    if (mistol_dense_many(wtype, x, 0, M, K, 1, &w, &N, &tk, y, N, threads) != OK) ok = 0;
+                    for (int64_t m = 0; m < M; m++)
+                        for (int64_t n = 0; n < N; n++) {
+                            double exact = 0, size = 0;
+                            for (int64_t k = 0; k < K; k++) {
+                                exact += (double)values[n * K + k] * x[m * K + k];
+                                size += fabs((double)values[n * K + k] * x[m * K + k]);
+                            }
+                            const double err = fabs(y[m * N + n] - exact) / size;
+                            if (err > worst || err != err) worst = err;
+                        }
+                }
+        char what[64];
+        snprintf(what, sizeof what, "dense %s rows: within 1e-6", types[wtype]);
+        report(ok && worst < 1e-6, name, what, worst);
+        free(values), free(x), free(rows), free(tiles);
+    }
+}
+
+int main(void) {
+    const int best = best_impl();
+    const char *best_name = best == IMPL_SCALAR ? "scalar" : "?";
+    for (size_t i = 0; i < sizeof IMPLS / sizeof IMPLS[0]; i++)
+        if (IMPLS[i].id == best) best_name = IMPLS[i].name;
+    printf("best %s\n", best_name);
+    rng_state = 7;
+    check_dense(best_name);
+    qkernels ref;
+    qkernels_select(IMPL_SCALAR, &ref);
+    for (size_t i = 0; i < sizeof IMPLS / sizeof IMPLS[0]; i++) {
+        qkernels kn;
+        const char *name = IMPLS[i].name;
+        if (qkernels_select(IMPLS[i].id, &kn) != OK) {
+            printf("unavailable %s\n", name);
+            continue;
+        }
+        rng_state = 42;
+        check_quantizer(name, &kn, &ref);
+        for (int fmt = FMT_INT8; fmt <= FMT_INT4; fmt++) {
+            check_group(name, IMPLS[i].exact, fmt, &kn, &ref);
+            check_gemm(name, IMPLS[i].id, IMPLS[i].exact, fmt);
+        }
+        check_decode(name, IMPLS[i].id);
+    }
+    return failures ? 1 : 0;
+}
