@@ -124,9 +124,10 @@ class LocalLLM:
             yield from (event[1] for event in parser.feed(piece) if event[0] == "content")
         yield from (event[1] for event in parser.finish() if event[0] == "content")
         calls, finish = parser.calls, self.last.finish_reason
-        if finish == "length" and calls and not _is_json(calls[-1].arguments):
-            raise MistolError(f"the reply reached max_tokens ({params.max_tokens}) in the middle of its call to "
-                              f"{calls[-1].name}; give it more tokens")
+        if finish == "length" and parser.mode == "calls" and not (calls and _is_json(calls[-1].arguments)):
+            which = f"its call to {calls[-1].name}" if calls else "a call"
+            raise MistolError(f"the reply reached max_tokens ({params.max_tokens}) in the middle of {which}; "
+                              "give it more tokens")
         return ToolStep(parser.content, calls, finish)
 
     def _grammars(self):
