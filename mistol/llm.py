@@ -84,22 +84,27 @@ class LocalLLM:
     def chat_with_tools(
         self, messages: list[dict], tools, params: SamplingParams | None = None, tool_choice: str = "auto",
         max_rounds: int = MAX_TOOL_ROUNDS, approve: Callable | None = None, on_result: Callable | None = None,
+        parallel_calls: bool = True,
     ) -> Iterator[str]:
         """Run a turn with tools (Python functions or a `FunctionTools`), appending the assistant's
         calls, the tools' results and its answer to `messages`; yields the answer's text.
         `tool_choice` ("auto", "required", a function's name) holds for the first reply;
-        `approve(call, arguments)` may refuse a call (see tool_loop.py)."""
+        `approve(call, arguments)` may refuse a call (see tool_loop.py); `parallel_calls` False: one
+        call per reply at most."""
         from .tool_functions import FunctionTools
 
         functions = tools if isinstance(tools, FunctionTools) else FunctionTools(tools)
-        yield from tool_rounds(self.tool_step_stream, messages, functions, params or SamplingParams(), tool_choice,
-                               max_rounds, approve, on_result)
+        def step(messages, tools, params, choice):
+            return self.tool_step_stream(messages, tools, params, choice, parallel_calls)
+
+        yield from tool_rounds(step, messages, functions, params or SamplingParams(), tool_choice, max_rounds,
+                               approve, on_result)
 
     def tool_step(self, messages: Sequence[Message], tools: Sequence, params: SamplingParams | None = None,
-                  tool_choice: str = "auto") -> ToolStep:
+                  tool_choice: str = "auto", parallel_calls: bool = True) -> ToolStep:
         """One reply with `tools` offered (functions, `tools.Tool`s or OpenAI tool dicts): its
         text, or its calls, which are not run."""
-        steps = self.tool_step_stream(messages, tools, params or SamplingParams(), tool_choice)
+        steps = self.tool_step_stream(messages, tools, params or SamplingParams(), tool_choice, parallel_calls)
         while True:
             try:
                 next(steps)
@@ -107,7 +112,7 @@ class LocalLLM:
                 return done.value
 
     def tool_step_stream(self, messages: Sequence[Message], tools: Sequence, params: SamplingParams,
-                         tool_choice: str = "auto") -> Generator[str, None, ToolStep]:
+                         tool_choice: str = "auto", parallel_calls: bool = True) -> Generator[str, None, ToolStep]:
         """`tool_step`, yielding the reply's text as it comes (a reply of calls yields none)."""
         from .constraints import Constraint
         from .tool_functions import as_tools
@@ -118,7 +123,8 @@ class LocalLLM:
             return ToolStep(text, [], self.last.finish_reason)
         fmt = self.template.tool_format
         grammars = self._grammars()
-        grammar = grammars.start(grammars.compile(Constraint("lark", fmt.grammar(offered, tool_choice, fmt.parallel))))
+        lark = fmt.grammar(offered, tool_choice, parallel_calls)
+        grammar = grammars.start(grammars.compile(Constraint("lark", lark)))
         parser = fmt.parser()
         for piece in self._stream(messages, params, False, offered, grammar):
             yield from (event[1] for event in parser.feed(piece) if event[0] == "content")

@@ -238,6 +238,8 @@ class ToolCallParser:
     def finish(self) -> list[tuple]:
         """The end of the reply: what was held back (a reply cut short keeps its partial call)."""
         events = []
+        if self.mode is None and self._buffer.strip() and self.syntax.opener.startswith(self._buffer.strip()):
+            self.mode, self._buffer = "calls", ""  # a call cut short before its opener was whole
         if self._buffer:
             if self.mode is None or self.mode == "text":
                 self.mode = "text"
@@ -268,7 +270,6 @@ class HermesFormat:
     as a user turn of <tool_response>s; it works through any chat template."""
 
     name = "hermes"
-    parallel = True  # several calls in one reply
 
     def messages(self, messages: Sequence[dict], tools: Sequence[Tool]) -> list[dict]:
         return render_messages(messages, tools)

@@ -52,7 +52,6 @@ def call_text(name: str, arguments: dict) -> str:
 
 class Llama3Format:
     name = "llama3"
-    parallel = False  # one call per reply
 
     def __init__(self, template):
         self.template = template

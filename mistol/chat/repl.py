@@ -158,7 +158,7 @@ class ChatApp:
 
         try:
             replies = self.llm.chat_with_tools(self.messages, self.tools, self.params, self.options.tool_choice,
-                                               approve=approve, on_result=on_result)
+                                               approve=approve, on_result=on_result, parallel_calls=False)
             for piece in replies:
                 answer += piece
                 self._show_answer(piece)
