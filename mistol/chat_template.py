@@ -21,13 +21,12 @@ import re
 from typing import Mapping, Sequence
 
 from .errors import MistolError
+from .pieces import Pieces, known_pieces
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # What ends an assistant turn in the chat formats of the families we run (llama.cpp's list).
 END_OF_TURN = (IM_END, "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
 
-# Text and token ids in prompt order: str is encoded as plain text, int is placed as is.
-Pieces = list
 
 
 class ChatTemplate:
@@ -86,7 +85,7 @@ class ChatTemplate:
     def tool_format(self):
         """How this model is shown tools and writes calls (tools.py)."""
         if self._tool_format is None:
-            from .tools import tool_format
+            from .tool_formats import tool_format
 
             self._tool_format = tool_format(self)
         return self._tool_format
@@ -171,15 +170,6 @@ def _check_messages(messages) -> None:
         content_ok = isinstance(m.get("content"), str) or (m.get("tool_calls") and m.get("content") is None)
         if not content_ok or not isinstance(m.get("role"), str):
             raise MistolError("each message needs a string 'role' and 'content'")
-
-
-def known_pieces(text: str, reply_tokens: Mapping[str, Pieces] | None) -> Pieces:
-    """`text` as pieces, reusing the generated ids of the longest known beginning of it."""
-    best = max((k for k in (reply_tokens or {}) if text.startswith(k)), key=len, default=None)
-    if best is None:
-        return [text]
-    rest = text[len(best):]
-    return [*reply_tokens[best], rest] if rest else list(reply_tokens[best])
 
 
 class TemplateRefusal(MistolError):

@@ -177,7 +177,8 @@ class LocalLLM:
                 self._reply_tokens.update(replies)
         return why_not
 
-    def _fit(self, messages: list, max_tokens: int, continue_last: bool, tools: Sequence = ()) -> tuple[list[int], list]:
+    def _fit(self, messages: list, max_tokens: int, continue_last: bool,
+             tools: Sequence = ()) -> tuple[list[int], list]:
         """Render, dropping the oldest messages after the system prompt until the prompt
         and the reply fit in the context (the caller's list keeps them all)."""
         first = 1 if messages and messages[0]["role"] == "system" else 0

@@ -1,8 +1,8 @@
 """Tool (function) calls: the tools offered, the calls a reply makes, and the Hermes / Qwen format.
 
 Two formats are known: Llama 3.1's own (tools_llama3.py), used when the model's chat template
-is Llama 3.x's, and the Hermes / Qwen one below for every other model. `tool_format(template)`
-says which; both give the same three things: the prompt (through `ChatTemplate.render(...,
+is Llama 3.x's, and the Hermes / Qwen one below for every other model. tool_formats.py says
+which; both give the same three things: the prompt (through `ChatTemplate.render(...,
 tools=)`), the grammar a reply must match, and a `ToolCallParser` for the reply.
 
 The model is shown the tools in its system prompt and answers a call as JSON inside tags,
@@ -280,10 +280,3 @@ class HermesFormat:
     def parser(self) -> ToolCallParser:
         return ToolCallParser(HERMES)
 
-
-def tool_format(template) -> "HermesFormat":
-    """The tool format for a `ChatTemplate`: Llama 3.1's where the model's template is Llama 3.x's
-    (and its vocabulary has the header and end-of-turn tokens), Hermes otherwise."""
-    from .tools_llama3 import Llama3Format, is_llama3_template
-
-    return Llama3Format(template) if is_llama3_template(template) else HermesFormat()

@@ -2,7 +2,7 @@
 for Llama 3.1 / 3.3 Instruct; 3.2's differs only in the date) writes it:
 
     <|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nCutting Knowledge Date: ...<|eot_id|>
-    <|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, ... {tools as JSON}\n\n{first user message}<|eot_id|>
+    <|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, ... {tools as JSON}\n\n{user's text}<|eot_id|>
     <|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>
     <|start_header_id|>ipython<|end_header_id|>\n\n"the tool's result"<|eot_id|>
 
@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from .errors import MistolError
+from .pieces import known_pieces
 from .tools import CallSyntax, Tool, ToolCallParser, arguments_schema, call_fields, chosen_tools
 
 START, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
@@ -62,8 +63,6 @@ class Llama3Format:
     def pieces(self, messages: Sequence[dict], tools: Sequence[Tool], gen_prompt: bool, continue_last: bool,
                reply_tokens=None) -> list:
         """The prompt as pieces (text and token ids; see chat_template.py), BOS first."""
-        from .chat_template import known_pieces
-
         tok = self.template.tokenizer
         start, end, eot = (tok.token_id(t) for t in (START, END_HEADER, EOT))
 
