@@ -1,8 +1,8 @@
-"""Llama 3.1's tool format, written as its official chat template (Meta's tokenizer_config.json
+r"""Llama 3.1's tool format, written as its official chat template (Meta's tokenizer_config.json
 for Llama 3.1 / 3.3 Instruct; 3.2's differs only in the date) writes it:
 
     <|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nCutting Knowledge Date: ...<|eot_id|>
-    <|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, ... {tools as JSON}\n\n{user's text}<|eot_id|>
+    <|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, ... {tools, JSON}\n\n{text}<|eot_id|>
     <|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>
     <|start_header_id|>ipython<|end_header_id|>\n\n"the tool's result"<|eot_id|>
 
