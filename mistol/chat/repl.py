@@ -75,7 +75,9 @@ class ChatApp:
 
     def show_recent(self, exchanges: int = 2) -> None:
         """The end of a resumed conversation, so the person sees where it left off."""
-        shown = [m for m in self.messages if m["role"] != "system"][-2 * exchanges:]
+        # (a tool's result, and a reply that only called tools, say nothing to show here)
+        shown = [m for m in self.messages if m["role"] in ("user", "assistant")
+                 and not (m.get("tool_calls") and not m["content"])][-2 * exchanges:]
         if not shown:
             return
         self.notice(f"... resuming ({_exchanges(self.messages)} message(s)); the last:")
