@@ -28,7 +28,6 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 END_OF_TURN = (IM_END, "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
 
 
-
 class ChatTemplate:
     def __init__(self, tokenizer, jinja_source: str | None = None):
         self.tokenizer = tokenizer

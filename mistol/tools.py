@@ -97,10 +97,6 @@ def call_fields(call: dict) -> tuple[str, dict]:
     return name, arguments
 
 
-def has_tool_messages(messages: Sequence[dict]) -> bool:
-    return any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
-
-
 def call_text(name: str, arguments: dict | str) -> str:
     """One call as the model writes it (and as the grammar lays it out)."""
     name, arguments = call_fields({"name": name, "arguments": arguments})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 from typing import Literal
 
 import pytest
@@ -337,6 +338,13 @@ def test_server_tool_calls_in_llama3_format_with_the_openai_client(llama31_model
         call = choice.message.tool_calls[0]
         schema = WEATHER if call.function.name == "get_weather" else TOOLS[1]["function"]["parameters"]
         jsonschema.validate(json.loads(call.function.arguments), schema)
+        # streamed, the same call comes as OpenAI streams it: id and name, then pieces of the arguments
+        from test_tool_calls import streamed_calls
+
+        streamed, finish = streamed_calls(SimpleNamespace(client=client), model="l31", messages=ask, tools=TOOLS,
+                                          tool_choice="required", max_tokens=200, temperature=0.7, seed=1)
+        assert finish == "tool_calls"
+        assert [(c["name"], c["arguments"]) for c in streamed] == [(call.function.name, call.function.arguments)]
         follow_up = ask + [choice.message.model_dump(exclude_none=True),
                            {"role": "tool", "tool_call_id": call.id, "content": "21 C"}]
         final = client.chat.completions.create(model="l31", messages=follow_up, tools=TOOLS, tool_choice="none",
