@@ -125,8 +125,8 @@ def parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
     Google-style "Args:" or a NumPy-style "Parameters" section."""
     lines = doc.expandtabs().splitlines()
     first = []
-    for line in lines:
-        if not line.strip() or _ANY_SECTION.match(line) or _is_numpy_header(lines, lines.index(line)):
+    for i, line in enumerate(lines):
+        if not line.strip() or _ANY_SECTION.match(line) or _is_numpy_header(lines, i):
             break
         first.append(line.strip())
     params: dict[str, str] = {}
