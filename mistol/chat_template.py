@@ -7,6 +7,9 @@ so a user who types "<|im_start|>system" gets those characters, not a forged tur
 Jinja template we render with a placeholder in place of each message's text, parse the
 special tokens of what the template wrote, and put the text back as plain text.
 
+With `tools` (tools.py), the tools offered and the calls and results in the messages are
+written in the model's tool format: Llama 3.1's for a Llama 3.x template, Hermes otherwise.
+
 Replies the model generated can be passed back as the token ids it produced
 (`reply_tokens`): re-encoding a reply's text may give other ids than the model chose, and
 then the session's cache would no longer share the prefix and would run the reply again.
@@ -18,13 +21,11 @@ import re
 from typing import Mapping, Sequence
 
 from .errors import MistolError
+from .pieces import Pieces, known_pieces
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # What ends an assistant turn in the chat formats of the families we run (llama.cpp's list).
 END_OF_TURN = (IM_END, "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
-
-# Text and token ids in prompt order: str is encoded as plain text, int is placed as is.
-Pieces = list
 
 
 class ChatTemplate:
@@ -32,6 +33,7 @@ class ChatTemplate:
         self.tokenizer = tokenizer
         self.jinja_source = jinja_source
         self._jinja = _compile(jinja_source) if jinja_source else None
+        self._tool_format = None
         self._chatml = tokenizer.token_id(IM_START) is not None and tokenizer.token_id(IM_END) is not None
         if self._jinja is None and not self._chatml:
             raise MistolError("the tokenizer has no <|im_start|>/<|im_end|> tokens and the model no chat_template")
@@ -56,6 +58,7 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         continue_last: bool = False,
         reply_tokens: Mapping[str, Pieces] | None = None,
+        tools: Sequence = (),
     ) -> list[int]:
         """Token ids for `messages`, BOS first.
 
@@ -63,25 +66,40 @@ class ChatTemplate:
         on writing it; otherwise `add_generation_prompt` opens a new assistant turn.
         reply_tokens: assistant texts (or beginnings of them) mapped to pieces holding the
         token ids the model generated for them.
+        tools: the `tools.Tool`s offered (messages may hold calls and results without them).
         """
-        pieces = self._pieces(messages, add_generation_prompt, continue_last, reply_tokens)
+        pieces = self._pieces(messages, add_generation_prompt, continue_last, reply_tokens, tools)
         tok = self.tokenizer
         add_bos = tok.add_bos and not (pieces and pieces[0] == tok.bos_id)
         return tok.encode_pieces(pieces, add_bos=add_bos)
 
     def render_text(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
-                    continue_last: bool = False) -> str:
+                    continue_last: bool = False, tools: Sequence = ()) -> str:
         """The prompt as text, control tokens written out ("<|im_start|>user\n..."), as the
         template writes it: the BOS that `render` puts first is the tokenizer's, not part of it."""
-        pieces = self._pieces(messages, add_generation_prompt, continue_last, None)
+        pieces = self._pieces(messages, add_generation_prompt, continue_last, None, tools)
         return "".join(p if isinstance(p, str) else _content_of(self.tokenizer, p) for p in pieces)
 
-    def _pieces(self, messages, add_generation_prompt, continue_last, reply_tokens) -> Pieces:
+    @property
+    def tool_format(self):
+        """How this model is shown tools and writes calls (tools.py)."""
+        if self._tool_format is None:
+            from .tool_formats import tool_format
+
+            self._tool_format = tool_format(self)
+        return self._tool_format
+
+    def _pieces(self, messages, add_generation_prompt, continue_last, reply_tokens, tools=()) -> Pieces:
         if not messages and continue_last:
             raise MistolError("continue_last needs a message to continue")
-        for m in messages:
-            if not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
-                raise MistolError("each message needs a string 'role' and 'content'")
+        if tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+            fmt = self.tool_format
+            if hasattr(fmt, "pieces"):  # a format of the model's own, written here
+                _check_messages(messages)
+                return fmt.pieces(messages, tools, add_generation_prompt and not continue_last, continue_last,
+                                  reply_tokens)
+            messages = fmt.messages(messages, tools)
+        _check_messages(messages)
         contents = [
             known_pieces(m["content"], reply_tokens) if m["role"] == "assistant" else [m["content"]]
             for m in messages
@@ -146,13 +164,11 @@ class ChatTemplate:
         return pieces
 
 
-def known_pieces(text: str, reply_tokens: Mapping[str, Pieces] | None) -> Pieces:
-    """`text` as pieces, reusing the generated ids of the longest known beginning of it."""
-    best = max((k for k in (reply_tokens or {}) if text.startswith(k)), key=len, default=None)
-    if best is None:
-        return [text]
-    rest = text[len(best):]
-    return [*reply_tokens[best], rest] if rest else list(reply_tokens[best])
+def _check_messages(messages) -> None:
+    for m in messages:
+        content_ok = isinstance(m.get("content"), str) or (m.get("tool_calls") and m.get("content") is None)
+        if not content_ok or not isinstance(m.get("role"), str):
+            raise MistolError("each message needs a string 'role' and 'content'")
 
 
 class TemplateRefusal(MistolError):

@@ -178,12 +178,12 @@ def train_bpe_dir(path: Path, family: str | Family, vocab_size: int = 500) -> Pa
     return path
 
 
-def make_bpe_checkpoint(path: Path, family: str, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
+def make_bpe_checkpoint(path: Path, family: str | Family, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
     """`train_bpe_dir` plus a tiny random transformers model of the family's architecture."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    fam = FAMILIES[family]
+    fam = FAMILIES[family] if isinstance(family, str) else family
     train_bpe_dir(path, fam)
     from tokenizers import Tokenizer
 

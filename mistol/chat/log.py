@@ -1,6 +1,7 @@
 """Chats saved as they happen: one JSON event per line, flushed at once.
 
-Events: {"event": "message", "role", "content"} adds a message; {"event": "delta",
+Events: {"event": "message", "role", "content"} adds a message (an assistant's with its
+"tool_calls", a "tool" result with its "tool_call_id" and "name"); {"event": "delta",
 "content"} extends the last message (a reply is written while it streams, so a crash
 loses nothing already shown); {"event": "undo"} drops the last exchange; {"event":
 "reset"} clears all but the system prompt; {"event": "system", "content"} sets it;
@@ -24,7 +25,7 @@ from pathlib import Path
 from ..errors import MistolError
 from ..util import private_dir
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # "tool": a result of a call (mistol chat --tools)
 MAX_FILE_BYTES = 64 << 20  # a chat is text; /load of a device or a huge file stops here
 
 
@@ -154,8 +155,23 @@ def apply_event(messages: list[dict], event: dict) -> None:
 
 def _message(m) -> dict:
     if not isinstance(m, dict) or m.get("role") not in ROLES:
-        raise _BadEvent("a message needs a role: system, user or assistant")
-    return {"role": m["role"], "content": _text(m.get("content"))}
+        raise _BadEvent("a message needs a role: system, user, assistant or tool")
+    message = {"role": m["role"], "content": _text(m.get("content"))}
+    if m["role"] == "assistant" and m.get("tool_calls"):
+        calls = m["tool_calls"]
+        if not isinstance(calls, list) or not all(_is_call(c) for c in calls):
+            raise _BadEvent("tool_calls must be a list of {id, type, function: {name, arguments}}")
+        message["tool_calls"] = calls
+    if m["role"] == "tool":
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                message[key] = m[key]
+    return message
+
+
+def _is_call(call) -> bool:
+    fn = call.get("function") if isinstance(call, dict) else None
+    return isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), str)
 
 
 def _text(value) -> str:

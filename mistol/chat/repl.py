@@ -3,7 +3,8 @@
 Input comes from prompt_toolkit on a terminal (history, editing, Esc then Enter for a new
 line, pasted text kept whole) or line by line from a pipe (`echo hi | mistol chat`).
 Ctrl-C during a reply stops it and keeps what was said; Ctrl-C or Ctrl-D at the prompt
-leaves. Every message is written to the chat log as it happens.
+leaves. Every message is written to the chat log as it happens. With tools (--tools), a
+reply may call them first (user_tools.py): the calls and results are shown and kept.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ Keys: Enter sends, Esc then Enter adds a new line, Ctrl-C stops a reply."""
 class ChatOptions:
     verbose: bool = False
     interactive: bool = True
+    tool_choice: str = "auto"  # for the first reply of each turn, with tools
 
 
 class ChatApp:
     def __init__(
         self, llm, params: SamplingParams, log: ChatLog, messages: list[dict], options: ChatOptions,
-        code: CodeRunner | None = None,
+        code: CodeRunner | None = None, tools=None, approve=None,
     ):
         self.llm = llm
         self.params = params
@@ -51,6 +53,10 @@ class ChatApp:
         self.messages = messages
         self.options = options
         self.code = code  # None: code blocks are shown, never run
+        self.tools = tools  # a FunctionTools: the model may call them (then code blocks are not run)
+        self.approve = approve  # a user_tools.CallApprover
+        if approve is not None:
+            approve.notice = self.notice
         if code is not None:
             code.notice = self.notice
         self._line_open = False  # the reply's last line on stdout has no newline yet
@@ -69,7 +75,9 @@ class ChatApp:
 
     def show_recent(self, exchanges: int = 2) -> None:
         """The end of a resumed conversation, so the person sees where it left off."""
-        shown = [m for m in self.messages if m["role"] != "system"][-2 * exchanges:]
+        # (a tool's result, and a reply that only called tools, say nothing to show here)
+        shown = [m for m in self.messages if m["role"] in ("user", "assistant")
+                 and not (m.get("tool_calls") and not m["content"])][-2 * exchanges:]
         if not shown:
             return
         self.notice(f"... resuming ({_exchanges(self.messages)} message(s)); the last:")
@@ -102,6 +110,8 @@ class ChatApp:
     def reply(self) -> str:
         """Stream the assistant's reply and record it as it comes; in between, run the code
         blocks it writes (with the person's yes) and feed their output back."""
+        if self.tools is not None:
+            return self.tool_reply()
         self.add("assistant", "")
         message = self.messages[-1]
         self._logged = ""
@@ -127,6 +137,61 @@ class ChatApp:
             sys.stdout.flush()
         self.report(turn)
         return message["content"]
+
+    def tool_reply(self) -> str:
+        """The reply with tools: the calls it makes, each asked about and run, then its answer,
+        streamed. The messages it adds (calls, results, answer) go to the log as they come."""
+        start = len(self.messages)
+        logged = start
+        answer = ""
+
+        def log_new(*_) -> None:
+            nonlocal logged
+            for message in self.messages[logged:]:
+                self.log.write("message", **message)
+            logged = len(self.messages)
+
+        def approve(call, arguments) -> bool:
+            log_new()  # the call is in the log before it runs
+            return self.approve(call, arguments)
+
+        def on_result(call, result) -> None:
+            self.approve.show_result(call, result)
+
+        try:
+            replies = self.llm.chat_with_tools(self.messages, self.tools, self.params, self.options.tool_choice,
+                                               approve=approve, on_result=on_result, parallel_calls=False)
+            for piece in replies:
+                answer += piece
+                self._show_answer(piece)
+        except KeyboardInterrupt:
+            self._end_line()
+            self.notice("[stopped]")
+            if not (self.messages[-1]["role"] == "assistant" and "tool_calls" not in self.messages[-1]
+                    and len(self.messages) > start):
+                self.messages.append({"role": "assistant", "content": answer})
+        except MistolError as e:
+            self._end_line()
+            self.notice(f"error: {e}")
+            if len(self.messages) == start:  # nothing was said: the question goes too
+                drop_last_exchange(self.messages)
+                self.log.write("undo")
+                return ""
+        log_new()
+        self._line_open = True
+        self._end_line()
+        if not self.options.interactive:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        self.report()
+        return self.messages[-1]["content"]
+
+    def _show_answer(self, text: str) -> None:
+        text = visible(text)
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self._line_open = not text.endswith("\n")
 
     def _show(self, text: str, is_output: bool) -> None:
         content = self.messages[-1]["content"]
@@ -173,6 +238,8 @@ class ChatApp:
             self.log.write("reset")
             if self.code is not None:
                 self.code.reset()
+            if self.approve is not None:
+                self.approve.reset()
             self.notice("conversation cleared")
         elif name == "/undo":
             if drop_last_exchange(self.messages):

@@ -33,6 +33,14 @@ def register(sub) -> argparse.ArgumentParser:
     g.add_argument("--code-disk", type=int, default=512, help="MB for the files the code writes: its directory and /tmp together (default: 512)")
     g.add_argument("--auto-runs", type=int, default=5, metavar="N",
                    help="after [a]lways, run at most N blocks of one reply before asking again (default: 5)")
+    t = p.add_argument_group("tools: your own Python functions, which the model may call")
+    t.add_argument("--tools", metavar="FILE.py", default=None,
+                   help="offer the public functions of FILE.py to the model (described by their signatures and "
+                   "docstrings); they run in this process, each call after your yes (--yes: without asking). "
+                   "The model's code blocks are then not run")
+    t.add_argument("--tool-choice", metavar="CHOICE", default="auto",
+                   help="auto (the model decides), required (each reply starts with a call), or a function's name "
+                   "(each reply starts by calling it); later replies of a turn decide for themselves")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's; 8192 at most without a sliding window)")
     p.add_argument("--verbose", "-v", action="store_true", help="after each reply, show tokens/s and time to first token")
     add_sampling_args(p, max_tokens=1024)
@@ -44,31 +52,49 @@ def register(sub) -> argparse.ArgumentParser:
 def cmd_chat(args) -> int:
     from ..chat.log import ChatLog, latest_chat, replay, set_system
     from ..chat.repl import DEFAULT_SYSTEM, ChatApp, ChatOptions, ask_line, piped_lines, terminal_lines
+    from ..errors import MistolError
     from ..llm import LocalLLM
     from ..sandbox.code_turn import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner
     from ..sandbox.sandbox import SandboxLimits
 
     interactive = sys.stdin.isatty()
+    tools = None
+    if args.tools is not None:
+        from ..chat.user_tools import load_tool_file
+
+        if args.api:
+            raise MistolError("--tools runs with a local model (--model), not with --api")
+        tools = load_tool_file(args.tools)  # before the model loads: a bad file is said at once
+        if args.tool_choice not in ("auto", "required", *tools.functions):
+            raise MistolError(f"--tool-choice: {args.tool_choice!r} is not auto, required or one of the functions "
+                              f"of {args.tools} ({', '.join(tools.functions)})")
+    elif args.tool_choice != "auto":
+        raise MistolError("--tool-choice needs --tools")
     if args.resume:
         path = latest_chat()
         messages, log = replay(path), ChatLog(path)
     else:
         messages, log = [], ChatLog.create()
     if args.system is not None or not messages:
-        code_prompt = args.code or args.model == "demo"
+        code_prompt = args.code or (args.model == "demo" and tools is None)
         system = args.system if args.system is not None else CODE_SYSTEM_PROMPT if code_prompt else DEFAULT_SYSTEM
         set_system(messages, system)
         log.write("system", content=system)
     llm = remote_llm(args) if args.api else LocalLLM(load_engine(args), max_context=args.ctx)
-    options = ChatOptions(args.verbose, interactive)
-    code = None
-    if not args.no_code:
+    options = ChatOptions(args.verbose, interactive, args.tool_choice)
+    code = approve = None
+    if tools is not None:
+        from ..chat.user_tools import CallApprover
+
+        approve = CallApprover(args.yes, ask_line if interactive else None,
+                               lambda text: print(text, file=sys.stderr, flush=True))
+    elif not args.no_code:
         limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory, disk_mb=args.code_disk,
                                allow_network=args.allow_network)
         code = CodeRunner(CodeOptions(auto_yes=args.yes, limits=limits, max_auto_runs=args.auto_runs),
                           ask_line if interactive else None,
                           lambda text: print(text, file=sys.stderr, flush=True))
-    app = ChatApp(llm, sampling_params(args, []), log, messages, options, code)
+    app = ChatApp(llm, sampling_params(args, []), log, messages, options, code, tools, approve)
     if interactive:
         where = args.api or args.model
         app.notice(f"mistol chat · {where} · saving to {log.path}\n/help for commands, Ctrl-D to leave")

@@ -37,12 +37,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..chat_template import ChatTemplate
-from ..constraints import ConstraintError, Grammars
+from ..constraints import Constraint, ConstraintError, Grammars
 from ..engine import Engine
 from ..errors import MistolError
 from ..sandbox.sandbox import SandboxLimits
 from ..util import private_dir, private_file
-from ..tools import ToolCallParser, render_messages as render_tool_messages
 from . import protocol as p
 from .protocol import APIError, GenerationRequest
 from .embeddings import add_embedding_routes
@@ -345,9 +344,12 @@ class _Server:
         a 400 saying what is wrong with it."""
         if self._grammars is None:
             self._grammars = Grammars(self.tokenizer)
-        field = spec.constraint_field
+        field, constraint = spec.constraint_field, spec.constraint
         try:
-            grammar = self._grammars.compile(spec.constraint)
+            if field == "tools":  # the calls as the model's own tool format writes them
+                constraint = Constraint("lark", self.template.tool_format.grammar(
+                    spec.tools, spec.tool_choice, spec.parallel_tool_calls))
+            grammar = self._grammars.compile(constraint)
             return [self._grammars.start(grammar) for _ in range(spec.n)]
         except ConstraintError as e:
             raise APIError(400, f"{field}: {e}", field, "invalid_constraint") from None
@@ -360,20 +362,17 @@ class _Server:
         texts = {m["content"] for m in spec.messages if m["role"] == "assistant"}
         return {t: list(self._replies[client, t]) for t in texts if (client, t) in self._replies}
 
-    def chat_messages(self, spec: GenerationRequest) -> list:
-        """The request's messages as the template gets them: with the tools offered and the
-        calls and results of earlier turns written out (the Hermes format; see tools.py)."""
-        messages = spec.messages
-        offered = spec.tools if spec.tool_choice != "none" else []
-        if offered or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-            messages = render_tool_messages(messages, offered)
-        return messages
+    def offered_tools(self, spec: GenerationRequest) -> list:
+        """The tools the prompt shows (the template writes them, and the calls and results of
+        earlier turns, in the model's tool format; see tools.py)."""
+        return spec.tools if spec.tool_choice != "none" else []
 
     def _prompt_ids(self, spec: GenerationRequest, replies: dict[str, list[int]]) -> list[int]:
         if spec.messages is not None:
             try:
-                return self.template.render(self.chat_messages(spec), add_generation_prompt=spec.add_generation_prompt,
-                                            continue_last=spec.continue_final_message, reply_tokens=replies)
+                return self.template.render(spec.messages, add_generation_prompt=spec.add_generation_prompt,
+                                            continue_last=spec.continue_final_message, reply_tokens=replies,
+                                            tools=self.offered_tools(spec))
             except MistolError as e:
                 raise APIError(400, f"messages: {e}", "messages") from None
         if isinstance(spec.prompt, list):
@@ -496,7 +495,8 @@ class _Reply:
         self.last: list[Output | None] = [None] * spec.n  # each choice's final output
         self.prompt_tokens = prompt_tokens
         # with tools, each choice's text read into content and calls
-        self.parsers = [ToolCallParser() for _ in range(spec.n)] if chat and spec.tool_choice != "none" else None
+        tool_format = server.template.tool_format
+        self.parsers = [tool_format.parser() for _ in range(spec.n)] if chat and spec.tool_choice != "none" else None
 
     @property
     def done(self) -> bool:

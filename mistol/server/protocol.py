@@ -63,6 +63,7 @@ class GenerationRequest:
     constraint_field: str | None = None  # the field that asked for it
     tools: list[Tool] = field(default_factory=list)  # offered to the model (chat only)
     tool_choice: str = "none"  # "none", "auto", "required", or a tool's name
+    parallel_tool_calls: bool = True
 
 
 def check_unicode(body: Any) -> None:
@@ -120,6 +121,7 @@ def parse_chat_request(body: Any) -> GenerationRequest:
             raise APIError(400, f"{common['constraint_field']} cannot be combined with tools (set tool_choice "
                            "to \"none\" for a constrained answer)", common["constraint_field"])
         try:
+            # the Hermes grammar checks the choice here; the server writes the model's own (app.py)
             lark = tool_grammar(tools, choice, _bool(body, "parallel_tool_calls", True))
         except MistolError as e:
             raise APIError(400, str(e), "tool_choice") from None
@@ -128,6 +130,7 @@ def parse_chat_request(body: Any) -> GenerationRequest:
         **common,
         tools=tools,
         tool_choice=choice,
+        parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
         max_tokens=fields.max_tokens(body, max_tokens),
         logprobs=(top or 0) if logprobs else None,
         messages=messages,
