@@ -1,0 +1,520 @@
+/* Matrix products with weights in llama.cpp's k-quant (Q4_K, Q5_K, Q6_K) and legacy
+ * (Q4_1, Q5_0, Q5_1) blocks, read in the file's own row order (kquant.h): no repacking
+ * at load, so a mapped GGUF tensor is used where it lies.
+ *
+ * Each row's dot product runs super-block by super-block (k-quants: 256 inputs) or block
+ * by block (legacy: 32) against the activation row quantized to int8 (per 256 or per 32,
+ * kquant.h): the products of quants, activations and the 6/8-bit sub-block scales are
+ * summed exactly in int32, and each (super-)block adds its sums into the fp32 result
+ * through the same few float operations (kq_add / legacy_add) in every implementation,
+ * so the portable and the AVX2 kernels give the same bits.
+ *
+ * Why a row at a time, not 8 rows interleaved as quant_gemv.c does: a super-block carries
+ * 8-16 sub-block scales, and applying them lane by lane inside the integer sums wants one
+ * row's 256 inputs across the vector, which is the order the file already has.
+ */
+
+#include <math.h>
+#include <stdlib.h>
+
+#include "kquant.h"
+
+/* ---------------------------------------------------------------------------------------
+ * Formats
+ */
+int fmt_row_order(int fmt) { return fmt >= FMT_Q4_K && fmt < FMT_COUNT; }
+
+int fmt_known(int fmt) { return fmt == FMT_INT8 || fmt == FMT_INT4 || fmt_row_order(fmt); }
+
+int64_t fmt_k_multiple(int fmt) { return fmt == FMT_Q4_K || fmt == FMT_Q5_K || fmt == FMT_Q6_K ? QKK : QK; }
+
+int64_t fmt_row_bytes(int fmt, int64_t K) {
+    switch (fmt) {
+    case FMT_Q4_K: return K / QKK * (int64_t)sizeof(block_q4_K);
+    case FMT_Q5_K: return K / QKK * (int64_t)sizeof(block_q5_K);
+    case FMT_Q6_K: return K / QKK * (int64_t)sizeof(block_q6_K);
+    case FMT_Q4_1: return K / QK * (int64_t)sizeof(block_q4_1);
+    case FMT_Q5_0: return K / QK * (int64_t)sizeof(block_q5_0);
+    case FMT_Q5_1: return K / QK * (int64_t)sizeof(block_q5_1);
+    default: return 0;
+    }
+}
+
+int act_needs(const mistol_matrix *mats, int count) {
+    int needs = 0;
+    for (int i = 0; i < count; i++) needs |= fmt_k_multiple(mats[i].format) == QKK ? ACT_256 : ACT_32;
+    return needs;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Activations per 256: d = max|x| / 127, q = round(x / d) half to even (as quant_gemv.c's
+ * per-32 quantizer), and the sums of q per 16.
+ */
+static void quantize_k_scalar(const float *x, int64_t K, int8_t *q, float *d, int32_t *s) {
+    for (int64_t b = 0; b < K / QKK; b++) {
+        const float *xb = x + b * QKK;
+        float amax = 0.0f;
+        for (int j = 0; j < QKK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+        for (int g = 0; g < QKK / 16; g++) {
+            int32_t sum = 0;
+            for (int j = 16 * g; j < 16 * g + 16; j++) {
+                const int v = (int)nearbyintf(xb[j] * id);
+                q[b * QKK + j] = (int8_t)v;
+                sum += v;
+            }
+            s[b * 16 + g] = sum;
+        }
+        d[b] = db;
+    }
+}
+
+#ifdef MISTOL_X86
+AVX2_FN static void quantize_k_avx2(const float *x, int64_t K, int8_t *q, float *d, int32_t *s) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int64_t b = 0; b < K / QKK; b++) {
+        const float *xb = x + b * QKK;
+        __m256 m = _mm256_setzero_ps();
+        for (int j = 0; j < QKK; j += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(xb + j), absmask));
+        const float amax = hmax_ps(m);
+        const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        for (int j = 0; j < QKK; j += 32) {
+            __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + j), vid), rnd));
+            __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + j + 8), vid), rnd));
+            __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + j + 16), vid), rnd));
+            __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + j + 24), vid), rnd));
+            s[b * 16 + j / 16] = hsum_epi32(_mm256_add_epi32(i0, i1));
+            s[b * 16 + j / 16 + 1] = hsum_epi32(_mm256_add_epi32(i2, i3));
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+            _mm256_storeu_si256((__m256i *)(q + b * QKK + j), _mm256_permutevar8x32_epi32(p, perm));
+        }
+        d[b] = db;
+    }
+}
+#endif
+
+void act_quantize(const qkernels *kn, const float *x, int64_t K, int64_t m, int64_t e0, int64_t e1, int needs,
+                  const qact *act) {
+    if (e1 <= e0) return;
+    if (needs & ACT_32)
+        kn->quant(x + e0, e1 - e0, act->qa + m * K + e0, act->da + (m * K + e0) / QK, act->sa + (m * K + e0) / QK);
+    if (needs & ACT_256)
+        kn->kquant(x + e0, e1 - e0, act->qk + m * K + e0, act->dk + (m * K + e0) / QKK,
+                   act->sk + (m * K + e0) / 16);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * How a (super-)block's exact integer sums enter the row's float sum: the same operations
+ * in every implementation (the build has no FMA contraction), hence the same bits.
+ */
+static inline float kq_add(float acc, float d, float dmin, float da, int32_t sumi, int32_t summ) {
+    return acc + ((d * da) * (float)sumi - (dmin * da) * (float)summ);
+}
+
+static inline float legacy_add(float acc, float d, float m, float da, int32_t sumi, int32_t sa) {
+    return acc + ((d * da) * (float)sumi + (m * da) * (float)sa);
+}
+
+/* A Q4_K/Q5_K super-block's scales and mins, and sum_j m[j] * (activation sum of sub-block j). */
+static inline int32_t scales_mins_k4(const uint8_t *packed, const int32_t *s16, int32_t *sc) {
+    int32_t summ = 0;
+    for (int j = 0; j < 8; j++) {
+        int m;
+        scale_min_k4(j, packed, &sc[j], &m);
+        summ += m * (s16[2 * j] + s16[2 * j + 1]);
+    }
+    return summ;
+}
+
+/* Q6_K's offset of 32: 32 * sum_g sc[g] * (activation sum of group g). */
+static inline int32_t q6_offset(const int8_t *sc, const int32_t *s16) {
+    int32_t t = 0;
+    for (int g = 0; g < 16; g++) t += sc[g] * s16[g];
+    return 32 * t;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Portable kernels
+ */
+static float dot_q4_K_scalar(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < K / QKK; i++) {
+        const block_q4_K *b = (const block_q4_K *)w + i;
+        const int8_t *a = q + i * QKK;
+        int32_t sc[8], sumi = 0;
+        const int32_t summ = scales_mins_k4(b->scales, s + i * 16, sc);
+        for (int j = 0; j < 8; j++) {
+            const uint8_t *qs = b->qs + 32 * (j / 2);
+            const int shift = 4 * (j & 1);
+            int32_t dot = 0;
+            for (int l = 0; l < 32; l++) dot += ((qs[l] >> shift) & 15) * a[32 * j + l];
+            sumi += sc[j] * dot;
+        }
+        acc = kq_add(acc, half_to_float(b->d), half_to_float(b->dmin), d[i], sumi, summ);
+    }
+    return acc;
+}
+
+static float dot_q5_K_scalar(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < K / QKK; i++) {
+        const block_q5_K *b = (const block_q5_K *)w + i;
+        const int8_t *a = q + i * QKK;
+        int32_t sc[8], sumi = 0;
+        const int32_t summ = scales_mins_k4(b->scales, s + i * 16, sc);
+        for (int j = 0; j < 8; j++) {
+            const uint8_t *qs = b->qs + 32 * (j / 2);
+            const int shift = 4 * (j & 1);
+            int32_t dot = 0;
+            for (int l = 0; l < 32; l++) dot += (((qs[l] >> shift) & 15) | (((b->qh[l] >> j) & 1) << 4)) * a[32 * j + l];
+            sumi += sc[j] * dot;
+        }
+        acc = kq_add(acc, half_to_float(b->d), half_to_float(b->dmin), d[i], sumi, summ);
+    }
+    return acc;
+}
+
+/* Element 128 h + 32 k + l of a Q6_K super-block (h: half, k: quarter of it), 0..63. */
+static inline int q6_value(const block_q6_K *b, int h, int k, int l) {
+    const uint8_t lo = b->ql[64 * h + 32 * (k & 1) + l] >> (4 * (k >> 1));
+    return (lo & 15) | (((b->qh[32 * h + l] >> (2 * k)) & 3) << 4);
+}
+
+static float dot_q6_K_scalar(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < K / QKK; i++) {
+        const block_q6_K *b = (const block_q6_K *)w + i;
+        const int8_t *a = q + i * QKK;
+        int32_t sumi = 0;
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++)
+                for (int half = 0; half < 2; half++) { /* one group of 16 inputs, one scale */
+                    int32_t dot = 0;
+                    for (int l = 16 * half; l < 16 * half + 16; l++) dot += q6_value(b, h, k, l) * a[128 * h + 32 * k + l];
+                    sumi += b->scales[8 * h + 2 * k + half] * dot;
+                }
+        sumi -= q6_offset(b->scales, s + i * 16);
+        acc = kq_add(acc, half_to_float(b->d), 0.0f, d[i], sumi, 0);
+    }
+    return acc;
+}
+
+/* Legacy 32-blocks: the quant q of element j (0..15 or 0..31), and each block's terms. */
+static float dot_q4_1_scalar(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < K / QK; i++) {
+        const block_q4_1 *b = (const block_q4_1 *)w + i;
+        const int8_t *a = q + i * QK;
+        int32_t dot = 0;
+        for (int j = 0; j < QK / 2; j++) dot += (b->qs[j] & 15) * a[j] + (b->qs[j] >> 4) * a[j + QK / 2];
+        acc = legacy_add(acc, half_to_float(b->d), half_to_float(b->m), d[i], dot, s[i]);
+    }
+    return acc;
+}
+
+static inline uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+static int32_t dot5_scalar(const uint8_t *qs, uint32_t qh, const int8_t *a) {
+    int32_t dot = 0;
+    for (int j = 0; j < QK / 2; j++) {
+        const int lo = (qs[j] & 15) | (((qh >> j) & 1) << 4), hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+        dot += lo * a[j] + hi * a[j + QK / 2];
+    }
+    return dot;
+}
+
+static float dot_q5_0_scalar(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < K / QK; i++) {
+        const block_q5_0 *b = (const block_q5_0 *)w + i;
+        const int32_t dot = dot5_scalar(b->qs, load_u32(b->qh), q + i * QK) - 16 * s[i];
+        acc = legacy_add(acc, half_to_float(b->d), 0.0f, d[i], dot, 0);
+    }
+    return acc;
+}
+
+static float dot_q5_1_scalar(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < K / QK; i++) {
+        const block_q5_1 *b = (const block_q5_1 *)w + i;
+        const int32_t dot = dot5_scalar(b->qs, load_u32(b->qh), q + i * QK);
+        acc = legacy_add(acc, half_to_float(b->d), half_to_float(b->m), d[i], dot, s[i]);
+    }
+    return acc;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * AVX2 kernels: each (super-)block's integer sums in one vector of int32 lanes, reduced
+ * once per block; then the same float step as above.
+ */
+#ifdef MISTOL_X86
+#define LOAD256(p) _mm256_loadu_si256((const __m256i *)(p))
+
+/* 32 unsigned quants (< 64) times 32 activations, weighted per 16 by sc_lo, sc_hi: int32 lanes */
+AVX2_FN static inline __m256i dot32_scaled(__m256i w, const int8_t *a, int sc_lo, int sc_hi) {
+    const __m256i p = _mm256_maddubs_epi16(w, LOAD256(a)); /* pairs: at most 2 * 63 * 127 */
+    return _mm256_madd_epi16(p, _mm256_set_m128i(_mm_set1_epi16((short)sc_hi), _mm_set1_epi16((short)sc_lo)));
+}
+
+AVX2_FN static float dot_q4_K_avx2(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    float acc = 0.0f;
+    for (int64_t i = 0; i < K / QKK; i++) {
+        const block_q4_K *b = (const block_q4_K *)w + i;
+        const int8_t *a = q + i * QKK;
+        int32_t sc[8];
+        const int32_t summ = scales_mins_k4(b->scales, s + i * 16, sc);
+        __m256i sum = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = LOAD256(b->qs + 32 * c);
+            sum = _mm256_add_epi32(sum, dot32_scaled(_mm256_and_si256(v, m4), a + 64 * c, sc[2 * c], sc[2 * c]));
+            sum = _mm256_add_epi32(sum, dot32_scaled(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), a + 64 * c + 32,
+                                                     sc[2 * c + 1], sc[2 * c + 1]));
+        }
+        acc = kq_add(acc, _cvtsh_ss(b->d), _cvtsh_ss(b->dmin), d[i], hsum_epi32(sum), summ);
+    }
+    return acc;
+}
+
+AVX2_FN static float dot_q5_K_avx2(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    float acc = 0.0f;
+    for (int64_t i = 0; i < K / QKK; i++) {
+        const block_q5_K *b = (const block_q5_K *)w + i;
+        const int8_t *a = q + i * QKK;
+        int32_t sc[8];
+        const int32_t summ = scales_mins_k4(b->scales, s + i * 16, sc);
+        const __m256i qh = LOAD256(b->qh);
+        __m256i sum = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = LOAD256(b->qs + 32 * c);
+            /* bit 2c (2c + 1) of qh[l], moved to bit 4 */
+            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c)), one), 4);
+            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c + 1)), one), 4);
+            const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, m4), h0);
+            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), h1);
+            sum = _mm256_add_epi32(sum, dot32_scaled(lo, a + 64 * c, sc[2 * c], sc[2 * c]));
+            sum = _mm256_add_epi32(sum, dot32_scaled(hi, a + 64 * c + 32, sc[2 * c + 1], sc[2 * c + 1]));
+        }
+        acc = kq_add(acc, _cvtsh_ss(b->d), _cvtsh_ss(b->dmin), d[i], hsum_epi32(sum), summ);
+    }
+    return acc;
+}
+
+AVX2_FN static float dot_q6_K_avx2(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3), m30 = _mm256_set1_epi8(0x30);
+    float acc = 0.0f;
+    for (int64_t i = 0; i < K / QKK; i++) {
+        const block_q6_K *b = (const block_q6_K *)w + i;
+        const int8_t *sc = b->scales;
+        __m256i sum = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const int8_t *a = q + i * QKK + 128 * h;
+            const int8_t *g = sc + 8 * h;
+            const __m256i l0 = LOAD256(b->ql + 64 * h), l1 = LOAD256(b->ql + 64 * h + 32);
+            const __m256i qh = LOAD256(b->qh + 32 * h);
+            const __m256i q0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
+            const __m256i q1 = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4));
+            const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30));
+            const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                               _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+            sum = _mm256_add_epi32(sum, dot32_scaled(q0, a, g[0], g[1]));
+            sum = _mm256_add_epi32(sum, dot32_scaled(q1, a + 32, g[2], g[3]));
+            sum = _mm256_add_epi32(sum, dot32_scaled(q2, a + 64, g[4], g[5]));
+            sum = _mm256_add_epi32(sum, dot32_scaled(q3, a + 96, g[6], g[7]));
+        }
+        const int32_t sumi = hsum_epi32(sum) - q6_offset(sc, s + i * 16);
+        acc = kq_add(acc, _cvtsh_ss(b->d), 0.0f, d[i], sumi, 0);
+    }
+    return acc;
+}
+
+/* Legacy blocks: 16 bytes of nibbles (element j low, j + 16 high) as 32 unsigned quants
+ * in element order, plus each element's 5th bit from qh where the type has one. */
+AVX2_FN static inline __m256i nibbles32(const uint8_t *qs) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)qs);
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
+    return _mm256_and_si256(both, _mm256_set1_epi8(15));
+}
+
+AVX2_FN static inline __m256i fifth_bits(uint32_t qh) { /* byte j = bit j of qh, times 16 */
+    const __m256i shuf = _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL);
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), shuf);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit), _mm256_set1_epi8(16));
+}
+
+AVX2_FN static inline int32_t dot32(__m256i w, const int8_t *a) {
+    return hsum_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, LOAD256(a)), _mm256_set1_epi16(1)));
+}
+
+AVX2_FN static float dot_q4_1_avx2(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < K / QK; i++) {
+        const block_q4_1 *b = (const block_q4_1 *)w + i;
+        acc = legacy_add(acc, _cvtsh_ss(b->d), _cvtsh_ss(b->m), d[i], dot32(nibbles32(b->qs), q + i * QK), s[i]);
+    }
+    return acc;
+}
+
+AVX2_FN static float dot_q5_0_avx2(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < K / QK; i++) {
+        const block_q5_0 *b = (const block_q5_0 *)w + i;
+        const __m256i v = _mm256_or_si256(nibbles32(b->qs), fifth_bits(load_u32(b->qh)));
+        acc = legacy_add(acc, _cvtsh_ss(b->d), 0.0f, d[i], dot32(v, q + i * QK) - 16 * s[i], 0);
+    }
+    return acc;
+}
+
+AVX2_FN static float dot_q5_1_avx2(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < K / QK; i++) {
+        const block_q5_1 *b = (const block_q5_1 *)w + i;
+        const __m256i v = _mm256_or_si256(nibbles32(b->qs), fifth_bits(load_u32(b->qh)));
+        acc = legacy_add(acc, _cvtsh_ss(b->d), _cvtsh_ss(b->m), d[i], dot32(v, q + i * QK), s[i]);
+    }
+    return acc;
+}
+#endif
+
+/* ---------------------------------------------------------------------------------------
+ * Selection and the driver
+ */
+void kquant_select(int impl, qkernels *out) {
+    if (impl == IMPL_AUTO) impl = best_impl();
+    out->kquant = quantize_k_scalar;
+    out->rowdot[FMT_Q4_K] = dot_q4_K_scalar, out->rowdot[FMT_Q5_K] = dot_q5_K_scalar;
+    out->rowdot[FMT_Q6_K] = dot_q6_K_scalar, out->rowdot[FMT_Q4_1] = dot_q4_1_scalar;
+    out->rowdot[FMT_Q5_0] = dot_q5_0_scalar, out->rowdot[FMT_Q5_1] = dot_q5_1_scalar;
+#ifdef MISTOL_X86
+    if (impl == IMPL_AVX2 || impl == IMPL_VNNI) { /* (no VNNI gain measured yet: the same AVX2 code) */
+        out->kquant = quantize_k_avx2;
+        out->rowdot[FMT_Q4_K] = dot_q4_K_avx2, out->rowdot[FMT_Q5_K] = dot_q5_K_avx2;
+        out->rowdot[FMT_Q6_K] = dot_q6_K_avx2, out->rowdot[FMT_Q4_1] = dot_q4_1_avx2;
+        out->rowdot[FMT_Q5_0] = dot_q5_0_avx2, out->rowdot[FMT_Q5_1] = dot_q5_1_avx2;
+    }
+#endif
+}
+
+#define ROW_CHUNK 16 /* rows whose blocks stay in cache while several activation rows pass */
+
+void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, int64_t M, int64_t K, int64_t r0,
+                 int64_t r1, float *y, int64_t ldy) {
+    const rowdot_fn dot = kn->rowdot[w->format];
+    const int64_t rb = fmt_row_bytes(w->format, K);
+    const int per256 = fmt_k_multiple(w->format) == QKK;
+    const int8_t *q = per256 ? act->qk : act->qa;
+    const float *d = per256 ? act->dk : act->da;
+    const int32_t *s = per256 ? act->sk : act->sa;
+    const int64_t nd = per256 ? K / QKK : K / QK, ns = per256 ? K / 16 : K / QK;
+    for (int64_t c0 = r0; c0 < r1; c0 += ROW_CHUNK) {
+        const int64_t c1 = c0 + ROW_CHUNK < r1 ? c0 + ROW_CHUNK : r1;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t r = c0; r < c1; r++) y[m * ldy + r] = dot(w->data + r * rb, q + m * K, d + m * nd, s + m * ns, K);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Dequantization (prefill multiplies dequantized tiles; tests read the values)
+ */
+void kquant_dequantize_row(int fmt, const uint8_t *row, int64_t K, float *out) {
+    if (fmt == FMT_Q4_K || fmt == FMT_Q5_K) {
+        for (int64_t i = 0; i < K / QKK; i++, out += QKK) {
+            const block_q4_K *b4 = (const block_q4_K *)row + i;
+            const block_q5_K *b5 = (const block_q5_K *)row + i;
+            const uint8_t *scales = fmt == FMT_Q4_K ? b4->scales : b5->scales;
+            const uint8_t *qs = fmt == FMT_Q4_K ? b4->qs : b5->qs;
+            const float dd = half_to_float(fmt == FMT_Q4_K ? b4->d : b5->d);
+            const float dm = half_to_float(fmt == FMT_Q4_K ? b4->dmin : b5->dmin);
+            for (int j = 0; j < 8; j++) {
+                int sc, m;
+                scale_min_k4(j, scales, &sc, &m);
+                const float d1 = dd * (float)sc, m1 = dm * (float)m;
+                for (int l = 0; l < 32; l++) {
+                    int v = (qs[32 * (j / 2) + l] >> (4 * (j & 1))) & 15;
+                    if (fmt == FMT_Q5_K) v |= ((b5->qh[l] >> j) & 1) << 4;
+                    out[32 * j + l] = d1 * (float)v - m1;
+                }
+            }
+        }
+    } else if (fmt == FMT_Q6_K) {
+        for (int64_t i = 0; i < K / QKK; i++, out += QKK) {
+            const block_q6_K *b = (const block_q6_K *)row + i;
+            const float dd = half_to_float(b->d);
+            for (int h = 0; h < 2; h++)
+                for (int k = 0; k < 4; k++)
+                    for (int l = 0; l < 32; l++)
+                        out[128 * h + 32 * k + l] =
+                            dd * (float)b->scales[8 * h + 2 * k + l / 16] * (float)(q6_value(b, h, k, l) - 32);
+        }
+    } else {
+        for (int64_t i = 0; i < K / QK; i++, out += QK) {
+            const uint8_t *qs;
+            uint32_t qh = 0;
+            float dd, m = 0.0f;
+            int offset = 0;
+            if (fmt == FMT_Q4_1) {
+                const block_q4_1 *b = (const block_q4_1 *)row + i;
+                qs = b->qs, dd = half_to_float(b->d), m = half_to_float(b->m);
+            } else if (fmt == FMT_Q5_0) {
+                const block_q5_0 *b = (const block_q5_0 *)row + i;
+                qs = b->qs, dd = half_to_float(b->d), qh = load_u32(b->qh), offset = 16;
+            } else {
+                const block_q5_1 *b = (const block_q5_1 *)row + i;
+                qs = b->qs, dd = half_to_float(b->d), m = half_to_float(b->m), qh = load_u32(b->qh);
+            }
+            for (int j = 0; j < QK / 2; j++) {
+                const int lo = (qs[j] & 15) | (((qh >> j) & 1) << 4), hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+                out[j] = dd * (float)(lo - offset) + m;
+                out[j + QK / 2] = dd * (float)(hi - offset) + m;
+            }
+        }
+    }
+}
+
+/* rows x K of row-order format fmt -> out [rows][K], float32 or bfloat16 (rounded to
+ * nearest even). Returns 0 or a negative error. */
+EXPORT int mistol_dequantize_rows(int fmt, const uint8_t *w, int64_t rows, int64_t K, void *out, int out_type,
+                                  int nthreads) {
+    if (!fmt_row_order(fmt)) return ERR_FMT;
+    if (K <= 0 || K % fmt_k_multiple(fmt) != 0) return ERR_K;
+    if (rows < 0 || (out_type != DT_F32 && out_type != DT_BF16)) return ERR_ARG;
+    const int64_t rb = fmt_row_bytes(fmt, K);
+    int failed = 0;
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && rows * K > (1 << 16))
+#endif
+    {
+        float *buf = out_type == DT_F32 ? NULL : malloc(sizeof(float) * (size_t)K);
+        int64_t r0, r1;
+        thread_share(rows, &r0, &r1);
+        if (out_type == DT_BF16 && !buf) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+            r1 = r0;
+        }
+        for (int64_t r = r0; r < r1; r++) {
+            if (out_type == DT_F32) {
+                kquant_dequantize_row(fmt, w + r * rb, K, (float *)out + r * K);
+                continue;
+            }
+            kquant_dequantize_row(fmt, w + r * rb, K, buf);
+            uint16_t *o = (uint16_t *)out + r * K;
+            for (int64_t k = 0; k < K; k++) {
+                uint32_t bits;
+                memcpy(&bits, &buf[k], 4);
+                o[k] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+            }
+        }
+        free(buf);
+    }
+    return failed ? ERR_NOMEM : OK;
+}

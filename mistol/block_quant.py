@@ -1,0 +1,94 @@
+"""Linear layers that keep a GGUF tensor's llama.cpp blocks as the file holds them: the
+k-quants Q4_K, Q5_K, Q6_K (a Q4_K_M file mixes Q4_K and Q6_K) and the legacy Q4_1,
+Q5_0, Q5_1 (block layouts: csrc/kquant.h).
+
+Each row is its blocks one after another, in the file's order, so loading costs nothing:
+the weight is a view of the mapped file (a copy only for q/k rows that llama.cpp's
+converter reordered), and memory stays the file's size. Decode steps multiply on the C
+kernels (csrc/kquant_gemv.c: activations quantized to int8 per 256 inputs for the
+k-quants, per 32 for the legacy types, integer dot products per block); prefill-sized
+inputs dequantize a slab of rows at a time and use PyTorch's matmul (bf16 where the CPU
+has bf16 dot products), so the float copy is never larger than one slab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels
+from .errors import MistolError
+from .model import backend
+from .quant import kernel_input, output_like
+
+# inputs per block, bytes per block
+ROW_FORMATS = {"Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+               "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24)}
+_SLAB_VALUES = 1 << 22  # weights dequantized at a time on the prefill path
+
+
+def row_bytes(fmt: str, in_features: int) -> int:
+    block, nbytes = ROW_FORMATS[fmt]
+    return in_features // block * nbytes
+
+
+class BlockLinear(nn.Module):
+    """A bias-free linear layer whose weight [out_features, in_features] is llama.cpp blocks
+    of type `fmt` (a key of ROW_FORMATS), uint8 [out_features, bytes per row] in `packed`."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, packed: torch.Tensor):
+        super().__init__()
+        if fmt not in ROW_FORMATS:
+            raise MistolError(f"unknown block type {fmt!r} (choose from {', '.join(ROW_FORMATS)})")
+        block = ROW_FORMATS[fmt][0]
+        if in_features <= 0 or in_features % block:
+            raise MistolError(f"{fmt} weight: input size {in_features} is not a multiple of {block}")
+        want = (out_features, row_bytes(fmt, in_features))
+        if tuple(packed.shape) != want or packed.dtype != torch.uint8:
+            raise MistolError(f"{fmt} weight: expected uint8 {list(want)}, found {packed.dtype} {list(packed.shape)}")
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.register_buffer("packed", packed if packed.is_contiguous() else packed.contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        route = backend.quantized_route(x2.shape[0], x2.device, self.fmt)
+        if route == backend.QUANTIZED_KERNELS:
+            y = kernels.gemm_matrices(kernel_input(x2), [kernels.matrix(self.fmt, self.packed, self.out_features)])
+        else:
+            y = self._matmul_dequantized(x2, torch.bfloat16 if route == backend.BF16_PREFILL else None)
+        return output_like(y, x)
+
+    def _matmul_dequantized(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if dtype is None:
+            dtype = torch.float32 if x.device.type == "cpu" or not x.is_floating_point() else x.dtype
+        x = x.to(dtype)
+        n = self.out_features
+        y = torch.empty(x.shape[0], n, dtype=dtype, device=x.device)
+        step = max(1, _SLAB_VALUES // self.in_features)
+        scratch = torch.empty(min(step, n), self.in_features, dtype=dtype) if x.device.type == "cpu" else None
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            w = self._dequantize(r0, r1, dtype, None if scratch is None else scratch[: r1 - r0])
+            torch.matmul(x, w.to(x.device).T, out=y[:, r0:r1])
+        return y
+
+    def _dequantize(self, r0: int, r1: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self.packed[r0:r1]
+        if rows.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and kernels.available():
+            return kernels.dequantize_rows(self.fmt, rows, self.in_features, dtype, out)
+        import gguf
+        from gguf.quants import dequantize
+
+        values = dequantize(rows.cpu().numpy(), gguf.GGMLQuantizationType[self.fmt])
+        return torch.from_numpy(values).to(device=rows.device, dtype=dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 [out_features, in_features]."""
+        return self._dequantize(0, self.out_features, torch.float32)
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.packed.numel()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
