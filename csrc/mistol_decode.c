@@ -176,7 +176,7 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     const int nthreads = args->nthreads < 1 ? 1 : args->nthreads;
     if (RESERVE(ws, h, kmax) || RESERVE(ws, qkv, dq + 2 * dkv) || RESERVE(ws, att, dq) || RESERVE(ws, gu, 2 * F) ||
         RESERVE(ws, y, D) || RESERVE(ws, da, kmax / QK) || RESERVE(ws, qa, kmax) || RESERVE(ws, sa, kmax / QK) ||
-        RESERVE(ws, qk, kmax) || RESERVE(ws, dk, kmax / QK) || RESERVE(ws, sk, kmax / QK) ||
+        RESERVE(ws, qk, kmax) || RESERVE(ws, dk, kmax / QK) || RESERVE(ws, sk, kmax / 16) ||
         RESERVE(ws, scores, nthreads * group * n_keys) || RESERVE(ws, acc, nthreads * IL))
         return ERR_NOMEM;
     dot_fn dot = dot_scalar;
