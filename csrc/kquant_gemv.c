@@ -253,11 +253,47 @@ static float dot_q5_1_scalar(const uint8_t *w, const int8_t *q, const float *d, 
 #ifdef MISTOL_X86
 #define LOAD256(p) _mm256_loadu_si256((const __m256i *)(p))
 
-/* 32 unsigned quants (< 64) times 32 activations, weighted per 16 by sc_lo, sc_hi: int32 lanes */
-AVX2_FN static inline __m256i dot32_scaled(__m256i w, const int8_t *a, int sc_lo, int sc_hi) {
+/* 32 unsigned quants (< 64) times 32 activations, each pair's product sum weighted by the
+ * int16 lane of `scales` it falls on: int32 lanes */
+AVX2_FN static inline __m256i dot32_scaled(__m256i w, const int8_t *a, __m256i scales) {
     const __m256i p = _mm256_maddubs_epi16(w, LOAD256(a)); /* pairs: at most 2 * 63 * 127 */
-    return _mm256_madd_epi16(p, _mm256_set_m128i(_mm_set1_epi16((short)sc_hi), _mm_set1_epi16((short)sc_lo)));
+    return _mm256_madd_epi16(p, scales);
 }
+
+/* The 8 sub-block scales of a Q4_K/Q5_K super-block as int16 in both 128-bit lanes (the
+ * 12 packed bytes read as three 32-bit words; the same values as scale_min_k4). */
+AVX2_FN static inline __m256i scales_k4_avx2(const uint8_t *packed) {
+    uint32_t u[3];
+    memcpy(u, packed, 12);
+    const uint32_t lo = u[0] & 0x3f3f3f3f, hi = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+    return _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)hi, (int)lo)));
+}
+
+/* The activation sums per 16 of one super-block as 16 int16 lanes, in order (each at most
+ * 16 * 127 in magnitude). */
+AVX2_FN static inline __m256i sums16_avx2(const int32_t *s16) {
+    return _mm256_permute4x64_epi64(_mm256_packs_epi32(LOAD256(s16), LOAD256(s16 + 8)), 0xd8);
+}
+
+/* Lane j: m[j] * (activation sums 2j and 2j + 1), for the mins of a Q4_K/Q5_K super-block. */
+AVX2_FN static inline __m256i mins_k4_avx2(const uint8_t *packed, const int32_t *s16) {
+    uint32_t u[3];
+    memcpy(u, packed, 12);
+    const uint32_t lo = u[1] & 0x3f3f3f3f, hi = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+    const __m128i m8 = _mm_set_epi32(0, 0, (int)hi, (int)lo);
+    return _mm256_madd_epi16(sums16_avx2(s16), _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8)));
+}
+
+/* The sums of the lanes of a and of b. */
+AVX2_FN static inline void hsum2_epi32(__m256i a, __m256i b, int32_t *sa, int32_t *sb) {
+    const __m256i h = _mm256_hadd_epi32(a, b); /* a01 a23 b01 b23 | a45 a67 b45 b67 */
+    __m128i x = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    x = _mm_hadd_epi32(x, x);
+    *sa = _mm_cvtsi128_si32(x), *sb = _mm_extract_epi32(x, 1);
+}
+
+/* Shuffles that spread int16 lane j of a 128-bit lane over all of its 8 lanes. */
+#define SPREAD16(j) _mm256_set1_epi16((short)(((2 * (j) + 1) << 8) | (2 * (j))))
 
 AVX2_FN static float dot_q4_K_avx2(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
     const __m256i m4 = _mm256_set1_epi8(15);
@@ -265,16 +301,18 @@ AVX2_FN static float dot_q4_K_avx2(const uint8_t *w, const int8_t *q, const floa
     for (int64_t i = 0; i < K / QKK; i++) {
         const block_q4_K *b = (const block_q4_K *)w + i;
         const int8_t *a = q + i * QKK;
-        int32_t sc[8];
-        const int32_t summ = scales_mins_k4(b->scales, s + i * 16, sc);
-        __m256i sum = _mm256_setzero_si256();
+        const __m256i scales = scales_k4_avx2(b->scales);
+        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
             const __m256i v = LOAD256(b->qs + 32 * c);
-            sum = _mm256_add_epi32(sum, dot32_scaled(_mm256_and_si256(v, m4), a + 64 * c, sc[2 * c], sc[2 * c]));
-            sum = _mm256_add_epi32(sum, dot32_scaled(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), a + 64 * c + 32,
-                                                     sc[2 * c + 1], sc[2 * c + 1]));
+            sum0 = _mm256_add_epi32(sum0, dot32_scaled(_mm256_and_si256(v, m4), a + 64 * c,
+                                                       _mm256_shuffle_epi8(scales, SPREAD16(2 * c))));
+            sum1 = _mm256_add_epi32(sum1, dot32_scaled(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), a + 64 * c + 32,
+                                                       _mm256_shuffle_epi8(scales, SPREAD16(2 * c + 1))));
         }
-        acc = kq_add(acc, _cvtsh_ss(b->d), _cvtsh_ss(b->dmin), d[i], hsum_epi32(sum), summ);
+        int32_t sumi, summ;
+        hsum2_epi32(_mm256_add_epi32(sum0, sum1), mins_k4_avx2(b->scales, s + i * 16), &sumi, &summ);
+        acc = kq_add(acc, _cvtsh_ss(b->d), _cvtsh_ss(b->dmin), d[i], sumi, summ);
     }
     return acc;
 }
@@ -285,9 +323,7 @@ AVX2_FN static float dot_q5_K_avx2(const uint8_t *w, const int8_t *q, const floa
     for (int64_t i = 0; i < K / QKK; i++) {
         const block_q5_K *b = (const block_q5_K *)w + i;
         const int8_t *a = q + i * QKK;
-        int32_t sc[8];
-        const int32_t summ = scales_mins_k4(b->scales, s + i * 16, sc);
-        const __m256i qh = LOAD256(b->qh);
+        const __m256i qh = LOAD256(b->qh), scales = scales_k4_avx2(b->scales);
         __m256i sum = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
             const __m256i v = LOAD256(b->qs + 32 * c);
@@ -296,13 +332,19 @@ AVX2_FN static float dot_q5_K_avx2(const uint8_t *w, const int8_t *q, const floa
             const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c + 1)), one), 4);
             const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, m4), h0);
             const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), h1);
-            sum = _mm256_add_epi32(sum, dot32_scaled(lo, a + 64 * c, sc[2 * c], sc[2 * c]));
-            sum = _mm256_add_epi32(sum, dot32_scaled(hi, a + 64 * c + 32, sc[2 * c + 1], sc[2 * c + 1]));
+            sum = _mm256_add_epi32(sum, dot32_scaled(lo, a + 64 * c, _mm256_shuffle_epi8(scales, SPREAD16(2 * c))));
+            sum = _mm256_add_epi32(sum, dot32_scaled(hi, a + 64 * c + 32, _mm256_shuffle_epi8(scales, SPREAD16(2 * c + 1))));
         }
-        acc = kq_add(acc, _cvtsh_ss(b->d), _cvtsh_ss(b->dmin), d[i], hsum_epi32(sum), summ);
+        int32_t sumi, summ;
+        hsum2_epi32(sum, mins_k4_avx2(b->scales, s + i * 16), &sumi, &summ);
+        acc = kq_add(acc, _cvtsh_ss(b->d), _cvtsh_ss(b->dmin), d[i], sumi, summ);
     }
     return acc;
 }
+
+/* Shuffles that spread int16 lane 2k over the low 128-bit lane and 2k + 1 over the high one. */
+#define SPREAD_PAIR(k) _mm256_set_m128i(_mm_set1_epi16((short)(((4 * (k) + 3) << 8) | (4 * (k) + 2))), \
+                                        _mm_set1_epi16((short)(((4 * (k) + 1) << 8) | (4 * (k)))))
 
 AVX2_FN static float dot_q6_K_avx2(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
     const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3), m30 = _mm256_set1_epi8(0x30);
@@ -313,7 +355,8 @@ AVX2_FN static float dot_q6_K_avx2(const uint8_t *w, const int8_t *q, const floa
         __m256i sum = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             const int8_t *a = q + i * QKK + 128 * h;
-            const int8_t *g = sc + 8 * h;
+            /* scales 8h..8h+7 as int16 in both lanes; quarter k takes 2k (low lane), 2k + 1 (high) */
+            const __m256i g = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(sc + 8 * h))));
             const __m256i l0 = LOAD256(b->ql + 64 * h), l1 = LOAD256(b->ql + 64 * h + 32);
             const __m256i qh = LOAD256(b->qh + 32 * h);
             const __m256i q0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
@@ -322,12 +365,14 @@ AVX2_FN static float dot_q6_K_avx2(const uint8_t *w, const int8_t *q, const floa
             const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30));
             const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
                                                _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
-            sum = _mm256_add_epi32(sum, dot32_scaled(q0, a, g[0], g[1]));
-            sum = _mm256_add_epi32(sum, dot32_scaled(q1, a + 32, g[2], g[3]));
-            sum = _mm256_add_epi32(sum, dot32_scaled(q2, a + 64, g[4], g[5]));
-            sum = _mm256_add_epi32(sum, dot32_scaled(q3, a + 96, g[6], g[7]));
+            sum = _mm256_add_epi32(sum, dot32_scaled(q0, a, _mm256_shuffle_epi8(g, SPREAD_PAIR(0))));
+            sum = _mm256_add_epi32(sum, dot32_scaled(q1, a + 32, _mm256_shuffle_epi8(g, SPREAD_PAIR(1))));
+            sum = _mm256_add_epi32(sum, dot32_scaled(q2, a + 64, _mm256_shuffle_epi8(g, SPREAD_PAIR(2))));
+            sum = _mm256_add_epi32(sum, dot32_scaled(q3, a + 96, _mm256_shuffle_epi8(g, SPREAD_PAIR(3))));
         }
-        const int32_t sumi = hsum_epi32(sum) - q6_offset(sc, s + i * 16);
+        /* minus 32 * sum_g sc[g] * (activation sum of group g) */
+        const __m256i offset = _mm256_madd_epi16(sums16_avx2(s + i * 16), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)));
+        const int32_t sumi = hsum_epi32(_mm256_sub_epi32(sum, _mm256_slli_epi32(offset, 5)));
         acc = kq_add(acc, _cvtsh_ss(b->d), 0.0f, d[i], sumi, 0);
     }
     return acc;

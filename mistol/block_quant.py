@@ -92,3 +92,34 @@ class BlockLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+class BlockEmbedding(nn.Module):
+    """A token embedding kept as a GGUF tensor's blocks (uint8 [vocab, bytes per row] in
+    `packed`): a token's row is dequantized when it is looked up, to `dtype`. A float32
+    copy of a 7B embedding would take 0.5 GB, an eighth of a Q4_K_M file; as blocks it takes
+    its share of the file. A tied output head multiplies the same blocks (`as_linear`)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: str, packed: torch.Tensor,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.rows = BlockLinear(embedding_dim, num_embeddings, fmt, packed)
+        self.num_embeddings, self.embedding_dim, self.fmt, self.dtype = num_embeddings, embedding_dim, fmt, dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.packed.device
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids = tokens.reshape(-1).to(self.device)
+        if ((ids < 0) | (ids >= self.num_embeddings)).any():
+            raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
+        picked = BlockLinear(self.embedding_dim, ids.numel(), self.fmt, self.rows.packed[ids])
+        return picked.dequantize().to(self.dtype).view(*tokens.shape, self.embedding_dim)
+
+    def as_linear(self) -> BlockLinear:
+        """The blocks as a linear layer [vocab, hidden] (a tied head)."""
+        return self.rows
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt}"

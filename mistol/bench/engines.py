@@ -37,7 +37,7 @@ class Spec:
     prompts: list[int] = field(default_factory=lambda: [64, 512])
     steps: int = 32
     threads: int = 0  # 0: all cores
-    gguf: str | None = None  # llama.cpp: the file to load
+    gguf: str | None = None  # llama.cpp, or mistol: the file to load
     checkpoint: str | None = None  # mistol/transformers float formats: a model directory to map (else built here)
     seed: int = 0
 
@@ -114,7 +114,9 @@ def load_mistol(spec: Spec) -> Runner:
     from .shapes import model_config
 
     t0 = time.perf_counter()
-    if spec.checkpoint:
+    if spec.gguf:  # a GGUF file, as `mistol` loads it (k-quants stay the file's blocks)
+        model = Engine.load(spec.gguf, dtype="f32", progress=False).model
+    elif spec.checkpoint:
         from ..engine import DTYPES
         from ..weights.checkpoint import load_model
 
@@ -138,7 +140,7 @@ def load_mistol(spec: Spec) -> Runner:
 
     model = engine.model
     held = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
-    info = {"load_s": load_s, "kernels": kernels.impl_name() if spec.fmt in ("int8", "int4") else "torch",
+    info = {"load_s": load_s, "kernels": kernels.impl_name() if spec.fmt in ("int8", "int4") or spec.gguf else "torch",
             "model_bytes": held, "kv_bytes": lambda: state["session"].cache.nbytes}
     return Runner(spec, prefill, step, reset, lambda logits: int(logits.argmax()), info)
 

@@ -82,8 +82,8 @@ class Backend:
     def choose(cls, model: torch.nn.Module, cuda_graphs: bool | None = None) -> "Backend":
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("MISTOL_CUDA_GRAPHS", "1") != "0"
-        device = model.embed_tokens.weight.device
-        fused = device.type == "cpu" and model.embed_tokens.weight.dtype == torch.float32
+        device = model.device
+        fused = device.type == "cpu" and model.dtype == torch.float32
         return cls(device, CpuDecoder.of(model) if fused else None, cuda_graphs)
 
     @property
@@ -113,7 +113,7 @@ class Backend:
             and k.shape[1] == 1  # a cache of one sequence
             and k.is_contiguous()
             and v.is_contiguous()
-            and not (torch.is_grad_enabled() and model.embed_tokens.weight.requires_grad)
+            and not (torch.is_grad_enabled() and any(p.requires_grad for p in model.embed_tokens.parameters()))
             and kernels.impl_name() != "torch"
         )
 

@@ -13,8 +13,9 @@ What each tensor type becomes:
   `BlockLinear` over the file's own blocks (a view of the mapped file: no conversion and
   no copy, but for q/k rows that need reordering), whatever `quant` says.
 - Other block types (Q2_K, Q3_K), and the above elsewhere: see `convert_format`.
-- The token embedding and the norms are always floats in the requested dtype, whatever
-  their type in the file (llama.cpp files often store the embedding quantized).
+- The norms are floats in the requested dtype, and so is the token embedding, but for an
+  embedding of one of the block types above, which stays blocks (`BlockEmbedding`: rows
+  decoded as tokens are looked up; a tied head multiplies the blocks).
 
 q and k rows are put back from llama.cpp's RoPE order (`gguf_layout`) as they are read,
 for quantized rows as well.
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..block_quant import ROW_FORMATS, BlockLinear
+from ..block_quant import ROW_FORMATS, BlockEmbedding, BlockLinear
 from ..errors import MistolError
 from ..model import Transformer
 from ..model.linear import TiledLinear, tiles_pay_off
@@ -89,14 +90,15 @@ def load_gguf(
             heads = rope_heads(key, config, gf.architecture)
             src = _Rows(tensor, from_gguf_rows(tensor.data.shape[0], heads) if heads else None)
             fmt = convert_format(src.type, quant, native) if _is_linear(key, tensor) else None
-            if fmt is None and _is_linear(key, tensor) and tiles_pay_off(src.shape, device):
+            if key == "embed_tokens.weight" and native and src.type in ROW_FORMATS:
+                model.embed_tokens = BlockEmbedding(*src.shape, src.type, _file_rows(src), dtype)
+            elif fmt is None and _is_linear(key, tensor) and tiles_pay_off(src.shape, device):
                 release = release_pages if src.order is None else None  # (values: views of the mapped file)
                 set_linear(model, key, TiledLinear.from_rows(src.values, *src.shape, dtype, release=release))
             elif fmt is None:
                 set_parameter(model, key, _floats(src, dtype, device))
             elif fmt in ROW_FORMATS:  # the file's blocks (a copy only where rows are reordered)
-                rows = torch.from_numpy(src.raw()).view(src.shape[0], -1)
-                set_linear(model, key, BlockLinear(src.shape[1], src.shape[0], fmt, rows))
+                set_linear(model, key, BlockLinear(src.shape[1], src.shape[0], fmt, _file_rows(src)))
                 if src.order is not None:
                     release_pages(torch.from_numpy(tensor.data))
             else:
@@ -178,6 +180,12 @@ class _Rows:
         if self.order is None:  # rows of the mapped file, read for the last time
             release_pages(torch.from_numpy(raw))
         return values
+
+
+def _file_rows(src: _Rows) -> torch.Tensor:
+    """A block tensor's rows in our order, uint8 [rows, bytes per row]: a view of the mapped
+    file (a copy where rows are reordered)."""
+    return torch.from_numpy(src.raw()).view(src.shape[0], -1)
 
 
 def _floats(src: _Rows, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
