@@ -114,9 +114,6 @@ static inline float kq_add(float acc, float d, float dmin, float da, int32_t sum
     return acc + ((d * da) * (float)sumi - (dmin * da) * (float)summ);
 }
 
-static inline float legacy_add(float acc, float d, float m, float da, int32_t sumi, int32_t sa) {
-    return acc + ((d * da) * (float)sumi + (m * da) * (float)sa);
-}
 
 /* A Q4_K/Q5_K super-block's scales and mins, and sum_j m[j] * (activation sum of sub-block j). */
 static inline int32_t scales_mins_k4(const uint8_t *packed, const int32_t *s16, int32_t *sc) {
@@ -202,48 +199,63 @@ static float dot_q6_K_scalar(const uint8_t *w, const int8_t *q, const float *d, 
     return acc;
 }
 
-/* Legacy 32-blocks: the quant q of element j (0..15 or 0..31), and each block's terms. */
-static float dot_q4_1_scalar(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
-    float acc = 0.0f;
-    for (int64_t i = 0; i < K / QK; i++) {
-        const block_q4_1 *b = (const block_q4_1 *)w + i;
-        const int8_t *a = q + i * QK;
-        int32_t dot = 0;
-        for (int j = 0; j < QK / 2; j++) dot += (b->qs[j] & 15) * a[j] + (b->qs[j] >> 4) * a[j + QK / 2];
-        acc = legacy_add(acc, half_to_float(b->d), half_to_float(b->m), d[i], dot, s[i]);
-    }
-    return acc;
-}
-
+/* Legacy 32-blocks. Each block adds its products into 8 float lanes (lane l: elements
+ * 4l..4l+3, as one AVX2 vector holds them), scaled by d * da, and its min (or Q5_0's offset
+ * of 16, as a min of -16 d) times the activation block's sum into one float; the lanes are
+ * summed at the end in the order of hsum_ps. No per-block horizontal sum is needed that way. */
 static inline uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
-static int32_t dot5_scalar(const uint8_t *qs, uint32_t qh, const int8_t *a) {
-    int32_t dot = 0;
-    for (int j = 0; j < QK / 2; j++) {
-        const int lo = (qs[j] & 15) | (((qh >> j) & 1) << 4), hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-        dot += lo * a[j] + hi * a[j + QK / 2];
-    }
-    return dot;
-}
-
-static float dot_q5_0_scalar(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
-    float acc = 0.0f;
-    for (int64_t i = 0; i < K / QK; i++) {
+/* Block i's 32 quants in element order (0..15, or 0..31 with qh), its scale and its min. */
+static inline void legacy_block(int fmt, const uint8_t *w, int64_t i, uint8_t v[QK], float *dw, float *mw) {
+    const uint8_t *qs;
+    uint32_t qh = 0;
+    if (fmt == FMT_Q4_1) {
+        const block_q4_1 *b = (const block_q4_1 *)w + i;
+        qs = b->qs, *dw = half_to_float(b->d), *mw = half_to_float(b->m);
+    } else if (fmt == FMT_Q5_0) {
         const block_q5_0 *b = (const block_q5_0 *)w + i;
-        const int32_t dot = dot5_scalar(b->qs, load_u32(b->qh), q + i * QK) - 16 * s[i];
-        acc = legacy_add(acc, half_to_float(b->d), 0.0f, d[i], dot, 0);
+        qs = b->qs, *dw = half_to_float(b->d), *mw = -16.0f * *dw, qh = load_u32(b->qh);
+    } else {
+        const block_q5_1 *b = (const block_q5_1 *)w + i;
+        qs = b->qs, *dw = half_to_float(b->d), *mw = half_to_float(b->m), qh = load_u32(b->qh);
     }
-    return acc;
+    for (int j = 0; j < QK / 2; j++) {
+        v[j] = (uint8_t)((qs[j] & 15) | (((qh >> j) & 1) << 4));
+        v[j + QK / 2] = (uint8_t)((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+    }
 }
 
-static float dot_q5_1_scalar(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
-    float acc = 0.0f;
+static inline float lanes_sum(const float l[8]) { /* hsum_ps's order */
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+static float dot_legacy_scalar(int fmt, const uint8_t *w, const int8_t *q, const float *d, const int32_t *s,
+                               int64_t K) {
+    float lanes[8] = {0}, mins = 0.0f;
     for (int64_t i = 0; i < K / QK; i++) {
-        const block_q5_1 *b = (const block_q5_1 *)w + i;
-        const int32_t dot = dot5_scalar(b->qs, load_u32(b->qh), q + i * QK);
-        acc = legacy_add(acc, half_to_float(b->d), half_to_float(b->m), d[i], dot, s[i]);
+        uint8_t v[QK];
+        float dw, mw;
+        legacy_block(fmt, w, i, v, &dw, &mw);
+        const int8_t *a = q + i * QK;
+        const float scale = dw * d[i];
+        for (int l = 0; l < 8; l++) {
+            int32_t t = 0;
+            for (int e = 4 * l; e < 4 * l + 4; e++) t += v[e] * a[e];
+            lanes[l] = lanes[l] + (float)t * scale;
+        }
+        mins = mins + (mw * d[i]) * (float)s[i];
     }
-    return acc;
+    return lanes_sum(lanes) + mins;
+}
+
+static float dot_q4_1_scalar(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    return dot_legacy_scalar(FMT_Q4_1, w, q, d, s, K);
+}
+static float dot_q5_0_scalar(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    return dot_legacy_scalar(FMT_Q5_0, w, q, d, s, K);
+}
+static float dot_q5_1_scalar(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
+    return dot_legacy_scalar(FMT_Q5_1, w, q, d, s, K);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -393,38 +405,30 @@ AVX2_FN static inline __m256i fifth_bits(uint32_t qh) { /* byte j = bit j of qh,
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit), _mm256_set1_epi8(16));
 }
 
-AVX2_FN static inline int32_t dot32(__m256i w, const int8_t *a) {
-    return hsum_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, LOAD256(a)), _mm256_set1_epi16(1)));
+/* One block's 8 lanes of integer sums (lane l: elements 4l..4l+3) */
+AVX2_FN static inline __m256i lanes32(__m256i w, const int8_t *a) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, LOAD256(a)), _mm256_set1_epi16(1));
 }
 
-AVX2_FN static float dot_q4_1_avx2(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
-    float acc = 0.0f;
-    for (int64_t i = 0; i < K / QK; i++) {
-        const block_q4_1 *b = (const block_q4_1 *)w + i;
-        acc = legacy_add(acc, _cvtsh_ss(b->d), _cvtsh_ss(b->m), d[i], dot32(nibbles32(b->qs), q + i * QK), s[i]);
+#define DEFINE_LEGACY_AVX2(NAME, TYPE, QUANTS, MIN)                                                            \
+    AVX2_FN static float NAME(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) { \
+        __m256 lanes = _mm256_setzero_ps();                                                                    \
+        float mins = 0.0f;                                                                                     \
+        for (int64_t i = 0; i < K / QK; i++) {                                                                 \
+            const TYPE *b = (const TYPE *)w + i;                                                               \
+            const float dw = _cvtsh_ss(b->d), mw = MIN;                                                        \
+            const __m256 t = _mm256_cvtepi32_ps(lanes32(QUANTS, q + i * QK));                                  \
+            lanes = _mm256_add_ps(lanes, _mm256_mul_ps(t, _mm256_set1_ps(dw * d[i])));                         \
+            mins = mins + (mw * d[i]) * (float)s[i];                                                           \
+        }                                                                                                      \
+        return hsum_ps(lanes) + mins;                                                                          \
     }
-    return acc;
-}
 
-AVX2_FN static float dot_q5_0_avx2(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
-    float acc = 0.0f;
-    for (int64_t i = 0; i < K / QK; i++) {
-        const block_q5_0 *b = (const block_q5_0 *)w + i;
-        const __m256i v = _mm256_or_si256(nibbles32(b->qs), fifth_bits(load_u32(b->qh)));
-        acc = legacy_add(acc, _cvtsh_ss(b->d), 0.0f, d[i], dot32(v, q + i * QK) - 16 * s[i], 0);
-    }
-    return acc;
-}
-
-AVX2_FN static float dot_q5_1_avx2(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
-    float acc = 0.0f;
-    for (int64_t i = 0; i < K / QK; i++) {
-        const block_q5_1 *b = (const block_q5_1 *)w + i;
-        const __m256i v = _mm256_or_si256(nibbles32(b->qs), fifth_bits(load_u32(b->qh)));
-        acc = legacy_add(acc, _cvtsh_ss(b->d), _cvtsh_ss(b->m), d[i], dot32(v, q + i * QK), s[i]);
-    }
-    return acc;
-}
+DEFINE_LEGACY_AVX2(dot_q4_1_avx2, block_q4_1, nibbles32(b->qs), _cvtsh_ss(b->m))
+DEFINE_LEGACY_AVX2(dot_q5_0_avx2, block_q5_0, _mm256_or_si256(nibbles32(b->qs), fifth_bits(load_u32(b->qh))),
+                   -16.0f * dw)
+DEFINE_LEGACY_AVX2(dot_q5_1_avx2, block_q5_1, _mm256_or_si256(nibbles32(b->qs), fifth_bits(load_u32(b->qh))),
+                   _cvtsh_ss(b->m))
 #endif
 
 /* ---------------------------------------------------------------------------------------

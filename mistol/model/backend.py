@@ -13,7 +13,9 @@ A forward step's decoder layers run on one of:
 | CUDA graph replay    | one new token of one session on a CUDA device, graphs on   | `cuda_graphs.GraphedDecoder` |
 |                      | (`MISTOL_CUDA_GRAPHS` is not "0")                          |                              |
 | fused C decode layer | one new token of one session on a CPU; every linear layer  | `cpu_decode.CpuDecoder`      |
-|                      | of every block int8/int4; float32 norms, attention biases, | (`mistol_decode_layer`)      |
+|                      | of every block quantized (int8/int4, or GGUF blocks kept   | (`mistol_decode_layer`)      |
+|                      | by `block_quant`, mixed freely); float32 norms, attention  |                              |
+|                      | biases,                                                    |                              |
 |                      | embeddings and cache; C kernels built, not switched to     |                              |
 |                      | "torch"; no grad                                           |                              |
 | PyTorch layers       | everything else: prefill, several sessions in one step,    | `Transformer.forward`        |
@@ -21,7 +23,7 @@ A forward step's decoder layers run on one of:
 
 Every path runs every model `ModelConfig` accepts: attention biases (Qwen2's q/k/v, Llama's
 `attention_bias`) are added by the compiled layer and by the PyTorch layers (so also inside CUDA
-graphs); a tied output head is the float embedding matrix itself, multiplied after the layers on
+graphs); a tied output head is the embedding matrix itself (floats, or GGUF blocks), multiplied after the layers on
 any path (never a second copy of it).
 
 Inside the PyTorch layers each linear product picks its kernel by its number of input
@@ -29,7 +31,8 @@ rows (`quantized_route`, `dense_kernel_runs`):
 
 | path               | runs when                                                    | code                         |
 |--------------------|--------------------------------------------------------------|------------------------------|
-| quantized kernels  | a `QuantizedLinear` on a CPU with the C kernels, fewer rows  | `kernels.gemm`, `gemm_many`  |
+| quantized kernels  | a `QuantizedLinear` (or `BlockLinear`) on a CPU with the C   | `kernels.gemm_matrices`      |
+|                    | kernels, fewer rows                                          |                              |
 |                    | than `BF16_MIN_ROWS[fmt]` or no native bf16                  |                              |
 | bf16 prefill       | a `QuantizedLinear` on a CPU with bf16 dot-product           | dequantize to bf16, matmul   |
 |                    | instructions (`native_bf16`), `BF16_MIN_ROWS[fmt]`+ rows     |                              |
