@@ -64,6 +64,19 @@ typedef struct {
     uint8_t qs[QK / 2];
 } block_q5_1;
 
+/* Q4_K repacked at load for decode (FMT_Q4_KX8): the same super-block of 8 rows side by
+ * side, so that one 32-byte load holds 4 quant bytes of each row (lane r = row r, as in
+ * mistol_kernels.h's int4 layout) and the scales are applied to 8 rows at once; scales and
+ * mins unpacked to bytes (4 bytes a row more than Q4_K: 148 bytes per 256 inputs). A matrix
+ * is its groups of 8 rows (the last padded with zero rows), each its super-blocks in order. */
+typedef struct {
+    uint16_t d[8], dmin[8];
+    uint8_t scales[8][8];   /* [sub-block j][row] */
+    uint8_t mins[4][8][2];  /* [sub-block pair p][row][2]: the mins of sub-blocks 2p and 2p + 1 */
+    uint8_t qs[4][8][8][4]; /* [32-byte chunk c][quad k][row]: Q4_K's qs bytes 32c + 4k .. 32c + 4k + 3 */
+} block_q4_Kx8;
+
+_Static_assert(sizeof(block_q4_Kx8) == 1184, "8 rows of Q4_K, scales and mins as bytes");
 _Static_assert(sizeof(block_q4_K) == 144 && sizeof(block_q5_K) == 176 && sizeof(block_q6_K) == 210,
                "llama.cpp's k-quant block sizes");
 _Static_assert(sizeof(block_q4_1) == 20 && sizeof(block_q5_0) == 22 && sizeof(block_q5_1) == 24,

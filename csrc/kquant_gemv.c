@@ -26,7 +26,9 @@ int fmt_row_order(int fmt) { return fmt >= FMT_Q4_K && fmt < FMT_COUNT; }
 
 int fmt_known(int fmt) { return fmt == FMT_INT8 || fmt == FMT_INT4 || fmt_row_order(fmt); }
 
-int64_t fmt_k_multiple(int fmt) { return fmt == FMT_Q4_K || fmt == FMT_Q5_K || fmt == FMT_Q6_K ? QKK : QK; }
+int64_t fmt_k_multiple(int fmt) {
+    return fmt == FMT_Q4_K || fmt == FMT_Q5_K || fmt == FMT_Q6_K || fmt == FMT_Q4_KX8 ? QKK : QK;
+}
 
 int64_t fmt_row_bytes(int fmt, int64_t K) {
     switch (fmt) {
@@ -36,6 +38,7 @@ int64_t fmt_row_bytes(int fmt, int64_t K) {
     case FMT_Q4_1: return K / QK * (int64_t)sizeof(block_q4_1);
     case FMT_Q5_0: return K / QK * (int64_t)sizeof(block_q5_0);
     case FMT_Q5_1: return K / QK * (int64_t)sizeof(block_q5_1);
+    case FMT_Q4_KX8: return K / QKK * (int64_t)sizeof(block_q4_Kx8) / 8; /* (per row of a group) */
     default: return 0;
     }
 }
@@ -199,6 +202,30 @@ static float dot_q6_K_scalar(const uint8_t *w, const int8_t *q, const float *d, 
     return acc;
 }
 
+/* Q4_KX8: 8 rows at once, each row's sums and float steps exactly as dot_q4_K_scalar's. */
+static void q4k_x8_scalar(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,
+                          float *out) {
+    for (int r = 0; r < 8; r++) out[r] = 0.0f;
+    for (int64_t i = 0; i < K / QKK; i++) {
+        const block_q4_Kx8 *b = (const block_q4_Kx8 *)wg + i;
+        const int8_t *a = q + i * QKK;
+        const int32_t *s16 = s + i * 16;
+        for (int r = 0; r < 8; r++) {
+            int32_t sumi = 0, summ = 0;
+            for (int j = 0; j < 8; j++) {
+                int32_t dot = 0;
+                for (int l = 0; l < 32; l++) {
+                    const uint8_t byte = b->qs[j / 2][l / 4][r][l % 4];
+                    dot += ((byte >> (4 * (j & 1))) & 15) * a[32 * j + l];
+                }
+                sumi += b->scales[j][r] * dot;
+                summ += b->mins[j / 2][r][j % 2] * (s16[2 * j] + s16[2 * j + 1]);
+            }
+            out[r] = kq_add(out[r], half_to_float(b->d[r]), half_to_float(b->dmin[r]), d[i], sumi, summ);
+        }
+    }
+}
+
 /* Legacy 32-blocks. Each block adds its products into 8 float lanes (lane l: elements
  * 4l..4l+3, as one AVX2 vector holds them), scaled by d * da, and its min (or Q5_0's offset
  * of 16, as a min of -16 d) times the activation block's sum into one float; the lanes are
@@ -264,6 +291,8 @@ static float dot_q5_1_scalar(const uint8_t *w, const int8_t *q, const float *d, 
  */
 #ifdef MISTOL_X86
 #define LOAD256(p) _mm256_loadu_si256((const __m256i *)(p))
+static inline int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+#define BCAST4(a, j) _mm256_set1_epi32(load_i32((a) + (j)))
 
 /* 32 unsigned quants (< 64) times 32 activations, each pair's product sum weighted by the
  * int16 lane of `scales` it falls on: int32 lanes */
@@ -390,6 +419,47 @@ AVX2_FN static float dot_q6_K_avx2(const uint8_t *w, const int8_t *q, const floa
     return acc;
 }
 
+/* Q4_KX8 on AVX2: lane r = row r throughout, as group_int4_avx2. Per sub-block the pair
+ * sums of maddubs add up in int16 (8 quads: at most 8 * 2 * 15 * 127 = 30480), then one
+ * madd applies each row's scale; the mins take one madd per pair of sub-blocks. The float
+ * step is kq_add's, lane by lane. */
+AVX2_FN static void q4k_x8_avx2(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,
+                                float *out) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < K / QKK; i++) {
+        const block_q4_Kx8 *b = (const block_q4_Kx8 *)wg + i;
+        const int8_t *a = q + i * QKK;
+        const int32_t *s16 = s + i * 16;
+        __m256i sumi = _mm256_setzero_si256(), summ = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+            for (int k = 0; k < 8; k++) {
+                const __m256i v = LOAD256(b->qs[c][k]);
+                lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(v, m4), BCAST4(a, 64 * c + 4 * k)));
+                hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                                                               BCAST4(a, 64 * c + 32 + 4 * k)));
+            }
+            /* each row's scale in its two int16 lanes */
+            const __m128i sc_lo = _mm_loadl_epi64((const __m128i *)b->scales[2 * c]);
+            const __m128i sc_hi = _mm_loadl_epi64((const __m128i *)b->scales[2 * c + 1]);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(lo, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(sc_lo, sc_lo))));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(hi, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(sc_hi, sc_hi))));
+            /* mins of sub-blocks 2c, 2c + 1 against those sub-blocks' activation sums */
+            const uint32_t pair = ((uint32_t)(s16[4 * c + 2] + s16[4 * c + 3]) << 16) |
+                                  ((uint32_t)(s16[4 * c] + s16[4 * c + 1]) & 0xffff);
+            summ = _mm256_add_epi32(summ, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b->mins[c])),
+                                                            _mm256_set1_epi32((int)pair)));
+        }
+        const __m256 da = _mm256_set1_ps(d[i]);
+        const __m256 dd = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d)), da);
+        const __m256 dm = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->dmin)), da);
+        acc = _mm256_add_ps(acc, _mm256_sub_ps(_mm256_mul_ps(dd, _mm256_cvtepi32_ps(sumi)),
+                                               _mm256_mul_ps(dm, _mm256_cvtepi32_ps(summ))));
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
 /* Legacy blocks: 16 bytes of nibbles (element j low, j + 16 high) as 32 unsigned quants
  * in element order, plus each element's 5th bit from qh where the type has one. */
 AVX2_FN static inline __m256i nibbles32(const uint8_t *qs) {
@@ -437,12 +507,14 @@ DEFINE_LEGACY_AVX2(dot_q5_1_avx2, block_q5_1, _mm256_or_si256(nibbles32(b->qs), 
 void kquant_select(int impl, qkernels *out) {
     if (impl == IMPL_AUTO) impl = best_impl();
     out->kquant = quantize_k_scalar;
+    out->q4k_x8 = q4k_x8_scalar;
     out->rowdot[FMT_Q4_K] = dot_q4_K_scalar, out->rowdot[FMT_Q5_K] = dot_q5_K_scalar;
     out->rowdot[FMT_Q6_K] = dot_q6_K_scalar, out->rowdot[FMT_Q4_1] = dot_q4_1_scalar;
     out->rowdot[FMT_Q5_0] = dot_q5_0_scalar, out->rowdot[FMT_Q5_1] = dot_q5_1_scalar;
 #ifdef MISTOL_X86
     if (impl == IMPL_AVX2 || impl == IMPL_VNNI) { /* (no VNNI gain measured yet: the same AVX2 code) */
         out->kquant = quantize_k_avx2;
+        out->q4k_x8 = q4k_x8_avx2;
         out->rowdot[FMT_Q4_K] = dot_q4_K_avx2, out->rowdot[FMT_Q5_K] = dot_q5_K_avx2;
         out->rowdot[FMT_Q6_K] = dot_q6_K_avx2, out->rowdot[FMT_Q4_1] = dot_q4_1_avx2;
         out->rowdot[FMT_Q5_0] = dot_q5_0_avx2, out->rowdot[FMT_Q5_1] = dot_q5_1_avx2;
@@ -454,6 +526,16 @@ void kquant_select(int impl, qkernels *out) {
 
 void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, int64_t M, int64_t K, int64_t r0,
                  int64_t r1, float *y, int64_t ldy) {
+    if (w->format == FMT_Q4_KX8) { /* groups of 8 rows (r0 is a multiple of 8) */
+        const int64_t gb = K / QKK * (int64_t)sizeof(block_q4_Kx8);
+        float out[8];
+        for (int64_t g = r0 / 8; g * 8 < r1; g++)
+            for (int64_t m = 0; m < M; m++) {
+                kn->q4k_x8(w->data + g * gb, act->qk + m * K, act->dk + m * (K / QKK), act->sk + m * (K / 16), K, out);
+                for (int64_t r = g * 8; r < g * 8 + 8 && r < r1; r++) y[m * ldy + r] = out[r - g * 8];
+            }
+        return;
+    }
     const rowdot_fn dot = kn->rowdot[w->format];
     const int64_t rb = fmt_row_bytes(w->format, K);
     const int per256 = fmt_k_multiple(w->format) == QKK;
@@ -471,6 +553,43 @@ void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, in
 /* ---------------------------------------------------------------------------------------
  * Dequantization (prefill multiplies dequantized tiles; tests read the values)
  */
+/* Row `lane` of a Q4_KX8 group -> out[K], the same float operations as for Q4_K. */
+static void dequantize_row_q4k_x8(const uint8_t *group, int lane, int64_t K, float *out) {
+    for (int64_t i = 0; i < K / QKK; i++, out += QKK) {
+        const block_q4_Kx8 *b = (const block_q4_Kx8 *)group + i;
+        const float dd = half_to_float(b->d[lane]), dm = half_to_float(b->dmin[lane]);
+        for (int j = 0; j < 8; j++) {
+            const float d1 = dd * (float)b->scales[j][lane], m1 = dm * (float)b->mins[j / 2][lane][j % 2];
+            for (int l = 0; l < 32; l++)
+                out[32 * j + l] = d1 * (float)((b->qs[j / 2][l / 4][lane][l % 4] >> (4 * (j & 1))) & 15) - m1;
+        }
+    }
+}
+
+/* Q4_K rows w[rows][K] -> Q4_KX8 groups out[ceil(rows / 8)][K / 256] (padding rows zero).
+ * Returns 0 or a negative error. */
+EXPORT int mistol_repack_q4_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out) {
+    if (K <= 0 || K % QKK) return ERR_K;
+    if (rows < 0) return ERR_ARG;
+    const int64_t nb = K / QKK, groups = (rows + 7) / 8;
+    memset(out, 0, (size_t)(groups * nb) * sizeof(block_q4_Kx8));
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < nb; i++) {
+            const block_q4_K *src = (const block_q4_K *)(w + r * nb * (int64_t)sizeof(block_q4_K)) + i;
+            block_q4_Kx8 *dst = (block_q4_Kx8 *)out + (r / 8) * nb + i;
+            const int lane = (int)(r % 8);
+            dst->d[lane] = src->d, dst->dmin[lane] = src->dmin;
+            for (int j = 0; j < 8; j++) {
+                int sc, m;
+                scale_min_k4(j, src->scales, &sc, &m);
+                dst->scales[j][lane] = (uint8_t)sc, dst->mins[j / 2][lane][j % 2] = (uint8_t)m;
+            }
+            for (int c = 0; c < 4; c++)
+                for (int k = 0; k < 8; k++) memcpy(dst->qs[c][k][lane], src->qs + 32 * c + 4 * k, 4);
+        }
+    return OK;
+}
+
 void kquant_dequantize_row(int fmt, const uint8_t *row, int64_t K, float *out) {
     if (fmt == FMT_Q4_K || fmt == FMT_Q5_K) {
         for (int64_t i = 0; i < K / QKK; i++, out += QKK) {
@@ -533,7 +652,7 @@ EXPORT int mistol_dequantize_rows(int fmt, const uint8_t *w, int64_t rows, int64
     if (!fmt_row_order(fmt)) return ERR_FMT;
     if (K <= 0 || K % fmt_k_multiple(fmt) != 0) return ERR_K;
     if (rows < 0 || (out_type != DT_F32 && out_type != DT_BF16)) return ERR_ARG;
-    const int64_t rb = fmt_row_bytes(fmt, K);
+    const int64_t rb = fmt_row_bytes(fmt, K), gb = K / QKK * (int64_t)sizeof(block_q4_Kx8);
     int failed = 0;
     if (nthreads < 1) nthreads = 1;
 #ifdef _OPENMP
@@ -551,11 +670,12 @@ EXPORT int mistol_dequantize_rows(int fmt, const uint8_t *w, int64_t rows, int64
             r1 = r0;
         }
         for (int64_t r = r0; r < r1; r++) {
-            if (out_type == DT_F32) {
-                kquant_dequantize_row(fmt, w + r * rb, K, (float *)out + r * K);
-                continue;
-            }
-            kquant_dequantize_row(fmt, w + r * rb, K, buf);
+            float *dst = out_type == DT_F32 ? (float *)out + r * K : buf;
+            if (fmt == FMT_Q4_KX8)
+                dequantize_row_q4k_x8(w + r / 8 * gb, (int)(r % 8), K, dst);
+            else
+                kquant_dequantize_row(fmt, w + r * rb, K, dst);
+            if (out_type == DT_F32) continue;
             uint16_t *o = (uint16_t *)out + r * K;
             for (int64_t k = 0; k < K; k++) {
                 uint32_t bits;

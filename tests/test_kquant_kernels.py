@@ -1,7 +1,8 @@
 """The kernels for llama.cpp's k-quant and legacy 4/5-bit blocks (csrc/kquant_gemv.c), read
 in the file's row order: block decoding against the gguf package's dequantization, products
 against dequantize-then-multiply in float64, the portable and SIMD paths bit for bit, and
-the compiled decode layer with a layer that mixes formats against the PyTorch layers.
+the compiled decode layer with a layer that mixes formats against the PyTorch layers. Q4_K
+runs in two layouts (the file's rows, and 8 rows interleaved: Q4_Kx8), which give the same bits.
 
 Blocks are random bytes (every bit pattern is a valid block) with scales set to a real
 model's magnitudes: each quant, scale and min then takes every value it can.
@@ -64,39 +65,68 @@ def test_block_decoding_matches_the_gguf_package(fmt):
     assert torch.equal(BlockLinear(512, 24, fmt, blocks).dequantize(), ours)
 
 
+def make_layer(fmt: str, k: int, n: int, blocks: torch.Tensor) -> BlockLinear:
+    """The layer of `blocks` in the layout `fmt` names (a GGUF type, or "Q4_Kx8")."""
+    if fmt == "Q4_Kx8":
+        made = BlockLinear.for_kernels(k, n, "Q4_K", blocks)
+        assert made.fmt == "Q4_Kx8"
+        return made
+    return BlockLinear(k, n, fmt, blocks)
+
+
+LAYOUTS = [*ROW_FORMATS, "Q4_Kx8"]
+
+
+def file_type(fmt: str) -> str:
+    return fmt.removesuffix("x8")
+
+
 @pytest.mark.parametrize("impl", kernel_impls())
-@pytest.mark.parametrize("fmt", ROW_FORMATS)
+@pytest.mark.parametrize("fmt", LAYOUTS)
 @pytest.mark.parametrize("rows", [1, 3, 20])
 def test_products_match_dequantize_then_multiply_in_float64(fmt, impl, rows):
     """Within the bound that int8 activations allow (per 256 inputs for the k-quants, per 32
     for the legacy types), and not trivially: the error is a visible part of that bound."""
     n, k = 37, 768  # rows not a multiple of the 8-row units the threads share
-    blocks = random_blocks(fmt, n, k, seed=rows)
-    w = reference_weight(fmt, blocks)
+    blocks = random_blocks(file_type(fmt), n, k, seed=rows)
+    w = reference_weight(file_type(fmt), blocks)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     with kernels.use(impl):
-        y = BlockLinear(k, n, fmt, blocks)(x)
+        y = make_layer(fmt, k, n, blocks)(x)
     ref = x.double() @ w.T
-    bound = activation_error_bound(w, x.double(), ROW_FORMATS[fmt][0])
+    bound = activation_error_bound(w, x.double(), ROW_FORMATS[file_type(fmt)][0])
     err = (y.double() - ref).abs()
     assert (err <= bound).all(), (err / bound).max()
     assert (err / bound).max() > 0.01
 
 
-@pytest.mark.parametrize("fmt", ROW_FORMATS)
+@pytest.mark.parametrize("fmt", LAYOUTS)
 def test_portable_and_simd_kernels_give_the_same_bits(fmt):
     """Exact integer sums per block, then the same float operations in the same order."""
     impls = [i for i in kernel_impls() if i != "scalar"]
     if not impls:
         pytest.skip("this CPU runs only the portable kernels")
-    blocks = random_blocks(fmt, 64, 2048, seed=3)
+    blocks = random_blocks(file_type(fmt), 64, 2048, seed=3)
     x = torch.randn(5, 2048, generator=torch.Generator().manual_seed(3)) * 3
-    layer = BlockLinear(2048, 64, fmt, blocks)
+    made = make_layer(fmt, 2048, 64, blocks)
     with kernels.use("scalar"):
-        ref = layer(x)
+        ref = made(x)
     for impl in impls:
         with kernels.use(impl):
-            assert torch.equal(layer(x), ref), impl
+            assert torch.equal(made(x), ref), impl
+
+
+def test_q4_k_repacked_gives_the_bits_of_the_files_rows():
+    """Q4_Kx8 (8 rows interleaved, scales as bytes) against Q4_K row by row: same sums, same
+    float steps per row, so the same bits; and the same decoded values."""
+    n, k = 45, 1024
+    blocks = random_blocks("Q4_K", n, k, seed=4)
+    rows, x8 = BlockLinear(k, n, "Q4_K", blocks), make_layer("Q4_Kx8", k, n, blocks)
+    assert torch.equal(x8.dequantize(), rows.dequantize())
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(4))
+    for impl in kernel_impls():
+        with kernels.use(impl):
+            assert torch.equal(x8(x), rows(x)), impl
 
 
 def test_one_call_multiplies_matrices_of_mixed_formats():
@@ -144,8 +174,8 @@ def test_bad_shapes_are_refused_in_one_line():
 
 
 def test_compiled_decode_layer_takes_a_layer_of_mixed_formats(monkeypatch):
-    """As a Q4_K_M file loads: q/k/o/gate/up Q4_K, v and down Q6_K in every other layer, the
-    rest int8; the compiled decode layer against the PyTorch layers, 20 steps."""
+    """As a Q4_K_M file loads: q/k/o/gate/up Q4_K (one of them as Q4_Kx8), v and down Q6_K in
+    every other layer, one int8; the compiled decode layer against the PyTorch layers, 20 steps."""
     from test_cpu_decode import assert_agree, config, teacher_forced_logits
 
     from mistol.bench.models import mistol_model
@@ -161,7 +191,8 @@ def test_compiled_decode_layer_takes_a_layer_of_mixed_formats(monkeypatch):
                 continue  # stays int8
             seed += 1
             blocks = random_blocks(fmt, old.out_features, old.in_features, seed, scale=2e-4)
-            setattr(getattr(block, parent), name, BlockLinear(old.in_features, old.out_features, fmt, blocks))
+            made = make_layer("Q4_Kx8" if (i, name) == (0, "q_proj") else fmt, old.in_features, old.out_features, blocks)
+            setattr(getattr(block, parent), name, made)
     from mistol.model import cpu_decode
 
     assert cpu_decode.CpuDecoder.of(m) is not None

@@ -58,6 +58,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mistol_gemm_matrices.restype = c_int
     lib.mistol_dequantize_rows.argtypes = [c_int, vp, i64, i64, vp, c_int, c_int]
     lib.mistol_dequantize_rows.restype = c_int
+    lib.mistol_repack_q4_k_x8.argtypes = [vp, i64, i64, vp]
+    lib.mistol_repack_q4_k_x8.restype = c_int
     lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
     lib.mistol_quantize.restype = c_int
     lib.mistol_dense_many.argtypes = [c_int, vp, c_int, i64, i64, c_int, vp, vp, vp, vp, i64, c_int]
@@ -186,11 +188,12 @@ def gemm_matrices(x: torch.Tensor, mats: list[Matrix]) -> torch.Tensor:
 
 
 def dequantize_rows(fmt: str, blocks: torch.Tensor, k: int, dtype: torch.dtype,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
     """Rows of llama.cpp blocks of a row-order format (Q4_K, Q5_K, Q6_K, Q4_1, Q5_0, Q5_1),
-    uint8 [n, bytes per row] (CPU, contiguous) -> [n, k] float32 or bfloat16 (into `out`, if
-    given: contiguous, of that shape and dtype)."""
-    n = blocks.shape[0]
+    uint8 [n, bytes per row] (CPU, contiguous), or the first `rows` rows of Q4_Kx8 groups
+    [groups, bytes per group] -> [n, k] float32 or bfloat16 (into `out`, if given:
+    contiguous, of that shape and dtype)."""
+    n = blocks.shape[0] if rows is None else rows
     if out is None:
         out = torch.empty(n, k, dtype=dtype)
     assert out.shape == (n, k) and out.dtype == dtype and out.is_contiguous() and blocks.is_contiguous()
@@ -198,6 +201,17 @@ def dequantize_rows(fmt: str, blocks: torch.Tensor, k: int, dtype: torch.dtype,
                                      torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"mistol_dequantize_rows({fmt}, K={k}): {_error(rc)}")
+    return out
+
+
+def repack_q4_k_x8(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """Q4_K rows uint8 [n, bytes per row] (CPU, contiguous) -> Q4_Kx8 groups uint8
+    [ceil(n / 8), k / 256 * 1184] (csrc/kquant.h)."""
+    n = blocks.shape[0]
+    out = torch.empty(-(-n // 8), k // 256 * 1184, dtype=torch.uint8)
+    rc = _lib.mistol_repack_q4_k_x8(blocks.data_ptr(), n, k, out.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"mistol_repack_q4_k_x8(K={k}): {_error(rc)}")
     return out
 
 

@@ -69,7 +69,7 @@ BF16_MIN_ROWS = {"int8": 112, "int4": 144}
 # llama.cpp's block types kept as the file holds them (mistol.block_quant): their kernels
 # spend 2-4x the int4 kernel's time per row (a row at a time, scales per sub-block), so
 # dequantized bf16 slabs win from fewer rows: about 64 at 1B shapes (2 cores, noisy).
-BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1"), 64))
+BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q4_Kx8", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1"), 64))
 
 QUANTIZED_KERNELS, BF16_PREFILL, DEQUANTIZED = "kernels", "bf16", "dequantized"
 

@@ -97,9 +97,10 @@ def load_gguf(
                 set_linear(model, key, TiledLinear.from_rows(src.values, *src.shape, dtype, release=release))
             elif fmt is None:
                 set_parameter(model, key, _floats(src, dtype, device))
-            elif fmt in ROW_FORMATS:  # the file's blocks (a copy only where rows are reordered)
-                set_linear(model, key, BlockLinear(src.shape[1], src.shape[0], fmt, _file_rows(src)))
-                if src.order is not None:
+            elif fmt in ROW_FORMATS:  # the file's blocks (copied where reordered or repacked)
+                layer = BlockLinear.for_kernels(src.shape[1], src.shape[0], fmt, _file_rows(src))
+                set_linear(model, key, layer)
+                if src.order is not None or layer.fmt != fmt:
                     release_pages(torch.from_numpy(tensor.data))
             else:
                 set_linear(model, key, _quantized(src, key, fmt).to(device))
