@@ -66,10 +66,11 @@ DENSE_MAX_ROWS = 4  # rows of input up to which float weights use the dense kern
 # dequantizes the whole weight (in C, slab by slab), a fixed cost that pays off only over
 # enough rows: these are the crossovers measured at 7B shapes on a 2-core AVX512-BF16 machine.
 BF16_MIN_ROWS = {"int8": 112, "int4": 144}
-# llama.cpp's block types kept as the file holds them (mistol.block_quant): their kernels
-# spend 2-4x the int4 kernel's time per row (a row at a time, scales per sub-block), so
-# dequantized bf16 slabs win from fewer rows: about 64 at 1B shapes (2 cores, noisy).
-BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q4_Kx8", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1"), 64))
+# llama.cpp's block types kept as the file holds them (mistol.block_quant): their row-by-row
+# kernels spend 2-4x the int4 kernel's time per weight (scales per sub-block), so dequantized
+# bf16 slabs win from fewer rows: about 64 at 1B shapes (2 cores, noisy); Q4_K repacked
+# (Q4_Kx8) runs as fast as int4, so int4's crossover.
+BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1"), 64), Q4_Kx8=144)
 
 QUANTIZED_KERNELS, BF16_PREFILL, DEQUANTIZED = "kernels", "bf16", "dequantized"
 
