@@ -76,6 +76,15 @@ typedef struct {
     uint8_t qs[4][8][8][4]; /* [32-byte chunk c][quad k][row]: Q4_K's qs bytes 32c + 4k .. 32c + 4k + 3 */
 } block_q4_Kx8;
 
+/* Q6_K repacked the same way (FMT_Q6_KX8), no larger than 8 rows of Q6_K. */
+typedef struct {
+    uint16_t d[8];
+    int8_t scales[16][8];       /* [group of 16 g][row] */
+    uint8_t ql[2][2][8][8][4];  /* [half h][part p][quad k][row]: Q6_K's ql bytes 64h + 32p + 4k .. + 3 */
+    uint8_t qh[2][8][8][4];     /* [half h][quad k][row]: Q6_K's qh bytes 32h + 4k .. + 3 */
+} block_q6_Kx8;
+
+_Static_assert(sizeof(block_q6_Kx8) == 8 * 210, "8 rows of Q6_K");
 _Static_assert(sizeof(block_q4_Kx8) == 1184, "8 rows of Q4_K, scales and mins as bytes");
 _Static_assert(sizeof(block_q4_K) == 144 && sizeof(block_q5_K) == 176 && sizeof(block_q6_K) == 210,
                "llama.cpp's k-quant block sizes");

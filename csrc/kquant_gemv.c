@@ -30,7 +30,7 @@ int fmt_row_order(int fmt) { return fmt >= FMT_Q4_K && fmt < FMT_COUNT; }
 int fmt_known(int fmt) { return fmt == FMT_INT8 || fmt == FMT_INT4 || fmt_row_order(fmt); }
 
 int64_t fmt_k_multiple(int fmt) {
-    return fmt == FMT_Q4_K || fmt == FMT_Q5_K || fmt == FMT_Q6_K || fmt == FMT_Q4_KX8 ? QKK : QK;
+    return fmt == FMT_Q4_K || fmt == FMT_Q5_K || fmt == FMT_Q6_K || fmt == FMT_Q4_KX8 || fmt == FMT_Q6_KX8 ? QKK : QK;
 }
 
 int64_t fmt_row_bytes(int fmt, int64_t K) {
@@ -42,6 +42,7 @@ int64_t fmt_row_bytes(int fmt, int64_t K) {
     case FMT_Q5_0: return K / QK * (int64_t)sizeof(block_q5_0);
     case FMT_Q5_1: return K / QK * (int64_t)sizeof(block_q5_1);
     case FMT_Q4_KX8: return K / QKK * (int64_t)sizeof(block_q4_Kx8) / 8; /* (per row of a group) */
+    case FMT_Q6_KX8: return K / QKK * (int64_t)sizeof(block_q6_Kx8) / 8;
     default: return 0;
     }
 }
@@ -225,6 +226,33 @@ static void q4k_x8_scalar(const uint8_t *wg, const int8_t *q, const float *d, co
                 summ += b->mins[j / 2][r][j % 2] * (s16[2 * j] + s16[2 * j + 1]);
             }
             out[r] = kq_add(out[r], half_to_float(b->d[r]), half_to_float(b->dmin[r]), d[i], sumi, summ);
+        }
+    }
+}
+
+/* Q6_KX8: 8 rows at once, each row's sums and float steps exactly as dot_q6_K_scalar's. */
+static inline int q6x8_value(const block_q6_Kx8 *b, int r, int h, int k4, int l) { /* element 128h + 32 k4 + l */
+    const uint8_t lo = b->ql[h][k4 & 1][l / 4][r][l % 4] >> (4 * (k4 >> 1));
+    return (lo & 15) | (((b->qh[h][l / 4][r][l % 4] >> (2 * k4)) & 3) << 4);
+}
+
+static void q6k_x8_scalar(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,
+                          float *out) {
+    for (int r = 0; r < 8; r++) out[r] = 0.0f;
+    for (int64_t i = 0; i < K / QKK; i++) {
+        const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;
+        const int8_t *a = q + i * QKK;
+        for (int r = 0; r < 8; r++) {
+            int32_t sumi = 0, offset = 0;
+            for (int h = 0; h < 2; h++)
+                for (int k4 = 0; k4 < 4; k4++)
+                    for (int half = 0; half < 2; half++) {
+                        int32_t dot = 0;
+                        for (int l = 16 * half; l < 16 * half + 16; l++) dot += q6x8_value(b, r, h, k4, l) * a[128 * h + 32 * k4 + l];
+                        sumi += b->scales[8 * h + 2 * k4 + half][r] * dot;
+                    }
+            for (int g = 0; g < 16; g++) offset += b->scales[g][r] * s[i * 16 + g];
+            out[r] = kq_add(out[r], half_to_float(b->d[r]), 0.0f, d[i], sumi - 32 * offset, 0);
         }
     }
 }
@@ -463,6 +491,58 @@ AVX2_FN static void q4k_x8_avx2(const uint8_t *wg, const int8_t *q, const float 
     _mm256_storeu_ps(out, acc);
 }
 
+/* Q6_KX8 on AVX2: lane r = row r. Two quads' pair sums add in int16 (at most
+ * 2 * 2 * 63 * 127 = 32004) before each row's scale of their group applies by madd. */
+AVX2_FN static void q6k_x8_avx2(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,
+                                float *out) {
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3), m30 = _mm256_set1_epi8(0x30);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < K / QKK; i++) {
+        const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;
+        const int8_t *a = q + i * QKK;
+        const int32_t *s16 = s + i * 16;
+        __m256i sumi = _mm256_setzero_si256(), offset = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++)
+            for (int kp = 0; kp < 4; kp++) {
+                __m256i p[4];
+                for (int u = 0; u < 2; u++) {
+                    const int k = 2 * kp + u;
+                    const __m256i A = LOAD256(b->ql[h][0][k]), B = LOAD256(b->ql[h][1][k]), H = LOAD256(b->qh[h][k]);
+                    const __m256i q0 = _mm256_or_si256(_mm256_and_si256(A, m4), _mm256_slli_epi16(_mm256_and_si256(H, m3), 4));
+                    const __m256i q1 = _mm256_or_si256(_mm256_and_si256(B, m4),
+                                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(H, 2), m3), 4));
+                    const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), _mm256_and_si256(H, m30));
+                    const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4),
+                                                       _mm256_and_si256(_mm256_srli_epi16(H, 2), m30));
+                    const int8_t *ak = a + 128 * h + 4 * k;
+                    const __m256i t0 = _mm256_maddubs_epi16(q0, BCAST4(ak, 0)), t1 = _mm256_maddubs_epi16(q1, BCAST4(ak, 32));
+                    const __m256i t2 = _mm256_maddubs_epi16(q2, BCAST4(ak, 64)), t3 = _mm256_maddubs_epi16(q3, BCAST4(ak, 96));
+                    if (u == 0) {
+                        p[0] = t0, p[1] = t1, p[2] = t2, p[3] = t3;
+                    } else {
+                        p[0] = _mm256_add_epi16(p[0], t0), p[1] = _mm256_add_epi16(p[1], t1);
+                        p[2] = _mm256_add_epi16(p[2], t2), p[3] = _mm256_add_epi16(p[3], t3);
+                    }
+                }
+                for (int t = 0; t < 4; t++) { /* group 8h + 2t + (quads 4..7: the second 16) */
+                    const __m128i sc = _mm_loadl_epi64((const __m128i *)b->scales[8 * h + 2 * t + kp / 2]);
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p[t], _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc, sc))));
+                }
+            }
+        for (int g = 0; g < 16; g += 2) { /* sum_g sc[g] * (activation sum of group g), two groups a madd */
+            const __m128i pair = _mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)b->scales[g]),
+                                                   _mm_loadl_epi64((const __m128i *)b->scales[g + 1]));
+            const uint32_t bs = ((uint32_t)s16[g + 1] << 16) | ((uint32_t)s16[g] & 0xffff);
+            offset = _mm256_add_epi32(offset, _mm256_madd_epi16(_mm256_cvtepi8_epi16(pair), _mm256_set1_epi32((int)bs)));
+        }
+        sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32(offset, 5));
+        const __m256 dd = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d)), _mm256_set1_ps(d[i]));
+        /* kq_add with dmin 0: x - 0 * 0 is x, bit for bit */
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(dd, _mm256_cvtepi32_ps(sumi)));
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
 /* Legacy blocks: 16 bytes of nibbles (element j low, j + 16 high) as 32 unsigned quants
  * in element order, plus each element's 5th bit from qh where the type has one. */
 AVX2_FN static inline __m256i nibbles32(const uint8_t *qs) {
@@ -511,6 +591,7 @@ void kquant_select(int impl, qkernels *out) {
     if (impl == IMPL_AUTO) impl = best_impl();
     out->kquant = quantize_k_scalar;
     out->q4k_x8 = q4k_x8_scalar;
+    out->q6k_x8 = q6k_x8_scalar;
     out->rowdot[FMT_Q4_K] = dot_q4_K_scalar, out->rowdot[FMT_Q5_K] = dot_q5_K_scalar;
     out->rowdot[FMT_Q6_K] = dot_q6_K_scalar, out->rowdot[FMT_Q4_1] = dot_q4_1_scalar;
     out->rowdot[FMT_Q5_0] = dot_q5_0_scalar, out->rowdot[FMT_Q5_1] = dot_q5_1_scalar;
@@ -518,6 +599,7 @@ void kquant_select(int impl, qkernels *out) {
     if (impl == IMPL_AVX2 || impl == IMPL_VNNI) { /* (no VNNI gain measured yet: the same AVX2 code) */
         out->kquant = quantize_k_avx2;
         out->q4k_x8 = q4k_x8_avx2;
+        out->q6k_x8 = q6k_x8_avx2;
         out->rowdot[FMT_Q4_K] = dot_q4_K_avx2, out->rowdot[FMT_Q5_K] = dot_q5_K_avx2;
         out->rowdot[FMT_Q6_K] = dot_q6_K_avx2, out->rowdot[FMT_Q4_1] = dot_q4_1_avx2;
         out->rowdot[FMT_Q5_0] = dot_q5_0_avx2, out->rowdot[FMT_Q5_1] = dot_q5_1_avx2;
@@ -529,12 +611,12 @@ void kquant_select(int impl, qkernels *out) {
 
 void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, int64_t M, int64_t K, int64_t r0,
                  int64_t r1, float *y, int64_t ldy) {
-    if (w->format == FMT_Q4_KX8) { /* groups of 8 rows (r0 is a multiple of 8) */
-        const int64_t gb = K / QKK * (int64_t)sizeof(block_q4_Kx8);
+    if (w->format == FMT_Q4_KX8 || w->format == FMT_Q6_KX8) { /* groups of 8 rows (r0 is a multiple of 8) */
+        const int64_t gb = 8 * fmt_row_bytes(w->format, K);
         float out[8];
         for (int64_t g = r0 / 8; g * 8 < r1; g++)
             for (int64_t m = 0; m < M; m++) {
-                kn->q4k_x8(w->data + g * gb, act->qk + m * K, act->dk + m * (K / QKK), act->sk + m * (K / 16), K, out);
+                (w->format == FMT_Q4_KX8 ? kn->q4k_x8 : kn->q6k_x8)(w->data + g * gb, act->qk + m * K, act->dk + m * (K / QKK), act->sk + m * (K / 16), K, out);
                 for (int64_t r = g * 8; r < g * 8 + 8 && r < r1; r++) y[m * ldy + r] = out[r - g * 8];
             }
         return;
@@ -567,6 +649,42 @@ static void dequantize_row_q4k_x8(const uint8_t *group, int lane, int64_t K, flo
                 out[32 * j + l] = d1 * (float)((b->qs[j / 2][l / 4][lane][l % 4] >> (4 * (j & 1))) & 15) - m1;
         }
     }
+}
+
+static void dequantize_row_q6k_x8(const uint8_t *group, int lane, int64_t K, float *out) {
+    for (int64_t i = 0; i < K / QKK; i++, out += QKK) {
+        const block_q6_Kx8 *b = (const block_q6_Kx8 *)group + i;
+        const float dd = half_to_float(b->d[lane]);
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++)
+                for (int l = 0; l < 32; l++)
+                    out[128 * h + 32 * k + l] =
+                        dd * (float)b->scales[8 * h + 2 * k + l / 16][lane] * (float)(q6x8_value(b, lane, h, k, l) - 32);
+    }
+}
+
+/* Q6_K rows w[rows][K] -> Q6_KX8 groups out[ceil(rows / 8)][K / 256] (padding rows zero).
+ * Returns 0 or a negative error. */
+EXPORT int mistol_repack_q6_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out) {
+    if (K <= 0 || K % QKK) return ERR_K;
+    if (rows < 0) return ERR_ARG;
+    const int64_t nb = K / QKK, groups = (rows + 7) / 8;
+    memset(out, 0, (size_t)(groups * nb) * sizeof(block_q6_Kx8));
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < nb; i++) {
+            const block_q6_K *src = (const block_q6_K *)(w + r * nb * (int64_t)sizeof(block_q6_K)) + i;
+            block_q6_Kx8 *dst = (block_q6_Kx8 *)out + (r / 8) * nb + i;
+            const int lane = (int)(r % 8);
+            dst->d[lane] = src->d;
+            for (int g = 0; g < 16; g++) dst->scales[g][lane] = src->scales[g];
+            for (int h = 0; h < 2; h++)
+                for (int k = 0; k < 8; k++) {
+                    memcpy(dst->ql[h][0][k][lane], src->ql + 64 * h + 4 * k, 4);
+                    memcpy(dst->ql[h][1][k][lane], src->ql + 64 * h + 32 + 4 * k, 4);
+                    memcpy(dst->qh[h][k][lane], src->qh + 32 * h + 4 * k, 4);
+                }
+        }
+    return OK;
 }
 
 /* Q4_K rows w[rows][K] -> Q4_KX8 groups out[ceil(rows / 8)][K / 256] (padding rows zero).
@@ -655,7 +773,7 @@ EXPORT int mistol_dequantize_rows(int fmt, const uint8_t *w, int64_t rows, int64
     if (!fmt_row_order(fmt)) return ERR_FMT;
     if (K <= 0 || K % fmt_k_multiple(fmt) != 0) return ERR_K;
     if (rows < 0 || (out_type != DT_F32 && out_type != DT_BF16)) return ERR_ARG;
-    const int64_t rb = fmt_row_bytes(fmt, K), gb = K / QKK * (int64_t)sizeof(block_q4_Kx8);
+    const int64_t rb = fmt_row_bytes(fmt, K), gb = 8 * rb; /* (gb: the x8 layouts' group bytes) */
     int failed = 0;
     if (nthreads < 1) nthreads = 1;
 #ifdef _OPENMP
@@ -676,6 +794,8 @@ EXPORT int mistol_dequantize_rows(int fmt, const uint8_t *w, int64_t rows, int64
             float *dst = out_type == DT_F32 ? (float *)out + r * K : buf;
             if (fmt == FMT_Q4_KX8)
                 dequantize_row_q4k_x8(w + r / 8 * gb, (int)(r % 8), K, dst);
+            else if (fmt == FMT_Q6_KX8)
+                dequantize_row_q6k_x8(w + r / 8 * gb, (int)(r % 8), K, dst);
             else
                 kquant_dequantize_row(fmt, w + r * rb, K, dst);
             if (out_type == DT_F32) continue;

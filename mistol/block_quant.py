@@ -4,11 +4,11 @@ Q5_0, Q5_1 (block layouts: csrc/kquant.h).
 
 Each row is its blocks one after another, in the file's order, so loading costs nothing:
 the weight is a view of the mapped file (a copy only for q/k rows that llama.cpp's
-converter reordered), and memory stays the file's size. Q4_K alone is repacked at load
-(`BlockLinear.for_kernels`): 8 rows' super-blocks side by side ("Q4_Kx8", csrc/kquant.h),
-which the kernel multiplies 8 rows at a time, about twice as fast as row by row; it costs
-one pass over the tensor (a copy that replaces the mapped pages: memory stays near the
-file's size, +2.8%). Decode steps multiply on the C
+converter reordered), and memory stays the file's size. Q4_K and Q6_K (the types of a
+Q4_K_M file) are repacked at load (`BlockLinear.for_kernels`): 8 rows' super-blocks side by
+side ("Q4_Kx8", "Q6_Kx8", csrc/kquant.h), which the kernels multiply 8 rows at a time,
+about twice as fast as row by row; it costs one pass over the tensor (a copy that replaces
+the mapped pages: memory stays near the file's size, +2.8% for Q4_K, +0 for Q6_K). Decode steps multiply on the C
 kernels (csrc/kquant_gemv.c: activations quantized to int8 per 256 inputs for the
 k-quants, per 32 for the legacy types, integer dot products per block); prefill-sized
 inputs dequantize a slab of rows at a time and use PyTorch's matmul (bf16 where the CPU
@@ -28,8 +28,7 @@ from .quant import kernel_input, output_like
 # inputs per block, bytes per block
 ROW_FORMATS = {"Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
                "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24)}
-KERNEL_LAYOUTS = {"Q4_Kx8": "Q4_K"}  # kernel-only layouts made at load, and their GGUF types
-_GROUP_BYTES = {"Q4_Kx8": 1184}  # bytes per 8-row group and 256 inputs
+KERNEL_LAYOUTS = {"Q4_Kx8": "Q4_K", "Q6_Kx8": "Q6_K"}  # layouts made at load, and their GGUF types
 _SLAB_VALUES = 1 << 22  # weights dequantized at a time on the prefill path
 
 
@@ -53,7 +52,7 @@ class BlockLinear(nn.Module):
         if in_features <= 0 or in_features % block:
             raise MistolError(f"{fmt} weight: input size {in_features} is not a multiple of {block}")
         if fmt in KERNEL_LAYOUTS:
-            want = (-(-out_features // 8), in_features // 256 * _GROUP_BYTES[fmt])
+            want = (-(-out_features // 8), in_features // 256 * kernels.X8_GROUP_BYTES[self.file_type])
         else:
             want = (out_features, row_bytes(fmt, in_features))
         if tuple(packed.shape) != want or packed.dtype != torch.uint8:
@@ -63,11 +62,12 @@ class BlockLinear(nn.Module):
 
     @classmethod
     def for_kernels(cls, in_features: int, out_features: int, fmt: str, rows: torch.Tensor) -> "BlockLinear":
-        """The layer in the layout the CPU kernels run fastest: Q4_K repacked to Q4_Kx8 where
-        the compiled kernels run, every other type (and Q4_K elsewhere) as it is."""
-        if fmt == "Q4_K" and rows.device.type == "cpu" and kernels.available():
+        """The layer in the layout the CPU kernels run fastest: Q4_K and Q6_K repacked to
+        Q4_Kx8 / Q6_Kx8 where the compiled kernels run, every other type (and those
+        elsewhere) as it is."""
+        if fmt in kernels.X8_GROUP_BYTES and rows.device.type == "cpu" and kernels.available():
             cls(in_features, out_features, fmt, rows)  # (checks the shape)
-            return cls(in_features, out_features, "Q4_Kx8", kernels.repack_q4_k_x8(rows.contiguous(), in_features))
+            return cls(in_features, out_features, fmt + "x8", kernels.repack_x8(fmt, rows.contiguous(), in_features))
         return cls(in_features, out_features, fmt, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

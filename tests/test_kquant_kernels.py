@@ -2,7 +2,8 @@
 in the file's row order: block decoding against the gguf package's dequantization, products
 against dequantize-then-multiply in float64, the portable and SIMD paths bit for bit, and
 the compiled decode layer with a layer that mixes formats against the PyTorch layers. Q4_K
-runs in two layouts (the file's rows, and 8 rows interleaved: Q4_Kx8), which give the same bits.
+and Q6_K run in two layouts (the file's rows, and 8 rows interleaved: Q4_Kx8, Q6_Kx8), which
+give the same bits.
 
 Blocks are random bytes (every bit pattern is a valid block) with scales set to a real
 model's magnitudes: each quant, scale and min then takes every value it can.
@@ -67,14 +68,14 @@ def test_block_decoding_matches_the_gguf_package(fmt):
 
 def make_layer(fmt: str, k: int, n: int, blocks: torch.Tensor) -> BlockLinear:
     """The layer of `blocks` in the layout `fmt` names (a GGUF type, or "Q4_Kx8")."""
-    if fmt == "Q4_Kx8":
-        made = BlockLinear.for_kernels(k, n, "Q4_K", blocks)
-        assert made.fmt == "Q4_Kx8"
+    if fmt.endswith("x8"):
+        made = BlockLinear.for_kernels(k, n, file_type(fmt), blocks)
+        assert made.fmt == fmt
         return made
     return BlockLinear(k, n, fmt, blocks)
 
 
-LAYOUTS = [*ROW_FORMATS, "Q4_Kx8"]
+LAYOUTS = [*ROW_FORMATS, "Q4_Kx8", "Q6_Kx8"]
 
 
 def file_type(fmt: str) -> str:
@@ -116,12 +117,13 @@ def test_portable_and_simd_kernels_give_the_same_bits(fmt):
             assert torch.equal(made(x), ref), impl
 
 
-def test_q4_k_repacked_gives_the_bits_of_the_files_rows():
-    """Q4_Kx8 (8 rows interleaved, scales as bytes) against Q4_K row by row: same sums, same
-    float steps per row, so the same bits; and the same decoded values."""
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K"])
+def test_repacked_layouts_give_the_bits_of_the_files_rows(fmt):
+    """Q4_Kx8 / Q6_Kx8 (8 rows interleaved) against the file's rows: same sums, same float
+    steps per row, so the same bits; and the same decoded values."""
     n, k = 45, 1024
-    blocks = random_blocks("Q4_K", n, k, seed=4)
-    rows, x8 = BlockLinear(k, n, "Q4_K", blocks), make_layer("Q4_Kx8", k, n, blocks)
+    blocks = random_blocks(fmt, n, k, seed=4)
+    rows, x8 = BlockLinear(k, n, fmt, blocks), make_layer(fmt + "x8", k, n, blocks)
     assert torch.equal(x8.dequantize(), rows.dequantize())
     x = torch.randn(7, k, generator=torch.Generator().manual_seed(4))
     for impl in kernel_impls():
@@ -174,7 +176,7 @@ def test_bad_shapes_are_refused_in_one_line():
 
 
 def test_compiled_decode_layer_takes_a_layer_of_mixed_formats(monkeypatch):
-    """As a Q4_K_M file loads: q/k/o/gate/up Q4_K (one of them as Q4_Kx8), v and down Q6_K in
+    """As a Q4_K_M file loads: q/k/o/gate/up Q4_K, v and down Q6_K (one of each repacked) in
     every other layer, one int8; the compiled decode layer against the PyTorch layers, 20 steps."""
     from test_cpu_decode import assert_agree, config, teacher_forced_logits
 
@@ -191,7 +193,8 @@ def test_compiled_decode_layer_takes_a_layer_of_mixed_formats(monkeypatch):
                 continue  # stays int8
             seed += 1
             blocks = random_blocks(fmt, old.out_features, old.in_features, seed, scale=2e-4)
-            made = make_layer("Q4_Kx8" if (i, name) == (0, "q_proj") else fmt, old.in_features, old.out_features, blocks)
+            layout = fmt + "x8" if (i, name) in ((0, "q_proj"), (0, "down_proj")) else fmt
+            made = make_layer(layout, old.in_features, old.out_features, blocks)
             setattr(getattr(block, parent), name, made)
     from mistol.model import cpu_decode
 

@@ -58,8 +58,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mistol_gemm_matrices.restype = c_int
     lib.mistol_dequantize_rows.argtypes = [c_int, vp, i64, i64, vp, c_int, c_int]
     lib.mistol_dequantize_rows.restype = c_int
-    lib.mistol_repack_q4_k_x8.argtypes = [vp, i64, i64, vp]
-    lib.mistol_repack_q4_k_x8.restype = c_int
+    for repack in (lib.mistol_repack_q4_k_x8, lib.mistol_repack_q6_k_x8):
+        repack.argtypes, repack.restype = [vp, i64, i64, vp], c_int
     lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
     lib.mistol_quantize.restype = c_int
     lib.mistol_dense_many.argtypes = [c_int, vp, c_int, i64, i64, c_int, vp, vp, vp, vp, i64, c_int]
@@ -204,14 +204,18 @@ def dequantize_rows(fmt: str, blocks: torch.Tensor, k: int, dtype: torch.dtype,
     return out
 
 
-def repack_q4_k_x8(blocks: torch.Tensor, k: int) -> torch.Tensor:
-    """Q4_K rows uint8 [n, bytes per row] (CPU, contiguous) -> Q4_Kx8 groups uint8
-    [ceil(n / 8), k / 256 * 1184] (csrc/kquant.h)."""
+X8_GROUP_BYTES = {"Q4_K": 1184, "Q6_K": 1680}  # bytes per 8-row group and 256 inputs (csrc/kquant.h)
+
+
+def repack_x8(fmt: str, blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """Q4_K or Q6_K rows uint8 [n, bytes per row] (CPU, contiguous) -> groups of 8 rows
+    interleaved ("Q4_Kx8", "Q6_Kx8"), uint8 [ceil(n / 8), k / 256 * group bytes] (csrc/kquant.h)."""
     n = blocks.shape[0]
-    out = torch.empty(-(-n // 8), k // 256 * 1184, dtype=torch.uint8)
-    rc = _lib.mistol_repack_q4_k_x8(blocks.data_ptr(), n, k, out.data_ptr())
+    out = torch.empty(-(-n // 8), k // 256 * X8_GROUP_BYTES[fmt], dtype=torch.uint8)
+    rc = {"Q4_K": _lib.mistol_repack_q4_k_x8, "Q6_K": _lib.mistol_repack_q6_k_x8}[fmt](blocks.data_ptr(), n, k,
+                                                                                       out.data_ptr())
     if rc != 0:
-        raise RuntimeError(f"mistol_repack_q4_k_x8(K={k}): {_error(rc)}")
+        raise RuntimeError(f"repacking {fmt} (K={k}): {_error(rc)}")
     return out
 
 
