@@ -15,6 +15,15 @@ static const mistol_constant constants[] = {
 
     {"format", "int8", FMT_INT8},
     {"format", "int4", FMT_INT4},
+    /* llama.cpp's block types, named as gguf.GGMLQuantizationType names them */
+    {"format", "Q4_K", FMT_Q4_K},
+    {"format", "Q5_K", FMT_Q5_K},
+    {"format", "Q6_K", FMT_Q6_K},
+    {"format", "Q4_1", FMT_Q4_1},
+    {"format", "Q5_0", FMT_Q5_0},
+    {"format", "Q5_1", FMT_Q5_1},
+    {"format", "Q4_Kx8", FMT_Q4_KX8},
+    {"format", "Q6_Kx8", FMT_Q6_KX8},
 
     {"impl", "auto", IMPL_AUTO},
     {"impl", "scalar", IMPL_SCALAR},

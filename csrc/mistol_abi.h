@@ -9,10 +9,13 @@
 
 #include <stdint.h>
 
-#define MISTOL_ABI_VERSION 11
+#define MISTOL_ABI_VERSION 13
 
-/* Weight formats of the quantized kernels (see the layout in mistol_kernels.h). */
-enum { FMT_INT8 = 1, FMT_INT4 = 2 };
+/* Weight formats of the quantized kernels: int8/int4 in the packed layout of
+ * mistol_kernels.h; the others are llama.cpp's block types in the file's own row order
+ * (kquant.h), but Q4_KX8 / Q6_KX8: Q4_K / Q6_K with 8 rows' super-blocks interleaved. */
+enum { FMT_INT8 = 1, FMT_INT4 = 2, FMT_Q4_K = 3, FMT_Q5_K = 4, FMT_Q6_K = 5, FMT_Q4_1 = 6, FMT_Q5_0 = 7,
+       FMT_Q5_1 = 8, FMT_Q4_KX8 = 9, FMT_Q6_KX8 = 10, FMT_COUNT };
 /* Implementations of the quantized kernels; IMPL_AUTO: the best this CPU runs. */
 enum { IMPL_AUTO = 0, IMPL_SCALAR = 1, IMPL_AVX2 = 2, IMPL_VNNI = 3, IMPL_NEON = 4, IMPL_DOTPROD = 5 };
 /* Element types of float tensors (dense weights, quantizer sources, dequantized output). */
@@ -20,7 +23,7 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { OK = 0, ERR_K = -1, ERR_FMT = -2, ERR_NOMEM = -3, ERR_IMPL = -4, ERR_ARG = -5 };
 
 /* One quantized matrix: `rows` rows packed in format `format`, in tiles of `tile_blocks`
- * blocks of 32 inputs. */
+ * blocks of 32 inputs (int8/int4; the row-order formats ignore it, but it must be > 0). */
 typedef struct {
     const uint8_t *data;
     int64_t rows;

@@ -1,6 +1,6 @@
 /* One decoder layer of a Mistral/Llama model for one new token of one sequence (a decode
- * step on a CPU), with quantized weights (int8 or int4, each matrix its own), as a single
- * call:
+ * step on a CPU), with quantized weights (int8, int4 or one of llama.cpp's k-quant and
+ * legacy block types, each matrix its own), as a single call:
  *
  *   h = rmsnorm(x) * norm_attn
  *   q, k, v = h Wq^T (+ bq), h Wk^T (+ bk), h Wv^T (+ bv), then RoPE ("rotate half") on q and k
@@ -41,11 +41,11 @@
  * output, gate|up, the layer outputs added to x, the quantized input, and per thread:
  * attention scores and accumulators. Each buffer holds `*_size` elements. */
 struct mistol_workspace {
-    float *h, *qkv, *att, *gu, *y, *da, *scores, *acc, *kv_chunk;
-    int8_t *qa;
-    int32_t *sa;
-    int64_t h_size, qkv_size, att_size, gu_size, y_size, da_size, scores_size, acc_size, kv_chunk_size, qa_size,
-        sa_size;
+    float *h, *qkv, *att, *gu, *y, *da, *scores, *acc, *dk, *kv_chunk;
+    int8_t *qa, *qk;
+    int32_t *sa, *sk;
+    int64_t h_size, qkv_size, att_size, gu_size, y_size, da_size, scores_size, acc_size, dk_size, kv_chunk_size,
+        qa_size, qk_size, sa_size, sk_size;
 };
 typedef struct mistol_workspace mistol_workspace;
 
@@ -54,7 +54,8 @@ EXPORT mistol_workspace *mistol_workspace_new(void) { return calloc(1, sizeof(mi
 EXPORT void mistol_workspace_free(mistol_workspace *ws) {
     if (!ws) return;
     free(ws->h), free(ws->qkv), free(ws->att), free(ws->gu), free(ws->y), free(ws->da), free(ws->scores);
-    free(ws->acc), free(ws->kv_chunk), free(ws->qa), free(ws->sa), free(ws);
+    free(ws->acc), free(ws->kv_chunk), free(ws->qa), free(ws->sa), free(ws->qk), free(ws->dk), free(ws->sk);
+    free(ws);
 }
 
 /* *buf holds at least n elements of `size` bytes afterwards (its contents are scratch):
@@ -247,14 +248,21 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     const mistol_matrix *w = layer->weights;
     const int64_t rows[W_COUNT] = {[W_Q] = dq, [W_K] = dkv, [W_V] = dkv, [W_O] = D, [W_GATE] = F, [W_UP] = F,
                                    [W_DOWN] = D};
+    const int64_t inputs[W_COUNT] = {[W_Q] = D, [W_K] = D, [W_V] = D, [W_O] = dq, [W_GATE] = D, [W_UP] = D,
+                                     [W_DOWN] = F};
     for (int i = 0; i < W_COUNT; i++) {
-        if (w[i].format != FMT_INT8 && w[i].format != FMT_INT4) return ERR_FMT;
-        if (w[i].tile_blocks <= 0 || w[i].rows != rows[i]) return ERR_ARG;
+        if (!fmt_known(w[i].format)) return ERR_FMT;
+        if (w[i].tile_blocks <= 0 || w[i].rows != rows[i] || inputs[i] % fmt_k_multiple(w[i].format)) return ERR_ARG;
     }
+    /* the activation quantizations each product reads (a layer may mix formats) */
+    const int need_qkv = act_needs(&w[W_Q], 3), need_o = act_needs(&w[W_O], 1), need_gu = act_needs(&w[W_GATE], 2),
+              need_down = act_needs(&w[W_DOWN], 1);
+    const int64_t down_unit = need_down & ACT_256 ? 256 : QK; /* the down input's share per thread */
     if (qkernels_select(args->impl, &kn) != OK) return ERR_IMPL;
     const int nthreads = args->nthreads < 1 ? 1 : args->nthreads;
     if (RESERVE(ws, h, kmax) || RESERVE(ws, qkv, dq + 2 * dkv) || RESERVE(ws, att, dq) || RESERVE(ws, gu, 2 * F) ||
         RESERVE(ws, y, D) || RESERVE(ws, da, kmax / QK) || RESERVE(ws, qa, kmax) || RESERVE(ws, sa, kmax / QK) ||
+        RESERVE(ws, qk, kmax) || RESERVE(ws, dk, kmax / QK) || RESERVE(ws, sk, kmax / 16) ||
         RESERVE(ws, scores, nthreads * group * n_keys) || RESERVE(ws, acc, nthreads * IL) ||
         RESERVE(ws, kv_chunk, nthreads * KV_CHUNK * hd))
         return ERR_NOMEM;
@@ -267,9 +275,8 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     if (args->impl != IMPL_SCALAR) dot = dot_neon, axpy = axpy_neon;
 #endif
 
-    float *x = args->x, *h = ws->h, *qkv = ws->qkv, *att = ws->att, *gu = ws->gu, *y = ws->y, *da = ws->da;
-    int8_t *qa = ws->qa;
-    int32_t *sa = ws->sa;
+    float *x = args->x, *h = ws->h, *qkv = ws->qkv, *att = ws->att, *gu = ws->gu, *y = ws->y;
+    const qact act = {ws->qa, ws->da, ws->sa, ws->qk, ws->dk, ws->sk};
     float *scores = ws->scores, *acc = ws->acc;
     const int64_t layer_floats = hkv * cap * hd; /* one layer's part of each cache */
     float *cache_k = (float *)args->cache_k + args->layer * layer_floats;
@@ -294,9 +301,9 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
         SINGLE
         {
             rms_norm(x, layer->norm_attn, D, args->eps, h);
-            kn.quant(h, D, qa, da, sa);
+            act_quantize(&kn, h, D, 0, 0, D, need_qkv, &act);
         }
-        qgemm_share(&kn, &w[W_Q], 3, qa, da, sa, 1, D, qkv, dq + 2 * dkv, my_acc); /* q, k, v */
+        qgemm_share(&kn, &w[W_Q], 3, &act, 1, D, qkv, dq + 2 * dkv, my_acc); /* q, k, v */
         BARRIER
         int64_t j0, j1; /* this thread's kv heads, with their query heads */
         thread_share(hkv, &j0, &j1);
@@ -323,8 +330,8 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
         }
         BARRIER
         SINGLE
-        kn.quant(att, dq, qa, da, sa);
-        qgemm_share(&kn, &w[W_O], 1, qa, da, sa, 1, dq, y, D, my_acc);
+        act_quantize(&kn, att, dq, 0, 0, dq, need_o, &act);
+        qgemm_share(&kn, &w[W_O], 1, &act, 1, dq, y, D, my_acc);
         BARRIER
         SINGLE
         {
@@ -333,16 +340,16 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
             else
                 for (int64_t i = 0; i < D; i++) x[i] += y[i];
             rms_norm(x, layer->norm_mlp, D, args->eps, h);
-            kn.quant(h, D, qa, da, sa);
+            act_quantize(&kn, h, D, 0, 0, D, need_gu, &act);
         }
-        qgemm_share(&kn, &w[W_GATE], 2, qa, da, sa, 1, D, gu, 2 * F, my_acc); /* gate, up */
+        qgemm_share(&kn, &w[W_GATE], 2, &act, 1, D, gu, 2 * F, my_acc); /* gate, up */
         BARRIER
         int64_t b0, b1; /* SiLU (an exp per value) and quantization of this thread's blocks */
-        thread_share(F / QK, &b0, &b1);
-        for (int64_t i = b0 * QK; i < b1 * QK; i++) h[i] = silu(gu[i]) * gu[F + i];
-        kn.quant(h + b0 * QK, (b1 - b0) * QK, qa + b0 * QK, da + b0, sa + b0);
+        thread_share(F / down_unit, &b0, &b1);
+        for (int64_t i = b0 * down_unit; i < b1 * down_unit; i++) h[i] = silu(gu[i]) * gu[F + i];
+        act_quantize(&kn, h, F, 0, b0 * down_unit, b1 * down_unit, need_down, &act);
         BARRIER
-        qgemm_share(&kn, &w[W_DOWN], 1, qa, da, sa, 1, F, y, D, my_acc);
+        qgemm_share(&kn, &w[W_DOWN], 1, &act, 1, F, y, D, my_acc);
         BARRIER
         SINGLE
         for (int64_t i = 0; i < D; i++) x[i] += y[i];

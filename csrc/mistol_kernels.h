@@ -101,7 +101,7 @@ typedef struct {
 _Static_assert(sizeof(block_q8_0) == 34 && sizeof(block_q4_0) == 18, "llama.cpp's block sizes");
 _Static_assert(sizeof(block_q8_0x8) == 8 * 34 && sizeof(block_q4_0x8) == 8 * 18, "no padding in group blocks");
 
-/* Quant bytes per row of one block, and bytes of one group block, in format fmt. */
+/* Quant bytes per row of one block, and bytes of one group block, in packed format fmt. */
 static inline int64_t quant_bytes(int fmt) { return fmt == FMT_INT8 ? QK : QK / 2; }
 static inline int64_t group_block_bytes(int fmt) { return fmt == FMT_INT8 ? sizeof(block_q8_0x8) : sizeof(block_q4_0x8); }
 
@@ -121,25 +121,70 @@ typedef void (*quant_fn)(const float *, int64_t, int8_t *, float *, int32_t *);
 /* One 8-row group against one quantized row, blocks [b0, b1), added into acc[8]. */
 typedef void (*group_fn)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, int64_t, float *);
 
-/* The functions of one instruction set: the activation quantizer (the same for both
- * weight formats) and each format's group kernel. */
+/* One activation row x[K] -> qk[K] int8, dk[K/256] scales, sk[K/16] sums of qk per 16
+ * (the k-quants' activation blocks, kquant.h). */
+typedef void (*kquant_fn)(const float *, int64_t, int8_t *, float *, int32_t *);
+/* One row of a row-order format (kquant.h) against one quantized activation row of K
+ * inputs (its per-32 or per-256 quantization, as the format takes): the dot product. */
+typedef float (*rowdot_fn)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t);
+
+/* The functions of one instruction set: the activation quantizers and each format's
+ * kernel (a group kernel for the packed formats, a row kernel for the row-order ones). */
 typedef struct {
     quant_fn quant;
-    group_fn group[3]; /* indexed by FMT_INT8 and FMT_INT4 */
+    group_fn group[FMT_COUNT]; /* FMT_INT8, FMT_INT4 */
+    kquant_fn kquant;
+    rowdot_fn rowdot[FMT_COUNT]; /* the row-order formats */
+    /* Q4_KX8: one group of 8 rows against one activation row (per 256), into out[8] */
+    void (*q4k_x8)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *);
+    void (*q6k_x8)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *);
 } qkernels;
+
+/* Activation rows quantized for the matrices that read them: per block of 32 (qa, da,
+ * sa: int8/int4 and the legacy 32-blocks) and, where a k-quant reads them, per block of
+ * 256 (qk, dk, sk); each NULL where no matrix needs it. */
+typedef struct {
+    int8_t *qa;
+    float *da;
+    int32_t *sa;
+    int8_t *qk;
+    float *dk;
+    int32_t *sk;
+} qact;
+
+enum { ACT_32 = 1, ACT_256 = 2 }; /* what act_needs returns: which quantizations to make */
 
 /* The best implementation this CPU runs (IMPL_VNNI, IMPL_AVX2, IMPL_DOTPROD, IMPL_NEON or
  * IMPL_SCALAR). */
 int best_impl(void);
 /* The kernels of impl (IMPL_AUTO: the best this CPU runs): OK or ERR_IMPL. */
 int qkernels_select(int impl, qkernels *out);
+/* Fills the row-order formats' entries of out (kquant_gemv.c). */
+void kquant_select(int impl, qkernels *out);
+
+/* Row-order formats (kquant.h): whether fmt is one, and its bytes per row of K inputs;
+ * whether fmt is known at all, and the inputs K must be a multiple of. */
+int fmt_row_order(int fmt);
+int64_t fmt_row_bytes(int fmt, int64_t K);
+int fmt_known(int fmt);
+int64_t fmt_k_multiple(int fmt);
+/* ACT_32 | ACT_256: the activation quantizations that the matrices read. */
+int act_needs(const mistol_matrix *mats, int count);
+/* Inputs [e0, e1) of activation row m, x[K] (e0, e1 multiples of 256 where ACT_256 is
+ * needed, else of 32), into the quantizations `needs` names, at that row's place in act. */
+void act_quantize(const qkernels *kn, const float *x, int64_t K, int64_t m, int64_t e0, int64_t e1, int needs,
+                  const qact *act);
+/* Inside a parallel region: rows [r0, r1) of one row-order matrix times M activation
+ * rows, into y[m * ldy + r]. */
+void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, int64_t M, int64_t K, int64_t r0,
+                 int64_t r1, float *y, int64_t ldy);
 
 /* Inside a parallel region (or outside it, as the only thread): this thread's share of
- * y[:, matrix i's columns] = (quantized rows qa/da/sa)[M][K] @ W_i^T for i < count;
+ * y[:, matrix i's columns] = (quantized rows act)[M][K] @ W_i^T for i < count;
  * matrix i's outputs start at column sum(rows of mats[0..i-1]), rows of y are ldy floats
  * apart. acc: this thread's scratch of IL * M floats. */
-void qgemm_share(const qkernels *kn, const mistol_matrix *mats, int count, const int8_t *qa, const float *da,
-                 const int32_t *sa, int64_t M, int64_t K, float *y, int64_t ldy, float *acc);
+void qgemm_share(const qkernels *kn, const mistol_matrix *mats, int count, const qact *act, int64_t M, int64_t K,
+                 float *y, int64_t ldy, float *acc);
 
 /* Inside a parallel region: this thread's index, and its contiguous share [start, end) of
  * `total` units. */

@@ -422,13 +422,14 @@ int qkernels_select(int impl, qkernels *out) {
 #else
     if (impl == IMPL_NEON || impl == IMPL_DOTPROD) return ERR_IMPL;
 #endif
+    kquant_select(impl, out);
     return OK;
 }
 
 /* The groups of all the matrices, split into one contiguous range per thread (a static
  * schedule: each thread streams its own part of the weights), walked matrix by matrix. */
-void qgemm_share(const qkernels *kn, const mistol_matrix *mats, int count, const int8_t *qa, const float *da,
-                 const int32_t *sa, int64_t M, int64_t K, float *y, int64_t ldy, float *acc) {
+void qgemm_share(const qkernels *kn, const mistol_matrix *mats, int count, const qact *act, int64_t M, int64_t K,
+                 float *y, int64_t ldy, float *acc) {
     int64_t G = 0;
     for (int i = 0; i < count; i++) G += (mats[i].rows + IL - 1) / IL;
     int64_t start, end, first = 0, col = 0;
@@ -437,54 +438,72 @@ void qgemm_share(const qkernels *kn, const mistol_matrix *mats, int count, const
         const mistol_matrix *w = &mats[i];
         const int64_t gi = (w->rows + IL - 1) / IL;
         const int64_t g0 = start > first ? start - first : 0, g1 = end - first < gi ? end - first : gi;
-        if (g0 < g1)
-            run_groups(kn->group[w->format], w->data, group_block_bytes(w->format), w->tile_blocks, qa, da, sa, M,
-                       K, w->rows, y + col, ldy, g0, g1, acc);
+        if (g0 < g1 && fmt_row_order(w->format)) /* (row-order formats: 8 rows per unit of work) */
+            kquant_rows(kn, w, act, M, K, g0 * IL, g1 * IL < w->rows ? g1 * IL : w->rows, y + col, ldy);
+        else if (g0 < g1)
+            run_groups(kn->group[w->format], w->data, group_block_bytes(w->format), w->tile_blocks, act->qa, act->da,
+                       act->sa, M, K, w->rows, y + col, ldy, g0, g1, acc);
         first += gi, col += w->rows;
     }
 }
 
-/* For i < count: y[:, cols of matrix i] = x[M][K] @ W_i^T, W_i (N_i rows) packed as
- * mistol_kernels.h describes, in tiles of tbs[i] blocks; matrix i's outputs start at column sum(N_0..N_{i-1}) of y, whose rows are ldy
- * floats apart. Several matrices that share an input (a layer's q/k/v, gate/up) thus cost
- * one parallel region and one activation quantization. Returns 0 or a negative error. */
-EXPORT int mistol_gemm_many(int fmt, const float *x, int64_t M, int64_t K, int count, const uint8_t *const *ws,
-                            const int64_t *ns, const int64_t *tbs, float *y, int64_t ldy, int nthreads, int impl) {
+/* y[:, cols of matrix i] = x[M][K] @ W_i^T for the matrices mats[i < count], each in its
+ * own format; matrix i's outputs start at column sum(rows of mats[0..i-1]) of y, whose
+ * rows are ldy floats apart. Several matrices that share an input (a layer's q/k/v,
+ * gate/up) thus cost one parallel region and one activation quantization (per kind of
+ * activation block the formats read). Returns 0 or a negative error. */
+EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count, const mistol_matrix *mats, float *y,
+                                int64_t ldy, int nthreads, int impl) {
     qkernels kn;
-    if (fmt != FMT_INT8 && fmt != FMT_INT4) return ERR_FMT;
     if (qkernels_select(impl, &kn) != OK) return ERR_IMPL;
     if (K <= 0 || K % QK != 0) return ERR_K;
     if (M < 0 || count < 0) return ERR_ARG;
-    int64_t G = 0, cols = 0;
+    int64_t G = 0, cols = 0, bytes = 0;
     for (int i = 0; i < count; i++) {
-        if (ns[i] < 0 || tbs[i] <= 0) return ERR_ARG;
-        G += (ns[i] + IL - 1) / IL, cols += ns[i];
+        const int fmt = mats[i].format;
+        if (!fmt_known(fmt)) return ERR_FMT;
+        if (K % fmt_k_multiple(fmt) != 0) return ERR_K;
+        if (mats[i].rows < 0 || mats[i].tile_blocks <= 0) return ERR_ARG;
+        G += (mats[i].rows + IL - 1) / IL, cols += mats[i].rows;
+        bytes += fmt_row_order(fmt) ? mats[i].rows * fmt_row_bytes(fmt, K)
+                                    : (mats[i].rows + IL - 1) / IL * (K / QK) * group_block_bytes(fmt);
     }
     if (ldy < cols) return ERR_ARG;
     if (M == 0 || G == 0) return OK;
-    const int64_t B = K / QK;
     if (nthreads > G) nthreads = (int)G;
-    if (nthreads < 1 || G * B * group_block_bytes(fmt) * M < SERIAL_BYTES) nthreads = 1;
+    if (nthreads < 1 || bytes * M < SERIAL_BYTES) nthreads = 1;
 
-    int8_t *qa = malloc((size_t)(M * K));
-    float *da = malloc(sizeof(float) * (size_t)(M * B));
-    int32_t *sa = malloc(sizeof(int32_t) * (size_t)(M * B));
+    const int needs = act_needs(mats, count);
+    const int64_t nk = needs & ACT_256 ? M * K : 0, n32 = needs & ACT_32 ? M * K : 0;
+    qact act = {malloc((size_t)n32 + 1), malloc(sizeof(float) * (size_t)(n32 / QK + 1)),
+                malloc(sizeof(int32_t) * (size_t)(n32 / QK + 1)), malloc((size_t)nk + 1),
+                malloc(sizeof(float) * (size_t)(nk / 256 + 1)), malloc(sizeof(int32_t) * (size_t)(nk / 16 + 1))};
     float *acc = malloc(sizeof(float) * (size_t)(IL * M * nthreads));
-    mistol_matrix *mats = malloc(sizeof(mistol_matrix) * (size_t)count);
-    if (!qa || !da || !sa || !acc || !mats) {
-        free(qa), free(da), free(sa), free(acc), free(mats);
+    if (!act.qa || !act.da || !act.sa || !act.qk || !act.dk || !act.sk || !acc) {
+        free(act.qa), free(act.da), free(act.sa), free(act.qk), free(act.dk), free(act.sk), free(acc);
         return ERR_NOMEM;
     }
-    for (int i = 0; i < count; i++) mats[i] = (mistol_matrix){ws[i], ns[i], tbs[i], fmt};
-
     /* One thread quantizes the activations: a small fraction of the matmul's time at any
      * M, and no barrier inside the parallel region. */
-    for (int64_t m = 0; m < M; m++) kn.quant(x + m * K, K, qa + m * K, da + m * B, sa + m * B);
+    for (int64_t m = 0; m < M; m++) act_quantize(&kn, x + m * K, K, m, 0, K, needs, &act);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
-    qgemm_share(&kn, mats, count, qa, da, sa, M, K, y, ldy, acc + thread_index() * IL * M);
-    free(qa), free(da), free(sa), free(acc), free(mats);
+    qgemm_share(&kn, mats, count, &act, M, K, y, ldy, acc + thread_index() * IL * M);
+    free(act.qa), free(act.da), free(act.sa), free(act.qk), free(act.dk), free(act.sk), free(acc);
     return OK;
 }
 
+/* mistol_gemm_matrices for matrices of one packed format fmt (int8 or int4): W_i at
+ * ws[i], ns[i] rows, in tiles of tbs[i] blocks. */
+EXPORT int mistol_gemm_many(int fmt, const float *x, int64_t M, int64_t K, int count, const uint8_t *const *ws,
+                            const int64_t *ns, const int64_t *tbs, float *y, int64_t ldy, int nthreads, int impl) {
+    if (fmt != FMT_INT8 && fmt != FMT_INT4) return ERR_FMT;
+    if (count < 0) return ERR_ARG;
+    mistol_matrix *mats = malloc(sizeof(mistol_matrix) * (size_t)count + 1);
+    if (!mats) return ERR_NOMEM;
+    for (int i = 0; i < count; i++) mats[i] = (mistol_matrix){ws[i], ns[i], tbs[i], fmt};
+    const int rc = mistol_gemm_matrices(x, M, K, count, mats, y, ldy, nthreads, impl);
+    free(mats);
+    return rc;
+}

@@ -205,13 +205,14 @@ KV_CACHE_DTYPES = {"f16": torch.float16, "f32": torch.float32}
 
 
 def default_kv_dtype(model: Transformer) -> torch.dtype:
-    """float16 for a quantized model on a CPU (half the bytes of float32, which such a model
+    """float16 for a quantized model (int8/int4 or a GGUF file's blocks) on a CPU (half the bytes of float32, which such a model
     computes in: a 7B cache takes 128 MiB per 1k tokens instead of 256, and a long context's
     decode step reads half as much), else the model's own dtype."""
+    from .block_quant import BlockLinear
     from .quant import QuantizedLinear
 
     if model.device.type == "cpu" and model.dtype == torch.float32 and any(
-            isinstance(m, QuantizedLinear) for m in model.modules()):
+            isinstance(m, (QuantizedLinear, BlockLinear)) for m in model.modules()):
         return torch.float16
     return model.dtype
 

@@ -362,7 +362,9 @@ def quantize_tied_head(model: nn.Module) -> bool:
     model (Qwen2.5-0.5B: 136M of its 494M weights), and read as float32 it would cost a
     decode step four times the bytes of the rest. The float embedding stays for the lookup.
     True when a head was made."""
-    if getattr(model, "lm_head", True) is not None or not any(isinstance(m, QuantizedLinear) for m in model.modules()):
+    if getattr(model, "lm_head", True) is not None or not isinstance(model.embed_tokens, nn.Embedding):
+        return False  # (an embedding kept as a GGUF file's blocks is its own quantized head)
+    if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         return False
     weight = model.embed_tokens.weight
     if weight.device.type != "cpu":

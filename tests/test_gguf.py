@@ -275,7 +275,13 @@ SHAPES = {"attn_q": (256, 256), "attn_k": (128, 256), "attn_v": (128, 256), "att
           "ffn_gate": (512, 256), "ffn_up": (512, 256), "ffn_down": (256, 512), "output": (256, 256)}
 
 
-def test_k_quants_and_other_blocks_are_requantized_from_their_dequantized_values(tmp_path):
+def test_k_quants_and_legacy_blocks_load_as_the_files_blocks_and_q2_q3_as_requantized(tmp_path):
+    """On a CPU with the kernels, Q4_K/Q5_K/Q6_K/Q4_1/Q5_0 stay the file's blocks (q/k rows
+    put back in our order, whole rows moved); Q2_K/Q3_K, and everything without the kernels,
+    is requantized from its dequantized values."""
+    from mistol import kernels
+    from mistol.block_quant import ROW_FORMATS
+
     rng = np.random.default_rng(0)
     tensors = {"token_embd.weight": (random_blocks(T.Q4_K, 256, 256, rng), T.Q4_K)}
     for short, qtype in MIXED.items():
@@ -289,22 +295,40 @@ def test_k_quants_and_other_blocks_are_requantized_from_their_dequantized_values
         tensors[norm] = rng.uniform(0.5, 1.5, 256).astype(np.float32)
     path = write_llama_gguf(tmp_path / "mixed.gguf", SMALL, tensors)
 
-    def dequantized(name):
-        raw, qtype = tensors[name]
-        w = torch.from_numpy(gguf.quants.dequantize(raw, qtype))
+    def in_our_order(name, w):
         heads = {"blk.0.attn_q.weight": 4, "blk.0.attn_k.weight": 2}.get(name)
         return w[from_gguf_rows(w.shape[0], heads)] if heads else w
 
-    for quant, fmt in ((None, "int8"), ("int4", "int4")):
-        model = load_gguf(GGUFFile(path), quant=quant)
-        for ours, name in zip(LINEARS, [f"blk.0.{n}.weight" for n in MIXED if n != "output"]):
-            layer = model.get_submodule(f"layers.0.{ours}")
-            assert layer.fmt == fmt, ours
-            assert torch.equal(layer.packed, quantize_linear(dequantized(name), fmt).packed), ours
-        assert torch.equal(model.lm_head.packed, quantize_linear(dequantized("output.weight"), fmt).packed)
-        assert torch.equal(model.embed_tokens.weight, dequantized("token_embd.weight"))
-        out = Engine(model).new_session().feed(list(range(10)), all_logits=True)
-        assert out.isfinite().all()
+    def dequantized(name):
+        raw, qtype = tensors[name]
+        return in_our_order(name, torch.from_numpy(gguf.quants.dequantize(raw, qtype)))
+
+    def check(layer, name, fmt, native):
+        raw, qtype = tensors[name]
+        if native and qtype.name in ROW_FORMATS:
+            assert layer.file_type == qtype.name, name
+            if layer.fmt == qtype.name:  # (Q4_K is repacked: Q4_Kx8)
+                assert torch.equal(layer.packed, in_our_order(name, torch.from_numpy(raw.reshape(raw.shape[0], -1))))
+            assert torch.equal(layer.dequantize(), dequantized(name))
+        else:
+            assert layer.fmt == fmt, name
+            assert torch.equal(layer.packed, quantize_linear(dequantized(name), fmt).packed), name
+
+    for impl, native in (("auto", kernels.available()), ("torch", False)):
+        with kernels.use(impl):
+            for quant, fmt in ((None, "int8"), ("int4", "int4")):
+                model = load_gguf(GGUFFile(path), quant=quant)
+                for ours, name in zip(LINEARS, [f"blk.0.{n}.weight" for n in MIXED if n != "output"]):
+                    check(model.get_submodule(f"layers.0.{ours}"), name, fmt, native)
+                check(model.lm_head, "output.weight", fmt, native)
+                embedding = dequantized("token_embd.weight")
+                if native:  # kept as blocks, rows decoded as looked up
+                    assert model.embed_tokens.fmt == "Q4_K"
+                    assert torch.equal(model.embed_tokens(torch.arange(256)), embedding)
+                else:
+                    assert torch.equal(model.embed_tokens.weight, embedding)
+                out = Engine(model).new_session().feed(list(range(10)), all_logits=True)
+                assert out.isfinite().all()
 
 
 # -- tokenizer ---------------------------------------------------------------------------------

@@ -139,8 +139,8 @@ def load_mistol(spec: Spec) -> Runner:
     from .shapes import model_config
 
     t0 = time.perf_counter()
-    if spec.gguf:
-        engine = Engine.load(spec.gguf, progress=False)
+    if spec.gguf:  # a GGUF file, as `mistol` loads it (k-quants stay the file's blocks)
+        engine = Engine.load(spec.gguf, dtype="f32", progress=False)
     else:
         if spec.checkpoint:
             from ..engine import DTYPES

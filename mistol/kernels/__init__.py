@@ -61,6 +61,12 @@ def _load() -> ctypes.CDLL | None:
     i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.mistol_gemm_many.argtypes = [c_int, vp, i64, i64, c_int, vp, vp, vp, vp, i64, c_int, c_int]
     lib.mistol_gemm_many.restype = c_int
+    lib.mistol_gemm_matrices.argtypes = [vp, i64, i64, c_int, vp, vp, i64, c_int, c_int]
+    lib.mistol_gemm_matrices.restype = c_int
+    lib.mistol_dequantize_rows.argtypes = [c_int, vp, i64, i64, vp, c_int, c_int]
+    lib.mistol_dequantize_rows.restype = c_int
+    for repack in (lib.mistol_repack_q4_k_x8, lib.mistol_repack_q6_k_x8):
+        repack.argtypes, repack.restype = [vp, i64, i64, vp], c_int
     lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
     lib.mistol_quantize.restype = c_int
     lib.mistol_dense_many.argtypes = [c_int, vp, c_int, i64, i64, c_int, vp, vp, vp, vp, i64, c_int]
@@ -174,6 +180,52 @@ def gemm_many(fmt: str, x: torch.Tensor, weights: list[tuple[torch.Tensor, int]]
     return y
 
 
+def gemm_matrices(x: torch.Tensor, mats: list[Matrix]) -> torch.Tensor:
+    """x[M, K] (float32, contiguous, CPU) times quantized matrices of any formats (each
+    made by `matrix`; their tensors kept alive by the caller) that share the input, in one
+    call: their outputs side by side, y[M, sum of rows]."""
+    m, k = x.shape
+    count = len(mats)
+    y = torch.empty(m, sum(mat.rows for mat in mats), dtype=torch.float32)
+    rc = _lib.mistol_gemm_matrices(x.data_ptr(), m, k, count, (Matrix * count)(*mats), y.data_ptr(), y.shape[1],
+                                   torch.get_num_threads(), _impl_id())
+    if rc != 0:
+        raise RuntimeError(f"mistol_gemm_matrices(M={m}, K={k}, N={[mat.rows for mat in mats]}): {_error(rc)}")
+    return y
+
+
+def dequantize_rows(fmt: str, blocks: torch.Tensor, k: int, dtype: torch.dtype,
+                    out: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
+    """Rows of llama.cpp blocks of a row-order format (Q4_K, Q5_K, Q6_K, Q4_1, Q5_0, Q5_1),
+    uint8 [n, bytes per row] (CPU, contiguous), or the first `rows` rows of Q4_Kx8 groups
+    [groups, bytes per group] -> [n, k] float32 or bfloat16 (into `out`, if given:
+    contiguous, of that shape and dtype)."""
+    n = blocks.shape[0] if rows is None else rows
+    if out is None:
+        out = torch.empty(n, k, dtype=dtype)
+    assert out.shape == (n, k) and out.dtype == dtype and out.is_contiguous() and blocks.is_contiguous()
+    rc = _lib.mistol_dequantize_rows(_abi.formats[fmt], blocks.data_ptr(), n, k, out.data_ptr(), _dtype_id(dtype),
+                                     torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"mistol_dequantize_rows({fmt}, K={k}): {_error(rc)}")
+    return out
+
+
+X8_GROUP_BYTES = {"Q4_K": 1184, "Q6_K": 1680}  # bytes per 8-row group and 256 inputs (csrc/kquant.h)
+
+
+def repack_x8(fmt: str, blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """Q4_K or Q6_K rows uint8 [n, bytes per row] (CPU, contiguous) -> groups of 8 rows
+    interleaved ("Q4_Kx8", "Q6_Kx8"), uint8 [ceil(n / 8), k / 256 * group bytes] (csrc/kquant.h)."""
+    n = blocks.shape[0]
+    out = torch.empty(-(-n // 8), k // 256 * X8_GROUP_BYTES[fmt], dtype=torch.uint8)
+    rc = {"Q4_K": _lib.mistol_repack_q4_k_x8, "Q6_K": _lib.mistol_repack_q6_k_x8}[fmt](blocks.data_ptr(), n, k,
+                                                                                       out.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"repacking {fmt} (K={k}): {_error(rc)}")
+    return out
+
+
 def _matrices(tensors: list[torch.Tensor], rows: list[int]) -> tuple[int, ctypes.Array, ctypes.Array]:
     """Several matrices as the C functions take them: count, their addresses, their rows."""
     count = len(tensors)
@@ -227,9 +279,12 @@ def quantize(fmt: str, w: torch.Tensor, out: torch.Tensor, packed: bool) -> None
 
 
 def matrix(fmt: str, packed: torch.Tensor, rows: int) -> Matrix:
-    """A packed matrix (`mistol.quant`'s layout, [tiles, groups, blocks per tile, bytes]) of
-    `rows` rows as the decode layer takes it; the caller keeps `packed` alive."""
-    return Matrix(packed.data_ptr(), rows, packed.shape[2], _abi.formats[fmt])
+    """A quantized matrix of `rows` rows as the C functions take it: int8/int4 packed in
+    `mistol.quant`'s layout ([tiles, groups, blocks per tile, bytes]), or a row-order block
+    format's rows ([rows, bytes per row], `mistol.block_quant`); the caller keeps `packed`
+    alive."""
+    tile_blocks = packed.shape[2] if packed.dim() == 4 else 1  # (row-order formats have no tiles)
+    return Matrix(packed.data_ptr(), rows, tile_blocks, _abi.formats[fmt])
 
 
 class DecodeWorkspace:

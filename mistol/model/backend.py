@@ -13,7 +13,9 @@ A forward step's decoder layers run on one of:
 | CUDA graph replay    | one new token of one session on a CUDA device, graphs on   | `cuda_graphs.GraphedDecoder` |
 |                      | (`MISTOL_CUDA_GRAPHS` is not "0")                          |                              |
 | fused C decode layer | one new token of one session on a CPU; every linear layer  | `cpu_decode.CpuDecoder`      |
-|                      | of every block int8/int4; float32 norms, attention biases, | (`mistol_decode_layer`)      |
+|                      | of every block quantized (int8/int4, or GGUF blocks kept   | (`mistol_decode_layer`)      |
+|                      | by `block_quant`, mixed freely); float32 norms, attention  |                              |
+|                      | biases,                                                    |                              |
 |                      | embeddings and cache; C kernels built, not switched to     |                              |
 |                      | "torch"; no grad                                           |                              |
 | PyTorch layers       | everything else: prefill, several sessions in one step,    | `Transformer.forward`        |
@@ -21,7 +23,7 @@ A forward step's decoder layers run on one of:
 
 Every path runs every model `ModelConfig` accepts: attention biases (Qwen2's q/k/v, Llama's
 `attention_bias`) are added by the compiled layer and by the PyTorch layers (so also inside CUDA
-graphs); a tied output head is the float embedding matrix itself, multiplied after the layers on
+graphs); a tied output head is the embedding matrix itself (floats, or GGUF blocks), multiplied after the layers on
 any path (never a second copy of it).
 
 Inside the PyTorch layers each linear product picks its kernel by its number of input
@@ -29,7 +31,8 @@ rows (`quantized_route`, `dense_kernel_runs`):
 
 | path               | runs when                                                    | code                         |
 |--------------------|--------------------------------------------------------------|------------------------------|
-| quantized kernels  | a `QuantizedLinear` on a CPU with the C kernels, fewer rows  | `kernels.gemm`, `gemm_many`  |
+| quantized kernels  | a `QuantizedLinear` (or `BlockLinear`) on a CPU with the C   | `kernels.gemm_matrices`      |
+|                    | kernels, fewer rows                                          |                              |
 |                    | than `BF16_MIN_ROWS[fmt]` or no native bf16                  |                              |
 | bf16 prefill       | a `QuantizedLinear` on a CPU with bf16 dot-product           | dequantize to bf16, matmul   |
 |                    | instructions (`native_bf16`), `BF16_MIN_ROWS[fmt]`+ rows     |                              |
@@ -63,6 +66,11 @@ DENSE_MAX_ROWS = 4  # rows of input up to which float weights use the dense kern
 # dequantizes the whole weight (in C, slab by slab), a fixed cost that pays off only over
 # enough rows: these are the crossovers measured at 7B shapes on a 2-core AVX512-BF16 machine.
 BF16_MIN_ROWS = {"int8": 112, "int4": 144}
+# llama.cpp's block types kept as the file holds them (mistol.block_quant): their row-by-row
+# kernels spend 2-4x the int4 kernel's time per weight (scales per sub-block), so dequantized
+# bf16 slabs win from fewer rows: about 64 at 1B shapes (2 cores, noisy); Q4_K and Q6_K
+# repacked (Q4_Kx8, Q6_Kx8) run about as fast as int4, so int4's crossover.
+BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1"), 64), Q4_Kx8=144, Q6_Kx8=144)
 
 QUANTIZED_KERNELS, BF16_PREFILL, DEQUANTIZED = "kernels", "bf16", "dequantized"
 
@@ -79,8 +87,8 @@ class Backend:
     def choose(cls, model: torch.nn.Module, cuda_graphs: bool | None = None) -> "Backend":
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("MISTOL_CUDA_GRAPHS", "1") != "0"
-        device = model.embed_tokens.weight.device
-        fused = device.type == "cpu" and model.embed_tokens.weight.dtype == torch.float32
+        device = model.device
+        fused = device.type == "cpu" and model.dtype == torch.float32
         return cls(device, CpuDecoder.of(model) if fused else None, cuda_graphs)
 
     @property
@@ -110,7 +118,7 @@ class Backend:
             and k.shape[1] == 1  # a cache of one sequence
             and k.is_contiguous()
             and v.is_contiguous()
-            and not (torch.is_grad_enabled() and model.embed_tokens.weight.requires_grad)
+            and not (torch.is_grad_enabled() and any(p.requires_grad for p in model.embed_tokens.parameters()))
             and kernels.impl_name() != "torch"
         )
 

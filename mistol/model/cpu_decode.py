@@ -1,6 +1,7 @@
-"""Decode steps of one sequence on a CPU with quantized weights: each decoder layer as one
-call into the compiled kernels (csrc/mistol_decode.c), its arguments one struct
-(`kernels.abi.DecodeArgs`) and its scratch a workspace kept with the decoder.
+"""Decode steps of one sequence on a CPU with quantized weights (int8, int4 or GGUF blocks,
+mixed freely): each decoder layer as one call into the compiled kernels
+(csrc/mistol_decode.c), its arguments one struct (`kernels.abi.DecodeArgs`) and its scratch
+a workspace kept with the decoder.
 
 The same layer in PyTorch is some 25 small operations besides its four matrix products,
 each costing ~10 µs of dispatch on a CPU: a tenth of a 7B int4 step. The compiled layer
@@ -99,7 +100,8 @@ def _layers(model: torch.nn.Module, paths: list[str]):
 
 
 def _packed_weight(layer: torch.nn.Module) -> torch.Tensor | None:
-    """The weight of a layer in mistol.quant's packed int8/int4 layout (a `QuantizedLinear`:
-    its `fmt` and `packed` buffer), or None for any other layer."""
+    """The weight of a quantized layer as the kernels take it (a `QuantizedLinear`'s packed
+    int8/int4, or a `BlockLinear`'s GGUF blocks: its `fmt` and `packed` buffer), or None for
+    any other layer."""
     packed = getattr(layer, "packed", None)
     return packed if packed is not None and isinstance(getattr(layer, "fmt", None), str) else None

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..block_quant import BlockLinear
 from ..quant import BLOCK, QuantizedLinear, kernel_input, output_like, tile_blocks
 from .backend import QUANTIZED_KERNELS, dense_kernel_runs, quantized_route
 
@@ -106,16 +107,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def linear_many(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
     """The outputs of bias-free linear layers that share an input, side by side:
-    [..., sum of out_features]. Layers of one kind on the CPU kernels (quantized of one
-    format, or float of one dtype) run as one kernel call: one parallel region, one pass
+    [..., sum of out_features]. Layers of one kind on the CPU kernels (quantized, of any
+    formats, or float of one dtype) run as one kernel call: one parallel region, one pass
     over x; any other mix runs layer by layer."""
     first = layers[0]
-    if isinstance(first, QuantizedLinear):
+    if isinstance(first, (QuantizedLinear, BlockLinear)):
         x2 = x.reshape(-1, x.shape[-1])
-        on_kernels = quantized_route(x2.shape[0], x2.device, first.fmt) == QUANTIZED_KERNELS
-        if on_kernels and all(isinstance(la, QuantizedLinear) and la.fmt == first.fmt for la in layers):
-            y = kernels.gemm_many(first.fmt, kernel_input(x2), [(la.packed, la.out_features) for la in layers])
-            return output_like(y, x)
+        if all(isinstance(la, (QuantizedLinear, BlockLinear))
+               and quantized_route(x2.shape[0], x2.device, la.fmt) == QUANTIZED_KERNELS for la in layers):
+            mats = [kernels.matrix(la.fmt, la.packed, la.out_features) for la in layers]
+            return output_like(kernels.gemm_matrices(kernel_input(x2), mats), x)
     elif all(isinstance(la, (Linear, TiledLinear)) for la in layers):
         weights = [la.tiles if isinstance(la, TiledLinear) else la.weight for la in layers]
         if dense_kernel_runs(x, weights):

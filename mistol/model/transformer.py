@@ -183,11 +183,14 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        """The activations' dtype (the embedding's: float, or the dtype blocks decode to)."""
+        embed = self.embed_tokens
+        return embed.weight.dtype if isinstance(embed, nn.Embedding) else embed.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        embed = self.embed_tokens
+        return embed.weight.device if isinstance(embed, nn.Embedding) else embed.device
 
     def forward(
         self,
@@ -230,7 +233,11 @@ class Transformer(nn.Module):
         return self.head(x).float()
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        if isinstance(self.embed_tokens, nn.Embedding):
+            return linear(x, self.embed_tokens.weight)
+        return self.embed_tokens.as_linear()(x)  # an embedding kept as GGUF blocks (block_quant)
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states of whole sequences [B, L], causal, no cache: for training

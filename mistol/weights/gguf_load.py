@@ -9,9 +9,13 @@ What each tensor type becomes:
   bytes, which are already our kernels' blocks. A Q4_0 file stays Q4_0 with
   `quant="int8"` (upconverting would cost memory and gain nothing); a Q8_0 file becomes
   int4 with `quant="int4"`.
-- Other block types: see `convert_format`.
-- The token embedding and the norms are always floats in the requested dtype, whatever
-  their type in the file (llama.cpp files often store the embedding quantized).
+- Q4_K, Q5_K, Q6_K, Q4_1, Q5_0, Q5_1 linear layers on a CPU with the compiled kernels:
+  `BlockLinear` over the file's own blocks (a view of the mapped file: no conversion and
+  no copy, but for q/k rows that need reordering), whatever `quant` says.
+- Other block types (Q2_K, Q3_K), and the above elsewhere: see `convert_format`.
+- The norms are floats in the requested dtype, and so is the token embedding, but for an
+  embedding of one of the block types above, which stays blocks (`BlockEmbedding`: rows
+  decoded as tokens are looked up; a tied head multiplies the blocks).
 
 q and k rows are put back from llama.cpp's RoPE order (`gguf_layout`) as they are read,
 for quantized rows as well.
@@ -22,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import kernels
+from ..block_quant import ROW_FORMATS, BlockEmbedding, BlockLinear
 from ..errors import MistolError
 from ..model import Transformer
 from ..model.linear import TiledLinear, tiles_pay_off
@@ -37,11 +43,13 @@ CONVERTED_TYPES = ("Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K
 _SLAB = 1 << 21  # values dequantized or converted at a time
 
 
-def convert_format(ggml_type: str, quant: str | None) -> str | None:
-    """What a linear layer of `ggml_type` becomes: "int8", "int4", or None (floats).
+def convert_format(ggml_type: str, quant: str | None, native: bool = False) -> str | None:
+    """What a linear layer of `ggml_type` becomes: "int8", "int4", a block type of
+    `mistol.block_quant.ROW_FORMATS` kept as it is, or None (floats). `native`: the
+    compiled kernels run on the target device (a CPU), so those block types stay.
 
-    Block types our kernels do not run (Q4_1, Q5_0/Q5_1, and the k-quants Q2_K..Q6_K of
-    most downloadable files: a Q4_K_M file mixes Q4_K and Q6_K) are dequantized a slab of
+    Block types our kernels do not run (Q2_K and Q3_K; with `native` False also Q4_1,
+    Q5_0/Q5_1 and Q4_K..Q6_K) are dequantized a slab of
     rows at a time and requantized to int8 (Q8_0), or to int4 (Q4_0) with `quant="int4"`.
     int8 is the default because it adds almost nothing to the source's own error: its step
     is 1/127 of each block of 32's largest value, where a 4-bit source's step is about 1/15
@@ -53,6 +61,8 @@ def convert_format(ggml_type: str, quant: str | None) -> str | None:
         return quant
     if ggml_type == "Q4_0":
         return "int4"
+    if native and ggml_type in ROW_FORMATS:
+        return ggml_type
     return "int4" if quant == "int4" else "int8"
 
 
@@ -70,6 +80,7 @@ def load_gguf(
     model = Transformer(config, device="meta")
     device = torch.device(device)
     plan = _plan(gf, model)
+    native = device.type == "cpu" and kernels.available()
 
     from tqdm import tqdm
 
@@ -78,12 +89,19 @@ def load_gguf(
         for tensor, key in plan:
             heads = rope_heads(key, config, gf.architecture)
             src = _Rows(tensor, from_gguf_rows(tensor.data.shape[0], heads) if heads else None)
-            fmt = convert_format(src.type, quant) if _is_linear(key, tensor) else None
-            if fmt is None and _is_linear(key, tensor) and tiles_pay_off(src.shape, device):
+            fmt = convert_format(src.type, quant, native) if _is_linear(key, tensor) else None
+            if key == "embed_tokens.weight" and native and src.type in ROW_FORMATS:
+                model.embed_tokens = BlockEmbedding(*src.shape, src.type, _file_rows(src), dtype)
+            elif fmt is None and _is_linear(key, tensor) and tiles_pay_off(src.shape, device):
                 release = release_pages if src.order is None else None  # (values: views of the mapped file)
                 set_linear(model, key, TiledLinear.from_rows(src.values, *src.shape, dtype, release=release))
             elif fmt is None:
                 set_parameter(model, key, _floats(src, dtype, device))
+            elif fmt in ROW_FORMATS:  # the file's blocks (copied where reordered or repacked)
+                layer = BlockLinear.for_kernels(src.shape[1], src.shape[0], fmt, _file_rows(src))
+                set_linear(model, key, layer)
+                if src.order is not None or layer.fmt != fmt:
+                    release_pages(torch.from_numpy(tensor.data))
             else:
                 set_linear(model, key, _quantized(src, key, fmt).to(device))
                 release_pages(torch.from_numpy(tensor.data))
@@ -163,6 +181,12 @@ class _Rows:
         if self.order is None:  # rows of the mapped file, read for the last time
             release_pages(torch.from_numpy(raw))
         return values
+
+
+def _file_rows(src: _Rows) -> torch.Tensor:
+    """A block tensor's rows in our order, uint8 [rows, bytes per row]: a view of the mapped
+    file (a copy where rows are reordered)."""
+    return torch.from_numpy(src.raw()).view(src.shape[0], -1)
 
 
 def _floats(src: _Rows, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""Linear layers that keep a GGUF tensor's llama.cpp blocks as the file holds them: the
+k-quants Q4_K, Q5_K, Q6_K (a Q4_K_M file mixes Q4_K and Q6_K) and the legacy Q4_1,
+Q5_0, Q5_1 (block layouts: csrc/kquant.h).
+
+Each row is its blocks one after another, in the file's order, so loading costs nothing:
+the weight is a view of the mapped file (a copy only for q/k rows that llama.cpp's
+converter reordered), and memory stays the file's size. Q4_K and Q6_K (the types of a
+Q4_K_M file) are repacked at load (`BlockLinear.for_kernels`): 8 rows' super-blocks side by
+side ("Q4_Kx8", "Q6_Kx8", csrc/kquant.h), which the kernels multiply 8 rows at a time,
+about twice as fast as row by row; it costs one pass over the tensor (a copy that replaces
+the mapped pages: memory stays near the file's size, +2.8% for Q4_K, +0 for Q6_K). Decode steps multiply on the C
+kernels (csrc/kquant_gemv.c: activations quantized to int8 per 256 inputs for the
+k-quants, per 32 for the legacy types, integer dot products per block); prefill-sized
+inputs dequantize a slab of rows at a time and use PyTorch's matmul (bf16 where the CPU
+has bf16 dot products), so the float copy is never larger than one slab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels
+from .errors import MistolError
+from .model import backend
+from .quant import kernel_input, output_like
+
+# inputs per block, bytes per block
+ROW_FORMATS = {"Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+               "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24)}
+KERNEL_LAYOUTS = {"Q4_Kx8": "Q4_K", "Q6_Kx8": "Q6_K"}  # layouts made at load, and their GGUF types
+_SLAB_VALUES = 1 << 22  # weights dequantized at a time on the prefill path
+
+
+def row_bytes(fmt: str, in_features: int) -> int:
+    block, nbytes = ROW_FORMATS[fmt]
+    return in_features // block * nbytes
+
+
+class BlockLinear(nn.Module):
+    """A bias-free linear layer whose weight [out_features, in_features] is llama.cpp blocks
+    of type `fmt` (a key of ROW_FORMATS), uint8 [out_features, bytes per row] in `packed`;
+    or, for fmt "Q4_Kx8", Q4_K repacked in groups of 8 rows, uint8 [groups, bytes per group].
+    `file_type` is the GGUF type either way."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, packed: torch.Tensor):
+        super().__init__()
+        if fmt not in ROW_FORMATS and fmt not in KERNEL_LAYOUTS:
+            raise MistolError(f"unknown block type {fmt!r} (choose from {', '.join(ROW_FORMATS)})")
+        self.file_type = KERNEL_LAYOUTS.get(fmt, fmt)
+        block = ROW_FORMATS[self.file_type][0]
+        if in_features <= 0 or in_features % block:
+            raise MistolError(f"{fmt} weight: input size {in_features} is not a multiple of {block}")
+        if fmt in KERNEL_LAYOUTS:
+            want = (-(-out_features // 8), in_features // 256 * kernels.X8_GROUP_BYTES[self.file_type])
+        else:
+            want = (out_features, row_bytes(fmt, in_features))
+        if tuple(packed.shape) != want or packed.dtype != torch.uint8:
+            raise MistolError(f"{fmt} weight: expected uint8 {list(want)}, found {packed.dtype} {list(packed.shape)}")
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.register_buffer("packed", packed if packed.is_contiguous() else packed.contiguous())
+
+    @classmethod
+    def for_kernels(cls, in_features: int, out_features: int, fmt: str, rows: torch.Tensor) -> "BlockLinear":
+        """The layer in the layout the CPU kernels run fastest: Q4_K and Q6_K repacked to
+        Q4_Kx8 / Q6_Kx8 where the compiled kernels run, every other type (and those
+        elsewhere) as it is."""
+        if fmt in kernels.X8_GROUP_BYTES and rows.device.type == "cpu" and kernels.available():
+            cls(in_features, out_features, fmt, rows)  # (checks the shape)
+            return cls(in_features, out_features, fmt + "x8", kernels.repack_x8(fmt, rows.contiguous(), in_features))
+        return cls(in_features, out_features, fmt, rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        route = backend.quantized_route(x2.shape[0], x2.device, self.fmt)
+        if route == backend.QUANTIZED_KERNELS:
+            y = kernels.gemm_matrices(kernel_input(x2), [kernels.matrix(self.fmt, self.packed, self.out_features)])
+        else:
+            y = self._matmul_dequantized(x2, torch.bfloat16 if route == backend.BF16_PREFILL else None)
+        return output_like(y, x)
+
+    def _matmul_dequantized(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if dtype is None:
+            dtype = torch.float32 if x.device.type == "cpu" or not x.is_floating_point() else x.dtype
+        x = x.to(dtype)
+        n = self.out_features
+        y = torch.empty(x.shape[0], n, dtype=dtype, device=x.device)
+        step = max(8, _SLAB_VALUES // self.in_features // 8 * 8)  # (whole groups of Q4_Kx8)
+        scratch = torch.empty(min(step, n), self.in_features, dtype=dtype) if x.device.type == "cpu" else None
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            w = self._dequantize(r0, r1, dtype, None if scratch is None else scratch[: r1 - r0])
+            torch.matmul(x, w.to(x.device).T, out=y[:, r0:r1])
+        return y
+
+    def _dequantize(self, r0: int, r1: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fmt in KERNEL_LAYOUTS:  # (made only where the library loaded; r0 a multiple of 8)
+            groups = self.packed[r0 // 8 : -(-r1 // 8)]
+            if dtype in (torch.float32, torch.bfloat16):
+                return kernels.dequantize_rows(self.fmt, groups, self.in_features, dtype, out, rows=r1 - r0)
+            return kernels.dequantize_rows(self.fmt, groups, self.in_features, torch.float32, rows=r1 - r0).to(dtype)
+        rows = self.packed[r0:r1]
+        if rows.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and kernels.available():
+            return kernels.dequantize_rows(self.fmt, rows, self.in_features, dtype, out)
+        import gguf
+        from gguf.quants import dequantize
+
+        values = dequantize(rows.cpu().numpy(), gguf.GGMLQuantizationType[self.fmt])
+        return torch.from_numpy(values).to(device=rows.device, dtype=dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 [out_features, in_features]."""
+        return self._dequantize(0, self.out_features, torch.float32)
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.packed.numel()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+class BlockEmbedding(nn.Module):
+    """A token embedding kept as a GGUF tensor's blocks (uint8 [vocab, bytes per row] in
+    `packed`): a token's row is dequantized when it is looked up, to `dtype`. A float32
+    copy of a 7B embedding would take 0.5 GB, an eighth of a Q4_K_M file; as blocks it takes
+    its share of the file. A tied output head multiplies the same blocks (`as_linear`)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: str, packed: torch.Tensor,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.rows = BlockLinear(embedding_dim, num_embeddings, fmt, packed)
+        self.num_embeddings, self.embedding_dim, self.fmt, self.dtype = num_embeddings, embedding_dim, fmt, dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.packed.device
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids = tokens.reshape(-1).to(self.device)
+        if ((ids < 0) | (ids >= self.num_embeddings)).any():
+            raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
+        picked = BlockLinear(self.embedding_dim, ids.numel(), self.fmt, self.rows.packed[ids])
+        return picked.dequantize().to(self.dtype).view(*tokens.shape, self.embedding_dim)
+
+    def as_linear(self) -> BlockLinear:
+        """The blocks as a linear layer [vocab, hidden] (a tied head)."""
+        return self.rows
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt}"

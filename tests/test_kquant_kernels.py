@@ -1,0 +1,205 @@
+"""The kernels for llama.cpp's k-quant and legacy 4/5-bit blocks (csrc/kquant_gemv.c), read
+in the file's row order: block decoding against the gguf package's dequantization, products
+against dequantize-then-multiply in float64, the portable and SIMD paths bit for bit, and
+the compiled decode layer with a layer that mixes formats against the PyTorch layers. Q4_K
+and Q6_K run in two layouts (the file's rows, and 8 rows interleaved: Q4_Kx8, Q6_Kx8), which
+give the same bits.
+
+Blocks are random bytes (every bit pattern is a valid block) with scales set to a real
+model's magnitudes: each quant, scale and min then takes every value it can.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize
+
+from helpers import kernel_impls
+from mistol import kernels
+from mistol.block_quant import ROW_FORMATS, BlockLinear
+from mistol.model.linear import linear_many
+from mistol.quant import quantize_linear
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="mistol's C kernels are not built")
+
+# where each block holds its fp16 scales (d, and dmin / m where it has one)
+SCALE_OFFSETS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2)}
+
+
+def random_blocks(fmt: str, rows: int, k: int, seed: int = 0, scale: float = 1e-3) -> torch.Tensor:
+    """uint8 [rows, bytes per row]: random quants, fp16 scales in [scale, 4 * scale)."""
+    rng = np.random.default_rng(seed)
+    block, nbytes = ROW_FORMATS[fmt]
+    raw = rng.integers(0, 256, size=(rows, k // block, nbytes), dtype=np.uint8)
+    for off in SCALE_OFFSETS[fmt]:
+        d = rng.uniform(scale, 4 * scale, size=(rows, k // block)).astype(np.float16)
+        raw[:, :, off : off + 2] = d.view(np.uint8).reshape(rows, k // block, 2)
+    return torch.from_numpy(raw.reshape(rows, -1))
+
+
+def reference_weight(fmt: str, blocks: torch.Tensor) -> torch.Tensor:
+    """The gguf package's dequantization (not ours), in float64."""
+    return torch.from_numpy(dequantize(blocks.numpy(), gguf.GGMLQuantizationType[fmt]).astype(np.float64))
+
+
+def activation_error_bound(w: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor:
+    """The largest |x W^T - x' W^T| for x' = x rounded to int8 per `block` inputs with scale
+    max|x| / 127: each input moves by at most half a step, max|x of its block| / 254, so row n
+    is off by at most sum_b (its step / 2) * sum_{j in b} |w_nj|; plus float32 rounding of
+    the per-block sums, 1e-5 of sum |w x|."""
+    m, k = x.shape
+    half_step = x.abs().reshape(m, k // block, block).amax(-1) / 254  # [M, blocks]
+    w_abs = w.abs().reshape(w.shape[0], k // block, block).sum(-1)  # [N, blocks]
+    return 1.0001 * half_step @ w_abs.T + 1e-5 * x.abs() @ w.abs().T
+
+
+@pytest.mark.parametrize("fmt", ROW_FORMATS)
+def test_block_decoding_matches_the_gguf_package(fmt):
+    blocks = random_blocks(fmt, 24, 512)
+    ref = reference_weight(fmt, blocks)
+    ours = kernels.dequantize_rows(fmt, blocks, 512, torch.float32)
+    assert torch.equal(ours.double(), ref)  # the same float32 operations, in order
+    assert torch.equal(kernels.dequantize_rows(fmt, blocks, 512, torch.bfloat16), ours.to(torch.bfloat16))
+    assert torch.equal(BlockLinear(512, 24, fmt, blocks).dequantize(), ours)
+
+
+def make_layer(fmt: str, k: int, n: int, blocks: torch.Tensor) -> BlockLinear:
+    """The layer of `blocks` in the layout `fmt` names (a GGUF type, or "Q4_Kx8")."""
+    if fmt.endswith("x8"):
+        made = BlockLinear.for_kernels(k, n, file_type(fmt), blocks)
+        assert made.fmt == fmt
+        return made
+    return BlockLinear(k, n, fmt, blocks)
+
+
+LAYOUTS = [*ROW_FORMATS, "Q4_Kx8", "Q6_Kx8"]
+
+
+def file_type(fmt: str) -> str:
+    return fmt.removesuffix("x8")
+
+
+@pytest.mark.parametrize("impl", kernel_impls())
+@pytest.mark.parametrize("fmt", LAYOUTS)
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_products_match_dequantize_then_multiply_in_float64(fmt, impl, rows):
+    """Within the bound that int8 activations allow (per 256 inputs for the k-quants, per 32
+    for the legacy types), and not trivially: the error is a visible part of that bound."""
+    n, k = 37, 768  # rows not a multiple of the 8-row units the threads share
+    blocks = random_blocks(file_type(fmt), n, k, seed=rows)
+    w = reference_weight(file_type(fmt), blocks)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    with kernels.use(impl):
+        y = make_layer(fmt, k, n, blocks)(x)
+    ref = x.double() @ w.T
+    bound = activation_error_bound(w, x.double(), ROW_FORMATS[file_type(fmt)][0])
+    err = (y.double() - ref).abs()
+    assert (err <= bound).all(), (err / bound).max()
+    assert (err / bound).max() > 0.01
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS)
+def test_portable_and_simd_kernels_give_the_same_bits(fmt):
+    """Exact integer sums per block, then the same float operations in the same order."""
+    impls = [i for i in kernel_impls() if i != "scalar"]
+    if not impls:
+        pytest.skip("this CPU runs only the portable kernels")
+    blocks = random_blocks(file_type(fmt), 64, 2048, seed=3)
+    x = torch.randn(5, 2048, generator=torch.Generator().manual_seed(3)) * 3
+    made = make_layer(fmt, 2048, 64, blocks)
+    with kernels.use("scalar"):
+        ref = made(x)
+    for impl in impls:
+        with kernels.use(impl):
+            assert torch.equal(made(x), ref), impl
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K"])
+def test_repacked_layouts_give_the_bits_of_the_files_rows(fmt):
+    """Q4_Kx8 / Q6_Kx8 (8 rows interleaved) against the file's rows: same sums, same float
+    steps per row, so the same bits; and the same decoded values."""
+    n, k = 45, 1024
+    blocks = random_blocks(fmt, n, k, seed=4)
+    rows, x8 = BlockLinear(k, n, fmt, blocks), make_layer(fmt + "x8", k, n, blocks)
+    assert torch.equal(x8.dequantize(), rows.dequantize())
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(4))
+    for impl in kernel_impls():
+        with kernels.use(impl):
+            assert torch.equal(x8(x), rows(x)), impl
+
+
+def test_one_call_multiplies_matrices_of_mixed_formats():
+    """q/k/v of a Q4_K_M layer (Q4_K, Q4_K, Q6_K) with an int8 one: one kernel call, and
+    each matrix's outputs within its own bound."""
+    k = 512
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(5))
+    layers = [BlockLinear(k, 24, "Q4_K", random_blocks("Q4_K", 24, k, 1)),
+              BlockLinear(k, 16, "Q6_K", random_blocks("Q6_K", 16, k, 2)),
+              BlockLinear(k, 8, "Q5_0", random_blocks("Q5_0", 8, k, 3)),
+              quantize_linear(torch.randn(16, k) * 0.02, "int8")]
+    y = linear_many(x, layers)
+    col = 0
+    for layer in layers:
+        n = layer.out_features
+        if isinstance(layer, BlockLinear):
+            w = reference_weight(layer.fmt, layer.packed)
+            bound = activation_error_bound(w, x.double(), ROW_FORMATS[layer.fmt][0])
+            assert ((y[:, col : col + n].double() - x.double() @ w.T).abs() <= bound).all(), layer.fmt
+        else:
+            assert torch.equal(y[:, col : col + n], layer(x))
+        col += n
+
+
+def test_prefill_path_multiplies_dequantized_slabs(monkeypatch):
+    """Many rows take the dequantized matmul (bf16 on CPUs with bf16 dot products): with
+    float32 the result is dequantize-then-multiply to float32 rounding."""
+    from mistol.model import backend
+
+    monkeypatch.setattr(backend, "quantized_route", lambda rows, device, fmt: backend.DEQUANTIZED)
+    blocks = random_blocks("Q4_K", 40, 512)
+    w = reference_weight("Q4_K", blocks)
+    x = torch.randn(200, 512, generator=torch.Generator().manual_seed(7))
+    y = BlockLinear(512, 40, "Q4_K", blocks)(x)
+    assert torch.allclose(y.double(), x.double() @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shapes_are_refused_in_one_line():
+    from mistol.errors import MistolError
+
+    with pytest.raises(MistolError, match="multiple of 256"):
+        BlockLinear(320, 4, "Q4_K", torch.zeros(4, 180, dtype=torch.uint8))
+    with pytest.raises(MistolError, match=r"expected uint8 \[4, 144\]"):
+        BlockLinear(256, 4, "Q4_K", torch.zeros(4, 143, dtype=torch.uint8))
+
+
+def test_compiled_decode_layer_takes_a_layer_of_mixed_formats(monkeypatch):
+    """As a Q4_K_M file loads: q/k/o/gate/up Q4_K, v and down Q6_K (one of each repacked) in
+    every other layer, one int8; the compiled decode layer against the PyTorch layers, 20 steps."""
+    from test_cpu_decode import assert_agree, config, teacher_forced_logits
+
+    from mistol.bench.models import mistol_model
+
+    m = mistol_model(config(hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=512), "int8", seed=0)
+    seed = 10
+    for i, block in enumerate(m.layers):
+        for parent, name in (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+                             ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")):
+            old = getattr(getattr(block, parent), name)
+            fmt = "Q6_K" if name in ("v_proj", "down_proj") and i % 2 == 0 else "Q4_K"
+            if (i, name) == (1, "up_proj"):
+                continue  # stays int8
+            seed += 1
+            blocks = random_blocks(fmt, old.out_features, old.in_features, seed, scale=2e-4)
+            layout = fmt + "x8" if (i, name) in ((0, "q_proj"), (0, "down_proj")) else fmt
+            made = make_layer(layout, old.in_features, old.out_features, blocks)
+            setattr(getattr(block, parent), name, made)
+    from mistol.model import cpu_decode
+
+    assert cpu_decode.CpuDecoder.of(m) is not None
+    tokens = torch.randint(3, 512, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours = teacher_forced_logits(m, tokens, 32, True, monkeypatch)
+    ref = teacher_forced_logits(m, tokens, 32, False, monkeypatch)
+    assert_agree(ours, ref)
