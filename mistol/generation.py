@@ -17,6 +17,13 @@ class Generation:
     finish_reason: str | None = None  # "stop" (stop token/string), "length" or "cancelled"
     time_to_first_token: float | None = None
     decode_seconds: float = 0.0
+    draft_tokens: int = 0  # guesses verified by speculative decoding (mistol/speculative.py)
+    accepted_tokens: int = 0  # of those, kept
+
+    @property
+    def acceptance(self) -> float:
+        """The share of speculative guesses kept (0 when none were made)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def tokens_per_second(self) -> float:

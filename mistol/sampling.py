@@ -66,14 +66,29 @@ def sample_next(
     repetition penalty)."""
     import torch
 
+    logits = penalized(logits, params, context)
+    if params.greedy:
+        return int(logits.argmax())
+    return int(torch.multinomial(sampling_weights(logits, params), 1, generator=generator))
+
+
+def penalized(logits: torch.Tensor, params: SamplingParams, context: torch.Tensor | None = None) -> torch.Tensor:
+    """`logits` with the repetition penalty applied to the tokens of `context` (a copy, if any changed)."""
+    import torch
+
     if params.repetition_penalty != 1.0 and context is not None and context.numel():
         logits = logits.clone()
         seen = context.unique()
         scores = logits[seen]
         p = params.repetition_penalty
         logits[seen] = torch.where(scores < 0, scores * p, scores / p)
-    if params.greedy:
-        return int(logits.argmax())
+    return logits
+
+
+def sampling_weights(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The unnormalized probabilities a non-greedy `sample_next` draws from, given the
+    (already penalized) logits: temperature, then top-k, top-p and min-p."""
+    import torch
 
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.numel():
@@ -87,4 +102,4 @@ def sample_next(
         probs[order[drop]] = 0.0
     if params.min_p > 0.0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return probs
