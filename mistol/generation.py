@@ -29,3 +29,12 @@ class Generation:
     def tokens_per_second(self) -> float:
         n = self.completion_tokens - 1
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+def speculation_note(result) -> str:
+    """", 62% of 120 guesses kept" for a reply (a `Generation`, or anything with `draft_tokens`
+    and `accepted_tokens`) that speculated; "" otherwise."""
+    guessed = getattr(result, "draft_tokens", 0)
+    if not guessed:
+        return ""
+    return f", {100 * result.accepted_tokens / guessed:.0f}% of {guessed} guesses kept"

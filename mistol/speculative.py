@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -54,10 +54,25 @@ class Proposal:
     probs: list[torch.Tensor] | None = None  # the proposal distribution q of each token; None: point masses
 
 
+class Proposer(Protocol):
+    """Where guesses come from. It sees the context as it grows (`extend`, kept tokens only)."""
+
+    source: str | None  # set when every proposal has one source (then k is decided before proposing)
+
+    def extend(self, tokens: Sequence[int]) -> None: ...
+
+    def propose(self, k: int, params: SamplingParams, generator: torch.Generator) -> Proposal | None:
+        """Up to k tokens to follow the context, or None."""
+
+    def close(self) -> None: ...
+
+
 class PromptLookup:
     """Guesses copied from the context: what followed the most recent earlier occurrence of
     the last n tokens (n = 3, 2, 1). An index of n-grams, updated as tokens are appended,
     keeps each proposal O(k)."""
+
+    source = None  # the proposal says which (n decides how good a guess is)
 
     def __init__(self, context: Sequence[int]):
         self.tokens: list[int] = []
@@ -86,6 +101,8 @@ class PromptLookup:
 class DraftModel:
     """Guesses from a smaller model of the same vocabulary, decoded k tokens ahead in a
     session of its own (its cache follows the accepted text, rolled back like the target's)."""
+
+    source = "draft"
 
     def __init__(self, draft: Engine, context: Sequence[int], max_context: int):
         self.session = draft.new_session(max_context=max_context)
@@ -137,7 +154,7 @@ class Speculation:
     max_depth: int = MAX_DEPTH
     adaptive: bool = True  # False: always propose max_depth guesses (for tests and measurements)
 
-    def proposer(self, session: Session) -> PromptLookup | DraftModel:
+    def proposer(self, session: Session) -> Proposer:
         if self.draft is not None:
             return DraftModel(self.draft, session.tokens, session.max_context)
         return PromptLookup(session.tokens)
@@ -249,10 +266,14 @@ class Speculator:
         guesses and the token that follows them."""
         policy, stats = self.policy, self.stats
         proposer.extend([pending])
+        start = time.perf_counter()  # a draft model's guesses cost time too: count them with the rows
+        limit = min(limit, policy.max_depth)
+        if proposer.source is not None:  # guesses that cost time to make: decide how many first
+            limit = policy.depth(proposer.source, limit)
         proposal = proposer.propose(limit, params, generator) if limit > 0 else None
         k = policy.depth(proposal.source, len(proposal.tokens)) if proposal else 0
-        start = time.perf_counter()
         if k == 0:
+            start = time.perf_counter()
             rows = session.step(pending)[None]
             policy.timed_step(time.perf_counter() - start)
             stats.steps += 1

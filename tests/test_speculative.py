@@ -155,6 +155,8 @@ def test_grammar_switches_speculation_off(mistral_dir):
 class FixedGuesses:
     """Proposes the same tokens at every step: point masses, right some of the time."""
 
+    source = None
+
     def __init__(self, tokens):
         self.tokens = tokens
 
