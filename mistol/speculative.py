@@ -260,30 +260,20 @@ class Speculator:
             session.truncate(base + max(emitted - 1, 0))
             proposer.close()
 
-    def _advance(self, session: Session, proposer, pending: int, params: SamplingParams, generator,
+    def _advance(self, session: Session, proposer: Proposer, pending: int, params: SamplingParams, generator,
                  limit: int) -> tuple[list[int], int]:
         """Run `pending`, with up to `limit` guesses after it when they pay. Returns the kept
         guesses and the token that follows them."""
-        policy, stats = self.policy, self.stats
         proposer.extend([pending])
-        start = time.perf_counter()  # a draft model's guesses cost time too: count them with the rows
-        limit = min(limit, policy.max_depth)
-        if proposer.source is not None:  # guesses that cost time to make: decide how many first
-            limit = policy.depth(proposer.source, limit)
-        proposal = proposer.propose(limit, params, generator) if limit > 0 else None
-        k = policy.depth(proposal.source, len(proposal.tokens)) if proposal else 0
-        if k == 0:
+        verified = self.verify(session, proposer, pending, params, generator, limit)
+        if verified is None:
             start = time.perf_counter()
-            rows = session.step(pending)[None]
-            policy.timed_step(time.perf_counter() - start)
-            stats.steps += 1
-            guesses = []
+            rows = session.step(pending)[None].float().cpu()
+            self.timed_step(time.perf_counter() - start)
+            proposal, guesses = None, []
         else:
-            guesses = proposal.tokens[:k]
-            rows = session.verify([pending, *guesses])
-            policy.timed_verify(time.perf_counter() - start, k + 1)
-            stats.verifies += 1
-        rows = rows.float().cpu()
+            proposal, rows = verified
+            guesses = proposal.tokens
         base = len(session.tokens) - len(guesses)  # tokens up to and including `pending`
         penalty = params.repetition_penalty
         kept: list[int] = []
@@ -295,16 +285,46 @@ class Speculator:
                 following = instead
                 break
             kept.append(guess)
-        if guesses:
-            stats.proposed += len(guesses)
-            stats.accepted += len(kept)
-            policy.observe(proposal.source, len(guesses), len(kept))
-            session.truncate(base + len(kept))
-            session.keep_logits(rows[len(kept)])
+        if proposal is not None:
+            self.settle(session, proposal, len(kept), rows)
         proposer.extend(kept)
         if following is None:  # every guess kept (or none made): the next token from the last row
             following = _sample(rows[len(kept)], params, generator, session.tokens, penalty)
         return kept, following
+
+    def verify(self, session: Session, proposer: Proposer, pending: int, params: SamplingParams, generator,
+               limit: int) -> tuple[Proposal, torch.Tensor] | None:
+        """Guess up to `limit` tokens after `pending` (the proposer's context ends with it) and
+        run them all in one pass: the proposal (its tokens cut to those run) and the float32
+        logits after each of its k + 1 tokens, on the CPU. None, with nothing run, when no
+        guess pays now: take a plain step (and time it with `timed_step`). Then `settle`."""
+        policy = self.policy
+        start = time.perf_counter()  # a draft model's guesses cost time too: count them with the rows
+        limit = min(limit, policy.max_depth)
+        if proposer.source is not None:  # guesses that cost time to make: decide how many first
+            limit = policy.depth(proposer.source, limit)
+        proposal = proposer.propose(limit, params, generator) if limit > 0 else None
+        k = policy.depth(proposal.source, len(proposal.tokens)) if proposal else 0
+        if k == 0:
+            return None
+        proposal.tokens = proposal.tokens[:k]
+        rows = session.verify([pending, *proposal.tokens]).float().cpu()
+        policy.timed_verify(time.perf_counter() - start, k + 1)
+        self.stats.verifies += 1
+        return proposal, rows
+
+    def settle(self, session: Session, proposal: Proposal, kept: int, rows: torch.Tensor) -> None:
+        """After `verify`: the first `kept` guesses stood. Roll the session back past the others."""
+        self.stats.proposed += len(proposal.tokens)
+        self.stats.accepted += kept
+        self.policy.observe(proposal.source, len(proposal.tokens), kept)
+        session.truncate(len(session.tokens) - len(proposal.tokens) + kept)
+        session.keep_logits(rows[kept])
+
+    def timed_step(self, seconds: float) -> None:
+        """A plain one-token step took `seconds`: what the cost of a verify pass is weighed against."""
+        self.policy.timed_step(seconds)
+        self.stats.steps += 1
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator, context: Sequence[int], penalty: float) -> int:

@@ -9,6 +9,8 @@ plain softmax/top-k arithmetic (a chi-square test).
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -246,3 +248,44 @@ def test_depth_policy_stops_guessing_when_guesses_fail_and_probes_again():
     for _ in range(30):
         policy.observe("lookup2", 8, 3)
     assert 0 < policy.depth("lookup2", 16) < 8
+
+
+def test_server_request_alone_speculates_with_the_plain_output(mistral_dir):
+    """A request alone in the scheduler's batch verifies guesses (here the model drafting for
+    itself: every guess right), with logprobs and a stop token; the text, ids and logprobs
+    are those of the same request decoded one token per step."""
+    from mistol.server.scheduler import Job, Scheduler
+
+    engine = Engine.load(mistral_dir, dtype="f32")
+    prompt = engine.tokenizer.encode("One two three, one two three, one two", add_bos=True)
+    free = plain(engine, prompt, SamplingParams(temperature=0, max_tokens=30))
+    results = {}
+    for name, speculation in [("plain", None), ("draft", Speculation(draft=engine, adaptive=False, max_depth=6))]:
+        engine.speculation = speculation
+        sched = Scheduler(engine, max_batch=2, max_context=256)
+        outputs = []
+        done = threading.Event()
+
+        def collect(output, outputs=outputs, done=done):
+            outputs.append(output)
+            if output.finish_reason is not None:
+                done.set()
+
+        params = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[free[20]])
+        sched.start()
+        try:
+            sched.submit(Job(prompt, params, collect, logprobs=2))
+            assert done.wait(60)
+        finally:
+            sched.stop()
+        results[name] = outputs
+        if speculation is not None:
+            stats = sched.pool.sessions[0].speculator.stats
+            assert stats.verifies > 0 and stats.accepted == stats.proposed
+    plain_out, spec_out = results["plain"], results["draft"]
+    assert spec_out[-1].token_ids == plain_out[-1].token_ids == free[:21]
+    assert "".join(o.text for o in spec_out) == "".join(o.text for o in plain_out)
+    def logprobs(outputs):
+        return [(lp.token, round(lp.logprob, 3), [t for t, _ in lp.top]) for o in outputs for lp in o.logprobs]
+
+    assert logprobs(spec_out) == logprobs(plain_out) and len(logprobs(plain_out)) == 20
