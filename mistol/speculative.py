@@ -257,7 +257,7 @@ class Speculator:
                 queue = [*kept, following]
         finally:
             # the contract of `Session.generate`: the cache holds all but the last token yielded
-            session.truncate(base + max(emitted - 1, 0))
+            _roll_back(session, base + max(emitted - 1, 0))
             proposer.close()
 
     def _advance(self, session: Session, proposer: Proposer, pending: int, params: SamplingParams, generator,
@@ -318,13 +318,22 @@ class Speculator:
         self.stats.proposed += len(proposal.tokens)
         self.stats.accepted += kept
         self.policy.observe(proposal.source, len(proposal.tokens), kept)
-        session.truncate(len(session.tokens) - len(proposal.tokens) + kept)
+        _roll_back(session, len(session.tokens) - len(proposal.tokens) + kept)
         session.keep_logits(rows[kept])
 
     def timed_step(self, seconds: float) -> None:
         """A plain one-token step took `seconds`: what the cost of a verify pass is weighed against."""
         self.policy.timed_step(seconds)
         self.stats.steps += 1
+
+
+def _roll_back(session: Session, length: int) -> None:
+    """Truncate to `length` tokens, uncounting the dropped ones from `tokens_processed`: it
+    counts the work a conversation's text took, the same with or without speculation (a
+    rolled-back guess is the price of a pass, counted in its time)."""
+    dropped = max(0, len(session.tokens) - length)
+    session.truncate(length)
+    session.tokens_processed -= dropped
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator, context: Sequence[int], penalty: float) -> int:
