@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 MAX_DEPTH = 16  # most guesses verified in one pass
 NGRAM_MAX = 3  # prompt lookup matches the last 3, 2, then 1 tokens
-ROW_COST_PRIOR = 0.05  # an extra row's cost (fraction of a one-token step) until one is timed
+ROW_COST_PRIOR = 0.25  # an extra row's cost (fraction of a one-token step) until one is timed: modest first passes
 
 
 @dataclass

@@ -44,20 +44,23 @@ def verify_cost(shape: str, fmt: str, max_rows: int, repeats: int) -> list[tuple
     ids = random.Random(0).choices(range(100, 30000), k=CONTEXT + max_rows)
     session.feed(ids[:CONTEXT])
 
-    def timed(run) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-            session.truncate(CONTEXT)
-        return statistics.median(times)
+    def once(rows: int) -> float:
+        start = time.perf_counter()
+        if rows == 0:
+            session.step(ids[CONTEXT])
+        else:
+            session.verify(ids[CONTEXT : CONTEXT + rows])
+        seconds = time.perf_counter() - start
+        session.truncate(CONTEXT)
+        return seconds
 
-    timed(lambda: session.verify(ids[CONTEXT : CONTEXT + 4]))  # warm up both paths
-    timed(lambda: session.step(ids[CONTEXT]))
-    curve = [(0, timed(lambda: session.step(ids[CONTEXT])))]
-    for rows in range(1, max_rows + 1):
-        curve.append((rows, timed(lambda: session.verify(ids[CONTEXT : CONTEXT + rows]))))
+    once(4), once(0)  # warm up both paths
+    # rounds over every size, so that a phase of the machine's load touches them all alike
+    times: dict[int, list[float]] = {rows: [] for rows in range(max_rows + 1)}
+    for _ in range(repeats):
+        for rows in times:
+            times[rows].append(once(rows))
+    curve = [(rows, statistics.median(t)) for rows, t in times.items()]
     del engine, session
     return curve
 
