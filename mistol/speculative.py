@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 MAX_DEPTH = 16  # most guesses verified in one pass
 NGRAM_MAX = 3  # prompt lookup matches the last 3, 2, then 1 tokens
+# A guess's chance of being right before any was tried, by source: a 1-token match
+# often just meets a common token again.
+PRIORS = {"lookup3": 2 / 3, "lookup2": 1 / 2, "lookup1": 1 / 4}
+MARGIN = 0.05  # speculate only where the model of the costs expects 5% more tokens per second
 ROW_COST_PRIOR = 0.25  # an extra row's cost (fraction of a one-token step) until one is timed: modest first passes
 
 
@@ -188,7 +192,8 @@ class DepthPolicy:
 
     def acceptance(self, source: str) -> float:
         kept, tried = self.counts.get(source, (0.0, 0.0))
-        return (kept + 1.0) / (tried + 1.5)  # a prior of 2 in 3 until there is evidence
+        prior = PRIORS.get(source, 2 / 3)  # worth 1.5 guesses of evidence
+        return (kept + 1.5 * prior) / (tried + 1.5)
 
     def depth(self, source: str, available: int) -> int:
         """Guesses to verify out of `available` (0 = take a plain step)."""
@@ -197,7 +202,7 @@ class DepthPolicy:
         if available <= 0 or self.step_seconds is None:
             return 0  # the first step is timed plainly: the cost model needs it
         a = min(self.acceptance(source), 0.99)
-        best, best_rate = 0, 1.0
+        best, best_rate = 0, 1.0 + MARGIN
         expected = 1.0
         for k in range(1, min(available, self.max_depth) + 1):
             expected += a**k  # tokens a pass of k guesses yields on average
@@ -233,6 +238,7 @@ class Speculator:
         self.speculation = speculation
         self.policy = DepthPolicy(speculation.max_depth, speculation.adaptive)
         self.stats = SpeculationStats()
+        self._pass_start = 0.0
 
     def generate(self, session: Session, logits: torch.Tensor, params: SamplingParams,
                  generator: torch.Generator) -> Iterator[int]:
@@ -309,12 +315,13 @@ class Speculator:
             return None
         proposal.tokens = proposal.tokens[:k]
         rows = session.verify([pending, *proposal.tokens]).float().cpu()
-        policy.timed_verify(time.perf_counter() - start, k + 1)
+        self._pass_start = start  # timed until `settle`: checking and rolling back cost too
         self.stats.verifies += 1
         return proposal, rows
 
     def settle(self, session: Session, proposal: Proposal, kept: int, rows: torch.Tensor) -> None:
         """After `verify`: the first `kept` guesses stood. Roll the session back past the others."""
+        self.policy.timed_verify(time.perf_counter() - self._pass_start, len(proposal.tokens) + 1)
         self.stats.proposed += len(proposal.tokens)
         self.stats.accepted += kept
         self.policy.observe(proposal.source, len(proposal.tokens), kept)

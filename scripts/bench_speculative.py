@@ -20,13 +20,16 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
 from mistol.demo_problems import make_problem
 from mistol.engine import Engine
-from mistol.generation import Generation
+from mistol.llm import LocalLLM
+from mistol.sandbox.code_turn import CODE_SYSTEM_PROMPT, code_turn
 from mistol.sampling import SamplingParams
 from mistol.speculative import Speculation
 
@@ -104,49 +107,51 @@ CODE_TO_EDIT = '''def summarize(values):
 '''
 
 
-def chat_prompt(tokenizer, question: str) -> list[int]:
-    text = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-    return tokenizer.encode(text, add_bos=True, parse_special=True)
-
-
-def workloads(tokenizer, questions: int) -> dict[str, list[list[int]]]:
+def workloads(questions: int) -> dict[str, list[str]]:
     rng = random.Random(2024)
-    arithmetic = [chat_prompt(tokenizer, make_problem(rng).question) for _ in range(questions)]
-    edit = chat_prompt(tokenizer, "Rewrite this code with one change: skip negative values too.\n\n```python\n"
-                       + CODE_TO_EDIT + "```")
+    arithmetic = [make_problem(rng).question for _ in range(questions)]
+    edit = "Rewrite this code with one change: skip negative values too.\n\n```python\n" + CODE_TO_EDIT + "```"
     return {"arithmetic": arithmetic, "code edit": [edit]}
 
 
-def run_replies(engine: Engine, prompts: list[list[int]], speculation, max_tokens: int):
+def run_code(block) -> str:
+    done = subprocess.run([sys.executable, "-c", block.code], capture_output=True, text=True, timeout=30)
+    return done.stdout + done.stderr
+
+
+def run_replies(engine: Engine, questions: list[str], speculation, max_tokens: int):
+    """Each question as a chat turn of its own (code blocks run, their output shown to the
+    model, as `mistol chat --yes` does), on one session, as a chat's turns share one."""
     engine.speculation = speculation
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, stop_token_ids=[engine.config.eos_token_id])
+    llm = LocalLLM(engine)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
     outputs, tokens, seconds, guessed, kept = [], 0, 0.0, 0, 0
-    for prompt in prompts:
-        session = engine.new_session()
-        session.feed(prompt)  # the prompt runs before the clock starts: decoding is compared
-        result = Generation()
-        start = time.perf_counter()
-        text = "".join(session.stream(prompt, params, result))
-        seconds += time.perf_counter() - start
-        tokens += result.completion_tokens
-        guessed, kept = guessed + result.draft_tokens, kept + result.accepted_tokens
-        outputs.append(text)
+    for question in questions:
+        messages = [{"role": "system", "content": CODE_SYSTEM_PROMPT}, {"role": "user", "content": question},
+                    {"role": "assistant", "content": ""}]
+        turn = code_turn(llm, messages, params, run_code)
+        tokens, seconds = tokens + turn.completion_tokens, seconds + turn.decode_seconds
+        guessed, kept = guessed + turn.draft_tokens, kept + turn.accepted_tokens
+        outputs.append(messages[-1]["content"])
     return outputs, tokens / seconds, (kept / guessed if guessed else 0.0), tokens
 
 
-def bench_replies(questions: int, max_tokens: int) -> None:
+def bench_replies(questions: int, max_tokens: int, show: bool) -> None:
     engine = Engine.load("demo")
-    print(f"\nreplies of the demo model (greedy, {engine.config.num_layers} layers x {engine.config.hidden_size}):")
+    print(f"\nreplies of the demo model (greedy, {engine.config.num_layers} layers x {engine.config.hidden_size}; "
+          "decode tok/s, the prompts' prefill not counted):")
     print(f"{'workload':<12} {'mode':<22} {'tok/s':>7} {'x plain':>8} {'kept':>6} {'tokens':>7}")
     modes = [("plain", None), ("lookup, adaptive", Speculation()),
              ("lookup, depth 8", Speculation(adaptive=False, max_depth=8))]
-    for name, prompts in workloads(engine.tokenizer, questions).items():
+    for name, prompts in workloads(questions).items():
         run_replies(engine, prompts[:2], None, 16)  # warm up
         reference = None
         for mode, speculation in modes:
             outputs, rate, acceptance, tokens = run_replies(engine, prompts, speculation, max_tokens)
             if reference is None:
                 reference, plain_rate = outputs, rate
+                if show:
+                    print("\n---\n".join(outputs))
             assert outputs == reference, f"{mode}: the replies differ from plain decoding"
             print(f"{name:<12} {mode:<22} {rate:>7.1f} {rate / plain_rate:>8.2f} {acceptance:>6.0%} {tokens:>7}")
     engine.speculation = Speculation()
@@ -163,12 +168,13 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--skip-replies", action="store_true")
+    p.add_argument("--show", action="store_true", help="print the replies")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"threads: {torch.get_num_threads()}")
     if not args.skip_replies:
-        bench_replies(args.questions, args.max_tokens)
+        bench_replies(args.questions, args.max_tokens, args.show)
     if not args.skip_cost:
         for fmt in args.formats.split(","):
             curve = verify_cost(args.shape, fmt, args.max_rows, args.repeats)
