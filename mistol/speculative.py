@@ -184,7 +184,7 @@ class DepthPolicy:
     max_depth: int = MAX_DEPTH
     adaptive: bool = True
     decay: float = 0.9  # weight of the past per verify pass
-    probe_every: int = 32  # plain steps between one-guess probes once speculation stopped paying
+    probe_every: int = 32  # least plain steps between one-guess probes once speculation stopped paying
     step_seconds: float | None = None  # a one-token step, decaying average
     row_cost: float | None = None  # an extra row's time as a fraction of a step, decaying average
     counts: dict[str, list[float]] = field(default_factory=dict)  # source -> [kept, tried]
@@ -202,16 +202,18 @@ class DepthPolicy:
         if available <= 0 or self.step_seconds is None:
             return 0  # the first step is timed plainly: the cost model needs it
         a = min(self.acceptance(source), 0.99)
+        cost = ROW_COST_PRIOR if self.row_cost is None else self.row_cost
         best, best_rate = 0, 1.0 + MARGIN
         expected = 1.0
         for k in range(1, min(available, self.max_depth) + 1):
             expected += a**k  # tokens a pass of k guesses yields on average
-            rate = expected / (1.0 + (ROW_COST_PRIOR if self.row_cost is None else self.row_cost) * k)
+            rate = expected / (1.0 + cost * k)
             if rate > best_rate:
                 best, best_rate = k, rate
         if best == 0:
             self.idle_steps += 1
-            if self.idle_steps >= self.probe_every:
+            # a probe costs `cost` steps: spaced so that probing costs at most 1% of the time
+            if self.idle_steps >= max(self.probe_every, 100 * cost):
                 self.idle_steps = 0
                 return 1
         return best
