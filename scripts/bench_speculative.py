@@ -107,6 +107,32 @@ CODE_TO_EDIT = '''def summarize(values):
 '''
 
 
+EDITED_REPLY = "Here is the code, now skipping negative values too:\n\n```python\n" + CODE_TO_EDIT.replace(
+    "if value is None:", "if value is None or value < 0:") + "```\n"
+
+
+def simulate_lookup(tokenizer, depth: int) -> tuple[float, float]:
+    """Prompt lookup on the code edit as a model that writes EDITED_REPLY would see it (the
+    reply taken as given, token by token: no model runs): (share of guesses kept, tokens per pass)."""
+    from mistol.speculative import PromptLookup
+
+    prompt = tokenizer.encode(f"<|im_start|>user\n{workloads(0)['code edit'][0]}<|im_end|>\n<|im_start|>assistant\n",
+                              add_bos=True, parse_special=True)
+    reply = tokenizer.encode(EDITED_REPLY)
+    lookup, params = PromptLookup(prompt), SamplingParams(temperature=0)
+    i = passes = guessed = kept = 0
+    while i < len(reply):
+        lookup.extend([reply[i]])
+        proposal = lookup.propose(min(depth, len(reply) - i - 1), params, None)
+        guesses = proposal.tokens if proposal else []
+        right = 0
+        while right < len(guesses) and guesses[right] == reply[i + 1 + right]:
+            right += 1
+        lookup.extend(reply[i + 1 : i + 1 + right])
+        passes, guessed, kept, i = passes + 1, guessed + len(guesses), kept + right, i + 1 + right
+    return kept / max(guessed, 1), len(reply) / passes
+
+
 def workloads(questions: int) -> dict[str, list[str]]:
     rng = random.Random(2024)
     arithmetic = [make_problem(rng).question for _ in range(questions)]
@@ -154,6 +180,10 @@ def bench_replies(questions: int, max_tokens: int, show: bool) -> None:
                     print("\n---\n".join(outputs))
             assert outputs == reference, f"{mode}: the replies differ from plain decoding"
             print(f"{name:<12} {mode:<22} {rate:>7.1f} {rate / plain_rate:>8.2f} {acceptance:>6.0%} {tokens:>7}")
+    for depth in (4, 8, 16):
+        kept, per_pass = simulate_lookup(engine.tokenizer, depth)
+        print(f"code edit, the reply as written by a model that follows the request (simulated, no model runs): "
+              f"depth {depth}: {kept:.0%} of guesses kept, {per_pass:.2f} tokens per pass")
     engine.speculation = Speculation()
 
 
