@@ -32,15 +32,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
 from .errors import MistolError
 from .sampling import SamplingParams, penalized, sampling_weights
 
-if TYPE_CHECKING:
-    from .engine import Engine, Session
+# Sessions and engines (mistol/engine.py, which imports this module) appear here unannotated:
+# `session` is an `engine.Session`, `draft`/`target` an `engine.Engine`.
 
 MAX_DEPTH = 16  # most guesses verified in one pass
 NGRAM_MAX = 3  # prompt lookup matches the last 3, 2, then 1 tokens
@@ -108,7 +108,7 @@ class DraftModel:
 
     source = "draft"
 
-    def __init__(self, draft: Engine, context: Sequence[int], max_context: int):
+    def __init__(self, draft, context: Sequence[int], max_context: int):
         self.session = draft.new_session(max_context=max_context)
         self.tokens = [int(t) for t in context]
 
@@ -139,26 +139,33 @@ class DraftModel:
         self.session.reset()
 
 
-def check_draft(target: Engine, draft: Engine) -> None:
+def check_draft(target, draft) -> None:
     """Raise a one-line error unless `draft` shares `target`'s vocabulary."""
     if draft.config.vocab_size != target.config.vocab_size:
         raise MistolError(f"--draft {draft.name}: its vocabulary has {draft.config.vocab_size} tokens, "
                           f"{target.name}'s has {target.config.vocab_size}; a draft model needs the same tokenizer")
-    a, b = draft._tokenizer, target._tokenizer
+    a, b = _tokenizer_or_none(draft), _tokenizer_or_none(target)
     if a is not None and b is not None and a.vocab_bytes() != b.vocab_bytes():
         raise MistolError(f"--draft {draft.name}: its tokens differ from {target.name}'s; "
                           "a draft model needs the same tokenizer")
+
+
+def _tokenizer_or_none(engine):
+    try:
+        return engine.tokenizer
+    except MistolError:  # a model without a tokenizer: its vocabulary size is all we can compare
+        return None
 
 
 @dataclass
 class Speculation:
     """How an engine's sessions speculate: prompt lookup, or `draft` when given."""
 
-    draft: Engine | None = None
+    draft: object | None = None  # an `engine.Engine` of the same vocabulary; None: prompt lookup
     max_depth: int = MAX_DEPTH
     adaptive: bool = True  # False: always propose max_depth guesses (for tests and measurements)
 
-    def proposer(self, session: Session) -> Proposer:
+    def proposer(self, session) -> Proposer:
         if self.draft is not None:
             return DraftModel(self.draft, session.tokens, session.max_context)
         return PromptLookup(session.tokens)
@@ -242,7 +249,7 @@ class Speculator:
         self.stats = SpeculationStats()
         self._pass_start = 0.0
 
-    def generate(self, session: Session, logits: torch.Tensor, params: SamplingParams,
+    def generate(self, session, logits: torch.Tensor, params: SamplingParams,
                  generator: torch.Generator) -> Iterator[int]:
         """`Session.generate` after the prompt ran (`logits`: after its last token), speculating."""
         stop_ids = set(params.stop_token_ids)
@@ -268,7 +275,7 @@ class Speculator:
             _roll_back(session, base + max(emitted - 1, 0))
             proposer.close()
 
-    def _advance(self, session: Session, proposer: Proposer, pending: int, params: SamplingParams, generator,
+    def _advance(self, session, proposer: Proposer, pending: int, params: SamplingParams, generator,
                  limit: int) -> tuple[list[int], int]:
         """Run `pending`, with up to `limit` guesses after it when they pay. Returns the kept
         guesses and the token that follows them."""
@@ -300,7 +307,7 @@ class Speculator:
             following = _sample(rows[len(kept)], params, generator, session.tokens, penalty)
         return kept, following
 
-    def verify(self, session: Session, proposer: Proposer, pending: int, params: SamplingParams, generator,
+    def verify(self, session, proposer: Proposer, pending: int, params: SamplingParams, generator,
                limit: int) -> tuple[Proposal, torch.Tensor] | None:
         """Guess up to `limit` tokens after `pending` (the proposer's context ends with it) and
         run them all in one pass: the proposal (its tokens cut to those run) and the float32
@@ -321,7 +328,7 @@ class Speculator:
         self.stats.verifies += 1
         return proposal, rows
 
-    def settle(self, session: Session, proposal: Proposal, kept: int, rows: torch.Tensor) -> None:
+    def settle(self, session, proposal: Proposal, kept: int, rows: torch.Tensor) -> None:
         """After `verify`: the first `kept` guesses stood. Roll the session back past the others."""
         self.policy.timed_verify(time.perf_counter() - self._pass_start, len(proposal.tokens) + 1)
         self.stats.proposed += len(proposal.tokens)
@@ -336,7 +343,7 @@ class Speculator:
         self.stats.steps += 1
 
 
-def _roll_back(session: Session, length: int) -> None:
+def _roll_back(session, length: int) -> None:
     """Truncate to `length` tokens, uncounting the dropped ones from `tokens_processed`: it
     counts the work a conversation's text took, the same with or without speculation (a
     rolled-back guess is the price of a pass, counted in its time)."""
