@@ -289,3 +289,25 @@ def test_server_request_alone_speculates_with_the_plain_output(mistral_dir):
         return [(lp.token, round(lp.logprob, 3), [t for t, _ in lp.top]) for o in outputs for lp in o.logprobs]
 
     assert logprobs(spec_out) == logprobs(plain_out) and len(logprobs(plain_out)) == 20
+
+
+@pytest.mark.slow  # two runs of the command (~6 s each; more on a busy machine)
+def test_generate_command_with_a_draft_prints_the_plain_text_and_the_share_kept(mistral_dir, small_vocab_dir):
+    import subprocess
+    import sys
+
+    engine = Engine.load(mistral_dir, dtype="f32")
+    engine.speculation = None
+    prompt = engine.tokenizer.encode("The quick brown fox", add_bos=True)
+    params = SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[2, 32000])
+    expected = "".join(engine.new_session().stream(prompt, params))
+    command = [sys.executable, "-m", "mistol", "generate", "--model", str(mistral_dir), "--prompt", "The quick brown fox",
+               "--max-tokens", "24", "--temperature", "0", "--verbose"]
+    out = subprocess.run([*command, "--draft", str(mistral_dir)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected + "\n"
+    assert "100% of" in out.stderr and "guesses kept" in out.stderr
+    refused = subprocess.run([*command, "--draft", str(small_vocab_dir)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    (error,) = [line for line in refused.stderr.splitlines() if "error" in line]
+    assert error.startswith("mistol: error: --draft") and "vocabulary has 64 tokens" in error
