@@ -395,6 +395,11 @@ static void run_groups(group_fn fn, const uint8_t *w, int64_t bb, int64_t tb, co
             const int64_t tw = B - t0 < tb ? B - t0 : tb;
             for (int64_t b0 = t0; b0 < t0 + tw; b0 += KCHUNK) {
                 const int64_t b1 = b0 + KCHUNK < t0 + tw ? b0 + KCHUNK : t0 + tw;
+                /* The rows after the first find the chunk in L1 and miss no memory, so the
+                 * hardware prefetcher stalls while they compute: ask for the next chunk now
+                 * (at 7B, 2 rows cost 2x one row without this; memory waits on compute). */
+                const uint8_t *next = GROUP_IN_TILE(g, t0, tw) + b1 * bb;
+                for (int64_t off = 0; off < KCHUNK * bb; off += 64) __builtin_prefetch(next + off);
                 for (int64_t m = 0; m < M; m++)
                     fn(GROUP_IN_TILE(g, t0, tw), qa + m * K, da + m * B, sa + m * B, b0, b1, acc + m * IL);
             }

@@ -21,6 +21,7 @@ from .generation import Generation
 from .model import KVCache, ModelConfig, Transformer
 from .model.backend import Backend
 from .sampling import SamplingParams, sample_next
+from .speculative import Speculation, Speculator
 from .stops import StopFilter
 from .util import available_memory, common_prefix
 
@@ -45,6 +46,8 @@ class Engine:
         self.name = name
         self.backend = Backend.choose(model)
         self.kv_dtype = default_kv_dtype(model)  # what new sessions' caches hold (`KV_CACHE_DTYPES`)
+        # How sessions decode several tokens per pass (mistol/speculative.py); None: one at a time
+        self.speculation: Speculation | None = Speculation()
 
     def replan(self) -> None:
         """Choose the plan again, after the model's modules changed or it moved."""
@@ -238,6 +241,7 @@ class Session:
         self.tokens_processed = 0  # running count of tokens run through the model
         self._last_logits: torch.Tensor | None = None
         self._graphed = None  # a GraphedDecoder, made at the first decode step on a GPU
+        self._speculator: Speculator | None = None  # made at the first reply that speculates
 
     # -- feeding -------------------------------------------------------------------------
     def feed(self, tokens: Sequence[int], all_logits: bool = False) -> torch.Tensor:
@@ -280,6 +284,34 @@ class Session:
         """Append one token (a decode step): the float32 logits after it, [vocab]."""
         self.check_room()
         return self._run([int(token)], all_logits=False)
+
+    def verify(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Append `tokens` (a pending token and guesses after it) in one pass: the float32
+        logits after each, [n, vocab]. Roll back the wrong guesses with `truncate`, then
+        `keep_logits` the last kept row."""
+        if len(self.tokens) + len(tokens) > self.max_context:
+            raise MistolError(f"a session is at its context limit of {self.max_context} tokens")
+        return self._run([int(t) for t in tokens], all_logits=True)
+
+    def verify_rows(self) -> int:
+        """The most tokens `verify` should take: one chunk, so that after rolling back any of
+        them a rolling cache still holds every key of the window (see `_chunk_step`)."""
+        return self._chunk_step()
+
+    def keep_logits(self, logits: torch.Tensor) -> None:
+        """Record `logits` as those after the last token held (after a rollback)."""
+        self._last_logits = logits
+
+    @property
+    def speculator(self) -> Speculator | None:
+        """This conversation's speculative decoding (its policy and statistics), or None when
+        the engine's `speculation` is off."""
+        speculation = self.engine.speculation
+        if speculation is None:
+            return None
+        if self._speculator is None or self._speculator.speculation is not speculation:
+            self._speculator = Speculator(speculation)
+        return self._speculator
 
     def check_room(self) -> None:
         """Raise unless the cache has room for one more token."""
@@ -364,13 +396,19 @@ class Session:
     def generate(self, prompt: Sequence[int], params: SamplingParams, grammar=None) -> Iterator[int]:
         """Yield new token ids after `prompt`. The last one yielded (a stop token, say)
         is not yet in the cache; the next `feed` of the conversation adds it. `grammar`: a
-        `constraints.TokenGrammar` the reply must match; it ends once the grammar is complete."""
+        `constraints.TokenGrammar` the reply must match; it ends once the grammar is complete.
+        Without a grammar, the engine's `speculation` (if on) decodes several tokens per pass,
+        with the same output (mistol/speculative.py)."""
         prompt = list(prompt)
         self.check_fits(len(prompt), params.max_tokens)
         if params.max_tokens == 0:
             return
         logits = self.feed(prompt)
         generator = params.make_generator()
+        speculator = self.speculator if grammar is None else None
+        if speculator is not None:
+            yield from speculator.generate(self, logits, params, generator)
+            return
         stop_ids = set(params.stop_token_ids)
         for i in range(params.max_tokens):
             context = torch.tensor(self.tokens) if params.repetition_penalty != 1.0 else None
@@ -400,6 +438,8 @@ class Session:
         stops = StopFilter(params.stop)
         start = time.perf_counter()
         before = self.tokens_processed
+        speculator = self.speculator if grammar is None else None
+        spec_before = (speculator.stats.proposed, speculator.stats.accepted) if speculator else (0, 0)
         result.finish_reason = "length"
         for token in self.generate(prompt, params, grammar):
             now = time.perf_counter()
@@ -430,6 +470,9 @@ class Session:
         rest += stops.flush()
         if grammar is not None and grammar.finished:
             result.finish_reason = "stop"  # the grammar's end, not the length limit
+        if speculator is not None:
+            result.draft_tokens = speculator.stats.proposed - spec_before[0]
+            result.accepted_tokens = speculator.stats.accepted - spec_before[1]
         if rest:
             result.text += rest
             yield rest

@@ -71,16 +71,31 @@ def sample_next(
     repetition penalty)."""
     import torch
 
+    logits = penalized(logits, params, context)
+    if params.greedy:
+        return int(logits.argmax())
+    weights = sampling_weights(logits, params)
+    return int(torch.multinomial(weights.to(draw_device(weights, generator)), 1, generator=generator))
+
+
+def penalized(logits: torch.Tensor, params: SamplingParams, context: torch.Tensor | None = None) -> torch.Tensor:
+    """`logits` with the repetition penalty applied to the tokens of `context` (a copy, if any changed)."""
+    import torch
+
     if params.repetition_penalty != 1.0 and context is not None and context.numel():
         logits = logits.clone()
         seen = context.unique().to(logits.device)
         scores = logits[seen]
         p = params.repetition_penalty
         logits[seen] = torch.where(scores < 0, scores * p, scores / p)
-    if params.greedy:
-        return int(logits.argmax())
+    return logits
 
-    logits = logits.to(draw_device(logits, generator))
+
+def sampling_weights(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The unnormalized probabilities a non-greedy `sample_next` draws from, given the
+    (already penalized) logits: temperature, then top-k, top-p and min-p."""
+    import torch
+
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -93,7 +108,7 @@ def sample_next(
         probs[order[drop]] = 0.0
     if params.min_p > 0.0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return probs
 
 
 def draw_device(logits: torch.Tensor, generator: torch.Generator | None) -> torch.device:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MistolError
+from ..generation import speculation_note
 from ..sampling import SamplingParams
 from ..sandbox.code_turn import CodeRunner, CodeTurn, code_turn
 from ..sandbox.visible import visible
@@ -213,7 +214,7 @@ class ChatApp:
             ttft = f"{turn.time_to_first_token:.2f} s" if turn.time_to_first_token is not None else "-"
             self.notice(
                 f"({turn.completion_tokens} tokens, {turn.tokens_per_second:.1f} tok/s, first token {ttft}, "
-                f"{turn.prefilled_tokens} prompt tokens run)"
+                f"{turn.prefilled_tokens} prompt tokens run{speculation_note(turn)})"
             )
 
     # -- slash commands ------------------------------------------------------------------

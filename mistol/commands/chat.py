@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from . import COMMANDS
-from .options import add_api_args, add_model_args, add_sampling_args, load_engine, remote_llm, sampling_params
+from .options import (add_api_args, add_model_args, add_sampling_args, add_speculation_args, load_engine,
+                      remote_llm, sampling_params)
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -44,6 +45,7 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's; 8192 at most without a sliding window)")
     p.add_argument("--verbose", "-v", action="store_true", help="after each reply, show tokens/s and time to first token")
     add_sampling_args(p, max_tokens=1024)
+    add_speculation_args(p)
     add_api_args(p)
     p.set_defaults(run=cmd_chat)
     return p

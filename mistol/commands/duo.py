@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..generation import speculation_note
 from ..sandbox.visible import visible
 from . import COMMANDS
-from .options import add_api_args, add_model_args, add_sampling_args, load_engine, remote_llm, sampling_params
+from .options import (add_api_args, add_model_args, add_sampling_args, add_speculation_args, load_engine,
+                      remote_llm, sampling_params)
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -35,6 +37,7 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens per agent")
     p.add_argument("--verbose", "-v", action="store_true", help="show tokens/s and tokens run per turn")
     add_sampling_args(p, max_tokens=256)
+    add_speculation_args(p)
     add_api_args(p)
     p.set_defaults(run=cmd_duo)
     return p
@@ -97,7 +100,7 @@ def cmd_duo(args) -> int:
             if args.verbose and last is not None:
                 ran = speaker.llm.session.tokens_processed - processed if hasattr(speaker.llm, "session") else 0
                 print(f"({speaker.name}: {last.completion_tokens} tokens, {last.tokens_per_second:.1f} tok/s, "
-                      f"{ran} tokens run)", file=sys.stderr)
+                      f"{ran} tokens run{speculation_note(last)})", file=sys.stderr)
             if duo.finished():
                 print(f"({speaker.name} said the stop phrase)", file=sys.stderr)
                 break

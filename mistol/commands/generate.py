@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..generation import Generation, speculation_note
 from . import COMMANDS
-from .options import add_model_args, add_sampling_args, load_engine, sampling_params
+from .options import add_model_args, add_sampling_args, add_speculation_args, load_engine, sampling_params
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -18,6 +19,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--special", action="store_true",
                    help="parse special tokens such as <|im_start|> written in the prompt (default: plain text)")
     add_sampling_args(p)
+    add_speculation_args(p)
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="afterwards, show tokens/s and the share of speculative guesses kept (on stderr)")
     p.set_defaults(run=cmd_generate)
     return p
 
@@ -29,8 +33,12 @@ def cmd_generate(args) -> int:
     stop_ids = sorted({i for i in (tok.eos_id, engine.config.eos_token_id) if i is not None})
     params = sampling_params(args, stop_ids)
     session = engine.new_session()
-    for piece in session.stream(prompt, params):
+    result = Generation()
+    for piece in session.stream(prompt, params, result):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if args.verbose:
+        print(f"({result.completion_tokens} tokens, {result.tokens_per_second:.1f} tok/s"
+              f"{speculation_note(result)})", file=sys.stderr)
     return 0

@@ -19,7 +19,8 @@ from ..mathsolve.choices import DEFAULT_VOTE_TEMPERATURE, SAMPLING, STRATEGIES
 from ..mathsolve.datasets import GENERATORS
 from ..sandbox.visible import visible
 from . import COMMANDS
-from .options import add_api_args, add_model_args, add_sampling_args, load_engine, remote_llm, sampling_params
+from .options import (add_api_args, add_model_args, add_sampling_args, add_speculation_args, load_engine,
+                      remote_llm, sampling_params)
 
 DESCRIPTION = (
     "Solve a math problem, showing the reasoning, the code the model runs and the final answer; "
@@ -59,6 +60,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_sampling_args(p, max_tokens=1024)
+    add_speculation_args(p)
     add_api_args(p)
     for action in p._actions:  # math has its own defaults for these two
         if action.dest == "temperature":

@@ -54,6 +54,15 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     g.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
 
 
+def add_speculation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (same output, several tokens per forward pass)")
+    g.add_argument("--no-speculate", action="store_true",
+                   help="decode one token per pass (default: guesses copied from the context are verified "
+                   "several at a time, while they are right often enough to pay)")
+    g.add_argument("--draft", metavar="MODEL", default=None,
+                   help="guess with this smaller model of the same tokenizer instead of the context")
+
+
 def add_api_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("remote server (instead of the local engine)")
     g.add_argument("--api", metavar="URL", default=None,
@@ -109,7 +118,7 @@ def fetch_models(args) -> None:
         return
     from ..hub import resolve_model
 
-    for spec in dict.fromkeys(getattr(args, key, None) for key in ("model", "model_a", "model_b")):
+    for spec in dict.fromkeys(getattr(args, key, None) for key in ("model", "model_a", "model_b", "draft")):
         if spec:
             resolve_model(spec, confirm=download_confirmation(args))
 
@@ -148,15 +157,28 @@ def apply_threads(args) -> int:
 
 
 def load_engine(args, model: str | None = None):
-    from ..engine import Engine
-
+    """The engine of --model (or `model`), with the speculative decoding the options ask for."""
     apply_threads(args)
+    engine = _load(args, model or args.model)
+    from ..speculative import Speculation, check_draft
+
+    if getattr(args, "no_speculate", False):
+        engine.speculation = None
+    elif getattr(args, "draft", None):
+        draft = _load(args, args.draft)
+        check_draft(engine, draft)
+        engine.speculation = Speculation(draft=draft)
+    return engine
+
+
+def _load(args, model: str):
+    from ..engine import Engine
 
     if args.quant in ("int8", "int4"):  # f32 for what stays unquantized: small, and fast on CPU
         dtype = "f32" if args.device == "cpu" else "auto"
-        engine = Engine.load(model or args.model, dtype=dtype, device=args.device, quant=args.quant)
+        engine = Engine.load(model, dtype=dtype, device=args.device, quant=args.quant)
     else:
-        engine = Engine.load(model or args.model, dtype=args.quant, device=args.device)
+        engine = Engine.load(model, dtype=args.quant, device=args.device)
     kv_cache = getattr(args, "kv_cache", "auto")
     if kv_cache != "auto":
         from ..engine import KV_CACHE_DTYPES

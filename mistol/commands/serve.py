@@ -9,7 +9,7 @@ import sys
 
 from ..errors import MistolError
 from . import COMMANDS
-from .options import add_model_args, load_engine
+from .options import add_model_args, add_speculation_args, load_engine
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "Binds to 127.0.0.1 unless told otherwise.",
     )
     add_model_args(p, required=True)
+    add_speculation_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")

@@ -11,7 +11,8 @@ import sys
 
 from ..errors import MistolError
 from . import COMMANDS
-from .options import add_api_args, add_model_args, add_sampling_args, load_engine, remote_llm, sampling_params
+from .options import (add_api_args, add_model_args, add_sampling_args, add_speculation_args, load_engine,
+                      remote_llm, sampling_params)
 
 DESCRIPTION = (
     "A spoken conversation: the microphone is cut into utterances by voice activity detection "
@@ -51,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", "-v", action="store_true",
                    help="show the time from the end of speech to the transcript, first token and first audio")
     add_sampling_args(p, max_tokens=200)
+    add_speculation_args(p)
     add_api_args(p)
 
 

@@ -60,6 +60,8 @@ class CodeTurn:
     completion_tokens: int = 0
     prefilled_tokens: int = 0
     decode_seconds: float = 0.0
+    draft_tokens: int = 0  # speculative guesses verified, and kept (see mistol.speculative)
+    accepted_tokens: int = 0
     time_to_first_token: float | None = None  # of the first round
     finish_reason: str | None = None
 
@@ -120,6 +122,8 @@ def _add_round(turn: CodeTurn, generation) -> None:
     turn.completion_tokens += generation.completion_tokens
     turn.prefilled_tokens += getattr(generation, "prefilled_tokens", 0)
     turn.decode_seconds += getattr(generation, "decode_seconds", 0.0)
+    turn.draft_tokens += getattr(generation, "draft_tokens", 0)
+    turn.accepted_tokens += getattr(generation, "accepted_tokens", 0)
     turn.finish_reason = generation.finish_reason
 
 

@@ -30,6 +30,10 @@ A request with an output constraint (a JSON schema, regex or grammar; see constr
 carries its own `TokenGrammar`: its row's logits are masked before sampling and the grammar
 advances with each token, so constrained and free requests decode together in one batch.
 
+Speculative decoding (speculative.py) runs only for a request alone in the batch: several
+rows batched already share each read of the weights, and a verify pass per row would cost
+them more than it saves.
+
 Each request samples with its own `SamplingParams` and seeded generator, exactly as
 `Session.generate` does, so a greedy request gives the same tokens as `mistol generate`
 (batched rows may differ from one-row steps in the last float bits; see the tests).
@@ -41,6 +45,7 @@ import collections
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +122,8 @@ class Job:
         self._processed_before = 0
         self._counts: dict[int, int] = {}
         self._held_logprobs: list[TokenLogprob] = []
+        self.proposer = None  # where speculative guesses come from, while the job decodes alone
+        self.proposed = 0  # context tokens the proposer has seen
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -421,6 +428,12 @@ class Scheduler:
 
     def _step(self) -> None:
         jobs = list(self._active)
+        speculator = jobs[0].session.speculator if len(jobs) == 1 else None
+        if speculator is not None and jobs[0].params.repetition_penalty == 1.0:
+            verified = self._speculative_step(jobs[0], speculator)
+            if verified:
+                return
+        start = time.perf_counter()
         try:
             logits = self.engine.decode_step([j.session for j in jobs], [j.next_token for j in jobs]).cpu()
         except Exception as e:  # noqa: BLE001
@@ -428,10 +441,46 @@ class Scheduler:
             for job in jobs:
                 self._fail(job, f"decode step failed: {type(e).__name__}: {e}")
             return
+        if speculator is not None:
+            speculator.timed_step(time.perf_counter() - start)
         self.counters["steps"] += 1
         self.counters["peak_batch"] = max(self.counters["peak_batch"], len(jobs))
         for job, row in zip(jobs, logits):
             self._guarded(job, self._advance, job, row)
+
+    def _speculative_step(self, job: Job, speculator) -> bool:
+        """Alone in the batch, a request's next token runs with guesses after it (see
+        speculative.py); False when no guess pays now. Each row is sampled exactly as a
+        plain step's would be, and the pass ends at the first token sampled that is not the
+        guess, so the output and its distribution are the plain loop's."""
+        session = job.session
+        context = [*session.tokens, job.next_token]
+        if job.proposer is None:
+            job.proposer, job.proposed = speculator.speculation.proposer(session), len(session.tokens)
+        job.proposer.extend(context[job.proposed :])
+        job.proposed = len(context)
+        limit = min(session.verify_rows() - 1, job.params.max_tokens - len(job.token_ids),
+                    session.max_context - len(context))
+        try:
+            verified = speculator.verify(session, job.proposer, job.next_token, job.params, job.generator, limit)
+        except Exception as e:  # noqa: BLE001
+            self._fail(job, f"decode step failed: {type(e).__name__}: {e}")
+            return True
+        if verified is None:
+            return False
+        proposal, rows = verified
+        self.counters["steps"] += 1
+        errors, kept = self.counters["errors"], 0
+        for guess, row in zip([*proposal.tokens, None], rows):
+            self._guarded(job, self._advance, job, row)
+            if job.token_ids[-1] != guess:  # the guess fell: the rows after it are void
+                break
+            kept += 1
+            if job.session is None:  # finished
+                break
+        if self.counters["errors"] == errors:  # (a failed job's session was emptied)
+            speculator.settle(session, proposal, kept, rows)
+        return True
 
     def _advance(self, job: Job, logits: torch.Tensor) -> None:
         """Sample the job's next token from `logits`, and pass on the text it completes."""

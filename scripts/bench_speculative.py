@@ -1,0 +1,218 @@
+"""Speculative decoding, measured: what a verify pass costs, and what it gains on real replies.
+
+    .venv/bin/python scripts/bench_speculative.py [--shape 7b] [--formats int8,int4] [--max-rows 16]
+                                                  [--threads N] [--skip-cost] [--skip-replies]
+
+1. Verify cost. A random-weight model of --shape (speed does not depend on the values) holds a
+   64-token context; one forward pass over n = 1..--max-rows new positions (what verifying n-1
+   guesses costs) is timed against a plain one-token decode step, and rolled back each time.
+2. Replies. On the demo model (`--model demo`), greedy replies to fresh arithmetic questions
+   (its code blocks restate the question's numbers, its answer restates the output) and to a
+   code-editing request (a code block shown, "rewrite it with one change"): tokens/s with
+   speculation off, prompt lookup as shipped (adaptive), and prompt lookup at a fixed depth,
+   in the same run, with the share of guesses kept. The outputs must be identical.
+
+Every figure is a same-run ratio: absolute speeds on a shared machine drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from mistol.demo_problems import make_problem
+from mistol.engine import Engine
+from mistol.llm import LocalLLM
+from mistol.sandbox.code_turn import CODE_SYSTEM_PROMPT, code_turn
+from mistol.sampling import SamplingParams
+from mistol.speculative import Speculation
+
+CONTEXT = 64
+
+
+# -- 1. verify cost ------------------------------------------------------------------------------
+def verify_cost(shape: str, fmt: str, max_rows: int, repeats: int) -> list[tuple[int, float]]:
+    """[(rows, seconds)], rows 0 meaning the plain decode step (the fused one-token path)."""
+    from mistol.bench.models import mistol_model
+    from mistol.bench.shapes import model_config
+
+    engine = Engine(mistol_model(model_config(shape), fmt))
+    session = engine.new_session(max_context=CONTEXT + max_rows + 8)
+    ids = random.Random(0).choices(range(100, 30000), k=CONTEXT + max_rows)
+    session.feed(ids[:CONTEXT])
+
+    def once(rows: int) -> float:
+        start = time.perf_counter()
+        if rows == 0:
+            session.step(ids[CONTEXT])
+        else:
+            session.verify(ids[CONTEXT : CONTEXT + rows])
+        seconds = time.perf_counter() - start
+        session.truncate(CONTEXT)
+        return seconds
+
+    once(4), once(0)  # warm up both paths
+    # rounds over every size, so that a phase of the machine's load touches them all alike
+    times: dict[int, list[float]] = {rows: [] for rows in range(max_rows + 1)}
+    for _ in range(repeats):
+        for rows in times:
+            times[rows].append(once(rows))
+    curve = [(rows, statistics.median(t)) for rows, t in times.items()]
+    del engine, session
+    return curve
+
+
+def print_cost(shape: str, fmt: str, curve: list[tuple[int, float]]) -> None:
+    step = curve[0][1]
+    print(f"\nverify cost, {shape} {fmt}: one decode step {step * 1e3:.0f} ms")
+    print("rows (k+1)  ms      x step")
+    for rows, seconds in curve[1:]:
+        print(f"{rows:>10}  {seconds * 1e3:>6.0f}  {seconds / step:>6.2f}")
+
+
+def derived_speedups(curve: list[tuple[int, float]], acceptances=(0.3, 0.5, 0.7)) -> dict[float, tuple[int, float]]:
+    """Expected speed-up over plain decoding at per-guess acceptance a, for the best depth k:
+    tokens per pass (1 + a + ... + a^k) over the pass's cost in steps (derived, not measured)."""
+    step = curve[0][1]
+    cost = {rows: seconds / step for rows, seconds in curve[1:]}
+    result = {}
+    for a in acceptances:
+        best = (0, 1.0)  # k = 0: plain decoding
+        for rows, c in cost.items():
+            k = rows - 1
+            gain = sum(a**i for i in range(k + 1)) / c
+            if k > 0 and gain > best[1]:
+                best = (k, gain)
+        result[a] = best
+    return result
+
+
+# -- 2. replies ----------------------------------------------------------------------------------
+CODE_TO_EDIT = '''def summarize(values):
+    total = 0
+    count = 0
+    for value in values:
+        if value is None:
+            continue
+        total += value
+        count += 1
+    mean = total / count if count else 0.0
+    return {"total": total, "count": count, "mean": mean}
+'''
+
+
+EDITED_REPLY = "Here is the code, now skipping negative values too:\n\n```python\n" + CODE_TO_EDIT.replace(
+    "if value is None:", "if value is None or value < 0:") + "```\n"
+
+
+def simulate_lookup(tokenizer, depth: int) -> tuple[float, float]:
+    """Prompt lookup on the code edit as a model that writes EDITED_REPLY would see it (the
+    reply taken as given, token by token: no model runs): (share of guesses kept, tokens per pass)."""
+    from mistol.speculative import PromptLookup
+
+    prompt = tokenizer.encode(f"<|im_start|>user\n{workloads(0)['code edit'][0]}<|im_end|>\n<|im_start|>assistant\n",
+                              add_bos=True, parse_special=True)
+    reply = tokenizer.encode(EDITED_REPLY)
+    lookup, params = PromptLookup(prompt), SamplingParams(temperature=0)
+    i = passes = guessed = kept = 0
+    while i < len(reply):
+        lookup.extend([reply[i]])
+        proposal = lookup.propose(min(depth, len(reply) - i - 1), params, None)
+        guesses = proposal.tokens if proposal else []
+        right = 0
+        while right < len(guesses) and guesses[right] == reply[i + 1 + right]:
+            right += 1
+        lookup.extend(reply[i + 1 : i + 1 + right])
+        passes, guessed, kept, i = passes + 1, guessed + len(guesses), kept + right, i + 1 + right
+    return kept / max(guessed, 1), len(reply) / passes
+
+
+def workloads(questions: int) -> dict[str, list[str]]:
+    rng = random.Random(2024)
+    arithmetic = [make_problem(rng).question for _ in range(questions)]
+    edit = "Rewrite this code with one change: skip negative values too.\n\n```python\n" + CODE_TO_EDIT + "```"
+    return {"arithmetic": arithmetic, "code edit": [edit]}
+
+
+def run_code(block) -> str:
+    done = subprocess.run([sys.executable, "-c", block.code], capture_output=True, text=True, timeout=30)
+    return done.stdout + done.stderr
+
+
+def run_replies(engine: Engine, questions: list[str], speculation, max_tokens: int):
+    """Each question as a chat turn of its own (code blocks run, their output shown to the
+    model, as `mistol chat --yes` does), on one session, as a chat's turns share one."""
+    engine.speculation = speculation
+    llm = LocalLLM(engine)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    outputs, tokens, seconds, guessed, kept = [], 0, 0.0, 0, 0
+    for question in questions:
+        messages = [{"role": "system", "content": CODE_SYSTEM_PROMPT}, {"role": "user", "content": question},
+                    {"role": "assistant", "content": ""}]
+        turn = code_turn(llm, messages, params, run_code)
+        tokens, seconds = tokens + turn.completion_tokens, seconds + turn.decode_seconds
+        guessed, kept = guessed + turn.draft_tokens, kept + turn.accepted_tokens
+        outputs.append(messages[-1]["content"])
+    return outputs, tokens / seconds, (kept / guessed if guessed else 0.0), tokens
+
+
+def bench_replies(questions: int, max_tokens: int, show: bool) -> None:
+    engine = Engine.load("demo")
+    print(f"\nreplies of the demo model (greedy, {engine.config.num_layers} layers x {engine.config.hidden_size}; "
+          "decode tok/s, the prompts' prefill not counted):")
+    print(f"{'workload':<12} {'mode':<22} {'tok/s':>7} {'x plain':>8} {'kept':>6} {'tokens':>7}")
+    modes = [("plain", None), ("lookup, adaptive", Speculation()),
+             ("lookup, depth 8", Speculation(adaptive=False, max_depth=8))]
+    for name, prompts in workloads(questions).items():
+        run_replies(engine, prompts[:2], None, 16)  # warm up
+        reference = None
+        for mode, speculation in modes:
+            outputs, rate, acceptance, tokens = run_replies(engine, prompts, speculation, max_tokens)
+            if reference is None:
+                reference, plain_rate = outputs, rate
+                if show:
+                    print("\n---\n".join(outputs))
+            assert outputs == reference, f"{mode}: the replies differ from plain decoding"
+            print(f"{name:<12} {mode:<22} {rate:>7.1f} {rate / plain_rate:>8.2f} {acceptance:>6.0%} {tokens:>7}")
+    for depth in (4, 8, 16):
+        kept, per_pass = simulate_lookup(engine.tokenizer, depth)
+        print(f"code edit, the reply as written by a model that follows the request (simulated, no model runs): "
+              f"depth {depth}: {kept:.0%} of guesses kept, {per_pass:.2f} tokens per pass")
+    engine.speculation = Speculation()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="7b")
+    p.add_argument("--formats", default="int8,int4")
+    p.add_argument("--max-rows", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--questions", type=int, default=20)
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--skip-replies", action="store_true")
+    p.add_argument("--show", action="store_true", help="print the replies")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"threads: {torch.get_num_threads()}")
+    if not args.skip_replies:
+        bench_replies(args.questions, args.max_tokens, args.show)
+    if not args.skip_cost:
+        for fmt in args.formats.split(","):
+            curve = verify_cost(args.shape, fmt, args.max_rows, args.repeats)
+            print_cost(args.shape, fmt, curve)
+            for a, (k, gain) in derived_speedups(curve).items():
+                print(f"  derived: acceptance {a:.0%} -> best k {k}, {gain:.2f}x plain decoding")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()
