@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", default=None, metavar="WAV",
                    help="with --input: write the spoken answer here (without it, the answer is played)")
     p.add_argument("--yes", "-y", action="store_true",
-                   help="run the Python blocks the model writes, in the sandbox, without asking")
+                   help="run the Python blocks the model writes, in the sandbox, without asking (live mode "
+                   "otherwise asks \"Shall I run it?\" aloud and runs the code only on a clear yes)")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="show the time from the end of speech to the transcript, first token and first audio")
@@ -144,6 +145,11 @@ def cmd_voice(args) -> int:
         except MistolError as e:
             no_speaker = str(e).split(" (or ")[0].split(";")[0]
     stt = make_stt(args.stt, args.whisper_model, grammar)
+    # Live mode asks "Shall I run it?" aloud; the answer is heard with the yes/no grammar
+    # (faster-whisper transcribes it openly, and only a clear yes counts).
+    answer_stt = None
+    if recording is None:
+        answer_stt = make_stt("pocketsphinx", grammar="yes_no") if args.stt == "pocketsphinx" else stt
     tts = make_tts(args.tts, args.piper_voice)
     vad = SileroVAD.load()
 
@@ -158,7 +164,8 @@ def cmd_voice(args) -> int:
     config = VADConfig()
     conversation = Conversation(llm, sampling_params(args, []), stt, tts, system, vad=vad, vad_config=config,
                                 code=code, barge_in_ms=None if args.no_barge_in else 300,
-                                on_transcript=printer.transcript, on_text=printer.text)
+                                on_transcript=printer.transcript, on_text=printer.text,
+                                answer_stt=answer_stt, on_notice=notice)
     try:
         if recording is not None:
             sink = BufferSink()

@@ -15,6 +15,11 @@ utterance (the segmenter has been collecting them all along).
 Sources and sinks are plain objects (an iterator of 16 kHz float32 blocks; `play`, `stop`,
 `busy`, `progress`), so all of this runs in tests with prepared audio and no device:
 `BufferSink` keeps what it is given, at once or at the pace of a real speaker.
+
+Before code runs without --yes, the reply pauses: "Shall I run it?" is spoken, the calling
+thread (the one that owns the microphone) listens for the answer with the yes/no grammar,
+and only a clear yes runs the block; otherwise the person hears that it did not run and how
+to allow it, and the model is told the run was declined.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from ..sampling import SamplingParams
 from ..sandbox.code_turn import CodeRunner, code_turn
 from ..sandbox.visible import visible
 from .audio import Audio, concat
+from .confirm import ANSWER_TIMEOUT_S, MAX_ANSWER_S, NOT_RUN_DECLINED, NOT_RUN_UNHEARD, QUESTION, is_clear_yes
 from .sentences import Sentence, SentenceSplitter
 from .stt import STT
 from .tts import TTS, speakable
@@ -160,7 +166,8 @@ class Responder:
     """Streams one assistant reply into speech; see the module docstring."""
 
     def __init__(self, llm, params: SamplingParams, tts: TTS, sink: AudioSink, events: EventLog,
-                 code: CodeRunner | None = None, on_text: Callable[[str], None] | None = None):
+                 code: CodeRunner | None = None, on_text: Callable[[str], None] | None = None,
+                 hear: Callable[[], str | None] | None = None, notice: Callable[[str], None] | None = None):
         self.llm = llm
         self.params = params
         self.tts = tts
@@ -168,6 +175,10 @@ class Responder:
         self.events = events
         self.code = code
         self.on_text = on_text or (lambda text: None)
+        # Called in the calling thread once "Shall I run it?" is queued: the spoken answer's
+        # transcript (None: nothing heard). None: the code runner decides without a voice.
+        self.hear = hear
+        self.notice = notice or (lambda text: None)
 
     def respond(self, messages: list[dict], poll: Callable[[], bool | None] | None = None) -> Reply:
         """Append the assistant's message to `messages`, speaking it as it is written. `poll`
@@ -176,10 +187,44 @@ class Responder:
         message = {"role": "assistant", "content": ""}
         messages.append(message)
         stop = threading.Event()
-        ready: queue.Queue[tuple[int, Sentence, int] | None] = queue.Queue()
+        # (start, sentence, end) of the reply, or (-1, text, event set once played) said by mistol
+        ready: queue.Queue[tuple | None] = queue.Queue()
         spans: dict[int, tuple[int, int]] = {}  # clip tag -> the sentence's [start, end) in the message
         spoken: list[str] = []
         failures: list[BaseException] = []
+        asking = threading.Event()  # the question was queued: the calling thread listens
+        answers: queue.Queue[str | None] = queue.Queue()
+
+        def say(text: str) -> bool:
+            """Speak `text` (not part of the reply) after what is queued; True once it is
+            handed to the sink."""
+            done = threading.Event()
+            ready.put((-1, text, done))
+            while not (done.wait(0.05) or stop.is_set()):
+                pass
+            return done.is_set()
+
+        def ask_aloud(prompt: str) -> str:
+            """The code runner's question, asked by voice: "y" only for a clear yes."""
+            self.notice(f"{QUESTION} (say yes or no)")
+            if not say(QUESTION):
+                return "n"
+            asking.set()
+            while not stop.is_set():
+                try:
+                    answer = answers.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    continue
+            else:
+                return "n"
+            if is_clear_yes(answer):
+                return "y"
+            said_no = bool(answer and answer.strip())
+            self.notice("(code not run: " + ("you said no" if said_no else "no clear yes was heard")
+                        + "; say yes when asked, or start with --yes)")
+            ready.put((-1, NOT_RUN_DECLINED if said_no else NOT_RUN_UNHEARD, None))
+            return "n"
 
         def generate() -> None:
             splitter = SentenceSplitter()
@@ -229,6 +274,13 @@ class Responder:
                     if item is None or stop.is_set():
                         return
                     start, sentence, end = item
+                    if start < 0:  # said by mistol itself (the question about code)
+                        self.events.add("say", sentence)
+                        self.sink.play(self.tts.synthesize(sentence), tag)
+                        tag += 1
+                        if end is not None:
+                            end.set()
+                        continue
                     text = speakable(sentence.text)
                     if not text:
                         continue
@@ -247,11 +299,18 @@ class Responder:
 
         threads = [threading.Thread(target=generate, name="mistol-llm", daemon=True),
                    threading.Thread(target=speak, name="mistol-tts", daemon=True)]
+        interrupted = finished = False
+        asker = self.code is not None and self.hear is not None
+        if asker:  # before the generation thread can reach a block
+            previous_ask, self.code.ask = self.code.ask, ask_aloud
         for t in threads:
             t.start()
-        interrupted = finished = False
         try:
             while any(t.is_alive() for t in threads) or self.sink.busy():
+                if asking.is_set():
+                    asking.clear()
+                    answers.put(self.hear())
+                    continue
                 heard = poll() if poll is not None else None
                 if heard:
                     interrupted = True
@@ -266,6 +325,8 @@ class Responder:
                 self.sink.stop()
             for t in threads:
                 t.join()
+            if asker:
+                self.code.ask = previous_ask
         generated = message["content"]
         if interrupted:
             message["content"] = self._as_spoken(generated, spans)
@@ -309,7 +370,9 @@ class Conversation:
     def __init__(self, llm, params: SamplingParams, stt: STT, tts: TTS, system: str,
                  vad: SileroVAD | None = None, vad_config: VADConfig | None = None, code: CodeRunner | None = None,
                  barge_in_ms: int | None = 300, events: EventLog | None = None,
-                 on_transcript: Callable[[str], None] | None = None, on_text: Callable[[str], None] | None = None):
+                 on_transcript: Callable[[str], None] | None = None, on_text: Callable[[str], None] | None = None,
+                 answer_stt: STT | None = None, answer_timeout_s: float = ANSWER_TIMEOUT_S,
+                 on_notice: Callable[[str], None] | None = None):
         self.llm = llm
         self.params = params
         self.stt = stt
@@ -321,6 +384,11 @@ class Conversation:
         self.events = events or EventLog()
         self.on_transcript = on_transcript or (lambda text: None)
         self.on_text = on_text
+        # Live mode hears the answer to "Shall I run it?" with this (the yes/no grammar);
+        # None: the code runner decides alone (file mode: nobody to ask).
+        self.answer_stt = answer_stt
+        self.answer_timeout_s = answer_timeout_s
+        self.on_notice = on_notice
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.turns: list[Turn] = []
 
@@ -329,7 +397,8 @@ class Conversation:
             self.vad = SileroVAD.load()
         return self.vad
 
-    def turn(self, audio: Audio, sink: AudioSink, poll: Callable[[], bool | None] | None = None) -> Turn:
+    def turn(self, audio: Audio, sink: AudioSink, poll: Callable[[], bool | None] | None = None,
+             hear: Callable[[], str | None] | None = None) -> Turn:
         """Answer one utterance (its speech ended just now)."""
         self.events.add("speech_end")
         t0 = time.perf_counter()
@@ -342,7 +411,8 @@ class Conversation:
             return turn
         self.on_transcript(visible(text))
         self.messages.append({"role": "user", "content": text})
-        responder = Responder(self.llm, self.params, self.tts, sink, self.events, self.code, self.on_text)
+        responder = Responder(self.llm, self.params, self.tts, sink, self.events, self.code, self.on_text,
+                              hear, self.on_notice)
         marks = len(self.events.events)
         reply = responder.respond(self.messages, poll)
         for t, name, _ in self.events.events[marks:]:
@@ -390,11 +460,43 @@ class Conversation:
                 return False
             return segmenter.in_speech and segmenter.speech_seconds() * 1000 >= self.barge_in_ms
 
+        def hear() -> str | None:
+            """The answer to the question just queued on the sink: its transcript, "" for
+            speech that is not an answer, None for silence until the timeout."""
+            nonlocal ended
+            while sink.busy():  # our own question: what the microphone hears is its echo
+                if ended or next(blocks, None) is None:
+                    ended = True
+                    return None
+            self.events.add("listening")
+            listener = Segmenter(self._vad(), self.vad_config)
+            waited = 0.0
+            found: list[Event] = []
+            for block in blocks:
+                waited += len(block) / 16000
+                found = [e for e in listener.feed(block) if e.kind == "end"]
+                if found or (not listener.in_speech and waited >= self.answer_timeout_s):
+                    break
+                if waited >= self.answer_timeout_s + MAX_ANSWER_S:
+                    break
+            else:
+                ended = True
+                found = [e for e in listener.flush() if e.kind == "end"]
+            if not found or found[0].audio is None:
+                self.events.add("answer", None)
+                return None
+            answer = found[0].audio
+            text = self.answer_stt.transcribe(answer).strip() if answer.seconds <= MAX_ANSWER_S else ""
+            self.events.add("answer", text)
+            if text:
+                self.on_transcript(visible(text))
+            return text
+
         while not ended:
             event = next_utterance()
             if event is None or event.audio is None:
                 break
-            turn = self.turn(event.audio, sink, poll)
+            turn = self.turn(event.audio, sink, poll, hear if self.answer_stt is not None else None)
             if on_turn is not None:
                 on_turn(turn)
             if turn.reply is not None and not turn.reply.interrupted:
