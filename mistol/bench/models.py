@@ -7,8 +7,11 @@ still has its own memory: decoding reads all of it, as with real weights).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,7 +176,23 @@ def write_llama_cpp_quantized(path: Path, source: Path, ftype: str, threads: int
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = threads
     partial = path.with_name(path.name + ".partial")
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params):
+    with _quiet_stderr():  # llama.cpp logs a line per tensor; the caller says what it is doing
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)
+    if failed:
         raise OSError(f"llama.cpp could not quantize {source} to {ftype}")
     partial.replace(path)
     return path
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null for a while (where C code writes its logs)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
