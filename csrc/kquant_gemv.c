@@ -585,6 +585,312 @@ DEFINE_LEGACY_AVX2(dot_q5_1_avx2, block_q5_1, _mm256_or_si256(nibbles32(b->qs), 
 #endif
 
 /* ---------------------------------------------------------------------------------------
+ * NEON kernels (64-bit ARM): the portable kernels' integer sums, in int32 lanes reduced
+ * once per super-block, and their float steps (kq_add; for 8 rows the same operations lane
+ * by lane, unfused; the legacy types' 8 float lanes in the same order), hence their bits.
+ * Each kernel is written once as a macro and made twice: with the dot-product extension
+ * (sdot: 4 products into each int32 lane) and with plain NEON (widening multiplies into
+ * int16 lanes, then pairwise adds into int32). No int16 lane gathers more than 4 products
+ * of a quant below 64 and an activation of at most 127 in magnitude (4 * 63 * 127 = 32004),
+ * or 8 of a quant below 16, so the int16 sums are exact too.
+ */
+#ifdef MISTOL_ARM
+static void quantize_k_neon(const float *x, int64_t K, int8_t *q, float *d, int32_t *s) {
+    for (int64_t b = 0; b < K / QKK; b++) {
+        const float *xb = x + b * QKK;
+        float32x4_t m = vdupq_n_f32(0.0f);
+        for (int j = 0; j < QKK; j += 4) m = vmaxnmq_f32(m, vabsq_f32(vld1q_f32(xb + j))); /* NaN-ignoring, as fmaxf */
+        const float amax = vmaxnmvq_f32(m);
+        const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+        for (int g = 0; g < QKK / 16; g++) {
+            int32x4_t v[4];
+            for (int i = 0; i < 4; i++) /* round half to even, as nearbyintf does */
+                v[i] = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(xb + 16 * g + 4 * i), id));
+            s[b * 16 + g] = vaddvq_s32(vaddq_s32(vaddq_s32(v[0], v[1]), vaddq_s32(v[2], v[3])));
+            const int16x8_t lo = vcombine_s16(vmovn_s32(v[0]), vmovn_s32(v[1])); /* |v| <= 127: exact */
+            const int16x8_t hi = vcombine_s16(vmovn_s32(v[2]), vmovn_s32(v[3]));
+            vst1q_s8(q + b * QKK + 16 * g, vcombine_s8(vmovn_s16(lo), vmovn_s16(hi)));
+        }
+        d[b] = db;
+    }
+}
+
+/* The three dot products the kernels are made of, per instruction set:
+ *   DOT16(acc, w, a)   acc plus the 16 products of w and a, in some lanes (for sums only);
+ *   SUMS4(w, a)        lane i: the products of bytes 4i..4i+3 (what sdot adds);
+ *   ROWS4(acc, w0..w3, a)  four rows of an interleaved layout: w_u holds quad u (4 bytes)
+ *                      of rows 0-3, a the 4 quads' activations; lane r: row r's 16 products. */
+#define KA4(a, u) vreinterpret_s8_s32(vdup_laneq_s32(vreinterpretq_s32_s8(a), (u))) /* quad u, twice */
+
+static inline int32x4_t dot16_neon(int32x4_t acc, int8x16_t w, int8x16_t a) {
+    return vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(w), vget_low_s8(a)), w, a));
+}
+
+static inline int32x4_t sums4_neon(int8x16_t w, int8x16_t a) {
+    return vpaddq_s32(vpaddlq_s16(vmull_s8(vget_low_s8(w), vget_low_s8(a))), vpaddlq_s16(vmull_high_s8(w, a)));
+}
+
+static inline int32x4_t rows4_neon(int32x4_t acc, int8x16_t w0, int8x16_t w1, int8x16_t w2, int8x16_t w3,
+                                   int8x16_t a) {
+    int16x8_t p01 = vmull_s8(vget_low_s8(w0), KA4(a, 0)), p23 = vmull_s8(vget_high_s8(w0), KA4(a, 0));
+    p01 = vmlal_s8(p01, vget_low_s8(w1), KA4(a, 1)), p23 = vmlal_s8(p23, vget_high_s8(w1), KA4(a, 1));
+    p01 = vmlal_s8(p01, vget_low_s8(w2), KA4(a, 2)), p23 = vmlal_s8(p23, vget_high_s8(w2), KA4(a, 2));
+    p01 = vmlal_s8(p01, vget_low_s8(w3), KA4(a, 3)), p23 = vmlal_s8(p23, vget_high_s8(w3), KA4(a, 3));
+    return vaddq_s32(acc, vpaddq_s32(vpaddlq_s16(p01), vpaddlq_s16(p23)));
+}
+
+#ifdef MISTOL_DOTPROD
+DOTPROD_FN static inline int32x4_t dot16_dotprod(int32x4_t acc, int8x16_t w, int8x16_t a) {
+    return vdotq_s32(acc, w, a);
+}
+
+DOTPROD_FN static inline int32x4_t sums4_dotprod(int8x16_t w, int8x16_t a) { return vdotq_s32(vdupq_n_s32(0), w, a); }
+
+DOTPROD_FN static inline int32x4_t rows4_dotprod(int32x4_t acc, int8x16_t w0, int8x16_t w1, int8x16_t w2,
+                                                 int8x16_t w3, int8x16_t a) {
+    acc = vdotq_laneq_s32(acc, w0, a, 0), acc = vdotq_laneq_s32(acc, w1, a, 1);
+    acc = vdotq_laneq_s32(acc, w2, a, 2);
+    return vdotq_laneq_s32(acc, w3, a, 3);
+}
+#endif
+
+#define S8(v) vreinterpretq_s8_u8(v)
+#define NIB_LO(v) S8(vandq_u8((v), vdupq_n_u8(15)))
+#define NIB_HI(v) S8(vshrq_n_u8((v), 4))
+
+/* Four int8 (or uint8) scales of rows 0-3 (p) as int32 lanes. */
+static inline int32x4_t rows_u8(const uint8_t *p) { return vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vld1_u8(p))))); }
+static inline int32x4_t rows_s8(const int8_t *p) { return vmovl_s16(vget_low_s16(vmovl_s8(vld1_s8(p)))); }
+
+/* Four rows' fp16 scales times the activation scale da, as kq_add takes them. */
+static inline float32x4_t rows_f16_times(const uint16_t *h, float da) {
+    return vmulq_n_f32(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h))), da);
+}
+
+/* kq_add on four rows' lanes: acc + ((d * da) * sumi - (dmin * da) * summ) */
+static inline float32x4_t kq_add4(float32x4_t acc, float32x4_t dd, float32x4_t dm, int32x4_t sumi, int32x4_t summ) {
+    return vaddq_f32(acc, vsubq_f32(vmulq_f32(dd, vcvtq_f32_s32(sumi)), vmulq_f32(dm, vcvtq_f32_s32(summ))));
+}
+
+/* Q4_K (QH: NULL) and Q5_K (QH: its qh) row by row: sub-block j's 32 products summed in int32 lanes,
+ * weighted by its scale (a lane-wise multiply-add), the lanes summed once per super-block. */
+#define DEFINE_Q45_K_NEON(NAME, TARGET, DOT16, TYPE, QH)                                                        \
+    TARGET static float NAME(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) { \
+        const uint8x16_t one = vdupq_n_u8(1), two = vdupq_n_u8(2);                                             \
+        const int32x4_t zero = vdupq_n_s32(0);                                                                 \
+        float acc = 0.0f;                                                                                      \
+        for (int64_t i = 0; i < K / QKK; i++) {                                                                \
+            const TYPE *b = (const TYPE *)w + i;                                                               \
+            const int8_t *a = q + i * QKK;                                                                     \
+            int32_t sc[8];                                                                                     \
+            const int32_t summ = scales_mins_k4(b->scales, s + i * 16, sc);                                    \
+            const uint8_t *qh = QH;                                                                            \
+            uint8x16_t h0 = vdupq_n_u8(0), h1 = h0; /* Q5_K: qh, shifted right by 2 per chunk */               \
+            if (qh) h0 = vld1q_u8(qh), h1 = vld1q_u8(qh + 16);                                                 \
+            int32x4_t sum = zero;                                                                              \
+            for (int c = 0; c < 4; c++) {                                                                      \
+                const uint8x16_t v0 = vld1q_u8(b->qs + 32 * c), v1 = vld1q_u8(b->qs + 32 * c + 16);            \
+                int8x16_t l0 = NIB_LO(v0), l1 = NIB_LO(v1), u0 = NIB_HI(v0), u1 = NIB_HI(v1);                  \
+                if (qh) { /* bit 2c of qh[l] to bit 4 of sub-block 2c's quant l, bit 2c + 1 to 2c + 1's */     \
+                    l0 = vorrq_s8(l0, S8(vshlq_n_u8(vandq_u8(h0, one), 4)));                                   \
+                    l1 = vorrq_s8(l1, S8(vshlq_n_u8(vandq_u8(h1, one), 4)));                                   \
+                    u0 = vorrq_s8(u0, S8(vshlq_n_u8(vandq_u8(h0, two), 3)));                                   \
+                    u1 = vorrq_s8(u1, S8(vshlq_n_u8(vandq_u8(h1, two), 3)));                                   \
+                    h0 = vshrq_n_u8(h0, 2), h1 = vshrq_n_u8(h1, 2);                                            \
+                }                                                                                              \
+                const int8_t *ac = a + 64 * c;                                                                 \
+                const int32x4_t lo = DOT16(DOT16(zero, l0, vld1q_s8(ac)), l1, vld1q_s8(ac + 16));              \
+                const int32x4_t hi = DOT16(DOT16(zero, u0, vld1q_s8(ac + 32)), u1, vld1q_s8(ac + 48));         \
+                sum = vmlaq_n_s32(vmlaq_n_s32(sum, lo, sc[2 * c]), hi, sc[2 * c + 1]);                         \
+            }                                                                                                  \
+            acc = kq_add(acc, half_to_float(b->d), half_to_float(b->dmin), d[i], vaddvq_s32(sum), summ);       \
+        }                                                                                                      \
+        return acc;                                                                                            \
+    }
+
+/* Q6_K row by row: each group of 16 inputs one DOT16, weighted by its scale. */
+#define DEFINE_Q6_K_NEON(NAME, TARGET, DOT16)                                                                  \
+    TARGET static float NAME(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) { \
+        const uint8x16_t m4 = vdupq_n_u8(15), m3 = vdupq_n_u8(3), m12 = vdupq_n_u8(12), m30 = vdupq_n_u8(0x30); \
+        const int32x4_t zero = vdupq_n_s32(0);                                                                 \
+        float acc = 0.0f;                                                                                      \
+        for (int64_t i = 0; i < K / QKK; i++) {                                                                \
+            const block_q6_K *b = (const block_q6_K *)w + i;                                                   \
+            int32x4_t sum = zero;                                                                              \
+            for (int h = 0; h < 2; h++) {                                                                      \
+                const int8_t *a = q + i * QKK + 128 * h, *sc = b->scales + 8 * h;                              \
+                for (int u = 0; u < 2; u++) { /* inputs 16u..16u+15 of each quarter: group 2k + u */           \
+                    const uint8x16_t l0 = vld1q_u8(b->ql + 64 * h + 16 * u), l1 = vld1q_u8(b->ql + 64 * h + 32 + 16 * u); \
+                    const uint8x16_t qh = vld1q_u8(b->qh + 32 * h + 16 * u);                                  \
+                    const uint8x16_t q0 = vorrq_u8(vandq_u8(l0, m4), vshlq_n_u8(vandq_u8(qh, m3), 4));         \
+                    const uint8x16_t q1 = vorrq_u8(vandq_u8(l1, m4), vshlq_n_u8(vandq_u8(qh, m12), 2));        \
+                    const uint8x16_t q2 = vorrq_u8(vshrq_n_u8(l0, 4), vandq_u8(qh, m30));                      \
+                    const uint8x16_t q3 = vorrq_u8(vshrq_n_u8(l1, 4), vandq_u8(vshrq_n_u8(qh, 2), m30));       \
+                    sum = vmlaq_n_s32(sum, DOT16(zero, S8(q0), vld1q_s8(a + 16 * u)), sc[u]);                  \
+                    sum = vmlaq_n_s32(sum, DOT16(zero, S8(q1), vld1q_s8(a + 32 + 16 * u)), sc[2 + u]);         \
+                    sum = vmlaq_n_s32(sum, DOT16(zero, S8(q2), vld1q_s8(a + 64 + 16 * u)), sc[4 + u]);         \
+                    sum = vmlaq_n_s32(sum, DOT16(zero, S8(q3), vld1q_s8(a + 96 + 16 * u)), sc[6 + u]);         \
+                }                                                                                              \
+            }                                                                                                  \
+            const int32_t sumi = vaddvq_s32(sum) - q6_offset(b->scales, s + i * 16);                           \
+            acc = kq_add(acc, half_to_float(b->d), 0.0f, d[i], sumi, 0);                                       \
+        }                                                                                                      \
+        return acc;                                                                                            \
+    }
+
+/* Q4_KX8: rows 0-3 and 4-7 in two int32x4 (lane r = row r), as q4k_x8_scalar's sums; each
+ * row's sub-block scale applied by a lane-wise multiply-add, the mins against the pairs of
+ * activation sums by widening multiplies. */
+#define DEFINE_Q4_KX8_NEON(NAME, TARGET, ROWS4)                                                                \
+    TARGET static void NAME(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,    \
+                            float *out) {                                                                      \
+        const int32x4_t zero = vdupq_n_s32(0);                                                                 \
+        float32x4_t acc[2] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};                                           \
+        for (int64_t i = 0; i < K / QKK; i++) {                                                                \
+            const block_q4_Kx8 *b = (const block_q4_Kx8 *)wg + i;                                              \
+            const int8_t *a = q + i * QKK;                                                                     \
+            const int32_t *s16 = s + i * 16;                                                                   \
+            int32x4_t sumi[2] = {zero, zero}, summ[2] = {zero, zero};                                          \
+            for (int c = 0; c < 4; c++) {                                                                      \
+                int32x4_t lo[2] = {zero, zero}, hi[2] = {zero, zero}; /* sub-blocks 2c, 2c + 1; [rows 0-3, 4-7] */ \
+                for (int kq = 0; kq < 2; kq++) { /* quads 4kq..4kq+3 */                                        \
+                    const int8x16_t alo = vld1q_s8(a + 64 * c + 16 * kq), ahi = vld1q_s8(a + 64 * c + 32 + 16 * kq); \
+                    for (int r = 0; r < 2; r++) {                                                              \
+                        const uint8x16_t v0 = vld1q_u8(b->qs[c][4 * kq][4 * r]), v1 = vld1q_u8(b->qs[c][4 * kq + 1][4 * r]); \
+                        const uint8x16_t v2 = vld1q_u8(b->qs[c][4 * kq + 2][4 * r]), v3 = vld1q_u8(b->qs[c][4 * kq + 3][4 * r]); \
+                        lo[r] = ROWS4(lo[r], NIB_LO(v0), NIB_LO(v1), NIB_LO(v2), NIB_LO(v3), alo);             \
+                        hi[r] = ROWS4(hi[r], NIB_HI(v0), NIB_HI(v1), NIB_HI(v2), NIB_HI(v3), ahi);             \
+                    }                                                                                          \
+                }                                                                                              \
+                /* the pair of activation sums (at most 32 * 127 each) against each row's two mins */          \
+                const int16_t p0 = (int16_t)(s16[4 * c] + s16[4 * c + 1]), p1 = (int16_t)(s16[4 * c + 2] + s16[4 * c + 3]); \
+                const int16x4_t pair = vset_lane_s16(p1, vset_lane_s16(p1, vdup_n_s16(p0), 1), 3);             \
+                const int16x8_t mins = vreinterpretq_s16_u16(vmovl_u8(vld1_u8(b->mins[c][0])));                \
+                const int16x8_t mins4 = vreinterpretq_s16_u16(vmovl_u8(vld1_u8(b->mins[c][4])));               \
+                for (int r = 0; r < 2; r++) {                                                                  \
+                    sumi[r] = vmlaq_s32(sumi[r], lo[r], rows_u8(b->scales[2 * c] + 4 * r));                    \
+                    sumi[r] = vmlaq_s32(sumi[r], hi[r], rows_u8(b->scales[2 * c + 1] + 4 * r));                \
+                    const int16x8_t m = r ? mins4 : mins; /* row pairs: {m0, m1} of rows 4r..4r+3 */           \
+                    summ[r] = vaddq_s32(summ[r], vpaddq_s32(vmull_s16(vget_low_s16(m), pair),                  \
+                                                            vmull_s16(vget_high_s16(m), pair)));               \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int r = 0; r < 2; r++)                                                                        \
+                acc[r] = kq_add4(acc[r], rows_f16_times(b->d + 4 * r, d[i]), rows_f16_times(b->dmin + 4 * r, d[i]), \
+                                 sumi[r], summ[r]);                                                            \
+        }                                                                                                      \
+        vst1q_f32(out, acc[0]), vst1q_f32(out + 4, acc[1]);                                                    \
+    }
+
+/* Q6_KX8: rows 0-3 and 4-7 in two int32x4; 4 quads (one group of 16) per ROWS4, weighted
+ * by each row's scale of that group; the offset of 32 as q6k_x8_scalar subtracts it. */
+#define DEFINE_Q6_KX8_NEON(NAME, TARGET, ROWS4)                                                                \
+    TARGET static void NAME(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,    \
+                            float *out) {                                                                      \
+        const uint8x16_t m4 = vdupq_n_u8(15), m3 = vdupq_n_u8(3), m12 = vdupq_n_u8(12), m30 = vdupq_n_u8(0x30); \
+        const int32x4_t zero = vdupq_n_s32(0);                                                                 \
+        const float32x4_t fzero = vdupq_n_f32(0.0f);                                                           \
+        float32x4_t acc[2] = {fzero, fzero};                                                                   \
+        for (int64_t i = 0; i < K / QKK; i++) {                                                                \
+            const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;                                              \
+            const int8_t *a = q + i * QKK;                                                                     \
+            const int32_t *s16 = s + i * 16;                                                                   \
+            int32x4_t sumi[2] = {zero, zero}, offset[2] = {zero, zero};                                        \
+            for (int h = 0; h < 2; h++)                                                                        \
+                for (int kq = 0; kq < 2; kq++) { /* quads 4kq..4kq+3 of each quarter: group 8h + 2t + kq */    \
+                    const int8_t *ah = a + 128 * h + 16 * kq;                                                  \
+                    const int8x16_t a0 = vld1q_s8(ah), a1 = vld1q_s8(ah + 32), a2 = vld1q_s8(ah + 64), a3 = vld1q_s8(ah + 96); \
+                    for (int r = 0; r < 2; r++) {                                                              \
+                        int8x16_t w[4][4]; /* [quarter t][quad u] */                                           \
+                        for (int u = 0; u < 4; u++) {                                                          \
+                            const int k = 4 * kq + u;                                                          \
+                            const uint8x16_t A = vld1q_u8(b->ql[h][0][k][4 * r]), B = vld1q_u8(b->ql[h][1][k][4 * r]); \
+                            const uint8x16_t H = vld1q_u8(b->qh[h][k][4 * r]);                                 \
+                            w[0][u] = S8(vorrq_u8(vandq_u8(A, m4), vshlq_n_u8(vandq_u8(H, m3), 4)));           \
+                            w[1][u] = S8(vorrq_u8(vandq_u8(B, m4), vshlq_n_u8(vandq_u8(H, m12), 2)));          \
+                            w[2][u] = S8(vorrq_u8(vshrq_n_u8(A, 4), vandq_u8(H, m30)));                        \
+                            w[3][u] = S8(vorrq_u8(vshrq_n_u8(B, 4), vandq_u8(vshrq_n_u8(H, 2), m30)));         \
+                        }                                                                                      \
+                        const int8x16_t at[4] = {a0, a1, a2, a3};                                              \
+                        for (int t = 0; t < 4; t++)                                                            \
+                            sumi[r] = vmlaq_s32(sumi[r], ROWS4(zero, w[t][0], w[t][1], w[t][2], w[t][3], at[t]), \
+                                                rows_s8(b->scales[8 * h + 2 * t + kq] + 4 * r));               \
+                    }                                                                                          \
+                }                                                                                              \
+            for (int g = 0; g < 16; g++)                                                                       \
+                for (int r = 0; r < 2; r++) offset[r] = vmlaq_n_s32(offset[r], rows_s8(b->scales[g] + 4 * r), s16[g]); \
+            /* kq_add with dmin 0 and summ 0, the same operations */                                           \
+            const float32x4_t dm = vmulq_n_f32(fzero, d[i]);                                                   \
+            for (int r = 0; r < 2; r++)                                                                        \
+                acc[r] = kq_add4(acc[r], rows_f16_times(b->d + 4 * r, d[i]), dm,                               \
+                                 vsubq_s32(sumi[r], vshlq_n_s32(offset[r], 5)), zero);                         \
+        }                                                                                                      \
+        vst1q_f32(out, acc[0]), vst1q_f32(out + 4, acc[1]);                                                    \
+    }
+
+/* Legacy blocks: lanes 0-3 (elements 0-15, the low nibbles) and 4-7 (16-31, the high ones)
+ * in two float32x4, as the portable code's 8 lanes, and summed in its order. */
+static inline void fifth_bits_neon(const uint8_t *qh, uint8x16_t *lo, uint8x16_t *hi) {
+    static const uint8_t bit[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    static const uint8_t byte_lo[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+    static const uint8_t byte_hi[16] = {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+    const uint8x16_t bytes = vreinterpretq_u8_u32(vdupq_n_u32(load_u32(qh))), bits = vld1q_u8(bit);
+    const uint8x16_t sixteen = vdupq_n_u8(16);
+    *lo = vandq_u8(vtstq_u8(vqtbl1q_u8(bytes, vld1q_u8(byte_lo)), bits), sixteen);
+    *hi = vandq_u8(vtstq_u8(vqtbl1q_u8(bytes, vld1q_u8(byte_hi)), bits), sixteen);
+}
+
+static inline float lanes_sum_neon(float32x4_t l0, float32x4_t l1) { /* lanes_sum's order */
+    const float32x4_t v = vaddq_f32(l0, l1); /* l0 + l4, l1 + l5, l2 + l6, l3 + l7 */
+    const float32x2_t h = vadd_f32(vget_low_f32(v), vget_high_f32(v));
+    return vget_lane_f32(h, 0) + vget_lane_f32(h, 1);
+}
+
+#define DEFINE_LEGACY_NEON(NAME, TARGET, SUMS4, TYPE, QH, MIN)                                                 \
+    TARGET static float NAME(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) { \
+        float32x4_t l0 = vdupq_n_f32(0.0f), l1 = l0;                                                           \
+        float mins = 0.0f;                                                                                     \
+        for (int64_t i = 0; i < K / QK; i++) {                                                                 \
+            const TYPE *b = (const TYPE *)w + i;                                                               \
+            const float dw = half_to_float(b->d), mw = MIN;                                                    \
+            const uint8x16_t v = vld1q_u8(b->qs);                                                              \
+            uint8x16_t lo = vandq_u8(v, vdupq_n_u8(15)), hi = vshrq_n_u8(v, 4);                                \
+            const uint8_t *qh = QH;                                                                            \
+            if (qh) {                                                                                          \
+                uint8x16_t h0, h1;                                                                             \
+                fifth_bits_neon(qh, &h0, &h1);                                                                 \
+                lo = vorrq_u8(lo, h0), hi = vorrq_u8(hi, h1);                                                  \
+            }                                                                                                  \
+            const int8_t *a = q + i * QK;                                                                      \
+            const float scale = dw * d[i];                                                                     \
+            l0 = vaddq_f32(l0, vmulq_n_f32(vcvtq_f32_s32(SUMS4(S8(lo), vld1q_s8(a))), scale));                 \
+            l1 = vaddq_f32(l1, vmulq_n_f32(vcvtq_f32_s32(SUMS4(S8(hi), vld1q_s8(a + 16))), scale));            \
+            mins = mins + (mw * d[i]) * (float)s[i];                                                           \
+        }                                                                                                      \
+        return lanes_sum_neon(l0, l1) + mins;                                                                  \
+    }
+
+#define DEFINE_NEON_SET(SUFFIX, TARGET, DOT16, SUMS4, ROWS4)                                                   \
+    DEFINE_Q45_K_NEON(dot_q4_K_##SUFFIX, TARGET, DOT16, block_q4_K, NULL)                                         \
+    DEFINE_Q45_K_NEON(dot_q5_K_##SUFFIX, TARGET, DOT16, block_q5_K, b->qh)                                         \
+    DEFINE_Q6_K_NEON(dot_q6_K_##SUFFIX, TARGET, DOT16)                                                         \
+    DEFINE_Q4_KX8_NEON(q4k_x8_##SUFFIX, TARGET, ROWS4)                                                         \
+    DEFINE_Q6_KX8_NEON(q6k_x8_##SUFFIX, TARGET, ROWS4)                                                         \
+    DEFINE_LEGACY_NEON(dot_q4_1_##SUFFIX, TARGET, SUMS4, block_q4_1, NULL, half_to_float(b->m))                   \
+    DEFINE_LEGACY_NEON(dot_q5_0_##SUFFIX, TARGET, SUMS4, block_q5_0, b->qh, -16.0f * dw)                           \
+    DEFINE_LEGACY_NEON(dot_q5_1_##SUFFIX, TARGET, SUMS4, block_q5_1, b->qh, half_to_float(b->m))
+
+DEFINE_NEON_SET(neon, , dot16_neon, sums4_neon, rows4_neon)
+#ifdef MISTOL_DOTPROD
+DEFINE_NEON_SET(dotprod, DOTPROD_FN, dot16_dotprod, sums4_dotprod, rows4_dotprod)
+#endif
+#undef KA4
+#undef S8
+#undef NIB_LO
+#undef NIB_HI
+#endif
+
+/* ---------------------------------------------------------------------------------------
  * Selection and the driver
  */
 void kquant_select(int impl, qkernels *out) {
@@ -604,6 +910,26 @@ void kquant_select(int impl, qkernels *out) {
         out->rowdot[FMT_Q6_K] = dot_q6_K_avx2, out->rowdot[FMT_Q4_1] = dot_q4_1_avx2;
         out->rowdot[FMT_Q5_0] = dot_q5_0_avx2, out->rowdot[FMT_Q5_1] = dot_q5_1_avx2;
     }
+#endif
+#ifdef MISTOL_ARM
+    if (impl == IMPL_NEON) {
+        out->kquant = quantize_k_neon;
+        out->q4k_x8 = q4k_x8_neon;
+        out->q6k_x8 = q6k_x8_neon;
+        out->rowdot[FMT_Q4_K] = dot_q4_K_neon, out->rowdot[FMT_Q5_K] = dot_q5_K_neon;
+        out->rowdot[FMT_Q6_K] = dot_q6_K_neon, out->rowdot[FMT_Q4_1] = dot_q4_1_neon;
+        out->rowdot[FMT_Q5_0] = dot_q5_0_neon, out->rowdot[FMT_Q5_1] = dot_q5_1_neon;
+    }
+#ifdef MISTOL_DOTPROD
+    if (impl == IMPL_DOTPROD) {
+        out->kquant = quantize_k_neon;
+        out->q4k_x8 = q4k_x8_dotprod;
+        out->q6k_x8 = q6k_x8_dotprod;
+        out->rowdot[FMT_Q4_K] = dot_q4_K_dotprod, out->rowdot[FMT_Q5_K] = dot_q5_K_dotprod;
+        out->rowdot[FMT_Q6_K] = dot_q6_K_dotprod, out->rowdot[FMT_Q4_1] = dot_q4_1_dotprod;
+        out->rowdot[FMT_Q5_0] = dot_q5_0_dotprod, out->rowdot[FMT_Q5_1] = dot_q5_1_dotprod;
+    }
+#endif
 #endif
 }
 

@@ -2,7 +2,8 @@
 and a build without OpenMP (as with Apple's clang).
 
 tests/csrc/kernel_check.c runs every SIMD implementation a CPU has against the portable
-scalar C on seeded random data (the same bits where the arithmetic is the same). For ARM
+scalar C on seeded random data (the same bits where the arithmetic is the same: the
+quantizers, the k-quant and legacy block kernels, the NEON int8/int4 products). For ARM
 it is cross-compiled with Debian's gcc-aarch64-linux-gnu and run under qemu-aarch64
 (Debian's qemu-user), as a CPU with the dot-product extension and as one without; .ci/run
 installs both. Emulation says nothing about speed, which is not measured here.
@@ -23,7 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted(str(p) for p in (ROOT / "csrc").glob("*.c")) + [str(ROOT / "tests" / "csrc" / "kernel_check.c")]
 FLAGS = ["-O2", "-std=gnu11", "-ffp-contract=off", "-I", str(ROOT / "csrc")]
 CROSS_CC, QEMU = "aarch64-linux-gnu-gcc", "qemu-aarch64"
-CHECKS_PER_IMPL = 7  # kernel_check.c: quantizer, 2 x (group kernel, gemm), decode layer twice
+# kernel_check.c: quantizer, 2 x (group kernel, gemm), decode layer twice (int8/int4); the per-256
+# quantizer, 6 row kernels, 2 repacked group kernels, one gemm, decode layer twice (k-quant, legacy)
+CHECKS_PER_IMPL = 7 + 12
 DENSE_CHECKS = 3  # float32, bf16, f16 rows: reported under the best implementation's name
 
 

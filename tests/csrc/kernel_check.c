@@ -1,5 +1,6 @@
 /* Checks every SIMD implementation of the quantized kernels that this CPU runs against the
- * portable scalar C, on seeded random data. Built from the C files of csrc/ and this file alone (no
+ * portable scalar C, on seeded random data: int8/int4 in the packed layout, and llama.cpp's
+ * k-quant and legacy blocks (kquant.h) row by row and repacked 8 rows at a time. Built from the C files of csrc/ and this file alone (no
  * Python, no torch), so that it can be cross-compiled for another architecture and run
  * under an emulator (tests/test_kernels_native.py).
  *
@@ -21,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "mistol_kernels.h"
+#include "kquant.h"
 
 EXPORT int mistol_gemm_many(int fmt, const float *x, int64_t M, int64_t K, int count, const uint8_t *const *ws,
                             const int64_t *ns, const int64_t *tbs, float *y, int64_t ldy, int nthreads, int impl);
@@ -29,6 +30,10 @@ typedef struct mistol_workspace mistol_workspace;
 EXPORT mistol_workspace *mistol_workspace_new(void);
 EXPORT void mistol_workspace_free(mistol_workspace *ws);
 EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *args);
+EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count, const mistol_matrix *mats, float *y,
+                                int64_t ldy, int nthreads, int impl);
+EXPORT int mistol_repack_q4_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out);
+EXPORT int mistol_repack_q6_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out);
 EXPORT int mistol_dense_many(int wtype, const float *x, int x_is_bf16, int64_t M, int64_t K, int count,
                              const void *const *ws, const int64_t *ns, const int64_t *tks, float *y, int64_t ldy,
                              int nthreads);
@@ -78,6 +83,24 @@ static float *edge_activations(int64_t K) {
     return x;
 }
 
+/* A random fp16 scale, now and then zero or subnormal. */
+static uint16_t random_scale(void) {
+    const uint64_t pick = next_u64() % 64;
+    return pick == 0 ? 0 : pick == 1 ? (uint16_t)(1 + next_u64() % 0x3ff) : float_to_half(uniform(-0.05f, 0.05f));
+}
+
+/* Activations with the per-256 quantizer's edge cases (K a multiple of 256, at least
+ * 1024): a zero super-block, one of halves (ties), one with a single tiny nonzero value. */
+static float *edge_activations_256(int64_t K) {
+    float *x = edge_activations(K);
+    memset(x + QKK, 0, sizeof(float) * QKK);
+    for (int j = 0; j < QKK; j++) x[2 * QKK + j] = (float)(j % 64 - 32) + 0.5f;
+    x[2 * QKK + 7] = 127.0f;
+    memset(x + 3 * QKK, 0, sizeof(float) * QKK);
+    x[3 * QKK + 200] = 1e-3f;
+    return x;
+}
+
 /* Group blocks of format fmt for rows x K with random quants and scales (a few of them
  * fp16 subnormals or zero), packed in one tile. */
 static uint8_t *random_packed(int fmt, int64_t rows, int64_t K) {
@@ -86,14 +109,56 @@ static uint8_t *random_packed(int fmt, int64_t rows, int64_t K) {
     for (int64_t i = 0; i < blocks * bb; i++) w[i] = (uint8_t)next_u64();
     for (int64_t b = 0; b < blocks; b++) {
         uint16_t *d = (uint16_t *)(w + b * bb); /* both group blocks start with d[IL] */
-        for (int r = 0; r < IL; r++) {
-            const uint64_t pick = next_u64() % 64;
-            d[r] = pick == 0   ? 0
-                   : pick == 1 ? (uint16_t)(1 + next_u64() % 0x3ff) /* subnormal */
-                               : float_to_half(uniform(-0.05f, 0.05f));
+        for (int r = 0; r < IL; r++) d[r] = random_scale();
+    }
+    return w;
+}
+
+/* Rows x K of a row-order format (kquant.h) with random quants, scales and mins (all 6
+ * bits of a k-quant's, all 8 of Q6_K's, -128 included) and random fp16 fields as above. */
+static uint8_t *random_rows(int fmt, int64_t rows, int64_t K) {
+    const int64_t bs = fmt_row_bytes(fmt, fmt_k_multiple(fmt)), blocks = rows * fmt_row_bytes(fmt, K) / bs;
+    uint8_t *w = malloc((size_t)(blocks * bs) + 1);
+    for (int64_t i = 0; i < blocks * bs; i++) w[i] = (uint8_t)next_u64();
+    for (int64_t b = 0; b < blocks; b++) {
+        uint8_t *blk = w + b * bs;
+        /* the fp16 fields: d (and dmin or m) first, but Q6_K's d last */
+        const int64_t at = fmt == FMT_Q6_K ? bs - 2 : 0, count = fmt == FMT_Q6_K || fmt == FMT_Q5_0 ? 1 : 2;
+        for (int64_t f = 0; f < count; f++) {
+            const uint16_t h = random_scale();
+            memcpy(blk + at + 2 * f, &h, 2);
         }
     }
     return w;
+}
+
+/* The same rows' blocks in format fmt as the kernels take them: a repacked copy for the
+ * 8-row layouts (Q4_KX8, Q6_KX8), else the rows themselves. */
+static uint8_t *kernel_layout(int fmt, uint8_t *rows_data, int64_t rows, int64_t K) {
+    if (fmt != FMT_Q4_KX8 && fmt != FMT_Q6_KX8) return rows_data;
+    uint8_t *out = malloc((size_t)((rows + 7) / 8 * 8 * fmt_row_bytes(fmt, K)));
+    const int rc = fmt == FMT_Q4_KX8 ? mistol_repack_q4_k_x8(rows_data, rows, K, out)
+                                     : mistol_repack_q6_k_x8(rows_data, rows, K, out);
+    if (rc != OK) printf("FAIL repack of format %d: error %d\n", fmt, rc), failures++;
+    free(rows_data);
+    return out;
+}
+
+/* The GGUF type whose rows fmt holds (Q4_K for Q4_KX8, Q6_K for Q6_KX8). */
+static int file_format(int fmt) { return fmt == FMT_Q4_KX8 ? FMT_Q4_K : fmt == FMT_Q6_KX8 ? FMT_Q6_K : fmt; }
+
+/* A weight matrix of `rows` x K in format fmt (any), random, and its mistol_matrix. */
+static mistol_matrix random_matrix(int fmt, int64_t rows, int64_t K) {
+    const uint8_t *data = fmt == FMT_INT8 || fmt == FMT_INT4
+                              ? random_packed(fmt, rows, K)
+                              : kernel_layout(fmt, random_rows(file_format(fmt), rows, K), rows, K);
+    return (mistol_matrix){data, rows, K / QK, fmt};
+}
+
+static const char *format_name(int fmt) {
+    static const char *names[FMT_COUNT] = {"?", "int8", "int4", "Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1",
+                                           "Q4_KX8", "Q6_KX8"};
+    return fmt > 0 && fmt < FMT_COUNT ? names[fmt] : "?";
 }
 
 /* (noinline: GCC 12's aarch64 vectorizer crashes on this loop inlined into check_decode) */
@@ -176,19 +241,122 @@ static void check_gemm(const char *name, int impl, int exact, int fmt) {
     for (int i = 0; i < 3; i++) free(ws[i]);
 }
 
-/* One decoder layer (grouped-query attention over a few cached tokens, biases, both weight
- * formats mixed) against the scalar implementation, and at 1 and 3 threads. */
-static void check_decode(const char *name, int impl) {
+/* ---------------------------------------------------------------------------------------
+ * k-quant and legacy blocks: every implementation gives the portable code's bits.
+ */
+static void check_kquantizer(const char *name, const qkernels *kn, const qkernels *ref) {
+    const int64_t K = 2048;
+    float *x = edge_activations_256(K), d[2][K / QKK];
+    int8_t q[2][K];
+    int32_t s16[2][K / 16];
+    ref->kquant(x, K, q[0], d[0], s16[0]);
+    kn->kquant(x, K, q[1], d[1], s16[1]);
+    report(!memcmp(q[0], q[1], sizeof q[0]) && !memcmp(d[0], d[1], sizeof d[0]) && !memcmp(s16[0], s16[1], sizeof s16[0]),
+           name, "k-quant activation quantizer (per 256): same bits", -1);
+    free(x);
+}
+
+/* x[K] quantized as format fmt reads it (per 256 or per 32) by the portable quantizer. */
+typedef struct {
+    int8_t *q;
+    float *d;
+    int32_t *s;
+} quantized;
+
+static quantized quantize_for(int fmt, const qkernels *ref, const float *x, int64_t K) {
+    const int per256 = fmt_k_multiple(fmt) == QKK;
+    quantized a = {malloc((size_t)K), malloc(sizeof(float) * (size_t)(K / QK)), malloc(sizeof(int32_t) * (size_t)(K / 16))};
+    (per256 ? ref->kquant : ref->quant)(x, K, a.q, a.d, a.s);
+    return a;
+}
+
+/* One row-order format's row kernel against the portable one: several K (one block up to
+ * several super-blocks), a few rows each, with the activations' edge cases. */
+static void check_rowdot(const char *name, int fmt, const qkernels *kn, const qkernels *ref) {
+    const int64_t unit = fmt_k_multiple(fmt), Ks[] = {unit, 3 * unit, 4 * QKK, 9 * QKK};
+    int ok = 1;
+    for (size_t k = 0; k < sizeof Ks / sizeof Ks[0]; k++) {
+        const int64_t K = Ks[k], rows = 6, rb = fmt_row_bytes(fmt, K);
+        uint8_t *w = random_rows(fmt, rows, K);
+        float *x = K >= 4 * QKK ? edge_activations_256(K) : random_floats(K, 2.0f);
+        const quantized a = quantize_for(fmt, ref, x, K);
+        for (int64_t r = 0; r < rows; r++) {
+            const float want = ref->rowdot[fmt](w + r * rb, a.q, a.d, a.s, K);
+            const float got = kn->rowdot[fmt](w + r * rb, a.q, a.d, a.s, K);
+            ok &= !memcmp(&want, &got, sizeof want);
+        }
+        free(w), free(x), free(a.q), free(a.d), free(a.s);
+    }
+    char what[80];
+    snprintf(what, sizeof what, "%s row kernel (K of 1 to 9 super-blocks): same bits", format_name(fmt));
+    report(ok, name, what, -1);
+}
+
+/* A repacked 8-row layout's kernel against the portable one, group by group, and against
+ * the portable row kernel on the rows it was made from (padding rows: zero). */
+static void check_x8(const char *name, int fmt, const qkernels *kn, const qkernels *ref) {
+    const int row_fmt = file_format(fmt);
+    const int64_t shapes[][2] = {{8, QKK}, {13, 3 * QKK}, {3, 2 * QKK}, {21, 4 * QKK}}; /* rows, K */
+    int ok = 1;
+    for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++) {
+        const int64_t rows = shapes[k][0], K = shapes[k][1], rb = fmt_row_bytes(row_fmt, K);
+        const int64_t gb = 8 * fmt_row_bytes(fmt, K);
+        uint8_t *w = random_rows(row_fmt, rows, K), *copy = malloc((size_t)(rows * rb));
+        memcpy(copy, w, (size_t)(rows * rb));
+        uint8_t *packed = kernel_layout(fmt, copy, rows, K);
+        float *x = K >= 4 * QKK ? edge_activations_256(K) : random_floats(K, 2.0f);
+        const quantized a = quantize_for(fmt, ref, x, K);
+        for (int64_t g = 0; g < (rows + 7) / 8; g++) {
+            float want[8], got[8];
+            (fmt == FMT_Q4_KX8 ? ref->q4k_x8 : ref->q6k_x8)(packed + g * gb, a.q, a.d, a.s, K, want);
+            (fmt == FMT_Q4_KX8 ? kn->q4k_x8 : kn->q6k_x8)(packed + g * gb, a.q, a.d, a.s, K, got);
+            ok &= !memcmp(want, got, sizeof want);
+            for (int64_t r = 8 * g; r < 8 * g + 8; r++) {
+                const float row = r < rows ? ref->rowdot[row_fmt](w + r * rb, a.q, a.d, a.s, K) : 0.0f;
+                ok &= !memcmp(&row, &got[r - 8 * g], sizeof row);
+            }
+        }
+        free(w), free(packed), free(x), free(a.q), free(a.d), free(a.s);
+    }
+    char what[96];
+    snprintf(what, sizeof what, "%s group kernel (8 to 21 rows): same bits, and the %s rows' bits", format_name(fmt),
+             format_name(row_fmt));
+    report(ok, name, what, -1);
+}
+
+/* mistol_gemm_matrices over one matrix of each row-order format (row counts not multiples
+ * of 8), one and three activation rows, one and four threads: the portable code's bits. */
+static void check_block_gemm(const char *name, int impl) {
+    enum { COUNT = 8 };
+    const int fmts[COUNT] = {FMT_Q4_KX8, FMT_Q5_K, FMT_Q6_KX8, FMT_Q4_1, FMT_Q5_0, FMT_Q5_1, FMT_Q6_K, FMT_Q4_K};
+    const int64_t rows[COUNT] = {203, 40, 77, 33, 19, 64, 21, 8}, K = 1024;
+    mistol_matrix mats[COUNT];
+    int64_t N = 0;
+    for (int i = 0; i < COUNT; i++) mats[i] = random_matrix(fmts[i], rows[i], K), N += rows[i];
+    int ok = 1;
+    for (int64_t M = 1; M <= 3; M += 2) {
+        float *x = edge_activations_256(M * K);
+        float *ref = malloc(sizeof(float) * (size_t)(M * N)), *y = malloc(sizeof(float) * (size_t)(M * N));
+        if (mistol_gemm_matrices(x, M, K, COUNT, mats, ref, N, 1, IMPL_SCALAR) != OK) ok = 0;
+        for (int threads = 1; threads <= 4; threads += 3) {
+            memset(y, 0xff, sizeof(float) * (size_t)(M * N));
+            if (mistol_gemm_matrices(x, M, K, COUNT, mats, y, N, threads, impl) != OK) ok = 0;
+            ok &= !memcmp(y, ref, sizeof(float) * (size_t)(M * N));
+        }
+        free(x), free(ref), free(y);
+    }
+    report(ok, name, "k-quant and legacy gemm (8 formats, M 1 and 3, 1 and 4 threads): same bits", -1);
+    for (int i = 0; i < COUNT; i++) free((void *)mats[i].data);
+}
+
+/* One decoder layer (grouped-query attention over a few cached tokens, biases, weights of
+ * formats fmts[W_COUNT], mixed) against the scalar implementation, and at 1 and 3 threads. */
+static void check_decode(const char *name, int impl, const int *fmts, const char *label) {
     enum { D = 256, F = 512, HQ = 8, HKV = 2, HD = 32, CAP = 24, SLOT = 17 };
     const int64_t rows[W_COUNT] = {HQ * HD, HKV * HD, HKV * HD, D, F, F, D};
     const int64_t cols[W_COUNT] = {D, D, D, HQ * HD, D, D, F};
     mistol_layer layer = {0};
-    uint8_t *packed[W_COUNT];
-    for (int i = 0; i < W_COUNT; i++) {
-        const int fmt = i % 2 ? FMT_INT4 : FMT_INT8;
-        packed[i] = random_packed(fmt, rows[i], cols[i]);
-        layer.weights[i] = (mistol_matrix){packed[i], rows[i], cols[i] / QK, fmt};
-    }
+    for (int i = 0; i < W_COUNT; i++) layer.weights[i] = random_matrix(fmts[i], rows[i], cols[i]);
     float *norm_attn = random_floats(D, 1.0f), *norm_mlp = random_floats(D, 1.0f);
     float *qkv_bias = random_floats(HQ * HD + 2 * HKV * HD, 0.1f), *o_bias = random_floats(D, 0.1f);
     layer.norm_attn = norm_attn, layer.norm_mlp = norm_mlp, layer.qkv_bias = qkv_bias, layer.o_bias = o_bias;
@@ -211,10 +379,13 @@ static void check_decode(const char *name, int impl) {
         if (mistol_decode_layer(ws, &args) != OK) ok = 0;
     }
     const double err = max_relative_difference(out[1], out[0], D);
-    report(ok && err < 1e-4, name, "decode layer: within 1e-4 of scalar", err);
-    report(ok && !memcmp(out[1], out[2], sizeof out[1]), name, "decode layer: same bits at 1 and 3 threads", -1);
+    char what[96];
+    snprintf(what, sizeof what, "decode layer (%s): within 1e-4 of scalar", label);
+    report(ok && err < 1e-4, name, what, err);
+    snprintf(what, sizeof what, "decode layer (%s): same bits at 1 and 3 threads", label);
+    report(ok && !memcmp(out[1], out[2], sizeof out[1]), name, what, -1);
     mistol_workspace_free(ws);
-    for (int i = 0; i < W_COUNT; i++) free(packed[i]);
+    for (int i = 0; i < W_COUNT; i++) free((void *)layer.weights[i].data);
     free(norm_attn), free(norm_mlp), free(qkv_bias), free(o_bias), free(cos), free(sin), free(x0), free(keys);
     free(values), free(k), free(v);
 }
@@ -291,7 +462,16 @@ int main(void) {
             check_group(name, IMPLS[i].exact, fmt, &kn, &ref);
             check_gemm(name, IMPLS[i].id, IMPLS[i].exact, fmt);
         }
-        check_decode(name, IMPLS[i].id);
+        static const int packed_fmts[W_COUNT] = {FMT_INT8, FMT_INT4, FMT_INT8, FMT_INT4, FMT_INT8, FMT_INT4, FMT_INT8};
+        check_decode(name, IMPLS[i].id, packed_fmts, "int8 and int4");
+        check_kquantizer(name, &kn, &ref);
+        for (int fmt = FMT_Q4_K; fmt <= FMT_Q5_1; fmt++) check_rowdot(name, fmt, &kn, &ref);
+        check_x8(name, FMT_Q4_KX8, &kn, &ref);
+        check_x8(name, FMT_Q6_KX8, &kn, &ref);
+        check_block_gemm(name, IMPLS[i].id);
+        /* q: Q4_KX8, k: Q5_K, v: Q4_K, o: Q6_KX8, gate: Q4_1, up: Q5_1, down: Q6_K */
+        static const int block_fmts[W_COUNT] = {FMT_Q4_KX8, FMT_Q5_K, FMT_Q4_K, FMT_Q6_KX8, FMT_Q4_1, FMT_Q5_1, FMT_Q6_K};
+        check_decode(name, IMPLS[i].id, block_fmts, "k-quant and legacy blocks");
     }
     return failures ? 1 : 0;
 }
