@@ -1,14 +1,15 @@
 /* Matrix products with weights in llama.cpp's k-quant (Q4_K, Q5_K, Q6_K) and legacy
  * (Q4_1, Q5_0, Q5_1) blocks, read in the file's own row order (kquant.h), so a mapped GGUF
- * tensor is used where it lies; Q4_K also as Q4_KX8, 8 rows interleaved, made at load.
+ * tensor is used where it lies; Q4_K and Q6_K also as Q4_KX8 and Q6_KX8, 8 rows interleaved,
+ * made at load.
  *
  * Each row's dot product runs super-block by super-block (k-quants: 256 inputs) or block
  * by block (legacy: 32) against the activation row quantized to int8 (per 256 or per 32,
  * kquant.h): the products of quants, activations and the 6/8-bit sub-block scales are
  * summed exactly in int32, and each super-block adds its sums into the fp32 result through
  * the same float operations (kq_add) in every implementation and layout; the legacy blocks
- * add theirs into 8 float lanes summed at the end in one fixed order. So the portable and
- * the AVX2 kernels give the same bits.
+ * add theirs into 8 float lanes summed at the end in one fixed order. So the portable, the
+ * AVX2 and the NEON kernels (with and without ARM's dot products) give the same bits.
  *
  * Row by row, a super-block's 8-16 sub-block scales are applied lane by lane inside the
  * integer sums (a shuffle and a multiply-add per 32 inputs), which costs 2-3x the int4
@@ -752,14 +753,14 @@ static inline float32x4_t kq_add4(float32x4_t acc, float32x4_t dd, float32x4_t d
             const int32_t *s16 = s + i * 16;                                                                   \
             int32x4_t sumi[2] = {zero, zero}, summ[2] = {zero, zero};                                          \
             for (int c = 0; c < 4; c++) {                                                                      \
-                int32x4_t lo[2] = {zero, zero}, hi[2] = {zero, zero}; /* sub-blocks 2c, 2c + 1; [rows 0-3, 4-7] */ \
-                for (int kq = 0; kq < 2; kq++) { /* quads 4kq..4kq+3 */                                        \
+                int32x4_t lo[2][2], hi[2][2]; /* sub-blocks 2c, 2c + 1: [quads 0-3, 4-7][rows 0-3, 4-7] */    \
+                for (int kq = 0; kq < 2; kq++) { /* (apart: shorter chains of dependent dot products) */       \
                     const int8x16_t alo = vld1q_s8(a + 64 * c + 16 * kq), ahi = vld1q_s8(a + 64 * c + 32 + 16 * kq); \
                     for (int r = 0; r < 2; r++) {                                                              \
                         const uint8x16_t v0 = vld1q_u8(b->qs[c][4 * kq][4 * r]), v1 = vld1q_u8(b->qs[c][4 * kq + 1][4 * r]); \
                         const uint8x16_t v2 = vld1q_u8(b->qs[c][4 * kq + 2][4 * r]), v3 = vld1q_u8(b->qs[c][4 * kq + 3][4 * r]); \
-                        lo[r] = ROWS4(lo[r], NIB_LO(v0), NIB_LO(v1), NIB_LO(v2), NIB_LO(v3), alo);             \
-                        hi[r] = ROWS4(hi[r], NIB_HI(v0), NIB_HI(v1), NIB_HI(v2), NIB_HI(v3), ahi);             \
+                        lo[kq][r] = ROWS4(zero, NIB_LO(v0), NIB_LO(v1), NIB_LO(v2), NIB_LO(v3), alo);          \
+                        hi[kq][r] = ROWS4(zero, NIB_HI(v0), NIB_HI(v1), NIB_HI(v2), NIB_HI(v3), ahi);          \
                     }                                                                                          \
                 }                                                                                              \
                 /* the pair of activation sums (at most 32 * 127 each) against each row's two mins */          \
@@ -768,8 +769,8 @@ static inline float32x4_t kq_add4(float32x4_t acc, float32x4_t dd, float32x4_t d
                 const int16x8_t mins = vreinterpretq_s16_u16(vmovl_u8(vld1_u8(b->mins[c][0])));                \
                 const int16x8_t mins4 = vreinterpretq_s16_u16(vmovl_u8(vld1_u8(b->mins[c][4])));               \
                 for (int r = 0; r < 2; r++) {                                                                  \
-                    sumi[r] = vmlaq_s32(sumi[r], lo[r], rows_u8(b->scales[2 * c] + 4 * r));                    \
-                    sumi[r] = vmlaq_s32(sumi[r], hi[r], rows_u8(b->scales[2 * c + 1] + 4 * r));                \
+                    sumi[r] = vmlaq_s32(sumi[r], vaddq_s32(lo[0][r], lo[1][r]), rows_u8(b->scales[2 * c] + 4 * r)); \
+                    sumi[r] = vmlaq_s32(sumi[r], vaddq_s32(hi[0][r], hi[1][r]), rows_u8(b->scales[2 * c + 1] + 4 * r)); \
                     const int16x8_t m = r ? mins4 : mins; /* row pairs: {m0, m1} of rows 4r..4r+3 */           \
                     summ[r] = vaddq_s32(summ[r], vpaddq_s32(vmull_s16(vget_low_s16(m), pair),                  \
                                                             vmull_s16(vget_high_s16(m), pair)));               \
