@@ -600,7 +600,8 @@ static void quantize_k_neon(const float *x, int64_t K, int8_t *q, float *d, int3
     for (int64_t b = 0; b < K / QKK; b++) {
         const float *xb = x + b * QKK;
         float32x4_t m = vdupq_n_f32(0.0f);
-        for (int j = 0; j < QKK; j += 4) m = vmaxnmq_f32(m, vabsq_f32(vld1q_f32(xb + j))); /* NaN-ignoring, as fmaxf */
+        for (int j = 0; j < QKK; j += 4) /* (maxnm ignores a NaN, as fmaxf does) */
+            m = vmaxnmq_f32(m, vabsq_f32(vld1q_f32(xb + j)));
         const float amax = vmaxnmvq_f32(m);
         const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
         for (int g = 0; g < QKK / 16; g++) {
@@ -659,8 +660,10 @@ DOTPROD_FN static inline int32x4_t rows4_dotprod(int32x4_t acc, int8x16_t w0, in
 #define NIB_LO(v) S8(vandq_u8((v), vdupq_n_u8(15)))
 #define NIB_HI(v) S8(vshrq_n_u8((v), 4))
 
-/* Four int8 (or uint8) scales of rows 0-3 (p) as int32 lanes. */
-static inline int32x4_t rows_u8(const uint8_t *p) { return vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vld1_u8(p))))); }
+/* Four rows' uint8 (or int8) scales, p[0..3], as int32 lanes. */
+static inline int32x4_t rows_u8(const uint8_t *p) {
+    return vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vld1_u8(p)))));
+}
 static inline int32x4_t rows_s8(const int8_t *p) { return vmovl_s16(vget_low_s16(vmovl_s8(vld1_s8(p)))); }
 
 /* Four rows' fp16 scales times the activation scale da, as kq_add takes them. */
@@ -673,8 +676,9 @@ static inline float32x4_t kq_add4(float32x4_t acc, float32x4_t dd, float32x4_t d
     return vaddq_f32(acc, vsubq_f32(vmulq_f32(dd, vcvtq_f32_s32(sumi)), vmulq_f32(dm, vcvtq_f32_s32(summ))));
 }
 
-/* Q4_K (QH: NULL) and Q5_K (QH: its qh) row by row: sub-block j's 32 products summed in int32 lanes,
- * weighted by its scale (a lane-wise multiply-add), the lanes summed once per super-block. */
+/* Q4_K (QH: NULL) and Q5_K (QH: its qh) row by row: sub-block j's 32 products summed in
+ * int32 lanes, weighted by its scale (a lane-wise multiply-add), the lanes summed once per
+ * super-block. */
 #define DEFINE_Q45_K_NEON(NAME, TARGET, DOT16, TYPE, QH)                                                        \
     TARGET static float NAME(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) { \
         const uint8x16_t one = vdupq_n_u8(1), two = vdupq_n_u8(2);                                             \

@@ -1,14 +1,16 @@
 /* Checks every SIMD implementation of the quantized kernels that this CPU runs against the
  * portable scalar C, on seeded random data: int8/int4 in the packed layout, and llama.cpp's
- * k-quant and legacy blocks (kquant.h) row by row and repacked 8 rows at a time. Built from the C files of csrc/ and this file alone (no
- * Python, no torch), so that it can be cross-compiled for another architecture and run
- * under an emulator (tests/test_kernels_native.py).
+ * k-quant and legacy blocks (kquant.h) row by row and repacked 8 rows at a time. Built from
+ * the C files of csrc/ and this file alone (no Python, no torch), so that it can be
+ * cross-compiled for another architecture and run under an emulator
+ * (tests/test_kernels_native.py).
  *
- * Where an implementation does the scalar code's arithmetic (the activation quantizer
- * everywhere; the NEON matrix products, which scale and add without fusing) the results
- * must be the same bits; the x86 matrix products fuse the multiply-add and the decode
- * layer's attention sums in another order, so those are compared within a tolerance. Any
- * implementation must give the same bits at every thread count.
+ * Where an implementation does the scalar code's arithmetic (the activation quantizers
+ * everywhere; the k-quant and legacy block products everywhere; the NEON int8/int4
+ * products, which scale and add without fusing) the results must be the same bits; the x86
+ * int8/int4 products fuse the multiply-add and the decode layer's attention sums in another
+ * order, so those are compared within a tolerance. Any implementation must give the same
+ * bits at every thread count.
  *
  * The float (dense) products pick their code from the CPU alone; they are checked against
  * products and sums in double.
@@ -251,7 +253,8 @@ static void check_kquantizer(const char *name, const qkernels *kn, const qkernel
     int32_t s16[2][K / 16];
     ref->kquant(x, K, q[0], d[0], s16[0]);
     kn->kquant(x, K, q[1], d[1], s16[1]);
-    report(!memcmp(q[0], q[1], sizeof q[0]) && !memcmp(d[0], d[1], sizeof d[0]) && !memcmp(s16[0], s16[1], sizeof s16[0]),
+    report(!memcmp(q[0], q[1], sizeof q[0]) && !memcmp(d[0], d[1], sizeof d[0]) &&
+               !memcmp(s16[0], s16[1], sizeof s16[0]),
            name, "k-quant activation quantizer (per 256): same bits", -1);
     free(x);
 }
@@ -265,7 +268,8 @@ typedef struct {
 
 static quantized quantize_for(int fmt, const qkernels *ref, const float *x, int64_t K) {
     const int per256 = fmt_k_multiple(fmt) == QKK;
-    quantized a = {malloc((size_t)K), malloc(sizeof(float) * (size_t)(K / QK)), malloc(sizeof(int32_t) * (size_t)(K / 16))};
+    quantized a = {malloc((size_t)K), malloc(sizeof(float) * (size_t)(K / QK)),
+                   malloc(sizeof(int32_t) * (size_t)(K / 16))};
     (per256 ? ref->kquant : ref->quant)(x, K, a.q, a.d, a.s);
     return a;
 }
@@ -462,7 +466,8 @@ int main(void) {
             check_group(name, IMPLS[i].exact, fmt, &kn, &ref);
             check_gemm(name, IMPLS[i].id, IMPLS[i].exact, fmt);
         }
-        static const int packed_fmts[W_COUNT] = {FMT_INT8, FMT_INT4, FMT_INT8, FMT_INT4, FMT_INT8, FMT_INT4, FMT_INT8};
+        static const int packed_fmts[W_COUNT] = {FMT_INT8, FMT_INT4, FMT_INT8, FMT_INT4,
+                                                 FMT_INT8, FMT_INT4, FMT_INT8};
         check_decode(name, IMPLS[i].id, packed_fmts, "int8 and int4");
         check_kquantizer(name, &kn, &ref);
         for (int fmt = FMT_Q4_K; fmt <= FMT_Q5_1; fmt++) check_rowdot(name, fmt, &kn, &ref);
@@ -470,7 +475,8 @@ int main(void) {
         check_x8(name, FMT_Q6_KX8, &kn, &ref);
         check_block_gemm(name, IMPLS[i].id);
         /* q: Q4_KX8, k: Q5_K, v: Q4_K, o: Q6_KX8, gate: Q4_1, up: Q5_1, down: Q6_K */
-        static const int block_fmts[W_COUNT] = {FMT_Q4_KX8, FMT_Q5_K, FMT_Q4_K, FMT_Q6_KX8, FMT_Q4_1, FMT_Q5_1, FMT_Q6_K};
+        static const int block_fmts[W_COUNT] = {FMT_Q4_KX8, FMT_Q5_K, FMT_Q4_K, FMT_Q6_KX8,
+                                                FMT_Q4_1,   FMT_Q5_1, FMT_Q6_K};
         check_decode(name, IMPLS[i].id, block_fmts, "k-quant and legacy blocks");
     }
     return failures ? 1 : 0;
