@@ -303,3 +303,20 @@ def test_every_command_with_kv_cache_takes_q8_0_and_explains_it():
         (action,) = [a for a in p._actions if "--kv-cache" in a.option_strings]
         assert "q8_0" in action.choices, name
         assert all(f"{choice}:" in action.help for choice in ("f32", "f16", "q8_0")), action.help
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphed_decoding_with_a_q8_0_cache_equals_eager_on_cuda(head32_dir):
+    """The graphs record the quantization of the new rows and the dequantization of the read
+    ones (no host reads in either)."""
+    from mistol.sampling import SamplingParams
+
+    engine = Engine.load(head32_dir, dtype="f32", device="cuda")
+    engine.kv_dtype = Q8_0
+    prompt, params = list(range(5, 30)), SamplingParams(temperature=0, max_tokens=100)
+    engine.cuda_graphs = False
+    eager = list(engine.new_session(max_context=400).generate(prompt, params))
+    engine.cuda_graphs = True
+    session = engine.new_session(max_context=400)
+    assert list(session.generate(prompt, params)) == eager
+    assert session._graphed is not None and session.cache.k.dtype == torch.int8
