@@ -19,8 +19,8 @@ import torch
 from .errors import MistolError
 from .generation import Generation
 from .model import KVCache, ModelConfig, Transformer
-from .model.kv_cache import Q8_0, KVType
 from .model.backend import Backend
+from .model.kv_cache import Q8_0, KVType
 from .sampling import SamplingParams, sample_next
 from .speculative import Speculation, Speculator
 from .stops import StopFilter
