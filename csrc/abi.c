@@ -37,6 +37,11 @@ static const mistol_constant constants[] = {
     {"dtype", "bfloat16", DT_BF16},
     {"dtype", "float16", DT_F16},
 
+    /* named as `--kv-cache` names them */
+    {"kv_cache", "f32", KV_F32},
+    {"kv_cache", "f16", KV_F16},
+    {"kv_cache", "q8_0", KV_Q8_0},
+
     {"error", "K must be a positive multiple of 32", ERR_K},
     {"error", "unknown format", ERR_FMT},
     {"error", "out of memory", ERR_NOMEM},
@@ -71,6 +76,8 @@ static const mistol_constant constants[] = {
     FIELD(mistol_decode_args, x),
     FIELD(mistol_decode_args, cache_k),
     FIELD(mistol_decode_args, cache_v),
+    FIELD(mistol_decode_args, cache_k_scale),
+    FIELD(mistol_decode_args, cache_v_scale),
     FIELD(mistol_decode_args, cos),
     FIELD(mistol_decode_args, sin),
     FIELD(mistol_decode_args, mask),
@@ -85,7 +92,7 @@ static const mistol_constant constants[] = {
     FIELD(mistol_decode_args, eps),
     FIELD(mistol_decode_args, nthreads),
     FIELD(mistol_decode_args, impl),
-    FIELD(mistol_decode_args, cache_f16),
+    FIELD(mistol_decode_args, cache_type),
 
     {NULL, NULL, 0},
 };

@@ -9,7 +9,7 @@
 
 #include <stdint.h>
 
-#define MISTOL_ABI_VERSION 13
+#define MISTOL_ABI_VERSION 14
 
 /* Weight formats of the quantized kernels: int8/int4 in the packed layout of
  * mistol_kernels.h; the others are llama.cpp's block types in the file's own row order
@@ -20,6 +20,9 @@ enum { FMT_INT8 = 1, FMT_INT4 = 2, FMT_Q4_K = 3, FMT_Q5_K = 4, FMT_Q6_K = 5, FMT
 enum { IMPL_AUTO = 0, IMPL_SCALAR = 1, IMPL_AVX2 = 2, IMPL_VNNI = 3, IMPL_NEON = 4, IMPL_DOTPROD = 5 };
 /* Element types of float tensors (dense weights, quantizer sources, dequantized output). */
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+/* What the decode layer's KV cache holds: float32 or float16 rows, or llama.cpp's Q8_0 (int8
+ * rows with a float16 scale per 32 values, the scales in a tensor of their own). */
+enum { KV_F32 = 0, KV_F16 = 1, KV_Q8_0 = 2 };
 enum { OK = 0, ERR_K = -1, ERR_FMT = -2, ERR_NOMEM = -3, ERR_IMPL = -4, ERR_ARG = -5 };
 
 /* One quantized matrix: `rows` rows packed in format `format`, in tiles of `tile_blocks`
@@ -43,7 +46,9 @@ typedef struct {
 
 /* Everything one call of mistol_decode_layer reads: layer `layer` of `layers` for the
  * token whose hidden state x[hidden] it updates in place. The caches hold every layer:
- * [layers][kv_heads][capacity][head_dim] float32 (float16 with cache_f16 != 0); the new key and value go to slot
+ * [layers][kv_heads][capacity][head_dim] values of `cache_type` (float32, float16 or int8);
+ * with KV_Q8_0, cache_k_scale/cache_v_scale hold their float16 scales,
+ * [layers][kv_heads][capacity][head_dim / 32] (else NULL). The new key and value go to slot
  * `slot`, attention reads slots [0, n_keys) where mask[s] != 0 (mask NULL: all of them).
  * cos/sin: the token's RoPE values, [head_dim]. */
 typedef struct {
@@ -51,6 +56,7 @@ typedef struct {
     int64_t layer;
     float *x;
     void *cache_k, *cache_v;
+    uint16_t *cache_k_scale, *cache_v_scale;
     const float *cos, *sin;
     const uint8_t *mask;
     int64_t hidden, ffn, heads, kv_heads, head_dim;
@@ -58,7 +64,7 @@ typedef struct {
     float eps;
     int32_t nthreads;
     int32_t impl;
-    int32_t cache_f16;
+    int32_t cache_type;
 } mistol_decode_args;
 
 /* One entry of mistol_abi_constants(): a named value in a group ("format", "error", ...);

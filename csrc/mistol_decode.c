@@ -4,7 +4,7 @@
  *
  *   h = rmsnorm(x) * norm_attn
  *   q, k, v = h Wq^T (+ bq), h Wk^T (+ bk), h Wv^T (+ bv), then RoPE ("rotate half") on q and k
- *   the cache's slot `slot` = k, v (float32, or float16: cache_f16)
+ *   the cache's slot `slot` = k, v (float32, float16 or Q8_0 blocks: cache_type)
  *   a = softmax(q K^T / sqrt(head_dim)) V per query head over the first n_keys slots
  *       (grouped-query: query head h reads kv head h / (heads / kv_heads); mask[s] = 0
  *       hides slot s, for sliding windows and empty slots)
@@ -173,13 +173,50 @@ static void attend(dot_fn dot, axpy_fn axpy, const float *q, int64_t group, cons
     }
 }
 
-/* A float16 cache (args->cache_f16) holds keys and values in half the bytes: rows are
- * rounded to f16 as they are written (to nearest even, as torch's .to(float16)) and turned
- * back into float32 a chunk of KV_CHUNK rows at a time as attention reads them, into a
- * per-thread scratch that stays in L1; the arithmetic is then attend()'s, on those values. */
+/* A float16 cache (KV_F16) holds keys and values in half the bytes: rows are rounded to
+ * f16 as they are written (to nearest even, as torch's .to(float16)). A Q8_0 cache (KV_Q8_0)
+ * holds them in about a quarter: each block of 32 values of a row as int8 with a float16
+ * scale, quantized as they are written (as llama.cpp's quantize_row_q8_0_ref, and
+ * mistol/model/kv_cache.py's quantize_q8_0: the same bits). Either is turned back into
+ * float32 a chunk of KV_CHUNK rows at a time as attention reads them, into a per-thread
+ * scratch that stays in L1; the arithmetic is then attend()'s, on those values. */
 #define KV_CHUNK 32
-typedef void (*halves_fn)(const uint16_t *, float *, int64_t);
 typedef void (*to_halves_fn)(const float *, uint16_t *, int64_t);
+
+/* One kv head's cached rows [capacity][d]: float16, or int8 with scales [capacity][d / 32]. */
+typedef struct {
+    const void *rows;
+    const uint16_t *scales;
+} kv_rows;
+/* rows [s0, s0 + n) of src as float32, out[n][d] */
+typedef void (*kv_load_fn)(kv_rows src, int64_t s0, int64_t n, int64_t d, float *out);
+
+static inline int round_away(float v) { /* roundf for |v| < 2^31, without a libm call */
+    int i = (int)v;
+    float f = v - (float)i;
+    return i + (f >= 0.5f) - (f <= -0.5f);
+}
+
+/* x[d] (d a multiple of 32) -> Q8_0: per block d = max|x| / 127, q = roundf(x * (1 / d)). */
+static void quantize_q8_0_row(const float *x, int8_t *q, uint16_t *scales, int64_t d) {
+    for (int64_t b = 0; b < d / QK; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+        scales[b] = float_to_half(scale);
+        for (int j = 0; j < QK; j++) q[b * QK + j] = (int8_t)round_away(xb[j] * inv);
+    }
+}
+
+static void load_q8_0_scalar(kv_rows src, int64_t s0, int64_t n, int64_t d, float *out) {
+    const int8_t *q = (const int8_t *)src.rows + s0 * d;
+    const uint16_t *scales = src.scales + s0 * (d / QK);
+    for (int64_t b = 0; b < n * d / QK; b++) {
+        const float scale = half_to_float(scales[b]);
+        for (int j = 0; j < QK; j++) out[b * QK + j] = (float)q[b * QK + j] * scale;
+    }
+}
 
 static void halves_scalar(const uint16_t *h, float *f, int64_t n) {
     for (int64_t i = 0; i < n; i++) f[i] = half_to_float(h[i]);
@@ -187,6 +224,10 @@ static void halves_scalar(const uint16_t *h, float *f, int64_t n) {
 
 static void to_halves_scalar(const float *f, uint16_t *h, int64_t n) {
     for (int64_t i = 0; i < n; i++) h[i] = float_to_half(f[i]);
+}
+
+static void load_f16_scalar(kv_rows src, int64_t s0, int64_t n, int64_t d, float *out) {
+    halves_scalar((const uint16_t *)src.rows + s0 * d, out, n * d);
 }
 
 #ifdef MISTOL_X86
@@ -202,16 +243,32 @@ AVX2_FN static void to_halves_f16c(const float *f, uint16_t *h, int64_t n) {
         _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; i++) h[i] = float_to_half(f[i]);
 }
+
+AVX2_FN static void load_f16_f16c(kv_rows src, int64_t s0, int64_t n, int64_t d, float *out) {
+    halves_f16c((const uint16_t *)src.rows + s0 * d, out, n * d);
+}
+
+AVX2_FN static void load_q8_0_avx2(kv_rows src, int64_t s0, int64_t n, int64_t d, float *out) {
+    const int8_t *q = (const int8_t *)src.rows + s0 * d;
+    const uint16_t *scales = src.scales + s0 * (d / QK);
+    for (int64_t b = 0; b < n * d / QK; b++) {
+        const __m256 scale = _mm256_set1_ps(half_to_float(scales[b]));
+        for (int j = 0; j < QK; j += 8) {
+            const __m256i q32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + b * QK + j)));
+            _mm256_storeu_ps(out + b * QK + j, _mm256_mul_ps(_mm256_cvtepi32_ps(q32), scale));
+        }
+    }
+}
 #endif
 
-/* attend() over float16 keys/values; chunk: scratch of KV_CHUNK * d floats. */
-static void attend_f16(dot_fn dot, axpy_fn axpy, halves_fn halves, const float *q, int64_t group,
-                       const uint16_t *keys, const uint16_t *values, int64_t d, int64_t n_keys, const uint8_t *mask,
-                       float *scores, float *chunk, float *out) {
+/* attend() over float16 or Q8_0 keys/values (`load` reads them); chunk: scratch of KV_CHUNK * d floats. */
+static void attend_chunked(dot_fn dot, axpy_fn axpy, kv_load_fn load, const float *q, int64_t group, kv_rows keys,
+                           kv_rows values, int64_t d, int64_t n_keys, const uint8_t *mask, float *scores, float *chunk,
+                           float *out) {
     const float scale = 1.0f / sqrtf((float)d);
     for (int64_t s0 = 0; s0 < n_keys; s0 += KV_CHUNK) { /* each chunk of keys once, for every query head */
         const int64_t n = n_keys - s0 < KV_CHUNK ? n_keys - s0 : KV_CHUNK;
-        halves(keys + s0 * d, chunk, n * d);
+        load(keys, s0, n, d, chunk);
         for (int64_t g = 0; g < group; g++)
             for (int64_t s = 0; s < n; s++)
                 scores[g * n_keys + s0 + s] =
@@ -226,7 +283,7 @@ static void attend_f16(dot_fn dot, axpy_fn axpy, halves_fn halves, const float *
     }
     for (int64_t s0 = 0; s0 < n_keys; s0 += KV_CHUNK) {
         const int64_t n = n_keys - s0 < KV_CHUNK ? n_keys - s0 : KV_CHUNK;
-        halves(values + s0 * d, chunk, n * d);
+        load(values, s0, n, d, chunk);
         for (int64_t g = 0; g < group; g++)
             for (int64_t s = 0; s < n; s++) {
                 const float p = scores[g * n_keys + s0 + s];
@@ -243,6 +300,9 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     const int64_t cap = args->capacity, slot = args->slot, n_keys = args->n_keys;
     if (D <= 0 || F <= 0 || D % QK || F % QK || (hq * hd) % QK || hkv <= 0 || hq % hkv || hd % 2) return ERR_ARG;
     if (slot < 0 || slot >= cap || n_keys <= 0 || n_keys > cap || args->layer < 0) return ERR_ARG;
+    const int cache_type = args->cache_type;
+    if (cache_type != KV_F32 && cache_type != KV_F16 && cache_type != KV_Q8_0) return ERR_ARG;
+    if (cache_type == KV_Q8_0 && (hd % QK || !args->cache_k_scale || !args->cache_v_scale)) return ERR_ARG;
     const int64_t dq = hq * hd, dkv = hkv * hd, group = hq / hkv, kmax = F > D ? (F > dq ? F : dq) : (D > dq ? D : dq);
     const mistol_layer *layer = &args->layers[args->layer];
     const mistol_matrix *w = layer->weights;
@@ -283,13 +343,18 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     float *cache_v = (float *)args->cache_v + args->layer * layer_floats;
     const float *cos = args->cos, *sin = args->sin;
     const uint8_t *mask = args->mask;
-    const int f16 = args->cache_f16 != 0;
     uint16_t *cache_k16 = (uint16_t *)args->cache_k + args->layer * layer_floats;
     uint16_t *cache_v16 = (uint16_t *)args->cache_v + args->layer * layer_floats;
-    halves_fn halves = halves_scalar;
+    int8_t *cache_k8 = (int8_t *)args->cache_k + args->layer * layer_floats;
+    int8_t *cache_v8 = (int8_t *)args->cache_v + args->layer * layer_floats;
+    const int64_t layer_blocks = layer_floats / QK, row_blocks = hd / QK; /* Q8_0: the scales' share */
+    uint16_t *scale_k = cache_type == KV_Q8_0 ? args->cache_k_scale + args->layer * layer_blocks : NULL;
+    uint16_t *scale_v = cache_type == KV_Q8_0 ? args->cache_v_scale + args->layer * layer_blocks : NULL;
     to_halves_fn to_halves = to_halves_scalar;
+    kv_load_fn load = cache_type == KV_Q8_0 ? load_q8_0_scalar : load_f16_scalar;
 #ifdef MISTOL_X86
-    if (args->impl != IMPL_SCALAR && cpu_has_avx2()) halves = halves_f16c, to_halves = to_halves_f16c;
+    if (args->impl != IMPL_SCALAR && cpu_has_avx2())
+        to_halves = to_halves_f16c, load = cache_type == KV_Q8_0 ? load_q8_0_avx2 : load_f16_f16c;
 #endif
 
 #ifdef _OPENMP
@@ -316,11 +381,19 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
             }
             rope(k, cos, sin, hd);
             for (int64_t g = 0; g < group; g++) rope(qkv + (j * group + g) * hd, cos, sin, hd);
-            if (f16) {
+            if (cache_type == KV_F16) {
                 to_halves(k, cache_k16 + (j * cap + slot) * hd, hd);
                 to_halves(v, cache_v16 + (j * cap + slot) * hd, hd);
-                attend_f16(dot, axpy, halves, qkv + j * group * hd, group, cache_k16 + j * cap * hd,
-                           cache_v16 + j * cap * hd, hd, n_keys, mask, my_scores, my_chunk, att + j * group * hd);
+                const kv_rows keys = {cache_k16 + j * cap * hd, NULL}, values = {cache_v16 + j * cap * hd, NULL};
+                attend_chunked(dot, axpy, load, qkv + j * group * hd, group, keys, values, hd, n_keys, mask, my_scores,
+                               my_chunk, att + j * group * hd);
+            } else if (cache_type == KV_Q8_0) {
+                quantize_q8_0_row(k, cache_k8 + (j * cap + slot) * hd, scale_k + (j * cap + slot) * row_blocks, hd);
+                quantize_q8_0_row(v, cache_v8 + (j * cap + slot) * hd, scale_v + (j * cap + slot) * row_blocks, hd);
+                const kv_rows keys = {cache_k8 + j * cap * hd, scale_k + j * cap * row_blocks},
+                              values = {cache_v8 + j * cap * hd, scale_v + j * cap * row_blocks};
+                attend_chunked(dot, axpy, load, qkv + j * group * hd, group, keys, values, hd, n_keys, mask, my_scores,
+                               my_chunk, att + j * group * hd);
             } else {
                 memcpy(cache_k + (j * cap + slot) * hd, k, sizeof(float) * (size_t)hd);
                 memcpy(cache_v + (j * cap + slot) * hd, v, sizeof(float) * (size_t)hd);

@@ -20,6 +20,7 @@ from .errors import MistolError
 from .generation import Generation
 from .model import KVCache, ModelConfig, Transformer
 from .model.backend import Backend
+from .model.kv_cache import Q8_0, KVType
 from .sampling import SamplingParams, sample_next
 from .speculative import Speculation, Speculator
 from .stops import StopFilter
@@ -45,7 +46,7 @@ class Engine:
         self._tokenizer = tokenizer
         self.name = name
         self.backend = Backend.choose(model)
-        self.kv_dtype = default_kv_dtype(model)  # what new sessions' caches hold (`KV_CACHE_DTYPES`)
+        self.kv_dtype: KVType = default_kv_dtype(model)  # what new sessions' caches hold (`KV_CACHE_DTYPES`)
         # How sessions decode several tokens per pass (mistol/speculative.py); None: one at a time
         self.speculation: Speculation | None = Speculation()
 
@@ -204,7 +205,8 @@ def _check_device(device: str) -> torch.device:
     return dev
 
 
-KV_CACHE_DTYPES = {"f16": torch.float16, "f32": torch.float32}
+# what `--kv-cache` names: float32, float16, or llama.cpp's Q8_0 blocks (model/kv_cache.py)
+KV_CACHE_DTYPES = {"f16": torch.float16, "f32": torch.float32, "q8_0": Q8_0}
 
 
 def default_kv_dtype(model: Transformer) -> torch.dtype:

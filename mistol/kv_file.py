@@ -2,12 +2,13 @@
 where it was instead of running its whole history through the model again.
 
 The file is safetensors (no code runs when it is read): the filled slots of the cache's keys
-and values, which absolute position each slot holds, and the token ids. Its metadata says
-what the cache belongs to: the model's name, shape and dtype, a fingerprint of its weights
-(a hash of a sample of every tensor, so a different fine-tune of the same shape is told
-apart without reading gigabytes), and a hash of the token ids. `restore` checks all of it
-and answers with the reason when the file does not fit; the caller then runs the history
-again, as without a file: a cache never gives a wrong answer, at worst no head start.
+and values (and of their scales, in a q8_0 cache), which absolute position each slot holds,
+and the token ids. Its metadata says what the cache belongs to: the model's name, shape and
+the cache's dtype, a fingerprint of its weights (a hash of a sample of every tensor, so a
+different fine-tune of the same shape is told apart without reading gigabytes), and a hash
+of the token ids. `restore` checks all of it and answers with the reason when the file does
+not fit; the caller then runs the history again, as without a file: a cache never gives a
+wrong answer, at worst no head start.
 
 Files are written to a temporary name and renamed, so a crash or a full disk leaves the
 previous file or none, never half of one.
@@ -62,6 +63,11 @@ def _shape(engine: Engine) -> str:
     return f"{c.num_layers}x{c.num_kv_heads}x{c.head_dim}"
 
 
+def _dtype(cache) -> str:
+    """What a cache holds, as its file records it: "torch.float16", "torch.float32"... or "q8_0"."""
+    return str(cache.dtype)
+
+
 def save(session: Session, path: Path, extra: dict | None = None) -> int:
     """Write `session`'s cache to `path` (atomically); returns the file's size in bytes.
     `extra`: JSON-able data the caller wants back with the cache (e.g. the replies' token ids)."""
@@ -69,13 +75,12 @@ def save(session: Session, path: Path, extra: dict | None = None) -> int:
     filled = min(cache.length, cache.capacity)
     engine = session.engine
     tensors = {
-        "k": cache.k[:, :, :, :filled],
-        "v": cache.v[:, :, :, :filled],
+        **{name: t[:, :, :, :filled] for name, t in cache.tensors().items()},
         "slot_pos": cache.slot_pos[:filled],
         "tokens": torch.tensor(session.tokens, dtype=torch.int64),
     }
     metadata = {
-        "format": FORMAT, "model": engine.name, "shape": _shape(engine), "dtype": str(cache.k.dtype),
+        "format": FORMAT, "model": engine.name, "shape": _shape(engine), "dtype": _dtype(cache),
         "capacity": str(cache.capacity), "weights": weights_fingerprint(engine),
         "tokens": _tokens_hash(session.tokens), "extra": json.dumps(extra or {}),
     }
@@ -107,31 +112,33 @@ def restore(session: Session, path: Path) -> tuple[dict | None, str | None]:
         return None, f"{path}: not a mistol KV cache file"
     if meta.get("shape") != _shape(engine) or meta.get("weights") != weights_fingerprint(engine):
         return None, f"{path}: the cache belongs to another model ({meta.get('model', '?')})"
-    if meta.get("dtype") != str(session.cache.k.dtype):
-        return None, f"{path}: the cache is in {meta.get('dtype')}, this session computes in {session.cache.k.dtype}"
+    cache = session.cache
+    if meta.get("dtype") != _dtype(cache):
+        return None, f"{path}: the cache is in {meta.get('dtype')}, this session's is {_dtype(cache)}"
+    ours = cache.tensors()
     try:
         token_ids = f.tensor("tokens")
         tokens = token_ids.tolist()
-        k, v, slot_pos = f.tensor("k"), f.tensor("v"), f.tensor("slot_pos")
+        saved = {name: f.tensor(name) for name in ours}
+        slot_pos = f.tensor("slot_pos")
         extra = json.loads(meta.get("extra") or "{}")
     except (KeyError, ValueError):
         return None, f"{path}: damaged KV cache file"
-    if token_ids.dtype != torch.int64 or k.dtype != session.cache.k.dtype or v.dtype != k.dtype:
+    if token_ids.dtype != torch.int64 or any(saved[name].dtype != t.dtype for name, t in ours.items()):
         return None, f"{path}: damaged KV cache file (tensor types)"
     if any(not 0 <= t < engine.config.vocab_size for t in tokens):
         return None, f"{path}: damaged KV cache file (token ids outside the vocabulary)"
     if _tokens_hash(tokens) != meta.get("tokens"):
         return None, f"{path}: damaged KV cache file (its token ids do not match their hash)"
-    cache = session.cache
-    filled = k.shape[3] if k.dim() == 5 else -1
+    filled = saved["k"].shape[3] if saved["k"].dim() == 5 else -1
     expected = min(len(tokens), cache.capacity)
-    if (filled != expected or k.shape != v.shape or tuple(k.shape[:3]) != tuple(cache.k.shape[:3])
+    if (filled != expected or any(saved[name].shape != (*t.shape[:3], filled, *t.shape[4:]) for name, t in ours.items())
             or tuple(slot_pos.shape) != (filled,) or len(tokens) > session.max_context
             or int(meta.get("capacity", -1)) != cache.capacity):
         return None, f"{path}: the cache does not fit this session (context {session.max_context})"
     session.reset()
-    cache.k[:, :, :, :filled].copy_(k)
-    cache.v[:, :, :, :filled].copy_(v)
+    for name, t in ours.items():
+        t[:, :, :, :filled].copy_(saved[name])
     cache.slot_pos[:filled].copy_(slot_pos)
     cache.length = len(tokens)
     session.tokens = list(tokens)

@@ -37,9 +37,13 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:N or mps (Apple's GPU through PyTorch's Metal backend; untested) "
                    "(default: cpu)")
-    p.add_argument("--kv-cache", default="auto", choices=["auto", "f16", "f32"],
-                   help="what the KV cache holds. auto (the default): f16 for a quantized model on CPU (half "
-                   "the memory of f32: 128 MiB per 1k tokens of context for a 7B model), else the model's dtype")
+    p.add_argument("--kv-cache", default="auto", choices=["auto", "f16", "f32", "q8_0"],
+                   help="what the KV cache holds (a 7B model's cache per 1k tokens of context in brackets). "
+                   "f32: 4 bytes per value (256 MiB). "
+                   "f16: 2 bytes per value (128 MiB). "
+                   "q8_0: 1.0625 bytes per value, int8 with a float16 scale per 32 as llama.cpp's -ctk/-ctv q8_0 "
+                   "(68 MiB; needs a head size that is a multiple of 32). "
+                   "auto (the default): f16 for a quantized model on CPU, else the model's dtype")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -182,6 +186,8 @@ def _load(args, model: str):
     kv_cache = getattr(args, "kv_cache", "auto")
     if kv_cache != "auto":
         from ..engine import KV_CACHE_DTYPES
+        from ..model.kv_cache import check_kv_type
 
+        check_kv_type(engine.config, KV_CACHE_DTYPES[kv_cache])
         engine.kv_dtype = KV_CACHE_DTYPES[kv_cache]
     return engine

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import MistolError
 
-ABI_VERSION = 13  # the version of csrc/mistol_abi.h this module mirrors
+ABI_VERSION = 14  # the version of csrc/mistol_abi.h this module mirrors
 
 
 class AbiMismatch(MistolError):
@@ -46,12 +46,13 @@ class DecodeArgs(ctypes.Structure):
     """mistol_decode_args: everything one call of mistol_decode_layer reads."""
 
     _fields_ = [("layers", ctypes.c_void_p), ("layer", ctypes.c_int64), ("x", ctypes.c_void_p),
-                ("cache_k", ctypes.c_void_p), ("cache_v", ctypes.c_void_p), ("cos", ctypes.c_void_p),
+                ("cache_k", ctypes.c_void_p), ("cache_v", ctypes.c_void_p), ("cache_k_scale", ctypes.c_void_p),
+                ("cache_v_scale", ctypes.c_void_p), ("cos", ctypes.c_void_p),
                 ("sin", ctypes.c_void_p), ("mask", ctypes.c_void_p),
                 *((name, ctypes.c_int64) for name in ("hidden", "ffn", "heads", "kv_heads", "head_dim", "capacity",
                                                       "slot", "n_keys")),
                 ("eps", ctypes.c_float), ("nthreads", ctypes.c_int32), ("impl", ctypes.c_int32),
-                ("cache_f16", ctypes.c_int32)]
+                ("cache_type", ctypes.c_int32)]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Abi:
     formats: dict[str, int]  # weight formats: int8, int4
     impls: dict[str, int]  # auto, scalar, avx2, avx512vnni
     dtypes: dict[str, int]  # float32, bfloat16, float16 (torch's names)
+    kv_caches: dict[str, int]  # what the decode layer's KV cache holds: f32, f16, q8_0 (--kv-cache's names)
     errors: dict[int, str]  # error code -> message
     decode_weights: tuple[str, ...]  # a layer's matrices by module name, in mistol_layer.weights order
     Layer: type[ctypes.Structure]
@@ -107,7 +109,7 @@ def read_abi(lib: ctypes.CDLL, origin: str = "the library") -> Abi:
     weights = tuple(sorted(groups["decode_weight"], key=groups["decode_weight"].get))
     if sorted(groups["decode_weight"].values()) != list(range(len(weights))):
         raise AbiMismatch(f"{origin}: the decode layer's weight indices are not 0..{len(weights) - 1}")
-    abi = Abi(formats=groups["format"], impls=groups["impl"], dtypes=groups["dtype"],
+    abi = Abi(formats=groups["format"], impls=groups["impl"], dtypes=groups["dtype"], kv_caches=groups["kv_cache"],
               errors={code: message for message, code in groups["error"].items()}, decode_weights=weights,
               Layer=_layer_type(len(weights)))
     for struct in (Matrix, abi.Layer, DecodeArgs):

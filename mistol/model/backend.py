@@ -59,7 +59,7 @@ import torch
 from .. import kernels
 from .cpu_decode import CpuDecoder
 from .cuda_graphs import GraphedDecoder
-from .kv_cache import KVCache
+from .kv_cache import Q8_0, KVCache
 
 DENSE_MAX_ROWS = 4  # rows of input up to which float weights use the dense kernel
 # From this many rows (a prefill chunk) a bf16-capable CPU runs bf16 matmuls. Each call first
@@ -111,13 +111,13 @@ class Backend:
     def _fused_fits(self, model: torch.nn.Module, tokens: torch.Tensor, caches: Sequence[KVCache]) -> bool:
         if self.cpu_decoder is None or tokens.shape != (1, 1) or len(caches) != 1:
             return False
-        k, v = caches[0].k, caches[0].v
+        cache = caches[0]
+        k = cache.k
         return (
-            k.dtype in (torch.float32, torch.float16)
+            cache.dtype in (torch.float32, torch.float16, Q8_0)
             and k.device.type == "cpu"
             and k.shape[1] == 1  # a cache of one sequence
-            and k.is_contiguous()
-            and v.is_contiguous()
+            and all(t.is_contiguous() for t in cache.tensors().values())
             and not (torch.is_grad_enabled() and any(p.requires_grad for p in model.embed_tokens.parameters()))
             and kernels.impl_name() != "torch"
         )

@@ -17,7 +17,7 @@ import threading
 import torch
 
 from .. import kernels
-from .kv_cache import AttentionPlan, KVCache
+from .kv_cache import Q8_0, AttentionPlan, KVCache
 
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # where each matrix sits in a layer
@@ -67,16 +67,23 @@ class CpuDecoder:
         x = x.contiguous().clone()  # updated in place, layer by layer
         cos, sin = cos.contiguous(), sin.contiguous()
         mask = None if plan.mask is None else plan.mask.contiguous()
+        scales = [None if t is None else t.data_ptr() for t in (cache.k_scale, cache.v_scale)]
         args = kernels.DecodeArgs(
             layers=ctypes.addressof(self.layers), x=x.data_ptr(), cache_k=cache.k.data_ptr(),
-            cache_v=cache.v.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(),
-            mask=None if mask is None else mask.data_ptr(), capacity=cache.capacity, slot=int(plan.slots[0]),
-            n_keys=plan.n_keys, eps=self.eps, cache_f16=int(cache.k.dtype == torch.float16), **self.shape)
+            cache_v=cache.v.data_ptr(), cache_k_scale=scales[0], cache_v_scale=scales[1], cos=cos.data_ptr(),
+            sin=sin.data_ptr(), mask=None if mask is None else mask.data_ptr(), capacity=cache.capacity,
+            slot=int(plan.slots[0]), n_keys=plan.n_keys, eps=self.eps, cache_type=cache_type(cache), **self.shape)
         with self.lock:
             for i in range(len(self.layers)):
                 args.layer = i
                 kernels.decode_layer(self.workspace, args)
         return x
+
+
+def cache_type(cache: KVCache) -> int:
+    """The compiled layer's id of what `cache` holds (mistol_abi.h's KV_F32, KV_F16, KV_Q8_0)."""
+    name = Q8_0 if cache.dtype == Q8_0 else {torch.float32: "f32", torch.float16: "f16"}[cache.k.dtype]
+    return kernels.abi().kv_caches[name]
 
 
 def _layers(model: torch.nn.Module, paths: list[str]):

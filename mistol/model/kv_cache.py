@@ -5,6 +5,12 @@ empty). Position p lives in slot p % capacity, so for a sliding-window model the
 a rolling buffer (as in Mistral's reference implementation) and its memory never grows
 past `window + chunk` positions, however long the conversation. The attention mask is
 derived from `slot_pos`, which keeps one code path for plain, windowed and wrapped caches.
+
+Keys and values are held in float32, float16 or `Q8_0`: llama.cpp's Q8_0 blocks (its
+`--cache-type-k/-v q8_0`) laid out as two tensors, int8 values [..., capacity, head_dim] and
+a float16 scale per 32 of them [..., capacity, head_dim / 32], so that a slot is still one
+index along the capacity axis (rollback, the rolling buffer and saved files work on slots
+alone). Rows are quantized as they are written and dequantized as attention reads them.
 """
 
 from __future__ import annotations
@@ -13,7 +19,39 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import MistolError
 from .config import ModelConfig
+
+Q8_0 = "q8_0"  # the cache type of int8 values with a float16 scale per block of 32 (llama.cpp's Q8_0)
+Q8_BLOCK = 32
+KVType = torch.dtype | str  # torch.float32, torch.float16 (or the model's dtype), or Q8_0
+
+
+def check_kv_type(config: ModelConfig, kv_type: KVType) -> None:
+    """Raise MistolError when a cache of `kv_type` cannot hold this model's keys and values."""
+    if kv_type == Q8_0 and config.head_dim % Q8_BLOCK:
+        raise MistolError(f"--kv-cache q8_0 needs a head size that is a multiple of {Q8_BLOCK} (this model's is "
+                          f"{config.head_dim}): use --kv-cache f16")
+
+
+def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., n] (n a multiple of 32) -> int8 values [..., n] and float16 scales [..., n / 32],
+    as llama.cpp's quantize_row_q8_0_ref: d = max|x| / 127 per block, q = roundf(x / d) (times
+    1/d in float32, halves rounded away from zero). The compiled decode layer writes the same bits."""
+    blocks = x.float().unflatten(-1, (-1, Q8_BLOCK))
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    v = blocks * inv
+    r = v.trunc()
+    q = r + torch.where((v - r).abs() >= 0.5, v.sign(), torch.zeros_like(v))
+    return q.to(torch.int8).flatten(-2), d.squeeze(-1).to(torch.float16)
+
+
+def dequantize_q8_0(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int8 values [..., n] and float16 scales [..., n / 32] -> [..., n] in `dtype` (each
+    value q * d, exact in float32)."""
+    x = q.float().unflatten(-1, (-1, Q8_BLOCK)) * scales.float()[..., None]
+    return x.flatten(-2).to(dtype)
 
 
 @dataclass
@@ -30,13 +68,20 @@ class KVCache:
         self,
         config: ModelConfig,
         capacity: int,
-        dtype: torch.dtype,
+        dtype: KVType,
         device: torch.device | str = "cpu",
         batch_size: int = 1,
     ):
+        check_kv_type(config, dtype)
+        self.dtype = dtype
         shape = (config.num_layers, batch_size, config.num_kv_heads, capacity, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        storage = torch.int8 if dtype == Q8_0 else dtype
+        self.k = torch.zeros(shape, dtype=storage, device=device)
+        self.v = torch.zeros(shape, dtype=storage, device=device)
+        # Q8_0: the scales of k's and v's blocks; None otherwise
+        scale_shape = (*shape[:-1], config.head_dim // Q8_BLOCK)
+        self.k_scale = torch.zeros(scale_shape, dtype=torch.float16, device=device) if dtype == Q8_0 else None
+        self.v_scale = torch.zeros(scale_shape, dtype=torch.float16, device=device) if dtype == Q8_0 else None
         self.slot_pos = torch.full((capacity,), -1, dtype=torch.long, device=device)
         self.capacity = capacity
         # A window at least as long as the cache never slides: attention is plain causal.
@@ -46,7 +91,33 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The storage by name, each [layers, batch, kv_heads, capacity, ...]: slot s of every
+        one of them is [:, :, :, s]."""
+        named = {"k": self.k, "v": self.v, "k_scale": self.k_scale, "v_scale": self.v_scale}
+        return {name: t for name, t in named.items() if t is not None}
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store keys and values [batch, kv_heads, len(slots), head_dim] in `slots` of `layer`."""
+        if self.dtype == Q8_0:
+            for rows, scales, new in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+                q, d = quantize_q8_0(new)
+                rows[layer].index_copy_(2, slots, q)
+                scales[layer].index_copy_(2, slots, d)
+        else:
+            self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
+            self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
+
+    def read(self, layer: int, n_keys: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of slots [0, n_keys) of `layer`, [batch, kv_heads, n_keys, head_dim], in `dtype`."""
+        k, v = self.k[layer, :, :, :n_keys], self.v[layer, :, :, :n_keys]
+        if self.dtype == Q8_0:
+            return (dequantize_q8_0(k, self.k_scale[layer, :, :, :n_keys], dtype),
+                    dequantize_q8_0(v, self.v_scale[layer, :, :, :n_keys], dtype))
+        # (a cache in fewer bytes than the model computes in, float16 on a CPU, is read back as its dtype)
+        return k.to(dtype), v.to(dtype)
 
     def plan(self, positions: torch.Tensor) -> AttentionPlan:
         """Claim the slots for `positions` (consecutive, starting at `self.length`)."""

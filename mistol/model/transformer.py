@@ -123,11 +123,8 @@ class Attention(nn.Module):
 
         outs = []
         for row, (cache, plan) in enumerate(zip(caches, plans)):
-            cache_k, cache_v = cache.k[self.layer], cache.v[self.layer]
-            cache_k.index_copy_(2, plan.slots, k[row : row + 1].to(cache_k.dtype))
-            cache_v.index_copy_(2, plan.slots, v[row : row + 1].to(cache_v.dtype))
-            # (a cache in fewer bytes than the model computes in, float16 on a CPU, is read back as q's dtype)
-            keys, values = cache_k[:, :, : plan.n_keys].to(q.dtype), cache_v[:, :, : plan.n_keys].to(q.dtype)
+            cache.write(self.layer, plan.slots, k[row : row + 1], v[row : row + 1])
+            keys, values = cache.read(self.layer, plan.n_keys, q.dtype)
             outs.append(F.scaled_dot_product_attention(
                 q[row : row + 1], keys, values, attn_mask=plan.mask, enable_gqa=hq != hkv
             ))
