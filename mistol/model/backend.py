@@ -67,10 +67,11 @@ DENSE_MAX_ROWS = 4  # rows of input up to which float weights use the dense kern
 # enough rows: these are the crossovers measured at 7B shapes on a 2-core AVX512-BF16 machine.
 BF16_MIN_ROWS = {"int8": 112, "int4": 144}
 # llama.cpp's block types kept as the file holds them (mistol.block_quant): their row-by-row
-# kernels spend 2-4x the int4 kernel's time per weight (scales per sub-block), so dequantized
-# bf16 slabs win from fewer rows: about 64 at 1B shapes (2 cores, noisy); Q4_K and Q6_K
-# repacked (Q4_Kx8, Q6_Kx8) run about as fast as int4, so int4's crossover.
-BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1"), 64), Q4_Kx8=144, Q6_Kx8=144)
+# kernels spend 2-4x the int4 kernel's time per weight (scales per sub-block), and their
+# dequantization runs at 1-3 G weights/s a core, so bf16 slabs win from about 32 rows;
+# repacked Q4_K and Q6_K (Q4_Kx8, Q6_Kx8) from about 64 and 48 (measured on one core of
+# an AVX-512 EPYC, kernels against dequantize + bf16 matmul, 4096 x 4096).
+BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1"), 32), Q4_Kx8=64, Q6_Kx8=48)
 
 QUANTIZED_KERNELS, BF16_PREFILL, DEQUANTIZED = "kernels", "bf16", "dequantized"
 
