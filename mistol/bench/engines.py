@@ -169,8 +169,13 @@ def load_mistol(spec: Spec) -> Runner:
     quantized = any(b.dtype == torch.uint8 for b in model.buffers())
     info = {"load_s": load_s, "kernels": kernels.impl_name() if quantized else "torch",
             "model_bytes": held, "kv_bytes": lambda: state["session"].cache.nbytes,
-            "kv_element_bytes": lambda: state["session"].cache.k.element_size(), "threads_used": torch.get_num_threads()}
+            "kv_element_bytes": lambda: _cache_element_bytes(state["session"].cache), "threads_used": torch.get_num_threads()}
     return Runner(spec, prefill, step, reset, lambda logits: int(logits.argmax()), info)
+
+
+def _cache_element_bytes(cache) -> float:
+    """Bytes per cached key or value element, scales included (q8_0: 1 + 2/32)."""
+    return cache.nbytes / (2 * cache.k.numel())
 
 
 def load_transformers(spec: Spec) -> Runner:
