@@ -132,8 +132,8 @@ def median_seconds(fn, reps: int) -> float:
 # -- memory bandwidth ---------------------------------------------------------------------------
 @part("bandwidth")
 def bandwidth() -> dict:
-    n = RUN.size["bandwidth_bytes"] // 2
-    x = torch.ones(n, dtype=torch.bfloat16, device=RUN.device)
+    n = RUN.size["bandwidth_bytes"] // 4
+    x = torch.ones(n, dtype=torch.float32, device=RUN.device)
     y = torch.empty_like(x)
 
     def timed(fn, reps=10) -> float:
@@ -150,10 +150,10 @@ def bandwidth() -> dict:
             times.append(start.elapsed_time(end) / 1e3)
         return statistics.median(times)
 
-    read_s = timed(lambda: torch.sum(x, dtype=torch.float32))
+    read_s = timed(lambda: torch.sum(x))
     copy_s = timed(lambda: y.copy_(x))
-    out = {"bytes": 2 * n, "timer": "cuda events" if RUN.cuda else "perf_counter",
-           "read_GB_s": 2 * n / read_s / 1e9, "copy_GB_s": 2 * 2 * n / copy_s / 1e9}
+    out = {"bytes": 4 * n, "timer": "cuda events" if RUN.cuda else "perf_counter",
+           "read_GB_s": 4 * n / read_s / 1e9, "copy_GB_s": 2 * 4 * n / copy_s / 1e9}  # a copy reads and writes
     if RUN.cuda:
         out["device"] = torch.cuda.get_device_name(RUN.device)
     return out
@@ -380,8 +380,10 @@ def mistol_single() -> dict:
     out = {"build_s": RUN.models["build_s"], "step_bytes": step_bytes(1, len(prompt))}
     state = {}
 
-    def prefill(ids):
-        state["s"] = engine.new_session(max_context=size["context"])
+    def prefill(ids):  # one session, emptied: its CUDA graphs are captured once, in the warm-up
+        if "s" not in state:
+            state["s"] = engine.new_session(max_context=size["context"])
+        state["s"].reset()
         return state["s"].feed(ids)
 
     def step(token):
@@ -392,6 +394,7 @@ def mistol_single() -> dict:
         out["eager"] = timed_decode(prefill, step, prompt, size["steps"])
         out["eager"]["setup"] = mistol_setup(engine, state["s"])
         engine.cuda_graphs = True
+        state.clear()
         out["graphs"] = timed_decode(prefill, step, prompt, size["steps"])
         out["graphs"]["setup"] = mistol_setup(engine, state["s"])
     best = out["graphs"]
@@ -480,12 +483,25 @@ def sampling() -> dict:
 
 
 # -- transformers ------------------------------------------------------------------------------
-def transformers_reference():
+def transformers_reference(full_attention: bool = False):
+    """transformers' model of the shape in bf16; `full_attention` drops a sliding window that
+    the check's contexts never reach (the same logits): transformers' sliding-window
+    StaticCache keeps its length as a Python int, which a compiled step then guards on."""
     from mistol.bench.models import transformers_model
     from mistol.bench.shapes import hf_config
 
+    config = hf_config(RUN.shape)
+    if full_attention and (config.get("sliding_window") or 1 << 62) >= RUN.size["context"]:
+        config = {**config, "sliding_window": None}
     with torch.device(RUN.device):
-        return transformers_model(hf_config(RUN.shape), "bf16")
+        return transformers_model(config, "bf16")
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def cache_argument(model) -> str:
@@ -524,7 +540,8 @@ def transformers_eager() -> dict:
     with torch.inference_mode():
         out = timed_decode(prefill, step, prompt_ids(), RUN.size["steps"])
     out["setup"] = {"engine": "transformers", "dtype": str(ref.dtype), "cache": "DynamicCache", "compile": False,
-                    "cuda_graphs": False, "attention": ref.config._attn_implementation}
+                    "cuda_graphs": False, "attention": ref.config._attn_implementation,
+                    "sliding_window": getattr(ref.config, "sliding_window", None)}
     del ref
     RUN.free()
     return out
@@ -535,7 +552,7 @@ def transformers_static() -> dict:
     """transformers' fastest documented single-stream setup: a StaticCache (fixed shapes) and
     the one-token forward compiled with CUDA graphs (`mode="reduce-overhead"`); the prompt
     runs uncompiled, as its shape differs."""
-    ref = transformers_reference()
+    ref = transformers_reference(full_attention=True)
     prompt, size = prompt_ids(), RUN.size
     cache = static_cache(ref, size["context"])
     arg = cache_argument(ref)
@@ -567,15 +584,21 @@ def transformers_static() -> dict:
         return run(forward, [token]).clone()
 
     t0 = time.perf_counter()
+    graphs0 = compiled_graphs()
     with torch.inference_mode():
         step(int(prefill(prompt).argmax()))  # the compilation happens here
         first_s = time.perf_counter() - t0
+        graphs1 = compiled_graphs()
         out = timed_decode(prefill, step, prompt, size["steps"])
     out["first_step_with_compile_s"] = first_s
+    # More than 0 while timing: recompiles at some step, and the figure is not a compiled step's.
+    out["graphs_compiled_first_step"] = graphs1 - graphs0
+    out["graphs_compiled_while_timing"] = compiled_graphs() - graphs1
     out["setup"] = {"engine": "transformers", "dtype": str(ref.dtype), "cache": f"StaticCache, {size['context']} slots",
                     "compile": f"torch.compile(fullgraph=True, {RUN.compile})" if compiled else False,
                     "cuda_graphs": RUN.compile == "inductor" and RUN.cuda,
-                    "attention": ref.config._attn_implementation}
+                    "attention": ref.config._attn_implementation,
+                    "sliding_window": getattr(ref.config, "sliding_window", None)}
     if not compiled:
         out["note"] = "torch.compile off on a CPU (--compile inductor|eager turns it on): the static cache runs eagerly"
     del ref, cache, forward
