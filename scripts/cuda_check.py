@@ -98,11 +98,13 @@ class Run:
 RUN: Run | None = None
 
 
-def part(name):
+def part(name, always: bool = False):
+    """A part of the check: its result (or error) goes to RESULTS[name] and is printed; once
+    `--max-minutes` has passed it is skipped, unless `always` (an instant one)."""
     def wrap(fn):
         def run(*args):
             t0 = time.perf_counter()
-            if t0 > RUN.deadline:
+            if t0 > RUN.deadline and not always:
                 RESULTS[name] = {"ok": False, "skipped": "--max-minutes reached before this part"}
             else:
                 try:
@@ -156,6 +158,8 @@ def bandwidth() -> dict:
            "read_GB_s": 4 * n / read_s / 1e9, "copy_GB_s": 2 * 4 * n / copy_s / 1e9}  # a copy reads and writes
     if RUN.cuda:
         out["device"] = torch.cuda.get_device_name(RUN.device)
+    del x, y
+    RUN.free()
     return out
 
 
@@ -606,7 +610,7 @@ def transformers_static() -> dict:
     return out
 
 
-@part("summary")
+@part("summary", always=True)
 def summary() -> dict:
     def get(*keys):
         value = RESULTS
@@ -622,10 +626,13 @@ def summary() -> dict:
         "transformers_eager": get("transformers_eager"),
         "transformers_static_compiled": get("transformers_static_compiled"),
     }
-    out = {"read_GB_s": get("bandwidth", "read_GB_s"), "single_stream": {}, "batched_tok_s": {}}
+    out = {"read_GB_s": get("bandwidth", "read_GB_s"), "single_stream": {}, "setups": {}, "batched_tok_s": {}}
     for name, row in rows.items():
         if row and row.get("decode_tok_s") is not None:
             out["single_stream"][name] = {k: row.get(k) for k in ("decode_tok_s", "share_of_ceiling", "ttft_s")}
+            setup = row.get("setup", {})
+            out["setups"][name] = (f"{setup.get('dtype')}, {setup.get('cache')}, compile "
+                                   f"{setup.get('compile') or 'off'}, CUDA graphs {'on' if setup.get('cuda_graphs') else 'off'}")
     for batch in BATCHES:
         row = get("mistol_batched", f"batch{batch}")
         if row:
