@@ -55,7 +55,7 @@ from mistol.sampling import SamplingParams, sample_next  # noqa: E402
 # bytes the bandwidth test reads, the quantized layer's [out, in].
 SIZES = {
     "7b": dict(prompt=512, steps=32, batch_steps=16, context=1024, bandwidth_bytes=4 << 30, layer=(14336, 4096)),
-    "tiny": dict(prompt=32, steps=4, batch_steps=2, context=128, bandwidth_bytes=32 << 20, layer=(512, 256)),
+    "tiny": dict(prompt=32, steps=4, batch_steps=2, context=128, bandwidth_bytes=256 << 20, layer=(512, 256)),
 }
 BATCHES = (1, 4, 16)
 TARGET_SHARE = 0.75  # of the bandwidth ceiling, for one stream
@@ -401,6 +401,7 @@ def mistol_single() -> dict:
         state.clear()
         out["graphs"] = timed_decode(prefill, step, prompt, size["steps"])
         out["graphs"]["setup"] = mistol_setup(engine, state["s"])
+        out["graphs"]["launches"] = one_step_launches(step)
     best = out["graphs"]
     out["target_share"] = TARGET_SHARE
     out["meets_target"] = None if best["share_of_ceiling"] is None else best["share_of_ceiling"] >= TARGET_SHARE
@@ -421,6 +422,18 @@ def step_launches(fn) -> dict | None:
             "kernel_launches": sum(n.startswith(("cudaLaunchKernel", "cuLaunchKernel")) for n in names)}
 
 
+def one_step_launches(step) -> dict | None:
+    try:
+        return step_launches(lambda: step(5))
+    except Exception as e:  # noqa: BLE001  (the measurement stands without the count)
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def replays_graphs(launches: dict | None, expected: bool) -> bool:
+    """Whether a step replayed CUDA graphs: as the profiler saw it, else as the code says."""
+    return launches["cudaGraphLaunch"] > 0 if launches and "cudaGraphLaunch" in launches else expected
+
+
 @part("mistol_batched")
 def mistol_batched() -> dict:
     engine = mistol_engine()
@@ -437,14 +450,9 @@ def mistol_batched() -> dict:
                 decode_step(sessions, tokens)
             seconds = median_seconds(lambda: decode_step(sessions, tokens), size["batch_steps"])
             tok_s = batch / seconds
-            launches = None
-            try:
-                launches = step_launches(lambda: decode_step(sessions, tokens))
-            except Exception as e:  # noqa: BLE001  (the measurement stands without the count)
-                launches = {"error": f"{type(e).__name__}: {e}"}
+            launches = one_step_launches(lambda token: decode_step(sessions, [token] * batch))
             # Today's engine: one session's step replays its graph; several run the PyTorch layers.
-            by_code = engine.backend.graphs and batch == 1
-            graphs = launches["cudaGraphLaunch"] > 0 if launches and "cudaGraphLaunch" in launches else by_code
+            graphs = replays_graphs(launches, engine.backend.graphs and batch == 1)
             out[f"batch{batch}"] = {
                 "tok_s_total": tok_s, "step_ms": seconds * 1e3, "cuda_graphs": graphs,
                 "path": "CUDA graph replay" if graphs else "eager PyTorch layers", "launches": launches,
@@ -501,11 +509,12 @@ def transformers_reference(full_attention: bool = False):
         return transformers_model(config, "bf16")
 
 
-def compiled_graphs() -> int:
-    """Graphs torch.compile has made in this process so far."""
+def compile_counts() -> dict:
+    """Graphs torch.compile has made in this process so far, and the compiled graphs that
+    inductor ran without CUDA graphs (`cudagraph_skips`)."""
     from torch._dynamo.utils import counters
 
-    return counters["stats"]["unique_graphs"]
+    return {"graphs": counters["stats"]["unique_graphs"], "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
 
 
 def cache_argument(model) -> str:
@@ -588,19 +597,22 @@ def transformers_static() -> dict:
         return run(forward, [token]).clone()
 
     t0 = time.perf_counter()
-    graphs0 = compiled_graphs()
+    before = compile_counts()
     with torch.inference_mode():
         step(int(prefill(prompt).argmax()))  # the compilation happens here
         first_s = time.perf_counter() - t0
-        graphs1 = compiled_graphs()
+        compiled_first = compile_counts()
         out = timed_decode(prefill, step, prompt, size["steps"])
+        after = compile_counts()
+        out["launches"] = one_step_launches(step)
     out["first_step_with_compile_s"] = first_s
     # More than 0 while timing: recompiles at some step, and the figure is not a compiled step's.
-    out["graphs_compiled_first_step"] = graphs1 - graphs0
-    out["graphs_compiled_while_timing"] = compiled_graphs() - graphs1
+    out["graphs_compiled_first_step"] = compiled_first["graphs"] - before["graphs"]
+    out["graphs_compiled_while_timing"] = after["graphs"] - compiled_first["graphs"]
+    out["cudagraph_skips"] = after["cudagraph_skips"] - before["cudagraph_skips"]
     out["setup"] = {"engine": "transformers", "dtype": str(ref.dtype), "cache": f"StaticCache, {size['context']} slots",
                     "compile": f"torch.compile(fullgraph=True, {RUN.compile})" if compiled else False,
-                    "cuda_graphs": RUN.compile == "inductor" and RUN.cuda,
+                    "cuda_graphs": replays_graphs(out["launches"], RUN.compile == "inductor" and RUN.cuda),
                     "attention": ref.config._attn_implementation,
                     "sliding_window": getattr(ref.config, "sliding_window", None)}
     if not compiled:
