@@ -565,6 +565,9 @@ def transformers_static() -> dict:
     """transformers' fastest documented single-stream setup: a StaticCache (fixed shapes) and
     the one-token forward compiled with CUDA graphs (`mode="reduce-overhead"`); the prompt
     runs uncompiled, as its shape differs."""
+    from mistol.bench.shapes import hf_config
+
+    RUN.free()  # mistol's model leaves the device first
     ref = transformers_reference(full_attention=True)
     prompt, size = prompt_ids(), RUN.size
     cache = static_cache(ref, size["context"])
@@ -615,6 +618,10 @@ def transformers_static() -> dict:
                     "cuda_graphs": replays_graphs(out["launches"], RUN.compile == "inductor" and RUN.cuda),
                     "attention": ref.config._attn_implementation,
                     "sliding_window": getattr(ref.config, "sliding_window", None)}
+    window = hf_config(RUN.shape).get("sliding_window")
+    if window and getattr(ref.config, "sliding_window", None) is None:
+        out["window_note"] = (f"sliding window {window} dropped: the contexts here stay below it (same logits), and "
+                              "a compiled step over a sliding-window StaticCache guards on its length")
     if not compiled:
         out["note"] = "torch.compile off on a CPU (--compile inductor|eager turns it on): the static cache runs eagerly"
     del ref, cache, forward
