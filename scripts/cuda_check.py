@@ -576,8 +576,8 @@ def transformers_static() -> dict:
     takes_slots = "cache_position" in inspect.signature(ref.forward).parameters
     forward = ref.forward
     compiled = RUN.compile != "off"
+    kwargs = {"mode": "reduce-overhead"} if RUN.compile == "inductor" else {"backend": RUN.compile}
     if compiled:
-        kwargs = {"mode": "reduce-overhead"} if RUN.compile == "inductor" else {"backend": RUN.compile}
         forward = torch.compile(ref.forward, fullgraph=True, **kwargs)
     state = {"position": 0}
 
@@ -614,7 +614,8 @@ def transformers_static() -> dict:
     out["graphs_compiled_while_timing"] = after["graphs"] - compiled_first["graphs"]
     out["cudagraph_skips"] = after["cudagraph_skips"] - before["cudagraph_skips"]
     out["setup"] = {"engine": "transformers", "dtype": str(ref.dtype), "cache": f"StaticCache, {size['context']} slots",
-                    "compile": f"torch.compile(fullgraph=True, {RUN.compile})" if compiled else False,
+                    "compile": f"torch.compile({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}, fullgraph=True)"
+                    if compiled else False,
                     "cuda_graphs": replays_graphs(out["launches"], RUN.compile == "inductor" and RUN.cuda),
                     "attention": ref.config._attn_implementation,
                     "sliding_window": getattr(ref.config, "sliding_window", None)}
