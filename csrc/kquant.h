@@ -84,7 +84,27 @@ typedef struct {
     uint8_t qh[2][8][8][4];     /* [half h][quad k][row]: Q6_K's qh bytes 32h + 4k .. + 3 */
 } block_q6_Kx8;
 
+/* Q5_K repacked the same way (FMT_Q5_KX8): Q4_KX8's header, then the quants in the order
+ * the kernel reads them, one stream: chunk c (sub-blocks 2c, 2c + 1) in two halves of 4
+ * quads, each half its 4 quads of nibbles as Q4_KX8's qs, then their 5th bits. Byte
+ * [row][i] of a half's qh holds, for its quad u (element 4 (4 half + u) + i of the
+ * sub-blocks), sub-block 2c's bit at bit 4 + u and sub-block 2c + 1's at bit u: shifted
+ * right by u, bit 4 is the low nibble's 5th bit and bit 0 the high one's. 180 bytes a row
+ * per 256 inputs (Q5_K's 176, scales and mins as bytes). */
+typedef struct {
+    uint8_t qs[4][8][4]; /* [quad u][row]: Q5_K's qs bytes 32c + 16 half + 4u .. + 3 */
+    uint8_t qh[8][4];    /* [row][i]: the 5th bits, as above */
+} q5_kx8_half;
+
+typedef struct {
+    uint16_t d[8], dmin[8];
+    uint8_t scales[8][8];   /* [sub-block j][row] */
+    uint8_t mins[4][8][2];  /* [sub-block pair p][row][2]: the mins of sub-blocks 2p and 2p + 1 */
+    q5_kx8_half q[4][2];    /* [32-byte chunk c][half] */
+} block_q5_Kx8;
+
 _Static_assert(sizeof(block_q6_Kx8) == 8 * 210, "8 rows of Q6_K");
+_Static_assert(sizeof(block_q5_Kx8) == 8 * 180, "8 rows of Q5_K, scales and mins as bytes");
 _Static_assert(sizeof(block_q4_Kx8) == 1184, "8 rows of Q4_K, scales and mins as bytes");
 _Static_assert(sizeof(block_q4_K) == 144 && sizeof(block_q5_K) == 176 && sizeof(block_q6_K) == 210,
                "llama.cpp's k-quant block sizes");
