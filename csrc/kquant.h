@@ -85,15 +85,14 @@ typedef struct {
 } block_q6_Kx8;
 
 /* Q5_K repacked the same way (FMT_Q5_KX8): Q4_KX8's header, then the quants in the order
- * the kernel reads them, one stream: chunk c (sub-blocks 2c, 2c + 1) in two halves of 4
- * quads, each half its 4 quads of nibbles as Q4_KX8's qs, then their 5th bits. Byte
- * [row][i] of a half's qh holds, for its quad u (element 4 (4 half + u) + i of the
- * sub-blocks), sub-block 2c's bit at bit 4 + u and sub-block 2c + 1's at bit u: shifted
- * right by u, bit 4 is the low nibble's 5th bit and bit 0 the high one's. 180 bytes a row
- * per 256 inputs (Q5_K's 176, scales and mins as bytes). */
+ * the kernel reads them, one stream: chunk c (sub-blocks 2c and 2c + 1, 5-bit quants lo and
+ * hi) in two halves of 4 quads. A half holds, for its quad u (element l = 16 half + 4u + i
+ * of both sub-blocks) and row r, qs[u][r][i] = lo | (hi & 7) << 5, and hi >> 3 in bits 2u,
+ * 2u + 1 of qh[r][i]: lo is one AND away, hi four operations. 180 bytes a row per 256
+ * inputs (Q5_K's 176, scales and mins as bytes). */
 typedef struct {
-    uint8_t qs[4][8][4]; /* [quad u][row]: Q5_K's qs bytes 32c + 16 half + 4u .. + 3 */
-    uint8_t qh[8][4];    /* [row][i]: the 5th bits, as above */
+    uint8_t qs[4][8][4]; /* [quad u][row][i]: lo and hi's low 3 bits */
+    uint8_t qh[8][4];    /* [row][i]: hi's top 2 bits, of quad u in bits 2u, 2u + 1 */
 } q5_kx8_half;
 
 typedef struct {

@@ -239,8 +239,8 @@ static void q4k_x8_scalar(const uint8_t *wg, const int8_t *q, const float *d, co
 static inline int q5x8_value(const block_q5_Kx8 *b, int r, int j, int l) { /* sub-block j's element l */
     const q5_kx8_half *h = &b->q[j / 2][l / 16];
     const int u = (l % 16) / 4, i = l % 4;
-    const int lo4 = (h->qs[u][r][i] >> (4 * (j & 1))) & 15;
-    return lo4 | (((h->qh[r][i] >> (u + (j & 1 ? 0 : 4))) & 1) << 4);
+    if (j % 2 == 0) return h->qs[u][r][i] & 31;
+    return (h->qs[u][r][i] >> 5) | (((h->qh[r][i] >> (2 * u)) & 3) << 3);
 }
 
 static void q5k_x8_scalar(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,
@@ -529,7 +529,7 @@ AVX2_FN static void q4k_x8_avx2(const uint8_t *wg, const int8_t *q, const float 
  * takes its own madd by the rows' scales. */
 AVX2_FN static void q5k_x8_avx2(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,
                                 float *out) {
-    const __m256i m4 = _mm256_set1_epi8(15), m16 = _mm256_set1_epi8(16);
+    const __m256i m31 = _mm256_set1_epi8(31), m7 = _mm256_set1_epi8(7), m24 = _mm256_set1_epi8(24);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < K / QKK; i++) {
         const block_q5_Kx8 *b = (const block_q5_Kx8 *)wg + i;
@@ -544,15 +544,16 @@ AVX2_FN static void q5k_x8_avx2(const uint8_t *wg, const int8_t *q, const float 
             for (int half = 0; half < 2; half++) {
                 const q5_kx8_half *h = &b->q[c][half];
                 const int8_t *ah = a + 64 * c + 16 * half;
-                __m256i bits = LOAD256(h->qh), lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-                for (int u = 0; u < 4; u++) { /* bits shifted right by u: the 5th bits at 4 (low) and 0 (high) */
+                const __m256i top = LOAD256(h->qh);
+                __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+                for (int u = 0; u < 4; u++) {
                     const __m256i v = LOAD256(h->qs[u]);
-                    const __m256i ql = _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(bits, m16));
-                    const __m256i qh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
-                                                       _mm256_and_si256(_mm256_slli_epi16(bits, 4), m16));
-                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(ql, BCAST4(ah, 4 * u)));
+                    /* quad u's 2 bits of hi (at 2u) to bits 3, 4; (16-bit shifts: what crosses bytes is masked) */
+                    const __m256i t = u < 2 ? _mm256_slli_epi16(top, 3 - 2 * u) : _mm256_srli_epi16(top, 2 * u - 3);
+                    const __m256i qh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 5), m7),
+                                                       _mm256_and_si256(t, m24));
+                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(v, m31), BCAST4(ah, 4 * u)));
                     hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(qh, BCAST4(ah, 32 + 4 * u)));
-                    bits = _mm256_srli_epi16(bits, 1);
                 }
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(lo, row_lo));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(hi, row_hi));
@@ -841,13 +842,13 @@ static inline void quads_q4kx8(const void *block, int c, int half, int r, int8x1
 
 static inline void quads_q5kx8(const void *block, int c, int half, int r, int8x16_t lo[4], int8x16_t hi[4]) {
     const q5_kx8_half *h = &((const block_q5_Kx8 *)block)->q[c][half];
-    const uint8x16_t m4 = vdupq_n_u8(15), m16 = vdupq_n_u8(16);
-    uint8x16_t bits = vld1q_u8(h->qh[4 * r]);
-    for (int u = 0; u < 4; u++) { /* bits shifted right by u: the 5th bits at 4 (low) and 0 (high) */
+    const uint8x16_t m31 = vdupq_n_u8(31), m24 = vdupq_n_u8(24);
+    uint8x16_t top = vld1q_u8(h->qh[4 * r]); /* quad u's 2 bits of hi at 2u */
+    for (int u = 0; u < 4; u++) {
         const uint8x16_t v = vld1q_u8(h->qs[u][4 * r]);
-        lo[u] = S8(vorrq_u8(vandq_u8(v, m4), vandq_u8(bits, m16)));
-        hi[u] = S8(vorrq_u8(vshrq_n_u8(v, 4), vandq_u8(vshlq_n_u8(bits, 4), m16)));
-        bits = vshrq_n_u8(bits, 1);
+        lo[u] = S8(vandq_u8(v, m31));
+        hi[u] = S8(vorrq_u8(vshrq_n_u8(v, 5), vandq_u8(vshlq_n_u8(top, 3), m24)));
+        top = vshrq_n_u8(top, 2);
     }
 }
 
@@ -1107,6 +1108,15 @@ ALWAYS_INLINE void dequantize_k4_block(const uint8_t *qs, const uint8_t *qh, con
     }
 }
 
+/* The same from a super-block's 256 quants as bytes, in element order. */
+ALWAYS_INLINE void dequantize_k_values(const uint8_t *q, const uint8_t *sc, const uint8_t *mn, float dd, float dm,
+                                       float *out) {
+    for (int j = 0; j < 8; j++) {
+        const float d1 = dd * (float)sc[j], m1 = dm * (float)mn[j];
+        for (int l = 0; l < 32; l++) out[32 * j + l] = d1 * (float)q[32 * j + l] - m1;
+    }
+}
+
 ALWAYS_INLINE void dequantize_q6k_block(const uint8_t *ql, const uint8_t *qh, const int8_t *sc, float dd, float *out) {
     for (int h = 0; h < 2; h++)
         for (int k = 0; k < 4; k++) {
@@ -1134,25 +1144,25 @@ ALWAYS_INLINE void dequantize_row_q4k_x8(const uint8_t *group, int lane, int64_t
     }
 }
 
+/* (Q5_KX8: the lane's quants are unpacked 4 at a time to bytes in element order instead:
+ * putting back Q5_K's bit planes costs more than the float loop) */
 ALWAYS_INLINE void dequantize_row_q5k_x8(const uint8_t *group, int lane, int64_t K, float *out) {
-    uint8_t qs[128], qh[32], sc[8], mn[8];
+    uint8_t q[QKK], sc[8], mn[8];
     for (int64_t i = 0; i < K / QKK; i++, out += QKK) {
         const block_q5_Kx8 *b = (const block_q5_Kx8 *)group + i;
         for (int j = 0; j < 8; j++) sc[j] = b->scales[j][lane], mn[j] = b->mins[j / 2][lane][j % 2];
-        memset(qh, 0, sizeof qh);
         for (int c = 0; c < 4; c++)
             for (int half = 0; half < 2; half++) {
                 const q5_kx8_half *h = &b->q[c][half];
-                for (int u = 0; u < 4; u++) {
-                    const int l = 16 * half + 4 * u;
-                    memcpy(qs + 32 * c + l, h->qs[u][lane], 4);
-                    for (int e = 0; e < 4; e++) {
-                        const int bits = h->qh[lane][e];
-                        qh[l + e] |= (uint8_t)((((bits >> (4 + u)) & 1) << (2 * c)) | (((bits >> u) & 1) << (2 * c + 1)));
-                    }
+                const uint32_t top = load_u32(h->qh[lane]);
+                for (int u = 0; u < 4; u++) { /* lo: sub-block 2c's quants, hi: 2c + 1's, 4 bytes at once */
+                    const uint32_t v = load_u32(h->qs[u][lane]);
+                    const uint32_t lo = v & 0x1f1f1f1fu, hi = ((v >> 5) & 0x07070707u) | ((top >> (2 * u)) & 0x03030303u) << 3;
+                    memcpy(q + 64 * c + 16 * half + 4 * u, &lo, 4);
+                    memcpy(q + 64 * c + 32 + 16 * half + 4 * u, &hi, 4);
                 }
             }
-        dequantize_k4_block(qs, qh, sc, mn, half_to_float(b->d[lane]), half_to_float(b->dmin[lane]), out);
+        dequantize_k_values(q, sc, mn, half_to_float(b->d[lane]), half_to_float(b->dmin[lane]), out);
     }
 }
 
@@ -1217,13 +1227,14 @@ EXPORT int mistol_repack_q5_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint
             for (int c = 0; c < 4; c++)
                 for (int half = 0; half < 2; half++) {
                     q5_kx8_half *h = &dst->q[c][half];
-                    for (int u = 0; u < 4; u++) {
-                        const int l = 16 * half + 4 * u;
-                        memcpy(h->qs[u][lane], src->qs + 32 * c + l, 4);
-                        for (int e = 0; e < 4; e++) /* sub-block 2c's bit to bit 4 + u, 2c + 1's to bit u */
-                            h->qh[lane][e] |= (uint8_t)((((src->qh[l + e] >> (2 * c)) & 1) << (4 + u)) |
-                                                        (((src->qh[l + e] >> (2 * c + 1)) & 1) << u));
-                    }
+                    for (int u = 0; u < 4; u++)
+                        for (int e = 0; e < 4; e++) {
+                            const int l = 16 * half + 4 * u + e, q = src->qs[32 * c + l], bits = src->qh[l];
+                            const int lo = (q & 15) | ((bits >> (2 * c)) & 1) << 4;
+                            const int hi = (q >> 4) | ((bits >> (2 * c + 1)) & 1) << 4;
+                            h->qs[u][lane][e] = (uint8_t)(lo | (hi & 7) << 5);
+                            h->qh[lane][e] |= (uint8_t)((hi >> 3) << (2 * u));
+                        }
                 }
         }
     return OK;
