@@ -14,7 +14,7 @@
  * Row by row, a super-block's 8-16 sub-block scales are applied lane by lane inside the
  * integer sums (a shuffle and a multiply-add per 32 inputs), which costs 2-3x the int4
  * kernel's time per weight; Q4_KX8 applies each scale to 8 rows at once (one multiply-add
- * per 32 inputs of 8 rows) and runs as fast as int4; Q5_KX8 and Q6_KX8 likewise. The legacy
+ * per 32 inputs of 8 rows) and runs as fast as int4; Q5_KX8 and Q6_KX8 the same way. The legacy
  * types, and the k-quants where they are not repacked, run row by row.
  */
 
@@ -560,8 +560,8 @@ AVX2_FN static void q5k_x8_avx2(const uint8_t *wg, const int8_t *q, const float 
             }
             const uint32_t pair = ((uint32_t)(s16[4 * c + 2] + s16[4 * c + 3]) << 16) |
                                   ((uint32_t)(s16[4 * c] + s16[4 * c + 1]) & 0xffff);
-            summ = _mm256_add_epi32(summ, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b->mins[c])),
-                                                            _mm256_set1_epi32((int)pair)));
+            const __m256i mins = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b->mins[c]));
+            summ = _mm256_add_epi32(summ, _mm256_madd_epi16(mins, _mm256_set1_epi32((int)pair)));
         }
         const __m256 da = _mm256_set1_ps(d[i]);
         const __m256 dd = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d)), da);
@@ -1057,7 +1057,8 @@ void kquant_select(int impl, qkernels *out) {
 
 void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, int64_t M, int64_t K, int64_t r0,
                  int64_t r1, float *y, int64_t ldy) {
-    if (w->format == FMT_Q4_KX8 || w->format == FMT_Q5_KX8 || w->format == FMT_Q6_KX8) { /* groups of 8 rows (r0 is a multiple of 8) */
+    /* the repacked layouts: groups of 8 rows (r0 is a multiple of 8) */
+    if (w->format == FMT_Q4_KX8 || w->format == FMT_Q5_KX8 || w->format == FMT_Q6_KX8) {
         const int64_t gb = 8 * fmt_row_bytes(w->format, K);
         void (*group)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *) =
             w->format == FMT_Q4_KX8 ? kn->q4k_x8 : w->format == FMT_Q5_KX8 ? kn->q5k_x8 : kn->q6k_x8;
@@ -1157,7 +1158,8 @@ ALWAYS_INLINE void dequantize_row_q5k_x8(const uint8_t *group, int lane, int64_t
                 const uint32_t top = load_u32(h->qh[lane]);
                 for (int u = 0; u < 4; u++) { /* lo: sub-block 2c's quants, hi: 2c + 1's, 4 bytes at once */
                     const uint32_t v = load_u32(h->qs[u][lane]);
-                    const uint32_t lo = v & 0x1f1f1f1fu, hi = ((v >> 5) & 0x07070707u) | ((top >> (2 * u)) & 0x03030303u) << 3;
+                    const uint32_t lo = v & 0x1f1f1f1fu;
+                    const uint32_t hi = ((v >> 5) & 0x07070707u) | ((top >> (2 * u)) & 0x03030303u) << 3;
                     memcpy(q + 64 * c + 16 * half + 4 * u, &lo, 4);
                     memcpy(q + 64 * c + 32 + 16 * half + 4 * u, &hi, 4);
                 }
