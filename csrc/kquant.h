@@ -88,7 +88,7 @@ typedef struct {
  * the kernel reads them, one stream: chunk c (sub-blocks 2c and 2c + 1, 5-bit quants lo and
  * hi) in two halves of 4 quads. A half holds, for its quad u (element l = 16 half + 4u + i
  * of both sub-blocks) and row r, qs[u][r][i] = lo | (hi & 7) << 5, and hi >> 3 in bits 2u,
- * 2u + 1 of qh[r][i]: lo is one AND away, hi four operations. 180 bytes a row per 256
+ * 2u + 1 of qh[r][i]: lo is one AND away, hi five operations. 180 bytes a row per 256
  * inputs (Q5_K's 176, scales and mins as bytes). */
 typedef struct {
     uint8_t qs[4][8][4]; /* [quad u][row][i]: lo and hi's low 3 bits */

@@ -41,8 +41,8 @@ def row_bytes(fmt: str, in_features: int) -> int:
 class BlockLinear(nn.Module):
     """A bias-free linear layer whose weight [out_features, in_features] is llama.cpp blocks
     of type `fmt` (a key of ROW_FORMATS), uint8 [out_features, bytes per row] in `packed`;
-    or, for fmt "Q4_Kx8" (Q5_Kx8, Q6_Kx8), Q4_K repacked in groups of 8 rows, uint8 [groups,
-    bytes per group].
+    or, for fmt "Q4_Kx8", "Q5_Kx8" or "Q6_Kx8", that GGUF type repacked in groups of 8 rows,
+    uint8 [groups, bytes per group].
     `file_type` is the GGUF type either way."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str, packed: torch.Tensor):

@@ -119,8 +119,8 @@ def test_portable_and_simd_kernels_give_the_same_bits(fmt):
 
 @pytest.mark.parametrize("fmt", ["Q4_K", "Q5_K", "Q6_K"])
 def test_repacked_layouts_give_the_bits_of_the_files_rows(fmt):
-    """Q4_Kx8 / Q5_Kx8 / Q6_Kx8 (8 rows interleaved) against the file's rows: same sums, same float
-    steps per row, so the same bits; and the same decoded values."""
+    """Q4_Kx8 / Q5_Kx8 / Q6_Kx8 (8 rows interleaved) against the file's rows: same sums, same
+    float steps per row, so the same bits; and the same decoded values (the gguf package's)."""
     n, k = 45, 1024
     blocks = random_blocks(fmt, n, k, seed=4)
     rows, x8 = BlockLinear(k, n, fmt, blocks), make_layer(fmt + "x8", k, n, blocks)

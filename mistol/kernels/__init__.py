@@ -197,9 +197,9 @@ def gemm_matrices(x: torch.Tensor, mats: list[Matrix]) -> torch.Tensor:
 def dequantize_rows(fmt: str, blocks: torch.Tensor, k: int, dtype: torch.dtype,
                     out: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
     """Rows of llama.cpp blocks of a row-order format (Q4_K, Q5_K, Q6_K, Q4_1, Q5_0, Q5_1),
-    uint8 [n, bytes per row] (CPU, contiguous), or the first `rows` rows of Q4_Kx8 (Q5_Kx8, Q6_Kx8) groups
-    [groups, bytes per group] -> [n, k] float32 or bfloat16 (into `out`, if given:
-    contiguous, of that shape and dtype)."""
+    uint8 [n, bytes per row] (CPU, contiguous), or the first `rows` rows of Q4_Kx8, Q5_Kx8 or
+    Q6_Kx8 groups [groups, bytes per group] -> [n, k] float32 or bfloat16 (into `out`, if
+    given: contiguous, of that shape and dtype)."""
     n = blocks.shape[0] if rows is None else rows
     if out is None:
         out = torch.empty(n, k, dtype=dtype)
