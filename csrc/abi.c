@@ -24,6 +24,7 @@ static const mistol_constant constants[] = {
     {"format", "Q5_1", FMT_Q5_1},
     {"format", "Q4_Kx8", FMT_Q4_KX8},
     {"format", "Q6_Kx8", FMT_Q6_KX8},
+    {"format", "Q5_Kx8", FMT_Q5_KX8},
 
     {"impl", "auto", IMPL_AUTO},
     {"impl", "scalar", IMPL_SCALAR},

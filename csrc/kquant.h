@@ -84,7 +84,26 @@ typedef struct {
     uint8_t qh[2][8][8][4];     /* [half h][quad k][row]: Q6_K's qh bytes 32h + 4k .. + 3 */
 } block_q6_Kx8;
 
+/* Q5_K repacked the same way (FMT_Q5_KX8): Q4_KX8's header, then the quants in the order
+ * the kernel reads them, one stream: chunk c (sub-blocks 2c and 2c + 1, 5-bit quants lo and
+ * hi) in two halves of 4 quads. A half holds, for its quad u (element l = 16 half + 4u + i
+ * of both sub-blocks) and row r, qs[u][r][i] = lo | (hi & 7) << 5, and hi >> 3 in bits 2u,
+ * 2u + 1 of qh[r][i]: lo is one AND away, hi five operations. 180 bytes a row per 256
+ * inputs (Q5_K's 176, scales and mins as bytes). */
+typedef struct {
+    uint8_t qs[4][8][4]; /* [quad u][row][i]: lo and hi's low 3 bits */
+    uint8_t qh[8][4];    /* [row][i]: hi's top 2 bits, of quad u in bits 2u, 2u + 1 */
+} q5_kx8_half;
+
+typedef struct {
+    uint16_t d[8], dmin[8];
+    uint8_t scales[8][8];   /* [sub-block j][row] */
+    uint8_t mins[4][8][2];  /* [sub-block pair p][row][2]: the mins of sub-blocks 2p and 2p + 1 */
+    q5_kx8_half q[4][2];    /* [32-byte chunk c][half] */
+} block_q5_Kx8;
+
 _Static_assert(sizeof(block_q6_Kx8) == 8 * 210, "8 rows of Q6_K");
+_Static_assert(sizeof(block_q5_Kx8) == 8 * 180, "8 rows of Q5_K, scales and mins as bytes");
 _Static_assert(sizeof(block_q4_Kx8) == 1184, "8 rows of Q4_K, scales and mins as bytes");
 _Static_assert(sizeof(block_q4_K) == 144 && sizeof(block_q5_K) == 176 && sizeof(block_q6_K) == 210,
                "llama.cpp's k-quant block sizes");

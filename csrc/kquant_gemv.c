@@ -1,7 +1,7 @@
 /* Matrix products with weights in llama.cpp's k-quant (Q4_K, Q5_K, Q6_K) and legacy
  * (Q4_1, Q5_0, Q5_1) blocks, read in the file's own row order (kquant.h), so a mapped GGUF
- * tensor is used where it lies; Q4_K and Q6_K also as Q4_KX8 and Q6_KX8, 8 rows interleaved,
- * made at load.
+ * tensor is used where it lies; Q4_K, Q5_K and Q6_K also as Q4_KX8, Q5_KX8 and Q6_KX8, 8 rows
+ * interleaved, made at load.
  *
  * Each row's dot product runs super-block by super-block (k-quants: 256 inputs) or block
  * by block (legacy: 32) against the activation row quantized to int8 (per 256 or per 32,
@@ -14,8 +14,8 @@
  * Row by row, a super-block's 8-16 sub-block scales are applied lane by lane inside the
  * integer sums (a shuffle and a multiply-add per 32 inputs), which costs 2-3x the int4
  * kernel's time per weight; Q4_KX8 applies each scale to 8 rows at once (one multiply-add
- * per 32 inputs of 8 rows) and runs as fast as int4. Q5_K, Q6_K and the legacy types still
- * run row by row.
+ * per 32 inputs of 8 rows) and runs as fast as int4; Q5_KX8 and Q6_KX8 the same way. The legacy
+ * types, and the k-quants where they are not repacked, run row by row.
  */
 
 #include <math.h>
@@ -31,7 +31,10 @@ int fmt_row_order(int fmt) { return fmt >= FMT_Q4_K && fmt < FMT_COUNT; }
 int fmt_known(int fmt) { return fmt == FMT_INT8 || fmt == FMT_INT4 || fmt_row_order(fmt); }
 
 int64_t fmt_k_multiple(int fmt) {
-    return fmt == FMT_Q4_K || fmt == FMT_Q5_K || fmt == FMT_Q6_K || fmt == FMT_Q4_KX8 || fmt == FMT_Q6_KX8 ? QKK : QK;
+    return fmt == FMT_Q4_K || fmt == FMT_Q5_K || fmt == FMT_Q6_K || fmt == FMT_Q4_KX8 || fmt == FMT_Q5_KX8 ||
+                   fmt == FMT_Q6_KX8
+               ? QKK
+               : QK;
 }
 
 int64_t fmt_row_bytes(int fmt, int64_t K) {
@@ -43,6 +46,7 @@ int64_t fmt_row_bytes(int fmt, int64_t K) {
     case FMT_Q5_0: return K / QK * (int64_t)sizeof(block_q5_0);
     case FMT_Q5_1: return K / QK * (int64_t)sizeof(block_q5_1);
     case FMT_Q4_KX8: return K / QKK * (int64_t)sizeof(block_q4_Kx8) / 8; /* (per row of a group) */
+    case FMT_Q5_KX8: return K / QKK * (int64_t)sizeof(block_q5_Kx8) / 8;
     case FMT_Q6_KX8: return K / QKK * (int64_t)sizeof(block_q6_Kx8) / 8;
     default: return 0;
     }
@@ -223,6 +227,34 @@ static void q4k_x8_scalar(const uint8_t *wg, const int8_t *q, const float *d, co
                     const uint8_t byte = b->qs[j / 2][l / 4][r][l % 4];
                     dot += ((byte >> (4 * (j & 1))) & 15) * a[32 * j + l];
                 }
+                sumi += b->scales[j][r] * dot;
+                summ += b->mins[j / 2][r][j % 2] * (s16[2 * j] + s16[2 * j + 1]);
+            }
+            out[r] = kq_add(out[r], half_to_float(b->d[r]), half_to_float(b->dmin[r]), d[i], sumi, summ);
+        }
+    }
+}
+
+/* Q5_KX8: 8 rows at once, each row's sums and float steps exactly as dot_q5_K_scalar's. */
+static inline int q5x8_value(const block_q5_Kx8 *b, int r, int j, int l) { /* sub-block j's element l */
+    const q5_kx8_half *h = &b->q[j / 2][l / 16];
+    const int u = (l % 16) / 4, i = l % 4;
+    if (j % 2 == 0) return h->qs[u][r][i] & 31;
+    return (h->qs[u][r][i] >> 5) | (((h->qh[r][i] >> (2 * u)) & 3) << 3);
+}
+
+static void q5k_x8_scalar(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,
+                          float *out) {
+    for (int r = 0; r < 8; r++) out[r] = 0.0f;
+    for (int64_t i = 0; i < K / QKK; i++) {
+        const block_q5_Kx8 *b = (const block_q5_Kx8 *)wg + i;
+        const int8_t *a = q + i * QKK;
+        const int32_t *s16 = s + i * 16;
+        for (int r = 0; r < 8; r++) {
+            int32_t sumi = 0, summ = 0;
+            for (int j = 0; j < 8; j++) {
+                int32_t dot = 0;
+                for (int l = 0; l < 32; l++) dot += q5x8_value(b, r, j, l) * a[32 * j + l];
                 sumi += b->scales[j][r] * dot;
                 summ += b->mins[j / 2][r][j % 2] * (s16[2 * j] + s16[2 * j + 1]);
             }
@@ -492,6 +524,54 @@ AVX2_FN static void q4k_x8_avx2(const uint8_t *wg, const int8_t *q, const float 
     _mm256_storeu_ps(out, acc);
 }
 
+/* Q5_KX8 on AVX2: as Q4_KX8, reading the block front to back. The 5-bit quants allow 4
+ * quads' pair sums in int16 (at most 4 * 2 * 31 * 127 = 31496), so each half of a chunk
+ * takes its own madd by the rows' scales. */
+AVX2_FN static void q5k_x8_avx2(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,
+                                float *out) {
+    const __m256i m31 = _mm256_set1_epi8(31), m7 = _mm256_set1_epi8(7), m24 = _mm256_set1_epi8(24);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < K / QKK; i++) {
+        const block_q5_Kx8 *b = (const block_q5_Kx8 *)wg + i;
+        const int8_t *a = q + i * QKK;
+        const int32_t *s16 = s + i * 16;
+        __m256i sumi = _mm256_setzero_si256(), summ = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m128i sc_lo = _mm_loadl_epi64((const __m128i *)b->scales[2 * c]);
+            const __m128i sc_hi = _mm_loadl_epi64((const __m128i *)b->scales[2 * c + 1]);
+            const __m256i row_lo = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(sc_lo, sc_lo));
+            const __m256i row_hi = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(sc_hi, sc_hi));
+            for (int half = 0; half < 2; half++) {
+                const q5_kx8_half *h = &b->q[c][half];
+                const int8_t *ah = a + 64 * c + 16 * half;
+                const __m256i top = LOAD256(h->qh);
+                __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+                for (int u = 0; u < 4; u++) {
+                    const __m256i v = LOAD256(h->qs[u]);
+                    /* quad u's 2 bits of hi (at 2u) to bits 3, 4; (16-bit shifts: what crosses bytes is masked) */
+                    const __m256i t = u < 2 ? _mm256_slli_epi16(top, 3 - 2 * u) : _mm256_srli_epi16(top, 2 * u - 3);
+                    const __m256i qh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 5), m7),
+                                                       _mm256_and_si256(t, m24));
+                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(v, m31), BCAST4(ah, 4 * u)));
+                    hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(qh, BCAST4(ah, 32 + 4 * u)));
+                }
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(lo, row_lo));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(hi, row_hi));
+            }
+            const uint32_t pair = ((uint32_t)(s16[4 * c + 2] + s16[4 * c + 3]) << 16) |
+                                  ((uint32_t)(s16[4 * c] + s16[4 * c + 1]) & 0xffff);
+            const __m256i mins = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b->mins[c]));
+            summ = _mm256_add_epi32(summ, _mm256_madd_epi16(mins, _mm256_set1_epi32((int)pair)));
+        }
+        const __m256 da = _mm256_set1_ps(d[i]);
+        const __m256 dd = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d)), da);
+        const __m256 dm = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->dmin)), da);
+        acc = _mm256_add_ps(acc, _mm256_sub_ps(_mm256_mul_ps(dd, _mm256_cvtepi32_ps(sumi)),
+                                               _mm256_mul_ps(dm, _mm256_cvtepi32_ps(summ))));
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
 /* The kernel reads a block's three parts (low bits of two halves, high bits) as three
  * interleaved streams, which the hardware prefetcher follows poorly (half of Q4_KX8's
  * GB/s on one core): ask for the whole next block while this one computes. */
@@ -750,16 +830,39 @@ static inline float32x4_t kq_add4(float32x4_t acc, float32x4_t dd, float32x4_t d
         return acc;                                                                                            \
     }
 
-/* Q4_KX8: rows 0-3 and 4-7 in two int32x4 (lane r = row r), as q4k_x8_scalar's sums; each
- * row's sub-block scale applied by a lane-wise multiply-add, the mins against the pairs of
- * activation sums by widening multiplies. */
-#define DEFINE_Q4_KX8_NEON(NAME, TARGET, ROWS4)                                                                \
+/* Quads 4 half .. 4 half + 3 of chunk c's sub-blocks (2c: lo, 2c + 1: hi) for rows 4r..4r+3
+ * of a Q4_KX8 or Q5_KX8 block: lo[u], hi[u] hold quad u of the 4 rows. */
+static inline void quads_q4kx8(const void *block, int c, int half, int r, int8x16_t lo[4], int8x16_t hi[4]) {
+    const block_q4_Kx8 *b = block;
+    for (int u = 0; u < 4; u++) {
+        const uint8x16_t v = vld1q_u8(b->qs[c][4 * half + u][4 * r]);
+        lo[u] = NIB_LO(v), hi[u] = NIB_HI(v);
+    }
+}
+
+static inline void quads_q5kx8(const void *block, int c, int half, int r, int8x16_t lo[4], int8x16_t hi[4]) {
+    const q5_kx8_half *h = &((const block_q5_Kx8 *)block)->q[c][half];
+    const uint8x16_t m31 = vdupq_n_u8(31), m24 = vdupq_n_u8(24);
+    uint8x16_t top = vld1q_u8(h->qh[4 * r]); /* quad u's 2 bits of hi at 2u */
+    for (int u = 0; u < 4; u++) {
+        const uint8x16_t v = vld1q_u8(h->qs[u][4 * r]);
+        lo[u] = S8(vandq_u8(v, m31));
+        hi[u] = S8(vorrq_u8(vshrq_n_u8(v, 5), vandq_u8(vshlq_n_u8(top, 3), m24)));
+        top = vshrq_n_u8(top, 2);
+    }
+}
+
+/* Q4_KX8 and Q5_KX8 (TYPE, its quads read by QUADS): rows 0-3 and 4-7 in two int32x4 (lane
+ * r = row r), as q4k_x8_scalar's / q5k_x8_scalar's sums; each row's sub-block scale applied
+ * by a lane-wise multiply-add, the mins against the pairs of activation sums by widening
+ * multiplies. */
+#define DEFINE_Q45_KX8_NEON(NAME, TARGET, ROWS4, TYPE, QUADS)                                                  \
     TARGET static void NAME(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,    \
                             float *out) {                                                                      \
         const int32x4_t zero = vdupq_n_s32(0);                                                                 \
         float32x4_t acc[2] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};                                           \
         for (int64_t i = 0; i < K / QKK; i++) {                                                                \
-            const block_q4_Kx8 *b = (const block_q4_Kx8 *)wg + i;                                              \
+            const TYPE *b = (const TYPE *)wg + i;                                                              \
             const int8_t *a = q + i * QKK;                                                                     \
             const int32_t *s16 = s + i * 16;                                                                   \
             int32x4_t sumi[2] = {zero, zero}, summ[2] = {zero, zero};                                          \
@@ -768,10 +871,10 @@ static inline float32x4_t kq_add4(float32x4_t acc, float32x4_t dd, float32x4_t d
                 for (int kq = 0; kq < 2; kq++) { /* (apart: shorter chains of dependent dot products) */       \
                     const int8x16_t alo = vld1q_s8(a + 64 * c + 16 * kq), ahi = vld1q_s8(a + 64 * c + 32 + 16 * kq); \
                     for (int r = 0; r < 2; r++) {                                                              \
-                        const uint8x16_t v0 = vld1q_u8(b->qs[c][4 * kq][4 * r]), v1 = vld1q_u8(b->qs[c][4 * kq + 1][4 * r]); \
-                        const uint8x16_t v2 = vld1q_u8(b->qs[c][4 * kq + 2][4 * r]), v3 = vld1q_u8(b->qs[c][4 * kq + 3][4 * r]); \
-                        lo[kq][r] = ROWS4(zero, NIB_LO(v0), NIB_LO(v1), NIB_LO(v2), NIB_LO(v3), alo);          \
-                        hi[kq][r] = ROWS4(zero, NIB_HI(v0), NIB_HI(v1), NIB_HI(v2), NIB_HI(v3), ahi);          \
+                        int8x16_t wl[4], wh[4];                                                                \
+                        QUADS(b, c, kq, r, wl, wh);                                                            \
+                        lo[kq][r] = ROWS4(zero, wl[0], wl[1], wl[2], wl[3], alo);                              \
+                        hi[kq][r] = ROWS4(zero, wh[0], wh[1], wh[2], wh[3], ahi);                              \
                     }                                                                                          \
                 }                                                                                              \
                 /* the pair of activation sums (at most 32 * 127 each) against each row's two mins */          \
@@ -886,7 +989,8 @@ static inline float lanes_sum_neon(float32x4_t l0, float32x4_t l1) { /* lanes_su
     DEFINE_Q45_K_NEON(dot_q4_K_##SUFFIX, TARGET, DOT16, block_q4_K, NULL)                                         \
     DEFINE_Q45_K_NEON(dot_q5_K_##SUFFIX, TARGET, DOT16, block_q5_K, b->qh)                                         \
     DEFINE_Q6_K_NEON(dot_q6_K_##SUFFIX, TARGET, DOT16)                                                         \
-    DEFINE_Q4_KX8_NEON(q4k_x8_##SUFFIX, TARGET, ROWS4)                                                         \
+    DEFINE_Q45_KX8_NEON(q4k_x8_##SUFFIX, TARGET, ROWS4, block_q4_Kx8, quads_q4kx8)                             \
+    DEFINE_Q45_KX8_NEON(q5k_x8_##SUFFIX, TARGET, ROWS4, block_q5_Kx8, quads_q5kx8)                             \
     DEFINE_Q6_KX8_NEON(q6k_x8_##SUFFIX, TARGET, ROWS4)                                                         \
     DEFINE_LEGACY_NEON(dot_q4_1_##SUFFIX, TARGET, SUMS4, block_q4_1, NULL, half_to_float(b->m))                   \
     DEFINE_LEGACY_NEON(dot_q5_0_##SUFFIX, TARGET, SUMS4, block_q5_0, b->qh, -16.0f * dw)                           \
@@ -909,6 +1013,7 @@ void kquant_select(int impl, qkernels *out) {
     if (impl == IMPL_AUTO) impl = best_impl();
     out->kquant = quantize_k_scalar;
     out->q4k_x8 = q4k_x8_scalar;
+    out->q5k_x8 = q5k_x8_scalar;
     out->q6k_x8 = q6k_x8_scalar;
     out->rowdot[FMT_Q4_K] = dot_q4_K_scalar, out->rowdot[FMT_Q5_K] = dot_q5_K_scalar;
     out->rowdot[FMT_Q6_K] = dot_q6_K_scalar, out->rowdot[FMT_Q4_1] = dot_q4_1_scalar;
@@ -917,6 +1022,7 @@ void kquant_select(int impl, qkernels *out) {
     if (impl == IMPL_AVX2 || impl == IMPL_VNNI) { /* (no VNNI gain measured yet: the same AVX2 code) */
         out->kquant = quantize_k_avx2;
         out->q4k_x8 = q4k_x8_avx2;
+        out->q5k_x8 = q5k_x8_avx2;
         out->q6k_x8 = q6k_x8_avx2;
         out->rowdot[FMT_Q4_K] = dot_q4_K_avx2, out->rowdot[FMT_Q5_K] = dot_q5_K_avx2;
         out->rowdot[FMT_Q6_K] = dot_q6_K_avx2, out->rowdot[FMT_Q4_1] = dot_q4_1_avx2;
@@ -927,6 +1033,7 @@ void kquant_select(int impl, qkernels *out) {
     if (impl == IMPL_NEON) {
         out->kquant = quantize_k_neon;
         out->q4k_x8 = q4k_x8_neon;
+        out->q5k_x8 = q5k_x8_neon;
         out->q6k_x8 = q6k_x8_neon;
         out->rowdot[FMT_Q4_K] = dot_q4_K_neon, out->rowdot[FMT_Q5_K] = dot_q5_K_neon;
         out->rowdot[FMT_Q6_K] = dot_q6_K_neon, out->rowdot[FMT_Q4_1] = dot_q4_1_neon;
@@ -936,6 +1043,7 @@ void kquant_select(int impl, qkernels *out) {
     if (impl == IMPL_DOTPROD) {
         out->kquant = quantize_k_neon;
         out->q4k_x8 = q4k_x8_dotprod;
+        out->q5k_x8 = q5k_x8_dotprod;
         out->q6k_x8 = q6k_x8_dotprod;
         out->rowdot[FMT_Q4_K] = dot_q4_K_dotprod, out->rowdot[FMT_Q5_K] = dot_q5_K_dotprod;
         out->rowdot[FMT_Q6_K] = dot_q6_K_dotprod, out->rowdot[FMT_Q4_1] = dot_q4_1_dotprod;
@@ -949,12 +1057,15 @@ void kquant_select(int impl, qkernels *out) {
 
 void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, int64_t M, int64_t K, int64_t r0,
                  int64_t r1, float *y, int64_t ldy) {
-    if (w->format == FMT_Q4_KX8 || w->format == FMT_Q6_KX8) { /* groups of 8 rows (r0 is a multiple of 8) */
+    /* the repacked layouts: groups of 8 rows (r0 is a multiple of 8) */
+    if (w->format == FMT_Q4_KX8 || w->format == FMT_Q5_KX8 || w->format == FMT_Q6_KX8) {
         const int64_t gb = 8 * fmt_row_bytes(w->format, K);
+        void (*group)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *) =
+            w->format == FMT_Q4_KX8 ? kn->q4k_x8 : w->format == FMT_Q5_KX8 ? kn->q5k_x8 : kn->q6k_x8;
         float out[8];
         for (int64_t g = r0 / 8; g * 8 < r1; g++)
             for (int64_t m = 0; m < M; m++) {
-                (w->format == FMT_Q4_KX8 ? kn->q4k_x8 : kn->q6k_x8)(w->data + g * gb, act->qk + m * K, act->dk + m * (K / QKK), act->sk + m * (K / 16), K, out);
+                group(w->data + g * gb, act->qk + m * K, act->dk + m * (K / QKK), act->sk + m * (K / 16), K, out);
                 for (int64_t r = g * 8; r < g * 8 + 8 && r < r1; r++) y[m * ldy + r] = out[r - g * 8];
             }
         return;
@@ -998,6 +1109,15 @@ ALWAYS_INLINE void dequantize_k4_block(const uint8_t *qs, const uint8_t *qh, con
     }
 }
 
+/* The same from a super-block's 256 quants as bytes, in element order. */
+ALWAYS_INLINE void dequantize_k_values(const uint8_t *q, const uint8_t *sc, const uint8_t *mn, float dd, float dm,
+                                       float *out) {
+    for (int j = 0; j < 8; j++) {
+        const float d1 = dd * (float)sc[j], m1 = dm * (float)mn[j];
+        for (int l = 0; l < 32; l++) out[32 * j + l] = d1 * (float)q[32 * j + l] - m1;
+    }
+}
+
 ALWAYS_INLINE void dequantize_q6k_block(const uint8_t *ql, const uint8_t *qh, const int8_t *sc, float dd, float *out) {
     for (int h = 0; h < 2; h++)
         for (int k = 0; k < 4; k++) {
@@ -1012,7 +1132,7 @@ ALWAYS_INLINE void dequantize_q6k_block(const uint8_t *ql, const uint8_t *qh, co
         }
 }
 
-/* Row `lane` of a Q4_KX8 / Q6_KX8 group -> out[K]: the lane's bytes gathered back into
+/* Row `lane` of a Q4_KX8 / Q5_KX8 / Q6_KX8 group -> out[K]: the lane's bytes gathered back into
  * the file's order, then the row formats' code (the same float operations). */
 ALWAYS_INLINE void dequantize_row_q4k_x8(const uint8_t *group, int lane, int64_t K, float *out) {
     uint8_t qs[128], sc[8], mn[8];
@@ -1022,6 +1142,29 @@ ALWAYS_INLINE void dequantize_row_q4k_x8(const uint8_t *group, int lane, int64_t
         for (int c = 0; c < 4; c++)
             for (int k = 0; k < 8; k++) memcpy(qs + 32 * c + 4 * k, b->qs[c][k][lane], 4);
         dequantize_k4_block(qs, NULL, sc, mn, half_to_float(b->d[lane]), half_to_float(b->dmin[lane]), out);
+    }
+}
+
+/* (Q5_KX8: the lane's quants are unpacked 4 at a time to bytes in element order instead:
+ * putting back Q5_K's bit planes costs more than the float loop) */
+ALWAYS_INLINE void dequantize_row_q5k_x8(const uint8_t *group, int lane, int64_t K, float *out) {
+    uint8_t q[QKK], sc[8], mn[8];
+    for (int64_t i = 0; i < K / QKK; i++, out += QKK) {
+        const block_q5_Kx8 *b = (const block_q5_Kx8 *)group + i;
+        for (int j = 0; j < 8; j++) sc[j] = b->scales[j][lane], mn[j] = b->mins[j / 2][lane][j % 2];
+        for (int c = 0; c < 4; c++)
+            for (int half = 0; half < 2; half++) {
+                const q5_kx8_half *h = &b->q[c][half];
+                const uint32_t top = load_u32(h->qh[lane]);
+                for (int u = 0; u < 4; u++) { /* lo: sub-block 2c's quants, hi: 2c + 1's, 4 bytes at once */
+                    const uint32_t v = load_u32(h->qs[u][lane]);
+                    const uint32_t lo = v & 0x1f1f1f1fu;
+                    const uint32_t hi = ((v >> 5) & 0x07070707u) | ((top >> (2 * u)) & 0x03030303u) << 3;
+                    memcpy(q + 64 * c + 16 * half + 4 * u, &lo, 4);
+                    memcpy(q + 64 * c + 32 + 16 * half + 4 * u, &hi, 4);
+                }
+            }
+        dequantize_k_values(q, sc, mn, half_to_float(b->d[lane]), half_to_float(b->dmin[lane]), out);
     }
 }
 
@@ -1060,6 +1203,40 @@ EXPORT int mistol_repack_q6_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint
                     memcpy(dst->ql[h][0][k][lane], src->ql + 64 * h + 4 * k, 4);
                     memcpy(dst->ql[h][1][k][lane], src->ql + 64 * h + 32 + 4 * k, 4);
                     memcpy(dst->qh[h][k][lane], src->qh + 32 * h + 4 * k, 4);
+                }
+        }
+    return OK;
+}
+
+/* Q5_K rows w[rows][K] -> Q5_KX8 groups out[ceil(rows / 8)][K / 256] (padding rows zero).
+ * Returns 0 or a negative error. */
+EXPORT int mistol_repack_q5_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out) {
+    if (K <= 0 || K % QKK) return ERR_K;
+    if (rows < 0) return ERR_ARG;
+    const int64_t nb = K / QKK, groups = (rows + 7) / 8;
+    memset(out, 0, (size_t)(groups * nb) * sizeof(block_q5_Kx8));
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < nb; i++) {
+            const block_q5_K *src = (const block_q5_K *)(w + r * nb * (int64_t)sizeof(block_q5_K)) + i;
+            block_q5_Kx8 *dst = (block_q5_Kx8 *)out + (r / 8) * nb + i;
+            const int lane = (int)(r % 8);
+            dst->d[lane] = src->d, dst->dmin[lane] = src->dmin;
+            for (int j = 0; j < 8; j++) {
+                int sc, m;
+                scale_min_k4(j, src->scales, &sc, &m);
+                dst->scales[j][lane] = (uint8_t)sc, dst->mins[j / 2][lane][j % 2] = (uint8_t)m;
+            }
+            for (int c = 0; c < 4; c++)
+                for (int half = 0; half < 2; half++) {
+                    q5_kx8_half *h = &dst->q[c][half];
+                    for (int u = 0; u < 4; u++)
+                        for (int e = 0; e < 4; e++) {
+                            const int l = 16 * half + 4 * u + e, q = src->qs[32 * c + l], bits = src->qh[l];
+                            const int lo = (q & 15) | ((bits >> (2 * c)) & 1) << 4;
+                            const int hi = (q >> 4) | ((bits >> (2 * c + 1)) & 1) << 4;
+                            h->qs[u][lane][e] = (uint8_t)(lo | (hi & 7) << 5);
+                            h->qh[lane][e] |= (uint8_t)((hi >> 3) << (2 * u));
+                        }
                 }
         }
     return OK;
@@ -1147,6 +1324,8 @@ ALWAYS_INLINE void dequantize_rows_body(int fmt, const uint8_t *w, int64_t r0, i
         float *dst = out_type == DT_F32 ? (float *)out + r * K : buf;
         if (fmt == FMT_Q4_KX8)
             dequantize_row_q4k_x8(w + r / 8 * gb, (int)(r % 8), K, dst);
+        else if (fmt == FMT_Q5_KX8)
+            dequantize_row_q5k_x8(w + r / 8 * gb, (int)(r % 8), K, dst);
         else if (fmt == FMT_Q6_KX8)
             dequantize_row_q6k_x8(w + r / 8 * gb, (int)(r % 8), K, dst);
         else

@@ -9,13 +9,15 @@
 
 #include <stdint.h>
 
-#define MISTOL_ABI_VERSION 14
+#define MISTOL_ABI_VERSION 15
 
 /* Weight formats of the quantized kernels: int8/int4 in the packed layout of
  * mistol_kernels.h; the others are llama.cpp's block types in the file's own row order
- * (kquant.h), but Q4_KX8 / Q6_KX8: Q4_K / Q6_K with 8 rows' super-blocks interleaved. */
+ * (kquant.h), but Q4_KX8 / Q5_KX8 / Q6_KX8: Q4_K / Q5_K / Q6_K with 8 rows' super-blocks
+ * interleaved. */
 enum { FMT_INT8 = 1, FMT_INT4 = 2, FMT_Q4_K = 3, FMT_Q5_K = 4, FMT_Q6_K = 5, FMT_Q4_1 = 6, FMT_Q5_0 = 7,
-       FMT_Q5_1 = 8, FMT_Q4_KX8 = 9, FMT_Q6_KX8 = 10, FMT_COUNT };
+       FMT_Q5_1 = 8, FMT_Q4_KX8 = 9, FMT_Q6_KX8 = 10,
+       FMT_Q5_KX8 = 11, FMT_COUNT };
 /* Implementations of the quantized kernels; IMPL_AUTO: the best this CPU runs. */
 enum { IMPL_AUTO = 0, IMPL_SCALAR = 1, IMPL_AVX2 = 2, IMPL_VNNI = 3, IMPL_NEON = 4, IMPL_DOTPROD = 5 };
 /* Element types of float tensors (dense weights, quantizer sources, dequantized output). */

@@ -135,8 +135,9 @@ typedef struct {
     group_fn group[FMT_COUNT]; /* FMT_INT8, FMT_INT4 */
     kquant_fn kquant;
     rowdot_fn rowdot[FMT_COUNT]; /* the row-order formats */
-    /* Q4_KX8: one group of 8 rows against one activation row (per 256), into out[8] */
+    /* Q4_KX8, Q5_KX8, Q6_KX8: one group of 8 rows against one activation row (per 256), into out[8] */
     void (*q4k_x8)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *);
+    void (*q5k_x8)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *);
     void (*q6k_x8)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *);
 } qkernels;
 

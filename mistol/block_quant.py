@@ -4,11 +4,12 @@ Q5_0, Q5_1 (block layouts: csrc/kquant.h).
 
 Each row is its blocks one after another, in the file's order, so loading costs nothing:
 the weight is a view of the mapped file (a copy only for q/k rows that llama.cpp's
-converter reordered), and memory stays the file's size. Q4_K and Q6_K (the types of a
-Q4_K_M file) are repacked at load (`BlockLinear.for_kernels`): 8 rows' super-blocks side by
-side ("Q4_Kx8", "Q6_Kx8", csrc/kquant.h), which the kernels multiply 8 rows at a time,
-about twice as fast as row by row; it costs one pass over the tensor (a copy that replaces
-the mapped pages: memory stays near the file's size, +2.8% for Q4_K, +0 for Q6_K). Decode steps multiply on the C
+converter reordered), and memory stays the file's size. Q4_K, Q5_K and Q6_K (the types of
+the Q4_K_M and Q5_K_M files) are repacked at load (`BlockLinear.for_kernels`): 8 rows'
+super-blocks side by side ("Q4_Kx8", "Q5_Kx8", "Q6_Kx8", csrc/kquant.h), which the kernels
+multiply 8 rows at a time, about twice as fast as row by row; it costs one pass over the
+tensor (a copy that replaces the mapped pages: memory stays near the file's size, +2.8% for
+Q4_K, +2.3% for Q5_K, +0 for Q6_K). Decode steps multiply on the C
 kernels (csrc/kquant_gemv.c: activations quantized to int8 per 256 inputs for the
 k-quants, per 32 for the legacy types, integer dot products per block); prefill-sized
 inputs dequantize a slab of rows at a time and use PyTorch's matmul (bf16 where the CPU
@@ -28,7 +29,7 @@ from .quant import kernel_input, output_like
 # inputs per block, bytes per block
 ROW_FORMATS = {"Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
                "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24)}
-KERNEL_LAYOUTS = {"Q4_Kx8": "Q4_K", "Q6_Kx8": "Q6_K"}  # layouts made at load, and their GGUF types
+KERNEL_LAYOUTS = {"Q4_Kx8": "Q4_K", "Q5_Kx8": "Q5_K", "Q6_Kx8": "Q6_K"}  # layouts made at load, and their GGUF types
 _SLAB_VALUES = 1 << 22  # weights dequantized at a time on the prefill path
 
 
@@ -40,7 +41,8 @@ def row_bytes(fmt: str, in_features: int) -> int:
 class BlockLinear(nn.Module):
     """A bias-free linear layer whose weight [out_features, in_features] is llama.cpp blocks
     of type `fmt` (a key of ROW_FORMATS), uint8 [out_features, bytes per row] in `packed`;
-    or, for fmt "Q4_Kx8", Q4_K repacked in groups of 8 rows, uint8 [groups, bytes per group].
+    or, for fmt "Q4_Kx8", "Q5_Kx8" or "Q6_Kx8", that GGUF type repacked in groups of 8 rows,
+    uint8 [groups, bytes per group].
     `file_type` is the GGUF type either way."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str, packed: torch.Tensor):
@@ -62,9 +64,9 @@ class BlockLinear(nn.Module):
 
     @classmethod
     def for_kernels(cls, in_features: int, out_features: int, fmt: str, rows: torch.Tensor) -> "BlockLinear":
-        """The layer in the layout the CPU kernels run fastest: Q4_K and Q6_K repacked to
-        Q4_Kx8 / Q6_Kx8 where the compiled kernels run, every other type (and those
-        elsewhere) as it is."""
+        """The layer in the layout the CPU kernels run fastest: Q4_K, Q5_K and Q6_K repacked
+        to Q4_Kx8 / Q5_Kx8 / Q6_Kx8 where the compiled kernels run, every other type (and
+        those elsewhere) as it is."""
         if fmt in kernels.X8_GROUP_BYTES and rows.device.type == "cpu" and kernels.available():
             cls(in_features, out_features, fmt, rows)  # (checks the shape)
             return cls(in_features, out_features, fmt + "x8", kernels.repack_x8(fmt, rows.contiguous(), in_features))

@@ -43,7 +43,8 @@ def test_a_library_of_another_version_is_refused_before_its_tables_are_read():
 def test_the_python_tables_are_the_librarys():
     abi = read_abi(library())
     assert kernels.FORMAT_IDS == abi.formats
-    assert set(abi.formats) == {"int8", "int4", "Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1", "Q4_Kx8", "Q6_Kx8"}
+    assert set(abi.formats) == {"int8", "int4", "Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1", "Q4_Kx8", "Q5_Kx8",
+                                "Q6_Kx8"}
     assert kernels.IMPLS == abi.impls and {"auto", "scalar", "avx2", "avx512vnni"} <= set(abi.impls)
     assert kernels.DENSE_DTYPES == {getattr(torch, name): i for name, i in abi.dtypes.items()}
     assert set(kernels.DENSE_DTYPES) == {torch.float32, torch.bfloat16, torch.float16}

@@ -25,8 +25,8 @@ SOURCES = sorted(str(p) for p in (ROOT / "csrc").glob("*.c")) + [str(ROOT / "tes
 FLAGS = ["-O2", "-std=gnu11", "-ffp-contract=off", "-I", str(ROOT / "csrc")]
 CROSS_CC, QEMU = "aarch64-linux-gnu-gcc", "qemu-aarch64"
 # kernel_check.c: quantizer, 2 x (group kernel, gemm), decode layer twice (int8/int4); the per-256
-# quantizer, 6 row kernels, 2 repacked group kernels, one gemm, decode layer twice (k-quant, legacy)
-CHECKS_PER_IMPL = 7 + 12
+# quantizer, 6 row kernels, 3 repacked group kernels, one gemm, decode layer twice (k-quant, legacy)
+CHECKS_PER_IMPL = 7 + 13
 DENSE_CHECKS = 3  # float32, bf16, f16 rows: reported under the best implementation's name
 
 

@@ -1,9 +1,9 @@
 """The kernels for llama.cpp's k-quant and legacy 4/5-bit blocks (csrc/kquant_gemv.c), read
 in the file's row order: block decoding against the gguf package's dequantization, products
 against dequantize-then-multiply in float64, the portable and SIMD paths bit for bit, and
-the compiled decode layer with a layer that mixes formats against the PyTorch layers. Q4_K
-and Q6_K run in two layouts (the file's rows, and 8 rows interleaved: Q4_Kx8, Q6_Kx8), which
-give the same bits.
+the compiled decode layer with a layer that mixes formats against the PyTorch layers. Q4_K,
+Q5_K and Q6_K run in two layouts (the file's rows, and 8 rows interleaved: Q4_Kx8, Q5_Kx8,
+Q6_Kx8), which give the same bits.
 
 Blocks are random bytes (every bit pattern is a valid block) with scales set to a real
 model's magnitudes: each quant, scale and min then takes every value it can.
@@ -75,7 +75,7 @@ def make_layer(fmt: str, k: int, n: int, blocks: torch.Tensor) -> BlockLinear:
     return BlockLinear(k, n, fmt, blocks)
 
 
-LAYOUTS = [*ROW_FORMATS, "Q4_Kx8", "Q6_Kx8"]
+LAYOUTS = [*ROW_FORMATS, "Q4_Kx8", "Q5_Kx8", "Q6_Kx8"]
 
 
 def file_type(fmt: str) -> str:
@@ -117,14 +117,15 @@ def test_portable_and_simd_kernels_give_the_same_bits(fmt):
             assert torch.equal(made(x), ref), impl
 
 
-@pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q5_K", "Q6_K"])
 def test_repacked_layouts_give_the_bits_of_the_files_rows(fmt):
-    """Q4_Kx8 / Q6_Kx8 (8 rows interleaved) against the file's rows: same sums, same float
-    steps per row, so the same bits; and the same decoded values."""
+    """Q4_Kx8 / Q5_Kx8 / Q6_Kx8 (8 rows interleaved) against the file's rows: same sums, same
+    float steps per row, so the same bits; and the same decoded values (the gguf package's)."""
     n, k = 45, 1024
     blocks = random_blocks(fmt, n, k, seed=4)
     rows, x8 = BlockLinear(k, n, fmt, blocks), make_layer(fmt + "x8", k, n, blocks)
     assert torch.equal(x8.dequantize(), rows.dequantize())
+    assert torch.equal(x8.dequantize().double(), reference_weight(fmt, blocks))
     x = torch.randn(7, k, generator=torch.Generator().manual_seed(4))
     for impl in kernel_impls():
         with kernels.use(impl):
@@ -176,8 +177,9 @@ def test_bad_shapes_are_refused_in_one_line():
 
 
 def test_compiled_decode_layer_takes_a_layer_of_mixed_formats(monkeypatch):
-    """As a Q4_K_M file loads: q/k/o/gate/up Q4_K, v and down Q6_K (one of each repacked) in
-    every other layer, one int8; the compiled decode layer against the PyTorch layers, 20 steps."""
+    """As a Q4_K_M / Q5_K_M file loads: q/k/o/gate/up Q4_K (Q5_K in the second layer), v and
+    down Q6_K in every other layer (one of each repacked), one int8; the compiled decode layer
+    against the PyTorch layers, 20 steps."""
     from test_cpu_decode import assert_agree, config, teacher_forced_logits
 
     from mistol.bench.models import mistol_model
@@ -188,12 +190,12 @@ def test_compiled_decode_layer_takes_a_layer_of_mixed_formats(monkeypatch):
         for parent, name in (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
                              ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")):
             old = getattr(getattr(block, parent), name)
-            fmt = "Q6_K" if name in ("v_proj", "down_proj") and i % 2 == 0 else "Q4_K"
+            fmt = "Q6_K" if name in ("v_proj", "down_proj") and i % 2 == 0 else ("Q4_K", "Q5_K")[i % 2]
             if (i, name) == (1, "up_proj"):
                 continue  # stays int8
             seed += 1
             blocks = random_blocks(fmt, old.out_features, old.in_features, seed, scale=2e-4)
-            layout = fmt + "x8" if (i, name) in ((0, "q_proj"), (0, "down_proj")) else fmt
+            layout = fmt + "x8" if (i, name) in ((0, "q_proj"), (0, "down_proj"), (1, "gate_proj")) else fmt
             made = make_layer(layout, old.in_features, old.out_features, blocks)
             setattr(getattr(block, parent), name, made)
     from mistol.model import cpu_decode

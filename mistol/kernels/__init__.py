@@ -65,7 +65,7 @@ def _load() -> ctypes.CDLL | None:
     lib.mistol_gemm_matrices.restype = c_int
     lib.mistol_dequantize_rows.argtypes = [c_int, vp, i64, i64, vp, c_int, c_int]
     lib.mistol_dequantize_rows.restype = c_int
-    for repack in (lib.mistol_repack_q4_k_x8, lib.mistol_repack_q6_k_x8):
+    for repack in (lib.mistol_repack_q4_k_x8, lib.mistol_repack_q5_k_x8, lib.mistol_repack_q6_k_x8):
         repack.argtypes, repack.restype = [vp, i64, i64, vp], c_int
     lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
     lib.mistol_quantize.restype = c_int
@@ -197,9 +197,9 @@ def gemm_matrices(x: torch.Tensor, mats: list[Matrix]) -> torch.Tensor:
 def dequantize_rows(fmt: str, blocks: torch.Tensor, k: int, dtype: torch.dtype,
                     out: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
     """Rows of llama.cpp blocks of a row-order format (Q4_K, Q5_K, Q6_K, Q4_1, Q5_0, Q5_1),
-    uint8 [n, bytes per row] (CPU, contiguous), or the first `rows` rows of Q4_Kx8 groups
-    [groups, bytes per group] -> [n, k] float32 or bfloat16 (into `out`, if given:
-    contiguous, of that shape and dtype)."""
+    uint8 [n, bytes per row] (CPU, contiguous), or the first `rows` rows of Q4_Kx8, Q5_Kx8 or
+    Q6_Kx8 groups [groups, bytes per group] -> [n, k] float32 or bfloat16 (into `out`, if
+    given: contiguous, of that shape and dtype)."""
     n = blocks.shape[0] if rows is None else rows
     if out is None:
         out = torch.empty(n, k, dtype=dtype)
@@ -211,16 +211,17 @@ def dequantize_rows(fmt: str, blocks: torch.Tensor, k: int, dtype: torch.dtype,
     return out
 
 
-X8_GROUP_BYTES = {"Q4_K": 1184, "Q6_K": 1680}  # bytes per 8-row group and 256 inputs (csrc/kquant.h)
+X8_GROUP_BYTES = {"Q4_K": 1184, "Q5_K": 1440, "Q6_K": 1680}  # bytes per 8-row group and 256 inputs (csrc/kquant.h)
 
 
 def repack_x8(fmt: str, blocks: torch.Tensor, k: int) -> torch.Tensor:
-    """Q4_K or Q6_K rows uint8 [n, bytes per row] (CPU, contiguous) -> groups of 8 rows
-    interleaved ("Q4_Kx8", "Q6_Kx8"), uint8 [ceil(n / 8), k / 256 * group bytes] (csrc/kquant.h)."""
+    """Q4_K, Q5_K or Q6_K rows uint8 [n, bytes per row] (CPU, contiguous) -> groups of 8 rows
+    interleaved ("Q4_Kx8", ...), uint8 [ceil(n / 8), k / 256 * group bytes] (csrc/kquant.h)."""
     n = blocks.shape[0]
     out = torch.empty(-(-n // 8), k // 256 * X8_GROUP_BYTES[fmt], dtype=torch.uint8)
-    rc = {"Q4_K": _lib.mistol_repack_q4_k_x8, "Q6_K": _lib.mistol_repack_q6_k_x8}[fmt](blocks.data_ptr(), n, k,
-                                                                                       out.data_ptr())
+    repack = {"Q4_K": _lib.mistol_repack_q4_k_x8, "Q5_K": _lib.mistol_repack_q5_k_x8,
+              "Q6_K": _lib.mistol_repack_q6_k_x8}[fmt]
+    rc = repack(blocks.data_ptr(), n, k, out.data_ptr())
     if rc != 0:
         raise RuntimeError(f"repacking {fmt} (K={k}): {_error(rc)}")
     return out

@@ -35,6 +35,7 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
 EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count, const mistol_matrix *mats, float *y,
                                 int64_t ldy, int nthreads, int impl);
 EXPORT int mistol_repack_q4_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out);
+EXPORT int mistol_repack_q5_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out);
 EXPORT int mistol_repack_q6_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out);
 EXPORT int mistol_dense_many(int wtype, const float *x, int x_is_bf16, int64_t M, int64_t K, int count,
                              const void *const *ws, const int64_t *ns, const int64_t *tks, float *y, int64_t ldy,
@@ -135,19 +136,28 @@ static uint8_t *random_rows(int fmt, int64_t rows, int64_t K) {
 }
 
 /* The same rows' blocks in format fmt as the kernels take them: a repacked copy for the
- * 8-row layouts (Q4_KX8, Q6_KX8), else the rows themselves. */
+ * 8-row layouts (Q4_KX8, Q5_KX8, Q6_KX8), else the rows themselves. */
 static uint8_t *kernel_layout(int fmt, uint8_t *rows_data, int64_t rows, int64_t K) {
-    if (fmt != FMT_Q4_KX8 && fmt != FMT_Q6_KX8) return rows_data;
+    if (fmt != FMT_Q4_KX8 && fmt != FMT_Q5_KX8 && fmt != FMT_Q6_KX8) return rows_data;
     uint8_t *out = malloc((size_t)((rows + 7) / 8 * 8 * fmt_row_bytes(fmt, K)));
-    const int rc = fmt == FMT_Q4_KX8 ? mistol_repack_q4_k_x8(rows_data, rows, K, out)
-                                     : mistol_repack_q6_k_x8(rows_data, rows, K, out);
+    const int rc = fmt == FMT_Q4_KX8   ? mistol_repack_q4_k_x8(rows_data, rows, K, out)
+                   : fmt == FMT_Q5_KX8 ? mistol_repack_q5_k_x8(rows_data, rows, K, out)
+                                       : mistol_repack_q6_k_x8(rows_data, rows, K, out);
     if (rc != OK) printf("FAIL repack of format %d: error %d\n", fmt, rc), failures++;
     free(rows_data);
     return out;
 }
 
-/* The GGUF type whose rows fmt holds (Q4_K for Q4_KX8, Q6_K for Q6_KX8). */
-static int file_format(int fmt) { return fmt == FMT_Q4_KX8 ? FMT_Q4_K : fmt == FMT_Q6_KX8 ? FMT_Q6_K : fmt; }
+/* The GGUF type whose rows fmt holds (Q4_K for Q4_KX8, ...). */
+static int file_format(int fmt) {
+    return fmt == FMT_Q4_KX8 ? FMT_Q4_K : fmt == FMT_Q5_KX8 ? FMT_Q5_K : fmt == FMT_Q6_KX8 ? FMT_Q6_K : fmt;
+}
+
+/* A repacked layout's group kernel: 8 rows against one activation row. */
+typedef void (*x8_fn)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *);
+static x8_fn x8_kernel(int fmt, const qkernels *kn) {
+    return fmt == FMT_Q4_KX8 ? kn->q4k_x8 : fmt == FMT_Q5_KX8 ? kn->q5k_x8 : kn->q6k_x8;
+}
 
 /* A weight matrix of `rows` x K in format fmt (any), random, and its mistol_matrix. */
 static mistol_matrix random_matrix(int fmt, int64_t rows, int64_t K) {
@@ -159,7 +169,7 @@ static mistol_matrix random_matrix(int fmt, int64_t rows, int64_t K) {
 
 static const char *format_name(int fmt) {
     static const char *names[FMT_COUNT] = {"?", "int8", "int4", "Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1",
-                                           "Q4_KX8", "Q6_KX8"};
+                                           "Q4_KX8", "Q6_KX8", "Q5_KX8"};
     return fmt > 0 && fmt < FMT_COUNT ? names[fmt] : "?";
 }
 
@@ -312,8 +322,8 @@ static void check_x8(const char *name, int fmt, const qkernels *kn, const qkerne
         const quantized a = quantize_for(fmt, ref, x, K);
         for (int64_t g = 0; g < (rows + 7) / 8; g++) {
             float want[8], got[8];
-            (fmt == FMT_Q4_KX8 ? ref->q4k_x8 : ref->q6k_x8)(packed + g * gb, a.q, a.d, a.s, K, want);
-            (fmt == FMT_Q4_KX8 ? kn->q4k_x8 : kn->q6k_x8)(packed + g * gb, a.q, a.d, a.s, K, got);
+            x8_kernel(fmt, ref)(packed + g * gb, a.q, a.d, a.s, K, want);
+            x8_kernel(fmt, kn)(packed + g * gb, a.q, a.d, a.s, K, got);
             ok &= !memcmp(want, got, sizeof want);
             for (int64_t r = 8 * g; r < 8 * g + 8; r++) {
                 const float row = r < rows ? ref->rowdot[row_fmt](w + r * rb, a.q, a.d, a.s, K) : 0.0f;
@@ -331,9 +341,10 @@ static void check_x8(const char *name, int fmt, const qkernels *kn, const qkerne
 /* mistol_gemm_matrices over one matrix of each row-order format (row counts not multiples
  * of 8), one and three activation rows, one and four threads: the portable code's bits. */
 static void check_block_gemm(const char *name, int impl) {
-    enum { COUNT = 8 };
-    const int fmts[COUNT] = {FMT_Q4_KX8, FMT_Q5_K, FMT_Q6_KX8, FMT_Q4_1, FMT_Q5_0, FMT_Q5_1, FMT_Q6_K, FMT_Q4_K};
-    const int64_t rows[COUNT] = {203, 40, 77, 33, 19, 64, 21, 8}, K = 1024;
+    enum { COUNT = 9 };
+    const int fmts[COUNT] = {FMT_Q4_KX8, FMT_Q5_K, FMT_Q6_KX8, FMT_Q4_1, FMT_Q5_0, FMT_Q5_1, FMT_Q6_K, FMT_Q4_K,
+                             FMT_Q5_KX8};
+    const int64_t rows[COUNT] = {203, 40, 77, 33, 19, 64, 21, 8, 45}, K = 1024;
     mistol_matrix mats[COUNT];
     int64_t N = 0;
     for (int i = 0; i < COUNT; i++) mats[i] = random_matrix(fmts[i], rows[i], K), N += rows[i];
@@ -349,7 +360,7 @@ static void check_block_gemm(const char *name, int impl) {
         }
         free(x), free(ref), free(y);
     }
-    report(ok, name, "k-quant and legacy gemm (8 formats, M 1 and 3, 1 and 4 threads): same bits", -1);
+    report(ok, name, "k-quant and legacy gemm (9 formats, M 1 and 3, 1 and 4 threads): same bits", -1);
     for (int i = 0; i < COUNT; i++) free((void *)mats[i].data);
 }
 
@@ -472,10 +483,11 @@ int main(void) {
         check_kquantizer(name, &kn, &ref);
         for (int fmt = FMT_Q4_K; fmt <= FMT_Q5_1; fmt++) check_rowdot(name, fmt, &kn, &ref);
         check_x8(name, FMT_Q4_KX8, &kn, &ref);
+        check_x8(name, FMT_Q5_KX8, &kn, &ref);
         check_x8(name, FMT_Q6_KX8, &kn, &ref);
         check_block_gemm(name, IMPLS[i].id);
-        /* q: Q4_KX8, k: Q5_K, v: Q4_K, o: Q6_KX8, gate: Q4_1, up: Q5_1, down: Q6_K */
-        static const int block_fmts[W_COUNT] = {FMT_Q4_KX8, FMT_Q5_K, FMT_Q4_K, FMT_Q6_KX8,
+        /* q: Q4_KX8, k: Q5_K, v: Q5_KX8, o: Q6_KX8, gate: Q4_1, up: Q5_1, down: Q6_K */
+        static const int block_fmts[W_COUNT] = {FMT_Q4_KX8, FMT_Q5_K, FMT_Q5_KX8, FMT_Q6_KX8,
                                                 FMT_Q4_1,   FMT_Q5_1, FMT_Q6_K};
         check_decode(name, IMPLS[i].id, block_fmts, "k-quant and legacy blocks");
     }
