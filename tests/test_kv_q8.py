@@ -180,6 +180,31 @@ def test_the_compiled_layer_reads_and_writes_q8_0_as_the_pytorch_layers_do(shape
     assert all(r < 1e-5 for r, same in zip(rel, same_rows) if same), (rel, same_rows)
 
 
+@pytest.mark.skipif(not kernels.available(), reason="mistol's C kernels are not built")
+@pytest.mark.parametrize("impl", ["scalar", "auto"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_value_makes_its_block_nan_on_both_paths(bad, impl, monkeypatch):
+    """A NaN activation (a model that overflowed) is not rounded away into a finite block:
+    the block of 32 it is in reads back as NaN from the compiled layer's cache as from the
+    PyTorch layers' (whose max|x| is NaN), the row's other block and the other head keep
+    their values. (llama.cpp's reference takes max|x| with a comparison, so there it depends
+    on where the NaN is in its block.) An infinity: scale inf, quants 0, NaN read back."""
+    m = mistol_model(config(qkv_bias=True, heads=2, kv_heads=2, head_dim=64), "int8")
+    with torch.no_grad():
+        m.layers[0].self_attn.v_bias[3] = bad  # kv head 0, block 0
+    ours = session_on(m, Q8_0, True, monkeypatch, max_context=16)
+    ref = session_on(m, Q8_0, False, monkeypatch, max_context=16)
+    assert ours.engine.backend.cpu_decoder is not None and ref.engine.backend.cpu_decoder is None
+    with torch.inference_mode(), kernels.use(impl):
+        for s in (ours, ref):
+            s.feed([1])
+            decode_step([s], [5])
+    for session in (ours, ref):
+        c = session.cache
+        v = dequantize_q8_0(c.v[0, 0, :, 1], c.v_scale[0, 0, :, 1])  # layer 0, the decoded token's row
+        assert v[0, :32].isnan().all() and not v[0, 32:].isnan().any() and not v[1].isnan().any(), v
+
+
 # -- rollback, the rolling window ------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["f32", "int8"])
 def test_rolled_back_rows_are_forgotten(fmt, monkeypatch):
