@@ -302,6 +302,43 @@ def test_a_saved_q8_0_cache_resumes_and_other_dtypes_run_again(head32_dir, tmp_p
     assert why is not None and "float16" in why, why
 
 
+def test_a_q8_0_file_with_damaged_scales_is_refused(head32_dir, tmp_path):
+    """Scales missing, of another type (the same bytes: float32 where float16 was, half as
+    many), or of another shape (the same count): refused with the reason, the session empty."""
+    import json
+
+    from mistol.llm import LocalLLM
+    from mistol.sampling import SamplingParams
+
+    engine = Engine.load(head32_dir, dtype="f32")
+    engine.kv_dtype = Q8_0
+    first = LocalLLM(engine, max_context=64)
+    first.chat([{"role": "user", "content": "one two three"}], SamplingParams(temperature=0, max_tokens=4))
+    path = tmp_path / "chat.kv"
+    first.save_cache(path)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+
+    def k_scale_as(**entry):
+        changed = {**header, "k_scale": {**header["k_scale"], **entry}}
+        if not entry:
+            del changed["k_scale"]
+        encoded = json.dumps(changed).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        return len(encoded).to_bytes(8, "little") + encoded + data[8 + n :]
+
+    layers, batch, heads, filled, blocks = header["k_scale"]["shape"]
+    for damaged in (k_scale_as(), k_scale_as(dtype="F32", shape=[layers, batch, heads, filled // 2, blocks]),
+                    k_scale_as(shape=[layers * 2, batch, heads, filled // 2, blocks]),
+                    k_scale_as(shape=[layers, batch, heads, filled, blocks, 1])):
+        path.write_bytes(damaged)
+        llm = LocalLLM(engine, max_context=64)
+        why = llm.restore_cache(path)
+        assert why is not None and str(path) in why, why
+        assert llm.session.tokens == []
+
+
 def test_a_head_size_q8_0_cannot_hold_is_refused_in_one_line(mistral_dir, capsys):
     """The tests' usual checkpoint has heads of 16 values: not a whole block of 32."""
     from mistol.cli import main
