@@ -1090,6 +1090,14 @@ void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, in
 /* (inlined into a portable and an AVX2 copy of the loops below: mistol_dequantize_rows) */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
+/* A block's fp16 scale as float; a NaN one (a damaged file) as the quiet NaN with no payload,
+ * so that every value it makes rounds to a bfloat16 NaN (a payload with its high mantissa
+ * bits set would carry into the sign: -0). */
+ALWAYS_INLINE float block_scale(uint16_t h) {
+    const float f = half_to_float(h);
+    return f == f ? f : NAN;
+}
+
 /* One super-block's values from its quants laid out as in the file (Q4_K/Q5_K: qs[128],
  * qh[32] or NULL; Q6_K: ql[128], qh[64]) and its scales unpacked to bytes. Loops over
  * runs of 16-32 elements with one scale each, which the compiler vectorizes (a per-element
@@ -1141,7 +1149,7 @@ ALWAYS_INLINE void dequantize_row_q4k_x8(const uint8_t *group, int lane, int64_t
         for (int j = 0; j < 8; j++) sc[j] = b->scales[j][lane], mn[j] = b->mins[j / 2][lane][j % 2];
         for (int c = 0; c < 4; c++)
             for (int k = 0; k < 8; k++) memcpy(qs + 32 * c + 4 * k, b->qs[c][k][lane], 4);
-        dequantize_k4_block(qs, NULL, sc, mn, half_to_float(b->d[lane]), half_to_float(b->dmin[lane]), out);
+        dequantize_k4_block(qs, NULL, sc, mn, block_scale(b->d[lane]), block_scale(b->dmin[lane]), out);
     }
 }
 
@@ -1180,7 +1188,7 @@ ALWAYS_INLINE void dequantize_row_q6k_x8(const uint8_t *group, int lane, int64_t
                 memcpy(ql + 64 * h + 32 + 4 * k, b->ql[h][1][k][lane], 4);
                 memcpy(qh + 32 * h + 4 * k, b->qh[h][k][lane], 4);
             }
-        dequantize_q6k_block(ql, qh, sc, half_to_float(b->d[lane]), out);
+        dequantize_q6k_block(ql, qh, sc, block_scale(b->d[lane]), out);
     }
 }
 
@@ -1279,14 +1287,14 @@ ALWAYS_INLINE void dequantize_row(int fmt, const uint8_t *row, int64_t K, float 
                 sc[j] = (uint8_t)s6, mn[j] = (uint8_t)m6;
             }
             if (fmt == FMT_Q4_K)
-                dequantize_k4_block(b4->qs, NULL, sc, mn, half_to_float(b4->d), half_to_float(b4->dmin), out);
+                dequantize_k4_block(b4->qs, NULL, sc, mn, block_scale(b4->d), block_scale(b4->dmin), out);
             else
-                dequantize_k4_block(b5->qs, b5->qh, sc, mn, half_to_float(b5->d), half_to_float(b5->dmin), out);
+                dequantize_k4_block(b5->qs, b5->qh, sc, mn, block_scale(b5->d), block_scale(b5->dmin), out);
         }
     } else if (fmt == FMT_Q6_K) {
         for (int64_t i = 0; i < K / QKK; i++, out += QKK) {
             const block_q6_K *b = (const block_q6_K *)row + i;
-            dequantize_q6k_block(b->ql, b->qh, b->scales, half_to_float(b->d), out);
+            dequantize_q6k_block(b->ql, b->qh, b->scales, block_scale(b->d), out);
         }
     } else {
         for (int64_t i = 0; i < K / QK; i++, out += QK) {
@@ -1296,13 +1304,13 @@ ALWAYS_INLINE void dequantize_row(int fmt, const uint8_t *row, int64_t K, float 
             int offset = 0;
             if (fmt == FMT_Q4_1) {
                 const block_q4_1 *b = (const block_q4_1 *)row + i;
-                qs = b->qs, dd = half_to_float(b->d), m = half_to_float(b->m);
+                qs = b->qs, dd = block_scale(b->d), m = block_scale(b->m);
             } else if (fmt == FMT_Q5_0) {
                 const block_q5_0 *b = (const block_q5_0 *)row + i;
-                qs = b->qs, dd = half_to_float(b->d), qh = load_u32(b->qh), offset = 16;
+                qs = b->qs, dd = block_scale(b->d), qh = load_u32(b->qh), offset = 16;
             } else {
                 const block_q5_1 *b = (const block_q5_1 *)row + i;
-                qs = b->qs, dd = half_to_float(b->d), m = half_to_float(b->m), qh = load_u32(b->qh);
+                qs = b->qs, dd = block_scale(b->d), m = block_scale(b->m), qh = load_u32(b->qh);
             }
             for (int j = 0; j < QK / 2; j++) /* (two loops of one shift pattern each vectorize) */
                 out[j] = dd * (float)(((qs[j] & 15) | (int)(((qh >> j) & 1) << 4)) - offset) + m;

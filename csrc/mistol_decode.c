@@ -23,6 +23,7 @@
  * step needs more (a longer cache, more threads) than any step before.
  */
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -197,15 +198,22 @@ static inline int round_away(float v) { /* roundf for |v| < 2^31, without a libm
     return i + (f >= 0.5f) - (f <= -0.5f);
 }
 
-/* x[d] (d a multiple of 32) -> Q8_0: per block d = max|x| / 127, q = roundf(x * (1 / d)). */
+/* x[d] (d a multiple of 32) -> Q8_0: per block d = max|x| / 127, q = roundf(x * (1 / d)).
+ * A NaN makes its block's scale NaN (as PyTorch's max does; fmaxf would skip it and the
+ * block would read back finite); an infinity makes it inf (1 / d = 0); the quants of either
+ * are 0 (a float -> int conversion of NaN is undefined). */
 static void quantize_q8_0_row(const float *x, int8_t *q, uint16_t *scales, int64_t d) {
     for (int64_t b = 0; b < d / QK; b++) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+        int nan = 0;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j])), nan |= xb[j] != xb[j];
+        const float scale = nan ? NAN : amax / 127.0f, inv = scale != 0.0f && scale <= FLT_MAX ? 1.0f / scale : 0.0f;
         scales[b] = float_to_half(scale);
-        for (int j = 0; j < QK; j++) q[b * QK + j] = (int8_t)round_away(xb[j] * inv);
+        for (int j = 0; j < QK; j++) {
+            const float v = xb[j] * inv;
+            q[b * QK + j] = v == v ? (int8_t)round_away(v) : 0;
+        }
     }
 }
 

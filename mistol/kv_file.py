@@ -118,14 +118,20 @@ def restore(session: Session, path: Path) -> tuple[dict | None, str | None]:
     ours = cache.tensors()
     try:
         token_ids = f.tensor("tokens")
-        tokens = token_ids.tolist()
         saved = {name: f.tensor(name) for name in ours}
         slot_pos = f.tensor("slot_pos")
         extra = json.loads(meta.get("extra") or "{}")
-    except (KeyError, ValueError):
+        capacity = int(meta.get("capacity", -1))
+    except (KeyError, ValueError, TypeError):
         return None, f"{path}: damaged KV cache file"
-    if token_ids.dtype != torch.int64 or any(saved[name].dtype != t.dtype for name, t in ours.items()):
+    if (token_ids.dtype != torch.int64 or slot_pos.dtype != torch.int64
+            or any(saved[name].dtype != t.dtype for name, t in ours.items())):
         return None, f"{path}: damaged KV cache file (tensor types)"
+    if token_ids.dim() != 1 or not isinstance(extra, dict):
+        return None, f"{path}: damaged KV cache file"
+    if token_ids.numel() > session.max_context:  # (before reading them all into a list)
+        return None, f"{path}: the cache does not fit this session (context {session.max_context})"
+    tokens = token_ids.tolist()
     if any(not 0 <= t < engine.config.vocab_size for t in tokens):
         return None, f"{path}: damaged KV cache file (token ids outside the vocabulary)"
     if _tokens_hash(tokens) != meta.get("tokens"):
@@ -134,8 +140,14 @@ def restore(session: Session, path: Path) -> tuple[dict | None, str | None]:
     expected = min(len(tokens), cache.capacity)
     if (filled != expected or any(saved[name].shape != (*t.shape[:3], filled, *t.shape[4:]) for name, t in ours.items())
             or tuple(slot_pos.shape) != (filled,) or len(tokens) > session.max_context
-            or int(meta.get("capacity", -1)) != cache.capacity):
+            or capacity != cache.capacity):
         return None, f"{path}: the cache does not fit this session (context {session.max_context})"
+    # slot s holds position p with p % capacity == s among the last `filled` positions, or none (-1)
+    slots = torch.arange(filled)
+    held = slot_pos >= 0
+    if not ((slot_pos[held] % cache.capacity == slots[held]).all() and (slot_pos < len(tokens)).all()
+            and (slot_pos[held] >= len(tokens) - filled).all() and (held | (slot_pos == -1)).all()):
+        return None, f"{path}: damaged KV cache file (its slots' positions)"
     session.reset()
     for name, t in ours.items():
         t[:, :, :, :filled].copy_(saved[name])

@@ -11,6 +11,7 @@ model's magnitudes: each quant, scale and min then takes every value it can.
 
 from __future__ import annotations
 
+import itertools
 import gguf
 import numpy as np
 import pytest
@@ -165,6 +166,24 @@ def test_prefill_path_multiplies_dequantized_slabs(monkeypatch):
     x = torch.randn(200, 512, generator=torch.Generator().manual_seed(7))
     y = BlockLinear(512, 40, "Q4_K", blocks)(x)
     assert torch.allclose(y.double(), x.double() @ w.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS)
+def test_a_nan_scale_stays_nan_in_bfloat16(fmt):
+    """A damaged file's fp16 scale (or min) that is NaN makes its block's values NaN; rounded to
+    bfloat16 (prefill's slabs) they are still NaN, as torch's float32 -> bfloat16 keeps them,
+    whatever the NaN's payload (0x7fff: every mantissa bit set, which a plain round-to-nearest
+    add would carry into the sign)."""
+    file_fmt = fmt.removesuffix("x8")
+    for nan, off in itertools.product((0x7E00, 0x7FFF, 0xFFFF, 0x7E07), SCALE_OFFSETS[file_fmt]):
+        blocks = random_blocks(file_fmt, 8, 256)
+        blocks[0, off : off + 2] = torch.from_numpy(np.array([nan], dtype=np.uint16).view(np.uint8))
+        layer = make_layer(fmt, 256, 8, blocks)
+        f32 = layer._dequantize(0, 8, torch.float32)
+        bf16 = layer._dequantize(0, 8, torch.bfloat16)
+        assert f32[0, :32].isnan().all(), (hex(nan), off)
+        assert torch.equal(bf16.isnan(), f32.isnan()), (hex(nan), off)
+        assert torch.equal(bf16[~bf16.isnan()], f32.to(torch.bfloat16)[~bf16.isnan()]), (hex(nan), off)
 
 
 def test_bad_shapes_are_refused_in_one_line():

@@ -176,3 +176,86 @@ def test_the_servers_prefix_cache_survives_a_restart_per_api_key(mistral_dir, tm
     with LoopbackServer(create_app(other, ServerOptions(api_key=["alice-key"], **options))) as url:
         _, usage = ask(url, "alice-key", follow_up)
     assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def _rewrite_header(data: bytes, change) -> bytes:
+    """The file `data` with its JSON header passed through `change` (the tensors' bytes kept)."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = change(json.loads(data[8 : 8 + header_len]))
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded + data[8 + header_len :]
+
+
+def _set(path: list, value):
+    def change(header):
+        node = header
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        return header
+    return change
+
+
+TAMPERED_HEADERS = {
+    "header a list": lambda h: [1, 2],
+    "capacity not a number": _set(["__metadata__", "capacity"], "many"),
+    "extra a list": _set(["__metadata__", "extra"], "[1, 2]"),
+    "extra null": _set(["__metadata__", "extra"], "null"),
+    "extra not a string": _set(["__metadata__", "extra"], 5),
+    "shape with a word": lambda h: _set(["k", "shape"], ["two", *h["k"]["shape"][1:]])(h),
+    "shape with a float": lambda h: _set(["k", "shape"], [float(h["k"]["shape"][0]), *h["k"]["shape"][1:]])(h),
+    "shape negative": lambda h: _set(["k", "shape"], [-h["k"]["shape"][0], -1, *h["k"]["shape"][2:]])(h),
+    "offsets words": _set(["k", "data_offsets"], ["a", "b"]),
+    "tokens 2-D": lambda h: _set(["tokens", "shape"], [1, *h["tokens"]["shape"]])(h),
+    "tokens 0-D": lambda h: _set(["tokens"], {"dtype": "I64", "shape": [],
+                                             "data_offsets": [h["tokens"]["data_offsets"][0],
+                                                              h["tokens"]["data_offsets"][0] + 8]})(h),
+    "slot positions as floats": _set(["slot_pos", "dtype"], "F64"),
+}
+
+
+@pytest.fixture(scope="module")
+def llama_saved(llama_dir, tmp_path_factory) -> tuple[Engine, bytes]:
+    """An engine and the bytes of a file of one of its conversations' caches."""
+    engine = Engine.load(llama_dir, dtype="f32")
+    first = LocalLLM(engine, max_context=64)
+    chat_once(first, HISTORY)
+    path = tmp_path_factory.mktemp("saved") / "chat.kv"
+    first.save_cache(path)
+    return engine, path.read_bytes()
+
+
+@pytest.mark.parametrize("tampering", TAMPERED_HEADERS)
+def test_a_tampered_header_is_refused_with_its_reason_not_an_exception(tampering, llama_saved, tmp_path):
+    """The server reads every file of --kv-dir at start and chat --resume reads its file:
+    whatever a header says, the answer is a reason (the history then runs again)."""
+    engine, data = llama_saved
+    path = tmp_path / "chat.kv"
+    path.write_bytes(_rewrite_header(data, TAMPERED_HEADERS[tampering]))
+    llm = LocalLLM(engine, max_context=64)
+    why = llm.restore_cache(path)
+    assert why is not None and str(path) in why and "\n" not in why, why
+    assert llm.session.tokens == []
+
+
+def test_slot_positions_that_do_not_match_their_slots_are_refused(mistral_dir, tmp_path):
+    """Slot s holds a position p with p % capacity == s (or none, -1): a file saying otherwise
+    would make attention read the wrong keys."""
+    engine = Engine.load(mistral_dir, dtype="f32")
+    first = LocalLLM(engine, max_context=64)
+    chat_once(first, HISTORY)
+    path = tmp_path / "chat.kv"
+    first.save_cache(path)
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8 : 8 + header_len])["slot_pos"]["data_offsets"]
+    at = 8 + header_len + start
+    slot_pos = torch.frombuffer(bytearray(data[at : 8 + header_len + end]), dtype=torch.int64).clone()
+    assert LocalLLM(engine, max_context=64).restore_cache(path) is None
+    for wrong in (slot_pos.flip(0), slot_pos + first.session.cache.capacity, torch.zeros_like(slot_pos)):
+        path.write_bytes(data[:at] + wrong.numpy().tobytes() + data[8 + header_len + end :])
+        llm = LocalLLM(engine, max_context=64)
+        why = llm.restore_cache(path)
+        assert why is not None and "slot" in why, why
+        assert llm.session.tokens == []

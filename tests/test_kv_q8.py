@@ -180,6 +180,31 @@ def test_the_compiled_layer_reads_and_writes_q8_0_as_the_pytorch_layers_do(shape
     assert all(r < 1e-5 for r, same in zip(rel, same_rows) if same), (rel, same_rows)
 
 
+@pytest.mark.skipif(not kernels.available(), reason="mistol's C kernels are not built")
+@pytest.mark.parametrize("impl", ["scalar", "auto"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_value_makes_its_block_nan_on_both_paths(bad, impl, monkeypatch):
+    """A NaN activation (a model that overflowed) is not rounded away into a finite block:
+    the block of 32 it is in reads back as NaN from the compiled layer's cache as from the
+    PyTorch layers' (whose max|x| is NaN), the row's other block and the other head keep
+    their values. (llama.cpp's reference takes max|x| with a comparison, so there it depends
+    on where the NaN is in its block.) An infinity: scale inf, quants 0, NaN read back."""
+    m = mistol_model(config(qkv_bias=True, heads=2, kv_heads=2, head_dim=64), "int8")
+    with torch.no_grad():
+        m.layers[0].self_attn.v_bias[3] = bad  # kv head 0, block 0
+    ours = session_on(m, Q8_0, True, monkeypatch, max_context=16)
+    ref = session_on(m, Q8_0, False, monkeypatch, max_context=16)
+    assert ours.engine.backend.cpu_decoder is not None and ref.engine.backend.cpu_decoder is None
+    with torch.inference_mode(), kernels.use(impl):
+        for s in (ours, ref):
+            s.feed([1])
+            decode_step([s], [5])
+    for session in (ours, ref):
+        c = session.cache
+        v = dequantize_q8_0(c.v[0, 0, :, 1], c.v_scale[0, 0, :, 1])  # layer 0, the decoded token's row
+        assert v[0, :32].isnan().all() and not v[0, 32:].isnan().any() and not v[1].isnan().any(), v
+
+
 # -- rollback, the rolling window ------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["f32", "int8"])
 def test_rolled_back_rows_are_forgotten(fmt, monkeypatch):
@@ -275,6 +300,43 @@ def test_a_saved_q8_0_cache_resumes_and_other_dtypes_run_again(head32_dir, tmp_p
     engine.kv_dtype = Q8_0
     why = LocalLLM(engine, max_context=64).restore_cache(tmp_path / "f16.kv")
     assert why is not None and "float16" in why, why
+
+
+def test_a_q8_0_file_with_damaged_scales_is_refused(head32_dir, tmp_path):
+    """Scales missing, of another type (the same bytes: float32 where float16 was, half as
+    many), or of another shape (the same count): refused with the reason, the session empty."""
+    import json
+
+    from mistol.llm import LocalLLM
+    from mistol.sampling import SamplingParams
+
+    engine = Engine.load(head32_dir, dtype="f32")
+    engine.kv_dtype = Q8_0
+    first = LocalLLM(engine, max_context=64)
+    first.chat([{"role": "user", "content": "one two three"}], SamplingParams(temperature=0, max_tokens=4))
+    path = tmp_path / "chat.kv"
+    first.save_cache(path)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+
+    def k_scale_as(**entry):
+        changed = {**header, "k_scale": {**header["k_scale"], **entry}}
+        if not entry:
+            del changed["k_scale"]
+        encoded = json.dumps(changed).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        return len(encoded).to_bytes(8, "little") + encoded + data[8 + n :]
+
+    layers, batch, heads, filled, blocks = header["k_scale"]["shape"]
+    for damaged in (k_scale_as(), k_scale_as(dtype="F32", shape=[layers, batch, heads, filled // 2, blocks]),
+                    k_scale_as(shape=[layers * 2, batch, heads, filled // 2, blocks]),
+                    k_scale_as(shape=[layers, batch, heads, filled, blocks, 1])):
+        path.write_bytes(damaged)
+        llm = LocalLLM(engine, max_context=64)
+        why = llm.restore_cache(path)
+        assert why is not None and str(path) in why, why
+        assert llm.session.tokens == []
 
 
 def test_a_head_size_q8_0_cannot_hold_is_refused_in_one_line(mistral_dir, capsys):

@@ -41,6 +41,8 @@ class SafetensorsFile:
             raise MistolError(f"{self.path}: cannot read ({e.strerror or e})") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise MistolError(f"{self.path}: truncated or corrupt safetensors file ({e})") from None
+        if not isinstance(header, dict):
+            raise MistolError(f"{self.path}: corrupt safetensors header (not a JSON object)")
         metadata = header.pop("__metadata__", None)
         self.metadata: dict[str, str] = metadata if isinstance(metadata, dict) else {}
         self._data_start = 8 + header_len
@@ -52,7 +54,10 @@ class SafetensorsFile:
                 shape = entry["shape"]
             except (KeyError, TypeError, ValueError):
                 raise MistolError(f"{self.path}: corrupt header entry for tensor {name!r}") from None
-            if dtype not in DTYPES:
+            if not (isinstance(shape, list) and all(_count(d) for d in shape) and _count(start) and _count(end)
+                    and start <= end):
+                raise MistolError(f"{self.path}: corrupt header entry for tensor {name!r} (shape or byte range)")
+            if not isinstance(dtype, str) or dtype not in DTYPES:
                 raise MistolError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
             if self._data_start + end > size:
                 raise MistolError(
@@ -82,6 +87,11 @@ class SafetensorsFile:
             return torch.empty(shape, dtype=dtype)
         flat = torch.frombuffer(self._map, dtype=dtype, count=_numel(shape), offset=self._data_start + start)
         return flat.view(shape)
+
+
+def _count(value) -> bool:
+    """A dimension or an offset: a whole number >= 0 (JSON's true and 2.0 are not)."""
+    return type(value) is int and value >= 0
 
 
 def _numel(shape) -> int:
