@@ -18,6 +18,7 @@
 #include "mistol_kernels.h"
 
 #define KCHUNK 64    /* blocks per step when several activation rows share a weight chunk */
+#define ROWS_AT_ONCE 16 /* activation rows per pass of a multi-row kernel over a weight chunk */
 /* No software prefetch: each thread reads one sequential stream, which the hardware
  * prefetcher follows. Prefetching 2-16 KB ahead measured 10-18% slower on a 2-core EPYC
  * whose memory read 60+ GB/s (and no faster when it read less). */
@@ -76,6 +77,53 @@ static void group_int4_scalar(const uint8_t *wg, const int8_t *qa, const float *
             acc[r] += (float)s * (half_to_float(blk->d[r]) * da[b]);
         }
     }
+}
+
+/* Several activation rows against one group: each block's quants are unpacked once into
+ * w[r][j] (the values the single-row kernels multiply: q for int8, the nibble n = q + 8 for
+ * int4), then every row's block sums are taken as those kernels take them. */
+static void group_rows_scalar(int fmt, const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                              int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
+    int8_t w[IL][QK];
+    float d[IL];
+    for (int64_t b = b0; b < b1; b++) {
+        const uint16_t *ds;
+        if (fmt == FMT_INT8) {
+            const block_q8_0x8 *blk = (const block_q8_0x8 *)wg + b;
+            for (int r = 0; r < IL; r++)
+                for (int j = 0; j < QK; j++) w[r][j] = blk->qs[quant_offset(r, j)];
+            ds = blk->d;
+        } else {
+            const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
+            for (int r = 0; r < IL; r++)
+                for (int j = 0; j < QK / 2; j++) {
+                    const uint8_t v = blk->qs[quant_offset(r, j)];
+                    w[r][j] = (int8_t)(v & 15), w[r][j + QK / 2] = (int8_t)(v >> 4);
+                }
+            ds = blk->d;
+        }
+        for (int r = 0; r < IL; r++) d[r] = half_to_float(ds[r]);
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *a = qa + (b * ld + m) * QK;
+            const float dam = da[b * ld + m];
+            for (int r = 0; r < IL; r++) {
+                int32_t s = 0;
+                for (int j = 0; j < QK; j++) s += w[r][j] * a[j];
+                if (fmt == FMT_INT4) s -= 8 * sa[b * ld + m];
+                acc[m * IL + r] += (float)s * (d[r] * dam);
+            }
+        }
+    }
+}
+
+static void group_rows_int8_scalar(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                   int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
+    group_rows_scalar(FMT_INT8, wg, qa, da, sa, ld, M, b0, b1, acc);
+}
+
+static void group_rows_int4_scalar(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                   int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
+    group_rows_scalar(FMT_INT4, wg, qa, da, sa, ld, M, b0, b1, acc);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -212,6 +260,117 @@ VNNI_FN static void group_int4_vnni(const uint8_t *wg, const int8_t *qa, const f
     }
     _mm256_storeu_ps(acc_out, acc);
 }
+
+/* ---------------------------------------------------------------------------------------
+ * Several activation rows against one group (group_rows_fn): a block's weights are loaded
+ * and unpacked into registers once, then each row's 8 block sums (lane r = row r, as in the
+ * single-row kernels) take one dot-product step per 32-byte chunk and are scaled and added
+ * with the same multiply and FMA. The integer sums are exact whatever their order, so every
+ * row gets the single-row kernel's bits.
+ */
+#define ROW_BLOCK_SCALE(blk) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk)->d))
+#define ADD_ROW_BLOCK(accp, s, d, dam) \
+    _mm256_storeu_ps((accp), _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps((d), _mm256_set1_ps(dam)), \
+                                             _mm256_loadu_ps(accp)))
+
+/* AVX512-VNNI, int8: dpbusd wants unsigned weights, so w + 128 (w xor 0x80) is multiplied
+ * and 128 * (the row's activation sum) taken off once per block: sum (w + 128) a - 128 sum a
+ * = sum w a, and no lane can overflow (|sum| <= 32 * 255 * 127). */
+VNNI_FN static void group_rows_int8_vnni(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                         int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80), z = _mm256_setzero_si256();
+    for (int64_t b = b0; b < b1; b++) {
+        const block_q8_0x8 *blk = (const block_q8_0x8 *)wg + b;
+        __m256i w[8];
+        for (int c = 0; c < 8; c++) w[c] = _mm256_xor_si256(CHUNK(blk->qs, c), flip);
+        const __m256 d = ROW_BLOCK_SCALE(blk);
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *a = qa + (b * ld + m) * QK;
+            __m256i s0 = _mm256_dpbusd_epi32(z, w[0], BCAST4(a, 0)), s1 = _mm256_dpbusd_epi32(z, w[1], BCAST4(a, 4));
+            s0 = _mm256_dpbusd_epi32(s0, w[2], BCAST4(a, 8)), s1 = _mm256_dpbusd_epi32(s1, w[3], BCAST4(a, 12));
+            s0 = _mm256_dpbusd_epi32(s0, w[4], BCAST4(a, 16)), s1 = _mm256_dpbusd_epi32(s1, w[5], BCAST4(a, 20));
+            s0 = _mm256_dpbusd_epi32(s0, w[6], BCAST4(a, 24)), s1 = _mm256_dpbusd_epi32(s1, w[7], BCAST4(a, 28));
+            const __m256i s = _mm256_sub_epi32(_mm256_add_epi32(s0, s1), _mm256_set1_epi32(128 * sa[b * ld + m]));
+            ADD_ROW_BLOCK(acc + m * IL, s, d, da[b * ld + m]);
+        }
+    }
+}
+
+/* AVX512-VNNI, int4: low nibbles and high nibbles (masked in place: 16 n) apart, as the
+ * single-row kernel does. */
+VNNI_FN static void group_rows_int4_vnni(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                         int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
+    const __m256i m_lo = _mm256_set1_epi8(0x0f), m_hi = _mm256_set1_epi8((char)0xf0), z = _mm256_setzero_si256();
+    for (int64_t b = b0; b < b1; b++) {
+        const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
+        __m256i lo[4], hi[4];
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = CHUNK(blk->qs, c);
+            lo[c] = _mm256_and_si256(v, m_lo), hi[c] = _mm256_and_si256(v, m_hi);
+        }
+        const __m256 d = ROW_BLOCK_SCALE(blk);
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *a = qa + (b * ld + m) * QK;
+            __m256i l = _mm256_dpbusd_epi32(z, lo[0], BCAST4(a, 0)), h = _mm256_dpbusd_epi32(z, hi[0], BCAST4(a, 16));
+            l = _mm256_dpbusd_epi32(l, lo[1], BCAST4(a, 4)), h = _mm256_dpbusd_epi32(h, hi[1], BCAST4(a, 20));
+            l = _mm256_dpbusd_epi32(l, lo[2], BCAST4(a, 8)), h = _mm256_dpbusd_epi32(h, hi[2], BCAST4(a, 24));
+            l = _mm256_dpbusd_epi32(l, lo[3], BCAST4(a, 12)), h = _mm256_dpbusd_epi32(h, hi[3], BCAST4(a, 28));
+            const __m256i s = _mm256_sub_epi32(_mm256_add_epi32(l, _mm256_srai_epi32(h, 4)),
+                                               _mm256_slli_epi32(_mm256_set1_epi32(sa[b * ld + m]), 3));
+            ADD_ROW_BLOCK(acc + m * IL, s, d, da[b * ld + m]);
+        }
+    }
+}
+
+/* AVX2, int8: |w| once per block; per row, w's sign moved onto the activations (as in
+ * dot_i8_avx2). */
+AVX2_FN static void group_rows_int8_avx2(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                         int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
+    (void)sa;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = b0; b < b1; b++) {
+        const block_q8_0x8 *blk = (const block_q8_0x8 *)wg + b;
+        __m256i w[8], u[8];
+        for (int c = 0; c < 8; c++) w[c] = CHUNK(blk->qs, c), u[c] = _mm256_sign_epi8(w[c], w[c]);
+        const __m256 d = ROW_BLOCK_SCALE(blk);
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *a = qa + (b * ld + m) * QK;
+            __m256i s = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) /* pair sums reach 2 * 128 * 127: each into int32 at once */
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(u[c], _mm256_sign_epi8(BCAST4(a, 4 * c), w[c])),
+                                                          ones));
+            ADD_ROW_BLOCK(acc + m * IL, s, d, da[b * ld + m]);
+        }
+    }
+}
+
+/* AVX2, int4: nibbles unpacked once per block. A pair sum of nibbles (<= 15) times
+ * activations (|a| <= 127) is at most 3810, so a row's 8 products per lane add up in int16
+ * (<= 30480) and widen once per block. */
+AVX2_FN static void group_rows_int4_avx2(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                         int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int64_t b = b0; b < b1; b++) {
+        const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
+        __m256i lo[4], hi[4];
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = CHUNK(blk->qs, c);
+            lo[c] = _mm256_and_si256(v, m4), hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        }
+        const __m256 d = ROW_BLOCK_SCALE(blk);
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *a = qa + (b * ld + m) * QK;
+            __m256i s16 = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++)
+                s16 = _mm256_add_epi16(s16, _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], BCAST4(a, 4 * c)),
+                                                             _mm256_maddubs_epi16(hi[c], BCAST4(a, 4 * c + 16))));
+            const __m256i s = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(8 * sa[b * ld + m]));
+            ADD_ROW_BLOCK(acc + m * IL, s, d, da[b * ld + m]);
+        }
+    }
+}
+#undef ROW_BLOCK_SCALE
+#undef ADD_ROW_BLOCK
 
 #endif
 
@@ -371,10 +530,13 @@ DOTPROD_FN static void group_int4_dotprod(const uint8_t *wg, const int8_t *qa, c
  */
 /* Groups [g0, g1) of one matrix with N rows, packed in tiles of tb blocks,
  * into its output columns y[m * ldy + n]. acc: scratch of IL * M floats. */
-static void run_groups(group_fn fn, const uint8_t *w, int64_t bb, int64_t tb, const int8_t *qa, const float *da,
-                       const int32_t *sa, int64_t M, int64_t K, int64_t N, float *y, int64_t ldy, int64_t g0,
-                       int64_t g1, float *acc) {
+static void run_groups(group_fn fn, group_rows_fn rows_fn, const uint8_t *w, int64_t bb, int64_t tb,
+                       const qact *act, int64_t M, int64_t K, int64_t N, float *y, int64_t ldy, int64_t g0, int64_t g1,
+                       float *acc) {
     const int64_t B = K / QK, G = (N + IL - 1) / IL;
+    const int8_t *qa = act->qa;
+    const float *da = act->da;
+    const int32_t *sa = act->sa;
     if (tb > B) tb = B;
 /* group g's blocks [t0, t0 + tw) sit in the tile at t0; the kernels index blocks from 0 */
 #define GROUP_IN_TILE(g, t0, tw) (w + (t0) * G * bb + ((g) * (tw) - (t0)) * bb)
@@ -388,6 +550,7 @@ static void run_groups(group_fn fn, const uint8_t *w, int64_t bb, int64_t tb, co
         if (g1 * IL > N && g0 < g1) memcpy(y + (g1 - 1) * IL, acc, sizeof(float) * (size_t)(N - (g1 - 1) * IL));
         return;
     }
+    if (!act->qb) rows_fn = NULL; /* (no block-major copy of the activations) */
     /* several rows: group by group, each weight chunk kept in L1 across the rows */
     for (int64_t g = g0; g < g1; g++) {
         memset(acc, 0, sizeof(float) * IL * M);
@@ -397,11 +560,20 @@ static void run_groups(group_fn fn, const uint8_t *w, int64_t bb, int64_t tb, co
                 const int64_t b1 = b0 + KCHUNK < t0 + tw ? b0 + KCHUNK : t0 + tw;
                 /* The rows after the first find the chunk in L1 and miss no memory, so the
                  * hardware prefetcher stalls while they compute: ask for the next chunk now
-                 * (at 7B, 2 rows cost 2x one row without this; memory waits on compute). */
-                const uint8_t *next = GROUP_IN_TILE(g, t0, tw) + b1 * bb;
-                for (int64_t off = 0; off < KCHUNK * bb; off += 64) __builtin_prefetch(next + off);
-                for (int64_t m = 0; m < M; m++)
-                    fn(GROUP_IN_TILE(g, t0, tw), qa + m * K, da + m * B, sa + m * B, b0, b1, acc + m * IL);
+                 * (at 7B, 2 rows cost 2x one row without this; memory waits on compute).
+                 * The multi-row kernels read each block once for ROWS_AT_ONCE rows, as one
+                 * row does, and need it only for more rows than that. */
+                if (!rows_fn || M > ROWS_AT_ONCE) {
+                    const uint8_t *next = GROUP_IN_TILE(g, t0, tw) + b1 * bb;
+                    for (int64_t off = 0; off < KCHUNK * bb; off += 64) __builtin_prefetch(next + off);
+                }
+                if (rows_fn)
+                    for (int64_t m0 = 0; m0 < M; m0 += ROWS_AT_ONCE)
+                        rows_fn(GROUP_IN_TILE(g, t0, tw), act->qb + m0 * QK, act->db + m0, act->sb + m0, M,
+                                M - m0 < ROWS_AT_ONCE ? M - m0 : ROWS_AT_ONCE, b0, b1, acc + m0 * IL);
+                else
+                    for (int64_t m = 0; m < M; m++)
+                        fn(GROUP_IN_TILE(g, t0, tw), qa + m * K, da + m * B, sa + m * B, b0, b1, acc + m * IL);
             }
         }
         const int64_t rows = N - g * IL < IL ? N - g * IL : IL;
@@ -427,8 +599,29 @@ int qkernels_select(int impl, qkernels *out) {
 #else
     if (impl == IMPL_NEON || impl == IMPL_DOTPROD) return ERR_IMPL;
 #endif
+    out->group_rows[FMT_INT8] = group_rows_int8_scalar, out->group_rows[FMT_INT4] = group_rows_int4_scalar;
+#ifdef MISTOL_X86
+    if (impl == IMPL_AVX2) out->group_rows[FMT_INT8] = group_rows_int8_avx2, out->group_rows[FMT_INT4] = group_rows_int4_avx2;
+    if (impl == IMPL_VNNI) out->group_rows[FMT_INT8] = group_rows_int8_vnni, out->group_rows[FMT_INT4] = group_rows_int4_vnni;
+#endif
+    if (impl == IMPL_NEON || impl == IMPL_DOTPROD) /* the single-row kernels, row by row, until NEON has its own */
+        out->group_rows[FMT_INT8] = out->group_rows[FMT_INT4] = NULL;
     kquant_select(impl, out);
     return OK;
+}
+
+/* act's rows quantized per 32 (qa, da, sa: row after row) again in act's qb, db, sb,
+ * block after block: block b of row m at qb + (b M + m) 32, db[b M + m], sb[b M + m]. A
+ * multi-row kernel then finds a block's rows side by side; row after row, they sit K bytes
+ * apart, and for K a multiple of 4096 all in one set of the L1 cache, which 12 or more
+ * rows overflow. */
+static void block_major(const qact *act, int64_t M, int64_t K) {
+    const int64_t B = K / QK;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < B; b++) {
+            memcpy(act->qb + (b * M + m) * QK, act->qa + m * K + b * QK, QK);
+            act->db[b * M + m] = act->da[m * B + b], act->sb[b * M + m] = act->sa[m * B + b];
+        }
 }
 
 /* The groups of all the matrices, split into one contiguous range per thread (a static
@@ -446,8 +639,8 @@ void qgemm_share(const qkernels *kn, const mistol_matrix *mats, int count, const
         if (g0 < g1 && fmt_row_order(w->format)) /* (row-order formats: 8 rows per unit of work) */
             kquant_rows(kn, w, act, M, K, g0 * IL, g1 * IL < w->rows ? g1 * IL : w->rows, y + col, ldy);
         else if (g0 < g1)
-            run_groups(kn->group[w->format], w->data, group_block_bytes(w->format), w->tile_blocks, act->qa, act->da,
-                       act->sa, M, K, w->rows, y + col, ldy, g0, g1, acc);
+            run_groups(kn->group[w->format], kn->group_rows[w->format], w->data, group_block_bytes(w->format),
+                       w->tile_blocks, act, M, K, w->rows, y + col, ldy, g0, g1, acc);
         first += gi, col += w->rows;
     }
 }
@@ -483,19 +676,27 @@ EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count,
     qact act = {malloc((size_t)n32 + 1), malloc(sizeof(float) * (size_t)(n32 / QK + 1)),
                 malloc(sizeof(int32_t) * (size_t)(n32 / QK + 1)), malloc((size_t)nk + 1),
                 malloc(sizeof(float) * (size_t)(nk / 256 + 1)), malloc(sizeof(int32_t) * (size_t)(nk / 16 + 1))};
+    const int64_t nb = M > 1 ? n32 : 0; /* the block-major copy, for the multi-row kernels */
+    act.qb = malloc((size_t)nb + 1), act.db = malloc(sizeof(float) * (size_t)(nb / QK + 1));
+    act.sb = malloc(sizeof(int32_t) * (size_t)(nb / QK + 1));
     float *acc = malloc(sizeof(float) * (size_t)(IL * M * nthreads));
-    if (!act.qa || !act.da || !act.sa || !act.qk || !act.dk || !act.sk || !acc) {
-        free(act.qa), free(act.da), free(act.sa), free(act.qk), free(act.dk), free(act.sk), free(acc);
+#define FREE_ACT free(act.qa), free(act.da), free(act.sa), free(act.qk), free(act.dk), free(act.sk), \
+                 free(act.qb), free(act.db), free(act.sb), free(acc)
+    if (!act.qa || !act.da || !act.sa || !act.qk || !act.dk || !act.sk || !act.qb || !act.db || !act.sb || !acc) {
+        FREE_ACT;
         return ERR_NOMEM;
     }
     /* One thread quantizes the activations: a small fraction of the matmul's time at any
      * M, and no barrier inside the parallel region. */
     for (int64_t m = 0; m < M; m++) act_quantize(&kn, x + m * K, K, m, 0, K, needs, &act);
+    if (nb) block_major(&act, M, K);
+    else free(act.qb), free(act.db), free(act.sb), act.qb = NULL, act.db = NULL, act.sb = NULL;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     qgemm_share(&kn, mats, count, &act, M, K, y, ldy, acc + thread_index() * IL * M);
-    free(act.qa), free(act.da), free(act.sa), free(act.qk), free(act.dk), free(act.sk), free(acc);
+    FREE_ACT;
+#undef FREE_ACT
     return OK;
 }
 
