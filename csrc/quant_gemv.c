@@ -79,6 +79,12 @@ static void group_int4_scalar(const uint8_t *wg, const int8_t *qa, const float *
     }
 }
 
+/* Where row m's activation bytes of block b start in the paired block-major layout (see
+ * pair_rows): its bytes 4c..4c+3 are at this address + 8c. */
+static inline const int8_t *row_act(const int8_t *qb, int64_t ld, int64_t b, int64_t m) {
+    return qb + (b * ld + (m & ~(int64_t)1)) * QK + 4 * (m & 1);
+}
+
 /* Several activation rows against one group: each block's quants are unpacked once into
  * w[r][j] (the values the single-row kernels multiply: q for int8, the nibble n = q + 8 for
  * int4), then every row's block sums are taken as those kernels take them. */
@@ -104,11 +110,11 @@ static void group_rows_scalar(int fmt, const uint8_t *wg, const int8_t *qa, cons
         }
         for (int r = 0; r < IL; r++) d[r] = half_to_float(ds[r]);
         for (int64_t m = 0; m < M; m++) {
-            const int8_t *a = qa + (b * ld + m) * QK;
+            const int8_t *a = row_act(qa, ld, b, m);
             const float dam = da[b * ld + m];
             for (int r = 0; r < IL; r++) {
                 int32_t s = 0;
-                for (int j = 0; j < QK; j++) s += w[r][j] * a[j];
+                for (int j = 0; j < QK; j++) s += w[r][j] * a[8 * (j >> 2) + (j & 3)];
                 if (fmt == FMT_INT4) s -= 8 * sa[b * ld + m];
                 acc[m * IL + r] += (float)s * (d[r] * dam);
             }
@@ -274,49 +280,6 @@ VNNI_FN static void group_int4_vnni(const uint8_t *wg, const int8_t *qa, const f
     _mm256_storeu_ps((accp), _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps((d), _mm256_set1_ps(dam)), \
                                              _mm256_loadu_ps(accp)))
 
-/* AVX512-VNNI on 512-bit vectors: the dot products, not the memory, bound several rows
- * (dpbusd takes 64 byte pairs on a 512-bit vector in the time it takes 32 on a 256-bit
- * one), so two 32-byte chunks are taken at once. A block's 64-byte halves are reordered
- * once so that lane 2r holds row r's 4 bytes of the even chunk and lane 2r + 1 those of
- * the odd one; then one 8-byte broadcast of the activations (the even chunk's 4 bytes,
- * then the odd chunk's) feeds every row, and a row's two lanes add up to its block sum.
- * w[p] (p < 4): the weights (as unsigned bytes) that activation bytes 8p..8p+7 multiply;
- * bias: what each row's block sum takes off, times the activations' block sum. */
-VNNI_FN static inline void rows_vnni(const __m512i *w, int32_t bias, const uint16_t *d16, const int8_t *qa,
-                                     const float *da, const int32_t *sa, int64_t ld, int64_t M, int64_t b,
-                                     float *acc) {
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    const __m128i dh = _mm_loadu_si128((const __m128i *)d16);
-    const __m512 d2 = _mm512_cvtph_ps(_mm256_broadcastsi128_si256(dh)); /* the 8 scales, twice */
-    const int8_t *a = qa + b * ld * QK;
-    const float *dab = da + b * ld;
-    const int32_t *sab = sa + b * ld;
-#define ROW_SUMS(m)                                                                                                  \
-    _mm512_dpbusd_epi32(                                                                                             \
-        _mm512_dpbusd_epi32(                                                                                         \
-            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_maskz_set1_epi32(0x5555, -bias * sab[m]), w[0],           \
-                                                    _mm512_set1_epi64(load_i64(a + (m) * QK))),                      \
-                                w[1], _mm512_set1_epi64(load_i64(a + (m) * QK + 8))),                                \
-            w[2], _mm512_set1_epi64(load_i64(a + (m) * QK + 16))),                                                   \
-        w[3], _mm512_set1_epi64(load_i64(a + (m) * QK + 24)))
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) { /* two rows' sums side by side: lanes 0-7 row m, 8-15 row m + 1 */
-        const __m512i s0 = ROW_SUMS(m), s1 = ROW_SUMS(m + 1);
-        const __m512i s = _mm512_add_epi32(_mm512_permutex2var_epi32(s0, even, s1),
-                                           _mm512_permutex2var_epi32(s0, odd, s1));
-        const __m512 scale = _mm512_mul_ps(d2, _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(dab[m]),
-                                                                    _mm512_set1_ps(dab[m + 1])));
-        _mm512_storeu_ps(acc + m * IL, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, _mm512_loadu_ps(acc + m * IL)));
-    }
-    if (m < M) {
-        const __m512i s0 = ROW_SUMS(m);
-        const __m256i s = _mm512_cvtepi64_epi32(_mm512_add_epi32(s0, _mm512_srli_epi64(s0, 32)));
-        ADD_ROW_BLOCK(acc + m * IL, s, _mm256_cvtph_ps(dh), dab[m]);
-    }
-#undef ROW_SUMS
-}
-
 /* Several rows take long enough over a block that the hardware prefetcher falls behind:
  * ask for the bytes PF_BYTES ahead (the group's next blocks, or the next group's) while
  * this block computes. 8 KB measured best (2-4 KB: 8 rows took 1.5-1.7x one row's time;
@@ -327,22 +290,61 @@ VNNI_FN static inline void rows_vnni(const __m512i *w, int32_t bias, const uint1
 #define PREFETCH_AHEAD(blk)                                                                     \
     for (size_t off = 0; off < sizeof(*(blk)); off += 64) __builtin_prefetch((const char *)(blk) + PF_BYTES + off)
 
-/* lane 2r: row r's 4 bytes of the 64 bytes' first chunk, lane 2r + 1: of the second */
-#define PAIR_CHUNKS(v) _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15), (v))
+/* AVX512-VNNI on 512-bit vectors: the dot products, not the memory, bound several rows
+ * (dpbusd takes 64 byte pairs on a 512-bit vector in the time it takes 32 on a 256-bit
+ * one), so two activation rows are taken at once. Each 32-byte chunk of a block is
+ * widened once, every 4 bytes twice (lanes 2r and 2r + 1: row r's 4 bytes); one 8-byte
+ * broadcast of a row pair's activations (row m's 4 bytes of the chunk, then row m + 1's,
+ * as pair_rows lays them out) then multiplies row m into the even lanes and row m + 1 into
+ * the odd ones. w[i] (i < 8): the widened weights (as unsigned bytes) that the pair's
+ * bytes 8i..8i+7 multiply; each row's block sum takes off (its activations' block sum)
+ * << shift. */
+VNNI_FN static inline void pairs_vnni(const __m512i *w, int shift, const uint16_t *d16, const int8_t *qb,
+                                      const float *db, const int32_t *sb, int64_t ld, int64_t M, int64_t b,
+                                      float *acc) {
+    const __m512i split = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m512 d2 = _mm512_cvtph_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)d16)));
+    const __m512i z = _mm512_setzero_si512();
+    const int8_t *a = qb + b * ld * QK;
+    const float *dab = db + b * ld;
+    const int32_t *sab = sb + b * ld;
+#define PAIR_BYTES(i) _mm512_set1_epi64(load_i64(ap + 8 * (i)))
+    for (int64_t m = 0; m < M; m += 2) {
+        const int8_t *ap = a + m * QK;
+        __m512i s0 = _mm512_dpbusd_epi32(z, w[0], PAIR_BYTES(0)), s1 = _mm512_dpbusd_epi32(z, w[1], PAIR_BYTES(1));
+        s0 = _mm512_dpbusd_epi32(s0, w[2], PAIR_BYTES(2)), s1 = _mm512_dpbusd_epi32(s1, w[3], PAIR_BYTES(3));
+        s0 = _mm512_dpbusd_epi32(s0, w[4], PAIR_BYTES(4)), s1 = _mm512_dpbusd_epi32(s1, w[5], PAIR_BYTES(5));
+        s0 = _mm512_dpbusd_epi32(s0, w[6], PAIR_BYTES(6)), s1 = _mm512_dpbusd_epi32(s1, w[7], PAIR_BYTES(7));
+        int64_t sums; /* the two rows' activation sums, row m's in the low half */
+        memcpy(&sums, sab + m, 8);
+        const __m512i bias = _mm512_slli_epi32(_mm512_set1_epi64(sums), shift);
+        /* lanes 0-7: row m's 8 sums, 8-15: row m + 1's */
+        const __m512i s = _mm512_permutexvar_epi32(split, _mm512_sub_epi32(_mm512_add_epi32(s0, s1), bias));
+        const __m512 scale = _mm512_mul_ps(d2, _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(dab[m]),
+                                                                    _mm512_set1_ps(dab[m + 1])));
+        const __mmask16 rows = m + 1 < M ? 0xffff : 0x00ff; /* (a last odd row's pair is padding) */
+        const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, _mm512_maskz_loadu_ps(rows, acc + m * IL));
+        _mm512_mask_storeu_ps(acc + m * IL, rows, sum);
+    }
+#undef PAIR_BYTES
+}
+
+/* each 4 bytes of a 32-byte chunk twice, in a 512-bit vector */
+#define WIDEN(v) _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), \
+                                          _mm512_castsi256_si512(v))
 
 /* int8: dpbusd wants unsigned weights, so w + 128 (w xor 0x80) is multiplied and
  * 128 * (the row's activation sum) taken off: sum (w + 128) a - 128 sum a = sum w a, and no
  * lane can overflow (|sum| <= 32 * 255 * 127). */
 VNNI_FN static void group_rows_int8_vnni(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
                                          int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
     for (int64_t b = b0; b < b1; b++) {
         const block_q8_0x8 *blk = (const block_q8_0x8 *)wg + b;
         PREFETCH_AHEAD(blk);
-        __m512i w[4];
-        for (int p = 0; p < 4; p++)
-            w[p] = PAIR_CHUNKS(_mm512_xor_si512(_mm512_loadu_si512((const void *)(blk->qs + 64 * p)), flip));
-        rows_vnni(w, 128, blk->d, qa, da, sa, ld, M, b, acc);
+        __m512i w[8];
+        for (int c = 0; c < 8; c++) w[c] = WIDEN(_mm256_xor_si256(CHUNK(blk->qs, c), flip));
+        pairs_vnni(w, 7, blk->d, qa, da, sa, ld, M, b, acc);
     }
 }
 
@@ -350,18 +352,19 @@ VNNI_FN static void group_rows_int8_vnni(const uint8_t *wg, const int8_t *qa, co
  * low nibbles are elements 4c..4c+3, its high nibbles 16 further on. */
 VNNI_FN static void group_rows_int4_vnni(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
                                          int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
-    const __m512i m4 = _mm512_set1_epi8(15);
+    const __m256i m4 = _mm256_set1_epi8(15);
     for (int64_t b = b0; b < b1; b++) {
         const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
         PREFETCH_AHEAD(blk);
-        const __m512i v01 = _mm512_loadu_si512((const void *)blk->qs), v23 = _mm512_loadu_si512((const void *)(blk->qs + 64));
-        const __m512i w[4] = {PAIR_CHUNKS(_mm512_and_si512(v01, m4)), PAIR_CHUNKS(_mm512_and_si512(v23, m4)),
-                              PAIR_CHUNKS(_mm512_and_si512(_mm512_srli_epi32(v01, 4), m4)),
-                              PAIR_CHUNKS(_mm512_and_si512(_mm512_srli_epi32(v23, 4), m4))};
-        rows_vnni(w, 8, blk->d, qa, da, sa, ld, M, b, acc);
+        __m512i w[8];
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = CHUNK(blk->qs, c);
+            w[c] = WIDEN(_mm256_and_si256(v, m4)), w[4 + c] = WIDEN(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+        }
+        pairs_vnni(w, 3, blk->d, qa, da, sa, ld, M, b, acc);
     }
 }
-#undef PAIR_CHUNKS
+#undef WIDEN
 
 /* AVX2, int8: |w| once per block; per row, w's sign moved onto the activations (as in
  * dot_i8_avx2). */
@@ -375,10 +378,10 @@ AVX2_FN static void group_rows_int8_avx2(const uint8_t *wg, const int8_t *qa, co
         for (int c = 0; c < 8; c++) w[c] = CHUNK(blk->qs, c), u[c] = _mm256_sign_epi8(w[c], w[c]);
         const __m256 d = ROW_BLOCK_SCALE(blk);
         for (int64_t m = 0; m < M; m++) {
-            const int8_t *a = qa + (b * ld + m) * QK;
+            const int8_t *a = row_act(qa, ld, b, m);
             __m256i s = _mm256_setzero_si256();
             for (int c = 0; c < 8; c++) /* pair sums reach 2 * 128 * 127: each into int32 at once */
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(u[c], _mm256_sign_epi8(BCAST4(a, 4 * c), w[c])),
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(u[c], _mm256_sign_epi8(BCAST4(a, 8 * c), w[c])),
                                                           ones));
             ADD_ROW_BLOCK(acc + m * IL, s, d, da[b * ld + m]);
         }
@@ -400,11 +403,11 @@ AVX2_FN static void group_rows_int4_avx2(const uint8_t *wg, const int8_t *qa, co
         }
         const __m256 d = ROW_BLOCK_SCALE(blk);
         for (int64_t m = 0; m < M; m++) {
-            const int8_t *a = qa + (b * ld + m) * QK;
+            const int8_t *a = row_act(qa, ld, b, m);
             __m256i s16 = _mm256_setzero_si256();
             for (int c = 0; c < 4; c++)
-                s16 = _mm256_add_epi16(s16, _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], BCAST4(a, 4 * c)),
-                                                             _mm256_maddubs_epi16(hi[c], BCAST4(a, 4 * c + 16))));
+                s16 = _mm256_add_epi16(s16, _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], BCAST4(a, 8 * c)),
+                                                             _mm256_maddubs_epi16(hi[c], BCAST4(a, 8 * c + 32))));
             const __m256i s = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(8 * sa[b * ld + m]));
             ADD_ROW_BLOCK(acc + m * IL, s, d, da[b * ld + m]);
         }
@@ -591,7 +594,7 @@ static void run_groups(group_fn fn, group_rows_fn rows_fn, const uint8_t *w, int
         if (g1 * IL > N && g0 < g1) memcpy(y + (g1 - 1) * IL, acc, sizeof(float) * (size_t)(N - (g1 - 1) * IL));
         return;
     }
-    if (!act->qb) rows_fn = NULL; /* (no block-major copy of the activations) */
+    if (!act->qb) rows_fn = NULL; /* (no paired copy of the activations) */
     /* several rows: group by group, each weight chunk kept in L1 across the rows */
     for (int64_t g = g0; g < g1; g++) {
         memset(acc, 0, sizeof(float) * IL * M);
@@ -610,7 +613,7 @@ static void run_groups(group_fn fn, group_rows_fn rows_fn, const uint8_t *w, int
                 }
                 if (rows_fn)
                     for (int64_t m0 = 0; m0 < M; m0 += ROWS_AT_ONCE)
-                        rows_fn(GROUP_IN_TILE(g, t0, tw), act->qb + m0 * QK, act->db + m0, act->sb + m0, M,
+                        rows_fn(GROUP_IN_TILE(g, t0, tw), act->qb + m0 * QK, act->db + m0, act->sb + m0, M + (M & 1),
                                 M - m0 < ROWS_AT_ONCE ? M - m0 : ROWS_AT_ONCE, b0, b1, acc + m0 * IL);
                 else
                     for (int64_t m = 0; m < M; m++)
@@ -651,17 +654,25 @@ int qkernels_select(int impl, qkernels *out) {
     return OK;
 }
 
-/* act's rows quantized per 32 (qa, da, sa: row after row) again in act's qb, db, sb,
- * block after block: block b of row m at qb + (b M + m) 32, db[b M + m], sb[b M + m]. A
- * multi-row kernel then finds a block's rows side by side; row after row, they sit K bytes
- * apart, and for K a multiple of 4096 all in one set of the L1 cache, which 12 or more
- * rows overflow. */
-static void block_major(const qact *act, int64_t M, int64_t K) {
-    const int64_t B = K / QK;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t b = 0; b < B; b++) {
-            memcpy(act->qb + (b * M + m) * QK, act->qa + m * K + b * QK, QK);
-            act->db[b * M + m] = act->da[m * B + b], act->sb[b * M + m] = act->sa[m * B + b];
+/* act's rows quantized per 32 (qa, da, sa: row after row) again in act's qb, db, sb, for
+ * the multi-row kernels: block after block, and within a block rows in pairs, 4 bytes of
+ * each in turn. Rows m, m + 1 (m even) of block b: qb + (b Mp + m) 32 holds row m's bytes
+ * 0-3, row m + 1's bytes 0-3, row m's bytes 4-7, ...; their scales and sums at db, sb
+ * [b Mp + m] and [b Mp + m + 1]. Mp: M rounded up to even (an odd last row is paired with
+ * zeros). A kernel then finds a block's rows side by side (row after row they sit K bytes
+ * apart, for K a multiple of 4096 all in one set of the L1 cache, which 12 or more rows
+ * overflow), and one 8-byte load holds a pair's activations for one 4-byte weight column. */
+static void pair_rows(const qact *act, int64_t M, int64_t K) {
+    const int64_t B = K / QK, Mp = M + (M & 1);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t m = 0; m < Mp; m++) {
+            int8_t *dst = act->qb + (b * Mp + (m & ~(int64_t)1)) * QK + 4 * (m & 1);
+            for (int c = 0; c < QK / 4; c++) {
+                if (m < M) memcpy(dst + 8 * c, act->qa + m * K + b * QK + 4 * c, 4);
+                else memset(dst + 8 * c, 0, 4);
+            }
+            act->db[b * Mp + m] = m < M ? act->da[m * B + b] : 0.0f;
+            act->sb[b * Mp + m] = m < M ? act->sa[m * B + b] : 0;
         }
 }
 
@@ -717,7 +728,7 @@ EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count,
     qact act = {malloc((size_t)n32 + 1), malloc(sizeof(float) * (size_t)(n32 / QK + 1)),
                 malloc(sizeof(int32_t) * (size_t)(n32 / QK + 1)), malloc((size_t)nk + 1),
                 malloc(sizeof(float) * (size_t)(nk / 256 + 1)), malloc(sizeof(int32_t) * (size_t)(nk / 16 + 1))};
-    const int64_t nb = M > 1 ? n32 : 0; /* the block-major copy, for the multi-row kernels */
+    const int64_t nb = M > 1 ? (M + (M & 1)) * (n32 / M) : 0; /* the paired copy, for the multi-row kernels */
     act.qb = malloc((size_t)nb + 1), act.db = malloc(sizeof(float) * (size_t)(nb / QK + 1));
     act.sb = malloc(sizeof(int32_t) * (size_t)(nb / QK + 1));
     float *acc = malloc(sizeof(float) * (size_t)(IL * M * nthreads));
@@ -730,7 +741,7 @@ EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count,
     /* One thread quantizes the activations: a small fraction of the matmul's time at any
      * M, and no barrier inside the parallel region. */
     for (int64_t m = 0; m < M; m++) act_quantize(&kn, x + m * K, K, m, 0, K, needs, &act);
-    if (nb) block_major(&act, M, K);
+    if (nb) pair_rows(&act, M, K);
     else free(act.qb), free(act.db), free(act.sb), act.qb = NULL, act.db = NULL, act.sb = NULL;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
