@@ -380,9 +380,10 @@ AVX2_FN static void group_rows_int8_avx2(const uint8_t *wg, const int8_t *qa, co
         for (int64_t m = 0; m < M; m++) {
             const int8_t *a = row_act(qa, ld, b, m);
             __m256i s = _mm256_setzero_si256();
-            for (int c = 0; c < 8; c++) /* pair sums reach 2 * 128 * 127: each into int32 at once */
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(u[c], _mm256_sign_epi8(BCAST4(a, 8 * c), w[c])),
-                                                          ones));
+            for (int c = 0; c < 8; c++) { /* pair sums reach 2 * 128 * 127: each into int32 at once */
+                const __m256i p16 = _mm256_maddubs_epi16(u[c], _mm256_sign_epi8(BCAST4(a, 8 * c), w[c]));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(p16, ones));
+            }
             ADD_ROW_BLOCK(acc + m * IL, s, d, da[b * ld + m]);
         }
     }
@@ -575,8 +576,8 @@ DOTPROD_FN static void group_int4_dotprod(const uint8_t *wg, const int8_t *qa, c
 /* Groups [g0, g1) of one matrix with N rows, packed in tiles of tb blocks,
  * into its output columns y[m * ldy + n]. acc: scratch of IL * M floats. */
 static void run_groups(group_fn fn, group_rows_fn rows_fn, const uint8_t *w, int64_t bb, int64_t tb,
-                       const qact *act, int64_t M, int64_t K, int64_t N, float *y, int64_t ldy, int64_t g0, int64_t g1,
-                       float *acc) {
+                       const qact *act, int64_t M, int64_t K, int64_t N, float *y, int64_t ldy, int64_t g0,
+                       int64_t g1, float *acc) {
     const int64_t B = K / QK, G = (N + IL - 1) / IL;
     const int8_t *qa = act->qa;
     const float *da = act->da;
@@ -645,8 +646,10 @@ int qkernels_select(int impl, qkernels *out) {
 #endif
     out->group_rows[FMT_INT8] = group_rows_int8_scalar, out->group_rows[FMT_INT4] = group_rows_int4_scalar;
 #ifdef MISTOL_X86
-    if (impl == IMPL_AVX2) out->group_rows[FMT_INT8] = group_rows_int8_avx2, out->group_rows[FMT_INT4] = group_rows_int4_avx2;
-    if (impl == IMPL_VNNI) out->group_rows[FMT_INT8] = group_rows_int8_vnni, out->group_rows[FMT_INT4] = group_rows_int4_vnni;
+    if (impl == IMPL_AVX2)
+        out->group_rows[FMT_INT8] = group_rows_int8_avx2, out->group_rows[FMT_INT4] = group_rows_int4_avx2;
+    if (impl == IMPL_VNNI)
+        out->group_rows[FMT_INT8] = group_rows_int8_vnni, out->group_rows[FMT_INT4] = group_rows_int4_vnni;
 #endif
     if (impl == IMPL_NEON || impl == IMPL_DOTPROD) /* the single-row kernels, row by row, until NEON has its own */
         out->group_rows[FMT_INT8] = out->group_rows[FMT_INT4] = NULL;
@@ -728,7 +731,8 @@ EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count,
     qact act = {malloc((size_t)n32 + 1), malloc(sizeof(float) * (size_t)(n32 / QK + 1)),
                 malloc(sizeof(int32_t) * (size_t)(n32 / QK + 1)), malloc((size_t)nk + 1),
                 malloc(sizeof(float) * (size_t)(nk / 256 + 1)), malloc(sizeof(int32_t) * (size_t)(nk / 16 + 1))};
-    const int64_t nb = M > 1 ? (M + (M & 1)) * (n32 / M) : 0; /* the paired copy, for the multi-row kernels */
+    /* the paired copy, for the multi-row kernels (where this instruction set has them) */
+    const int64_t nb = M > 1 && kn.group_rows[FMT_INT8] ? (M + (M & 1)) * (n32 / M) : 0;
     act.qb = malloc((size_t)nb + 1), act.db = malloc(sizeof(float) * (size_t)(nb / QK + 1));
     act.sb = malloc(sizeof(int32_t) * (size_t)(nb / QK + 1));
     float *acc = malloc(sizeof(float) * (size_t)(IL * M * nthreads));
