@@ -329,21 +329,26 @@ VNNI_FN static inline void pairs_vnni(const __m512i *w, int shift, const uint16_
 #undef PAIR_BYTES
 }
 
-/* each 4 bytes of a 32-byte chunk twice, in a 512-bit vector */
-#define WIDEN(v) _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), \
-                                          _mm512_castsi256_si512(v))
+/* each 4 bytes of the first (WIDEN0) or second (WIDEN1) 32-byte chunk of 64 bytes twice */
+#define WIDEN0(v) _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), (v))
+#define WIDEN1(v) \
+    _mm512_permutexvar_epi32(_mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15), (v))
+#define LOAD64(p) _mm512_loadu_si512((const void *)(p))
 
 /* int8: dpbusd wants unsigned weights, so w + 128 (w xor 0x80) is multiplied and
  * 128 * (the row's activation sum) taken off: sum (w + 128) a - 128 sum a = sum w a, and no
  * lane can overflow (|sum| <= 32 * 255 * 127). */
 VNNI_FN static void group_rows_int8_vnni(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
                                          int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
     for (int64_t b = b0; b < b1; b++) {
         const block_q8_0x8 *blk = (const block_q8_0x8 *)wg + b;
         PREFETCH_AHEAD(blk);
         __m512i w[8];
-        for (int c = 0; c < 8; c++) w[c] = WIDEN(_mm256_xor_si256(CHUNK(blk->qs, c), flip));
+        for (int c = 0; c < 8; c += 2) {
+            const __m512i v = _mm512_xor_si512(LOAD64(blk->qs + 32 * c), flip);
+            w[c] = WIDEN0(v), w[c + 1] = WIDEN1(v);
+        }
         pairs_vnni(w, 7, blk->d, qa, da, sa, ld, M, b, acc);
     }
 }
@@ -352,19 +357,22 @@ VNNI_FN static void group_rows_int8_vnni(const uint8_t *wg, const int8_t *qa, co
  * low nibbles are elements 4c..4c+3, its high nibbles 16 further on. */
 VNNI_FN static void group_rows_int4_vnni(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
                                          int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
-    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m512i m4 = _mm512_set1_epi8(15);
     for (int64_t b = b0; b < b1; b++) {
         const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
         PREFETCH_AHEAD(blk);
         __m512i w[8];
-        for (int c = 0; c < 4; c++) {
-            const __m256i v = CHUNK(blk->qs, c);
-            w[c] = WIDEN(_mm256_and_si256(v, m4)), w[4 + c] = WIDEN(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+        for (int c = 0; c < 4; c += 2) {
+            const __m512i v = LOAD64(blk->qs + 32 * c);
+            const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), m4);
+            w[c] = WIDEN0(lo), w[c + 1] = WIDEN1(lo), w[4 + c] = WIDEN0(hi), w[5 + c] = WIDEN1(hi);
         }
         pairs_vnni(w, 3, blk->d, qa, da, sa, ld, M, b, acc);
     }
 }
-#undef WIDEN
+#undef WIDEN0
+#undef WIDEN1
+#undef LOAD64
 
 /* AVX2, int8: |w| once per block; per row, w's sign moved onto the activations (as in
  * dot_i8_avx2). */
