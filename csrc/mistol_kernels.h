@@ -120,6 +120,13 @@ int cpu_has_dotprod(void); /* ARM: the dot products (sdot), and kernels for them
 typedef void (*quant_fn)(const float *, int64_t, int8_t *, float *, int32_t *);
 /* One 8-row group against one quantized row, blocks [b0, b1), added into acc[8]. */
 typedef void (*group_fn)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, int64_t, float *);
+/* One 8-row group against M quantized rows held block-major in pairs (qact's qb, db, sb,
+ * with ld = M rounded up to even; M even where more rows follow), blocks [b0, b1), added
+ * into acc[8 m + r]: each weight block is read (and unpacked) once for all the rows. Row
+ * m's sums are bit for bit the group_fn's for that row alone: the same integer block sums,
+ * scaled and accumulated in the same order. Arguments: wg, qb, db, sb, ld, M, b0, b1, acc. */
+typedef void (*group_rows_fn)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, int64_t,
+                              int64_t, int64_t, float *);
 
 /* One activation row x[K] -> qk[K] int8, dk[K/256] scales, sk[K/16] sums of qk per 16
  * (the k-quants' activation blocks, kquant.h). */
@@ -139,11 +146,15 @@ typedef struct {
     void (*q4k_x8)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *);
     void (*q5k_x8)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *);
     void (*q6k_x8)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *);
+    /* FMT_INT8, FMT_INT4: several activation rows at once (NULL: group[] row by row) */
+    group_rows_fn group_rows[FMT_COUNT];
 } qkernels;
 
 /* Activation rows quantized for the matrices that read them: per block of 32 (qa, da,
  * sa: int8/int4 and the legacy 32-blocks) and, where a k-quant reads them, per block of
- * 256 (qk, dk, sk); each NULL where no matrix needs it. */
+ * 256 (qk, dk, sk); each NULL where no matrix needs it. Several rows' per-32 blocks may
+ * also be held block-major for the multi-row kernels, rows in pairs (qb, db, sb: see
+ * pair_rows in quant_gemv.c), else these are NULL. */
 typedef struct {
     int8_t *qa;
     float *da;
@@ -151,6 +162,9 @@ typedef struct {
     int8_t *qk;
     float *dk;
     int32_t *sk;
+    int8_t *qb;
+    float *db;
+    int32_t *sb;
 } qact;
 
 enum { ACT_32 = 1, ACT_256 = 2 }; /* what act_needs returns: which quantizations to make */

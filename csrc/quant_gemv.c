@@ -18,6 +18,7 @@
 #include "mistol_kernels.h"
 
 #define KCHUNK 64    /* blocks per step when several activation rows share a weight chunk */
+#define ROWS_AT_ONCE 16 /* activation rows per pass of a multi-row kernel over a weight chunk */
 /* No software prefetch: each thread reads one sequential stream, which the hardware
  * prefetcher follows. Prefetching 2-16 KB ahead measured 10-18% slower on a 2-core EPYC
  * whose memory read 60+ GB/s (and no faster when it read less). */
@@ -78,6 +79,59 @@ static void group_int4_scalar(const uint8_t *wg, const int8_t *qa, const float *
     }
 }
 
+/* Where row m's activation bytes of block b start in the paired block-major layout (see
+ * pair_rows): its bytes 4c..4c+3 are at this address + 8c. */
+static inline const int8_t *row_act(const int8_t *qb, int64_t ld, int64_t b, int64_t m) {
+    return qb + (b * ld + (m & ~(int64_t)1)) * QK + 4 * (m & 1);
+}
+
+/* Several activation rows against one group: each block's quants are unpacked once into
+ * w[r][j] (the values the single-row kernels multiply: q for int8, the nibble n = q + 8 for
+ * int4), then every row's block sums are taken as those kernels take them. */
+static void group_rows_scalar(int fmt, const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                              int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
+    int8_t w[IL][QK];
+    float d[IL];
+    for (int64_t b = b0; b < b1; b++) {
+        const uint16_t *ds;
+        if (fmt == FMT_INT8) {
+            const block_q8_0x8 *blk = (const block_q8_0x8 *)wg + b;
+            for (int r = 0; r < IL; r++)
+                for (int j = 0; j < QK; j++) w[r][j] = blk->qs[quant_offset(r, j)];
+            ds = blk->d;
+        } else {
+            const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
+            for (int r = 0; r < IL; r++)
+                for (int j = 0; j < QK / 2; j++) {
+                    const uint8_t v = blk->qs[quant_offset(r, j)];
+                    w[r][j] = (int8_t)(v & 15), w[r][j + QK / 2] = (int8_t)(v >> 4);
+                }
+            ds = blk->d;
+        }
+        for (int r = 0; r < IL; r++) d[r] = half_to_float(ds[r]);
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *a = row_act(qa, ld, b, m);
+            const float dam = da[b * ld + m];
+            for (int r = 0; r < IL; r++) {
+                int32_t s = 0;
+                for (int j = 0; j < QK; j++) s += w[r][j] * a[8 * (j >> 2) + (j & 3)];
+                if (fmt == FMT_INT4) s -= 8 * sa[b * ld + m];
+                acc[m * IL + r] += (float)s * (d[r] * dam);
+            }
+        }
+    }
+}
+
+static void group_rows_int8_scalar(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                   int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
+    group_rows_scalar(FMT_INT8, wg, qa, da, sa, ld, M, b0, b1, acc);
+}
+
+static void group_rows_int4_scalar(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                   int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
+    group_rows_scalar(FMT_INT4, wg, qa, da, sa, ld, M, b0, b1, acc);
+}
+
 /* ---------------------------------------------------------------------------------------
  * AVX2 kernels: the same arithmetic, the 8 rows' sums of a block reduced into one vector
  * (lane r = row r) so that scaling and accumulation are one multiply and one FMA.
@@ -127,6 +181,7 @@ VNNI_FN static inline __m256i dot_i8_vnni(__m256i acc, __m256i w, __m256i a) {
 }
 
 static inline int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+static inline int64_t load_i64(const int8_t *p) { int64_t v; memcpy(&v, p, 8); return v; }
 
 #define CHUNK(q, c) _mm256_loadu_si256((const __m256i *)((q) + 32 * (c)))
 #define BCAST4(a, j) _mm256_set1_epi32(load_i32((a) + (j)))
@@ -212,6 +267,163 @@ VNNI_FN static void group_int4_vnni(const uint8_t *wg, const int8_t *qa, const f
     }
     _mm256_storeu_ps(acc_out, acc);
 }
+
+/* ---------------------------------------------------------------------------------------
+ * Several activation rows against one group (group_rows_fn): a block's weights are loaded
+ * and unpacked into registers once, then each row's 8 block sums (lane r = row r, as in the
+ * single-row kernels) take one dot-product step per 32-byte chunk and are scaled and added
+ * with the same multiply and FMA. The integer sums are exact whatever their order, so every
+ * row gets the single-row kernel's bits.
+ */
+#define ROW_BLOCK_SCALE(blk) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk)->d))
+#define ADD_ROW_BLOCK(accp, s, d, dam) \
+    _mm256_storeu_ps((accp), _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps((d), _mm256_set1_ps(dam)), \
+                                             _mm256_loadu_ps(accp)))
+
+/* Several rows take long enough over a block that the hardware prefetcher falls behind:
+ * ask for the bytes PF_BYTES ahead (the group's next blocks, or the next group's) while
+ * this block computes. 8 KB measured best (2-4 KB: 8 rows took 1.5-1.7x one row's time;
+ * 8-16 KB: 1.3x). */
+#ifndef PF_BYTES
+#define PF_BYTES 8192
+#endif
+#define PREFETCH_AHEAD(blk)                                                                     \
+    for (size_t off = 0; off < sizeof(*(blk)); off += 64) __builtin_prefetch((const char *)(blk) + PF_BYTES + off)
+
+/* AVX512-VNNI on 512-bit vectors: the dot products, not the memory, bound several rows
+ * (dpbusd takes 64 byte pairs on a 512-bit vector in the time it takes 32 on a 256-bit
+ * one), so two activation rows are taken at once. Each 32-byte chunk of a block is
+ * widened once, every 4 bytes twice (lanes 2r and 2r + 1: row r's 4 bytes); one 8-byte
+ * broadcast of a row pair's activations (row m's 4 bytes of the chunk, then row m + 1's,
+ * as pair_rows lays them out) then multiplies row m into the even lanes and row m + 1 into
+ * the odd ones. w[i] (i < 8): the widened weights (as unsigned bytes) that the pair's
+ * bytes 8i..8i+7 multiply; each row's block sum takes off (its activations' block sum)
+ * << shift. */
+VNNI_FN static inline void pairs_vnni(const __m512i *w, int shift, const uint16_t *d16, const int8_t *qb,
+                                      const float *db, const int32_t *sb, int64_t ld, int64_t M, int64_t b,
+                                      float *acc) {
+    const __m512i split = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m512 d2 = _mm512_cvtph_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)d16)));
+    const __m512i z = _mm512_setzero_si512();
+    const int8_t *a = qb + b * ld * QK;
+    const float *dab = db + b * ld;
+    const int32_t *sab = sb + b * ld;
+#define PAIR_BYTES(i) _mm512_set1_epi64(load_i64(ap + 8 * (i)))
+    for (int64_t m = 0; m < M; m += 2) {
+        const int8_t *ap = a + m * QK;
+        __m512i s0 = _mm512_dpbusd_epi32(z, w[0], PAIR_BYTES(0)), s1 = _mm512_dpbusd_epi32(z, w[1], PAIR_BYTES(1));
+        s0 = _mm512_dpbusd_epi32(s0, w[2], PAIR_BYTES(2)), s1 = _mm512_dpbusd_epi32(s1, w[3], PAIR_BYTES(3));
+        s0 = _mm512_dpbusd_epi32(s0, w[4], PAIR_BYTES(4)), s1 = _mm512_dpbusd_epi32(s1, w[5], PAIR_BYTES(5));
+        s0 = _mm512_dpbusd_epi32(s0, w[6], PAIR_BYTES(6)), s1 = _mm512_dpbusd_epi32(s1, w[7], PAIR_BYTES(7));
+        int64_t sums; /* the two rows' activation sums, row m's in the low half */
+        memcpy(&sums, sab + m, 8);
+        const __m512i bias = _mm512_slli_epi32(_mm512_set1_epi64(sums), shift);
+        /* lanes 0-7: row m's 8 sums, 8-15: row m + 1's */
+        const __m512i s = _mm512_permutexvar_epi32(split, _mm512_sub_epi32(_mm512_add_epi32(s0, s1), bias));
+        const __m512 scale = _mm512_mul_ps(d2, _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(dab[m]),
+                                                                    _mm512_set1_ps(dab[m + 1])));
+        const __mmask16 rows = m + 1 < M ? 0xffff : 0x00ff; /* (a last odd row's pair is padding) */
+        const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, _mm512_maskz_loadu_ps(rows, acc + m * IL));
+        _mm512_mask_storeu_ps(acc + m * IL, rows, sum);
+    }
+#undef PAIR_BYTES
+}
+
+/* each 4 bytes of the first (WIDEN0) or second (WIDEN1) 32-byte chunk of 64 bytes twice */
+#define WIDEN0(v) _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), (v))
+#define WIDEN1(v) \
+    _mm512_permutexvar_epi32(_mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15), (v))
+#define LOAD64(p) _mm512_loadu_si512((const void *)(p))
+
+/* int8: dpbusd wants unsigned weights, so w + 128 (w xor 0x80) is multiplied and
+ * 128 * (the row's activation sum) taken off: sum (w + 128) a - 128 sum a = sum w a, and no
+ * lane can overflow (|sum| <= 32 * 255 * 127). */
+VNNI_FN static void group_rows_int8_vnni(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                         int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t b = b0; b < b1; b++) {
+        const block_q8_0x8 *blk = (const block_q8_0x8 *)wg + b;
+        PREFETCH_AHEAD(blk);
+        __m512i w[8];
+        for (int c = 0; c < 8; c += 2) {
+            const __m512i v = _mm512_xor_si512(LOAD64(blk->qs + 32 * c), flip);
+            w[c] = WIDEN0(v), w[c + 1] = WIDEN1(v);
+        }
+        pairs_vnni(w, 7, blk->d, qa, da, sa, ld, M, b, acc);
+    }
+}
+
+/* int4: the nibbles n = q + 8 multiply, 8 * (the activations' sum) is taken off. Chunk c's
+ * low nibbles are elements 4c..4c+3, its high nibbles 16 further on. */
+VNNI_FN static void group_rows_int4_vnni(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                         int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
+    const __m512i m4 = _mm512_set1_epi8(15);
+    for (int64_t b = b0; b < b1; b++) {
+        const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
+        PREFETCH_AHEAD(blk);
+        __m512i w[8];
+        for (int c = 0; c < 4; c += 2) {
+            const __m512i v = LOAD64(blk->qs + 32 * c);
+            const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), m4);
+            w[c] = WIDEN0(lo), w[c + 1] = WIDEN1(lo), w[4 + c] = WIDEN0(hi), w[5 + c] = WIDEN1(hi);
+        }
+        pairs_vnni(w, 3, blk->d, qa, da, sa, ld, M, b, acc);
+    }
+}
+#undef WIDEN0
+#undef WIDEN1
+#undef LOAD64
+
+/* AVX2, int8: |w| once per block; per row, w's sign moved onto the activations (as in
+ * dot_i8_avx2). */
+AVX2_FN static void group_rows_int8_avx2(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                         int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
+    (void)sa;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = b0; b < b1; b++) {
+        const block_q8_0x8 *blk = (const block_q8_0x8 *)wg + b;
+        __m256i w[8], u[8];
+        for (int c = 0; c < 8; c++) w[c] = CHUNK(blk->qs, c), u[c] = _mm256_sign_epi8(w[c], w[c]);
+        const __m256 d = ROW_BLOCK_SCALE(blk);
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *a = row_act(qa, ld, b, m);
+            __m256i s = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) { /* pair sums reach 2 * 128 * 127: each into int32 at once */
+                const __m256i p16 = _mm256_maddubs_epi16(u[c], _mm256_sign_epi8(BCAST4(a, 8 * c), w[c]));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(p16, ones));
+            }
+            ADD_ROW_BLOCK(acc + m * IL, s, d, da[b * ld + m]);
+        }
+    }
+}
+
+/* AVX2, int4: nibbles unpacked once per block. A pair sum of nibbles (<= 15) times
+ * activations (|a| <= 127) is at most 3810, so a row's 8 products per lane add up in int16
+ * (<= 30480) and widen once per block. */
+AVX2_FN static void group_rows_int4_avx2(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
+                                         int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int64_t b = b0; b < b1; b++) {
+        const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
+        __m256i lo[4], hi[4];
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = CHUNK(blk->qs, c);
+            lo[c] = _mm256_and_si256(v, m4), hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        }
+        const __m256 d = ROW_BLOCK_SCALE(blk);
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *a = row_act(qa, ld, b, m);
+            __m256i s16 = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++)
+                s16 = _mm256_add_epi16(s16, _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], BCAST4(a, 8 * c)),
+                                                             _mm256_maddubs_epi16(hi[c], BCAST4(a, 8 * c + 32))));
+            const __m256i s = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(8 * sa[b * ld + m]));
+            ADD_ROW_BLOCK(acc + m * IL, s, d, da[b * ld + m]);
+        }
+    }
+}
+#undef ROW_BLOCK_SCALE
+#undef ADD_ROW_BLOCK
 
 #endif
 
@@ -371,10 +583,13 @@ DOTPROD_FN static void group_int4_dotprod(const uint8_t *wg, const int8_t *qa, c
  */
 /* Groups [g0, g1) of one matrix with N rows, packed in tiles of tb blocks,
  * into its output columns y[m * ldy + n]. acc: scratch of IL * M floats. */
-static void run_groups(group_fn fn, const uint8_t *w, int64_t bb, int64_t tb, const int8_t *qa, const float *da,
-                       const int32_t *sa, int64_t M, int64_t K, int64_t N, float *y, int64_t ldy, int64_t g0,
+static void run_groups(group_fn fn, group_rows_fn rows_fn, const uint8_t *w, int64_t bb, int64_t tb,
+                       const qact *act, int64_t M, int64_t K, int64_t N, float *y, int64_t ldy, int64_t g0,
                        int64_t g1, float *acc) {
     const int64_t B = K / QK, G = (N + IL - 1) / IL;
+    const int8_t *qa = act->qa;
+    const float *da = act->da;
+    const int32_t *sa = act->sa;
     if (tb > B) tb = B;
 /* group g's blocks [t0, t0 + tw) sit in the tile at t0; the kernels index blocks from 0 */
 #define GROUP_IN_TILE(g, t0, tw) (w + (t0) * G * bb + ((g) * (tw) - (t0)) * bb)
@@ -388,6 +603,7 @@ static void run_groups(group_fn fn, const uint8_t *w, int64_t bb, int64_t tb, co
         if (g1 * IL > N && g0 < g1) memcpy(y + (g1 - 1) * IL, acc, sizeof(float) * (size_t)(N - (g1 - 1) * IL));
         return;
     }
+    if (!act->qb) rows_fn = NULL; /* (no paired copy of the activations) */
     /* several rows: group by group, each weight chunk kept in L1 across the rows */
     for (int64_t g = g0; g < g1; g++) {
         memset(acc, 0, sizeof(float) * IL * M);
@@ -397,11 +613,20 @@ static void run_groups(group_fn fn, const uint8_t *w, int64_t bb, int64_t tb, co
                 const int64_t b1 = b0 + KCHUNK < t0 + tw ? b0 + KCHUNK : t0 + tw;
                 /* The rows after the first find the chunk in L1 and miss no memory, so the
                  * hardware prefetcher stalls while they compute: ask for the next chunk now
-                 * (at 7B, 2 rows cost 2x one row without this; memory waits on compute). */
-                const uint8_t *next = GROUP_IN_TILE(g, t0, tw) + b1 * bb;
-                for (int64_t off = 0; off < KCHUNK * bb; off += 64) __builtin_prefetch(next + off);
-                for (int64_t m = 0; m < M; m++)
-                    fn(GROUP_IN_TILE(g, t0, tw), qa + m * K, da + m * B, sa + m * B, b0, b1, acc + m * IL);
+                 * (at 7B, 2 rows cost 2x one row without this; memory waits on compute).
+                 * The multi-row kernels read each block once for ROWS_AT_ONCE rows, as one
+                 * row does, and need it only for more rows than that. */
+                if (!rows_fn || M > ROWS_AT_ONCE) {
+                    const uint8_t *next = GROUP_IN_TILE(g, t0, tw) + b1 * bb;
+                    for (int64_t off = 0; off < KCHUNK * bb; off += 64) __builtin_prefetch(next + off);
+                }
+                if (rows_fn)
+                    for (int64_t m0 = 0; m0 < M; m0 += ROWS_AT_ONCE)
+                        rows_fn(GROUP_IN_TILE(g, t0, tw), act->qb + m0 * QK, act->db + m0, act->sb + m0, M + (M & 1),
+                                M - m0 < ROWS_AT_ONCE ? M - m0 : ROWS_AT_ONCE, b0, b1, acc + m0 * IL);
+                else
+                    for (int64_t m = 0; m < M; m++)
+                        fn(GROUP_IN_TILE(g, t0, tw), qa + m * K, da + m * B, sa + m * B, b0, b1, acc + m * IL);
             }
         }
         const int64_t rows = N - g * IL < IL ? N - g * IL : IL;
@@ -427,8 +652,39 @@ int qkernels_select(int impl, qkernels *out) {
 #else
     if (impl == IMPL_NEON || impl == IMPL_DOTPROD) return ERR_IMPL;
 #endif
+    out->group_rows[FMT_INT8] = group_rows_int8_scalar, out->group_rows[FMT_INT4] = group_rows_int4_scalar;
+#ifdef MISTOL_X86
+    if (impl == IMPL_AVX2)
+        out->group_rows[FMT_INT8] = group_rows_int8_avx2, out->group_rows[FMT_INT4] = group_rows_int4_avx2;
+    if (impl == IMPL_VNNI)
+        out->group_rows[FMT_INT8] = group_rows_int8_vnni, out->group_rows[FMT_INT4] = group_rows_int4_vnni;
+#endif
+    if (impl == IMPL_NEON || impl == IMPL_DOTPROD) /* the single-row kernels, row by row, until NEON has its own */
+        out->group_rows[FMT_INT8] = out->group_rows[FMT_INT4] = NULL;
     kquant_select(impl, out);
     return OK;
+}
+
+/* act's rows quantized per 32 (qa, da, sa: row after row) again in act's qb, db, sb, for
+ * the multi-row kernels: block after block, and within a block rows in pairs, 4 bytes of
+ * each in turn. Rows m, m + 1 (m even) of block b: qb + (b Mp + m) 32 holds row m's bytes
+ * 0-3, row m + 1's bytes 0-3, row m's bytes 4-7, ...; their scales and sums at db, sb
+ * [b Mp + m] and [b Mp + m + 1]. Mp: M rounded up to even (an odd last row is paired with
+ * zeros). A kernel then finds a block's rows side by side (row after row they sit K bytes
+ * apart, for K a multiple of 4096 all in one set of the L1 cache, which 12 or more rows
+ * overflow), and one 8-byte load holds a pair's activations for one 4-byte weight column. */
+static void pair_rows(const qact *act, int64_t M, int64_t K) {
+    const int64_t B = K / QK, Mp = M + (M & 1);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t m = 0; m < Mp; m++) {
+            int8_t *dst = act->qb + (b * Mp + (m & ~(int64_t)1)) * QK + 4 * (m & 1);
+            for (int c = 0; c < QK / 4; c++) {
+                if (m < M) memcpy(dst + 8 * c, act->qa + m * K + b * QK + 4 * c, 4);
+                else memset(dst + 8 * c, 0, 4);
+            }
+            act->db[b * Mp + m] = m < M ? act->da[m * B + b] : 0.0f;
+            act->sb[b * Mp + m] = m < M ? act->sa[m * B + b] : 0;
+        }
 }
 
 /* The groups of all the matrices, split into one contiguous range per thread (a static
@@ -446,8 +702,8 @@ void qgemm_share(const qkernels *kn, const mistol_matrix *mats, int count, const
         if (g0 < g1 && fmt_row_order(w->format)) /* (row-order formats: 8 rows per unit of work) */
             kquant_rows(kn, w, act, M, K, g0 * IL, g1 * IL < w->rows ? g1 * IL : w->rows, y + col, ldy);
         else if (g0 < g1)
-            run_groups(kn->group[w->format], w->data, group_block_bytes(w->format), w->tile_blocks, act->qa, act->da,
-                       act->sa, M, K, w->rows, y + col, ldy, g0, g1, acc);
+            run_groups(kn->group[w->format], kn->group_rows[w->format], w->data, group_block_bytes(w->format),
+                       w->tile_blocks, act, M, K, w->rows, y + col, ldy, g0, g1, acc);
         first += gi, col += w->rows;
     }
 }
@@ -483,19 +739,28 @@ EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count,
     qact act = {malloc((size_t)n32 + 1), malloc(sizeof(float) * (size_t)(n32 / QK + 1)),
                 malloc(sizeof(int32_t) * (size_t)(n32 / QK + 1)), malloc((size_t)nk + 1),
                 malloc(sizeof(float) * (size_t)(nk / 256 + 1)), malloc(sizeof(int32_t) * (size_t)(nk / 16 + 1))};
+    /* the paired copy, for the multi-row kernels (where this instruction set has them) */
+    const int64_t nb = M > 1 && kn.group_rows[FMT_INT8] ? (M + (M & 1)) * (n32 / M) : 0;
+    act.qb = malloc((size_t)nb + 1), act.db = malloc(sizeof(float) * (size_t)(nb / QK + 1));
+    act.sb = malloc(sizeof(int32_t) * (size_t)(nb / QK + 1));
     float *acc = malloc(sizeof(float) * (size_t)(IL * M * nthreads));
-    if (!act.qa || !act.da || !act.sa || !act.qk || !act.dk || !act.sk || !acc) {
-        free(act.qa), free(act.da), free(act.sa), free(act.qk), free(act.dk), free(act.sk), free(acc);
+#define FREE_ACT free(act.qa), free(act.da), free(act.sa), free(act.qk), free(act.dk), free(act.sk), \
+                 free(act.qb), free(act.db), free(act.sb), free(acc)
+    if (!act.qa || !act.da || !act.sa || !act.qk || !act.dk || !act.sk || !act.qb || !act.db || !act.sb || !acc) {
+        FREE_ACT;
         return ERR_NOMEM;
     }
     /* One thread quantizes the activations: a small fraction of the matmul's time at any
      * M, and no barrier inside the parallel region. */
     for (int64_t m = 0; m < M; m++) act_quantize(&kn, x + m * K, K, m, 0, K, needs, &act);
+    if (nb) pair_rows(&act, M, K);
+    else free(act.qb), free(act.db), free(act.sb), act.qb = NULL, act.db = NULL, act.sb = NULL;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     qgemm_share(&kn, mats, count, &act, M, K, y, ldy, acc + thread_index() * IL * M);
-    free(act.qa), free(act.da), free(act.sa), free(act.qk), free(act.dk), free(act.sk), free(acc);
+    FREE_ACT;
+#undef FREE_ACT
     return OK;
 }
 

@@ -212,7 +212,9 @@ class QuantizedLinear(nn.Module):
 
     The packed weight is a uint8 buffer, so `.to(device)`, `state_dict()` and memory
     accounting see it; `.to(dtype)` leaves it alone. On CPU the matmul runs on mistol's
-    kernels (activations quantized to int8 per block of 32, fp32 accumulation); elsewhere,
+    kernels (activations quantized to int8 per block of 32, fp32 accumulation; several rows,
+    as a speculative verify pass or a prefill chunk has, read each weight block once for all
+    of them, each row's result bit for bit what one row alone gets); elsewhere,
     or without the kernels, on PyTorch ops over the dequantized weight; prefill-sized inputs
     on a CPU with bf16 instructions, as bf16 matmuls (`backend.quantized_route`).
     """
