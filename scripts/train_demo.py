@@ -57,6 +57,7 @@ CONFIG = dict(
     tie_word_embeddings=True, bos_token_id=1, eos_token_id=32000,
 )
 MAX_EXCHANGES = 10  # the longest conversation trained on
+MAX_TOKENS = 2048  # a conversation is cut there (CONFIG's max_position_embeddings)
 
 
 def mistral_tokenizer_model() -> Path:
@@ -97,11 +98,15 @@ def conversation(rng: random.Random, tok: Tokenizer, template: ChatTemplate, tur
 
 def batches(rng, tok, template, tokens_per_step: int):
     """Batches of conversations with one number of exchanges each (1 to 10), so that rows have
-    about the same length; longer conversations come in smaller batches."""
+    about the same length, filled up to about `tokens_per_step` positions, padding included
+    (rows with code blocks are longer: their batches are smaller)."""
     while True:
         turns = rng.randint(1, MAX_EXCHANGES)
-        batch_size = max(2, round(tokens_per_step / (120 + 75 * turns)))
-        convs = [conversation(rng, tok, template, turns) for _ in range(batch_size)]
+        convs: list[tuple[list[int], list[int]]] = []
+        while len(convs) < 2 or len(convs) * max(len(ids) for ids, _ in convs) < tokens_per_step:
+            ids, mask = conversation(rng, tok, template, turns)
+            convs.append((ids[:MAX_TOKENS], mask[:MAX_TOKENS]))
+        batch_size = len(convs)
         width = max(len(ids) for ids, _ in convs)
         tokens = torch.zeros(batch_size, width, dtype=torch.long)
         targets = torch.full((batch_size, width), -100, dtype=torch.long)
@@ -177,7 +182,9 @@ def train(args) -> Path:
         opt.step()
         smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
         if step % args.log_every == 0:
-            print(f"step {step:5d}  {elapsed / 60:5.1f} min  lr {lr:.2e}  loss {loss.item():.4f}  (smoothed {smoothed:.4f})", flush=True)
+            left = (args.max_steps - step) * elapsed / step / 60 if step else 0.0
+            print(f"step {step:5d}  {elapsed / 60:5.1f} min (~{left:.0f} min left)  lr {lr:.2e}  "
+                  f"loss {loss.item():.4f}  (smoothed {smoothed:.4f})", flush=True)
         step += 1
     print(f"trained {step} steps in {(time.time() - start) / 60:.1f} min, final smoothed loss {smoothed:.4f}")
     if step < args.max_steps:
@@ -242,18 +249,18 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "mistol" / "demo_model"), help="where to write the model")
     p.add_argument("--minutes", type=float, default=None,
                    help="also stop after this many minutes, the schedule following the clock (not reproducible)")
-    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument("--max-steps", type=int, default=2400)
     p.add_argument("--tokens-per-step", type=int, default=4000, help="about how many tokens each step trains on")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--negatives", type=int, default=2048, help="sampled output tokens per step besides the targets")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--init", default=None, metavar="DIR", help="start from this saved demo model instead of random weights")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default: 1, so that the weights do not depend on the machine's cores)")
     p.add_argument("--log-every", type=int, default=25)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # tiny weights late in training would otherwise crawl on CPU
     train(args)
 
