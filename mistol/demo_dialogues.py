@@ -10,7 +10,12 @@ learned). Besides the plain questions of `demo_problems.make_problem`, it mixes 
 - runs that were declined or that failed: the reply says that it needs to run the code (a
   tiny model's sums in its head are too often wrong to offer, even for one-digit numbers);
 - questions outside arithmetic, answered by a short refusal that names the way out;
-- a duo (`mistol duo`): one side asks small arithmetic questions, the other answers them.
+- code edits (mistol/demo_code_edits.py): a short block shown with one change asked for,
+  answered with the whole block rewritten, which then runs like any other;
+- a duo (`mistol duo`): one side asks small arithmetic questions, the other answers them in
+  its head. Each side is rendered as mistol/duo.py feeds it (its persona as the system
+  prompt, the other's lines as user turns); the answering side, whose sums must be learned
+  by heart, is most of them.
 
 The evaluation (scripts/eval_demo.py) writes its questions with other templates and other
 number ranges, so it measures what carries over to phrasings never seen here.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from .demo_code_edits import make_code_edit
 from .demo_problems import GREETING_REPLY, GREETINGS, make_problem
 from .duo import agent_system_prompt
 from .sandbox.code_turn import CODE_SYSTEM_PROMPT, DECLINED
@@ -258,6 +264,11 @@ def code_exchange(rng: random.Random, q: Question, cell: int, declined: float = 
     return Exchange(q.text, [(block, True), (format_output(output), False), (after, True)])
 
 
+CODE_EDITS = 0.13  # the share of chat turns that ask to rewrite a block
+DUOS = 0.15  # the share of conversations that are one side of a duo
+DUO_ANSWERS = 0.7  # of those, the share on the answering side
+
+
 def chat_conversation(rng: random.Random, turns: int) -> tuple[str, list[Exchange]]:
     """A `mistol chat` (or voice) conversation with the code prompt."""
     system = CODE_SYSTEM_PROMPT if rng.random() < 0.9 else HERMES_SYSTEM_PROMPT
@@ -269,6 +280,10 @@ def chat_conversation(rng: random.Random, turns: int) -> tuple[str, list[Exchang
             exchanges.append(Exchange(outside_question(rng), [(REFUSAL, True)]))
         elif roll < 0.11:
             exchanges.append(Exchange(rng.choice(GREETINGS), [(GREETING_REPLY, True)]))
+        elif roll < 0.11 + CODE_EDITS:
+            edit = make_code_edit(rng)
+            exchanges.append(code_exchange(rng, Question(edit.request, edit.edited, edit.printed, edit.final), i + 1,
+                                           declined))
         else:
             exchanges.append(code_exchange(rng, make_question(rng), i + 1, declined))
     return system, exchanges
@@ -288,7 +303,7 @@ def duo_conversation(rng: random.Random, turns: int) -> tuple[str, list[Exchange
     persona = rng.choice(PERSONAS)
     questions = [_small_question(rng) for _ in range(turns + 1)]
     exchanges = []
-    if rng.random() < 0.5:  # the asker, who opens
+    if rng.random() >= DUO_ANSWERS:  # the asker, who opens
         system = agent_system_prompt(a, persona, b, topic)
         user = f"Let's talk about {topic}. You start."
         for i in range(turns):
@@ -306,6 +321,6 @@ def duo_conversation(rng: random.Random, turns: int) -> tuple[str, list[Exchange
 
 def make_conversation(rng: random.Random, turns: int) -> tuple[str, list[Exchange]]:
     """A system prompt and `turns` exchanges."""
-    if rng.random() < 0.08:
+    if rng.random() < DUOS:
         return duo_conversation(rng, turns)
     return chat_conversation(rng, turns)

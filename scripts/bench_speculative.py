@@ -7,8 +7,9 @@
    64-token context; one forward pass over n = 1..--max-rows new positions (what verifying n-1
    guesses costs) is timed against a plain one-token decode step, and rolled back each time.
 2. Replies. On the demo model (`--model demo`), greedy replies to fresh arithmetic questions
-   (its code blocks restate the question's numbers, its answer restates the output) and to a
-   code-editing request (a code block shown, "rewrite it with one change"): tokens/s with
+   (its code blocks restate the question's numbers, its answer restates the output) and to
+   code-editing requests (a code block shown, one change asked for: the evaluation's, see
+   scripts/eval_demo.py; the reply copies the block but for the change): tokens/s with
    speculation off, prompt lookup as shipped (adaptive), and prompt lookup at a fixed depth,
    in the same run, with the share of guesses kept. The outputs must be identical.
 
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -94,50 +96,47 @@ def derived_speedups(curve: list[tuple[int, float]], acceptances=(0.3, 0.5, 0.7)
 
 
 # -- 2. replies ----------------------------------------------------------------------------------
-CODE_TO_EDIT = '''def summarize(values):
-    total = 0
-    count = 0
-    for value in values:
-        if value is None:
-            continue
-        total += value
-        count += 1
-    mean = total / count if count else 0.0
-    return {"total": total, "count": count, "mean": mean}
-'''
+def code_edits(count: int) -> list:
+    """The evaluation's code-edit requests (scripts/eval_demo.py): a short block shown, one
+    change asked for; a model that follows it writes the block again with that change."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from eval_demo import edit_item
+
+    rng = random.Random(2024)
+    return [edit_item(rng) for _ in range(count)]
 
 
-EDITED_REPLY = "Here is the code, now skipping negative values too:\n\n```python\n" + CODE_TO_EDIT.replace(
-    "if value is None:", "if value is None or value < 0:") + "```\n"
-
-
-def simulate_lookup(tokenizer, depth: int) -> tuple[float, float]:
-    """Prompt lookup on the code edit as a model that writes EDITED_REPLY would see it (the
-    reply taken as given, token by token: no model runs): (share of guesses kept, tokens per pass)."""
+def simulate_lookup(tokenizer, depth: int, edits: list) -> tuple[float, float]:
+    """Prompt lookup on the code edits as a model that writes the expected blocks would see
+    them (each reply taken as given, token by token: no model runs): (share of guesses kept,
+    tokens per pass)."""
     from mistol.speculative import PromptLookup
 
-    prompt = tokenizer.encode(f"<|im_start|>user\n{workloads(0)['code edit'][0]}<|im_end|>\n<|im_start|>assistant\n",
-                              add_bos=True, parse_special=True)
-    reply = tokenizer.encode(EDITED_REPLY)
-    lookup, params = PromptLookup(prompt), SamplingParams(temperature=0)
-    i = passes = guessed = kept = 0
-    while i < len(reply):
-        lookup.extend([reply[i]])
-        proposal = lookup.propose(min(depth, len(reply) - i - 1), params, None)
-        guesses = proposal.tokens if proposal else []
-        right = 0
-        while right < len(guesses) and guesses[right] == reply[i + 1 + right]:
-            right += 1
-        lookup.extend(reply[i + 1 : i + 1 + right])
-        passes, guessed, kept, i = passes + 1, guessed + len(guesses), kept + right, i + 1 + right
-    return kept / max(guessed, 1), len(reply) / passes
+    params = SamplingParams(temperature=0)
+    passes = guessed = kept = tokens = 0
+    for edit in edits:
+        prompt = tokenizer.encode(f"<|im_start|>user\n{edit.request}<|im_end|>\n<|im_start|>assistant\n",
+                                  add_bos=True, parse_special=True)
+        reply = tokenizer.encode(f"```python\n{edit.expected}\n```")
+        lookup = PromptLookup(prompt)
+        i = 0
+        while i < len(reply):
+            lookup.extend([reply[i]])
+            proposal = lookup.propose(min(depth, len(reply) - i - 1), params, None)
+            guesses = proposal.tokens if proposal else []
+            right = 0
+            while right < len(guesses) and guesses[right] == reply[i + 1 + right]:
+                right += 1
+            lookup.extend(reply[i + 1 : i + 1 + right])
+            passes, guessed, kept, i = passes + 1, guessed + len(guesses), kept + right, i + 1 + right
+        tokens += len(reply)
+    return kept / max(guessed, 1), tokens / passes
 
 
-def workloads(questions: int) -> dict[str, list[str]]:
+def workloads(questions: int, edits: int) -> dict[str, list[str]]:
     rng = random.Random(2024)
     arithmetic = [make_problem(rng).question for _ in range(questions)]
-    edit = "Rewrite this code with one change: skip negative values too.\n\n```python\n" + CODE_TO_EDIT + "```"
-    return {"arithmetic": arithmetic, "code edit": [edit]}
+    return {"arithmetic": arithmetic, "code edit": [edit.request for edit in code_edits(edits)]}
 
 
 def run_code(block) -> str:
@@ -162,14 +161,14 @@ def run_replies(engine: Engine, questions: list[str], speculation, max_tokens: i
     return outputs, tokens / seconds, (kept / guessed if guessed else 0.0), tokens
 
 
-def bench_replies(questions: int, max_tokens: int, show: bool) -> None:
-    engine = Engine.load("demo")
+def bench_replies(model: str, questions: int, edits: int, max_tokens: int, show: bool) -> None:
+    engine = Engine.load(model)
     print(f"\nreplies of the demo model (greedy, {engine.config.num_layers} layers x {engine.config.hidden_size}; "
           "decode tok/s, the prompts' prefill not counted):")
     print(f"{'workload':<12} {'mode':<22} {'tok/s':>7} {'x plain':>8} {'kept':>6} {'tokens':>7}")
     modes = [("plain", None), ("lookup, adaptive", Speculation()),
              ("lookup, depth 8", Speculation(adaptive=False, max_depth=8))]
-    for name, prompts in workloads(questions).items():
+    for name, prompts in workloads(questions, edits).items():
         run_replies(engine, prompts[:2], None, 16)  # warm up
         reference = None
         for mode, speculation in modes:
@@ -181,7 +180,7 @@ def bench_replies(questions: int, max_tokens: int, show: bool) -> None:
             assert outputs == reference, f"{mode}: the replies differ from plain decoding"
             print(f"{name:<12} {mode:<22} {rate:>7.1f} {rate / plain_rate:>8.2f} {acceptance:>6.0%} {tokens:>7}")
     for depth in (4, 8, 16):
-        kept, per_pass = simulate_lookup(engine.tokenizer, depth)
+        kept, per_pass = simulate_lookup(engine.tokenizer, depth, code_edits(edits))
         print(f"code edit, the reply as written by a model that follows the request (simulated, no model runs): "
               f"depth {depth}: {kept:.0%} of guesses kept, {per_pass:.2f} tokens per pass")
     engine.speculation = Speculation()
@@ -194,7 +193,9 @@ def main() -> None:
     p.add_argument("--max-rows", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--model", default="demo", help="the model whose replies are timed (default: demo)")
     p.add_argument("--questions", type=int, default=20)
+    p.add_argument("--edits", type=int, default=6, help="code-edit requests (the evaluation's)")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--skip-replies", action="store_true")
@@ -204,7 +205,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"threads: {torch.get_num_threads()}")
     if not args.skip_replies:
-        bench_replies(args.questions, args.max_tokens, args.show)
+        bench_replies(args.model, args.questions, args.edits, args.max_tokens, args.show)
     if not args.skip_cost:
         for fmt in args.formats.split(","):
             curve = verify_cost(args.shape, fmt, args.max_rows, args.repeats)

@@ -11,15 +11,20 @@ detector, the sandbox). Three sets:
 - conversations: 10-turn conversations of such questions, with some runs declined (the
   person answers n) and some questions outside arithmetic, without /reset;
 - duo: `mistol duo` lines between two demo agents with personas and topics of its own: the
-  opener's lines must ask an arithmetic question, the other's must answer it rightly.
+  opener's lines must ask an arithmetic question, the other's must answer it rightly;
+- code edits: a short Python block shown with one change asked for, programs, names, numbers
+  and phrasings of this file's own (the training's are in mistol/demo_code_edits.py), one per
+  conversation, the run allowed: right when the rewritten block is the expected one exactly,
+  or prints what the expected one prints.
 
 A turn is right when the sentence after the code's output states the right number (a
 declined run: states the right number, or says that the code must run and states none; a
 question outside arithmetic: the refusal). A reply is gibberish when it has neither a
 well-formed code block, a stated number, nor the refusal.
 
-    python scripts/eval_demo.py                  # all three sets, seed 2024 (training used 1234)
+    python scripts/eval_demo.py                  # all the sets, seed 2024 (training used 1234)
     python scripts/eval_demo.py --sets paraphrases -n 50 --verbose
+    python scripts/eval_demo.py --model /tmp/demo --sets code --edits 40
 """
 
 from __future__ import annotations
@@ -310,13 +315,137 @@ def duo_set(engine, duos: int, verbose: bool) -> Tally:
     return tally
 
 
+# -- code edits ----------------------------------------------------------------------------------
+@dataclass
+class EditItem:
+    kind: str
+    request: str
+    expected: str  # the block rewritten with the change
+    output: str  # what it prints
+
+
+EDIT_NAMES = ["points", "weight", "hours", "boxes", "miles", "level", "limit", "seats", "tax", "fee", "goal",
+              "coins", "tickets", "depth", "radius", "balance", "marks", "players", "rounds", "total_cost",
+              "big", "small", "w", "h", "d", "g"]
+EDIT_FUNCS = ["double_it", "cost_of", "rect_area", "plus_tax", "score", "merge", "perimeter"]
+
+
+def program_output(code: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "<expected>", "exec"), {})  # noqa: S102 - this file's own programs
+    return out.getvalue().rstrip("\n")
+
+
+def edit_program(rng: random.Random) -> tuple[list[str], list[str]]:
+    """Lines of a program (4 to 12) and its top-level variables."""
+    names = rng.sample(EDIT_NAMES, 6)
+    shape = rng.choice(["sums", "function", "loop", "function and loop"])
+    number = lambda: rng.choice([rng.randint(11, 60), rng.randint(1000, 3000), rng.randint(2, 9)])  # noqa: E731
+    lines, top = [], []
+    if shape == "sums":
+        a, b, c, r = names[:4]
+        lines += [f"{a} = {number()}", f"{b} = {number()}", f"{c} = {rng.randint(2, 9)}",
+                  f"{r} = {a} {rng.choice('+-')} {b}", f"print({r} * {c})"]
+        top += [a, b, c, r]
+    if "function" in shape:
+        f = rng.choice(EDIT_FUNCS)
+        op = rng.choice("+-*")
+        x, y = names[4], names[5]
+        lines += [f"def {f}(value, other):", f"    return value {op} other", "", f"{x} = {number()}",
+                  f"{y} = {number()}", f"print({f}({x}, {y}))"]
+        top += [x, y]
+    if "loop" in shape:
+        acc, n = names[0], names[1]
+        lines += ([""] if lines else []) + [f"{n} = {rng.randint(3, 9)}", f"{acc} = 0", f"for i in range(1, {n}):",
+                                            f"    {acc} = {acc} + i * {rng.randint(2, 5)}", f"print({acc})"]
+        top += [n, acc]
+    return lines, top
+
+
+def edit_item(rng: random.Random) -> EditItem:
+    while True:
+        lines, top = edit_program(rng)
+        code = "\n".join(lines)
+        kind = rng.choice(["set", "rename", "operation", "add print"])
+        if kind == "set":
+            targets = [i for i, line in enumerate(lines) if re.fullmatch(r"\w+ = \d+", line)]
+            i = rng.choice(targets)
+            name, old = lines[i].split(" = ")
+            new = rng.choice([rng.randint(21, 80), int(old) + 10])
+            edited = lines[:i] + [f"{name} = {new}"] + lines[i + 1:]
+            ask = rng.choice([f"Could you change {name} to {new}?", f"Let {name} be {new}.",
+                              f"Update {name} so that it is {new}.", f"Change {name} to {new}."])
+        elif kind == "rename":
+            old = rng.choice(top)
+            new = rng.choice([n for n in ["answer", "output", "final", "grand", "acc", "q"] if n not in code])
+            edited = [re.sub(rf"\b{old}\b", new, line) for line in lines]
+            ask = rng.choice([f"Rename {old} to {new}.", f"Please call the variable {old} {new}.",
+                              f"Rename {old} as {new} everywhere."])
+        elif kind == "operation":
+            found = [(i, op) for i, line in enumerate(lines) for op in "+-*" if f" {op} " in line]
+            ops = [op for _, op in found]
+            single = [(i, op) for i, op in found if ops.count(op) == 1
+                      and sum(lines[i].count(f" {o} ") for o in "+-*") == 1]  # the line's only operation
+            if not single:
+                continue
+            i, old = rng.choice(single)
+            new = rng.choice([op for op in "+-*" if op != old])
+            nouns = {"+": "sum", "-": "difference", "*": "product"}
+            edited = lines[:i] + [lines[i].replace(f" {old} ", f" {new} ")] + lines[i + 1:]
+            ask = rng.choice([f"Make it print the {nouns[new]} instead of the {nouns[old]}.",
+                              f"Switch the {old} to {new}.", f"Use a {new} there instead of the {old}."])
+        else:
+            x = rng.choice(top)
+            k = rng.randint(3, 9)
+            extra, ask = rng.choice([(f"print({x} ** 2)", f"Add a line that prints {x} squared."),
+                                     (f"print({x} ** 2)", f"Also show {x} squared."),
+                                     (f"print({x} * {k})", f"At the end, print {x} times {k}.")])
+            edited = lines + [extra]
+        expected = "\n".join(edited)
+        if expected == code:
+            continue
+        request = rng.choice([f"{ask}\n\n```python\n{code}\n```", f"```python\n{code}\n```\n{ask}",
+                              f"Rewrite the code below, changing one thing. {ask}\n```python\n{code}\n```",
+                              f"Take this program:\n```python\n{code}\n```\n{ask}"])
+        return EditItem(kind, request, expected, program_output(expected))
+
+
+def written_block(reply: str) -> str | None:
+    m = re.search(r"```python\n(.*?)\n```", reply, re.S)
+    return m[1] if m else None
+
+
+def printed_output(reply: str) -> str | None:
+    m = re.search(r"\nOutput:\n```\n(.*?)\n```", reply, re.S)
+    return m[1] if m else None
+
+
+def code_edit_set(ev: Evaluator, n: int, seed: int, verbose: bool) -> tuple[Tally, int, Counter, Counter]:
+    """Returns the tally, how many blocks were exactly the expected ones, and per kind seen and wrong."""
+    rng, tally, seen, wrong, exact = random.Random(seed + 2), Tally(), Counter(), Counter(), 0
+    for _ in range(n):
+        item = edit_item(rng)
+        reply = ev.turn(item.request)
+        same_block = written_block(reply) == item.expected
+        ok = same_block or printed_output(reply) == item.output
+        exact += same_block
+        tally.add(ok, reply)
+        seen[item.kind] += 1
+        wrong[item.kind] += not ok
+        report(ok, item.request, reply, verbose)
+        ev.reset()
+    return tally, exact, seen, wrong
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo")
     p.add_argument("-n", type=int, default=200, help="questions in the plain and the paraphrase sets")
     p.add_argument("--conversations", type=int, default=20, help="10-turn conversations (default: 20)")
     p.add_argument("--duos", type=int, default=4, help="10-line duos (default: 4)")
-    p.add_argument("--sets", default="plain,paraphrases,conversations,duo")
+    p.add_argument("--edits", type=int, default=60, help="code-edit requests (default: 60)")
+    p.add_argument("--sets", default="plain,paraphrases,conversations,duo,code")
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -338,7 +467,11 @@ def main(argv=None):
                 print("   right by turn: " + " ".join(f"{by_position[i]}" for i in range(10))
                       + f" (of {args.conversations} each)")
             if "duo" in sets:
-                print(duo_set(ev.engine, args.duos, args.verbose).line("duo"))
+                print(duo_set(ev.engine, args.duos, args.verbose).line("duo"), flush=True)
+            if "code" in sets:
+                tally, exact, seen, wrong = code_edit_set(ev, args.edits, args.seed, args.verbose)
+                print(tally.line("code edits") + f"   block exactly as expected: {exact}")
+                print("   " + ", ".join(f"{k} {seen[k] - wrong[k]}/{seen[k]}" for k in sorted(seen)))
         finally:
             ev.close()
         print(f"({time.time() - start:.0f} s)")
