@@ -1172,7 +1172,7 @@ ALWAYS_INLINE void dequantize_row_q5k_x8(const uint8_t *group, int lane, int64_t
                     memcpy(q + 64 * c + 32 + 16 * half + 4 * u, &hi, 4);
                 }
             }
-        dequantize_k_values(q, sc, mn, half_to_float(b->d[lane]), half_to_float(b->dmin[lane]), out);
+        dequantize_k_values(q, sc, mn, block_scale(b->d[lane]), block_scale(b->dmin[lane]), out);
     }
 }
 
