@@ -2,8 +2,8 @@
 
 The person shows a block of 4 to 12 lines (variables, a small function, a loop, prints, with
 arithmetic) and asks for one change: set a variable, replace a number, rename a name, swap an
-operation, print something more, print something else. The reply is the whole block again
-with that one change, every other line copied as it was; the chat then runs it like any other
+operation, print something more, print something else, or none at all ("run this code"). The
+reply is the whole block again with that one change, every other line copied as it was; the chat then runs it like any other
 block. The evaluation (scripts/eval_demo.py) writes its own programs and requests, with other
 names, numbers and phrasings.
 """
@@ -255,7 +255,15 @@ def _print_other(rng, code):
     return rng.choice(asks), "\n".join(lines)
 
 
-CHANGES = [(_set_variable, 5), (_replace_number, 2), (_rename, 4), (_swap_operation, 4), (_add_print, 4), (_print_other, 2)]
+def _unchanged(rng, code):
+    """No change: run the block as shown. Copying a block whole is most of every edit, and
+    a tiny model learns it sooner from requests that are nothing but the copy."""
+    return rng.choice(["run this code", "run it as it is", "run this", "run this code and tell me what it prints",
+                       "what does this print", "run my code"]), code
+
+
+CHANGES = [(_set_variable, 5), (_replace_number, 2), (_rename, 4), (_swap_operation, 4), (_add_print, 4), (_print_other, 2),
+           (_unchanged, 4)]
 
 FRAMES = [
     "{Ask}.\n\n```python\n{code}\n```",
@@ -271,14 +279,23 @@ FRAMES = [
     "Edit the code: {ask}.\n```python\n{code}\n```",
 ]
 
+RUN_FRAMES = [
+    "{Ask}.\n\n```python\n{code}\n```",
+    "{Ask}:\n```python\n{code}\n```",
+    "```python\n{code}\n```\n{Ask}?",
+    "```python\n{code}\n```\n\n{Ask}, please.",
+    "Here is my code:\n\n```python\n{code}\n```\n\nCan you {ask}?",
+]
+
 
 def make_code_edit(rng: random.Random) -> CodeEdit:
     """A program and one change to it, asked in one of several ways."""
     while True:
         code = make_program(rng)
         changes, weights = zip(*CHANGES)
-        done = rng.choices(changes, weights=weights)[0](rng, code)
-        if done is None or done[1] == code or len(done[1].split("\n")) > 13:
+        change = rng.choices(changes, weights=weights)[0]
+        done = change(rng, code)
+        if done is None or (done[1] == code) != (change is _unchanged) or len(done[1].split("\n")) > 13:
             continue
         ask, edited = done
         try:
@@ -287,6 +304,6 @@ def make_code_edit(rng: random.Random) -> CodeEdit:
             continue
         if not printed.strip() or len(printed) > 60 or printed.count("\n") > 3:
             continue
-        frame = rng.choice(FRAMES)
+        frame = rng.choice(RUN_FRAMES if change is _unchanged else FRAMES)
         request = frame.replace("{Ask}", ask[0].upper() + ask[1:]).replace("{ask}", ask).replace("{code}", code)
         return CodeEdit(request, code, edited, printed.rstrip("\n"), final_sentence(printed))

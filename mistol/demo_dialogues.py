@@ -79,7 +79,7 @@ class Question:
 
 # -- questions ---------------------------------------------------------------------------------
 def _number(rng: random.Random, lo: int = 0) -> int:
-    digits = rng.choices([1, 2, 3, 4, 5], weights=[3, 4, 4, 3, 1])[0]
+    digits = rng.choices([1, 2, 3, 4, 5], weights=[3, 4, 4, 3, 2])[0]
     return max(lo, rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1))
 
 

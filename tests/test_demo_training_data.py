@@ -72,7 +72,7 @@ def test_a_duo_side_is_trained_token_for_token_as_mistol_duo_feeds_it(seed, trai
         assert ids[: len(prompt)] == prompt, tok.decode(prompt)
 
 
-def test_code_edits_copy_the_block_with_one_change():
+def test_code_edits_copy_the_block_with_one_change_or_none():
     rng = random.Random(5)
     for _ in range(300):
         edit = make_code_edit(rng)
@@ -83,7 +83,9 @@ def test_code_edits_copy_the_block_with_one_change():
         changed = [line for line in difflib.ndiff(shown, rewritten) if line[:1] in "+-"]
         removed = [line[2:] for line in changed if line[0] == "-"]
         added = [line[2:] for line in changed if line[0] == "+"]
-        if len(added) == len(removed) + 1 and not removed:  # a line added, at the end
+        if not changed:  # "run this code": the block copied whole
+            assert "run" in edit.request.lower() or "print" in edit.request.lower()
+        elif len(added) == len(removed) + 1 and not removed:  # a line added, at the end
             assert rewritten[:-1] == shown
         elif len(removed) == 1:  # one line changed
             assert len(added) == 1
