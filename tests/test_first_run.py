@@ -71,7 +71,9 @@ def fake_hub(tmp_path):
 
 
 @pytest.mark.parametrize("command", [["chat"], ["tokenize", "hi"], ["serve", "-m", REPO], ["voice", "--input", "x.wav"],
-                                     ["generate", "-m", REPO, "-p", "hi"], ["math", "1+1"]])
+                                     ["generate", "-m", REPO, "-p", "hi"], ["math", "1+1"],
+                                     # each agent its own model: the default one is not needed
+                                     ["duo", "--model-a", REPO, "--model-b", "demo", "--a", "A", "--b", "B", "--topic", "t"]])
 def test_offline_every_command_names_the_ways_out_at_once(command, tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
     env.pop("HF_HUB_OFFLINE", None)

@@ -122,9 +122,16 @@ def fetch_models(args) -> None:
         return
     from ..hub import resolve_model
 
-    for spec in dict.fromkeys(getattr(args, key, None) for key in ("model", "model_a", "model_b", "draft")):
+    for spec in dict.fromkeys(models_to_run(args)):
         if spec:
             resolve_model(spec, confirm=download_confirmation(args))
+
+
+def models_to_run(args) -> list[str | None]:
+    """--model, unless `duo --model-a X --model-b Y` gives each agent its own, and --draft."""
+    a, b = getattr(args, "model_a", None), getattr(args, "model_b", None)
+    main = None if a and b else getattr(args, "model", None)
+    return [main, a, b, getattr(args, "draft", None)]
 
 
 def threads(args) -> int | None:
