@@ -66,12 +66,13 @@ static void quantize_k_scalar(const float *x, int64_t K, int8_t *q, float *d, in
     for (int64_t b = 0; b < K / QKK; b++) {
         const float *xb = x + b * QKK;
         float amax = 0.0f;
-        for (int j = 0; j < QKK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+        int has_nan = 0;
+        for (int j = 0; j < QKK; j++) amax = fmaxf(amax, fabsf(xb[j])), has_nan |= xb[j] != xb[j];
+        const float db = act_block_scale(amax, has_nan), id = db != 0.0f ? 1.0f / db : 0.0f;
         for (int g = 0; g < QKK / 16; g++) {
             int32_t sum = 0;
             for (int j = 16 * g; j < 16 * g + 16; j++) {
-                const int v = (int)nearbyintf(xb[j] * id);
+                const int v = round_act(xb[j] * id);
                 q[b * QKK + j] = (int8_t)v;
                 sum += v;
             }

@@ -34,6 +34,7 @@
 #ifndef MISTOL_KERNELS_H
 #define MISTOL_KERNELS_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -209,6 +210,13 @@ void thread_share(int64_t total, int64_t *start, int64_t *end);
 /* ---------------------------------------------------------------------------------------
  * fp16 / bf16 <-> fp32 without F16C
  */
+/* The scalar activation quantizers' rounding: half to even, as the SIMD ones. A NaN (a
+ * non-finite input times the block's inverse scale) would be undefined behaviour cast to
+ * int; it becomes 0, and the block's scale is made NaN (act_block_scale) so that the
+ * product stays NaN as float arithmetic would. */
+static inline int round_act(float v) { return v == v ? (int)nearbyintf(v) : 0; }
+static inline float act_block_scale(float amax, int has_nan) { return has_nan ? NAN : amax / 127.0f; }
+
 static inline float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0x1f) {

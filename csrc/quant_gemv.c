@@ -31,11 +31,12 @@ static void quantize_act_scalar(const float *x, int64_t K, int8_t *qa, float *da
     for (int64_t b = 0; b < K / QK; b++) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        int has_nan = 0;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j])), has_nan |= xb[j] != xb[j];
+        float d = act_block_scale(amax, has_nan), id = d != 0.0f ? 1.0f / d : 0.0f;
         int32_t s = 0;
         for (int j = 0; j < QK; j++) {
-            int q = (int)nearbyintf(xb[j] * id);
+            int q = round_act(xb[j] * id);
             qa[b * QK + j] = (int8_t)q;
             s += q;
         }

@@ -269,6 +269,25 @@ static void check_kquantizer(const char *name, const qkernels *kn, const qkernel
     free(x);
 }
 
+/* A NaN among a block's activations: the portable quantizers make that block's scale NaN
+ * (so the products are NaN, as in float arithmetic) and its codes well defined, the other
+ * blocks as without it. Reported under "portable" (one line, not one per implementation). */
+static void check_nan_activations(const qkernels *ref) {
+    const int64_t K = 2 * QKK;
+    float *x = random_floats(K, 3.0f), d32[K / QK], d256[K / QKK], clean32[K / QK];
+    int8_t q[K], qc[K];
+    int32_t s[K / 16];
+    ref->quant(x, K, qc, clean32, s);
+    x[QK + 3] = NAN;
+    ref->quant(x, K, q, d32, s);
+    int ok = d32[1] != d32[1] && d32[0] == clean32[0] && d32[2] == clean32[2] && !memcmp(q, qc, QK);
+    for (int j = QK; j < 2 * QK; j++) ok &= q[j] == 0;
+    ref->kquant(x, K, q, d256, s);
+    ok &= d256[0] != d256[0] && d256[1] == d256[1] && q[QK + 3] == 0;
+    report(ok, "portable", "activation quantizers: a NaN makes its block's scale NaN", -1);
+    free(x);
+}
+
 /* x[K] quantized as format fmt reads it (per 256 or per 32) by the portable quantizer. */
 typedef struct {
     int8_t *q;
@@ -464,6 +483,7 @@ int main(void) {
     check_dense(best_name);
     qkernels ref;
     qkernels_select(IMPL_SCALAR, &ref);
+    check_nan_activations(&ref);
     for (size_t i = 0; i < sizeof IMPLS / sizeof IMPLS[0]; i++) {
         qkernels kn;
         const char *name = IMPLS[i].name;
