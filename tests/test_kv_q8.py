@@ -382,3 +382,17 @@ def test_graphed_decoding_with_a_q8_0_cache_equals_eager_on_cuda(head32_dir):
     session = engine.new_session(max_context=400)
     assert list(session.generate(prompt, params)) == eager
     assert session._graphed is not None and session.cache.k.dtype == torch.int8
+
+
+def test_a_draft_whose_heads_q8_0_cannot_hold_keeps_its_default_cache(mistral_dir, tmp_path, capsys):
+    """--kv-cache q8_0 is for the model that answers; a small draft model with heads of 16
+    values drafts with its default cache rather than stopping the command."""
+    from checkpoints import make_checkpoint
+    from mistol.cli import main
+
+    target = make_checkpoint(tmp_path / "target", window=8, hidden=128, heads=4, kv_heads=2)  # heads of 32
+    status = main(["generate", "--model", str(target), "--draft", str(mistral_dir), "--kv-cache", "q8_0",
+                   "--max-tokens", "4", "--temperature", "0", "--prompt", "hi", "--verbose"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert f"the draft model {mistral_dir} keeps its default KV cache" in err and "multiple of 32" in err

@@ -176,14 +176,17 @@ def load_engine(args, model: str | None = None):
     if getattr(args, "no_speculate", False):
         engine.speculation = None
     elif getattr(args, "draft", None):
-        draft = _load(args, args.draft)
+        draft = _load(args, args.draft, draft=True)
         check_draft(engine, draft)
         engine.speculation = Speculation(draft=draft)
     return engine
 
 
-def _load(args, model: str):
+def _load(args, model: str, draft: bool = False):
+    """One model's engine. --kv-cache applies to the draft model where its heads allow; where
+    they do not, the draft keeps the default cache (its cache is small) and says so with -v."""
     from ..engine import Engine
+    from ..errors import MistolError
 
     if args.quant in ("int8", "int4"):  # f32 for what stays unquantized: small, and fast on CPU
         dtype = "f32" if args.device == "cpu" else "auto"
@@ -195,6 +198,13 @@ def _load(args, model: str):
         from ..engine import KV_CACHE_DTYPES
         from ..model.kv_cache import check_kv_type
 
-        check_kv_type(engine.config, KV_CACHE_DTYPES[kv_cache])
+        try:
+            check_kv_type(engine.config, KV_CACHE_DTYPES[kv_cache])
+        except MistolError as e:
+            if not draft:
+                raise
+            if getattr(args, "verbose", False):
+                print(f"mistol: the draft model {model} keeps its default KV cache ({e})", file=sys.stderr)
+            return engine
         engine.kv_dtype = KV_CACHE_DTYPES[kv_cache]
     return engine
