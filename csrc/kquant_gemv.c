@@ -1217,6 +1217,18 @@ EXPORT int mistol_repack_q6_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint
     return OK;
 }
 
+/* One row's Q4_K/Q5_K super-block scales into lane `lane` of an x8 group: its d and dmin, and
+ * its eight 6-bit scales and mins unpacked to bytes (the layouts Q4_KX8 and Q5_KX8 share). */
+static void repack_k4_scales(uint16_t d, uint16_t dmin, const uint8_t *packed, int lane, uint16_t *dst_d,
+                             uint16_t *dst_dmin, uint8_t scales[8][8], uint8_t mins[4][8][2]) {
+    dst_d[lane] = d, dst_dmin[lane] = dmin;
+    for (int j = 0; j < 8; j++) {
+        int sc, m;
+        scale_min_k4(j, packed, &sc, &m);
+        scales[j][lane] = (uint8_t)sc, mins[j / 2][lane][j % 2] = (uint8_t)m;
+    }
+}
+
 /* Q5_K rows w[rows][K] -> Q5_KX8 groups out[ceil(rows / 8)][K / 256] (padding rows zero).
  * Returns 0 or a negative error. */
 EXPORT int mistol_repack_q5_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out) {
@@ -1229,12 +1241,7 @@ EXPORT int mistol_repack_q5_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint
             const block_q5_K *src = (const block_q5_K *)(w + r * nb * (int64_t)sizeof(block_q5_K)) + i;
             block_q5_Kx8 *dst = (block_q5_Kx8 *)out + (r / 8) * nb + i;
             const int lane = (int)(r % 8);
-            dst->d[lane] = src->d, dst->dmin[lane] = src->dmin;
-            for (int j = 0; j < 8; j++) {
-                int sc, m;
-                scale_min_k4(j, src->scales, &sc, &m);
-                dst->scales[j][lane] = (uint8_t)sc, dst->mins[j / 2][lane][j % 2] = (uint8_t)m;
-            }
+            repack_k4_scales(src->d, src->dmin, src->scales, lane, dst->d, dst->dmin, dst->scales, dst->mins);
             for (int c = 0; c < 4; c++)
                 for (int half = 0; half < 2; half++) {
                     q5_kx8_half *h = &dst->q[c][half];
@@ -1263,12 +1270,7 @@ EXPORT int mistol_repack_q4_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint
             const block_q4_K *src = (const block_q4_K *)(w + r * nb * (int64_t)sizeof(block_q4_K)) + i;
             block_q4_Kx8 *dst = (block_q4_Kx8 *)out + (r / 8) * nb + i;
             const int lane = (int)(r % 8);
-            dst->d[lane] = src->d, dst->dmin[lane] = src->dmin;
-            for (int j = 0; j < 8; j++) {
-                int sc, m;
-                scale_min_k4(j, src->scales, &sc, &m);
-                dst->scales[j][lane] = (uint8_t)sc, dst->mins[j / 2][lane][j % 2] = (uint8_t)m;
-            }
+            repack_k4_scales(src->d, src->dmin, src->scales, lane, dst->d, dst->dmin, dst->scales, dst->mins);
             for (int c = 0; c < 4; c++)
                 for (int k = 0; k < 8; k++) memcpy(dst->qs[c][k][lane], src->qs + 32 * c + 4 * k, 4);
         }
