@@ -24,7 +24,7 @@ from torch import nn
 from . import kernels
 from .errors import MistolError
 from .model import backend
-from .quant import kernel_input, output_like
+from .quant import kernel_input, matmul_dequantized, output_like
 
 # inputs per block, bytes per block
 ROW_FORMATS = {"Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
@@ -82,18 +82,8 @@ class BlockLinear(nn.Module):
         return output_like(y, x)
 
     def _matmul_dequantized(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        if dtype is None:
-            dtype = torch.float32 if x.device.type == "cpu" or not x.is_floating_point() else x.dtype
-        x = x.to(dtype)
-        n = self.out_features
-        y = torch.empty(x.shape[0], n, dtype=dtype, device=x.device)
-        step = max(8, _SLAB_VALUES // self.in_features // 8 * 8)  # (whole groups of Q4_Kx8)
-        scratch = torch.empty(min(step, n), self.in_features, dtype=dtype) if x.device.type == "cpu" else None
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            w = self._dequantize(r0, r1, dtype, None if scratch is None else scratch[: r1 - r0])
-            torch.matmul(x, w.to(x.device).T, out=y[:, r0:r1])
-        return y
+        slab_rows = max(8, _SLAB_VALUES // self.in_features // 8 * 8)  # (whole groups of Q4_Kx8)
+        return matmul_dequantized(x, self.out_features, self.in_features, slab_rows, self._dequantize, dtype)
 
     def _dequantize(self, r0: int, r1: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.fmt in KERNEL_LAYOUTS:  # (made only where the library loaded; r0 a multiple of 8)

@@ -265,22 +265,13 @@ class QuantizedLinear(nn.Module):
         return output_like(y, x)
 
     def _matmul_dequantized(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        # Dequantize a slab of rows at a time: memory stays near the quantized size.
-        if dtype is None:
-            dtype = torch.float32 if x.device.type == "cpu" or not x.is_floating_point() else x.dtype
-        x = x.to(dtype)
-        groups = self.packed.shape[1]
-        y = torch.empty(x.shape[0], groups * INTERLEAVE, dtype=dtype, device=x.device)
-        step = max(1, _CHUNK_ELEMENTS * 4 // (self.in_features * INTERLEAVE))
-        # on a CPU one buffer for every slab: fresh memory for each would cost page faults
-        scratch = None
-        if x.device.type == "cpu":
-            scratch = torch.empty(min(step, groups) * INTERLEAVE, self.in_features, dtype=dtype)
-        for g0 in range(0, groups, step):
-            slab = self.packed[:, g0 : g0 + step]
-            out = None if scratch is None else scratch[: slab.shape[1] * INTERLEAVE]
-            w = _dequantize_packed(slab, self.fmt, dtype, out=out)
-            torch.matmul(x, w.T, out=y[:, g0 * INTERLEAVE : g0 * INTERLEAVE + w.shape[0]])
+        groups_per_slab = max(1, _CHUNK_ELEMENTS * 4 // (self.in_features * INTERLEAVE))
+
+        def dequantize(r0, r1, dtype, out):
+            return _dequantize_packed(self.packed[:, r0 // INTERLEAVE : r1 // INTERLEAVE], self.fmt, dtype, out=out)
+
+        rows = self.packed.shape[1] * INTERLEAVE  # padding rows included
+        y = matmul_dequantized(x, rows, self.in_features, groups_per_slab * INTERLEAVE, dequantize, dtype)
         return y[:, : self.out_features]
 
     def dequantize(self) -> torch.Tensor:
@@ -304,6 +295,24 @@ def kernel_input(x2: torch.Tensor) -> torch.Tensor:
     if x2.dtype != torch.float32 or not x2.is_contiguous():  # (a decode step: skip no-op calls)
         x2 = x2.to(torch.float32).contiguous()
     return x2
+
+
+def matmul_dequantized(x: torch.Tensor, rows: int, in_features: int, slab_rows: int,
+                       dequantize: Callable, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] times a quantized weight [rows, K] transposed, the weight dequantized a slab of
+    `slab_rows` rows at a time by `dequantize(r0, r1, dtype, out)`: memory stays near the
+    quantized size. dtype: float32 on a CPU (x's on a GPU) unless given."""
+    if dtype is None:
+        dtype = torch.float32 if x.device.type == "cpu" or not x.is_floating_point() else x.dtype
+    x = x.to(dtype)
+    y = torch.empty(x.shape[0], rows, dtype=dtype, device=x.device)
+    # on a CPU one buffer for every slab: fresh memory for each would cost page faults
+    scratch = torch.empty(min(slab_rows, rows), in_features, dtype=dtype) if x.device.type == "cpu" else None
+    for r0 in range(0, rows, slab_rows):
+        r1 = min(rows, r0 + slab_rows)
+        w = dequantize(r0, r1, dtype, None if scratch is None else scratch[: r1 - r0])
+        torch.matmul(x, w.to(x.device).T, out=y[:, r0:r1])
+    return y
 
 
 def output_like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
