@@ -158,7 +158,7 @@ def bandwidth() -> dict:
            "read_GB_s": 4 * n / read_s / 1e9, "copy_GB_s": 2 * 4 * n / copy_s / 1e9}  # a copy reads and writes
     if RUN.cuda:
         out["device"] = torch.cuda.get_device_name(RUN.device)
-    del x, y
+    x = y = None  # free the device memory
     RUN.free()
     return out
 
@@ -254,7 +254,7 @@ def parity_of(model_dir: Path) -> dict:
                     s.feed(ids[0, : 10 + 7 * n].tolist())
                     rows.append(decode_step([s], [5 + n])[0])
             out["batched_vs_alone_max_err"] = (batched - torch.stack(rows)).abs().max().item()
-        del ref, engine
+        ref = engine = None  # free the device memory
         RUN.free()
     out["pass"] = (out["f32_max_abs_err"] < 1e-3 and out["greedy_40_identical"] and out["bf16_top1_agree"] > 0.9
                    and out["graphs_equal_eager"])
@@ -315,7 +315,7 @@ def quantized_speed() -> dict:
         path = {"dequantized": "dequantize to the input's dtype by slabs, then matmul",
                 "kernels": "mistol C kernels", "bf16": "dequantize to bf16, matmul"}.get(route, route)
         timed(fmt, lambda: layer(x), layer.weight_nbytes, f"mistol QuantizedLinear: {path}")
-        del layer
+        layer = None  # free the device memory
     try:  # torch's own weight-only int8 kernel, for comparison (not used by mistol)
         scales = (w.float().abs().amax(1) / 127).clamp(min=1e-8)
         w8 = (w.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8).to(device)
@@ -555,7 +555,7 @@ def transformers_eager() -> dict:
     out["setup"] = {"engine": "transformers", "dtype": str(ref.dtype), "cache": "DynamicCache", "compile": False,
                     "cuda_graphs": False, "attention": ref.config._attn_implementation,
                     "sliding_window": getattr(ref.config, "sliding_window", None)}
-    del ref
+    ref = None  # free the device memory
     RUN.free()
     return out
 
@@ -625,7 +625,7 @@ def transformers_static() -> dict:
                               "a compiled step over a sliding-window StaticCache guards on its length")
     if not compiled:
         out["note"] = "torch.compile off on a CPU (--compile inductor|eager turns it on): the static cache runs eagerly"
-    del ref, cache, forward
+    ref = cache = forward = None  # free the device memory
     RUN.free()
     return out
 
