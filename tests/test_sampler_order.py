@@ -97,3 +97,79 @@ def test_an_unknown_filter_name_is_refused():
 
     with pytest.raises(MistolError, match="order"):
         SamplingParams(order=("top_k", "typical"))
+
+
+# -- the server's `samplers` ------------------------------------------------------------------
+LLAMA_CPP_DEFAULT = ["penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature"]
+
+
+@pytest.fixture(scope="module")
+def server(mistral_dir):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from helpers import LoopbackServer
+    from mistol.engine import Engine
+    from mistol.server import ServerOptions, create_app
+
+    engine = Engine.load(mistral_dir, dtype="f32")
+    with LoopbackServer(create_app(engine, ServerOptions(max_context=256))) as url:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            yield http
+
+
+def complete(server, **fields) -> str:
+    body = {"prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": True, **fields}
+    r = server.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_llama_cpps_default_samplers_as_names_and_as_letters_give_the_same_text(server):
+    sampled = dict(temperature=1.0, top_k=40, top_p=0.95, min_p=0.05, seed=11, repeat_penalty=1.1)
+    named = complete(server, samplers=LLAMA_CPP_DEFAULT, **sampled)
+    assert complete(server, samplers="edskypmxt", **sampled) == named
+    assert complete(server, samplers=["Top-K", "typ", "nucleus", "minp", "temp"], **{**sampled, "repeat_penalty": 1.0}) \
+        == complete(server, samplers="kypmt", **{**sampled, "repeat_penalty": 1.0})
+
+
+@pytest.mark.parametrize("samplers,fragment", [(["top_k", "mirostat"], "'mirostat'"), ("kypQ", "'Q'"),
+                                               ("top_k", "letter 'o'"), ([1, 2], "list of sampler names")])
+def test_an_unknown_sampler_is_a_400_naming_the_field(server, samplers, fragment):
+    r = server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "samplers": samplers})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "samplers" and fragment in r.json()["error"]["message"]
+
+
+def test_a_sampler_mistol_lacks_is_accepted_only_while_it_does_nothing(server):
+    complete(server, samplers=["dry", "top_k", "xtc", "temperature"], dry_multiplier=0, xtc_probability=0)
+    r = server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "samplers": ["dry", "temperature"],
+                                             "dry_multiplier": 0.8})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "dry_multiplier", r.text
+    # left out of `samplers`, llama.cpp does not run it, whatever its field holds
+    complete(server, samplers=["top_k", "temperature"], dry_multiplier=0.8, seed=1)
+
+
+def test_penalties_after_a_filter_are_refused_and_left_out_are_off(server):
+    r = server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "repeat_penalty": 1.3,
+                                             "samplers": ["top_k", "penalties", "temperature"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "samplers", r.text
+    plain = complete(server, temperature=0)
+    # penalties below 1 (and below 0) favour the tokens already there: they change the greedy text
+    favour_seen = dict(repeat_penalty=0.2, presence_penalty=-2.0, frequency_penalty=-1.0)
+    assert complete(server, temperature=0, **favour_seen) != plain
+    assert complete(server, temperature=0, samplers=["penalties", "top_k", "temperature"], **favour_seen) \
+        == complete(server, temperature=0, **favour_seen)
+    assert complete(server, temperature=0, samplers=["top_k", "temperature"], **favour_seen) == plain
+    assert complete(server, temperature=0, samplers=[], seed=0, **favour_seen) != plain  # nothing: temperature 1 too
+
+
+def test_top_k_left_out_is_off(server):
+    greedy = complete(server, temperature=0)
+    assert complete(server, top_k=1, temperature=1.0, seed=3, samplers=["top_k", "temperature"]) == greedy
+    texts = []
+    for seed in range(4):
+        wide = dict(temperature=1.0, top_p=1.0, min_p=0.0, seed=seed)
+        without = complete(server, top_k=1, samplers=["top_p", "min_p", "temperature"], **wide)
+        assert without == complete(server, top_k=0, **wide)  # top_k = 1 left out samples as top_k = 0
+        texts.append(without)
+    assert any(t != greedy for t in texts)
