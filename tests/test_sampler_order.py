@@ -128,8 +128,9 @@ def test_llama_cpps_default_samplers_as_names_and_as_letters_give_the_same_text(
     sampled = dict(temperature=1.0, top_k=40, top_p=0.95, min_p=0.05, seed=11, repeat_penalty=1.1)
     named = complete(server, samplers=LLAMA_CPP_DEFAULT, **sampled)
     assert complete(server, samplers="edskypmxt", **sampled) == named
-    assert complete(server, samplers=["Top-K", "typ", "nucleus", "minp", "temp"], **{**sampled, "repeat_penalty": 1.0}) \
-        == complete(server, samplers="kypmt", **{**sampled, "repeat_penalty": 1.0})
+    unpenalized = {**sampled, "repeat_penalty": 1.0}
+    assert complete(server, samplers=["Top-K", "typ", "nucleus", "minp", "temp"], **unpenalized) \
+        == complete(server, samplers="kypmt", **unpenalized)
 
 
 @pytest.mark.parametrize("samplers,fragment", [(["top_k", "mirostat"], "'mirostat'"), ("kypQ", "'Q'"),
@@ -173,3 +174,16 @@ def test_top_k_left_out_is_off(server):
         assert without == complete(server, top_k=0, **wide)  # top_k = 1 left out samples as top_k = 0
         texts.append(without)
     assert any(t != greedy for t in texts)
+
+
+@pytest.mark.parametrize("samplers,order", [
+    (LLAMA_CPP_DEFAULT, ("top_k", "top_p", "min_p", "temperature")),
+    ("kypmt", ("top_k", "top_p", "min_p", "temperature")),
+    (["TEMP", "min-p", "topp"], ("temperature", "min_p", "top_p")),
+    ("", ()),
+])
+def test_samplers_name_the_order(samplers, order):
+    from mistol.server.protocol import parse_completion_request
+
+    assert parse_completion_request({"prompt": "hi", "samplers": samplers}).params.order == order
+    assert parse_completion_request({"prompt": "hi"}).params.order == ("temperature", "top_k", "top_p", "min_p")

@@ -83,7 +83,9 @@ def refuse_unsupported(body: dict) -> None:
         raise APIError(400, "samplers: infill is not supported by this server (it would change the output; "
                        "leave it out)", "samplers", "unsupported_parameter")
     for key, neutral in REFUSED.items():
-        if key in body and key not in ignored and body[key] is not None and not any(_same(body[key], v) for v in neutral):
+        if key in ignored or body.get(key) is None:
+            continue
+        if not any(_same(body[key], v) for v in neutral):
             raise APIError(400, f"{key} is not supported by this server (it would change the output; "
                            f"leave it out, or set it to {json.dumps(neutral[0]) if neutral else 'null'})",
                            key, "unsupported_parameter")
