@@ -118,7 +118,7 @@ def non_finite_error(logits: torch.Tensor) -> MistolError:
 
     what = "NaN" if bool(torch.isnan(logits).any()) else "infinite"
     return MistolError(f"the model's output is {what} at this token: its weights are damaged or overflow "
-                       "the dtype it runs in (try --dtype f32, or download the model again)")
+                       "the dtype it runs in (try --quant f32, or download the model again)")
 
 
 def penalized(logits: torch.Tensor, params: SamplingParams, context: torch.Tensor | None = None) -> torch.Tensor:
