@@ -37,7 +37,7 @@ from typing import Protocol
 import torch
 
 from .errors import MistolError
-from .sampling import SamplingParams, draw_device, penalized, sampling_weights
+from .sampling import SamplingParams, check_weights, draw_device, greedy_token, penalized, sample_next, sampling_weights
 
 # Sessions and engines (mistol/engine.py, which imports this module) appear here unannotated:
 # `session` is an `engine.Session`, `draft`/`target` an `engine.Engine`.
@@ -125,9 +125,10 @@ class DraftModel:
             context = torch.tensor(self.tokens + guesses) if params.repetition_penalty != 1.0 else None
             scores = penalized(logits.float().cpu(), params, context)
             if params.greedy:
-                guesses.append(int(scores.argmax()))
+                guesses.append(greedy_token(scores))
             else:
                 q = sampling_weights(scores, params)
+                check_weights(q, scores)
                 q = q / q.sum()
                 guesses.append(int(torch.multinomial(q.to(draw_device(q, generator)), 1, generator=generator)))
                 probs.append(q)
@@ -353,11 +354,7 @@ def _roll_back(session, length: int) -> None:
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator, context: Sequence[int], penalty: float) -> int:
-    scores = penalized(logits.float().cpu(), params, torch.tensor(context) if penalty != 1.0 else None)
-    if params.greedy:
-        return int(scores.argmax())
-    weights = sampling_weights(scores, params)
-    return int(torch.multinomial(weights.to(draw_device(weights, generator)), 1, generator=generator))
+    return sample_next(logits.float().cpu(), params, generator, torch.tensor(context) if penalty != 1.0 else None)
 
 
 def _check(logits: torch.Tensor, guess: int, q: torch.Tensor | None, params: SamplingParams, generator,
@@ -366,9 +363,10 @@ def _check(logits: torch.Tensor, guess: int, q: torch.Tensor | None, params: Sam
     emit there instead (see the module docstring)."""
     scores = penalized(logits, params, torch.tensor(context) if penalty != 1.0 else None)
     if params.greedy:
-        best = int(scores.argmax())
+        best = greedy_token(scores)
         return best == guess, None if best == guess else best
     p = sampling_weights(scores, params)
+    check_weights(p, scores)
     p = p / p.sum()
     q_guess = 1.0 if q is None else float(q[guess])
     if float(torch.rand(1, generator=generator)) * q_guess < float(p[guess]):

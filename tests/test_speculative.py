@@ -229,6 +229,41 @@ def test_sampled_tokens_follow_the_models_distribution(small_vocab_dir, source):
     assert chi2 < 37.7, (chi2, counts)
 
 
+def test_sampled_tokens_follow_llama_cpps_order_of_filters(small_vocab_dir):
+    """As above, with temperature last (llama.cpp's order): min-p judges the untempered top-4,
+    so the draft's guesses are checked against that distribution."""
+    engine = Engine.load(small_vocab_dir, dtype="f32")
+    temperature, top_k, min_p, draws = 1.5, 4, 0.3, 1500
+    prompt = PROMPT[:12]
+    session = engine.new_session()
+
+    def probs(tokens):
+        logits = session.feed(tokens).double()
+        inf = torch.tensor(float("-inf"), dtype=torch.double)
+        logits = torch.where(logits >= logits.topk(top_k).values[-1], logits, inf)
+        p = torch.softmax(logits, -1)
+        return torch.softmax(torch.where(p >= min_p * p.max(), logits / temperature, inf), -1)
+
+    p1 = probs(prompt)
+    expected = {(t1, t2): float(p1[t1] * p2[t2]) for t1 in p1.nonzero().flatten().tolist()
+                for p2 in [probs(prompt + [t1])] for t2 in p2.nonzero().flatten().tolist()}
+    first = max(expected, key=expected.get)
+    engine.speculation = FixedSpeculation([first[1], first[0]])
+    session = engine.new_session()
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=1.0, min_p=min_p, max_tokens=2, seed=0,
+                            order=("top_k", "min_p", "temperature"))
+    counts: dict[tuple[int, int], int] = {}
+    for _ in range(draws):
+        pair = tuple(session.generate(prompt, params))
+        counts[pair] = counts.get(pair, 0) + 1
+        params.seed += 1
+    stats = session.speculator.stats
+    assert 0 < stats.accepted < stats.proposed
+    assert set(counts) <= set(expected) and len(expected) > 1
+    chi2 = sum((counts.get(pair, 0) - draws * p) ** 2 / (draws * p) for pair, p in expected.items())
+    assert chi2 < 37.7, (chi2, counts)  # under the 0.1% critical value for up to 15 degrees of freedom
+
+
 def test_depth_policy_stops_guessing_when_guesses_fail_and_probes_again():
     policy = DepthPolicy(max_depth=8)
     assert policy.depth("lookup1", 8) == 0  # nothing timed yet: a plain step first

@@ -251,7 +251,7 @@ def test_repeat_penalty_is_repetition_penalty(server):
 # changes the text or the reply's shape and that mistol does not do, with a value that asks for it.
 UNSUPPORTED = {
     "mirostat": 2, "typical_p": 0.5, "tfs_z": 0.9, "dynatemp_range": 0.5, "xtc_probability": 0.5,
-    "dry_multiplier": 0.8, "top_n_sigma": 1.5, "min_keep": 5, "samplers": ["top_k", "temperature"],
+    "dry_multiplier": 0.8, "top_n_sigma": 1.5, "min_keep": 5, "samplers": ["top_k", "infill"],
     "penalize_nl": True, "n_probs": 3, "n_indent": 4, "n_discard": 8, "n_cmpl": 2, "t_max_predict_ms": 100,
     "t_max_prompt_ms": 100, "post_sampling_probs": True, "timings_per_token": True, "return_tokens": True,
     "return_progress": True, "response_fields": ["content"], "lora": [{"id": 0, "scale": 1.0}],

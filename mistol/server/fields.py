@@ -8,6 +8,14 @@ asks for constrained output never gets unconstrained text: a constraint we canno
 llama.cpp's names for fields we have: `n_predict` (-1: no limit) is `max_tokens` (and, as
 in llama.cpp, wins over it), `repeat_penalty` is `repetition_penalty`.
 
+llama.cpp's `samplers` (its names, with their aliases, or one letter each: "kypmt") chooses
+the filters and their order: mistol's own (top_k, top_p, min_p, temperature) apply in the
+order given (`SamplingParams.order`), and those left out are off, as in llama.cpp. The
+penalties (repetition, frequency, presence) are off when `penalties` is left out; when on,
+they come first here, so a list that puts them after a filter that acts is refused. The
+samplers mistol lacks (dry, typ_p, xtc, top_n_sigma...) may be named while their own field is
+neutral (they do nothing then); left out, their fields are ignored, as llama.cpp ignores them.
+
 Refused. Fields that would change the output and that mistol does not implement are refused
 with a 400 naming them, unless they hold their neutral value (`mirostat: 0`, `typical_p: 1`):
 answering without them would be answering another request. The settings of such a sampler
@@ -29,7 +37,7 @@ REFUSED: dict[str, tuple] = {
     # llama.cpp's samplers that mistol does not have
     "mirostat": (0,), "typical_p": (1,), "tfs_z": (1,), "dynatemp_range": (0,), "xtc_probability": (0,),
     "dry_multiplier": (0,), "top_n_sigma": (-1,), "min_keep": (0,), "adaptive_target": (), "adaptive_decay": (),
-    "penalize_nl": (False,), "samplers": (), "grammar_lazy": (False,), "grammar_triggers": ([],),
+    "penalize_nl": (False,), "grammar_lazy": (False,), "grammar_triggers": ([],),
     # llama.cpp's fields that change the reply's length or shape
     "n_probs": (0,), "n_indent": (0,), "n_discard": (0,), "n_cmpl": (1,), "t_max_predict_ms": (0, -1),
     "t_max_prompt_ms": (0, -1), "post_sampling_probs": (False,), "timings_per_token": (False,),
@@ -48,23 +56,84 @@ HINTS = ("cache_prompt", "id_slot", "n_keep", "n_cache_reuse", "sse_ping_interva
          "metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "safety_identifier",
          "prompt_cache_key")
 
+# llama.cpp's sampler names (common/sampling.cpp) and letters; the aliases are made below
+SAMPLER_LETTERS = {"d": "dry", "k": "top_k", "y": "typ_p", "p": "top_p", "s": "top_n_sigma", "m": "min_p",
+                   "t": "temperature", "x": "xtc", "i": "infill", "e": "penalties", "a": "adaptive_p"}
+SAMPLER_NAMES = {name: name for name in SAMPLER_LETTERS.values()}
+for _name in list(SAMPLER_NAMES):  # as llama.cpp: "top-k" and "topk" for "top_k"
+    SAMPLER_NAMES[_name.replace("_", "-")] = SAMPLER_NAMES[_name.replace("_", "")] = _name
+SAMPLER_NAMES.update(nucleus="top_p", temp="temperature", typ="typ_p")
+MISTOL_SAMPLERS = ("top_k", "top_p", "min_p", "temperature")  # SamplingParams.order's filters
+# the fields of each llama.cpp sampler, which it alone reads (refused fields: see REFUSED)
+SAMPLER_FIELDS = {"dry": ("dry_multiplier",), "typ_p": ("typical_p",), "xtc": ("xtc_probability",),
+                  "top_n_sigma": ("top_n_sigma",), "adaptive_p": ("adaptive_target", "adaptive_decay"),
+                  "temperature": ("dynatemp_range",), "penalties": ("penalize_nl",), "infill": ()}
+
 _CONSTRAINT_FIELDS = ("response_format", "json_schema", "grammar", "regex", "guided_json", "guided_regex",
                       "guided_grammar", "guided_choice")
 
 
 def refuse_unsupported(body: dict) -> None:
-    """A 400 for the first field in `REFUSED` that holds anything but its neutral value."""
+    """A 400 for the first field in `REFUSED` that holds anything but its neutral value (a
+    field of a sampler that `samplers` leaves out is ignored, as llama.cpp ignores it)."""
+    chosen = samplers(body)
+    ignored = set() if chosen is None else {f for name, keys in SAMPLER_FIELDS.items() if name not in chosen
+                                             for f in keys}
+    if chosen is not None and "infill" in chosen:
+        raise APIError(400, "samplers: infill is not supported by this server (it would change the output; "
+                       "leave it out)", "samplers", "unsupported_parameter")
     for key, neutral in REFUSED.items():
-        if key in body and body[key] is not None and not any(_same(body[key], v) for v in neutral):
+        if key in ignored or body.get(key) is None:
+            continue
+        if not any(_same(body[key], v) for v in neutral):
             raise APIError(400, f"{key} is not supported by this server (it would change the output; "
                            f"leave it out, or set it to {json.dumps(neutral[0]) if neutral else 'null'})",
                            key, "unsupported_parameter")
     # mistol's repetition penalty covers the whole context, as llama.cpp's repeat_last_n = -1
     last_n = body.get("repeat_last_n")
     penalty = body.get("repetition_penalty", body.get("repeat_penalty"))
+    if chosen is not None and "penalties" not in chosen:
+        penalty = None  # the penalties are off
     if last_n not in (None, -1) and penalty not in (None, 1, 1.0):
         raise APIError(400, "repeat_last_n: the repetition penalty here covers the whole context; "
                        "leave repeat_last_n out or set it to -1", "repeat_last_n", "unsupported_parameter")
+
+
+def samplers(body: dict) -> list[str] | None:
+    """llama.cpp's `samplers`, as canonical names in order; None when not given."""
+    value = body.get("samplers")
+    if value is None:
+        return None
+    if isinstance(value, str):  # one letter per sampler
+        unknown = [c for c in value if c not in SAMPLER_LETTERS]
+        if unknown:
+            raise APIError(400, f"samplers: unknown sampler letter {unknown[0]!r} (known: "
+                           f"{''.join(SAMPLER_LETTERS)})", "samplers")
+        return [SAMPLER_LETTERS[c] for c in value]
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise APIError(400, "samplers must be a list of sampler names or a string of sampler letters", "samplers")
+    unknown = [n for n in value if n.lower() not in SAMPLER_NAMES]
+    if unknown:
+        raise APIError(400, f"samplers: unknown sampler {unknown[0]!r} (known: "
+                       f"{', '.join(SAMPLER_LETTERS.values())})", "samplers")
+    return [SAMPLER_NAMES[n.lower()] for n in value]
+
+
+def sampler_order(body: dict, active: dict[str, bool], penalized: bool) -> tuple[tuple[str, ...], bool] | None:
+    """What `samplers` asks of mistol: the order of its filters (`SamplingParams.order`) and
+    whether the penalties apply; None when not given. `active`: whether each of mistol's
+    filters changes anything with the request's values; `penalized`: whether a penalty is set."""
+    chosen = samplers(body)
+    if chosen is None:
+        return None
+    order = tuple(name for name in chosen if name in MISTOL_SAMPLERS)
+    penalties = "penalties" in chosen
+    if penalties and penalized:
+        before = [n for n in chosen[: chosen.index("penalties")] if active.get(n)]
+        if before:
+            raise APIError(400, f"samplers: the penalties apply first here; put penalties before {before[0]} "
+                           "(as llama.cpp's default order does)", "samplers", "unsupported_parameter")
+    return order, penalties
 
 
 def _same(value, neutral) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..constraints import Constraint
@@ -187,6 +187,18 @@ def _common(body: dict) -> dict:
         seed=_int(body, "seed", None, -(2**63), 2**64 - 1),  # what torch.Generator accepts
         stop=_stop(body.get("stop")),
     )
+    frequency_penalty = _float(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    presence_penalty = _float(body, "presence_penalty", 0.0, -2.0, 2.0)
+    active = {"temperature": params.temperature != 1.0, "top_k": params.top_k != 0, "top_p": params.top_p != 1.0,
+              "min_p": params.min_p != 0.0}
+    penalized = params.repetition_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0
+    chosen = fields.sampler_order(body, active, penalized)  # llama.cpp's `samplers`
+    if chosen is not None:
+        order, penalties = chosen
+        params = replace(params, order=order)
+        if not penalties:
+            params = replace(params, repetition_penalty=1.0)
+            frequency_penalty = presence_penalty = 0.0
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise APIError(400, "stream_options must be an object", "stream_options")
@@ -195,8 +207,8 @@ def _common(body: dict) -> dict:
         params=params,
         stream=_bool(body, "stream", False),
         include_usage=bool(options and _bool(options, "include_usage", False, "stream_options.include_usage")),
-        frequency_penalty=_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        presence_penalty=_float(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
         logit_bias=_logit_bias(body.get("logit_bias")),
         ignore_eos=_bool(body, "ignore_eos", False),
         n=n,

@@ -54,6 +54,7 @@ import torch
 
 from ..constraints import TokenGrammar
 from ..engine import Engine, Session
+from ..errors import MistolError
 from ..sampling import SamplingParams, sample_next
 from ..stops import StopFilter
 from ..util import common_prefix
@@ -352,6 +353,9 @@ class Scheduler:
         """Run fn; if it raises, fail this one job: the loop and the other requests go on."""
         try:
             fn(*args)
+        except MistolError as e:  # complete on its own (non-finite logits, say): no traceback
+            log.error("request failed: %s", e)
+            self._fail(job, str(e))
         except Exception as e:  # noqa: BLE001
             log.exception("request failed in the engine loop")
             self._fail(job, f"{type(e).__name__}: {e}")
@@ -463,6 +467,9 @@ class Scheduler:
                     session.max_context - len(context))
         try:
             verified = speculator.verify(session, job.proposer, job.next_token, job.params, job.generator, limit)
+        except MistolError as e:  # a draft model's non-finite logits, say
+            self._fail(job, str(e))
+            return True
         except Exception as e:  # noqa: BLE001
             self._fail(job, f"decode step failed: {type(e).__name__}: {e}")
             return True
