@@ -66,7 +66,7 @@ def verify_cost(shape: str, fmt: str, max_rows: int, repeats: int) -> list[tuple
         for rows in times:
             times[rows].append(once(rows))
     curve = [(rows, statistics.median(t)) for rows, t in times.items()]
-    del engine, session
+    engine = session = None  # free the model before the next format
     return curve
 
 
