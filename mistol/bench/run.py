@@ -18,6 +18,7 @@ so that a bf16 7B pair holds one copy of most weights and can take turns in 24 G
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -141,13 +142,19 @@ def default_threads() -> int:
     return mistol_default(torch.get_num_threads())[0]
 
 
-def gguf_label(path: Path) -> str:
-    """A GGUF file's type as llama.cpp names it ("Q4_K_M"), from its `general.file_type`."""
+@functools.lru_cache(maxsize=None)
+def _gguf_header(path: Path):
+    """A GGUF file's header, read once per run (a 7B file's holds ~300 tensors)."""
     from ..weights.gguf_file import GGUFFile
 
+    return GGUFFile(path)
+
+
+def gguf_label(path: Path) -> str:
+    """A GGUF file's type as llama.cpp names it ("Q4_K_M"), from its `general.file_type`."""
     import gguf
 
-    value = GGUFFile(path).get("general.file_type")
+    value = _gguf_header(path).get("general.file_type")
     try:
         return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
     except (TypeError, ValueError):
@@ -157,9 +164,7 @@ def gguf_label(path: Path) -> str:
 def gguf_weight_bytes(path: Path) -> int:
     """Bytes of a GGUF file's tensors that one decode step reads: all but the token
     embedding (of which it reads one row), unless the embedding is also the head."""
-    from ..weights.gguf_file import GGUFFile
-
-    tensors = GGUFFile(path).tensors
+    tensors = _gguf_header(path).tensors
     tied = "output.weight" not in tensors
     return sum(int(t.n_bytes) for name, t in tensors.items() if name != "token_embd.weight" or tied)
 
