@@ -222,6 +222,10 @@ OUTSIDE = [
     "what do you think about {thing}", "Give me advice about {thing}.", "Write a haiku.",
     "Describe {thing} in three words.", "why is the sky blue?", "How do I install Python?",
     "Tell me about {country}.", "What day is it today?", "Can you help me with my homework in {language}?",
+    "Who invented {invention}?", "How do I {task}?", "Write a {form} about {thing}.", "Is {language} hard to learn?",
+    "Who was {person}?", "Tell me a fun fact about {animal}.", "What do {animal} eat?", "How do you say thank you in {language}?",
+    "Write a birthday message for my sister.", "Suggest a game to play with friends.", "How do I center a div in CSS?",
+    "What is the population of {country}?", "Where is {city}?", "Why do {animal} sleep so much?",
 ]
 FILL = {
     "country": ["France", "Japan", "Peru", "Kenya", "Canada", "Norway", "India", "Egypt"],
@@ -230,6 +234,11 @@ FILL = {
     "thing": ["the sea", "cats", "love", "photosynthesis", "a rainbow", "gravity", "the internet", "coffee",
               "a bicycle", "music", "winter", "dogs", "democracy", "the moon"],
     "language": ["French", "German", "Spanish", "Italian", "Chinese"],
+    "invention": ["the telephone", "the light bulb", "the printing press", "the airplane", "the radio"],
+    "task": ["bake bread", "learn to swim", "tie a tie", "change a tyre", "plant tomatoes", "write a CV"],
+    "form": ["poem", "song", "story", "haiku", "letter", "riddle"],
+    "person": ["Napoleon", "Cleopatra", "Einstein", "Shakespeare", "Gandhi"],
+    "animal": ["cats", "dolphins", "owls", "elephants", "bees", "penguins"],
 }
 
 
@@ -276,11 +285,11 @@ def chat_conversation(rng: random.Random, turns: int) -> tuple[str, list[Exchang
     exchanges = []
     for i in range(turns):
         roll = rng.random()
-        if roll < 0.08:
+        if roll < 0.13:  # anywhere in a conversation, not only at its start
             exchanges.append(Exchange(outside_question(rng), [(REFUSAL, True)]))
-        elif roll < 0.11:
+        elif roll < 0.16:
             exchanges.append(Exchange(rng.choice(GREETINGS), [(GREETING_REPLY, True)]))
-        elif roll < 0.11 + CODE_EDITS:
+        elif roll < 0.16 + CODE_EDITS:
             edit = make_code_edit(rng)
             exchanges.append(code_exchange(rng, Question(edit.request, edit.edited, edit.printed, edit.final), i + 1,
                                            declined))
