@@ -118,23 +118,14 @@ def test_greedy_replies_are_the_same_with_a_q8_0_cache():
     """The demo model (head size 32) quantized to int8, as a CPU user runs a large model: its
     replies with a q8_0 cache are token for token those of a float32 cache, up to where the
     chat stops them (the end of the turn, or of the first code block: the chat runs it)."""
-    from mistol.sampling import SamplingParams
+    from demo_turns import QUESTIONS, chat_reply
 
     engine = Engine.load("demo", quant="int8", dtype="f32")
-    tok = engine.tokenizer
-    params = SamplingParams(temperature=0.0, max_tokens=60)
-    for question in ("What is 37 * 48?", "Please compute 9876 - 1234.", "what's 17 squared", "Tell me a joke"):
-        prompt = tok.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", add_bos=True,
-                            parse_special=True)
+    for question in QUESTIONS:
         replies = []
         for dtype in (Q8_0, torch.float32):
             engine.kv_dtype = dtype
-            reply = []
-            for token in engine.new_session(max_context=256).generate(prompt, params):
-                reply.append(token)
-                if tok.decode(reply).count("```") == 2:
-                    break
-            replies.append(reply)
+            replies.append(chat_reply(engine, question))
         assert replies[0] == replies[1] and len(replies[0]) > 5, question
 
 
