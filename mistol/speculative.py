@@ -129,7 +129,6 @@ class DraftModel:
             else:
                 q = sampling_weights(scores, params)
                 check_weights(q, scores)
-                q = q / q.sum()
                 guesses.append(int(torch.multinomial(q.to(draw_device(q, generator)), 1, generator=generator)))
                 probs.append(q)
             if i < k - 1:
@@ -367,7 +366,6 @@ def _check(logits: torch.Tensor, guess: int, q: torch.Tensor | None, params: Sam
         return best == guess, None if best == guess else best
     p = sampling_weights(scores, params)
     check_weights(p, scores)
-    p = p / p.sum()
     q_guess = 1.0 if q is None else float(q[guess])
     if float(torch.rand(1, generator=generator)) * q_guess < float(p[guess]):
         return True, None
