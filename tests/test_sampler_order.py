@@ -134,7 +134,8 @@ def test_llama_cpps_default_samplers_as_names_and_as_letters_give_the_same_text(
 
 
 @pytest.mark.parametrize("samplers,fragment", [(["top_k", "mirostat"], "'mirostat'"), ("kypQ", "'Q'"),
-                                               ("top_k", "letter 'o'"), ([1, 2], "list of sampler names")])
+                                               ("top_k", "letter 'o'"), ([1, 2], "list of sampler names"),
+                                               ("k" * 100_000, "at most 32")])  # each would run at every token
 def test_an_unknown_sampler_is_a_400_naming_the_field(server, samplers, fragment):
     r = server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "samplers": samplers})
     assert r.status_code == 400, r.text

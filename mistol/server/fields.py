@@ -63,6 +63,7 @@ SAMPLER_NAMES = {name: name for name in SAMPLER_LETTERS.values()}
 for _name in list(SAMPLER_NAMES):  # as llama.cpp: "top-k" and "topk" for "top_k"
     SAMPLER_NAMES[_name.replace("_", "-")] = SAMPLER_NAMES[_name.replace("_", "")] = _name
 SAMPLER_NAMES.update(nucleus="top_p", temp="temperature", typ="typ_p")
+MAX_SAMPLERS = 32  # llama.cpp has 11; a longer list only repeats them
 MISTOL_SAMPLERS = ("top_k", "top_p", "min_p", "temperature")  # SamplingParams.order's filters
 # the fields of each llama.cpp sampler, which it alone reads (refused fields: see REFUSED)
 SAMPLER_FIELDS = {"dry": ("dry_multiplier",), "typ_p": ("typical_p",), "xtc": ("xtc_probability",),
@@ -104,6 +105,8 @@ def samplers(body: dict) -> list[str] | None:
     value = body.get("samplers")
     if value is None:
         return None
+    if isinstance(value, (str, list)) and len(value) > MAX_SAMPLERS:  # each one runs at every token
+        raise APIError(400, f"samplers: at most {MAX_SAMPLERS} samplers", "samplers")
     if isinstance(value, str):  # one letter per sampler
         unknown = [c for c in value if c not in SAMPLER_LETTERS]
         if unknown:
