@@ -671,6 +671,263 @@ DEFINE_LEGACY_AVX2(dot_q5_0_avx2, block_q5_0, _mm256_or_si256(nibbles32(b->qs), 
                    -16.0f * dw)
 DEFINE_LEGACY_AVX2(dot_q5_1_avx2, block_q5_1, _mm256_or_si256(nibbles32(b->qs), fifth_bits(load_u32(b->qh))),
                    _cvtsh_ss(b->m))
+
+/* ---------------------------------------------------------------------------------------
+ * Several activation rows against one repacked group (a speculative verify pass, a short
+ * prefill): each piece of a super-block is unpacked once for up to X8_ROWS rows, then each
+ * row's integer sums and float step are the one-row kernel's, so every row gets the bits
+ * it gets alone. AVX2 adds quads' pair products in int16 and applies the scales with madd,
+ * as the one-row kernels do; AVX512-VNNI sums each quad straight into int32 (dpbusd: no
+ * pair sums to add, nothing to widen) and applies the scales with one multiply. Kernel per
+ * format and instruction set: a macro over the dot product of one scale's quads (SUB_DOT)
+ * and its scales' layout (SCALES).
+ */
+
+/* A piece's unpacked quads (lane r of quad k: row r's 4 quants), as each instruction set's
+ * dot products take them: AVX2 as they are; AVX512-VNNI two quads a 512-bit vector,
+ * interleaved (lane 2r: row r's quad 2p, lane 2r + 1: its quad 2p + 1), so that one 8-byte
+ * broadcast of the activations feeds both and each dpbusd takes 64 products. */
+typedef struct {
+    __m256i v[8];
+} quad_vectors_avx2;
+typedef struct {
+    __m512i v[4];
+} quad_vectors_vnni;
+
+AVX2_FN static inline void make_quads_avx2(const __m256i *w, int n, quad_vectors_avx2 *out) {
+    for (int k = 0; k < n; k++) out->v[k] = w[k];
+}
+VNNI_FN static inline void make_quads_vnni(const __m256i *w, int n, quad_vectors_vnni *out) {
+    const __m512i zip = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    for (int p = 0; p < n / 2; p++)
+        out->v[p] = _mm512_permutex2var_epi32(_mm512_castsi256_si512(w[2 * p]), zip, _mm512_castsi256_si512(w[2 * p + 1]));
+}
+
+/* Each row's integer sums of a super-block, per instruction set (sums_*; fold_* gives the
+ * 8 rows' int32 sums), and the dot products of quads first..first+n-1 (a: the activations
+ * of quad `first`) weighted by each row's scale (scales_*: as the sums take them), added in. */
+typedef __m256i sums_avx2, scale_vector_avx2;
+typedef __m512i sums_vnni, scale_vector_vnni; /* lanes 2r, 2r + 1: row r */
+
+/* AVX2: the quads' pair sums added in int16 (as many as the one-row kernel adds: 8 of 4-bit
+ * quants, 4 of 5-bit, 2 of 6-bit), each row's scale (int16, in both its lanes) applied by
+ * madd. */
+AVX2_FN static inline sums_avx2 sub_dot_avx2(sums_avx2 acc, const quad_vectors_avx2 *w, int first, int n,
+                                             const int8_t *a, scale_vector_avx2 scales) {
+    __m256i p = _mm256_maddubs_epi16(w->v[first], BCAST4(a, 0));
+    for (int k = 1; k < n; k++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w->v[first + k], BCAST4(a, 4 * k)));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, scales));
+}
+AVX2_FN static inline sums_avx2 q6_dot_avx2(sums_avx2 acc, const quad_vectors_avx2 *w, const int8_t *a,
+                                            scale_vector_avx2 scales) {
+    return sub_dot_avx2(sub_dot_avx2(acc, w, 0, 2, a, scales), w, 2, 2, a + 8, scales);
+}
+AVX2_FN static inline scale_vector_avx2 scales_u8_avx2(const uint8_t *sc) {
+    const __m128i v = _mm_loadl_epi64((const __m128i *)sc);
+    return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(v, v));
+}
+AVX2_FN static inline scale_vector_avx2 scales_s8_avx2(const int8_t *sc) {
+    const __m128i v = _mm_loadl_epi64((const __m128i *)sc);
+    return _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(v, v));
+}
+AVX2_FN static inline sums_avx2 zero_sums_avx2(void) { return _mm256_setzero_si256(); }
+AVX2_FN static inline __m256i fold_avx2(sums_avx2 sums) { return sums; }
+
+/* AVX512-VNNI: the products summed in int32 lanes, times each row's scale (int32, in both
+ * its lanes); a row's two lanes are added once per super-block. */
+static inline int64_t load_i64(const int8_t *p) { int64_t v; memcpy(&v, p, 8); return v; }
+VNNI_FN static inline sums_vnni sub_dot_vnni(sums_vnni acc, const quad_vectors_vnni *w, int first, int n,
+                                             const int8_t *a, scale_vector_vnni scales) {
+    __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w->v[first / 2], _mm512_set1_epi64(load_i64(a)));
+    for (int p = 1; p < n / 2; p++)
+        sum = _mm512_dpbusd_epi32(sum, w->v[first / 2 + p], _mm512_set1_epi64(load_i64(a + 8 * p)));
+    return _mm512_add_epi32(acc, _mm512_mullo_epi32(sum, scales));
+}
+VNNI_FN static inline sums_vnni q6_dot_vnni(sums_vnni acc, const quad_vectors_vnni *w, const int8_t *a,
+                                            scale_vector_vnni scales) {
+    return sub_dot_vnni(acc, w, 0, 4, a, scales);
+}
+VNNI_FN static inline scale_vector_vnni scales_u8_vnni(const uint8_t *sc) {
+    const __m128i v = _mm_loadl_epi64((const __m128i *)sc);
+    return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(v, v));
+}
+VNNI_FN static inline scale_vector_vnni scales_s8_vnni(const int8_t *sc) {
+    const __m128i v = _mm_loadl_epi64((const __m128i *)sc);
+    return _mm512_cvtepi8_epi32(_mm_unpacklo_epi8(v, v));
+}
+VNNI_FN static inline sums_vnni zero_sums_vnni(void) { return _mm512_setzero_si512(); }
+VNNI_FN static inline __m256i fold_vnni(sums_vnni sums) {
+    return _mm512_cvtepi64_epi32(_mm512_add_epi32(sums, _mm512_srli_epi64(sums, 32)));
+}
+
+/* The mins' share of a Q4_K/Q5_K super-block for one row (16 activation sums s16), as the
+ * one-row kernels add it up: one madd per pair of sub-blocks. */
+AVX2_FN static inline __m256i k4_mins(const __m256i *mins, const int32_t *s16) {
+    __m256i summ = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+        const uint32_t pair = ((uint32_t)(s16[4 * c + 2] + s16[4 * c + 3]) << 16) |
+                              ((uint32_t)(s16[4 * c] + s16[4 * c + 1]) & 0xffff);
+        summ = _mm256_add_epi32(summ, _mm256_madd_epi16(mins[c], _mm256_set1_epi32((int)pair)));
+    }
+    return summ;
+}
+
+/* AVX2 has 16 vector registers: 8 rows' sums and a piece's 8 unpacked vectors would not fit,
+ * so its kernels take the rows 4 at a time (the group's blocks, just read, come again from
+ * the cache). */
+#define IN_FOURS(NAME, CHUNK)                                                                                       \
+    AVX2_FN static void NAME(const uint8_t *wg, const int8_t *q, int64_t ldq, const float *d, const int32_t *s,    \
+                             int64_t K, int64_t M, float *out) {                                                   \
+        for (int64_t m0 = 0; m0 < M; m0 += 4)                                                                      \
+            CHUNK(wg, q + m0 * QKK, ldq, d + m0 * (K / QKK), s + m0 * (K / 16), K, M - m0 < 4 ? M - m0 : 4,        \
+                  out + 8 * m0);                                                                                   \
+    }
+
+/* Q4_KX8: sub-block j is chunk j/2's low (j even) or high nibbles. */
+#define Q4K_X8_ROWS(NAME, FN, SUFFIX, ROWS)                                                                            \
+    FN static void NAME(const uint8_t *wg, const int8_t *q, int64_t ldq, const float *d, const int32_t *s, int64_t K,  \
+                        int64_t M, float *out) {                                                                       \
+        const __m256i m4 = _mm256_set1_epi8(15);                                                                       \
+        __m256 acc[ROWS];                                                                                              \
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();                                                  \
+        for (int64_t i = 0; i < K / QKK; i++) {                                                                        \
+            const block_q4_Kx8 *b = (const block_q4_Kx8 *)wg + i;                                                      \
+            sums_##SUFFIX sumi[ROWS];                                                                      \
+            __m256i mins[4];                                                                               \
+            for (int64_t m = 0; m < M; m++) sumi[m] = zero_sums_##SUFFIX();                                          \
+            for (int j = 0; j < 8; j++) {                                                                              \
+                __m256i w[8];                                                                                          \
+                for (int k = 0; k < 8; k++) {                                                                          \
+                    const __m256i v = LOAD256(b->qs[j / 2][k]);                                                        \
+                    w[k] = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(v, 4) : v, m4);                                  \
+                }                                                                                                      \
+                quad_vectors_##SUFFIX quads;                                                                           \
+                make_quads_##SUFFIX(w, 8, &quads);                                                                     \
+                const scale_vector_##SUFFIX sc = scales_u8_##SUFFIX(b->scales[j]);                                                   \
+                for (int64_t m = 0; m < M; m++)                                                                        \
+                    sumi[m] = sub_dot_##SUFFIX(sumi[m], &quads, 0, 8, q + (i * ldq + m) * QKK + 32 * j, sc);           \
+            }                                                                                                          \
+            for (int c = 0; c < 4; c++) mins[c] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b->mins[c]));  \
+            const __m256 bd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));                                 \
+            const __m256 bm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->dmin));                              \
+            for (int64_t m = 0; m < M; m++) {                                                                          \
+                const __m256i summ = k4_mins(mins, s + m * (K / 16) + i * 16);                                         \
+                const __m256 da = _mm256_set1_ps(d[m * (K / QKK) + i]);                                                \
+                const __m256 dd = _mm256_mul_ps(bd, da), dm = _mm256_mul_ps(bm, da);                                   \
+                acc[m] = _mm256_add_ps(acc[m], _mm256_sub_ps(_mm256_mul_ps(dd, _mm256_cvtepi32_ps(fold_##SUFFIX(sumi[m]))),           \
+                                                             _mm256_mul_ps(dm, _mm256_cvtepi32_ps(summ))));            \
+            }                                                                                                          \
+        }                                                                                                              \
+        for (int64_t m = 0; m < M; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);                                         \
+    }
+Q4K_X8_ROWS(q4k_x8_rows4_avx2, AVX2_FN, avx2, 4)
+IN_FOURS(q4k_x8_rows_avx2, q4k_x8_rows4_avx2)
+Q4K_X8_ROWS(q4k_x8_rows_vnni, VNNI_FN, vnni, 8)
+
+/* Q6_KX8: group 8h + 2t + kh is part t of half h, quads 4kh..4kh+3; a quant is 4 bits of
+ * ql (part t & 1, low nibble for t < 2) and 2 bits of qh (bits 2t, 2t + 1 moved to 4, 5). */
+#define Q6K_X8_ROWS(NAME, FN, SUFFIX, ROWS)                                                                               \
+    FN static void NAME(const uint8_t *wg, const int8_t *q, int64_t ldq, const float *d, const int32_t *s, int64_t K,     \
+                        int64_t M, float *out) {                                                                          \
+        const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);                                            \
+        __m256 acc[ROWS];                                                                                                 \
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();                                                     \
+        for (int64_t i = 0; i < K / QKK; i++) {                                                                           \
+            const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;                                                         \
+            PREFETCH_NEXT_BLOCK(b);                                                                                       \
+            sums_##SUFFIX sumi[ROWS];                                                                      \
+            __m256i pairs[8];                                                                                 \
+            for (int64_t m = 0; m < M; m++) sumi[m] = zero_sums_##SUFFIX();                                             \
+            for (int h = 0; h < 2; h++)                                                                                   \
+                for (int kh = 0; kh < 2; kh++)                                                                            \
+                    for (int t = 0; t < 4; t++) {                                                                         \
+                        __m256i w[4];                                                                                     \
+                        for (int u = 0; u < 4; u++) {                                                                     \
+                            const __m256i L = LOAD256(b->ql[h][t & 1][4 * kh + u]), H = LOAD256(b->qh[h][4 * kh + u]);    \
+                            const __m256i lo = _mm256_and_si256(t < 2 ? L : _mm256_srli_epi16(L, 4), m4);                 \
+                            const __m256i hi = t < 2   ? _mm256_slli_epi16(H, 4 - 2 * t)                                  \
+                                               : t > 2 ? _mm256_srli_epi16(H, 2)                                          \
+                                                       : H;                                                               \
+                            w[u] = _mm256_or_si256(lo, _mm256_and_si256(hi, m30));                                        \
+                        }                                                                                                 \
+                        quad_vectors_##SUFFIX quads;                                                                      \
+                        make_quads_##SUFFIX(w, 4, &quads);                                                                \
+                        const scale_vector_##SUFFIX sc = scales_s8_##SUFFIX(b->scales[8 * h + 2 * t + kh]);                             \
+                        for (int64_t m = 0; m < M; m++)                                                                   \
+                            sumi[m] = q6_dot_##SUFFIX(sumi[m], &quads, q + (i * ldq + m) * QKK + 128 * h + 32 * t + 16 * kh, sc); \
+                    }                                                                                                     \
+            for (int g = 0; g < 16; g += 2) /* two groups' scales a madd, as q6k_x8_avx2's offset */                      \
+                pairs[g / 2] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(                                                    \
+                    _mm_loadl_epi64((const __m128i *)b->scales[g]), _mm_loadl_epi64((const __m128i *)b->scales[g + 1]))); \
+            const __m256 bd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));                                    \
+            for (int64_t m = 0; m < M; m++) {                                                                             \
+                const int32_t *s16 = s + m * (K / 16) + i * 16;                                                           \
+                __m256i offset = _mm256_setzero_si256();                                                                  \
+                for (int g = 0; g < 16; g += 2) {                                                                         \
+                    const uint32_t bs = ((uint32_t)s16[g + 1] << 16) | ((uint32_t)s16[g] & 0xffff);                       \
+                    offset = _mm256_add_epi32(offset, _mm256_madd_epi16(pairs[g / 2], _mm256_set1_epi32((int)bs)));       \
+                }                                                                                                         \
+                const __m256i sum = _mm256_sub_epi32(fold_##SUFFIX(sumi[m]), _mm256_slli_epi32(offset, 5));                              \
+                const __m256 dd = _mm256_mul_ps(bd, _mm256_set1_ps(d[m * (K / QKK) + i]));                                \
+                acc[m] = _mm256_add_ps(acc[m], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(sum)));                               \
+            }                                                                                                             \
+        }                                                                                                                 \
+        for (int64_t m = 0; m < M; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);                                            \
+    }
+Q6K_X8_ROWS(q6k_x8_rows4_avx2, AVX2_FN, avx2, 4)
+IN_FOURS(q6k_x8_rows_avx2, q6k_x8_rows4_avx2)
+Q6K_X8_ROWS(q6k_x8_rows_vnni, VNNI_FN, vnni, 8)
+
+/* Q5_KX8: chunk c's half holds quads 4 half .. 4 half + 3 of sub-blocks 2c (lo) and 2c + 1
+ * (hi), unpacked as q5k_x8_avx2 does. */
+#define Q5K_X8_ROWS(NAME, FN, SUFFIX, ROWS)                                                                               \
+    FN static void NAME(const uint8_t *wg, const int8_t *q, int64_t ldq, const float *d, const int32_t *s, int64_t K,     \
+                        int64_t M, float *out) {                                                                          \
+        const __m256i m31 = _mm256_set1_epi8(31), m7 = _mm256_set1_epi8(7), m24 = _mm256_set1_epi8(24);                   \
+        __m256 acc[ROWS];                                                                                                 \
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();                                                     \
+        for (int64_t i = 0; i < K / QKK; i++) {                                                                           \
+            const block_q5_Kx8 *b = (const block_q5_Kx8 *)wg + i;                                                         \
+            sums_##SUFFIX sumi[ROWS];                                                                      \
+            __m256i mins[4];                                                                                  \
+            for (int64_t m = 0; m < M; m++) sumi[m] = zero_sums_##SUFFIX();                                             \
+            for (int c = 0; c < 4; c++) {                                                                                 \
+                const scale_vector_##SUFFIX sc_lo = scales_u8_##SUFFIX(b->scales[2 * c]);                                               \
+                const scale_vector_##SUFFIX sc_hi = scales_u8_##SUFFIX(b->scales[2 * c + 1]);                                           \
+                for (int half = 0; half < 2; half++) {                                                                    \
+                    const q5_kx8_half *hb = &b->q[c][half];                                                               \
+                    const __m256i top = LOAD256(hb->qh);                                                                  \
+                    __m256i lo[4], hi[4];                                                                                 \
+                    for (int u = 0; u < 4; u++) {                                                                         \
+                        const __m256i v = LOAD256(hb->qs[u]);                                                             \
+                        const __m256i t = u < 2 ? _mm256_slli_epi16(top, 3 - 2 * u) : _mm256_srli_epi16(top, 2 * u - 3);  \
+                        lo[u] = _mm256_and_si256(v, m31);                                                                 \
+                        hi[u] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 5), m7), _mm256_and_si256(t, m24)); \
+                    }                                                                                                     \
+                    quad_vectors_##SUFFIX quads_lo, quads_hi;                                                             \
+                    make_quads_##SUFFIX(lo, 4, &quads_lo), make_quads_##SUFFIX(hi, 4, &quads_hi);                         \
+                    for (int64_t m = 0; m < M; m++) {                                                                     \
+                        const int8_t *a = q + (i * ldq + m) * QKK + 64 * c + 16 * half;                                   \
+                        sumi[m] = sub_dot_##SUFFIX(sub_dot_##SUFFIX(sumi[m], &quads_lo, 0, 4, a, sc_lo), &quads_hi, 0, 4, a + 32, sc_hi); \
+                    }                                                                                                     \
+                }                                                                                                         \
+            }                                                                                                             \
+            for (int c = 0; c < 4; c++) mins[c] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b->mins[c]));     \
+            const __m256 bd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));                                    \
+            const __m256 bm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->dmin));                                 \
+            for (int64_t m = 0; m < M; m++) {                                                                             \
+                const __m256i summ = k4_mins(mins, s + m * (K / 16) + i * 16);                                            \
+                const __m256 da = _mm256_set1_ps(d[m * (K / QKK) + i]);                                                   \
+                const __m256 dd = _mm256_mul_ps(bd, da), dm = _mm256_mul_ps(bm, da);                                      \
+                acc[m] = _mm256_add_ps(acc[m], _mm256_sub_ps(_mm256_mul_ps(dd, _mm256_cvtepi32_ps(fold_##SUFFIX(sumi[m]))),              \
+                                                             _mm256_mul_ps(dm, _mm256_cvtepi32_ps(summ))));               \
+            }                                                                                                             \
+        }                                                                                                                 \
+        for (int64_t m = 0; m < M; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);                                            \
+    }
+Q5K_X8_ROWS(q5k_x8_rows4_avx2, AVX2_FN, avx2, 4)
+IN_FOURS(q5k_x8_rows_avx2, q5k_x8_rows4_avx2)
+Q5K_X8_ROWS(q5k_x8_rows_vnni, VNNI_FN, vnni, 8)
 #endif
 
 /* ---------------------------------------------------------------------------------------
@@ -1016,6 +1273,7 @@ void kquant_select(int impl, qkernels *out) {
     out->q4k_x8 = q4k_x8_scalar;
     out->q5k_x8 = q5k_x8_scalar;
     out->q6k_x8 = q6k_x8_scalar;
+    out->q4k_x8_rows = out->q5k_x8_rows = out->q6k_x8_rows = NULL;
     out->rowdot[FMT_Q4_K] = dot_q4_K_scalar, out->rowdot[FMT_Q5_K] = dot_q5_K_scalar;
     out->rowdot[FMT_Q6_K] = dot_q6_K_scalar, out->rowdot[FMT_Q4_1] = dot_q4_1_scalar;
     out->rowdot[FMT_Q5_0] = dot_q5_0_scalar, out->rowdot[FMT_Q5_1] = dot_q5_1_scalar;
@@ -1025,6 +1283,9 @@ void kquant_select(int impl, qkernels *out) {
         out->q4k_x8 = q4k_x8_avx2;
         out->q5k_x8 = q5k_x8_avx2;
         out->q6k_x8 = q6k_x8_avx2;
+        out->q4k_x8_rows = impl == IMPL_VNNI ? q4k_x8_rows_vnni : q4k_x8_rows_avx2;
+        out->q5k_x8_rows = impl == IMPL_VNNI ? q5k_x8_rows_vnni : q5k_x8_rows_avx2;
+        out->q6k_x8_rows = impl == IMPL_VNNI ? q6k_x8_rows_vnni : q6k_x8_rows_avx2;
         out->rowdot[FMT_Q4_K] = dot_q4_K_avx2, out->rowdot[FMT_Q5_K] = dot_q5_K_avx2;
         out->rowdot[FMT_Q6_K] = dot_q6_K_avx2, out->rowdot[FMT_Q4_1] = dot_q4_1_avx2;
         out->rowdot[FMT_Q5_0] = dot_q5_0_avx2, out->rowdot[FMT_Q5_1] = dot_q5_1_avx2;
@@ -1063,11 +1324,20 @@ void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, in
         const int64_t gb = 8 * fmt_row_bytes(w->format, K);
         void (*group)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *) =
             w->format == FMT_Q4_KX8 ? kn->q4k_x8 : w->format == FMT_Q5_KX8 ? kn->q5k_x8 : kn->q6k_x8;
-        float out[8];
+        const x8_rows_fn rows = w->format == FMT_Q4_KX8   ? kn->q4k_x8_rows
+                                : w->format == FMT_Q5_KX8 ? kn->q5k_x8_rows
+                                                          : kn->q6k_x8_rows;
+        float out[X8_ROWS * 8];
         for (int64_t g = r0 / 8; g * 8 < r1; g++)
-            for (int64_t m = 0; m < M; m++) {
-                group(w->data + g * gb, act->qk + m * K, act->dk + m * (K / QKK), act->sk + m * (K / 16), K, out);
-                for (int64_t r = g * 8; r < g * 8 + 8 && r < r1; r++) y[m * ldy + r] = out[r - g * 8];
+            for (int64_t m0 = 0; m0 < M;) {
+                const int64_t mc = rows && act->qkb ? (M - m0 < X8_ROWS ? M - m0 : X8_ROWS) : 1;
+                const float *d = act->dk + m0 * (K / QKK);
+                const int32_t *s = act->sk + m0 * (K / 16);
+                if (mc > 1) rows(w->data + g * gb, act->qkb + m0 * QKK, M, d, s, K, mc, out);
+                else group(w->data + g * gb, act->qk + m0 * K, d, s, K, out);
+                for (int64_t m = 0; m < mc; m++)
+                    for (int64_t r = g * 8; r < g * 8 + 8 && r < r1; r++) y[(m0 + m) * ldy + r] = out[8 * m + r - g * 8];
+                m0 += mc;
             }
         return;
     }

@@ -135,6 +135,14 @@ typedef void (*kquant_fn)(const float *, int64_t, int8_t *, float *, int32_t *);
 /* One row of a row-order format (kquant.h) against one quantized activation row of K
  * inputs (its per-32 or per-256 quantization, as the format takes): the dot product. */
 typedef float (*rowdot_fn)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t);
+/* One group of a repacked k-quant layout against M <= X8_ROWS activation rows, into
+ * out[M][8]: (group, q, ldq, d, s, K, M, out). The rows' quantized activations are held
+ * super-block-major (row m's super-block i at q + (i ldq + m) 256: rows side by side, where
+ * rows K bytes apart would share one set of the L1 cache), their scales and sums row by row
+ * (d: K/256, s: K/16 apart). */
+#define X8_ROWS 8
+typedef void (*x8_rows_fn)(const uint8_t *, const int8_t *, int64_t, const float *, const int32_t *, int64_t, int64_t,
+                           float *);
 
 /* The functions of one instruction set: the activation quantizers and each format's
  * kernel (a group kernel for the packed formats, a row kernel for the row-order ones). */
@@ -147,6 +155,9 @@ typedef struct {
     void (*q4k_x8)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *);
     void (*q5k_x8)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *);
     void (*q6k_x8)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, float *);
+    /* the same for up to X8_ROWS activation rows at once (qact's qkb), each row's bits as
+     * above; NULL: one row at a time */
+    x8_rows_fn q4k_x8_rows, q5k_x8_rows, q6k_x8_rows;
     /* FMT_INT8, FMT_INT4: several activation rows at once (NULL: group[] row by row) */
     group_rows_fn group_rows[FMT_COUNT];
 } qkernels;
@@ -166,6 +177,7 @@ typedef struct {
     int8_t *qb;
     float *db;
     int32_t *sb;
+    int8_t *qkb; /* qk super-block-major, for the repacked k-quants' multi-row kernels, or NULL */
 } qact;
 
 enum { ACT_32 = 1, ACT_256 = 2 }; /* what act_needs returns: which quantizations to make */

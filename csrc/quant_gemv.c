@@ -744,10 +744,14 @@ EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count,
     const int64_t nb = M > 1 && kn.group_rows[FMT_INT8] ? (M + (M & 1)) * (n32 / M) : 0;
     act.qb = malloc((size_t)nb + 1), act.db = malloc(sizeof(float) * (size_t)(nb / QK + 1));
     act.sb = malloc(sizeof(int32_t) * (size_t)(nb / QK + 1));
+    /* the per-256 rows super-block-major, for the repacked k-quants' multi-row kernels */
+    const int64_t nkb = M > 1 && kn.q4k_x8_rows ? nk : 0;
+    act.qkb = malloc((size_t)nkb + 1);
     float *acc = malloc(sizeof(float) * (size_t)(IL * M * nthreads));
 #define FREE_ACT free(act.qa), free(act.da), free(act.sa), free(act.qk), free(act.dk), free(act.sk), \
-                 free(act.qb), free(act.db), free(act.sb), free(acc)
-    if (!act.qa || !act.da || !act.sa || !act.qk || !act.dk || !act.sk || !act.qb || !act.db || !act.sb || !acc) {
+                 free(act.qb), free(act.db), free(act.sb), free(act.qkb), free(acc)
+    if (!act.qa || !act.da || !act.sa || !act.qk || !act.dk || !act.sk || !act.qb || !act.db || !act.sb || !act.qkb ||
+        !acc) {
         FREE_ACT;
         return ERR_NOMEM;
     }
@@ -756,6 +760,10 @@ EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count,
     for (int64_t m = 0; m < M; m++) act_quantize(&kn, x + m * K, K, m, 0, K, needs, &act);
     if (nb) pair_rows(&act, M, K);
     else free(act.qb), free(act.db), free(act.sb), act.qb = NULL, act.db = NULL, act.sb = NULL;
+    if (nkb)
+        for (int64_t i = 0; i < K / 256; i++)
+            for (int64_t m = 0; m < M; m++) memcpy(act.qkb + (i * M + m) * 256, act.qk + m * K + i * 256, 256);
+    else free(act.qkb), act.qkb = NULL;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif

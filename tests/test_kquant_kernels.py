@@ -133,6 +133,26 @@ def test_repacked_layouts_give_the_bits_of_the_files_rows(fmt):
             assert torch.equal(x8(x), rows(x)), impl
 
 
+@pytest.mark.parametrize("impl", kernel_impls())
+@pytest.mark.parametrize("fmt", ["Q4_Kx8", "Q5_Kx8", "Q6_Kx8"])
+def test_several_rows_at_once_get_each_rows_bits_alone(fmt, impl, monkeypatch):
+    """A verify pass or a short prompt multiplies several rows at once (each piece of a block
+    unpacked once for up to 8 rows): each row must come out exactly as a decode step
+    computes it alone, or speculative greedy decoding would drift from plain decoding."""
+    from mistol.model import backend
+
+    monkeypatch.setattr(backend, "native_bf16", lambda: False)  # (keep every row count on the kernels)
+    n, k = 45, 1024
+    layer = make_layer(fmt, k, n, random_blocks(file_type(fmt), n, k, seed=6))
+    x = torch.randn(19, k, generator=torch.Generator().manual_seed(6)) * 3
+    x[1, :256] = 0  # an all-zero activation block
+    x[2, -256:] = torch.linspace(-1, 1, 256)  # activations reaching +-127
+    with kernels.use(impl):
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])
+        for m in (2, 3, 8, 9, 16, 19):
+            assert torch.equal(layer(x[:m]), alone[:m]), m
+
+
 def test_one_call_multiplies_matrices_of_mixed_formats():
     """q/k/v of a Q4_K_M layer (Q4_K, Q4_K, Q6_K) with an int8 one: one kernel call, and
     each matrix's outputs within its own bound."""
