@@ -1,9 +1,10 @@
 """Speculative decoding, measured: what a verify pass costs, and what it gains on real replies.
 
-    .venv/bin/python scripts/bench_speculative.py [--shape 7b] [--formats int8,int4] [--max-rows 16]
+    .venv/bin/python scripts/bench_speculative.py [--shape 7b] [--formats int8,int4,FILE.gguf] [--max-rows 16]
                                                   [--threads N] [--skip-cost] [--skip-replies]
 
-1. Verify cost. A random-weight model of --shape (speed does not depend on the values) holds a
+1. Verify cost. A random-weight model of --shape (speed does not depend on the values), or a GGUF
+   file named in --formats (`mistol bench --kquants` makes llama.cpp's k-quant files), holds a
    64-token context; one forward pass over n = 1..--max-rows new positions (what verifying n-1
    guesses costs) is timed against a plain one-token decode step, and rolled back each time.
 2. Replies. On the demo model (`--model demo`), greedy replies to fresh arithmetic questions
@@ -44,7 +45,10 @@ def verify_cost(shape: str, fmt: str, max_rows: int, repeats: int) -> list[tuple
     from mistol.bench.models import mistol_model
     from mistol.bench.shapes import model_config
 
-    engine = Engine(mistol_model(model_config(shape), fmt))
+    if fmt.endswith(".gguf"):  # a GGUF file (its k-quants stay the file's blocks, as `mistol` loads them)
+        engine = Engine.load(fmt, dtype="f32", progress=False)
+    else:
+        engine = Engine(mistol_model(model_config(shape), fmt))
     session = engine.new_session(max_context=CONTEXT + max_rows + 8)
     ids = random.Random(0).choices(range(100, 30000), k=CONTEXT + max_rows)
     session.feed(ids[:CONTEXT])
@@ -189,7 +193,7 @@ def bench_replies(model: str, questions: int, edits: int, max_tokens: int, show:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="7b")
-    p.add_argument("--formats", default="int8,int4")
+    p.add_argument("--formats", default="int8,int4", help="int8, int4 (the shape's random weights) or .gguf files")
     p.add_argument("--max-rows", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
