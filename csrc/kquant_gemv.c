@@ -772,6 +772,20 @@ AVX2_FN static inline __m256i k4_mins(const __m256i *mins, const int32_t *s16) {
     return summ;
 }
 
+/* A Q4_K/Q5_K super-block's float step for one row, as the one-row kernels take it (kq_add
+ * lane by lane): its scales d, dmin (fp16, 8 rows), mins, the row's activation sums s16 and
+ * scale da, and its 8 integer sums. */
+AVX2_FN static inline __m256 k4_float_step(__m256 acc, const uint16_t *d, const uint16_t *dmin,
+                                           const uint8_t (*mins)[8][2], const int32_t *s16, float da, __m256i sums) {
+    __m256i m[4];
+    for (int c = 0; c < 4; c++) m[c] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)mins[c]));
+    const __m256i summ = k4_mins(m, s16);
+    const __m256 dd = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)d)), _mm256_set1_ps(da));
+    const __m256 dm = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dmin)), _mm256_set1_ps(da));
+    return _mm256_add_ps(acc, _mm256_sub_ps(_mm256_mul_ps(dd, _mm256_cvtepi32_ps(sums)),
+                                            _mm256_mul_ps(dm, _mm256_cvtepi32_ps(summ))));
+}
+
 /* AVX2 has 16 vector registers: 8 rows' sums and a piece's 8 unpacked vectors would not fit,
  * so its kernels take the rows 4 at a time (the group's blocks, just read, come again from
  * the cache). */
@@ -793,7 +807,6 @@ AVX2_FN static inline __m256i k4_mins(const __m256i *mins, const int32_t *s16) {
         for (int64_t i = 0; i < K / QKK; i++) {                                                                        \
             const block_q4_Kx8 *b = (const block_q4_Kx8 *)wg + i;                                                      \
             sums_##SUFFIX sumi[ROWS];                                                                      \
-            __m256i mins[4];                                                                               \
             for (int64_t m = 0; m < M; m++) sumi[m] = zero_sums_##SUFFIX();                                          \
             for (int j = 0; j < 8; j++) {                                                                              \
                 __m256i w[8];                                                                                          \
@@ -807,16 +820,9 @@ AVX2_FN static inline __m256i k4_mins(const __m256i *mins, const int32_t *s16) {
                 for (int64_t m = 0; m < M; m++)                                                                        \
                     sumi[m] = sub_dot_##SUFFIX(sumi[m], &quads, 0, 8, q + (i * ldq + m) * QKK + 32 * j, sc);           \
             }                                                                                                          \
-            for (int c = 0; c < 4; c++) mins[c] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b->mins[c]));  \
-            const __m256 bd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));                                 \
-            const __m256 bm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->dmin));                              \
-            for (int64_t m = 0; m < M; m++) {                                                                          \
-                const __m256i summ = k4_mins(mins, s + m * (K / 16) + i * 16);                                         \
-                const __m256 da = _mm256_set1_ps(d[m * (K / QKK) + i]);                                                \
-                const __m256 dd = _mm256_mul_ps(bd, da), dm = _mm256_mul_ps(bm, da);                                   \
-                acc[m] = _mm256_add_ps(acc[m], _mm256_sub_ps(_mm256_mul_ps(dd, _mm256_cvtepi32_ps(fold_##SUFFIX(sumi[m]))),           \
-                                                             _mm256_mul_ps(dm, _mm256_cvtepi32_ps(summ))));            \
-            }                                                                                                          \
+            for (int64_t m = 0; m < M; m++)                                                                           \
+                acc[m] = k4_float_step(acc[m], b->d, b->dmin, b->mins, s + m * (K / 16) + i * 16, d[m * (K / QKK) + i],\
+                                       fold_##SUFFIX(sumi[m]));                                                       \
         }                                                                                                              \
         for (int64_t m = 0; m < M; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);                                         \
     }
@@ -888,8 +894,7 @@ Q6K_X8_ROWS(q6k_x8_rows_vnni, VNNI_FN, vnni, 8)
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();                                                     \
         for (int64_t i = 0; i < K / QKK; i++) {                                                                           \
             const block_q5_Kx8 *b = (const block_q5_Kx8 *)wg + i;                                                         \
-            sums_##SUFFIX sumi[ROWS];                                                                      \
-            __m256i mins[4];                                                                                  \
+            sums_##SUFFIX sumi[ROWS];                                                                         \
             for (int64_t m = 0; m < M; m++) sumi[m] = zero_sums_##SUFFIX();                                             \
             for (int c = 0; c < 4; c++) {                                                                                 \
                 const scale_vector_##SUFFIX sc_lo = scales_u8_##SUFFIX(b->scales[2 * c]);                                               \
@@ -912,16 +917,9 @@ Q6K_X8_ROWS(q6k_x8_rows_vnni, VNNI_FN, vnni, 8)
                     }                                                                                                     \
                 }                                                                                                         \
             }                                                                                                             \
-            for (int c = 0; c < 4; c++) mins[c] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b->mins[c]));     \
-            const __m256 bd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));                                    \
-            const __m256 bm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->dmin));                                 \
-            for (int64_t m = 0; m < M; m++) {                                                                             \
-                const __m256i summ = k4_mins(mins, s + m * (K / 16) + i * 16);                                            \
-                const __m256 da = _mm256_set1_ps(d[m * (K / QKK) + i]);                                                   \
-                const __m256 dd = _mm256_mul_ps(bd, da), dm = _mm256_mul_ps(bm, da);                                      \
-                acc[m] = _mm256_add_ps(acc[m], _mm256_sub_ps(_mm256_mul_ps(dd, _mm256_cvtepi32_ps(fold_##SUFFIX(sumi[m]))),              \
-                                                             _mm256_mul_ps(dm, _mm256_cvtepi32_ps(summ))));               \
-            }                                                                                                             \
+            for (int64_t m = 0; m < M; m++)                                                                           \
+                acc[m] = k4_float_step(acc[m], b->d, b->dmin, b->mins, s + m * (K / 16) + i * 16, d[m * (K / QKK) + i],\
+                                       fold_##SUFFIX(sumi[m]));                                                       \
         }                                                                                                                 \
         for (int64_t m = 0; m < M; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);                                            \
     }
