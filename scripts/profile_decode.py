@@ -1,8 +1,9 @@
 """Where the time of one decode step goes: the linear layers (GEMV) against everything else.
 
     python scripts/profile_decode.py [--shape 7b] [--quant int8] [--context 64] [--steps 32]
+    python scripts/profile_decode.py --model FILE.gguf     # a model of your own (a Q4_K_M file, ...)
 
-Builds a random-weight model of the shape (as `mistol bench` does), fills a context, then
+Builds a random-weight model of the shape (as `mistol bench` does) or loads `--model`, fills a context, then
 times `--steps` greedy decode steps: plain (quantized models on a CPU run each layer as one
 compiled call, see mistol/model/cpu_decode.py), with the PyTorch layers, and with the
 PyTorch layers and every linear layer timed on its own. The rest of the PyTorch step is
@@ -18,11 +19,13 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from mistol.bench.models import mistol_model
+from mistol.block_quant import BlockLinear
 from mistol.bench.shapes import model_config
 from mistol.engine import Engine, decode_step
 from mistol.model import transformer
@@ -37,12 +40,18 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--model", default=None, help="a model directory or .gguf file instead of --shape/--quant")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"building a random {args.shape} model in {args.quant} ...", file=sys.stderr)
-    engine = Engine(mistol_model(model_config(args.shape), args.quant))
+    if args.model:
+        print(f"loading {args.model} ...", file=sys.stderr)
+        engine = Engine.load(args.model, progress=False)
+        args.shape, args.quant = Path(args.model).name, "as loaded"
+    else:
+        print(f"building a random {args.shape} model in {args.quant} ...", file=sys.stderr)
+        engine = Engine(mistol_model(model_config(args.shape), args.quant))
     session = engine.new_session(max_context=args.context + 5 * args.steps + 32)
     token = int(session.feed([1] + list(range(300, 300 + args.context - 1))).argmax())
 
@@ -81,7 +90,7 @@ def main() -> int:
 
     compiled_decoder = engine.backend.cpu_decoder
     compiled = compiled_decoder is not None
-    linears = [m for m in engine.model.modules() if isinstance(m, (QuantizedLinear, nn.Linear))]
+    linears = [m for m in engine.model.modules() if isinstance(m, (QuantizedLinear, BlockLinear, nn.Linear))]
 
     @contextlib.contextmanager
     def mode(name: str):
