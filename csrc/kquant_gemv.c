@@ -817,7 +817,7 @@ Q4K_X8_ROWS(q4k_x8_rows_vnni, VNNI_FN, vnni, 8)
                         for (int64_t m = 0; m < M; m++)                                                                   \
                             sumi[m] = q6_dot_##SUFFIX(sumi[m], &quads, q + (i * ldq + m) * QKK + 128 * h + 32 * t + 16 * kh, sc); \
                     }                                                                                                     \
-            for (int g = 0; g < 16; g += 2) /* two groups' scales a madd */                      \
+            for (int g = 0; g < 16; g += 2) /* two groups' scales a madd */                                               \
                 pairs[g / 2] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(                                                    \
                     _mm_loadl_epi64((const __m128i *)b->scales[g]), _mm_loadl_epi64((const __m128i *)b->scales[g + 1]))); \
             const __m256 bd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));                                    \

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from mistol.bench.models import mistol_model
-from mistol.block_quant import BlockLinear
 from mistol.bench.shapes import model_config
+from mistol.block_quant import BlockLinear
 from mistol.engine import Engine, decode_step
+from mistol.errors import MistolError
 from mistol.model import transformer
 from mistol.model.linear import linear_many
 from mistol.quant import QuantizedLinear
@@ -47,11 +48,16 @@ def main() -> int:
 
     if args.model:
         print(f"loading {args.model} ...", file=sys.stderr)
-        engine = Engine.load(args.model, progress=False)
-        args.shape, args.quant = Path(args.model).name, "as loaded"
+        try:
+            engine = Engine.load(args.model, progress=False)
+        except MistolError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        what = f"{Path(args.model).name} as loaded"
     else:
         print(f"building a random {args.shape} model in {args.quant} ...", file=sys.stderr)
         engine = Engine(mistol_model(model_config(args.shape), args.quant))
+        what = f"{args.shape} {args.quant}"
     session = engine.new_session(max_context=args.context + 5 * args.steps + 32)
     token = int(session.feed([1] + list(range(300, 300 + args.context - 1))).argmax())
 
@@ -129,7 +135,7 @@ def main() -> int:
     gemv = sum(per_step.values())
     step, pytorch_step = statistics.median(times["compiled"]), statistics.median(times["pytorch"])
     total = statistics.mean(times["timed"])
-    print(f"\n{args.shape} {args.quant}, context {args.context}, {torch.get_num_threads()} threads")
+    print(f"\n{what}, context {args.context}, {torch.get_num_threads()} threads")
     print(f"decode step (median of {len(times['compiled'])}): {step * 1e3:.1f} ms = {1 / step:.2f} tok/s"
           + (" (compiled layers)" if compiled else ""))
     if compiled:
