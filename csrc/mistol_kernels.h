@@ -74,6 +74,7 @@
 
 #define QK 32 /* inputs per block */
 #define IL 8  /* rows interleaved per group */
+#define LINE_FLOATS 16 /* floats per 64-byte cache line */
 #define SERIAL_BYTES (64 << 10) /* less work than this (weight bytes x rows): one thread */
 
 /* llama.cpp's blocks of one row, as GGUF files and the row-order quantizer hold them. */

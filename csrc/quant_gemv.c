@@ -747,9 +747,14 @@ EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count,
     /* the per-256 rows super-block-major, for the repacked k-quants' multi-row kernels */
     const int64_t nkb = M > 1 && kn.q4k_x8_rows ? nk : 0;
     act.qkb = malloc((size_t)nkb + 1);
-    float *acc = malloc(sizeof(float) * (size_t)(IL * M * nthreads));
+    /* Each thread's scratch on cache lines of its own: the several-row kernels store to it
+     * block after block, and two threads that write one line take turns owning it (at 7B
+     * with 2 threads, 2-8 rows took 1.5-3x as long, varying with where malloc put it). */
+    const int64_t acc_stride = (IL * M + LINE_FLOATS - 1) / LINE_FLOATS * LINE_FLOATS;
+    void *acc_mem = malloc(sizeof(float) * (size_t)(acc_stride * nthreads + LINE_FLOATS));
+    float *acc = acc_mem ? (float *)(((uintptr_t)acc_mem + 63) & ~(uintptr_t)63) : NULL;
 #define FREE_ACT free(act.qa), free(act.da), free(act.sa), free(act.qk), free(act.dk), free(act.sk), \
-                 free(act.qb), free(act.db), free(act.sb), free(act.qkb), free(acc)
+                 free(act.qb), free(act.db), free(act.sb), free(act.qkb), free(acc_mem)
     if (!act.qa || !act.da || !act.sa || !act.qk || !act.dk || !act.sk || !act.qb || !act.db || !act.sb || !act.qkb ||
         !acc) {
         FREE_ACT;
@@ -767,7 +772,7 @@ EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count,
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
-    qgemm_share(&kn, mats, count, &act, M, K, y, ldy, acc + thread_index() * IL * M);
+    qgemm_share(&kn, mats, count, &act, M, K, y, ldy, acc + thread_index() * acc_stride);
     FREE_ACT;
 #undef FREE_ACT
     return OK;
