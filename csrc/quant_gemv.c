@@ -290,6 +290,8 @@ VNNI_FN static void group_int4_vnni(const uint8_t *wg, const int8_t *qa, const f
 #endif
 #define PREFETCH_AHEAD(blk)                                                                     \
     for (size_t off = 0; off < sizeof(*(blk)); off += 64) __builtin_prefetch((const char *)(blk) + PF_BYTES + off)
+#define PREFETCH_AHEAD_BYTES(blk, bytes) \
+    for (int64_t off = 0; off < (bytes); off += 64) __builtin_prefetch((const char *)(blk) + PF_BYTES + off)
 
 /* AVX512-VNNI on 512-bit vectors: the dot products, not the memory, bound several rows
  * (dpbusd takes 64 byte pairs on a 512-bit vector in the time it takes 32 on a 256-bit
@@ -297,80 +299,96 @@ VNNI_FN static void group_int4_vnni(const uint8_t *wg, const int8_t *qa, const f
  * widened once, every 4 bytes twice (lanes 2r and 2r + 1: row r's 4 bytes); one 8-byte
  * broadcast of a row pair's activations (row m's 4 bytes of the chunk, then row m + 1's,
  * as pair_rows lays them out) then multiplies row m into the even lanes and row m + 1 into
- * the odd ones. w[i] (i < 8): the widened weights (as unsigned bytes) that the pair's
- * bytes 8i..8i+7 multiply; each row's block sum takes off (its activations' block sum)
- * << shift. */
-VNNI_FN static inline void pairs_vnni(const __m512i *w, int shift, const uint16_t *d16, const int8_t *qb,
-                                      const float *db, const int32_t *sb, int64_t ld, int64_t M, int64_t b,
-                                      float *acc) {
-    const __m512i split = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-    const __m512 d2 = _mm512_cvtph_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)d16)));
-    const __m512i z = _mm512_setzero_si512();
-    const int8_t *a = qb + b * ld * QK;
-    const float *dab = db + b * ld;
-    const int32_t *sab = sb + b * ld;
-#define PAIR_BYTES(i) _mm512_set1_epi64(load_i64(ap + 8 * (i)))
-    for (int64_t m = 0; m < M; m += 2) {
-        const int8_t *ap = a + m * QK;
-        __m512i s0 = _mm512_dpbusd_epi32(z, w[0], PAIR_BYTES(0)), s1 = _mm512_dpbusd_epi32(z, w[1], PAIR_BYTES(1));
-        s0 = _mm512_dpbusd_epi32(s0, w[2], PAIR_BYTES(2)), s1 = _mm512_dpbusd_epi32(s1, w[3], PAIR_BYTES(3));
-        s0 = _mm512_dpbusd_epi32(s0, w[4], PAIR_BYTES(4)), s1 = _mm512_dpbusd_epi32(s1, w[5], PAIR_BYTES(5));
-        s0 = _mm512_dpbusd_epi32(s0, w[6], PAIR_BYTES(6)), s1 = _mm512_dpbusd_epi32(s1, w[7], PAIR_BYTES(7));
-        int64_t sums; /* the two rows' activation sums, row m's in the low half */
-        memcpy(&sums, sab + m, 8);
-        const __m512i bias = _mm512_slli_epi32(_mm512_set1_epi64(sums), shift);
-        /* lanes 0-7: row m's 8 sums, 8-15: row m + 1's */
-        const __m512i s = _mm512_permutexvar_epi32(split, _mm512_sub_epi32(_mm512_add_epi32(s0, s1), bias));
-        const __m512 scale = _mm512_mul_ps(d2, _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(dab[m]),
-                                                                    _mm512_set1_ps(dab[m + 1])));
-        const __mmask16 rows = m + 1 < M ? 0xffff : 0x00ff; /* (a last odd row's pair is padding) */
-        const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, _mm512_maskz_loadu_ps(rows, acc + m * IL));
-        _mm512_mask_storeu_ps(acc + m * IL, rows, sum);
-    }
-#undef PAIR_BYTES
-}
-
-/* each 4 bytes of the first (WIDEN0) or second (WIDEN1) 32-byte chunk of 64 bytes twice */
+ * the odd ones. A pair's float sums stay in one register, in that interleaved order, over
+ * all the blocks of a call: per pair and block, besides the 8 dot products, only the
+ * scaling and one FMA (a permute, a blend, and a load and store of the sums there took
+ * 10-15% of the time at 8-64 rows on one core, 7B's shapes). */
 #define WIDEN0(v) _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), (v))
 #define WIDEN1(v) \
     _mm512_permutexvar_epi32(_mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15), (v))
 #define LOAD64(p) _mm512_loadu_si512((const void *)(p))
 
-/* int8: dpbusd wants unsigned weights, so w + 128 (w xor 0x80) is multiplied and
- * 128 * (the row's activation sum) taken off: sum (w + 128) a - 128 sum a = sum w a, and no
- * lane can overflow (|sum| <= 32 * 255 * 127). */
-VNNI_FN static void group_rows_int8_vnni(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
-                                         int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int64_t b = b0; b < b1; b++) {
-        const block_q8_0x8 *blk = (const block_q8_0x8 *)wg + b;
-        PREFETCH_AHEAD(blk);
-        __m512i w[8];
-        for (int c = 0; c < 8; c += 2) {
-            const __m512i v = _mm512_xor_si512(LOAD64(blk->qs + 32 * c), flip);
-            w[c] = WIDEN0(v), w[c + 1] = WIDEN1(v);
-        }
-        pairs_vnni(w, 7, blk->d, qa, da, sa, ld, M, b, acc);
+/* A block's 8 weights per lane pair, widened as above: int8 as w + 128 (dpbusd wants
+ * unsigned weights; 128 * the activations' sum is taken off, and no lane can overflow:
+ * |sum| <= 32 * 255 * 127), int4 as its nibbles q + 8
+ * (chunk c's low nibbles are elements 4c..4c+3, its high nibbles 16 further on). */
+VNNI_FN static inline void widen_int8_vnni(const uint8_t *qs, __m512i *w) {
+    for (int c = 0; c < 8; c += 2) {
+        const __m512i v = _mm512_xor_si512(LOAD64(qs + 32 * c), _mm512_set1_epi8((char)0x80));
+        w[c] = WIDEN0(v), w[c + 1] = WIDEN1(v);
+    }
+}
+VNNI_FN static inline void widen_int4_vnni(const uint8_t *qs, __m512i *w) {
+    const __m512i m4 = _mm512_set1_epi8(15);
+    for (int c = 0; c < 4; c += 2) {
+        const __m512i v = LOAD64(qs + 32 * c);
+        const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), m4);
+        w[c] = WIDEN0(lo), w[c + 1] = WIDEN1(lo), w[4 + c] = WIDEN0(hi), w[5 + c] = WIDEN1(hi);
     }
 }
 
-/* int4: the nibbles n = q + 8 multiply, 8 * (the activations' sum) is taken off. Chunk c's
- * low nibbles are elements 4c..4c+3, its high nibbles 16 further on. */
-VNNI_FN static void group_rows_int4_vnni(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
-                                         int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {
-    const __m512i m4 = _mm512_set1_epi8(15);
+/* NP row pairs (M rows, M > 2 NP - 2) over blocks [b0, b1) of format fmt; inlined with NP a
+ * constant, so that the pairs' sums live in registers. */
+VNNI_FN static inline __attribute__((always_inline)) void rows_vnni(int fmt, int NP, const uint8_t *wg,
+                                                                     const int8_t *qb, const float *db,
+                                                                     const int32_t *sb, int64_t ld, int64_t M,
+                                                                     int64_t b0, int64_t b1, float *acc) {
+    const __m512i zip = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    const __m512i split = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m512i z = _mm512_setzero_si512();
+    const int shift = fmt == FMT_INT8 ? 7 : 3;
+    const int64_t bytes = group_block_bytes(fmt);
+    __m512 sums[8];
+    for (int p = 0; p < NP; p++) /* rows 2p, 2p + 1 (an odd last row's pair is padding) */
+        sums[p] = _mm512_permutexvar_ps(zip, _mm512_maskz_loadu_ps(2 * p + 1 < M ? 0xffff : 0x00ff, acc + 2 * p * IL));
     for (int64_t b = b0; b < b1; b++) {
-        const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
-        PREFETCH_AHEAD(blk);
+        const uint8_t *blk = wg + b * bytes;
+        PREFETCH_AHEAD_BYTES(blk, bytes);
+        const uint16_t *d16 = fmt == FMT_INT8 ? ((const block_q8_0x8 *)blk)->d : ((const block_q4_0x8 *)blk)->d;
+        const uint8_t *qs = fmt == FMT_INT8 ? (const uint8_t *)((const block_q8_0x8 *)blk)->qs
+                                            : ((const block_q4_0x8 *)blk)->qs;
         __m512i w[8];
-        for (int c = 0; c < 4; c += 2) {
-            const __m512i v = LOAD64(blk->qs + 32 * c);
-            const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), m4);
-            w[c] = WIDEN0(lo), w[c + 1] = WIDEN1(lo), w[4 + c] = WIDEN0(hi), w[5 + c] = WIDEN1(hi);
+        if (fmt == FMT_INT8) widen_int8_vnni(qs, w);
+        else widen_int4_vnni(qs, w);
+        const __m128i dh = _mm_loadu_si128((const __m128i *)d16); /* row r's scale in lanes 2r, 2r + 1 */
+        const __m512 d = _mm512_cvtph_ps(_mm256_set_m128i(_mm_unpackhi_epi16(dh, dh), _mm_unpacklo_epi16(dh, dh)));
+        const int8_t *a = qb + b * ld * QK;
+#define PAIR_BYTES(i) _mm512_set1_epi64(load_i64(ap + 8 * (i)))
+        for (int p = 0; p < NP; p++) {
+            const int8_t *ap = a + 2 * p * QK;
+            __m512i s0 = _mm512_dpbusd_epi32(z, w[0], PAIR_BYTES(0)), s1 = _mm512_dpbusd_epi32(z, w[1], PAIR_BYTES(1));
+            s0 = _mm512_dpbusd_epi32(s0, w[2], PAIR_BYTES(2)), s1 = _mm512_dpbusd_epi32(s1, w[3], PAIR_BYTES(3));
+            s0 = _mm512_dpbusd_epi32(s0, w[4], PAIR_BYTES(4)), s1 = _mm512_dpbusd_epi32(s1, w[5], PAIR_BYTES(5));
+            s0 = _mm512_dpbusd_epi32(s0, w[6], PAIR_BYTES(6)), s1 = _mm512_dpbusd_epi32(s1, w[7], PAIR_BYTES(7));
+            /* the two rows' activation sums and scales, row 2p's in the even lanes */
+            const __m512i bias = _mm512_slli_epi32(_mm512_set1_epi64(load_i64((const int8_t *)(sb + b * ld + 2 * p))), shift);
+            const __m512 da = _mm512_castsi512_ps(_mm512_set1_epi64(load_i64((const int8_t *)(db + b * ld + 2 * p))));
+            const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), bias);
+            sums[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, da), sums[p]);
         }
-        pairs_vnni(w, 3, blk->d, qa, da, sa, ld, M, b, acc);
+#undef PAIR_BYTES
     }
+    for (int p = 0; p < NP; p++)
+        _mm512_mask_storeu_ps(acc + 2 * p * IL, 2 * p + 1 < M ? 0xffff : 0x00ff, _mm512_permutexvar_ps(split, sums[p]));
 }
+
+/* up to ROWS_AT_ONCE rows, by pairs */
+#define DEFINE_GROUP_ROWS_VNNI(NAME, FMT)                                                                         \
+    VNNI_FN static void NAME(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa, int64_t ld, \
+                             int64_t M, int64_t b0, int64_t b1, float *acc) {                                     \
+        switch ((M + 1) / 2) {                                                                                    \
+        case 1: rows_vnni(FMT, 1, wg, qa, da, sa, ld, M, b0, b1, acc); break;                                     \
+        case 2: rows_vnni(FMT, 2, wg, qa, da, sa, ld, M, b0, b1, acc); break;                                     \
+        case 3: rows_vnni(FMT, 3, wg, qa, da, sa, ld, M, b0, b1, acc); break;                                     \
+        case 4: rows_vnni(FMT, 4, wg, qa, da, sa, ld, M, b0, b1, acc); break;                                     \
+        case 5: rows_vnni(FMT, 5, wg, qa, da, sa, ld, M, b0, b1, acc); break;                                     \
+        case 6: rows_vnni(FMT, 6, wg, qa, da, sa, ld, M, b0, b1, acc); break;                                     \
+        case 7: rows_vnni(FMT, 7, wg, qa, da, sa, ld, M, b0, b1, acc); break;                                     \
+        default: rows_vnni(FMT, 8, wg, qa, da, sa, ld, M, b0, b1, acc); break;                                    \
+        }                                                                                                         \
+    }
+DEFINE_GROUP_ROWS_VNNI(group_rows_int8_vnni, FMT_INT8)
+DEFINE_GROUP_ROWS_VNNI(group_rows_int4_vnni, FMT_INT4)
 #undef WIDEN0
 #undef WIDEN1
 #undef LOAD64
