@@ -12,6 +12,7 @@ import torch
 
 from mistol.bench.models import gguf_tensors, mistol_model, write_bench_checkpoint
 from mistol.bench.shapes import all_weights, bytes_per_token, linear_weights, model_config
+from mistol.model.backend import BF16_MIN_ROWS, native_bf16
 from mistol.quant import QuantizedLinear
 from mistol.weights.checkpoint import load_model
 
@@ -46,6 +47,18 @@ def test_json_report_for_mistol_formats(tmp_path):
     assert rows["int4"]["bytes_per_token"] < rows["int8"]["bytes_per_token"] < rows["f32"]["bytes_per_token"]
     assert report["ratios"] == []  # nothing to compare with
     assert all(row["decoded_with"] == [] for row in rows.values())
+    # where prefill switches to bf16 matmuls: on a CPU with bf16 instructions, per quantized format
+    bf16 = native_bf16()
+    assert rows["int4"]["bf16_prefill_rows"] == ({"int4": BF16_MIN_ROWS["int4"]} if bf16 else {})
+    assert rows["f32"]["bf16_prefill_rows"] == {}
+
+
+@pytest.mark.slow
+def test_no_bf16_measures_the_int8_kernels_at_every_length(tmp_path):
+    r = bench("--engines", "mistol", "--quant", "int4", "--prompts", "16", "--steps", "2", "--no-bf16",
+              "--cache-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "mistol prefill: its int8-activation kernels at every prompt length" in r.stdout
 
 
 @pytest.mark.slow

@@ -135,6 +135,7 @@ def load_mistol(spec: Spec) -> Runner:
 
     from .. import kernels
     from ..engine import Engine, decode_step
+    from ..model.backend import BF16_MIN_ROWS, native_bf16
     from .models import mistol_model
     from .shapes import model_config
 
@@ -167,7 +168,10 @@ def load_mistol(spec: Spec) -> Runner:
     model = engine.model
     held = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
     quantized = any(b.dtype == torch.uint8 for b in model.buffers())
-    info = {"load_s": load_s, "kernels": kernels.impl_name() if quantized else "torch",
+    # from how many rows a prefill multiplies bf16 (dequantized) weights, per format held
+    fmts = {getattr(m, "fmt", None) for m in model.modules()} & BF16_MIN_ROWS.keys()
+    bf16_from = {f: BF16_MIN_ROWS[f] for f in sorted(fmts)} if native_bf16() else {}
+    info = {"load_s": load_s, "kernels": kernels.impl_name() if quantized else "torch", "bf16_prefill_rows": bf16_from,
             "model_bytes": held, "kv_bytes": lambda: state["session"].cache.nbytes,
             "kv_element_bytes": lambda: _cache_element_bytes(state["session"].cache), "threads_used": torch.get_num_threads()}
     return Runner(spec, prefill, step, reset, lambda logits: int(logits.argmax()), info)

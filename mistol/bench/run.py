@@ -458,6 +458,22 @@ def machine_line() -> str:
     return f"{name}, {os.cpu_count()} CPUs ({' '.join(simd) or 'no AVX2'})"
 
 
+def prefill_path_lines(rows: list[dict]) -> list[str]:
+    """How mistol's quantized rows multiplied prefill-sized inputs: bf16 matmuls from some
+    number of rows (a CPU with bf16 instructions), or the int8 kernels at every length."""
+    quantized = [r for r in rows if r["engine"] == "mistol" and r.get("kernels", "torch") != "torch"]
+    if not quantized:
+        return []
+    bf16 = {f: n for r in quantized for f, n in r.get("bf16_prefill_rows", {}).items()}
+    if not bf16:
+        return ["mistol prefill: its int8-activation kernels at every prompt length (no bf16 instructions "
+                "used: this CPU lacks them, or --no-bf16)"]
+    crossover = ", ".join(f"{f} from {n}" for f, n in bf16.items())
+    return [f"mistol prefill: bf16 matmuls on dequantized weights from this many rows on ({crossover}), "
+            "its int8-activation kernels below (--no-bf16: the kernels at every length, as on a CPU without "
+            "bf16 instructions)"]
+
+
 def report_table(report: dict) -> str:
     rows = report["rows"]
     prompts = sorted({int(n) for r in rows for n in r["prefill_tok_s"]})
@@ -466,6 +482,7 @@ def report_table(report: dict) -> str:
              f"memory read bandwidth {bw[0]:.1f} GB/s at the start, {bw[-1]:.1f} GB/s at the end"]
     if report.get("llama_cpp_system_info"):
         lines.append(f"llama.cpp build: {report['llama_cpp_system_info']}")
+    lines += prefill_path_lines(rows)
     lines.append("")
     head = ["engine", "format"] + [f"prefill {n}" for n in prompts] + [
         "TTFT s", "decode tok/s", "GB/s", "ceiling", "of ceiling", "peak RSS", "RSS/(model+KV)", "threads",

@@ -55,6 +55,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="where the model files are written and kept for the next run: GGUF files for llama.cpp, "
                    "a safetensors checkpoint per float format for mistol and transformers (default: "
                    "~/.cache/mistol/bench)")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="mistol leaves this CPU's bf16 instructions unused: prompts are multiplied by its "
+                   "int8-activation kernels at every length, as on a CPU without AVX512-BF16 or AMX "
+                   "(llama.cpp's Q4_0/Q8_0 kernels use int8 dot products either way)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.set_defaults(run=cmd_bench)
     return p
@@ -111,6 +115,8 @@ def cmd_bench(args) -> int:
                                  lambda text: print(text, file=sys.stderr, flush=True))
         except OSError as e:
             raise MistolError(f"--kquants: {e}") from None
+    if args.no_bf16:
+        os.environ["MISTOL_BF16_PREFILL"] = "0"  # (read by mistol's engine processes)
     report = run_bench(args.shape, formats, engines, prompts, args.steps, args.threads, cache_dir, pages, ggufs)
     print(json.dumps(report, indent=2) if args.json else report_table(report))
     return 0
