@@ -40,8 +40,9 @@ CONTEXT = 64
 
 
 # -- 1. verify cost ------------------------------------------------------------------------------
-def verify_cost(shape: str, fmt: str, max_rows: int, repeats: int) -> list[tuple[int, float]]:
-    """[(rows, seconds)], rows 0 meaning the plain decode step (the fused one-token path)."""
+def verify_cost(shape: str, fmt: str, max_rows: int, repeats: int) -> tuple[float, list[tuple[int, float]]]:
+    """(one decode step's seconds, [(rows, the pass's cost in decode steps)]) for rows =
+    1..max_rows; the step is the fused one-token path."""
     from mistol.bench.models import mistol_model
     from mistol.bench.shapes import model_config
 
@@ -64,42 +65,41 @@ def verify_cost(shape: str, fmt: str, max_rows: int, repeats: int) -> list[tuple
         return seconds
 
     once(4), once(0)  # warm up both paths
-    # rounds over every size, so that a phase of the machine's load touches them all alike
-    times: dict[int, list[float]] = {rows: [] for rows in range(max_rows + 1)}
+    # Each pass is timed right after a plain step and counted in that step's time: a shared
+    # machine's speed drifts by half within minutes, and a ratio of neighbours does not.
+    steps: list[float] = []
+    costs: dict[int, list[float]] = {rows: [] for rows in range(1, max_rows + 1)}
     for _ in range(repeats):
-        for rows in times:
-            times[rows].append(once(rows))
-    curve = [(rows, statistics.median(t)) for rows, t in times.items()]
+        for rows in costs:
+            steps.append(once(0))
+            costs[rows].append(once(rows) / steps[-1])
+    curve = [(rows, statistics.median(c)) for rows, c in costs.items()]
     engine = session = None  # free the model before the next format
-    return curve
+    return statistics.median(steps), curve
 
 
-def print_cost(shape: str, fmt: str, curve: list[tuple[int, float]]) -> None:
-    step = curve[0][1]
-    print(f"\nverify cost, {shape} {fmt}: one decode step {step * 1e3:.0f} ms")
-    print("rows (k+1)  ms      x step")
-    for rows, seconds in curve[1:]:
-        print(f"{rows:>10}  {seconds * 1e3:>6.0f}  {seconds / step:>6.2f}")
+def print_cost(shape: str, fmt: str, step: float, curve: list[tuple[int, float]]) -> None:
+    print(f"\nverify cost, {shape} {fmt}: one decode step {step * 1e3:.0f} ms (median)")
+    print("rows (k+1)  x step (median of each pass over the step timed just before it)")
+    for rows, cost in curve:
+        print(f"{rows:>10}  {cost:>6.2f}")
 
 
 def derived_speedups(curve: list[tuple[int, float]], acceptances=(0.3, 0.5, 0.7)) -> dict[float, tuple[int, float]]:
     """Expected speed-up over plain decoding at per-guess acceptance a, for the best depth k:
     tokens per pass (1 + a + ... + a^k) over the pass's cost in steps (derived, not measured)."""
-    step = curve[0][1]
-    cost = {rows: seconds / step for rows, seconds in curve[1:]}
     result = {}
     for a in acceptances:
         best = (0, 1.0)  # k = 0: plain decoding
-        for rows, c in cost.items():
+        for rows, cost in curve:
             k = rows - 1
-            gain = sum(a**i for i in range(k + 1)) / c
+            gain = sum(a**i for i in range(k + 1)) / cost
             if k > 0 and gain > best[1]:
                 best = (k, gain)
         result[a] = best
     return result
 
 
-# -- 2. replies ----------------------------------------------------------------------------------
 def code_edits(count: int) -> list:
     """The evaluation's code-edit requests (scripts/eval_demo.py): a short block shown, one
     change asked for; a model that follows it writes the block again with that change."""
@@ -212,8 +212,8 @@ def main() -> None:
         bench_replies(args.model, args.questions, args.edits, args.max_tokens, args.show)
     if not args.skip_cost:
         for fmt in args.formats.split(","):
-            curve = verify_cost(args.shape, fmt, args.max_rows, args.repeats)
-            print_cost(args.shape, fmt, curve)
+            step, curve = verify_cost(args.shape, fmt, args.max_rows, args.repeats)
+            print_cost(args.shape, fmt, step, curve)
             for a, (k, gain) in derived_speedups(curve).items():
                 print(f"  derived: acceptance {a:.0%} -> best k {k}, {gain:.2f}x plain decoding")
 
