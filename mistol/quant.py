@@ -216,7 +216,7 @@ class QuantizedLinear(nn.Module):
     as a speculative verify pass or a prefill chunk has, read each weight block once for all
     of them, each row's result bit for bit what one row alone gets); elsewhere,
     or without the kernels, on PyTorch ops over the dequantized weight; prefill-sized inputs
-    on a CPU with bf16 instructions, as bf16 matmuls (`backend.quantized_route`).
+    on a CPU with AMX tiles, as bf16 matmuls (`backend.quantized_route`).
     """
 
     def __init__(self, in_features: int, out_features: int, fmt: str, packed: torch.Tensor):

@@ -12,7 +12,7 @@ import torch
 
 from mistol.bench.models import gguf_tensors, mistol_model, write_bench_checkpoint
 from mistol.bench.shapes import all_weights, bytes_per_token, linear_weights, model_config
-from mistol.model.backend import BF16_MIN_ROWS, native_bf16
+from mistol.model.backend import bf16_prefill_rows
 from mistol.quant import QuantizedLinear
 from mistol.weights.checkpoint import load_model
 
@@ -48,8 +48,8 @@ def test_json_report_for_mistol_formats(tmp_path):
     assert report["ratios"] == []  # nothing to compare with
     assert all(row["decoded_with"] == [] for row in rows.values())
     # where prefill switches to bf16 matmuls: on a CPU with bf16 instructions, per quantized format
-    bf16 = native_bf16()
-    assert rows["int4"]["bf16_prefill_rows"] == ({"int4": BF16_MIN_ROWS["int4"]} if bf16 else {})
+    from_rows = bf16_prefill_rows("int4")
+    assert rows["int4"]["bf16_prefill_rows"] == ({} if from_rows is None else {"int4": from_rows})
     assert rows["f32"]["bf16_prefill_rows"] == {}
 
 

@@ -393,11 +393,12 @@ def test_auto_loads_large_checkpoints_as_int8_on_cpu(mistral_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-def test_prefill_rows_use_bf16_matmuls_where_the_cpu_has_them(fmt, monkeypatch):
+def test_prefill_rows_use_bf16_matmuls_where_the_cpu_has_amx_tiles(fmt, monkeypatch):
     torch.manual_seed(0)
     layer = quantize_linear(torch.randn(200, 256), fmt)
     exact = lambda x: (x.double() @ layer.dequantize().double().T)  # noqa: E731
     monkeypatch.setattr(backend, "native_bf16", lambda: True)
+    monkeypatch.setattr(backend, "bf16_tiles", lambda: True)  # (int8/int4: only where AMX tiles pay)
     rows = backend.BF16_MIN_ROWS[fmt]
     x = torch.randn(rows, 256)
     y = layer(x)
@@ -407,6 +408,21 @@ def test_prefill_rows_use_bf16_matmuls_where_the_cpu_has_them(fmt, monkeypatch):
     if kernels.available():  # fewer rows (a decode step) stay on the kernels
         few = torch.randn(rows - 1, 256)
         assert_close_to_reference(layer(few), few, layer)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_without_amx_tiles_prefill_rows_stay_on_the_kernels(fmt, monkeypatch):
+    """AVX512-BF16 alone: the several-row kernels outrun dequantize + bf16 matmul at any length."""
+    if not kernels.available():
+        pytest.skip("the C kernels are not built")
+    torch.manual_seed(0)
+    layer = quantize_linear(torch.randn(200, 256), fmt)
+    monkeypatch.setattr(backend, "native_bf16", lambda: True)
+    monkeypatch.setattr(backend, "bf16_tiles", lambda: False)
+    assert backend.bf16_prefill_rows(fmt) is None
+    assert backend.bf16_prefill_rows("Q4_K") == backend.BF16_MIN_ROWS["Q4_K"]  # (the k-quants keep theirs)
+    x = torch.randn(2 * backend.BF16_MIN_ROWS[fmt], 256)
+    assert_close_to_reference(layer(x), x, layer)
 
 
 @pytest.mark.slow

@@ -135,7 +135,7 @@ def load_mistol(spec: Spec) -> Runner:
 
     from .. import kernels
     from ..engine import Engine, decode_step
-    from ..model.backend import BF16_MIN_ROWS, native_bf16
+    from ..model.backend import BF16_MIN_ROWS, bf16_prefill_rows
     from .models import mistol_model
     from .shapes import model_config
 
@@ -170,7 +170,7 @@ def load_mistol(spec: Spec) -> Runner:
     quantized = any(b.dtype == torch.uint8 for b in model.buffers())
     # from how many rows a prefill multiplies bf16 (dequantized) weights, per format held
     fmts = {getattr(m, "fmt", None) for m in model.modules()} & BF16_MIN_ROWS.keys()
-    bf16_from = {f: BF16_MIN_ROWS[f] for f in sorted(fmts)} if native_bf16() else {}
+    bf16_from = {f: bf16_prefill_rows(f) for f in sorted(fmts) if bf16_prefill_rows(f) is not None}
     info = {"load_s": load_s, "kernels": kernels.impl_name() if quantized else "torch", "bf16_prefill_rows": bf16_from,
             "model_bytes": held, "kv_bytes": lambda: state["session"].cache.nbytes,
             "kv_element_bytes": lambda: _cache_element_bytes(state["session"].cache), "threads_used": torch.get_num_threads()}

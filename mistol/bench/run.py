@@ -466,8 +466,8 @@ def prefill_path_lines(rows: list[dict]) -> list[str]:
         return []
     bf16 = {f: n for r in quantized for f, n in r.get("bf16_prefill_rows", {}).items()}
     if not bf16:
-        return ["mistol prefill: its int8-activation kernels at every prompt length (no bf16 instructions "
-                "used: this CPU lacks them, or --no-bf16)"]
+        return ["mistol prefill: its int8-activation kernels at every prompt length (bf16 instructions unused: "
+                "they do not pay for these formats on this CPU, it has none, or --no-bf16)"]
     crossover = ", ".join(f"{f} from {n}" for f, n in bf16.items())
     return [f"mistol prefill: bf16 matmuls on dequantized weights from this many rows on ({crossover}), "
             "its int8-activation kernels below (--no-bf16: the kernels at every length, as on a CPU without "

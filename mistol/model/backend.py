@@ -33,9 +33,10 @@ rows (`quantized_route`, `dense_kernel_runs`):
 |--------------------|--------------------------------------------------------------|------------------------------|
 | quantized kernels  | a `QuantizedLinear` (or `BlockLinear`) on a CPU with the C   | `kernels.gemm_matrices`      |
 |                    | kernels, fewer rows                                          |                              |
-|                    | than `BF16_MIN_ROWS[fmt]` or no native bf16                  |                              |
-| bf16 prefill       | a `QuantizedLinear` on a CPU with bf16 dot-product           | dequantize to bf16, matmul   |
-|                    | instructions (`native_bf16`), `BF16_MIN_ROWS[fmt]`+ rows     |                              |
+|                    | than `bf16_prefill_rows(fmt)` or no native bf16              |                              |
+| bf16 prefill       | a quantized layer on a CPU with bf16 dot-product             | dequantize to bf16, matmul   |
+|                    | instructions (`native_bf16`; int8/int4: AMX tiles),          |                              |
+|                    | `bf16_prefill_rows(fmt)`+ rows                               |                              |
 | dequantized matmul | a `QuantizedLinear` anywhere else (CUDA, no C kernels)       | dequantize by slabs, matmul  |
 | dense kernel       | float weights (`Linear`, `TiledLinear`, a tied head) on a    | `kernels.dense_many`         |
 |                    | CPU with the C kernels, at most `DENSE_MAX_ROWS` rows,       |                              |
@@ -62,10 +63,14 @@ from .cuda_graphs import GraphedDecoder
 from .kv_cache import Q8_0, KVCache
 
 DENSE_MAX_ROWS = 4  # rows of input up to which float weights use the dense kernel
-# From this many rows (a prefill chunk) a bf16-capable CPU runs bf16 matmuls. Each call first
-# dequantizes the whole weight (in C, slab by slab), a fixed cost that pays off only over
-# enough rows: these are the crossovers measured at 7B shapes on a 2-core AVX512-BF16 machine.
+# From this many rows (a prefill chunk) a bf16-capable CPU runs bf16 matmuls (`bf16_prefill_rows`).
+# Each call first dequantizes the whole weight (in C, slab by slab), a fixed cost that pays off
+# only over enough rows: these are the crossovers measured at 7B shapes on a 2-core AVX512-BF16
+# machine. int8 and int4 have crossovers only where AMX tiles multiply bf16 (not measured here):
+# since their several-row kernels keep each row pair's sums in registers they outrun
+# dequantize + bf16 matmul on AVX512-BF16 at every length measured (64-512 rows: 1.0-1.8x).
 BF16_MIN_ROWS = {"int8": 112, "int4": 144}
+KERNELS_OUTRUN_BF16 = frozenset(("int8", "int4"))  # (without AMX)
 # llama.cpp's block types kept as the file holds them (mistol.block_quant): their row-by-row
 # kernels spend 2-4x the int4 kernel's time per weight (scales per sub-block), and their
 # dequantization runs at 1-3 G weights/s a core, so bf16 slabs win from about 32 rows;
@@ -128,18 +133,40 @@ class Backend:
 
 # -- linear products ---------------------------------------------------------------------------
 @functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return frozenset()
+
+
+def _forced_bf16() -> bool | None:
+    forced = os.environ.get("MISTOL_BF16_PREFILL")
+    return forced == "1" if forced in ("0", "1") else None
+
+
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16
     matrix products outrun int8 ones; MISTOL_BF16_PREFILL=0/1 overrides."""
-    forced = os.environ.get("MISTOL_BF16_PREFILL")
-    if forced in ("0", "1"):
-        return forced == "1"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    forced = _forced_bf16()
+    return forced if forced is not None else bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+@functools.cache
+def bf16_tiles() -> bool:
+    """Whether this CPU multiplies bf16 in AMX tiles; MISTOL_BF16_PREFILL=0/1 overrides."""
+    forced = _forced_bf16()
+    return forced if forced is not None else "amx_bf16" in _cpu_flags()
+
+
+def bf16_prefill_rows(fmt: str) -> int | None:
+    """From how many input rows a quantized layer of format `fmt` multiplies dequantized bf16
+    weights on this CPU; None: never (its kernels at every length)."""
+    if not native_bf16() or (fmt in KERNELS_OUTRUN_BF16 and not bf16_tiles()):
+        return None
+    return BF16_MIN_ROWS[fmt]
 
 
 def quantized_route(rows: int, device: torch.device, fmt: str) -> str:
@@ -147,9 +174,10 @@ def quantized_route(rows: int, device: torch.device, fmt: str) -> str:
     BF16_PREFILL or DEQUANTIZED."""
     if device.type != "cpu":
         return DEQUANTIZED
-    if rows >= BF16_MIN_ROWS[fmt] and native_bf16():
-        # Prefill is compute-bound, and a CPU with bf16 dot-product instructions multiplies
-        # bf16 about twice as fast as our int8 kernels do (and a little more exactly).
+    from_rows = bf16_prefill_rows(fmt)
+    if from_rows is not None and rows >= from_rows:
+        # Prefill is compute-bound, and there a CPU's bf16 dot products (or tiles) multiply
+        # faster than our kernels (and a little more exactly).
         return BF16_PREFILL
     return QUANTIZED_KERNELS if kernels.available() else DEQUANTIZED
 
