@@ -17,7 +17,7 @@ from mistol.quant import QuantizedLinear, dequantize_ggml, quantize_ggml, quanti
 
 FMTS = ["int8", "int4"]
 IMPLS = kernel_impls()
-ROWS = [1, 2, 3, 5, 8, 13, 16, 17, 33]  # past 16: the rows are taken 16 at a time
+ROWS = [1, 2, 3, 5, 8, 9, 12, 13, 16, 17, 33]  # every count of row pairs to 8; past 16: 16 at a time
 # (N, K): a padded last group of 8 rows; 3 blocks; K past 4096 in 3 tiles of 86 blocks
 # (mistol.quant.tile_blocks), N not a multiple of 8; one block, one row.
 SHAPES = [(37, 96), (203, 8256), (64, 4128), (1, 32)]
