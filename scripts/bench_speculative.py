@@ -100,6 +100,7 @@ def derived_speedups(curve: list[tuple[int, float]], acceptances=(0.3, 0.5, 0.7)
     return result
 
 
+# -- 2. replies ----------------------------------------------------------------------------------
 def code_edits(count: int) -> list:
     """The evaluation's code-edit requests (scripts/eval_demo.py): a short block shown, one
     change asked for; a model that follows it writes the block again with that change."""

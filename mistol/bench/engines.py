@@ -170,7 +170,7 @@ def load_mistol(spec: Spec) -> Runner:
     quantized = any(b.dtype == torch.uint8 for b in model.buffers())
     # from how many rows a prefill multiplies bf16 (dequantized) weights, per format held
     fmts = {getattr(m, "fmt", None) for m in model.modules()} & BF16_MIN_ROWS.keys()
-    bf16_from = {f: bf16_prefill_rows(f) for f in sorted(fmts) if bf16_prefill_rows(f) is not None}
+    bf16_from = {f: n for f in sorted(fmts) if (n := bf16_prefill_rows(f)) is not None}
     info = {"load_s": load_s, "kernels": kernels.impl_name() if quantized else "torch", "bf16_prefill_rows": bf16_from,
             "model_bytes": held, "kv_bytes": lambda: state["session"].cache.nbytes,
             "kv_element_bytes": lambda: _cache_element_bytes(state["session"].cache), "threads_used": torch.get_num_threads()}

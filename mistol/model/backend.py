@@ -149,7 +149,8 @@ def _forced_bf16() -> bool | None:
 @functools.cache
 def native_bf16() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16
-    matrix products outrun int8 ones; MISTOL_BF16_PREFILL=0/1 overrides."""
+    matrix products can outrun our kernels (`bf16_prefill_rows`); MISTOL_BF16_PREFILL=0/1
+    overrides."""
     forced = _forced_bf16()
     return forced if forced is not None else bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
