@@ -288,9 +288,7 @@ VNNI_FN static void group_int4_vnni(const uint8_t *wg, const int8_t *qa, const f
 #ifndef PF_BYTES
 #define PF_BYTES 8192
 #endif
-#define PREFETCH_AHEAD(blk)                                                                     \
-    for (size_t off = 0; off < sizeof(*(blk)); off += 64) __builtin_prefetch((const char *)(blk) + PF_BYTES + off)
-#define PREFETCH_AHEAD_BYTES(blk, bytes) \
+#define PREFETCH_AHEAD(blk, bytes) \
     for (int64_t off = 0; off < (bytes); off += 64) __builtin_prefetch((const char *)(blk) + PF_BYTES + off)
 
 /* AVX512-VNNI on 512-bit vectors: the dot products, not the memory, bound several rows
@@ -303,6 +301,7 @@ VNNI_FN static void group_int4_vnni(const uint8_t *wg, const int8_t *qa, const f
  * all the blocks of a call: per pair and block, besides the 8 dot products, only the
  * scaling and one FMA (a permute, a blend, and a load and store of the sums there took
  * 10-15% of the time at 8-64 rows on one core, 7B's shapes). */
+/* each 4 bytes of the first (WIDEN0) or second (WIDEN1) 32-byte chunk of 64 bytes twice */
 #define WIDEN0(v) _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), (v))
 #define WIDEN1(v) \
     _mm512_permutexvar_epi32(_mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15), (v))
@@ -343,7 +342,7 @@ VNNI_FN static inline __attribute__((always_inline)) void rows_vnni(int fmt, int
         sums[p] = _mm512_permutexvar_ps(zip, _mm512_maskz_loadu_ps(2 * p + 1 < M ? 0xffff : 0x00ff, acc + 2 * p * IL));
     for (int64_t b = b0; b < b1; b++) {
         const uint8_t *blk = wg + b * bytes;
-        PREFETCH_AHEAD_BYTES(blk, bytes);
+        PREFETCH_AHEAD(blk, bytes);
         const uint16_t *d16 = fmt == FMT_INT8 ? ((const block_q8_0x8 *)blk)->d : ((const block_q4_0x8 *)blk)->d;
         const uint8_t *qs = fmt == FMT_INT8 ? (const uint8_t *)((const block_q8_0x8 *)blk)->qs
                                             : ((const block_q4_0x8 *)blk)->qs;
