@@ -4,8 +4,11 @@ sense (speeds are printed figures, never asserted: these machines are noisy)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -199,3 +202,23 @@ def test_a_tied_head_is_read_quantized():
     got = model.head(x)
     assert (got - exact).abs().max() <= 0.02 * exact.abs().max()
     assert bytes_per_token(config, "int4", 0) > bytes_per_token(model_config("tiny"), "int4", 0) - 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_measuring_ends_quietly(tmp_path):
+    """Ctrl-C reaches the whole process group, the engines' worker processes too: one exit
+    status, no traceback from any of them."""
+    proc = subprocess.Popen([sys.executable, "-m", "mistol", "bench", "--shape", "tiny", "--engines", "mistol",
+                             "--quant", "int4", "--steps", "20000", "--cache-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stderr:  # until a worker is loading or measuring
+        seen.append(line)
+        if line.startswith("measuring"):
+            break
+    time.sleep(3)  # (a tiny model: its worker is loaded and waiting for requests, or measuring)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    err = "".join(seen) + rest
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err

@@ -297,6 +297,8 @@ def main(argv: list[str]) -> int:
 
     try:
         serve(spec, sys.stdin, reply)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: `mistol bench` says it once
+        return 130
     except Exception as e:  # reported in the table, not as a traceback
         reply({"error": f"{type(e).__name__}: {e}"})
     return 0
