@@ -75,10 +75,11 @@ KERNELS_OUTRUN_BF16 = frozenset(("int8", "int4"))  # (without AMX)
 # kernels spend 2-4x the int4 kernel's time per weight (scales per sub-block), and their
 # dequantization runs at 1-3 G weights/s a core, so bf16 slabs win from about 32 rows;
 # repacked Q4_K, Q5_K and Q6_K (Q4_Kx8, Q5_Kx8, Q6_Kx8), whose kernels take 8 rows at once,
-# from about 160, 112 and 112 (measured on a 2-core AVX-512 EPYC, kernels against
-# dequantize + bf16 matmul, 4096 x 4096).
-BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1"), 32), Q4_Kx8=160, Q5_Kx8=112,
-                     Q6_Kx8=112)
+# from about 512, 320 and 192 (a 2-core AVX512-BF16 EPYC, 1 and 2 threads, 7B's FFN and
+# attention shapes, kernels against dequantize + bf16 matmul in turns: at 160 rows the kernels
+# took 0.8-0.97 of bf16's time for all three; at 320, Q4_K 0.85-0.94, Q5_K 1.0, Q6_K 1.15).
+BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1"), 32), Q4_Kx8=512, Q5_Kx8=320,
+                     Q6_Kx8=192)
 
 QUANTIZED_KERNELS, BF16_PREFILL, DEQUANTIZED = "kernels", "bf16", "dequantized"
 
