@@ -222,3 +222,33 @@ def test_ctrl_c_while_measuring_ends_quietly(tmp_path):
     err = "".join(seen) + rest
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_a_model_file_that_cannot_fit_is_refused_before_anything_is_written(tmp_path):
+    """A 7B bench file is 4-15 GB: where the disk cannot hold it, nothing is written (no
+    half-written file holding a full disk), and the error names --cache-dir."""
+    import dataclasses
+
+    from mistol.bench.models import write_bench_gguf
+
+    huge = dataclasses.replace(model_config("7b"), num_layers=100_000)  # ~20 TB of weights
+    with pytest.raises(OSError, match="GiB free in .*--cache-dir"):
+        write_bench_gguf(tmp_path / "huge.gguf", huge, "Q8_0")
+    with pytest.raises(OSError, match="--cache-dir"):
+        write_bench_gguf(tmp_path / "sub" / "huge-f16.gguf", huge, "F16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_that_fails_leaves_no_partial_file(tmp_path):
+    from mistol.bench.models import removed_on_failure
+
+    partial = tmp_path / "model.gguf.partial"
+    with pytest.raises(KeyboardInterrupt), removed_on_failure(partial):
+        partial.write_bytes(b"GGUF" + bytes(1 << 20))  # a first megabyte, then Ctrl-C
+        raise KeyboardInterrupt
+    directory = tmp_path / "checkpoint.partial"
+    with pytest.raises(OSError), removed_on_failure(directory):
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(bytes(1 << 20))
+        raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []

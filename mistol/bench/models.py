@@ -111,16 +111,47 @@ def gguf_tensors(config: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torc
         yield hf_name, drawn[shape]
 
 
+# Bytes per weight of the files the bench writes (the k-quant mixes rounded up), for the room check
+FILE_BYTES_PER_WEIGHT = {"F16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_K_M": 0.63, "Q5_K_M": 0.73, "Q6_K": 0.83}
+ROOM_TO_SPARE = 512 << 20  # a bench file leaves at least this much of its file system free
+
+
+def ensure_room(path: Path, nbytes: float) -> None:
+    """Raises OSError, before anything is written, where a file of about `nbytes` would not
+    fit in `path`'s file system with ROOM_TO_SPARE left (a 7B bench file is 4-15 GB)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if nbytes + ROOM_TO_SPARE > free:
+        raise OSError(f"{path.name} needs {nbytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free in {path.parent} "
+                      f"(--cache-dir DIR puts the bench's files elsewhere)")
+
+
+@contextlib.contextmanager
+def removed_on_failure(partial: Path):
+    """A file or directory being written is removed if writing it fails or is interrupted:
+    a half-written 7B file would hold gigabytes of a full disk."""
+    try:
+        yield
+    except BaseException:
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        raise
+
+
 def write_bench_gguf(path: Path, config: ModelConfig, tensor_type: str, progress: bool = True) -> Path:
     from ..weights.gguf_export import write_gguf
-    from .shapes import synthetic_tokenizer
+    from .shapes import all_weights, synthetic_tokenizer
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     # A tied embedding is also the head: Q8_0 at 4 bits, as mistol runs it (shapes.head_format)
     embedding_type = "Q8_0" if config.tie_word_embeddings and tensor_type == "Q4_0" else None
-    write_gguf(partial, config, gguf_tensors(config), synthetic_tokenizer(config.vocab_size),
-               tensor_type=tensor_type, embedding_type=embedding_type, progress=progress)
+    ensure_room(path, all_weights(config) * FILE_BYTES_PER_WEIGHT[embedding_type or tensor_type])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with removed_on_failure(partial):
+        write_gguf(partial, config, gguf_tensors(config), synthetic_tokenizer(config.vocab_size),
+                   tensor_type=tensor_type, embedding_type=embedding_type, progress=progress)
     partial.replace(path)  # only a whole file gets the final name (a cache for the next run)
     return path
 
@@ -144,8 +175,6 @@ def write_bench_checkpoint(directory: Path, shape: str, fmt: str, progress: bool
     config = model_config(shape)
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    (partial / "config.json").write_text(json.dumps({**hf_config(shape), "torch_dtype": DTYPES_HF[fmt]}, indent=2))
     tensors = list(gguf_tensors(config))  # equal shapes share one draw: ~0.5 GB at 7B
     entries, offset = {}, 0
     for name, t in tensors:  # a header first: names, shapes and byte ranges
@@ -154,9 +183,12 @@ def write_bench_checkpoint(directory: Path, shape: str, fmt: str, progress: bool
         offset += size
     header = json.dumps({"__metadata__": {"format": "pt"}, **entries}).encode()
     header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
-    with open(partial / "model.safetensors", "wb") as f, tqdm(
+    ensure_room(directory, offset)
+    partial.mkdir(parents=True)
+    with removed_on_failure(partial), open(partial / "model.safetensors", "wb") as f, tqdm(
             total=offset, unit="B", unit_scale=True, desc=f"Writing {shape} {fmt} weights",
             disable=None if progress is None else not progress) as bar:
+        (partial / "config.json").write_text(json.dumps({**hf_config(shape), "torch_dtype": DTYPES_HF[fmt]}, indent=2))
         f.write(len(header).to_bytes(8, "little") + header)
         for _, t in tensors:
             f.write(t.to(dtype).contiguous().view(torch.uint8).numpy())
@@ -176,10 +208,12 @@ def write_llama_cpp_quantized(path: Path, source: Path, ftype: str, threads: int
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = threads
     partial = path.with_name(path.name + ".partial")
-    with _quiet_stderr():  # llama.cpp logs a line per tensor; the caller says what it is doing
-        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)
-    if failed:
-        raise OSError(f"llama.cpp could not quantize {source} to {ftype}")
+    ensure_room(path, source.stat().st_size / FILE_BYTES_PER_WEIGHT["F16"] * FILE_BYTES_PER_WEIGHT[ftype])
+    with removed_on_failure(partial):
+        with _quiet_stderr():  # llama.cpp logs a line per tensor; the caller says what it is doing
+            failed = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)
+        if failed:
+            raise OSError(f"llama.cpp could not quantize {source} to {ftype}")
     partial.replace(path)
     return path
 
