@@ -112,7 +112,8 @@ def gguf_tensors(config: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torc
 
 
 # Bytes per weight of the files the bench writes (the k-quant mixes rounded up), for the room check
-FILE_BYTES_PER_WEIGHT = {"F16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_K_M": 0.63, "Q5_K_M": 0.73, "Q6_K": 0.83}
+FILE_BYTES_PER_WEIGHT = {"F32": 4.0, "F16": 2.0, "BF16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32,
+                         "Q4_K_M": 0.63, "Q5_K_M": 0.73, "Q6_K": 0.83}
 ROOM_TO_SPARE = 512 << 20  # a bench file leaves at least this much of its file system free
 
 
