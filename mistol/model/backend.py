@@ -77,7 +77,7 @@ KERNELS_OUTRUN_BF16 = frozenset(("int8", "int4"))  # (without AMX)
 # repacked Q4_K, Q5_K and Q6_K (Q4_Kx8, Q5_Kx8, Q6_Kx8), whose kernels take 8 rows at once,
 # from about 512, 320 and 192 (a 2-core AVX512-BF16 EPYC, 1 and 2 threads, 7B's FFN and
 # attention shapes, kernels against dequantize + bf16 matmul in turns: at 160 rows the kernels
-# took 0.8-0.97 of bf16's time for all three; at 320, Q4_K 0.85-0.94, Q5_K 1.0, Q6_K 1.15).
+# took 0.75-0.98 of bf16's time for all three; at 320, Q4_K 0.85-0.94, Q5_K 1.0-1.03, Q6_K 1.16-1.18).
 BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1"), 32), Q4_Kx8=512, Q5_Kx8=320,
                      Q6_Kx8=192)
 
