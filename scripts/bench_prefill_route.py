@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import time
 from collections import defaultdict
 
@@ -27,25 +26,19 @@ from mistol.engine import Engine
 from mistol.errors import MistolError
 from mistol.model import backend
 
+ROUTES = (backend.QUANTIZED_KERNELS, backend.BF16_PREFILL)
+
 
 @contextlib.contextmanager
-def bf16_route(on: bool):
-    """Every quantized layer on bf16 weights (on) or on its kernels (off), whatever the CPU."""
-    saved_env, saved_rows = os.environ.get("MISTOL_BF16_PREFILL"), dict(backend.BF16_MIN_ROWS)
-    os.environ["MISTOL_BF16_PREFILL"] = "1" if on else "0"
-    backend.BF16_MIN_ROWS.update(dict.fromkeys(saved_rows, 1))
-    backend.native_bf16.cache_clear()
-    backend.bf16_tiles.cache_clear()
+def route(name: str):
+    """Every quantized layer on one route (backend.QUANTIZED_KERNELS or BF16_PREFILL), whatever
+    the CPU and the row count."""
+    chosen = backend.quantized_route
+    backend.quantized_route = lambda rows, device, fmt: name
     try:
         yield
     finally:
-        if saved_env is None:
-            os.environ.pop("MISTOL_BF16_PREFILL")
-        else:
-            os.environ["MISTOL_BF16_PREFILL"] = saved_env
-        backend.BF16_MIN_ROWS.update(saved_rows)
-        backend.native_bf16.cache_clear()
-        backend.bf16_tiles.cache_clear()
+        backend.quantized_route = chosen
 
 
 def quantized_layers(model) -> dict[str, list]:
@@ -87,15 +80,16 @@ def main() -> None:
             cells = []
             for m in rows:
                 xs = [torch.randn(m, layer.in_features) for layer in layers]
-                best = {True: float("inf"), False: float("inf")}
+                best = {name: float("inf") for name in ROUTES}
                 for _ in range(args.rounds):
-                    for on in (False, True):
-                        with bf16_route(on):
+                    for name in ROUTES:
+                        with route(name):
                             start = time.perf_counter()
                             for layer, x in zip(layers, xs):
                                 layer(x)
-                            best[on] = min(best[on], time.perf_counter() - start)
-                cells.append(f"{m} rows {best[False] / best[True]:.2f} ({best[False] * 1e3:.0f} / {best[True] * 1e3:.0f} ms)")
+                            best[name] = min(best[name], time.perf_counter() - start)
+                kernels, bf16 = (best[name] for name in ROUTES)
+                cells.append(f"{m} rows {kernels / bf16:.2f} ({kernels * 1e3:.0f} / {bf16 * 1e3:.0f} ms)")
             print(f"{fmt} [{shapes}]: kernels / bf16: " + "  ".join(cells), flush=True)
 
 

@@ -111,10 +111,15 @@ def gguf_tensors(config: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torc
         yield hf_name, drawn[shape]
 
 
-# Bytes per weight of the files the bench writes (the k-quant mixes rounded up), for the room check
-FILE_BYTES_PER_WEIGHT = {"F32": 4.0, "F16": 2.0, "BF16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32,
-                         "Q4_K_M": 0.63, "Q5_K_M": 0.73, "Q6_K": 0.83}
+KQUANT_BYTES_PER_WEIGHT = {"Q4_K_M": 0.63, "Q5_K_M": 0.73, "Q6_K": 0.83}  # llama.cpp's mixes, rounded up
 ROOM_TO_SPARE = 512 << 20  # a bench file leaves at least this much of its file system free
+
+
+def file_bytes_per_weight(file_type: str) -> float:
+    """Bytes a weight takes in a bench file of `file_type` (what we write, or llama.cpp's k-quants)."""
+    from ..weights.gguf_export import BYTES_PER_32
+
+    return BYTES_PER_32[file_type] / 32 if file_type in BYTES_PER_32 else KQUANT_BYTES_PER_WEIGHT[file_type]
 
 
 def ensure_room(path: Path, nbytes: float) -> None:
@@ -148,7 +153,7 @@ def write_bench_gguf(path: Path, config: ModelConfig, tensor_type: str, progress
     partial = path.with_name(path.name + ".partial")
     # A tied embedding is also the head: Q8_0 at 4 bits, as mistol runs it (shapes.head_format)
     embedding_type = "Q8_0" if config.tie_word_embeddings and tensor_type == "Q4_0" else None
-    ensure_room(path, all_weights(config) * FILE_BYTES_PER_WEIGHT[embedding_type or tensor_type])
+    ensure_room(path, all_weights(config) * file_bytes_per_weight(embedding_type or tensor_type))
     path.parent.mkdir(parents=True, exist_ok=True)
     with removed_on_failure(partial):
         write_gguf(partial, config, gguf_tensors(config), synthetic_tokenizer(config.vocab_size),
@@ -209,7 +214,7 @@ def write_llama_cpp_quantized(path: Path, source: Path, ftype: str, threads: int
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = threads
     partial = path.with_name(path.name + ".partial")
-    ensure_room(path, source.stat().st_size / FILE_BYTES_PER_WEIGHT["F16"] * FILE_BYTES_PER_WEIGHT[ftype])
+    ensure_room(path, source.stat().st_size / file_bytes_per_weight("F16") * file_bytes_per_weight(ftype))
     with removed_on_failure(partial):
         with _quiet_stderr():  # llama.cpp logs a line per tensor; the caller says what it is doing
             failed = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)

@@ -29,7 +29,7 @@ from .checkpoint import bar_disabled, find_weight_files, iter_tensor_sources, mo
 from .gguf_layout import architecture_of, gguf_name, rope_heads, to_gguf_rows
 
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
-_BYTES_PER_32 = {"F32": 128, "F16": 64, "BF16": 64, "Q8_0": 34, "Q4_0": 18}  # bytes per 32 values
+BYTES_PER_32 = {"F32": 128, "F16": 64, "BF16": 64, "Q8_0": 34, "Q4_0": 18}  # bytes per 32 values
 _QUANT = {"Q8_0": "int8", "Q4_0": "int4"}
 _SLAB = 1 << 21  # values converted and written at a time
 
@@ -49,7 +49,7 @@ class _Slot:
         n = 1
         for d in self.shape:
             n *= d
-        return n * _BYTES_PER_32[self.ggml_type] // 32
+        return n * BYTES_PER_32[self.ggml_type] // 32
 
 
 def write_gguf(
