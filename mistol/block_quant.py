@@ -24,12 +24,15 @@ from torch import nn
 from . import kernels
 from .errors import MistolError
 from .model import backend
-from .quant import kernel_input, matmul_dequantized, output_like
+from .quant import BLOCK, FORMATS, QuantizedLinear, dequantize_ggml, kernel_input, matmul_dequantized, output_like
 
 # inputs per block, bytes per block
 ROW_FORMATS = {"Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
                "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24)}
 KERNEL_LAYOUTS = {"Q4_Kx8": "Q4_K", "Q5_Kx8": "Q5_K", "Q6_Kx8": "Q6_K"}  # layouts made at load, and their GGUF types
+# llama.cpp's types that are the int8 / int4 kernels' blocks (mistol.quant): a token embedding keeps them as blocks too
+INT_KERNEL_TYPES = {"Q8_0": "int8", "Q4_0": "int4"}
+EMBEDDING_FORMATS = (*ROW_FORMATS, *INT_KERNEL_TYPES)
 _SLAB_VALUES = 1 << 22  # weights dequantized at a time on the prefill path
 
 
@@ -114,30 +117,66 @@ class BlockLinear(nn.Module):
 
 class BlockEmbedding(nn.Module):
     """A token embedding kept as a GGUF tensor's blocks (uint8 [vocab, bytes per row] in
-    `packed`): a token's row is dequantized when it is looked up, to `dtype`. A float32
-    copy of a 7B embedding would take 0.5 GB, an eighth of a Q4_K_M file; as blocks it takes
-    its share of the file. A tied output head multiplies the same blocks (`as_linear`)."""
+    `packed`: one of ROW_FORMATS, or llama.cpp's Q8_0 / Q4_0): a token's row is dequantized
+    when it is looked up, to `dtype`. A float32 copy would take 0.5 GB at 7B (an eighth of
+    a Q4_K_M file) and 0.5 GB at Qwen2.5-0.5B (more than its whole Q4_K_M file); as blocks
+    it takes its share of the file, and only the rows looked up are ever read.
+
+    A tied output head multiplies the same values (`as_linear`), on the layout the kernels
+    run fastest, made once from the file's bytes with nothing requantized: Q8_0 / Q4_0 as the
+    int8 / int4 kernels' packed layout (`QuantizedLinear.from_ggml`), Q4_K / Q5_K / Q6_K
+    repacked 8 rows at a time (`BlockLinear.for_kernels`), the other types as they are. It
+    is made at load for a tied model (`tied`), else when first asked for."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, fmt: str, packed: torch.Tensor,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, tied: bool = False):
         super().__init__()
-        self.rows = BlockLinear(embedding_dim, num_embeddings, fmt, packed)
+        if fmt not in EMBEDDING_FORMATS:
+            raise MistolError(f"unknown block type {fmt!r} (choose from {', '.join(EMBEDDING_FORMATS)})")
+        if fmt in ROW_FORMATS:
+            self.rows = BlockLinear(embedding_dim, num_embeddings, fmt, packed)
+        else:  # Q8_0 / Q4_0: rows of llama.cpp's 32-input blocks
+            ggml_bytes = embedding_dim // BLOCK * FORMATS[INT_KERNEL_TYPES[fmt]].ggml_block_bytes
+            if embedding_dim % BLOCK or tuple(packed.shape) != (num_embeddings, ggml_bytes) or packed.dtype != torch.uint8:
+                raise MistolError(f"{fmt} embedding: expected uint8 [{num_embeddings}, {ggml_bytes}] and a "
+                                  f"width that is a multiple of {BLOCK}, found {packed.dtype} {list(packed.shape)}")
+            self.rows = None
+            self.register_buffer("packed", packed)
         self.num_embeddings, self.embedding_dim, self.fmt, self.dtype = num_embeddings, embedding_dim, fmt, dtype
+        self.head = self._make_head(packed) if tied else None
 
     @property
     def device(self) -> torch.device:
-        return self.rows.packed.device
+        return (self.packed if self.rows is None else self.rows.packed).device
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         ids = tokens.reshape(-1).to(self.device)
         if ((ids < 0) | (ids >= self.num_embeddings)).any():
             raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
-        picked = BlockLinear(self.embedding_dim, ids.numel(), self.fmt, self.rows.packed[ids])
-        return picked.dequantize().to(self.dtype).view(*tokens.shape, self.embedding_dim)
+        if self.rows is None:
+            picked = self.packed[ids].view(ids.numel(), self.embedding_dim // BLOCK, -1)
+            values = dequantize_ggml(picked, INT_KERNEL_TYPES[self.fmt])
+        else:
+            values = BlockLinear(self.embedding_dim, ids.numel(), self.fmt, self.rows.packed[ids]).dequantize()
+        return values.to(self.dtype).view(*tokens.shape, self.embedding_dim)
 
-    def as_linear(self) -> BlockLinear:
+    def as_linear(self) -> nn.Module:
         """The blocks as a linear layer [vocab, hidden] (a tied head)."""
-        return self.rows
+        if self.head is None:
+            self.head = self._make_head(self.packed if self.rows is None else self.rows.packed)
+        return self.head
+
+    def _make_head(self, packed: torch.Tensor) -> nn.Module:
+        if self.rows is None:
+            return QuantizedLinear.from_ggml(packed, INT_KERNEL_TYPES[self.fmt], self.num_embeddings, self.embedding_dim)
+        head = BlockLinear.for_kernels(self.embedding_dim, self.num_embeddings, self.fmt, packed)
+        return head if head.fmt != self.fmt else self.rows  # (repacked, or the rows themselves)
+
+    @property
+    def head_is_a_copy(self) -> bool:
+        """Whether a head was made that holds the values a second time: the lookups then read
+        the file's rows only now and then, and the loader gives their pages back."""
+        return self.head is not None and self.head is not self.rows
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt}"

@@ -16,6 +16,8 @@ import torch
 
 import llama_cpp_ref
 from checkpoints import make_checkpoint, reference
+from mistol import kernels
+from mistol.block_quant import EMBEDDING_FORMATS, INT_KERNEL_TYPES, BlockEmbedding
 from mistol.engine import Engine
 from mistol.weights.gguf_file import GGUFFile
 
@@ -143,7 +145,14 @@ def test_llama_cpp_quantized_files_give_llama_cpps_logits(family, ftype, monkeyp
     path = llama_cpp_ref.quantize(f32, f32.with_name(f"{ftype}.gguf"), ftype)
     kinds = {t.tensor_type.name for t in GGUFFile(path).tensors.values()}
     assert ftype.removesuffix("_M") in kinds, kinds  # (Q4_K_M: Q4_K, with some Q6_K)
-    ours, theirs = mistol_logits(path), llama_cpp_logits(path)
+    engine = Engine.load(path, dtype="f32")
+    embedding = engine.model.embed_tokens
+    stored = GGUFFile(path).tensors["token_embd.weight"].tensor_type.name
+    if kernels.available() and stored in EMBEDDING_FORMATS:  # blocks, and a tied head on the kernels' layout
+        assert isinstance(embedding, BlockEmbedding)
+        want = INT_KERNEL_TYPES.get(stored) or (stored + "x8" if stored in kernels.X8_GROUP_BYTES else stored)
+        assert engine.model.lm_head is not None or embedding.head.fmt == want
+    ours, theirs = engine.new_session().feed(TOKENS, all_logits=True), llama_cpp_logits(path)
     between, quantization = relative_error(ours, theirs), relative_error(theirs, ref)
     print(f"{name} {ftype}: mistol vs llama.cpp {between:.1e} (max {(ours - theirs).abs().max():.2e}), "
           f"llama.cpp vs transformers {quantization:.1e}, mistol vs transformers {relative_error(ours, ref):.1e}")

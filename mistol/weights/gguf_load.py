@@ -14,8 +14,9 @@ What each tensor type becomes:
   no copy, but for q/k rows that need reordering), whatever `quant` says.
 - Other block types (Q2_K, Q3_K), and the above elsewhere: see `convert_format`.
 - The norms are floats in the requested dtype, and so is the token embedding, but for an
-  embedding of one of the block types above, which stays blocks (`BlockEmbedding`: rows
-  decoded as tokens are looked up; a tied head multiplies the blocks).
+  embedding of one of the block types above (Q8_0 and Q4_0 included) on a CPU with the
+  compiled kernels, which stays blocks (`BlockEmbedding`: rows decoded as tokens are looked
+  up; a tied head multiplies the file's values, on the kernels' layout).
 
 q and k rows are put back from llama.cpp's RoPE order (`gguf_layout`) as they are read,
 for quantized rows as well.
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..block_quant import ROW_FORMATS, BlockEmbedding, BlockLinear
+from ..block_quant import EMBEDDING_FORMATS, ROW_FORMATS, BlockEmbedding, BlockLinear
 from ..errors import MistolError
 from ..model import Transformer
 from ..model.linear import TiledLinear, tiles_pay_off
@@ -90,8 +91,11 @@ def load_gguf(
             heads = rope_heads(key, config, gf.architecture)
             src = _Rows(tensor, from_gguf_rows(tensor.data.shape[0], heads) if heads else None)
             fmt = convert_format(src.type, quant, native) if _is_linear(key, tensor) else None
-            if key == "embed_tokens.weight" and native and src.type in ROW_FORMATS:
-                model.embed_tokens = BlockEmbedding(*src.shape, src.type, _file_rows(src), dtype)
+            if key == "embed_tokens.weight" and native and src.type in EMBEDDING_FORMATS:
+                embedding = BlockEmbedding(*src.shape, src.type, _file_rows(src), dtype, tied=config.tie_word_embeddings)
+                model.embed_tokens = embedding
+                if embedding.head_is_a_copy:
+                    release_pages(torch.from_numpy(tensor.data))
             elif fmt is None and _is_linear(key, tensor) and tiles_pay_off(src.shape, device):
                 release = release_pages if src.order is None else None  # (values: views of the mapped file)
                 set_linear(model, key, TiledLinear.from_rows(src.values, *src.shape, dtype, release=release))
