@@ -489,6 +489,49 @@ def one_line_error(args, capsys) -> str:
     return line
 
 
+def test_the_header_reads_as_the_gguf_packages_own_reader_does(hermes_gguf, tmp_path):
+    """Every metadata value and every tensor (type, dimensions, bytes) as `gguf.GGUFReader`
+    gives them, on a file with a 32k-token vocabulary: our parser keeps string arrays as
+    bytes, not two numpy arrays a string."""
+    from mistol.weights.gguf_header import read_header
+
+    reference = gguf.GGUFReader(hermes_gguf)
+    ours = GGUFFile(hermes_gguf)
+    keys = [key for key in reference.fields if not key.startswith("GGUF.")]
+    assert keys == list(read_header(hermes_gguf).metadata) and "tokenizer.ggml.tokens" in keys
+    for key in keys:
+        assert ours.get(key) == reference.fields[key].contents(), key
+    assert list(ours.tensors) == [t.name for t in reference.tensors]
+    for theirs in reference.tensors:
+        mine = ours.tensors[theirs.name]
+        assert (mine.tensor_type, list(mine.shape), mine.n_elements, mine.n_bytes, mine.data_offset) == (
+            theirs.tensor_type, list(theirs.shape), theirs.n_elements, theirs.n_bytes, theirs.data_offset)
+        assert mine.data.dtype == theirs.data.dtype and np.array_equal(mine.data, theirs.data)
+
+
+def test_a_damaged_header_is_refused_before_any_allocation(mistral_dir, tmp_path):
+    """Counts and lengths are checked against the bytes left: a huge count fails at once."""
+    import struct
+
+    good = bytearray(export(mistral_dir, tmp_path / "good.gguf", "Q8_0").read_bytes())
+    cases = {
+        "metadata count": (16, struct.pack("<Q", 2**62)),  # after magic, version, tensor count
+        "key length": (24, struct.pack("<Q", 2**40)),
+        "version": (4, struct.pack("<I", 7)),
+        "big-endian": (4, struct.pack(">I", 3)),
+    }
+    for what, (offset, raw) in cases.items():
+        bad = good.copy()
+        bad[offset : offset + len(raw)] = raw
+        path = tmp_path / f"{what}.gguf"
+        path.write_bytes(bad)
+        with pytest.raises(MistolError, match="truncated or corrupt GGUF file") as caught:
+            GGUFFile(path)
+        print(what, "->", caught.value)
+        if what in ("version", "big-endian"):
+            assert ("version 7" if what == "version" else "big-endian") in str(caught.value)
+
+
 def test_bad_gguf_files_give_one_line_errors(mistral_dir, tmp_path, capsys):
     text = tmp_path / "notes.gguf"
     text.write_text("just some text, not a model\n")

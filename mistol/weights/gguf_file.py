@@ -2,7 +2,7 @@
 
 A GGUF file is a header of typed key/value metadata (`llama.block_count`,
 `tokenizer.ggml.tokens`, ...) and tensor descriptions, then the tensor data, aligned.
-`gguf.GGUFReader` maps the file (here copy-on-write, so tensors can be used in place and
+`gguf_header.read_header` maps the file (copy-on-write, so tensors can be used in place and
 the file is never modified) and parses the header; this module turns that into a
 `ModelConfig` and our parameter names, with a one-line `MistolError` for anything we
 cannot run.
@@ -32,24 +32,25 @@ class GGUFFile:
             raise MistolError(f"{self.path}: cannot read ({e.strerror or e})") from None
         if magic != _MAGIC:
             raise MistolError(f"{self.path}: not a GGUF file (it does not start with the bytes 'GGUF')")
-        from gguf import GGUFReader
+        from .gguf_header import HeaderError, read_header
 
         try:
-            self._reader = GGUFReader(self.path, "c")
+            header = read_header(self.path)
         except OSError as e:
             raise MistolError(f"{self.path}: cannot read ({e.strerror or e})") from None
-        except Exception as e:  # the reader fails in many ways on a cut-off or damaged header
-            raise MistolError(f"{self.path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
-        self.tensors = {t.name: t for t in self._reader.tensors}
+        except HeaderError as e:
+            raise MistolError(f"{self.path}: truncated or corrupt GGUF file ({e})") from None
+        self._metadata = header.metadata
+        self.tensors = {t.name: t for t in header.tensors}
 
     def get(self, key: str, default: Any = None) -> Any:
         """A metadata value (int, float, bool, str, or a list of them), or `default`."""
-        field = self._reader.get_field(key)
-        if field is None:
+        value = self._metadata.get(key)
+        if value is None:
             return default
         try:
-            return field.contents()
-        except (UnicodeDecodeError, ValueError, IndexError) as e:
+            return _plain(value)
+        except UnicodeDecodeError as e:
             raise MistolError(f"{self.path}: metadata {key!r} cannot be read ({e})") from None
 
     def need(self, key: str) -> Any:
@@ -139,3 +140,14 @@ class GGUFFile:
                 f"found {tensor.tensor_type.name} {[int(d) for d in tensor.shape]}"
             )
         return tuple(float(v) for v in np.asarray(tensor.data, dtype=np.float32))
+
+
+def _plain(value: Any) -> Any:
+    """A parsed metadata value as Python values: bytes decoded, arrays as lists."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
