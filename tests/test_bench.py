@@ -160,6 +160,8 @@ def test_a_users_gguf_and_llama_cpp_made_kquants(tmp_path):
     assert rows["mistol"]["threads_used"] == rows["llama.cpp"]["threads_used"] == 1
     # both against the same ceiling: what a step reads of the file (every tensor but the embedding)
     assert rows["mistol"]["weight_bytes"] == rows["llama.cpp"]["weight_bytes"] < made.stat().st_size
+    # and their memory against the same size: the file's
+    assert rows["mistol"]["model_bytes"] == rows["llama.cpp"]["model_bytes"] == made.stat().st_size
     assert report["ratios"][0]["versus"] == "llama.cpp Q4_K_M"
 
     r = bench("--gguf", str(made), "--engines", "mistol", "--prompts", "16", "--steps", "2", "--json",

@@ -166,7 +166,9 @@ def load_mistol(spec: Spec) -> Runner:
         return decode_step([state["session"]], [token])[0]
 
     model = engine.model
-    held = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+    # a file's RSS is set against its size, as llama.cpp's is (what the person downloaded);
+    # a model made in memory, against what it holds
+    held = os.path.getsize(spec.gguf) if spec.gguf else sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
     quantized = any(b.dtype == torch.uint8 for b in model.buffers())
     # from how many rows a prefill multiplies bf16 (dequantized) weights, per format held
     fmts = {getattr(m, "fmt", None) for m in model.modules()} & BF16_MIN_ROWS.keys()

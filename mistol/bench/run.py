@@ -504,8 +504,9 @@ def report_table(report: dict) -> str:
     lines.append("")
     lines.append("prefill and decode in tokens/s; ceiling = bandwidth (read in turns with the decoding, column "
                  "'GB/s') / bytes read per decoded token; "
-                 "RSS/(model+KV) = growth of the peak RSS while measuring over the bytes of the model as held "
-                 "(quantized layers, float embedding and norms; for llama.cpp its file) plus its KV cache; "
+                 "RSS/(model+KV) = growth of the peak RSS while measuring over the bytes of the model (a GGUF "
+                 "file's size, for both engines; else as mistol holds it: quantized layers, float embedding and "
+                 "norms) plus its KV cache; "
                  "huge pages = the engine's memory in transparent huge pages at the end (every engine asks for "
                  "them unless --pages small; llama.cpp loads without mmap, so that its weights can have them)")
     together = sorted({" with ".join(sorted([_label(Spec(r["engine"], r["fmt"], r["shape"], pages=r["pages"])),
