@@ -24,15 +24,14 @@ from torch import nn
 from . import kernels
 from .errors import MistolError
 from .model import backend
-from .quant import BLOCK, FORMATS, QuantizedLinear, dequantize_ggml, kernel_input, matmul_dequantized, output_like
+from .quant import BLOCK, FORMATS, GGML_TYPES, QuantizedLinear, dequantize_ggml, kernel_input, matmul_dequantized, output_like
 
 # inputs per block, bytes per block
 ROW_FORMATS = {"Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
                "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24)}
 KERNEL_LAYOUTS = {"Q4_Kx8": "Q4_K", "Q5_Kx8": "Q5_K", "Q6_Kx8": "Q6_K"}  # layouts made at load, and their GGUF types
-# llama.cpp's types that are the int8 / int4 kernels' blocks (mistol.quant): a token embedding keeps them as blocks too
-INT_KERNEL_TYPES = {"Q8_0": "int8", "Q4_0": "int4"}
-EMBEDDING_FORMATS = (*ROW_FORMATS, *INT_KERNEL_TYPES)
+# a token embedding keeps these as blocks: the row formats, and the int8 / int4 kernels' own (Q8_0, Q4_0)
+EMBEDDING_FORMATS = (*ROW_FORMATS, *GGML_TYPES)
 _SLAB_VALUES = 1 << 22  # weights dequantized at a time on the prefill path
 
 
@@ -136,7 +135,7 @@ class BlockEmbedding(nn.Module):
         if fmt in ROW_FORMATS:
             self.rows = BlockLinear(embedding_dim, num_embeddings, fmt, packed)
         else:  # Q8_0 / Q4_0: rows of llama.cpp's 32-input blocks
-            ggml_bytes = embedding_dim // BLOCK * FORMATS[INT_KERNEL_TYPES[fmt]].ggml_block_bytes
+            ggml_bytes = embedding_dim // BLOCK * FORMATS[GGML_TYPES[fmt]].ggml_block_bytes
             if embedding_dim % BLOCK or tuple(packed.shape) != (num_embeddings, ggml_bytes) or packed.dtype != torch.uint8:
                 raise MistolError(f"{fmt} embedding: expected uint8 [{num_embeddings}, {ggml_bytes}] and a "
                                   f"width that is a multiple of {BLOCK}, found {packed.dtype} {list(packed.shape)}")
@@ -155,7 +154,7 @@ class BlockEmbedding(nn.Module):
             raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
         if self.rows is None:
             picked = self.packed[ids].view(ids.numel(), self.embedding_dim // BLOCK, -1)
-            values = dequantize_ggml(picked, INT_KERNEL_TYPES[self.fmt])
+            values = dequantize_ggml(picked, GGML_TYPES[self.fmt])
         else:
             values = BlockLinear(self.embedding_dim, ids.numel(), self.fmt, self.rows.packed[ids]).dequantize()
         return values.to(self.dtype).view(*tokens.shape, self.embedding_dim)
@@ -168,7 +167,7 @@ class BlockEmbedding(nn.Module):
 
     def _make_head(self, packed: torch.Tensor) -> nn.Module:
         if self.rows is None:
-            return QuantizedLinear.from_ggml(packed, INT_KERNEL_TYPES[self.fmt], self.num_embeddings, self.embedding_dim)
+            return QuantizedLinear.from_ggml(packed, GGML_TYPES[self.fmt], self.num_embeddings, self.embedding_dim)
         head = BlockLinear.for_kernels(self.embedding_dim, self.num_embeddings, self.fmt, packed)
         return head if head.fmt != self.fmt else self.rows  # (repacked, or the rows themselves)
 

@@ -55,6 +55,7 @@ class QuantFormat:
 
 
 FORMATS = {"int8": QuantFormat("int8", "Q8_0", 32), "int4": QuantFormat("int4", "Q4_0", 16)}
+GGML_TYPES = {f.ggml_type: f.name for f in FORMATS.values()}  # llama.cpp's Q8_0 / Q4_0 -> int8 / int4
 
 
 def _format(fmt: str) -> QuantFormat:

@@ -17,8 +17,9 @@ import torch
 import llama_cpp_ref
 from checkpoints import make_checkpoint, reference
 from mistol import kernels
-from mistol.block_quant import EMBEDDING_FORMATS, INT_KERNEL_TYPES, BlockEmbedding
+from mistol.block_quant import EMBEDDING_FORMATS, BlockEmbedding
 from mistol.engine import Engine
+from mistol.quant import GGML_TYPES
 from mistol.weights.gguf_file import GGUFFile
 
 pytestmark = pytest.mark.slow
@@ -150,7 +151,7 @@ def test_llama_cpp_quantized_files_give_llama_cpps_logits(family, ftype, monkeyp
     stored = GGUFFile(path).tensors["token_embd.weight"].tensor_type.name
     if kernels.available() and stored in EMBEDDING_FORMATS:  # blocks, and a tied head on the kernels' layout
         assert isinstance(embedding, BlockEmbedding)
-        want = INT_KERNEL_TYPES.get(stored) or (stored + "x8" if stored in kernels.X8_GROUP_BYTES else stored)
+        want = GGML_TYPES.get(stored) or (stored + "x8" if stored in kernels.X8_GROUP_BYTES else stored)
         assert engine.model.lm_head is not None or embedding.head.fmt == want
     ours, theirs = engine.new_session().feed(TOKENS, all_logits=True), llama_cpp_logits(path)
     between, quantization = relative_error(ours, theirs), relative_error(theirs, ref)

@@ -32,14 +32,13 @@ from ..block_quant import EMBEDDING_FORMATS, ROW_FORMATS, BlockEmbedding, BlockL
 from ..errors import MistolError
 from ..model import Transformer
 from ..model.linear import TiledLinear, tiles_pay_off
-from ..quant import QuantizedLinear, quantize_rows
+from ..quant import GGML_TYPES, QuantizedLinear, quantize_rows
 from .checkpoint import QUANT_FORMATS, bar_disabled, set_linear, set_parameter, to_target
 from .gguf_file import GGUFFile
 from .gguf_layout import CONFIG_TENSORS, from_gguf_rows, model_name, rope_heads
 from .memory import release_pages
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-KERNEL_TYPES = {"Q8_0": "int8", "Q4_0": "int4"}  # blocks our kernels run as they are
 CONVERTED_TYPES = ("Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 _SLAB = 1 << 21  # values dequantized or converted at a time
 
@@ -141,10 +140,10 @@ def _plan(gf: GGUFFile, model: Transformer) -> list:
                 f"{gf.path}: tensor {tensor.name!r} has shape {list(shape)}, the metadata implies {list(expected[key])}"
             )
         kind = tensor.tensor_type.name
-        if kind not in FLOAT_TYPES and kind not in KERNEL_TYPES and kind not in CONVERTED_TYPES:
+        if kind not in FLOAT_TYPES and kind not in GGML_TYPES and kind not in CONVERTED_TYPES:
             raise MistolError(
                 f"{gf.path}: tensor {tensor.name!r} has type {kind}, which mistol does not read "
-                f"(it reads {', '.join([*FLOAT_TYPES, *KERNEL_TYPES, *CONVERTED_TYPES])})"
+                f"(it reads {', '.join([*FLOAT_TYPES, *GGML_TYPES, *CONVERTED_TYPES])})"
             )
         plan.append((tensor, key))
     found = {key for _, key in plan}
@@ -206,7 +205,7 @@ def _floats(src: _Rows, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 def _quantized(src: _Rows, key: str, fmt: str) -> QuantizedLinear:
     rows, cols = src.shape
-    if KERNEL_TYPES.get(src.type) == fmt:
+    if GGML_TYPES.get(src.type) == fmt:
         return QuantizedLinear.from_ggml(torch.from_numpy(src.raw()), fmt, rows, cols)
     # Float rows in file order are views of the mapped file: give each slab's pages back
     # once quantized. (Dequantized or reordered rows are copies, freed anyway.)
