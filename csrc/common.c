@@ -32,7 +32,8 @@ int cpu_has_vnni(void) {
     if (cached < 0) {
         __builtin_cpu_init();
         cached = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                 __builtin_cpu_supports("avx512vnni");
+                 __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512dq");
     }
     return cached;
 }

@@ -292,9 +292,12 @@ static void q6k_x8_scalar(const uint8_t *wg, const int8_t *q, const float *d, co
 }
 
 /* Legacy 32-blocks. Each block adds its products into 8 float lanes (lane l: elements
- * 4l..4l+3, as one AVX2 vector holds them), scaled by d * da, and its min (or Q5_0's offset
- * of 16, as a min of -16 d) times the activation block's sum into one float; the lanes are
- * summed at the end in the order of hsum_ps. No per-block horizontal sum is needed that way. */
+ * 4l..4l+3, as one AVX2 vector holds them), scaled by d * da, even blocks into one set of
+ * lanes and odd blocks into another (two chains of adds, not one); and its min (or Q5_0's
+ * offset of 16, as a min of -16 d) times the activation block's sum into lane i mod 8 of a
+ * third set (so that SIMD code computes eight blocks' mins at once). At the end the even and
+ * odd lanes are added lane by lane, and each set is summed in the order of hsum_ps. No
+ * per-block horizontal sum is needed that way. */
 static inline uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
 /* Block i's 32 quants in element order (0..15, or 0..31 with qh), its scale and its min. */
@@ -323,21 +326,23 @@ static inline float lanes_sum(const float l[8]) { /* hsum_ps's order */
 
 static float dot_legacy_scalar(int fmt, const uint8_t *w, const int8_t *q, const float *d, const int32_t *s,
                                int64_t K) {
-    float lanes[8] = {0}, mins = 0.0f;
+    float even[8] = {0}, odd[8] = {0}, mins[8] = {0}, lanes[8];
     for (int64_t i = 0; i < K / QK; i++) {
         uint8_t v[QK];
         float dw, mw;
         legacy_block(fmt, w, i, v, &dw, &mw);
         const int8_t *a = q + i * QK;
         const float scale = dw * d[i];
+        float *acc = i & 1 ? odd : even;
         for (int l = 0; l < 8; l++) {
             int32_t t = 0;
             for (int e = 4 * l; e < 4 * l + 4; e++) t += v[e] * a[e];
-            lanes[l] = lanes[l] + (float)t * scale;
+            acc[l] = acc[l] + (float)t * scale;
         }
-        mins = mins + (mw * d[i]) * (float)s[i];
+        mins[i & 7] = mins[i & 7] + (mw * d[i]) * (float)s[i];
     }
-    return lanes_sum(lanes) + mins;
+    for (int l = 0; l < 8; l++) lanes[l] = even[l] + odd[l];
+    return lanes_sum(lanes) + lanes_sum(mins);
 }
 
 static float dot_q4_1_scalar(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {
@@ -607,25 +612,105 @@ AVX2_FN static inline __m256i lanes32(__m256i w, const int8_t *a) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w, LOAD256(a)), _mm256_set1_epi16(1));
 }
 
-#define DEFINE_LEGACY_AVX2(NAME, TYPE, QUANTS, MIN)                                                            \
-    AVX2_FN static float NAME(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) { \
-        __m256 lanes = _mm256_setzero_ps();                                                                    \
-        float mins = 0.0f;                                                                                     \
-        for (int64_t i = 0; i < K / QK; i++) {                                                                 \
-            const TYPE *b = (const TYPE *)w + i;                                                               \
-            const float dw = _cvtsh_ss(b->d), mw = MIN;                                                        \
-            const __m256 t = _mm256_cvtepi32_ps(lanes32(QUANTS, q + i * QK));                                  \
-            lanes = _mm256_add_ps(lanes, _mm256_mul_ps(t, _mm256_set1_ps(dw * d[i])));                         \
-            mins = mins + (mw * d[i]) * (float)s[i];                                                           \
+/* Eight blocks at a time: their scales and mins computed at once from a vector of their
+ * headers (the first 4 bytes of each: d, and m where the type has one), each block's scale
+ * then one permute away; even and odd blocks add into two accumulators, so that no block
+ * waits for the last one's add. The instruction sets differ in how they fetch the headers
+ * (eight_*: lanes past the last block n are 0, as are their activation scales and sums) and
+ * sum a block's quads. */
+typedef struct {
+    __m256i h;          /* the headers */
+    __m256 dw, da, sa;  /* the blocks' d, the activation blocks' scales and sums */
+} eight_blocks;
+
+AVX2_FN static inline __m256 halves_to_float(__m256i h) { /* each lane's low 16 bits, an fp16 */
+    const __m256i low = _mm256_and_si256(h, _mm256_set1_epi32(0xffff));
+    return _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(low, low), 0x08)));
+}
+
+AVX2_FN static inline eight_blocks eight_avx2(const void *blocks, int n, int bytes, const float *d, const int32_t *s) {
+    const uint8_t *p = (const uint8_t *)blocks;
+    int32_t h[8];
+    for (int k = 0; k < 8; k++) h[k] = k < n ? (int32_t)load_u32(p + k * bytes) : 0;
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    eight_blocks e = {_mm256_setr_epi32(h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7])};
+    e.dw = halves_to_float(e.h), e.da = _mm256_maskload_ps(d, live);
+    e.sa = _mm256_cvtepi32_ps(_mm256_maskload_epi32(s, live));
+    return e;
+}
+
+static inline __mmask32 first_words(int64_t n) { return n >= 32 ? 0xffffffffu : n <= 0 ? 0u : (1u << n) - 1u; }
+
+/* AVX512: the headers from the words the blocks occupy (masked loads: nothing past block n
+ * is read) and two word permutes; a gather costs several times that. */
+#define HEADER_WORDS(stride, k) ((((stride) * (k) + 1) << 16) | ((stride) * (k)))
+VNNI_BW_FN static inline eight_blocks eight_vnni(const void *blocks, int n, int bytes, const float *d,
+                                                 const int32_t *s) {
+    const int stride = bytes / 2, words = n * stride;
+    const __m512i idx = _mm512_setr_epi32(HEADER_WORDS(stride, 0), HEADER_WORDS(stride, 1), HEADER_WORDS(stride, 2),
+                                          HEADER_WORDS(stride, 3), HEADER_WORDS(stride, 4), HEADER_WORDS(stride, 5),
+                                          HEADER_WORDS(stride, 6), HEADER_WORDS(stride, 7), 0, 0, 0, 0, 0, 0, 0, 0);
+    const __mmask32 third = (stride * 6 >= 64 ? 0x3000u : 0) | (stride * 7 >= 64 ? 0xc000u : 0);
+    const uint16_t *p = (const uint16_t *)blocks;
+    const __m512i z0 = _mm512_maskz_loadu_epi16(first_words(words), p);
+    const __m512i z1 = _mm512_maskz_loadu_epi16(first_words(words - 32), p + 32);
+    const __m512i z2 = _mm512_maskz_loadu_epi16(first_words(words - 64), p + 64);
+    const __mmask8 live = (__mmask8)((1u << n) - 1);
+    eight_blocks e = {_mm512_castsi512_si256(_mm512_mask_blend_epi16(third, _mm512_permutex2var_epi16(z0, idx, z1),
+                                                                     _mm512_permutexvar_epi16(idx, z2)))};
+    e.dw = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(e.h)), e.da = _mm256_maskz_loadu_ps(live, d);
+    e.sa = _mm256_cvtepi32_ps(_mm256_maskz_loadu_epi32(live, s));
+    return e;
+}
+
+#define OFFSET16(h, dw) _mm256_mul_ps(_mm256_set1_ps(-16.0f), (dw))
+#define HEADER_MIN(h, dw) halves_to_float(_mm256_srli_epi32((h), 16))
+
+/* A block's 8 lanes of integer sums: AVX2 with maddubs + madd, AVX512-VNNI with dpbusd (the
+ * same sums: a pair's products fit int16) and the 5th bits added under a mask from qh. */
+#define SUMS_AVX2(b, a, QUANTS) lanes32(QUANTS, a)
+#define Q4_AVX2(b) nibbles32((b)->qs)
+#define Q5_AVX2(b) _mm256_or_si256(nibbles32((b)->qs), fifth_bits(load_u32((b)->qh)))
+#define SUMS_VNNI(b, a, QUANTS) _mm256_dpbusd_epi32(_mm256_setzero_si256(), QUANTS, LOAD256(a))
+#define Q4_VNNI(b) nibbles32((b)->qs)
+#define Q5_VNNI(b) _mm256_mask_add_epi8(nibbles32((b)->qs), (__mmask32)load_u32((b)->qh), nibbles32((b)->qs), _mm256_set1_epi8(16))
+
+#define DEFINE_LEGACY_SIMD(NAME, FN, TYPE, EIGHT, SUMS, QUANTS, MIN8)                                          \
+    FN static inline __m256 NAME##_block(const TYPE *b, const int8_t *a, __m256 scales, int k) {               \
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(SUMS(b, a, QUANTS(b))),                                        \
+                             _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(k)));                          \
+    }                                                                                                          \
+    FN static float NAME(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {     \
+        const TYPE *b = (const TYPE *)w;                                                                       \
+        const int64_t nb = K / QK;                                                                             \
+        __m256 even = _mm256_setzero_ps(), odd = even, mins = even; /* mins lane k: blocks 8j + k */         \
+        for (int64_t i = 0; i < nb; i += 8, b += 8, q += 8 * QK) {                                             \
+            const int n = nb - i < 8 ? (int)(nb - i) : 8;                                                      \
+            const eight_blocks e = EIGHT(b, n, (int)sizeof(TYPE), d + i, s + i);                               \
+            mins = _mm256_add_ps(mins, _mm256_mul_ps(_mm256_mul_ps(MIN8(e.h, e.dw), e.da), e.sa));             \
+            const __m256 scales = _mm256_mul_ps(e.dw, e.da);                                                   \
+            if (n == 8) {                                                                                      \
+                for (int k = 0; k < 8; k += 2) {                                                               \
+                    even = _mm256_add_ps(even, NAME##_block(b + k, q + k * QK, scales, k));                    \
+                    odd = _mm256_add_ps(odd, NAME##_block(b + k + 1, q + (k + 1) * QK, scales, k + 1));        \
+                }                                                                                              \
+            } else {                                                                                           \
+                for (int k = 0; k < n; k++) {                                                                  \
+                    const __m256 t = NAME##_block(b + k, q + k * QK, scales, k);                               \
+                    if (k & 1) odd = _mm256_add_ps(odd, t);                                                    \
+                    else even = _mm256_add_ps(even, t);                                                        \
+                }                                                                                              \
+            }                                                                                                  \
         }                                                                                                      \
-        return hsum_ps(lanes) + mins;                                                                          \
+        return hsum_ps(_mm256_add_ps(even, odd)) + hsum_ps(mins);                                              \
     }
 
-DEFINE_LEGACY_AVX2(dot_q4_1_avx2, block_q4_1, nibbles32(b->qs), _cvtsh_ss(b->m))
-DEFINE_LEGACY_AVX2(dot_q5_0_avx2, block_q5_0, _mm256_or_si256(nibbles32(b->qs), fifth_bits(load_u32(b->qh))),
-                   -16.0f * dw)
-DEFINE_LEGACY_AVX2(dot_q5_1_avx2, block_q5_1, _mm256_or_si256(nibbles32(b->qs), fifth_bits(load_u32(b->qh))),
-                   _cvtsh_ss(b->m))
+DEFINE_LEGACY_SIMD(dot_q4_1_avx2, AVX2_FN, block_q4_1, eight_avx2, SUMS_AVX2, Q4_AVX2, HEADER_MIN)
+DEFINE_LEGACY_SIMD(dot_q5_0_avx2, AVX2_FN, block_q5_0, eight_avx2, SUMS_AVX2, Q5_AVX2, OFFSET16)
+DEFINE_LEGACY_SIMD(dot_q5_1_avx2, AVX2_FN, block_q5_1, eight_avx2, SUMS_AVX2, Q5_AVX2, HEADER_MIN)
+DEFINE_LEGACY_SIMD(dot_q4_1_vnni, VNNI_BW_FN, block_q4_1, eight_vnni, SUMS_VNNI, Q4_VNNI, HEADER_MIN)
+DEFINE_LEGACY_SIMD(dot_q5_0_vnni, VNNI_BW_FN, block_q5_0, eight_vnni, SUMS_VNNI, Q5_VNNI, OFFSET16)
+DEFINE_LEGACY_SIMD(dot_q5_1_vnni, VNNI_BW_FN, block_q5_1, eight_vnni, SUMS_VNNI, Q5_VNNI, HEADER_MIN)
 
 /* ---------------------------------------------------------------------------------------
  * Several activation rows against one repacked group (a speculative verify pass, a short
@@ -1187,8 +1272,8 @@ static inline float lanes_sum_neon(float32x4_t l0, float32x4_t l1) { /* lanes_su
 
 #define DEFINE_LEGACY_NEON(NAME, TARGET, SUMS4, TYPE, QH, MIN)                                                 \
     TARGET static float NAME(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) { \
-        float32x4_t l0 = vdupq_n_f32(0.0f), l1 = l0;                                                           \
-        float mins = 0.0f;                                                                                     \
+        float32x4_t l0[2] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)}, l1[2] = {l0[0], l0[0]}; /* even, odd */    \
+        float mins[8] = {0};                                                                                   \
         for (int64_t i = 0; i < K / QK; i++) {                                                                 \
             const TYPE *b = (const TYPE *)w + i;                                                               \
             const float dw = half_to_float(b->d), mw = MIN;                                                    \
@@ -1202,11 +1287,11 @@ static inline float lanes_sum_neon(float32x4_t l0, float32x4_t l1) { /* lanes_su
             }                                                                                                  \
             const int8_t *a = q + i * QK;                                                                      \
             const float scale = dw * d[i];                                                                     \
-            l0 = vaddq_f32(l0, vmulq_n_f32(vcvtq_f32_s32(SUMS4(S8(lo), vld1q_s8(a))), scale));                 \
-            l1 = vaddq_f32(l1, vmulq_n_f32(vcvtq_f32_s32(SUMS4(S8(hi), vld1q_s8(a + 16))), scale));            \
-            mins = mins + (mw * d[i]) * (float)s[i];                                                           \
+            l0[i & 1] = vaddq_f32(l0[i & 1], vmulq_n_f32(vcvtq_f32_s32(SUMS4(S8(lo), vld1q_s8(a))), scale));   \
+            l1[i & 1] = vaddq_f32(l1[i & 1], vmulq_n_f32(vcvtq_f32_s32(SUMS4(S8(hi), vld1q_s8(a + 16))), scale)); \
+            mins[i & 7] = mins[i & 7] + (mw * d[i]) * (float)s[i];                                             \
         }                                                                                                      \
-        return lanes_sum_neon(l0, l1) + mins;                                                                  \
+        return lanes_sum_neon(vaddq_f32(l0[0], l0[1]), vaddq_f32(l1[0], l1[1])) + lanes_sum(mins);             \
     }
 
 #define DEFINE_NEON_SET(SUFFIX, TARGET, DOT16, SUMS4, ROWS4)                                                   \
@@ -1255,6 +1340,10 @@ void kquant_select(int impl, qkernels *out) {
         out->rowdot[FMT_Q4_K] = dot_q4_K_avx2, out->rowdot[FMT_Q5_K] = dot_q5_K_avx2;
         out->rowdot[FMT_Q6_K] = dot_q6_K_avx2, out->rowdot[FMT_Q4_1] = dot_q4_1_avx2;
         out->rowdot[FMT_Q5_0] = dot_q5_0_avx2, out->rowdot[FMT_Q5_1] = dot_q5_1_avx2;
+    }
+    if (impl == IMPL_VNNI) {
+        out->rowdot[FMT_Q4_1] = dot_q4_1_vnni, out->rowdot[FMT_Q5_0] = dot_q5_0_vnni;
+        out->rowdot[FMT_Q5_1] = dot_q5_1_vnni;
     }
 #endif
 #ifdef MISTOL_ARM

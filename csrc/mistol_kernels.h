@@ -46,6 +46,7 @@
 #include <immintrin.h>
 #define AVX2_FN __attribute__((target("avx2,fma,f16c")))
 #define VNNI_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#define VNNI_BW_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw,avx512dq")))
 #endif
 
 /* 64-bit ARM: NEON (Advanced SIMD) is part of the architecture; the dot-product
@@ -114,7 +115,7 @@ static inline int64_t quant_offset(int r, int j) { return 32 * (j >> 2) + 4 * r 
  * Runtime dispatch
  */
 int cpu_has_avx2(void);    /* AVX2 + FMA + F16C */
-int cpu_has_vnni(void);    /* and AVX512-VNNI (on 256-bit vectors) */
+int cpu_has_vnni(void);    /* and AVX512-VNNI (on 256-bit vectors), -BW and -DQ */
 int cpu_has_bf16dp(void);  /* and AVX512-BF16 */
 int cpu_has_dotprod(void); /* ARM: the dot products (sdot), and kernels for them in this build */
 

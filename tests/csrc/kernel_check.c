@@ -306,7 +306,7 @@ static quantized quantize_for(int fmt, const qkernels *ref, const float *x, int6
 /* One row-order format's row kernel against the portable one: several K (one block up to
  * several super-blocks), a few rows each, with the activations' edge cases. */
 static void check_rowdot(const char *name, int fmt, const qkernels *kn, const qkernels *ref) {
-    const int64_t unit = fmt_k_multiple(fmt), Ks[] = {unit, 3 * unit, 4 * QKK, 9 * QKK};
+    const int64_t unit = fmt_k_multiple(fmt), Ks[] = {unit, 3 * unit, 15 * unit, 4 * QKK, 9 * QKK};
     int ok = 1;
     for (size_t k = 0; k < sizeof Ks / sizeof Ks[0]; k++) {
         const int64_t K = Ks[k], rows = 6, rb = fmt_row_bytes(fmt, K);
@@ -321,7 +321,7 @@ static void check_rowdot(const char *name, int fmt, const qkernels *kn, const qk
         free(w), free(x), free(a.q), free(a.d), free(a.s);
     }
     char what[80];
-    snprintf(what, sizeof what, "%s row kernel (K of 1 to 9 super-blocks): same bits", format_name(fmt));
+    snprintf(what, sizeof what, "%s row kernel (K of 1 to 15 blocks or super-blocks): same bits", format_name(fmt));
     report(ok, name, what, -1);
 }
 
