@@ -676,9 +676,8 @@ VNNI_BW_FN static inline eight_blocks eight_vnni(const void *blocks, int n, int 
 #define Q5_VNNI(b) _mm256_mask_add_epi8(nibbles32((b)->qs), (__mmask32)load_u32((b)->qh), nibbles32((b)->qs), _mm256_set1_epi8(16))
 
 #define DEFINE_LEGACY_SIMD(NAME, FN, TYPE, EIGHT, SUMS, QUANTS, MIN8)                                          \
-    FN static inline __m256 NAME##_block(const TYPE *b, const int8_t *a, __m256 scales, int k) {               \
-        return _mm256_mul_ps(_mm256_cvtepi32_ps(SUMS(b, a, QUANTS(b))),                                        \
-                             _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(k)));                          \
+    FN static inline __m256 NAME##_block(const TYPE *b, const int8_t *a, const float *scales, int k) {         \
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(SUMS(b, a, QUANTS(b))), _mm256_broadcast_ss(scales + k));      \
     }                                                                                                          \
     FN static float NAME(const uint8_t *w, const int8_t *q, const float *d, const int32_t *s, int64_t K) {     \
         const TYPE *b = (const TYPE *)w;                                                                       \
@@ -688,7 +687,8 @@ VNNI_BW_FN static inline eight_blocks eight_vnni(const void *blocks, int n, int 
             const int n = nb - i < 8 ? (int)(nb - i) : 8;                                                      \
             const eight_blocks e = EIGHT(b, n, (int)sizeof(TYPE), d + i, s + i);                               \
             mins = _mm256_add_ps(mins, _mm256_mul_ps(_mm256_mul_ps(MIN8(e.h, e.dw), e.da), e.sa));             \
-            const __m256 scales = _mm256_mul_ps(e.dw, e.da);                                                   \
+            float scales[8];                                                                                   \
+            _mm256_storeu_ps(scales, _mm256_mul_ps(e.dw, e.da));                                               \
             if (n == 8) {                                                                                      \
                 for (int k = 0; k < 8; k += 2) {                                                               \
                     even = _mm256_add_ps(even, NAME##_block(b + k, q + k * QK, scales, k));                    \
