@@ -1,6 +1,12 @@
 """Effective GB/s of one decode GEMV (y = x @ W^T, one token) at 7B shapes, in one run.
 
     python scripts/bench_gemv.py [--seconds 3] [--threads N] [--impl auto|avx2|neon|scalar]
+                                 [--blocks Q4_K,Q5_K,Q6_K,Q4_1,Q5_0,Q5_1] [--shapes 14336x4096,4864x896]
+
+`--blocks` adds llama.cpp's block types, as a GGUF file's rows would load (random quants,
+real-sized scales; Q4_K, Q5_K and Q6_K repacked 8 rows at a time, as mistol loads them).
+Another build of the kernels (`MISTOL_KERNELS_LIB=path/to/_kernels*.so`) is timed by
+running the script once with each, in turns.
 
 GB/s = bytes of weights read per call / time per call. Each method cycles through enough
 copies of its weights (>= 128 MB) that they come from memory, not the last-level cache.
@@ -19,12 +25,24 @@ import torch
 import torch.nn.functional as F
 
 from mistol import kernels
+from mistol.block_quant import ROW_FORMATS, BlockLinear
 from mistol.model.linear import linear
 from mistol.quant import QuantizedLinear, quantize_linear
 
 SHAPES = [(14336, 4096), (4096, 14336)]  # [out, in]: gate/up and down of Mistral 7B
+SCALE_OFFSETS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2)}
 MIN_WORKING_SET = 128 << 20
 ROUND_SECONDS = 0.05
+
+
+def random_rows(fmt: str, rows: int, k: int) -> torch.Tensor:
+    """uint8 [rows, bytes per row] of fmt's blocks: random quants, fp16 scales of ~1e-3."""
+    block, nbytes = ROW_FORMATS[fmt]
+    raw = torch.randint(0, 256, (rows, k // block, nbytes), dtype=torch.uint8)
+    for off in SCALE_OFFSETS[fmt]:
+        scales = (torch.rand(rows, k // block) * 3e-3 + 1e-3).half()
+        raw[:, :, off:off + 2] = scales.view(torch.uint8).reshape(rows, k // block, 2)
+    return raw.reshape(rows, -1)
 
 
 class Method:
@@ -57,7 +75,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="time per shape, all methods together (default 3)")
     ap.add_argument("--threads", type=int, default=None, help="threads (default: torch's)")
     ap.add_argument("--impl", default="auto", choices=["auto", "avx512vnni", "avx2", "dotprod", "neon", "scalar"], help="mistol kernel to time")
+    ap.add_argument("--blocks", default="", help="llama.cpp block types to time too, comma-separated")
+    ap.add_argument("--shapes", default=None, help="[out]x[in] shapes, comma-separated (default: 7B's FFN)")
     args = ap.parse_args()
+    try:
+        shapes = [tuple(int(v) for v in s.split("x", 1)) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    except ValueError:
+        ap.error(f"--shapes: expected OUTxIN[,OUTxIN...] (e.g. 14336x4096), got {args.shapes!r}")
+    if any(len(s) != 2 or min(s) <= 0 for s in shapes):
+        ap.error(f"--shapes: expected OUTxIN[,OUTxIN...] with positive sizes, got {args.shapes!r}")
+    blocks = [b for b in args.blocks.split(",") if b]
+    for b in blocks:
+        if b not in ROW_FORMATS:
+            ap.error(f"--blocks: {b} is not one of {', '.join(ROW_FORMATS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -65,7 +95,7 @@ def main() -> None:
         impl = kernels.impl_name()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, mistol kernels: {impl}")
 
-    for n, k in SHAPES:
+    for n, k in shapes:
         w = torch.randn(n, k) * 0.02
         x = torch.randn(1, k)
         xb = x.bfloat16()
@@ -84,6 +114,14 @@ def main() -> None:
             q = quantize_linear(w, fmt)
             methods.append(Method(f"mistol {fmt} ({impl})", lambda q=q: QuantizedLinear(k, n, q.fmt, q.packed.clone()),
                                   q.packed.numel(), lambda c: c(x)))
+        for fmt in blocks:
+            block, nbytes = ROW_FORMATS[fmt]
+            if k % block:
+                print(f"{fmt}: {k} inputs are not whole blocks of {block}; skipped")
+                continue
+            rows = random_rows(fmt, n, k)
+            methods.append(Method(f"mistol {fmt} ({impl})", lambda f=fmt, r=rows: BlockLinear.for_kernels(k, n, f, r.clone()),
+                                  rows.numel(), lambda c: c(x)))
         with kernels.use(args.impl):
             for m in methods:  # warm up
                 m.call(m.copies[0])
