@@ -172,6 +172,31 @@ def test_a_users_gguf_and_llama_cpp_made_kquants(tmp_path):
     assert r.returncode != 0 and "no such file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_every_file_type_kquants_accepts_is_one_llama_cpp_makes():
+    """--kquants TYPES: each type it accepts has llama.cpp's quantizer type and a size for the
+    room check (a type without one once ended in a KeyError traceback)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from mistol.bench.shapes import LLAMA_CPP_BYTES_PER_WEIGHT
+
+    for ftype, per_weight in LLAMA_CPP_BYTES_PER_WEIGHT.items():
+        assert isinstance(getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}"), int), ftype
+        assert 0.5 < per_weight < 1.2
+    r = bench("--kquants", "Q5_0,Q7_X", timeout=60)
+    assert r.returncode != 0 and "--kquants: Q7_X" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_kquants_makes_a_legacy_type_file_and_measures_it(tmp_path):
+    """A type beyond the default k-quants, end to end: llama.cpp quantizes, mistol runs the file."""
+    pytest.importorskip("llama_cpp")
+    r = bench("--kquants", "Q5_0", "--engines", "mistol", "--prompts", "16", "--steps", "2", "--json",
+              "--threads", "1", "--cache-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    made = tmp_path / "random-tiny-Q5_0.gguf"
+    assert made.is_file()
+    assert [row["format"] for row in json.loads(r.stdout)["rows"]] == ["Q5_0"]
+
+
 @pytest.mark.parametrize("shape", ["0.5b", "135m"])
 def test_small_shapes_match_the_models_they_name(shape):
     """The small shapes are transformers' own classes at the published sizes, tied heads."""

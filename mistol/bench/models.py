@@ -22,6 +22,7 @@ from ..engine import DTYPES
 from ..model import ModelConfig, Transformer
 from ..model.linear import Linear, TiledLinear, tiles_pay_off
 from ..quant import QuantizedLinear, quantize_linear, quantize_tied_head
+from .shapes import LLAMA_CPP_BYTES_PER_WEIGHT
 
 QUANT_FORMATS = ("int8", "int4")
 STD = 0.02
@@ -111,15 +112,14 @@ def gguf_tensors(config: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torc
         yield hf_name, drawn[shape]
 
 
-KQUANT_BYTES_PER_WEIGHT = {"Q4_K_M": 0.63, "Q5_K_M": 0.73, "Q6_K": 0.83}  # llama.cpp's mixes, rounded up
 ROOM_TO_SPARE = 512 << 20  # a bench file leaves at least this much of its file system free
 
 
 def file_bytes_per_weight(file_type: str) -> float:
-    """Bytes a weight takes in a bench file of `file_type` (what we write, or llama.cpp's k-quants)."""
+    """Bytes a weight takes in a bench file of `file_type` that mistol writes (F16, Q8_0, ...)."""
     from ..weights.gguf_export import BYTES_PER_32
 
-    return BYTES_PER_32[file_type] / 32 if file_type in BYTES_PER_32 else KQUANT_BYTES_PER_WEIGHT[file_type]
+    return BYTES_PER_32[file_type] / 32
 
 
 def ensure_room(path: Path, nbytes: float) -> None:
@@ -214,7 +214,7 @@ def write_llama_cpp_quantized(path: Path, source: Path, ftype: str, threads: int
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = threads
     partial = path.with_name(path.name + ".partial")
-    ensure_room(path, source.stat().st_size / file_bytes_per_weight("F16") * file_bytes_per_weight(ftype))
+    ensure_room(path, source.stat().st_size / file_bytes_per_weight("F16") * LLAMA_CPP_BYTES_PER_WEIGHT[ftype])
     with removed_on_failure(partial):
         with _quiet_stderr():  # llama.cpp logs a line per tensor; the caller says what it is doing
             failed = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)

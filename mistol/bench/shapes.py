@@ -56,6 +56,11 @@ COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": Fal
 # weights, Q4_0: 18), and the GGUF type that stores the same bits for llama.cpp.
 BYTES_PER_WEIGHT = {"f32": 4.0, "bf16": 2.0, "f16": 2.0, "int8": 34 / 32, "int4": 18 / 32}
 GGUF_TYPES = {"int8": "Q8_0", "int4": "Q4_0", "f16": "F16", "f32": "F32", "bf16": "BF16"}
+# The file types `mistol bench --kquants` has llama.cpp's quantizer make, and the bytes a weight
+# takes in them (for the room check): llama.cpp's mixes (some tensors kept in a larger type, the
+# output in Q6_K), rounded up from its block sizes.
+LLAMA_CPP_BYTES_PER_WEIGHT = {"Q4_K_M": 0.63, "Q5_K_M": 0.73, "Q6_K": 0.83, "Q4_K_S": 0.60, "Q5_K_S": 0.70,
+                              "Q4_0": 0.60, "Q4_1": 0.66, "Q5_0": 0.72, "Q5_1": 0.78, "Q8_0": 1.10}
 
 
 def hf_config(shape: str) -> dict:

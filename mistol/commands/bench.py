@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..bench.engines import ENGINES, FORMATS
 from ..bench.run import KQUANTS
-from ..bench.shapes import SHAPES
+from ..bench.shapes import LLAMA_CPP_BYTES_PER_WEIGHT, SHAPES
 from ..errors import MistolError
 from . import COMMANDS
 
@@ -104,8 +104,7 @@ def cmd_bench(args) -> int:
     if args.gguf:
         ggufs = [_gguf_argument(path) for path in args.gguf]
     elif args.kquants:
-        ftypes = _list(args.kquants, KQUANTS + ("Q4_K_S", "Q5_K_S", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"),
-                       "kquants")
+        ftypes = _list(args.kquants, tuple(LLAMA_CPP_BYTES_PER_WEIGHT), "kquants")
         if importlib.util.find_spec("llama_cpp") is None:
             raise MistolError("--kquants needs llama.cpp's quantizer: pip install llama-cpp-python")
         from ..bench.run import default_threads, kquant_files
