@@ -183,6 +183,9 @@ def test_every_file_type_kquants_accepts_is_one_llama_cpp_makes():
         assert 0.5 < per_weight < 1.2
     r = bench("--kquants", "Q5_0,Q7_X", timeout=60)
     assert r.returncode != 0 and "--kquants: Q7_X" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # an empty list is an error, not a run of the shape's own models (it once wrote a 7.7 GB file)
+    r = bench("--kquants=", timeout=60)
+    assert r.returncode != 0 and "nothing given" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

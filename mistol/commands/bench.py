@@ -99,11 +99,11 @@ def cmd_bench(args) -> int:
     cache_dir = args.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mistol" / "bench"
     pages = ["huge", "small"] if args.pages == "both" else [args.pages]
     ggufs = None
-    if args.gguf and args.kquants:
+    if args.gguf and args.kquants is not None:
         raise MistolError("--gguf and --kquants: give one of them")
     if args.gguf:
         ggufs = [_gguf_argument(path) for path in args.gguf]
-    elif args.kquants:
+    elif args.kquants is not None:  # (`--kquants=` is nothing given, not the shape's own models)
         ftypes = _list(args.kquants, tuple(LLAMA_CPP_BYTES_PER_WEIGHT), "kquants")
         if importlib.util.find_spec("llama_cpp") is None:
             raise MistolError("--kquants needs llama.cpp's quantizer: pip install llama-cpp-python")
