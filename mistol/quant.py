@@ -21,6 +21,7 @@ GGUF Q8_0/Q4_0 tensor onto this layout by moving bytes only (no dequantizing).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -298,6 +299,20 @@ def kernel_input(x2: torch.Tensor) -> torch.Tensor:
     return x2
 
 
+_slab_scratch = threading.local()
+
+
+def slab_scratch(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A [rows, cols] CPU buffer for dequantized slabs, this thread's, kept between calls: a
+    fresh one per call came from fresh pages (tens of MB of page faults per prefill: a 64-token
+    prompt of a 0.5B model took 360 ms instead of 285, its first ones 570-760)."""
+    nbytes = rows * cols * dtype.itemsize
+    buf = getattr(_slab_scratch, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _slab_scratch.buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf[:nbytes].view(dtype).view(rows, cols)
+
+
 def matmul_dequantized(x: torch.Tensor, rows: int, in_features: int, slab_rows: int,
                        dequantize: Callable, dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [M, K] times a quantized weight [rows, K] transposed, the weight dequantized a slab of
@@ -307,8 +322,8 @@ def matmul_dequantized(x: torch.Tensor, rows: int, in_features: int, slab_rows: 
         dtype = torch.float32 if x.device.type == "cpu" or not x.is_floating_point() else x.dtype
     x = x.to(dtype)
     y = torch.empty(x.shape[0], rows, dtype=dtype, device=x.device)
-    # on a CPU one buffer for every slab: fresh memory for each would cost page faults
-    scratch = torch.empty(min(slab_rows, rows), in_features, dtype=dtype) if x.device.type == "cpu" else None
+    # on a CPU one buffer for every slab (and every call, per thread)
+    scratch = slab_scratch(min(slab_rows, rows), in_features, dtype) if x.device.type == "cpu" else None
     for r0 in range(0, rows, slab_rows):
         r1 = min(rows, r0 + slab_rows)
         w = dequantize(r0, r1, dtype, None if scratch is None else scratch[: r1 - r0])

@@ -188,6 +188,30 @@ def test_prefill_path_multiplies_dequantized_slabs(monkeypatch):
     assert torch.allclose(y.double(), x.double() @ w.T, rtol=1e-5, atol=1e-5)
 
 
+def test_the_slab_buffer_is_reused_between_calls_and_kept_per_thread(monkeypatch):
+    """Prefill's dequantized slabs land in one buffer per thread, kept between calls (fresh
+    pages for each call cost a small model's short prompt a fifth of its time): a larger layer,
+    then a smaller one in another dtype, each still equals dequantize-then-multiply; another
+    thread gets a buffer of its own."""
+    import threading
+
+    from mistol.model import backend
+    from mistol.quant import slab_scratch
+
+    monkeypatch.setattr(backend, "quantized_route", lambda rows, device, fmt: backend.DEQUANTIZED)
+    x = torch.randn(70, 512, generator=torch.Generator().manual_seed(8))
+    for rows, seed in ((64, 1), (24, 2), (64, 3)):
+        blocks = random_blocks("Q5_0", rows, 512, seed=seed)
+        y = BlockLinear(512, rows, "Q5_0", blocks)(x)
+        assert torch.allclose(y.double(), x.double() @ reference_weight("Q5_0", blocks).T, rtol=1e-5, atol=1e-5)
+    mine = slab_scratch(8, 512, torch.bfloat16)
+    assert slab_scratch(16, 64, torch.float32).data_ptr() == mine.data_ptr()  # the same memory, reused
+    theirs = []
+    thread = threading.Thread(target=lambda: theirs.append(slab_scratch(8, 512, torch.bfloat16).data_ptr()))
+    thread.start(), thread.join()
+    assert theirs and theirs[0] != mine.data_ptr()
+
+
 @pytest.mark.parametrize("fmt", LAYOUTS)
 def test_a_nan_scale_stays_nan_in_bfloat16(fmt):
     """A damaged file's fp16 scale (or min) that is NaN makes its block's values NaN; rounded to
