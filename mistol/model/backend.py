@@ -74,8 +74,8 @@ KERNELS_OUTRUN_BF16 = frozenset(("int8", "int4"))  # (without AMX)
 # llama.cpp's block types kept as the file holds them (mistol.block_quant): their row-by-row
 # kernels spend 1.5-4x the int4 kernel's time per weight (scales per block or sub-block), and
 # their dequantization runs at 1-3 G weights/s a core, so bf16 slabs win from about 32 rows
-# (Q5_0/Q4_1 at 1b's widths: 32-48 rows; at 0.5b's narrower ones 64-80, where
-# the slabs take up to 1.8x the kernels' time at 32-64 rows; scripts/bench_prefill_route.py);
+# (Q5_0/Q4_1 at 1b's widths: 32-48 rows, scripts/bench_prefill_route.py; at 0.5b's narrower
+# ones that script says 64-80, but whole 64-token prompts ran at half the speed with 96 here);
 # repacked Q4_K, Q5_K and Q6_K (Q4_Kx8, Q5_Kx8, Q6_Kx8), whose kernels take 8 rows at once,
 # from about 512, 320 and 192 (a 2-core AVX512-BF16 EPYC, 1 and 2 threads, 7B's FFN and
 # attention shapes, kernels against dequantize + bf16 matmul in turns: at 160 rows the kernels
