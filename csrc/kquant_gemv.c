@@ -668,12 +668,14 @@ VNNI_BW_FN static inline eight_blocks eight_vnni(const void *blocks, int n, int 
 
 /* A block's 8 lanes of integer sums: AVX2 with maddubs + madd, AVX512-VNNI with dpbusd (the
  * same sums: a pair's products fit int16) and the 5th bits added under a mask from qh. */
+VNNI_BW_FN static inline __m256i add_fifth_bits_vnni(__m256i v, const uint8_t *qh) {
+    return _mm256_mask_add_epi8(v, (__mmask32)load_u32(qh), v, _mm256_set1_epi8(16));
+}
 #define SUMS_AVX2(b, a, QUANTS) lanes32(QUANTS, a)
-#define Q4_AVX2(b) nibbles32((b)->qs)
-#define Q5_AVX2(b) _mm256_or_si256(nibbles32((b)->qs), fifth_bits(load_u32((b)->qh)))
 #define SUMS_VNNI(b, a, QUANTS) _mm256_dpbusd_epi32(_mm256_setzero_si256(), QUANTS, LOAD256(a))
-#define Q4_VNNI(b) nibbles32((b)->qs)
-#define Q5_VNNI(b) _mm256_mask_add_epi8(nibbles32((b)->qs), (__mmask32)load_u32((b)->qh), nibbles32((b)->qs), _mm256_set1_epi8(16))
+#define Q4(b) nibbles32((b)->qs)
+#define Q5_AVX2(b) _mm256_or_si256(nibbles32((b)->qs), fifth_bits(load_u32((b)->qh)))
+#define Q5_VNNI(b) add_fifth_bits_vnni(nibbles32((b)->qs), (b)->qh)
 
 #define DEFINE_LEGACY_SIMD(NAME, FN, TYPE, EIGHT, SUMS, QUANTS, MIN8)                                          \
     FN static inline __m256 NAME##_block(const TYPE *b, const int8_t *a, const float *scales, int k) {         \
@@ -689,7 +691,7 @@ VNNI_BW_FN static inline eight_blocks eight_vnni(const void *blocks, int n, int 
             mins = _mm256_add_ps(mins, _mm256_mul_ps(_mm256_mul_ps(MIN8(e.h, e.dw), e.da), e.sa));             \
             float scales[8];                                                                                   \
             _mm256_storeu_ps(scales, _mm256_mul_ps(e.dw, e.da));                                               \
-            if (n == 8) {                                                                                      \
+            if (n == 8) { /* (a whole group: a constant trip count, unrolled without branches) */          \
                 for (int k = 0; k < 8; k += 2) {                                                               \
                     even = _mm256_add_ps(even, NAME##_block(b + k, q + k * QK, scales, k));                    \
                     odd = _mm256_add_ps(odd, NAME##_block(b + k + 1, q + (k + 1) * QK, scales, k + 1));        \
@@ -705,10 +707,10 @@ VNNI_BW_FN static inline eight_blocks eight_vnni(const void *blocks, int n, int 
         return hsum_ps(_mm256_add_ps(even, odd)) + hsum_ps(mins);                                              \
     }
 
-DEFINE_LEGACY_SIMD(dot_q4_1_avx2, AVX2_FN, block_q4_1, eight_avx2, SUMS_AVX2, Q4_AVX2, HEADER_MIN)
+DEFINE_LEGACY_SIMD(dot_q4_1_avx2, AVX2_FN, block_q4_1, eight_avx2, SUMS_AVX2, Q4, HEADER_MIN)
 DEFINE_LEGACY_SIMD(dot_q5_0_avx2, AVX2_FN, block_q5_0, eight_avx2, SUMS_AVX2, Q5_AVX2, OFFSET16)
 DEFINE_LEGACY_SIMD(dot_q5_1_avx2, AVX2_FN, block_q5_1, eight_avx2, SUMS_AVX2, Q5_AVX2, HEADER_MIN)
-DEFINE_LEGACY_SIMD(dot_q4_1_vnni, VNNI_BW_FN, block_q4_1, eight_vnni, SUMS_VNNI, Q4_VNNI, HEADER_MIN)
+DEFINE_LEGACY_SIMD(dot_q4_1_vnni, VNNI_BW_FN, block_q4_1, eight_vnni, SUMS_VNNI, Q4, HEADER_MIN)
 DEFINE_LEGACY_SIMD(dot_q5_0_vnni, VNNI_BW_FN, block_q5_0, eight_vnni, SUMS_VNNI, Q5_VNNI, OFFSET16)
 DEFINE_LEGACY_SIMD(dot_q5_1_vnni, VNNI_BW_FN, block_q5_1, eight_vnni, SUMS_VNNI, Q5_VNNI, HEADER_MIN)
 

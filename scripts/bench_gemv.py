@@ -25,12 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from mistol import kernels
-from mistol.block_quant import ROW_FORMATS, BlockLinear
+from mistol.block_quant import ROW_FORMATS, SCALE_OFFSETS, BlockLinear
 from mistol.model.linear import linear
 from mistol.quant import QuantizedLinear, quantize_linear
 
 SHAPES = [(14336, 4096), (4096, 14336)]  # [out, in]: gate/up and down of Mistral 7B
-SCALE_OFFSETS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2)}
 MIN_WORKING_SET = 128 << 20
 ROUND_SECONDS = 0.05
 

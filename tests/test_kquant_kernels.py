@@ -20,14 +20,12 @@ from gguf.quants import dequantize
 
 from helpers import kernel_impls
 from mistol import kernels
-from mistol.block_quant import ROW_FORMATS, BlockLinear
+from mistol.block_quant import ROW_FORMATS, SCALE_OFFSETS, BlockLinear
 from mistol.model.linear import linear_many
 from mistol.quant import quantize_linear
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="mistol's C kernels are not built")
 
-# where each block holds its fp16 scales (d, and dmin / m where it has one)
-SCALE_OFFSETS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2)}
 
 
 def random_blocks(fmt: str, rows: int, k: int, seed: int = 0, scale: float = 1e-3) -> torch.Tensor:
