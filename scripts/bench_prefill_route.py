@@ -1,16 +1,18 @@
-"""Where a quantized layer's prompt rows should go: its several-row kernels, or dequantized
-bf16 weights (a bf16 matrix product).
+"""Where a quantized layer's prompt rows should go: its several-row kernels, int8 kernels on
+the weights requantized slab by slab, or dequantized bf16 weights (a bf16 matrix product).
 
     python scripts/bench_prefill_route.py MODEL [--quant int8|int4] [--rows 64,160,320,512]
                                           [--threads 2] [--rounds 3]
 
-On a CPU with bf16 instructions, a prefill chunk of `backend.BF16_MIN_ROWS[fmt]` rows or more
-multiplies dequantized bf16 weights; fewer rows go to the quantized kernels (int8 and int4
-always, unless the CPU has AMX tiles). This times the linear layers of MODEL's first block (a
-GGUF file keeps its k-quants; `mistol bench --kquants` makes llama.cpp's), format by format,
-both ways in turns at each row count, and prints the kernels' time over the bf16 one's: below
-1 the kernels win. The crossover where it passes 1 is what BF16_MIN_ROWS should say for this
-CPU. Ratios of one run only: a shared machine's speed drifts between runs.
+On x86, a prefill chunk of `backend.INT8_MIN_ROWS[impl][fmt]` rows or more of a repacked
+k-quant layer is requantized to int8; on a CPU with bf16 instructions, a chunk of
+`backend.BF16_MIN_ROWS[fmt]` rows or more of the others multiplies dequantized bf16 weights;
+fewer rows go to the quantized kernels (int8 and int4 always, unless the CPU has AMX tiles).
+This times the linear layers of MODEL's first block (a GGUF file keeps its k-quants; `mistol
+bench --kquants` makes llama.cpp's), format by format, every route in turns at each row
+count, and prints each route's time over the kernels' one: below 1 that route wins. Where it
+passes 1 is the crossover the tables should say for this CPU. Ratios of one run only: a
+shared machine's speed drifts between runs.
 """
 
 from __future__ import annotations
@@ -22,17 +24,17 @@ from collections import defaultdict
 
 import torch
 
+from mistol import kernels
+from mistol.block_quant import BlockLinear
 from mistol.engine import Engine
 from mistol.errors import MistolError
 from mistol.model import backend
 
-ROUTES = (backend.QUANTIZED_KERNELS, backend.BF16_PREFILL)
-
 
 @contextlib.contextmanager
 def route(name: str):
-    """Every quantized layer on one route (backend.QUANTIZED_KERNELS or BF16_PREFILL), whatever
-    the CPU and the row count."""
+    """Every quantized layer on one route (backend.QUANTIZED_KERNELS, INT8_PREFILL or
+    BF16_PREFILL), whatever the CPU and the row count."""
     chosen = backend.quantized_route
     backend.quantized_route = lambda rows, device, fmt: name
     try:
@@ -72,26 +74,30 @@ def main() -> None:
     by_format = quantized_layers(engine.model)
     if not by_format:
         ap.exit(1, f"{args.model}: its layers are not quantized (try --quant int8)\n")
-    print(f"{args.threads} thread(s); bf16 from (rows): "
-          + ", ".join(f"{fmt} {backend.bf16_prefill_rows(fmt) or 'never'}" for fmt in by_format))
+    print(f"{args.threads} thread(s), {kernels.impl_name()} kernels; int8 / bf16 from (rows): "
+          + ", ".join(f"{fmt} {backend.int8_prefill_rows(fmt) or 'never'} / {backend.bf16_prefill_rows(fmt) or 'never'}"
+                      for fmt in by_format))
     with torch.inference_mode():
         for fmt, layers in by_format.items():
             shapes = ", ".join(sorted({f"{l.out_features} x {l.in_features}" for l in layers}))
+            routes = [backend.QUANTIZED_KERNELS, backend.BF16_PREFILL]
+            if all(isinstance(layer, BlockLinear) for layer in layers):  # (int8/int4 layers are int8 already)
+                routes.insert(1, backend.INT8_PREFILL)
             cells = []
             for m in rows:
                 xs = [torch.randn(m, layer.in_features) for layer in layers]
-                best = {name: float("inf") for name in ROUTES}
+                best = {name: float("inf") for name in routes}
                 for _ in range(args.rounds):
-                    for name in ROUTES:
+                    for name in routes:
                         with route(name):
                             start = time.perf_counter()
                             for layer, x in zip(layers, xs):
                                 layer(x)
                             best[name] = min(best[name], time.perf_counter() - start)
-                kernels, bf16 = (best[name] for name in ROUTES)
-                cells.append(f"{m} rows {kernels / bf16:.2f} ({kernels * 1e3:.0f} / {bf16 * 1e3:.0f} ms)")
-            print(f"{fmt} [{shapes}]: kernels / bf16: " + "  ".join(cells), flush=True)
-
+                base = best[backend.QUANTIZED_KERNELS]
+                cells.append(f"{m} rows " + " ".join(f"{best[name] / base:.2f}" for name in routes[1:])
+                             + f" ({' / '.join(f'{best[name] * 1e3:.0f}' for name in routes)} ms)")
+            print(f"{fmt} [{shapes}]: {' and '.join(routes[1:])} over kernels: " + "  ".join(cells), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -228,6 +228,100 @@ def test_a_nan_scale_stays_nan_in_bfloat16(fmt):
         assert torch.equal(bf16[~bf16.isnan()], f32.to(torch.bfloat16)[~bf16.isnan()]), (hex(nan), off)
 
 
+def requantized_reference(w: torch.Tensor) -> torch.Tensor:
+    """float32 rows [n, k] -> the int8 kernels' packed blocks [ceil(n / 8), k / 32, 272], in
+    numpy: per block of 32, d = max|x| / 127 in float32, q = x * (1 / d) rounded to nearest
+    even, d stored as fp16; rows past n zero."""
+    n, k = w.shape
+    g = -(-n // 8)
+    x = np.zeros((g * 8, k), np.float32)
+    x[:n] = w.numpy()
+    x = x.reshape(g, 8, k // 32, 32)
+    d = (np.abs(x).max(-1) / np.float32(127)).astype(np.float32)  # [g, 8, B]
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.rint(x * inv[..., None]).astype(np.int8).reshape(g, 8, k // 32, 8, 4)
+    quads = np.ascontiguousarray(q.transpose(0, 2, 3, 1, 4)).reshape(g, k // 32, 256)  # [quad][row][4]
+    scales = np.ascontiguousarray(d.astype(np.float16).transpose(0, 2, 1))  # [g, B, 8 rows]
+    return torch.from_numpy(np.concatenate([scales.view(np.uint8), quads.view(np.uint8)], -1))
+
+
+@pytest.mark.parametrize("impl", ["auto", "scalar"])
+@pytest.mark.parametrize("fmt", LAYOUTS)
+def test_requantized_int8_blocks_are_the_rounded_values(fmt, impl):
+    """Long prompts requantize these formats to the int8 kernels' blocks: every bit as a numpy
+    reference makes them from the dequantized values (the AVX2 version, 8 rows a vector, and
+    the portable one alike), rows past the last one zero."""
+    n, k = 45, 1024
+    layer = make_layer(fmt, k, n, random_blocks(file_type(fmt), n, k, seed=9, scale=0.05))
+    out = torch.empty(6, k // 32, 272, dtype=torch.uint8)
+    with kernels.use(impl):
+        kernels.requantize_int8(layer.fmt, layer.packed, k, out, rows=n)
+    assert torch.equal(out, requantized_reference(layer.dequantize()))
+
+
+@pytest.mark.parametrize("fmt", ["Q4_Kx8", "Q5_Kx8", "Q6_Kx8", "Q5_0"])
+def test_the_int8_prefill_route_is_the_int8_kernels_on_requantized_weights(fmt, monkeypatch):
+    """Slab by slab (here 3 slabs, the last one a partial group of rows), the route gives the
+    bits of one int8 product over the whole requantized matrix, and stays within the two
+    roundings of the float64 product: the weights' (half a step of each block, its fp16 scale's
+    rounding) and the activations' (activation_error_bound)."""
+    import mistol.block_quant as block_quant
+    from mistol.model import backend
+
+    monkeypatch.setattr(backend, "quantized_route", lambda rows, device, f: backend.INT8_PREFILL)
+    monkeypatch.setattr(block_quant, "_REQUANT_VALUES", 16 * 1024)
+    n, k = 37, 1024
+    blocks = random_blocks(file_type(fmt), n, k, seed=10)
+    layer = make_layer(fmt, k, n, blocks)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(10))
+    y = layer(x)
+    whole = kernels.requantize_int8(layer.fmt, layer.packed, k, torch.empty(5, k // 32, 272, dtype=torch.uint8), n)
+    assert torch.equal(y, kernels.gemm_matrices(x, [kernels.matrix("int8", whole.unsqueeze(0), n)]))
+    w = reference_weight(file_type(fmt), blocks)
+    w8 = kernels.dequantize("int8", whole, torch.float32)[:n].double()
+    step = w.abs().reshape(n, k // 32, 32).amax(-1, keepdim=True) / 127
+    assert ((w8 - w).abs().reshape(n, k // 32, 32) <= step * (0.5 + 127 * 2**-11)).all()
+    err = (y.double() - x.double() @ w.T).abs()
+    bound = activation_error_bound(w8, x.double(), 32) + x.double().abs() @ (w8 - w).abs().T
+    assert (err <= bound).all(), (err / bound).max()
+    assert (err / bound).max() > 0.01
+
+
+def test_long_prompts_take_the_int8_route_only_where_it_was_measured_to_pay(monkeypatch):
+    """The repacked k-quants from their crossover on, on the AVX512-VNNI kernels only (AVX2's
+    int8 kernels lose there), never beside AMX tiles; shorter inputs and the other formats
+    keep their routes."""
+    from mistol.model import backend
+
+    monkeypatch.setattr(backend, "bf16_tiles", lambda: False)
+    cpu = torch.device("cpu")
+    for impl in kernel_impls():
+        with kernels.use(impl):
+            for fmt in ("Q4_Kx8", "Q5_Kx8", "Q6_Kx8", "Q5_0", "int8"):
+                rows = backend.int8_prefill_rows(fmt)
+                assert (rows is not None) == (impl == "avx512vnni" and fmt.endswith("x8")), (impl, fmt)
+                if rows is not None:
+                    assert backend.quantized_route(rows, cpu, fmt) == backend.INT8_PREFILL
+                    assert backend.quantized_route(rows - 1, cpu, fmt) != backend.INT8_PREFILL
+                    assert backend.quantized_route(rows, torch.device("meta"), fmt) == backend.DEQUANTIZED
+    monkeypatch.setattr(backend, "bf16_tiles", lambda: True)
+    with kernels.use(kernel_impls()[0]):
+        assert backend.int8_prefill_rows("Q6_Kx8") is None
+
+
+def test_a_nan_in_the_weights_stays_nan_on_the_int8_prefill_route(monkeypatch):
+    from mistol.model import backend
+
+    monkeypatch.setattr(backend, "quantized_route", lambda rows, device, f: backend.INT8_PREFILL)
+    for fmt in ("Q4_Kx8", "Q5_Kx8", "Q6_Kx8", "Q5_1"):
+        blocks = random_blocks(file_type(fmt), 16, 512)
+        off = SCALE_OFFSETS[file_type(fmt)][0]
+        blocks[3, off : off + 2] = torch.from_numpy(np.array([0x7E00], dtype=np.uint16).view(np.uint8))
+        y = make_layer(fmt, 512, 16, blocks)(torch.randn(64, 512))
+        assert y[:, 3].isnan().all() and not y[:, [0, 1, 2, *range(4, 16)]].isnan().any(), fmt
+
+
 def test_bad_shapes_are_refused_in_one_line():
     from mistol.errors import MistolError
 

@@ -459,19 +459,27 @@ def machine_line() -> str:
 
 
 def prefill_path_lines(rows: list[dict]) -> list[str]:
-    """How mistol's quantized rows multiplied prefill-sized inputs: bf16 matmuls from some
-    number of rows (a CPU with bf16 instructions), or the int8 kernels at every length."""
+    """How mistol's quantized rows multiplied prefill-sized inputs: the k-quants requantized
+    to int8 and bf16 matmuls on dequantized weights, each from some number of rows on, or the
+    formats' own int8-activation kernels at every length."""
     quantized = [r for r in rows if r["engine"] == "mistol" and r.get("kernels", "torch") != "torch"]
     if not quantized:
         return []
+    int8 = {f: n for r in quantized for f, n in r.get("int8_prefill_rows", {}).items()}
     bf16 = {f: n for r in quantized for f, n in r.get("bf16_prefill_rows", {}).items()}
-    if not bf16:
-        return ["mistol prefill: its int8-activation kernels at every prompt length (bf16 instructions unused: "
-                "they do not pay for these formats on this CPU, it has none, or --no-bf16)"]
-    crossover = ", ".join(f"{f} from {n}" for f, n in bf16.items())
-    return [f"mistol prefill: bf16 matmuls on dequantized weights from this many rows on ({crossover}), "
-            "its int8-activation kernels below (--no-bf16: the kernels at every length, as on a CPU without "
-            "bf16 instructions)"]
+    lines = []
+    if int8:
+        lines.append("mistol prefill: weights requantized to int8 (slab by slab) for the int8 kernels from this many "
+                     f"rows on ({', '.join(f'{f} from {n}' for f, n in int8.items())})")
+    if bf16:
+        crossover = ", ".join(f"{f} from {n}" for f, n in bf16.items())
+        lines.append(f"mistol prefill: bf16 matmuls on dequantized weights from this many rows on ({crossover}), "
+                     "its int8-activation kernels below (--no-bf16: the kernels at every length, as on a CPU without "
+                     "bf16 instructions)")
+    elif not int8:
+        lines.append("mistol prefill: its int8-activation kernels at every prompt length (bf16 instructions unused: "
+                     "they do not pay for these formats on this CPU, it has none, or --no-bf16)")
+    return lines
 
 
 def report_table(report: dict) -> str:

@@ -67,6 +67,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mistol_dequantize_rows.restype = c_int
     for repack in (lib.mistol_repack_q4_k_x8, lib.mistol_repack_q5_k_x8, lib.mistol_repack_q6_k_x8):
         repack.argtypes, repack.restype = [vp, i64, i64, vp], c_int
+    lib.mistol_requantize_int8.argtypes = [c_int, vp, i64, i64, vp, c_int, c_int]
+    lib.mistol_requantize_int8.restype = c_int
     lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
     lib.mistol_quantize.restype = c_int
     lib.mistol_dense_many.argtypes = [c_int, vp, c_int, i64, i64, c_int, vp, vp, vp, vp, i64, c_int]
@@ -180,14 +182,17 @@ def gemm_many(fmt: str, x: torch.Tensor, weights: list[tuple[torch.Tensor, int]]
     return y
 
 
-def gemm_matrices(x: torch.Tensor, mats: list[Matrix]) -> torch.Tensor:
+def gemm_matrices(x: torch.Tensor, mats: list[Matrix], out: torch.Tensor | None = None) -> torch.Tensor:
     """x[M, K] (float32, contiguous, CPU) times quantized matrices of any formats (each
     made by `matrix`; their tensors kept alive by the caller) that share the input, in one
-    call: their outputs side by side, y[M, sum of rows]."""
+    call: their outputs side by side, y[M, sum of rows] (into `out` if given: float32 of that
+    shape, rows contiguous, such as a slice of a wider output's columns)."""
     m, k = x.shape
     count = len(mats)
-    y = torch.empty(m, sum(mat.rows for mat in mats), dtype=torch.float32)
-    rc = _lib.mistol_gemm_matrices(x.data_ptr(), m, k, count, (Matrix * count)(*mats), y.data_ptr(), y.shape[1],
+    n = sum(mat.rows for mat in mats)
+    y = torch.empty(m, n, dtype=torch.float32) if out is None else out
+    assert y.shape == (m, n) and y.dtype == torch.float32 and (m <= 1 or y.stride(1) == 1)
+    rc = _lib.mistol_gemm_matrices(x.data_ptr(), m, k, count, (Matrix * count)(*mats), y.data_ptr(), y.stride(0),
                                    torch.get_num_threads(), _impl_id())
     if rc != 0:
         raise RuntimeError(f"mistol_gemm_matrices(M={m}, K={k}, N={[mat.rows for mat in mats]}): {_error(rc)}")
@@ -208,6 +213,22 @@ def dequantize_rows(fmt: str, blocks: torch.Tensor, k: int, dtype: torch.dtype,
                                      torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"mistol_dequantize_rows({fmt}, K={k}): {_error(rc)}")
+    return out
+
+
+def requantize_int8(fmt: str, blocks: torch.Tensor, k: int, out: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """Rows of a row-order block format (as `dequantize_rows` takes them; the first `rows` of
+    an x8 layout's groups) -> llama.cpp Q8_0 blocks in the int8 kernels' packed layout, one
+    tile: `out`, uint8 [ceil(rows / 8), k / 32, 272] (CPU, contiguous), returned. Each value
+    is dequantized in float32, and each block of 32 scaled by max|x| / 127 and rounded to
+    nearest even (csrc/requantize.c; a block with a NaN gets a NaN scale)."""
+    n = blocks.shape[0] if rows is None else rows
+    assert out.shape == (-(-n // 8), k // 32, 272) and out.dtype == torch.uint8 and out.is_contiguous()
+    assert blocks.is_contiguous()
+    rc = _lib.mistol_requantize_int8(_abi.formats[fmt], blocks.data_ptr(), n, k, out.data_ptr(),
+                                     torch.get_num_threads(), _impl_id())
+    if rc != 0:
+        raise RuntimeError(f"mistol_requantize_int8({fmt}, K={k}): {_error(rc)}")
     return out
 
 

@@ -32,8 +32,11 @@ rows (`quantized_route`, `dense_kernel_runs`):
 | path               | runs when                                                    | code                         |
 |--------------------|--------------------------------------------------------------|------------------------------|
 | quantized kernels  | a `QuantizedLinear` (or `BlockLinear`) on a CPU with the C   | `kernels.gemm_matrices`      |
-|                    | kernels, fewer rows                                          |                              |
-|                    | than `bf16_prefill_rows(fmt)` or no native bf16              |                              |
+|                    | kernels, fewer rows than `int8_prefill_rows(fmt)` and        |                              |
+|                    | `bf16_prefill_rows(fmt)` (or none of those routes)           |                              |
+| int8 prefill       | a repacked k-quant layer (Q4_Kx8, Q5_Kx8, Q6_Kx8) on a CPU   | requantize to int8 by slabs, |
+|                    | with the AVX512-VNNI kernels and no AMX tiles,               | `kernels.gemm_matrices`      |
+|                    | `int8_prefill_rows(fmt)`+ rows                               |                              |
 | bf16 prefill       | a quantized layer on a CPU with bf16 dot-product             | dequantize to bf16, matmul   |
 |                    | instructions (`native_bf16`; int8/int4: AMX tiles),          |                              |
 |                    | `bf16_prefill_rows(fmt)`+ rows                               |                              |
@@ -83,7 +86,17 @@ KERNELS_OUTRUN_BF16 = frozenset(("int8", "int4"))  # (without AMX)
 BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1"), 32), Q4_Kx8=512, Q5_Kx8=320,
                      Q6_Kx8=192)
 
-QUANTIZED_KERNELS, BF16_PREFILL, DEQUANTIZED = "kernels", "bf16", "dequantized"
+# From this many rows the repacked k-quants are requantized to int8 slab by slab and
+# multiplied on the int8 kernels (`int8_prefill_rows`), on CPUs whose kernels are AVX512-VNNI
+# (two rows a 512-bit dot product): the k-quants' own kernels spend more per row on unpacking
+# and per-16/32 scales, bf16 matmuls more on the products. 2-core AVX512-BF16 EPYC, 7B's FFN
+# shapes, 2 threads, routes in turns: int8 over the own kernels at 48 rows Q6_K 0.93, at 96 Q5_K
+# 0.93, at 192 Q4_K 0.89 (128: 1.01); at 512 0.59 / 0.79 / 0.76, and 0.76 / 0.84 / 0.78 of bf16's
+# time. With AVX2's int8 kernels (forced on that CPU) the route lost to Q4_K's and Q5_K's own
+# at every length (1.2-1.7x) and beat Q6_K's by 2-9% from 128 rows: AVX2 keeps the own kernels.
+INT8_MIN_ROWS = {"avx512vnni": {"Q4_Kx8": 160, "Q5_Kx8": 96, "Q6_Kx8": 48}}
+
+QUANTIZED_KERNELS, BF16_PREFILL, INT8_PREFILL, DEQUANTIZED = "kernels", "bf16", "int8", "dequantized"
 
 
 @dataclass
@@ -173,11 +186,22 @@ def bf16_prefill_rows(fmt: str) -> int | None:
     return BF16_MIN_ROWS[fmt]
 
 
+def int8_prefill_rows(fmt: str) -> int | None:
+    """From how many input rows a quantized layer of format `fmt` is requantized to int8 for
+    the int8 kernels on this CPU; None: never."""
+    if bf16_tiles():  # (AMX tiles, where bf16 may win: not measured)
+        return None
+    return INT8_MIN_ROWS.get(kernels.impl_name(), {}).get(fmt)
+
+
 def quantized_route(rows: int, device: torch.device, fmt: str) -> str:
     """How a quantized layer multiplies `rows` input rows on `device`: QUANTIZED_KERNELS,
-    BF16_PREFILL or DEQUANTIZED."""
+    INT8_PREFILL, BF16_PREFILL or DEQUANTIZED."""
     if device.type != "cpu":
         return DEQUANTIZED
+    int8_rows = int8_prefill_rows(fmt)
+    if int8_rows is not None and rows >= int8_rows:
+        return INT8_PREFILL
     from_rows = bf16_prefill_rows(fmt)
     if from_rows is not None and rows >= from_rows:
         # Prefill is compute-bound, and there a CPU's bf16 dot products (or tiles) multiply
