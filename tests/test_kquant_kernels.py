@@ -308,6 +308,10 @@ def test_long_prompts_take_the_int8_route_only_where_it_was_measured_to_pay(monk
     monkeypatch.setattr(backend, "bf16_tiles", lambda: True)
     with kernels.use(kernel_impls()[0]):
         assert backend.int8_prefill_rows("Q6_Kx8") is None
+    monkeypatch.setattr(backend, "bf16_tiles", lambda: False)
+    monkeypatch.setenv("MISTOL_INT8_PREFILL", "0")
+    with kernels.use(kernel_impls()[0]):
+        assert backend.int8_prefill_rows("Q6_Kx8") is None
 
 
 def test_a_nan_in_the_weights_stays_nan_on_the_int8_prefill_route(monkeypatch):

@@ -188,8 +188,8 @@ def bf16_prefill_rows(fmt: str) -> int | None:
 
 def int8_prefill_rows(fmt: str) -> int | None:
     """From how many input rows a quantized layer of format `fmt` is requantized to int8 for
-    the int8 kernels on this CPU; None: never."""
-    if bf16_tiles():  # (AMX tiles, where bf16 may win: not measured)
+    the int8 kernels on this CPU; None: never (MISTOL_INT8_PREFILL=0: never, to compare)."""
+    if bf16_tiles() or os.environ.get("MISTOL_INT8_PREFILL") == "0":  # (AMX tiles: bf16 may win, not measured)
         return None
     return INT8_MIN_ROWS.get(kernels.impl_name(), {}).get(fmt)
 
