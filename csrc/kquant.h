@@ -122,6 +122,5 @@ static inline void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
 
 /* One row of K inputs in row-order format fmt -> out[K] float32 (dequantize.c's rows). */
 void kquant_dequantize_row(int fmt, const uint8_t *row, int64_t K, float *out);
-void kquant_rows_to_f32(int fmt, const uint8_t *w, int64_t r0, int64_t r1, int64_t K, float *out);
 
 #endif

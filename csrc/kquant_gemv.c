@@ -1654,12 +1654,12 @@ void kquant_dequantize_row(int fmt, const uint8_t *row, int64_t K, float *out) {
 
 typedef uint32_t __attribute__((may_alias)) uint32_alias;
 
-/* Rows [r0, r1) into out[r1 - r0][K] (buf: K floats of scratch for bfloat16 output). */
+/* Rows [r0, r1) (buf: K floats of scratch for bfloat16 output). */
 ALWAYS_INLINE void dequantize_rows_body(int fmt, const uint8_t *w, int64_t r0, int64_t r1, int64_t K, void *out,
                                         int out_type, float *buf) {
     const int64_t rb = fmt_row_bytes(fmt, K), gb = 8 * rb; /* (gb: the x8 layouts' group bytes) */
     for (int64_t r = r0; r < r1; r++) {
-        float *dst = out_type == DT_F32 ? (float *)out + (r - r0) * K : buf;
+        float *dst = out_type == DT_F32 ? (float *)out + r * K : buf;
         if (fmt == FMT_Q4_KX8)
             dequantize_row_q4k_x8(w + r / 8 * gb, (int)(r % 8), K, dst);
         else if (fmt == FMT_Q5_KX8)
@@ -1669,7 +1669,7 @@ ALWAYS_INLINE void dequantize_rows_body(int fmt, const uint8_t *w, int64_t r0, i
         else
             dequantize_row(fmt, w + r * rb, K, dst);
         if (out_type == DT_F32) continue;
-        uint16_t *o = (uint16_t *)out + (r - r0) * K;
+        uint16_t *o = (uint16_t *)out + r * K;
         const uint32_alias *bits = (const uint32_alias *)buf; /* (a loop the compiler vectorizes) */
         for (int64_t k = 0; k < K; k++) o[k] = (uint16_t)((bits[k] + 0x7fff + ((bits[k] >> 16) & 1)) >> 16);
     }
@@ -1687,18 +1687,6 @@ AVX2_FN static void dequantize_rows_avx2(int fmt, const uint8_t *w, int64_t r0, 
     dequantize_rows_body(fmt, w, r0, r1, K, out, out_type, buf);
 }
 #endif
-
-/* Rows [r0, r1) of row-order format fmt -> out[r1 - r0][K] float32, in the calling thread
- * (the requantizer's first step: quantize.c). */
-void kquant_rows_to_f32(int fmt, const uint8_t *w, int64_t r0, int64_t r1, int64_t K, float *out) {
-#ifdef MISTOL_X86
-    if (cpu_has_avx2()) {
-        dequantize_rows_avx2(fmt, w, r0, r1, K, out, DT_F32, NULL);
-        return;
-    }
-#endif
-    dequantize_rows_portable(fmt, w, r0, r1, K, out, DT_F32, NULL);
-}
 
 /* rows x K of row-order format fmt -> out [rows][K], float32 or bfloat16 (rounded to
  * nearest even). Returns 0 or a negative error. */
@@ -1727,7 +1715,7 @@ EXPORT int mistol_dequantize_rows(int fmt, const uint8_t *w, int64_t rows, int64
             failed = 1;
             r1 = r0;
         }
-        run(fmt, w, r0, r1, K, (uint8_t *)out + r0 * K * (out_type == DT_F32 ? 4 : 2), out_type, buf);
+        run(fmt, w, r0, r1, K, out, out_type, buf);
         free(buf);
     }
     return failed ? ERR_NOMEM : OK;

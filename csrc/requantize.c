@@ -1,21 +1,17 @@
-/* Requantization to int8 for long prompts: rows of llama.cpp's other block types (kquant.h:
- * Q4_K, Q5_K, Q6_K and their x8 layouts, Q4_1, Q5_0, Q5_1) -> Q8_0 blocks in the int8
- * kernels' packed layout (mistol_kernels.h), one untiled matrix [ceil(rows / 8)][K / 32]
- * of block_q8_0x8. A prompt's rows then run on the int8 kernels, which multiply faster than
- * these types' own kernels and than bf16 matmuls once the conversion is shared by enough
- * rows (mistol.block_quant).
+/* The product of long prompts with the repacked k-quants (Q4_KX8, Q5_KX8, Q6_KX8 of
+ * kquant.h) on AVX512-VNNI: each thread requantizes one group of 8 rows at a time to int8,
+ * per super-block of 256 inputs (one float scale a row, d = max|x| / 127, q = x * (1 / d)
+ * rounded to nearest even), into a buffer that stays in its cache, and multiplies every
+ * activation row by it, the activations quantized per 256 as the k-quant kernels take them
+ * (kquant_gemv.c). A super-block's integer sums then need no scaling on the way: one float
+ * step per 256 inputs, where the k-quants' own kernels scale every 16 or 32 inputs and unpack
+ * their bits again for every 8 activation rows, which is most of their time on long prompts.
  *
- * Each value is dequantized in float32 with the kernels' reference operations
- * (kquant_gemv.c's dequantization), then, per block of 32: d = max|x| / 127, q = x * (1 / d)
- * rounded to nearest even, the scale stored as fp16 (llama.cpp's Q8_0 rounds halves away
- * from zero instead; nearest even is one instruction here, and nothing compares these
- * blocks with llama.cpp's). A block holding a NaN or an infinity gets a NaN scale and zero
- * quants, so a damaged file's NaN reaches the output as it does on the other paths.
- *
- * The x8 layouts have an AVX2 version that takes a group's 8 rows as the 8 lanes of a
- * vector: their quads are already interleaved 4 bytes a row, as the output's are, so a
- * block needs no horizontal maximum and no transposes but one shuffle per 4 values a row.
- * Both versions give the same bits.
+ * The values are those of the kernels' reference (kquant_gemv.c's dequantization: the same
+ * float operations), taken 8 rows at once, one row a vector lane: the x8 layouts interleave
+ * the rows 4 bytes at a time, so a row's maximum needs no horizontal reduction. A super-block
+ * holding a NaN or an infinity gets a NaN scale (and zero quants), so that a damaged file's
+ * NaN reaches the output as it does on the other paths.
  */
 
 #include <math.h>
@@ -24,69 +20,36 @@
 #include "kquant.h"
 #include "mistol_kernels.h"
 
-#define ROUNDER 12582912.0f /* 1.5 * 2^23: (v + ROUNDER) - ROUNDER rounds |v| < 2^22 to nearest even */
-
-/* One row's 32 values -> its fp16 scale (returned) and 32 quants. */
-static uint16_t requantize_block_scalar(const float *x, int8_t *q) {
-    float amax = 0.0f;
-    int bad = 0;
-    for (int j = 0; j < QK; j++) {
-        bad |= !isfinite(x[j]);
-        amax = fmaxf(amax, fabsf(x[j]));
-    }
-    if (bad) {
-        memset(q, 0, QK);
-        return float_to_half(NAN);
-    }
-    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-    for (int j = 0; j < QK; j++) q[j] = (int8_t)(int)((x[j] * id + ROUNDER) - ROUNDER);
-    return float_to_half(d);
-}
-
-/* Rows [r0, r0 + 8) of any format (rows past `rows` zero) -> one group's blocks, by way of
- * float rows in buf[8][K]. */
-static void requantize_group_portable(int fmt, const uint8_t *w, int64_t rows, int64_t r0, int64_t K,
-                                      block_q8_0x8 *out, float *buf) {
-    const int64_t r1 = r0 + IL < rows ? r0 + IL : rows;
-    kquant_rows_to_f32(fmt, w, r0, r1, K, buf);
-    memset(buf + (r1 - r0) * K, 0, sizeof(float) * (size_t)((IL - (r1 - r0)) * K));
-    for (int64_t b = 0; b < K / QK; b++)
-        for (int r = 0; r < IL; r++) {
-            int8_t q[QK];
-            out[b].d[r] = requantize_block_scalar(buf + r * K + b * QK, q);
-            for (int j = 0; j < QK; j += 4) memcpy(out[b].qs + quant_offset(r, j), q + j, 4);
-        }
-}
-
 #ifdef MISTOL_X86
 #define LOAD256(p) _mm256_loadu_si256((const __m256i *)(p))
 
-/* 8 rows' 32 values, v[4u + p] = value 4u + p of every row (lane r = row r) -> one
- * block_q8_0x8. */
-AVX2_FN static void requantize_lanes_avx2(const __m256 v[QK], block_q8_0x8 *out) {
+/* One quad of 8 rows (v[p]: value p of every row) times id, rounded to nearest even, as
+ * int8 with row r's 4 bytes at 4r (lanes not in keep: zero). Packs leave the bytes grouped
+ * by value within each 128-bit lane (rows 0-3, then 4-7); the shuffle transposes each 4 x 4. */
+AVX2_FN static inline __m256i quad_bytes(const __m256 v[4], __m256 id, __m256i keep) {
+    const __m256i transpose = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5,
+                                               9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    __m256i q[4];
+    for (int p = 0; p < 4; p++) q[p] = _mm256_and_si256(_mm256_cvtps_epi32(_mm256_mul_ps(v[p], id)), keep);
+    return _mm256_shuffle_epi8(_mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
+                               transpose);
+}
+
+/* The scale of n values of 8 rows (lane r = row r), max|x| / 127, and its inverse (0 for a
+ * zero scale); lanes with a NaN or an infinity: a NaN scale, inverse 0, and not in keep. */
+AVX2_FN static inline __m256 lane_scales(const __m256 *v, int n, __m256 *id, __m256i *keep) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 amax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
-    for (int i = 0; i < QK; i++) {
+    for (int i = 0; i < n; i++) {
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
         nan = _mm256_or_ps(nan, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
     }
     const __m256 bad = _mm256_or_ps(nan, _mm256_cmp_ps(amax, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
     const __m256 d = _mm256_div_ps(amax, _mm256_set1_ps(127.0f));
     const __m256 zero = _mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_EQ_OQ);
-    const __m256 id = _mm256_andnot_ps(_mm256_or_ps(zero, bad), _mm256_div_ps(_mm256_set1_ps(1.0f), d));
-    const __m256 d_out = _mm256_blendv_ps(d, _mm256_set1_ps(NAN), bad);
-    _mm_storeu_si128((__m128i *)out->d, _mm256_cvtps_ph(d_out, _MM_FROUND_TO_NEAREST_INT));
-    const __m256i keep = _mm256_castps_si256(_mm256_cmp_ps(d_out, d_out, _CMP_ORD_Q)); /* (bad lanes: zero quants) */
-    /* 4 values of each row -> their bytes in row order: packs leave them grouped by value
-     * within each 128-bit lane (rows 0-3, then 4-7), the shuffle transposes each 4 x 4 */
-    const __m256i transpose = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5,
-                                               9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    for (int u = 0; u < QK / 4; u++) {
-        __m256i q[4];
-        for (int p = 0; p < 4; p++) q[p] = _mm256_and_si256(_mm256_cvtps_epi32(_mm256_mul_ps(v[4 * u + p], id)), keep);
-        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        _mm256_storeu_si256((__m256i *)(out->qs + 32 * u), _mm256_shuffle_epi8(bytes, transpose));
-    }
+    *id = _mm256_andnot_ps(_mm256_or_ps(zero, bad), _mm256_div_ps(_mm256_set1_ps(1.0f), d));
+    *keep = _mm256_castps_si256(_mm256_andnot_ps(bad, _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
+    return _mm256_blendv_ps(d, _mm256_set1_ps(NAN), bad);
 }
 
 /* A quad vector (4 unsigned byte values of each row) -> its 4 values as int32 lanes. */
@@ -116,129 +79,224 @@ AVX2_FN static void k4_values_avx2(const __m256i quads[8], __m256 dd, __m256 dm,
     }
 }
 
-AVX2_FN static void requantize_q4k_x8_avx2(const uint8_t *group, int64_t K, block_q8_0x8 *out) {
+/* A super-block's 256 values of 8 rows, v[4u + p] = value 4u + p (quad u) of every row,
+ * from group block i of each x8 layout (sub-blocks in order, 32 vectors each). */
+AVX2_FN static void q4k_x8_values(const uint8_t *group, int64_t i, __m256 v[QKK]) {
     const __m256i m4 = _mm256_set1_epi8(15);
-    for (int64_t i = 0; i < K / QKK; i++) {
-        const block_q4_Kx8 *b = (const block_q4_Kx8 *)group + i;
-        const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));
-        const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->dmin));
-        for (int j = 0; j < 8; j++) { /* sub-block j: chunk j / 2's low (j even) or high nibbles */
-            __m256i quads[8];
-            __m256 v[QK];
-            for (int k = 0; k < 8; k++) {
-                const __m256i q = LOAD256(b->qs[j / 2][k]);
-                quads[k] = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(q, 4) : q, m4);
-            }
-            k4_values_avx2(quads, dd, dm, b->scales[j], b->mins, j, v);
-            requantize_lanes_avx2(v, out + 8 * i + j);
+    const block_q4_Kx8 *b = (const block_q4_Kx8 *)group + i;
+    const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));
+    const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->dmin));
+    for (int j = 0; j < 8; j++) { /* sub-block j: chunk j / 2's low (j even) or high nibbles */
+        __m256i quads[8];
+        for (int k = 0; k < 8; k++) {
+            const __m256i q = LOAD256(b->qs[j / 2][k]);
+            quads[k] = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(q, 4) : q, m4);
         }
+        k4_values_avx2(quads, dd, dm, b->scales[j], b->mins, j, v + QK * j);
     }
 }
 
-AVX2_FN static void requantize_q5k_x8_avx2(const uint8_t *group, int64_t K, block_q8_0x8 *out) {
+AVX2_FN static void q5k_x8_values(const uint8_t *group, int64_t i, __m256 v[QKK]) {
     const __m256i m31 = _mm256_set1_epi8(31), m7 = _mm256_set1_epi8(7), m24 = _mm256_set1_epi8(24);
-    for (int64_t i = 0; i < K / QKK; i++) {
-        const block_q5_Kx8 *b = (const block_q5_Kx8 *)group + i;
-        const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));
-        const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->dmin));
-        for (int c = 0; c < 4; c++) { /* sub-blocks 2c (lo) and 2c + 1 (hi), unpacked as the kernels do */
-            __m256i lo[8], hi[8];
-            __m256 v[QK];
-            for (int half = 0; half < 2; half++) {
-                const q5_kx8_half *h = &b->q[c][half];
-                const __m256i top = LOAD256(h->qh);
-                for (int u = 0; u < 4; u++) {
-                    const __m256i q = LOAD256(h->qs[u]);
-                    const __m256i t = u < 2 ? _mm256_slli_epi16(top, 3 - 2 * u) : _mm256_srli_epi16(top, 2 * u - 3);
-                    lo[4 * half + u] = _mm256_and_si256(q, m31);
-                    hi[4 * half + u] =
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 5), m7), _mm256_and_si256(t, m24));
+    const block_q5_Kx8 *b = (const block_q5_Kx8 *)group + i;
+    const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));
+    const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->dmin));
+    for (int c = 0; c < 4; c++) { /* sub-blocks 2c (lo) and 2c + 1 (hi), unpacked as the kernels do */
+        __m256i lo[8], hi[8];
+        for (int half = 0; half < 2; half++) {
+            const q5_kx8_half *h = &b->q[c][half];
+            const __m256i top = LOAD256(h->qh);
+            for (int u = 0; u < 4; u++) {
+                const __m256i q = LOAD256(h->qs[u]);
+                const __m256i t = u < 2 ? _mm256_slli_epi16(top, 3 - 2 * u) : _mm256_srli_epi16(top, 2 * u - 3);
+                lo[4 * half + u] = _mm256_and_si256(q, m31);
+                hi[4 * half + u] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 5), m7), _mm256_and_si256(t, m24));
+            }
+        }
+        k4_values_avx2(lo, dd, dm, b->scales[2 * c], b->mins, 2 * c, v + QK * 2 * c);
+        k4_values_avx2(hi, dd, dm, b->scales[2 * c + 1], b->mins, 2 * c + 1, v + QK * (2 * c + 1));
+    }
+}
+
+/* Q6_KX8: sub-block 4h + t (elements 128h + 32t ..) is part t & 1 of half h's low bits and
+ * bits 2t, 2t + 1 of its high bits; quads 0-3 have group 8h + 2t's scale, 4-7 the next's.
+ * Values (d * scale) * (q - 32), as dequantize_q6k_block. */
+AVX2_FN static void q6k_x8_values(const uint8_t *group, int64_t i, __m256 v[QKK]) {
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30), off = _mm256_set1_epi32(32);
+    const block_q6_Kx8 *b = (const block_q6_Kx8 *)group + i;
+    const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));
+    for (int h = 0; h < 2; h++)
+        for (int t = 0; t < 4; t++)
+            for (int kh = 0; kh < 2; kh++) {
+                const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b->scales[8 * h + 2 * t + kh]));
+                const __m256 d1 = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(sc));
+                for (int u = 4 * kh; u < 4 * kh + 4; u++) {
+                    const __m256i L = LOAD256(b->ql[h][t & 1][u]), H = LOAD256(b->qh[h][u]);
+                    const __m256i lo = _mm256_and_si256(t < 2 ? L : _mm256_srli_epi16(L, 4), m4);
+                    const __m256i hi = t < 2 ? _mm256_slli_epi16(H, 4 - 2 * t) : t > 2 ? _mm256_srli_epi16(H, 2) : H;
+                    __m256i ints[4];
+                    quad_ints_avx2(_mm256_or_si256(lo, _mm256_and_si256(hi, m30)), ints);
+                    for (int p = 0; p < 4; p++)
+                        v[QK * (4 * h + t) + 4 * u + p] =
+                            _mm256_mul_ps(d1, _mm256_cvtepi32_ps(_mm256_sub_epi32(ints[p], off)));
                 }
             }
-            k4_values_avx2(lo, dd, dm, b->scales[2 * c], b->mins, 2 * c, v);
-            requantize_lanes_avx2(v, out + 8 * i + 2 * c);
-            k4_values_avx2(hi, dd, dm, b->scales[2 * c + 1], b->mins, 2 * c + 1, v);
-            requantize_lanes_avx2(v, out + 8 * i + 2 * c + 1);
+}
+
+typedef void (*x8_values_fn)(const uint8_t *, int64_t, __m256 *);
+
+static x8_values_fn x8_values(int fmt) {
+    return fmt == FMT_Q4_KX8 ? q4k_x8_values : fmt == FMT_Q5_KX8 ? q5k_x8_values : fmt == FMT_Q6_KX8 ? q6k_x8_values : NULL;
+}
+
+/* A super-block of 8 rows requantized: their scales, and their values as q + 128 (dpbusd
+ * multiplies unsigned bytes; the product takes 128 times the activations' sum off), 8
+ * values of every row in each 64 bytes, as the product reads them. */
+typedef struct {
+    float d[8];        /* the rows' scales */
+    uint8_t q[32][64]; /* [chunk c][row r][8]: row r's values 8c..8c+7 as q + 128 */
+} sb8_int8;
+
+/* 8 rows' 256 values (v[4u + p]: value 4u + p of every row) -> one sb8_int8. */
+AVX2_FN static void requantize256_lanes(const __m256 v[QKK], sb8_int8 *out) {
+    __m256 id;
+    __m256i keep;
+    _mm256_storeu_ps(out->d, lane_scales(v, QKK, &id, &keep));
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    for (int c = 0; c < 32; c++) {
+        const __m256i a = quad_bytes(v + 8 * c, id, keep), b = quad_bytes(v + 8 * c + 4, id, keep);
+        const __m256i lo = _mm256_unpacklo_epi32(a, b), hi = _mm256_unpackhi_epi32(a, b); /* rows 0,1,4,5 / 2,3,6,7 */
+        _mm256_storeu_si256((__m256i *)out->q[c], _mm256_xor_si256(_mm256_permute2x128_si256(lo, hi, 0x20), bias));
+        _mm256_storeu_si256((__m256i *)(out->q[c] + 32), _mm256_xor_si256(_mm256_permute2x128_si256(lo, hi, 0x31), bias));
+    }
+}
+
+static inline int64_t load_i64(const int8_t *p) { int64_t v; memcpy(&v, p, 8); return v; }
+
+/* MC activation rows (m0 ..) against a group's super-blocks wq[nsb], into out[MC][8]. qkb:
+ * the activations super-block-major ([i][m][256]), dk their scales [m][nsb], s256 their
+ * sums [i][m]. */
+VNNI_FN static inline __attribute__((always_inline)) void sb8_rows_vnni(int MC, const sb8_int8 *wq, int64_t nsb,
+                                                                         const int8_t *qkb, const float *dk,
+                                                                         const int32_t *s256, int64_t M, int64_t m0,
+                                                                         float *out) {
+    __m256 acc[8];
+    for (int m = 0; m < MC; m++) acc[m] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nsb; i++) {
+        const sb8_int8 *b = wq + i;
+        const int8_t *a = qkb + (i * M + m0) * QKK;
+        __m512i sum[8];
+        for (int m = 0; m < MC; m++) sum[m] = _mm512_setzero_si512();
+        for (int c = 0; c < 32; c++) {
+            const __m512i w = _mm512_loadu_si512((const void *)b->q[c]);
+            for (int m = 0; m < MC; m++)
+                sum[m] = _mm512_dpbusd_epi32(sum[m], w, _mm512_set1_epi64(load_i64(a + m * QKK + 8 * c)));
+        }
+        const __m256 d = _mm256_loadu_ps(b->d);
+        for (int m = 0; m < MC; m++) {
+            __m256i t = _mm512_cvtepi64_epi32(_mm512_add_epi32(sum[m], _mm512_srli_epi64(sum[m], 32)));
+            t = _mm256_sub_epi32(t, _mm256_set1_epi32(128 * s256[i * M + m0 + m]));
+            const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(dk[(m0 + m) * nsb + i]));
+            acc[m] = _mm256_add_ps(acc[m], _mm256_mul_ps(_mm256_cvtepi32_ps(t), scale));
         }
     }
+    for (int m = 0; m < MC; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);
 }
 
-/* Q6_KX8: block 4h + t of a super-block (elements 128h + 32t ..) is part t & 1 of half h's
- * low bits and bits 2t, 2t + 1 of its high bits; quads 0-3 have group 8h + 2t's scale,
- * 4-7 the next's. Values (d * scale) * (q - 32), as dequantize_q6k_block. */
-AVX2_FN static void requantize_q6k_x8_avx2(const uint8_t *group, int64_t K, block_q8_0x8 *out) {
-    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30), off = _mm256_set1_epi32(32);
-    for (int64_t i = 0; i < K / QKK; i++) {
-        const block_q6_Kx8 *b = (const block_q6_Kx8 *)group + i;
-        const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));
-        for (int h = 0; h < 2; h++)
-            for (int t = 0; t < 4; t++) {
-                __m256 v[QK];
-                for (int kh = 0; kh < 2; kh++) {
-                    const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b->scales[8 * h + 2 * t + kh]));
-                    const __m256 d1 = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(sc));
-                    for (int u = 4 * kh; u < 4 * kh + 4; u++) {
-                        const __m256i L = LOAD256(b->ql[h][t & 1][u]), H = LOAD256(b->qh[h][u]);
-                        const __m256i lo = _mm256_and_si256(t < 2 ? L : _mm256_srli_epi16(L, 4), m4);
-                        const __m256i hi = t < 2 ? _mm256_slli_epi16(H, 4 - 2 * t) : t > 2 ? _mm256_srli_epi16(H, 2) : H;
-                        __m256i ints[4];
-                        quad_ints_avx2(_mm256_or_si256(lo, _mm256_and_si256(hi, m30)), ints);
-                        for (int p = 0; p < 4; p++)
-                            v[4 * u + p] = _mm256_mul_ps(d1, _mm256_cvtepi32_ps(_mm256_sub_epi32(ints[p], off)));
-                    }
-                }
-                requantize_lanes_avx2(v, out + 8 * i + 4 * h + t);
-            }
-    }
+VNNI_FN static void sb8_rows8_vnni(const sb8_int8 *wq, int64_t nsb, const int8_t *qkb, const float *dk,
+                                   const int32_t *s256, int64_t M, int64_t m0, float *out) {
+    sb8_rows_vnni(8, wq, nsb, qkb, dk, s256, M, m0, out);
 }
-
-typedef void (*requantize_x8_fn)(const uint8_t *, int64_t, block_q8_0x8 *);
-
-static requantize_x8_fn x8_avx2(int fmt) {
-    return fmt == FMT_Q4_KX8 ? requantize_q4k_x8_avx2
-         : fmt == FMT_Q5_KX8 ? requantize_q5k_x8_avx2
-         : fmt == FMT_Q6_KX8 ? requantize_q6k_x8_avx2
-                             : NULL;
+VNNI_FN static void sb8_rows1_vnni(const sb8_int8 *wq, int64_t nsb, const int8_t *qkb, const float *dk,
+                                   const int32_t *s256, int64_t M, int64_t m0, float *out) {
+    sb8_rows_vnni(1, wq, nsb, qkb, dk, s256, M, m0, out);
 }
 #endif
 
-/* rows x K of row-order format fmt (an x8 layout: its groups) -> out[ceil(rows / 8)][K / 32]
- * block_q8_0x8; impl IMPL_SCALAR: the portable code alone (tests compare the two). Returns 0
- * or a negative error. */
-EXPORT int mistol_requantize_int8(int fmt, const uint8_t *w, int64_t rows, int64_t K, uint8_t *out, int nthreads,
-                                  int impl) {
-    if (!fmt_row_order(fmt)) return ERR_FMT;
-    if (K <= 0 || K % fmt_k_multiple(fmt) != 0) return ERR_K;
-    if (rows < 0) return ERR_ARG;
-    const int64_t groups = (rows + IL - 1) / IL, B = K / QK;
-    void (*x8)(const uint8_t *, int64_t, block_q8_0x8 *) = NULL;
+/* y[m * ldy + r] = x[M][K] times the first `rows` rows of fmt (an x8 layout: its groups),
+ * requantized as above; AVX512-VNNI CPUs only (else ERR_IMPL). Returns 0 or a negative
+ * error. */
+EXPORT int mistol_gemm_requantized(int fmt, const uint8_t *w, int64_t rows, int64_t K, const float *x, int64_t M,
+                                   float *y, int64_t ldy, int nthreads) {
 #ifdef MISTOL_X86
-    if (impl != IMPL_SCALAR && cpu_has_avx2()) x8 = x8_avx2(fmt);
-#else
-    (void)impl;
-#endif
-    int failed = 0;
+    if (!x8_values(fmt)) return ERR_FMT;
+    if (K <= 0 || K % QKK != 0) return ERR_K;
+    if (rows < 0 || M < 0 || ldy < rows) return ERR_ARG;
+    if (!cpu_has_vnni()) return ERR_IMPL;
+    if (M == 0 || rows == 0) return OK;
+    qkernels kn;
+    if (qkernels_select(IMPL_VNNI, &kn) != OK) return ERR_IMPL;
+    const int64_t nsb = K / QKK, groups = (rows + IL - 1) / IL, gbytes = 8 * fmt_row_bytes(fmt, K);
+    /* the activations, super-block-major (a group's 8 activation rows of one super-block
+     * are 2 KB in a row), their scales [m][nsb] and sums [i][m] */
+    int8_t *qkb = malloc((size_t)(M * K));
+    float *dk = malloc(sizeof(float) * (size_t)(M * nsb));
+    int32_t *s256 = malloc(sizeof(int32_t) * (size_t)(M * nsb));
+    int failed = !qkb || !dk || !s256;
     if (nthreads < 1) nthreads = 1;
+    if (!failed) {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && rows * K > (1 << 16))
+#pragma omp parallel num_threads(nthreads)
 #endif
-    {
-        float *buf = x8 ? NULL : malloc(sizeof(float) * (size_t)(IL * K)); /* a group's rows, dequantized */
-        int64_t g0, g1;
-        thread_share(groups, &g0, &g1);
-        if (!x8 && !buf) {
+        {
+            int8_t *q = malloc((size_t)K); /* one row's quants, and its sums per 16 */
+            int32_t *s16 = malloc(sizeof(int32_t) * (size_t)(K / 16));
+            int64_t m0, m1;
+            thread_share(M, &m0, &m1);
+            if (!q || !s16) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
-            failed = 1;
-            g1 = g0;
+                failed = 1;
+                m1 = m0;
+            }
+            for (int64_t m = m0; m < m1; m++) {
+                kn.kquant(x + m * K, K, q, dk + m * nsb, s16);
+                for (int64_t i = 0; i < nsb; i++) {
+                    memcpy(qkb + (i * M + m) * QKK, q + i * QKK, QKK);
+                    int32_t sum = 0;
+                    for (int g = 0; g < 16; g++) sum += s16[i * 16 + g];
+                    s256[i * M + m] = sum;
+                }
+            }
+            free(q), free(s16);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+            int64_t g0, g1;
+            thread_share(groups, &g0, &g1);
+            sb8_int8 *wq = malloc(sizeof(sb8_int8) * (size_t)nsb); /* this thread's group, requantized */
+            __m256 v[QKK];
+            if (!wq || failed) { /* (a thread short of memory: every thread skips the product) */
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+                failed = 1;
+                g1 = g0;
+            }
+            for (int64_t g = g0; g < g1; g++) {
+                for (int64_t i = 0; i < nsb; i++) {
+                    x8_values(fmt)(w + g * gbytes, i, v);
+                    requantize256_lanes(v, wq + i);
+                }
+                const int64_t nr = rows - g * IL < IL ? rows - g * IL : IL;
+                float out[8 * 8];
+                for (int64_t mb = 0; mb < M;) {
+                    const int mc = M - mb >= 8 ? 8 : 1;
+                    if (mc == 8) sb8_rows8_vnni(wq, nsb, qkb, dk, s256, M, mb, out);
+                    else sb8_rows1_vnni(wq, nsb, qkb, dk, s256, M, mb, out);
+                    for (int m = 0; m < mc; m++) memcpy(y + (mb + m) * ldy + g * IL, out + 8 * m, sizeof(float) * (size_t)nr);
+                    mb += mc;
+                }
+            }
+            free(wq);
         }
-        for (int64_t g = g0; g < g1; g++) {
-            block_q8_0x8 *dst = (block_q8_0x8 *)out + g * B;
-            if (x8) x8(w + g * 8 * fmt_row_bytes(fmt, K), K, dst);
-            else requantize_group_portable(fmt, w, rows, g * IL, K, dst, buf);
-        }
-        free(buf);
     }
+    free(qkb), free(dk), free(s256);
     return failed ? ERR_NOMEM : OK;
+#else
+    (void)fmt, (void)w, (void)rows, (void)K, (void)x, (void)M, (void)y, (void)ldy, (void)nthreads;
+    return ERR_IMPL;
+#endif
 }

@@ -12,12 +12,11 @@ tensor (a copy that replaces the mapped pages: memory stays near the file's size
 Q4_K, +2.3% for Q5_K, +0 for Q6_K). Decode steps multiply on the C
 kernels (csrc/kquant_gemv.c: activations quantized to int8 per 256 inputs for the
 k-quants, per 32 for the legacy types, integer dot products per block). Prefill-sized
-inputs take a slab of rows at a time, so that no converted copy is ever larger than one
-slab: the repacked k-quants are requantized to int8 (csrc/requantize.c) for the int8
-kernels on CPUs with AVX512-VNNI, which then read each weight once for all the prompt's
-rows; the other
-types, and other CPUs, dequantize the slab for PyTorch's matmul (bf16 where the CPU has bf16
-dot products). `backend.quantized_route` picks by the number of rows.
+inputs never see a converted copy of a whole matrix: on CPUs with AVX512-VNNI the
+repacked k-quants are requantized to int8 8 rows at a time, each piece multiplied by all
+the prompt's rows while it sits in the cache (csrc/requantize.c); the other types, and
+other CPUs, dequantize a slab of rows at a time for PyTorch's matmul (bf16 where the CPU
+has bf16 dot products). `backend.quantized_route` picks by the number of rows.
 """
 
 from __future__ import annotations
@@ -28,8 +27,7 @@ from torch import nn
 from . import kernels
 from .errors import MistolError
 from .model import backend
-from .quant import (BLOCK, FORMATS, GGML_TYPES, QuantizedLinear, dequantize_ggml, kernel_input, matmul_dequantized,
-                    output_like, slab_scratch)
+from .quant import BLOCK, FORMATS, GGML_TYPES, QuantizedLinear, dequantize_ggml, kernel_input, matmul_dequantized, output_like
 
 # inputs per block, bytes per block
 ROW_FORMATS = {"Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
@@ -40,8 +38,6 @@ KERNEL_LAYOUTS = {"Q4_Kx8": "Q4_K", "Q5_Kx8": "Q5_K", "Q6_Kx8": "Q6_K"}  # layou
 # a token embedding keeps these as blocks: the row formats, and the int8 / int4 kernels' own (Q8_0, Q4_0)
 EMBEDDING_FORMATS = (*ROW_FORMATS, *GGML_TYPES)
 _SLAB_VALUES = 1 << 22  # weights dequantized at a time on the prefill path
-_REQUANT_VALUES = 1 << 24  # weights requantized to int8 at a time on the prefill path
-INT8_GROUP_BLOCK_BYTES = 8 * 34  # 8 rows' Q8_0 blocks of 32 inputs, the int8 kernels' layout
 
 
 def row_bytes(fmt: str, in_features: int) -> int:
@@ -89,7 +85,7 @@ class BlockLinear(nn.Module):
         if route == backend.QUANTIZED_KERNELS:
             y = kernels.gemm_matrices(kernel_input(x2), [kernels.matrix(self.fmt, self.packed, self.out_features)])
         elif route == backend.INT8_PREFILL:
-            y = self._matmul_requantized(kernel_input(x2))
+            y = kernels.gemm_requantized(self.fmt, self.packed, self.out_features, self.in_features, kernel_input(x2))
         else:
             y = self._matmul_dequantized(x2, torch.bfloat16 if route == backend.BF16_PREFILL else None)
         return output_like(y, x)
@@ -97,23 +93,6 @@ class BlockLinear(nn.Module):
     def _matmul_dequantized(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         slab_rows = max(8, _SLAB_VALUES // self.in_features // 8 * 8)  # (whole groups of Q4_Kx8)
         return matmul_dequantized(x, self.out_features, self.in_features, slab_rows, self._dequantize, dtype)
-
-    def _matmul_requantized(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] (float32) times the weight requantized to int8 a slab of rows at a time, on
-        the int8 kernels (each weight is read once per slab for all M rows)."""
-        k, n = self.in_features, self.out_features
-        slab_rows = max(8, _REQUANT_VALUES // k // 8 * 8)
-        blocks = k // BLOCK
-        scratch = slab_scratch(-(-min(slab_rows, n) // 8) * blocks, INT8_GROUP_BLOCK_BYTES, torch.uint8)
-        y = torch.empty(x.shape[0], n, dtype=torch.float32)
-        for r0 in range(0, n, slab_rows):
-            r1 = min(n, r0 + slab_rows)
-            groups = -(-(r1 - r0) // 8)
-            src = self.packed[r0 // 8 : -(-r1 // 8)] if self.fmt in KERNEL_LAYOUTS else self.packed[r0:r1]
-            int8 = kernels.requantize_int8(self.fmt, src, k, scratch[: groups * blocks].view(groups, blocks, -1),
-                                           rows=r1 - r0)
-            kernels.gemm_matrices(x, [kernels.matrix("int8", int8.unsqueeze(0), r1 - r0)], out=y[:, r0:r1])
-        return y
 
     def _dequantize(self, r0: int, r1: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.fmt in KERNEL_LAYOUTS:  # (made only where the library loaded; r0 a multiple of 8)

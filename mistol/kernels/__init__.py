@@ -67,8 +67,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mistol_dequantize_rows.restype = c_int
     for repack in (lib.mistol_repack_q4_k_x8, lib.mistol_repack_q5_k_x8, lib.mistol_repack_q6_k_x8):
         repack.argtypes, repack.restype = [vp, i64, i64, vp], c_int
-    lib.mistol_requantize_int8.argtypes = [c_int, vp, i64, i64, vp, c_int, c_int]
-    lib.mistol_requantize_int8.restype = c_int
+    lib.mistol_gemm_requantized.argtypes = [c_int, vp, i64, i64, vp, i64, vp, i64, c_int]
+    lib.mistol_gemm_requantized.restype = c_int
     lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
     lib.mistol_quantize.restype = c_int
     lib.mistol_dense_many.argtypes = [c_int, vp, c_int, i64, i64, c_int, vp, vp, vp, vp, i64, c_int]
@@ -182,17 +182,14 @@ def gemm_many(fmt: str, x: torch.Tensor, weights: list[tuple[torch.Tensor, int]]
     return y
 
 
-def gemm_matrices(x: torch.Tensor, mats: list[Matrix], out: torch.Tensor | None = None) -> torch.Tensor:
+def gemm_matrices(x: torch.Tensor, mats: list[Matrix]) -> torch.Tensor:
     """x[M, K] (float32, contiguous, CPU) times quantized matrices of any formats (each
     made by `matrix`; their tensors kept alive by the caller) that share the input, in one
-    call: their outputs side by side, y[M, sum of rows] (into `out` if given: float32 of that
-    shape, rows contiguous, such as a slice of a wider output's columns)."""
+    call: their outputs side by side, y[M, sum of rows]."""
     m, k = x.shape
     count = len(mats)
-    n = sum(mat.rows for mat in mats)
-    y = torch.empty(m, n, dtype=torch.float32) if out is None else out
-    assert y.shape == (m, n) and y.dtype == torch.float32 and (m <= 1 or y.stride(1) == 1)
-    rc = _lib.mistol_gemm_matrices(x.data_ptr(), m, k, count, (Matrix * count)(*mats), y.data_ptr(), y.stride(0),
+    y = torch.empty(m, sum(mat.rows for mat in mats), dtype=torch.float32)
+    rc = _lib.mistol_gemm_matrices(x.data_ptr(), m, k, count, (Matrix * count)(*mats), y.data_ptr(), y.shape[1],
                                    torch.get_num_threads(), _impl_id())
     if rc != 0:
         raise RuntimeError(f"mistol_gemm_matrices(M={m}, K={k}, N={[mat.rows for mat in mats]}): {_error(rc)}")
@@ -216,20 +213,17 @@ def dequantize_rows(fmt: str, blocks: torch.Tensor, k: int, dtype: torch.dtype,
     return out
 
 
-def requantize_int8(fmt: str, blocks: torch.Tensor, k: int, out: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """Rows of a row-order block format (as `dequantize_rows` takes them; the first `rows` of
-    an x8 layout's groups) -> llama.cpp Q8_0 blocks in the int8 kernels' packed layout, one
-    tile: `out`, uint8 [ceil(rows / 8), k / 32, 272] (CPU, contiguous), returned. Each value
-    is dequantized in float32, and each block of 32 scaled by max|x| / 127 and rounded to
-    nearest even (csrc/requantize.c; a block with a NaN gets a NaN scale)."""
-    n = blocks.shape[0] if rows is None else rows
-    assert out.shape == (-(-n // 8), k // 32, 272) and out.dtype == torch.uint8 and out.is_contiguous()
-    assert blocks.is_contiguous()
-    rc = _lib.mistol_requantize_int8(_abi.formats[fmt], blocks.data_ptr(), n, k, out.data_ptr(),
-                                     torch.get_num_threads(), _impl_id())
+def gemm_requantized(fmt: str, groups: torch.Tensor, rows: int, k: int, x: torch.Tensor) -> torch.Tensor:
+    """x[M, k] (float32, contiguous) times the first `rows` rows of Q4_Kx8 / Q5_Kx8 / Q6_Kx8
+    groups, requantized to int8 per 256 inputs group by group (csrc/requantize.c; AVX512-VNNI
+    only): y[M, rows]."""
+    m = x.shape[0]
+    y = torch.empty(m, rows, dtype=torch.float32)
+    rc = _lib.mistol_gemm_requantized(_abi.formats[fmt], groups.data_ptr(), rows, k, x.data_ptr(), m, y.data_ptr(),
+                                      rows, torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"mistol_requantize_int8({fmt}, K={k}): {_error(rc)}")
-    return out
+        raise RuntimeError(f"mistol_gemm_requantized({fmt}, M={m}, K={k}): {_error(rc)}")
+    return y
 
 
 X8_GROUP_BYTES = {"Q4_K": 1184, "Q5_K": 1440, "Q6_K": 1680}  # bytes per 8-row group and 256 inputs (csrc/kquant.h)

@@ -34,9 +34,9 @@ rows (`quantized_route`, `dense_kernel_runs`):
 | quantized kernels  | a `QuantizedLinear` (or `BlockLinear`) on a CPU with the C   | `kernels.gemm_matrices`      |
 |                    | kernels, fewer rows than `int8_prefill_rows(fmt)` and        |                              |
 |                    | `bf16_prefill_rows(fmt)` (or none of those routes)           |                              |
-| int8 prefill       | a repacked k-quant layer (Q4_Kx8, Q5_Kx8, Q6_Kx8) on a CPU   | requantize to int8 by slabs, |
-|                    | with the AVX512-VNNI kernels and no AMX tiles,               | `kernels.gemm_matrices`      |
-|                    | `int8_prefill_rows(fmt)`+ rows                               |                              |
+| int8 prefill       | a repacked k-quant layer (Q4_Kx8, Q5_Kx8, Q6_Kx8) on a CPU   | `kernels.gemm_requantized`   |
+|                    | with the AVX512-VNNI kernels and no AMX tiles,               | (requantized to int8 per     |
+|                    | `int8_prefill_rows(fmt)`+ rows                               | 256, 8 rows at a time)       |
 | bf16 prefill       | a quantized layer on a CPU with bf16 dot-product             | dequantize to bf16, matmul   |
 |                    | instructions (`native_bf16`; int8/int4: AMX tiles),          |                              |
 |                    | `bf16_prefill_rows(fmt)`+ rows                               |                              |
@@ -86,15 +86,14 @@ KERNELS_OUTRUN_BF16 = frozenset(("int8", "int4"))  # (without AMX)
 BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1"), 32), Q4_Kx8=512, Q5_Kx8=320,
                      Q6_Kx8=192)
 
-# From this many rows the repacked k-quants are requantized to int8 slab by slab and
-# multiplied on the int8 kernels (`int8_prefill_rows`), on CPUs whose kernels are AVX512-VNNI
-# (two rows a 512-bit dot product): the k-quants' own kernels spend more per row on unpacking
-# and per-16/32 scales, bf16 matmuls more on the products. 2-core AVX512-BF16 EPYC, 7B's FFN
-# shapes, 2 threads, routes in turns: int8 over the own kernels at 48 rows Q6_K 0.93, at 96 Q5_K
-# 0.93, at 192 Q4_K 0.89 (128: 1.01); at 512 0.59 / 0.79 / 0.76, and 0.76 / 0.84 / 0.78 of bf16's
-# time. With AVX2's int8 kernels (forced on that CPU) the route lost to Q4_K's and Q5_K's own
-# at every length (1.2-1.7x) and beat Q6_K's by 2-9% from 128 rows: AVX2 keeps the own kernels.
-INT8_MIN_ROWS = {"avx512vnni": {"Q4_Kx8": 160, "Q5_Kx8": 96, "Q6_Kx8": 48}}
+# From this many rows the repacked k-quants are requantized to int8 per 256 inputs, 8 rows at
+# a time, for an int8 product with all the rows (`int8_prefill_rows`, csrc/requantize.c), on
+# CPUs with AVX512-VNNI: the k-quants' own kernels unpack their bits again for every 8 rows and
+# scale every 16-32 inputs, bf16 matmuls take twice the instructions per product. 2-core
+# AVX512-BF16 EPYC, 7B's FFN shapes, routes in turns, over the types' own kernels, 1 and 2
+# threads: at 32 rows 1.01-1.14x the time, at 48 0.85-0.95, at 64 0.75-0.88, at 512 0.48-0.63
+# (and 0.56-0.64 of bf16 slabs').
+INT8_MIN_ROWS = {"avx512vnni": dict.fromkeys(("Q4_Kx8", "Q5_Kx8", "Q6_Kx8"), 48)}
 
 QUANTIZED_KERNELS, BF16_PREFILL, INT8_PREFILL, DEQUANTIZED = "kernels", "bf16", "int8", "dequantized"
 
