@@ -1,11 +1,12 @@
-"""Where a quantized layer's prompt rows should go: its several-row kernels, int8 kernels on
-the weights requantized slab by slab, or dequantized bf16 weights (a bf16 matrix product).
+"""Where a quantized layer's prompt rows should go: its several-row kernels, an int8 product
+with the weights requantized 8 rows at a time (repacked k-quants, AVX512-VNNI), or
+dequantized bf16 weights (a bf16 matrix product).
 
     python scripts/bench_prefill_route.py MODEL [--quant int8|int4] [--rows 64,160,320,512]
                                           [--threads 2] [--rounds 3]
 
-On x86, a prefill chunk of `backend.INT8_MIN_ROWS[impl][fmt]` rows or more of a repacked
-k-quant layer is requantized to int8; on a CPU with bf16 instructions, a chunk of
+With AVX512-VNNI, a prefill chunk of `backend.INT8_MIN_ROWS[impl][fmt]` rows or more of a
+repacked k-quant layer is requantized to int8; on a CPU with bf16 instructions, a chunk of
 `backend.BF16_MIN_ROWS[fmt]` rows or more of the others multiplies dequantized bf16 weights;
 fewer rows go to the quantized kernels (int8 and int4 always, unless the CPU has AMX tiles).
 This times the linear layers of MODEL's first block (a GGUF file keeps its k-quants; `mistol
@@ -25,7 +26,7 @@ from collections import defaultdict
 import torch
 
 from mistol import kernels
-from mistol.block_quant import BlockLinear
+from mistol.block_quant import KERNEL_LAYOUTS
 from mistol.engine import Engine
 from mistol.errors import MistolError
 from mistol.model import backend
@@ -81,7 +82,7 @@ def main() -> None:
         for fmt, layers in by_format.items():
             shapes = ", ".join(sorted({f"{l.out_features} x {l.in_features}" for l in layers}))
             routes = [backend.QUANTIZED_KERNELS, backend.BF16_PREFILL]
-            if all(isinstance(layer, BlockLinear) for layer in layers):  # (int8/int4 layers are int8 already)
+            if fmt in KERNEL_LAYOUTS:  # (the repacked k-quants)
                 routes.insert(1, backend.INT8_PREFILL)
             cells = []
             for m in rows:
