@@ -214,6 +214,71 @@ VNNI_FN static void sb8_rows1_vnni(const sb8_int8 *wq, int64_t nsb, const int8_t
 }
 #endif
 
+#ifdef MISTOL_X86
+static void mark_failed(int *failed) { /* (inside a parallel region) */
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+    *failed = 1;
+}
+
+/* This thread's share of the M activation rows x[M][K], quantized per 256 (kquant: the
+ * kernels' quantizer) into qkb [i][m][256], dk [m][nsb] and s256 [i][m] (their sums). */
+static void quantize_share(const qkernels *kn, const float *x, int64_t M, int64_t K, int8_t *qkb, float *dk,
+                           int32_t *s256, int *failed) {
+    const int64_t nsb = K / QKK;
+    int8_t *q = malloc((size_t)K); /* one row's quants, and its sums per 16 */
+    int32_t *s16 = malloc(sizeof(int32_t) * (size_t)(K / 16));
+    int64_t m0, m1;
+    thread_share(M, &m0, &m1);
+    if (!q || !s16) {
+        mark_failed(failed);
+        m1 = m0;
+    }
+    for (int64_t m = m0; m < m1; m++) {
+        kn->kquant(x + m * K, K, q, dk + m * nsb, s16);
+        for (int64_t i = 0; i < nsb; i++) {
+            memcpy(qkb + (i * M + m) * QKK, q + i * QKK, QKK);
+            int32_t sum = 0;
+            for (int g = 0; g < 16; g++) sum += s16[i * 16 + g];
+            s256[i * M + m] = sum;
+        }
+    }
+    free(q), free(s16);
+}
+
+/* This thread's share of the groups of w: each requantized into the thread's buffer, then
+ * multiplied by every activation row, 8 at a time. */
+VNNI_FN static void multiply_share(int fmt, const uint8_t *w, int64_t rows, int64_t K, const int8_t *qkb,
+                                   const float *dk, const int32_t *s256, int64_t M, float *y, int64_t ldy,
+                                   int *failed) {
+    const int64_t nsb = K / QKK, gbytes = 8 * fmt_row_bytes(fmt, K);
+    const x8_values_fn values = x8_values(fmt);
+    int64_t g0, g1;
+    thread_share((rows + IL - 1) / IL, &g0, &g1);
+    sb8_int8 *wq = malloc(sizeof(sb8_int8) * (size_t)nsb);
+    if (!wq) mark_failed(failed);
+    if (!wq || *failed) g1 = g0; /* (short of memory anywhere: no thread multiplies) */
+    __m256 v[QKK];
+    for (int64_t g = g0; g < g1; g++) {
+        for (int64_t i = 0; i < nsb; i++) {
+            values(w + g * gbytes, i, v);
+            requantize256_lanes(v, wq + i);
+        }
+        const int64_t nr = rows - g * IL < IL ? rows - g * IL : IL;
+        float out[8 * 8];
+        for (int64_t m0 = 0; m0 < M;) {
+            const int mc = M - m0 >= 8 ? 8 : 1;
+            if (mc == 8) sb8_rows8_vnni(wq, nsb, qkb, dk, s256, M, m0, out);
+            else sb8_rows1_vnni(wq, nsb, qkb, dk, s256, M, m0, out);
+            for (int m = 0; m < mc; m++) memcpy(y + (m0 + m) * ldy + g * IL, out + 8 * m, sizeof(float) * (size_t)nr);
+            m0 += mc;
+        }
+    }
+    free(wq);
+}
+#endif
+
 /* y[m * ldy + r] = x[M][K] times the first `rows` rows of fmt (an x8 layout: its groups),
  * requantized as above; AVX512-VNNI CPUs only (else ERR_IMPL). Returns 0 or a negative
  * error. */
@@ -227,9 +292,8 @@ EXPORT int mistol_gemm_requantized(int fmt, const uint8_t *w, int64_t rows, int6
     if (M == 0 || rows == 0) return OK;
     qkernels kn;
     if (qkernels_select(IMPL_VNNI, &kn) != OK) return ERR_IMPL;
-    const int64_t nsb = K / QKK, groups = (rows + IL - 1) / IL, gbytes = 8 * fmt_row_bytes(fmt, K);
-    /* the activations, super-block-major (a group's 8 activation rows of one super-block
-     * are 2 KB in a row), their scales [m][nsb] and sums [i][m] */
+    const int64_t nsb = K / QKK;
+    /* the activations super-block-major (8 rows of one super-block: 2 KB in a row) */
     int8_t *qkb = malloc((size_t)(M * K));
     float *dk = malloc(sizeof(float) * (size_t)(M * nsb));
     int32_t *s256 = malloc(sizeof(int32_t) * (size_t)(M * nsb));
@@ -240,57 +304,11 @@ EXPORT int mistol_gemm_requantized(int fmt, const uint8_t *w, int64_t rows, int6
 #pragma omp parallel num_threads(nthreads)
 #endif
         {
-            int8_t *q = malloc((size_t)K); /* one row's quants, and its sums per 16 */
-            int32_t *s16 = malloc(sizeof(int32_t) * (size_t)(K / 16));
-            int64_t m0, m1;
-            thread_share(M, &m0, &m1);
-            if (!q || !s16) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-                failed = 1;
-                m1 = m0;
-            }
-            for (int64_t m = m0; m < m1; m++) {
-                kn.kquant(x + m * K, K, q, dk + m * nsb, s16);
-                for (int64_t i = 0; i < nsb; i++) {
-                    memcpy(qkb + (i * M + m) * QKK, q + i * QKK, QKK);
-                    int32_t sum = 0;
-                    for (int g = 0; g < 16; g++) sum += s16[i * 16 + g];
-                    s256[i * M + m] = sum;
-                }
-            }
-            free(q), free(s16);
+            quantize_share(&kn, x, M, K, qkb, dk, s256, &failed);
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-            int64_t g0, g1;
-            thread_share(groups, &g0, &g1);
-            sb8_int8 *wq = malloc(sizeof(sb8_int8) * (size_t)nsb); /* this thread's group, requantized */
-            __m256 v[QKK];
-            if (!wq || failed) { /* (a thread short of memory: every thread skips the product) */
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-                failed = 1;
-                g1 = g0;
-            }
-            for (int64_t g = g0; g < g1; g++) {
-                for (int64_t i = 0; i < nsb; i++) {
-                    x8_values(fmt)(w + g * gbytes, i, v);
-                    requantize256_lanes(v, wq + i);
-                }
-                const int64_t nr = rows - g * IL < IL ? rows - g * IL : IL;
-                float out[8 * 8];
-                for (int64_t mb = 0; mb < M;) {
-                    const int mc = M - mb >= 8 ? 8 : 1;
-                    if (mc == 8) sb8_rows8_vnni(wq, nsb, qkb, dk, s256, M, mb, out);
-                    else sb8_rows1_vnni(wq, nsb, qkb, dk, s256, M, mb, out);
-                    for (int m = 0; m < mc; m++) memcpy(y + (mb + m) * ldy + g * IL, out + 8 * m, sizeof(float) * (size_t)nr);
-                    mb += mc;
-                }
-            }
-            free(wq);
+            multiply_share(fmt, w, rows, K, qkb, dk, s256, M, y, ldy, &failed);
         }
     }
     free(qkb), free(dk), free(s256);
