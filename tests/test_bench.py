@@ -168,6 +168,17 @@ def test_a_users_gguf_and_llama_cpp_made_kquants(tmp_path):
               "--cache-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert [row["format"] for row in json.loads(r.stdout)["rows"]] == ["Q4_K_M"]
+    # two files of one type in one run: each row names its file, each ratio compares a file's own rows
+    twin = tmp_path / "twin-Q4_K_M.gguf"
+    twin.write_bytes(made.read_bytes())
+    r = bench("--gguf", str(made), "--gguf", str(twin), "--prompts", "16", "--steps", "2", "--json", "--threads", "1",
+              "--cache-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert sorted(row["format"] for row in report["rows"]) == sorted(
+        [f"Q4_K_M ({made.name})", f"Q4_K_M ({twin.name})"] * 2)
+    assert sorted((ratio["mistol"], ratio["versus"]) for ratio in report["ratios"]) == sorted(
+        (f"Q4_K_M ({name})", f"llama.cpp Q4_K_M ({name})") for name in (made.name, twin.name))
     r = bench("--gguf", str(tmp_path / "missing.gguf"), timeout=60)
     assert r.returncode != 0 and "no such file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

@@ -205,7 +205,8 @@ def _gguf_file(directory: Path, shape: str, fmt: str, config, say) -> Path:
 
 def _label(spec: Spec) -> str:
     pages = "" if spec.pages == "huge" else f" ({spec.pages} pages)"
-    return f"{spec.engine} {_format_name(spec)}{pages}"
+    model = f" ({spec.shape})" if spec.gguf and spec.shape == Path(spec.gguf).name else ""  # (a --gguf file)
+    return f"{spec.engine} {_format_name(spec)}{model}{pages}"
 
 
 @dataclass
@@ -402,6 +403,8 @@ def _report(config, shape: str, results: list[dict], bandwidth: list[float], not
     the ratios of mistol to the others at each format. `config`: the shape's (None when
     measuring GGUF files: each row's file gives its own)."""
     rows = []
+    # several GGUF files in one run: each row names its file, and only a file's own rows compare
+    several_models = len({r["shape"] for r in results if "error" not in r}) > 1
     for r in results:
         if "error" in r:
             continue
@@ -416,7 +419,8 @@ def _report(config, shape: str, results: list[dict], bandwidth: list[float], not
         else:
             per_token = bytes_per_token(row_config, r["fmt"], context, kv_element)
         ceiling = gbs * 1e9 / per_token
-        rows.append({**r, "format": _format_name(Spec(r["engine"], r["fmt"], r["shape"])),
+        name = _format_name(Spec(r["engine"], r["fmt"], r["shape"])) + (f" ({r['shape']})" if several_models else "")
+        rows.append({**r, "format": name,
                      "bytes_per_token": per_token, "ceiling_bandwidth_gb_s": gbs, "roofline_tok_s": ceiling,
                      "roofline_share": r["decode_tok_s"] / ceiling, "weight_bytes": per_token - kv,
                      "rss_growth": r["peak_rss"] - r["base_rss"],
@@ -424,10 +428,9 @@ def _report(config, shape: str, results: list[dict], bandwidth: list[float], not
     ratios = []
     for ours in (row for row in rows if row["engine"] == "mistol"):
         for theirs in rows:
-            if theirs["engine"] == "mistol" or (theirs["fmt"], theirs["pages"]) != (ours["fmt"], ours["pages"]):
+            if theirs["engine"] == "mistol" or _same_measure(theirs) != _same_measure(ours):
                 continue
-            pages = "" if ours["pages"] == "huge" else f" ({ours['pages']} pages)"
-            ratio = {"mistol": ours["fmt"] + pages, "versus": f"{theirs['engine']} {theirs['format']}",
+            ratio = {"mistol": ours["format"] + _pages_note(ours), "versus": f"{theirs['engine']} {theirs['format']}",
                      "decode": ours["decode_tok_s"] / theirs["decode_tok_s"],
                      # each against the bandwidth read while it decoded: the two compared
                      # at the same bandwidth (what matters where they could not take turns)
@@ -439,6 +442,15 @@ def _report(config, shape: str, results: list[dict], bandwidth: list[float], not
     system_info = next((r["system_info"] for r in rows if r.get("system_info")), None)
     return {"shape": shape, "threads": threads, "bandwidth_gb_s": bandwidth, "rows": rows, "ratios": ratios,
             "llama_cpp_system_info": system_info, "machine": machine_line(), "notes": notes}
+
+
+def _same_measure(row: dict) -> tuple:
+    """What two engines' rows share when they measured the same thing: format, pages, model."""
+    return row["fmt"], row["pages"], row["shape"]
+
+
+def _pages_note(row: dict) -> str:
+    return "" if row["pages"] == "huge" else f" ({row['pages']} pages)"
 
 
 def machine_line() -> str:
@@ -497,8 +509,7 @@ def report_table(report: dict) -> str:
         "huge pages"]
     table = [head]
     for r in rows:
-        pages = "" if r["pages"] == "huge" else f" ({r['pages']} pages)"
-        table.append([r["engine"], r["format"] + pages] + [f"{r['prefill_tok_s'][str(n)]:.2f}" for n in prompts] + [
+        table.append([r["engine"], r["format"] + _pages_note(r)] + [f"{r['prefill_tok_s'][str(n)]:.2f}" for n in prompts] + [
             f"{r['ttft_s']:.2f}", f"{r['decode_tok_s']:.2f}", f"{r['ceiling_bandwidth_gb_s']:.1f}",
             f"{r['roofline_tok_s']:.2f}",
             f"{100 * r['roofline_share']:.0f}%", f"{r['peak_rss'] / 2**30:.2f} GiB",
@@ -517,8 +528,8 @@ def report_table(report: dict) -> str:
                  "norms) plus its KV cache; "
                  "huge pages = the engine's memory in transparent huge pages at the end (every engine asks for "
                  "them unless --pages small; llama.cpp loads without mmap, so that its weights can have them)")
-    together = sorted({" with ".join(sorted([_label(Spec(r["engine"], r["fmt"], r["shape"], pages=r["pages"])),
-                                             *r["decoded_with"]]))
+    together = sorted({" with ".join(sorted(f"{o['engine']} {o['format']}{_pages_note(o)}" for o in rows
+                                            if _same_measure(o) == _same_measure(r)))
                        for r in rows if r.get("decoded_with")})
     if together:
         lines.append(f"decoding in turns of {TURN_STEPS} steps, under the same load: " + "; ".join(together))
