@@ -92,7 +92,7 @@ BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_
 # scale every 16-32 inputs, bf16 matmuls take twice the instructions per product. 2-core
 # AVX512-BF16 EPYC, 7B's FFN shapes, routes in turns, over the types' own kernels, 1 and 2
 # threads: at 32 rows 1.01-1.14x the time, at 48 0.85-0.95, at 64 0.75-0.88, at 512 0.48-0.63
-# (and 0.56-0.64 of bf16 slabs').
+# (and 0.57-0.63 of bf16 slabs', 2 threads).
 INT8_MIN_ROWS = {"avx512vnni": dict.fromkeys(("Q4_Kx8", "Q5_Kx8", "Q6_Kx8"), 48)}
 
 QUANTIZED_KERNELS, BF16_PREFILL, INT8_PREFILL, DEQUANTIZED = "kernels", "bf16", "int8", "dequantized"
@@ -187,7 +187,7 @@ def bf16_prefill_rows(fmt: str) -> int | None:
 
 def int8_prefill_rows(fmt: str) -> int | None:
     """From how many input rows a quantized layer of format `fmt` is requantized to int8 for
-    the int8 kernels on this CPU; None: never (MISTOL_INT8_PREFILL=0: never, to compare)."""
+    an int8 product on this CPU; None: never (MISTOL_INT8_PREFILL=0: never, to compare)."""
     if bf16_tiles() or os.environ.get("MISTOL_INT8_PREFILL") == "0":  # (AMX tiles: bf16 may win, not measured)
         return None
     return INT8_MIN_ROWS.get(kernels.impl_name(), {}).get(fmt)
