@@ -119,6 +119,10 @@ void act_quantize(const qkernels *kn, const float *x, int64_t K, int64_t m, int6
                    act->sk + (m * K + e0) / 16);
 }
 
+void act_row_to_blocks(const int8_t *q, int64_t m, int64_t M, int64_t K, int8_t *qkb) {
+    for (int64_t i = 0; i < K / QKK; i++) memcpy(qkb + (i * M + m) * QKK, q + i * QKK, QKK);
+}
+
 /* ---------------------------------------------------------------------------------------
  * How a (super-)block's exact integer sums enter the row's float sum: the same operations
  * in every implementation (the build has no FMA contraction), hence the same bits.
@@ -298,7 +302,6 @@ static void q6k_x8_scalar(const uint8_t *wg, const int8_t *q, const float *d, co
  * third set (so that SIMD code computes eight blocks' mins at once). At the end the even and
  * odd lanes are added lane by lane, and each set is summed in the order of hsum_ps. No
  * per-block horizontal sum is needed that way. */
-static inline uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
 /* Block i's 32 quants in element order (0..15, or 0..31 with qh), its scale and its min. */
 static inline void legacy_block(int fmt, const uint8_t *w, int64_t i, uint8_t v[QK], float *dw, float *mw) {
@@ -361,7 +364,6 @@ static float dot_q5_1_scalar(const uint8_t *w, const int8_t *q, const float *d, 
  */
 #ifdef MISTOL_X86
 #define LOAD256(p) _mm256_loadu_si256((const __m256i *)(p))
-static inline int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 #define BCAST4(a, j) _mm256_set1_epi32(load_i32((a) + (j)))
 
 /* 32 unsigned quants (< 64) times 32 activations, each pair's product sum weighted by the
@@ -777,7 +779,6 @@ AVX2_FN static inline __m256i fold_avx2(sums_avx2 sums) { return sums; }
 
 /* AVX512-VNNI: the products summed in int32 lanes, times each row's scale (int32, in both
  * its lanes); a row's two lanes are added once per super-block. */
-static inline int64_t load_i64(const int8_t *p) { int64_t v; memcpy(&v, p, 8); return v; }
 VNNI_FN static inline sums_vnni sub_dot_vnni(sums_vnni acc, const quad_vectors_vnni *w, int first, int n,
                                              const int8_t *a, scale_vector_vnni scales) {
     __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w->v[first / 2], _mm512_set1_epi64(load_i64(a)));

@@ -204,6 +204,10 @@ int act_needs(const mistol_matrix *mats, int count);
  * needed, else of 32), into the quantizations `needs` names, at that row's place in act. */
 void act_quantize(const qkernels *kn, const float *x, int64_t K, int64_t m, int64_t e0, int64_t e1, int needs,
                   const qact *act);
+/* Activation row m's per-256 quants q[K] into the super-block-major copy qkb[K / 256][M][256]
+ * that the repacked k-quants' multi-row kernels read (a group's rows of one super-block side
+ * by side: rows K bytes apart would share one set of the L1 cache). */
+void act_row_to_blocks(const int8_t *q, int64_t m, int64_t M, int64_t K, int8_t *qkb);
 /* Inside a parallel region: rows [r0, r1) of one row-order matrix times M activation
  * rows, into y[m * ldy + r]. */
 void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, int64_t M, int64_t K, int64_t r0,
@@ -230,6 +234,11 @@ void thread_share(int64_t total, int64_t *start, int64_t *end);
  * product stays NaN as float arithmetic would. */
 static inline int round_act(float v) { return v == v ? (int)nearbyintf(v) : 0; }
 static inline float act_block_scale(float amax, int has_nan) { return has_nan ? NAN : amax / 127.0f; }
+
+/* Unaligned loads of 4 or 8 bytes (one instruction each; casts would break aliasing rules). */
+static inline uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+static inline int64_t load_i64(const int8_t *p) { int64_t v; memcpy(&v, p, 8); return v; }
 
 static inline float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;

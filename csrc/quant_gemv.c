@@ -181,8 +181,6 @@ VNNI_FN static inline __m256i dot_i8_vnni(__m256i acc, __m256i w, __m256i a) {
     return _mm256_dpbusd_epi32(acc, _mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
 }
 
-static inline int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
-static inline int64_t load_i64(const int8_t *p) { int64_t v; memcpy(&v, p, 8); return v; }
 
 #define CHUNK(q, c) _mm256_loadu_si256((const __m256i *)((q) + 32 * (c)))
 #define BCAST4(a, j) _mm256_set1_epi32(load_i32((a) + (j)))
@@ -783,8 +781,7 @@ EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count,
     if (nb) pair_rows(&act, M, K);
     else free(act.qb), free(act.db), free(act.sb), act.qb = NULL, act.db = NULL, act.sb = NULL;
     if (nkb)
-        for (int64_t i = 0; i < K / 256; i++)
-            for (int64_t m = 0; m < M; m++) memcpy(act.qkb + (i * M + m) * 256, act.qk + m * K + i * 256, 256);
+        for (int64_t m = 0; m < M; m++) act_row_to_blocks(act.qk + m * K, m, M, K, act.qkb);
     else free(act.qkb), act.qkb = NULL;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)

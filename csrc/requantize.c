@@ -172,8 +172,6 @@ AVX2_FN static void requantize256_lanes(const __m256 v[QKK], sb8_int8 *out) {
     }
 }
 
-static inline int64_t load_i64(const int8_t *p) { int64_t v; memcpy(&v, p, 8); return v; }
-
 /* MC activation rows (m0 ..) against a group's super-blocks wq[nsb], into out[MC][8]. qkb:
  * the activations super-block-major ([i][m][256]), dk their scales [m][nsb], s256 their
  * sums [i][m]. */
@@ -237,8 +235,8 @@ static void quantize_share(const qkernels *kn, const float *x, int64_t M, int64_
     }
     for (int64_t m = m0; m < m1; m++) {
         kn->kquant(x + m * K, K, q, dk + m * nsb, s16);
+        act_row_to_blocks(q, m, M, K, qkb);
         for (int64_t i = 0; i < nsb; i++) {
-            memcpy(qkb + (i * M + m) * QKK, q + i * QKK, QKK);
             int32_t sum = 0;
             for (int g = 0; g < 16; g++) sum += s16[i * 16 + g];
             s256[i * M + m] = sum;

@@ -135,7 +135,7 @@ def load_mistol(spec: Spec) -> Runner:
 
     from .. import kernels
     from ..engine import Engine, decode_step
-    from ..model.backend import BF16_MIN_ROWS, INT8_MIN_ROWS, bf16_prefill_rows, int8_prefill_rows
+    from ..model.backend import BF16_MIN_ROWS, bf16_prefill_rows, int8_prefill_rows
     from .models import mistol_model
     from .shapes import model_config
 
@@ -173,8 +173,8 @@ def load_mistol(spec: Spec) -> Runner:
     # from how many rows a prefill requantizes to int8 or multiplies bf16 (dequantized)
     # weights, per format held (int8 goes first: a format's bf16 crossover past its int8 one
     # is never reached)
-    fmts = {getattr(m, "fmt", None) for m in model.modules()}
-    int8_from = {f: n for f in sorted(fmts & set().union(*INT8_MIN_ROWS.values())) if (n := int8_prefill_rows(f))}
+    fmts = {m.fmt for m in model.modules() if hasattr(m, "fmt")}
+    int8_from = {f: n for f in sorted(fmts) if (n := int8_prefill_rows(f))}
     bf16_from = {f: n for f in sorted(fmts & BF16_MIN_ROWS.keys())
                  if (n := bf16_prefill_rows(f)) is not None and n < int8_from.get(f, n + 1)}
     info = {"load_s": load_s, "kernels": kernels.impl_name() if quantized else "torch", "bf16_prefill_rows": bf16_from,

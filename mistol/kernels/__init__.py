@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib.util
 import os
 import sys
@@ -146,6 +147,11 @@ def best_impl() -> str:
     """The fastest implementation this CPU runs ("torch" without the library)."""
     if not available():
         return "torch"
+    return _best_impl()
+
+
+@functools.cache
+def _best_impl() -> str:  # (asked on every layer call that routes: the CPU does not change)
     return {i: name for name, i in _abi.impls.items()}.get(_lib.mistol_best_impl(), "scalar")
 
 
