@@ -1414,6 +1414,77 @@ void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, in
 }
 
 /* ---------------------------------------------------------------------------------------
+ * Q5_0 as int8: a Q5_0 block's values are d * (q - 16) with q - 16 in [-16, 15], which a
+ * block of the int8 kernels holds exactly (the same fp16 d, quants q - 16). Long prompts
+ * convert 8 rows at a time and multiply them with the int8 several-row kernels
+ * (mistol_gemm_q5_0_as_int8), which keep each row pair's sums in registers where Q5_0's
+ * kernel unpacks every block again for every row.
+ */
+static void q5_0_values(const block_q5_0 *b, int8_t q[QK]) { /* element order, minus 16 */
+    const uint32_t qh = load_u32(b->qh);
+    for (int j = 0; j < QK / 2; j++) {
+        q[j] = (int8_t)((int)((b->qs[j] & 15) | ((qh >> j) & 1) << 4) - 16);
+        q[j + QK / 2] = (int8_t)((int)((b->qs[j] >> 4) | ((qh >> (j + QK / 2)) & 1) << 4) - 16);
+    }
+}
+
+static void q5_0_group_to_int8_scalar(const uint8_t *w, int64_t rows, int64_t r0, int64_t K, block_q8_0x8 *out) {
+    const int64_t nb = K / QK;
+    for (int r = 0; r < IL; r++) {
+        const block_q5_0 *src = r0 + r < rows ? (const block_q5_0 *)w + (r0 + r) * nb : NULL;
+        for (int64_t b = 0; b < nb; b++) {
+            int8_t q[QK] = {0};
+            if (src) q5_0_values(src + b, q);
+            out[b].d[r] = src ? src[b].d : 0;
+            for (int j = 0; j < QK; j += 4) memcpy(out[b].qs + quant_offset(r, j), q + j, 4);
+        }
+    }
+}
+
+#ifdef MISTOL_X86
+/* AVX2: a block's 32 values of each row as one vector (nibbles32 | fifth_bits, minus 16),
+ * then an 8 x 8 transpose of 4-byte quads puts quad c of the 8 rows side by side. */
+AVX2_FN static void q5_0_group_to_int8_avx2(const uint8_t *w, int64_t rows, int64_t r0, int64_t K, block_q8_0x8 *out) {
+    const int64_t nb = K / QK;
+    const block_q5_0 *src[IL];
+    for (int r = 0; r < IL; r++) src[r] = r0 + r < rows ? (const block_q5_0 *)w + (r0 + r) * nb : NULL;
+    const __m256i sixteen = _mm256_set1_epi8(16);
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i v[IL];
+        for (int r = 0; r < IL; r++) {
+            if (!src[r]) {
+                v[r] = _mm256_setzero_si256(), out[b].d[r] = 0;
+                continue;
+            }
+            const block_q5_0 *blk = src[r] + b;
+            v[r] = _mm256_sub_epi8(_mm256_or_si256(nibbles32(blk->qs), fifth_bits(load_u32(blk->qh))), sixteen);
+            out[b].d[r] = blk->d;
+        }
+        __m256i t[IL], u[IL];
+        for (int r = 0; r < IL; r += 2)
+            t[r] = _mm256_unpacklo_epi32(v[r], v[r + 1]), t[r + 1] = _mm256_unpackhi_epi32(v[r], v[r + 1]);
+        for (int h = 0; h < IL; h += 4) /* rows h..h+3: u[h + c] holds their quads c and c + 4 */
+            u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]), u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]),
+            u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]), u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
+        for (int c = 0; c < 4; c++) {
+            _mm256_storeu_si256((__m256i *)(out[b].qs + 32 * c), _mm256_permute2x128_si256(u[c], u[c + 4], 0x20));
+            _mm256_storeu_si256((__m256i *)(out[b].qs + 32 * (c + 4)), _mm256_permute2x128_si256(u[c], u[c + 4], 0x31));
+        }
+    }
+}
+#endif
+
+void q5_0_group_to_int8(const uint8_t *w, int64_t rows, int64_t r0, int64_t K, block_q8_0x8 *out) {
+#ifdef MISTOL_X86
+    if (cpu_has_avx2()) {
+        q5_0_group_to_int8_avx2(w, rows, r0, K, out);
+        return;
+    }
+#endif
+    q5_0_group_to_int8_scalar(w, rows, r0, K, out);
+}
+
+/* ---------------------------------------------------------------------------------------
  * Dequantization (prefill multiplies dequantized tiles; tests read the values)
  */
 /* (inlined into a portable and an AVX2 copy of the loops below: mistol_dequantize_rows) */

@@ -208,6 +208,9 @@ void act_quantize(const qkernels *kn, const float *x, int64_t K, int64_t m, int6
  * that the repacked k-quants' multi-row kernels read (a group's rows of one super-block side
  * by side: rows K bytes apart would share one set of the L1 cache). */
 void act_row_to_blocks(const int8_t *q, int64_t m, int64_t M, int64_t K, int8_t *qkb);
+/* Q5_0 rows [r0, r0 + IL) of w (the file's blocks; rows past `rows`: zero) -> one group of
+ * int8 blocks out[K / 32] with the same values (kquant_gemv.c). */
+void q5_0_group_to_int8(const uint8_t *w, int64_t rows, int64_t r0, int64_t K, block_q8_0x8 *out);
 /* Inside a parallel region: rows [r0, r1) of one row-order matrix times M activation
  * rows, into y[m * ldy + r]. */
 void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, int64_t M, int64_t K, int64_t r0,

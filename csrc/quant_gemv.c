@@ -729,8 +729,11 @@ void qgemm_share(const qkernels *kn, const mistol_matrix *mats, int count, const
  * rows are ldy floats apart. Several matrices that share an input (a layer's q/k/v,
  * gate/up) thus cost one parallel region and one activation quantization (per kind of
  * activation block the formats read). Returns 0 or a negative error. */
-EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count, const mistol_matrix *mats, float *y,
-                                int64_t ldy, int nthreads, int impl) {
+typedef void (*share_fn)(const qkernels *, const mistol_matrix *, int, const qact *, int64_t, int64_t, float *, int64_t,
+                         float *);
+
+static int gemm_run(const float *x, int64_t M, int64_t K, int count, const mistol_matrix *mats, float *y, int64_t ldy,
+                    int nthreads, int impl, share_fn share) {
     qkernels kn;
     if (qkernels_select(impl, &kn) != OK) return ERR_IMPL;
     if (K <= 0 || K % QK != 0) return ERR_K;
@@ -786,10 +789,48 @@ EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count,
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
-    qgemm_share(&kn, mats, count, &act, M, K, y, ldy, acc + thread_index() * acc_stride);
+    share(&kn, mats, count, &act, M, K, y, ldy, acc + thread_index() * acc_stride);
     FREE_ACT;
 #undef FREE_ACT
     return OK;
+}
+
+EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count, const mistol_matrix *mats, float *y,
+                                int64_t ldy, int nthreads, int impl) {
+    return gemm_run(x, M, K, count, mats, y, ldy, nthreads, impl, qgemm_share);
+}
+
+/* This thread's groups of one Q5_0 matrix, each converted to int8 blocks in a buffer of the
+ * thread's (K / 32 blocks of 272 bytes: 41 KB at K = 4864) and multiplied by the int8
+ * kernels for all M rows. Without a buffer, Q5_0's own kernels. */
+static void q5_0_int8_share(const qkernels *kn, const mistol_matrix *mats, int count, const qact *act, int64_t M,
+                            int64_t K, float *y, int64_t ldy, float *acc) {
+    (void)count;
+    const mistol_matrix *w = mats;
+    const int64_t B = K / QK;
+    int64_t start, end;
+    thread_share((w->rows + IL - 1) / IL, &start, &end);
+    block_q8_0x8 *group = start < end ? malloc(sizeof(block_q8_0x8) * (size_t)B) : NULL;
+    if (!group) {
+        if (start < end) kquant_rows(kn, w, act, M, K, start * IL, end * IL < w->rows ? end * IL : w->rows, y, ldy);
+        return;
+    }
+    for (int64_t g = start; g < end; g++) {
+        q5_0_group_to_int8(w->data, w->rows, g * IL, K, group);
+        const int64_t n = w->rows - g * IL < IL ? w->rows - g * IL : IL;
+        run_groups(kn->group[FMT_INT8], kn->group_rows[FMT_INT8], (const uint8_t *)group, sizeof(block_q8_0x8), B, act,
+                   M, K, n, y + g * IL, ldy, 0, 1, acc);
+    }
+    free(group);
+}
+
+/* y[M][rows] = x[M][K] @ W^T for Q5_0 rows w (the file's blocks) on the int8 kernels: the
+ * same values (q5_0_group_to_int8), multiplied as an int8 matrix is. For prompts
+ * (mistol.model.backend.INT8_MIN_ROWS); decode steps read the blocks as they are. */
+EXPORT int mistol_gemm_q5_0_as_int8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t rows, float *y,
+                                    int64_t ldy, int nthreads, int impl) {
+    const mistol_matrix mat = {w, rows, 1, FMT_Q5_0};
+    return gemm_run(x, M, K, 1, &mat, y, ldy, nthreads, impl, q5_0_int8_share);
 }
 
 /* mistol_gemm_matrices for matrices of one packed format fmt (int8 or int4): W_i at

@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 
 from mistol import kernels
-from mistol.block_quant import KERNEL_LAYOUTS
+from mistol.block_quant import INT8_ROUTE_FORMATS
 from mistol.engine import Engine
 from mistol.errors import MistolError
 from mistol.model import backend
@@ -82,7 +82,7 @@ def main() -> None:
         for fmt, layers in by_format.items():
             shapes = ", ".join(sorted({f"{l.out_features} x {l.in_features}" for l in layers}))
             routes = [backend.QUANTIZED_KERNELS, backend.BF16_PREFILL]
-            if fmt in KERNEL_LAYOUTS:  # (the repacked k-quants)
+            if fmt in INT8_ROUTE_FORMATS:
                 routes.insert(1, backend.INT8_PREFILL)
             cells = []
             for m in rows:

@@ -22,7 +22,7 @@ from helpers import kernel_impls
 from mistol import kernels
 from mistol.block_quant import ROW_FORMATS, SCALE_OFFSETS, BlockLinear
 from mistol.model.linear import linear_many
-from mistol.quant import quantize_linear
+from mistol.quant import QuantizedLinear, quantize_linear
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="mistol's C kernels are not built")
 
@@ -298,11 +298,46 @@ def test_a_nan_in_the_weights_stays_nan_on_the_int8_prefill_route(monkeypatch):
         assert y[:, 3].isnan().all() and not y[:, [0, 1, 2, *range(4, 16)]].isnan().any(), fmt
 
 
+def q5_0_as_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_0 rows (llama.cpp's bytes) -> Q8_0 rows of the same values: d, then q - 16."""
+    b = blocks.numpy().reshape(-1, 22)
+    qh = b[:, 2:6].copy().view("<u4")
+    qs = b[:, 6:].astype(np.int16)
+    fifth = (qh >> np.arange(32)) & 1
+    q = np.concatenate([qs & 15, qs >> 4], axis=1) | (fifth << 4).astype(np.int16)
+    q8 = np.concatenate([b[:, :2], (q - 16).astype(np.int8).view(np.uint8)], axis=1)
+    return torch.from_numpy(q8.reshape(blocks.shape[0], -1).copy())
+
+
+@pytest.mark.parametrize("impl", kernel_impls())
+def test_q5_0_on_the_int8_route_is_the_int8_product_of_its_own_values(impl, monkeypatch):
+    """Long prompts multiply Q5_0 as int8 blocks holding its values (d, q - 16; converted 8
+    rows at a time in C): every bit as the int8 kernels give for Q8_0 blocks that numpy made
+    from the file's bytes, rows not a multiple of 8, one activation row and many."""
+    from mistol.model import backend
+
+    monkeypatch.setattr(backend, "quantized_route", lambda rows, device, f: backend.INT8_PREFILL)
+    n, k = 37, 768
+    blocks = random_blocks("Q5_0", n, k, seed=12)
+    q8 = QuantizedLinear.from_ggml(q5_0_as_q8_0(blocks), "int8", n, k)
+    assert torch.equal(q8.dequantize().double(), reference_weight("Q5_0", blocks))
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(12))
+    with kernels.use(impl):
+        for m in (1, 3, 40):
+            want = kernels.gemm_matrices(x[:m], [kernels.matrix("int8", q8.packed, n)])
+            assert torch.equal(BlockLinear(k, n, "Q5_0", blocks)(x[:m]), want), m
+    blocks[5, :2] = torch.from_numpy(np.array([0x7E00], dtype=np.uint16).view(np.uint8))  # a NaN scale
+    y = BlockLinear(k, n, "Q5_0", blocks)(x)
+    assert y[:, 5].isnan().all() and not y[:, [c for c in range(n) if c != 5]].isnan().any()
+
+
 def test_long_prompts_take_the_int8_route_only_where_it_was_measured_to_pay(monkeypatch):
     """The repacked k-quants from their crossover on, on the AVX512-VNNI kernels only (AVX2's
-    int8 kernels lose there), never beside AMX tiles; shorter inputs and the other formats
-    keep their routes."""
+    int8 kernels lose there), Q5_0 on AVX2 and AVX512-VNNI but never for a verify pass (its
+    rows must keep a lone decode step's bits), never beside AMX tiles; shorter inputs and the
+    other formats keep their routes."""
     from mistol.model import backend
+    from mistol.speculative import MAX_DEPTH
 
     monkeypatch.setattr(backend, "bf16_tiles", lambda: False)
     cpu = torch.device("cpu")
@@ -310,8 +345,10 @@ def test_long_prompts_take_the_int8_route_only_where_it_was_measured_to_pay(monk
         with kernels.use(impl):
             for fmt in ("Q4_Kx8", "Q5_Kx8", "Q6_Kx8", "Q5_0", "int8"):
                 rows = backend.int8_prefill_rows(fmt)
-                assert (rows is not None) == (impl == "avx512vnni" and fmt.endswith("x8")), (impl, fmt)
+                routed = impl == "avx512vnni" and fmt.endswith("x8") or impl in ("avx2", "avx512vnni") and fmt == "Q5_0"
+                assert (rows is not None) == routed, (impl, fmt)
                 if rows is not None:
+                    assert rows > MAX_DEPTH + 1
                     assert backend.quantized_route(rows, cpu, fmt) == backend.INT8_PREFILL
                     assert backend.quantized_route(rows - 1, cpu, fmt) != backend.INT8_PREFILL
                     assert backend.quantized_route(rows, torch.device("meta"), fmt) == backend.DEQUANTIZED

@@ -70,6 +70,8 @@ def _load() -> ctypes.CDLL | None:
         repack.argtypes, repack.restype = [vp, i64, i64, vp], c_int
     lib.mistol_gemm_requantized.argtypes = [c_int, vp, i64, i64, vp, i64, vp, i64, c_int]
     lib.mistol_gemm_requantized.restype = c_int
+    lib.mistol_gemm_q5_0_as_int8.argtypes = [vp, i64, i64, vp, i64, vp, i64, c_int, c_int]
+    lib.mistol_gemm_q5_0_as_int8.restype = c_int
     lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
     lib.mistol_quantize.restype = c_int
     lib.mistol_dense_many.argtypes = [c_int, vp, c_int, i64, i64, c_int, vp, vp, vp, vp, i64, c_int]
@@ -219,16 +221,21 @@ def dequantize_rows(fmt: str, blocks: torch.Tensor, k: int, dtype: torch.dtype,
     return out
 
 
-def gemm_requantized(fmt: str, groups: torch.Tensor, rows: int, k: int, x: torch.Tensor) -> torch.Tensor:
-    """x[M, k] (float32, contiguous) times the first `rows` rows of Q4_Kx8 / Q5_Kx8 / Q6_Kx8
-    groups, requantized to int8 per 256 inputs group by group (csrc/requantize.c; AVX512-VNNI
-    only): y[M, rows]."""
+def gemm_requantized(fmt: str, blocks: torch.Tensor, rows: int, k: int, x: torch.Tensor) -> torch.Tensor:
+    """x[M, k] (float32, contiguous) times the first `rows` rows of a layer on the int8 route:
+    Q4_Kx8 / Q5_Kx8 / Q6_Kx8 groups requantized to int8 per 256 inputs group by group
+    (csrc/requantize.c; AVX512-VNNI only), or Q5_0 rows converted to int8 blocks of the same
+    values 8 rows at a time for the int8 kernels (csrc/quant_gemv.c): y[M, rows]."""
     m = x.shape[0]
     y = torch.empty(m, rows, dtype=torch.float32)
-    rc = _lib.mistol_gemm_requantized(_abi.formats[fmt], groups.data_ptr(), rows, k, x.data_ptr(), m, y.data_ptr(),
-                                      rows, torch.get_num_threads())
+    if fmt == "Q5_0":
+        rc = _lib.mistol_gemm_q5_0_as_int8(x.data_ptr(), m, k, blocks.data_ptr(), rows, y.data_ptr(), rows,
+                                           torch.get_num_threads(), _impl_id())
+    else:
+        rc = _lib.mistol_gemm_requantized(_abi.formats[fmt], blocks.data_ptr(), rows, k, x.data_ptr(), m,
+                                          y.data_ptr(), rows, torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"mistol_gemm_requantized({fmt}, M={m}, K={k}): {_error(rc)}")
+        raise RuntimeError(f"gemm_requantized({fmt}, M={m}, K={k}): {_error(rc)}")
     return y
 
 

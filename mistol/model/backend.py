@@ -35,8 +35,9 @@ rows (`quantized_route`, `dense_kernel_runs`):
 |                    | kernels, fewer rows than `int8_prefill_rows(fmt)` and        |                              |
 |                    | `bf16_prefill_rows(fmt)` (or none of those routes)           |                              |
 | int8 prefill       | a repacked k-quant layer (Q4_Kx8, Q5_Kx8, Q6_Kx8) on a CPU   | `kernels.gemm_requantized`   |
-|                    | with the AVX512-VNNI kernels and no AMX tiles,               | (requantized to int8 per     |
-|                    | `int8_prefill_rows(fmt)`+ rows                               | 256, 8 rows at a time)       |
+|                    | with the AVX512-VNNI kernels, or a Q5_0 layer on AVX2 or     | (requantized to int8 per     |
+|                    | AVX512-VNNI, no AMX tiles, `int8_prefill_rows(fmt)`+ rows    | 256, 8 rows at a time; Q5_0: |
+|                    |                                                              | the same values as int8)     |
 | bf16 prefill       | a quantized layer on a CPU with bf16 dot-product             | dequantize to bf16, matmul   |
 |                    | instructions (`native_bf16`; int8/int4: AMX tiles),          |                              |
 |                    | `bf16_prefill_rows(fmt)`+ rows                               |                              |
@@ -93,7 +94,15 @@ BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_
 # AVX512-BF16 EPYC, 7B's FFN shapes, routes in turns, over the types' own kernels, 1 and 2
 # threads: at 32 rows 1.01-1.14x the time, at 48 0.85-0.95, at 64 0.75-0.88, at 512 0.48-0.63
 # (and 0.57-0.63 of bf16 slabs', 2 threads).
-INT8_MIN_ROWS = {"avx512vnni": dict.fromkeys(("Q4_Kx8", "Q5_Kx8", "Q6_Kx8"), 48)}
+# Q5_0 (the type llama.cpp's Q4_K_M falls back to where a width is no multiple of 256: most
+# of a Qwen2.5-0.5B or SmolLM file) goes to the int8 kernels without requantizing: its values
+# d * (q - 16) are int8 blocks as they are (8 rows converted at a time). 0.5b's layers, 2
+# threads, over Q5_0's own kernels: 2 rows 0.73x the time, 16 0.24, 64 0.19 (bf16 slabs 0.48),
+# 512 0.17 (bf16 0.33); with the AVX2 kernels 0.28-0.33 from 16 rows. From 32 rows only: a
+# verify pass (at most speculative.MAX_DEPTH + 1 = 17 rows) and a batch of decode steps keep
+# the bits Q5_0's kernels give one row, which a decode step alone gets.
+INT8_MIN_ROWS = {"avx512vnni": {**dict.fromkeys(("Q4_Kx8", "Q5_Kx8", "Q6_Kx8"), 48), "Q5_0": 32},
+                 "avx2": {"Q5_0": 32}}
 
 QUANTIZED_KERNELS, BF16_PREFILL, INT8_PREFILL, DEQUANTIZED = "kernels", "bf16", "int8", "dequantized"
 

@@ -34,6 +34,8 @@ EXPORT void mistol_workspace_free(mistol_workspace *ws);
 EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *args);
 EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count, const mistol_matrix *mats, float *y,
                                 int64_t ldy, int nthreads, int impl);
+EXPORT int mistol_gemm_q5_0_as_int8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t rows, float *y,
+                                    int64_t ldy, int nthreads, int impl);
 EXPORT int mistol_repack_q4_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out);
 EXPORT int mistol_repack_q5_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out);
 EXPORT int mistol_repack_q6_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out);
@@ -385,6 +387,45 @@ static void check_block_gemm(const char *name, int impl) {
     for (int i = 0; i < COUNT; i++) free((void *)mats[i].data);
 }
 
+/* mistol_gemm_q5_0_as_int8 (Q5_0 rows converted 8 at a time to int8 blocks of the same
+ * values) against mistol_gemm_matrices on int8 blocks converted here, one block at a time
+ * (row count not a multiple of 8; 1, 3 and 40 activation rows; 1 and 4 threads): the bits
+ * of this implementation's int8 kernels. */
+static void check_q5_0_as_int8(const char *name, int impl) {
+    const int64_t rows = 19, K = 1024, B = K / QK, G = (rows + IL - 1) / IL;
+    uint8_t *w = random_rows(FMT_Q5_0, rows, K);
+    block_q8_0x8 *packed = calloc((size_t)(G * B), sizeof(block_q8_0x8));
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < B; b++) {
+            const block_q5_0 *blk = (const block_q5_0 *)w + r * B + b;
+            block_q8_0x8 *out = packed + r / IL * B + b;
+            uint32_t qh;
+            memcpy(&qh, blk->qh, 4);
+            out->d[r % IL] = blk->d;
+            for (int j = 0; j < QK; j++) {
+                const int nibble = j < QK / 2 ? blk->qs[j] & 15 : blk->qs[j - QK / 2] >> 4;
+                out->qs[quant_offset((int)(r % IL), j)] = (uint8_t)(int8_t)((nibble | (int)((qh >> j) & 1) << 4) - 16);
+            }
+        }
+    const mistol_matrix int8 = {(const uint8_t *)packed, rows, B, FMT_INT8};
+    int ok = 1;
+    const int64_t row_counts[] = {1, 3, 40};
+    for (size_t c = 0; c < sizeof row_counts / sizeof row_counts[0]; c++) {
+        const int64_t M = row_counts[c];
+        float *x = edge_activations(M * K);
+        float *ref = malloc(sizeof(float) * (size_t)(M * rows)), *y = malloc(sizeof(float) * (size_t)(M * rows));
+        if (mistol_gemm_matrices(x, M, K, 1, &int8, ref, rows, 1, impl) != OK) ok = 0;
+        for (int threads = 1; threads <= 4; threads += 3) {
+            memset(y, 0xff, sizeof(float) * (size_t)(M * rows));
+            if (mistol_gemm_q5_0_as_int8(x, M, K, w, rows, y, rows, threads, impl) != OK) ok = 0;
+            ok &= !memcmp(y, ref, sizeof(float) * (size_t)(M * rows));
+        }
+        free(x), free(ref), free(y);
+    }
+    report(ok, name, "Q5_0 as int8 (M 1, 3 and 40, 1 and 4 threads): the int8 kernels' bits", -1);
+    free(w), free(packed);
+}
+
 /* One decoder layer (grouped-query attention over a few cached tokens, biases, weights of
  * formats fmts[W_COUNT], mixed) against the scalar implementation, and at 1 and 3 threads. */
 static void check_decode(const char *name, int impl, const int *fmts, const char *label) {
@@ -486,6 +527,7 @@ int main(void) {
     qkernels ref;
     qkernels_select(IMPL_SCALAR, &ref);
     check_nan_activations(&ref);
+    check_q5_0_as_int8("portable", IMPL_SCALAR);
     for (size_t i = 0; i < sizeof IMPLS / sizeof IMPLS[0]; i++) {
         qkernels kn;
         const char *name = IMPLS[i].name;
@@ -508,6 +550,7 @@ int main(void) {
         check_x8(name, FMT_Q5_KX8, &kn, &ref);
         check_x8(name, FMT_Q6_KX8, &kn, &ref);
         check_block_gemm(name, IMPLS[i].id);
+        check_q5_0_as_int8(name, IMPLS[i].id);
         /* q: Q4_KX8, k: Q5_K, v: Q5_KX8, o: Q6_KX8, gate: Q4_1, up: Q5_1, down: Q6_K */
         static const int block_fmts[W_COUNT] = {FMT_Q4_KX8, FMT_Q5_K, FMT_Q5_KX8, FMT_Q6_KX8,
                                                 FMT_Q4_1,   FMT_Q5_1, FMT_Q6_K};
