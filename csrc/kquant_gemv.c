@@ -1414,51 +1414,69 @@ void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, in
 }
 
 /* ---------------------------------------------------------------------------------------
- * Q5_0 as int8: a Q5_0 block's values are d * (q - 16) with q - 16 in [-16, 15], which a
- * block of the int8 kernels holds exactly (the same fp16 d, quants q - 16). Long prompts
- * convert 8 rows at a time and multiply them with the int8 several-row kernels
- * (mistol_gemm_q5_0_as_int8), which keep each row pair's sums in registers where Q5_0's
- * kernel unpacks every block again for every row.
+ * The legacy types as int8: a Q5_0 block's values are d * (q - 16) with q - 16 in [-16, 15],
+ * which a block of the int8 kernels holds exactly (the same fp16 d, quants q - 16); Q4_1's
+ * and Q5_1's are d * q + m, q in [0, 31]: an int8 block of quants q and scale d, plus m times
+ * the block's activations, which the caller adds from the activations' block sums. Long
+ * prompts convert 8 rows at a time and multiply them with the int8 several-row kernels
+ * (mistol_gemm_as_int8), which keep each row pair's sums in registers where the types' own
+ * kernels unpack every block again for every row.
  */
-static void q5_0_values(const block_q5_0 *b, int8_t q[QK]) { /* element order, minus 16 */
-    const uint32_t qh = load_u32(b->qh);
+typedef struct {
+    int bytes, qh, qs, m; /* a block's size and where its fields start (-1: none) */
+} legacy_fields;
+
+static legacy_fields fields_of(int fmt) {
+    return fmt == FMT_Q4_1 ? (legacy_fields){sizeof(block_q4_1), -1, offsetof(block_q4_1, qs), offsetof(block_q4_1, m)}
+           : fmt == FMT_Q5_0
+               ? (legacy_fields){sizeof(block_q5_0), offsetof(block_q5_0, qh), offsetof(block_q5_0, qs), -1}
+               : (legacy_fields){sizeof(block_q5_1), offsetof(block_q5_1, qh), offsetof(block_q5_1, qs),
+                                 offsetof(block_q5_1, m)};
+}
+
+/* One block's quants in element order (Q5_0: minus 16). */
+static void legacy_quants(const uint8_t *b, legacy_fields f, int8_t q[QK]) {
+    const uint32_t qh = f.qh >= 0 ? load_u32(b + f.qh) : 0;
+    const int offset = f.m >= 0 ? 0 : 16;
     for (int j = 0; j < QK / 2; j++) {
-        q[j] = (int8_t)((int)((b->qs[j] & 15) | ((qh >> j) & 1) << 4) - 16);
-        q[j + QK / 2] = (int8_t)((int)((b->qs[j] >> 4) | ((qh >> (j + QK / 2)) & 1) << 4) - 16);
+        q[j] = (int8_t)((int)((b[f.qs + j] & 15) | ((qh >> j) & 1) << 4) - offset);
+        q[j + QK / 2] = (int8_t)((int)((b[f.qs + j] >> 4) | ((qh >> (j + QK / 2)) & 1) << 4) - offset);
     }
 }
 
-static void q5_0_group_to_int8_scalar(const uint8_t *w, int64_t rows, int64_t r0, int64_t K, block_q8_0x8 *out) {
-    const int64_t nb = K / QK;
-    for (int r = 0; r < IL; r++) {
-        const block_q5_0 *src = r0 + r < rows ? (const block_q5_0 *)w + (r0 + r) * nb : NULL;
-        for (int64_t b = 0; b < nb; b++) {
+static void group_to_int8_scalar(const uint8_t *const src[IL], legacy_fields f, int64_t K, block_q8_0x8 *out,
+                                 float *mins) {
+    for (int64_t b = 0; b < K / QK; b++)
+        for (int r = 0; r < IL; r++) {
+            const uint8_t *blk = src[r] ? src[r] + b * f.bytes : NULL;
             int8_t q[QK] = {0};
-            if (src) q5_0_values(src + b, q);
-            out[b].d[r] = src ? src[b].d : 0;
+            if (blk) legacy_quants(blk, f, q);
+            out[b].d[r] = blk ? load_u16(blk) : 0;
+            if (mins) mins[b * IL + r] = blk ? half_to_float(load_u16(blk + f.m)) : 0.0f;
             for (int j = 0; j < QK; j += 4) memcpy(out[b].qs + quant_offset(r, j), q + j, 4);
         }
-    }
 }
 
 #ifdef MISTOL_X86
-/* AVX2: a block's 32 values of each row as one vector (nibbles32 | fifth_bits, minus 16),
- * then an 8 x 8 transpose of 4-byte quads puts quad c of the 8 rows side by side. */
-AVX2_FN static void q5_0_group_to_int8_avx2(const uint8_t *w, int64_t rows, int64_t r0, int64_t K, block_q8_0x8 *out) {
-    const int64_t nb = K / QK;
-    const block_q5_0 *src[IL];
-    for (int r = 0; r < IL; r++) src[r] = r0 + r < rows ? (const block_q5_0 *)w + (r0 + r) * nb : NULL;
-    const __m256i sixteen = _mm256_set1_epi8(16);
-    for (int64_t b = 0; b < nb; b++) {
+/* AVX2: a block's 32 quants of each row as one vector (nibbles32, | fifth_bits), then an
+ * 8 x 8 transpose of 4-byte quads puts quad c of the 8 rows side by side. */
+AVX2_FN static void group_to_int8_avx2(const uint8_t *const src[IL], legacy_fields f, int64_t K, block_q8_0x8 *out,
+                                       float *mins) {
+    const __m256i offset = _mm256_set1_epi8(f.m >= 0 ? 0 : 16);
+    for (int64_t b = 0; b < K / QK; b++) {
         __m256i v[IL];
         for (int r = 0; r < IL; r++) {
-            if (!src[r]) {
+            const uint8_t *blk = src[r] ? src[r] + b * f.bytes : NULL;
+            if (!blk) {
                 v[r] = _mm256_setzero_si256(), out[b].d[r] = 0;
+                if (mins) mins[b * IL + r] = 0.0f;
                 continue;
             }
-            const block_q5_0 *blk = src[r] + b;
-            v[r] = _mm256_sub_epi8(_mm256_or_si256(nibbles32(blk->qs), fifth_bits(load_u32(blk->qh))), sixteen);
-            out[b].d[r] = blk->d;
+            v[r] = nibbles32(blk + f.qs);
+            if (f.qh >= 0) v[r] = _mm256_or_si256(v[r], fifth_bits(load_u32(blk + f.qh)));
+            v[r] = _mm256_sub_epi8(v[r], offset);
+            out[b].d[r] = load_u16(blk);
+            if (mins) mins[b * IL + r] = half_to_float(load_u16(blk + f.m));
         }
         __m256i t[IL], u[IL];
         for (int r = 0; r < IL; r += 2)
@@ -1474,14 +1492,18 @@ AVX2_FN static void q5_0_group_to_int8_avx2(const uint8_t *w, int64_t rows, int6
 }
 #endif
 
-void q5_0_group_to_int8(const uint8_t *w, int64_t rows, int64_t r0, int64_t K, block_q8_0x8 *out) {
+void legacy_group_to_int8(int fmt, const uint8_t *w, int64_t rows, int64_t r0, int64_t K, block_q8_0x8 *out,
+                          float *mins) {
+    const uint8_t *src[IL];
+    for (int r = 0; r < IL; r++) src[r] = r0 + r < rows ? w + (r0 + r) * fmt_row_bytes(fmt, K) : NULL;
+    const legacy_fields f = fields_of(fmt);
 #ifdef MISTOL_X86
     if (cpu_has_avx2()) {
-        q5_0_group_to_int8_avx2(w, rows, r0, K, out);
+        group_to_int8_avx2(src, f, K, out, f.m >= 0 ? mins : NULL);
         return;
     }
 #endif
-    q5_0_group_to_int8_scalar(w, rows, r0, K, out);
+    group_to_int8_scalar(src, f, K, out, f.m >= 0 ? mins : NULL);
 }
 
 /* ---------------------------------------------------------------------------------------

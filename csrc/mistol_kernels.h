@@ -35,6 +35,7 @@
 #define MISTOL_KERNELS_H
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -208,9 +209,11 @@ void act_quantize(const qkernels *kn, const float *x, int64_t K, int64_t m, int6
  * that the repacked k-quants' multi-row kernels read (a group's rows of one super-block side
  * by side: rows K bytes apart would share one set of the L1 cache). */
 void act_row_to_blocks(const int8_t *q, int64_t m, int64_t M, int64_t K, int8_t *qkb);
-/* Q5_0 rows [r0, r0 + IL) of w (the file's blocks; rows past `rows`: zero) -> one group of
- * int8 blocks out[K / 32] with the same values (kquant_gemv.c). */
-void q5_0_group_to_int8(const uint8_t *w, int64_t rows, int64_t r0, int64_t K, block_q8_0x8 *out);
+/* Q4_1 / Q5_0 / Q5_1 rows [r0, r0 + IL) of w (the file's blocks; rows past `rows`: zero) ->
+ * one group of int8 blocks out[K / 32] with the same quants and scales (Q5_0: its values;
+ * Q4_1, Q5_1: their values less each block's m, which lands in mins[K / 32][IL] as float). */
+void legacy_group_to_int8(int fmt, const uint8_t *w, int64_t rows, int64_t r0, int64_t K, block_q8_0x8 *out,
+                          float *mins);
 /* Inside a parallel region: rows [r0, r1) of one row-order matrix times M activation
  * rows, into y[m * ldy + r]. */
 void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, int64_t M, int64_t K, int64_t r0,
@@ -238,7 +241,8 @@ void thread_share(int64_t total, int64_t *start, int64_t *end);
 static inline int round_act(float v) { return v == v ? (int)nearbyintf(v) : 0; }
 static inline float act_block_scale(float amax, int has_nan) { return has_nan ? NAN : amax / 127.0f; }
 
-/* Unaligned loads of 4 or 8 bytes (one instruction each; casts would break aliasing rules). */
+/* Unaligned loads of 2, 4 or 8 bytes (one instruction each; casts would break aliasing rules). */
+static inline uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static inline int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 static inline int64_t load_i64(const int8_t *p) { int64_t v; memcpy(&v, p, 8); return v; }

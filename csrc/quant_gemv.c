@@ -800,37 +800,94 @@ EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count,
     return gemm_run(x, M, K, count, mats, y, ldy, nthreads, impl, qgemm_share);
 }
 
-/* This thread's groups of one Q5_0 matrix, each converted to int8 blocks in a buffer of the
- * thread's (K / 32 blocks of 272 bytes: 41 KB at K = 4864) and multiplied by the int8
- * kernels for all M rows. Without a buffer, Q5_0's own kernels. */
-static void q5_0_int8_share(const qkernels *kn, const mistol_matrix *mats, int count, const qact *act, int64_t M,
-                            int64_t K, float *y, int64_t ldy, float *acc) {
+/* shares[m][r] = sum over blocks b of mins[b][r] * sums[m][b]: the share of Q4_1's / Q5_1's
+ * block minimums in 8 rows' outputs (the rows in lanes; four sums over the blocks in turn, so
+ * that no add waits on the one before: a 32nd of the products, in float, took as long as the
+ * int8 product itself when each row summed its blocks in one chain). */
+static void min_shares_portable(const float *mins, const float *sums, int64_t B, int64_t M, float *shares) {
+    for (int64_t m = 0; m < M; m++) {
+        float t[4][IL] = {{0}};
+        for (int64_t b = 0; b < B; b++)
+            for (int r = 0; r < IL; r++) t[b & 3][r] += mins[b * IL + r] * sums[m * B + b];
+        for (int r = 0; r < IL; r++) shares[m * IL + r] = (t[0][r] + t[1][r]) + (t[2][r] + t[3][r]);
+    }
+}
+
+#ifdef MISTOL_X86
+AVX2_FN static void min_shares_avx2(const float *mins, const float *sums, int64_t B, int64_t M, float *shares) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *s = sums + m * B;
+        __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+        int64_t b = 0;
+#define MIN_TERM(t, i) t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_loadu_ps(mins + (i) * IL), _mm256_broadcast_ss(s + (i))))
+        for (; b + 4 <= B; b += 4) MIN_TERM(t0, b), MIN_TERM(t1, b + 1), MIN_TERM(t2, b + 2), MIN_TERM(t3, b + 3);
+        for (; b < B; b++) { /* (t[b & 3], as the portable code) */
+            if ((b & 3) == 0) MIN_TERM(t0, b);
+            else if ((b & 3) == 1) MIN_TERM(t1, b);
+            else MIN_TERM(t2, b);
+        }
+#undef MIN_TERM
+        _mm256_storeu_ps(shares + m * IL, _mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3)));
+    }
+}
+#endif
+
+static void min_shares(const float *mins, const float *sums, int64_t B, int64_t M, float *shares) {
+#ifdef MISTOL_X86
+    if (cpu_has_avx2()) {
+        min_shares_avx2(mins, sums, B, M, shares);
+        return;
+    }
+#endif
+    min_shares_portable(mins, sums, B, M, shares);
+}
+
+/* This thread's groups of one Q4_1 / Q5_0 / Q5_1 matrix, each converted to int8 blocks in a
+ * buffer of the thread's (K / 32 blocks of 272 bytes: 41 KB at K = 4864) and multiplied by
+ * the int8 kernels for all M rows; Q4_1's and Q5_1's block minimums m then add m times each
+ * activation block's value sum (da * sa, as the types' own kernels take it). Without the
+ * buffers, the types' own kernels. */
+static void as_int8_share(const qkernels *kn, const mistol_matrix *mats, int count, const qact *act, int64_t M,
+                          int64_t K, float *y, int64_t ldy, float *acc) {
     (void)count;
     const mistol_matrix *w = mats;
     const int64_t B = K / QK;
+    const int has_mins = w->format != FMT_Q5_0;
     int64_t start, end;
     thread_share((w->rows + IL - 1) / IL, &start, &end);
-    block_q8_0x8 *group = start < end ? malloc(sizeof(block_q8_0x8) * (size_t)B) : NULL;
-    if (!group) {
-        if (start < end) kquant_rows(kn, w, act, M, K, start * IL, end * IL < w->rows ? end * IL : w->rows, y, ldy);
+    if (start >= end) return;
+    block_q8_0x8 *group = malloc(sizeof(block_q8_0x8) * (size_t)B);
+    float *mins = has_mins ? malloc(sizeof(float) * (size_t)(B * IL)) : NULL;
+    float *sums = has_mins ? malloc(sizeof(float) * (size_t)(M * B)) : NULL; /* da * sa, as act's */
+    float *shares = has_mins ? malloc(sizeof(float) * (size_t)(M * IL)) : NULL; /* [m][r]: the minimums' share */
+    if (!group || (has_mins && (!mins || !sums || !shares))) {
+        free(group), free(mins), free(sums), free(shares);
+        kquant_rows(kn, w, act, M, K, start * IL, end * IL < w->rows ? end * IL : w->rows, y, ldy);
         return;
     }
+    for (int64_t i = 0; has_mins && i < M * B; i++) sums[i] = act->da[i] * (float)act->sa[i];
     for (int64_t g = start; g < end; g++) {
-        q5_0_group_to_int8(w->data, w->rows, g * IL, K, group);
+        legacy_group_to_int8(w->format, w->data, w->rows, g * IL, K, group, mins);
         const int64_t n = w->rows - g * IL < IL ? w->rows - g * IL : IL;
         run_groups(kn->group[FMT_INT8], kn->group_rows[FMT_INT8], (const uint8_t *)group, sizeof(block_q8_0x8), B, act,
                    M, K, n, y + g * IL, ldy, 0, 1, acc);
+        if (has_mins) {
+            min_shares(mins, sums, B, M, shares);
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t r = 0; r < n; r++) y[m * ldy + g * IL + r] += shares[m * IL + r];
+        }
     }
-    free(group);
+    free(group), free(mins), free(sums), free(shares);
 }
 
-/* y[M][rows] = x[M][K] @ W^T for Q5_0 rows w (the file's blocks) on the int8 kernels: the
- * same values (q5_0_group_to_int8), multiplied as an int8 matrix is. For prompts
- * (mistol.model.backend.INT8_MIN_ROWS); decode steps read the blocks as they are. */
-EXPORT int mistol_gemm_q5_0_as_int8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t rows, float *y,
-                                    int64_t ldy, int nthreads, int impl) {
-    const mistol_matrix mat = {w, rows, 1, FMT_Q5_0};
-    return gemm_run(x, M, K, 1, &mat, y, ldy, nthreads, impl, q5_0_int8_share);
+/* y[M][rows] = x[M][K] @ W^T for Q4_1, Q5_0 or Q5_1 rows w (the file's blocks) on the int8
+ * kernels (legacy_group_to_int8; for prompts, mistol.model.backend.INT8_MIN_ROWS: decode
+ * steps read the blocks as they are). */
+EXPORT int mistol_gemm_as_int8(int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t rows,
+                               float *y, int64_t ldy, int nthreads, int impl) {
+    if (fmt != FMT_Q4_1 && fmt != FMT_Q5_0 && fmt != FMT_Q5_1) return ERR_FMT;
+    const mistol_matrix mat = {w, rows, 1, fmt};
+    return gemm_run(x, M, K, 1, &mat, y, ldy, nthreads, impl, as_int8_share);
 }
 
 /* mistol_gemm_matrices for matrices of one packed format fmt (int8 or int4): W_i at

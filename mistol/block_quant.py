@@ -35,7 +35,7 @@ ROW_FORMATS = {"Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
 # where each block holds its fp16 scales (d, and dmin / m where it has one), byte offsets
 SCALE_OFFSETS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2)}
 KERNEL_LAYOUTS = {"Q4_Kx8": "Q4_K", "Q5_Kx8": "Q5_K", "Q6_Kx8": "Q6_K"}  # layouts made at load, and their GGUF types
-INT8_ROUTE_FORMATS = frozenset((*KERNEL_LAYOUTS, "Q5_0"))  # what kernels.gemm_requantized multiplies
+INT8_ROUTE_FORMATS = frozenset((*KERNEL_LAYOUTS, "Q4_1", "Q5_0", "Q5_1"))  # what kernels.gemm_requantized multiplies
 # a token embedding keeps these as blocks: the row formats, and the int8 / int4 kernels' own (Q8_0, Q4_0)
 EMBEDDING_FORMATS = (*ROW_FORMATS, *GGML_TYPES)
 _SLAB_VALUES = 1 << 22  # weights dequantized at a time on the prefill path

@@ -326,9 +326,36 @@ def test_q5_0_on_the_int8_route_is_the_int8_product_of_its_own_values(impl, monk
         for m in (1, 3, 40):
             want = kernels.gemm_matrices(x[:m], [kernels.matrix("int8", q8.packed, n)])
             assert torch.equal(BlockLinear(k, n, "Q5_0", blocks)(x[:m]), want), m
-    blocks[5, :2] = torch.from_numpy(np.array([0x7E00], dtype=np.uint16).view(np.uint8))  # a NaN scale
-    y = BlockLinear(k, n, "Q5_0", blocks)(x)
-    assert y[:, 5].isnan().all() and not y[:, [c for c in range(n) if c != 5]].isnan().any()
+
+
+@pytest.mark.parametrize("impl", kernel_impls())
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q5_0", "Q5_1"])
+def test_legacy_types_on_the_int8_route_match_dequantize_then_multiply_in_float64(fmt, impl, monkeypatch):
+    """Q4_1 and Q5_1 on the int8 route: their quants as int8 blocks, each block's minimum m
+    added apart (times the activation block's sum). Within the bound of int8 activations per
+    32, and not trivially; a NaN scale or minimum in the file makes its row NaN, no other."""
+    from mistol.model import backend
+
+    monkeypatch.setattr(backend, "quantized_route", lambda rows, device, f: backend.INT8_PREFILL)
+    n, k = 37, 768
+    blocks = random_blocks(fmt, n, k, seed=13)
+    w = reference_weight(fmt, blocks)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(13))
+    with kernels.use(impl):
+        for m in (1, 40):
+            y = BlockLinear(k, n, fmt, blocks)(x[:m])
+            err = (y.double() - x[:m].double() @ w.T).abs()
+            bound = activation_error_bound(w, x[:m].double(), 32)
+            assert (err <= bound).all(), (m, (err / bound).max())
+            assert (err / bound).max() > 0.01
+        nan = torch.from_numpy(np.array([0x7E00], dtype=np.uint16).view(np.uint8))
+        for row, field in ((5, 0), (9, 1)):  # d of row 5's first block, m (where the type has it) of row 9's
+            offsets = SCALE_OFFSETS[fmt]
+            if field < len(offsets):
+                blocks[row, offsets[field] : offsets[field] + 2] = nan
+        y = BlockLinear(k, n, fmt, blocks)(x)
+    broken = [5, 9] if len(SCALE_OFFSETS[fmt]) > 1 else [5]
+    assert y[:, broken].isnan().all() and not y[:, [c for c in range(n) if c not in broken]].isnan().any()
 
 
 def test_long_prompts_take_the_int8_route_only_where_it_was_measured_to_pay(monkeypatch):
@@ -343,9 +370,10 @@ def test_long_prompts_take_the_int8_route_only_where_it_was_measured_to_pay(monk
     cpu = torch.device("cpu")
     for impl in kernel_impls():
         with kernels.use(impl):
-            for fmt in ("Q4_Kx8", "Q5_Kx8", "Q6_Kx8", "Q5_0", "int8"):
+            for fmt in ("Q4_Kx8", "Q5_Kx8", "Q6_Kx8", "Q4_1", "Q5_0", "Q5_1", "int8"):
                 rows = backend.int8_prefill_rows(fmt)
-                routed = impl == "avx512vnni" and fmt.endswith("x8") or impl in ("avx2", "avx512vnni") and fmt == "Q5_0"
+                legacy = fmt in ("Q4_1", "Q5_0", "Q5_1")
+                routed = impl == "avx512vnni" and fmt.endswith("x8") or impl in ("avx2", "avx512vnni") and legacy
                 assert (rows is not None) == routed, (impl, fmt)
                 if rows is not None:
                     assert rows > MAX_DEPTH + 1

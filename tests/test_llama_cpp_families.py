@@ -163,20 +163,22 @@ def test_llama_cpp_quantized_files_give_llama_cpps_logits(family, ftype, monkeyp
 
 
 @pytest.mark.skipif(kernels.impl_name() != "avx512vnni", reason="the int8 prefill route runs on AVX512-VNNI kernels")
-@pytest.mark.parametrize("family,ftype", [("qwen2.5", t) for t in ("Q4_K_M", "Q5_K_M", "Q6_K", "Q5_0")],
+@pytest.mark.parametrize("family,ftype",
+                         [("qwen2.5", t) for t in ("Q4_K_M", "Q5_K_M", "Q6_K", "Q4_1", "Q5_0", "Q5_1")],
                          indirect=["family"])
 def test_prompts_on_the_int8_route_give_llama_cpps_logits(family, ftype, monkeypatch):
     """Prompts of `backend.INT8_MIN_ROWS` rows or more multiply the k-quants requantized to int8
-    per 256 (csrc/requantize.c), and Q5_0 as int8 blocks of its own values; here every prompt
-    does. The k-quants' extra rounding shows (mistol vs llama.cpp: 1.4e-2 where the types' own
+    per 256 (csrc/requantize.c), and the legacy types as int8 blocks of their own quants; here
+    every prompt does. The k-quants' extra rounding shows (mistol vs llama.cpp: 1.4e-2 where the types' own
     kernels give 7e-3), but it stays well under the file's own quantization error, and adds
     little to it: against the unquantized model mistol is at most 1.1x as far off as llama.cpp
-    (measured 1.00-1.04x). Q5_0 adds no rounding of its own (the file's Q6_K output matrix is
-    requantized): within the bound its own kernels meet."""
+    (measured 1.00-1.04x). The legacy types add no rounding of their own (the file's Q6_K output
+    matrix is requantized): within the bound their own kernels meet."""
     from mistol.model import backend
 
     monkeypatch.setattr(backend, "native_bf16", lambda: False)
-    monkeypatch.setattr(backend, "INT8_MIN_ROWS", {"avx512vnni": dict.fromkeys(("Q4_Kx8", "Q5_Kx8", "Q6_Kx8", "Q5_0"), 2)})
+    routed = ("Q4_Kx8", "Q5_Kx8", "Q6_Kx8", "Q4_1", "Q5_0", "Q5_1")
+    monkeypatch.setattr(backend, "INT8_MIN_ROWS", {"avx512vnni": dict.fromkeys(routed, 2)})
     calls = []
     product = kernels.gemm_requantized
     monkeypatch.setattr(kernels, "gemm_requantized", lambda *args: calls.append(args[0]) or product(*args))
@@ -187,7 +189,7 @@ def test_prompts_on_the_int8_route_give_llama_cpps_logits(family, ftype, monkeyp
     print(f"{name} {ftype} on the int8 route ({len(calls)} products: {sorted(set(calls))}): mistol vs llama.cpp "
           f"{between:.1e}, llama.cpp vs transformers {quantization:.1e}, mistol vs transformers {relative_error(ours, ref):.1e}")
     assert len(calls) >= 2 * 7  # (every matrix of both layers)
-    assert between <= (BOUNDS[ftype] if ftype == "Q5_0" else 0.6 * quantization)
+    assert between <= (BOUNDS[ftype] if ftype in ("Q4_1", "Q5_0", "Q5_1") else 0.6 * quantization)
     assert relative_error(ours, ref) <= 1.1 * quantization
 
 

@@ -70,8 +70,8 @@ def _load() -> ctypes.CDLL | None:
         repack.argtypes, repack.restype = [vp, i64, i64, vp], c_int
     lib.mistol_gemm_requantized.argtypes = [c_int, vp, i64, i64, vp, i64, vp, i64, c_int]
     lib.mistol_gemm_requantized.restype = c_int
-    lib.mistol_gemm_q5_0_as_int8.argtypes = [vp, i64, i64, vp, i64, vp, i64, c_int, c_int]
-    lib.mistol_gemm_q5_0_as_int8.restype = c_int
+    lib.mistol_gemm_as_int8.argtypes = [c_int, vp, i64, i64, vp, i64, vp, i64, c_int, c_int]
+    lib.mistol_gemm_as_int8.restype = c_int
     lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
     lib.mistol_quantize.restype = c_int
     lib.mistol_dense_many.argtypes = [c_int, vp, c_int, i64, i64, c_int, vp, vp, vp, vp, i64, c_int]
@@ -224,13 +224,14 @@ def dequantize_rows(fmt: str, blocks: torch.Tensor, k: int, dtype: torch.dtype,
 def gemm_requantized(fmt: str, blocks: torch.Tensor, rows: int, k: int, x: torch.Tensor) -> torch.Tensor:
     """x[M, k] (float32, contiguous) times the first `rows` rows of a layer on the int8 route:
     Q4_Kx8 / Q5_Kx8 / Q6_Kx8 groups requantized to int8 per 256 inputs group by group
-    (csrc/requantize.c; AVX512-VNNI only), or Q5_0 rows converted to int8 blocks of the same
-    values 8 rows at a time for the int8 kernels (csrc/quant_gemv.c): y[M, rows]."""
+    (csrc/requantize.c; AVX512-VNNI only), or Q4_1 / Q5_0 / Q5_1 rows converted 8 rows at a
+    time to int8 blocks of their quants and scales for the int8 kernels (Q4_1's and Q5_1's
+    block minimums added apart; csrc/quant_gemv.c): y[M, rows]."""
     m = x.shape[0]
     y = torch.empty(m, rows, dtype=torch.float32)
-    if fmt == "Q5_0":
-        rc = _lib.mistol_gemm_q5_0_as_int8(x.data_ptr(), m, k, blocks.data_ptr(), rows, y.data_ptr(), rows,
-                                           torch.get_num_threads(), _impl_id())
+    if fmt in ("Q4_1", "Q5_0", "Q5_1"):
+        rc = _lib.mistol_gemm_as_int8(_abi.formats[fmt], x.data_ptr(), m, k, blocks.data_ptr(), rows, y.data_ptr(),
+                                      rows, torch.get_num_threads(), _impl_id())
     else:
         rc = _lib.mistol_gemm_requantized(_abi.formats[fmt], blocks.data_ptr(), rows, k, x.data_ptr(), m,
                                           y.data_ptr(), rows, torch.get_num_threads())

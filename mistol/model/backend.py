@@ -35,9 +35,9 @@ rows (`quantized_route`, `dense_kernel_runs`):
 |                    | kernels, fewer rows than `int8_prefill_rows(fmt)` and        |                              |
 |                    | `bf16_prefill_rows(fmt)` (or none of those routes)           |                              |
 | int8 prefill       | a repacked k-quant layer (Q4_Kx8, Q5_Kx8, Q6_Kx8) on a CPU   | `kernels.gemm_requantized`   |
-|                    | with the AVX512-VNNI kernels, or a Q5_0 layer on AVX2 or     | (requantized to int8 per     |
-|                    | AVX512-VNNI, no AMX tiles, `int8_prefill_rows(fmt)`+ rows    | 256, 8 rows at a time; Q5_0: |
-|                    |                                                              | the same values as int8)     |
+|                    | with the AVX512-VNNI kernels, or a Q4_1/Q5_0/Q5_1 layer on   | (requantized to int8 per     |
+|                    | AVX2 or AVX512-VNNI; no AMX tiles; `int8_prefill_rows(fmt)`+ | 256, 8 rows at a time; the   |
+|                    | rows                                                         | legacy types' quants as int8)|
 | bf16 prefill       | a quantized layer on a CPU with bf16 dot-product             | dequantize to bf16, matmul   |
 |                    | instructions (`native_bf16`; int8/int4: AMX tiles),          |                              |
 |                    | `bf16_prefill_rows(fmt)`+ rows                               |                              |
@@ -79,7 +79,8 @@ KERNELS_OUTRUN_BF16 = frozenset(("int8", "int4"))  # (without AMX)
 # kernels spend 1.5-4x the int4 kernel's time per weight (scales per block or sub-block), and
 # their dequantization runs at 1-3 G weights/s a core, so bf16 slabs win from about 32 rows
 # (Q5_0/Q4_1 at 1b's widths: 32-48 rows, scripts/bench_prefill_route.py; at 0.5b's narrower
-# ones that script says 64-80, but whole 64-token prompts ran at half the speed with 96 here);
+# ones that script says 64-80, but whole 64-token prompts ran at half the speed with 96 here;
+# on AVX2 and AVX512-VNNI the int8 route below takes them from 32 rows, faster still);
 # repacked Q4_K, Q5_K and Q6_K (Q4_Kx8, Q5_Kx8, Q6_Kx8), whose kernels take 8 rows at once,
 # from about 512, 320 and 192 (a 2-core AVX512-BF16 EPYC, 1 and 2 threads, 7B's FFN and
 # attention shapes, kernels against dequantize + bf16 matmul in turns: at 160 rows the kernels
@@ -94,15 +95,19 @@ BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_
 # AVX512-BF16 EPYC, 7B's FFN shapes, routes in turns, over the types' own kernels, 1 and 2
 # threads: at 32 rows 1.01-1.14x the time, at 48 0.85-0.95, at 64 0.75-0.88, at 512 0.48-0.63
 # (and 0.57-0.63 of bf16 slabs', 2 threads).
-# Q5_0 (the type llama.cpp's Q4_K_M falls back to where a width is no multiple of 256: most
-# of a Qwen2.5-0.5B or SmolLM file) goes to the int8 kernels without requantizing: its values
-# d * (q - 16) are int8 blocks as they are (8 rows converted at a time). 0.5b's layers, 2
-# threads, over Q5_0's own kernels: 2 rows 0.73x the time, 16 0.24, 64 0.19 (bf16 slabs 0.48),
-# 512 0.17 (bf16 0.33); with the AVX2 kernels 0.28-0.33 from 16 rows. From 32 rows only: a
-# verify pass (at most speculative.MAX_DEPTH + 1 = 17 rows) and a batch of decode steps keep
-# the bits Q5_0's kernels give one row, which a decode step alone gets.
-INT8_MIN_ROWS = {"avx512vnni": {**dict.fromkeys(("Q4_Kx8", "Q5_Kx8", "Q6_Kx8"), 48), "Q5_0": 32},
-                 "avx2": {"Q5_0": 32}}
+# The legacy types go to the int8 kernels without requantizing: 8 rows at a time, their
+# quants and scales become int8 blocks as they are (Q5_0's values d * (q - 16) exactly; Q4_1's
+# and Q5_1's d * q + m less the minimum m, whose share is added in float). Q5_0 and Q5_1 are
+# what llama.cpp's Q4_K_M and Q5_K_M fall back to where a width is no multiple of 256: most
+# of a Qwen2.5-0.5B or SmolLM file. Layers alone, 2 threads, over the types' own kernels:
+# Q5_0 (0.5b's widths) 2 rows 0.73x the time, 16 0.24, 64 0.19 (bf16 slabs 0.48), 512 0.17
+# (bf16 0.33); Q5_1 (0.5b) 16-512 rows 0.21-0.32 (bf16 0.31-1.5); Q4_1 (1b) 32-512 rows
+# 0.23-0.28 (bf16 0.28-0.77); with the AVX2 kernels 0.28-0.44 from 16 rows. From 32 rows only:
+# a verify pass (at most speculative.MAX_DEPTH + 1 = 17 rows) and a batch of decode steps keep
+# the bits the types' kernels give one row, which a decode step alone gets.
+INT8_MIN_ROWS = {"avx512vnni": {**dict.fromkeys(("Q4_Kx8", "Q5_Kx8", "Q6_Kx8"), 48),
+                                **dict.fromkeys(("Q4_1", "Q5_0", "Q5_1"), 32)},
+                 "avx2": dict.fromkeys(("Q4_1", "Q5_0", "Q5_1"), 32)}
 
 QUANTIZED_KERNELS, BF16_PREFILL, INT8_PREFILL, DEQUANTIZED = "kernels", "bf16", "int8", "dequantized"
 

@@ -34,8 +34,8 @@ EXPORT void mistol_workspace_free(mistol_workspace *ws);
 EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *args);
 EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count, const mistol_matrix *mats, float *y,
                                 int64_t ldy, int nthreads, int impl);
-EXPORT int mistol_gemm_q5_0_as_int8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t rows, float *y,
-                                    int64_t ldy, int nthreads, int impl);
+EXPORT int mistol_gemm_as_int8(int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t rows,
+                               float *y, int64_t ldy, int nthreads, int impl);
 EXPORT int mistol_repack_q4_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out);
 EXPORT int mistol_repack_q5_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out);
 EXPORT int mistol_repack_q6_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out);
@@ -387,43 +387,58 @@ static void check_block_gemm(const char *name, int impl) {
     for (int i = 0; i < COUNT; i++) free((void *)mats[i].data);
 }
 
-/* mistol_gemm_q5_0_as_int8 (Q5_0 rows converted 8 at a time to int8 blocks of the same
- * values) against mistol_gemm_matrices on int8 blocks converted here, one block at a time
- * (row count not a multiple of 8; 1, 3 and 40 activation rows; 1 and 4 threads): the bits
- * of this implementation's int8 kernels. */
-static void check_q5_0_as_int8(const char *name, int impl) {
+/* mistol_gemm_as_int8 (Q4_1 / Q5_0 / Q5_1 rows converted 8 at a time to int8 blocks of their
+ * quants; row count not a multiple of 8; 1, 3 and 40 activation rows; 1 and 4 threads).
+ * Q5_0 against mistol_gemm_matrices on int8 blocks of the same values converted here one block
+ * at a time: this implementation's int8 kernels' bits. Q4_1 and Q5_1 (minimums added apart)
+ * against their own kernels: the same integer sums, the float steps in another order. */
+static void check_as_int8(const char *name, int impl) {
     const int64_t rows = 19, K = 1024, B = K / QK, G = (rows + IL - 1) / IL;
-    uint8_t *w = random_rows(FMT_Q5_0, rows, K);
-    block_q8_0x8 *packed = calloc((size_t)(G * B), sizeof(block_q8_0x8));
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t b = 0; b < B; b++) {
-            const block_q5_0 *blk = (const block_q5_0 *)w + r * B + b;
-            block_q8_0x8 *out = packed + r / IL * B + b;
-            uint32_t qh;
-            memcpy(&qh, blk->qh, 4);
-            out->d[r % IL] = blk->d;
-            for (int j = 0; j < QK; j++) {
-                const int nibble = j < QK / 2 ? blk->qs[j] & 15 : blk->qs[j - QK / 2] >> 4;
-                out->qs[quant_offset((int)(r % IL), j)] = (uint8_t)(int8_t)((nibble | (int)((qh >> j) & 1) << 4) - 16);
-            }
-        }
-    const mistol_matrix int8 = {(const uint8_t *)packed, rows, B, FMT_INT8};
+    const int fmts[] = {FMT_Q5_0, FMT_Q4_1, FMT_Q5_1};
     int ok = 1;
-    const int64_t row_counts[] = {1, 3, 40};
-    for (size_t c = 0; c < sizeof row_counts / sizeof row_counts[0]; c++) {
-        const int64_t M = row_counts[c];
-        float *x = edge_activations(M * K);
-        float *ref = malloc(sizeof(float) * (size_t)(M * rows)), *y = malloc(sizeof(float) * (size_t)(M * rows));
-        if (mistol_gemm_matrices(x, M, K, 1, &int8, ref, rows, 1, impl) != OK) ok = 0;
-        for (int threads = 1; threads <= 4; threads += 3) {
-            memset(y, 0xff, sizeof(float) * (size_t)(M * rows));
-            if (mistol_gemm_q5_0_as_int8(x, M, K, w, rows, y, rows, threads, impl) != OK) ok = 0;
-            ok &= !memcmp(y, ref, sizeof(float) * (size_t)(M * rows));
+    double worst = 0.0;
+    for (size_t f = 0; f < sizeof fmts / sizeof fmts[0]; f++) {
+        const int fmt = fmts[f];
+        uint8_t *w = random_rows(fmt, rows, K);
+        block_q8_0x8 *packed = calloc((size_t)(G * B), sizeof(block_q8_0x8));
+        for (int64_t r = 0; fmt == FMT_Q5_0 && r < rows; r++)
+            for (int64_t b = 0; b < B; b++) {
+                const block_q5_0 *blk = (const block_q5_0 *)w + r * B + b;
+                block_q8_0x8 *out = packed + r / IL * B + b;
+                uint32_t qh;
+                memcpy(&qh, blk->qh, 4);
+                out->d[r % IL] = blk->d;
+                for (int j = 0; j < QK; j++) {
+                    const int nibble = j < QK / 2 ? blk->qs[j] & 15 : blk->qs[j - QK / 2] >> 4;
+                    out->qs[quant_offset((int)(r % IL), j)] = (uint8_t)(int8_t)((nibble | (int)((qh >> j) & 1) << 4) - 16);
+                }
+            }
+        const mistol_matrix ref_matrix = fmt == FMT_Q5_0 ? (mistol_matrix){(const uint8_t *)packed, rows, B, FMT_INT8}
+                                                         : (mistol_matrix){w, rows, 1, fmt};
+        const int64_t row_counts[] = {1, 3, 40};
+        for (size_t c = 0; c < sizeof row_counts / sizeof row_counts[0]; c++) {
+            const int64_t M = row_counts[c];
+            float *x = edge_activations(M * K);
+            float *ref = malloc(sizeof(float) * (size_t)(M * rows)), *y = malloc(sizeof(float) * (size_t)(M * rows));
+            if (mistol_gemm_matrices(x, M, K, 1, &ref_matrix, ref, rows, 1, fmt == FMT_Q5_0 ? impl : IMPL_SCALAR) != OK)
+                ok = 0;
+            double scale = 0.0;
+            for (int64_t i = 0; i < M * rows; i++) scale = fmax(scale, fabs(ref[i]));
+            for (int threads = 1; threads <= 4; threads += 3) {
+                memset(y, 0xff, sizeof(float) * (size_t)(M * rows));
+                if (mistol_gemm_as_int8(fmt, x, M, K, w, rows, y, rows, threads, impl) != OK) ok = 0;
+                if (fmt == FMT_Q5_0) ok &= !memcmp(y, ref, sizeof(float) * (size_t)(M * rows));
+                for (int64_t i = 0; fmt != FMT_Q5_0 && i < M * rows; i++) {
+                    const double err = fabs((double)y[i] - ref[i]) / scale;
+                    ok &= err <= 1e-5, worst = fmax(worst, err);
+                }
+            }
+            free(x), free(ref), free(y);
         }
-        free(x), free(ref), free(y);
+        free(w), free(packed);
     }
-    report(ok, name, "Q5_0 as int8 (M 1, 3 and 40, 1 and 4 threads): the int8 kernels' bits", -1);
-    free(w), free(packed);
+    report(ok, name, "legacy types as int8 (M 1, 3 and 40, 1 and 4 threads): Q5_0 the int8 kernels' bits, "
+                     "Q4_1/Q5_1 within 1e-5 of their kernels", worst);
 }
 
 /* One decoder layer (grouped-query attention over a few cached tokens, biases, weights of
@@ -527,7 +542,7 @@ int main(void) {
     qkernels ref;
     qkernels_select(IMPL_SCALAR, &ref);
     check_nan_activations(&ref);
-    check_q5_0_as_int8("portable", IMPL_SCALAR);
+    check_as_int8("portable", IMPL_SCALAR);
     for (size_t i = 0; i < sizeof IMPLS / sizeof IMPLS[0]; i++) {
         qkernels kn;
         const char *name = IMPLS[i].name;
@@ -550,7 +565,7 @@ int main(void) {
         check_x8(name, FMT_Q5_KX8, &kn, &ref);
         check_x8(name, FMT_Q6_KX8, &kn, &ref);
         check_block_gemm(name, IMPLS[i].id);
-        check_q5_0_as_int8(name, IMPLS[i].id);
+        check_as_int8(name, IMPLS[i].id);
         /* q: Q4_KX8, k: Q5_K, v: Q5_KX8, o: Q6_KX8, gate: Q4_1, up: Q5_1, down: Q6_K */
         static const int block_fmts[W_COUNT] = {FMT_Q4_KX8, FMT_Q5_K, FMT_Q5_KX8, FMT_Q6_KX8,
                                                 FMT_Q4_1,   FMT_Q5_1, FMT_Q6_K};
