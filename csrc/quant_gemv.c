@@ -724,11 +724,8 @@ void qgemm_share(const qkernels *kn, const mistol_matrix *mats, int count, const
     }
 }
 
-/* y[:, cols of matrix i] = x[M][K] @ W_i^T for the matrices mats[i < count], each in its
- * own format; matrix i's outputs start at column sum(rows of mats[0..i-1]) of y, whose
- * rows are ldy floats apart. Several matrices that share an input (a layer's q/k/v,
- * gate/up) thus cost one parallel region and one activation quantization (per kind of
- * activation block the formats read). Returns 0 or a negative error. */
+/* A matrix product's setup (activations quantized once, the paired copy, each thread's
+ * scratch), then one parallel region in which every thread runs `share` on its part. */
 typedef void (*share_fn)(const qkernels *, const mistol_matrix *, int, const qact *, int64_t, int64_t, float *, int64_t,
                          float *);
 
@@ -795,6 +792,11 @@ static int gemm_run(const float *x, int64_t M, int64_t K, int count, const misto
     return OK;
 }
 
+/* y[:, cols of matrix i] = x[M][K] @ W_i^T for the matrices mats[i < count], each in its
+ * own format; matrix i's outputs start at column sum(rows of mats[0..i-1]) of y, whose
+ * rows are ldy floats apart. Several matrices that share an input (a layer's q/k/v,
+ * gate/up) thus cost one parallel region and one activation quantization (per kind of
+ * activation block the formats read). Returns 0 or a negative error. */
 EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count, const mistol_matrix *mats, float *y,
                                 int64_t ldy, int nthreads, int impl) {
     return gemm_run(x, M, K, count, mats, y, ldy, nthreads, impl, qgemm_share);

@@ -14,9 +14,11 @@ kernels (csrc/kquant_gemv.c: activations quantized to int8 per 256 inputs for th
 k-quants, per 32 for the legacy types, integer dot products per block). Prefill-sized
 inputs never see a converted copy of a whole matrix: on CPUs with AVX512-VNNI the
 repacked k-quants are requantized to int8 8 rows at a time, each piece multiplied by all
-the prompt's rows while it sits in the cache (csrc/requantize.c); the other types, and
-other CPUs, dequantize a slab of rows at a time for PyTorch's matmul (bf16 where the CPU
-has bf16 dot products). `backend.quantized_route` picks by the number of rows.
+the prompt's rows while it sits in the cache (csrc/requantize.c); the legacy types, on
+AVX2 and AVX512-VNNI, become int8 blocks of their own quants 8 rows at a time for the int8
+kernels (Q4_1's and Q5_1's block minimums added apart; csrc/quant_gemv.c); elsewhere a slab
+of rows at a time is dequantized for PyTorch's matmul (bf16 where the CPU has bf16 dot
+products). `backend.quantized_route` picks by the number of rows.
 """
 
 from __future__ import annotations

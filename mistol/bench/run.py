@@ -481,8 +481,9 @@ def prefill_path_lines(rows: list[dict]) -> list[str]:
     bf16 = {f: n for r in quantized for f, n in r.get("bf16_prefill_rows", {}).items()}
     lines = []
     if int8:
-        lines.append("mistol prefill: weights requantized to int8 (8 rows at a time) for an int8 product from this "
-                     f"many rows on ({', '.join(f'{f} from {n}' for f, n in int8.items())})")
+        lines.append("mistol prefill: weights as int8 blocks, 8 rows at a time (the k-quants requantized, the legacy "
+                     "types' quants as they are), for the int8 kernels from this many rows on "
+                     f"({', '.join(f'{f} from {n}' for f, n in sorted(int8.items()))})")
     if bf16:
         crossover = ", ".join(f"{f} from {n}" for f, n in bf16.items())
         lines.append(f"mistol prefill: bf16 matmuls on dequantized weights from this many rows on ({crossover}), "
