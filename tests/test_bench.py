@@ -65,6 +65,28 @@ def test_no_bf16_measures_the_int8_kernels_at_every_length(tmp_path):
 
 
 @pytest.mark.slow
+def test_busy_core_decodes_each_mistol_model_at_default_1_and_2_threads(tmp_path):
+    """--busy-core: with a `yes` running, each mistol model decodes at the default threads
+    (which see the busy core, as a command starting then would), 1 and 2, in turns; the
+    report gives each speed and the default's share of the best; no `yes` outlives it."""
+    r = bench("--engines", "mistol", "--quant", "int8,int4", "--prompts", "16", "--steps", "4", "--busy-core",
+              "--json", "--cache-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    busy = {b["model"]: b for b in json.loads(r.stdout)["busy_core"]}
+    assert set(busy) == {"mistol int8", "mistol int4"}
+    for b in busy.values():
+        assert set(b["tok_s"]) == {"default", "1 thread", "2 threads"} and all(v > 0 for v in b["tok_s"].values())
+        best = max(b["tok_s"]["1 thread"], b["tok_s"]["2 threads"])
+        assert b["of_best"] == pytest.approx(b["tok_s"]["default"] / best)
+        assert 1 <= b["default_threads"] <= os.cpu_count()
+    assert subprocess.run(["pgrep", "-x", "yes"], capture_output=True).returncode == 1
+    table = bench("--engines", "mistol", "--quant", "int4", "--prompts", "16", "--steps", "4", "--busy-core",
+                  "--cache-dir", str(tmp_path))
+    assert table.returncode == 0, table.stderr
+    assert "decode with one core busy" in table.stdout and "of the best of 1 and 2 threads" in table.stdout
+
+
+@pytest.mark.slow
 def test_table_and_skips(tmp_path):
     r = bench("--engines", "mistol,transformers", "--quant", "int8,bf16", "--prompts", "16", "--steps", "2",
               "--cache-dir", str(tmp_path))

@@ -40,14 +40,16 @@ PROBE_BYTES = 1 << 30  # read in turns with the decoding, for the bandwidth at t
 
 
 def run_bench(shape: str, formats: list[str], engines: list[str], prompts: list[int], steps: int, threads: int,
-              cache_dir: Path, pages: list[str] | None = None, ggufs: list[Path] | None = None) -> dict:
+              cache_dir: Path, pages: list[str] | None = None, ggufs: list[Path] | None = None,
+              busy_core: bool = False) -> dict:
     """Measure each engine at each format (the pairs that apply, installed and fitting in memory)
     and return the report that `report_table` prints; model files are written to `cache_dir`.
 
     `threads` (0: mistol's default, one per core) is resolved here once and given to every
     engine; `pages` lists the page settings to measure each engine with ("huge", "small");
     `ggufs`, when given, are the files to measure instead of the shape's random models: each
-    file by mistol and llama.cpp."""
+    file by mistol and llama.cpp. `busy_core`: each mistol model measured is also decoded with
+    one core kept busy, at its default threads and at 1 and 2 (bench.busy)."""
     say = (lambda text: print(text, file=sys.stderr, flush=True))
     threads = threads or default_threads()
     pages = pages or ["huge"]
@@ -106,9 +108,38 @@ def run_bench(shape: str, formats: list[str], engines: list[str], prompts: list[
             elif ggufs:  # both engines' ceiling: what a step reads of the file
                 result["gguf_weight_bytes"] = gguf_weight_bytes(Path(result["gguf"]))
             results.append(result)
+    busy = _busy_core(runnable, results, notes, say) if busy_core else []
     bandwidth.append(measure_bandwidth(threads))
     shape_name = ", ".join(p.name for p in ggufs) if ggufs else shape
-    return _report(model_config(shape) if not ggufs else None, shape_name, results, bandwidth, notes, threads)
+    report = _report(model_config(shape) if not ggufs else None, shape_name, results, bandwidth, notes, threads)
+    return {**report, "busy_core": busy}
+
+
+def _busy_core(runnable: list[tuple[Spec, Memory]], results: list[dict], notes: list[str], say) -> list[dict]:
+    """bench.busy's figures for each mistol model measured (once per model: its first page
+    setting), where three copies of it fit in memory."""
+    import torch
+
+    from .busy import busy_core_decode
+
+    done, found = set(), []
+    measured = {(r["engine"], r["fmt"], r["shape"], r["pages"]) for r in results if "error" not in r}
+    for spec, need in runnable:
+        key = (spec.fmt, spec.shape)
+        if spec.engine != "mistol" or key in done or (spec.engine, *key, spec.pages) not in measured:
+            continue
+        done.add(key)
+        label = _label(spec)
+        if 3 * need.total > available_memory():
+            notes.append(f"{label} with a core busy: skipped (three copies need about "
+                         f"{3 * need.total / 2**30:.1f} GiB)")
+            continue
+        say(f"decoding {label} with one core busy (a `yes` running): default threads, 1 and 2, taking turns ...")
+        try:
+            found.append({"model": label, **busy_core_decode(spec, torch.get_num_threads(), Worker)})
+        except WorkerError as e:
+            notes.append(f"{label} with a core busy: failed ({e})")
+    return found
 
 
 KQUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K")  # the k-quant files people download most
@@ -544,6 +575,14 @@ def report_table(report: dict) -> str:
                 f"prefill {k.split('_')[1]} {v:.2f}" for k, v in ratio.items() if k.startswith("prefill_")]
             lines.append(f"mistol {ratio['mistol']} / {ratio['versus']} (speed ratios, >1: mistol faster): "
                          + ", ".join(parts) + f", time to first token {ratio['ttft']:.2f}")
+    if report.get("busy_core"):
+        lines.append("")
+        lines.append("decode with one core busy (a `yes` running), mistol's default threads against 1 and 2, "
+                     "taking turns:")
+        for b in report["busy_core"]:
+            speeds = ", ".join(f"{k} {v:.2f}" for k, v in b["tok_s"].items())
+            lines.append(f"  {b['model']}: {speeds} tok/s; the default ({b['default_threads']}: {b['why']}) "
+                         f"is {b['of_best']:.2f} of the best of 1 and 2 threads")
     for note in report["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -59,6 +59,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="mistol leaves this CPU's bf16 instructions unused: prompts are multiplied by its "
                    "int8-activation kernels at every length, as on a CPU without AVX512-BF16 or AMX "
                    "(llama.cpp's Q4_0/Q8_0 kernels use int8 dot products either way)")
+    p.add_argument("--busy-core", action="store_true",
+                   help="also decode each mistol model with one core kept busy (a `yes` running): its default "
+                        "threads against 1 and 2, taking turns (three copies of the model in memory)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.set_defaults(run=cmd_bench)
     return p
@@ -116,6 +119,7 @@ def cmd_bench(args) -> int:
             raise MistolError(f"--kquants: {e}") from None
     if args.no_bf16:
         os.environ["MISTOL_BF16_PREFILL"] = "0"  # (read by mistol's engine processes)
-    report = run_bench(args.shape, formats, engines, prompts, args.steps, args.threads, cache_dir, pages, ggufs)
+    report = run_bench(args.shape, formats, engines, prompts, args.steps, args.threads, cache_dir, pages, ggufs,
+                       busy_core=args.busy_core)
     print(json.dumps(report, indent=2) if args.json else report_table(report))
     return 0
