@@ -261,6 +261,8 @@ def _memory_need(spec: Spec, config) -> Memory:
 
     weights = all_weights(config)
     embedding = config.vocab_size * config.hidden_size * 4
+    if spec.gguf and spec.engine in ("mistol", "llama.cpp") and spec.fmt not in ("F32", "F16", "BF16", "GGUF"):
+        return Memory(os.path.getsize(spec.gguf) * 1.15)  # a quantized file's blocks, as they are (or repacked)
     if spec.engine == "mistol" and (spec.fmt in QUANTIZED or spec.gguf):  # quantized linears, float32 embedding
         return Memory(weights * 1.1 + embedding)
     if spec.engine == "llama.cpp":
