@@ -173,7 +173,9 @@ def load_mistol(spec: Spec) -> Runner:
     # from how many rows a prefill requantizes to int8 or multiplies bf16 (dequantized)
     # weights, per format held (int8 goes first: a format's bf16 crossover past its int8 one
     # is never reached)
-    fmts = {m.fmt for m in model.modules() if hasattr(m, "fmt")}
+    # (the linear layers': an embedding's blocks are looked up, and a tied head multiplies
+    # one row of a prompt)
+    fmts = {m.fmt for m in model.modules() if hasattr(m, "fmt") and hasattr(m, "in_features")}
     int8_from = {f: n for f in sorted(fmts) if (n := int8_prefill_rows(f))}
     bf16_from = {f: n for f in sorted(fmts & BF16_MIN_ROWS.keys())
                  if (n := bf16_prefill_rows(f)) is not None and n < int8_from.get(f, n + 1)}
