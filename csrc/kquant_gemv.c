@@ -303,24 +303,41 @@ static void q6k_x8_scalar(const uint8_t *wg, const int8_t *q, const float *d, co
  * odd lanes are added lane by lane, and each set is summed in the order of hsum_ps. No
  * per-block horizontal sum is needed that way. */
 
-/* Block i's 32 quants in element order (0..15, or 0..31 with qh), its scale and its min. */
-static inline void legacy_block(int fmt, const uint8_t *w, int64_t i, uint8_t v[QK], float *dw, float *mw) {
+/* Block i's fields, whatever its type: its nibbles, its 5th bits (0 for Q4_1), its fp16
+ * scale d and min m (0 for Q5_0, whose quants are offset by 16 instead). */
+typedef struct {
     const uint8_t *qs;
-    uint32_t qh = 0;
+    uint32_t qh;
+    uint16_t d, m;
+} legacy_view;
+
+static inline legacy_view legacy_at(int fmt, const uint8_t *w, int64_t i) {
     if (fmt == FMT_Q4_1) {
         const block_q4_1 *b = (const block_q4_1 *)w + i;
-        qs = b->qs, *dw = half_to_float(b->d), *mw = half_to_float(b->m);
-    } else if (fmt == FMT_Q5_0) {
+        return (legacy_view){b->qs, 0, b->d, b->m};
+    }
+    if (fmt == FMT_Q5_0) {
         const block_q5_0 *b = (const block_q5_0 *)w + i;
-        qs = b->qs, *dw = half_to_float(b->d), *mw = -16.0f * *dw, qh = load_u32(b->qh);
-    } else {
-        const block_q5_1 *b = (const block_q5_1 *)w + i;
-        qs = b->qs, *dw = half_to_float(b->d), *mw = half_to_float(b->m), qh = load_u32(b->qh);
+        return (legacy_view){b->qs, load_u32(b->qh), b->d, 0};
     }
+    const block_q5_1 *b = (const block_q5_1 *)w + i;
+    return (legacy_view){b->qs, load_u32(b->qh), b->d, b->m};
+}
+
+/* A block's 32 quants in element order (0..15, or 0..31 with qh). */
+static inline void legacy_quants(const legacy_view *b, uint8_t v[QK]) {
     for (int j = 0; j < QK / 2; j++) {
-        v[j] = (uint8_t)((qs[j] & 15) | (((qh >> j) & 1) << 4));
-        v[j + QK / 2] = (uint8_t)((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+        v[j] = (uint8_t)((b->qs[j] & 15) | (((b->qh >> j) & 1) << 4));
+        v[j + QK / 2] = (uint8_t)((b->qs[j] >> 4) | (((b->qh >> (j + 16)) & 1) << 4));
     }
+}
+
+/* Block i's 32 quants, its scale and its min (Q5_0's offset of 16 as a min of -16 d). */
+static inline void legacy_block(int fmt, const uint8_t *w, int64_t i, uint8_t v[QK], float *dw, float *mw) {
+    const legacy_view b = legacy_at(fmt, w, i);
+    legacy_quants(&b, v);
+    *dw = half_to_float(b.d);
+    *mw = fmt == FMT_Q5_0 ? -16.0f * *dw : half_to_float(b.m);
 }
 
 static inline float lanes_sum(const float l[8]) { /* hsum_ps's order */
@@ -1422,61 +1439,43 @@ void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, in
  * (mistol_gemm_as_int8), which keep each row pair's sums in registers where the types' own
  * kernels unpack every block again for every row.
  */
-typedef struct {
-    int bytes, qh, qs, m; /* a block's size and where its fields start (-1: none) */
-} legacy_fields;
-
-static legacy_fields fields_of(int fmt) {
-    return fmt == FMT_Q4_1 ? (legacy_fields){sizeof(block_q4_1), -1, offsetof(block_q4_1, qs), offsetof(block_q4_1, m)}
-           : fmt == FMT_Q5_0
-               ? (legacy_fields){sizeof(block_q5_0), offsetof(block_q5_0, qh), offsetof(block_q5_0, qs), -1}
-               : (legacy_fields){sizeof(block_q5_1), offsetof(block_q5_1, qh), offsetof(block_q5_1, qs),
-                                 offsetof(block_q5_1, m)};
-}
-
-/* One block's quants in element order (Q5_0: minus 16). */
-static void legacy_quants(const uint8_t *b, legacy_fields f, int8_t q[QK]) {
-    const uint32_t qh = f.qh >= 0 ? load_u32(b + f.qh) : 0;
-    const int offset = f.m >= 0 ? 0 : 16;
-    for (int j = 0; j < QK / 2; j++) {
-        q[j] = (int8_t)((int)((b[f.qs + j] & 15) | ((qh >> j) & 1) << 4) - offset);
-        q[j + QK / 2] = (int8_t)((int)((b[f.qs + j] >> 4) | ((qh >> (j + QK / 2)) & 1) << 4) - offset);
-    }
-}
-
-static void group_to_int8_scalar(const uint8_t *const src[IL], legacy_fields f, int64_t K, block_q8_0x8 *out,
-                                 float *mins) {
+static void group_to_int8_scalar(int fmt, const uint8_t *const src[IL], int64_t K, block_q8_0x8 *out, float *mins) {
+    const int offset = fmt == FMT_Q5_0 ? 16 : 0;
     for (int64_t b = 0; b < K / QK; b++)
         for (int r = 0; r < IL; r++) {
-            const uint8_t *blk = src[r] ? src[r] + b * f.bytes : NULL;
             int8_t q[QK] = {0};
-            if (blk) legacy_quants(blk, f, q);
-            out[b].d[r] = blk ? load_u16(blk) : 0;
-            if (mins) mins[b * IL + r] = blk ? half_to_float(load_u16(blk + f.m)) : 0.0f;
+            out[b].d[r] = 0;
+            if (mins) mins[b * IL + r] = 0.0f;
+            if (src[r]) {
+                const legacy_view blk = legacy_at(fmt, src[r], b);
+                uint8_t v[QK];
+                legacy_quants(&blk, v);
+                for (int j = 0; j < QK; j++) q[j] = (int8_t)(v[j] - offset);
+                out[b].d[r] = blk.d;
+                if (mins) mins[b * IL + r] = half_to_float(blk.m);
+            }
             for (int j = 0; j < QK; j += 4) memcpy(out[b].qs + quant_offset(r, j), q + j, 4);
         }
 }
 
 #ifdef MISTOL_X86
-/* AVX2: a block's 32 quants of each row as one vector (nibbles32, | fifth_bits), then an
+/* AVX2: a block's 32 quants of each row as one vector (nibbles32 | fifth_bits), then an
  * 8 x 8 transpose of 4-byte quads puts quad c of the 8 rows side by side. */
-AVX2_FN static void group_to_int8_avx2(const uint8_t *const src[IL], legacy_fields f, int64_t K, block_q8_0x8 *out,
+AVX2_FN static void group_to_int8_avx2(int fmt, const uint8_t *const src[IL], int64_t K, block_q8_0x8 *out,
                                        float *mins) {
-    const __m256i offset = _mm256_set1_epi8(f.m >= 0 ? 0 : 16);
+    const __m256i offset = _mm256_set1_epi8(fmt == FMT_Q5_0 ? 16 : 0);
     for (int64_t b = 0; b < K / QK; b++) {
         __m256i v[IL];
         for (int r = 0; r < IL; r++) {
-            const uint8_t *blk = src[r] ? src[r] + b * f.bytes : NULL;
-            if (!blk) {
+            if (!src[r]) {
                 v[r] = _mm256_setzero_si256(), out[b].d[r] = 0;
                 if (mins) mins[b * IL + r] = 0.0f;
                 continue;
             }
-            v[r] = nibbles32(blk + f.qs);
-            if (f.qh >= 0) v[r] = _mm256_or_si256(v[r], fifth_bits(load_u32(blk + f.qh)));
-            v[r] = _mm256_sub_epi8(v[r], offset);
-            out[b].d[r] = load_u16(blk);
-            if (mins) mins[b * IL + r] = half_to_float(load_u16(blk + f.m));
+            const legacy_view blk = legacy_at(fmt, src[r], b);
+            v[r] = _mm256_sub_epi8(_mm256_or_si256(nibbles32(blk.qs), fifth_bits(blk.qh)), offset);
+            out[b].d[r] = blk.d;
+            if (mins) mins[b * IL + r] = half_to_float(blk.m);
         }
         __m256i t[IL], u[IL];
         for (int r = 0; r < IL; r += 2)
@@ -1496,14 +1495,14 @@ void legacy_group_to_int8(int fmt, const uint8_t *w, int64_t rows, int64_t r0, i
                           float *mins) {
     const uint8_t *src[IL];
     for (int r = 0; r < IL; r++) src[r] = r0 + r < rows ? w + (r0 + r) * fmt_row_bytes(fmt, K) : NULL;
-    const legacy_fields f = fields_of(fmt);
+    if (fmt == FMT_Q5_0) mins = NULL; /* (its offset is in the quants) */
 #ifdef MISTOL_X86
     if (cpu_has_avx2()) {
-        group_to_int8_avx2(src, f, K, out, f.m >= 0 ? mins : NULL);
+        group_to_int8_avx2(fmt, src, K, out, mins);
         return;
     }
 #endif
-    group_to_int8_scalar(src, f, K, out, f.m >= 0 ? mins : NULL);
+    group_to_int8_scalar(fmt, src, K, out, mins);
 }
 
 /* ---------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@
 #define MISTOL_KERNELS_H
 
 #include <math.h>
-#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -241,8 +240,7 @@ void thread_share(int64_t total, int64_t *start, int64_t *end);
 static inline int round_act(float v) { return v == v ? (int)nearbyintf(v) : 0; }
 static inline float act_block_scale(float amax, int has_nan) { return has_nan ? NAN : amax / 127.0f; }
 
-/* Unaligned loads of 2, 4 or 8 bytes (one instruction each; casts would break aliasing rules). */
-static inline uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+/* Unaligned loads of 4 or 8 bytes (one instruction each; casts would break aliasing rules). */
 static inline uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static inline int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 static inline int64_t load_i64(const int8_t *p) { int64_t v; memcpy(&v, p, 8); return v; }

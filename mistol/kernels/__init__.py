@@ -229,7 +229,7 @@ def gemm_requantized(fmt: str, blocks: torch.Tensor, rows: int, k: int, x: torch
     block minimums added apart; csrc/quant_gemv.c): y[M, rows]."""
     m = x.shape[0]
     y = torch.empty(m, rows, dtype=torch.float32)
-    if fmt in ("Q4_1", "Q5_0", "Q5_1"):
+    if not fmt.endswith("x8"):  # (the legacy types, as the route sends them)
         rc = _lib.mistol_gemm_as_int8(_abi.formats[fmt], x.data_ptr(), m, k, blocks.data_ptr(), rows, y.data_ptr(),
                                       rows, torch.get_num_threads(), _impl_id())
     else:
