@@ -87,6 +87,32 @@ def test_busy_core_decodes_each_mistol_model_at_default_1_and_2_threads(tmp_path
 
 
 @pytest.mark.slow
+def test_a_killed_bench_leaves_no_busy_core_hog(tmp_path):
+    """SIGKILL in the middle of --busy-core (no `finally` runs): the `yes` it started ends too."""
+    bench_process = subprocess.Popen([sys.executable, "-m", "mistol", "bench", "--shape", "tiny", "--engines", "mistol",
+                                      "--quant", "int4", "--prompts", "16", "--steps", "64", "--busy-core",
+                                      "--cache-dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    hog = None
+    try:
+        deadline = time.monotonic() + 120
+        while hog is None and time.monotonic() < deadline and bench_process.poll() is None:
+            found = subprocess.run(["pgrep", "-P", str(bench_process.pid), "-x", "yes"], capture_output=True, text=True)
+            hog = int(found.stdout.split()[0]) if found.stdout.strip() else None
+            time.sleep(0.05)
+        assert hog is not None, "the bench never started its busy-core hog"
+    finally:
+        bench_process.kill()
+        bench_process.wait()
+    for _ in range(50):
+        if not os.path.exists(f"/proc/{hog}") or open(f"/proc/{hog}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(hog, signal.SIGKILL)
+        pytest.fail("the hog outlived the bench")
+
+
+@pytest.mark.slow
 def test_table_and_skips(tmp_path):
     r = bench("--engines", "mistol,transformers", "--quant", "int8,bf16", "--prompts", "16", "--steps", "2",
               "--cache-dir", str(tmp_path))

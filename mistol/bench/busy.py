@@ -9,13 +9,25 @@ three then take turns decoding a few steps each, so that they see the same load.
 
 from __future__ import annotations
 
+import signal
 import statistics
 import subprocess
+import sys
 from dataclasses import replace
 
 from .engines import Spec
 
 TURN = 4  # steps each setting decodes before the next one's turn
+PR_SET_PDEATHSIG = 1
+
+
+def _ends_with_the_bench() -> None:
+    """(In the hog, before exec.) A SIGKILL when the bench's process ends, however it ends: a
+    killed bench would otherwise leave a `yes` taking a core for good (`finally` runs on
+    Ctrl-C, not on SIGKILL)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def busy_core_decode(spec: Spec, cores: int, worker) -> dict:
@@ -24,7 +36,8 @@ def busy_core_decode(spec: Spec, cores: int, worker) -> dict:
     `worker(spec)` starts a worker process (bench.run.Worker)."""
     from ..threads import default_threads
 
-    hog = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL)
+    hog = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL,
+                           preexec_fn=_ends_with_the_bench if sys.platform == "linux" else None)
     workers = {}
     try:
         default, why = default_threads(cores)  # (with the hog running, as a command would start)
