@@ -89,3 +89,16 @@ def reference(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def tensors_in_mapped_file(model: torch.nn.Module, path: Path) -> set[str]:
+    """Names of `model`'s parameters and buffers that are views of `path` as this process
+    maps it (from /proc/self/maps; Linux)."""
+    mapped = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(Path(path).resolve()):
+            mapped.append(tuple(int(x, 16) for x in fields[0].split("-")))
+    assert mapped, f"{path} is not mapped"
+    return {name for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if any(a <= t.data_ptr() < b for a, b in mapped)}

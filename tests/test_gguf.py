@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import make_checkpoint, reference
+from checkpoints import make_checkpoint, reference, tensors_in_mapped_file
 from mistol import kernels
 from mistol.block_quant import BlockEmbedding
 from mistol.cli import main
@@ -266,16 +266,6 @@ def test_peak_memory_while_loading_stays_near_the_loaded_size(tmp_path, tensor_t
     assert growth <= 1.75 * size
 
 
-def _mappings_of(path) -> list[tuple[int, int]]:
-    """Address ranges where this process maps `path`."""
-    ranges = []
-    for line in open("/proc/self/maps"):
-        fields = line.split()
-        if len(fields) >= 6 and fields[5] == str(path):
-            ranges.append(tuple(int(x, 16) for x in fields[0].split("-")))
-    return ranges
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_a_quantized_files_layers_hold_no_view_of_the_file(tmp_path):
     """Only the embedding reads the mapped file at run time (the rows looked up); every
@@ -286,11 +276,7 @@ def test_a_quantized_files_layers_hold_no_view_of_the_file(tmp_path):
     model_dir = make_checkpoint(tmp_path / "m", hidden=256, layers=2, heads=4, kv_heads=2, tokenizer=False)
     path = export(model_dir, tmp_path / "model.gguf", "Q8_0").resolve()
     engine = Engine.load(path, dtype="f32")
-    mapped = _mappings_of(path)
-    assert mapped
-    in_file = {name for name, t in [*engine.model.named_parameters(), *engine.model.named_buffers()]
-               if any(a <= t.data_ptr() < b for a, b in mapped)}
-    assert in_file == {"embed_tokens.packed"}
+    assert tensors_in_mapped_file(engine.model, path) == {"embed_tokens.packed"}
 
 
 # -- other block types ------------------------------------------------------------------------

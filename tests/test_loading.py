@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from checkpoints import make_checkpoint
+from checkpoints import make_checkpoint, tensors_in_mapped_file
 from mistol.errors import MistolError
 from mistol.model import ModelConfig
 from mistol.weights import load_model
@@ -111,6 +111,21 @@ def test_cli_prints_one_line_error_without_traceback(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [f"mistol: error: {tmp_path / 'x'}: no such model directory (or Hugging Face repo id)"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_quantized_checkpoints_layers_hold_no_view_of_its_file(tmp_path):
+    """Quantized as they load, the linear layers are copies and the file's pages are given
+    back; the norms are copied too (read in place, their first read would map in the pages
+    around them again: see tests/test_gguf.py), so only the embedding's rows, looked up, are
+    read from the mapped file."""
+    path = make_checkpoint(tmp_path / "m", hidden=256, layers=2, heads=4, kv_heads=2, tokenizer=False)
+    model = load_model(path, dtype=torch.float32, quant="int8")
+    assert tensors_in_mapped_file(model, path / "model.safetensors") == {"embed_tokens.weight"}
+    # a float model runs on the file's pages, as it was: only the small tensors are copies
+    float_model = load_model(path, dtype=torch.float32)
+    in_file = tensors_in_mapped_file(float_model, path / "model.safetensors")
+    assert "lm_head.weight" in in_file and not any("norm" in name for name in in_file)
 
 
 PEAK_RSS_SCRIPT = textwrap.dedent("""

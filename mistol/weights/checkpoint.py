@@ -30,6 +30,7 @@ from .safetensors_file import SafetensorsFile
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 QUANT_FORMATS = ("int8", "int4")  # weight-only quantization of the linear layers (mistol.quant)
 _SLAB = 1 << 22  # elements converted at a time
+_SMALL = 1 << 20  # bytes: vectors under this size are copied out of the mapped file
 
 
 @dataclass
@@ -162,8 +163,16 @@ def load_model(
 
 
 def to_target(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`t` (a view of a mapped file, read for the last time) in `dtype` on `device`."""
     if t.dtype == dtype and t.device == device:
-        return t  # stays a view of the mapped file: no copy
+        if t.dim() > 1 or t.nbytes >= _SMALL or not t.is_contiguous():
+            return t  # stays a view of the mapped file: no copy
+        # A norm's weight or a bias read in place would map in the file's pages around it
+        # when first read (fault-around, or a whole page-cache folio of up to 2 MB): pages of
+        # layers converted and given back, counted in RSS again (~90 MB of a 7B Q4_0 file).
+        out = t.clone()
+        release_pages(t)
+        return out
     if not t.is_contiguous():
         out = t.to(device=device, dtype=dtype, copy=True)
         release_pages(t)

@@ -192,18 +192,9 @@ def _file_rows(src: _Rows) -> torch.Tensor:
     return torch.from_numpy(src.raw()).view(src.shape[0], -1)
 
 
-_SMALL = 1 << 20  # float tensors under this many bytes are copied out of the mapped file
-
-
 def _floats(src: _Rows, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if src.type in FLOAT_TYPES and src.order is None:
-        values = to_target(src.values(), dtype, device)  # no copy when already in dtype
-        if values.nbytes < _SMALL and values.data_ptr() == src.data.ctypes.data:
-            # A norm's weight read in place would map the file's pages around it too (a
-            # page-cache folio is up to 2 MB): ~90 MB of a 7B file's layers, counted twice.
-            values = values.clone()
-            release_pages(torch.from_numpy(src.data))
-        return values
+        return to_target(src.values(), dtype, device)  # no copy when already in dtype (but small ones)
     out = torch.empty(src.shape, dtype=dtype, device=device)
     step = max(1, _SLAB // src.shape[-1])
     for r0 in range(0, src.shape[0], step):
