@@ -282,12 +282,15 @@ VNNI_FN static void group_int4_vnni(const uint8_t *wg, const int8_t *qa, const f
 /* Several rows take long enough over a block that the hardware prefetcher falls behind:
  * ask for the bytes PF_BYTES ahead (the group's next blocks, or the next group's) while
  * this block computes. 8 KB measured best (2-4 KB: 8 rows took 1.5-1.7x one row's time;
- * 8-16 KB: 1.3x). */
+ * 8-16 KB: 1.3x). Into L2 (prefetcht1), not L1: a prefetch into L1 holds one of the core's
+ * few L1 miss buffers until its line arrives, which kept int8 at 8 rows near 24 GB/s (2.5-2.8
+ * ms for 14336 x 4096 on 2 threads, whatever the memory did); into L2 it takes 1.7-1.9 ms,
+ * the dot products' own time (int4's did not change: 1.7). */
 #ifndef PF_BYTES
 #define PF_BYTES 8192
 #endif
 #define PREFETCH_AHEAD(blk, bytes) \
-    for (int64_t off = 0; off < (bytes); off += 64) __builtin_prefetch((const char *)(blk) + PF_BYTES + off)
+    for (int64_t off = 0; off < (bytes); off += 64) __builtin_prefetch((const char *)(blk) + PF_BYTES + off, 0, 2)
 
 /* AVX512-VNNI on 512-bit vectors: the dot products, not the memory, bound several rows
  * (dpbusd takes 64 byte pairs on a 512-bit vector in the time it takes 32 on a 256-bit
