@@ -611,17 +611,11 @@ AVX2_FN static void q5k_x8_avx2(const uint8_t *wg, const int8_t *q, const float 
 #define PREFETCH_NEXT_BLOCK(b)                                                                     \
     for (size_t off = 0; off < sizeof(*(b)); off += 64) __builtin_prefetch((const char *)((b) + 1) + off)
 
-/* Several activation rows (a verify pass, a prompt chunk) take long enough over a block that
- * the hardware prefetcher falls behind: ask for the block 4 ahead, into L2 (into L1 each
- * request would hold one of the core's few L1 miss buffers: quant_gemv.c's PREFETCH_AHEAD).
- * A 7B Q4_K_M verify pass of 4 rows 263-293 -> 207-234 ms, of 8 rows 406-483 -> 338-445 ms.
- * One row keeps its own way (Q6_KX8's one-row decode read 34-42 GB/s prefetching into L1,
- * 23 into L2). */
-#define PREFETCH_AHEAD_FOR_ROWS(b, M)                                                                      \
-    do {                                                                                                   \
-        if ((M) > 1)                                                                                       \
-            for (size_t off = 0; off < sizeof(*(b)); off += 64) __builtin_prefetch((const char *)((b) + 4) + off, 0, 2); \
-    } while (0)
+/* Several activation rows (a verify pass, a prompt chunk): the block 4 ahead, into L2
+ * (prefetch_to_l2). A 7B Q4_K_M verify pass of 4 rows 263-293 -> 207-234 ms, of 8 rows
+ * 406-483 -> 338-445 ms. One row keeps its own way (Q6_KX8's one-row decode read 34-42 GB/s
+ * prefetching into L1, 23 into L2). */
+#define ROWS_PREFETCH(b) prefetch_to_l2((b) + 4, sizeof(*(b)))
 
 /* Legacy blocks: 16 bytes of nibbles (element j low, j + 16 high) as 32 unsigned quants
  * in element order, plus each element's 5th bit from qh where the type has one. */
@@ -878,7 +872,7 @@ AVX2_FN static inline __m256 k4_float_step(__m256 acc, const uint16_t *d, const 
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();                                                  \
         for (int64_t i = 0; i < K / QKK; i++) {                                                                        \
             const block_q4_Kx8 *b = (const block_q4_Kx8 *)wg + i;                                                      \
-            PREFETCH_AHEAD_FOR_ROWS(b, M);                                                                             \
+            if (M > 1) ROWS_PREFETCH(b);                                                                               \
             sums_##SUFFIX sumi[ROWS];                                                                      \
             for (int64_t m = 0; m < M; m++) sumi[m] = zero_sums_##SUFFIX();                                          \
             for (int j = 0; j < 8; j++) {                                                                              \
@@ -913,8 +907,7 @@ Q4K_X8_ROWS(q4k_x8_rows_vnni, VNNI_FN, vnni, 8)
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();                                                     \
         for (int64_t i = 0; i < K / QKK; i++) {                                                                           \
             const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;                                                         \
-            if (M == 1) PREFETCH_NEXT_BLOCK(b);                                                                           \
-            PREFETCH_AHEAD_FOR_ROWS(b, M);                                                                                \
+            if (M > 1) ROWS_PREFETCH(b); else PREFETCH_NEXT_BLOCK(b);                                                     \
             sums_##SUFFIX sumi[ROWS];                                                                      \
             __m256i pairs[8];                                                                                 \
             for (int64_t m = 0; m < M; m++) sumi[m] = zero_sums_##SUFFIX();                                             \
@@ -981,7 +974,7 @@ VNNI_FN static void q6k_x8_vnni(const uint8_t *wg, const int8_t *q, const float 
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();                                                     \
         for (int64_t i = 0; i < K / QKK; i++) {                                                                           \
             const block_q5_Kx8 *b = (const block_q5_Kx8 *)wg + i;                                                         \
-            PREFETCH_AHEAD_FOR_ROWS(b, M);                                                                                \
+            if (M > 1) ROWS_PREFETCH(b);                                                                                  \
             sums_##SUFFIX sumi[ROWS];                                                                         \
             for (int64_t m = 0; m < M; m++) sumi[m] = zero_sums_##SUFFIX();                                             \
             for (int c = 0; c < 4; c++) {                                                                                 \

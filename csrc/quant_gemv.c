@@ -279,18 +279,12 @@ VNNI_FN static void group_int4_vnni(const uint8_t *wg, const int8_t *qa, const f
     _mm256_storeu_ps((accp), _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps((d), _mm256_set1_ps(dam)), \
                                              _mm256_loadu_ps(accp)))
 
-/* Several rows take long enough over a block that the hardware prefetcher falls behind:
- * ask for the bytes PF_BYTES ahead (the group's next blocks, or the next group's) while
- * this block computes. 8 KB measured best (2-4 KB: 8 rows took 1.5-1.7x one row's time;
- * 8-16 KB: 1.3x). Into L2 (prefetcht1), not L1: a prefetch into L1 holds one of the core's
- * few L1 miss buffers until its line arrives, which kept int8 at 8 rows near 24 GB/s (2.5-2.8
- * ms for 14336 x 4096 on 2 threads, whatever the memory did); into L2 it takes 1.7-1.9 ms,
- * the dot products' own time (int4's did not change: 1.7). */
+/* The several-row kernels ask for the bytes PF_BYTES ahead (the group's next blocks, or the
+ * next group's) while this block computes, into L2 (prefetch_to_l2). 8 KB measured best (2-4
+ * KB: 8 rows took 1.5-1.7x one row's time; 8-16 KB: 1.3x). */
 #ifndef PF_BYTES
 #define PF_BYTES 8192
 #endif
-#define PREFETCH_AHEAD(blk, bytes) \
-    for (int64_t off = 0; off < (bytes); off += 64) __builtin_prefetch((const char *)(blk) + PF_BYTES + off, 0, 2)
 
 /* AVX512-VNNI on 512-bit vectors: the dot products, not the memory, bound several rows
  * (dpbusd takes 64 byte pairs on a 512-bit vector in the time it takes 32 on a 256-bit
@@ -343,7 +337,7 @@ VNNI_FN static inline __attribute__((always_inline)) void rows_vnni(int fmt, int
         sums[p] = _mm512_permutexvar_ps(zip, _mm512_maskz_loadu_ps(2 * p + 1 < M ? 0xffff : 0x00ff, acc + 2 * p * IL));
     for (int64_t b = b0; b < b1; b++) {
         const uint8_t *blk = wg + b * bytes;
-        PREFETCH_AHEAD(blk, bytes);
+        prefetch_to_l2(blk + PF_BYTES, bytes);
         const uint16_t *d16 = fmt == FMT_INT8 ? ((const block_q8_0x8 *)blk)->d : ((const block_q4_0x8 *)blk)->d;
         const uint8_t *qs = fmt == FMT_INT8 ? (const uint8_t *)((const block_q8_0x8 *)blk)->qs
                                             : ((const block_q4_0x8 *)blk)->qs;

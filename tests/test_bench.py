@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from checkpoints import tensors_in_mapped_file
 from mistol.bench.models import gguf_tensors, mistol_model, write_bench_checkpoint
 from mistol.bench.shapes import all_weights, bytes_per_token, linear_weights, model_config
 from mistol.model.backend import bf16_prefill_rows
@@ -138,11 +139,8 @@ def test_float_checkpoint_is_computed_on_in_place_by_both_engines(tmp_path):
     # the values of the GGUF files' draws, and both models' weights are the mapped file's pages
     drawn = dict(gguf_tensors(model_config("tiny")))["model.layers.1.mlp.down_proj.weight"]
     assert torch.equal(ours.layers[1].mlp.down_proj.weight, drawn.float())
-    with open("/proc/self/maps") as f:
-        mapped = [tuple(int(a, 16) for a in line.split()[0].split("-")) for line in f
-                  if line.rstrip().endswith(str(path / "model.safetensors"))]
-    for weight in (ours.layers[1].mlp.down_proj.weight, theirs.model.layers[1].mlp.down_proj.weight):
-        assert any(start <= weight.data_ptr() < end for start, end in mapped)
+    assert "layers.1.mlp.down_proj.weight" in tensors_in_mapped_file(ours, path / "model.safetensors")
+    assert "model.layers.1.mlp.down_proj.weight" in tensors_in_mapped_file(theirs, path / "model.safetensors")
 
 
 @pytest.mark.slow
