@@ -106,10 +106,9 @@ class BlockLinear(nn.Module):
         rows = self.packed[r0:r1]
         if rows.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and kernels.available():
             return kernels.dequantize_rows(self.fmt, rows, self.in_features, dtype, out)
-        import gguf
-        from gguf.quants import dequantize
+        from .weights.gguf_package import gguf
 
-        values = dequantize(rows.cpu().numpy(), gguf.GGMLQuantizationType[self.fmt])
+        values = gguf.quants.dequantize(rows.cpu().numpy(), gguf.GGMLQuantizationType[self.fmt])
         return torch.from_numpy(values).to(device=rows.device, dtype=dtype)
 
     def dequantize(self) -> torch.Tensor:

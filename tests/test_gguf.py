@@ -615,3 +615,22 @@ def test_llama_cpp_reads_our_files_and_computes_the_same_logits(realistic, tmp_p
             # measured 2.7e-3 (Q8_0) and 3e-3 (Q4_0), where quantizing costs 9e-3 and 1.2e-1
             assert error <= 0.5 * relative_error(ours, ref)
             assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+OPEN_SCRIPT = """
+import sys
+from mistol.engine import Engine
+Engine.load(sys.argv[1], dtype="f32", progress=False).new_session().feed([1, 2, 3])
+print("mistral_common" in sys.modules)
+import mistral_common.tokens.tokenizers.mistral  # still importable by whoever needs it
+"""
+
+
+def test_loading_a_gguf_file_does_not_import_mistral_common(mistral_dir, tmp_path):
+    """gguf imports mistral_common where it is installed (~30 MB and 0.3 s a start); reading
+    and running a file needs none of it."""
+    pytest.importorskip("mistral_common")
+    path = export(mistral_dir, tmp_path / "model.gguf")
+    result = subprocess.run([sys.executable, "-c", OPEN_SCRIPT, str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False"]

@@ -183,7 +183,7 @@ def _gguf_header(path: Path):
 
 def gguf_label(path: Path) -> str:
     """A GGUF file's type as llama.cpp names it ("Q4_K_M"), from its `general.file_type`."""
-    import gguf
+    from ..weights.gguf_package import gguf
 
     value = _gguf_header(path).get("general.file_type")
     try:

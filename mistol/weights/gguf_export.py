@@ -70,7 +70,7 @@ def write_gguf(
     blocks of 32 falls back to F16, as in llama.cpp), `embedding_type` that of the token
     embedding when it should differ.
     """
-    import gguf
+    from .gguf_package import gguf
     import numpy as np
 
     from .gguf_vocab import add_vocabulary
@@ -179,7 +179,7 @@ def rope_freq_factors(config: ModelConfig) -> torch.Tensor:
 
 
 def _add_config(writer, config: ModelConfig, tensor_type: str) -> None:
-    import gguf
+    from .gguf_package import gguf
 
     writer.add_block_count(config.num_layers)
     writer.add_context_length(config.max_position_embeddings)

@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
-from gguf.quants import quant_shape_to_byte_shape
+
+from .gguf_package import gguf
+
+GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType = (
+    gguf.GGML_QUANT_SIZES, gguf.GGMLQuantizationType, gguf.GGUFValueType)
 
 DEFAULT_ALIGNMENT = 32
 VERSIONS = (2, 3)
@@ -103,7 +106,7 @@ def _tensor(data: np.memmap, name: str, dims: np.ndarray, ggml_type: GGMLQuantiz
     shape = tuple(int(d) for d in reversed(dims))
     dtype = _ELEMENT_DTYPES.get(ggml_type)
     if dtype is None:
-        dtype, shape = np.uint8, quant_shape_to_byte_shape(shape, ggml_type)
+        dtype, shape = np.uint8, gguf.quants.quant_shape_to_byte_shape(shape, ggml_type)
     values = data[offset : offset + n_bytes].view(dtype).reshape(shape)
     return Tensor(name, ggml_type, dims, n_elements, n_bytes, offset, values)
 
