@@ -25,6 +25,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -32,6 +33,7 @@ from typing import Iterable, Sequence
 from .added_token import AddedToken
 from .chat_template import END_OF_TURN
 from .errors import MistolError
+from .piece_table import PieceTable
 
 # GGUF token types (llama.cpp's llama_token_type; the SentencePiece piece types)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -130,9 +132,11 @@ class BPETokenizer:
         source: str = "tokenizer",
     ):
         self._backend = backend  # a tokenizers.Tokenizer without added tokens or post-processor
-        self.tokens: list[str | None] = list(tokens)  # byte-level token strings by id (GGUF form)
-        self.token_types: list[int] = list(token_types)
-        self.merges: list[str] = list(merges)
+        # Byte-level token strings by id (GGUF form; "" where an id has no token) and the merges,
+        # for writing the vocabulary out again, held compactly (`PieceTable`).
+        self.tokens: PieceTable[str] = PieceTable(t if t is not None else "" for t in tokens)
+        self.token_types: array[int] = array("i", token_types)
+        self.merges: PieceTable[str] = PieceTable(merges)
         self.vocab_size: int = len(self.tokens)
         self.bos_id, self.eos_id, self.eot_id, self.pad_id = bos_id, eos_id, eot_id, pad_id
         self.unk_id: int | None = None
@@ -146,9 +150,9 @@ class BPETokenizer:
             if not 0 <= t.id < self.vocab_size:
                 raise MistolError(f"{source}: added token {t.content!r} has id {t.id} outside the vocabulary")
         self._skip = frozenset(t.id for t in self.added_tokens if t.special)
-        self._bytes: list[bytes] = [token_text_bytes(t) if t is not None else b"" for t in self.tokens]
-        for t in self.added_tokens:
-            self._bytes[t.id] = token_text_bytes(t.content)
+        added_bytes = {t.id: token_text_bytes(t.content) for t in self.added_tokens}
+        self._bytes: PieceTable[bytes] = PieceTable(
+            (added_bytes[i] if i in added_bytes else token_text_bytes(t) for i, t in enumerate(self.tokens)), b"")
 
         # Added tokens are cut out of trusted text only; longest first (leftmost-longest, as tokenizers).
         alternatives, self._match_ids = [], []

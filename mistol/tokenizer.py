@@ -42,11 +42,13 @@ import heapq
 import json
 import re
 import struct
+from array import array
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from mistol.added_token import AddedToken
 from mistol.errors import MistolError
+from mistol.piece_table import PieceTable
 
 SPACE = "\u2581"  # "▁": how SentencePiece writes a space inside a piece
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -119,23 +121,28 @@ class Tokenizer:
         self.add_bos: bool = bool(add_bos)
         self.chat_template: str | None = chat_template
         self.special_ids: dict[str, int] = {t.content: t.id for t in added.values()}
-        # The vocabulary as given, for writing it out again (e.g. into a GGUF file).
-        self.pieces: list[str] = pieces
-        self.piece_types: list[int] = types
-        self.scores: list[float] | None = list(scores) if scores is not None else None
+        # The vocabulary as given, for writing it out again (e.g. into a GGUF file), held compactly:
+        # 151,936 pieces as Python objects would take ~25 MB next to a 0.35 GB model.
+        self.pieces: PieceTable = PieceTable(pieces)
+        try:
+            self.piece_types: array[int] = array("i", types)
+            self.scores: array[float] | None = array("d", scores) if scores is not None else None
+        except (OverflowError, TypeError) as e:
+            raise MistolError(f"{source}: piece types or scores that are not numbers in range ({e})") from None
         self.added_tokens: tuple[AddedToken, ...] = tuple(added.values())
         self._skip = frozenset(t.id for t in added.values() if t.special)
 
         self._init_bpe(pieces, types, piece_ids, scores)
 
-        # What each id decodes to: text with "▁" already turned into " ", or an int for a byte piece
-        # (joined with its neighbours into UTF-8 later), or None for an id with no token.
-        items: list[str | int | None] = [None] * self.vocab_size
-        for i, piece in enumerate(pieces):
-            items[i] = _decoded_item(piece)
-        for token in added.values():  # an added token may rename the piece under its id
-            items[token.id] = _decoded_item(token.content)
-        self._items = items
+        # What an id decodes to is its piece with "▁" turned into " ", except for byte pieces (an
+        # int, joined with its neighbours into UTF-8 later) and added tokens, which may rename the
+        # piece under their id: those few are kept here.
+        self._fixed_items: dict[int, str | int] = {
+            i: int(piece[3:5], 16) for i, piece in enumerate(pieces)
+            if piece.startswith("<0x") and _BYTE_PIECE.fullmatch(piece)
+        }
+        for token in added.values():
+            self._fixed_items[token.id] = _decoded_item(token.content)
 
         # Every added token (special or not) is cut out of trusted text; longest first so that the
         # leftmost-longest match wins, as in tokenizers.
@@ -160,7 +167,8 @@ class Tokenizer:
         (without scores, the lowest id first)."""
         # Never turn text into a control, unknown or special token, by merging or otherwise.
         no_target = {i for i, t in enumerate(types) if t in (UNKNOWN, CONTROL)} | self._skip
-        self._vocab = {piece: i for piece, i in piece_ids.items() if i not in no_target}
+        # BPE starts from single characters (and bytes); only merges make longer pieces.
+        self._char_ids = {piece: i for piece, i in piece_ids.items() if len(piece) == 1 and i not in no_target}
         self._byte_ids = [piece_ids.get(f"<0x{b:02X}>") for b in range(256)]
         # (left id, right id) -> (rank, merged id); rank orders by score, then id, then left length.
         order = range(len(pieces))
@@ -391,7 +399,7 @@ class Tokenizer:
         entries are skipped when popped."""
         symbols: list[int | None] = []
         for char in word:
-            i = self._vocab.get(char)
+            i = self._char_ids.get(char)
             if i is not None:
                 symbols.append(i)
                 continue
@@ -450,7 +458,7 @@ class Tokenizer:
         """The bytes one token adds to the text, as a grammar sees them: "▁" as a space, a byte piece
         as its byte, a special or control token as its text (b"" for an id with no token). Unlike
         `decode`, no leading space is stripped: these bytes concatenate to exactly what the model wrote."""
-        item = self._items[token_id] if 0 <= token_id < self.vocab_size else None
+        item = self._item(token_id, skip_special=False)
         if item is None:
             return b""
         return bytes([item]) if isinstance(item, int) else item.encode("utf-8")
@@ -473,7 +481,10 @@ class Tokenizer:
         # Ids without a token are dropped, as tokenizers does.
         if not 0 <= token_id < self.vocab_size or (skip_special and token_id in self._skip):
             return None
-        return self._items[token_id]
+        item = self._fixed_items.get(token_id)
+        if item is None and token_id < len(self.pieces):
+            item = self.pieces[token_id].replace(SPACE, " ")
+        return item
 
     def _kept_items(self, ids: Iterable[int], skip_special: bool):
         for token_id in ids:

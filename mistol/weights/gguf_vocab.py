@@ -151,7 +151,7 @@ def _add_bpe_vocabulary(writer, tokenizer: BPETokenizer, vocab_size: int) -> Non
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [UNUSED] * vocab_size
     for i, (token, kind) in enumerate(zip(tokenizer.tokens[:vocab_size], tokenizer.token_types)):
-        if token is not None:
+        if token:  # "" where the tokenizer has no token for the id
             tokens[i], types[i] = token, kind
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(tokenizer.pre)
