@@ -79,6 +79,7 @@ class Engine:
         where the compiled kernels have SIMD int8 products for this CPU (`auto_int8`)."""
         from .hub import is_gguf, resolve_model
         from .quant import quantize_tied_head
+        from .weights.memory import release_free_heap
 
         path = resolve_model(str(model))
         device = _check_device(device)
@@ -93,6 +94,7 @@ class Engine:
             torch_dtype = resolve_dtype(dtype, device, lambda: float_bytes(gf, quant))
             transformer = load_gguf(gf, dtype=torch_dtype, device=device, progress=progress, quant=quant)
             quantize_tied_head(transformer)
+            release_free_heap()
             return cls(transformer, tokenizer, name=str(model))
 
         from .weights import find_weight_files, load_model
@@ -110,6 +112,7 @@ class Engine:
             from .tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_dir(path)
+        release_free_heap()
         return cls(transformer, tokenizer, name=str(model))
 
     @property

@@ -28,3 +28,14 @@ def release_pages(tensor: torch.Tensor) -> None:
     first, last = -(-start // page) * page, end // page * page
     if last > first:
         _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def release_free_heap() -> None:
+    """Hand the free pages inside the C heap back to the system (glibc's malloc_trim).
+
+    Loading converts tensors through temporaries, and glibc keeps what they freed in its heap,
+    counted in RSS until something reuses it: 10-30 MB after loading a 0.5B model, and a
+    higher peak once it runs. A no-op where the C library has no malloc_trim."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
