@@ -25,6 +25,7 @@ from mistol.weights.gguf_export import write_gguf
 from mistol.weights.gguf_file import GGUFFile
 from mistol.weights.gguf_layout import from_gguf_rows
 from mistol.weights.gguf_load import load_gguf
+from mistol.weights.gguf_vocab import tokenizer_from_gguf
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
@@ -634,3 +635,39 @@ def test_loading_a_gguf_file_does_not_import_mistral_common(mistral_dir, tmp_pat
     result = subprocess.run([sys.executable, "-c", OPEN_SCRIPT, str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False"]
+
+
+def vocabulary_file(path, model: str, **arrays):
+    """A GGUF file of metadata only: a tokenizer of `model` with the given arrays."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model(model)
+    for key, (values, element) in arrays.items():
+        writer.add_key_value(f"tokenizer.ggml.{key}", values, gguf.GGUFValueType.ARRAY, sub_type=element)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return GGUFFile(path)
+
+
+S, I32, U64, F32 = gguf.GGUFValueType.STRING, gguf.GGUFValueType.INT32, gguf.GGUFValueType.UINT64, gguf.GGUFValueType.FLOAT32
+
+
+@pytest.mark.parametrize("model, arrays, message", [
+    ("llama", {"tokens": ([1, 2, 3], I32)}, "'tokenizer.ggml.tokens' is not an array of str"),
+    ("llama", {"tokens": (["<unk>", "a"], S), "token_type": ([2, 2**40], U64)}, "outside 32 bits"),
+    ("llama", {"tokens": (["<unk>", "a"], S), "scores": (["x", "y"], S)}, "'tokenizer.ggml.scores' is not an array"),
+    ("gpt2", {"tokens": (["a", "b", "ab"], S), "merges": ([1, 2], I32)}, "'tokenizer.ggml.merges' is not an array"),
+    ("gpt2", {"tokens": (["a", "b", "ab"], S), "merges": (["a b"], S), "token_type": ([1, 1, 2**33], U64)},
+     "outside 32 bits"),
+])
+def test_vocabulary_arrays_of_the_wrong_kind_get_a_one_line_error(tmp_path, model, arrays, message):
+    gf = vocabulary_file(tmp_path / "vocab.gguf", model, **arrays)
+    with pytest.raises(MistolError, match=message):
+        tokenizer_from_gguf(gf)
+
+
+def test_vocabulary_arrays_of_the_right_kind_still_load(tmp_path):
+    gf = vocabulary_file(tmp_path / "vocab.gguf", "llama", tokens=(["<unk>", "▁", "a", "▁a"], S),
+                         token_type=([2, 1, 1, 1], I32), scores=([0.0, -1.0, -2.0, -3.0], F32))
+    tokenizer = tokenizer_from_gguf(gf)
+    assert list(tokenizer.pieces) == ["<unk>", "▁", "a", "▁a"] and tokenizer.encode("a") == [3]

@@ -39,10 +39,10 @@ def tokenizer_from_gguf(gf: GGUFFile) -> Tokenizer | BPETokenizer | None:
         )
     if gf.get("tokenizer.ggml.add_space_prefix", True) is False:
         raise MistolError(f"{gf.path}: tokenizers without the SentencePiece space prefix are not supported")
-    tokens = gf.need("tokenizer.ggml.tokens")
+    tokens = _array_of(gf, "tokenizer.ggml.tokens", str, needed=True)
     n = len(tokens)
-    types = gf.get("tokenizer.ggml.token_type") or [NORMAL] * n
-    scores = gf.get("tokenizer.ggml.scores")
+    types = _array_of(gf, "tokenizer.ggml.token_type", int) or [NORMAL] * n
+    scores = _array_of(gf, "tokenizer.ggml.scores", (int, float))
     if len(types) != n or (scores is not None and len(scores) != n):
         raise MistolError(f"{gf.path}: the tokenizer's tokens, scores and token types differ in length")
     added = [AddedToken(tokens[i], i, special=_special(tokens[i], t)) for i, t in enumerate(types)
@@ -75,15 +75,15 @@ def tokenizer_from_gguf(gf: GGUFFile) -> Tokenizer | BPETokenizer | None:
 
 def _bpe_from_gguf(gf: GGUFFile) -> BPETokenizer:
     """A `gpt2` vocabulary: byte-level tokens, merges, and the pre-tokenizer named by `pre`."""
-    tokens = gf.need("tokenizer.ggml.tokens")
-    merges = gf.get("tokenizer.ggml.merges")
+    tokens = _array_of(gf, "tokenizer.ggml.tokens", str, needed=True)
+    merges = _array_of(gf, "tokenizer.ggml.merges", str)
     if merges is None:
         raise MistolError(f"{gf.path}: a 'gpt2' tokenizer without tokenizer.ggml.merges")
     add_bos = gf.get("tokenizer.ggml.add_bos_token")
     return BPETokenizer.from_vocab(
         tokens,
         merges,
-        gf.get("tokenizer.ggml.token_type"),
+        _array_of(gf, "tokenizer.ggml.token_type", int),
         gf.get("tokenizer.ggml.pre"),
         bos_id=gf.get("tokenizer.ggml.bos_token_id"),
         eos_id=gf.get("tokenizer.ggml.eos_token_id"),
@@ -93,6 +93,20 @@ def _bpe_from_gguf(gf: GGUFFile) -> BPETokenizer:
         chat_template=gf.get("tokenizer.chat_template"),
         source=str(gf.path),
     )
+
+
+def _array_of(gf: GGUFFile, key: str, kind: type | tuple[type, ...], needed: bool = False) -> list | None:
+    """A metadata array whose elements are all of `kind` (token types: 32-bit ints), or None
+    when absent; a hostile or broken file gets a one-line error here, not a traceback later."""
+    value = gf.need(key) if needed else gf.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise MistolError(f"{gf.path}: metadata {key!r} is not an array of {names}")
+    if kind is int and value and not -(2**31) <= min(value) <= max(value) < 2**31:
+        raise MistolError(f"{gf.path}: metadata {key!r} holds values outside 32 bits")
+    return value
 
 
 def _special(token: str, kind: int) -> bool:
