@@ -205,3 +205,31 @@ EXPORT int mistol_quantize(int fmt, const void *x, int xtype, int64_t n, int64_t
     }
     return OK;
 }
+
+/* llama.cpp Q8_0/Q4_0 rows (blocks[n][K/32], each the fp16 scale then the quants: a GGUF
+ * tensor's bytes) -> the packed layout's groups in row order, as mistol_quantize writes them
+ * with `packed`: the file's blocks moved, not requantized (padding rows zero). */
+EXPORT int mistol_pack_blocks(int fmt, const uint8_t *blocks, int64_t n, int64_t K, uint8_t *out, int nthreads) {
+    if (fmt != FMT_INT8 && fmt != FMT_INT4) return ERR_FMT;
+    if (n < 0) return ERR_ARG;
+    if (K <= 0 || K % QK != 0) return ERR_K;
+    const int64_t B = K / QK, qb = quant_bytes(fmt), block_bytes = 2 + qb, groups = (n + IL - 1) / IL;
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && groups * B > 4096)
+#endif
+    for (int64_t u = 0; u < groups; u++)
+        for (int64_t b = 0; b < B; b++) {
+            uint16_t *group_d;
+            uint8_t *group_qs;
+            group_block_parts(fmt, out, u * B + b, &group_d, &group_qs);
+            for (int i = 0; i < IL; i++) {
+                static const uint8_t zeros[QK + 2];
+                const int64_t r = u * IL + i;
+                const uint8_t *src = r < n ? blocks + (r * B + b) * block_bytes : zeros;
+                memcpy(&group_d[i], src, 2);
+                for (int j = 0; j < qb; j += 4) memcpy(group_qs + quant_offset(i, j), src + 2 + j, 4);
+            }
+        }
+    return OK;
+}

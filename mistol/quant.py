@@ -253,8 +253,13 @@ class QuantizedLinear(nn.Module):
         blocks = blocks.reshape(-1).view(torch.uint8).view(out_features, nb, f.ggml_block_bytes)
         packed = torch.empty(packed_shape(out_features, in_features, fmt), dtype=torch.uint8)
         step = _chunk_rows(in_features)
+        fast = blocks.device.type == "cpu" and kernels.available()
         for r0 in range(0, out_features, step):
-            pack_ggml(blocks[r0 : r0 + step], fmt, out=_groups_of(packed, r0, step))
+            chunk, dest = blocks[r0 : r0 + step], _groups_of(packed, r0, step)
+            if fast:  # (torch's strided copies move ~1 GB/s; the kernel, memory's speed)
+                _write_groups(dest, lambda groups: kernels.pack_blocks(fmt, chunk.contiguous(), groups))
+            else:
+                pack_ggml(chunk, fmt, out=dest)
         return cls(in_features, out_features, fmt, packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -371,11 +376,7 @@ def quantize_rows(
         rows = read(r0, min(n, r0 + step))
         dest = _groups_of(packed, r0, step)
         if fast:  # straight from the source dtype into the packed layout, in one pass
-            tiles, n_groups, per_tile, bb = dest.shape  # (the kernel writes groups in row order)
-            groups = dest[0] if tiles == 1 else torch.empty(n_groups, tiles * per_tile, bb, dtype=torch.uint8)
-            kernels.quantize(fmt, _kernel_source(rows), groups, packed=True)
-            if tiles > 1:
-                _to_tiles(groups, out=dest)
+            _write_groups(dest, lambda groups: kernels.quantize(fmt, _kernel_source(rows), groups, packed=True))
         else:
             pack_ggml(quantize_ggml(rows, fmt), fmt, out=dest)
         if release is not None:
@@ -410,6 +411,16 @@ def _kernel_source(w: torch.Tensor) -> torch.Tensor:
 
 def _chunk_rows(k: int) -> int:
     return max(INTERLEAVE, _CHUNK_ELEMENTS // k // INTERLEAVE * INTERLEAVE)
+
+
+def _write_groups(dest: torch.Tensor, write: Callable[[torch.Tensor], None]) -> None:
+    """Have `write(groups)` fill packed groups in row order [G, K/32, bytes] (as the kernels
+    write them), laid into `dest`'s tiles: straight into `dest` when it has one tile."""
+    tiles, n_groups, per_tile, bb = dest.shape
+    groups = dest[0] if tiles == 1 else torch.empty(n_groups, tiles * per_tile, bb, dtype=torch.uint8)
+    write(groups)
+    if tiles > 1:
+        _to_tiles(groups, out=dest)
 
 
 def _groups_of(packed: torch.Tensor, row0: int, rows: int) -> torch.Tensor:

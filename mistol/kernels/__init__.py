@@ -74,6 +74,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mistol_gemm_as_int8.restype = c_int
     lib.mistol_quantize.argtypes = [c_int, vp, c_int, i64, i64, vp, c_int, c_int]
     lib.mistol_quantize.restype = c_int
+    lib.mistol_pack_blocks.argtypes = [c_int, vp, i64, i64, vp, c_int]
+    lib.mistol_pack_blocks.restype = c_int
     lib.mistol_dense_many.argtypes = [c_int, vp, c_int, i64, i64, c_int, vp, vp, vp, vp, i64, c_int]
     lib.mistol_dense_many.restype = c_int
     lib.mistol_dequantize.argtypes = [c_int, vp, i64, i64, vp, c_int, c_int]
@@ -306,6 +308,17 @@ def quantize(fmt: str, w: torch.Tensor, out: torch.Tensor, packed: bool) -> None
                               int(packed), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"mistol_quantize({fmt}, K={k}): {_error(rc)}")
+
+
+def pack_blocks(fmt: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
+    """llama.cpp Q8_0/Q4_0 rows, uint8 [n, K/32, 34 | 18] (CPU, contiguous) -> `out`, the
+    packed layout's groups in row order [ceil(n / 8), K/32, group bytes], as `quantize`
+    writes them with `packed`."""
+    n, nb, _ = blocks.shape
+    rc = _lib.mistol_pack_blocks(_abi.formats[fmt], blocks.data_ptr(), n, nb * 32, out.data_ptr(),
+                                 torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"mistol_pack_blocks({fmt}, K={nb * 32}): {_error(rc)}")
 
 
 def matrix(fmt: str, packed: torch.Tensor, rows: int) -> Matrix:
