@@ -1621,28 +1621,46 @@ ALWAYS_INLINE void dequantize_row_q6k_x8(const uint8_t *group, int lane, int64_t
     }
 }
 
-/* Q6_K rows w[rows][K] -> Q6_KX8 groups out[ceil(rows / 8)][K / 256] (padding rows zero).
- * Returns 0 or a negative error. */
-EXPORT int mistol_repack_q6_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out) {
+/* Repacking k-quant rows w[rows][K] into groups of 8 interleaved rows out[ceil(rows / 8)][K / 256]
+ * (padding rows zero): `block` moves one row's super-block into its lane of a group's. Groups
+ * are shared among threads, each zeroing its own first (so the thread that fills a page
+ * touches it first). Returns 0 or a negative error. */
+typedef void (*repack_block_fn)(const uint8_t *src, uint8_t *dst, int lane);
+
+static int repack_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out, int nthreads, size_t src_bytes,
+                     size_t dst_bytes, repack_block_fn block) {
     if (K <= 0 || K % QKK) return ERR_K;
     if (rows < 0) return ERR_ARG;
     const int64_t nb = K / QKK, groups = (rows + 7) / 8;
-    memset(out, 0, (size_t)(groups * nb) * sizeof(block_q6_Kx8));
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < nb; i++) {
-            const block_q6_K *src = (const block_q6_K *)(w + r * nb * (int64_t)sizeof(block_q6_K)) + i;
-            block_q6_Kx8 *dst = (block_q6_Kx8 *)out + (r / 8) * nb + i;
-            const int lane = (int)(r % 8);
-            dst->d[lane] = src->d;
-            for (int g = 0; g < 16; g++) dst->scales[g][lane] = src->scales[g];
-            for (int h = 0; h < 2; h++)
-                for (int k = 0; k < 8; k++) {
-                    memcpy(dst->ql[h][0][k][lane], src->ql + 64 * h + 4 * k, 4);
-                    memcpy(dst->ql[h][1][k][lane], src->ql + 64 * h + 32 + 4 * k, 4);
-                    memcpy(dst->qh[h][k][lane], src->qh + 32 * h + 4 * k, 4);
-                }
-        }
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && groups > 1)
+#endif
+    for (int64_t g = 0; g < groups; g++) {
+        uint8_t *group = out + (size_t)(g * nb) * dst_bytes;
+        memset(group, 0, (size_t)nb * dst_bytes);
+        for (int lane = 0; lane < 8 && g * 8 + lane < rows; lane++)
+            for (int64_t i = 0; i < nb; i++)
+                block(w + (size_t)((g * 8 + lane) * nb + i) * src_bytes, group + (size_t)i * dst_bytes, lane);
+    }
     return OK;
+}
+
+static void repack_q6_k_block(const uint8_t *s, uint8_t *d, int lane) {
+    const block_q6_K *src = (const block_q6_K *)s;
+    block_q6_Kx8 *dst = (block_q6_Kx8 *)d;
+    dst->d[lane] = src->d;
+    for (int g = 0; g < 16; g++) dst->scales[g][lane] = src->scales[g];
+    for (int h = 0; h < 2; h++)
+        for (int k = 0; k < 8; k++) {
+            memcpy(dst->ql[h][0][k][lane], src->ql + 64 * h + 4 * k, 4);
+            memcpy(dst->ql[h][1][k][lane], src->ql + 64 * h + 32 + 4 * k, 4);
+            memcpy(dst->qh[h][k][lane], src->qh + 32 * h + 4 * k, 4);
+        }
+}
+
+EXPORT int mistol_repack_q6_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out, int nthreads) {
+    return repack_x8(w, rows, K, out, nthreads, sizeof(block_q6_K), sizeof(block_q6_Kx8), repack_q6_k_block);
 }
 
 /* One row's Q4_K/Q5_K super-block scales into lane `lane` of an x8 group: its d and dmin, and
@@ -1657,52 +1675,38 @@ static void repack_k4_scales(uint16_t d, uint16_t dmin, const uint8_t *packed, i
     }
 }
 
-/* Q5_K rows w[rows][K] -> Q5_KX8 groups out[ceil(rows / 8)][K / 256] (padding rows zero).
- * Returns 0 or a negative error. */
-EXPORT int mistol_repack_q5_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out) {
-    if (K <= 0 || K % QKK) return ERR_K;
-    if (rows < 0) return ERR_ARG;
-    const int64_t nb = K / QKK, groups = (rows + 7) / 8;
-    memset(out, 0, (size_t)(groups * nb) * sizeof(block_q5_Kx8));
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < nb; i++) {
-            const block_q5_K *src = (const block_q5_K *)(w + r * nb * (int64_t)sizeof(block_q5_K)) + i;
-            block_q5_Kx8 *dst = (block_q5_Kx8 *)out + (r / 8) * nb + i;
-            const int lane = (int)(r % 8);
-            repack_k4_scales(src->d, src->dmin, src->scales, lane, dst->d, dst->dmin, dst->scales, dst->mins);
-            for (int c = 0; c < 4; c++)
-                for (int half = 0; half < 2; half++) {
-                    q5_kx8_half *h = &dst->q[c][half];
-                    for (int u = 0; u < 4; u++)
-                        for (int e = 0; e < 4; e++) {
-                            const int l = 16 * half + 4 * u + e, q = src->qs[32 * c + l], bits = src->qh[l];
-                            const int lo = (q & 15) | ((bits >> (2 * c)) & 1) << 4;
-                            const int hi = (q >> 4) | ((bits >> (2 * c + 1)) & 1) << 4;
-                            h->qs[u][lane][e] = (uint8_t)(lo | (hi & 7) << 5);
-                            h->qh[lane][e] |= (uint8_t)((hi >> 3) << (2 * u));
-                        }
+static void repack_q5_k_block(const uint8_t *s, uint8_t *d, int lane) {
+    const block_q5_K *src = (const block_q5_K *)s;
+    block_q5_Kx8 *dst = (block_q5_Kx8 *)d;
+    repack_k4_scales(src->d, src->dmin, src->scales, lane, dst->d, dst->dmin, dst->scales, dst->mins);
+    for (int c = 0; c < 4; c++)
+        for (int half = 0; half < 2; half++) {
+            q5_kx8_half *h = &dst->q[c][half];
+            for (int u = 0; u < 4; u++)
+                for (int e = 0; e < 4; e++) {
+                    const int l = 16 * half + 4 * u + e, q = src->qs[32 * c + l], bits = src->qh[l];
+                    const int lo = (q & 15) | ((bits >> (2 * c)) & 1) << 4;
+                    const int hi = (q >> 4) | ((bits >> (2 * c + 1)) & 1) << 4;
+                    h->qs[u][lane][e] = (uint8_t)(lo | (hi & 7) << 5);
+                    h->qh[lane][e] |= (uint8_t)((hi >> 3) << (2 * u));
                 }
         }
-    return OK;
 }
 
-/* Q4_K rows w[rows][K] -> Q4_KX8 groups out[ceil(rows / 8)][K / 256] (padding rows zero).
- * Returns 0 or a negative error. */
-EXPORT int mistol_repack_q4_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out) {
-    if (K <= 0 || K % QKK) return ERR_K;
-    if (rows < 0) return ERR_ARG;
-    const int64_t nb = K / QKK, groups = (rows + 7) / 8;
-    memset(out, 0, (size_t)(groups * nb) * sizeof(block_q4_Kx8));
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < nb; i++) {
-            const block_q4_K *src = (const block_q4_K *)(w + r * nb * (int64_t)sizeof(block_q4_K)) + i;
-            block_q4_Kx8 *dst = (block_q4_Kx8 *)out + (r / 8) * nb + i;
-            const int lane = (int)(r % 8);
-            repack_k4_scales(src->d, src->dmin, src->scales, lane, dst->d, dst->dmin, dst->scales, dst->mins);
-            for (int c = 0; c < 4; c++)
-                for (int k = 0; k < 8; k++) memcpy(dst->qs[c][k][lane], src->qs + 32 * c + 4 * k, 4);
-        }
-    return OK;
+EXPORT int mistol_repack_q5_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out, int nthreads) {
+    return repack_x8(w, rows, K, out, nthreads, sizeof(block_q5_K), sizeof(block_q5_Kx8), repack_q5_k_block);
+}
+
+static void repack_q4_k_block(const uint8_t *s, uint8_t *d, int lane) {
+    const block_q4_K *src = (const block_q4_K *)s;
+    block_q4_Kx8 *dst = (block_q4_Kx8 *)d;
+    repack_k4_scales(src->d, src->dmin, src->scales, lane, dst->d, dst->dmin, dst->scales, dst->mins);
+    for (int c = 0; c < 4; c++)
+        for (int k = 0; k < 8; k++) memcpy(dst->qs[c][k][lane], src->qs + 32 * c + 4 * k, 4);
+}
+
+EXPORT int mistol_repack_q4_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out, int nthreads) {
+    return repack_x8(w, rows, K, out, nthreads, sizeof(block_q4_K), sizeof(block_q4_Kx8), repack_q4_k_block);
 }
 
 ALWAYS_INLINE void dequantize_row(int fmt, const uint8_t *row, int64_t K, float *out) {

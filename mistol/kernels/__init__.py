@@ -67,7 +67,7 @@ def _load() -> ctypes.CDLL | None:
     lib.mistol_dequantize_rows.argtypes = [c_int, vp, i64, i64, vp, c_int, c_int]
     lib.mistol_dequantize_rows.restype = c_int
     for repack in (lib.mistol_repack_q4_k_x8, lib.mistol_repack_q5_k_x8, lib.mistol_repack_q6_k_x8):
-        repack.argtypes, repack.restype = [vp, i64, i64, vp], c_int
+        repack.argtypes, repack.restype = [vp, i64, i64, vp, c_int], c_int
     lib.mistol_gemm_requantized.argtypes = [c_int, vp, i64, i64, vp, i64, vp, i64, c_int]
     lib.mistol_gemm_requantized.restype = c_int
     lib.mistol_gemm_as_int8.argtypes = [c_int, vp, i64, i64, vp, i64, vp, i64, c_int, c_int]
@@ -252,7 +252,7 @@ def repack_x8(fmt: str, blocks: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty(-(-n // 8), k // 256 * X8_GROUP_BYTES[fmt], dtype=torch.uint8)
     repack = {"Q4_K": _lib.mistol_repack_q4_k_x8, "Q5_K": _lib.mistol_repack_q5_k_x8,
               "Q6_K": _lib.mistol_repack_q6_k_x8}[fmt]
-    rc = repack(blocks.data_ptr(), n, k, out.data_ptr())
+    rc = repack(blocks.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"repacking {fmt} (K={k}): {_error(rc)}")
     return out

@@ -36,9 +36,9 @@ EXPORT int mistol_gemm_matrices(const float *x, int64_t M, int64_t K, int count,
                                 int64_t ldy, int nthreads, int impl);
 EXPORT int mistol_gemm_as_int8(int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t rows,
                                float *y, int64_t ldy, int nthreads, int impl);
-EXPORT int mistol_repack_q4_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out);
-EXPORT int mistol_repack_q5_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out);
-EXPORT int mistol_repack_q6_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out);
+EXPORT int mistol_repack_q4_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out, int nthreads);
+EXPORT int mistol_repack_q5_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out, int nthreads);
+EXPORT int mistol_repack_q6_k_x8(const uint8_t *w, int64_t rows, int64_t K, uint8_t *out, int nthreads);
 EXPORT int mistol_dense_many(int wtype, const float *x, int x_is_bf16, int64_t M, int64_t K, int count,
                              const void *const *ws, const int64_t *ns, const int64_t *tks, float *y, int64_t ldy,
                              int nthreads);
@@ -142,9 +142,9 @@ static uint8_t *random_rows(int fmt, int64_t rows, int64_t K) {
 static uint8_t *kernel_layout(int fmt, uint8_t *rows_data, int64_t rows, int64_t K) {
     if (fmt != FMT_Q4_KX8 && fmt != FMT_Q5_KX8 && fmt != FMT_Q6_KX8) return rows_data;
     uint8_t *out = malloc((size_t)((rows + 7) / 8 * 8 * fmt_row_bytes(fmt, K)));
-    const int rc = fmt == FMT_Q4_KX8   ? mistol_repack_q4_k_x8(rows_data, rows, K, out)
-                   : fmt == FMT_Q5_KX8 ? mistol_repack_q5_k_x8(rows_data, rows, K, out)
-                                       : mistol_repack_q6_k_x8(rows_data, rows, K, out);
+    const int rc = fmt == FMT_Q4_KX8   ? mistol_repack_q4_k_x8(rows_data, rows, K, out, 2)
+                   : fmt == FMT_Q5_KX8 ? mistol_repack_q5_k_x8(rows_data, rows, K, out, 2)
+                                       : mistol_repack_q6_k_x8(rows_data, rows, K, out, 2);
     if (rc != OK) printf("FAIL repack of format %d: error %d\n", fmt, rc), failures++;
     free(rows_data);
     return out;
