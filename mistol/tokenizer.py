@@ -170,11 +170,14 @@ class Tokenizer:
         # BPE starts from single characters (and bytes); only merges make longer pieces.
         self._char_ids = {piece: i for piece, i in piece_ids.items() if len(piece) == 1 and i not in no_target}
         self._byte_ids = [piece_ids.get(f"<0x{b:02X}>") for b in range(256)]
-        # (left id, right id) -> (rank, merged id); rank orders by score, then id, then left length.
+        # A pair of ids -> its merge: rank << shift | merged id, the pair packed the same way (one int
+        # each, not two tuples: half the memory, 10 -> 5 MB for a 32k vocabulary). The rank orders
+        # merges by score, then id, then left length; a packed merge compares as its rank.
         order = range(len(pieces))
         if scores is not None:
             order = sorted(order, key=lambda i: (-scores[i], i))
-        merges: dict[tuple[int, int], tuple[int, int]] = {}
+        shift = self._shift = max(1, len(pieces) - 1).bit_length()
+        merges: dict[int, int] = {}
         for i in order:
             piece = pieces[i]
             if i in no_target or piece_ids[piece] != i:
@@ -182,7 +185,7 @@ class Tokenizer:
             for cut in range(1, len(piece)):
                 left, right = piece_ids.get(piece[:cut]), piece_ids.get(piece[cut:])
                 if left is not None and right is not None:
-                    merges.setdefault((left, right), (len(merges), i))
+                    merges.setdefault(left << shift | right, len(merges) << shift | i)
         self._merges = merges
         # If no piece has "▁" after another character, no merge crosses the start of a run of "▁", so
         # each word ("▁▁foo") can be merged on its own and cached.
@@ -411,38 +414,39 @@ class Tokenizer:
         n = len(symbols)
         if n < 2:
             return symbols  # type: ignore[return-value]
-        merges = self._merges
+        merges, shift = self._merges, self._shift
+        id_mask = (1 << shift) - 1
         nxt = list(range(1, n + 1))
         nxt[-1] = -1
         prv = list(range(-1, n - 1))
         heap = []
         for pos in range(n - 1):
-            merge = merges.get((symbols[pos], symbols[pos + 1]))
+            merge = merges.get(symbols[pos] << shift | symbols[pos + 1])
             if merge is not None:
-                heap.append((merge[0], pos, merge[1]))
+                heap.append((merge, pos))
         heapq.heapify(heap)
         while heap:
-            _, pos, new_id = heapq.heappop(heap)
+            merge, pos = heapq.heappop(heap)
             right = nxt[pos]
             if symbols[pos] is None or right == -1:
                 continue
-            merge = merges.get((symbols[pos], symbols[right]))
-            if merge is None or merge[1] != new_id:
+            if merges.get(symbols[pos] << shift | symbols[right]) != merge:
                 continue  # stale: one side has changed since this pair was queued
+            new_id = merge & id_mask
             symbols[pos] = new_id
             symbols[right] = None
             after = nxt[right]
             nxt[pos] = after
             if after != -1:
                 prv[after] = pos
-                merge = merges.get((new_id, symbols[after]))
+                merge = merges.get(new_id << shift | symbols[after])
                 if merge is not None:
-                    heapq.heappush(heap, (merge[0], pos, merge[1]))
+                    heapq.heappush(heap, (merge, pos))
             before = prv[pos]
             if before != -1:
-                merge = merges.get((symbols[before], new_id))
+                merge = merges.get(symbols[before] << shift | new_id)
                 if merge is not None:
-                    heapq.heappush(heap, (merge[0], before, merge[1]))
+                    heapq.heappush(heap, (merge, before))
         return [s for s in symbols if s is not None]
 
     # ----------------------------------------------------------------------------------------------

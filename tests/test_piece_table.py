@@ -73,6 +73,6 @@ def test_a_large_vocabulary_holds_little_memory(build):
     assert tokenizer.vocab_size == n
     text = "the quick brown fox 😀 jumps"
     assert tokenizer.decode(tokenizer.encode(text)) == text
-    # Held as lists of Python strings (pieces, their decoded text or bytes, ids by piece...) this
-    # was 14-15 MB; compactly 3-4 MB, most of it the SentencePiece merge table.
+    # Held as lists of Python strings (pieces, their decoded text or bytes, ids by piece...) and
+    # tuples (the SentencePiece merge table) this was 14-15 MB; compactly 2.3-3.5 MB.
     assert held < 6 * 2**20
