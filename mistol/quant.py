@@ -130,6 +130,7 @@ def quantize_ggml(w: torch.Tensor, fmt: str) -> torch.Tensor:
         out[..., 2:] = q.view(torch.uint8)
     else:
         m = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # first largest |x|, with its sign
+        m = torch.where(m == 0, 0.0, m)  # +0.0 where all are zero, -0.0 included (llama.cpp's max = 0.0f)
         d = m / -8
         inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
         q = (x * inv + 8.5).trunc().clamp(0, 15).to(torch.uint8)

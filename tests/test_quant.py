@@ -458,3 +458,27 @@ def test_int8_agrees_with_f32_on_a_trained_model():
     print(f"int8 top-1 agreement with f32 on the demo model: reply {agree}/{total}, "
           f"positions without a near-tie {clear_agree}/{clear}")
     assert agree / total >= 0.99 and clear_agree / clear >= 0.99
+
+
+def awkward_weights(n: int = 24, k: int = 256) -> torch.Tensor:
+    """Blocks a quantizer can get wrong: all zeros, -0.0, two values of the largest magnitude with
+    opposite signs, exact halves after scaling, small and large scales."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(n, k, generator=g) * torch.logspace(-6, 4, n)[:, None]
+    w[0, :32] = 0
+    w[1, 32:64] = -0.0
+    w[2, 64:96] = torch.arange(-16, 16) / 4  # halves once scaled
+    w[3, 5], w[3, 9] = -w[3, :32].abs().max() * 2, w[3, :32].abs().max() * 2  # a tie: the first one's sign
+    w[4, 40], w[4, 33] = 7.0, -7.0
+    w[5] = torch.randint(-127, 128, (k,), generator=g).float()
+    return w
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_compiled_quantizer_gives_the_reference_blocks_on_awkward_weights(fmt, dtype, monkeypatch):
+    w = awkward_weights().to(dtype)
+    compiled = quantize_ggml(w, fmt)
+    monkeypatch.setattr(kernels, "available", lambda: False)  # the torch ops' reference of llama.cpp's code
+    assert torch.equal(compiled, quantize_ggml(w, fmt))
