@@ -97,17 +97,19 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-_BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
+# Each byte character to the Latin-1 character of its byte (which encodes as that byte), and
+# a search for any other character: whole tokens convert in C, not a character at a time.
+_LATIN1_OF_CHAR = str.maketrans({c: chr(b) for b, c in bytes_to_unicode().items()})
+_NOT_A_BYTE_CHAR = re.compile(f"[^{re.escape(''.join(bytes_to_unicode().values()))}]")
 
 
 def token_text_bytes(token: str) -> bytes:
     """The raw bytes a token string stands for, as tokenizers' ByteLevel decoder reads it: byte
     characters mapped back, and a token with any other character (an added token such as
     "<think>\\n" written plainly) taken as its UTF-8."""
-    try:
-        return bytes(_BYTE_OF_CHAR[c] for c in token)
-    except KeyError:
+    if _NOT_A_BYTE_CHAR.search(token):
         return token.encode("utf-8")
+    return token.translate(_LATIN1_OF_CHAR).encode("latin-1")
 
 
 class BPETokenizer:
@@ -269,17 +271,14 @@ class BPETokenizer:
         for i, (token, kind) in enumerate(zip(tokens, types)):
             if kind in (NORMAL, BYTE):
                 vocab.setdefault(token, i)
-        pairs = []
-        for m in merges:
-            cut = m.find(" ", 1)  # as llama.cpp reads a merge: the first space after position 0
-            left, right = m[:cut], m[cut + 1 :]
-            if cut < 0 or left not in vocab or right not in vocab or left + right not in vocab:
-                continue  # a merge that can never apply to this vocabulary
-            pairs.append((left, right))
-        try:
-            model = models.BPE(vocab=vocab, merges=pairs, ignore_merges=spec.ignore_merges)
-        except Exception as e:
-            raise MistolError(f"{source}: cannot build the BPE model ({e})") from None
+        try:  # every merge as it is, as a well-made file's are (tokenizers checks them, in Rust)
+            model = models.BPE(vocab=vocab, merges=_merge_pairs(merges), ignore_merges=spec.ignore_merges)
+        except Exception:  # else only the merges that can apply to this vocabulary
+            try:
+                model = models.BPE(vocab=vocab, merges=_usable_merge_pairs(merges, vocab),
+                                   ignore_merges=spec.ignore_merges)
+            except Exception as e:
+                raise MistolError(f"{source}: cannot build the BPE model ({e})") from None
         backend = Backend(model)
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in spec.regexes]
@@ -389,6 +388,26 @@ class BPEStreamDecoder:
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+def _merge_pairs(merges: Sequence[str]) -> list[tuple[str, ...]]:
+    """Each "left right" merge split at its first space after position 0, as llama.cpp reads
+    one (a merge whose first character is a space takes the slower way)."""
+    joined = "\n".join(merges)
+    if joined.startswith(" ") or "\n " in joined:
+        return [(m[: m.find(" ", 1)], m[m.find(" ", 1) + 1 :]) for m in merges]
+    return [tuple(m.split(" ", 1)) for m in merges]
+
+
+def _usable_merge_pairs(merges: Sequence[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """The merges that can apply to `vocab`: both halves and their join are tokens of it."""
+    pairs = []
+    for m in merges:
+        cut = m.find(" ", 1)
+        left, right = m[:cut], m[cut + 1 :]
+        if cut > 0 and left in vocab and right in vocab and left + right in vocab:
+            pairs.append((left, right))
+    return pairs
 
 
 def is_byte_level_bpe_dir(path: Path) -> bool:

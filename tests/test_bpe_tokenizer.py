@@ -14,7 +14,7 @@ import pytest
 
 import llama_cpp_ref
 from bpe_models import FAMILIES, make_bpe_checkpoint, train_bpe_dir
-from mistol.bpe_tokenizer import PRE_TOKENIZERS, BPETokenizer
+from mistol.bpe_tokenizer import PRE_TOKENIZERS, BPETokenizer, bytes_to_unicode
 from mistol.errors import MistolError
 from mistol.tokenizer import Tokenizer
 from tests.test_tokenizer import make_corpus
@@ -283,6 +283,20 @@ def test_gguf_and_hf_directory_agree(checkpoints, converted, name):
 def test_unknown_pre_tokenizer_is_a_one_line_error():
     with pytest.raises(MistolError, match=r"pre-tokenizer 'tekken' is not supported \(supported: .*llama-bpe.*qwen2"):
         BPETokenizer.from_vocab(["a", "b", "ab"], ["a b"], pre="tekken", source="x.gguf")
+
+
+def test_merges_that_cannot_apply_are_passed_over():
+    """A file's merges that name a token the vocabulary lacks, join into a control token, or have
+    no space are dropped (as llama.cpp drops them); the rest tokenize as they alone would."""
+    tokens = [*bytes_to_unicode().values(), "ab", "abc", "cd", "<|x|>"]
+    types = [1] * (len(tokens) - 1) + [3]  # NORMAL..., CONTROL
+    good = ["a b", "ab c", "c d"]
+    bad = ["a zz", "q r", "<| x|>", "nospace"]
+    clean = BPETokenizer.from_vocab(tokens, good, types, "qwen2")
+    messy = BPETokenizer.from_vocab(tokens, [*good[:1], *bad, *good[1:]], types, "qwen2")
+    for text in ("abc", "abcd cd ab", "<|x|> qr"):
+        assert messy.encode(text) == clean.encode(text)
+    assert clean.encode("abc") == [tokens.index("abc")]
 
 
 @pytest.mark.slow
