@@ -253,7 +253,7 @@ class BPETokenizer:
     ) -> BPETokenizer:
         """From the pieces a GGUF file holds: byte-level token strings, "left right" merges, token
         types, and the name of the pre-tokenizer (`PRE_TOKENIZERS`; None means llama.cpp's default)."""
-        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Regex, decoders, pre_tokenizers
         from tokenizers import Tokenizer as Backend
 
         name = "default" if pre is None else pre
@@ -271,14 +271,10 @@ class BPETokenizer:
         for i, (token, kind) in enumerate(zip(tokens, types)):
             if kind in (NORMAL, BYTE):
                 vocab.setdefault(token, i)
-        try:  # every merge as it is, as a well-made file's are (tokenizers checks them, in Rust)
-            model = models.BPE(vocab=vocab, merges=_merge_pairs(merges), ignore_merges=spec.ignore_merges)
-        except Exception:  # else only the merges that can apply to this vocabulary
-            try:
-                model = models.BPE(vocab=vocab, merges=_usable_merge_pairs(merges, vocab),
-                                   ignore_merges=spec.ignore_merges)
-            except Exception as e:
-                raise MistolError(f"{source}: cannot build the BPE model ({e})") from None
+        try:
+            model = _bpe_model(vocab, merges, spec.ignore_merges)
+        except Exception as e:
+            raise MistolError(f"{source}: cannot build the BPE model ({e})") from None
         backend = Backend(model)
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in spec.regexes]
@@ -390,17 +386,25 @@ class BPEStreamDecoder:
 # ------------------------------------------------------------------------------------------------
 
 
-def _merge_pairs(merges: Sequence[str]) -> list[tuple[str, ...]]:
-    """Each "left right" merge split at its first space after position 0, as llama.cpp reads
-    one (a merge whose first character is a space takes the slower way)."""
+def _bpe_model(vocab: dict[str, int], merges: Sequence[str], ignore_merges: bool):
+    """tokenizers' BPE model of `vocab` and the "left right" merges. A well-made file's merges go
+    to it as they are, split in C (tokenizers checks them, in Rust); a file with a merge that
+    cannot apply, or that starts with a space, gets `_usable_merge_pairs`."""
+    from tokenizers import models
+
     joined = "\n".join(merges)
-    if joined.startswith(" ") or "\n " in joined:
-        return [(m[: m.find(" ", 1)], m[m.find(" ", 1) + 1 :]) for m in merges]
-    return [tuple(m.split(" ", 1)) for m in merges]
+    if not (joined.startswith(" ") or "\n " in joined):
+        try:
+            pairs = [tuple(m.split(" ", 1)) for m in merges]
+            return models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges)
+        except Exception:
+            pass
+    return models.BPE(vocab=vocab, merges=_usable_merge_pairs(merges, vocab), ignore_merges=ignore_merges)
 
 
 def _usable_merge_pairs(merges: Sequence[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """The merges that can apply to `vocab`: both halves and their join are tokens of it."""
+    """The merges that can apply to `vocab`: both halves and their join are tokens of it (split
+    as llama.cpp splits a merge: at the first space after position 0)."""
     pairs = []
     for m in merges:
         cut = m.find(" ", 1)
