@@ -38,16 +38,31 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(scope="module")
+def made_families(tmp_path_factory):
+    """name -> (name, checkpoint directory, transformers' logits of TOKENS, llama.cpp's F32 GGUF
+    of it), each made once for the module: pytest would make a parametrized fixture again for
+    every test that parametrizes it alongside a plain argument (`ftype`)."""
+    made = {}
+
+    def make(name):
+        if name not in made:
+            llama_cpp_ref.llama_cpp()
+            root = tmp_path_factory.mktemp(name)
+            path = real_scale(make_checkpoint(root / "hf", hidden=256, heads=4, kv_heads=2, intermediate=512,
+                                              **FAMILIES[name]))
+            with torch.no_grad():
+                ref = reference(path)(torch.tensor([TOKENS])).logits[0]
+            made[name] = name, path, ref, llama_cpp_ref.convert(path, root / "F32.gguf", "f32")
+        return made[name]
+
+    return make
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
-def family(request, tmp_path_factory):
+def family(request, made_families):
     """(name, checkpoint directory, transformers' logits of TOKENS, llama.cpp's F32 GGUF of it)."""
-    llama_cpp_ref.llama_cpp()
-    root = tmp_path_factory.mktemp(request.param)
-    path = real_scale(make_checkpoint(root / "hf", hidden=256, heads=4, kv_heads=2, intermediate=512,
-                                      **FAMILIES[request.param]))
-    with torch.no_grad():
-        ref = reference(path)(torch.tensor([TOKENS])).logits[0]
-    return request.param, path, ref, llama_cpp_ref.convert(path, root / "F32.gguf", "f32")
+    return made_families(request.param)
 
 
 def real_scale(path):
