@@ -137,7 +137,9 @@ def test_terminal_load_and_save_errors_keep_the_chat_and_a_wipe_asks_first(mistr
     (tmp_path / "delta.jsonl").write_text('{"event": "delta", "content": "x"}\n{"event": "undo"}\n')
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (tmp_path / "empty.json").write_text('{"messages": []}')
-    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    # the typed lines' file cannot be kept (a directory is in the way): they are recalled in memory
+    (tmp_path / "data" / "mistol" / "history").mkdir(parents=True)
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1", "PROMPT_TOOLKIT_NO_CPR": "1"}
     child = pexpect.spawn(sys.executable, ["-m", "mistol", "chat", "--model", str(mistral_dir), "-t", "0",
                                            "--max-tokens", "3", "--no-code"],
                           env=env, encoding="utf-8", timeout=120, dimensions=(40, 200), cwd=str(tmp_path))
@@ -173,5 +175,5 @@ def test_terminal_load_and_save_errors_keep_the_chat_and_a_wipe_asks_first(mistr
     assert child.exitstatus == 0 and "Traceback" not in transcript.getvalue()
     kept = json.loads((tmp_path / "kept.json").read_text())["messages"]
     assert [m["role"] for m in kept] == ["system", "user", "assistant"] and kept[1]["content"] == "hello there"
-    (log,) = (tmp_path / "mistol" / "chats").glob("*.jsonl")
+    (log,) = (tmp_path / "data" / "mistol" / "chats").glob("*.jsonl")
     assert replay(log) == []  # the wipe that was confirmed

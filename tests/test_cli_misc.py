@@ -157,3 +157,29 @@ def test_default_threads_leave_a_busy_core_alone(tmp_path):
         hog.wait()
     assert out.returncode == 0, out.stderr
     assert "mistol: 1 thread (1 of 2 cores: " in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("command", [["chat"], ["duo", "--a", "a student", "--b", "a tutor", "--topic", "sums"]])
+def test_a_data_directory_that_cannot_be_written_is_one_line_naming_the_fix(mistral_dir, tmp_path, command):
+    """A home that is not the person's to write (a service account's, a container's): one line
+    saying where the chat could not be kept and how to choose another place, before anything
+    is typed; never a traceback. (A file in the way stands for a read-only home, even for root.)"""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    env = {**os.environ, "XDG_DATA_HOME": str(blocked / "data")}
+    out = run(*command, "--model", str(mistral_dir), "--max-tokens", "3", input="hello\n", env=env, check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert f"cannot keep the chat in {blocked / 'data' / 'mistol'}" in line and "set XDG_DATA_HOME" in line
+
+
+def test_a_bench_cache_that_cannot_be_written_is_one_line_before_measuring(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    out = run("bench", "--shape", "tiny", "--cache-dir", str(blocked / "bench"), check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert f"cannot write the benchmark's model files in {blocked / 'bench'}" in line and "--cache-dir" in line
+    env = {**os.environ, "XDG_CACHE_HOME": str(blocked)}  # the default place, under an unwritable cache home
+    out = run("bench", "--shape", "tiny", env=env, check=False)
+    assert out.returncode == 1 and "XDG_CACHE_HOME" in out.stderr and "Traceback" not in out.stderr

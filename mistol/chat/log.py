@@ -56,9 +56,14 @@ def chats_dir() -> Path:
 class ChatLog:
     def __init__(self, path: Path):
         self.path = Path(path)
-        private_dir(self.path.parent)
-        # What was said is the person's own: readable by them only (directory 0700, file 0600).
-        self._file = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", encoding="utf-8")
+        try:
+            private_dir(self.path.parent)
+            # What was said is the person's own: readable by them only (directory 0700, file 0600).
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as e:  # a home that is not theirs to write (a service account's, a container's)
+            raise MistolError(f"cannot keep the chat in {self.path.parent}: {e.strerror or e} "
+                              "(set XDG_DATA_HOME to a directory you can write)") from None
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
 
     @classmethod
     def create(cls, directory: Path | None = None) -> "ChatLog":

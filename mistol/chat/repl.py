@@ -305,7 +305,7 @@ def _exchanges(messages: list[dict]) -> int:
 def terminal_lines() -> Iterator[str]:
     """Lines from an interactive prompt; ends on Ctrl-D or Ctrl-C."""
     from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
 
     bindings = KeyBindings()
@@ -314,9 +314,13 @@ def terminal_lines() -> Iterator[str]:
     def _(event):
         event.current_buffer.insert_text("\n")
 
-    history = private_dir(data_dir()) / "history"
-    private_file(history)  # what was typed: the owner's only
-    session = PromptSession(history=FileHistory(str(history)), key_bindings=bindings)
+    try:
+        history = private_dir(data_dir()) / "history"
+        private_file(history)  # what was typed: the owner's only
+        kept = FileHistory(str(history))
+    except OSError:  # no writable data directory: the arrow keys recall this session's lines only
+        kept = InMemoryHistory()
+    session = PromptSession(history=kept, key_bindings=bindings)
     while True:
         try:
             yield session.prompt(">>> ")

@@ -75,6 +75,16 @@ def _list(value: str, allowed, what: str) -> list[str]:
     return items
 
 
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise MistolError(f"cannot write the benchmark's model files in {directory}: {e.strerror or e} "
+                          "(give --cache-dir DIR, or set XDG_CACHE_HOME)") from None
+
+
 def _gguf_argument(path: Path) -> Path:
     from ..weights.gguf_file import GGUFFile
 
@@ -100,6 +110,8 @@ def cmd_bench(args) -> int:
     if args.threads < 0:
         raise MistolError("--threads must be 0 (all cores) or more")
     cache_dir = args.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mistol" / "bench"
+    if not args.gguf:  # the shape's models (or --kquants' files) are written there: said once, before measuring
+        _check_writable(cache_dir)
     pages = ["huge", "small"] if args.pages == "both" else [args.pages]
     ggufs = None
     if args.gguf and args.kquants is not None:
