@@ -183,3 +183,25 @@ def test_a_bench_cache_that_cannot_be_written_is_one_line_before_measuring(tmp_p
     env = {**os.environ, "XDG_CACHE_HOME": str(blocked)}  # the default place, under an unwritable cache home
     out = run("bench", "--shape", "tiny", env=env, check=False)
     assert out.returncode == 1 and "XDG_CACHE_HOME" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_chat_log_that_stops_fitting_on_the_disk_is_said_once_and_the_chat_goes_on(mistral_dir, tmp_path):
+    """The disk fills mid-chat (a file-size limit: writes past it fail as on a full disk): one
+    line says so, every message still gets its reply, and the log keeps the whole events before."""
+    import resource
+
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    out = subprocess.run([sys.executable, "-m", "mistol", "chat", "--model", str(mistral_dir), "--max-tokens", "3",
+                          "-t", "0", "--no-code", "--verbose"],
+                         input="".join(f"{n} message {'.' * 600}\n" for n in ("first", "second", "third")),
+                         capture_output=True, text=True, env=env,
+                         timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500)))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    notices = [line for line in out.stderr.splitlines() if "no longer saved to" in line]
+    assert len(notices) == 1 and "File too large" in notices[0] and "/save FILE" in notices[0], out.stderr
+    assert out.stderr.count("tok/s") == 3  # (--verbose) each of the three messages was answered
+    (log,) = (tmp_path / "data" / "mistol" / "chats").glob("*.jsonl")
+    assert log.stat().st_size <= 1500
+    messages = replay(log)
+    assert messages[0]["role"] == "system" and messages[1]["content"].startswith("first message")
+    assert len(messages) < 7  # (the third message and its reply are not in it)

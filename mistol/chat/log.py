@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -54,8 +55,9 @@ def chats_dir() -> Path:
 
 
 class ChatLog:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, going_on: str = "the chat goes on; /save FILE keeps it elsewhere"):
         self.path = Path(path)
+        self.going_on = going_on  # said if the log cannot be written: what the person still has
         try:
             private_dir(self.path.parent)
             # What was said is the person's own: readable by them only (directory 0700, file 0600).
@@ -63,10 +65,10 @@ class ChatLog:
         except OSError as e:  # a home that is not theirs to write (a service account's, a container's)
             raise MistolError(f"cannot keep the chat in {self.path.parent}: {e.strerror or e} "
                               "(set XDG_DATA_HOME to a directory you can write)") from None
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self._fd: int | None = fd
 
     @classmethod
-    def create(cls, directory: Path | None = None) -> "ChatLog":
+    def create(cls, directory: Path | None = None, **options) -> "ChatLog":
         directory = directory or chats_dir()
         stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
         path = directory / f"{stamp}.jsonl"
@@ -74,15 +76,27 @@ class ChatLog:
         while path.exists():
             n += 1
             path = directory / f"{stamp}-{n}.jsonl"
-        return cls(path)
+        return cls(path, **options)
 
     def write(self, event: str, **fields) -> None:
-        line = clean_text(json.dumps({"event": event, **fields}, ensure_ascii=False))
-        self._file.write(line + "\n")
-        self._file.flush()
+        """Append one event, on disk at once (one unbuffered write). A log that cannot be
+        written (a full disk) stops there, said once: the chat goes on, and the file keeps the
+        whole events before it (a line cut short at its end is dropped on reading)."""
+        if self._fd is None:
+            return
+        data = (clean_text(json.dumps({"event": event, **fields}, ensure_ascii=False)) + "\n").encode("utf-8")
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as e:
+            self.close()
+            print(f"mistol: no longer saved to {self.path}: {e.strerror or e} ({self.going_on})",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def latest_chat(directory: Path | None = None) -> Path:

@@ -68,7 +68,7 @@ def cmd_duo(args) -> int:
         code = CodeRunner(CodeOptions(auto_yes=args.yes, limits=SandboxLimits(allow_network=args.allow_network, disk_mb=args.code_disk)),
                           ask_line if sys.stdin.isatty() else None, lambda text: print(text, file=sys.stderr, flush=True))
     duo = Duo(a, b, args.topic, sampling_params(args, []), stop_phrase=args.stop_phrase, code=code)
-    log = ChatLog.create(data_dir() / "duos")
+    log = ChatLog.create(data_dir() / "duos", going_on="the duo goes on, printed here")
     log.write("topic", content=args.topic, a=[a.name, a.persona], b=[b.name, b.persona])
     markdown = open(args.out, "w", encoding="utf-8") if args.out else None
     if markdown:
