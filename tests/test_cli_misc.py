@@ -205,3 +205,13 @@ def test_a_chat_log_that_stops_fitting_on_the_disk_is_said_once_and_the_chat_goe
     messages = replay(log)
     assert messages[0]["role"] == "system" and messages[1]["content"].startswith("first message")
     assert len(messages) < 7  # (the third message and its reply are not in it)
+    # With room again, the chat resumes, twice: the line the full disk cut short (which reading
+    # drops) is not left between the events appended after it.
+    assert not log.read_text().endswith("\n")
+    for again in ("again", "and again"):
+        out = run("chat", "--model", str(mistral_dir), "--max-tokens", "3", "-t", "0", "--no-code", "--resume",
+                  input=f"{again}\n", env=env, check=False)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    resumed = replay(log)
+    assert resumed[:len(messages)] == messages and [m["content"] for m in resumed if m["role"] == "user"][-2:] == [
+        "again", "and again"]
