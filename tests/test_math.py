@@ -373,6 +373,31 @@ def test_an_interrupted_run_resumes_without_redoing_problems(mistral_dir, tmp_pa
     assert "another data set" in capsys.readouterr().err
 
 
+def test_a_results_file_that_stops_fitting_on_the_disk_ends_the_run_in_one_line_and_resumes(mistral_dir, tmp_path):
+    """The disk fills mid-run (a file-size limit: writes past it fail as on a full disk): one
+    line, exit 1, the records before kept; with room again the same command does the rest."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    data = write_problems(tmp_path / "problems.jsonl", 6, seed=3)
+    out = tmp_path / "results.jsonl"
+    argv = [sys.executable, "-m", "mistol", "math", "--model", str(mistral_dir), "--data", str(data), "--strategy", "cot",
+            "--max-tokens", "4", "--out", str(out), "--quiet"]
+    full = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=os.environ,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (900, 900)))
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+    (line,) = full.stderr.strip().splitlines()
+    assert f"cannot write to {out}: File too large" in line and "run the same command again" in line
+    kept = read_records(out)
+    assert 0 < len(kept) < 6 and out.stat().st_size == 900
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=os.environ)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+    records = read_records(out)
+    assert records[:len(kept)] == kept and sorted(r["id"] for r in records) == sorted(p.id for p in load_problems(data))
+
+
 # -- the demo model, end to end --------------------------------------------------------------------
 @pytest.fixture
 def one_thread():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import zlib
@@ -101,22 +102,37 @@ def read_records(path: Path) -> list[dict]:
 
 
 class ResultsFile:
-    """Appends records, each flushed to disk as soon as it is written."""
+    """Appends records, each on disk as soon as it is written (one unbuffered write). A file
+    that cannot be written (a full disk) ends the run with one line: the records before stay,
+    and the same command goes on from them."""
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ends_cleanly = not path.exists() or path.stat().st_size == 0 or path.read_bytes()[-1:] == b"\n"
-        self.file = open(path, "a", encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ends_cleanly = not path.exists() or path.stat().st_size == 0 or path.read_bytes()[-1:] == b"\n"
+            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise MistolError(f"--out {path}: {e.strerror or e}") from None
         if not ends_cleanly:
-            self.file.write("\n")  # after a line cut by an interruption
+            self._append(b"\n")  # after a line cut by an interruption
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.file.flush()
+        self._append((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def _append(self, data: bytes) -> None:
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as e:
+            self.close()
+            raise MistolError(f"cannot write to {self.path}: {e.strerror or e}; the records before stay in it "
+                              "(make room and run the same command again to go on from them)") from None
 
     def close(self) -> None:
-        self.file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def evaluate(
