@@ -45,3 +45,10 @@ def private_dir(path: Path) -> Path:
     except OSError:
         pass  # not ours to change: leave it
     return path
+
+
+def write_fully(fd: int, data: bytes) -> None:
+    """All of `data` to the file descriptor, unbuffered (os.write may take part of it);
+    OSError as os.write raises it (a full disk) with what was written left in place."""
+    while data:
+        data = data[os.write(fd, data):]

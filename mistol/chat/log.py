@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..errors import MistolError
-from ..util import private_dir
+from ..util import private_dir, write_fully
 
 ROLES = ("system", "user", "assistant", "tool")  # "tool": a result of a call (mistol chat --tools)
 MAX_FILE_BYTES = 64 << 20  # a chat is text; /load of a device or a huge file stops here
@@ -106,8 +106,7 @@ class ChatLog:
             return
         data = (clean_text(json.dumps({"event": event, **fields}, ensure_ascii=False)) + "\n").encode("utf-8")
         try:
-            while data:
-                data = data[os.write(self._fd, data):]
+            write_fully(self._fd, data)
         except OSError as e:
             self.close()
             print(f"mistol: no longer saved to {self.path}: {e.strerror or e} ({self.going_on})",

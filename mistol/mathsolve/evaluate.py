@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MistolError
+from ..util import write_fully
 from .answers import is_equivalent
 from .datasets import Problem
 from .strategies import Outcome, Strategy
@@ -122,8 +123,7 @@ class ResultsFile:
 
     def _append(self, data: bytes) -> None:
         try:
-            while data:
-                data = data[os.write(self._fd, data):]
+            write_fully(self._fd, data)
         except OSError as e:
             self.close()
             raise MistolError(f"cannot write to {self.path}: {e.strerror or e}; the records before stay in it "
