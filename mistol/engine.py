@@ -395,7 +395,7 @@ class Session:
         if prompt_len + max_tokens > self.max_context:
             raise MistolError(
                 f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds "
-                f"the context of {self.max_context} tokens"
+                f"the context of {self.max_context} tokens: shorten the prompt or ask for fewer tokens"
             )
 
     def generate(self, prompt: Sequence[int], params: SamplingParams, grammar=None) -> Iterator[int]:

@@ -215,3 +215,19 @@ def test_a_chat_log_that_stops_fitting_on_the_disk_is_said_once_and_the_chat_goe
     resumed = replay(log)
     assert resumed[:len(messages)] == messages and [m["content"] for m in resumed if m["role"] == "user"][-2:] == [
         "again", "and again"]
+
+
+def test_a_message_too_long_for_the_context_is_said_and_the_chat_goes_on(mistral_dir, tmp_path):
+    """One message longer than the whole context: one line says so and how to fix it, the
+    messages after it are answered, and a piped chat exits 1 (a reply is missing)."""
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    script = "a short one\n" + "word " * 200 + "\nanother short one\n"
+    out = run("chat", "--model", str(mistral_dir), "--ctx", "64", "--max-tokens", "3", "-t", "0", "--no-code",
+              "--verbose", input=script, env=env, check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "exceeds the context of 64 tokens: shorten the prompt" in errors[0], out.stderr
+    assert out.stderr.count("tok/s") == 2  # (--verbose) the two short messages were answered
+    (log,) = (tmp_path / "data" / "mistol" / "chats").glob("*.jsonl")
+    users = [m["content"] for m in replay(log) if m["role"] == "user"]
+    assert users == ["a short one", "another short one"]  # the long one is not in the conversation

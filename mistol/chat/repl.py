@@ -62,6 +62,7 @@ class ChatApp:
             code.notice = self.notice
         self._line_open = False  # the reply's last line on stdout has no newline yet
         self._logged = ""  # the reply as the log has it
+        self.failed_replies = 0  # replies an error stopped (a piped chat then exits 1)
 
     # -- output --------------------------------------------------------------------------
     def notice(self, text: str) -> None:
@@ -125,12 +126,15 @@ class ChatApp:
         except KeyboardInterrupt:
             self._end_line()
             self.notice("[stopped]")
-        except MistolError:
+        except MistolError as e:  # (a message too long for the context, a server gone): said, and the chat goes on
+            self._end_line()
+            self.notice(f"error: {e}")
+            self.failed_replies += 1
             if not message["content"]:
                 self.messages.pop()  # nothing was said: do not keep an empty reply
                 drop_last_exchange(self.messages)
                 self.log.write("undo")
-            raise
+                return ""
         self._line_open = True
         self._end_line()
         if not self.options.interactive:
@@ -174,6 +178,7 @@ class ChatApp:
         except MistolError as e:
             self._end_line()
             self.notice(f"error: {e}")
+            self.failed_replies += 1
             if len(self.messages) == start:  # nothing was said: the question goes too
                 drop_last_exchange(self.messages)
                 self.log.write("undo")

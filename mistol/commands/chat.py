@@ -115,7 +115,7 @@ def cmd_chat(args) -> int:
             code.close()
         if isinstance(llm, LocalLLM) and not args.no_save_kv and llm.session.tokens:
             save_kv(llm, kv_path, app.notice)
-    return 0
+    return 1 if app.failed_replies and not interactive else 0  # (a script learns that a reply is missing)
 
 
 def save_kv(llm, path, notice) -> None:
