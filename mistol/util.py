@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,3 +53,22 @@ def write_fully(fd: int, data: bytes) -> None:
     OSError as os.write raises it (a full disk) with what was written left in place."""
     while data:
         data = data[os.write(fd, data):]
+
+
+def end_the_last_line(fd: int) -> None:
+    """Before appending to a JSON Lines file (opened for reading and appending): a last line
+    cut short by a crash or a full disk goes, so that it is not left between whole lines; a
+    whole last line that only lacks its newline gets one."""
+    size = os.fstat(fd).st_size
+    tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
+    if not tail or tail.endswith(b"\n"):
+        return
+    start = tail.rfind(b"\n") + 1
+    if start == 0 and size > len(tail):
+        return  # a last line longer than a MB: not cut short by us, left as it is
+    try:
+        json.loads(tail[start:])
+    except (ValueError, RecursionError):
+        os.ftruncate(fd, size - len(tail) + start)
+    else:
+        write_fully(fd, b"\n")

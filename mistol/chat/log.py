@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..errors import MistolError
-from ..util import private_dir, write_fully
+from ..util import end_the_last_line, private_dir, write_fully
 
 ROLES = ("system", "user", "assistant", "tool")  # "tool": a result of a call (mistol chat --tools)
 MAX_FILE_BYTES = 64 << 20  # a chat is text; /load of a device or a huge file stops here
@@ -54,25 +54,6 @@ def chats_dir() -> Path:
     return data_dir() / "chats"
 
 
-def _end_the_last_line(fd: int) -> None:
-    """Before appending to a log (`--resume`): a last line cut short by a crash or a full disk,
-    which reading drops, goes, so that it is not left between whole events, where reading
-    would stop at it; a whole last event that only lacks its newline gets one."""
-    size = os.fstat(fd).st_size
-    tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
-    if not tail or tail.endswith(b"\n"):
-        return
-    start = tail.rfind(b"\n") + 1
-    if start == 0 and size > len(tail):
-        return  # a last line longer than a MB: not cut short by us, left as it is
-    try:
-        json.loads(tail[start:])
-    except (ValueError, RecursionError):
-        os.ftruncate(fd, size - len(tail) + start)
-    else:
-        os.write(fd, b"\n")
-
-
 class ChatLog:
     def __init__(self, path: Path, going_on: str = "the chat goes on; /save FILE keeps it elsewhere"):
         self.path = Path(path)
@@ -80,12 +61,11 @@ class ChatLog:
         try:
             private_dir(self.path.parent)
             # What was said is the person's own: readable by them only (directory 0700, file 0600).
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            end_the_last_line(self._fd)  # (reading drops a last line cut short, but only a last one)
         except OSError as e:  # a home that is not theirs to write (a service account's, a container's)
             raise MistolError(f"cannot keep the chat in {self.path.parent}: {e.strerror or e} "
                               "(set XDG_DATA_HOME to a directory you can write)") from None
-        self._fd: int | None = fd
-        _end_the_last_line(fd)
 
     @classmethod
     def create(cls, directory: Path | None = None, **options) -> "ChatLog":

@@ -127,7 +127,6 @@ class ChatApp:
             self._end_line()
             self.notice("[stopped]")
         except MistolError as e:  # (a message too long for the context, a server gone): said, and the chat goes on
-            self._end_line()
             self.notice(f"error: {e}")
             self.failed_replies += 1
             if not message["content"]:
@@ -176,7 +175,6 @@ class ChatApp:
                     and len(self.messages) > start):
                 self.messages.append({"role": "assistant", "content": answer})
         except MistolError as e:
-            self._end_line()
             self.notice(f"error: {e}")
             self.failed_replies += 1
             if len(self.messages) == start:  # nothing was said: the question goes too

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MistolError
-from ..util import write_fully
+from ..util import end_the_last_line, write_fully
 from .answers import is_equivalent
 from .datasets import Problem
 from .strategies import Outcome, Strategy
@@ -111,12 +111,10 @@ class ResultsFile:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            ends_cleanly = not path.exists() or path.stat().st_size == 0 or path.read_bytes()[-1:] == b"\n"
-            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd: int | None = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            end_the_last_line(self._fd)  # a record cut by an interruption
         except OSError as e:
             raise MistolError(f"--out {path}: {e.strerror or e}") from None
-        if not ends_cleanly:
-            self._append(b"\n")  # after a line cut by an interruption
 
     def write(self, record: dict) -> None:
         self._append((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
