@@ -508,6 +508,16 @@ AVX2_FN static float dot_q6_K_avx2(const uint8_t *w, const int8_t *q, const floa
     return acc;
 }
 
+/* One activation row reads each repacked block once and briefly, faster than the hardware
+ * prefetcher alone brings a group's stream in (Q6_KX8 at 13 GB/s on 2 threads): ask for the
+ * block ONE_ROW_AHEAD bytes on (6-14 blocks), into L2. From memory on 2 threads (copies of a
+ * 4096 x 14336 matrix, side by side): Q4_KX8 43 -> 57 GB/s (a plain read: 60), Q6_KX8 with
+ * its one-row kernel 40-43 -> 46-52 (plain 53-63). The several-row kernels' own way is
+ * ROWS_PREFETCH; into L1, as the one-row Q6_KX8 asked for the next block before, a faster
+ * kernel read 20 GB/s. */
+#define ONE_ROW_AHEAD 12288
+#define ONE_ROW_PREFETCH(b) prefetch_to_l2((const char *)(b) + ONE_ROW_AHEAD, sizeof(*(b)))
+
 /* Q4_KX8 on AVX2: lane r = row r throughout, as group_int4_avx2. Per sub-block the pair
  * sums of maddubs add up in int16 (8 quads: at most 8 * 2 * 15 * 127 = 30480), then one
  * madd applies each row's scale; the mins take one madd per pair of sub-blocks. The float
@@ -518,6 +528,7 @@ AVX2_FN static void q4k_x8_avx2(const uint8_t *wg, const int8_t *q, const float 
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < K / QKK; i++) {
         const block_q4_Kx8 *b = (const block_q4_Kx8 *)wg + i;
+        ONE_ROW_PREFETCH(b);
         const int8_t *a = q + i * QKK;
         const int32_t *s16 = s + i * 16;
         __m256i sumi = _mm256_setzero_si256(), summ = _mm256_setzero_si256();
@@ -558,6 +569,7 @@ AVX2_FN static void q5k_x8_avx2(const uint8_t *wg, const int8_t *q, const float 
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < K / QKK; i++) {
         const block_q5_Kx8 *b = (const block_q5_Kx8 *)wg + i;
+        ONE_ROW_PREFETCH(b);
         const int8_t *a = q + i * QKK;
         const int32_t *s16 = s + i * 16;
         __m256i sumi = _mm256_setzero_si256(), summ = _mm256_setzero_si256();
@@ -597,24 +609,17 @@ AVX2_FN static void q5k_x8_avx2(const uint8_t *wg, const int8_t *q, const float 
     _mm256_storeu_ps(out, acc);
 }
 
-/* (kept whole: gcc's copies of the several-row kernels specialized for one row, as the
- * one-row wrappers call them, read half the GB/s) */
+/* (kept whole: gcc's copies of the several-row kernels specialized for one row, made when
+ * one-row wrappers called them so, read half the GB/s) */
 #if defined(__GNUC__) && !defined(__clang__)
 #define NOT_SPECIALIZED __attribute__((noipa))
 #else
 #define NOT_SPECIALIZED __attribute__((noinline))
 #endif
 
-/* Q6_KX8 kernels read a block's three parts (low bits of two halves, high bits) as three
- * interleaved streams, which the hardware prefetcher follows poorly (half of Q4_KX8's
- * GB/s on one core): ask for the whole next block while this one computes. */
-#define PREFETCH_NEXT_BLOCK(b)                                                                     \
-    for (size_t off = 0; off < sizeof(*(b)); off += 64) __builtin_prefetch((const char *)((b) + 1) + off)
-
 /* Several activation rows (a verify pass, a prompt chunk): the block 4 ahead, into L2
  * (prefetch_to_l2). A 7B Q4_K_M verify pass of 4 rows 263-293 -> 207-234 ms, of 8 rows
- * 406-483 -> 338-445 ms. One row keeps its own way (Q6_KX8's one-row decode read 34-42 GB/s
- * prefetching into L1, 23 into L2). */
+ * 406-483 -> 338-445 ms. One row asks further ahead (ONE_ROW_PREFETCH). */
 #define ROWS_PREFETCH(b) prefetch_to_l2((b) + 4, sizeof(*(b)))
 
 /* Legacy blocks: 16 bytes of nibbles (element j low, j + 16 high) as 32 unsigned quants
@@ -907,7 +912,7 @@ Q4K_X8_ROWS(q4k_x8_rows_vnni, VNNI_FN, vnni, 8)
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();                                                     \
         for (int64_t i = 0; i < K / QKK; i++) {                                                                           \
             const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;                                                         \
-            if (M > 1) ROWS_PREFETCH(b); else PREFETCH_NEXT_BLOCK(b);                                                     \
+            if (M > 1) ROWS_PREFETCH(b); else ONE_ROW_PREFETCH(b);                                                        \
             sums_##SUFFIX sumi[ROWS];                                                                      \
             __m256i pairs[8];                                                                                 \
             for (int64_t m = 0; m < M; m++) sumi[m] = zero_sums_##SUFFIX();                                             \
@@ -951,17 +956,93 @@ Q6K_X8_ROWS(q6k_x8_rows4_avx2, AVX2_FN NOT_SPECIALIZED, avx2, 4)
 IN_FOURS(q6k_x8_rows_avx2, q6k_x8_rows4_avx2)
 Q6K_X8_ROWS(q6k_x8_rows_vnni, VNNI_FN NOT_SPECIALIZED, vnni, 8)
 
-/* One row of Q6_KX8: the several-row kernels for one row (the same bits). At 7B's shapes on
- * one core they read about twice the GB/s of a kernel written for one row (AVX2: 20 GB/s
- * against 9-12, AVX512-VNNI 22, measured side by side); for Q4_KX8 and Q5_KX8 the one-row
- * kernels are as fast or faster. */
+/* One row of Q6_KX8 (every decode step of a Q6_K matrix). Each quad of the block is read
+ * once and makes the 4 quants of the parts that share it (t = 0..3: the two ql nibbles and
+ * qh's four 2-bit fields), each summed into its own group's int32 lanes (lane r: row r; AVX2
+ * adds two quads' pair products in int16 first, VNNI takes each quad in a 256-bit dpbusd,
+ * no permutes), and each group's sums are weighted by the rows' scales once. The integer
+ * sums and the float step are the several-row kernels', so the bits are too. In L2 on one
+ * core this reads 34 GB/s where the several-row kernel for one row read 23 (AVX512-VNNI);
+ * from memory on 2 threads, with the block ONE_ROW_AHEAD asked for, 46-52 against 40-43
+ * (a plain read of the same bytes: 53-63), side by side on copies of a 4096 x 14336 matrix. */
+AVX2_FN static inline __m256 q6x8_float_step(__m256 acc, const block_q6_Kx8 *b, const int32_t *s16, float da,
+                                             __m256i sumi) {
+    __m256i offset = _mm256_setzero_si256();
+    for (int g = 0; g < 16; g += 2) { /* two groups' scales a madd, as the several-row kernels */
+        const __m256i pair = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)b->scales[g]),
+                                                                    _mm_loadl_epi64((const __m128i *)b->scales[g + 1])));
+        const uint32_t bs = ((uint32_t)s16[g + 1] << 16) | ((uint32_t)s16[g] & 0xffff);
+        offset = _mm256_add_epi32(offset, _mm256_madd_epi16(pair, _mm256_set1_epi32((int)bs)));
+    }
+    const __m256i sum = _mm256_sub_epi32(sumi, _mm256_slli_epi32(offset, 5));
+    const __m256 dd = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d)), _mm256_set1_ps(da));
+    return _mm256_add_ps(acc, _mm256_mul_ps(dd, _mm256_cvtepi32_ps(sum)));
+}
+
+/* Quad u of half h, quarter kh of a Q6_KX8 block as the 4 parts' quants (6 bits, unsigned). */
+#define Q6X8_QUANTS(b, h, kh, u, w)                                                                                     \
+    do {                                                                                                                \
+        const __m256i m4_ = _mm256_set1_epi8(15), m30_ = _mm256_set1_epi8(0x30);                                        \
+        const __m256i L0 = LOAD256((b)->ql[h][0][4 * (kh) + (u)]), L1 = LOAD256((b)->ql[h][1][4 * (kh) + (u)]);         \
+        const __m256i H = LOAD256((b)->qh[h][4 * (kh) + (u)]);                                                          \
+        (w)[0] = _mm256_or_si256(_mm256_and_si256(L0, m4_), _mm256_and_si256(_mm256_slli_epi16(H, 4), m30_));            \
+        (w)[1] = _mm256_or_si256(_mm256_and_si256(L1, m4_), _mm256_and_si256(_mm256_slli_epi16(H, 2), m30_));            \
+        (w)[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L0, 4), m4_), _mm256_and_si256(H, m30_));            \
+        (w)[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L1, 4), m4_),                                        \
+                                 _mm256_and_si256(_mm256_srli_epi16(H, 2), m30_));                                      \
+    } while (0)
+
 AVX2_FN static void q6k_x8_avx2(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,
                                 float *out) {
-    q6k_x8_rows4_avx2(wg, q, 1, d, s, K, 1, out);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < K / QKK; i++) {
+        const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;
+        ONE_ROW_PREFETCH(b);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++)
+            for (int kh = 0; kh < 2; kh++) {
+                const int8_t *a = q + i * QKK + 128 * h + 16 * kh;
+                for (int u = 0; u < 4; u += 2) { /* two quads' pair products in int16: at most 2 * 2 * 63 * 127 */
+                    __m256i w0[4], w1[4];
+                    Q6X8_QUANTS(b, h, kh, u, w0);
+                    Q6X8_QUANTS(b, h, kh, u + 1, w1);
+                    for (int t = 0; t < 4; t++) {
+                        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0[t], BCAST4(a, 32 * t + 4 * u)),
+                                                           _mm256_maddubs_epi16(w1[t], BCAST4(a, 32 * t + 4 * u + 4)));
+                        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scales_s8_avx2(b->scales[8 * h + 2 * t + kh])));
+                    }
+                }
+            }
+        acc = q6x8_float_step(acc, b, s + i * 16, d[i], sumi);
+    }
+    _mm256_storeu_ps(out, acc);
 }
+
 VNNI_FN static void q6k_x8_vnni(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,
                                 float *out) {
-    q6k_x8_rows_vnni(wg, q, 1, d, s, K, 1, out);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < K / QKK; i++) {
+        const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;
+        ONE_ROW_PREFETCH(b);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++)
+            for (int kh = 0; kh < 2; kh++) {
+                const int8_t *a = q + i * QKK + 128 * h + 16 * kh;
+                __m256i g[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                                _mm256_setzero_si256()};
+                for (int u = 0; u < 4; u++) {
+                    __m256i w[4];
+                    Q6X8_QUANTS(b, h, kh, u, w);
+                    for (int t = 0; t < 4; t++) g[t] = _mm256_dpbusd_epi32(g[t], w[t], BCAST4(a, 32 * t + 4 * u));
+                }
+                for (int t = 0; t < 4; t++) {
+                    const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b->scales[8 * h + 2 * t + kh]));
+                    sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(g[t], sc));
+                }
+            }
+        acc = q6x8_float_step(acc, b, s + i * 16, d[i], sumi);
+    }
+    _mm256_storeu_ps(out, acc);
 }
 
 /* Q5_KX8: chunk c's half holds quads 4 half .. 4 half + 3 of sub-blocks 2c (lo) and 2c + 1
