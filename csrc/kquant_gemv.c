@@ -510,11 +510,11 @@ AVX2_FN static float dot_q6_K_avx2(const uint8_t *w, const int8_t *q, const floa
 
 /* One activation row reads each repacked block once and briefly, faster than the hardware
  * prefetcher alone brings a group's stream in (Q6_KX8 at 13 GB/s on 2 threads): ask for the
- * block ONE_ROW_AHEAD bytes on (6-14 blocks), into L2. From memory on 2 threads (copies of a
- * 4096 x 14336 matrix, side by side): Q4_KX8 43 -> 57 GB/s (a plain read: 60), Q6_KX8 with
- * its one-row kernel 40-43 -> 46-52 (plain 53-63). The several-row kernels' own way is
- * ROWS_PREFETCH; into L1, as the one-row Q6_KX8 asked for the next block before, a faster
- * kernel read 20 GB/s. */
+ * block ONE_ROW_AHEAD bytes on (7 Q6_KX8 blocks, 10 Q4_KX8; 6-14 blocks measured alike),
+ * into L2. From memory on 2 threads (copies of a 4096 x 14336 matrix, side by side): Q4_KX8
+ * 43 -> 57 GB/s (a plain read: 60), Q6_KX8 with its one-row kernel 40-43 -> 46-52 (plain
+ * 53-63). Into L1, the next block, as the one-row Q6_KX8 asked before, that kernel read 20:
+ * it waited on the core's few L1 miss buffers. The several-row kernels: ROWS_PREFETCH. */
 #define ONE_ROW_AHEAD 12288
 #define ONE_ROW_PREFETCH(b) prefetch_to_l2((const char *)(b) + ONE_ROW_AHEAD, sizeof(*(b)))
 
