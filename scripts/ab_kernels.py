@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
+    missing = [lib for lib in args.lib if lib != "-" and not Path(lib).is_file()]
+    if missing:  # mistol would fall back to PyTorch ops and time those
+        parser.error(f"no such kernels build: {', '.join(missing)}")
 
     for path in args.files:
         workers = []
@@ -47,13 +50,14 @@ def main() -> None:
             for _ in range(args.rounds):
                 for worker, t in zip(workers, times):
                     t += worker.ask({"do": "decode", "steps": args.steps})["steps"]
+            impls = [worker.ask({"do": "finish"})["kernels"] for worker in workers]
         finally:
             for worker in workers:
                 worker.close()
         speeds = [1 / statistics.median(t) for t in times]
         print(f"{path.name}, {args.threads} threads, {args.rounds} turns of {args.steps} steps:")
-        for lib, speed in zip(args.lib, speeds):
-            print(f"  {lib:40s} {speed:7.2f} tok/s  {speed / speeds[0]:.3f}x")
+        for lib, impl, speed in zip(args.lib, impls, speeds):
+            print(f"  {lib:40s} {impl:12s} {speed:7.2f} tok/s  {speed / speeds[0]:.3f}x")
 
 
 if __name__ == "__main__":
