@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 from pathlib import Path
 
 from mistol.bench.engines import Spec
-from mistol.bench.run import Worker, gguf_label
+from mistol.errors import MistolError
+from mistol.bench.run import Worker, WorkerError, gguf_label
 
 
 def main() -> None:
@@ -33,6 +35,8 @@ def main() -> None:
     missing = [lib for lib in args.lib if lib != "-" and not Path(lib).is_file()]
     if missing:  # mistol would fall back to PyTorch ops and time those
         parser.error(f"no such kernels build: {', '.join(missing)}")
+    if missing := [str(path) for path in args.files if not path.is_file()]:
+        parser.error(f"no such file: {', '.join(missing)}")
 
     for path in args.files:
         workers = []
@@ -51,6 +55,8 @@ def main() -> None:
                 for worker, t in zip(workers, times):
                     t += worker.ask({"do": "decode", "steps": args.steps})["steps"]
             impls = [worker.ask({"do": "finish"})["kernels"] for worker in workers]
+        except (WorkerError, MistolError) as e:
+            sys.exit(f"ab_kernels: {path.name}: {e}")
         finally:
             for worker in workers:
                 worker.close()
