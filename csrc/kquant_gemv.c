@@ -992,58 +992,54 @@ AVX2_FN static inline __m256 q6x8_float_step(__m256 acc, const block_q6_Kx8 *b, 
                                  _mm256_and_si256(_mm256_srli_epi16(H, 2), m30_));                                      \
     } while (0)
 
-AVX2_FN static void q6k_x8_avx2(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,
-                                float *out) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < K / QKK; i++) {
-        const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;
-        ONE_ROW_PREFETCH(b);
-        __m256i sumi = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++)
-            for (int kh = 0; kh < 2; kh++) {
-                const int8_t *a = q + i * QKK + 128 * h + 16 * kh;
-                for (int u = 0; u < 4; u += 2) { /* two quads' pair products in int16: at most 2 * 2 * 63 * 127 */
-                    __m256i w0[4], w1[4];
-                    Q6X8_QUANTS(b, h, kh, u, w0);
-                    Q6X8_QUANTS(b, h, kh, u + 1, w1);
-                    for (int t = 0; t < 4; t++) {
-                        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0[t], BCAST4(a, 32 * t + 4 * u)),
-                                                           _mm256_maddubs_epi16(w1[t], BCAST4(a, 32 * t + 4 * u + 4)));
-                        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scales_s8_avx2(b->scales[8 * h + 2 * t + kh])));
-                    }
-                }
-            }
-        acc = q6x8_float_step(acc, b, s + i * 16, d[i], sumi);
+/* Quarter kh of half h of a Q6_KX8 block (4 groups of 16 inputs) against its activations a:
+ * the 8 rows' integer sums, each group's weighted by the rows' scales. */
+AVX2_FN static inline __m256i q6x8_quarter_avx2(const block_q6_Kx8 *b, int h, int kh, const int8_t *a) {
+    __m256i sum = _mm256_setzero_si256();
+    for (int u = 0; u < 4; u += 2) { /* two quads' pair products in int16: at most 2 * 2 * 63 * 127 */
+        __m256i w0[4], w1[4];
+        Q6X8_QUANTS(b, h, kh, u, w0);
+        Q6X8_QUANTS(b, h, kh, u + 1, w1);
+        for (int t = 0; t < 4; t++) {
+            const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0[t], BCAST4(a, 32 * t + 4 * u)),
+                                               _mm256_maddubs_epi16(w1[t], BCAST4(a, 32 * t + 4 * u + 4)));
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, scales_s8_avx2(b->scales[8 * h + 2 * t + kh])));
+        }
     }
-    _mm256_storeu_ps(out, acc);
+    return sum;
+}
+VNNI_FN static inline __m256i q6x8_quarter_vnni(const block_q6_Kx8 *b, int h, int kh, const int8_t *a) {
+    __m256i g[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int u = 0; u < 4; u++) {
+        __m256i w[4];
+        Q6X8_QUANTS(b, h, kh, u, w);
+        for (int t = 0; t < 4; t++) g[t] = _mm256_dpbusd_epi32(g[t], w[t], BCAST4(a, 32 * t + 4 * u));
+    }
+    __m256i sum = _mm256_setzero_si256();
+    for (int t = 0; t < 4; t++) {
+        const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b->scales[8 * h + 2 * t + kh]));
+        sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(g[t], sc));
+    }
+    return sum;
 }
 
-VNNI_FN static void q6k_x8_vnni(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,
-                                float *out) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < K / QKK; i++) {
-        const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;
-        ONE_ROW_PREFETCH(b);
-        __m256i sumi = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++)
-            for (int kh = 0; kh < 2; kh++) {
-                const int8_t *a = q + i * QKK + 128 * h + 16 * kh;
-                __m256i g[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                                _mm256_setzero_si256()};
-                for (int u = 0; u < 4; u++) {
-                    __m256i w[4];
-                    Q6X8_QUANTS(b, h, kh, u, w);
-                    for (int t = 0; t < 4; t++) g[t] = _mm256_dpbusd_epi32(g[t], w[t], BCAST4(a, 32 * t + 4 * u));
-                }
-                for (int t = 0; t < 4; t++) {
-                    const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b->scales[8 * h + 2 * t + kh]));
-                    sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(g[t], sc));
-                }
-            }
-        acc = q6x8_float_step(acc, b, s + i * 16, d[i], sumi);
+#define Q6K_X8_ONE(NAME, FN, SUFFIX)                                                                                 \
+    FN static void NAME(const uint8_t *wg, const int8_t *q, const float *d, const int32_t *s, int64_t K,         \
+                        float *out) {                                                                            \
+        __m256 acc = _mm256_setzero_ps();                                                                        \
+        for (int64_t i = 0; i < K / QKK; i++) {                                                                  \
+            const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;                                                \
+            ONE_ROW_PREFETCH(b);                                                                                 \
+            __m256i sumi = _mm256_setzero_si256();                                                               \
+            for (int h = 0; h < 2; h++)                                                                          \
+                for (int kh = 0; kh < 2; kh++)                                                                   \
+                    sumi = _mm256_add_epi32(sumi, q6x8_quarter_##SUFFIX(b, h, kh, q + i * QKK + 128 * h + 16 * kh)); \
+            acc = q6x8_float_step(acc, b, s + i * 16, d[i], sumi);                                               \
+        }                                                                                                        \
+        _mm256_storeu_ps(out, acc);                                                                              \
     }
-    _mm256_storeu_ps(out, acc);
-}
+Q6K_X8_ONE(q6k_x8_avx2, AVX2_FN, avx2)
+Q6K_X8_ONE(q6k_x8_vnni, VNNI_FN, vnni)
 
 /* Q5_KX8: chunk c's half holds quads 4 half .. 4 half + 3 of sub-blocks 2c (lo) and 2c + 1
  * (hi), unpacked as q5k_x8_avx2 does. */

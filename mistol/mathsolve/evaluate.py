@@ -117,11 +117,8 @@ class ResultsFile:
             raise MistolError(f"--out {path}: {e.strerror or e}") from None
 
     def write(self, record: dict) -> None:
-        self._append((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-
-    def _append(self, data: bytes) -> None:
         try:
-            write_fully(self._fd, data)
+            write_fully(self._fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         except OSError as e:
             self.close()
             raise MistolError(f"cannot write to {self.path}: {e.strerror or e}; the records before stay in it "
