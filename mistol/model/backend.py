@@ -95,6 +95,9 @@ BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_
 # AVX512-BF16 EPYC, 7B's FFN shapes, routes in turns, over the types' own kernels, 1 and 2
 # threads: at 32 rows 1.01-1.14x the time, at 48 0.85-0.95, at 64 0.75-0.88, at 512 0.48-0.63
 # (and 0.57-0.63 of bf16 slabs', 2 threads).
+# Q6_K's several-row kernels, since unpacked as its one-row kernel (csrc/kquant_gemv.c), are
+# 1.3x faster: over them the int8 route takes at 32 rows 1.21-1.26x the time, at 48 0.97-0.99,
+# at 64 0.86-0.91, at 128 0.63-0.65 (a 7B Q6_K file's first block, 1 and 2 threads).
 # The legacy types go to the int8 kernels without requantizing: 8 rows at a time, their
 # quants and scales become int8 blocks as they are (Q5_0's values d * (q - 16) exactly; Q4_1's
 # and Q5_1's d * q + m less the minimum m, whose share is added in float). Q5_0 and Q5_1 are
@@ -105,7 +108,7 @@ BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_
 # 0.23-0.28 (bf16 0.28-0.77); with the AVX2 kernels 0.28-0.44 from 16 rows. From 32 rows only:
 # a verify pass (at most speculative.MAX_DEPTH + 1 = 17 rows) and a batch of decode steps keep
 # the bits the types' kernels give one row, which a decode step alone gets.
-INT8_MIN_ROWS = {"avx512vnni": {**dict.fromkeys(("Q4_Kx8", "Q5_Kx8", "Q6_Kx8"), 48),
+INT8_MIN_ROWS = {"avx512vnni": {**dict.fromkeys(("Q4_Kx8", "Q5_Kx8"), 48), "Q6_Kx8": 64,
                                 **dict.fromkeys(("Q4_1", "Q5_0", "Q5_1"), 32)},
                  "avx2": dict.fromkeys(("Q4_1", "Q5_0", "Q5_1"), 32)}
 
