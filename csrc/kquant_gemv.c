@@ -976,79 +976,67 @@ VNNI_FN static inline __m256i q6x8_quarter_vnni(const block_q6_Kx8 *b, int h, in
 Q6K_X8_ONE(q6k_x8_avx2, AVX2_FN, avx2)
 Q6K_X8_ONE(q6k_x8_vnni, VNNI_FN, vnni)
 
-/* Several rows of Q6_KX8 on AVX2, unpacked as its one-row kernel unpacks them: two quads' 4
- * parts (8 vectors; AVX2 has 16 registers) once for all the rows, then per row and part the
- * two quads' pair products added in int16 and weighted by the rows' scales with madd. 8 rows
- * of a 14336 x 4096 matrix, 2 threads, from memory: 4.1 ms before (each part unpacked apart,
- * rows 4 at a time), 3.2 now. */
-AVX2_FN NOT_SPECIALIZED static void q6k_x8_rows_avx2(const uint8_t *wg, const int8_t *q, int64_t ldq, const float *d,
-                                                     const int32_t *s, int64_t K, int64_t M, float *out) {
-    __m256 acc[X8_ROWS];
-    for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < K / QKK; i++) {
-        const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;
-        ROWS_PREFETCH(b);
-        __m256i sumi[X8_ROWS];
-        for (int64_t m = 0; m < M; m++) sumi[m] = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++)
-            for (int kh = 0; kh < 2; kh++)
-                for (int u = 0; u < 4; u += 2) {
-                    __m256i w0[4], w1[4];
-                    Q6X8_QUANTS(b, h, kh, u, w0);
-                    Q6X8_QUANTS(b, h, kh, u + 1, w1);
-                    for (int64_t m = 0; m < M; m++) {
-                        const int8_t *a = q + (i * ldq + m) * QKK + 128 * h + 16 * kh;
-                        for (int t = 0; t < 4; t++) {
-                            const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0[t], BCAST4(a, 32 * t + 4 * u)),
-                                                               _mm256_maddubs_epi16(w1[t], BCAST4(a, 32 * t + 4 * u + 4)));
-                            sumi[m] = _mm256_add_epi32(sumi[m],
-                                                       _mm256_madd_epi16(p, scales_s8_avx2(b->scales[8 * h + 2 * t + kh])));
-                        }
-                    }
-                }
-        for (int64_t m = 0; m < M; m++)
-            acc[m] = q6x8_float_step(acc[m], b, s + m * (K / 16) + i * 16, d[m * (K / QKK) + i], sumi[m]);
+/* Several rows of Q6_KX8, unpacked as the one-row kernel unpacks them: quarter kh of half h
+ * (qa: the M rows' activations of the super-block, QKK apart) into each row's integer sums,
+ * the unpacked quads used by all the rows. AVX2 (16 registers): two quads' 4 parts at a time,
+ * their pair products added in int16 and weighted by the rows' scales with madd. AVX512-VNNI:
+ * the quarter's 16 vectors at once, per row 16 256-bit dpbusd into its 4 groups' sums, each
+ * multiplied by the rows' scales once. The integer sums are the one-row kernel's (added in
+ * another order, exactly), and so is the float step: every row gets its bits. */
+AVX2_FN static inline void q6x8_rows_quarter_avx2(const block_q6_Kx8 *b, int h, int kh, const int8_t *qa, int64_t M,
+                                                  __m256i *sumi) {
+    for (int u = 0; u < 4; u += 2) {
+        __m256i w0[4], w1[4];
+        Q6X8_QUANTS(b, h, kh, u, w0);
+        Q6X8_QUANTS(b, h, kh, u + 1, w1);
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *a = qa + m * QKK + 128 * h + 16 * kh;
+            for (int t = 0; t < 4; t++) {
+                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0[t], BCAST4(a, 32 * t + 4 * u)),
+                                                   _mm256_maddubs_epi16(w1[t], BCAST4(a, 32 * t + 4 * u + 4)));
+                sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(p, scales_s8_avx2(b->scales[8 * h + 2 * t + kh])));
+            }
+        }
     }
-    for (int64_t m = 0; m < M; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);
+}
+VNNI_FN static inline void q6x8_rows_quarter_vnni(const block_q6_Kx8 *b, int h, int kh, const int8_t *qa, int64_t M,
+                                                  __m256i *sumi) {
+    __m256i w[4][4], sc[4];
+    for (int u = 0; u < 4; u++) Q6X8_QUANTS(b, h, kh, u, w[u]);
+    for (int t = 0; t < 4; t++)
+        sc[t] = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b->scales[8 * h + 2 * t + kh]));
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t *a = qa + m * QKK + 128 * h + 16 * kh;
+        __m256i g[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int u = 0; u < 4; u++)
+            for (int t = 0; t < 4; t++) g[t] = _mm256_dpbusd_epi32(g[t], w[u][t], BCAST4(a, 32 * t + 4 * u));
+        for (int t = 0; t < 4; t++) sumi[m] = _mm256_add_epi32(sumi[m], _mm256_mullo_epi32(g[t], sc[t]));
+    }
 }
 
-/* Several rows of Q6_KX8 on AVX512-VNNI, unpacked as the one-row kernel unpacks them: a
- * quarter's 16 quant vectors (4 quads, 4 parts) once for all the rows, then per row 16
- * 256-bit dpbusd into its 4 groups' sums and one multiply by the rows' scales per group. The
- * integer sums are the one-row kernel's (added in another order, exactly) and so is the
- * float step: every row gets its bits. The 512-bit layout of the other several-row kernels
- * (two quads a vector) took two permutes per group and unpacked ql twice and qh four times:
- * on 2 threads from memory, 8 rows of a 14336 x 4096 matrix took 3.3-3.4 ms where this takes
- * 2.6 (int4's kernel: 1.6; one row 1.4). */
-VNNI_FN NOT_SPECIALIZED static void q6k_x8_rows_vnni(const uint8_t *wg, const int8_t *q, int64_t ldq, const float *d,
-                                                     const int32_t *s, int64_t K, int64_t M, float *out) {
-    __m256 acc[X8_ROWS];
-    for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < K / QKK; i++) {
-        const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;
-        ROWS_PREFETCH(b);
-        __m256i sumi[X8_ROWS];
-        for (int64_t m = 0; m < M; m++) sumi[m] = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++)
-            for (int kh = 0; kh < 2; kh++) {
-                __m256i w[4][4], sc[4];
-                for (int u = 0; u < 4; u++) Q6X8_QUANTS(b, h, kh, u, w[u]);
-                for (int t = 0; t < 4; t++)
-                    sc[t] = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b->scales[8 * h + 2 * t + kh]));
-                for (int64_t m = 0; m < M; m++) {
-                    const int8_t *a = q + (i * ldq + m) * QKK + 128 * h + 16 * kh;
-                    __m256i g[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                                    _mm256_setzero_si256()};
-                    for (int u = 0; u < 4; u++)
-                        for (int t = 0; t < 4; t++) g[t] = _mm256_dpbusd_epi32(g[t], w[u][t], BCAST4(a, 32 * t + 4 * u));
-                    for (int t = 0; t < 4; t++) sumi[m] = _mm256_add_epi32(sumi[m], _mm256_mullo_epi32(g[t], sc[t]));
-                }
-            }
-        for (int64_t m = 0; m < M; m++)
-            acc[m] = q6x8_float_step(acc[m], b, s + m * (K / 16) + i * 16, d[m * (K / QKK) + i], sumi[m]);
+/* 8 rows of a 14336 x 4096 matrix, 2 threads, from memory: with AVX512-VNNI 3.3-3.4 ms when
+ * each part was unpacked apart (ql twice, qh four times) and two quads filled a 512-bit vector
+ * (two permutes per group), 2.6 ms now (int4's kernel: 1.6; one row: 1.4); with AVX2 4.1 ->
+ * 3.2 ms. */
+#define Q6K_X8_SEVERAL(NAME, FN, SUFFIX)                                                                         \
+    FN NOT_SPECIALIZED static void NAME(const uint8_t *wg, const int8_t *q, int64_t ldq, const float *d,        \
+                                        const int32_t *s, int64_t K, int64_t M, float *out) {                   \
+        __m256 acc[X8_ROWS];                                                                                     \
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();                                            \
+        for (int64_t i = 0; i < K / QKK; i++) {                                                                  \
+            const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;                                                \
+            ROWS_PREFETCH(b);                                                                                    \
+            __m256i sumi[X8_ROWS];                                                                               \
+            for (int64_t m = 0; m < M; m++) sumi[m] = _mm256_setzero_si256();                                    \
+            for (int h = 0; h < 2; h++)                                                                          \
+                for (int kh = 0; kh < 2; kh++) q6x8_rows_quarter_##SUFFIX(b, h, kh, q + i * ldq * QKK, M, sumi); \
+            for (int64_t m = 0; m < M; m++)                                                                      \
+                acc[m] = q6x8_float_step(acc[m], b, s + m * (K / 16) + i * 16, d[m * (K / QKK) + i], sumi[m]);   \
+        }                                                                                                        \
+        for (int64_t m = 0; m < M; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);                                  \
     }
-    for (int64_t m = 0; m < M; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);
-}
+Q6K_X8_SEVERAL(q6k_x8_rows_avx2, AVX2_FN, avx2)
+Q6K_X8_SEVERAL(q6k_x8_rows_vnni, VNNI_FN, vnni)
 
 /* Q5_KX8: chunk c's half holds quads 4 half .. 4 half + 3 of sub-blocks 2c (lo) and 2c + 1
  * (hi), unpacked as q5k_x8_avx2 does. */
