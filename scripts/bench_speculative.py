@@ -29,8 +29,11 @@ from pathlib import Path
 
 import torch
 
+from mistol.bench.models import QUANT_FORMATS
+from mistol.bench.shapes import SHAPES
 from mistol.demo_problems import make_problem
 from mistol.engine import Engine
+from mistol.errors import MistolError
 from mistol.llm import LocalLLM
 from mistol.sandbox.code_turn import CODE_SYSTEM_PROMPT, code_turn
 from mistol.sampling import SamplingParams
@@ -206,17 +209,34 @@ def main() -> None:
     p.add_argument("--skip-replies", action="store_true")
     p.add_argument("--show", action="store_true", help="print the replies")
     args = p.parse_args()
+    # (checked before the replies' run, so that a typo costs no minutes)
+    formats = [fmt.strip() for fmt in args.formats.split(",") if fmt.strip()]
+    unknown = [fmt for fmt in formats if not fmt.endswith(".gguf") and fmt not in QUANT_FORMATS]
+    if unknown or not formats:
+        p.error(f"--formats: int8, int4 or .gguf files, comma-separated, not {args.formats!r}")
+    missing = [fmt for fmt in formats if fmt.endswith(".gguf") and not Path(fmt).is_file()]
+    if missing:
+        p.error(f"--formats: no such file: {', '.join(missing)}")
+    if min(args.max_rows, args.repeats, args.questions, args.edits, args.max_tokens) < 1 or (args.threads or 1) < 1:
+        p.error("--max-rows, --repeats, --questions, --edits, --max-tokens and --threads must be at least 1")
+    if args.shape not in SHAPES:
+        p.error(f"--shape: one of {', '.join(SHAPES)}, not {args.shape!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"threads: {torch.get_num_threads()}")
-    if not args.skip_replies:
-        bench_replies(args.model, args.questions, args.edits, args.max_tokens, args.show)
-    if not args.skip_cost:
-        for fmt in args.formats.split(","):
-            step, curve = verify_cost(args.shape, fmt, args.max_rows, args.repeats)
-            print_cost(args.shape, fmt, step, curve)
-            for a, (k, gain) in derived_speedups(curve).items():
-                print(f"  derived: acceptance {a:.0%} -> best k {k}, {gain:.2f}x plain decoding")
+    try:
+        if not args.skip_replies:
+            bench_replies(args.model, args.questions, args.edits, args.max_tokens, args.show)
+        if not args.skip_cost:
+            for fmt in formats:
+                step, curve = verify_cost(args.shape, fmt, args.max_rows, args.repeats)
+                print_cost(args.shape, fmt, step, curve)
+                for a, (k, gain) in derived_speedups(curve).items():
+                    print(f"  derived: acceptance {a:.0%} -> best k {k}, {gain:.2f}x plain decoding")
+    except MistolError as e:
+        p.exit(1, f"error: {e}\n")
+    except KeyboardInterrupt:
+        p.exit(130, "interrupted\n")
 
 
 if __name__ == "__main__":
