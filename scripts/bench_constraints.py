@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from mistol.errors import run_script
+
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -257,6 +259,9 @@ def main() -> None:
     ap.add_argument("--quant", default="int8", help="its weights' format (int8, int4, bf16, f32)")
     ap.add_argument("--steps", type=int, default=16)
     args = ap.parse_args()
+    unknown = [name for name in args.libraries.split(",") if name not in LIBRARIES]
+    if unknown:
+        ap.error(f"--libraries: comma-separated, of {', '.join(LIBRARIES)}; not {', '.join(unknown)}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the mask is computed on the engine's thread, one row after another
     small, eos = mistral_vocab()
@@ -283,4 +288,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

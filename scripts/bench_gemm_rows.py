@@ -22,6 +22,7 @@ import time
 import torch
 
 from mistol import kernels
+from mistol.errors import run_script
 from mistol.quant import quantize_linear
 
 SHAPES = [(14336, 4096), (4096, 14336)]  # [out, in]: gate/up and down of Mistral 7B
@@ -65,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from mistol import kernels
 from mistol.block_quant import ROW_FORMATS, SCALE_OFFSETS, BlockLinear
+from mistol.errors import run_script
 from mistol.model.linear import linear
 from mistol.quant import QuantizedLinear, quantize_linear
 
@@ -134,4 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

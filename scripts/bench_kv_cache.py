@@ -16,9 +16,10 @@ import time
 
 import torch
 
-from mistol.bench.models import mistol_model
-from mistol.bench.shapes import model_config
-from mistol.engine import KV_CACHE_DTYPES, Engine
+from mistol.bench.models import QUANT_FORMATS, mistol_model
+from mistol.bench.shapes import SHAPES, model_config
+from mistol.engine import DTYPES, KV_CACHE_DTYPES, Engine
+from mistol.errors import run_script
 from mistol.model.kv_cache import Q8_0, quantize_q8_0
 
 
@@ -41,8 +42,8 @@ def filled_session(engine: Engine, kv_type, context: int, generator: torch.Gener
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="1b")
-    ap.add_argument("--format", default="int4")
+    ap.add_argument("--shape", default="1b", choices=list(SHAPES))
+    ap.add_argument("--format", default="int4", choices=[*QUANT_FORMATS, *DTYPES])
     ap.add_argument("--context", type=int, default=1500)
     ap.add_argument("--steps", type=int, default=12)
     args = ap.parse_args()
@@ -64,4 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from mistol.bench.models import mistol_model
-from mistol.bench.shapes import model_config
-from mistol.engine import Engine
+from mistol.bench.models import QUANT_FORMATS, mistol_model
+from mistol.bench.shapes import SHAPES, model_config
+from mistol.engine import DTYPES, Engine
+from mistol.errors import run_script
 from mistol.llm import LocalLLM
 from mistol.sampling import SamplingParams
 from mistol.tokenizer import Tokenizer
@@ -52,8 +53,9 @@ def first_token_seconds(llm: LocalLLM, messages: list[dict]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="1b")
-    ap.add_argument("--format", default="int8", help="int8, int4, bf16 or f32 linear layers (default: int8)")
+    ap.add_argument("--shape", default="1b", choices=list(SHAPES))
+    ap.add_argument("--format", default="int8", choices=[*QUANT_FORMATS, *DTYPES],
+                    help="the linear layers' format (default: int8)")
     ap.add_argument("--history", type=int, default=2000, help="tokens of conversation before the resumed turn")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -89,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import httpx
 
+from mistol.errors import run_script
+
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, default dtype)
     "small": (512, 1536, 8, 8, 2, "f32"),
@@ -230,7 +232,12 @@ def main() -> None:
     args.tokens = args.tokens or (128 if args.shape == "small" else 32)
     if args.stall:
         args.tokens = max(args.tokens, 400)
-    args.streams = sorted({int(s) for s in str(args.streams).split(",")})
+    try:
+        args.streams = sorted({int(s) for s in str(args.streams).split(",")})
+    except ValueError:
+        ap.error(f"--streams: comma-separated counts, not {args.streams!r}")
+    if args.streams[0] < 1:
+        ap.error("--streams: each count must be at least 1")
     if args.serve:
         return serve(args)
     if args.tokens <= max(args.streams):
@@ -286,4 +293,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -15,6 +15,8 @@ import argparse
 from mistol.bench.busy import busy_core_decode
 from mistol.bench.engines import Spec
 from mistol.bench.run import Worker
+from mistol.bench.shapes import SHAPES
+from mistol.errors import run_script
 
 
 def measure(shape: str, fmt: str, steps: int, cores: int) -> dict[str, float]:
@@ -29,6 +31,9 @@ def main() -> None:
     parser.add_argument("--format", default="int4", choices=["int8", "int4"])
     parser.add_argument("--steps", type=int, default=32)
     args = parser.parse_args()
+    unknown = [shape for shape in args.shapes.split(",") if shape not in SHAPES]
+    if unknown:
+        parser.error(f"--shapes: comma-separated, of {', '.join(SHAPES)}; not {', '.join(unknown)}")
     import torch
 
     cores = torch.get_num_threads()
@@ -41,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -47,6 +47,7 @@ from mistol.chat.log import ChatLog  # noqa: E402
 from mistol.chat.repl import ChatApp, ChatOptions  # noqa: E402
 from mistol.demo_problems import make_problem  # noqa: E402
 from mistol.engine import Engine  # noqa: E402
+from mistol.errors import run_script  # noqa: E402
 from mistol.llm import LocalLLM  # noqa: E402
 from mistol.sampling import SamplingParams  # noqa: E402
 from mistol.sandbox.code_turn import CODE_SYSTEM_PROMPT, CodeOptions, CodeRunner  # noqa: E402
@@ -438,6 +439,9 @@ def code_edit_set(ev: Evaluator, n: int, seed: int, verbose: bool) -> tuple[Tall
     return tally, exact, seen, wrong
 
 
+SETS = ("plain", "paraphrases", "conversations", "duo", "code")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo")
@@ -445,11 +449,13 @@ def main(argv=None):
     p.add_argument("--conversations", type=int, default=20, help="10-turn conversations (default: 20)")
     p.add_argument("--duos", type=int, default=4, help="10-line duos (default: 4)")
     p.add_argument("--edits", type=int, default=60, help="code-edit requests (default: 60)")
-    p.add_argument("--sets", default="plain,paraphrases,conversations,duo,code")
+    p.add_argument("--sets", default=",".join(SETS))
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     sets = set(args.sets.split(","))
+    if not sets or sets - set(SETS):
+        p.error(f"--sets: comma-separated, of {','.join(SETS)}; not {args.sets!r}")
     with tempfile.TemporaryDirectory() as logs:
         ev = Evaluator(args.model, Path(logs))
         start = time.time()
@@ -478,4 +484,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

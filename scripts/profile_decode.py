@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mistol.bench.models import mistol_model
-from mistol.bench.shapes import model_config
+from mistol.bench.shapes import SHAPES, model_config
 from mistol.block_quant import BlockLinear
 from mistol.engine import Engine, decode_step
 from mistol.errors import MistolError
@@ -36,7 +36,7 @@ from mistol.quant import QuantizedLinear
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="7b")
+    parser.add_argument("--shape", default="7b", choices=list(SHAPES))
     parser.add_argument("--quant", default="int8", choices=["int8", "int4", "bf16", "f32"])
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--steps", type=int, default=32)
