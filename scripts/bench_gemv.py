@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from mistol import kernels
-from mistol.block_quant import ROW_FORMATS, SCALE_OFFSETS, BlockLinear
+from mistol.bench.models import random_block_rows
+from mistol.block_quant import ROW_FORMATS, BlockLinear
 from mistol.errors import run_script
 from mistol.model.linear import linear
 from mistol.quant import QuantizedLinear, quantize_linear
@@ -33,16 +34,6 @@ from mistol.quant import QuantizedLinear, quantize_linear
 SHAPES = [(14336, 4096), (4096, 14336)]  # [out, in]: gate/up and down of Mistral 7B
 MIN_WORKING_SET = 128 << 20
 ROUND_SECONDS = 0.05
-
-
-def random_rows(fmt: str, rows: int, k: int) -> torch.Tensor:
-    """uint8 [rows, bytes per row] of fmt's blocks: random quants, fp16 scales of ~1e-3."""
-    block, nbytes = ROW_FORMATS[fmt]
-    raw = torch.randint(0, 256, (rows, k // block, nbytes), dtype=torch.uint8)
-    for off in SCALE_OFFSETS[fmt]:
-        scales = (torch.rand(rows, k // block) * 3e-3 + 1e-3).half()
-        raw[:, :, off:off + 2] = scales.view(torch.uint8).reshape(rows, k // block, 2)
-    return raw.reshape(rows, -1)
 
 
 class Method:
@@ -119,7 +110,7 @@ def main() -> None:
             if k % block:
                 print(f"{fmt}: {k} inputs are not whole blocks of {block}; skipped")
                 continue
-            rows = random_rows(fmt, n, k)
+            rows = random_block_rows(fmt, n, k)
             methods.append(Method(f"mistol {fmt} ({impl})", lambda f=fmt, r=rows: BlockLinear.for_kernels(k, n, f, r.clone()),
                                   rows.numel(), lambda c: c(x)))
         with kernels.use(args.impl):

@@ -29,6 +29,20 @@ STD = 0.02
 DTYPES_HF = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}  # config.json's torch_dtype
 
 
+def random_block_rows(fmt: str, rows: int, k: int) -> torch.Tensor:
+    """uint8 [rows, bytes per row] of llama.cpp block type fmt (Q4_K, Q6_K, Q5_0, ...) as a
+    GGUF file holds them: random quants, fp16 scales of ~1e-3 (speed does not depend on the
+    values)."""
+    from ..block_quant import ROW_FORMATS, SCALE_OFFSETS
+
+    block, nbytes = ROW_FORMATS[fmt]
+    raw = torch.randint(0, 256, (rows, k // block, nbytes), dtype=torch.uint8)
+    for off in SCALE_OFFSETS[fmt]:
+        scales = (torch.rand(rows, k // block) * 3e-3 + 1e-3).half()
+        raw[:, :, off:off + 2] = scales.view(torch.uint8).reshape(rows, k // block, 2)
+    return raw.reshape(rows, -1)
+
+
 def _random(shape, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype).normal_(0.0, STD, generator=generator)
 
