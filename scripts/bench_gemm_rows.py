@@ -1,4 +1,4 @@
-"""What M activation rows cost against one, in one int8/int4 matrix product at 7B shapes.
+"""What M activation rows cost against one, in one quantized matrix product at 7B shapes.
 
     python scripts/bench_gemm_rows.py [--impl auto|avx512vnni|avx2|scalar] [--threads 1] [--rounds 8]
                                       [--rows 1,2,4,8,16] [--blocks Q4_K,Q5_K,Q6_K]

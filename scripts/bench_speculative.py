@@ -33,7 +33,7 @@ from mistol.bench.models import QUANT_FORMATS
 from mistol.bench.shapes import SHAPES
 from mistol.demo_problems import make_problem
 from mistol.engine import Engine
-from mistol.errors import MistolError
+from mistol.errors import run_script
 from mistol.llm import LocalLLM
 from mistol.sandbox.code_turn import CODE_SYSTEM_PROMPT, code_turn
 from mistol.sampling import SamplingParams
@@ -196,7 +196,7 @@ def bench_replies(model: str, questions: int, edits: int, max_tokens: int, show:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="7b")
+    p.add_argument("--shape", default="7b", choices=list(SHAPES))
     p.add_argument("--formats", default="int8,int4", help="int8, int4 (the shape's random weights) or .gguf files")
     p.add_argument("--max-rows", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
@@ -219,26 +219,19 @@ def main() -> None:
         p.error(f"--formats: no such file: {', '.join(missing)}")
     if min(args.max_rows, args.repeats, args.questions, args.edits, args.max_tokens) < 1 or (args.threads or 1) < 1:
         p.error("--max-rows, --repeats, --questions, --edits, --max-tokens and --threads must be at least 1")
-    if args.shape not in SHAPES:
-        p.error(f"--shape: one of {', '.join(SHAPES)}, not {args.shape!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"threads: {torch.get_num_threads()}")
-    try:
-        if not args.skip_replies:
-            bench_replies(args.model, args.questions, args.edits, args.max_tokens, args.show)
-        if not args.skip_cost:
-            for fmt in formats:
-                step, curve = verify_cost(args.shape, fmt, args.max_rows, args.repeats)
-                print_cost(args.shape, fmt, step, curve)
-                for a, (k, gain) in derived_speedups(curve).items():
-                    print(f"  derived: acceptance {a:.0%} -> best k {k}, {gain:.2f}x plain decoding")
-    except MistolError as e:
-        p.exit(1, f"error: {e}\n")
-    except KeyboardInterrupt:
-        p.exit(130, "interrupted\n")
+    if not args.skip_replies:
+        bench_replies(args.model, args.questions, args.edits, args.max_tokens, args.show)
+    if not args.skip_cost:
+        for fmt in formats:
+            step, curve = verify_cost(args.shape, fmt, args.max_rows, args.repeats)
+            print_cost(args.shape, fmt, step, curve)
+            for a, (k, gain) in derived_speedups(curve).items():
+                print(f"  derived: acceptance {a:.0%} -> best k {k}, {gain:.2f}x plain decoding")
 
 
 if __name__ == "__main__":
     with torch.inference_mode():
-        main()
+        run_script(main)
