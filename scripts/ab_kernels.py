@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from mistol.bench.engines import Spec
-from mistol.errors import MistolError
 from mistol.bench.run import Worker, WorkerError, gguf_label
+from mistol.errors import MistolError, run_script
 
 
 def main() -> None:
@@ -67,7 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C reaches the workers too; they are gone by now
-        sys.exit("ab_kernels: stopped")
+    run_script(main)  # (Ctrl-C reaches the workers too; they are gone by then)

@@ -28,7 +28,7 @@ import torch
 from mistol import kernels
 from mistol.block_quant import INT8_ROUTE_FORMATS
 from mistol.engine import Engine
-from mistol.errors import MistolError
+from mistol.errors import run_script
 from mistol.model import backend
 
 
@@ -68,10 +68,7 @@ def main() -> None:
     if not rows or min(rows) < 1:
         ap.error("--rows: each count must be at least 1")
     torch.set_num_threads(args.threads)
-    try:
-        engine = Engine.load(args.model, dtype="f32", quant=args.quant, progress=False)
-    except MistolError as e:
-        ap.exit(1, f"error: {e}\n")
+    engine = Engine.load(args.model, dtype="f32", quant=args.quant, progress=False)
     by_format = quantized_layers(engine.model)
     if not by_format:
         ap.exit(1, f"{args.model}: its layers are not quantized (try --quant int8)\n")
@@ -101,4 +98,4 @@ def main() -> None:
             print(f"{fmt} [{shapes}]: {' and '.join(routes[1:])} over kernels: " + "  ".join(cells), flush=True)
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -28,7 +28,7 @@ from mistol.bench.models import mistol_model
 from mistol.bench.shapes import SHAPES, model_config
 from mistol.block_quant import BlockLinear
 from mistol.engine import Engine, decode_step
-from mistol.errors import MistolError
+from mistol.errors import run_script
 from mistol.model import transformer
 from mistol.model.linear import linear_many
 from mistol.quant import QuantizedLinear
@@ -48,11 +48,7 @@ def main() -> int:
 
     if args.model:
         print(f"loading {args.model} ...", file=sys.stderr)
-        try:
-            engine = Engine.load(args.model, progress=False)
-        except MistolError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        engine = Engine.load(args.model, progress=False)
         what = f"{Path(args.model).name} as loaded"
     else:
         print(f"building a random {args.shape} model in {args.quant} ...", file=sys.stderr)
@@ -152,4 +148,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

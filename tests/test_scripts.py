@@ -23,6 +23,9 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
     ("bench_constraints", ["--libraries", "nope"], 2, "not nope"),
     ("eval_demo", ["--sets", "nothing"], 2, "--sets"),
     ("eval_demo", ["--model", "junk.gguf", "--sets", "code", "--edits", "1"], 1, "not a GGUF file"),
+    ("profile_decode", ["--model", "junk.gguf"], 1, "not a GGUF file"),
+    ("bench_prefill_route", ["junk.gguf"], 1, "not a GGUF file"),
+    ("ab_kernels", ["junk.gguf", "--lib", "missing.so"], 2, "no such kernels build: missing.so"),
 ])
 def test_bad_input_gets_one_line(tmp_path, script, args, rc, says):
     (tmp_path / "junk.gguf").write_bytes(b"not a model" * 100)

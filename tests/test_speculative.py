@@ -342,4 +342,3 @@ def test_generate_command_with_a_draft_prints_the_plain_text_and_the_share_kept(
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     (error,) = [line for line in refused.stderr.splitlines() if "error" in line]
     assert error.startswith("mistol: error: --draft") and "vocabulary has 64 tokens" in error
-
