@@ -14,8 +14,9 @@
  * Row by row, a super-block's 8-16 sub-block scales are applied lane by lane inside the
  * integer sums (a shuffle and a multiply-add per 32 inputs), which costs 2-3x the int4
  * kernel's time per weight; Q4_KX8 applies each scale to 8 rows at once (one multiply-add
- * per 32 inputs of 8 rows) and runs as fast as int4; Q5_KX8 and Q6_KX8 the same way. The legacy
- * types, and the k-quants where they are not repacked, run row by row.
+ * per 32 inputs of 8 rows) and runs as fast as int4; Q5_KX8 and Q6_KX8 the same way. The
+ * k-quants where they are not repacked run row by row; the legacy types too, but several
+ * activation rows share each weight row's unpacked blocks (DEFINE_LEGACY_ROWS_*).
  */
 
 #include <math.h>
@@ -744,6 +745,125 @@ DEFINE_LEGACY_SIMD(dot_q4_1_vnni, VNNI_BW_FN, block_q4_1, eight_vnni, SUMS_VNNI,
 DEFINE_LEGACY_SIMD(dot_q5_0_vnni, VNNI_BW_FN, block_q5_0, eight_vnni, SUMS_VNNI, Q5_VNNI, OFFSET16)
 DEFINE_LEGACY_SIMD(dot_q5_1_vnni, VNNI_BW_FN, block_q5_1, eight_vnni, SUMS_VNNI, Q5_VNNI, HEADER_MIN)
 
+/* Several activation rows against one legacy row (a verify pass, a batch of decode steps):
+ * eight blocks' headers and quants unpacked once for all the rows, then each row's steps
+ * those of the one-row kernel above (the same products, scales, lanes and order of adds), so
+ * each row gets the bits a decode step gets. Row m's activations for blocks i .. i + 7 lie
+ * together at q + (i ldq + 8 m) 32 (qact's qab). */
+
+/* Row m's activation scales and sums of blocks i.., its mins' share added, and its blocks'
+ * scales dw * da, as the one-row kernel takes them (lanes past the last block n: 0). */
+#define LEGACY_ROW_SCALES(m, live)                                                                             \
+    const __m256 da = _mm256_maskload_ps(d + (m) * nb + i, live);                                              \
+    const __m256 sa = _mm256_cvtepi32_ps(_mm256_maskload_epi32(s + (m) * nb + i, live));                       \
+    mins[m] = _mm256_add_ps(mins[m], _mm256_mul_ps(_mm256_mul_ps(min8, da), sa));                              \
+    const __m256 sc = _mm256_mul_ps(e.dw, da);                                                                 \
+    const int8_t *a = q + (i * ldq + 8 * (m)) * QK
+/* acc + block k's sums (quants v) times its scale, as NAME##_block */
+#define LEGACY_ROW_BLOCK(acc, SUMS, v, k)                                                                      \
+    _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(SUMS(b + (k), a + (k) * QK, v)),                       \
+                                     _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(k))))
+/* AVX2: a row's even and odd blocks in two vectors. */
+#define DEFINE_LEGACY_ROWS_AVX2(NAME, TYPE, QUANTS, MIN8)                                                     \
+    AVX2_FN NOT_SPECIALIZED static void NAME(const uint8_t *w, const int8_t *q, int64_t ldq, const float *d,     \
+                                             const int32_t *s, int64_t K, int64_t M, float *y, int64_t ldy) {     \
+        const TYPE *b = (const TYPE *)w;                                                                       \
+        const int64_t nb = K / QK;                                                                             \
+        __m256 even[LEGACY_ROWS], odd[LEGACY_ROWS], mins[LEGACY_ROWS];                                         \
+        for (int64_t m = 0; m < M; m++) even[m] = odd[m] = mins[m] = _mm256_setzero_ps();                     \
+        for (int64_t i = 0; i < nb; i += 8, b += 8) {                                                          \
+            const int n = nb - i < 8 ? (int)(nb - i) : 8;                                                      \
+            prefetch_to_l2(b + 16, 8 * sizeof(TYPE)); /* (the group after next) */                             \
+            const eight_blocks e = eight_avx2(b, n, (int)sizeof(TYPE), d + i, s + i); /* (its da, sa unused) */ \
+            const __m256 min8 = MIN8(e.h, e.dw);                                                               \
+            const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); \
+            if (n < 8) { /* the last blocks */                                                               \
+                __m256i v[7];                                                                                  \
+                for (int k = 0; k < n; k++) v[k] = QUANTS((b + k));                                            \
+                for (int64_t m = 0; m < M; m++) {                                                              \
+                    LEGACY_ROW_SCALES(m, live);                                                                \
+                    for (int k = 0; k < n; k++) {                                                              \
+                        if (k & 1) odd[m] = LEGACY_ROW_BLOCK(odd[m], SUMS_AVX2, v[k], k);                      \
+                        else even[m] = LEGACY_ROW_BLOCK(even[m], SUMS_AVX2, v[k], k);                          \
+                    }                                                                                          \
+                }                                                                                              \
+                continue;                                                                                      \
+            }                                                                                                  \
+            const __m256i v0 = QUANTS((b)), v1 = QUANTS((b + 1)), v2 = QUANTS((b + 2)), v3 = QUANTS((b + 3));  \
+            const __m256i v4 = QUANTS((b + 4)), v5 = QUANTS((b + 5)), v6 = QUANTS((b + 6)), v7 = QUANTS((b + 7)); \
+            for (int64_t m = 0; m < M; m++) {                                                                  \
+                LEGACY_ROW_SCALES(m, live);                                                                    \
+                __m256 ev = even[m], od = odd[m];                                                              \
+                ev = LEGACY_ROW_BLOCK(ev, SUMS_AVX2, v0, 0), od = LEGACY_ROW_BLOCK(od, SUMS_AVX2, v1, 1);      \
+                ev = LEGACY_ROW_BLOCK(ev, SUMS_AVX2, v2, 2), od = LEGACY_ROW_BLOCK(od, SUMS_AVX2, v3, 3);      \
+                ev = LEGACY_ROW_BLOCK(ev, SUMS_AVX2, v4, 4), od = LEGACY_ROW_BLOCK(od, SUMS_AVX2, v5, 5);      \
+                ev = LEGACY_ROW_BLOCK(ev, SUMS_AVX2, v6, 6), od = LEGACY_ROW_BLOCK(od, SUMS_AVX2, v7, 7);      \
+                even[m] = ev, odd[m] = od;                                                                     \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int64_t m = 0; m < M; m++) y[m * ldy] = hsum_ps(_mm256_add_ps(even[m], odd[m])) + hsum_ps(mins[m]); \
+    }
+
+/* AVX512-VNNI: a row's even blocks in the low half of one 512-bit vector, its odd ones in the
+ * high half, so that one dpbusd, conversion, multiply and add serve two blocks (lane by lane
+ * the same operations). */
+#define PAIR(lo, hi) _mm512_inserti64x4(_mm512_castsi256_si512(lo), (hi), 1)
+/* Blocks 2j and 2j + 1's sums (quants p) times their scales (pair_scale[j] of sc2) */
+#define LEGACY_ROW_PRODUCT(p, j)                                                                               \
+    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), p, _mm512_loadu_si512(a + 64 * (j)))), \
+                  _mm512_permutexvar_ps(pair_scale[j], sc2))
+#define DEFINE_LEGACY_ROWS_VNNI(NAME, TYPE, QUANTS, MIN8)                                                     \
+    VNNI_BW_FN NOT_SPECIALIZED static void NAME(const uint8_t *w, const int8_t *q, int64_t ldq, const float *d,  \
+                                                const int32_t *s, int64_t K, int64_t M, float *y, int64_t ldy) {  \
+        const TYPE *b = (const TYPE *)w;                                                                       \
+        const int64_t nb = K / QK;                                                                             \
+        __m512 acc[LEGACY_ROWS];                                                                               \
+        __m256 mins[LEGACY_ROWS];                                                                              \
+        __m512i pair_scale[4]; /* lanes 0-7: block 2j's scale, 8-15: block 2j + 1's */                         \
+        for (int j = 0; j < 4; j++)                                                                            \
+            pair_scale[j] = _mm512_inserti64x4(_mm512_set1_epi32(2 * j), _mm256_set1_epi32(2 * j + 1), 1);    \
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm512_setzero_ps(), mins[m] = _mm256_setzero_ps();          \
+        for (int64_t i = 0; i < nb; i += 8, b += 8) {                                                          \
+            const int n = nb - i < 8 ? (int)(nb - i) : 8;                                                      \
+            prefetch_to_l2(b + 16, 8 * sizeof(TYPE)); /* (the group after next) */                             \
+            const eight_blocks e = eight_vnni(b, n, (int)sizeof(TYPE), d + i, s + i); /* (its da, sa unused) */ \
+            const __m256 min8 = MIN8(e.h, e.dw);                                                               \
+            const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); \
+            if (n < 8) { /* the last blocks: pairs, and a last even block alone (its odd half not added) */ \
+                __m512i p[4];                                                                                  \
+                for (int j = 0; 2 * j < n; j++)                                                                \
+                    p[j] = PAIR(QUANTS((b + 2 * j)), 2 * j + 1 < n ? QUANTS((b + 2 * j + 1)) : _mm256_setzero_si256()); \
+                for (int64_t m = 0; m < M; m++) {                                                              \
+                    LEGACY_ROW_SCALES(m, live);                                                                \
+                    const __m512 sc2 = _mm512_castps256_ps512(sc);                                             \
+                    for (int j = 0; 2 * j < n; j++)                                                            \
+                        acc[m] = _mm512_mask_add_ps(acc[m], 2 * j + 1 < n ? 0xffff : 0x00ff, acc[m],           \
+                                                    LEGACY_ROW_PRODUCT(p[j], j));                              \
+                }                                                                                              \
+                continue;                                                                                      \
+            }                                                                                                  \
+            const __m512i p0 = PAIR(QUANTS((b)), QUANTS((b + 1))), p1 = PAIR(QUANTS((b + 2)), QUANTS((b + 3)));  \
+            const __m512i p2 = PAIR(QUANTS((b + 4)), QUANTS((b + 5))), p3 = PAIR(QUANTS((b + 6)), QUANTS((b + 7))); \
+            for (int64_t m = 0; m < M; m++) {                                                                  \
+                LEGACY_ROW_SCALES(m, live);                                                                    \
+                const __m512 sc2 = _mm512_castps256_ps512(sc);                                                 \
+                __m512 t = acc[m];                                                                             \
+                t = _mm512_add_ps(t, LEGACY_ROW_PRODUCT(p0, 0)), t = _mm512_add_ps(t, LEGACY_ROW_PRODUCT(p1, 1)); \
+                t = _mm512_add_ps(t, LEGACY_ROW_PRODUCT(p2, 2)), acc[m] = _mm512_add_ps(t, LEGACY_ROW_PRODUCT(p3, 3)); \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int64_t m = 0; m < M; m++)                                                                        \
+            y[m * ldy] = hsum_ps(_mm256_add_ps(_mm512_castps512_ps256(acc[m]), _mm512_extractf32x8_ps(acc[m], 1))) + \
+                         hsum_ps(mins[m]);                                                                     \
+    }
+
+DEFINE_LEGACY_ROWS_AVX2(rows_q4_1_avx2, block_q4_1, Q4, HEADER_MIN)
+DEFINE_LEGACY_ROWS_AVX2(rows_q5_0_avx2, block_q5_0, Q5_AVX2, OFFSET16)
+DEFINE_LEGACY_ROWS_AVX2(rows_q5_1_avx2, block_q5_1, Q5_AVX2, HEADER_MIN)
+DEFINE_LEGACY_ROWS_VNNI(rows_q4_1_vnni, block_q4_1, Q4, HEADER_MIN)
+DEFINE_LEGACY_ROWS_VNNI(rows_q5_0_vnni, block_q5_0, Q5_VNNI, OFFSET16)
+DEFINE_LEGACY_ROWS_VNNI(rows_q5_1_vnni, block_q5_1, Q5_VNNI, HEADER_MIN)
+
 /* ---------------------------------------------------------------------------------------
  * Several activation rows against one repacked group (a speculative verify pass, a short
  * prefill): each piece of a super-block is unpacked once for up to X8_ROWS rows, then each
@@ -1430,6 +1550,7 @@ void kquant_select(int impl, qkernels *out) {
     out->q5k_x8 = q5k_x8_scalar;
     out->q6k_x8 = q6k_x8_scalar;
     out->q4k_x8_rows = out->q5k_x8_rows = out->q6k_x8_rows = NULL;
+    out->legacy_rows[FMT_Q4_1] = out->legacy_rows[FMT_Q5_0] = out->legacy_rows[FMT_Q5_1] = NULL;
     out->rowdot[FMT_Q4_K] = dot_q4_K_scalar, out->rowdot[FMT_Q5_K] = dot_q5_K_scalar;
     out->rowdot[FMT_Q6_K] = dot_q6_K_scalar, out->rowdot[FMT_Q4_1] = dot_q4_1_scalar;
     out->rowdot[FMT_Q5_0] = dot_q5_0_scalar, out->rowdot[FMT_Q5_1] = dot_q5_1_scalar;
@@ -1445,10 +1566,14 @@ void kquant_select(int impl, qkernels *out) {
         out->rowdot[FMT_Q4_K] = dot_q4_K_avx2, out->rowdot[FMT_Q5_K] = dot_q5_K_avx2;
         out->rowdot[FMT_Q6_K] = dot_q6_K_avx2, out->rowdot[FMT_Q4_1] = dot_q4_1_avx2;
         out->rowdot[FMT_Q5_0] = dot_q5_0_avx2, out->rowdot[FMT_Q5_1] = dot_q5_1_avx2;
+        out->legacy_rows[FMT_Q4_1] = rows_q4_1_avx2, out->legacy_rows[FMT_Q5_0] = rows_q5_0_avx2;
+        out->legacy_rows[FMT_Q5_1] = rows_q5_1_avx2;
     }
     if (impl == IMPL_VNNI) {
         out->rowdot[FMT_Q4_1] = dot_q4_1_vnni, out->rowdot[FMT_Q5_0] = dot_q5_0_vnni;
         out->rowdot[FMT_Q5_1] = dot_q5_1_vnni;
+        out->legacy_rows[FMT_Q4_1] = rows_q4_1_vnni, out->legacy_rows[FMT_Q5_0] = rows_q5_0_vnni;
+        out->legacy_rows[FMT_Q5_1] = rows_q5_1_vnni;
     }
 #endif
 #ifdef MISTOL_ARM
@@ -1508,6 +1633,14 @@ void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, in
     const float *d = per256 ? act->dk : act->da;
     const int32_t *s = per256 ? act->sk : act->sa;
     const int64_t nd = per256 ? K / QKK : K / QK, ns = per256 ? K / 16 : K / QK;
+    const legacy_rows_fn rows = act->qab && M > 1 ? kn->legacy_rows[w->format] : NULL;
+    if (rows) { /* each row's blocks read once for up to LEGACY_ROWS activation rows */
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t m0 = 0; m0 < M; m0 += LEGACY_ROWS)
+                rows(w->data + r * rb, act->qab + m0 * 8 * QK, M, d + m0 * nd, s + m0 * ns, K,
+                     M - m0 < LEGACY_ROWS ? M - m0 : LEGACY_ROWS, y + m0 * ldy + r, ldy);
+        return;
+    }
     for (int64_t c0 = r0; c0 < r1; c0 += ROW_CHUNK) {
         const int64_t c1 = c0 + ROW_CHUNK < r1 ? c0 + ROW_CHUNK : r1;
         for (int64_t m = 0; m < M; m++)

@@ -145,6 +145,14 @@ typedef float (*rowdot_fn)(const uint8_t *, const int8_t *, const float *, const
 #define X8_ROWS 8
 typedef void (*x8_rows_fn)(const uint8_t *, const int8_t *, int64_t, const float *, const int32_t *, int64_t, int64_t,
                            float *);
+/* One row of a legacy type (Q4_1, Q5_0, Q5_1) against M <= LEGACY_ROWS activation rows, each
+ * row's result the bits its rowdot gives: (w, q, ldq, d, s, K, M, y, ldy), row m's result
+ * into y[m ldy]. The rows' per-32 quants are held 8 blocks at a time, rows side by side
+ * (row m's block 8 g + k at q + ((g ldq + m) 8 + k) 32, as qact's qab), their scales and
+ * sums row by row (d, s: K/32 apart). */
+#define LEGACY_ROWS 16
+typedef void (*legacy_rows_fn)(const uint8_t *, const int8_t *, int64_t, const float *, const int32_t *, int64_t,
+                               int64_t, float *, int64_t);
 
 /* The functions of one instruction set: the activation quantizers and each format's
  * kernel (a group kernel for the packed formats, a row kernel for the row-order ones). */
@@ -160,6 +168,8 @@ typedef struct {
     /* the same for up to X8_ROWS activation rows at once (qact's qkb), each row's bits as
      * above; NULL: one row at a time */
     x8_rows_fn q4k_x8_rows, q5k_x8_rows, q6k_x8_rows;
+    /* Q4_1, Q5_0, Q5_1: several activation rows at once (NULL: rowdot row by row) */
+    legacy_rows_fn legacy_rows[FMT_COUNT];
     /* FMT_INT8, FMT_INT4: several activation rows at once (NULL: group[] row by row) */
     group_rows_fn group_rows[FMT_COUNT];
 } qkernels;
@@ -180,6 +190,8 @@ typedef struct {
     float *db;
     int32_t *sb;
     int8_t *qkb; /* qk super-block-major, for the repacked k-quants' multi-row kernels, or NULL */
+    int8_t *qab; /* qa 8 blocks at a time, rows side by side (legacy_rows_fn), for the legacy types' multi-row
+                  * kernels, or NULL */
 } qact;
 
 enum { ACT_32 = 1, ACT_256 = 2 }; /* what act_needs returns: which quantizations to make */

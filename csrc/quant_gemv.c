@@ -759,6 +759,11 @@ static int gemm_run(const float *x, int64_t M, int64_t K, int count, const misto
     /* the per-256 rows super-block-major, for the repacked k-quants' multi-row kernels */
     const int64_t nkb = M > 1 && kn.q4k_x8_rows ? nk : 0;
     act.qkb = malloc((size_t)nkb + 1);
+    /* the per-32 rows block-major, for the legacy types' multi-row kernels */
+    int legacy = 0;
+    for (int i = 0; i < count; i++) legacy |= kn.legacy_rows[mats[i].format] != NULL;
+    const int64_t nab = M > 1 && legacy ? (K / QK + 7) / 8 * 8 * QK * M : 0;
+    act.qab = malloc((size_t)nab + 1);
     /* Each thread's scratch on cache lines of its own: the several-row kernels store to it
      * block after block, and two threads that write one line take turns owning it (at 7B
      * with 2 threads, 2-8 rows took 1.5-3x as long, varying with where malloc put it). */
@@ -766,9 +771,9 @@ static int gemm_run(const float *x, int64_t M, int64_t K, int count, const misto
     void *acc_mem = malloc(sizeof(float) * (size_t)(acc_stride * nthreads + LINE_FLOATS));
     float *acc = acc_mem ? (float *)(((uintptr_t)acc_mem + 63) & ~(uintptr_t)63) : NULL;
 #define FREE_ACT free(act.qa), free(act.da), free(act.sa), free(act.qk), free(act.dk), free(act.sk), \
-                 free(act.qb), free(act.db), free(act.sb), free(act.qkb), free(acc_mem)
+                 free(act.qb), free(act.db), free(act.sb), free(act.qkb), free(act.qab), free(acc_mem)
     if (!act.qa || !act.da || !act.sa || !act.qk || !act.dk || !act.sk || !act.qb || !act.db || !act.sb || !act.qkb ||
-        !acc) {
+        !act.qab || !acc) {
         FREE_ACT;
         return ERR_NOMEM;
     }
@@ -780,6 +785,11 @@ static int gemm_run(const float *x, int64_t M, int64_t K, int count, const misto
     if (nkb)
         for (int64_t m = 0; m < M; m++) act_row_to_blocks(act.qk + m * K, m, M, K, act.qkb);
     else free(act.qkb), act.qkb = NULL;
+    if (nab && (K / QK) % 8) memset(act.qab, 0, (size_t)nab); /* (the last group's unused blocks, read as 0) */
+    if (nab)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t b = 0; b < K / QK; b++) memcpy(act.qab + ((b / 8 * M + m) * 8 + b % 8) * QK, act.qa + m * K + b * QK, QK);
+    else free(act.qab), act.qab = NULL;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif

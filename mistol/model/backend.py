@@ -107,7 +107,10 @@ BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_
 # (bf16 0.33); Q5_1 (0.5b) 16-512 rows 0.21-0.32 (bf16 0.31-1.5); Q4_1 (1b) 32-512 rows
 # 0.23-0.28 (bf16 0.28-0.77); with the AVX2 kernels 0.28-0.44 from 16 rows. From 32 rows only:
 # a verify pass (at most speculative.MAX_DEPTH + 1 = 17 rows) and a batch of decode steps keep
-# the bits the types' kernels give one row, which a decode step alone gets.
+# the bits the types' kernels give one row, which a decode step alone gets. Those take the
+# types' several-row kernels, which unpack each weight row once for up to 16 rows: at 7B's
+# widths, 2 threads, 8 rows cost 2.7-4.1x one row with AVX512-VNNI, 3.2-4.8x with AVX2 (row by
+# row: 5.9-7.9x); 16 rows 4.7-7.0x and 5.3-8.8x (scripts/bench_gemm_rows.py --blocks Q5_0,...).
 INT8_MIN_ROWS = {"avx512vnni": {**dict.fromkeys(("Q4_Kx8", "Q5_Kx8"), 48), "Q6_Kx8": 64,
                                 **dict.fromkeys(("Q4_1", "Q5_0", "Q5_1"), 32)},
                  "avx2": dict.fromkeys(("Q4_1", "Q5_0", "Q5_1"), 32)}

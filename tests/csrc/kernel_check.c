@@ -387,6 +387,34 @@ static void check_block_gemm(const char *name, int impl) {
     for (int i = 0; i < COUNT; i++) free((void *)mats[i].data);
 }
 
+/* The legacy types' multi-row kernels through mistol_gemm_matrices: K with and without a last
+ * group of fewer than 8 blocks, 2 to 35 activation rows (past LEGACY_ROWS at once), 1 and 4
+ * threads: every row the bits the portable row kernel gives it. */
+static void check_legacy_rows(const char *name, int impl) {
+    const int fmts[] = {FMT_Q4_1, FMT_Q5_0, FMT_Q5_1};
+    const int64_t Ks[] = {13 * QK, 3 * QK, 28 * QK, 4096 + 5 * QK}, row_counts[] = {2, 5, 17, 35}, rows = 11;
+    int ok = 1;
+    for (size_t f = 0; f < sizeof fmts / sizeof fmts[0]; f++)
+        for (size_t k = 0; k < sizeof Ks / sizeof Ks[0]; k++) {
+            const int64_t K = Ks[k];
+            const mistol_matrix w = random_matrix(fmts[f], rows, K);
+            for (size_t c = 0; c < sizeof row_counts / sizeof row_counts[0]; c++) {
+                const int64_t M = row_counts[c];
+                float *x = edge_activations(M * K);
+                float *ref = malloc(sizeof(float) * (size_t)(M * rows)), *y = malloc(sizeof(float) * (size_t)(M * rows));
+                if (mistol_gemm_matrices(x, M, K, 1, &w, ref, rows, 1, IMPL_SCALAR) != OK) ok = 0;
+                for (int threads = 1; threads <= 4; threads += 3) {
+                    memset(y, 0xff, sizeof(float) * (size_t)(M * rows));
+                    if (mistol_gemm_matrices(x, M, K, 1, &w, y, rows, threads, impl) != OK) ok = 0;
+                    ok &= !memcmp(y, ref, sizeof(float) * (size_t)(M * rows));
+                }
+                free(x), free(ref), free(y);
+            }
+            free((void *)w.data);
+        }
+    report(ok, name, "Q4_1/Q5_0/Q5_1 several rows (M 2 to 35, K 3 to 133 blocks, 1 and 4 threads): same bits", -1);
+}
+
 /* mistol_gemm_as_int8 (Q4_1 / Q5_0 / Q5_1 rows converted 8 at a time to int8 blocks of their
  * quants; row count not a multiple of 8; 1, 3 and 40 activation rows; 1 and 4 threads).
  * Q5_0 against mistol_gemm_matrices on int8 blocks of the same values converted here one block
@@ -565,6 +593,7 @@ int main(void) {
         check_x8(name, FMT_Q5_KX8, &kn, &ref);
         check_x8(name, FMT_Q6_KX8, &kn, &ref);
         check_block_gemm(name, IMPLS[i].id);
+        check_legacy_rows(name, IMPLS[i].id);
         check_as_int8(name, IMPLS[i].id);
         /* q: Q4_KX8, k: Q5_K, v: Q5_KX8, o: Q6_KX8, gate: Q4_1, up: Q5_1, down: Q6_K */
         static const int block_fmts[W_COUNT] = {FMT_Q4_KX8, FMT_Q5_K, FMT_Q5_KX8, FMT_Q6_KX8,
