@@ -82,7 +82,8 @@ def verify_cost(shape: str, fmt: str, max_rows: int, repeats: int) -> tuple[floa
 
 
 def print_cost(shape: str, fmt: str, step: float, curve: list[tuple[int, float]]) -> None:
-    print(f"\nverify cost, {shape} {fmt}: one decode step {step * 1e3:.0f} ms (median)")
+    what = fmt if fmt.endswith(".gguf") else f"{shape} {fmt}"  # (a file has its own shape)
+    print(f"\nverify cost, {what}: one decode step {step * 1e3:.0f} ms (median)")
     print("rows (k+1)  x step (median of each pass over the step timed just before it)")
     for rows, cost in curve:
         print(f"{rows:>10}  {cost:>6.2f}")
