@@ -132,15 +132,17 @@ def test_repacked_layouts_give_the_bits_of_the_files_rows(fmt):
 
 
 @pytest.mark.parametrize("impl", kernel_impls())
-@pytest.mark.parametrize("fmt", ["Q4_Kx8", "Q5_Kx8", "Q6_Kx8"])
+@pytest.mark.parametrize("fmt", ["Q4_Kx8", "Q5_Kx8", "Q6_Kx8", "Q4_1", "Q5_0", "Q5_1"])
 def test_several_rows_at_once_get_each_rows_bits_alone(fmt, impl, monkeypatch):
     """A verify pass or a short prompt multiplies several rows at once (each piece of a block
-    unpacked once for up to 8 rows): each row must come out exactly as a decode step
-    computes it alone, or speculative greedy decoding would drift from plain decoding."""
+    unpacked once for up to 8 rows, a legacy row's blocks for up to 16): each row must come
+    out exactly as a decode step computes it alone, or speculative greedy decoding would
+    drift from plain decoding."""
     from mistol.model import backend
 
     monkeypatch.setattr(backend, "native_bf16", lambda: False)  # (keep every row count on the kernels)
-    n, k = 45, 1024
+    # (the legacy types: a last group of 5 blocks, which their kernels take apart)
+    n, k = 45, 1024 if fmt.endswith("x8") else 1024 + 5 * 32
     layer = make_layer(fmt, k, n, random_blocks(file_type(fmt), n, k, seed=6))
     x = torch.randn(19, k, generator=torch.Generator().manual_seed(6)) * 3
     x[1, :256] = 0  # an all-zero activation block
