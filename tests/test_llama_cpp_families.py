@@ -208,6 +208,31 @@ def test_prompts_on_the_int8_route_give_llama_cpps_logits(family, ftype, monkeyp
     assert relative_error(ours, ref) <= 1.1 * quantization
 
 
+@pytest.mark.parametrize("family,ftype", [("qwen2.5", t) for t in ("Q4_1", "Q5_0", "Q5_1", "Q4_K_M")],
+                         indirect=["family"])
+def test_prompt_lookup_on_llama_cpp_files_gives_the_plain_greedy_output(family, ftype):
+    """A verify pass multiplies its rows at once (a legacy row's blocks unpacked once for up to
+    16 rows, a repacked k-quant group's pieces for 8), a decode step one row in the compiled
+    layer: on files llama.cpp quantized, greedy output with prompt lookup is plain decoding's,
+    token for token."""
+    from mistol.sampling import SamplingParams
+    from mistol.speculative import Speculation
+
+    _, _, _, f32 = family
+    path = llama_cpp_ref.quantize(f32, f32.with_name(f"{ftype}.gguf"), ftype)
+    engine = Engine.load(path, dtype="f32")
+    params = SamplingParams(temperature=0, max_tokens=30)
+    prompt = TOKENS[:1] + TOKENS[1:11] * 3  # (repeats: guesses from the first step on)
+    engine.speculation = None
+    expected = list(engine.new_session().generate(prompt, params))
+    engine.speculation = Speculation(adaptive=False, max_depth=8)
+    session = engine.new_session()
+    assert list(session.generate(prompt, params)) == expected
+    stats = session.speculator.stats
+    print(f"{ftype}: {stats.verifies} verify passes, {stats.accepted} of {stats.proposed} guesses kept")
+    assert stats.verifies >= 3 and stats.proposed > stats.verifies  # (passes of several rows)
+
+
 # -- with their byte-level BPE vocabularies -------------------------------------------------------
 BPE_FAMILIES = {  # the tokenizer family (tests/bpe_models.py) and the model's shape
     "llama3.2": ("llama3", dict(arch="llama", tie=True, rope_parameters=LLAMA3)),
