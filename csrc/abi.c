@@ -94,6 +94,7 @@ static const mistol_constant constants[] = {
     FIELD(mistol_decode_args, nthreads),
     FIELD(mistol_decode_args, impl),
     FIELD(mistol_decode_args, cache_type),
+    FIELD(mistol_decode_args, rows),
 
     {NULL, NULL, 0},
 };

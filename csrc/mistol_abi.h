@@ -9,7 +9,7 @@
 
 #include <stdint.h>
 
-#define MISTOL_ABI_VERSION 17
+#define MISTOL_ABI_VERSION 18
 
 /* Weight formats of the quantized kernels: int8/int4 in the packed layout of
  * mistol_kernels.h; the others are llama.cpp's block types in the file's own row order
@@ -47,12 +47,13 @@ typedef struct {
 } mistol_layer;
 
 /* Everything one call of mistol_decode_layer reads: layer `layer` of `layers` for the
- * token whose hidden state x[hidden] it updates in place. The caches hold every layer:
- * [layers][kv_heads][capacity][head_dim] values of `cache_type` (float32, float16 or int8);
- * with KV_Q8_0, cache_k_scale/cache_v_scale hold their float16 scales,
- * [layers][kv_heads][capacity][head_dim / 32] (else NULL). The new key and value go to slot
- * `slot`, attention reads slots [0, n_keys) where mask[s] != 0 (mask NULL: all of them).
- * cos/sin: the token's RoPE values, [head_dim]. */
+ * `rows` consecutive tokens of one sequence whose hidden states x[rows][hidden] it updates
+ * in place. The caches hold every layer: [layers][kv_heads][capacity][head_dim] values of
+ * `cache_type` (float32, float16 or int8); with KV_Q8_0, cache_k_scale/cache_v_scale hold
+ * their float16 scales, [layers][kv_heads][capacity][head_dim / 32] (else NULL). Token m's
+ * key and value go to slot (slot + m) mod capacity, and it attends over slots [0, n_keys)
+ * where mask[m][s] != 0 (mask [rows][n_keys]; NULL: all of them). cos/sin: the tokens' RoPE
+ * values, [rows][head_dim]. */
 typedef struct {
     const mistol_layer *layers;
     int64_t layer;
@@ -67,6 +68,7 @@ typedef struct {
     int32_t nthreads;
     int32_t impl;
     int32_t cache_type;
+    int64_t rows;
 } mistol_decode_args;
 
 /* One entry of mistol_abi_constants(): a named value in a group ("format", "error", ...);

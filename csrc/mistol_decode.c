@@ -42,11 +42,11 @@
  * output, gate|up, the layer outputs added to x, the quantized input, and per thread:
  * attention scores and accumulators. Each buffer holds `*_size` elements. */
 struct mistol_workspace {
-    float *h, *qkv, *att, *gu, *y, *da, *scores, *acc, *dk, *kv_chunk;
-    int8_t *qa, *qk;
-    int32_t *sa, *sk;
+    float *h, *qkv, *att, *gu, *y, *da, *scores, *acc, *dk, *kv_chunk, *db;
+    int8_t *qa, *qk, *qb, *qkb, *qab;
+    int32_t *sa, *sk, *sb;
     int64_t h_size, qkv_size, att_size, gu_size, y_size, da_size, scores_size, acc_size, dk_size, kv_chunk_size,
-        qa_size, qk_size, sa_size, sk_size;
+        db_size, qa_size, qk_size, qb_size, qkb_size, qab_size, sa_size, sk_size, sb_size;
 };
 typedef struct mistol_workspace mistol_workspace;
 
@@ -56,6 +56,7 @@ EXPORT void mistol_workspace_free(mistol_workspace *ws) {
     if (!ws) return;
     free(ws->h), free(ws->qkv), free(ws->att), free(ws->gu), free(ws->y), free(ws->da), free(ws->scores);
     free(ws->acc), free(ws->kv_chunk), free(ws->qa), free(ws->sa), free(ws->qk), free(ws->dk), free(ws->sk);
+    free(ws->qb), free(ws->db), free(ws->sb), free(ws->qkb), free(ws->qab);
     free(ws);
 }
 
@@ -300,14 +301,32 @@ static void attend_chunked(dot_fn dot, axpy_fn axpy, kv_load_fn load, const floa
     }
 }
 
-/* args->x[hidden] (float32, in place) += layer args->layer, as described at the top, with
- * ws's scratch. Returns 0 or an error. */
+/* The quantized activation rows of one product (mats[count], M rows) as qgemm_share reads
+ * them: with M > 1, the several-row kernels' copies of them in ws (act_rows_copies fills
+ * them), where this instruction set has such kernels for these formats. */
+static qact product_act(const mistol_workspace *ws, const qkernels *kn, const mistol_matrix *mats, int count,
+                        int64_t M, int needs) {
+    qact act = {ws->qa, ws->da, ws->sa, ws->qk, ws->dk, ws->sk};
+    if (M < 2) return act;
+    int packed = 0, legacy = 0;
+    for (int i = 0; i < count; i++)
+        packed |= mats[i].format == FMT_INT8 || mats[i].format == FMT_INT4, legacy |= kn->legacy_rows[mats[i].format] != NULL;
+    if (packed && kn->group_rows[FMT_INT8] && needs & ACT_32) act.qb = ws->qb, act.db = ws->db, act.sb = ws->sb;
+    if (needs & ACT_256 && kn->q4k_x8_rows) act.qkb = ws->qkb;
+    if (legacy && needs & ACT_32) act.qab = ws->qab;
+    return act;
+}
+
+/* args->x[rows][hidden] (float32, in place) += layer args->layer, as described at the top,
+ * with ws's scratch. Row m's arithmetic is the same whatever the number of rows (the
+ * products' several-row kernels give each row its one-row bits; attention runs row by row):
+ * tokens decoded together come out as they would one at a time. Returns 0 or an error. */
 EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *args) {
     qkernels kn;
     const int64_t D = args->hidden, F = args->ffn, hq = args->heads, hkv = args->kv_heads, hd = args->head_dim;
-    const int64_t cap = args->capacity, slot = args->slot, n_keys = args->n_keys;
+    const int64_t cap = args->capacity, slot = args->slot, n_keys = args->n_keys, M = args->rows;
     if (D <= 0 || F <= 0 || D % QK || F % QK || (hq * hd) % QK || hkv <= 0 || hq % hkv || hd % 2) return ERR_ARG;
-    if (slot < 0 || slot >= cap || n_keys <= 0 || n_keys > cap || args->layer < 0) return ERR_ARG;
+    if (slot < 0 || slot >= cap || n_keys <= 0 || n_keys > cap || args->layer < 0 || M < 1 || M > cap) return ERR_ARG;
     const int cache_type = args->cache_type;
     if (cache_type != KV_F32 && cache_type != KV_F16 && cache_type != KV_Q8_0) return ERR_ARG;
     if (cache_type == KV_Q8_0 && (hd % QK || !args->cache_k_scale || !args->cache_v_scale)) return ERR_ARG;
@@ -328,11 +347,16 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     const int64_t down_unit = need_down & ACT_256 ? 256 : QK; /* the down input's share per thread */
     if (qkernels_select(args->impl, &kn) != OK) return ERR_IMPL;
     const int nthreads = args->nthreads < 1 ? 1 : args->nthreads;
-    if (RESERVE(ws, h, kmax) || RESERVE(ws, qkv, dq + 2 * dkv) || RESERVE(ws, att, dq) || RESERVE(ws, gu, 2 * F) ||
-        RESERVE(ws, y, D) || RESERVE(ws, da, kmax / QK) || RESERVE(ws, qa, kmax) || RESERVE(ws, sa, kmax / QK) ||
-        RESERVE(ws, qk, kmax) || RESERVE(ws, dk, kmax / QK) || RESERVE(ws, sk, kmax / 16) ||
-        RESERVE(ws, scores, nthreads * group * n_keys) || RESERVE(ws, acc, nthreads * IL) ||
-        RESERVE(ws, kv_chunk, nthreads * KV_CHUNK * hd))
+    /* each thread's several-row sums on cache lines of its own (as gemm_run's) */
+    const int64_t acc_stride = (IL * M + 15) / 16 * 16, Mp = M + (M & 1), copies = M > 1 ? M : 0;
+    if (RESERVE(ws, h, M * kmax) || RESERVE(ws, qkv, M * (dq + 2 * dkv)) || RESERVE(ws, att, M * dq) ||
+        RESERVE(ws, gu, M * 2 * F) || RESERVE(ws, y, M * D) || RESERVE(ws, da, M * kmax / QK) ||
+        RESERVE(ws, qa, M * kmax) || RESERVE(ws, sa, M * kmax / QK) || RESERVE(ws, qk, M * kmax) ||
+        RESERVE(ws, dk, M * kmax / QK) || RESERVE(ws, sk, M * kmax / 16) ||
+        RESERVE(ws, scores, nthreads * group * n_keys) || RESERVE(ws, acc, nthreads * acc_stride + 16) ||
+        RESERVE(ws, kv_chunk, nthreads * KV_CHUNK * hd) || RESERVE(ws, qb, copies ? Mp * kmax : 1) ||
+        RESERVE(ws, db, copies ? Mp * kmax / QK : 1) || RESERVE(ws, sb, copies ? Mp * kmax / QK : 1) ||
+        RESERVE(ws, qkb, copies * kmax + 1) || RESERVE(ws, qab, copies * ((kmax / QK + 7) / 8 * 8 * QK) + 1))
         return ERR_NOMEM;
     dot_fn dot = dot_scalar;
     axpy_fn axpy = axpy_scalar;
@@ -344,12 +368,14 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
 #endif
 
     float *x = args->x, *h = ws->h, *qkv = ws->qkv, *att = ws->att, *gu = ws->gu, *y = ws->y;
-    const qact act = {ws->qa, ws->da, ws->sa, ws->qk, ws->dk, ws->sk};
-    float *scores = ws->scores, *acc = ws->acc;
+    const qact act_qkv = product_act(ws, &kn, &w[W_Q], 3, M, need_qkv), act_o = product_act(ws, &kn, &w[W_O], 1, M, need_o);
+    const qact act_gu = product_act(ws, &kn, &w[W_GATE], 2, M, need_gu);
+    const qact act_down = product_act(ws, &kn, &w[W_DOWN], 1, M, need_down);
+    float *scores = ws->scores;
+    float *acc = (float *)(((uintptr_t)ws->acc + 63) & ~(uintptr_t)63);
     const int64_t layer_floats = hkv * cap * hd; /* one layer's part of each cache */
     float *cache_k = (float *)args->cache_k + args->layer * layer_floats;
     float *cache_v = (float *)args->cache_v + args->layer * layer_floats;
-    const float *cos = args->cos, *sin = args->sin;
     const uint8_t *mask = args->mask;
     uint16_t *cache_k16 = (uint16_t *)args->cache_k + args->layer * layer_floats;
     uint16_t *cache_v16 = (uint16_t *)args->cache_v + args->layer * layer_floats;
@@ -364,76 +390,103 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     if (args->impl != IMPL_SCALAR && cpu_has_avx2())
         to_halves = to_halves_f16c, load = cache_type == KV_Q8_0 ? load_q8_0_avx2 : load_f16_f16c;
 #endif
+    const int64_t ld_qkv = dq + 2 * dkv;
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
-        float *my_acc = acc + thread_index() * IL, *my_scores = scores + thread_index() * group * n_keys;
+        float *my_acc = acc + thread_index() * acc_stride, *my_scores = scores + thread_index() * group * n_keys;
         float *my_chunk = ws->kv_chunk + thread_index() * KV_CHUNK * hd;
         SINGLE
         {
-            rms_norm(x, layer->norm_attn, D, args->eps, h);
-            act_quantize(&kn, h, D, 0, 0, D, need_qkv, &act);
+            for (int64_t m = 0; m < M; m++) {
+                rms_norm(x + m * D, layer->norm_attn, D, args->eps, h + m * D);
+                act_quantize(&kn, h + m * D, D, m, 0, D, need_qkv, &act_qkv);
+            }
+            act_rows_copies(&act_qkv, M, D);
         }
-        qgemm_share(&kn, &w[W_Q], 3, &act, 1, D, qkv, dq + 2 * dkv, my_acc); /* q, k, v */
+        qgemm_share(&kn, &w[W_Q], 3, &act_qkv, M, D, qkv, ld_qkv, my_acc); /* q, k, v */
         BARRIER
-        int64_t j0, j1; /* this thread's kv heads, with their query heads */
+        int64_t j0, j1; /* this thread's kv heads, with their query heads: every row's key and value
+                         * written to the cache before any row attends */
         thread_share(hkv, &j0, &j1);
         for (int64_t j = j0; j < j1; j++) {
-            float *k = qkv + dq + j * hd, *v = qkv + dq + dkv + j * hd;
-            if (layer->qkv_bias) { /* this kv head's k and v, and its group's query heads */
-                const float *b = layer->qkv_bias;
-                for (int64_t i = 0; i < hd; i++) k[i] += b[dq + j * hd + i], v[i] += b[dq + dkv + j * hd + i];
-                for (int64_t i = j * group * hd; i < (j + 1) * group * hd; i++) qkv[i] += b[i];
+            for (int64_t m = 0; m < M; m++) {
+                float *row = qkv + m * ld_qkv, *k = row + dq + j * hd, *v = row + dq + dkv + j * hd;
+                const float *cos = args->cos + m * hd, *sin = args->sin + m * hd;
+                const int64_t at = (j * cap + (slot + m) % cap) * hd;
+                if (layer->qkv_bias) { /* this kv head's k and v, and its group's query heads */
+                    const float *b = layer->qkv_bias;
+                    for (int64_t i = 0; i < hd; i++) k[i] += b[dq + j * hd + i], v[i] += b[dq + dkv + j * hd + i];
+                    for (int64_t i = j * group * hd; i < (j + 1) * group * hd; i++) row[i] += b[i];
+                }
+                rope(k, cos, sin, hd);
+                for (int64_t g = 0; g < group; g++) rope(row + (j * group + g) * hd, cos, sin, hd);
+                if (cache_type == KV_F16) {
+                    to_halves(k, cache_k16 + at, hd), to_halves(v, cache_v16 + at, hd);
+                } else if (cache_type == KV_Q8_0) {
+                    quantize_q8_0_row(k, cache_k8 + at, scale_k + at / QK, hd);
+                    quantize_q8_0_row(v, cache_v8 + at, scale_v + at / QK, hd);
+                } else {
+                    memcpy(cache_k + at, k, sizeof(float) * (size_t)hd), memcpy(cache_v + at, v, sizeof(float) * (size_t)hd);
+                }
             }
-            rope(k, cos, sin, hd);
-            for (int64_t g = 0; g < group; g++) rope(qkv + (j * group + g) * hd, cos, sin, hd);
-            if (cache_type == KV_F16) {
-                to_halves(k, cache_k16 + (j * cap + slot) * hd, hd);
-                to_halves(v, cache_v16 + (j * cap + slot) * hd, hd);
-                const kv_rows keys = {cache_k16 + j * cap * hd, NULL}, values = {cache_v16 + j * cap * hd, NULL};
-                attend_chunked(dot, axpy, load, qkv + j * group * hd, group, keys, values, hd, n_keys, mask, my_scores,
-                               my_chunk, att + j * group * hd);
-            } else if (cache_type == KV_Q8_0) {
-                quantize_q8_0_row(k, cache_k8 + (j * cap + slot) * hd, scale_k + (j * cap + slot) * row_blocks, hd);
-                quantize_q8_0_row(v, cache_v8 + (j * cap + slot) * hd, scale_v + (j * cap + slot) * row_blocks, hd);
-                const kv_rows keys = {cache_k8 + j * cap * hd, scale_k + j * cap * row_blocks},
-                              values = {cache_v8 + j * cap * hd, scale_v + j * cap * row_blocks};
-                attend_chunked(dot, axpy, load, qkv + j * group * hd, group, keys, values, hd, n_keys, mask, my_scores,
-                               my_chunk, att + j * group * hd);
-            } else {
-                memcpy(cache_k + (j * cap + slot) * hd, k, sizeof(float) * (size_t)hd);
-                memcpy(cache_v + (j * cap + slot) * hd, v, sizeof(float) * (size_t)hd);
-                attend(dot, axpy, qkv + j * group * hd, group, cache_k + j * cap * hd, cache_v + j * cap * hd, hd,
-                       n_keys, mask, my_scores, att + j * group * hd);
+            for (int64_t m = 0; m < M; m++) {
+                const float *q = qkv + m * ld_qkv + j * group * hd;
+                const uint8_t *row_mask = mask ? mask + m * n_keys : NULL;
+                float *out = att + m * dq + j * group * hd;
+                if (cache_type == KV_F16) {
+                    const kv_rows keys = {cache_k16 + j * cap * hd, NULL}, values = {cache_v16 + j * cap * hd, NULL};
+                    attend_chunked(dot, axpy, load, q, group, keys, values, hd, n_keys, row_mask, my_scores, my_chunk, out);
+                } else if (cache_type == KV_Q8_0) {
+                    const kv_rows keys = {cache_k8 + j * cap * hd, scale_k + j * cap * row_blocks},
+                                  values = {cache_v8 + j * cap * hd, scale_v + j * cap * row_blocks};
+                    attend_chunked(dot, axpy, load, q, group, keys, values, hd, n_keys, row_mask, my_scores, my_chunk, out);
+                } else {
+                    attend(dot, axpy, q, group, cache_k + j * cap * hd, cache_v + j * cap * hd, hd, n_keys, row_mask,
+                           my_scores, out);
+                }
             }
         }
-        BARRIER
-        SINGLE
-        act_quantize(&kn, att, dq, 0, 0, dq, need_o, &act);
-        qgemm_share(&kn, &w[W_O], 1, &act, 1, dq, y, D, my_acc);
         BARRIER
         SINGLE
         {
-            if (layer->o_bias)
-                for (int64_t i = 0; i < D; i++) x[i] += y[i] + layer->o_bias[i];
-            else
-                for (int64_t i = 0; i < D; i++) x[i] += y[i];
-            rms_norm(x, layer->norm_mlp, D, args->eps, h);
-            act_quantize(&kn, h, D, 0, 0, D, need_gu, &act);
+            for (int64_t m = 0; m < M; m++) act_quantize(&kn, att + m * dq, dq, m, 0, dq, need_o, &act_o);
+            act_rows_copies(&act_o, M, dq);
         }
-        qgemm_share(&kn, &w[W_GATE], 2, &act, 1, D, gu, 2 * F, my_acc); /* gate, up */
+        qgemm_share(&kn, &w[W_O], 1, &act_o, M, dq, y, D, my_acc);
+        BARRIER
+        SINGLE
+        {
+            for (int64_t m = 0; m < M; m++) {
+                float *xm = x + m * D, *ym = y + m * D;
+                if (layer->o_bias)
+                    for (int64_t i = 0; i < D; i++) xm[i] += ym[i] + layer->o_bias[i];
+                else
+                    for (int64_t i = 0; i < D; i++) xm[i] += ym[i];
+                rms_norm(xm, layer->norm_mlp, D, args->eps, h + m * D);
+                act_quantize(&kn, h + m * D, D, m, 0, D, need_gu, &act_gu);
+            }
+            act_rows_copies(&act_gu, M, D);
+        }
+        qgemm_share(&kn, &w[W_GATE], 2, &act_gu, M, D, gu, 2 * F, my_acc); /* gate, up */
         BARRIER
         int64_t b0, b1; /* SiLU (an exp per value) and quantization of this thread's blocks */
         thread_share(F / down_unit, &b0, &b1);
-        for (int64_t i = b0 * down_unit; i < b1 * down_unit; i++) h[i] = silu(gu[i]) * gu[F + i];
-        act_quantize(&kn, h, F, 0, b0 * down_unit, b1 * down_unit, need_down, &act);
-        BARRIER
-        qgemm_share(&kn, &w[W_DOWN], 1, &act, 1, F, y, D, my_acc);
+        for (int64_t m = 0; m < M; m++) {
+            const float *gate = gu + m * 2 * F, *up = gate + F;
+            float *hm = h + m * F;
+            for (int64_t i = b0 * down_unit; i < b1 * down_unit; i++) hm[i] = silu(gate[i]) * up[i];
+            act_quantize(&kn, hm, F, m, b0 * down_unit, b1 * down_unit, need_down, &act_down);
+        }
         BARRIER
         SINGLE
-        for (int64_t i = 0; i < D; i++) x[i] += y[i];
+        act_rows_copies(&act_down, M, F);
+        qgemm_share(&kn, &w[W_DOWN], 1, &act_down, M, F, y, D, my_acc);
+        BARRIER
+        SINGLE
+        for (int64_t i = 0; i < M * D; i++) x[i] += y[i];
     }
     return OK;
 }

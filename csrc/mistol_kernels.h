@@ -220,6 +220,10 @@ void act_quantize(const qkernels *kn, const float *x, int64_t K, int64_t m, int6
  * that the repacked k-quants' multi-row kernels read (a group's rows of one super-block side
  * by side: rows K bytes apart would share one set of the L1 cache). */
 void act_row_to_blocks(const int8_t *q, int64_t m, int64_t M, int64_t K, int8_t *qkb);
+/* The copies of M quantized activation rows (act's qa and qk, K inputs each) that the
+ * several-row kernels read: those of act's qb/db/sb, qkb and qab that are not NULL (sized
+ * as gemm_run in quant_gemv.c sizes them). Nothing for M < 2. */
+void act_rows_copies(const qact *act, int64_t M, int64_t K);
 /* Q4_1 / Q5_0 / Q5_1 rows [r0, r0 + IL) of w (the file's blocks; rows past `rows`: zero) ->
  * one group of int8 blocks out[K / 32] with the same quants and scales (Q5_0: its values;
  * Q4_1, Q5_1: their values less each block's m, which lands in mins[K / 32][IL] as float). */

@@ -700,6 +700,20 @@ static void pair_rows(const qact *act, int64_t M, int64_t K) {
         }
 }
 
+void act_rows_copies(const qact *act, int64_t M, int64_t K) {
+    if (M < 2) return;
+    if (act->qb) pair_rows(act, M, K);
+    if (act->qkb)
+        for (int64_t m = 0; m < M; m++) act_row_to_blocks(act->qk + m * K, m, M, K, act->qkb);
+    if (act->qab) {
+        const int64_t B = K / QK;
+        if (B % 8) memset(act->qab, 0, (size_t)((B + 7) / 8 * 8 * QK * M)); /* (the last group's unused blocks: 0) */
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t b = 0; b < B; b++)
+                memcpy(act->qab + ((b / 8 * M + m) * 8 + b % 8) * QK, act->qa + m * K + b * QK, QK);
+    }
+}
+
 /* The groups of all the matrices, split into one contiguous range per thread (a static
  * schedule: each thread streams its own part of the weights), walked matrix by matrix. */
 void qgemm_share(const qkernels *kn, const mistol_matrix *mats, int count, const qact *act, int64_t M, int64_t K,
@@ -780,16 +794,10 @@ static int gemm_run(const float *x, int64_t M, int64_t K, int count, const misto
     /* One thread quantizes the activations: a small fraction of the matmul's time at any
      * M, and no barrier inside the parallel region. */
     for (int64_t m = 0; m < M; m++) act_quantize(&kn, x + m * K, K, m, 0, K, needs, &act);
-    if (nb) pair_rows(&act, M, K);
-    else free(act.qb), free(act.db), free(act.sb), act.qb = NULL, act.db = NULL, act.sb = NULL;
-    if (nkb)
-        for (int64_t m = 0; m < M; m++) act_row_to_blocks(act.qk + m * K, m, M, K, act.qkb);
-    else free(act.qkb), act.qkb = NULL;
-    if (nab && (K / QK) % 8) memset(act.qab, 0, (size_t)nab); /* (the last group's unused blocks, read as 0) */
-    if (nab)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t b = 0; b < K / QK; b++) memcpy(act.qab + ((b / 8 * M + m) * 8 + b % 8) * QK, act.qa + m * K + b * QK, QK);
-    else free(act.qab), act.qab = NULL;
+    if (!nb) free(act.qb), free(act.db), free(act.sb), act.qb = NULL, act.db = NULL, act.sb = NULL;
+    if (!nkb) free(act.qkb), act.qkb = NULL;
+    if (!nab) free(act.qab), act.qab = NULL;
+    act_rows_copies(&act, M, K);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif

@@ -13,8 +13,10 @@ Guesses come from a `Proposer`:
 
 Exactness: with greedy sampling a guess is kept only if it is the argmax the plain loop
 would take, and the token after the last kept guess is that argmax, so the output is the
-plain output token for token (up to float rounding of exact ties: a pass over several rows
-adds in another order than a single-row step). With sampling, guess t (drawn from the
+plain output token for token. On a CPU with quantized weights a pass of up to
+`backend.FUSED_MAX_ROWS` rows runs through the compiled layers as decode steps do, each row
+with a step's bits; elsewhere (float weights, CUDA) a pass adds in another order than a
+one-row step, so an exact tie may round the other way. With sampling, guess t (drawn from the
 proposal q) is kept with probability min(1, p(t) / q(t)), and on rejection the token is
 drawn from max(0, p - q) renormalized (Leviathan et al. 2023, Chen et al. 2023): each token
 is distributed exactly as p, whatever q is. A prompt-lookup guess is a point mass: kept with

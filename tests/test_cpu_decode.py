@@ -9,7 +9,8 @@ from helpers import kernel_impls
 from mistol import kernels, quant
 from mistol.bench.models import mistol_model
 from mistol.engine import Engine, decode_step
-from mistol.model import cpu_decode
+from mistol.model import backend, cpu_decode
+from mistol.model.kv_cache import Q8_0
 from mistol.model.config import ModelConfig
 from mistol.quant import QuantizedLinear, quantize_linear
 
@@ -121,20 +122,54 @@ def count_compiled_layers(monkeypatch) -> list[int]:
     return calls
 
 
-def test_only_single_token_steps_of_one_sequence_take_the_compiled_path(monkeypatch):
+def test_steps_and_short_passes_of_one_sequence_take_the_compiled_path(monkeypatch):
     m = model(config(layers=3), "int8")
     calls = count_compiled_layers(monkeypatch)
     engine = Engine(m)
     a, b = engine.new_session(), engine.new_session()
     a.feed([1, 5, 9]), b.feed([1, 7])
-    assert calls[0] == 0  # prefill: the PyTorch layers
+    assert calls[0] == 6  # two short prompts: one call per layer each, all of a prompt's tokens at once
+    a.feed([1, 5, 9] + list(range(20, 21 + backend.FUSED_MAX_ROWS)))
+    assert calls[0] == 6  # more tokens than that: the PyTorch layers
     decode_step([a], [11])
-    assert calls[0] == 3  # one call per layer
+    assert calls[0] == 9
     decode_step([a, b], [12, 13])
-    assert calls[0] == 3  # two sequences at once: the PyTorch layers
+    assert calls[0] == 9  # two sequences at once: the PyTorch layers
     with kernels.use("torch"):
         decode_step([a], [14])
-    assert calls[0] == 3
+    assert calls[0] == 9
+
+
+TOGETHER_SHAPES = {  # (head size 32: a q8_0 cache's block)
+    "gqa": config(head_dim=32),
+    "sliding window": config(head_dim=32, window=8),
+    "q/k/v/o biases, tied head": config(head_dim=32, qkv_bias=True, o_bias=True, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("shape", TOGETHER_SHAPES)
+def test_tokens_verified_together_get_the_bits_of_one_at_a_time(shape, kv, monkeypatch):
+    """A verify pass (or a short prompt) runs its tokens through the compiled layer together:
+    logits and cache must be what decode steps of one token each give, bit for bit, so that
+    speculative greedy decoding is plain decoding's (the sliding window's cache wraps
+    around several times here)."""
+    m = model(TOGETHER_SHAPES[shape], "mixed")
+    calls = count_compiled_layers(monkeypatch)
+    engine = Engine(m)
+    engine.kv_dtype = {"f32": torch.float32, "f16": torch.float16, "q8_0": Q8_0}[kv]
+    tokens = torch.randint(3, 512, (60,), generator=torch.Generator().manual_seed(2)).tolist()
+    one, together = engine.new_session(max_context=96), engine.new_session(max_context=96)
+    one.feed([1]), together.feed([1])
+    steps = torch.stack([one.step(t) for t in tokens])
+    calls[0] = 0
+    passes, i = [], 0
+    for n in (1, 5, 17, 7, 2, 16, 12):  # (60 tokens)
+        passes.append(together.verify(tokens[i : i + n]))
+        i += n
+    assert calls[0] == 7 * len(m.layers)  # each pass: one call per layer
+    assert torch.equal(torch.cat(passes), steps)
+    assert all(torch.equal(a, b) for a, b in zip(one.cache.tensors().values(), together.cache.tensors().values()))
 
 
 def test_float_models_keep_the_pytorch_layers(monkeypatch):
@@ -170,13 +205,13 @@ def test_the_plan_is_the_engines_not_the_models(monkeypatch):
     session = engine.new_session()
     session.feed([1, 2])
     session.step(3)
-    assert calls[0] == 2
+    assert calls[0] == 4  # (the prompt's two tokens at once, then a step: 2 layers each)
     engine.backend.cpu_decoder = None  # as after a change the plan did not see
     session.step(4)
-    assert calls[0] == 2
+    assert calls[0] == 4
     engine.replan()
     session.step(5)
-    assert calls[0] == 4
+    assert calls[0] == 6
 
 
 @pytest.mark.parametrize("shape", ["gqa", "sliding window", "no-gqa, odd head size", "q/k/v/o biases, tied head"])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import MistolError
 
-ABI_VERSION = 17  # the version of csrc/mistol_abi.h this module mirrors
+ABI_VERSION = 18  # the version of csrc/mistol_abi.h this module mirrors
 
 
 class AbiMismatch(MistolError):
@@ -52,7 +52,7 @@ class DecodeArgs(ctypes.Structure):
                 *((name, ctypes.c_int64) for name in ("hidden", "ffn", "heads", "kv_heads", "head_dim", "capacity",
                                                       "slot", "n_keys")),
                 ("eps", ctypes.c_float), ("nthreads", ctypes.c_int32), ("impl", ctypes.c_int32),
-                ("cache_type", ctypes.c_int32)]
+                ("cache_type", ctypes.c_int32), ("rows", ctypes.c_int64)]
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,15 @@ A forward step's decoder layers run on one of:
 |----------------------|------------------------------------------------------------|------------------------------|
 | CUDA graph replay    | one new token of one session on a CUDA device, graphs on   | `cuda_graphs.GraphedDecoder` |
 |                      | (`MISTOL_CUDA_GRAPHS` is not "0")                          |                              |
-| fused C decode layer | one new token of one session on a CPU; every linear layer  | `cpu_decode.CpuDecoder`      |
-|                      | of every block quantized (int8/int4, or GGUF blocks kept   | (`mistol_decode_layer`)      |
-|                      | by `block_quant`, mixed freely); float32 norms, attention  |                              |
-|                      | biases,                                                    |                              |
-|                      | embeddings and cache; C kernels built, not switched to     |                              |
-|                      | "torch"; no grad                                           |                              |
-| PyTorch layers       | everything else: prefill, several sessions in one step,    | `Transformer.forward`        |
-|                      | float weights, CUDA without graphs, training               |                              |
+| fused C decode layer | up to `FUSED_MAX_ROWS` new tokens of one session on a CPU  | `cpu_decode.CpuDecoder`      |
+|                      | (a decode step, a verify pass, a short prompt) whose       | (`mistol_decode_layer`)      |
+|                      | products all stay on the quantized kernels; every linear   |                              |
+|                      | layer of every block quantized (int8/int4, or GGUF blocks  |                              |
+|                      | kept by `block_quant`, mixed freely); float32 norms,       |                              |
+|                      | attention biases, embeddings and cache; C kernels built,   |                              |
+|                      | not switched to "torch"; no grad                           |                              |
+| PyTorch layers       | everything else: longer prompts, several sessions in one   | `Transformer.forward`        |
+|                      | step, float weights, CUDA without graphs, training         |                              |
 
 Every path runs every model `ModelConfig` accepts: attention biases (Qwen2's q/k/v, Llama's
 `attention_bias`) are added by the compiled layer and by the PyTorch layers (so also inside CUDA
@@ -67,6 +68,11 @@ from .cuda_graphs import GraphedDecoder
 from .kv_cache import Q8_0, KVCache
 
 DENSE_MAX_ROWS = 4  # rows of input up to which float weights use the dense kernel
+# Up to this many new tokens of one session (a verify pass of speculative.MAX_DEPTH guesses,
+# a short prompt) run through the fused C layers together: each token gets the bits a decode
+# step gives it, and the ~25 small PyTorch operations per layer (1.3-1.6 steps for a pass of
+# one row at 0.5B) are gone. Attention runs row by row there, which longer prompts would feel.
+FUSED_MAX_ROWS = 17
 # From this many rows (a prefill chunk) a bf16-capable CPU runs bf16 matmuls (`bf16_prefill_rows`).
 # Each call first dequantizes the whole weight (in C, slab by slab), a fixed cost that pays off
 # only over enough rows: these are the crossovers measured at 7B shapes on a 2-core AVX512-BF16
@@ -145,14 +151,22 @@ class Backend:
     def forward(self, model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
                 caches: Sequence[KVCache], all_logits: bool = False) -> torch.Tensor:
         """`model(tokens, positions, caches, all_logits)`, on the fused C layers where they apply."""
-        if self._fused_fits(model, tokens, caches) and not all_logits:
+        if self._fused_fits(model, tokens, caches):
             x, cos, sin = model.embed(tokens, positions)
             plan = caches[0].plan(positions.reshape(-1))
-            return model.logits(self.cpu_decoder.run(x, cos, sin, caches[0], plan))
+            return model.logits(self.cpu_decoder.run(x, cos, sin, caches[0], plan), all_logits)
         return model(tokens, positions, caches, all_logits=all_logits)
 
+    def _kernels_take(self, rows: int) -> bool:
+        """Whether the PyTorch layers too would multiply `rows` rows of every matrix on the
+        quantized kernels (the fused layer's products), not on a prefill route."""
+        return all(quantized_route(rows, self.device, fmt) == QUANTIZED_KERNELS for fmt in self.cpu_decoder.formats)
+
     def _fused_fits(self, model: torch.nn.Module, tokens: torch.Tensor, caches: Sequence[KVCache]) -> bool:
-        if self.cpu_decoder is None or tokens.shape != (1, 1) or len(caches) != 1:
+        if self.cpu_decoder is None or tokens.dim() != 2 or tokens.shape[0] != 1 or len(caches) != 1:
+            return False
+        rows = tokens.shape[1]
+        if not 1 <= rows <= FUSED_MAX_ROWS or (rows > 1 and not self._kernels_take(rows)):
             return False
         cache = caches[0]
         k = cache.k

@@ -37,6 +37,7 @@ class CpuDecoder:
         self.shape = dict(hidden=config.hidden_size, ffn=config.intermediate_size, heads=config.num_heads,
                           kv_heads=config.num_kv_heads, head_dim=config.head_dim)
         self.tensors = [(tensors, biases) for _, tensors, biases in layers]  # kept alive: we hold their addresses
+        self.formats = sorted({la.fmt for linears, _, _ in layers for la in linears})  # the matrices' formats
         self.layers = (kernels.abi().Layer * len(layers))()
         for layer, (linears, tensors, (qkv_bias, o_bias)) in zip(self.layers, layers):
             norm_attn, norm_mlp, *packed = tensors
@@ -62,8 +63,9 @@ class CpuDecoder:
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
             plan: AttentionPlan) -> torch.Tensor:
-        """All layers for x [1, 1, hidden], the new token's embedding (cos/sin: its RoPE
-        values, [1, 1, 1, head_dim]): the hidden state after the last layer."""
+        """All layers for x [1, L, hidden], the embeddings of L new consecutive tokens (cos/sin:
+        their RoPE values, [1, 1, L, head_dim]): the hidden states after the last layer. Each
+        token comes out with the bits it gets decoded alone (csrc/mistol_decode.c)."""
         x = x.contiguous().clone()  # updated in place, layer by layer
         cos, sin = cos.contiguous(), sin.contiguous()
         mask = None if plan.mask is None else plan.mask.contiguous()
@@ -72,7 +74,8 @@ class CpuDecoder:
             layers=ctypes.addressof(self.layers), x=x.data_ptr(), cache_k=cache.k.data_ptr(),
             cache_v=cache.v.data_ptr(), cache_k_scale=scales[0], cache_v_scale=scales[1], cos=cos.data_ptr(),
             sin=sin.data_ptr(), mask=None if mask is None else mask.data_ptr(), capacity=cache.capacity,
-            slot=int(plan.slots[0]), n_keys=plan.n_keys, eps=self.eps, cache_type=cache_type(cache), **self.shape)
+            slot=int(plan.slots[0]), n_keys=plan.n_keys, eps=self.eps, cache_type=cache_type(cache), rows=x.shape[1],
+            **self.shape)
         with self.lock:
             for i in range(len(self.layers)):
                 args.layer = i

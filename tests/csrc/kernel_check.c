@@ -495,7 +495,7 @@ static void check_decode(const char *name, int impl, const int *fmts, const char
             .layers = &layer, .layer = 0, .x = out[r], .cache_k = k, .cache_v = v, .cos = cos, .sin = sin,
             .mask = NULL, .hidden = D, .ffn = F, .heads = HQ, .kv_heads = HKV, .head_dim = HD,
             .capacity = CAP, .slot = SLOT, .n_keys = SLOT + 1, .eps = 1e-5f, .nthreads = runs[r][1],
-            .impl = runs[r][0]};
+            .impl = runs[r][0], .rows = 1};
         if (mistol_decode_layer(ws, &args) != OK) ok = 0;
     }
     const double err = max_relative_difference(out[1], out[0], D);
@@ -508,6 +508,69 @@ static void check_decode(const char *name, int impl, const int *fmts, const char
     for (int i = 0; i < W_COUNT; i++) free((void *)layer.weights[i].data);
     free(norm_attn), free(norm_mlp), free(qkv_bias), free(o_bias), free(cos), free(sin), free(x0), free(keys);
     free(values), free(k), free(v);
+}
+
+/* mistol_decode_layer over M = 5 rows at once (a verify pass) against 5 calls of one row
+ * each, from the same cache: the same hidden states and cache contents, bit for bit, for each
+ * cache type, 1 and 3 threads. The rows' slots wrap past the cache's end; each row's mask
+ * hides the later rows' slots (as causality does) and a few others (as a window does). */
+static void check_decode_rows(const char *name, int impl, const int *fmts, const char *label) {
+    enum { D = 256, F = 512, HQ = 8, HKV = 2, HD = 32, CAP = 24, SLOT = 21, M = 5 };
+    const int64_t rows[W_COUNT] = {HQ * HD, HKV * HD, HKV * HD, D, F, F, D};
+    const int64_t cols[W_COUNT] = {D, D, D, HQ * HD, D, D, F};
+    mistol_layer layer = {0};
+    for (int i = 0; i < W_COUNT; i++) layer.weights[i] = random_matrix(fmts[i], rows[i], cols[i]);
+    float *norm_attn = random_floats(D, 1.0f), *norm_mlp = random_floats(D, 1.0f);
+    float *qkv_bias = random_floats(HQ * HD + 2 * HKV * HD, 0.1f), *o_bias = random_floats(D, 0.1f);
+    layer.norm_attn = norm_attn, layer.norm_mlp = norm_mlp, layer.qkv_bias = qkv_bias, layer.o_bias = o_bias;
+    float *cos = random_floats(M * HD, 1.0f), *sin = random_floats(M * HD, 1.0f), *x0 = random_floats(M * D, 1.0f);
+    uint8_t mask[M][CAP];
+    for (int m = 0; m < M; m++)
+        for (int s = 0; s < CAP; s++) {
+            int later = 0;
+            for (int n = m + 1; n < M; n++) later |= s == (SLOT + n) % CAP;
+            mask[m][s] = !later && s % 5 != 3;
+        }
+    const int64_t cache = HKV * CAP * HD, nscales = cache / QK;
+    float *keys = random_floats(cache, 1.0f), *values = random_floats(cache, 1.0f);
+    uint16_t scale_init[HKV * CAP * HD / QK];
+    for (int64_t i = 0; i < nscales; i++) scale_init[i] = float_to_half(uniform(0.001f, 0.01f));
+    mistol_workspace *ws = mistol_workspace_new();
+    int ok = 1;
+    for (int type = KV_F32; type <= KV_Q8_0; type++)
+        for (int threads = 1; threads <= 3; threads += 2) {
+            float out[2][M * D];
+            void *k[2], *v[2];
+            uint16_t ks[2][HKV * CAP * HD / QK], vs[2][HKV * CAP * HD / QK];
+            for (int r = 0; r < 2; r++) { /* r = 0: row by row, 1: all rows at once */
+                k[r] = malloc(sizeof(float) * cache), v[r] = malloc(sizeof(float) * cache);
+                memcpy(k[r], keys, sizeof(float) * cache), memcpy(v[r], values, sizeof(float) * cache);
+                memcpy(ks[r], scale_init, sizeof ks[r]), memcpy(vs[r], scale_init, sizeof vs[r]);
+                memcpy(out[r], x0, sizeof(float) * M * D);
+                mistol_decode_args args = {
+                    .layers = &layer, .layer = 0, .cache_k = k[r], .cache_v = v[r], .hidden = D, .ffn = F, .heads = HQ,
+                    .kv_heads = HKV, .head_dim = HD, .capacity = CAP, .n_keys = CAP, .eps = 1e-5f, .nthreads = threads,
+                    .impl = impl, .cache_type = type, .cache_k_scale = type == KV_Q8_0 ? ks[r] : NULL,
+                    .cache_v_scale = type == KV_Q8_0 ? vs[r] : NULL};
+                for (int m = 0; m < M; m += r ? M : 1) {
+                    args.x = out[r] + m * D, args.cos = cos + m * HD, args.sin = sin + m * HD, args.mask = mask[m];
+                    args.slot = (SLOT + m) % CAP, args.rows = r ? M : 1;
+                    if (mistol_decode_layer(ws, &args) != OK) ok = 0;
+                }
+            }
+            const size_t cache_bytes = type == KV_F32 ? sizeof(float) * cache : type == KV_F16 ? 2 * cache : cache;
+            ok &= !memcmp(out[0], out[1], sizeof out[0]) && !memcmp(k[0], k[1], cache_bytes) &&
+                  !memcmp(v[0], v[1], cache_bytes) && (type != KV_Q8_0 || (!memcmp(ks[0], ks[1], sizeof ks[0]) &&
+                                                                          !memcmp(vs[0], vs[1], sizeof vs[0])));
+            for (int r = 0; r < 2; r++) free(k[r]), free(v[r]);
+        }
+    char what[128];
+    snprintf(what, sizeof what, "decode layer (%s), 5 rows at once: the bits of 5 one-row calls (3 caches)", label);
+    report(ok, name, what, -1);
+    mistol_workspace_free(ws);
+    for (int i = 0; i < W_COUNT; i++) free((void *)layer.weights[i].data);
+    free(norm_attn), free(norm_mlp), free(qkv_bias), free(o_bias), free(cos), free(sin), free(x0), free(keys);
+    free(values);
 }
 
 /* mistol_dense_many (which picks its row function from the CPU alone) against products
@@ -587,6 +650,7 @@ int main(void) {
         static const int packed_fmts[W_COUNT] = {FMT_INT8, FMT_INT4, FMT_INT8, FMT_INT4,
                                                  FMT_INT8, FMT_INT4, FMT_INT8};
         check_decode(name, IMPLS[i].id, packed_fmts, "int8 and int4");
+        check_decode_rows(name, IMPLS[i].id, packed_fmts, "int8 and int4");
         check_kquantizer(name, &kn, &ref);
         for (int fmt = FMT_Q4_K; fmt <= FMT_Q5_1; fmt++) check_rowdot(name, fmt, &kn, &ref);
         check_x8(name, FMT_Q4_KX8, &kn, &ref);
@@ -599,6 +663,7 @@ int main(void) {
         static const int block_fmts[W_COUNT] = {FMT_Q4_KX8, FMT_Q5_K, FMT_Q5_KX8, FMT_Q6_KX8,
                                                 FMT_Q4_1,   FMT_Q5_1, FMT_Q6_K};
         check_decode(name, IMPLS[i].id, block_fmts, "k-quant and legacy blocks");
+        check_decode_rows(name, IMPLS[i].id, block_fmts, "k-quant and legacy blocks");
     }
     return failures ? 1 : 0;
 }
