@@ -95,6 +95,17 @@ static const mistol_constant constants[] = {
     FIELD(mistol_decode_args, impl),
     FIELD(mistol_decode_args, cache_type),
     FIELD(mistol_decode_args, rows),
+    FIELD(mistol_decode_args, kv_rows),
+
+    {"sizeof", "mistol_kv_row", sizeof(mistol_kv_row)},
+    FIELD(mistol_kv_row, k),
+    FIELD(mistol_kv_row, v),
+    FIELD(mistol_kv_row, k_scale),
+    FIELD(mistol_kv_row, v_scale),
+    FIELD(mistol_kv_row, mask),
+    FIELD(mistol_kv_row, capacity),
+    FIELD(mistol_kv_row, slot),
+    FIELD(mistol_kv_row, n_keys),
 
     {NULL, NULL, 0},
 };

@@ -9,7 +9,7 @@
 
 #include <stdint.h>
 
-#define MISTOL_ABI_VERSION 18
+#define MISTOL_ABI_VERSION 19
 
 /* Weight formats of the quantized kernels: int8/int4 in the packed layout of
  * mistol_kernels.h; the others are llama.cpp's block types in the file's own row order
@@ -46,14 +46,26 @@ typedef struct {
     const float *o_bias;               /* the output projection's bias [hidden], or NULL */
 } mistol_layer;
 
+/* One sequence's KV cache, holding every layer: [layers][kv_heads][capacity][head_dim]
+ * values of the step's `cache_type` (float32, float16 or int8); with KV_Q8_0, k_scale and
+ * v_scale hold their float16 scales, [layers][kv_heads][capacity][head_dim / 32] (else
+ * NULL). A token's key and value go to slot `slot`; it attends over slots [0, n_keys) where
+ * mask[s] != 0 (mask NULL: all of them). */
+typedef struct {
+    void *k, *v;
+    uint16_t *k_scale, *v_scale;
+    const uint8_t *mask;
+    int64_t capacity, slot, n_keys;
+} mistol_kv_row;
+
 /* Everything one call of mistol_decode_layer reads: layer `layer` of `layers` for the
- * `rows` consecutive tokens of one sequence whose hidden states x[rows][hidden] it updates
- * in place. The caches hold every layer: [layers][kv_heads][capacity][head_dim] values of
- * `cache_type` (float32, float16 or int8); with KV_Q8_0, cache_k_scale/cache_v_scale hold
- * their float16 scales, [layers][kv_heads][capacity][head_dim / 32] (else NULL). Token m's
- * key and value go to slot (slot + m) mod capacity, and it attends over slots [0, n_keys)
- * where mask[m][s] != 0 (mask [rows][n_keys]; NULL: all of them). cos/sin: the tokens' RoPE
- * values, [rows][head_dim]. */
+ * `rows` tokens whose hidden states x[rows][hidden] it updates in place. Either consecutive
+ * tokens of one sequence (kv_rows NULL): its cache is cache_k/cache_v (scales:
+ * cache_k_scale/cache_v_scale), laid out as mistol_kv_row describes; token m's key and value
+ * go to slot (slot + m) mod capacity, and it attends over slots [0, n_keys) where
+ * mask[m][s] != 0 (mask [rows][n_keys]; NULL: all of them). Or the next token of each of
+ * `rows` sequences (a batch of decode steps): token m's cache is kv_rows[m] (the cache
+ * fields here unused). cos/sin: the tokens' RoPE values, [rows][head_dim]. */
 typedef struct {
     const mistol_layer *layers;
     int64_t layer;
@@ -69,6 +81,7 @@ typedef struct {
     int32_t impl;
     int32_t cache_type;
     int64_t rows;
+    const mistol_kv_row *kv_rows;
 } mistol_decode_args;
 
 /* One entry of mistol_abi_constants(): a named value in a group ("format", "error", ...);

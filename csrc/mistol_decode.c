@@ -42,10 +42,11 @@
  * output, gate|up, the layer outputs added to x, the quantized input, and per thread:
  * attention scores and accumulators. Each buffer holds `*_size` elements. */
 struct mistol_workspace {
+    mistol_kv_row *kv;
     float *h, *qkv, *att, *gu, *y, *da, *scores, *acc, *dk, *kv_chunk, *db;
     int8_t *qa, *qk, *qb, *qkb, *qab;
     int32_t *sa, *sk, *sb;
-    int64_t h_size, qkv_size, att_size, gu_size, y_size, da_size, scores_size, acc_size, dk_size, kv_chunk_size,
+    int64_t kv_size, h_size, qkv_size, att_size, gu_size, y_size, da_size, scores_size, acc_size, dk_size, kv_chunk_size,
         db_size, qa_size, qk_size, qb_size, qkb_size, qab_size, sa_size, sk_size, sb_size;
 };
 typedef struct mistol_workspace mistol_workspace;
@@ -56,7 +57,7 @@ EXPORT void mistol_workspace_free(mistol_workspace *ws) {
     if (!ws) return;
     free(ws->h), free(ws->qkv), free(ws->att), free(ws->gu), free(ws->y), free(ws->da), free(ws->scores);
     free(ws->acc), free(ws->kv_chunk), free(ws->qa), free(ws->sa), free(ws->qk), free(ws->dk), free(ws->sk);
-    free(ws->qb), free(ws->db), free(ws->sb), free(ws->qkb), free(ws->qab);
+    free(ws->qb), free(ws->db), free(ws->sb), free(ws->qkb), free(ws->qab), free(ws->kv);
     free(ws);
 }
 
@@ -324,12 +325,25 @@ static qact product_act(const mistol_workspace *ws, const qkernels *kn, const mi
 EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *args) {
     qkernels kn;
     const int64_t D = args->hidden, F = args->ffn, hq = args->heads, hkv = args->kv_heads, hd = args->head_dim;
-    const int64_t cap = args->capacity, slot = args->slot, n_keys = args->n_keys, M = args->rows;
+    const int64_t M = args->rows;
     if (D <= 0 || F <= 0 || D % QK || F % QK || (hq * hd) % QK || hkv <= 0 || hq % hkv || hd % 2) return ERR_ARG;
-    if (slot < 0 || slot >= cap || n_keys <= 0 || n_keys > cap || args->layer < 0 || M < 1 || M > cap) return ERR_ARG;
     const int cache_type = args->cache_type;
     if (cache_type != KV_F32 && cache_type != KV_F16 && cache_type != KV_Q8_0) return ERR_ARG;
-    if (cache_type == KV_Q8_0 && (hd % QK || !args->cache_k_scale || !args->cache_v_scale)) return ERR_ARG;
+    if (args->layer < 0 || M < 1 || (!args->kv_rows && M > args->capacity) || (cache_type == KV_Q8_0 && hd % QK))
+        return ERR_ARG;
+    if (RESERVE(ws, kv, M)) return ERR_NOMEM;
+    int64_t most_keys = 0; /* each row's cache, and the most slots a row attends over */
+    for (int64_t m = 0; m < M; m++) {
+        const mistol_kv_row shared = {args->cache_k, args->cache_v, args->cache_k_scale, args->cache_v_scale,
+                                      args->mask ? args->mask + m * args->n_keys : NULL, args->capacity,
+                                      args->capacity > 0 ? (args->slot + m) % args->capacity : 0, args->n_keys};
+        const mistol_kv_row r = args->kv_rows ? args->kv_rows[m] : shared;
+        if (r.capacity <= 0 || r.slot < 0 || r.slot >= r.capacity || r.n_keys <= 0 || r.n_keys > r.capacity ||
+            (!args->kv_rows && (args->slot < 0 || args->slot >= args->capacity)))
+            return ERR_ARG;
+        if (cache_type == KV_Q8_0 && (!r.k_scale || !r.v_scale)) return ERR_ARG;
+        ws->kv[m] = r, most_keys = r.n_keys > most_keys ? r.n_keys : most_keys;
+    }
     const int64_t dq = hq * hd, dkv = hkv * hd, group = hq / hkv, kmax = F > D ? (F > dq ? F : dq) : (D > dq ? D : dq);
     const mistol_layer *layer = &args->layers[args->layer];
     const mistol_matrix *w = layer->weights;
@@ -353,7 +367,7 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
         RESERVE(ws, gu, M * 2 * F) || RESERVE(ws, y, M * D) || RESERVE(ws, da, M * kmax / QK) ||
         RESERVE(ws, qa, M * kmax) || RESERVE(ws, sa, M * kmax / QK) || RESERVE(ws, qk, M * kmax) ||
         RESERVE(ws, dk, M * kmax / QK) || RESERVE(ws, sk, M * kmax / 16) ||
-        RESERVE(ws, scores, nthreads * group * n_keys) || RESERVE(ws, acc, nthreads * acc_stride + 16) ||
+        RESERVE(ws, scores, nthreads * group * most_keys) || RESERVE(ws, acc, nthreads * acc_stride + 16) ||
         RESERVE(ws, kv_chunk, nthreads * KV_CHUNK * hd) || RESERVE(ws, qb, copies ? Mp * kmax : 1) ||
         RESERVE(ws, db, copies ? Mp * kmax / QK : 1) || RESERVE(ws, sb, copies ? Mp * kmax / QK : 1) ||
         RESERVE(ws, qkb, copies * kmax + 1) || RESERVE(ws, qab, copies * ((kmax / QK + 7) / 8 * 8 * QK) + 1))
@@ -373,17 +387,7 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     const qact act_down = product_act(ws, &kn, &w[W_DOWN], 1, M, need_down);
     float *scores = ws->scores;
     float *acc = (float *)(((uintptr_t)ws->acc + 63) & ~(uintptr_t)63);
-    const int64_t layer_floats = hkv * cap * hd; /* one layer's part of each cache */
-    float *cache_k = (float *)args->cache_k + args->layer * layer_floats;
-    float *cache_v = (float *)args->cache_v + args->layer * layer_floats;
-    const uint8_t *mask = args->mask;
-    uint16_t *cache_k16 = (uint16_t *)args->cache_k + args->layer * layer_floats;
-    uint16_t *cache_v16 = (uint16_t *)args->cache_v + args->layer * layer_floats;
-    int8_t *cache_k8 = (int8_t *)args->cache_k + args->layer * layer_floats;
-    int8_t *cache_v8 = (int8_t *)args->cache_v + args->layer * layer_floats;
-    const int64_t layer_blocks = layer_floats / QK, row_blocks = hd / QK; /* Q8_0: the scales' share */
-    uint16_t *scale_k = cache_type == KV_Q8_0 ? args->cache_k_scale + args->layer * layer_blocks : NULL;
-    uint16_t *scale_v = cache_type == KV_Q8_0 ? args->cache_v_scale + args->layer * layer_blocks : NULL;
+    const mistol_kv_row *kv = ws->kv;
     to_halves_fn to_halves = to_halves_scalar;
     kv_load_fn load = cache_type == KV_Q8_0 ? load_q8_0_scalar : load_f16_scalar;
 #ifdef MISTOL_X86
@@ -396,7 +400,7 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
-        float *my_acc = acc + thread_index() * acc_stride, *my_scores = scores + thread_index() * group * n_keys;
+        float *my_acc = acc + thread_index() * acc_stride, *my_scores = scores + thread_index() * group * most_keys;
         float *my_chunk = ws->kv_chunk + thread_index() * KV_CHUNK * hd;
         SINGLE
         {
@@ -409,13 +413,14 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
         qgemm_share(&kn, &w[W_Q], 3, &act_qkv, M, D, qkv, ld_qkv, my_acc); /* q, k, v */
         BARRIER
         int64_t j0, j1; /* this thread's kv heads, with their query heads: every row's key and value
-                         * written to the cache before any row attends */
+                         * written to its cache before any row attends */
         thread_share(hkv, &j0, &j1);
         for (int64_t j = j0; j < j1; j++) {
             for (int64_t m = 0; m < M; m++) {
                 float *row = qkv + m * ld_qkv, *k = row + dq + j * hd, *v = row + dq + dkv + j * hd;
                 const float *cos = args->cos + m * hd, *sin = args->sin + m * hd;
-                const int64_t at = (j * cap + (slot + m) % cap) * hd;
+                /* this row's slot of kv head j in layer `layer` of its cache */
+                const int64_t at = ((args->layer * hkv + j) * kv[m].capacity + kv[m].slot) * hd;
                 if (layer->qkv_bias) { /* this kv head's k and v, and its group's query heads */
                     const float *b = layer->qkv_bias;
                     for (int64_t i = 0; i < hd; i++) k[i] += b[dq + j * hd + i], v[i] += b[dq + dkv + j * hd + i];
@@ -424,28 +429,31 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
                 rope(k, cos, sin, hd);
                 for (int64_t g = 0; g < group; g++) rope(row + (j * group + g) * hd, cos, sin, hd);
                 if (cache_type == KV_F16) {
-                    to_halves(k, cache_k16 + at, hd), to_halves(v, cache_v16 + at, hd);
+                    to_halves(k, (uint16_t *)kv[m].k + at, hd), to_halves(v, (uint16_t *)kv[m].v + at, hd);
                 } else if (cache_type == KV_Q8_0) {
-                    quantize_q8_0_row(k, cache_k8 + at, scale_k + at / QK, hd);
-                    quantize_q8_0_row(v, cache_v8 + at, scale_v + at / QK, hd);
+                    quantize_q8_0_row(k, (int8_t *)kv[m].k + at, kv[m].k_scale + at / QK, hd);
+                    quantize_q8_0_row(v, (int8_t *)kv[m].v + at, kv[m].v_scale + at / QK, hd);
                 } else {
-                    memcpy(cache_k + at, k, sizeof(float) * (size_t)hd), memcpy(cache_v + at, v, sizeof(float) * (size_t)hd);
+                    memcpy((float *)kv[m].k + at, k, sizeof(float) * (size_t)hd);
+                    memcpy((float *)kv[m].v + at, v, sizeof(float) * (size_t)hd);
                 }
             }
             for (int64_t m = 0; m < M; m++) {
                 const float *q = qkv + m * ld_qkv + j * group * hd;
-                const uint8_t *row_mask = mask ? mask + m * n_keys : NULL;
+                const int64_t head = (args->layer * hkv + j) * kv[m].capacity * hd; /* kv head j's rows */
                 float *out = att + m * dq + j * group * hd;
                 if (cache_type == KV_F16) {
-                    const kv_rows keys = {cache_k16 + j * cap * hd, NULL}, values = {cache_v16 + j * cap * hd, NULL};
-                    attend_chunked(dot, axpy, load, q, group, keys, values, hd, n_keys, row_mask, my_scores, my_chunk, out);
+                    const kv_rows keys = {(uint16_t *)kv[m].k + head, NULL}, values = {(uint16_t *)kv[m].v + head, NULL};
+                    attend_chunked(dot, axpy, load, q, group, keys, values, hd, kv[m].n_keys, kv[m].mask, my_scores,
+                                   my_chunk, out);
                 } else if (cache_type == KV_Q8_0) {
-                    const kv_rows keys = {cache_k8 + j * cap * hd, scale_k + j * cap * row_blocks},
-                                  values = {cache_v8 + j * cap * hd, scale_v + j * cap * row_blocks};
-                    attend_chunked(dot, axpy, load, q, group, keys, values, hd, n_keys, row_mask, my_scores, my_chunk, out);
+                    const kv_rows keys = {(int8_t *)kv[m].k + head, kv[m].k_scale + head / QK},
+                                  values = {(int8_t *)kv[m].v + head, kv[m].v_scale + head / QK};
+                    attend_chunked(dot, axpy, load, q, group, keys, values, hd, kv[m].n_keys, kv[m].mask, my_scores,
+                                   my_chunk, out);
                 } else {
-                    attend(dot, axpy, q, group, cache_k + j * cap * hd, cache_v + j * cap * hd, hd, n_keys, row_mask,
-                           my_scores, out);
+                    attend(dot, axpy, q, group, (float *)kv[m].k + head, (float *)kv[m].v + head, hd, kv[m].n_keys,
+                           kv[m].mask, my_scores, out);
                 }
             }
         }

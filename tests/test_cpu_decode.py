@@ -134,10 +134,16 @@ def test_steps_and_short_passes_of_one_sequence_take_the_compiled_path(monkeypat
     decode_step([a], [11])
     assert calls[0] == 9
     decode_step([a, b], [12, 13])
-    assert calls[0] == 9  # two sequences at once: the PyTorch layers
+    assert calls[0] == 12  # two sequences at once: one call per layer
+    engine.kv_dtype = torch.float32 if a.cache.dtype != torch.float32 else torch.float16
+    c = engine.new_session()
+    c.feed([1, 2])
+    assert calls[0] == 15
+    decode_step([a, c], [16, 17])
+    assert calls[0] == 15  # caches of two types: the PyTorch layers
     with kernels.use("torch"):
         decode_step([a], [14])
-    assert calls[0] == 9
+    assert calls[0] == 15
 
 
 TOGETHER_SHAPES = {  # (head size 32: a q8_0 cache's block)
@@ -170,6 +176,32 @@ def test_tokens_verified_together_get_the_bits_of_one_at_a_time(shape, kv, monke
     assert calls[0] == 7 * len(m.layers)  # each pass: one call per layer
     assert torch.equal(torch.cat(passes), steps)
     assert all(torch.equal(a, b) for a, b in zip(one.cache.tensors().values(), together.cache.tensors().values()))
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("shape", TOGETHER_SHAPES)
+def test_sessions_decoded_together_get_the_bits_of_each_alone(shape, kv, monkeypatch):
+    """A server's batch of decode steps (the next token of each of several sessions, each
+    its own cache and length) runs through the compiled layer in one call per layer: every
+    session's logits and cache must be what its step alone gives, bit for bit."""
+    m = model(TOGETHER_SHAPES[shape], "mixed")
+    calls = count_compiled_layers(monkeypatch)
+    engine = Engine(m)
+    engine.kv_dtype = {"f32": torch.float32, "f16": torch.float16, "q8_0": Q8_0}[kv]
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (1, 9, 30, 4)]
+    steps = torch.randint(3, 512, (25, len(prompts)), generator=gen).tolist()
+    alone = [engine.new_session(max_context=64) for _ in prompts]
+    together = [engine.new_session(max_context=64) for _ in prompts]
+    for a, b, p in zip(alone, together, prompts):
+        a.feed(p), b.feed(p)
+    calls[0] = 0
+    for tokens in steps:
+        each = torch.stack([s.step(t) for s, t in zip(alone, tokens)])
+        assert torch.equal(decode_step(together, tokens), each)
+    assert calls[0] == (len(prompts) + 1) * len(steps) * len(m.layers)  # each step alone, and all together
+    for a, b in zip(alone, together):
+        assert all(torch.equal(x, y) for x, y in zip(a.cache.tensors().values(), b.cache.tensors().values()))
 
 
 def test_float_models_keep_the_pytorch_layers(monkeypatch):

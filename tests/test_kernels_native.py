@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted(str(p) for p in (ROOT / "csrc").glob("*.c")) + [str(ROOT / "tests" / "csrc" / "kernel_check.c")]
 FLAGS = ["-O2", "-std=gnu11", "-ffp-contract=off", "-I", str(ROOT / "csrc")]
 CROSS_CC, QEMU = "aarch64-linux-gnu-gcc", "qemu-aarch64"
-# kernel_check.c: quantizer, 2 x (group kernel, gemm), decode layer three times (int8/int4: one
-# row, two checks; several rows); the per-256 quantizer, 6 row kernels, 3 repacked group
-# kernels, one gemm, the legacy types' several rows, Q5_0 as int8, decode layer three times
-# (k-quant, legacy)
-CHECKS_PER_IMPL = 8 + 16
+# kernel_check.c: quantizer, 2 x (group kernel, gemm), decode layer four times (int8/int4: one
+# row, two checks; several rows of one sequence; several sequences); the per-256 quantizer, 6
+# row kernels, 3 repacked group kernels, one gemm, the legacy types' several rows, Q5_0 as
+# int8, decode layer four times (k-quant, legacy)
+CHECKS_PER_IMPL = 9 + 17
 PORTABLE_CHECKS = ["ok"] * 2  # a NaN activation; Q5_0 as int8 on the portable kernels
 DENSE_CHECKS = 3  # float32, bf16, f16 rows: reported under the best implementation's name
 

@@ -31,7 +31,7 @@ import weakref
 
 import torch
 
-from .abi import Abi, AbiMismatch, DecodeArgs, Matrix, read_abi
+from .abi import Abi, AbiMismatch, DecodeArgs, KvRow, Matrix, read_abi
 
 _lib: ctypes.CDLL | None = None
 _abi: Abi | None = None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import MistolError
 
-ABI_VERSION = 18  # the version of csrc/mistol_abi.h this module mirrors
+ABI_VERSION = 19  # the version of csrc/mistol_abi.h this module mirrors
 
 
 class AbiMismatch(MistolError):
@@ -52,7 +52,15 @@ class DecodeArgs(ctypes.Structure):
                 *((name, ctypes.c_int64) for name in ("hidden", "ffn", "heads", "kv_heads", "head_dim", "capacity",
                                                       "slot", "n_keys")),
                 ("eps", ctypes.c_float), ("nthreads", ctypes.c_int32), ("impl", ctypes.c_int32),
-                ("cache_type", ctypes.c_int32), ("rows", ctypes.c_int64)]
+                ("cache_type", ctypes.c_int32), ("rows", ctypes.c_int64), ("kv_rows", ctypes.c_void_p)]
+
+
+class KvRow(ctypes.Structure):
+    """mistol_kv_row: one sequence's KV cache in a decode step of several sequences."""
+
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("k_scale", ctypes.c_void_p),
+                ("v_scale", ctypes.c_void_p), ("mask", ctypes.c_void_p), ("capacity", ctypes.c_int64),
+                ("slot", ctypes.c_int64), ("n_keys", ctypes.c_int64)]
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,8 @@ def check_version(found: int, origin: str = "the library") -> None:
 def check_layout(struct: type[ctypes.Structure], constants: dict[str, dict[str, int]]) -> None:
     """Raise AbiMismatch unless the ctypes mirror `struct` has the size and the fields (names,
     offsets and sizes) that the library lists for the C struct of the same name."""
-    c_name = {"Matrix": "mistol_matrix", "Layer": "mistol_layer", "DecodeArgs": "mistol_decode_args"}[struct.__name__]
+    c_name = {"Matrix": "mistol_matrix", "Layer": "mistol_layer", "DecodeArgs": "mistol_decode_args",
+              "KvRow": "mistol_kv_row"}[struct.__name__]
     sizes = constants["sizeof"]
     ours = {f"{c_name}.{name}": (getattr(struct, name).offset, getattr(struct, name).size)
             for name, *_ in struct._fields_}
@@ -112,6 +121,6 @@ def read_abi(lib: ctypes.CDLL, origin: str = "the library") -> Abi:
     abi = Abi(formats=groups["format"], impls=groups["impl"], dtypes=groups["dtype"], kv_caches=groups["kv_cache"],
               errors={code: message for message, code in groups["error"].items()}, decode_weights=weights,
               Layer=_layer_type(len(weights)))
-    for struct in (Matrix, abi.Layer, DecodeArgs):
+    for struct in (Matrix, abi.Layer, DecodeArgs, KvRow):
         check_layout(struct, groups)
     return abi

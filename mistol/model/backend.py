@@ -13,14 +13,15 @@ A forward step's decoder layers run on one of:
 | CUDA graph replay    | one new token of one session on a CUDA device, graphs on   | `cuda_graphs.GraphedDecoder` |
 |                      | (`MISTOL_CUDA_GRAPHS` is not "0")                          |                              |
 | fused C decode layer | up to `FUSED_MAX_ROWS` new tokens of one session on a CPU  | `cpu_decode.CpuDecoder`      |
-|                      | (a decode step, a verify pass, a short prompt) whose       | (`mistol_decode_layer`)      |
-|                      | products all stay on the quantized kernels; every linear   |                              |
-|                      | layer of every block quantized (int8/int4, or GGUF blocks  |                              |
-|                      | kept by `block_quant`, mixed freely); float32 norms,       |                              |
-|                      | attention biases, embeddings and cache; C kernels built,   |                              |
-|                      | not switched to "torch"; no grad                           |                              |
-| PyTorch layers       | everything else: longer prompts, several sessions in one   | `Transformer.forward`        |
-|                      | step, float weights, CUDA without graphs, training         |                              |
+|                      | (a decode step, a verify pass, a short prompt), or the     | (`mistol_decode_layer`)      |
+|                      | next token of each of as many sessions (a batch of decode  |                              |
+|                      | steps), whose products all stay on the quantized kernels;  |                              |
+|                      | every linear layer of every block quantized (int8/int4, or |                              |
+|                      | GGUF blocks kept by `block_quant`, mixed freely); float32  |                              |
+|                      | norms, attention biases, embeddings and caches; C kernels  |                              |
+|                      | built, not switched to "torch"; no grad                    |                              |
+| PyTorch layers       | everything else: longer prompts, larger batches, float     | `Transformer.forward`        |
+|                      | weights, CUDA without graphs, training                     |                              |
 
 Every path runs every model `ModelConfig` accepts: attention biases (Qwen2's q/k/v, Llama's
 `attention_bias`) are added by the compiled layer and by the PyTorch layers (so also inside CUDA
@@ -69,9 +70,10 @@ from .kv_cache import Q8_0, KVCache
 
 DENSE_MAX_ROWS = 4  # rows of input up to which float weights use the dense kernel
 # Up to this many new tokens of one session (a verify pass of speculative.MAX_DEPTH guesses,
-# a short prompt) run through the fused C layers together: each token gets the bits a decode
-# step gives it, and the ~25 small PyTorch operations per layer (1.3-1.6 steps for a pass of
-# one row at 0.5B) are gone. Attention runs row by row there, which longer prompts would feel.
+# a short prompt), or the next tokens of as many sessions (a server's batch of decode steps),
+# run through the fused C layers together: each token gets the bits a decode step alone gives
+# it, and the ~25 small PyTorch operations per layer (1.3-1.6 steps for a pass of one row at
+# 0.5B) are gone. Attention runs row by row there, which longer prompts would feel.
 FUSED_MAX_ROWS = 17
 # From this many rows (a prefill chunk) a bf16-capable CPU runs bf16 matmuls (`bf16_prefill_rows`).
 # Each call first dequantizes the whole weight (in C, slab by slab), a fixed cost that pays off
@@ -153,6 +155,9 @@ class Backend:
         """`model(tokens, positions, caches, all_logits)`, on the fused C layers where they apply."""
         if self._fused_fits(model, tokens, caches):
             x, cos, sin = model.embed(tokens, positions)
+            if len(caches) > 1:  # the next token of each of several sequences
+                plans = [cache.plan(pos.reshape(-1)) for cache, pos in zip(caches, positions)]
+                return model.logits(self.cpu_decoder.run_sessions(x, cos, sin, list(caches), plans), all_logits)
             plan = caches[0].plan(positions.reshape(-1))
             return model.logits(self.cpu_decoder.run(x, cos, sin, caches[0], plan), all_logits)
         return model(tokens, positions, caches, all_logits=all_logits)
@@ -163,20 +168,29 @@ class Backend:
         return all(quantized_route(rows, self.device, fmt) == QUANTIZED_KERNELS for fmt in self.cpu_decoder.formats)
 
     def _fused_fits(self, model: torch.nn.Module, tokens: torch.Tensor, caches: Sequence[KVCache]) -> bool:
-        if self.cpu_decoder is None or tokens.dim() != 2 or tokens.shape[0] != 1 or len(caches) != 1:
+        """Whether the fused layers take this step: tokens [1, L] of one sequence, or [B, 1],
+        the next token of each of B sequences, at most FUSED_MAX_ROWS rows either way."""
+        if self.cpu_decoder is None or tokens.dim() != 2 or tokens.shape[0] != len(caches):
             return False
-        rows = tokens.shape[1]
-        if not 1 <= rows <= FUSED_MAX_ROWS or (rows > 1 and not self._kernels_take(rows)):
+        rows = tokens.numel()
+        if (len(caches) > 1 and tokens.shape[1] != 1) or not 1 <= rows <= FUSED_MAX_ROWS:
             return False
-        cache = caches[0]
-        k = cache.k
+        if rows > 1 and not self._kernels_take(rows):
+            return False
         return (
-            cache.dtype in (torch.float32, torch.float16, Q8_0)
-            and k.device.type == "cpu"
-            and k.shape[1] == 1  # a cache of one sequence
-            and all(t.is_contiguous() for t in cache.tensors().values())
+            all(self._cache_fits(cache, caches[0].dtype) for cache in caches)
             and not (torch.is_grad_enabled() and any(p.requires_grad for p in model.embed_tokens.parameters()))
             and kernels.impl_name() != "torch"
+        )
+
+    @staticmethod
+    def _cache_fits(cache: KVCache, dtype) -> bool:
+        return (
+            cache.dtype == dtype
+            and dtype in (torch.float32, torch.float16, Q8_0)
+            and cache.k.device.type == "cpu"
+            and cache.k.shape[1] == 1  # a cache of one sequence
+            and all(t.is_contiguous() for t in cache.tensors().values())
         )
 
 

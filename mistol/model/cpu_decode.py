@@ -76,6 +76,29 @@ class CpuDecoder:
             sin=sin.data_ptr(), mask=None if mask is None else mask.data_ptr(), capacity=cache.capacity,
             slot=int(plan.slots[0]), n_keys=plan.n_keys, eps=self.eps, cache_type=cache_type(cache), rows=x.shape[1],
             **self.shape)
+        return self._layers_on(x, args)
+
+    def run_sessions(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
+                     plans: list[AttentionPlan]) -> torch.Tensor:
+        """All layers for x [B, 1, hidden], the next token of each of B sequences (caches[b]
+        and plans[b] its cache and its attention plan; cos/sin [B, 1, 1, head_dim]): the
+        hidden states after the last layer, each the bits of that sequence's step alone."""
+        x = x.contiguous().clone()
+        cos, sin = cos.contiguous(), sin.contiguous()
+        masks = [None if plan.mask is None else plan.mask.contiguous() for plan in plans]  # (kept alive)
+        rows = (kernels.KvRow * len(caches))()
+        for row, cache, plan, mask in zip(rows, caches, plans, masks):
+            row.k, row.v = cache.k.data_ptr(), cache.v.data_ptr()
+            row.k_scale, row.v_scale = (None if t is None else t.data_ptr() for t in (cache.k_scale, cache.v_scale))
+            row.mask = None if mask is None else mask.data_ptr()
+            row.capacity, row.slot, row.n_keys = cache.capacity, int(plan.slots[0]), plan.n_keys
+        args = kernels.DecodeArgs(
+            layers=ctypes.addressof(self.layers), x=x.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(),
+            eps=self.eps, cache_type=cache_type(caches[0]), rows=len(caches), kv_rows=ctypes.addressof(rows),
+            **self.shape)
+        return self._layers_on(x, args)
+
+    def _layers_on(self, x: torch.Tensor, args) -> torch.Tensor:
         with self.lock:
             for i in range(len(self.layers)):
                 args.layer = i

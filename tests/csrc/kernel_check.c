@@ -573,6 +573,82 @@ static void check_decode_rows(const char *name, int impl, const int *fmts, const
     free(values);
 }
 
+/* mistol_decode_layer over the next token of 4 sequences at once (kv_rows: a batch of decode
+ * steps, each sequence its own cache of its own capacity, slot and mask) against 4 one-row
+ * calls: the same hidden states and caches, bit for bit, each cache type, 1 and 3 threads. */
+static void check_decode_sessions(const char *name, int impl, const int *fmts, const char *label) {
+    enum { D = 256, F = 512, HQ = 8, HKV = 2, HD = 32, M = 4, LAYERS = 2, LAYER = 1 };
+    const int64_t caps[M] = {24, 7, 40, 16}, slots[M] = {21, 0, 39, 5}, keys[M] = {24, 3, 40, 16};
+    const int64_t rows[W_COUNT] = {HQ * HD, HKV * HD, HKV * HD, D, F, F, D};
+    const int64_t cols[W_COUNT] = {D, D, D, HQ * HD, D, D, F};
+    mistol_layer layers[LAYERS];
+    memset(layers, 0, sizeof layers);
+    for (int i = 0; i < W_COUNT; i++) layers[LAYER].weights[i] = random_matrix(fmts[i], rows[i], cols[i]);
+    float *norm_attn = random_floats(D, 1.0f), *norm_mlp = random_floats(D, 1.0f);
+    float *qkv_bias = random_floats(HQ * HD + 2 * HKV * HD, 0.1f);
+    layers[LAYER].norm_attn = norm_attn, layers[LAYER].norm_mlp = norm_mlp, layers[LAYER].qkv_bias = qkv_bias;
+    float *cos = random_floats(M * HD, 1.0f), *sin = random_floats(M * HD, 1.0f), *x0 = random_floats(M * D, 1.0f);
+    uint8_t masks[M][40];
+    for (int m = 0; m < M; m++)
+        for (int s = 0; s < 40; s++) masks[m][s] = (s + m) % 4 != 1 || s == slots[m];
+    float *init[M][2];
+    uint16_t *scale_init[M][2];
+    for (int m = 0; m < M; m++)
+        for (int kv = 0; kv < 2; kv++) {
+            const int64_t n = LAYERS * HKV * caps[m] * HD;
+            init[m][kv] = random_floats(n, 1.0f), scale_init[m][kv] = malloc(sizeof(uint16_t) * (size_t)(n / QK));
+            for (int64_t i = 0; i < n / QK; i++) scale_init[m][kv][i] = float_to_half(uniform(0.001f, 0.01f));
+        }
+    mistol_workspace *ws = mistol_workspace_new();
+    int ok = 1;
+    for (int type = KV_F32; type <= KV_Q8_0; type++)
+        for (int threads = 1; threads <= 3; threads += 2) {
+            float out[2][M * D];
+            mistol_kv_row kv_rows[2][M];
+            for (int r = 0; r < 2; r++) { /* r = 0: one call per sequence, 1: one call for all */
+                for (int m = 0; m < M; m++) {
+                    const int64_t n = LAYERS * HKV * caps[m] * HD;
+                    void *k = malloc(sizeof(float) * (size_t)n), *v = malloc(sizeof(float) * (size_t)n);
+                    uint16_t *ks = malloc(sizeof(uint16_t) * (size_t)(n / QK)), *vs = malloc(sizeof(uint16_t) * (size_t)(n / QK));
+                    memcpy(k, init[m][0], sizeof(float) * (size_t)n), memcpy(v, init[m][1], sizeof(float) * (size_t)n);
+                    memcpy(ks, scale_init[m][0], sizeof(uint16_t) * (size_t)(n / QK));
+                    memcpy(vs, scale_init[m][1], sizeof(uint16_t) * (size_t)(n / QK));
+                    kv_rows[r][m] = (mistol_kv_row){k, v, type == KV_Q8_0 ? ks : NULL, type == KV_Q8_0 ? vs : NULL,
+                                                    masks[m], caps[m], slots[m], keys[m]};
+                    if (type != KV_Q8_0) free(ks), free(vs);
+                }
+                memcpy(out[r], x0, sizeof(float) * M * D);
+                mistol_decode_args args = {.layers = layers, .layer = LAYER, .hidden = D, .ffn = F, .heads = HQ,
+                                           .kv_heads = HKV, .head_dim = HD, .eps = 1e-5f, .nthreads = threads,
+                                           .impl = impl, .cache_type = type};
+                for (int m = 0; m < M; m += r ? M : 1) {
+                    args.x = out[r] + m * D, args.cos = cos + m * HD, args.sin = sin + m * HD;
+                    args.rows = r ? M : 1, args.kv_rows = kv_rows[r] + m;
+                    if (mistol_decode_layer(ws, &args) != OK) ok = 0;
+                }
+            }
+            ok &= !memcmp(out[0], out[1], sizeof out[0]);
+            for (int m = 0; m < M; m++) {
+                const int64_t n = LAYERS * HKV * caps[m] * HD;
+                const size_t bytes = (size_t)n * (type == KV_F32 ? 4 : type == KV_F16 ? 2 : 1);
+                ok &= !memcmp(kv_rows[0][m].k, kv_rows[1][m].k, bytes) && !memcmp(kv_rows[0][m].v, kv_rows[1][m].v, bytes);
+                if (type == KV_Q8_0)
+                    ok &= !memcmp(kv_rows[0][m].k_scale, kv_rows[1][m].k_scale, sizeof(uint16_t) * (size_t)(n / QK)) &&
+                          !memcmp(kv_rows[0][m].v_scale, kv_rows[1][m].v_scale, sizeof(uint16_t) * (size_t)(n / QK));
+                for (int r = 0; r < 2; r++)
+                    free(kv_rows[r][m].k), free(kv_rows[r][m].v), free(kv_rows[r][m].k_scale), free(kv_rows[r][m].v_scale);
+            }
+        }
+    char what[128];
+    snprintf(what, sizeof what, "decode layer (%s), 4 sequences at once: the bits of 4 one-row calls (3 caches)", label);
+    report(ok, name, what, -1);
+    mistol_workspace_free(ws);
+    for (int i = 0; i < W_COUNT; i++) free((void *)layers[LAYER].weights[i].data);
+    for (int m = 0; m < M; m++)
+        for (int kv = 0; kv < 2; kv++) free(init[m][kv]), free(scale_init[m][kv]);
+    free(norm_attn), free(norm_mlp), free(qkv_bias), free(cos), free(sin), free(x0);
+}
+
 /* mistol_dense_many (which picks its row function from the CPU alone) against products
  * and sums in double: float32, bf16 and f16 weights, plain rows and tiles, 1 and 2 rows of
  * x, 1 and 4 threads. Each output's error is measured against the sum of its products'
@@ -651,6 +727,7 @@ int main(void) {
                                                  FMT_INT8, FMT_INT4, FMT_INT8};
         check_decode(name, IMPLS[i].id, packed_fmts, "int8 and int4");
         check_decode_rows(name, IMPLS[i].id, packed_fmts, "int8 and int4");
+        check_decode_sessions(name, IMPLS[i].id, packed_fmts, "int8 and int4");
         check_kquantizer(name, &kn, &ref);
         for (int fmt = FMT_Q4_K; fmt <= FMT_Q5_1; fmt++) check_rowdot(name, fmt, &kn, &ref);
         check_x8(name, FMT_Q4_KX8, &kn, &ref);
@@ -664,6 +741,7 @@ int main(void) {
                                                 FMT_Q4_1,   FMT_Q5_1, FMT_Q6_K};
         check_decode(name, IMPLS[i].id, block_fmts, "k-quant and legacy blocks");
         check_decode_rows(name, IMPLS[i].id, block_fmts, "k-quant and legacy blocks");
+        check_decode_sessions(name, IMPLS[i].id, block_fmts, "k-quant and legacy blocks");
     }
     return failures ? 1 : 0;
 }
