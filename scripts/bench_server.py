@@ -4,6 +4,8 @@ or, with --stall, how long a running stream waits while a long prompt arrives.
     python scripts/bench_server.py                    # a small random model (f32), under a minute
     python scripts/bench_server.py --shape 7b         # Mistral 7B's shape, random bf16 weights:
                                                       # 15 GB of RAM, about 5 minutes on 2 cores
+    python scripts/bench_server.py --shape 0.5b --dtype int4  # Qwen2.5-0.5B's layers, int4
+    python scripts/bench_server.py --model FILE.gguf  # a model of yours (any file `mistol serve` takes)
     python scripts/bench_server.py --stall --shape 1b # the longest gap between two tokens of a
                                                       # stream while a 2,000-token prompt arrives,
                                                       # with chunked prefill and with the prompt whole
@@ -43,6 +45,7 @@ from mistol.errors import run_script
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, default dtype)
     "small": (512, 1536, 8, 8, 2, "f32"),
+    "0.5b": (896, 4864, 24, 14, 2, "f32"),  # Qwen2.5-0.5B's layers (this script's vocabulary)
     "1b": (2048, 5632, 22, 32, 4, "f32"),  # TinyLlama 1.1B
     "7b": (4096, 14336, 32, 32, 8, "bf16"),  # Mistral 7B / OpenHermes 2.5
 }
@@ -63,6 +66,10 @@ def build_engine(shape: str, dtype_name: str):
                          # no window: the prompts and replies here are far shorter than Mistral's
                          # 4096, where windowed and full attention do the same work
                          sliding_window=None, max_position_embeddings=32768, rope_theta=10000.0)
+    if dtype_name in ("int8", "int4"):  # quantized as `--quant` loads a model: the compiled decode layers
+        from mistol.bench.models import mistol_model
+
+        return Engine(mistol_model(config, dtype_name), openhermes_tokenizer(), name=f"random-{shape}")
     dtype = DTYPES[dtype_name]
     model = Transformer(config, device="meta")
     # Random weights, materialized directly: a block of normal noise tiled over each tensor
@@ -102,8 +109,14 @@ def serve(args) -> None:
     from mistol.server import ServerOptions, create_app
 
     t0 = time.perf_counter()
-    engine = build_engine(args.shape, args.dtype)
-    print(f"built {engine.name} ({args.dtype}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    if args.model:
+        from mistol.engine import Engine
+
+        engine = Engine.load(args.model, progress=False)
+    else:
+        engine = build_engine(args.shape, args.dtype)
+    print(f"built {engine.name} ({args.model or args.dtype}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr,
+          flush=True)
     options = ServerOptions(model_name="random", max_batch=max(args.streams),
                             max_context=max(args.prompt_tokens, args.stall_prompt) + args.tokens + 8,
                             prefill_chunk=args.prefill_chunk)
@@ -216,7 +229,11 @@ def stall(args, start_server) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=list(SHAPES), default="small")
-    ap.add_argument("--dtype", choices=["f32", "bf16"], default=None, help="default: f32 small, bf16 7b")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "int8", "int4"], default=None,
+                    help="default: f32, bf16 for 7b")
+    ap.add_argument("--model", default=None,
+                    help="serve this model (a GGUF file or a model directory, as `mistol serve` takes it) "
+                         "instead of --shape's random one")
     ap.add_argument("--streams", default="1,2,4,8", help="concurrent streams per round (default: 1,2,4,8)")
     ap.add_argument("--tokens", type=int, default=None, help="tokens per stream (default: 128 small, 32 7b)")
     ap.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default: 16)")
@@ -238,6 +255,8 @@ def main() -> None:
         ap.error(f"--streams: comma-separated counts, not {args.streams!r}")
     if args.streams[0] < 1:
         ap.error("--streams: each count must be at least 1")
+    if args.model and not Path(args.model).exists():
+        ap.error(f"--model: no such file or directory: {args.model}")
     if args.serve:
         return serve(args)
     if args.tokens <= max(args.streams):
@@ -250,7 +269,8 @@ def main() -> None:
         child = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(port), "--shape", args.shape,
                                   "--dtype", args.dtype, "--streams", ",".join(map(str, args.streams)),
                                   "--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens),
-                                  "--stall-prompt", str(args.stall_prompt), "--prefill-chunk", str(prefill_chunk)])
+                                  "--stall-prompt", str(args.stall_prompt), "--prefill-chunk", str(prefill_chunk),
+                                  *(["--model", args.model] if args.model else [])])
         url = f"http://127.0.0.1:{port}"
         while True:
             if child.poll() is not None:
@@ -267,7 +287,8 @@ def main() -> None:
     try:
         from importlib.metadata import version
 
-        print(f"shape {args.shape} ({args.dtype}), {args.prompt_tokens}-token prompts, {args.tokens} tokens per "
+        print(f"{args.model or f'shape {args.shape} ({args.dtype})'}, {args.prompt_tokens}-token prompts, "
+              f"{args.tokens} tokens per "
               f"stream, torch {version('torch')}, {os.cpu_count()} CPUs, "
               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
         run_round(url, 1, argparse.Namespace(prompt_tokens=args.prompt_tokens, tokens=min(args.tokens, 8)))  # warm up
