@@ -1,10 +1,12 @@
-/* One decoder layer of a Mistral/Llama model for one new token of one sequence (a decode
- * step on a CPU), with quantized weights (int8, int4 or one of llama.cpp's k-quant and
- * legacy block types, each matrix its own), as a single call:
+/* One decoder layer of a Mistral/Llama model for a few new tokens on a CPU, with quantized
+ * weights (int8, int4 or one of llama.cpp's k-quant and legacy block types, each matrix its
+ * own), as a single call. The tokens are either consecutive tokens of one sequence (a decode
+ * step, a speculative verify pass, a short prompt) or the next token of each of several
+ * sequences (a server's batch of decode steps, each sequence its own cache). Per token:
  *
  *   h = rmsnorm(x) * norm_attn
  *   q, k, v = h Wq^T (+ bq), h Wk^T (+ bk), h Wv^T (+ bv), then RoPE ("rotate half") on q and k
- *   the cache's slot `slot` = k, v (float32, float16 or Q8_0 blocks: cache_type)
+ *   the token's cache slot = k, v (float32, float16 or Q8_0 blocks: cache_type)
  *   a = softmax(q K^T / sqrt(head_dim)) V per query head over the first n_keys slots
  *       (grouped-query: query head h reads kv head h / (heads / kv_heads); mask[s] = 0
  *       hides slot s, for sliding windows and empty slots)
@@ -16,7 +18,9 @@
  * are quant_gemv.c's), in one parallel region: the threads split each product's
  * weights and the attention's kv heads, and meet at a barrier between steps. A decode
  * step is a few hundred small operations besides its matrix products; run one by one
- * from Python they cost about a tenth of the step, here a few barriers.
+ * from Python they cost about a tenth of the step, here a few barriers. Several tokens
+ * share each read of the weights (the products' several-row kernels), and each token's
+ * arithmetic is what it would be alone: its bits do not depend on the other tokens.
  *
  * The arguments come as one mistol_decode_args (mistol_abi.h); the scratch buffers live in
  * a mistol_workspace that the caller creates once per model and that grows only when a

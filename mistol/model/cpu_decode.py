@@ -1,7 +1,8 @@
-"""Decode steps of one sequence on a CPU with quantized weights (int8, int4 or GGUF blocks,
-mixed freely): each decoder layer as one call into the compiled kernels
-(csrc/mistol_decode.c), its arguments one struct (`kernels.abi.DecodeArgs`) and its scratch
-a workspace kept with the decoder.
+"""Decode steps on a CPU with quantized weights (int8, int4 or GGUF blocks, mixed freely):
+each decoder layer as one call into the compiled kernels (csrc/mistol_decode.c), for a few
+consecutive tokens of one sequence (`run`: a step, a verify pass, a short prompt) or the
+next token of each of several sequences (`run_sessions`: a server's batch), its arguments
+one struct (`kernels.abi.DecodeArgs`) and its scratch a workspace kept with the decoder.
 
 The same layer in PyTorch is some 25 small operations besides its four matrix products,
 each costing ~10 µs of dispatch on a CPU: a tenth of a 7B int4 step. The compiled layer
