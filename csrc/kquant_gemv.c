@@ -763,6 +763,15 @@ DEFINE_LEGACY_SIMD(dot_q5_1_vnni, VNNI_BW_FN, block_q5_1, eight_vnni, SUMS_VNNI,
 #define LEGACY_ROW_BLOCK(acc, SUMS, v, k)                                                                      \
     _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(SUMS(b + (k), a + (k) * QK, v)),                       \
                                      _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(k))))
+/* Blocks i .. i + n - 1 (n <= 8) of a legacy row at b: their headers (e; EIGHT reads row 0's
+ * activation scales and sums too, unused), their mins' factor min8 and the lanes of the n
+ * blocks (live). */
+#define LEGACY_GROUP(TYPE, EIGHT, MIN8)                                                                        \
+    const int n = nb - i < 8 ? (int)(nb - i) : 8;                                                              \
+    prefetch_to_l2(b + 16, 8 * sizeof(TYPE)); /* (the group after next) */                                     \
+    const eight_blocks e = EIGHT(b, n, (int)sizeof(TYPE), d + i, s + i);                                       \
+    const __m256 min8 = MIN8(e.h, e.dw);                                                                       \
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
 /* AVX2: a row's even and odd blocks in two vectors. */
 #define DEFINE_LEGACY_ROWS_AVX2(NAME, TYPE, QUANTS, MIN8)                                                     \
     AVX2_FN NOT_SPECIALIZED static void NAME(const uint8_t *w, const int8_t *q, int64_t ldq, const float *d,     \
@@ -772,11 +781,7 @@ DEFINE_LEGACY_SIMD(dot_q5_1_vnni, VNNI_BW_FN, block_q5_1, eight_vnni, SUMS_VNNI,
         __m256 even[LEGACY_ROWS], odd[LEGACY_ROWS], mins[LEGACY_ROWS];                                         \
         for (int64_t m = 0; m < M; m++) even[m] = odd[m] = mins[m] = _mm256_setzero_ps();                     \
         for (int64_t i = 0; i < nb; i += 8, b += 8) {                                                          \
-            const int n = nb - i < 8 ? (int)(nb - i) : 8;                                                      \
-            prefetch_to_l2(b + 16, 8 * sizeof(TYPE)); /* (the group after next) */                             \
-            const eight_blocks e = eight_avx2(b, n, (int)sizeof(TYPE), d + i, s + i); /* (its da, sa unused) */ \
-            const __m256 min8 = MIN8(e.h, e.dw);                                                               \
-            const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); \
+            LEGACY_GROUP(TYPE, eight_avx2, MIN8);                                                             \
             if (n < 8) { /* the last blocks */                                                               \
                 __m256i v[7];                                                                                  \
                 for (int k = 0; k < n; k++) v[k] = QUANTS((b + k));                                            \
@@ -824,11 +829,7 @@ DEFINE_LEGACY_SIMD(dot_q5_1_vnni, VNNI_BW_FN, block_q5_1, eight_vnni, SUMS_VNNI,
             pair_scale[j] = _mm512_inserti64x4(_mm512_set1_epi32(2 * j), _mm256_set1_epi32(2 * j + 1), 1);    \
         for (int64_t m = 0; m < M; m++) acc[m] = _mm512_setzero_ps(), mins[m] = _mm256_setzero_ps();          \
         for (int64_t i = 0; i < nb; i += 8, b += 8) {                                                          \
-            const int n = nb - i < 8 ? (int)(nb - i) : 8;                                                      \
-            prefetch_to_l2(b + 16, 8 * sizeof(TYPE)); /* (the group after next) */                             \
-            const eight_blocks e = eight_vnni(b, n, (int)sizeof(TYPE), d + i, s + i); /* (its da, sa unused) */ \
-            const __m256 min8 = MIN8(e.h, e.dw);                                                               \
-            const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); \
+            LEGACY_GROUP(TYPE, eight_vnni, MIN8);                                                             \
             if (n < 8) { /* the last blocks: pairs, and a last even block alone (its odd half not added) */ \
                 __m512i p[4];                                                                                  \
                 for (int j = 0; 2 * j < n; j++)                                                                \

@@ -469,17 +469,31 @@ static void check_as_int8(const char *name, int impl) {
                      "Q4_1/Q5_1 within 1e-5 of their kernels", worst);
 }
 
+/* The decode checks' layer: hidden 256, ffn 512, 8 query heads over 2 kv heads of 32,
+ * weights of formats fmts[W_COUNT] (mixed), random, with q/k/v and o biases. */
+enum { LAYER_D = 256, LAYER_F = 512, LAYER_HQ = 8, LAYER_HKV = 2, LAYER_HD = 32 };
+static mistol_layer random_layer(const int *fmts) {
+    const int64_t D = LAYER_D, F = LAYER_F, dq = LAYER_HQ * LAYER_HD, dkv = LAYER_HKV * LAYER_HD;
+    const int64_t rows[W_COUNT] = {dq, dkv, dkv, D, F, F, D}, cols[W_COUNT] = {D, D, D, dq, D, D, F};
+    mistol_layer layer;
+    memset(&layer, 0, sizeof layer);
+    for (int i = 0; i < W_COUNT; i++) layer.weights[i] = random_matrix(fmts[i], rows[i], cols[i]);
+    layer.norm_attn = random_floats(D, 1.0f), layer.norm_mlp = random_floats(D, 1.0f);
+    layer.qkv_bias = random_floats(dq + 2 * dkv, 0.1f), layer.o_bias = random_floats(D, 0.1f);
+    return layer;
+}
+
+static void free_layer(mistol_layer *layer) {
+    for (int i = 0; i < W_COUNT; i++) free((void *)layer->weights[i].data);
+    free((void *)layer->norm_attn), free((void *)layer->norm_mlp), free((void *)layer->qkv_bias);
+    free((void *)layer->o_bias);
+}
+
 /* One decoder layer (grouped-query attention over a few cached tokens, biases, weights of
  * formats fmts[W_COUNT], mixed) against the scalar implementation, and at 1 and 3 threads. */
 static void check_decode(const char *name, int impl, const int *fmts, const char *label) {
-    enum { D = 256, F = 512, HQ = 8, HKV = 2, HD = 32, CAP = 24, SLOT = 17 };
-    const int64_t rows[W_COUNT] = {HQ * HD, HKV * HD, HKV * HD, D, F, F, D};
-    const int64_t cols[W_COUNT] = {D, D, D, HQ * HD, D, D, F};
-    mistol_layer layer = {0};
-    for (int i = 0; i < W_COUNT; i++) layer.weights[i] = random_matrix(fmts[i], rows[i], cols[i]);
-    float *norm_attn = random_floats(D, 1.0f), *norm_mlp = random_floats(D, 1.0f);
-    float *qkv_bias = random_floats(HQ * HD + 2 * HKV * HD, 0.1f), *o_bias = random_floats(D, 0.1f);
-    layer.norm_attn = norm_attn, layer.norm_mlp = norm_mlp, layer.qkv_bias = qkv_bias, layer.o_bias = o_bias;
+    enum { D = LAYER_D, F = LAYER_F, HQ = LAYER_HQ, HKV = LAYER_HKV, HD = LAYER_HD, CAP = 24, SLOT = 17 };
+    mistol_layer layer = random_layer(fmts);
     float *cos = random_floats(HD, 1.0f), *sin = random_floats(HD, 1.0f), *x0 = random_floats(D, 1.0f);
     const int64_t cache = HKV * CAP * HD;
     float *keys = random_floats(cache, 1.0f), *values = random_floats(cache, 1.0f);
@@ -505,9 +519,8 @@ static void check_decode(const char *name, int impl, const int *fmts, const char
     snprintf(what, sizeof what, "decode layer (%s): same bits at 1 and 3 threads", label);
     report(ok && !memcmp(out[1], out[2], sizeof out[1]), name, what, -1);
     mistol_workspace_free(ws);
-    for (int i = 0; i < W_COUNT; i++) free((void *)layer.weights[i].data);
-    free(norm_attn), free(norm_mlp), free(qkv_bias), free(o_bias), free(cos), free(sin), free(x0), free(keys);
-    free(values), free(k), free(v);
+    free_layer(&layer);
+    free(cos), free(sin), free(x0), free(keys), free(values), free(k), free(v);
 }
 
 /* mistol_decode_layer over M = 5 rows at once (a verify pass) against 5 calls of one row
@@ -515,14 +528,8 @@ static void check_decode(const char *name, int impl, const int *fmts, const char
  * cache type, 1 and 3 threads. The rows' slots wrap past the cache's end; each row's mask
  * hides the later rows' slots (as causality does) and a few others (as a window does). */
 static void check_decode_rows(const char *name, int impl, const int *fmts, const char *label) {
-    enum { D = 256, F = 512, HQ = 8, HKV = 2, HD = 32, CAP = 24, SLOT = 21, M = 5 };
-    const int64_t rows[W_COUNT] = {HQ * HD, HKV * HD, HKV * HD, D, F, F, D};
-    const int64_t cols[W_COUNT] = {D, D, D, HQ * HD, D, D, F};
-    mistol_layer layer = {0};
-    for (int i = 0; i < W_COUNT; i++) layer.weights[i] = random_matrix(fmts[i], rows[i], cols[i]);
-    float *norm_attn = random_floats(D, 1.0f), *norm_mlp = random_floats(D, 1.0f);
-    float *qkv_bias = random_floats(HQ * HD + 2 * HKV * HD, 0.1f), *o_bias = random_floats(D, 0.1f);
-    layer.norm_attn = norm_attn, layer.norm_mlp = norm_mlp, layer.qkv_bias = qkv_bias, layer.o_bias = o_bias;
+    enum { D = LAYER_D, F = LAYER_F, HQ = LAYER_HQ, HKV = LAYER_HKV, HD = LAYER_HD, CAP = 24, SLOT = 21, M = 5 };
+    mistol_layer layer = random_layer(fmts);
     float *cos = random_floats(M * HD, 1.0f), *sin = random_floats(M * HD, 1.0f), *x0 = random_floats(M * D, 1.0f);
     uint8_t mask[M][CAP];
     for (int m = 0; m < M; m++)
@@ -568,25 +575,19 @@ static void check_decode_rows(const char *name, int impl, const int *fmts, const
     snprintf(what, sizeof what, "decode layer (%s), 5 rows at once: the bits of 5 one-row calls (3 caches)", label);
     report(ok, name, what, -1);
     mistol_workspace_free(ws);
-    for (int i = 0; i < W_COUNT; i++) free((void *)layer.weights[i].data);
-    free(norm_attn), free(norm_mlp), free(qkv_bias), free(o_bias), free(cos), free(sin), free(x0), free(keys);
-    free(values);
+    free_layer(&layer);
+    free(cos), free(sin), free(x0), free(keys), free(values);
 }
 
 /* mistol_decode_layer over the next token of 4 sequences at once (kv_rows: a batch of decode
  * steps, each sequence its own cache of its own capacity, slot and mask) against 4 one-row
  * calls: the same hidden states and caches, bit for bit, each cache type, 1 and 3 threads. */
 static void check_decode_sessions(const char *name, int impl, const int *fmts, const char *label) {
-    enum { D = 256, F = 512, HQ = 8, HKV = 2, HD = 32, M = 4, LAYERS = 2, LAYER = 1 };
+    enum { D = LAYER_D, F = LAYER_F, HQ = LAYER_HQ, HKV = LAYER_HKV, HD = LAYER_HD, M = 4, LAYERS = 2, LAYER = 1 };
     const int64_t caps[M] = {24, 7, 40, 16}, slots[M] = {21, 0, 39, 5}, keys[M] = {24, 3, 40, 16};
-    const int64_t rows[W_COUNT] = {HQ * HD, HKV * HD, HKV * HD, D, F, F, D};
-    const int64_t cols[W_COUNT] = {D, D, D, HQ * HD, D, D, F};
-    mistol_layer layers[LAYERS];
+    mistol_layer layers[LAYERS]; /* (layer 1 of 2: each cache's second layer) */
     memset(layers, 0, sizeof layers);
-    for (int i = 0; i < W_COUNT; i++) layers[LAYER].weights[i] = random_matrix(fmts[i], rows[i], cols[i]);
-    float *norm_attn = random_floats(D, 1.0f), *norm_mlp = random_floats(D, 1.0f);
-    float *qkv_bias = random_floats(HQ * HD + 2 * HKV * HD, 0.1f);
-    layers[LAYER].norm_attn = norm_attn, layers[LAYER].norm_mlp = norm_mlp, layers[LAYER].qkv_bias = qkv_bias;
+    layers[LAYER] = random_layer(fmts);
     float *cos = random_floats(M * HD, 1.0f), *sin = random_floats(M * HD, 1.0f), *x0 = random_floats(M * D, 1.0f);
     uint8_t masks[M][40];
     for (int m = 0; m < M; m++)
@@ -643,10 +644,10 @@ static void check_decode_sessions(const char *name, int impl, const int *fmts, c
     snprintf(what, sizeof what, "decode layer (%s), 4 sequences at once: the bits of 4 one-row calls (3 caches)", label);
     report(ok, name, what, -1);
     mistol_workspace_free(ws);
-    for (int i = 0; i < W_COUNT; i++) free((void *)layers[LAYER].weights[i].data);
+    free_layer(&layers[LAYER]);
     for (int m = 0; m < M; m++)
         for (int kv = 0; kv < 2; kv++) free(init[m][kv]), free(scale_init[m][kv]);
-    free(norm_attn), free(norm_mlp), free(qkv_bias), free(cos), free(sin), free(x0);
+    free(cos), free(sin), free(x0);
 }
 
 /* mistol_dense_many (which picks its row function from the CPU alone) against products
