@@ -124,6 +124,9 @@ def cmd_serve(args) -> int:
           file=sys.stderr)
     if args.model == "demo" and not args.allow_code:
         print(f"mistol serve: note: {DEMO_NEEDS_CODE}", file=sys.stderr)
+    if server.template is None:
+        print(f"mistol serve: note: {server.no_template}: completions only (/v1/completions, /api/generate); "
+              "chat requests get a 400", file=sys.stderr)
     # On Ctrl-C, streams still generating get a few seconds, not their whole max_tokens.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0

@@ -180,7 +180,13 @@ class _Server:
         self.engine = engine
         self.options = options
         self.tokenizer = engine.tokenizer
-        self.template = ChatTemplate.for_tokenizer(self.tokenizer)
+        # A base model may have no chat template (and no ChatML tokens): it still serves
+        # completions; chat requests get a 400 saying so (chat_template()).
+        try:
+            self.template: ChatTemplate | None = ChatTemplate.for_tokenizer(self.tokenizer)
+            self.no_template = None
+        except MistolError as e:
+            self.template, self.no_template = None, str(e)
         self.vocab_size = min(self.tokenizer.vocab_size, engine.config.vocab_size)  # valid token ids
         self.scheduler = Scheduler(engine, max_batch=options.max_batch, max_context=options.max_context,
                                    prefill_chunk=options.prefill_chunk)
@@ -347,7 +353,7 @@ class _Server:
         field, constraint = spec.constraint_field, spec.constraint
         try:
             if field == "tools":  # the calls as the model's own tool format writes them
-                constraint = Constraint("lark", self.template.tool_format.grammar(
+                constraint = Constraint("lark", self.chat_template().tool_format.grammar(
                     spec.tools, spec.tool_choice, spec.parallel_tool_calls))
             grammar = self._grammars.compile(constraint)
             return [self._grammars.start(grammar) for _ in range(spec.n)]
@@ -370,7 +376,7 @@ class _Server:
     def _prompt_ids(self, spec: GenerationRequest, replies: dict[str, list[int]]) -> list[int]:
         if spec.messages is not None:
             try:
-                return self.template.render(spec.messages, add_generation_prompt=spec.add_generation_prompt,
+                return self.chat_template().render(spec.messages, add_generation_prompt=spec.add_generation_prompt,
                                             continue_last=spec.continue_final_message, reply_tokens=replies,
                                             tools=self.offered_tools(spec))
             except MistolError as e:
@@ -403,14 +409,25 @@ class _Server:
         if spec.ignore_eos:
             stop_ids = []
         elif chat:
-            stop_ids = self.template.stop_ids
-        else:  # as `mistol generate`: the tokenizer's EOS and the model's
-            ids = (self.tokenizer.eos_id, self.engine.config.eos_token_id)
-            stop_ids = sorted({i for i in ids if i is not None})
+            stop_ids = self.chat_template().stop_ids
+        else:
+            stop_ids = self.eos_ids()
         return replace(spec.params, max_tokens=max_tokens, stop_token_ids=stop_ids)
 
+    def eos_ids(self) -> list[int]:
+        """What ends a completion, as `mistol generate`: the tokenizer's EOS and the model's."""
+        ids = (self.tokenizer.eos_id, self.engine.config.eos_token_id)
+        return sorted({i for i in ids if i is not None})
+
+    def chat_template(self) -> ChatTemplate:
+        """The model's chat template; for a model without one, a 400 that says what it serves."""
+        if self.template is None:
+            raise APIError(400, f"{self.no_template}, so this server answers completions only "
+                                "(/v1/completions, /api/generate), not chat", "messages", "no_chat_template")
+        return self.template
+
     def remember(self, client, text: str, token_ids: list[int]) -> None:
-        ids = [t for t in token_ids if t not in self.template.stop_ids]
+        ids = [t for t in token_ids if t not in self.chat_template().stop_ids]
         if not ids or self.tokenizer.decode(ids) != text:
             return  # e.g. cut by a stop string: the next turn encodes the text
         self._replies[client, text] = ids
@@ -495,8 +512,9 @@ class _Reply:
         self.last: list[Output | None] = [None] * spec.n  # each choice's final output
         self.prompt_tokens = prompt_tokens
         # with tools, each choice's text read into content and calls
-        tool_format = server.template.tool_format
-        self.parsers = [tool_format.parser() for _ in range(spec.n)] if chat and spec.tool_choice != "none" else None
+        self.parsers = None
+        if chat and spec.tool_choice != "none":
+            self.parsers = [server.chat_template().tool_format.parser() for _ in range(spec.n)]
 
     @property
     def done(self) -> bool:

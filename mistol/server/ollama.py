@@ -249,7 +249,8 @@ class ModelDescription:
         }
         self.context = server.scheduler.max_context
         self.config = config
-        self.template = getattr(server.tokenizer, "chat_template", None) or "(ChatML, mistol's built-in template)"
+        self.template = getattr(server.tokenizer, "chat_template", None) or (
+            "(ChatML, mistol's built-in template)" if server.template else "{{ .Prompt }}")
 
     def entry(self) -> dict:
         return {"name": self.name, "model": self.name, "modified_at": self.modified_at, "size": self.size,
@@ -302,7 +303,7 @@ class _Run:
                   "prompt_eval_count": out.prompt_tokens, "prompt_eval_duration": first - self.started,
                   "eval_count": out.completion_tokens, "eval_duration": end - first}
         if not self.chat:  # the conversation so far, to send back as `context` to go on from it
-            stops = set(self.server.template.stop_ids)
+            stops = set(self.server.template.stop_ids if self.server.template else self.server.eos_ids())
             record["context"] = self.prompt + [t for t in out.token_ids if t not in stops]
         return record
 
@@ -373,10 +374,11 @@ def add_ollama_routes(app: FastAPI, server, embedder) -> None:
 
     async def respond(request: Request, spec, chat: bool, stream: bool, started: int):
         """Queue the request (stopping where the template ends a turn, as ollama stops at the
-        model's stop tokens, for /api/generate too) and answer in NDJSON or as one object."""
+        model's stop tokens, for /api/generate too; at EOS for a model without a template) and
+        answer in NDJSON or as one object."""
         client = server.client_of(request)
         try:
-            jobs, outputs, prompt = await server.submit(spec, True, client)
+            jobs, outputs, prompt = await server.submit(spec, chat or server.template is not None, client)
         except APIError as e:
             raise _in_ollamas_words(e) from None
         run = _Run(server, client, jobs, outputs, prompt, chat, started)
@@ -426,6 +428,8 @@ def add_ollama_routes(app: FastAPI, server, embedder) -> None:
         def prompt_ids() -> list[int]:
             if raw:  # the client wrote the whole prompt, control tokens included
                 return tok.encode(prompt, add_bos=tok.add_bos and not context, parse_special=True)
+            if server.template is None:  # a model without a chat template: the prompt as it is (ollama's too)
+                return tok.encode(f"{system}\n\n{prompt}" if system else prompt, add_bos=tok.add_bos and not context)
             messages = [{"role": "system", "content": system}] if system else []
             try:
                 ids = server.template.render([*messages, {"role": "user", "content": prompt}])

@@ -123,7 +123,7 @@ def add_utility_routes(app: FastAPI, server, auth, embedder=None) -> None:
     async def apply_template(request: Request):
         spec = p.parse_chat_request(await server.read_json(request))
         try:
-            prompt = server.template.render_text(spec.messages, spec.add_generation_prompt,
+            prompt = server.chat_template().render_text(spec.messages, spec.add_generation_prompt,
                                                  spec.continue_final_message, tools=server.offered_tools(spec))
         except MistolError as e:
             raise APIError(400, f"messages: {e}", "messages") from None
