@@ -160,33 +160,13 @@ static void axpy_neon(float a, const float *x, float *y, int64_t n) {
 }
 #endif
 
-/* The query heads q[group][d] of one kv head against its cached keys/values [capacity][d]:
- * out[group][d]. scores: scratch of group * n_keys floats. */
-static void attend(dot_fn dot, axpy_fn axpy, const float *q, int64_t group, const float *keys, const float *values,
-                   int64_t d, int64_t n_keys, const uint8_t *mask, float *scores, float *out) {
-    const float scale = 1.0f / sqrtf((float)d);
-    for (int64_t g = 0; g < group; g++) {
-        float *sc = scores + g * n_keys, top = -INFINITY;
-        for (int64_t s = 0; s < n_keys; s++) {
-            sc[s] = mask && !mask[s] ? -INFINITY : dot(q + g * d, keys + s * d, d) * scale;
-            top = sc[s] > top ? sc[s] : top;
-        }
-        float sum = 0.0f;
-        for (int64_t s = 0; s < n_keys; s++) sum += sc[s] = sc[s] == -INFINITY ? 0.0f : expf(sc[s] - top);
-        float *o = out + g * d;
-        memset(o, 0, sizeof(float) * (size_t)d);
-        for (int64_t s = 0; s < n_keys; s++)
-            if (sc[s] != 0.0f) axpy(sc[s] / sum, values + s * d, o, d);
-    }
-}
-
 /* A float16 cache (KV_F16) holds keys and values in half the bytes: rows are rounded to
  * f16 as they are written (to nearest even, as torch's .to(float16)). A Q8_0 cache (KV_Q8_0)
  * holds them in about a quarter: each block of 32 values of a row as int8 with a float16
  * scale, quantized as they are written (as llama.cpp's quantize_row_q8_0_ref, and
  * mistol/model/kv_cache.py's quantize_q8_0: the same bits). Either is turned back into
  * float32 a chunk of KV_CHUNK rows at a time as attention reads them, into a per-thread
- * scratch that stays in L1; the arithmetic is then attend()'s, on those values. */
+ * scratch that stays in L1 (attend). */
 #define KV_CHUNK 32
 typedef void (*to_halves_fn)(const float *, uint16_t *, int64_t);
 
@@ -275,34 +255,45 @@ AVX2_FN static void load_q8_0_avx2(kv_rows src, int64_t s0, int64_t n, int64_t d
 }
 #endif
 
-/* attend() over float16 or Q8_0 keys/values (`load` reads them); chunk: scratch of KV_CHUNK * d floats. */
-static void attend_chunked(dot_fn dot, axpy_fn axpy, kv_load_fn load, const float *q, int64_t group, kv_rows keys,
-                           kv_rows values, int64_t d, int64_t n_keys, const uint8_t *mask, float *scores, float *chunk,
-                           float *out) {
+/* The query heads of M tokens against one kv head's cached keys and values: token m's heads
+ * at q + m ldq ([group][d]), its output at out + m ldo. The cache rows are float32 (k32/v32,
+ * `load` NULL) or float16 / Q8_0 (keys/values, which `load` turns into float32 a chunk at a
+ * time). Token m attends over slots [0, n_keys) where mask[m][s] != 0 (mask NULL: all of
+ * them). Each chunk of keys and values is read once for every token and head (a verify pass
+ * at a long context reads the cache once, as a decode step does), and a token's arithmetic
+ * is the same whatever M. scores: scratch of M * group * n_keys floats; chunk: of KV_CHUNK * d. */
+static void attend(dot_fn dot, axpy_fn axpy, kv_load_fn load, kv_rows keys, kv_rows values, const float *k32,
+                   const float *v32, const float *q, int64_t ldq, int64_t M, int64_t group, int64_t d, int64_t n_keys,
+                   const uint8_t *mask, float *scores, float *chunk, float *out, int64_t ldo) {
     const float scale = 1.0f / sqrtf((float)d);
-    for (int64_t s0 = 0; s0 < n_keys; s0 += KV_CHUNK) { /* each chunk of keys once, for every query head */
-        const int64_t n = n_keys - s0 < KV_CHUNK ? n_keys - s0 : KV_CHUNK;
-        load(keys, s0, n, d, chunk);
-        for (int64_t g = 0; g < group; g++)
-            for (int64_t s = 0; s < n; s++)
-                scores[g * n_keys + s0 + s] =
-                    mask && !mask[s0 + s] ? -INFINITY : dot(q + g * d, chunk + s * d, d) * scale;
-    }
-    for (int64_t g = 0; g < group; g++) {
-        float *sc = scores + g * n_keys, top = -INFINITY, sum = 0.0f;
-        for (int64_t s = 0; s < n_keys; s++) top = sc[s] > top ? sc[s] : top;
-        for (int64_t s = 0; s < n_keys; s++) sum += sc[s] = sc[s] == -INFINITY ? 0.0f : expf(sc[s] - top);
-        memset(out + g * d, 0, sizeof(float) * (size_t)d);
-        for (int64_t s = 0; s < n_keys; s++) sc[s] /= sum;
-    }
     for (int64_t s0 = 0; s0 < n_keys; s0 += KV_CHUNK) {
         const int64_t n = n_keys - s0 < KV_CHUNK ? n_keys - s0 : KV_CHUNK;
-        load(values, s0, n, d, chunk);
-        for (int64_t g = 0; g < group; g++)
-            for (int64_t s = 0; s < n; s++) {
-                const float p = scores[g * n_keys + s0 + s];
-                if (p != 0.0f) axpy(p, chunk + s * d, out + g * d, d);
-            }
+        const float *kc = k32 ? k32 + s0 * d : chunk;
+        if (!k32) load(keys, s0, n, d, chunk);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t g = 0; g < group; g++)
+                for (int64_t s = 0; s < n; s++)
+                    scores[(m * group + g) * n_keys + s0 + s] =
+                        mask && !mask[m * n_keys + s0 + s] ? -INFINITY : dot(q + m * ldq + g * d, kc + s * d, d) * scale;
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < group; g++) {
+            float *sc = scores + (m * group + g) * n_keys, top = -INFINITY, sum = 0.0f;
+            for (int64_t s = 0; s < n_keys; s++) top = sc[s] > top ? sc[s] : top;
+            for (int64_t s = 0; s < n_keys; s++) sum += sc[s] = sc[s] == -INFINITY ? 0.0f : expf(sc[s] - top);
+            for (int64_t s = 0; s < n_keys; s++) sc[s] /= sum;
+            memset(out + m * ldo + g * d, 0, sizeof(float) * (size_t)d);
+        }
+    for (int64_t s0 = 0; s0 < n_keys; s0 += KV_CHUNK) {
+        const int64_t n = n_keys - s0 < KV_CHUNK ? n_keys - s0 : KV_CHUNK;
+        const float *vc = v32 ? v32 + s0 * d : chunk;
+        if (!v32) load(values, s0, n, d, chunk);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t g = 0; g < group; g++)
+                for (int64_t s = 0; s < n; s++) {
+                    const float p = scores[(m * group + g) * n_keys + s0 + s];
+                    if (p != 0.0f) axpy(p, vc + s * d, out + m * ldo + g * d, d);
+                }
     }
 }
 
@@ -367,11 +358,12 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     const int nthreads = args->nthreads < 1 ? 1 : args->nthreads;
     /* each thread's several-row sums on cache lines of its own (as gemm_run's) */
     const int64_t acc_stride = (IL * M + 15) / 16 * 16, Mp = M + (M & 1), copies = M > 1 ? M : 0;
+    const int64_t together = args->kv_rows ? 1 : M; /* tokens that attend over one cache at once */
     if (RESERVE(ws, h, M * kmax) || RESERVE(ws, qkv, M * (dq + 2 * dkv)) || RESERVE(ws, att, M * dq) ||
         RESERVE(ws, gu, M * 2 * F) || RESERVE(ws, y, M * D) || RESERVE(ws, da, M * kmax / QK) ||
         RESERVE(ws, qa, M * kmax) || RESERVE(ws, sa, M * kmax / QK) || RESERVE(ws, qk, M * kmax) ||
         RESERVE(ws, dk, M * kmax / QK) || RESERVE(ws, sk, M * kmax / 16) ||
-        RESERVE(ws, scores, nthreads * group * most_keys) || RESERVE(ws, acc, nthreads * acc_stride + 16) ||
+        RESERVE(ws, scores, nthreads * together * group * most_keys) || RESERVE(ws, acc, nthreads * acc_stride + 16) ||
         RESERVE(ws, kv_chunk, nthreads * KV_CHUNK * hd) || RESERVE(ws, qb, copies ? Mp * kmax : 1) ||
         RESERVE(ws, db, copies ? Mp * kmax / QK : 1) || RESERVE(ws, sb, copies ? Mp * kmax / QK : 1) ||
         RESERVE(ws, qkb, copies * kmax + 1) || RESERVE(ws, qab, copies * ((kmax / QK + 7) / 8 * 8 * QK) + 1))
@@ -404,7 +396,8 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
-        float *my_acc = acc + thread_index() * acc_stride, *my_scores = scores + thread_index() * group * most_keys;
+        float *my_acc = acc + thread_index() * acc_stride;
+        float *my_scores = scores + thread_index() * together * group * most_keys;
         float *my_chunk = ws->kv_chunk + thread_index() * KV_CHUNK * hd;
         SINGLE
         {
@@ -442,23 +435,15 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
                     memcpy((float *)kv[m].v + at, v, sizeof(float) * (size_t)hd);
                 }
             }
-            for (int64_t m = 0; m < M; m++) {
-                const float *q = qkv + m * ld_qkv + j * group * hd;
+            /* then attention: one sequence's tokens all at once, several sequences' one by one */
+            for (int64_t m = 0; m < M; m += together) {
                 const int64_t head = (args->layer * hkv + j) * kv[m].capacity * hd; /* kv head j's rows */
-                float *out = att + m * dq + j * group * hd;
-                if (cache_type == KV_F16) {
-                    const kv_rows keys = {(uint16_t *)kv[m].k + head, NULL}, values = {(uint16_t *)kv[m].v + head, NULL};
-                    attend_chunked(dot, axpy, load, q, group, keys, values, hd, kv[m].n_keys, kv[m].mask, my_scores,
-                                   my_chunk, out);
-                } else if (cache_type == KV_Q8_0) {
-                    const kv_rows keys = {(int8_t *)kv[m].k + head, kv[m].k_scale + head / QK},
-                                  values = {(int8_t *)kv[m].v + head, kv[m].v_scale + head / QK};
-                    attend_chunked(dot, axpy, load, q, group, keys, values, hd, kv[m].n_keys, kv[m].mask, my_scores,
-                                   my_chunk, out);
-                } else {
-                    attend(dot, axpy, q, group, (float *)kv[m].k + head, (float *)kv[m].v + head, hd, kv[m].n_keys,
-                           kv[m].mask, my_scores, out);
-                }
+                const int f32 = cache_type == KV_F32, q8 = cache_type == KV_Q8_0;
+                const kv_rows keys = {(const uint8_t *)kv[m].k + head * (q8 ? 1 : 2), q8 ? kv[m].k_scale + head / QK : NULL};
+                const kv_rows values = {(const uint8_t *)kv[m].v + head * (q8 ? 1 : 2), q8 ? kv[m].v_scale + head / QK : NULL};
+                attend(dot, axpy, load, keys, values, f32 ? (const float *)kv[m].k + head : NULL,
+                       f32 ? (const float *)kv[m].v + head : NULL, qkv + m * ld_qkv + j * group * hd, ld_qkv, together,
+                       group, hd, kv[m].n_keys, kv[m].mask, my_scores, my_chunk, att + m * dq + j * group * hd, dq);
             }
         }
         BARRIER
