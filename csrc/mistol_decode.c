@@ -324,8 +324,8 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     if (D <= 0 || F <= 0 || D % QK || F % QK || (hq * hd) % QK || hkv <= 0 || hq % hkv || hd % 2) return ERR_ARG;
     const int cache_type = args->cache_type;
     if (cache_type != KV_F32 && cache_type != KV_F16 && cache_type != KV_Q8_0) return ERR_ARG;
-    if (args->layer < 0 || M < 1 || (!args->kv_rows && M > args->capacity) || (cache_type == KV_Q8_0 && hd % QK))
-        return ERR_ARG;
+    if (args->layer < 0 || M < 1 || (cache_type == KV_Q8_0 && hd % QK)) return ERR_ARG;
+    if (!args->kv_rows && (M > args->capacity || args->slot < 0 || args->slot >= args->capacity)) return ERR_ARG;
     if (RESERVE(ws, kv, M)) return ERR_NOMEM;
     int64_t most_keys = 0; /* each row's cache, and the most slots a row attends over */
     for (int64_t m = 0; m < M; m++) {
@@ -333,8 +333,7 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
                                       args->mask ? args->mask + m * args->n_keys : NULL, args->capacity,
                                       args->capacity > 0 ? (args->slot + m) % args->capacity : 0, args->n_keys};
         const mistol_kv_row r = args->kv_rows ? args->kv_rows[m] : shared;
-        if (r.capacity <= 0 || r.slot < 0 || r.slot >= r.capacity || r.n_keys <= 0 || r.n_keys > r.capacity ||
-            (!args->kv_rows && (args->slot < 0 || args->slot >= args->capacity)))
+        if (r.capacity <= 0 || r.slot < 0 || r.slot >= r.capacity || r.n_keys <= 0 || r.n_keys > r.capacity)
             return ERR_ARG;
         if (cache_type == KV_Q8_0 && (!r.k_scale || !r.v_scale)) return ERR_ARG;
         ws->kv[m] = r, most_keys = r.n_keys > most_keys ? r.n_keys : most_keys;

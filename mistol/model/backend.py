@@ -176,11 +176,9 @@ class Backend:
         """Whether the fused layers' attention over these tokens' keys stays within
         FUSED_ATTENTION_SHARE of a layer's weights (see there)."""
         shape = self.cpu_decoder.shape
-        d, dq, dkv = shape["hidden"], shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
-        layer_weights = d * (2 * dq + 2 * dkv) + 3 * d * shape["ffn"]
         rows = tokens.shape[1]
         row_keys = sum(rows * (cache.length + rows) for cache in caches)  # (one sequence, or one row each)
-        return row_keys * 2 * dq <= FUSED_ATTENTION_SHARE * layer_weights
+        return row_keys * 2 * shape["heads"] * shape["head_dim"] <= FUSED_ATTENTION_SHARE * self.cpu_decoder.layer_weights
 
     def _kernels_take(self, rows: int) -> bool:
         """Whether the PyTorch layers too would multiply `rows` rows of every matrix on the

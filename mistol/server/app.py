@@ -406,16 +406,14 @@ class _Server:
                 f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds the context of {context} tokens",
                 "max_tokens" if spec.max_tokens is not None else where, "context_length_exceeded",
             )
-        if spec.ignore_eos:
-            stop_ids = []
-        elif chat:
-            stop_ids = self.chat_template().stop_ids
-        else:
-            stop_ids = self.eos_ids()
+        stop_ids = [] if spec.ignore_eos else self.stop_ids(chat)
         return replace(spec.params, max_tokens=max_tokens, stop_token_ids=stop_ids)
 
-    def eos_ids(self) -> list[int]:
-        """What ends a completion, as `mistol generate`: the tokenizer's EOS and the model's."""
+    def stop_ids(self, chat: bool) -> list[int]:
+        """What ends a reply: where the chat template ends a turn; for a completion, as
+        `mistol generate`, the tokenizer's EOS and the model's."""
+        if chat:
+            return self.chat_template().stop_ids
         ids = (self.tokenizer.eos_id, self.engine.config.eos_token_id)
         return sorted({i for i in ids if i is not None})
 

@@ -303,7 +303,7 @@ class _Run:
                   "prompt_eval_count": out.prompt_tokens, "prompt_eval_duration": first - self.started,
                   "eval_count": out.completion_tokens, "eval_duration": end - first}
         if not self.chat:  # the conversation so far, to send back as `context` to go on from it
-            stops = set(self.server.template.stop_ids if self.server.template else self.server.eos_ids())
+            stops = set(self.server.stop_ids(chat=self.server.template is not None))  # (as respond asked)
             record["context"] = self.prompt + [t for t in out.token_ids if t not in stops]
         return record
 
