@@ -219,12 +219,15 @@ def test_rolled_back_rows_are_forgotten(fmt, monkeypatch):
 @pytest.mark.parametrize("fmt", ["f32", "int8"])
 def test_the_rolling_q8_0_cache_matches_one_that_never_wraps(fmt, monkeypatch):
     """Window 8: a cache of 12 slots wraps three times in 40 steps; one of 64 slots never does.
-    Each row is quantized alone, so both hold the same values: the same logits up to float
-    rounding."""
+    Each row is quantized alone, so both hold the same values up to float rounding: once the
+    small cache wraps its keys are summed in another order, and a value that lands that close to
+    a rounding edge of its block's step takes the other quant (seen on an AVX512-FP16 Xeon: one
+    such row moved 8 steps' logits by 2.6e-4, while the logits are about 1 in size)."""
     m = mistol_model(SHAPES["sliding window"], fmt)
     rolling = teacher_forced_logits(m, Q8_0, True, monkeypatch, chunk_size=4)
     whole = teacher_forced_logits(m, Q8_0, True, monkeypatch, chunk_size=56)
-    assert torch.allclose(rolling, whole, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(rolling[:12], whole[:12], rtol=1e-6, atol=1e-6)  # before the wrap: the same arithmetic
+    assert (rolling - whole).abs().max() < 2e-3
 
 
 @pytest.mark.slow
