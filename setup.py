@@ -43,8 +43,8 @@ class BuildKernels(build_ext):
 kernels = Extension(
     "mistol._kernels",
     sources=["csrc/abi.c", "csrc/common.c", "csrc/quant_gemv.c", "csrc/dense.c", "csrc/quantize.c",
-             "csrc/mistol_decode.c", "csrc/kquant_gemv.c", "csrc/requantize.c"],
-    depends=["csrc/mistol_abi.h", "csrc/mistol_kernels.h", "csrc/kquant.h"],
+             "csrc/mistol_decode.c", "csrc/attention.c", "csrc/kquant_gemv.c", "csrc/requantize.c"],
+    depends=["csrc/mistol_abi.h", "csrc/mistol_kernels.h", "csrc/kquant.h", "csrc/attention.h"],
     extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fvisibility=hidden", "-fopenmp"],  # no FMA contraction: llama.cpp-exact rounding
     extra_link_args=["-fopenmp"],
     libraries=["m"],

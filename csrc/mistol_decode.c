@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention.h"
 #include "mistol_kernels.h"
 
 #ifdef _OPENMP
@@ -101,201 +102,6 @@ static void rope(float *v, const float *cos, const float *sin, int64_t d) {
 }
 
 static float silu(float g) { return g / (1.0f + expf(-g)); }
-
-/* Dot products and y += a * x over one head's values. */
-typedef float (*dot_fn)(const float *, const float *, int64_t);
-typedef void (*axpy_fn)(float, const float *, float *, int64_t);
-
-static float dot_scalar(const float *a, const float *b, int64_t n) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-static void axpy_scalar(float a, const float *x, float *y, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
-}
-
-#ifdef MISTOL_X86
-AVX2_FN static float dot_avx2(const float *a, const float *b, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    float s = hsum_ps(_mm256_add_ps(s0, s1));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-AVX2_FN static void axpy_avx2(float a, const float *x, float *y, int64_t n) {
-    const __m256 va = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += a * x[i];
-}
-#endif
-
-#ifdef MISTOL_ARM
-/* NEON, the AVX2 versions' arithmetic on 4 lanes: fused multiply-adds, four partial sums */
-static float dot_neon(const float *a, const float *b, int64_t n) {
-    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0, s2 = s0, s3 = s0;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = vfmaq_f32(s0, vld1q_f32(a + i), vld1q_f32(b + i));
-        s1 = vfmaq_f32(s1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
-        s2 = vfmaq_f32(s2, vld1q_f32(a + i + 8), vld1q_f32(b + i + 8));
-        s3 = vfmaq_f32(s3, vld1q_f32(a + i + 12), vld1q_f32(b + i + 12));
-    }
-    float s = vaddvq_f32(vaddq_f32(vaddq_f32(s0, s1), vaddq_f32(s2, s3)));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-static void axpy_neon(float a, const float *x, float *y, int64_t n) {
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
-    for (; i < n; i++) y[i] += a * x[i];
-}
-#endif
-
-/* A float16 cache (KV_F16) holds keys and values in half the bytes: rows are rounded to
- * f16 as they are written (to nearest even, as torch's .to(float16)). A Q8_0 cache (KV_Q8_0)
- * holds them in about a quarter: each block of 32 values of a row as int8 with a float16
- * scale, quantized as they are written (as llama.cpp's quantize_row_q8_0_ref, and
- * mistol/model/kv_cache.py's quantize_q8_0: the same bits). Either is turned back into
- * float32 a chunk of KV_CHUNK rows at a time as attention reads them, into a per-thread
- * scratch that stays in L1 (attend). */
-#define KV_CHUNK 32
-typedef void (*to_halves_fn)(const float *, uint16_t *, int64_t);
-
-/* One kv head's cached rows [capacity][d]: float16, or int8 with scales [capacity][d / 32]. */
-typedef struct {
-    const void *rows;
-    const uint16_t *scales;
-} kv_rows;
-/* rows [s0, s0 + n) of src as float32, out[n][d] */
-typedef void (*kv_load_fn)(kv_rows src, int64_t s0, int64_t n, int64_t d, float *out);
-
-static inline int round_away(float v) { /* roundf for |v| < 2^31, without a libm call */
-    int i = (int)v;
-    float f = v - (float)i;
-    return i + (f >= 0.5f) - (f <= -0.5f);
-}
-
-/* x[d] (d a multiple of 32) -> Q8_0: per block d = max|x| / 127, q = roundf(x * (1 / d)).
- * A NaN makes its block's scale NaN (as PyTorch's max does; fmaxf would skip it and the
- * block would read back finite); an infinity makes it inf (1 / d = 0); the quants of either
- * are 0 (a float -> int conversion of NaN is undefined). */
-static void quantize_q8_0_row(const float *x, int8_t *q, uint16_t *scales, int64_t d) {
-    for (int64_t b = 0; b < d / QK; b++) {
-        const float *xb = x + b * QK;
-        float amax = 0.0f;
-        int nan = 0;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j])), nan |= xb[j] != xb[j];
-        const float scale = nan ? NAN : amax / 127.0f, inv = scale != 0.0f && scale <= FLT_MAX ? 1.0f / scale : 0.0f;
-        scales[b] = float_to_half(scale);
-        for (int j = 0; j < QK; j++) {
-            const float v = xb[j] * inv;
-            q[b * QK + j] = v == v ? (int8_t)round_away(v) : 0;
-        }
-    }
-}
-
-static void load_q8_0_scalar(kv_rows src, int64_t s0, int64_t n, int64_t d, float *out) {
-    const int8_t *q = (const int8_t *)src.rows + s0 * d;
-    const uint16_t *scales = src.scales + s0 * (d / QK);
-    for (int64_t b = 0; b < n * d / QK; b++) {
-        const float scale = half_to_float(scales[b]);
-        for (int j = 0; j < QK; j++) out[b * QK + j] = (float)q[b * QK + j] * scale;
-    }
-}
-
-static void halves_scalar(const uint16_t *h, float *f, int64_t n) {
-    for (int64_t i = 0; i < n; i++) f[i] = half_to_float(h[i]);
-}
-
-static void to_halves_scalar(const float *f, uint16_t *h, int64_t n) {
-    for (int64_t i = 0; i < n; i++) h[i] = float_to_half(f[i]);
-}
-
-static void load_f16_scalar(kv_rows src, int64_t s0, int64_t n, int64_t d, float *out) {
-    halves_scalar((const uint16_t *)src.rows + s0 * d, out, n * d);
-}
-
-#ifdef MISTOL_X86
-AVX2_FN static void halves_f16c(const uint16_t *h, float *f, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
-    for (; i < n; i++) f[i] = half_to_float(h[i]);
-}
-
-AVX2_FN static void to_halves_f16c(const float *f, uint16_t *h, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT));
-    for (; i < n; i++) h[i] = float_to_half(f[i]);
-}
-
-AVX2_FN static void load_f16_f16c(kv_rows src, int64_t s0, int64_t n, int64_t d, float *out) {
-    halves_f16c((const uint16_t *)src.rows + s0 * d, out, n * d);
-}
-
-AVX2_FN static void load_q8_0_avx2(kv_rows src, int64_t s0, int64_t n, int64_t d, float *out) {
-    const int8_t *q = (const int8_t *)src.rows + s0 * d;
-    const uint16_t *scales = src.scales + s0 * (d / QK);
-    for (int64_t b = 0; b < n * d / QK; b++) {
-        const __m256 scale = _mm256_set1_ps(half_to_float(scales[b]));
-        for (int j = 0; j < QK; j += 8) {
-            const __m256i q32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + b * QK + j)));
-            _mm256_storeu_ps(out + b * QK + j, _mm256_mul_ps(_mm256_cvtepi32_ps(q32), scale));
-        }
-    }
-}
-#endif
-
-/* The query heads of M tokens against one kv head's cached keys and values: token m's heads
- * at q + m ldq ([group][d]), its output at out + m ldo. The cache rows are float32 (k32/v32,
- * `load` NULL) or float16 / Q8_0 (keys/values, which `load` turns into float32 a chunk at a
- * time). Token m attends over slots [0, n_keys) where mask[m][s] != 0 (mask NULL: all of
- * them). Each chunk of keys and values is read once for every token and head (a verify pass
- * at a long context reads the cache once, as a decode step does), and a token's arithmetic
- * is the same whatever M. scores: scratch of M * group * n_keys floats; chunk: of KV_CHUNK * d. */
-static void attend(dot_fn dot, axpy_fn axpy, kv_load_fn load, kv_rows keys, kv_rows values, const float *k32,
-                   const float *v32, const float *q, int64_t ldq, int64_t M, int64_t group, int64_t d, int64_t n_keys,
-                   const uint8_t *mask, float *scores, float *chunk, float *out, int64_t ldo) {
-    const float scale = 1.0f / sqrtf((float)d);
-    for (int64_t s0 = 0; s0 < n_keys; s0 += KV_CHUNK) {
-        const int64_t n = n_keys - s0 < KV_CHUNK ? n_keys - s0 : KV_CHUNK;
-        const float *kc = k32 ? k32 + s0 * d : chunk;
-        if (!k32) load(keys, s0, n, d, chunk);
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t g = 0; g < group; g++)
-                for (int64_t s = 0; s < n; s++)
-                    scores[(m * group + g) * n_keys + s0 + s] =
-                        mask && !mask[m * n_keys + s0 + s] ? -INFINITY : dot(q + m * ldq + g * d, kc + s * d, d) * scale;
-    }
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < group; g++) {
-            float *sc = scores + (m * group + g) * n_keys, top = -INFINITY, sum = 0.0f;
-            for (int64_t s = 0; s < n_keys; s++) top = sc[s] > top ? sc[s] : top;
-            for (int64_t s = 0; s < n_keys; s++) sum += sc[s] = sc[s] == -INFINITY ? 0.0f : expf(sc[s] - top);
-            for (int64_t s = 0; s < n_keys; s++) sc[s] /= sum;
-            memset(out + m * ldo + g * d, 0, sizeof(float) * (size_t)d);
-        }
-    for (int64_t s0 = 0; s0 < n_keys; s0 += KV_CHUNK) {
-        const int64_t n = n_keys - s0 < KV_CHUNK ? n_keys - s0 : KV_CHUNK;
-        const float *vc = v32 ? v32 + s0 * d : chunk;
-        if (!v32) load(values, s0, n, d, chunk);
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t g = 0; g < group; g++)
-                for (int64_t s = 0; s < n; s++) {
-                    const float p = scores[(m * group + g) * n_keys + s0 + s];
-                    if (p != 0.0f) axpy(p, vc + s * d, out + m * ldo + g * d, d);
-                }
-    }
-}
 
 /* The quantized activation rows of one product (mats[count], M rows) as qgemm_share reads
  * them: with M > 1, the several-row kernels' copies of them in ws (act_rows_copies fills
@@ -367,14 +173,8 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
         RESERVE(ws, db, copies ? Mp * kmax / QK : 1) || RESERVE(ws, sb, copies ? Mp * kmax / QK : 1) ||
         RESERVE(ws, qkb, copies * kmax + 1) || RESERVE(ws, qab, copies * ((kmax / QK + 7) / 8 * 8 * QK) + 1))
         return ERR_NOMEM;
-    dot_fn dot = dot_scalar;
-    axpy_fn axpy = axpy_scalar;
-#ifdef MISTOL_X86
-    if (args->impl != IMPL_SCALAR && cpu_has_avx2()) dot = dot_avx2, axpy = axpy_avx2;
-#endif
-#ifdef MISTOL_ARM
-    if (args->impl != IMPL_SCALAR) dot = dot_neon, axpy = axpy_neon;
-#endif
+    attention_kernels attention;
+    attention_select(args->impl, cache_type, hd, &attention);
 
     float *x = args->x, *h = ws->h, *qkv = ws->qkv, *att = ws->att, *gu = ws->gu, *y = ws->y;
     const qact act_qkv = product_act(ws, &kn, &w[W_Q], 3, M, need_qkv), act_o = product_act(ws, &kn, &w[W_O], 1, M, need_o);
@@ -383,12 +183,6 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     float *scores = ws->scores;
     float *acc = (float *)(((uintptr_t)ws->acc + 63) & ~(uintptr_t)63);
     const mistol_kv_row *kv = ws->kv;
-    to_halves_fn to_halves = to_halves_scalar;
-    kv_load_fn load = cache_type == KV_Q8_0 ? load_q8_0_scalar : load_f16_scalar;
-#ifdef MISTOL_X86
-    if (args->impl != IMPL_SCALAR && cpu_has_avx2())
-        to_halves = to_halves_f16c, load = cache_type == KV_Q8_0 ? load_q8_0_avx2 : load_f16_f16c;
-#endif
     const int64_t ld_qkv = dq + 2 * dkv;
 
 #ifdef _OPENMP
@@ -424,25 +218,16 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
                 }
                 rope(k, cos, sin, hd);
                 for (int64_t g = 0; g < group; g++) rope(row + (j * group + g) * hd, cos, sin, hd);
-                if (cache_type == KV_F16) {
-                    to_halves(k, (uint16_t *)kv[m].k + at, hd), to_halves(v, (uint16_t *)kv[m].v + at, hd);
-                } else if (cache_type == KV_Q8_0) {
-                    quantize_q8_0_row(k, (int8_t *)kv[m].k + at, kv[m].k_scale + at / QK, hd);
-                    quantize_q8_0_row(v, (int8_t *)kv[m].v + at, kv[m].v_scale + at / QK, hd);
-                } else {
-                    memcpy((float *)kv[m].k + at, k, sizeof(float) * (size_t)hd);
-                    memcpy((float *)kv[m].v + at, v, sizeof(float) * (size_t)hd);
-                }
+                attention.store(k, kv[m].k, kv[m].k_scale, at, hd);
+                attention.store(v, kv[m].v, kv[m].v_scale, at, hd);
             }
             /* then attention: one sequence's tokens all at once, several sequences' one by one */
             for (int64_t m = 0; m < M; m += together) {
                 const int64_t head = (args->layer * hkv + j) * kv[m].capacity * hd; /* kv head j's rows */
-                const int f32 = cache_type == KV_F32, q8 = cache_type == KV_Q8_0;
-                const kv_rows keys = {(const uint8_t *)kv[m].k + head * (q8 ? 1 : 2), q8 ? kv[m].k_scale + head / QK : NULL};
-                const kv_rows values = {(const uint8_t *)kv[m].v + head * (q8 ? 1 : 2), q8 ? kv[m].v_scale + head / QK : NULL};
-                attend(dot, axpy, load, keys, values, f32 ? (const float *)kv[m].k + head : NULL,
-                       f32 ? (const float *)kv[m].v + head : NULL, qkv + m * ld_qkv + j * group * hd, ld_qkv, together,
-                       group, hd, kv[m].n_keys, kv[m].mask, my_scores, my_chunk, att + m * dq + j * group * hd, dq);
+                attend(&attention, kv_view(cache_type, kv[m].k, kv[m].k_scale, head),
+                       kv_view(cache_type, kv[m].v, kv[m].v_scale, head), qkv + m * ld_qkv + j * group * hd, ld_qkv,
+                       together, group, hd, kv[m].n_keys, kv[m].mask, my_scores, my_chunk, att + m * dq + j * group * hd,
+                       dq);
             }
         }
         BARRIER

@@ -1,7 +1,7 @@
 """Decode steps at a long context with each KV cache type (`--kv-cache f32|f16|q8_0`): the
-cache's memory and the step's time, one thread, random weights.
+cache's memory and the step's time, random weights.
 
-    .venv/bin/python scripts/bench_kv_cache.py [--shape 1b] [--format int4] [--context 1500] [--steps 12]
+    .venv/bin/python scripts/bench_kv_cache.py [--shape 1b] [--format int4] [--context 1500] [--steps 12] [--threads 1]
 
 The caches are filled with random keys and values instead of a prefill (a step costs the
 same whatever they hold); the three sessions then take turns, one step each, so that they
@@ -16,27 +16,16 @@ import time
 
 import torch
 
-from mistol.bench.models import QUANT_FORMATS, mistol_model
+from mistol.bench.models import QUANT_FORMATS, fill_random_context, mistol_model
 from mistol.bench.shapes import SHAPES, model_config
 from mistol.engine import DTYPES, KV_CACHE_DTYPES, Engine
 from mistol.errors import run_script
-from mistol.model.kv_cache import Q8_0, quantize_q8_0
 
 
 def filled_session(engine: Engine, kv_type, context: int, generator: torch.Generator):
     engine.kv_dtype = kv_type
     session = engine.new_session(max_context=context + 64)
-    cache = session.cache
-    for name in ("k", "v"):
-        rows = torch.randn((*cache.k.shape[:3], context, cache.k.shape[-1]), generator=generator)
-        if kv_type == Q8_0:
-            cache.tensors()[name][:, :, :, :context], cache.tensors()[f"{name}_scale"][:, :, :, :context] = (
-                quantize_q8_0(rows))
-        else:
-            cache.tensors()[name][:, :, :, :context] = rows.to(kv_type)
-    cache.slot_pos[:context] = torch.arange(context)
-    cache.length = context
-    session.tokens = [5] * context
+    fill_random_context(session, context, generator)
     return session
 
 
@@ -46,8 +35,11 @@ def main() -> None:
     ap.add_argument("--format", default="int4", choices=[*QUANT_FORMATS, *DTYPES])
     ap.add_argument("--context", type=int, default=1500)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    if min(args.context, args.steps, args.threads) < 1:
+        ap.error("--context, --steps and --threads must be at least 1")
+    torch.set_num_threads(args.threads)
     engine = Engine(mistol_model(model_config(args.shape), args.format))
     generator = torch.Generator().manual_seed(0)
     sessions = {name: filled_session(engine, kv, args.context, generator) for name, kv in KV_CACHE_DTYPES.items()}
@@ -59,7 +51,7 @@ def main() -> None:
                 session.step(7 + step)
                 if step:  # the first is a warm-up
                     times[name].append(time.perf_counter() - start)
-    print(f"{args.shape} {args.format}, {args.context} tokens of context, 1 thread")
+    print(f"{args.shape} {args.format}, {args.context} tokens of context, {args.threads} thread(s)")
     for name, session in sessions.items():
         print(f"  {name:5s} cache {session.cache.nbytes / 2**20:6.1f} MiB   step {1e3 * statistics.median(times[name]):6.1f} ms")
 

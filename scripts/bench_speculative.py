@@ -2,11 +2,14 @@
 
     .venv/bin/python scripts/bench_speculative.py [--shape 7b] [--formats int8,int4,FILE.gguf] [--max-rows 16]
                                                   [--threads N] [--skip-cost] [--skip-replies]
+                                                  [--context 64] [--layers compiled,pytorch]
 
 1. Verify cost. A random-weight model of --shape (speed does not depend on the values), or a GGUF
    file named in --formats (`mistol bench --kquants` makes llama.cpp's k-quant files), holds a
-   64-token context; one forward pass over n = 1..--max-rows new positions (what verifying n-1
-   guesses costs) is timed against a plain one-token decode step, and rolled back each time.
+   64-token context (or --context tokens of random keys and values); one forward pass over
+   n = 1..--max-rows new positions (what verifying n-1 guesses costs) is timed against a plain
+   one-token decode step, and rolled back each time. `--layers compiled,pytorch` times each
+   pass on the compiled C layers (as shipped) and on the PyTorch layers, in turns.
 2. Replies. On the demo model (`--model demo`), greedy replies to fresh arithmetic questions
    (its code blocks restate the question's numbers, its answer restates the output) and to
    code-editing requests (a code block shown, one change asked for: the evaluation's, see
@@ -20,11 +23,13 @@ Every figure is a same-run ratio: absolute speeds on a shared machine drift.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -35,6 +40,7 @@ from mistol.demo_problems import make_problem
 from mistol.engine import Engine
 from mistol.errors import run_script
 from mistol.llm import LocalLLM
+from mistol.model import backend
 from mistol.sandbox.code_turn import CODE_SYSTEM_PROMPT, code_turn
 from mistol.sampling import SamplingParams
 from mistol.speculative import Speculation
@@ -43,50 +49,75 @@ CONTEXT = 64
 
 
 # -- 1. verify cost ------------------------------------------------------------------------------
-def verify_cost(shape: str, fmt: str, max_rows: int, repeats: int) -> tuple[float, list[tuple[int, float]]]:
-    """(one decode step's seconds, [(rows, the pass's cost in decode steps)]) for rows =
-    1..max_rows; the step is the fused one-token path."""
-    from mistol.bench.models import mistol_model
+LAYERS = ("compiled", "pytorch")
+
+
+@contextlib.contextmanager
+def layers_for_passes(layers: str):
+    """Passes of several tokens on the compiled C layers, as shipped, or on the PyTorch
+    layers; a one-token decode step stays on the compiled layers."""
+    saved = backend.FUSED_MAX_ROWS
+    if layers == "pytorch":
+        backend.FUSED_MAX_ROWS = 1
+    try:
+        yield
+    finally:
+        backend.FUSED_MAX_ROWS = saved
+
+
+def verify_cost(shape: str, fmt: str, max_rows: int, repeats: int, context: int = CONTEXT,
+                layers: Sequence[str] = ("compiled",)) -> tuple[float, dict[str, list[tuple[int, float]]]]:
+    """(one decode step's seconds, {layers: [(rows, the pass's cost in decode steps)]}) for
+    rows = 1..max_rows; the step is the fused one-token path."""
+    from mistol.bench.models import fill_random_context, mistol_model
     from mistol.bench.shapes import model_config
 
     if fmt.endswith(".gguf"):  # a GGUF file (its k-quants stay the file's blocks, as `mistol` loads them)
         engine = Engine.load(fmt, dtype="f32", progress=False)
     else:
         engine = Engine(mistol_model(model_config(shape), fmt))
-    session = engine.new_session(max_context=CONTEXT + max_rows + 8)
-    ids = random.Random(0).choices(range(100, 30000), k=CONTEXT + max_rows)
-    session.feed(ids[:CONTEXT])
+    session = engine.new_session(max_context=context + max_rows + 8)
+    ids = random.Random(0).choices(range(100, 30000), k=context + max_rows)
+    if context > CONTEXT:  # random keys and values: a prefill of thousands of tokens would take minutes
+        fill_random_context(session, context, torch.Generator().manual_seed(0))
+    else:
+        session.feed(ids[:context])
 
-    def once(rows: int) -> float:
-        start = time.perf_counter()
-        if rows == 0:
-            session.step(ids[CONTEXT])
-        else:
-            session.verify(ids[CONTEXT : CONTEXT + rows])
-        seconds = time.perf_counter() - start
-        session.truncate(CONTEXT)
+    def once(rows: int, on: str = "compiled") -> float:
+        with layers_for_passes(on):
+            start = time.perf_counter()
+            if rows == 0:
+                session.step(ids[context])
+            else:
+                session.verify(ids[context : context + rows])
+            seconds = time.perf_counter() - start
+        session.truncate(context)
         return seconds
 
-    once(4), once(0)  # warm up both paths
+    once(0)  # warm up each path
+    for on in layers:
+        once(4, on)
     # Each pass is timed right after a plain step and counted in that step's time: a shared
     # machine's speed drifts by half within minutes, and a ratio of neighbours does not.
     steps: list[float] = []
-    costs: dict[int, list[float]] = {rows: [] for rows in range(1, max_rows + 1)}
+    costs = {on: {rows: [] for rows in range(1, max_rows + 1)} for on in layers}
     for _ in range(repeats):
-        for rows in costs:
-            steps.append(once(0))
-            costs[rows].append(once(rows) / steps[-1])
-    curve = [(rows, statistics.median(c)) for rows, c in costs.items()]
+        for rows in range(1, max_rows + 1):
+            for on in layers:
+                steps.append(once(0))
+                costs[on][rows].append(once(rows, on) / steps[-1])
+    curves = {on: [(rows, statistics.median(c)) for rows, c in by_rows.items()] for on, by_rows in costs.items()}
     engine = session = None  # free the model before the next format
-    return statistics.median(steps), curve
+    return statistics.median(steps), curves
 
 
-def print_cost(shape: str, fmt: str, step: float, curve: list[tuple[int, float]]) -> None:
+def print_cost(shape: str, fmt: str, step: float, curves: dict[str, list[tuple[int, float]]], context: int) -> None:
     what = fmt if fmt.endswith(".gguf") else f"{shape} {fmt}"  # (a file has its own shape)
-    print(f"\nverify cost, {what}: one decode step {step * 1e3:.0f} ms (median)")
+    print(f"\nverify cost, {what}, {context} tokens of context: one decode step {step * 1e3:.0f} ms (median)")
     print("rows (k+1)  x step (median of each pass over the step timed just before it)")
-    for rows, cost in curve:
-        print(f"{rows:>10}  {cost:>6.2f}")
+    print(f"{'':>10}" + "".join(f"  {on:>8}" for on in curves))
+    for i, (rows, _) in enumerate(next(iter(curves.values()))):
+        print(f"{rows:>10}" + "".join(f"  {curve[i][1]:>8.2f}" for curve in curves.values()))
 
 
 def derived_speedups(curve: list[tuple[int, float]], acceptances=(0.3, 0.5, 0.7)) -> dict[float, tuple[int, float]]:
@@ -206,6 +237,9 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=20)
     p.add_argument("--edits", type=int, default=6, help="code-edit requests (the evaluation's)")
     p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--context", type=int, default=CONTEXT, help="tokens of context for the verify cost")
+    p.add_argument("--layers", default="compiled",
+                   help="the layers a pass runs on: compiled (as shipped), pytorch; comma-separated")
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--skip-replies", action="store_true")
     p.add_argument("--show", action="store_true", help="print the replies")
@@ -218,8 +252,12 @@ def main() -> None:
     missing = [fmt for fmt in formats if fmt.endswith(".gguf") and not Path(fmt).is_file()]
     if missing:
         p.error(f"--formats: no such file: {', '.join(missing)}")
-    if min(args.max_rows, args.repeats, args.questions, args.edits, args.max_tokens) < 1 or (args.threads or 1) < 1:
-        p.error("--max-rows, --repeats, --questions, --edits, --max-tokens and --threads must be at least 1")
+    if min(args.max_rows, args.repeats, args.questions, args.edits, args.max_tokens, args.context) < 1 or (
+            args.threads or 1) < 1:
+        p.error("--max-rows, --repeats, --questions, --edits, --max-tokens, --context and --threads must be at least 1")
+    layers = [on.strip() for on in args.layers.split(",") if on.strip()]
+    if not layers or any(on not in LAYERS for on in layers):
+        p.error(f"--layers: {', '.join(LAYERS)}, comma-separated, not {args.layers!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"threads: {torch.get_num_threads()}")
@@ -227,9 +265,9 @@ def main() -> None:
         bench_replies(args.model, args.questions, args.edits, args.max_tokens, args.show)
     if not args.skip_cost:
         for fmt in formats:
-            step, curve = verify_cost(args.shape, fmt, args.max_rows, args.repeats)
-            print_cost(args.shape, fmt, step, curve)
-            for a, (k, gain) in derived_speedups(curve).items():
+            step, curves = verify_cost(args.shape, fmt, args.max_rows, args.repeats, args.context, layers)
+            print_cost(args.shape, fmt, step, curves, args.context)
+            for a, (k, gain) in derived_speedups(next(iter(curves.values()))).items():
                 print(f"  derived: acceptance {a:.0%} -> best k {k}, {gain:.2f}x plain decoding")
 
 

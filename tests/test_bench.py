@@ -3,6 +3,7 @@ sense (speeds are printed figures, never asserted: these machines are noisy)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -339,3 +340,26 @@ def test_a_write_that_fails_leaves_no_partial_file(tmp_path):
         (directory / "model.safetensors").write_bytes(bytes(1 << 20))
         raise OSError(28, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_a_random_context_fills_a_rolling_cache_as_a_prefill_would(kv):
+    """fill_random_context (the long-context benchmarks') on a sliding window shorter than the
+    context: the cache holds the last positions, each at its slot, and decoding and rolling
+    back go on from there."""
+    from mistol.bench.models import fill_random_context
+    from mistol.engine import KV_CACHE_DTYPES, Engine
+
+    config = dataclasses.replace(model_config("tiny"), sliding_window=64)
+    engine = Engine(mistol_model(config, "int8"))
+    engine.kv_dtype = KV_CACHE_DTYPES[kv]
+    session = engine.new_session(max_context=400, chunk_size=16)  # a cache of the window and a chunk
+    fill_random_context(session, 300, torch.Generator().manual_seed(0))
+    cache = session.cache
+    assert cache.capacity < 300 and len(session.tokens) == cache.length == 300
+    held = torch.arange(300 - cache.capacity, 300)
+    assert torch.equal(cache.slot_pos[held % cache.capacity], held)
+    logits = session.verify([5, 6, 7])
+    assert logits.shape[0] == 3 and bool(torch.isfinite(logits).all())
+    session.truncate(300)
+    assert torch.equal(session.step(5), logits[0])

@@ -122,15 +122,7 @@ def count_compiled_layers(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.fixture
-def fused_attention_unbounded(monkeypatch):
-    """These tiny layers' weights are few beside their attention: a budget in proportion
-    to them (backend.FUSED_ATTENTION_SHARE) would keep every pass of several tokens off the
-    compiled path, whose arithmetic is under test here."""
-    monkeypatch.setattr(backend, "FUSED_ATTENTION_SHARE", float("inf"))
-
-
-def test_steps_and_short_passes_of_one_sequence_take_the_compiled_path(monkeypatch, fused_attention_unbounded):
+def test_steps_and_short_passes_of_one_sequence_take_the_compiled_path(monkeypatch):
     m = model(config(layers=3), "int8")
     calls = count_compiled_layers(monkeypatch)
     engine = Engine(m)
@@ -163,7 +155,7 @@ TOGETHER_SHAPES = {  # (head size 32: a q8_0 cache's block)
 
 @pytest.mark.parametrize("kv", ["f32", "f16", "q8_0"])
 @pytest.mark.parametrize("shape", TOGETHER_SHAPES)
-def test_tokens_verified_together_get_the_bits_of_one_at_a_time(shape, kv, monkeypatch, fused_attention_unbounded):
+def test_tokens_verified_together_get_the_bits_of_one_at_a_time(shape, kv, monkeypatch):
     """A verify pass (or a short prompt) runs its tokens through the compiled layer together:
     logits and cache must be what decode steps of one token each give, bit for bit, so that
     speculative greedy decoding is plain decoding's (the sliding window's cache wraps
@@ -188,7 +180,7 @@ def test_tokens_verified_together_get_the_bits_of_one_at_a_time(shape, kv, monke
 
 @pytest.mark.parametrize("kv", ["f32", "f16", "q8_0"])
 @pytest.mark.parametrize("shape", TOGETHER_SHAPES)
-def test_sessions_decoded_together_get_the_bits_of_each_alone(shape, kv, monkeypatch, fused_attention_unbounded):
+def test_sessions_decoded_together_get_the_bits_of_each_alone(shape, kv, monkeypatch):
     """A server's batch of decode steps (the next token of each of several sessions, each
     its own cache and length) runs through the compiled layer in one call per layer: every
     session's logits and cache must be what its step alone gives, bit for bit."""
@@ -212,24 +204,25 @@ def test_sessions_decoded_together_get_the_bits_of_each_alone(shape, kv, monkeyp
         assert all(torch.equal(x, y) for x, y in zip(a.cache.tensors().values(), b.cache.tensors().values()))
 
 
-def test_passes_whose_attention_outweighs_the_weights_keep_the_pytorch_layers(monkeypatch):
-    """The compiled layer attends row by row in C, slower per key than PyTorch's batched
-    attention: a pass of several tokens over a long context goes to the PyTorch layers, a
-    decode step never does."""
+def test_passes_over_a_long_context_stay_compiled_and_exact(monkeypatch):
+    """A verify pass over hundreds of keys (attention outweighs these small layers' weights
+    many times over) runs on the compiled layers, each of its tokens with the bits a decode
+    step alone gives it; the PyTorch layers' logits agree within float32 rounding."""
     m = model(config(hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=1024, layers=2), "int8")
+    engine = Engine(m)
+    prompt = [(7 * i) % 250 + 3 for i in range(420)]
+    guesses = list(range(30, 38))
+    together, alone = engine.new_session(max_context=512), engine.new_session(max_context=512)
+    together.feed(prompt), alone.feed(prompt)
     calls = count_compiled_layers(monkeypatch)
-    session = Engine(m).new_session(max_context=512)
-    layer_weights = 256 * (2 * 256 + 2 * 128) + 3 * 256 * 1024  # 983040: 8 rows fused up to ~280 keys
-    session.feed([1, 2, 3, 4])
-    assert calls[0] == 2
-    session.verify(list(range(10, 18)))  # 8 rows over 12 keys
-    assert calls[0] == 4
-    session.feed(session.tokens + list(range(20, 420)))  # (a long prompt: the PyTorch layers)
-    assert calls[0] == 4 and 8 * (len(session.tokens) + 8) * 2 * 256 > backend.FUSED_ATTENTION_SHARE * layer_weights
-    session.verify(list(range(30, 38)))
-    assert calls[0] == 4
-    session.step(5)
-    assert calls[0] == 6
+    verified = together.verify(guesses)
+    assert calls[0] == len(m.layers)  # one call per layer for all 8 rows
+    stepped = torch.stack([alone.step(t) for t in guesses])
+    assert torch.equal(verified, stepped)
+    monkeypatch.setattr(backend, "FUSED_MAX_ROWS", 1)
+    reference = engine.new_session(max_context=512)
+    reference.feed(prompt)
+    torch.testing.assert_close(reference.verify(guesses), verified, rtol=1e-4, atol=1e-4)
 
 
 def test_float_models_keep_the_pytorch_layers(monkeypatch):

@@ -43,6 +43,28 @@ def random_block_rows(fmt: str, rows: int, k: int) -> torch.Tensor:
     return raw.reshape(rows, -1)
 
 
+def fill_random_context(session, context: int, generator: torch.Generator) -> None:
+    """Give `session` (empty) a context of `context` tokens without running them: its cache
+    holds random keys and values in the cache's own type, as if a prefill had written them
+    (a step's cost does not depend on what they hold); a rolling cache (a sliding window
+    shorter than the context) holds the last of them, each at its position's slot."""
+    from ..model.kv_cache import Q8_0, quantize_q8_0
+
+    cache = session.cache
+    held = min(context, cache.capacity)
+    tensors = cache.tensors()
+    for name in ("k", "v"):
+        rows = torch.randn((*cache.k.shape[:3], held, cache.k.shape[-1]), generator=generator)
+        if cache.dtype == Q8_0:  # int8 quants and their scales
+            tensors[name][:, :, :, :held], tensors[f"{name}_scale"][:, :, :, :held] = quantize_q8_0(rows)
+        else:
+            tensors[name][:, :, :, :held] = rows.to(tensors[name].dtype)
+    positions = torch.arange(context - held, context)
+    cache.slot_pos[positions % cache.capacity] = positions
+    cache.length = context
+    session.tokens = [5] * context
+
+
 def _random(shape, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype).normal_(0.0, STD, generator=generator)
 

@@ -73,18 +73,11 @@ DENSE_MAX_ROWS = 4  # rows of input up to which float weights use the dense kern
 # a short prompt), or the next tokens of as many sessions (a server's batch of decode steps),
 # run through the fused C layers together: each token gets the bits a decode step alone gives
 # it, and the ~25 small PyTorch operations per layer (1.3-1.6 steps for a pass of one row at
-# 0.5B) are gone. Attention runs row by row there, which longer prompts would feel.
+# 0.5B) are gone. Their attention reads each chunk of the cache once for all the tokens and
+# costs about what PyTorch's batched attention does per key (0.5B shape, int4, 2 threads, 8
+# rows over 512-8,000 keys: 1.08 against 1.14 us per row and key over its 24 layers), so a
+# pass stays fused at every context (scripts/bench_speculative.py --layers compiled,pytorch).
 FUSED_MAX_ROWS = 17
-# There each token attends in plain C, ~2.7x the time per key of PyTorch's batched attention
-# (2.7 against 1.0 us per row and key over the 0.5B shape's 24 layers, 2 threads), so past some
-# context the PyTorch layers win. A pass of several tokens stays fused while its attention's
-# multiply-adds (tokens x keys x 2 x heads x head size) are at most this share of a layer's
-# weights: about where the two met on the 0.5B shape (int4, 2 threads; 8 rows, in decode
-# steps, fused vs PyTorch: 2.46 vs 2.67 at 512 keys, 2.91 vs 2.66 at 1024, 3.70 vs 2.82 at
-# 2048, 4.7 vs 2.75 at 4000; 2 rows: 1.22-1.55 vs 1.88-2.07 from 512 to 4000 keys). On the 7B
-# shape (int4) the share puts 8 rows' limit near 2,000 keys: there, 8 rows 2.65-2.69 vs
-# 2.55-2.76 steps, 2 rows 1.21-1.22 vs 1.81-1.88; at 1024 keys 8 rows 3.71 vs 3.54.
-FUSED_ATTENTION_SHARE = 0.6
 # From this many rows (a prefill chunk) a bf16-capable CPU runs bf16 matmuls (`bf16_prefill_rows`).
 # Each call first dequantizes the whole weight (in C, slab by slab), a fixed cost that pays off
 # only over enough rows: these are the crossovers measured at 7B shapes on a 2-core AVX512-BF16
@@ -172,14 +165,6 @@ class Backend:
             return model.logits(self.cpu_decoder.run(x, cos, sin, caches[0], plan), all_logits)
         return model(tokens, positions, caches, all_logits=all_logits)
 
-    def _attention_fits(self, tokens: torch.Tensor, caches: Sequence[KVCache]) -> bool:
-        """Whether the fused layers' attention over these tokens' keys stays within
-        FUSED_ATTENTION_SHARE of a layer's weights (see there)."""
-        shape = self.cpu_decoder.shape
-        rows = tokens.shape[1]
-        row_keys = sum(rows * (cache.length + rows) for cache in caches)  # (one sequence, or one row each)
-        return row_keys * 2 * shape["heads"] * shape["head_dim"] <= FUSED_ATTENTION_SHARE * self.cpu_decoder.layer_weights
-
     def _kernels_take(self, rows: int) -> bool:
         """Whether the PyTorch layers too would multiply `rows` rows of every matrix on the
         quantized kernels (the fused layer's products), not on a prefill route."""
@@ -193,7 +178,7 @@ class Backend:
         rows = tokens.numel()
         if (len(caches) > 1 and tokens.shape[1] != 1) or not 1 <= rows <= FUSED_MAX_ROWS:
             return False
-        if rows > 1 and not (self._kernels_take(rows) and self._attention_fits(tokens, caches)):
+        if rows > 1 and not self._kernels_take(rows):
             return False
         return (
             all(self._cache_fits(cache, caches[0].dtype) for cache in caches)

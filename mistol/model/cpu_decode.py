@@ -39,8 +39,6 @@ class CpuDecoder:
                           kv_heads=config.num_kv_heads, head_dim=config.head_dim)
         self.tensors = [(tensors, biases) for _, tensors, biases in layers]  # kept alive: we hold their addresses
         self.formats = sorted({la.fmt for linears, _, _ in layers for la in linears})  # the matrices' formats
-        d, dq = config.hidden_size, config.num_heads * config.head_dim
-        self.layer_weights = d * (2 * dq + 2 * config.num_kv_heads * config.head_dim) + 3 * d * config.intermediate_size
         self.layers = (kernels.abi().Layer * len(layers))()
         for layer, (linears, tensors, (qkv_bias, o_bias)) in zip(self.layers, layers):
             norm_attn, norm_mlp, *packed = tensors

@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention.h"
 #include "kquant.h"
 
 EXPORT int mistol_gemm_many(int fmt, const float *x, int64_t M, int64_t K, int count, const uint8_t *const *ws,
@@ -650,6 +651,67 @@ static void check_decode_sessions(const char *name, int impl, const int *fmts, c
     free(cos), free(sin), free(x0);
 }
 
+/* Element i of a cache's rows as attention reads it back. */
+static double stored(int type, const void *rows, const uint16_t *scales, int64_t i) {
+    if (type == KV_F32) return ((const float *)rows)[i];
+    if (type == KV_F16) return half_to_float(((const uint16_t *)rows)[i]);
+    return ((const int8_t *)rows)[i] * (double)half_to_float(scales[i / QK]);
+}
+
+/* attend (the decode layer's attention) against softmax attention in double over the values
+ * the cache holds, for head sizes 32 to 128 and each cache type; and each token's bits
+ * whatever else the call holds: 3 tokens over 70 keys against each token alone over only its
+ * own keys (41 and 9: the chunks' and the eight-key groups' tails fall elsewhere). */
+static void check_attention(const char *name, int impl) {
+    enum { N = 70, M = 3, G = 2, DMAX = 128 };
+    static const int64_t dims[] = {32, 40, 64, 96, 128};
+    const int64_t own[M] = {N, 41, 9};
+    uint8_t mask[M][N]; /* a window's and causality's gaps; token 2 sees only its last key */
+    for (int m = 0; m < M; m++)
+        for (int s = 0; s < N; s++) mask[m][s] = s < own[m] && s % 7 != 3 && (m != 2 || s == 8);
+    int same_bits = 1;
+    double worst = 0;
+    for (size_t di = 0; di < sizeof dims / sizeof dims[0]; di++)
+        for (int type = KV_F32; type <= KV_Q8_0; type++) {
+            const int64_t d = dims[di];
+            if (type == KV_Q8_0 && d % QK) continue;
+            attention_kernels a;
+            attention_select(impl, type, d, &a);
+            float *kx = random_floats(N * d, 1.0f), *vx = random_floats(N * d, 1.0f), *q = random_floats(M * G * d, 3.0f);
+            void *krows = malloc(sizeof(float) * N * d), *vrows = malloc(sizeof(float) * N * d);
+            uint16_t kscales[N * DMAX / QK], vscales[N * DMAX / QK];
+            for (int64_t s = 0; s < N; s++)
+                a.store(kx + s * d, krows, kscales, s * d, d), a.store(vx + s * d, vrows, vscales, s * d, d);
+            const kv_rows keys = kv_view(type, krows, kscales, 0), values = kv_view(type, vrows, vscales, 0);
+            float scores[M * G * N], chunk[KV_CHUNK * DMAX], out[M * G * DMAX], alone[G * DMAX];
+            attend(&a, keys, values, q, G * d, M, G, d, N, &mask[0][0], scores, chunk, out, G * d);
+            for (int m = 0; m < M; m++) {
+                attend(&a, keys, values, q + m * G * d, G * d, 1, G, d, own[m], mask[m], scores, chunk, alone, G * d);
+                same_bits &= !memcmp(alone, out + m * G * d, sizeof(float) * (size_t)(G * d));
+                for (int g = 0; g < G; g++) {
+                    double p[N], top = -INFINITY, sum = 0;
+                    for (int s = 0; s < N; s++) {
+                        p[s] = -INFINITY;
+                        if (!mask[m][s]) continue;
+                        double dot = 0;
+                        for (int64_t i = 0; i < d; i++) dot += (double)q[(m * G + g) * d + i] * stored(type, krows, kscales, s * d + i);
+                        p[s] = dot / sqrt((double)d), top = fmax(top, p[s]);
+                    }
+                    for (int s = 0; s < N; s++) sum += p[s] = exp(p[s] - top);
+                    for (int64_t i = 0; i < d; i++) {
+                        double exact = 0;
+                        for (int s = 0; s < N; s++) exact += p[s] / sum * stored(type, vrows, vscales, s * d + i);
+                        const double err = fabs(out[(m * G + g) * d + i] - exact); /* (values within +-1) */
+                        if (err > worst || err != err) worst = err;
+                    }
+                }
+            }
+            free(kx), free(vx), free(q), free(krows), free(vrows);
+        }
+    report(worst < 2e-6, name, "attention (head sizes 32-128, 3 cache types): within 2e-6 of double", worst);
+    report(same_bits, name, "attention: each token's bits alone over its own keys, as among 3 over 70 keys", -1);
+}
+
 /* mistol_dense_many (which picks its row function from the CPU alone) against products
  * and sums in double: float32, bf16 and f16 weights, plain rows and tiles, 1 and 2 rows of
  * x, 1 and 4 threads. Each output's error is measured against the sum of its products'
@@ -711,6 +773,7 @@ int main(void) {
     qkernels_select(IMPL_SCALAR, &ref);
     check_nan_activations(&ref);
     check_as_int8("portable", IMPL_SCALAR);
+    check_attention("portable", IMPL_SCALAR);
     for (size_t i = 0; i < sizeof IMPLS / sizeof IMPLS[0]; i++) {
         qkernels kn;
         const char *name = IMPLS[i].name;
@@ -726,6 +789,7 @@ int main(void) {
         }
         static const int packed_fmts[W_COUNT] = {FMT_INT8, FMT_INT4, FMT_INT8, FMT_INT4,
                                                  FMT_INT8, FMT_INT4, FMT_INT8};
+        check_attention(name, IMPLS[i].id);
         check_decode(name, IMPLS[i].id, packed_fmts, "int8 and int4");
         check_decode_rows(name, IMPLS[i].id, packed_fmts, "int8 and int4");
         check_decode_sessions(name, IMPLS[i].id, packed_fmts, "int8 and int4");
