@@ -170,10 +170,10 @@ def test_tokens_verified_together_get_the_bits_of_one_at_a_time(shape, kv, monke
     steps = torch.stack([one.step(t) for t in tokens])
     calls[0] = 0
     passes, i = [], 0
-    for n in (1, 5, 17, 7, 2, 16, 12):  # (60 tokens)
+    for n in (1, 5, 17, 7, 2, 28):  # (60 tokens; 28: more rows than a kernel takes at once)
         passes.append(together.verify(tokens[i : i + n]))
         i += n
-    assert calls[0] == 7 * len(m.layers)  # each pass: one call per layer
+    assert calls[0] == 6 * len(m.layers)  # each pass: one call per layer
     assert torch.equal(torch.cat(passes), steps)
     assert all(torch.equal(a, b) for a, b in zip(one.cache.tensors().values(), together.cache.tensors().values()))
 

@@ -70,14 +70,18 @@ from .kv_cache import Q8_0, KVCache
 
 DENSE_MAX_ROWS = 4  # rows of input up to which float weights use the dense kernel
 # Up to this many new tokens of one session (a verify pass of speculative.MAX_DEPTH guesses,
-# a short prompt), or the next tokens of as many sessions (a server's batch of decode steps),
-# run through the fused C layers together: each token gets the bits a decode step alone gives
-# it, and the ~25 small PyTorch operations per layer (1.3-1.6 steps for a pass of one row at
-# 0.5B) are gone. Their attention reads each chunk of the cache once for all the tokens and
-# costs about what PyTorch's batched attention does per key (0.5B shape, int4, 2 threads, 8
-# rows over 512-8,000 keys: 1.08 against 1.14 us per row and key over its 24 layers), so a
-# pass stays fused at every context (scripts/bench_speculative.py --layers compiled,pytorch).
-FUSED_MAX_ROWS = 17
+# a chat turn's new message), or the next tokens of as many sessions (a server's batch of
+# decode steps), run through the fused C layers together: each token gets the bits a decode
+# step alone gives it, and the ~25 small PyTorch operations per layer (1.3-1.6 steps for a
+# pass of one row at 0.5B) are gone. Their attention reads each chunk of the cache once for all
+# the tokens and costs about what PyTorch's batched attention does per key (0.5B shape, int4,
+# 2 threads, 8 rows over 512-8,000 keys: 1.08 against 1.14 us per row and key over its 24
+# layers), so a pass stays fused at every context (scripts/bench_speculative.py --layers
+# compiled,pytorch). A prompt of 18-48 tokens after 200 of context took 0.5B's layers 6-15%
+# less time fused (65-131 ms against the PyTorch layers' 77-139; int4, 2 threads) and 7B's
+# 3-4% less; from 64 on the two are even. Longer prompts, and products that a prefill route would take
+# (_kernels_take), keep the PyTorch layers.
+FUSED_MAX_ROWS = 48
 # From this many rows (a prefill chunk) a bf16-capable CPU runs bf16 matmuls (`bf16_prefill_rows`).
 # Each call first dequantizes the whole weight (in C, slab by slab), a fixed cost that pays off
 # only over enough rows: these are the crossovers measured at 7B shapes on a 2-core AVX512-BF16
