@@ -93,7 +93,8 @@ AVX2_FN static void store_f16_f16c(const float *x, void *rows, uint16_t *scales,
 AVX2_FN static void load_f16_f16c(kv_rows src, int64_t s0, int64_t n, int64_t d, float *out) {
     const uint16_t *h = (const uint16_t *)src.rows + s0 * d;
     int64_t i = 0;
-    for (; i + 8 <= n * d; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    for (; i + 8 <= n * d; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
     for (; i < n * d; i++) out[i] = half_to_float(h[i]);
 }
 
@@ -243,12 +244,13 @@ AVX2_FN static inline __m256 exp_avx2(__m256 x) {
  * sits in lane s % 8 and its sum is the same whatever n (padding adds exact zeros). */
 AVX2_FN static void softmax_avx2(float *x, int64_t n) {
     const int64_t full = n / 8 * 8;
-    const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - full)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - full)), lanes); /* the lanes past `full` */
     const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
-    __m256 top = minus_inf;
-    for (int64_t s = 0; s < full; s += 8) top = _mm256_max_ps(_mm256_loadu_ps(x + s), top); /* (a NaN is skipped) */
-    if (full < n) top = _mm256_max_ps(_mm256_blendv_ps(minus_inf, _mm256_maskload_ps(x + full, tail),
-                                                       _mm256_castsi256_ps(tail)), top);
+    /* the last n - full scores, with -inf in the lanes past them (their exponentials: zeros) */
+    const __m256 rest = _mm256_blendv_ps(minus_inf, _mm256_maskload_ps(x + full, tail), _mm256_castsi256_ps(tail));
+    __m256 top = _mm256_max_ps(rest, minus_inf); /* (max_ps skips a NaN in its first operand) */
+    for (int64_t s = 0; s < full; s += 8) top = _mm256_max_ps(_mm256_loadu_ps(x + s), top);
     const __m256 shift = _mm256_set1_ps(hmax_ps(top));
     __m256 sum = _mm256_setzero_ps();
     for (int64_t s = 0; s < full; s += 8) {
@@ -256,8 +258,7 @@ AVX2_FN static void softmax_avx2(float *x, int64_t n) {
         _mm256_storeu_ps(x + s, e), sum = _mm256_add_ps(sum, e);
     }
     if (full < n) {
-        const __m256 v = _mm256_blendv_ps(minus_inf, _mm256_maskload_ps(x + full, tail), _mm256_castsi256_ps(tail));
-        const __m256 e = exp_avx2(_mm256_sub_ps(v, shift));
+        const __m256 e = exp_avx2(_mm256_sub_ps(rest, shift));
         _mm256_maskstore_ps(x + full, tail, e), sum = _mm256_add_ps(sum, e);
     }
     const float total = sum8(sum);
