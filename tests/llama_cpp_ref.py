@@ -116,6 +116,17 @@ def quantize(src: Path, dst: Path, ftype: str) -> Path:
     return dst
 
 
+def model(path: Path, **kw):
+    """llama.cpp's model of the GGUF file at `path` (`Llama(model_path=path, **kw)`), with its
+    extra buffer types off on a CPU with AMX, whose matrix product crashes there in VMs
+    (mistol.bench.engines.llama_cpp_models_without_amx)."""
+    from mistol.bench.engines import llama_cpp_models_without_amx
+
+    lib = llama_cpp()
+    with llama_cpp_models_without_amx():
+        return lib.Llama(model_path=str(path), **kw)
+
+
 def vocab(path: Path):
     """A llama.cpp model holding only the file's vocabulary: `.tokenize(bytes, add_bos, special)`,
     `.detokenize(ids)`."""

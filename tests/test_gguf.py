@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import llama_cpp_ref
 from checkpoints import make_checkpoint, reference, tensors_in_mapped_file
 from mistol import kernels
 from mistol.block_quant import BlockEmbedding
@@ -600,8 +601,8 @@ def test_llama_cpp_reads_our_files_and_computes_the_same_logits(realistic, tmp_p
     for tensor_type in ("F32", "Q8_0", "Q4_0"):
         path = export(realistic, tmp_path / f"{tensor_type}.gguf", tensor_type, tokenizer=True)
         # an f32 KV cache (llama.cpp's default is f16) so that F32 files compare exactly
-        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False,
-                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+        llm = llama_cpp_ref.model(path, logits_all=True, n_ctx=64, n_threads=2, verbose=False,
+                                  type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
         llm.eval(tokens)
         theirs = torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float32))
         engine = Engine.load(path, dtype="f32")

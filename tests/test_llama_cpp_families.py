@@ -78,8 +78,8 @@ def real_scale(path):
 def llama_cpp_logits(path) -> torch.Tensor:
     lib = llama_cpp_ref.llama_cpp()
     # an f32 KV cache (llama.cpp's default is f16) so that F32 files compare exactly
-    llm = lib.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False,
-                    type_k=lib.GGML_TYPE_F32, type_v=lib.GGML_TYPE_F32)
+    llm = llama_cpp_ref.model(path, logits_all=True, n_ctx=64, n_threads=2, verbose=False,
+                              type_k=lib.GGML_TYPE_F32, type_v=lib.GGML_TYPE_F32)
     llm.eval(TOKENS)
     return torch.from_numpy(np.array(llm.scores[: len(TOKENS)], dtype=np.float32))
 
@@ -192,6 +192,7 @@ def test_prompts_on_the_int8_route_give_llama_cpps_logits(family, ftype, monkeyp
     from mistol.model import backend
 
     monkeypatch.setattr(backend, "native_bf16", lambda: False)
+    monkeypatch.setattr(backend, "bf16_tiles", lambda: False)  # (AMX: the route is off there, not measured)
     routed = ("Q4_Kx8", "Q5_Kx8", "Q6_Kx8", "Q4_1", "Q5_0", "Q5_1")
     monkeypatch.setattr(backend, "INT8_MIN_ROWS", {"avx512vnni": dict.fromkeys(routed, 2)})
     calls = []
@@ -273,8 +274,8 @@ def test_bpe_family_files_from_llama_cpp_tokenize_score_and_generate_as_llama_cp
     assert GGUFFile(f32).get("tokenizer.ggml.model") == "gpt2"
     for path, worst in ((f32, 1e-4), (q4, BOUNDS["Q4_K_M"])):
         engine = Engine.load(path, dtype="f32")
-        llm = lib.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False,
-                        type_k=lib.GGML_TYPE_F32, type_v=lib.GGML_TYPE_F32)
+        llm = llama_cpp_ref.model(path, logits_all=True, n_ctx=128, n_threads=2, verbose=False,
+                                  type_k=lib.GGML_TYPE_F32, type_v=lib.GGML_TYPE_F32)
         prompt = engine.tokenizer.encode(TEXT, add_bos=engine.tokenizer.add_bos)
         assert prompt == llm.tokenize(TEXT.encode(), add_bos=True, special=False)
         llm.eval(prompt)

@@ -17,6 +17,7 @@ under the same load from the rest of the machine. Every engine sees the same tok
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -24,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ENGINES = ("mistol", "transformers", "llama.cpp")
 FORMATS = ("int8", "int4", "bf16", "f16", "f32")  # llama.cpp: the GGUF type of the same bits (shapes.GGUF_TYPES)
@@ -232,6 +234,43 @@ def load_transformers(spec: Spec) -> Runner:
     return Runner(spec, run, lambda token: run([token]), reset, lambda logits: int(logits.argmax()), info)
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU reports Intel AMX's int8 tiles (Linux's /proc/cpuinfo)."""
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+LLAMA_CPP_AMX_NOTE = ("llama.cpp: its extra buffer types off on this AMX CPU (its AMX matrix product crashes with a "
+                      "general protection fault on such Xeons in VMs, ggml-org/llama.cpp#20824), and with them its "
+                      "repacked Q4_0/IQ4_NL layouts")
+
+
+@contextlib.contextmanager
+def llama_cpp_models_without_amx():
+    """llama.cpp models loaded within this block leave its extra buffer types unused on a CPU
+    with AMX (LLAMA_CPP_AMX_NOTE): llama-cpp-python's Llama() takes no argument for them, so
+    the model defaults it starts from have them off."""
+    if not cpu_has_amx():
+        yield
+        return
+    import llama_cpp.llama_cpp as api
+
+    defaults = api.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    api.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        api.llama_model_default_params = defaults
+
+
 def load_llama_cpp(spec: Spec) -> Runner:
     import llama_cpp
     import numpy as np
@@ -240,9 +279,10 @@ def load_llama_cpp(spec: Spec) -> Runner:
     t0 = time.perf_counter()
     # No mmap: the weights in malloc'd memory, where they can have the page setting the other
     # engines' weights have (page_environment); a mapped file's pages are always 4 KiB.
-    llm = llama_cpp.Llama(model_path=spec.gguf, n_ctx=context_length(spec), n_batch=512, n_ubatch=512,
-                          n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False,
-                          use_mmap=False)
+    with llama_cpp_models_without_amx():
+        llm = llama_cpp.Llama(model_path=spec.gguf, n_ctx=context_length(spec), n_batch=512, n_ubatch=512,
+                              n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False,
+                              use_mmap=False)
     load_s = time.perf_counter() - t0
     n_vocab = llm.n_vocab()
 
