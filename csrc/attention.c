@@ -8,13 +8,14 @@
  * float32 a chunk of KV_CHUNK rows at a time as attention reads them, into a per-thread
  * scratch that stays in L1.
  *
- * At long contexts attention, not the weights, takes most of a small model's decode step,
- * and it is arithmetic, not memory, that bounds it: a key costs a dot product, an
- * exponential and a multiply-add per value. The AVX2 kernels take eight keys at a time
- * (eight sums reduced together, in one transposing step, to eight scores), exponentials
- * eight at a time, and keep a head's output in registers across a chunk's values. A key's
- * arithmetic is the same wherever it falls among the eight: a token's bits do not depend
- * on how many keys there are beyond its own, nor on the other tokens of the call.
+ * At long contexts attention takes much of a decode step. Each key costs a dot product, an
+ * exponential and a multiply-add per value; taken one call per key (a dot product, libm's
+ * expf, an axpy), that arithmetic outweighed reading the cache. The AVX2 kernels take eight
+ * keys at a time (eight sums reduced together, in one transposing step, to eight scores),
+ * exponentials eight at a time, and keep a head's output in registers across a chunk's
+ * values; reading the cache is then most of what is left (a 7B's 4,000 keys of f16: 508 MB a
+ * step). A key's arithmetic is the same wherever it falls among the eight: a token's bits do
+ * not depend on how many keys there are beyond its own, nor on the other tokens of the call.
  */
 
 #include <float.h>
