@@ -363,8 +363,8 @@ def test_legacy_types_on_the_int8_route_match_dequantize_then_multiply_in_float6
 def test_long_prompts_take_the_int8_route_only_where_it_was_measured_to_pay(monkeypatch):
     """The repacked k-quants from their crossover on, on the AVX512-VNNI kernels only (AVX2's
     int8 kernels lose there), Q5_0 on AVX2 and AVX512-VNNI but never for a verify pass (its
-    rows must keep a lone decode step's bits), never beside AMX tiles; shorter inputs and the
-    other formats keep their routes."""
+    rows must keep a lone decode step's bits); beside AMX tiles up to where bf16 takes over;
+    shorter inputs and the other formats keep their routes."""
     from mistol.model import backend
     from mistol.speculative import MAX_DEPTH
 
@@ -382,9 +382,21 @@ def test_long_prompts_take_the_int8_route_only_where_it_was_measured_to_pay(monk
                     assert backend.quantized_route(rows, cpu, fmt) == backend.INT8_PREFILL
                     assert backend.quantized_route(rows - 1, cpu, fmt) != backend.INT8_PREFILL
                     assert backend.quantized_route(rows, torch.device("meta"), fmt) == backend.DEQUANTIZED
-    monkeypatch.setattr(backend, "bf16_tiles", lambda: True)
-    with kernels.use(kernel_impls()[0]):
-        assert backend.int8_prefill_rows("Q6_Kx8") is None
+    monkeypatch.setattr(backend, "bf16_tiles", lambda: True)  # AMX: int8 below where bf16 takes over
+    monkeypatch.setattr(backend, "native_bf16", lambda: True)
+    for impl in kernel_impls():
+        with kernels.use(impl):
+            for fmt in ("Q4_Kx8", "Q5_Kx8", "Q6_Kx8", "Q5_0"):
+                int8_rows, bf16_rows = backend.int8_prefill_rows(fmt), backend.bf16_prefill_rows(fmt)
+                assert bf16_rows == backend.AMX_BF16_MIN_ROWS[fmt]
+                assert backend.quantized_route(bf16_rows, cpu, fmt) == backend.BF16_PREFILL
+                if impl != "avx512vnni" or fmt == "Q4_Kx8":  # (Q4_Kx8: int8 no faster than its kernels there)
+                    assert int8_rows is None
+                    continue
+                assert MAX_DEPTH + 1 < int8_rows < bf16_rows
+                assert backend.quantized_route(int8_rows, cpu, fmt) == backend.INT8_PREFILL
+                assert backend.quantized_route(bf16_rows - 1, cpu, fmt) == backend.INT8_PREFILL
+                assert backend.quantized_route(int8_rows - 1, cpu, fmt) == backend.QUANTIZED_KERNELS
     monkeypatch.setattr(backend, "bf16_tiles", lambda: False)
     monkeypatch.setenv("MISTOL_INT8_PREFILL", "0")
     with kernels.use(kernel_impls()[0]):

@@ -129,6 +129,17 @@ BF16_MIN_ROWS.update(dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_
 INT8_MIN_ROWS = {"avx512vnni": {**dict.fromkeys(("Q4_Kx8", "Q5_Kx8"), 48), "Q6_Kx8": 64,
                                 **dict.fromkeys(("Q4_1", "Q5_0", "Q5_1"), 32)},
                  "avx2": dict.fromkeys(("Q4_1", "Q5_0", "Q5_1"), 32)}
+# Beside AMX tiles a bf16 product is cheap enough to take over at 128-256 rows, and the int8
+# route (AVX512-VNNI) pays below that. A 2-core AMX Xeon in a VM, scripts/bench_prefill_route.py
+# over 0.5b and 1b files of llama.cpp's Q4_K_M and Q5_K_M, 2 threads, routes in turns, each
+# route's time over the types' own kernels' (int8 / bf16): Q5_0 0.58 / 1.81 at 32 rows, 0.42 /
+# 0.98 at 64, 0.44 / 0.54-0.56 at 128, 0.41 / 0.37 at 256, 0.35-0.43 / 0.23-0.32 at 512;
+# Q6_Kx8 0.84-0.86 / 1.23-1.31 at 64, 0.66-0.72 / 0.75-0.84 at 128, 0.55-0.59 / 0.49-0.59 at
+# 256, 0.54-0.56 / 0.35-0.36 at 512; Q5_Kx8 0.88 / 1.62 at 64, 0.69 / 0.59 at 128; Q4_Kx8
+# 1.04 / 1.39 at 64, 0.81 / 0.77 at 128, 0.62 / 0.39 at 512. (Q4_1 and Q5_1 take Q5_0's, whose
+# route they share; int8 and int4 keep BF16_MIN_ROWS: not measured at useful widths.)
+AMX_INT8_MIN_ROWS = {**dict.fromkeys(("Q4_1", "Q5_0", "Q5_1"), 32), "Q5_Kx8": 64, "Q6_Kx8": 64}
+AMX_BF16_MIN_ROWS = {**dict.fromkeys(("Q4_1", "Q5_0", "Q5_1", "Q6_Kx8"), 256), "Q4_Kx8": 128, "Q5_Kx8": 128}
 
 QUANTIZED_KERNELS, BF16_PREFILL, INT8_PREFILL, DEQUANTIZED = "kernels", "bf16", "int8", "dequantized"
 
@@ -237,14 +248,16 @@ def bf16_prefill_rows(fmt: str) -> int | None:
     weights on this CPU; None: never (its kernels at every length)."""
     if not native_bf16() or (fmt in KERNELS_OUTRUN_BF16 and not bf16_tiles()):
         return None
-    return BF16_MIN_ROWS[fmt]
+    return AMX_BF16_MIN_ROWS.get(fmt, BF16_MIN_ROWS[fmt]) if bf16_tiles() else BF16_MIN_ROWS[fmt]
 
 
 def int8_prefill_rows(fmt: str) -> int | None:
     """From how many input rows a quantized layer of format `fmt` is requantized to int8 for
     an int8 product on this CPU; None: never (MISTOL_INT8_PREFILL=0: never, to compare)."""
-    if bf16_tiles() or os.environ.get("MISTOL_INT8_PREFILL") == "0":  # (AMX tiles: bf16 may win, not measured)
+    if os.environ.get("MISTOL_INT8_PREFILL") == "0":
         return None
+    if bf16_tiles():  # (up to where bf16 takes over: AMX_BF16_MIN_ROWS)
+        return AMX_INT8_MIN_ROWS.get(fmt) if kernels.impl_name() == "avx512vnni" else None
     return INT8_MIN_ROWS.get(kernels.impl_name(), {}).get(fmt)
 
 
@@ -253,11 +266,12 @@ def quantized_route(rows: int, device: torch.device, fmt: str) -> str:
     INT8_PREFILL, BF16_PREFILL or DEQUANTIZED."""
     if device.type != "cpu":
         return DEQUANTIZED
-    int8_rows = int8_prefill_rows(fmt)
+    int8_rows, bf16_rows = int8_prefill_rows(fmt), bf16_prefill_rows(fmt)
+    if bf16_tiles() and bf16_rows is not None and rows >= bf16_rows:
+        return BF16_PREFILL  # (beside AMX tiles bf16 takes over from the int8 route)
     if int8_rows is not None and rows >= int8_rows:
         return INT8_PREFILL
-    from_rows = bf16_prefill_rows(fmt)
-    if from_rows is not None and rows >= from_rows:
+    if bf16_rows is not None and rows >= bf16_rows:
         # Prefill is compute-bound, and there a CPU's bf16 dot products (or tiles) multiply
         # faster than our kernels (and a little more exactly).
         return BF16_PREFILL
