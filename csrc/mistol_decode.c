@@ -15,12 +15,13 @@
  *   x += (silu(h Wg^T) * h Wu^T) Wd^T
  *
  * The same arithmetic as mistol's PyTorch layer (float32 throughout; the matrix products
- * are quant_gemv.c's), in one parallel region: the threads split each product's
- * weights and the attention's kv heads, and meet at a barrier between steps. A decode
- * step is a few hundred small operations besides its matrix products; run one by one
- * from Python they cost about a tenth of the step, here a few barriers. Several tokens
- * share each read of the weights (the products' several-row kernels), and each token's
- * arithmetic is what it would be alone: its bits do not depend on the other tokens.
+ * are quant_gemv.c's, the attention attention.c's), in one parallel region: the threads
+ * split each product's weights and the attention's kv heads, and meet at a barrier between
+ * steps. A decode step is a few hundred small operations besides its matrix products; run
+ * one by one from Python they cost about a tenth of the step, here a few barriers. Several
+ * tokens share each read of the weights (the products' several-row kernels) and of the
+ * cache, and each token's arithmetic is what it would be alone: its bits do not depend on
+ * the other tokens.
  *
  * The arguments come as one mistol_decode_args (mistol_abi.h); the scratch buffers live in
  * a mistol_workspace that the caller creates once per model and that grows only when a
@@ -121,7 +122,8 @@ static qact product_act(const mistol_workspace *ws, const qkernels *kn, const mi
 
 /* args->x[rows][hidden] (float32, in place) += layer args->layer, as described at the top,
  * with ws's scratch. Row m's arithmetic is the same whatever the number of rows (the
- * products' several-row kernels give each row its one-row bits; attention runs row by row):
+ * products' several-row kernels give each row its one-row bits; attention gives each token
+ * its own, whatever the others):
  * tokens decoded together come out as they would one at a time. Returns 0 or an error. */
 EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *args) {
     qkernels kn;
