@@ -79,7 +79,7 @@ DENSE_MAX_ROWS = 4  # rows of input up to which float weights use the dense kern
 # layers), so a pass stays fused at every context (scripts/bench_speculative.py --layers
 # compiled,pytorch). A prompt of 18-48 tokens after 200 of context took 0.5B's layers 6-15%
 # less time fused (65-131 ms against the PyTorch layers' 77-139; int4, 2 threads) and 7B's
-# 3-4% less; from 64 on the two are even. Longer prompts, and products that a prefill route
+# 0-7% less; from 64 on the two are even. Longer prompts, and products that a prefill route
 # would take (_kernels_take), keep the PyTorch layers.
 FUSED_MAX_ROWS = 48
 # From this many rows (a prefill chunk) a bf16-capable CPU runs bf16 matmuls (`bf16_prefill_rows`).
