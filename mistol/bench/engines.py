@@ -137,7 +137,7 @@ def load_mistol(spec: Spec) -> Runner:
 
     from .. import kernels
     from ..engine import Engine, decode_step
-    from ..model.backend import BF16_MIN_ROWS, bf16_prefill_rows, bf16_tiles, int8_prefill_rows
+    from ..model.backend import BF16_MIN_ROWS, bf16_prefill_rows, int8_prefill_rows
     from .models import mistol_model
     from .shapes import model_config
 
@@ -173,14 +173,12 @@ def load_mistol(spec: Spec) -> Runner:
     held = os.path.getsize(spec.gguf) if spec.gguf else sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
     quantized = any(b.dtype == torch.uint8 for b in model.buffers())
     # from how many rows a prefill requantizes to int8 or multiplies bf16 (dequantized)
-    # weights, per format held (int8 goes first: a format's bf16 crossover past its int8 one
-    # is never reached, but beside AMX tiles, where bf16 takes over from int8)
+    # weights, per format held
     # (the linear layers': an embedding's blocks are looked up, and a tied head multiplies
     # one row of a prompt)
     fmts = {m.fmt for m in model.modules() if hasattr(m, "fmt") and hasattr(m, "in_features")}
     int8_from = {f: n for f in sorted(fmts) if (n := int8_prefill_rows(f))}
-    bf16_from = {f: n for f in sorted(fmts & BF16_MIN_ROWS.keys())
-                 if (n := bf16_prefill_rows(f)) is not None and (n < int8_from.get(f, n + 1) or bf16_tiles())}
+    bf16_from = {f: n for f in sorted(fmts & BF16_MIN_ROWS.keys()) if (n := bf16_prefill_rows(f)) is not None}
     info = {"load_s": load_s, "kernels": kernels.impl_name() if quantized else "torch", "bf16_prefill_rows": bf16_from,
             "int8_prefill_rows": int8_from,
             "model_bytes": held, "kv_bytes": lambda: state["session"].cache.nbytes,

@@ -38,8 +38,9 @@ rows (`quantized_route`, `dense_kernel_runs`):
 |                    | `bf16_prefill_rows(fmt)` (or none of those routes)           |                              |
 | int8 prefill       | a repacked k-quant layer (Q4_Kx8, Q5_Kx8, Q6_Kx8) on a CPU   | `kernels.gemm_requantized`   |
 |                    | with the AVX512-VNNI kernels, or a Q4_1/Q5_0/Q5_1 layer on   | (requantized to int8 per     |
-|                    | AVX2 or AVX512-VNNI; no AMX tiles; `int8_prefill_rows(fmt)`+ | 256, 8 rows at a time; the   |
-|                    | rows                                                         | legacy types' quants as int8)|
+|                    | AVX2 or AVX512-VNNI (beside AMX tiles: AVX512-VNNI, Q4_1,    | 256, 8 rows at a time; the   |
+|                    | Q5_0, Q5_1, Q5_Kx8, Q6_Kx8), `int8_prefill_rows(fmt)`+ rows, | legacy types' quants as int8)|
+|                    | fewer than `bf16_prefill_rows(fmt)` where bf16 takes over    |                              |
 | bf16 prefill       | a quantized layer on a CPU with bf16 dot-product             | dequantize to bf16, matmul   |
 |                    | instructions (`native_bf16`; int8/int4: AMX tiles),          |                              |
 |                    | `bf16_prefill_rows(fmt)`+ rows                               |                              |
@@ -251,7 +252,10 @@ def bf16_prefill_rows(fmt: str) -> int | None:
     weights on this CPU; None: never (its kernels at every length)."""
     if not native_bf16() or (fmt in KERNELS_OUTRUN_BF16 and not bf16_tiles()):
         return None
-    return AMX_BF16_MIN_ROWS.get(fmt, BF16_MIN_ROWS[fmt]) if bf16_tiles() else BF16_MIN_ROWS[fmt]
+    if bf16_tiles():  # (from where bf16 takes over from the int8 route)
+        return AMX_BF16_MIN_ROWS.get(fmt, BF16_MIN_ROWS[fmt])
+    # without tiles a format's int8 route, where it has one, outruns bf16 at every length
+    return BF16_MIN_ROWS[fmt] if int8_prefill_rows(fmt) is None else None
 
 
 def int8_prefill_rows(fmt: str) -> int | None:
@@ -269,15 +273,14 @@ def quantized_route(rows: int, device: torch.device, fmt: str) -> str:
     INT8_PREFILL, BF16_PREFILL or DEQUANTIZED."""
     if device.type != "cpu":
         return DEQUANTIZED
-    int8_rows, bf16_rows = int8_prefill_rows(fmt), bf16_prefill_rows(fmt)
-    if bf16_tiles() and bf16_rows is not None and rows >= bf16_rows:
-        return BF16_PREFILL  # (beside AMX tiles bf16 takes over from the int8 route)
-    if int8_rows is not None and rows >= int8_rows:
-        return INT8_PREFILL
+    bf16_rows = bf16_prefill_rows(fmt)
     if bf16_rows is not None and rows >= bf16_rows:
         # Prefill is compute-bound, and there a CPU's bf16 dot products (or tiles) multiply
         # faster than our kernels (and a little more exactly).
         return BF16_PREFILL
+    int8_rows = int8_prefill_rows(fmt)
+    if int8_rows is not None and rows >= int8_rows:
+        return INT8_PREFILL
     return QUANTIZED_KERNELS if kernels.available() else DEQUANTIZED
 
 

@@ -377,8 +377,8 @@ class _Server:
         if spec.messages is not None:
             try:
                 return self.chat_template().render(spec.messages, add_generation_prompt=spec.add_generation_prompt,
-                                            continue_last=spec.continue_final_message, reply_tokens=replies,
-                                            tools=self.offered_tools(spec))
+                                                   continue_last=spec.continue_final_message, reply_tokens=replies,
+                                                   tools=self.offered_tools(spec))
             except MistolError as e:
                 raise APIError(400, f"messages: {e}", "messages") from None
         if isinstance(spec.prompt, list):

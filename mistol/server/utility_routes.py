@@ -124,7 +124,7 @@ def add_utility_routes(app: FastAPI, server, auth, embedder=None) -> None:
         spec = p.parse_chat_request(await server.read_json(request))
         try:
             prompt = server.chat_template().render_text(spec.messages, spec.add_generation_prompt,
-                                                 spec.continue_final_message, tools=server.offered_tools(spec))
+                                                        spec.continue_final_message, tools=server.offered_tools(spec))
         except MistolError as e:
             raise APIError(400, f"messages: {e}", "messages") from None
         return {"prompt": prompt}
