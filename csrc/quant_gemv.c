@@ -19,9 +19,16 @@
 
 #define KCHUNK 64    /* blocks per step when several activation rows share a weight chunk */
 #define ROWS_AT_ONCE 16 /* activation rows per pass of a multi-row kernel over a weight chunk */
-/* No software prefetch: each thread reads one sequential stream, which the hardware
- * prefetcher follows. Prefetching 2-16 KB ahead measured 10-18% slower on a 2-core EPYC
- * whose memory read 60+ GB/s (and no faster when it read less). */
+/* The one-row kernels ask for each block GROUP_AHEAD bytes on, into L2 (prefetch_to_l2):
+ * each thread reads one sequential stream, but on a 2-core AMX Xeon (AVX512-VNNI) the
+ * hardware prefetcher alone left int4 at 24-25 GB/s and int8 at 25-26 (python
+ * scripts/bench_gemv.py --threads 2, 7B's shapes), 30-31 and 28-29 with it (2-8 KB alike); a
+ * decode step, builds in turns: 7B int4 157-158 -> 130-136 ms, int8 282-284 -> 257-263, 0.5B
+ * int4 18.2-18.5 -> 13.1-14.5 (one thread 33.1-33.7 -> 26.2-26.6). Into L1 (prefetcht0), as
+ * once tried on a 2-core EPYC, 2-16 KB ahead was 10-18% slower than none there: each request
+ * holds one of the core's few L1 miss buffers. */
+#define GROUP_AHEAD 4096
+#define GROUP_PREFETCH(blk) prefetch_to_l2((const char *)(blk) + GROUP_AHEAD, sizeof(*(blk)))
 
 /* ---------------------------------------------------------------------------------------
  * Activations: one row x[K] -> qa[K] int8, da[K/32] scales, sa[K/32] block sums of qa
@@ -196,6 +203,7 @@ VNNI_FN static inline __m256i dot_i8_vnni(__m256i acc, __m256i w, __m256i a) {
         __m256 acc = _mm256_loadu_ps(acc_out);                                                                 \
         for (int64_t b = b0; b < b1; b++) {                                                                    \
             const block_q8_0x8 *blk = (const block_q8_0x8 *)wg + b;                                            \
+            GROUP_PREFETCH(blk);                                                                               \
             const int8_t *q = blk->qs;                                                                         \
             const int8_t *a = qa + b * QK;                                                                     \
             __m256i s0 = DOT(DOT(z, CHUNK(q, 0), BCAST4(a, 0)), CHUNK(q, 1), BCAST4(a, 4));                    \
@@ -222,6 +230,7 @@ AVX2_FN static void group_int4_avx2(const uint8_t *wg, const int8_t *qa, const f
     __m256 acc = _mm256_loadu_ps(acc_out);
     for (int64_t b = b0; b < b1; b++) {
         const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
+        GROUP_PREFETCH(blk);
         const uint8_t *q = blk->qs;
         const int8_t *a = qa + b * QK;
         __m256i s = _mm256_setzero_si256();
@@ -250,6 +259,7 @@ VNNI_FN static void group_int4_vnni(const uint8_t *wg, const int8_t *qa, const f
     __m256 acc = _mm256_loadu_ps(acc_out);
     for (int64_t b = b0; b < b1; b++) {
         const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
+        GROUP_PREFETCH(blk);
         const uint8_t *q = blk->qs;
         const int8_t *a = qa + b * QK;
         __m256i lo = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
