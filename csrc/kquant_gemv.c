@@ -517,7 +517,13 @@ AVX2_FN static float dot_q6_K_avx2(const uint8_t *w, const int8_t *q, const floa
  * 53-63). Into L1, the next block, as the one-row Q6_KX8 asked before, that kernel read 20:
  * it waited on the core's few L1 miss buffers. The several-row kernels: ROWS_PREFETCH. */
 #define ONE_ROW_AHEAD 12288
-#define ONE_ROW_PREFETCH(b) prefetch_to_l2((const char *)(b) + ONE_ROW_AHEAD, sizeof(*(b)))
+/* ... a quarter of that block at a time, one per quarter of the block the kernel works on:
+ * the whole block's 18-26 requests at once queued behind each other. On a 2-core AMX Xeon,
+ * python scripts/bench_gemv.py --threads 2 --blocks Q4_K,Q5_K,Q6_K, builds in turns: Q4_K
+ * 19-21 -> 24-26 GB/s, Q5_K 21-23 -> 24-26, Q6_K 23-26 -> 25-29; a 7B decode step of
+ * llama.cpp-made files, Q4_K_M 220-233 -> 191-198 ms, Q6_K 281-283 -> 259-260. */
+#define ONE_ROW_PREFETCH(b, quarter) \
+    prefetch_to_l2((const char *)(b) + ONE_ROW_AHEAD + (quarter) * (sizeof(*(b)) / 4), sizeof(*(b)) / 4)
 
 /* Q4_KX8 on AVX2: lane r = row r throughout, as group_int4_avx2. Per sub-block the pair
  * sums of maddubs add up in int16 (8 quads: at most 8 * 2 * 15 * 127 = 30480), then one
@@ -529,11 +535,11 @@ AVX2_FN static void q4k_x8_avx2(const uint8_t *wg, const int8_t *q, const float 
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < K / QKK; i++) {
         const block_q4_Kx8 *b = (const block_q4_Kx8 *)wg + i;
-        ONE_ROW_PREFETCH(b);
         const int8_t *a = q + i * QKK;
         const int32_t *s16 = s + i * 16;
         __m256i sumi = _mm256_setzero_si256(), summ = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
+            ONE_ROW_PREFETCH(b, c);
             __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
             for (int k = 0; k < 8; k++) {
                 const __m256i v = LOAD256(b->qs[c][k]);
@@ -570,11 +576,11 @@ AVX2_FN static void q5k_x8_avx2(const uint8_t *wg, const int8_t *q, const float 
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < K / QKK; i++) {
         const block_q5_Kx8 *b = (const block_q5_Kx8 *)wg + i;
-        ONE_ROW_PREFETCH(b);
         const int8_t *a = q + i * QKK;
         const int32_t *s16 = s + i * 16;
         __m256i sumi = _mm256_setzero_si256(), summ = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
+            ONE_ROW_PREFETCH(b, c);
             const __m128i sc_lo = _mm_loadl_epi64((const __m128i *)b->scales[2 * c]);
             const __m128i sc_hi = _mm_loadl_epi64((const __m128i *)b->scales[2 * c + 1]);
             const __m256i row_lo = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(sc_lo, sc_lo));
@@ -1100,11 +1106,12 @@ VNNI_FN static inline __m256i q6x8_quarter_vnni(const block_q6_Kx8 *b, int h, in
         __m256 acc = _mm256_setzero_ps();                                                                        \
         for (int64_t i = 0; i < K / QKK; i++) {                                                                  \
             const block_q6_Kx8 *b = (const block_q6_Kx8 *)wg + i;                                                \
-            ONE_ROW_PREFETCH(b);                                                                                 \
             __m256i sumi = _mm256_setzero_si256();                                                               \
             for (int h = 0; h < 2; h++)                                                                          \
-                for (int kh = 0; kh < 2; kh++)                                                                   \
+                for (int kh = 0; kh < 2; kh++) {                                                                 \
+                    ONE_ROW_PREFETCH(b, 2 * h + kh);                                                             \
                     sumi = _mm256_add_epi32(sumi, q6x8_quarter_##SUFFIX(b, h, kh, q + i * QKK + 128 * h + 16 * kh)); \
+                }                                                                                                \
             acc = q6x8_float_step(acc, b, s + i * 16, d[i], sumi);                                               \
         }                                                                                                        \
         _mm256_storeu_ps(out, acc);                                                                              \
