@@ -9,12 +9,16 @@
 
 #include "mistol_kernels.h"
 
-/* The row kernels ask for the weights DENSE_AHEAD bytes on, into L2, as the quantized ones
- * do: on a 2-core AMX Xeon (python scripts/bench_gemv.py --threads 2, builds in turns) f32
- * 14336 x 4096 read 21 -> 23-24 GB/s, 4096 x 14336 17 -> 24, bf16 21-23 -> 23-24 (8 KB: no
- * better). */
+/* The row kernels ask for the weights DENSE_AHEAD bytes on, into L2, where the int8/int4
+ * kernels do (stream_prefetch): on a 2-core AMX Xeon (python scripts/bench_gemv.py
+ * --threads 2, builds in turns) f32 14336 x 4096 read 21 -> 23-24 GB/s, 4096 x 14336 17 ->
+ * 24, bf16 21-23 -> 23-24 (8 KB: no better); a 1b bf16 decode step 112-114 -> 99-100 ms. */
 #define DENSE_AHEAD 4096
-#define DENSE_PREFETCH(p, n) prefetch_to_l2((p) + DENSE_AHEAD, (n))
+static int dense_prefetch; /* stream_prefetch(), set by mistol_dense_many */
+#define DENSE_PREFETCH(p, n)                                         \
+    do {                                                             \
+        if (dense_prefetch) prefetch_to_l2((p) + DENSE_AHEAD, (n)); \
+    } while (0)
 static inline float dense_value(const void *w, int wtype, int64_t k) {
     if (wtype == DT_F32) return ((const float *)w)[k];
     const uint16_t h = ((const uint16_t *)w)[k];
@@ -162,6 +166,7 @@ EXPORT int mistol_dense_many(int wtype, const float *x, int x_is_bf16, int64_t M
     if (ldy < N) return ERR_ARG;
     if (M == 0 || N == 0) return OK;
     const int64_t esize = wtype == DT_F32 ? 4 : 2;
+    if (dense_prefetch != stream_prefetch()) dense_prefetch = stream_prefetch(); /* (written once) */
     dense_fn fn = dense_row_scalar;
     void *prepared = NULL; /* x as the row function reads it, if not as given: */
     int64_t prepared_size = 0; /* bytes per value */

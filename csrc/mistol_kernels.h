@@ -117,6 +117,7 @@ static inline int64_t quant_offset(int r, int j) { return 32 * (j >> 2) + 4 * r 
 int cpu_has_avx2(void);    /* AVX2 + FMA + F16C */
 int cpu_has_vnni(void);    /* and AVX512-VNNI (on 256-bit vectors), -BW and -DQ */
 int cpu_has_bf16dp(void);  /* and AVX512-BF16 */
+int stream_prefetch(void); /* whether streaming kernels ask for their weights ahead (common.c) */
 int cpu_has_dotprod(void); /* ARM: the dot products (sdot), and kernels for them in this build */
 
 /* One activation row x[K] -> qa[K] int8, da[K/32] scales, sa[K/32] block sums of qa. */

@@ -19,8 +19,9 @@
 
 #define KCHUNK 64    /* blocks per step when several activation rows share a weight chunk */
 #define ROWS_AT_ONCE 16 /* activation rows per pass of a multi-row kernel over a weight chunk */
-/* The one-row kernels ask for each block GROUP_AHEAD bytes on, into L2 (prefetch_to_l2):
- * each thread reads one sequential stream, but on a 2-core AMX Xeon (AVX512-VNNI) the
+/* The one-row kernels ask for each block GROUP_AHEAD bytes on, into L2 (prefetch_to_l2), on
+ * CPUs where stream_prefetch() says so. Each thread reads one sequential stream, but on a
+ * 2-core AMX Xeon (AVX512-VNNI) the
  * hardware prefetcher alone left int4 at 24-25 GB/s and int8 at 25-26 (python
  * scripts/bench_gemv.py --threads 2, 7B's shapes), 30-31 and 28-29 with it (2-8 KB alike); a
  * decode step, builds in turns: 7B int4 157-158 -> 130-136 ms, int8 282-284 -> 257-263, 0.5B
@@ -28,7 +29,12 @@
  * once tried on a 2-core EPYC, 2-16 KB ahead was 10-18% slower than none there: each request
  * holds one of the core's few L1 miss buffers. */
 #define GROUP_AHEAD 4096
-#define GROUP_PREFETCH(blk) prefetch_to_l2((const char *)(blk) + GROUP_AHEAD, sizeof(*(blk)))
+/* (pf: a constant; each kernel is built with and without, qkernels_select picks one: a test
+ * of a variable in the loop cost the int4 kernel a fifth of its speed) */
+#define GROUP_PREFETCH(pf, blk)                                                    \
+    do {                                                                           \
+        if (pf) prefetch_to_l2((const char *)(blk) + GROUP_AHEAD, sizeof(*(blk))); \
+    } while (0)
 
 /* ---------------------------------------------------------------------------------------
  * Activations: one row x[K] -> qa[K] int8, da[K/32] scales, sa[K/32] block sums of qa
@@ -195,7 +201,7 @@ VNNI_FN static inline __m256i dot_i8_vnni(__m256i acc, __m256i w, __m256i a) {
 /* One group of 8 rows over blocks [b0, b1), accumulated into acc_out[8]: written once as a
  * macro and instantiated per instruction set (TARGET) with that set's dot product (DOT).
  * Independent partial sums keep the dot products' latency chains short. */
-#define DEFINE_GROUP_INT8(NAME, TARGET, DOT)                                                                   \
+#define DEFINE_GROUP_INT8(NAME, TARGET, DOT, PF)                                                               \
     TARGET static void NAME(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,           \
                             int64_t b0, int64_t b1, float *acc_out) {                                          \
         (void)sa;                                                                                              \
@@ -203,7 +209,7 @@ VNNI_FN static inline __m256i dot_i8_vnni(__m256i acc, __m256i w, __m256i a) {
         __m256 acc = _mm256_loadu_ps(acc_out);                                                                 \
         for (int64_t b = b0; b < b1; b++) {                                                                    \
             const block_q8_0x8 *blk = (const block_q8_0x8 *)wg + b;                                            \
-            GROUP_PREFETCH(blk);                                                                               \
+            GROUP_PREFETCH(PF, blk);                                                                           \
             const int8_t *q = blk->qs;                                                                         \
             const int8_t *a = qa + b * QK;                                                                     \
             __m256i s0 = DOT(DOT(z, CHUNK(q, 0), BCAST4(a, 0)), CHUNK(q, 1), BCAST4(a, 4));                    \
@@ -218,19 +224,22 @@ VNNI_FN static inline __m256i dot_i8_vnni(__m256i acc, __m256i w, __m256i a) {
         _mm256_storeu_ps(acc_out, acc);                                                                        \
     }
 
-DEFINE_GROUP_INT8(group_int8_avx2, AVX2_FN, dot_i8_avx2)
-DEFINE_GROUP_INT8(group_int8_vnni, VNNI_FN, dot_i8_vnni)
+DEFINE_GROUP_INT8(group_int8_avx2, AVX2_FN, dot_i8_avx2, 0)
+DEFINE_GROUP_INT8(group_int8_vnni, VNNI_FN, dot_i8_vnni, 0)
+DEFINE_GROUP_INT8(group_int8_avx2_pf, AVX2_FN, dot_i8_avx2, 1)
+DEFINE_GROUP_INT8(group_int8_vnni_pf, VNNI_FN, dot_i8_vnni, 1)
 
 /* int4, one group of 8 rows over blocks [b0, b1). A chunk holds 4 quant bytes of each row:
  * their low nibbles are elements 4c..4c+3, their high nibbles 16 further on. Nibbles are
  * stored as n = q + 8, so 8 * (the activation block's sum) is subtracted once per block. */
-AVX2_FN static void group_int4_avx2(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
-                                    int64_t b0, int64_t b1, float *acc_out) {
+AVX2_FN static inline __attribute__((always_inline)) void int4_avx2(const uint8_t *wg, const int8_t *qa,
+                                                                     const float *da, const int32_t *sa, int64_t b0,
+                                                                     int64_t b1, float *acc_out, const int pf) {
     const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
     __m256 acc = _mm256_loadu_ps(acc_out);
     for (int64_t b = b0; b < b1; b++) {
         const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
-        GROUP_PREFETCH(blk);
+        GROUP_PREFETCH(pf, blk);
         const uint8_t *q = blk->qs;
         const int8_t *a = qa + b * QK;
         __m256i s = _mm256_setzero_si256();
@@ -253,13 +262,14 @@ AVX2_FN static void group_int4_avx2(const uint8_t *wg, const int8_t *qa, const f
  * nibbles need no shift: masked in place they are 16 n, summed apart and divided by 16
  * (exactly: a multiple of 16) once per block. Each chunk is loaded once (the compiler
  * would otherwise load it again for each of its two masks). */
-VNNI_FN static void group_int4_vnni(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,
-                                    int64_t b0, int64_t b1, float *acc_out) {
+VNNI_FN static inline __attribute__((always_inline)) void int4_vnni(const uint8_t *wg, const int8_t *qa,
+                                                                     const float *da, const int32_t *sa, int64_t b0,
+                                                                     int64_t b1, float *acc_out, const int pf) {
     const __m256i m_lo = _mm256_set1_epi8(0x0f), m_hi = _mm256_set1_epi8((char)0xf0);
     __m256 acc = _mm256_loadu_ps(acc_out);
     for (int64_t b = b0; b < b1; b++) {
         const block_q4_0x8 *blk = (const block_q4_0x8 *)wg + b;
-        GROUP_PREFETCH(blk);
+        GROUP_PREFETCH(pf, blk);
         const uint8_t *q = blk->qs;
         const int8_t *a = qa + b * QK;
         __m256i lo = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
@@ -276,6 +286,16 @@ VNNI_FN static void group_int4_vnni(const uint8_t *wg, const int8_t *qa, const f
     }
     _mm256_storeu_ps(acc_out, acc);
 }
+#define INT4_KERNEL(NAME, TARGET, BODY, PF)                                                             \
+    TARGET static void NAME(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,     \
+                            int64_t b0, int64_t b1, float *acc) {                                       \
+        BODY(wg, qa, da, sa, b0, b1, acc, PF);                                                          \
+    }
+INT4_KERNEL(group_int4_avx2, AVX2_FN, int4_avx2, 0)
+INT4_KERNEL(group_int4_avx2_pf, AVX2_FN, int4_avx2, 1)
+INT4_KERNEL(group_int4_vnni, VNNI_FN, int4_vnni, 0)
+INT4_KERNEL(group_int4_vnni_pf, VNNI_FN, int4_vnni, 1)
+#undef INT4_KERNEL
 
 /* ---------------------------------------------------------------------------------------
  * Several activation rows against one group (group_rows_fn): a block's weights are loaded
@@ -663,8 +683,13 @@ int qkernels_select(int impl, qkernels *out) {
     if ((impl == IMPL_AVX2 && !cpu_has_avx2()) || (impl == IMPL_VNNI && !cpu_has_vnni())) return ERR_IMPL;
     *out = (qkernels){quantize_act_scalar, {NULL, group_int8_scalar, group_int4_scalar}};
 #ifdef MISTOL_X86
-    if (impl == IMPL_AVX2) *out = (qkernels){quantize_act_avx2, {NULL, group_int8_avx2, group_int4_avx2}};
-    if (impl == IMPL_VNNI) *out = (qkernels){quantize_act_avx2, {NULL, group_int8_vnni, group_int4_vnni}};
+    const int pf = stream_prefetch();
+    if (impl == IMPL_AVX2)
+        *out = (qkernels){quantize_act_avx2, {NULL, pf ? group_int8_avx2_pf : group_int8_avx2,
+                                              pf ? group_int4_avx2_pf : group_int4_avx2}};
+    if (impl == IMPL_VNNI)
+        *out = (qkernels){quantize_act_avx2, {NULL, pf ? group_int8_vnni_pf : group_int8_vnni,
+                                              pf ? group_int4_vnni_pf : group_int4_vnni}};
 #endif
 #ifdef MISTOL_ARM
     if (impl == IMPL_DOTPROD && !cpu_has_dotprod()) return ERR_IMPL;
