@@ -106,6 +106,26 @@ def test_the_kernels_build_and_agree_without_openmp(tmp_path):
     assert results["portable"] == PORTABLE_CHECKS
 
 
+@pytest.mark.slow
+def test_the_kernels_with_and_without_prefetching_ahead(tmp_path, monkeypatch):
+    """The int8/int4 one-row kernels are built with and without asking for blocks ahead
+    (MISTOL_PREFETCH picks, else the CPU's vendor): each passes the checks, with the same
+    bits (only memory requests differ)."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc})")
+    exe = tmp_path / "kernel_check"
+    build = subprocess.run([cc, *FLAGS, "-fopenmp", *SOURCES, "-lm", "-o", str(exe)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    runs = {}
+    for value in ("0", "1"):
+        monkeypatch.setenv("MISTOL_PREFETCH", value)
+        runs[value] = run_check([str(exe)])
+    assert runs["0"] == runs["1"]
+    best, results = runs["1"]
+    assert results[best] == ["ok"] * (DENSE_CHECKS + (CHECKS_PER_IMPL if best != "scalar" else 0))
+
+
 def _needed_libraries(path: Path) -> str:
     return subprocess.run(["ldd", str(path)], capture_output=True, text=True, check=True).stdout
 
