@@ -21,13 +21,12 @@
 #define ROWS_AT_ONCE 16 /* activation rows per pass of a multi-row kernel over a weight chunk */
 /* The one-row kernels ask for each block GROUP_AHEAD bytes on, into L2 (prefetch_to_l2), on
  * CPUs where stream_prefetch() says so. Each thread reads one sequential stream, but on a
- * 2-core AMX Xeon (AVX512-VNNI) the
- * hardware prefetcher alone left int4 at 24-25 GB/s and int8 at 25-26 (python
- * scripts/bench_gemv.py --threads 2, 7B's shapes), 30-31 and 28-29 with it (2-8 KB alike); a
- * decode step, builds in turns: 7B int4 157-158 -> 130-136 ms, int8 282-284 -> 257-263, 0.5B
- * int4 18.2-18.5 -> 13.1-14.5 (one thread 33.1-33.7 -> 26.2-26.6). Into L1 (prefetcht0), as
- * once tried on a 2-core EPYC, 2-16 KB ahead was 10-18% slower than none there: each request
- * holds one of the core's few L1 miss buffers. */
+ * 2-core AMX Xeon (AVX512-VNNI) the hardware prefetcher alone left int4 at 24-25 GB/s and
+ * int8 at 25-26 (python scripts/bench_gemv.py --threads 2, 7B's shapes), 30-31 and 28-29 with
+ * it (2-8 KB alike); a decode step, builds in turns: 7B int4 157-158 -> 130-136 ms, int8
+ * 282-284 -> 257-263, 0.5B int4 18.2-18.5 -> 13.1-14.5 (one thread 33.1-33.7 -> 26.2-26.6).
+ * Into L1 (prefetcht0), as once tried on a 2-core EPYC, 2-16 KB ahead was 10-18% slower
+ * than none there: each request holds one of the core's few L1 miss buffers. */
 #define GROUP_AHEAD 4096
 /* (pf: a constant; each kernel is built with and without, qkernels_select picks one: a test
  * of a variable in the loop cost the int4 kernel a fifth of its speed) */
@@ -286,6 +285,8 @@ VNNI_FN static inline __attribute__((always_inline)) void int4_vnni(const uint8_
     }
     _mm256_storeu_ps(acc_out, acc);
 }
+
+/* each int4 kernel without and with (_pf) asking for the blocks ahead, as the int8 ones */
 #define INT4_KERNEL(NAME, TARGET, BODY, PF)                                                             \
     TARGET static void NAME(const uint8_t *wg, const int8_t *qa, const float *da, const int32_t *sa,     \
                             int64_t b0, int64_t b1, float *acc) {                                       \
