@@ -14,10 +14,9 @@
  * --threads 2, builds in turns) f32 14336 x 4096 read 21 -> 23-24 GB/s, 4096 x 14336 17 ->
  * 24, bf16 21-23 -> 23-24 (8 KB: no better); a 1b bf16 decode step 112-114 -> 99-100 ms. */
 #define DENSE_AHEAD 4096
-static int dense_prefetch; /* stream_prefetch(), set by mistol_dense_many */
-#define DENSE_PREFETCH(p, n)                                         \
-    do {                                                             \
-        if (dense_prefetch) prefetch_to_l2((p) + DENSE_AHEAD, (n)); \
+#define DENSE_PREFETCH(pf, p, n)                        \
+    do {                                                \
+        if (pf) prefetch_to_l2((p) + DENSE_AHEAD, (n)); \
     } while (0)
 static inline float dense_value(const void *w, int wtype, int64_t k) {
     if (wtype == DT_F32) return ((const float *)w)[k];
@@ -58,8 +57,9 @@ AVX2_FN static float dense_row_avx2(const uint8_t *row, int wtype, const float *
     __m256 w0, w1, w2, w3;
     int64_t k = 0;
     const int64_t esize = wtype == DT_F32 ? 4 : 2;
+    const int pf = stream_prefetch();
     for (; k + 32 <= K; k += 32) {
-        DENSE_PREFETCH(row + k * esize, 32 * esize);
+        DENSE_PREFETCH(pf, row + k * esize, 32 * esize);
         dense_load16(row, wtype, k, &w0, &w1);
         dense_load16(row, wtype, k + 16, &w2, &w3);
         a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs + k), a0);
@@ -93,8 +93,9 @@ static float dense_row_bf16dp(const uint8_t *row, int wtype, const float *x, con
     int64_t k = 0;
 #define DP(acc, off) acc = _mm256_dpbf16_ps(acc, (__m256bh)_mm256_loadu_si256((const __m256i *)(w + k + (off))), \
                                             (__m256bh)_mm256_loadu_si256((const __m256i *)(xb + k + (off))))
+    const int pf = stream_prefetch();
     for (; k + 64 <= K; k += 64) {
-        DENSE_PREFETCH(row + 2 * k, 128);
+        DENSE_PREFETCH(pf, row + 2 * k, 128);
         DP(a0, 0);
         DP(a1, 16);
         DP(a2, 32);
@@ -166,7 +167,6 @@ EXPORT int mistol_dense_many(int wtype, const float *x, int x_is_bf16, int64_t M
     if (ldy < N) return ERR_ARG;
     if (M == 0 || N == 0) return OK;
     const int64_t esize = wtype == DT_F32 ? 4 : 2;
-    if (dense_prefetch != stream_prefetch()) dense_prefetch = stream_prefetch(); /* (written once) */
     dense_fn fn = dense_row_scalar;
     void *prepared = NULL; /* x as the row function reads it, if not as given: */
     int64_t prepared_size = 0; /* bytes per value */

@@ -31,6 +31,15 @@ def available_memory() -> int:
     return DEFAULT_AVAILABLE_MEMORY
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return frozenset()
+
+
 def private_file(path: Path) -> Path:
     """`path`, created empty if missing, readable and writable by its owner only."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))

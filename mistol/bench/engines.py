@@ -25,7 +25,8 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from ..util import cpu_flags
 
 ENGINES = ("mistol", "transformers", "llama.cpp")
 FORMATS = ("int8", "int4", "bf16", "f16", "f32")  # llama.cpp: the GGUF type of the same bits (shapes.GGUF_TYPES)
@@ -234,10 +235,7 @@ def load_transformers(spec: Spec) -> Runner:
 
 def cpu_has_amx() -> bool:
     """Whether this CPU reports Intel AMX's int8 tiles (Linux's /proc/cpuinfo)."""
-    try:
-        return " amx_int8" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return "amx_int8" in cpu_flags()
 
 
 LLAMA_CPP_AMX_NOTE = ("llama.cpp: its extra buffer types off on this AMX CPU (its AMX matrix product crashes with a "

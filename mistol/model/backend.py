@@ -65,6 +65,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
+from ..util import cpu_flags
 from .cpu_decode import CpuDecoder
 from .cuda_graphs import GraphedDecoder
 from .kv_cache import Q8_0, KVCache
@@ -218,14 +219,6 @@ class Backend:
 
 # -- linear products ---------------------------------------------------------------------------
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return frozenset()
-
-
 def _forced_bf16() -> bool | None:
     forced = os.environ.get("MISTOL_BF16_PREFILL")
     return forced == "1" if forced in ("0", "1") else None
@@ -237,14 +230,14 @@ def native_bf16() -> bool:
     matrix products can outrun our kernels (`bf16_prefill_rows`); MISTOL_BF16_PREFILL=0/1
     overrides."""
     forced = _forced_bf16()
-    return forced if forced is not None else bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return forced if forced is not None else bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 @functools.cache
 def bf16_tiles() -> bool:
     """Whether this CPU multiplies bf16 in AMX tiles; MISTOL_BF16_PREFILL=0/1 overrides."""
     forced = _forced_bf16()
-    return forced if forced is not None else "amx_bf16" in _cpu_flags()
+    return forced if forced is not None else "amx_bf16" in cpu_flags()
 
 
 def bf16_prefill_rows(fmt: str) -> int | None:
