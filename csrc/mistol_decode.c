@@ -164,7 +164,7 @@ EXPORT int mistol_decode_layer(mistol_workspace *ws, const mistol_decode_args *a
     if (qkernels_select(args->impl, &kn) != OK) return ERR_IMPL;
     const int nthreads = args->nthreads < 1 ? 1 : args->nthreads;
     /* each thread's several-row sums on cache lines of its own (as gemm_run's) */
-    const int64_t acc_stride = (IL * M + 15) / 16 * 16, Mp = M + (M & 1), copies = M > 1 ? M : 0;
+    const int64_t acc_stride = qgemm_acc_floats(M), Mp = M + (M & 1), copies = M > 1 ? M : 0;
     const int64_t together = args->kv_rows ? 1 : M; /* tokens that attend over one cache at once */
     if (RESERVE(ws, h, M * kmax) || RESERVE(ws, qkv, M * (dq + 2 * dkv)) || RESERVE(ws, att, M * dq) ||
         RESERVE(ws, gu, M * 2 * F) || RESERVE(ws, y, M * D) || RESERVE(ws, da, M * kmax / QK) ||

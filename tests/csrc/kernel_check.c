@@ -227,8 +227,9 @@ static void check_group(const char *name, int exact, int fmt, const qkernels *kn
     free(w), free(x);
 }
 
-/* mistol_gemm_many: three matrices (one with a padded last group), tiled and not, one and
- * several rows, one and several threads. */
+/* mistol_gemm_many: three matrices (one with a padded last group, one of an odd number of
+ * groups), tiled and not, one and several rows (21: more than one pass of the several-row
+ * kernels), one and several threads. */
 static void check_gemm(const char *name, int impl, int exact, int fmt) {
     const int64_t K = 2048, ns[3] = {203, 64, 40}, N = 203 + 64 + 40;
     uint8_t *ws[3];
@@ -236,7 +237,8 @@ static void check_gemm(const char *name, int impl, int exact, int fmt) {
     int ok = 1;
     double worst = 0;
     for (int t = 0; t < 2; t++) /* one tile, or tiles of 8 blocks (random bytes either way) */
-    for (int64_t M = 1; M <= 3; M += 2) {
+    for (int64_t mi = 0; mi < 4; mi++) {
+        const int64_t M = (int64_t[]){1, 3, 8, 21}[mi];
         const int64_t tb = t ? 8 : K / QK, tiles[3] = {tb, tb, tb};
         float *x = edge_activations(M * K);
         float *ref = malloc(sizeof(float) * (size_t)(M * N)), *y = malloc(sizeof(float) * (size_t)(M * N));
@@ -250,7 +252,7 @@ static void check_gemm(const char *name, int impl, int exact, int fmt) {
         free(x), free(ref), free(y);
     }
     char what[96];
-    snprintf(what, sizeof what, "%s gemm (tiled and not, M 1 and 3, 1 and 4 threads): %s",
+    snprintf(what, sizeof what, "%s gemm (tiled and not, M 1, 3, 8 and 21, 1 and 4 threads): %s",
              fmt == FMT_INT8 ? "int8" : "int4", exact ? "same bits" : "within 1e-5");
     report(ok, name, what, exact ? -1 : worst);
     for (int i = 0; i < 3; i++) free(ws[i]);
