@@ -131,11 +131,13 @@ typedef void (*group_fn)(const uint8_t *, const int8_t *, const float *, const i
  * scaled and accumulated in the same order. Arguments: wg, qb, db, sb, ld, M, b0, b1, acc. */
 typedef void (*group_rows_fn)(const uint8_t *, const int8_t *, const float *, const int32_t *, int64_t, int64_t,
                               int64_t, int64_t, float *);
-/* The same for two neighbouring groups at once (the second's blocks gstride bytes after the
- * first's), into acc[16 m + r]: the first group's 8 sums of row m, then the second's; each
- * row's bits as above. Arguments: wg, gstride, qb, db, sb, ld, M, b0, b1, acc. */
-typedef void (*group_pair_rows_fn)(const uint8_t *, int64_t, const int8_t *, const float *, const int32_t *, int64_t,
-                                   int64_t, int64_t, int64_t, float *);
+/* The same for ng = 2 or 4 neighbouring groups at once (each one's blocks gstride bytes
+ * after the one before; 4 only for M <= GROUPS4_ROWS), into acc[8 (ng m + j) + r]: row m's
+ * 8 sums of group j, group after group; each row's bits as above. Arguments: ng, wg,
+ * gstride, qb, db, sb, ld, M, b0, b1, acc. */
+#define GROUPS4_ROWS 8
+typedef void (*groups_rows_fn)(int, const uint8_t *, int64_t, const int8_t *, const float *, const int32_t *, int64_t,
+                               int64_t, int64_t, int64_t, float *);
 
 /* One activation row x[K] -> qk[K] int8, dk[K/256] scales, sk[K/16] sums of qk per 16
  * (the k-quants' activation blocks, kquant.h). */
@@ -178,8 +180,8 @@ typedef struct {
     legacy_rows_fn legacy_rows[FMT_COUNT];
     /* FMT_INT8, FMT_INT4: several activation rows at once (NULL: group[] row by row) */
     group_rows_fn group_rows[FMT_COUNT];
-    /* the same over two groups at once (NULL: group_rows group by group) */
-    group_pair_rows_fn group_pair_rows[FMT_COUNT];
+    /* the same over 2 or 4 groups at once (NULL: group_rows group by group) */
+    groups_rows_fn groups_rows[FMT_COUNT];
 } qkernels;
 
 /* Activation rows quantized for the matrices that read them: per block of 32 (qa, da,
@@ -242,9 +244,9 @@ void legacy_group_to_int8(int fmt, const uint8_t *w, int64_t rows, int64_t r0, i
 void kquant_rows(const qkernels *kn, const mistol_matrix *w, const qact *act, int64_t M, int64_t K, int64_t r0,
                  int64_t r1, float *y, int64_t ldy);
 
-/* The floats of one thread's scratch (acc) for qgemm_share over M rows: two groups' sums
- * per row, on cache lines of its own. */
-static inline int64_t qgemm_acc_floats(int64_t M) { return (2 * IL * M + LINE_FLOATS - 1) / LINE_FLOATS * LINE_FLOATS; }
+/* The floats of one thread's scratch (acc) for qgemm_share over M rows: up to four groups'
+ * sums per row, on cache lines of its own. */
+static inline int64_t qgemm_acc_floats(int64_t M) { return (4 * IL * M + LINE_FLOATS - 1) / LINE_FLOATS * LINE_FLOATS; }
 
 /* Inside a parallel region (or outside it, as the only thread): this thread's share of
  * y[:, matrix i's columns] = (quantized rows act)[M][K] @ W_i^T for i < count;

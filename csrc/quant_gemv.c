@@ -415,85 +415,107 @@ VNNI_FN static inline __attribute__((always_inline)) void rows_vnni(int fmt, int
 DEFINE_GROUP_ROWS_VNNI(group_rows_int8_vnni, FMT_INT8)
 DEFINE_GROUP_ROWS_VNNI(group_rows_int4_vnni, FMT_INT4)
 
-/* Two groups at once: a 512-bit vector holds both groups' 8 rows (the first's in its low
+/* Several groups at once: a 512-bit vector holds two groups' 8 rows (the first's in its low
  * half), so each 4-byte weight column sits in a lane once, not twice, and a row's 4
  * activation bytes are broadcast to all 16 lanes. The permutes that widened the weights and
- * the row pairs' bias arithmetic go (the block's bias is the sum's starting value), which
- * leaves the dot products and the scaling on the two ports that run them. The integer sums,
+ * the row pairs' bias arithmetic go (the block's bias is the sum's starting value). With 8
+ * rows or fewer, four groups (two vectors of each chunk) share each broadcast: the kernel is
+ * bound by its dot products and the loads of the broadcasts, not by memory. The integer sums,
  * and their scaling and accumulation, are the pairs' above. On a 2-core AMX Xeon, 8 rows of
  * 7B's shapes (python scripts/bench_gemm_rows.py --threads 2, builds in turns): int8 3.0-3.1
- * -> 2.4-2.6 ms (1.40-1.48x -> 1.14-1.29x one row's time), int4 1.9-2.0 -> 1.7-1.8 ms: int4
- * takes the dot products' time, as int8 does, in half the bytes. AMX tiles (tdpbssd on the
- * same unpacked weights, each block's sums stored, then scaled) took as long at 8 rows and a
- * fifth less at 16, in a test outside the library. */
-VNNI_FN static inline __attribute__((always_inline)) void pair_rows_vnni(int fmt, int M, const uint8_t *wg,
-                                                                          int64_t gstride, const int8_t *qb,
-                                                                          const float *db, const int32_t *sb,
-                                                                          int64_t ld, int64_t Mr, int64_t b0,
-                                                                          int64_t b1, float *acc) {
+ * -> 2.4-2.6 ms with two groups (1.40-1.48x -> 1.14-1.29x one row's time), int4 1.9-2.0 ->
+ * 1.7-1.8 ms (1.73-1.92x -> 1.62-1.78x); four groups took int4 to 1.53-1.70x (in L2, one
+ * thread: a tenth less time). int4 takes the dot products' time, as int8 does, in half the
+ * bytes. AMX tiles (tdpbssd on the same unpacked weights, each block's sums stored, then
+ * scaled) took as long at 8 rows and a fifth less at 16, in a test outside the library. */
+VNNI_FN static inline __attribute__((always_inline)) void groups_rows_vnni(int fmt, int NV, int M, const uint8_t *wg,
+                                                                            int64_t gstride, const int8_t *qb,
+                                                                            const float *db, const int32_t *sb,
+                                                                            int64_t ld, int64_t Mr, int64_t b0,
+                                                                            int64_t b1, float *acc) {
+    /* NV vectors of 2 groups each; acc[m][16 NV] */
     const int shift = fmt == FMT_INT8 ? 7 : 3;
     const int64_t bytes = group_block_bytes(fmt);
-    __m512 sums[ROWS_AT_ONCE];
+    __m512 sums[2][ROWS_AT_ONCE];
 #pragma GCC unroll 16
-    for (int m = 0; m < M; m++) sums[m] = m < Mr ? _mm512_loadu_ps(acc + 16 * m) : _mm512_setzero_ps();
+    for (int m = 0; m < M; m++)
+        for (int v = 0; v < NV; v++)
+            sums[v][m] = m < Mr ? _mm512_loadu_ps(acc + 16 * (NV * m + v)) : _mm512_setzero_ps();
     for (int64_t b = b0; b < b1; b++) {
-        const uint8_t *blk0 = wg + b * bytes, *blk1 = blk0 + gstride;
-        prefetch_to_l2(blk0 + PF_BYTES, bytes);
-        prefetch_to_l2(blk1 + PF_BYTES, bytes);
+        __m512i w[2][8];
+        __m512 d[2];
+        for (int v = 0; v < NV; v++) {
+            const uint8_t *blk0 = wg + 2 * v * gstride + b * bytes, *blk1 = blk0 + gstride;
+            prefetch_to_l2(blk0 + PF_BYTES, bytes);
+            prefetch_to_l2(blk1 + PF_BYTES, bytes);
 #define BOTH(q, off) _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)((q##0) + (off)))), \
                                         _mm256_loadu_si256((const __m256i *)((q##1) + (off))), 1)
-        __m512i w[8];
-        __m256i dh;
-        if (fmt == FMT_INT8) {
-            const uint8_t *qs0 = (const uint8_t *)((const block_q8_0x8 *)blk0)->qs,
-                          *qs1 = (const uint8_t *)((const block_q8_0x8 *)blk1)->qs;
-            for (int c = 0; c < 8; c++) w[c] = _mm512_xor_si512(BOTH(qs, 32 * c), _mm512_set1_epi8((char)0x80));
-            dh = _mm256_setr_m128i(_mm_loadu_si128((const __m128i *)((const block_q8_0x8 *)blk0)->d),
-                                   _mm_loadu_si128((const __m128i *)((const block_q8_0x8 *)blk1)->d));
-        } else {
-            const uint8_t *qs0 = ((const block_q4_0x8 *)blk0)->qs, *qs1 = ((const block_q4_0x8 *)blk1)->qs;
-            const __m512i m4 = _mm512_set1_epi8(15);
-            for (int c = 0; c < 4; c++) {
-                const __m512i v = BOTH(qs, 32 * c);
-                w[c] = _mm512_and_si512(v, m4), w[4 + c] = _mm512_and_si512(_mm512_srli_epi32(v, 4), m4);
+            __m256i dh;
+            if (fmt == FMT_INT8) {
+                const uint8_t *qs0 = (const uint8_t *)((const block_q8_0x8 *)blk0)->qs,
+                              *qs1 = (const uint8_t *)((const block_q8_0x8 *)blk1)->qs;
+                for (int c = 0; c < 8; c++) w[v][c] = _mm512_xor_si512(BOTH(qs, 32 * c), _mm512_set1_epi8((char)0x80));
+                dh = _mm256_setr_m128i(_mm_loadu_si128((const __m128i *)((const block_q8_0x8 *)blk0)->d),
+                                       _mm_loadu_si128((const __m128i *)((const block_q8_0x8 *)blk1)->d));
+            } else {
+                const uint8_t *qs0 = ((const block_q4_0x8 *)blk0)->qs, *qs1 = ((const block_q4_0x8 *)blk1)->qs;
+                const __m512i m4 = _mm512_set1_epi8(15);
+                for (int c = 0; c < 4; c++) {
+                    const __m512i x = BOTH(qs, 32 * c);
+                    w[v][c] = _mm512_and_si512(x, m4), w[v][4 + c] = _mm512_and_si512(_mm512_srli_epi32(x, 4), m4);
+                }
+                dh = _mm256_setr_m128i(_mm_loadu_si128((const __m128i *)((const block_q4_0x8 *)blk0)->d),
+                                       _mm_loadu_si128((const __m128i *)((const block_q4_0x8 *)blk1)->d));
             }
-            dh = _mm256_setr_m128i(_mm_loadu_si128((const __m128i *)((const block_q4_0x8 *)blk0)->d),
-                                   _mm_loadu_si128((const __m128i *)((const block_q4_0x8 *)blk1)->d));
-        }
 #undef BOTH
-        const __m512 d = _mm512_cvtph_ps(dh);
+            d[v] = _mm512_cvtph_ps(dh);
+        }
         const int8_t *a = qb + b * ld * QK;
 #pragma GCC unroll 16 /* (sums[] in registers) */
         for (int m = 0; m < M; m++) {
             /* row m's bytes 4c..4c + 3 at ap + 8 c (pair_rows' layout) */
             const int8_t *ap = a + (m & ~1) * QK + 4 * (m & 1);
-            __m512i s = _mm512_set1_epi32(-(sb[b * ld + m] * (1 << shift)));
-            for (int c = 0; c < 8; c++) s = _mm512_dpbusd_epi32(s, w[c], _mm512_set1_epi32(load_i32(ap + 8 * c)));
-            sums[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(db[b * ld + m])), sums[m]);
+            const __m512i bias = _mm512_set1_epi32(-(sb[b * ld + m] * (1 << shift)));
+            __m512i s[2] = {bias, bias};
+            for (int c = 0; c < 8; c++) {
+                const __m512i x = _mm512_set1_epi32(load_i32(ap + 8 * c));
+                for (int v = 0; v < NV; v++) s[v] = _mm512_dpbusd_epi32(s[v], w[v][c], x);
+            }
+            const __m512 dam = _mm512_set1_ps(db[b * ld + m]);
+            for (int v = 0; v < NV; v++)
+                sums[v][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[v]), _mm512_mul_ps(d[v], dam), sums[v][m]);
         }
     }
 #pragma GCC unroll 16
     for (int m = 0; m < M; m++)
-        if (m < Mr) _mm512_storeu_ps(acc + 16 * m, sums[m]);
+        for (int v = 0; v < NV; v++)
+            if (m < Mr) _mm512_storeu_ps(acc + 16 * (NV * m + v), sums[v][m]);
 }
 
-/* up to ROWS_AT_ONCE rows (an odd count computes its pair's padding row too, and drops it) */
-#define DEFINE_GROUP_PAIR_ROWS_VNNI(NAME, FMT)                                                                    \
-    VNNI_FN static void NAME(const uint8_t *wg, int64_t gstride, const int8_t *qa, const float *da,              \
-                             const int32_t *sa, int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {     \
-        switch ((M + 1) / 2) {                                                                                    \
-        case 1: pair_rows_vnni(FMT, 2, wg, gstride, qa, da, sa, ld, M, b0, b1, acc); break;                       \
-        case 2: pair_rows_vnni(FMT, 4, wg, gstride, qa, da, sa, ld, M, b0, b1, acc); break;                       \
-        case 3: pair_rows_vnni(FMT, 6, wg, gstride, qa, da, sa, ld, M, b0, b1, acc); break;                       \
-        case 4: pair_rows_vnni(FMT, 8, wg, gstride, qa, da, sa, ld, M, b0, b1, acc); break;                       \
-        case 5: pair_rows_vnni(FMT, 10, wg, gstride, qa, da, sa, ld, M, b0, b1, acc); break;                      \
-        case 6: pair_rows_vnni(FMT, 12, wg, gstride, qa, da, sa, ld, M, b0, b1, acc); break;                      \
-        case 7: pair_rows_vnni(FMT, 14, wg, gstride, qa, da, sa, ld, M, b0, b1, acc); break;                      \
-        default: pair_rows_vnni(FMT, 16, wg, gstride, qa, da, sa, ld, M, b0, b1, acc); break;                     \
-        }                                                                                                         \
+/* ng = 2 groups with up to ROWS_AT_ONCE rows, or 4 with up to GROUPS4_ROWS (an odd count
+ * computes its pair's padding row too, and drops it) */
+#define DEFINE_GROUPS_ROWS_VNNI(NAME, FMT)                                                                       \
+    VNNI_FN static void NAME(int ng, const uint8_t *wg, int64_t gs, const int8_t *qa, const float *da,          \
+                             const int32_t *sa, int64_t ld, int64_t M, int64_t b0, int64_t b1, float *acc) {    \
+        if (ng == 4) switch ((M + 1) / 2) {                                                                     \
+            case 1: groups_rows_vnni(FMT, 2, 2, wg, gs, qa, da, sa, ld, M, b0, b1, acc); return;                \
+            case 2: groups_rows_vnni(FMT, 2, 4, wg, gs, qa, da, sa, ld, M, b0, b1, acc); return;                \
+            case 3: groups_rows_vnni(FMT, 2, 6, wg, gs, qa, da, sa, ld, M, b0, b1, acc); return;                \
+            default: groups_rows_vnni(FMT, 2, 8, wg, gs, qa, da, sa, ld, M, b0, b1, acc); return;               \
+            }                                                                                                   \
+        switch ((M + 1) / 2) {                                                                                  \
+        case 1: groups_rows_vnni(FMT, 1, 2, wg, gs, qa, da, sa, ld, M, b0, b1, acc); break;                     \
+        case 2: groups_rows_vnni(FMT, 1, 4, wg, gs, qa, da, sa, ld, M, b0, b1, acc); break;                     \
+        case 3: groups_rows_vnni(FMT, 1, 6, wg, gs, qa, da, sa, ld, M, b0, b1, acc); break;                     \
+        case 4: groups_rows_vnni(FMT, 1, 8, wg, gs, qa, da, sa, ld, M, b0, b1, acc); break;                     \
+        case 5: groups_rows_vnni(FMT, 1, 10, wg, gs, qa, da, sa, ld, M, b0, b1, acc); break;                    \
+        case 6: groups_rows_vnni(FMT, 1, 12, wg, gs, qa, da, sa, ld, M, b0, b1, acc); break;                    \
+        case 7: groups_rows_vnni(FMT, 1, 14, wg, gs, qa, da, sa, ld, M, b0, b1, acc); break;                    \
+        default: groups_rows_vnni(FMT, 1, 16, wg, gs, qa, da, sa, ld, M, b0, b1, acc); break;                   \
+        }                                                                                                       \
     }
-DEFINE_GROUP_PAIR_ROWS_VNNI(group_pair_rows_int8_vnni, FMT_INT8)
-DEFINE_GROUP_PAIR_ROWS_VNNI(group_pair_rows_int4_vnni, FMT_INT4)
+DEFINE_GROUPS_ROWS_VNNI(groups_rows_int8_vnni, FMT_INT8)
+DEFINE_GROUPS_ROWS_VNNI(groups_rows_int4_vnni, FMT_INT4)
 #undef WIDEN0
 #undef WIDEN1
 #undef LOAD64
@@ -707,7 +729,7 @@ DOTPROD_FN static void group_int4_dotprod(const uint8_t *wg, const int8_t *qa, c
  */
 /* Groups [g0, g1) of one matrix with N rows, packed in tiles of tb blocks,
  * into its output columns y[m * ldy + n]. acc: scratch of IL * M floats. */
-static void run_groups(group_fn fn, group_rows_fn rows_fn, group_pair_rows_fn pair_fn, const uint8_t *w, int64_t bb,
+static void run_groups(group_fn fn, group_rows_fn rows_fn, groups_rows_fn wide_fn, const uint8_t *w, int64_t bb,
                        int64_t tb, const qact *act, int64_t M, int64_t K, int64_t N, float *y, int64_t ldy, int64_t g0,
                        int64_t g1, float *acc) {
     const int64_t B = K / QK, G = (N + IL - 1) / IL;
@@ -727,12 +749,15 @@ static void run_groups(group_fn fn, group_rows_fn rows_fn, group_pair_rows_fn pa
         if (g1 * IL > N && g0 < g1) memcpy(y + (g1 - 1) * IL, acc, sizeof(float) * (size_t)(N - (g1 - 1) * IL));
         return;
     }
-    if (!act->qb) rows_fn = NULL, pair_fn = NULL; /* (no paired copy of the activations) */
-    /* several rows: group by group (two at once where both are whole and pair_fn is there),
+    if (!act->qb) rows_fn = NULL, wide_fn = NULL; /* (no paired copy of the activations) */
+    /* several rows: group by group (2 or 4 at once where they are whole and wide_fn is there),
      * each weight chunk kept in L1 across the rows */
-    for (int64_t g = g0, two; g < g1; g += 1 + two) {
-        two = pair_fn && rows_fn && g + 1 < g1 && (g + 2) * IL <= N;
-        memset(acc, 0, sizeof(float) * IL * M * (1 + two));
+    for (int64_t g = g0, ng; g < g1; g += ng) {
+        ng = !wide_fn || !rows_fn ? 1
+             : M <= GROUPS4_ROWS && g + 4 <= g1 && (g + 4) * IL <= N ? 4
+             : g + 2 <= g1 && (g + 2) * IL <= N ? 2
+             : 1;
+        memset(acc, 0, sizeof(float) * IL * M * ng);
         for (int64_t t0 = 0; t0 < B; t0 += tb) {
             const int64_t tw = B - t0 < tb ? B - t0 : tb;
             for (int64_t b0 = t0; b0 < t0 + tw; b0 += KCHUNK) {
@@ -746,10 +771,11 @@ static void run_groups(group_fn fn, group_rows_fn rows_fn, group_pair_rows_fn pa
                     const uint8_t *next = GROUP_IN_TILE(g, t0, tw) + b1 * bb;
                     for (int64_t off = 0; off < KCHUNK * bb; off += 64) __builtin_prefetch(next + off);
                 }
-                if (two)
+                if (ng > 1)
                     for (int64_t m0 = 0; m0 < M; m0 += ROWS_AT_ONCE)
-                        pair_fn(GROUP_IN_TILE(g, t0, tw), tw * bb, act->qb + m0 * QK, act->db + m0, act->sb + m0,
-                                M + (M & 1), M - m0 < ROWS_AT_ONCE ? M - m0 : ROWS_AT_ONCE, b0, b1, acc + m0 * 2 * IL);
+                        wide_fn((int)ng, GROUP_IN_TILE(g, t0, tw), tw * bb, act->qb + m0 * QK, act->db + m0,
+                                act->sb + m0, M + (M & 1), M - m0 < ROWS_AT_ONCE ? M - m0 : ROWS_AT_ONCE, b0, b1,
+                                acc + m0 * ng * IL);
                 else if (rows_fn)
                     for (int64_t m0 = 0; m0 < M; m0 += ROWS_AT_ONCE)
                         rows_fn(GROUP_IN_TILE(g, t0, tw), act->qb + m0 * QK, act->db + m0, act->sb + m0, M + (M & 1),
@@ -759,7 +785,7 @@ static void run_groups(group_fn fn, group_rows_fn rows_fn, group_pair_rows_fn pa
                         fn(GROUP_IN_TILE(g, t0, tw), qa + m * K, da + m * B, sa + m * B, b0, b1, acc + m * IL);
             }
         }
-        const int64_t stride = two ? 2 * IL : IL, rows = two ? 2 * IL : N - g * IL < IL ? N - g * IL : IL;
+        const int64_t stride = ng * IL, rows = ng > 1 ? stride : N - g * IL < IL ? N - g * IL : IL;
         for (int64_t m = 0; m < M; m++) memcpy(y + m * ldy + g * IL, acc + m * stride, sizeof(float) * rows);
     }
 #undef GROUP_IN_TILE
@@ -794,8 +820,7 @@ int qkernels_select(int impl, qkernels *out) {
     if (impl == IMPL_VNNI)
         out->group_rows[FMT_INT8] = group_rows_int8_vnni, out->group_rows[FMT_INT4] = group_rows_int4_vnni;
     if (impl == IMPL_VNNI)
-        out->group_pair_rows[FMT_INT8] = group_pair_rows_int8_vnni,
-        out->group_pair_rows[FMT_INT4] = group_pair_rows_int4_vnni;
+        out->groups_rows[FMT_INT8] = groups_rows_int8_vnni, out->groups_rows[FMT_INT4] = groups_rows_int4_vnni;
 #endif
     if (impl == IMPL_NEON || impl == IMPL_DOTPROD) /* the single-row kernels, row by row, until NEON has its own */
         out->group_rows[FMT_INT8] = out->group_rows[FMT_INT4] = NULL;
@@ -854,7 +879,7 @@ void qgemm_share(const qkernels *kn, const mistol_matrix *mats, int count, const
         if (g0 < g1 && fmt_row_order(w->format)) /* (row-order formats: 8 rows per unit of work) */
             kquant_rows(kn, w, act, M, K, g0 * IL, g1 * IL < w->rows ? g1 * IL : w->rows, y + col, ldy);
         else if (g0 < g1)
-            run_groups(kn->group[w->format], kn->group_rows[w->format], kn->group_pair_rows[w->format], w->data, group_block_bytes(w->format),
+            run_groups(kn->group[w->format], kn->group_rows[w->format], kn->groups_rows[w->format], w->data, group_block_bytes(w->format),
                        w->tile_blocks, act, M, K, w->rows, y + col, ldy, g0, g1, acc);
         first += gi, col += w->rows;
     }
