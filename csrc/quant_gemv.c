@@ -728,7 +728,7 @@ DOTPROD_FN static void group_int4_dotprod(const uint8_t *wg, const int8_t *qa, c
  * weights' row groups.
  */
 /* Groups [g0, g1) of one matrix with N rows, packed in tiles of tb blocks,
- * into its output columns y[m * ldy + n]. acc: scratch of IL * M floats. */
+ * into its output columns y[m * ldy + n]. acc: scratch of qgemm_acc_floats(M) floats. */
 static void run_groups(group_fn fn, group_rows_fn rows_fn, groups_rows_fn wide_fn, const uint8_t *w, int64_t bb,
                        int64_t tb, const qact *act, int64_t M, int64_t K, int64_t N, float *y, int64_t ldy, int64_t g0,
                        int64_t g1, float *acc) {
@@ -879,8 +879,8 @@ void qgemm_share(const qkernels *kn, const mistol_matrix *mats, int count, const
         if (g0 < g1 && fmt_row_order(w->format)) /* (row-order formats: 8 rows per unit of work) */
             kquant_rows(kn, w, act, M, K, g0 * IL, g1 * IL < w->rows ? g1 * IL : w->rows, y + col, ldy);
         else if (g0 < g1)
-            run_groups(kn->group[w->format], kn->group_rows[w->format], kn->groups_rows[w->format], w->data, group_block_bytes(w->format),
-                       w->tile_blocks, act, M, K, w->rows, y + col, ldy, g0, g1, acc);
+            run_groups(kn->group[w->format], kn->group_rows[w->format], kn->groups_rows[w->format], w->data,
+                       group_block_bytes(w->format), w->tile_blocks, act, M, K, w->rows, y + col, ldy, g0, g1, acc);
         first += gi, col += w->rows;
     }
 }
@@ -1036,8 +1036,8 @@ static void as_int8_share(const qkernels *kn, const mistol_matrix *mats, int cou
     for (int64_t g = start; g < end; g++) {
         legacy_group_to_int8(w->format, w->data, w->rows, g * IL, K, group, mins);
         const int64_t n = w->rows - g * IL < IL ? w->rows - g * IL : IL;
-        run_groups(kn->group[FMT_INT8], kn->group_rows[FMT_INT8], NULL, (const uint8_t *)group, sizeof(block_q8_0x8), B, act,
-                   M, K, n, y + g * IL, ldy, 0, 1, acc);
+        run_groups(kn->group[FMT_INT8], kn->group_rows[FMT_INT8], NULL, (const uint8_t *)group, sizeof(block_q8_0x8), B,
+                   act, M, K, n, y + g * IL, ldy, 0, 1, acc);
         if (has_mins) {
             min_shares(mins, sums, B, M, shares);
             for (int64_t m = 0; m < M; m++)
