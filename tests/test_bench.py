@@ -192,6 +192,23 @@ def test_llama_cpp_row(tmp_path):
     assert all(row["pages"] == "huge" and row["huge_page_bytes"] >= 0 for row in report["rows"])
 
 
+@pytest.mark.parametrize("build_has_amx", [True, False])
+def test_llama_cpps_extra_buffers_are_off_only_where_its_build_has_amx(build_has_amx, monkeypatch):
+    """On an AMX CPU the bench keeps llama.cpp's AMX kernels (they crash in VMs) from running by
+    turning its extra buffer types off; a llama.cpp built without them keeps its repacked layouts."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from mistol.bench import engines
+
+    info = b"CPU : AVX2 = 1 | AVX512 = 1 | " + (b"AMX_INT8 = 1 | " if build_has_amx else b"") + b"REPACK = 1 | "
+    monkeypatch.setattr(engines, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: info)
+    with engines.llama_cpp_models_without_amx():
+        inside = llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts
+    assert inside is not build_has_amx
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts  # the defaults again after the block
+    assert engines.llama_cpp_build_has_amx(info.decode()) is build_has_amx
+
+
 @pytest.mark.slow
 def test_a_users_gguf_and_llama_cpp_made_kquants(tmp_path):
     """--kquants: llama.cpp's own quantizer makes the files; --gguf: both engines run a given file."""

@@ -240,15 +240,26 @@ def cpu_has_amx() -> bool:
 
 LLAMA_CPP_AMX_NOTE = ("llama.cpp: its extra buffer types off on this AMX CPU (its AMX matrix product crashes with a "
                       "general protection fault on such Xeons in VMs, ggml-org/llama.cpp#20824), and with them its "
-                      "repacked Q4_0/IQ4_NL layouts")
+                      "repacked Q4_0/IQ4_NL layouts (a llama.cpp built without AMX, -DGGML_AMX_INT8=OFF, keeps them)")
+
+
+def llama_cpp_build_has_amx(system_info: str) -> bool:
+    """Whether a llama.cpp build has its AMX kernels, from its system info line."""
+    return "AMX_INT8 = 1" in system_info
 
 
 @contextlib.contextmanager
 def llama_cpp_models_without_amx():
     """llama.cpp models loaded within this block leave its extra buffer types unused on a CPU
-    with AMX (LLAMA_CPP_AMX_NOTE): llama-cpp-python's Llama() takes no argument for them, so
-    the model defaults it starts from have them off."""
+    with AMX, where the llama.cpp build has AMX kernels (LLAMA_CPP_AMX_NOTE): llama-cpp-python's
+    Llama() takes no argument for them, so the model defaults it starts from have them off. A
+    build without AMX keeps them: its repacked layouts then run as on any other CPU."""
     if not cpu_has_amx():
+        yield
+        return
+    import llama_cpp
+
+    if not llama_cpp_build_has_amx(llama_cpp.llama_print_system_info().decode(errors="replace")):
         yield
         return
     import llama_cpp.llama_cpp as api

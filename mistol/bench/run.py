@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..util import available_memory
-from .engines import ENGINES, LLAMA_CPP_AMX_NOTE, Spec, cpu_has_amx, page_environment, spec_config
+from .engines import (ENGINES, LLAMA_CPP_AMX_NOTE, Spec, cpu_has_amx, llama_cpp_build_has_amx, page_environment,
+                      spec_config)
 from .shapes import GGUF_TYPES, all_weights, bytes_per_token, model_config
 
 QUANTIZED = ("int8", "int4")
@@ -108,7 +109,7 @@ def run_bench(shape: str, formats: list[str], engines: list[str], prompts: list[
             elif ggufs:  # both engines' ceiling: what a step reads of the file
                 result["gguf_weight_bytes"] = gguf_weight_bytes(Path(result["gguf"]))
             results.append(result)
-    if any(spec.engine == "llama.cpp" for spec, _ in runnable) and cpu_has_amx():
+    if cpu_has_amx() and any(llama_cpp_build_has_amx(r.get("system_info") or "") for r in results):
         notes.append(LLAMA_CPP_AMX_NOTE)
     busy = _busy_core(runnable, results, notes, say) if busy_core else []
     bandwidth.append(measure_bandwidth(threads))
