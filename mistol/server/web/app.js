@@ -186,9 +186,11 @@ async function streamReply(conversation, message, continueLast) {
     }
     state.streaming = null;
     conversation.updated = Date.now();
-    setBusy(false);
+    // One last full render, then the page is idle: a render still queued for the next frame
+    // would replace the message's buttons (Run, Regenerate) just as they can be clicked.
+    pendingRenders.clear();
     save();
-    renderMessages();
+    setBusy(false); // (renders the messages)
   }
 }
 
