@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ def available_memory() -> int:
     return DEFAULT_AVAILABLE_MEMORY
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux reports them in /proc/cpuinfo (empty elsewhere)."""
     try:

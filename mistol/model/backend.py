@@ -218,7 +218,6 @@ class Backend:
 
 
 # -- linear products ---------------------------------------------------------------------------
-@functools.cache
 def _forced_bf16() -> bool | None:
     forced = os.environ.get("MISTOL_BF16_PREFILL")
     return forced == "1" if forced in ("0", "1") else None
