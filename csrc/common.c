@@ -62,10 +62,37 @@ int cpu_has_bf16dp(void) {
                  __builtin_cpu_supports("avx512bf16");
     return cached;
 }
+
+#ifdef MISTOL_AMX
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* AMX-TILE and AMX-INT8 (CPUID 7: edx bits 24, 25), the tile state enabled by the OS (XCR0
+ * bits 17, 18), and Linux's leave for this process to use it (arch_prctl
+ * ARCH_REQ_XCOMP_PERM for XTILEDATA; a kernel before 5.16 or a VM that hides the state says
+ * no). MISTOL_AMX=0 leaves the tiles unused, to measure or test the paths beside them. */
+int cpu_has_amx(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        unsigned a, b, c, d, xcr0_lo, xcr0_hi;
+        const char *forced = getenv("MISTOL_AMX");
+        cached = 0;
+        if (cpu_has_vnni() && !(forced && forced[0] == '0' && !forced[1]) && __get_cpuid_count(7, 0, &a, &b, &c, &d) &&
+            (d >> 24 & 3) == 3 && __get_cpuid(1, &a, &b, &c, &d) && (c & bit_OSXSAVE)) {
+            __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+            cached = (xcr0_lo >> 17 & 3) == 3 && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0;
+        }
+    }
+    return cached;
+}
+#else
+int cpu_has_amx(void) { return 0; }
+#endif
 #else
 int cpu_has_avx2(void) { return 0; }
 int cpu_has_vnni(void) { return 0; }
 int cpu_has_bf16dp(void) { return 0; }
+int cpu_has_amx(void) { return 0; }
 int stream_prefetch(void) { return 0; }
 #endif
 
@@ -115,6 +142,9 @@ int best_impl(void) { return cpu_has_vnni() ? IMPL_VNNI : cpu_has_avx2() ? IMPL_
 #endif
 
 EXPORT int mistol_best_impl(void) { return best_impl(); }
+
+/* Whether the int8 prefill route (mistol_gemm_requantized) multiplies in AMX tiles. */
+EXPORT int mistol_int8_tiles(void) { return cpu_has_amx(); }
 
 int64_t thread_index(void) {
 #ifdef _OPENMP

@@ -9,7 +9,7 @@
 
 #include <stdint.h>
 
-#define MISTOL_ABI_VERSION 19
+#define MISTOL_ABI_VERSION 20
 
 /* Weight formats of the quantized kernels: int8/int4 in the packed layout of
  * mistol_kernels.h; the others are llama.cpp's block types in the file's own row order

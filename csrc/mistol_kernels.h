@@ -47,6 +47,12 @@
 #define AVX2_FN __attribute__((target("avx2,fma,f16c")))
 #define VNNI_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
 #define VNNI_BW_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw,avx512dq")))
+/* AMX tiles (int8): Linux only, where a process asks the kernel for the tile state */
+#if defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#define MISTOL_AMX 1
+#define AMX_FN                                                                                                  \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw,avx512dq,amx-tile,amx-int8")))
+#endif
 #endif
 
 /* 64-bit ARM: NEON (Advanced SIMD) is part of the architecture; the dot-product
@@ -117,6 +123,7 @@ static inline int64_t quant_offset(int r, int j) { return 32 * (j >> 2) + 4 * r 
 int cpu_has_avx2(void);    /* AVX2 + FMA + F16C */
 int cpu_has_vnni(void);    /* and AVX512-VNNI (on 256-bit vectors), -BW and -DQ */
 int cpu_has_bf16dp(void);  /* and AVX512-BF16 */
+int cpu_has_amx(void);     /* and AMX int8 tiles this process may use (MISTOL_AMX=0: as if not) */
 int stream_prefetch(void); /* whether streaming kernels ask for their weights ahead (common.c) */
 int cpu_has_dotprod(void); /* ARM: the dot products (sdot), and kernels for them in this build */
 

@@ -7,6 +7,11 @@
  * step per 256 inputs, where the k-quants' own kernels scale every 16 or 32 inputs and unpack
  * their bits again for every 8 activation rows, which is most of their time on long prompts.
  *
+ * Where the process may use AMX tiles (cpu_has_amx), two groups are requantized side by side
+ * and each super-block's integer sums of 16 activation rows by 16 weight rows come from four
+ * tile dot products (tdpbssd), then are scaled as above: the same bits as the VNNI path,
+ * in about a third of its time from 64 rows on; the requantization is then most of the cost.
+ *
  * The values are those of the kernels' reference (kquant_gemv.c's dequantization: the same
  * float operations), taken 8 rows at once, one row a vector lane: the x8 layouts interleave
  * the rows 4 bytes at a time, so a row's maximum needs no horizontal reduction. A super-block
@@ -39,11 +44,15 @@ AVX2_FN static inline __m256i quad_bytes(const __m256 v[4], __m256 id, __m256i k
  * zero scale); lanes with a NaN or an infinity: a NaN scale, inverse 0, and not in keep. */
 AVX2_FN static inline __m256 lane_scales(const __m256 *v, int n, __m256 *id, __m256i *keep) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 amax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
-    for (int i = 0; i < n; i++) {
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
-    }
+    __m256 amax8[8], nan8[8]; /* 8 chains: one would wait on each max's latency */
+    for (int j = 0; j < 8; j++) amax8[j] = nan8[j] = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) /* (n: a multiple of 8) */
+        for (int j = 0; j < 8; j++) {
+            amax8[j] = _mm256_max_ps(amax8[j], _mm256_andnot_ps(sign, v[i + j]));
+            nan8[j] = _mm256_or_ps(nan8[j], _mm256_cmp_ps(v[i + j], v[i + j], _CMP_UNORD_Q));
+        }
+    __m256 amax = amax8[0], nan = nan8[0];
+    for (int j = 1; j < 8; j++) amax = _mm256_max_ps(amax, amax8[j]), nan = _mm256_or_ps(nan, nan8[j]);
     const __m256 bad = _mm256_or_ps(nan, _mm256_cmp_ps(amax, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
     const __m256 d = _mm256_div_ps(amax, _mm256_set1_ps(127.0f));
     const __m256 zero = _mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_EQ_OQ);
@@ -202,6 +211,84 @@ VNNI_FN static inline __attribute__((always_inline)) void sb8_rows_vnni(int MC, 
     for (int m = 0; m < MC; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);
 }
 
+#ifdef MISTOL_AMX
+/* With AMX tiles two groups (16 weight rows) are requantized side by side, signed, as a
+ * tile's B operand takes them: q[u] holds value 4u .. 4u + 3 of each of the 16 rows (4
+ * bytes a row, the first group's rows first), so that a 64 x 16 B tile is 16 quads in a
+ * row. */
+typedef struct {
+    float d[16];        /* the rows' scales */
+    int8_t q[64][64];   /* [quad u][row r][4]: row r's values 4u .. 4u + 3 */
+} sb16_tiles;
+
+/* 8 rows' 256 values (as requantize256_lanes) -> half `half` of one sb16_tiles. */
+AVX2_FN static void requantize256_tiles(const __m256 v[QKK], int half, sb16_tiles *out) {
+    __m256 id;
+    __m256i keep;
+    _mm256_storeu_ps(out->d + 8 * half, lane_scales(v, QKK, &id, &keep));
+    for (int u = 0; u < 64; u++) _mm256_storeu_si256((__m256i *)(out->q[u] + 32 * half), quad_bytes(v + 4 * u, id, keep));
+}
+
+/* The tiles: 0 and 3 sum 16 activation rows x 16 weight rows (int32), from A tiles 1 and 4
+ * (16 activation rows x 64 values: a super-block's quarter) and B tiles 2 and 5 (64 values x
+ * 16 weight rows, a quad a row). */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+AMX_FN static void tiles_on(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 6; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    _tile_loadconfig(&cfg);
+}
+
+AMX_FN static void tiles_off(void) { _tile_release(); }
+
+/* Activation rows m0 .. m0 + 15 against a pair's super-blocks wq[nsb], into out[16][16]
+ * (qkb and dk as sb8_rows_vnni's, each with 16 rows of padding after the last). Each
+ * super-block's integer sums are scaled as sb8_rows_vnni scales them (the same float
+ * operations in the same order), two super-blocks at a time, one per accumulator tile. */
+AMX_FN static void sb16_rows16_amx(const sb16_tiles *wq, int64_t nsb, const int8_t *qkb, const float *dk, int64_t M,
+                                   int64_t m0, float *out) {
+    int32_t sums[2][16][16] __attribute__((aligned(64)));
+    __m512 acc[16];
+    for (int m = 0; m < 16; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nsb; i += 2) {
+        const int two = i + 1 < nsb;
+        const int8_t *a = qkb + (i * M + m0) * QKK;
+        _tile_zero(0);
+        for (int t = 0; t < 4; t++) {
+            _tile_loadd(1, a + 64 * t, QKK);
+            _tile_loadd(2, wq[i].q[16 * t], 64);
+            _tile_dpbssd(0, 1, 2);
+        }
+        _tile_stored(0, sums[0], 64);
+        if (two) {
+            _tile_zero(3);
+            for (int t = 0; t < 4; t++) {
+                _tile_loadd(4, a + M * QKK + 64 * t, QKK);
+                _tile_loadd(5, wq[i + 1].q[16 * t], 64);
+                _tile_dpbssd(3, 4, 5);
+            }
+            _tile_stored(3, sums[1], 64);
+        }
+        for (int s = 0; s <= two; s++) {
+            const __m512 d = _mm512_loadu_ps(wq[i + s].d);
+            for (int m = 0; m < 16; m++) {
+                const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(dk[(m0 + m) * nsb + i + s]));
+                const __m512 t = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)sums[s][m]));
+                acc[m] = _mm512_add_ps(acc[m], _mm512_mul_ps(t, scale));
+            }
+        }
+    }
+    for (int m = 0; m < 16; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
+}
+#endif
+
 VNNI_FN static void sb8_rows8_vnni(const sb8_int8 *wq, int64_t nsb, const int8_t *qkb, const float *dk,
                                    const int32_t *s256, int64_t M, int64_t m0, float *out) {
     sb8_rows_vnni(8, wq, nsb, qkb, dk, s256, M, m0, out);
@@ -244,6 +331,45 @@ static void quantize_share(const qkernels *kn, const float *x, int64_t M, int64_
     }
     free(q), free(s16);
 }
+
+#ifdef MISTOL_AMX
+/* This thread's share of the pairs of groups of w (with AMX tiles): each pair requantized
+ * into the thread's buffer, then multiplied by every activation row, 16 at a time (the rows
+ * past M: padding, their sums not kept). */
+AMX_FN static void multiply_share_amx(int fmt, const uint8_t *w, int64_t rows, int64_t K, const int8_t *qkb,
+                                      const float *dk, int64_t M, float *y, int64_t ldy, int *failed) {
+    const int64_t nsb = K / QKK, gbytes = 8 * fmt_row_bytes(fmt, K), groups = (rows + IL - 1) / IL;
+    const x8_values_fn values = x8_values(fmt);
+    int64_t p0, p1;
+    thread_share((groups + 1) / 2, &p0, &p1);
+    sb16_tiles *wq = aligned_alloc(64, sizeof(sb16_tiles) * (size_t)nsb);
+    if (!wq) mark_failed(failed);
+    if (!wq || *failed) p1 = p0;
+    if (p1 > p0) tiles_on(); /* (the configured state is saved at every switch: only while used) */
+    __m256 v[QKK];
+    float out[16 * 16];
+    for (int64_t p = p0; p < p1; p++) {
+        for (int64_t i = 0; i < nsb; i++)
+            for (int half = 0; half < 2; half++) {
+                if (2 * p + half < groups) {
+                    values(w + (2 * p + half) * gbytes, i, v);
+                    requantize256_tiles(v, half, wq + i);
+                } else { /* no second group: zeros */
+                    memset(wq[i].d + 8, 0, sizeof(float) * 8);
+                    for (int u = 0; u < 64; u++) memset(wq[i].q[u] + 32, 0, 32);
+                }
+            }
+        const int64_t r0 = 2 * p * IL, nr = rows - r0 < 2 * IL ? rows - r0 : 2 * IL;
+        for (int64_t m0 = 0; m0 < M; m0 += 16) {
+            sb16_rows16_amx(wq, nsb, qkb, dk, M, m0, out);
+            for (int64_t m = m0; m < M && m < m0 + 16; m++)
+                memcpy(y + m * ldy + r0, out + 16 * (m - m0), sizeof(float) * (size_t)nr);
+        }
+    }
+    if (p1 > p0) tiles_off();
+    free(wq);
+}
+#endif
 
 /* This thread's share of the groups of w: each requantized into the thread's buffer, then
  * multiplied by every activation row, 8 at a time. */
@@ -292,10 +418,12 @@ EXPORT int mistol_gemm_requantized(int fmt, const uint8_t *w, int64_t rows, int6
     if (qkernels_select(IMPL_VNNI, &kn) != OK) return ERR_IMPL;
     const int64_t nsb = K / QKK;
     /* the activations super-block-major (8 rows of one super-block: 2 KB in a row) */
-    int8_t *qkb = malloc((size_t)(M * K));
-    float *dk = malloc(sizeof(float) * (size_t)(M * nsb));
+    const int amx = cpu_has_amx(), pad = amx ? 16 : 0; /* (AMX: 16 rows at a time, read past M) */
+    int8_t *qkb = malloc((size_t)((M + pad) * K));
+    float *dk = malloc(sizeof(float) * (size_t)((M + pad) * nsb));
     int32_t *s256 = malloc(sizeof(int32_t) * (size_t)(M * nsb));
     int failed = !qkb || !dk || !s256;
+    if (!failed) memset(qkb + M * K, 0, (size_t)(pad * K)), memset(dk + M * nsb, 0, sizeof(float) * (size_t)(pad * nsb));
     if (nthreads < 1) nthreads = 1;
     if (!failed) {
 #ifdef _OPENMP
@@ -306,7 +434,11 @@ EXPORT int mistol_gemm_requantized(int fmt, const uint8_t *w, int64_t rows, int6
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-            multiply_share(fmt, w, rows, K, qkb, dk, s256, M, y, ldy, &failed);
+#ifdef MISTOL_AMX
+            if (amx) multiply_share_amx(fmt, w, rows, K, qkb, dk, M, y, ldy, &failed);
+            else
+#endif
+                multiply_share(fmt, w, rows, K, qkb, dk, s256, M, y, ldy, &failed);
         }
     }
     free(qkb), free(dk), free(s256);

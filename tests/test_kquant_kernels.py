@@ -12,6 +12,11 @@ model's magnitudes: each quant, scale and min then takes every value it can.
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -270,14 +275,15 @@ def test_the_int8_prefill_route_is_the_arithmetic_it_describes(fmt, monkeypatch)
     from mistol.model import backend
 
     monkeypatch.setattr(backend, "quantized_route", lambda rows, device, f: backend.INT8_PREFILL)
-    n, k = 37, 1024
+    n, k = 37, 1024  # (5 groups of 8 rows: with AMX tiles, two pairs and a group alone)
     blocks = random_blocks(file_type(fmt), n, k, seed=10)
     layer = make_layer(fmt, k, n, blocks)
-    x = torch.randn(19, k, generator=torch.Generator().manual_seed(10))
+    x = torch.randn(35, k, generator=torch.Generator().manual_seed(10))
     x[3, :256] = 0  # an all-zero activation block
+    for m in (35, 19, 1):  # (AMX: 16 rows at a time and rows of padding; VNNI: 8, then 1 by 1)
+        want, w8 = requantized_product(layer.dequantize(), x[:m])
+        assert torch.equal(layer(x[:m]), want), m
     y = layer(x)
-    want, w8 = requantized_product(layer.dequantize(), x)
-    assert torch.equal(y, want)
     w = reference_weight(file_type(fmt), blocks)
     step = w.abs().reshape(n, k // 256, 256).amax(-1, keepdim=True) / 127
     assert ((w8 - w).abs().reshape(n, k // 256, 256) <= step * (0.5 + 1e-5)).all()  # (ties: float32 rounding)
@@ -285,6 +291,20 @@ def test_the_int8_prefill_route_is_the_arithmetic_it_describes(fmt, monkeypatch)
     bound = activation_error_bound(w8, x.double(), 256) + x.double().abs() @ (w8 - w).abs().T
     assert (err <= bound).all(), (err / bound).max()
     assert (err / bound).max() > 0.01
+
+
+@pytest.mark.skipif(not kernels.int8_tiles(), reason="the int8 prefill route multiplies in AMX tiles only on AMX CPUs")
+def test_the_int8_prefill_route_without_amx_tiles_is_the_same_arithmetic():
+    """On an AMX CPU the route multiplies in tiles; its AVX512-VNNI path (MISTOL_AMX=0, read
+    once per process: a process of its own) must pass the same test."""
+    test = f"{__file__}::test_the_int8_prefill_route_is_the_arithmetic_it_describes"
+    env = {**os.environ, "MISTOL_AMX": "0"}
+    script = ("import sys; from mistol import kernels; assert not kernels.int8_tiles(); "
+              "import pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', sys.argv[1]]))")
+    run = subprocess.run([sys.executable, "-c", script, test], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).parent)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "3 passed" in run.stdout
 
 
 @vnni_only
@@ -363,11 +383,13 @@ def test_legacy_types_on_the_int8_route_match_dequantize_then_multiply_in_float6
 def test_long_prompts_take_the_int8_route_only_where_it_was_measured_to_pay(monkeypatch):
     """The repacked k-quants from their crossover on, on the AVX512-VNNI kernels only (AVX2's
     int8 kernels lose there), Q5_0 on AVX2 and AVX512-VNNI but never for a verify pass (its
-    rows must keep a lone decode step's bits); beside AMX tiles up to where bf16 takes over;
-    shorter inputs and the other formats keep their routes."""
+    rows must keep a lone decode step's bits); beside AMX bf16 tiles up to where bf16 takes
+    over, and where the route multiplies in AMX int8 tiles the k-quants at every length from
+    theirs; shorter inputs and the other formats keep their routes."""
     from mistol.model import backend
     from mistol.speculative import MAX_DEPTH
 
+    monkeypatch.setattr(kernels, "int8_tiles", lambda: False)
     monkeypatch.setattr(backend, "bf16_tiles", lambda: False)
     cpu = torch.device("cpu")
     for impl in kernel_impls():
@@ -397,8 +419,23 @@ def test_long_prompts_take_the_int8_route_only_where_it_was_measured_to_pay(monk
                 assert backend.quantized_route(int8_rows, cpu, fmt) == backend.INT8_PREFILL
                 assert backend.quantized_route(bf16_rows - 1, cpu, fmt) == backend.INT8_PREFILL
                 assert backend.quantized_route(int8_rows - 1, cpu, fmt) == backend.QUANTIZED_KERNELS
+    monkeypatch.setattr(kernels, "int8_tiles", lambda: True)  # AMX int8 tiles: the k-quants on int8 for good
+    for impl in kernel_impls():
+        with kernels.use(impl):
+            for fmt in ("Q4_Kx8", "Q5_Kx8", "Q6_Kx8"):
+                int8_rows, bf16_rows = backend.int8_prefill_rows(fmt), backend.bf16_prefill_rows(fmt)
+                if impl != "avx512vnni":
+                    assert int8_rows is None and bf16_rows == backend.AMX_BF16_MIN_ROWS[fmt]
+                    continue
+                assert int8_rows == backend.TILES_INT8_MIN_ROWS[fmt] > MAX_DEPTH + 1 and bf16_rows is None
+                assert backend.quantized_route(4096, cpu, fmt) == backend.INT8_PREFILL
+                assert backend.quantized_route(int8_rows - 1, cpu, fmt) == backend.QUANTIZED_KERNELS
+            if impl == "avx512vnni":  # (the legacy types' int8 route has no tiles)
+                assert backend.int8_prefill_rows("Q5_0") == backend.AMX_INT8_MIN_ROWS["Q5_0"]
+    monkeypatch.setenv("MISTOL_INT8_PREFILL", "0")  # (bf16 takes its place)
+    with kernels.use("avx512vnni" if "avx512vnni" in kernel_impls() else kernel_impls()[0]):
+        assert backend.bf16_prefill_rows("Q6_Kx8") == backend.AMX_BF16_MIN_ROWS["Q6_Kx8"]
     monkeypatch.setattr(backend, "bf16_tiles", lambda: False)
-    monkeypatch.setenv("MISTOL_INT8_PREFILL", "0")
     with kernels.use(kernel_impls()[0]):
         assert backend.int8_prefill_rows("Q6_Kx8") is None
 

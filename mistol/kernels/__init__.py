@@ -87,6 +87,7 @@ def _load() -> ctypes.CDLL | None:
     lib.mistol_workspace_new.restype = vp
     lib.mistol_workspace_free.argtypes = [vp]
     lib.mistol_best_impl.restype = c_int
+    lib.mistol_int8_tiles.restype = c_int
     _lib, _abi = lib, abi
     _set_tables(abi)
     return lib
@@ -159,6 +160,13 @@ def best_impl() -> str:
 @functools.cache
 def _best_impl() -> str:  # (asked on every layer call that routes: the CPU does not change)
     return {i: name for name, i in _abi.impls.items()}.get(_lib.mistol_best_impl(), "scalar")
+
+
+@functools.cache
+def int8_tiles() -> bool:
+    """Whether the int8 prefill route (`gemm_requantized`'s k-quants) multiplies in AMX tiles:
+    an AMX CPU whose kernel lets this process use them, unless MISTOL_AMX=0 (read once)."""
+    return available() and bool(_lib.mistol_int8_tiles())
 
 
 @contextlib.contextmanager

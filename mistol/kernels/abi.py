@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import MistolError
 
-ABI_VERSION = 19  # the version of csrc/mistol_abi.h this module mirrors
+ABI_VERSION = 20  # the version of csrc/mistol_abi.h this module mirrors
 
 
 class AbiMismatch(MistolError):

@@ -145,6 +145,16 @@ INT8_MIN_ROWS = {"avx512vnni": {**dict.fromkeys(("Q4_Kx8", "Q5_Kx8"), 48), "Q6_K
 # --engines mistol --prompts 128,192`), and 128 tokens gained 3% (int4 4%).
 AMX_INT8_MIN_ROWS = {**dict.fromkeys(("Q4_1", "Q5_0", "Q5_1"), 32), "Q5_Kx8": 64, "Q6_Kx8": 64}
 AMX_BF16_MIN_ROWS = {**dict.fromkeys(("Q4_1", "Q5_0", "Q5_1", "Q6_Kx8"), 256), "Q4_Kx8": 128, "Q5_Kx8": 128}
+# Where the process may use AMX's int8 tiles (`kernels.int8_tiles`), the int8 route multiplies
+# the requantized k-quants in them, two groups of 8 rows by 16 activation rows a tile, and
+# what is left is mostly the requantization, paid once per 8 weight rows: it then outruns the
+# k-quants' own kernels from 32 rows and bf16 slabs at every length. A 2-core AMX Xeon in a VM,
+# scripts/bench_prefill_route.py over llama.cpp's 7B Q4_K_M and Q5_K_M files' first block, 2
+# threads, routes in turns, time over the kernels' (int8 / bf16): Q4_Kx8 1.34 / 2.84 at 24
+# rows, 0.99 / 2.23 at 32, 0.64 / 1.47 at 64, 0.50 / 0.77 at 128, 0.26 / 0.30 at 512; Q5_Kx8
+# 1.13 / 2.44 at 24, 0.91 / 1.92 at 32, 0.55 / 1.25 at 64, 0.24 / 0.28 at 512; Q6_Kx8 1.04-1.05
+# / 2.83-2.91 at 24, 0.85 / 2.27-2.32 at 32, 0.52-0.53 / 1.23-1.27 at 64, 0.22 / 0.25-0.29 at 512.
+TILES_INT8_MIN_ROWS = dict.fromkeys(("Q4_Kx8", "Q5_Kx8", "Q6_Kx8"), 32)
 
 QUANTIZED_KERNELS, BF16_PREFILL, INT8_PREFILL, DEQUANTIZED = "kernels", "bf16", "int8", "dequantized"
 
@@ -245,6 +255,8 @@ def bf16_prefill_rows(fmt: str) -> int | None:
     if not native_bf16() or (fmt in KERNELS_OUTRUN_BF16 and not bf16_tiles()):
         return None
     if bf16_tiles():  # (from where bf16 takes over from the int8 route)
+        if fmt in TILES_INT8_MIN_ROWS and int8_prefill_rows(fmt) == TILES_INT8_MIN_ROWS[fmt]:
+            return None  # (the int8 route in tiles outruns it at every length)
         return AMX_BF16_MIN_ROWS.get(fmt, BF16_MIN_ROWS[fmt])
     # without tiles a format's int8 route, where it has one, outruns bf16 at every length
     return BF16_MIN_ROWS[fmt] if int8_prefill_rows(fmt) is None else None
@@ -255,6 +267,8 @@ def int8_prefill_rows(fmt: str) -> int | None:
     an int8 product on this CPU; None: never (MISTOL_INT8_PREFILL=0: never, to compare)."""
     if os.environ.get("MISTOL_INT8_PREFILL") == "0":
         return None
+    if fmt in TILES_INT8_MIN_ROWS and kernels.impl_name() == "avx512vnni" and kernels.int8_tiles():
+        return TILES_INT8_MIN_ROWS[fmt]
     if bf16_tiles():  # (up to where bf16 takes over: AMX_BF16_MIN_ROWS)
         return AMX_INT8_MIN_ROWS.get(fmt) if kernels.impl_name() == "avx512vnni" else None
     return INT8_MIN_ROWS.get(kernels.impl_name(), {}).get(fmt)
