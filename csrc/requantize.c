@@ -29,36 +29,44 @@
 #define LOAD256(p) _mm256_loadu_si256((const __m256i *)(p))
 
 /* One quad of 8 rows (v[p]: value p of every row) times id, rounded to nearest even, as
- * int8 with row r's 4 bytes at 4r (lanes not in keep: zero). Packs leave the bytes grouped
- * by value within each 128-bit lane (rows 0-3, then 4-7); the shuffle transposes each 4 x 4. */
-AVX2_FN static inline __m256i quad_bytes(const __m256 v[4], __m256 id, __m256i keep) {
+ * int8 with row r's 4 bytes at 4r (with MASKED, lanes not in keep: zero; a NaN or an
+ * infinity times 0 would be -128). Packs leave the bytes grouped by value within each
+ * 128-bit lane (rows 0-3, then 4-7); the shuffle transposes each 4 x 4. */
+AVX2_FN static inline __attribute__((always_inline)) __m256i quad_bytes(const __m256 v[4], __m256 id, __m256i keep,
+                                                                        int MASKED) {
     const __m256i transpose = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5,
                                                9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     __m256i q[4];
-    for (int p = 0; p < 4; p++) q[p] = _mm256_and_si256(_mm256_cvtps_epi32(_mm256_mul_ps(v[p], id)), keep);
+    for (int p = 0; p < 4; p++) {
+        q[p] = _mm256_cvtps_epi32(_mm256_mul_ps(v[p], id));
+        if (MASKED) q[p] = _mm256_and_si256(q[p], keep);
+    }
     return _mm256_shuffle_epi8(_mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
                                transpose);
 }
 
 /* The scale of n values of 8 rows (lane r = row r), max|x| / 127, and its inverse (0 for a
- * zero scale); lanes with a NaN or an infinity: a NaN scale, inverse 0, and not in keep. */
-AVX2_FN static inline __m256 lane_scales(const __m256 *v, int n, __m256 *id, __m256i *keep) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 amax8[8], nan8[8]; /* 8 chains: one would wait on each max's latency */
-    for (int j = 0; j < 8; j++) amax8[j] = nan8[j] = _mm256_setzero_ps();
+ * zero scale); lanes with a NaN or an infinity: a NaN scale, inverse 0, and not in keep
+ * (*any_bad: whether there are such lanes). The maximum is taken over the magnitudes' bits
+ * as integers, which order as the floats do, and a NaN's or an infinity's are the largest:
+ * two operations a vector, in 8 chains (one would wait on each max's latency). */
+AVX2_FN static inline __m256 lane_scales(const __m256 *v, int n, __m256 *id, __m256i *keep, int *any_bad) {
+    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
+    __m256i amax8[8];
+    for (int j = 0; j < 8; j++) amax8[j] = _mm256_setzero_si256();
     for (int i = 0; i < n; i += 8) /* (n: a multiple of 8) */
-        for (int j = 0; j < 8; j++) {
-            amax8[j] = _mm256_max_ps(amax8[j], _mm256_andnot_ps(sign, v[i + j]));
-            nan8[j] = _mm256_or_ps(nan8[j], _mm256_cmp_ps(v[i + j], v[i + j], _CMP_UNORD_Q));
-        }
-    __m256 amax = amax8[0], nan = nan8[0];
-    for (int j = 1; j < 8; j++) amax = _mm256_max_ps(amax, amax8[j]), nan = _mm256_or_ps(nan, nan8[j]);
-    const __m256 bad = _mm256_or_ps(nan, _mm256_cmp_ps(amax, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
+        for (int j = 0; j < 8; j++)
+            amax8[j] = _mm256_max_epu32(amax8[j], _mm256_and_si256(_mm256_castps_si256(v[i + j]), magnitude));
+    __m256i bits = amax8[0];
+    for (int j = 1; j < 8; j++) bits = _mm256_max_epu32(bits, amax8[j]);
+    const __m256i bad = _mm256_cmpgt_epi32(bits, _mm256_set1_epi32(0x7f7fffff)); /* an infinity's bits or more */
+    const __m256 amax = _mm256_castsi256_ps(bits), badf = _mm256_castsi256_ps(bad);
     const __m256 d = _mm256_div_ps(amax, _mm256_set1_ps(127.0f));
     const __m256 zero = _mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_EQ_OQ);
-    *id = _mm256_andnot_ps(_mm256_or_ps(zero, bad), _mm256_div_ps(_mm256_set1_ps(1.0f), d));
-    *keep = _mm256_castps_si256(_mm256_andnot_ps(bad, _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
-    return _mm256_blendv_ps(d, _mm256_set1_ps(NAN), bad);
+    *id = _mm256_andnot_ps(_mm256_or_ps(zero, badf), _mm256_div_ps(_mm256_set1_ps(1.0f), d));
+    *keep = _mm256_xor_si256(bad, _mm256_set1_epi32(-1));
+    *any_bad = !_mm256_testz_si256(bad, bad);
+    return _mm256_blendv_ps(d, _mm256_set1_ps(NAN), badf);
 }
 
 /* A quad vector (4 unsigned byte values of each row) -> its 4 values as int32 lanes. */
@@ -171,10 +179,12 @@ typedef struct {
 AVX2_FN static void requantize256_lanes(const __m256 v[QKK], sb8_int8 *out) {
     __m256 id;
     __m256i keep;
-    _mm256_storeu_ps(out->d, lane_scales(v, QKK, &id, &keep));
+    int any_bad;
+    _mm256_storeu_ps(out->d, lane_scales(v, QKK, &id, &keep, &any_bad));
     const __m256i bias = _mm256_set1_epi8((char)0x80);
     for (int c = 0; c < 32; c++) {
-        const __m256i a = quad_bytes(v + 8 * c, id, keep), b = quad_bytes(v + 8 * c + 4, id, keep);
+        const __m256i a = any_bad ? quad_bytes(v + 8 * c, id, keep, 1) : quad_bytes(v + 8 * c, id, keep, 0);
+        const __m256i b = any_bad ? quad_bytes(v + 8 * c + 4, id, keep, 1) : quad_bytes(v + 8 * c + 4, id, keep, 0);
         const __m256i lo = _mm256_unpacklo_epi32(a, b), hi = _mm256_unpackhi_epi32(a, b); /* rows 0,1,4,5 / 2,3,6,7 */
         _mm256_storeu_si256((__m256i *)out->q[c], _mm256_xor_si256(_mm256_permute2x128_si256(lo, hi, 0x20), bias));
         _mm256_storeu_si256((__m256i *)(out->q[c] + 32), _mm256_xor_si256(_mm256_permute2x128_si256(lo, hi, 0x31), bias));
@@ -225,8 +235,14 @@ typedef struct {
 AVX2_FN static void requantize256_tiles(const __m256 v[QKK], int half, sb16_tiles *out) {
     __m256 id;
     __m256i keep;
-    _mm256_storeu_ps(out->d + 8 * half, lane_scales(v, QKK, &id, &keep));
-    for (int u = 0; u < 64; u++) _mm256_storeu_si256((__m256i *)(out->q[u] + 32 * half), quad_bytes(v + 4 * u, id, keep));
+    int any_bad;
+    _mm256_storeu_ps(out->d + 8 * half, lane_scales(v, QKK, &id, &keep, &any_bad));
+    if (any_bad) /* (a NaN or an infinity: a damaged file) */
+        for (int u = 0; u < 64; u++)
+            _mm256_storeu_si256((__m256i *)(out->q[u] + 32 * half), quad_bytes(v + 4 * u, id, keep, 1));
+    else
+        for (int u = 0; u < 64; u++)
+            _mm256_storeu_si256((__m256i *)(out->q[u] + 32 * half), quad_bytes(v + 4 * u, id, keep, 0));
 }
 
 /* The tiles: 0 and 3 sum 16 activation rows x 16 weight rows (int32), from A tiles 1 and 4
