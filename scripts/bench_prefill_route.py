@@ -9,6 +9,8 @@ With AVX512-VNNI, a prefill chunk of `backend.INT8_MIN_ROWS[impl][fmt]` rows or 
 repacked k-quant layer is requantized to int8; on a CPU with bf16 instructions, a chunk of
 `backend.BF16_MIN_ROWS[fmt]` rows or more of the others multiplies dequantized bf16 weights;
 fewer rows go to the quantized kernels (int8 and int4 always, unless the CPU has AMX tiles).
+Where the process may use AMX int8 tiles, the k-quants' int8 route multiplies in them, from
+`backend.TILES_INT8_MIN_ROWS` rows with no bf16 crossover (MISTOL_AMX=0: the VNNI path).
 This times the linear layers of MODEL's first block (a GGUF file keeps its k-quants; `mistol
 bench --kquants` makes llama.cpp's), format by format, every route in turns at each row
 count, and prints each route's time over the kernels' one: below 1 that route wins. Where it

@@ -148,13 +148,14 @@ AMX_BF16_MIN_ROWS = {**dict.fromkeys(("Q4_1", "Q5_0", "Q5_1", "Q6_Kx8"), 256), "
 # Where the process may use AMX's int8 tiles (`kernels.int8_tiles`), the int8 route multiplies
 # the requantized k-quants in them, two groups of 8 rows by 16 activation rows a tile, and
 # what is left is mostly the requantization, paid once per 8 weight rows: it then outruns the
-# k-quants' own kernels from 32 rows and bf16 slabs at every length. A 2-core AMX Xeon in a VM,
-# scripts/bench_prefill_route.py over llama.cpp's 7B Q4_K_M and Q5_K_M files' first block, 2
-# threads, routes in turns, time over the kernels' (int8 / bf16): Q4_Kx8 1.34 / 2.84 at 24
-# rows, 0.99 / 2.23 at 32, 0.64 / 1.47 at 64, 0.50 / 0.77 at 128, 0.26 / 0.30 at 512; Q5_Kx8
-# 1.13 / 2.44 at 24, 0.91 / 1.92 at 32, 0.55 / 1.25 at 64, 0.24 / 0.28 at 512; Q6_Kx8 1.04-1.05
-# / 2.83-2.91 at 24, 0.85 / 2.27-2.32 at 32, 0.52-0.53 / 1.23-1.27 at 64, 0.22 / 0.25-0.29 at 512.
-TILES_INT8_MIN_ROWS = dict.fromkeys(("Q4_Kx8", "Q5_Kx8", "Q6_Kx8"), 32)
+# k-quants' own kernels from 24-32 rows and bf16 slabs at every length. A 2-core AMX Xeon in a
+# VM, scripts/bench_prefill_route.py over llama.cpp's 7B Q4_K_M and Q5_K_M files' first block,
+# 2 threads, routes in turns, time over the kernels' (int8 / bf16): Q4_Kx8 1.45 / 3.81 at 16
+# rows, 1.04 / 2.70 at 24, 0.84 / 2.22 at 32, 0.55 / 1.45 at 64, 0.28 / 0.47 at 512; Q5_Kx8
+# 1.26 / 3.07 at 16, 0.95 / 2.26 at 24, 0.53 / 1.16 at 64, 0.23 / 0.26 at 512; Q6_Kx8
+# 1.17-1.24 / 3.83-3.89 at 16, 0.89-0.92 / 2.74-2.85 at 24, 0.48-0.50 / 1.15-1.21 at 64,
+# 0.22-0.23 / 0.23-0.29 at 512.
+TILES_INT8_MIN_ROWS = {"Q4_Kx8": 32, "Q5_Kx8": 24, "Q6_Kx8": 24}
 
 QUANTIZED_KERNELS, BF16_PREFILL, INT8_PREFILL, DEQUANTIZED = "kernels", "bf16", "int8", "dequantized"
 
