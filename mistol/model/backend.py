@@ -256,11 +256,17 @@ def bf16_prefill_rows(fmt: str) -> int | None:
     if not native_bf16() or (fmt in KERNELS_OUTRUN_BF16 and not bf16_tiles()):
         return None
     if bf16_tiles():  # (from where bf16 takes over from the int8 route)
-        if fmt in TILES_INT8_MIN_ROWS and int8_prefill_rows(fmt) == TILES_INT8_MIN_ROWS[fmt]:
+        if _int8_route_in_tiles(fmt):
             return None  # (the int8 route in tiles outruns it at every length)
         return AMX_BF16_MIN_ROWS.get(fmt, BF16_MIN_ROWS[fmt])
     # without tiles a format's int8 route, where it has one, outruns bf16 at every length
     return BF16_MIN_ROWS[fmt] if int8_prefill_rows(fmt) is None else None
+
+
+def _int8_route_in_tiles(fmt: str) -> bool:
+    """Whether a layer of format `fmt` would take the int8 route in AMX int8 tiles."""
+    return (fmt in TILES_INT8_MIN_ROWS and os.environ.get("MISTOL_INT8_PREFILL") != "0"
+            and kernels.impl_name() == "avx512vnni" and kernels.int8_tiles())
 
 
 def int8_prefill_rows(fmt: str) -> int | None:
@@ -268,7 +274,7 @@ def int8_prefill_rows(fmt: str) -> int | None:
     an int8 product on this CPU; None: never (MISTOL_INT8_PREFILL=0: never, to compare)."""
     if os.environ.get("MISTOL_INT8_PREFILL") == "0":
         return None
-    if fmt in TILES_INT8_MIN_ROWS and kernels.impl_name() == "avx512vnni" and kernels.int8_tiles():
+    if _int8_route_in_tiles(fmt):
         return TILES_INT8_MIN_ROWS[fmt]
     if bf16_tiles():  # (up to where bf16 takes over: AMX_BF16_MIN_ROWS)
         return AMX_INT8_MIN_ROWS.get(fmt) if kernels.impl_name() == "avx512vnni" else None
