@@ -380,3 +380,12 @@ def test_a_random_context_fills_a_rolling_cache_as_a_prefill_would(kv):
     assert logits.shape[0] == 3 and bool(torch.isfinite(logits).all())
     session.truncate(300)
     assert torch.equal(session.step(5), logits[0])
+
+
+def test_the_report_says_where_the_int8_route_ran_in_amx_tiles():
+    from mistol.bench.run import prefill_path_lines
+
+    row = {"engine": "mistol", "kernels": "avx512vnni", "int8_prefill_rows": {"Q6_Kx8": 24}, "bf16_prefill_rows": {}}
+    assert "AMX int8 tiles" in " ".join(prefill_path_lines([{**row, "int8_tiles": True}]))
+    assert "AMX" not in " ".join(prefill_path_lines([{**row, "int8_tiles": False}]))
+    assert "AMX" not in " ".join(prefill_path_lines([row]))  # (a report from before the field)

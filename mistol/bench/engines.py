@@ -138,7 +138,7 @@ def load_mistol(spec: Spec) -> Runner:
 
     from .. import kernels
     from ..engine import Engine, decode_step
-    from ..model.backend import BF16_MIN_ROWS, bf16_prefill_rows, int8_prefill_rows
+    from ..model.backend import BF16_MIN_ROWS, TILES_INT8_MIN_ROWS, bf16_prefill_rows, int8_prefill_rows
     from .models import mistol_model
     from .shapes import model_config
 
@@ -180,8 +180,9 @@ def load_mistol(spec: Spec) -> Runner:
     fmts = {m.fmt for m in model.modules() if hasattr(m, "fmt") and hasattr(m, "in_features")}
     int8_from = {f: n for f in sorted(fmts) if (n := int8_prefill_rows(f))}
     bf16_from = {f: n for f in sorted(fmts & BF16_MIN_ROWS.keys()) if (n := bf16_prefill_rows(f)) is not None}
+    in_tiles = bool(int8_from.keys() & TILES_INT8_MIN_ROWS.keys()) and kernels.int8_tiles()
     info = {"load_s": load_s, "kernels": kernels.impl_name() if quantized else "torch", "bf16_prefill_rows": bf16_from,
-            "int8_prefill_rows": int8_from,
+            "int8_prefill_rows": int8_from, "int8_tiles": in_tiles,
             "model_bytes": held, "kv_bytes": lambda: state["session"].cache.nbytes,
             "kv_element_bytes": lambda: _cache_element_bytes(state["session"].cache), "threads_used": torch.get_num_threads()}
     return Runner(spec, prefill, step, reset, lambda logits: int(logits.argmax()), info)

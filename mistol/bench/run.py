@@ -519,7 +519,9 @@ def prefill_path_lines(rows: list[dict]) -> list[str]:
     if int8:
         lines.append("mistol prefill: weights as int8 blocks, 8 rows at a time (the k-quants requantized, the legacy "
                      "types' quants as they are), for the int8 kernels from this many rows on "
-                     f"({', '.join(f'{f} from {n}' for f, n in sorted(int8.items()))})")
+                     f"({', '.join(f'{f} from {n}' for f, n in sorted(int8.items()))})"
+                     + ("; the k-quants' products in AMX int8 tiles" if any(r.get("int8_tiles") for r in quantized)
+                        else ""))
     if bf16:
         crossover = ", ".join(f"{f} from {n}" for f, n in bf16.items())
         lines.append(f"mistol prefill: bf16 matmuls on dequantized weights from this many rows on ({crossover}), "

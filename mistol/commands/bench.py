@@ -56,8 +56,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "a safetensors checkpoint per float format for mistol and transformers (default: "
                    "~/.cache/mistol/bench)")
     p.add_argument("--no-bf16", action="store_true",
-                   help="mistol leaves this CPU's bf16 instructions unused: prompts are multiplied by its "
-                   "int8-activation kernels at every length, as on a CPU without AVX512-BF16 or AMX "
+                   help="mistol leaves this CPU's bf16 instructions and AMX tiles unused: prompts are multiplied "
+                   "by its int8-activation kernels at every length, as on a CPU without AVX512-BF16 or AMX "
                    "(llama.cpp's Q4_0/Q8_0 kernels use int8 dot products either way)")
     p.add_argument("--busy-core", action="store_true",
                    help="also decode each mistol model with one core kept busy (a `yes` running): its default "
@@ -131,6 +131,7 @@ def cmd_bench(args) -> int:
             raise MistolError(f"--kquants: {e}") from None
     if args.no_bf16:
         os.environ["MISTOL_BF16_PREFILL"] = "0"  # (read by mistol's engine processes)
+        os.environ["MISTOL_AMX"] = "0"  # (AMX comes with bf16: its int8 tiles too)
     report = run_bench(args.shape, formats, engines, prompts, args.steps, args.threads, cache_dir, pages, ggufs,
                        busy_core=args.busy_core)
     print(json.dumps(report, indent=2) if args.json else report_table(report))
