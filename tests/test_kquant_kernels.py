@@ -307,6 +307,30 @@ def test_the_int8_prefill_route_without_amx_tiles_is_the_same_arithmetic():
     assert "3 passed" in run.stdout
 
 
+@pytest.mark.skipif(not kernels.int8_tiles(), reason="the int8 prefill route multiplies in AMX tiles only on AMX CPUs")
+def test_the_routes_tiles_and_pytorchs_take_turns_in_one_thread(monkeypatch):
+    """The route configures AMX tiles in the calling thread (and releases them); PyTorch's
+    bf16 matmuls (oneDNN's AMX kernels on such a CPU) run in the same threads between its
+    calls, and neither may leave the other a wrong configuration."""
+    from mistol.model import backend
+
+    monkeypatch.setattr(backend, "quantized_route", lambda rows, device, f: backend.INT8_PREFILL)
+    layer = make_layer("Q6_Kx8", 1024, 64, random_blocks(file_type("Q6_Kx8"), 64, 1024, seed=3))
+    x = torch.randn(48, 1024, generator=torch.Generator().manual_seed(3))
+    want, _ = requantized_product(layer.dequantize(), x)
+    a, b = torch.randn(256, 512).bfloat16(), torch.randn(512, 512).bfloat16()
+    exact = a.double() @ b.double()
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for _ in range(5):
+                assert ((a @ b).double() - exact).abs().max() < 0.5
+                assert torch.equal(layer(x), want)
+    finally:
+        torch.set_num_threads(before)
+
+
 @vnni_only
 def test_a_nan_in_the_weights_stays_nan_on_the_int8_prefill_route(monkeypatch):
     from mistol.model import backend
