@@ -39,8 +39,9 @@ rows (`quantized_route`, `dense_kernel_runs`):
 | int8 prefill       | a repacked k-quant layer (Q4_Kx8, Q5_Kx8, Q6_Kx8) on a CPU   | `kernels.gemm_requantized`   |
 |                    | with the AVX512-VNNI kernels, or a Q4_1/Q5_0/Q5_1 layer on   | (requantized to int8 per     |
 |                    | AVX2 or AVX512-VNNI (beside AMX tiles: AVX512-VNNI, Q4_1,    | 256, 8 rows at a time; the   |
-|                    | Q5_0, Q5_1, Q5_Kx8, Q6_Kx8), `int8_prefill_rows(fmt)`+ rows, | legacy types' quants as int8)|
-|                    | fewer than `bf16_prefill_rows(fmt)` where bf16 takes over    |                              |
+|                    | Q5_0, Q5_1, Q5_Kx8, Q6_Kx8; with AMX int8 tiles all three    | legacy types' quants as int8;|
+|                    | k-quants, in tiles), `int8_prefill_rows(fmt)`+ rows, fewer   | AMX: the k-quants' products  |
+|                    | than `bf16_prefill_rows(fmt)` where bf16 takes over          | in tiles)                    |
 | bf16 prefill       | a quantized layer on a CPU with bf16 dot-product             | dequantize to bf16, matmul   |
 |                    | instructions (`native_bf16`; int8/int4: AMX tiles),          |                              |
 |                    | `bf16_prefill_rows(fmt)`+ rows                               |                              |
