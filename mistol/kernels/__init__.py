@@ -12,7 +12,9 @@ implementation runs is chosen once, from `MISTOL_KERNELS`:
 `MISTOL_KERNELS_LIB` names another build of the library to load instead of the package's
 (tests use it to check a build made without OpenMP). `MISTOL_PREFETCH=0|1`, read by the
 library once, decides whether the int8/int4 and dense kernels ask for their weights ahead
-(by default on Intel CPUs only: csrc/common.c).
+(by default on Intel CPUs only: csrc/common.c). `MISTOL_AMX=0`, read once too, keeps the
+int8 prefill route off AMX tiles (by default it uses them where the CPU has AMX and Linux
+lets the process: `int8_tiles`).
 
 When the library is missing, fails to load or was built for another ABI (see `abi`:
 every id is read from the library and its structs checked at load), mistol says so once
