@@ -817,10 +817,10 @@ int qkernels_select(int impl, qkernels *out) {
 #ifdef MISTOL_X86
     if (impl == IMPL_AVX2)
         out->group_rows[FMT_INT8] = group_rows_int8_avx2, out->group_rows[FMT_INT4] = group_rows_int4_avx2;
-    if (impl == IMPL_VNNI)
+    if (impl == IMPL_VNNI) {
         out->group_rows[FMT_INT8] = group_rows_int8_vnni, out->group_rows[FMT_INT4] = group_rows_int4_vnni;
-    if (impl == IMPL_VNNI)
         out->groups_rows[FMT_INT8] = groups_rows_int8_vnni, out->groups_rows[FMT_INT4] = groups_rows_int4_vnni;
+    }
 #endif
     if (impl == IMPL_NEON || impl == IMPL_DOTPROD) /* the single-row kernels, row by row, until NEON has its own */
         out->group_rows[FMT_INT8] = out->group_rows[FMT_INT4] = NULL;

@@ -325,7 +325,8 @@ static void mark_failed(int *failed) { /* (inside a parallel region) */
 }
 
 /* This thread's share of the M activation rows x[M][K], quantized per 256 (kquant: the
- * kernels' quantizer) into qkb [i][m][256], dk [m][nsb] and s256 [i][m] (their sums). */
+ * kernels' quantizer) into qkb [i][m][256], dk [m][nsb] and s256 [i][m] (their sums, which
+ * only the VNNI path's unsigned products need; NULL: not kept). */
 static void quantize_share(const qkernels *kn, const float *x, int64_t M, int64_t K, int8_t *qkb, float *dk,
                            int32_t *s256, int *failed) {
     const int64_t nsb = K / QKK;
@@ -340,7 +341,7 @@ static void quantize_share(const qkernels *kn, const float *x, int64_t M, int64_
     for (int64_t m = m0; m < m1; m++) {
         kn->kquant(x + m * K, K, q, dk + m * nsb, s16);
         act_row_to_blocks(q, m, M, K, qkb);
-        for (int64_t i = 0; i < nsb; i++) {
+        for (int64_t i = 0; s256 && i < nsb; i++) {
             int32_t sum = 0;
             for (int g = 0; g < 16; g++) sum += s16[i * 16 + g];
             s256[i * M + m] = sum;
@@ -438,8 +439,8 @@ EXPORT int mistol_gemm_requantized(int fmt, const uint8_t *w, int64_t rows, int6
     const int amx = cpu_has_amx(), pad = amx ? 16 : 0; /* (AMX: 16 rows at a time, read past M) */
     int8_t *qkb = malloc((size_t)((M + pad) * K));
     float *dk = malloc(sizeof(float) * (size_t)((M + pad) * nsb));
-    int32_t *s256 = malloc(sizeof(int32_t) * (size_t)(M * nsb));
-    int failed = !qkb || !dk || !s256;
+    int32_t *s256 = amx ? NULL : malloc(sizeof(int32_t) * (size_t)(M * nsb));
+    int failed = !qkb || !dk || (!amx && !s256);
     if (!failed) memset(qkb + M * K, 0, (size_t)(pad * K)), memset(dk + M * nsb, 0, sizeof(float) * (size_t)(pad * nsb));
     if (nthreads < 1) nthreads = 1;
     if (!failed) {
