@@ -286,6 +286,12 @@ class QuantizedLinear(nn.Module):
         """The weight as float32 [out_features, in_features] (the values the kernels use)."""
         return _dequantize_packed(self.packed, self.fmt, torch.float32)[: self.out_features]
 
+    def weight_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (int64, CPU) of the weight as float32 [len(ids), in_features]: a tied
+        head's rows are the token embedding's."""
+        return rows_of_groups(ids, self.in_features,
+                              lambda groups: _dequantize_packed(self.packed.index_select(1, groups), self.fmt, torch.float32))
+
     def to_ggml(self) -> torch.Tensor:
         """The weight as llama.cpp blocks, uint8 [out_features, in_features/32, 34 | 18]."""
         return unpack_ggml(self.packed.cpu(), self.out_features, self.fmt)
@@ -296,6 +302,20 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+_LOOKUP_GROUPS = 64  # groups dequantized at a time by `rows_of_groups` (bounds the temporary)
+
+
+def rows_of_groups(ids: torch.Tensor, width: int, dequantize_groups: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Rows `ids` of a weight stored in groups of 8 rows, float32 [len(ids), width]:
+    `dequantize_groups(group indices)` gives those groups' 8 rows each, [8 * n, width]."""
+    out = torch.empty(ids.numel(), width, device=ids.device)
+    for i in range(0, ids.numel(), _LOOKUP_GROUPS):
+        part = ids[i : i + _LOOKUP_GROUPS]
+        groups = dequantize_groups(part // INTERLEAVE).view(part.numel(), INTERLEAVE, width)
+        out[i : i + _LOOKUP_GROUPS] = groups[torch.arange(part.numel(), device=ids.device), part % INTERLEAVE]
+    return out
 
 
 def kernel_input(x2: torch.Tensor) -> torch.Tensor:

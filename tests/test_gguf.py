@@ -198,7 +198,10 @@ def test_a_tied_head_multiplies_the_files_own_values(tmp_path, tensor_type, fmt)
     assert head is embedding.head and head.fmt == fmt and head.out_features == embedding.num_embeddings
     values = torch.from_numpy(gguf.quants.dequantize(stored.data, stored.tensor_type)).reshape(embedding.num_embeddings, -1)
     assert torch.equal(head.dequantize(), values)  # the head: the file's values exactly
-    assert torch.equal(embedding(torch.arange(embedding.num_embeddings)), values)  # and so are the lookups
+    assert torch.equal(embedding(torch.arange(embedding.num_embeddings)), values)  # and so are the lookups,
+    embedding.packed = torch.zeros_like(embedding.packed)  # which read the head's copy, not the file's pages
+    ids = torch.randint(0, embedding.num_embeddings, (2, 150), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(embedding(ids), values[ids])
     assert torch.equal(head.to_ggml().flatten(), torch.from_numpy(stored.data).flatten())  # the file's bytes
     # The logits are the head's product of the last hidden state, as a float head of the same values gives.
     session = Engine(model).new_session()

@@ -25,7 +25,7 @@ from gguf.quants import dequantize
 
 from helpers import kernel_impls
 from mistol import kernels
-from mistol.block_quant import ROW_FORMATS, SCALE_OFFSETS, BlockLinear
+from mistol.block_quant import ROW_FORMATS, SCALE_OFFSETS, BlockEmbedding, BlockLinear
 from mistol.model.linear import linear_many
 from mistol.quant import QuantizedLinear, quantize_linear
 
@@ -134,6 +134,25 @@ def test_repacked_layouts_give_the_bits_of_the_files_rows(fmt):
     for impl in kernel_impls():
         with kernels.use(impl):
             assert torch.equal(x8(x), rows(x)), impl
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K", "Q5_0"])
+def test_a_tied_embedding_looks_tokens_up_in_its_repacked_head(fmt):
+    """A tied k-quant embedding's head is a repacked copy (Q4_Kx8, Q6_Kx8): tokens are then
+    looked up in it, not in the file's rows, so the file's pages are not held a second time.
+    The rows are the gguf package's values, in any order, repeated, across lookup chunks and
+    in a last group of fewer than 8 rows. Types the head keeps as they are (Q5_0) look up
+    their own rows."""
+    n, k = 203, 512
+    blocks = random_blocks(fmt, n, k, seed=5)
+    embedding = BlockEmbedding(n, k, fmt, blocks.clone(), tied=True)
+    assert embedding.head_is_a_copy == (fmt != "Q5_0")
+    ids = torch.cat((torch.randperm(n, generator=torch.Generator().manual_seed(5)), torch.tensor([202, 0, 202, 7, 8])))
+    if embedding.head_is_a_copy:
+        embedding.rows.packed.zero_()  # (what the file held: lookups must not read it)
+    looked_up = embedding(ids.view(1, -1))
+    assert looked_up.shape == (1, ids.numel(), k)
+    assert torch.equal(looked_up[0].double(), reference_weight(fmt, blocks)[ids])
 
 
 @pytest.mark.parametrize("impl", kernel_impls())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import kernel_impls
 from mistol import kernels
 from mistol.model.backend import DENSE_MAX_ROWS
-from mistol.model.linear import Linear, TiledLinear, linear_many, tile_values, tiles_pay_off
+from mistol.model.linear import Linear, TiledLinear, linear_each, linear_many, tile_values, tiles_pay_off
 from mistol.quant import quantize_linear
 
 FMTS = ["int8", "int4"]
@@ -117,6 +117,21 @@ def test_float_layers_together_equal_one_by_one(dtype):
         together = linear_many(x, layers)
         apart = torch.cat([layer(x) for layer in layers], dim=-1)
     assert together.shape == (2, 1, 117) and torch.equal(together, apart)
+
+
+@pytest.mark.parametrize("rows", [1, DENSE_MAX_ROWS + 5])
+def test_each_layers_output_apart_equals_the_outputs_side_by_side(rows):
+    """`linear_each`: views of the one fused call where the kernels take the layers together
+    (a decode step), each layer's own output where they run apart (a prompt): no copy."""
+    torch.manual_seed(5)
+    layers = [linear_layer(n, 256, torch.bfloat16) for n in (64, 13)]
+    x = torch.randn(1, rows, 256).bfloat16()
+    with torch.inference_mode():
+        each, together = linear_each(x, layers), linear_many(x, layers)
+    assert [tuple(y.shape) for y in each] == [(1, rows, 64), (1, rows, 13)]
+    assert torch.equal(torch.cat(each, dim=-1), together)
+    one_output = each[0].untyped_storage().data_ptr() == each[1].untyped_storage().data_ptr()
+    assert one_output == (kernels.available() and rows == 1)
 
 
 @needs_kernels

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import AttentionPlan, KVCache
-from .linear import Linear, linear, linear_many
+from .linear import Linear, linear, linear_each, linear_many
 
 
 class RMSNorm(nn.Module):
@@ -145,7 +145,7 @@ class FeedForward(nn.Module):
         self.down_proj = Linear(f, h, device)
 
     def forward(self, x):
-        gate, up = linear_many(x, (self.gate_proj, self.up_proj)).chunk(2, dim=-1)
+        gate, up = linear_each(x, (self.gate_proj, self.up_proj))
         return self.down_proj(F.silu(gate).mul_(up))  # in place: one [rows, ffn] temporary fewer
 
 
