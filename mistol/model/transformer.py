@@ -146,7 +146,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         gate, up = linear_each(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(F.silu(gate).mul_(up))  # in place: one [rows, ffn] temporary fewer
+        # in place where no gradient needs gate's values: one [rows, ffn] temporary fewer
+        return self.down_proj(F.silu(gate, inplace=not torch.is_grad_enabled()).mul_(up))
 
 
 class Block(nn.Module):
