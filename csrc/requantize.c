@@ -260,6 +260,9 @@ AMX_FN static void tiles_on(void) {
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     for (int t = 0; t < 6; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    /* GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes, so it may drop the
+     * stores above (then ldtilecfg faults): a barrier keeps them */
+    __asm__ __volatile__("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
 }
 
