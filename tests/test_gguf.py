@@ -531,8 +531,16 @@ def test_a_damaged_header_is_refused_before_any_allocation(mistral_dir, tmp_path
     """Counts and lengths are checked against the bytes left: a huge count fails at once."""
     import struct
 
-    good = bytearray(export(mistral_dir, tmp_path / "good.gguf", "Q8_0").read_bytes())
+    good_path = export(mistral_dir, tmp_path / "good.gguf", "Q8_0")
+    good = bytearray(good_path.read_bytes())
+    # a tensor's outer dimension made 2^64 / (its inner one) larger: the product of the two
+    # wraps round to the true size in 64-bit arithmetic (a reshape then failed with a traceback)
+    info = gguf.GGUFReader(good_path).tensors[0]
+    inner, outer = (int(d) for d in info.shape)
+    assert inner & (inner - 1) == 0, info.shape  # (a power of two: 2^64 / inner is whole)
+    outer_at = info.field.offset + 8 + len(info.name.encode()) + 4 + 8  # (name's length and bytes, n_dims, inner)
     cases = {
+        "dimensions": (outer_at, struct.pack("<Q", outer + 2**64 // inner)),
         "metadata count": (16, struct.pack("<Q", 2**62)),  # after magic, version, tensor count
         "key length": (24, struct.pack("<Q", 2**40)),
         "version": (4, struct.pack("<I", 7)),

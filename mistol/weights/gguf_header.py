@@ -13,6 +13,7 @@ multiple of `general.alignment` (32 unless given). The type tables are the gguf 
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -96,7 +97,7 @@ def read_header(path: str | Path, mode: str = "c") -> Header:
 
 
 def _tensor(data: np.memmap, name: str, dims: np.ndarray, ggml_type: GGMLQuantizationType, offset: int) -> Tensor:
-    n_elements = int(np.prod(dims, dtype=np.uint64))
+    n_elements = math.prod(int(d) for d in dims)  # (exact: a product of uint64s can wrap round to a plausible size)
     block, block_bytes = GGML_QUANT_SIZES[ggml_type]
     if n_elements % block:
         raise HeaderError(f"tensor {name!r}: {n_elements} values are not whole blocks of {block}")
