@@ -558,6 +558,31 @@ def test_a_damaged_header_is_refused_before_any_allocation(mistral_dir, tmp_path
             assert ("version 7" if what == "version" else "big-endian") in str(caught.value)
 
 
+def test_hostile_model_numbers_are_refused_in_one_line(mistral_dir, tmp_path, capsys):
+    """The model's numbers in a file's metadata, set as a damaged or hostile file might: each
+    refused with a line that names it (a zero count of key-value heads divided by zero; an
+    infinite epsilon or RoPE base ran, and wrote junk)."""
+    import struct
+
+    good_path = export(mistral_dir, tmp_path / "good.gguf", "Q8_0")
+    fields = gguf.GGUFReader(good_path).fields
+    cases = {
+        "llama.attention.head_count_kv": ("<I", 0, "num_kv_heads is 0; it must be positive"),
+        "llama.attention.head_count": ("<I", 3, "embedding_length 64 is not a multiple of head_count 3"),
+        "llama.attention.layer_norm_rms_epsilon": ("<f", float("inf"), "rms_norm_eps is inf; it must be a number >= 0"),
+        "llama.rope.freq_base": ("<f", -float("inf"), "rope_theta is -inf; it must be a positive number"),
+        "llama.block_count": ("<I", 0, "num_layers is 0; it must be positive"),
+    }
+    for key, (fmt, value, message) in cases.items():
+        field = fields[key]
+        bad = bytearray(good_path.read_bytes())
+        struct.pack_into(fmt, bad, field.offset + 8 + len(key) + 4, value)  # (key's length and bytes, value type)
+        path = tmp_path / f"{key}.gguf"
+        path.write_bytes(bad)
+        line = one_line_error(["generate", "--model", str(path), "-p", "x"], capsys)
+        assert message in line, (key, line)
+
+
 def test_bad_gguf_files_give_one_line_errors(mistral_dir, tmp_path, capsys):
     text = tmp_path / "notes.gguf"
     text.write_text("just some text, not a model\n")

@@ -10,6 +10,7 @@ else gets a one-line `MistolError` naming what mistol lacks.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,16 @@ class ModelConfig:
     eos_token_id: int | None = 2
 
     def __post_init__(self):
+        # (a damaged or hostile file's numbers: refused here, before any tensor is sized by them)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise MistolError(f"config: {name} is {getattr(self, name)}; it must be positive")
+        for name in ("rope_theta", "rope_scaling_factor"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise MistolError(f"config: {name} is {getattr(self, name)}; it must be a positive number")
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps >= 0):
+            raise MistolError(f"config: rms_norm_eps is {self.rms_norm_eps}; it must be a number >= 0")
         if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
             raise MistolError(
                 f"config: {len(self.rope_freq_factors)} RoPE frequency factors for a head of {self.head_dim}"

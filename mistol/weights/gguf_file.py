@@ -87,6 +87,8 @@ class GGUFFile:
         heads = number("attention.head_count")
         if hidden <= 0 or heads <= 0:
             raise MistolError(f"{self.path}: embedding_length {hidden} and head_count {heads} must be positive")
+        if self.get(f"{arch}.attention.key_length") is None and hidden % heads:
+            raise MistolError(f"{self.path}: embedding_length {hidden} is not a multiple of head_count {heads}")
         head_dim = number("attention.key_length", hidden // heads)
         if number("attention.value_length", head_dim) != head_dim:
             raise MistolError(f"{self.path}: attention.value_length differs from key_length; not supported")
