@@ -73,6 +73,8 @@ class ModelConfig:
         for name in ("rope_theta", "rope_scaling_factor"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise MistolError(f"config: {name} is {getattr(self, name)}; it must be a positive number")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise MistolError(f"config: sliding_window is {self.sliding_window}; it must be positive (or absent)")
         if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps >= 0):
             raise MistolError(f"config: rms_norm_eps is {self.rms_norm_eps}; it must be a number >= 0")
         if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
