@@ -561,7 +561,7 @@ def test_a_damaged_header_is_refused_before_any_allocation(mistral_dir, tmp_path
 def test_hostile_model_numbers_are_refused_in_one_line(mistral_dir, tmp_path, capsys):
     """The model's numbers in a file's metadata, set as a damaged or hostile file might: each
     refused with a line that names it (a zero count of key-value heads divided by zero; an
-    infinite epsilon or RoPE base ran, and wrote junk)."""
+    infinite epsilon or RoPE base ran, and wrote junk; a huge block count ate memory)."""
     import struct
 
     good_path = export(mistral_dir, tmp_path / "good.gguf", "Q8_0")
@@ -571,7 +571,8 @@ def test_hostile_model_numbers_are_refused_in_one_line(mistral_dir, tmp_path, ca
         "llama.attention.head_count": ("<I", 3, "embedding_length 64 is not a multiple of head_count 3"),
         "llama.attention.layer_norm_rms_epsilon": ("<f", float("inf"), "rms_norm_eps is inf; it must be a number >= 0"),
         "llama.rope.freq_base": ("<f", -float("inf"), "rope_theta is -inf; it must be a positive number"),
-        "llama.block_count": ("<I", 0, "num_layers is 0; it must be positive"),
+        # (a model of 4 billion blocks, built to load into, took minutes and gigabytes)
+        "llama.block_count": ("<I", 2**32 - 1, "block_count is 4294967295, but the file holds the tensors of 2 blocks"),
     }
     for key, (fmt, value, message) in cases.items():
         field = fields[key]
@@ -611,10 +612,10 @@ def test_bad_gguf_files_give_one_line_errors(mistral_dir, tmp_path, capsys):
     line = one_line_error(["tokenize", "--model", str(bpe), "x"], capsys)
     assert "a 'gpt2' tokenizer without tokenizer.ggml.merges" in line
 
-    iq = {**embd, "output.weight": (np.zeros((32, 18), np.uint8), T.IQ4_NL)}
+    iq = {**embd, "blk.0.attn_q.weight": (np.zeros((32, 18), np.uint8), T.IQ4_NL)}
     iq_path = write_llama_gguf(tmp_path / "iq.gguf", config, iq)
     line = one_line_error(["generate", "--model", str(iq_path), "-p", "x"], capsys)
-    assert "tensor 'output.weight' has type IQ4_NL, which mistol does not read" in line
+    assert "tensor 'blk.0.attn_q.weight' has type IQ4_NL, which mistol does not read" in line
 
     other = tmp_path / "weights.bin"
     other.write_bytes(b"\0" * 8)

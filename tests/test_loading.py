@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,22 @@ def test_unsupported_architecture_is_named(ckpt):
     cfg["architectures"] = ["GPTNeoXForCausalLM"]
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MistolError, match="unsupported architecture 'GPTNeoXForCausalLM'"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    # (a model of a billion layers, built to load into, would take minutes and gigabytes)
+    ("num_hidden_layers", 10**9, "num_hidden_layers is 1000000000, but the checkpoint holds the tensors of 2 layers"),
+    ("num_key_value_heads", -2, "num_kv_heads is -2; it must be positive"),
+    ("rms_norm_eps", -1.0, "rms_norm_eps is -1.0; it must be a number >= 0"),
+    ("rope_parameters", {"rope_theta": 0, "rope_type": "default"}, "rope_theta is 0.0; it must be a positive number"),
+    ("sliding_window", -8, "sliding_window is -8; it must be positive (or absent)"),
+])
+def test_a_hostile_config_is_refused_in_one_line(ckpt, field, value, message):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg[field] = value
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MistolError, match=re.escape(message)):
         load_model(ckpt)
 
 

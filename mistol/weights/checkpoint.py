@@ -12,6 +12,7 @@ quantized ones into mistol.quant's layout, their pages released the same way.)
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,12 +121,18 @@ def load_model(
         raise MistolError(f"unknown quantization {quant!r} (choose from {', '.join(QUANT_FORMATS)})")
     config = ModelConfig.from_file(model_dir / "config.json")
     files = find_weight_files(model_dir)
+    sources = list(iter_tensor_sources(files))
+    # checked before a model of that many layers is built to load into (a billion would take
+    # minutes and gigabytes to fail)
+    held = {int(m.group(1)) for s in sources if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", s.name))}
+    if config.num_layers > len(held):
+        raise MistolError(f"{model_dir / 'config.json'}: num_hidden_layers is {config.num_layers}, "
+                          f"but the checkpoint holds the tensors of {len(held)} layers")
     model = Transformer(config, device="meta")
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
     device = torch.device(device)
 
-    sources = list(iter_tensor_sources(files))
     total = sum(s.nbytes for s in sources)
     from tqdm import tqdm
 

@@ -10,6 +10,7 @@ cannot run.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..model import ModelConfig
 from .gguf_layout import ARCHITECTURES
 
 _MAGIC = b"GGUF"
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.")  # a decoder block's tensors: blk.N.*
 
 
 class GGUFFile:
@@ -106,6 +108,11 @@ class GGUFFile:
         freq_factors = self._rope_freq_factors(head_dim)
         window = self.get(f"{arch}.attention.sliding_window")
 
+        # Checked before a model of that many blocks is built to load into (4 billion took
+        # minutes and gigabytes before failing)
+        blocks, held = number("block_count"), {int(m.group(1)) for t in self.tensors if (m := _BLOCK_TENSOR.match(t))}
+        if blocks > len(held):
+            raise MistolError(f"{self.path}: block_count is {blocks}, but the file holds the tensors of {len(held)} blocks")
         embedding = self.tensors.get("token_embd.weight")
         if embedding is None or len(embedding.shape) != 2:
             raise MistolError(f"{self.path}: no token_embd.weight tensor of 2 dimensions")
@@ -113,7 +120,7 @@ class GGUFFile:
             vocab_size=int(embedding.shape[1]),
             hidden_size=hidden,
             intermediate_size=number("feed_forward_length"),
-            num_layers=number("block_count"),
+            num_layers=blocks,
             num_heads=heads,
             num_kv_heads=number("attention.head_count_kv", heads),
             head_dim=head_dim,
