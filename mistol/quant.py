@@ -411,7 +411,11 @@ def quantize_tied_head(model: nn.Module) -> bool:
     model (Qwen2.5-0.5B: 136M of its 494M weights), and read as float32 it would cost a
     decode step four times the bytes of the rest. The float embedding stays for the lookup.
     True when a head was made."""
-    if getattr(model, "lm_head", True) is not None or not isinstance(model.embed_tokens, nn.Embedding):
+    from .model.embedding import FloatRowsEmbedding
+    from .weights.memory import release_pages
+
+    stored = isinstance(model.embed_tokens, FloatRowsEmbedding)  # (rows of the mapped checkpoint)
+    if getattr(model, "lm_head", True) is not None or not (stored or isinstance(model.embed_tokens, nn.Embedding)):
         return False  # (an embedding kept as a GGUF file's blocks is its own quantized head)
     if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         return False
@@ -419,7 +423,9 @@ def quantize_tied_head(model: nn.Module) -> bool:
     if weight.device.type != "cpu":
         return False
     n, k = weight.shape
-    model.lm_head = quantize_rows(lambda r0, r1: weight[r0:r1], n, k, "int8", name="lm_head (tied)")
+    # the stored rows' pages given back once quantized: lookups read a few of them again
+    model.lm_head = quantize_rows(lambda r0, r1: weight[r0:r1], n, k, "int8", name="lm_head (tied)",
+                                  release=release_pages if stored else None)
     return True
 
 

@@ -324,6 +324,37 @@ def test_quantized_incremental_decode_matches_one_pass(model_256):
     torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_bf16_checkpoints_embedding_stays_its_stored_rows_when_quantized(tmp_path, tie):
+    """Quantized, a model computes in float32, but its embedding stays the checkpoint's bf16
+    rows (a view of the mapped file: no float32 copy of twice the bytes), each looked-up row
+    converted exactly: the logits are a float32 embedding's, bit for bit, and a tied head is
+    the same int8 copy."""
+    from safetensors.torch import load_file, save_file
+
+    from mistol.engine import Engine
+    from mistol.model.embedding import FloatRowsEmbedding
+    from mistol.weights import load_model
+
+    path = make_checkpoint(tmp_path / "m", hidden=128, heads=4, kv_heads=2, tie=tie, tokenizer=False)
+    stored = {k: v.to(torch.bfloat16) for k, v in load_file(path / "model.safetensors").items()}
+    save_file(stored, path / "model.safetensors")
+    model = load_model(path, quant="int8")
+    embedding = model.embed_tokens
+    assert isinstance(embedding, FloatRowsEmbedding) and embedding.weight.dtype == torch.bfloat16
+    assert model.dtype == torch.float32 and isinstance(model.lm_head, QuantizedLinear)
+    assert not any(t.dtype == torch.float32 and t.shape[0] == embedding.num_embeddings
+                   for t in [*model.parameters(), *model.buffers()])
+    tokens = torch.randint(3, embedding.num_embeddings, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    ours = Engine(model).new_session().feed(tokens, all_logits=True)
+
+    copy = load_model(path, quant="int8")  # the same, with a float32 copy looked up instead
+    copy.embed_tokens = torch.nn.Embedding.from_pretrained(stored["model.embed_tokens.weight"].float())
+    if tie:
+        assert torch.equal(copy.lm_head.packed, model.lm_head.packed)
+    assert torch.equal(ours, Engine(copy).new_session().feed(tokens, all_logits=True))
+
+
 PEAK_RSS_SCRIPT = textwrap.dedent("""
     import sys, torch
     from mistol.quant import quantize_linear
@@ -354,7 +385,8 @@ def test_peak_memory_while_quantizing_stays_near_the_quantized_size(tmp_path, sa
         save_file(state, path / "model.safetensors")
     out = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(path)], capture_output=True, text=True, check=True)
     size, growth = map(int, out.stdout.split())
-    assert 60e6 < size < 110e6  # int8 linears (~32 MB) + the f32 embedding (~66 MB)
+    # int8 linears (~32 MB) + the embedding (~66 MB in float32; a bf16 file's stays its ~33 MB of stored rows)
+    assert 60e6 < size < 110e6
     assert growth <= 1.3 * size, f"peak RSS grew {growth / 1e6:.0f} MB for {size / 1e6:.0f} MB of weights"
     shutil.rmtree(path)
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import MistolError
 from ..model import ModelConfig, Transformer
+from ..model.embedding import FloatRowsEmbedding
 from ..model.linear import TiledLinear, tiles_pay_off
 from .memory import release_pages
 from .safetensors_file import SafetensorsFile
@@ -41,6 +42,7 @@ class TensorSource:
     name: str
     file: Path
     shape: tuple[int, ...]
+    dtype: torch.dtype
     nbytes: int
     read: Callable[[], torch.Tensor]
 
@@ -74,11 +76,12 @@ def iter_tensor_sources(files: list[Path]) -> Iterator[TensorSource]:
         if path.suffix == ".safetensors":
             st = SafetensorsFile(path)
             for name in st.keys():
-                yield TensorSource(name, path, st.shape(name), st.nbytes(name), lambda st=st, n=name: st.tensor(n))
+                yield TensorSource(name, path, st.shape(name), st.dtype(name), st.nbytes(name),
+                                   lambda st=st, n=name: st.tensor(n))
         else:
             state = _load_bin(path)
             for name, t in state.items():
-                yield TensorSource(name, path, tuple(t.shape), t.numel() * t.element_size(), lambda t=t: t)
+                yield TensorSource(name, path, tuple(t.shape), t.dtype, t.numel() * t.element_size(), lambda t=t: t)
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -152,6 +155,8 @@ def load_model(
                     )
                 if quant and _is_linear_weight(model, key):
                     _set_quantized(model, key, src.read(), quant, device)
+                elif key == "embed_tokens.weight" and _keep_stored_rows(src, quant, dtype, device):
+                    model.embed_tokens = FloatRowsEmbedding(src.read(), dtype)
                 elif _is_linear_weight(model, key) and tiles_pay_off(src.shape, device):
                     weight = src.read()
                     set_linear(model, key, TiledLinear.from_rows(lambda r0, r1: weight[r0:r1], *src.shape, dtype,
@@ -165,8 +170,18 @@ def load_model(
     if missing:
         shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
         raise MistolError(f"{model_dir}: checkpoint is missing {len(missing)} tensor(s): {shown}")
+    if isinstance(model.embed_tokens, FloatRowsEmbedding):
+        from ..quant import quantize_tied_head
+
+        quantize_tied_head(model)  # (a tied head cannot multiply the stored rows: an int8 copy)
     model.rotary.to(device)
     return model.eval().requires_grad_(False)
+
+
+def _keep_stored_rows(src: TensorSource, quant: str | None, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a quantized model's embedding stays the checkpoint's bf16/f16 rows (see
+    model/embedding.py) rather than a float32 copy."""
+    return quant is not None and device.type == "cpu" and dtype == torch.float32 and src.dtype in (torch.bfloat16, torch.float16)
 
 
 def to_target(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

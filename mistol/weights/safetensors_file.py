@@ -74,6 +74,9 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name]["shape"])
 
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self._entries[name]["dtype"]]
+
     def nbytes(self, name: str) -> int:
         start, end = self._entries[name]["data_offsets"]
         return end - start
