@@ -567,7 +567,7 @@ def test_hostile_model_numbers_are_refused_in_one_line(mistral_dir, tmp_path, ca
     good_path = export(mistral_dir, tmp_path / "good.gguf", "Q8_0")
     fields = gguf.GGUFReader(good_path).fields
     cases = {
-        "llama.attention.head_count_kv": ("<I", 0, "num_kv_heads is 0; it must be positive"),
+        "llama.attention.head_count_kv": ("<I", 0, "num_kv_heads is 0; it must be positive and below 2^24"),
         "llama.attention.head_count": ("<I", 3, "embedding_length 64 is not a multiple of head_count 3"),
         "llama.attention.layer_norm_rms_epsilon": ("<f", float("inf"), "rms_norm_eps is inf; it must be a number >= 0"),
         "llama.rope.freq_base": ("<f", -float("inf"), "rope_theta is -inf; it must be a positive number"),

@@ -46,11 +46,19 @@ def test_unsupported_architecture_is_named(ckpt):
 
 @pytest.mark.parametrize("field,value,message", [
     # (a model of a billion layers, built to load into, would take minutes and gigabytes)
-    ("num_hidden_layers", 10**9, "num_hidden_layers is 1000000000, but the checkpoint holds the tensors of 2 layers"),
-    ("num_key_value_heads", -2, "num_kv_heads is -2; it must be positive"),
+    ("num_hidden_layers", 10**9, "num_layers is 1000000000; it must be positive and below 2^16"),
+    ("num_hidden_layers", 1000, "num_hidden_layers is 1000, but the checkpoint holds the tensors of 2 layers"),
+    ("num_key_value_heads", -2, "num_kv_heads is -2; it must be positive and below 2^24"),
     ("rms_norm_eps", -1.0, "rms_norm_eps is -1.0; it must be a number >= 0"),
     ("rope_parameters", {"rope_theta": 0, "rope_type": "default"}, "rope_theta is 0.0; it must be a positive number"),
     ("sliding_window", -8, "sliding_window is -8; it must be positive (or absent)"),
+    # values of the wrong kind, each of which ended in a traceback (TypeError, OverflowError)
+    ("hidden_size", "4096", "hidden_size is '4096'; expected a whole number"),
+    ("intermediate_size", 2**63, "intermediate_size is 9223372036854775808; it must be positive and below 2^24"),
+    ("rms_norm_eps", None, "rms_norm_eps is None; expected a number"),
+    ("architectures", "MistralForCausalLM", "architectures is 'MistralForCausalLM'; expected a list of names"),
+    ("rope_parameters", "yes", "rope_parameters is 'yes'; expected an object"),
+    ("rope_parameters", {"rope_type": "linear", "factor": {}}, "rope_parameters holds a value that is not a number"),
 ])
 def test_a_hostile_config_is_refused_in_one_line(ckpt, field, value, message):
     cfg = json.loads((ckpt / "config.json").read_text())

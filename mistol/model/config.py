@@ -66,10 +66,12 @@ class ModelConfig:
 
     def __post_init__(self):
         # (a damaged or hostile file's numbers: refused here, before any tensor is sized by them)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "max_position_embeddings"):
-            if getattr(self, name) <= 0:
-                raise MistolError(f"config: {name} is {getattr(self, name)}; it must be positive")
+        # (bounds far past any model's, so that no product of two overflows torch's sizes)
+        for names, bound in ((("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim"),
+                              24), (("num_layers",), 16), (("max_position_embeddings",), 31)):
+            for name in names:
+                if not 0 < getattr(self, name) < 2**bound:
+                    raise MistolError(f"config: {name} is {getattr(self, name)}; it must be positive and below 2^{bound}")
         for name in ("rope_theta", "rope_scaling_factor"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise MistolError(f"config: {name} is {getattr(self, name)}; it must be a positive number")
@@ -101,27 +103,42 @@ class ModelConfig:
                 raise MistolError(f"{source}: missing required field {key!r}")
             return cfg[key]
 
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
-        layers = int(need("num_hidden_layers"))
+        def whole(key: str, value) -> int:
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if type(value) is not int:
+                raise MistolError(f"{source}: {key} is {value!r}; expected a whole number")
+            return value
+
+        def real(key: str, default: float) -> float:
+            value = cfg.get(key, default)
+            if type(value) not in (int, float):
+                raise MistolError(f"{source}: {key} is {value!r}; expected a number")
+            return float(value)
+
+        hidden = whole("hidden_size", need("hidden_size"))
+        heads = whole("num_attention_heads", need("num_attention_heads"))
+        if heads <= 0:
+            raise MistolError(f"{source}: num_attention_heads is {heads}; it must be positive")
+        layers = whole("num_hidden_layers", need("num_hidden_layers"))
         theta, factor, llama3 = _rope(cfg, source)
         qwen2 = arch == "Qwen2ForCausalLM"
         return cls(
-            vocab_size=int(need("vocab_size")),
+            vocab_size=whole("vocab_size", need("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
+            intermediate_size=whole("intermediate_size", need("intermediate_size")),
             num_layers=layers,
             num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            num_kv_heads=whole("num_key_value_heads", cfg.get("num_key_value_heads") or heads),
+            head_dim=whole("head_dim", cfg.get("head_dim") or hidden // heads),
             rope_theta=theta,
             rope_scaling_factor=factor,
             rope_llama3=llama3,
             qkv_bias=qwen2 or bool(cfg.get("attention_bias")),
             o_bias=not qwen2 and bool(cfg.get("attention_bias")),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rms_norm_eps=real("rms_norm_eps", 1e-5),
             sliding_window=_window(cfg, layers, source),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            max_position_embeddings=whole("max_position_embeddings", cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=_first(cfg.get("bos_token_id")),
             eos_token_id=_first(cfg.get("eos_token_id")),
@@ -151,6 +168,8 @@ def _first(value):
 def _architecture(cfg: dict, source: str) -> str:
     """The config's architecture, if mistol runs it; else a one-line error naming what it lacks."""
     archs = cfg.get("architectures") or []
+    if not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise MistolError(f"{source}: architectures is {archs!r}; expected a list of names")
     model_type = cfg.get("model_type")
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None and not archs:
@@ -202,7 +221,12 @@ def _rope(cfg: dict, source: str) -> tuple[float, float, Llama3Rope | None]:
     """
     key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
     params = cfg.get(key) or {}
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if not isinstance(params, dict):
+        raise MistolError(f"{source}: {key} is {params!r}; expected an object")
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    if type(theta) not in (int, float):
+        raise MistolError(f"{source}: rope_theta is {theta!r}; expected a number")
+    theta = float(theta)
     rope_type = params.get("rope_type", params.get("type", "default"))
     partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
@@ -219,6 +243,8 @@ def _rope(cfg: dict, source: str) -> tuple[float, float, Llama3Rope | None]:
             )
     except KeyError as e:
         raise MistolError(f"{source}: {key} of rope_type {rope_type!r} lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise MistolError(f"{source}: {key} holds a value that is not a number: {params!r}") from None
     raise MistolError(
         f"{source}: {key}.rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
     )

@@ -81,6 +81,8 @@ class GGUFFile:
                 raise MistolError(f"{self.path}: missing metadata '{arch}.{key}'")
             if isinstance(value, list):
                 raise MistolError(f"{self.path}: per-layer '{arch}.{key}' is not supported")
+            if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+                raise MistolError(f"{self.path}: metadata '{arch}.{key}' is {value!r}; expected a number")
             if kind is float:  # stored as float32: the shortest decimal that rounds to it (1e-05)
                 return float(str(np.float32(value)))
             return kind(value)
