@@ -176,7 +176,7 @@ class BPETokenizer:
         source = d / "tokenizer.json"
         data = _read_json(source)
         model = data.get("model") or {}
-        if model.get("type") != "BPE" or not _is_byte_level(data):
+        if not isinstance(model, dict) or model.get("type") != "BPE" or not _is_byte_level(data):
             raise MistolError(f"{source}: only byte-level BPE tokenizers are supported here")
         config = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
 
@@ -189,6 +189,8 @@ class BPETokenizer:
             added[token.id] = token
 
         vocab = model.get("vocab") or {}
+        if not (isinstance(vocab, dict) and all(_token_id(i) for i in vocab.values())):
+            raise MistolError(f"{source}: model.vocab must map each token to an id from 0 to 2^24")
         size = max([0, *(i + 1 for i in vocab.values()), *(i + 1 for i in added)])
         tokens: list[str | None] = [None] * size
         types = [UNUSED] * size
@@ -197,7 +199,10 @@ class BPETokenizer:
         for t in added.values():
             tokens[t.id] = t.content
             types[t.id] = CONTROL if t.special else USER_DEFINED
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+        merges = model.get("merges") or []
+        if not (isinstance(merges, list) and all(isinstance(m, str) or _pair_of_strings(m) for m in merges)):
+            raise MistolError(f"{source}: model.merges must be a list of \"left right\" strings or [left, right] pairs")
+        merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
 
         from tokenizers import Tokenizer as Backend
 
@@ -216,6 +221,8 @@ class BPETokenizer:
                 value = value.get("content")
             if value is None:
                 return None
+            if not isinstance(value, str):
+                raise MistolError(f"{d / 'tokenizer_config.json'}: {key} is {value!r}; expected a token's text")
             if value not in ids_of:
                 raise MistolError(f"{d / 'tokenizer_config.json'}: {key} {value!r} is not in the vocabulary")
             return ids_of[value]
@@ -463,12 +470,24 @@ def _read_json(path: Path) -> dict:
     return value
 
 
+def _token_id(value) -> bool:
+    """A token id as a file may give one: a whole number from 0 up to (not including) 2^24, far
+    past any vocabulary (a hostile 2^40 would size the token list by it)."""
+    return type(value) is int and 0 <= value < 2**24
+
+
+def _pair_of_strings(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+
+
 def _added(entry, token_id, source) -> AddedToken:
     if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
         raise MistolError(f"{source}: malformed added token {entry!r}")
     try:
         i = int(token_id)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise MistolError(f"{source}: token {entry['content']!r} has an invalid id {token_id!r}") from None
+    if not _token_id(i) or isinstance(token_id, (bool, float)):
+        raise MistolError(f"{source}: token {entry['content']!r} has an invalid id {token_id!r}")
     return AddedToken(entry["content"], i, bool(entry.get("special", False)),
                          bool(entry.get("lstrip", False)), bool(entry.get("rstrip", False)))

@@ -8,6 +8,7 @@ and the DeepSeek-R1 Qwen distills (tests/bpe_models.py).
 from __future__ import annotations
 
 import random
+import re
 import unicodedata
 
 import pytest
@@ -351,3 +352,31 @@ def test_gguf_chat_template_stop_tokens_and_bos_rule_match_llama_cpp(checkpoints
     messages = [{"role": "user", "content": "Hi there, how are you?"}, {"role": "assistant", "content": "Fine."},
                 {"role": "user", "content": "Good."}]
     assert template.render(messages) == ChatTemplate.for_tokenizer(Tokenizer.from_dir(checkpoints(name))).render(messages)
+
+
+HOSTILE_TOKENIZER_FILES = [
+    # (file, where, value, what the one line says); each of these ended in a traceback
+    ("tokenizer.json", ("model", "vocab", "a"), "x", "model.vocab must map each token to an id"),
+    ("tokenizer.json", ("model", "vocab", "a"), 2**40, "model.vocab must map each token to an id"),  # (MemoryError)
+    ("tokenizer.json", ("model", "vocab"), ["a"], "model.vocab must map each token to an id"),
+    ("tokenizer.json", ("model", "merges", 0), 7, "model.merges must be a list"),
+    ("tokenizer.json", ("model", "merges"), 1.5, "model.merges must be a list"),
+    ("tokenizer.json", ("added_tokens", 0, "id"), 10**30, "has an invalid id"),
+    ("tokenizer_config.json", ("eos_token",), ["<|im_end|>"], "eos_token is ['<|im_end|>']; expected a token's text"),
+]
+
+
+@pytest.mark.parametrize("file,where,value,message", HOSTILE_TOKENIZER_FILES)
+def test_a_hostile_tokenizer_file_is_refused_in_one_line(tmp_path, file, where, value, message):
+    import json
+
+    d = train_bpe_dir(tmp_path / "tok", "qwen2", vocab_size=300)
+    data = json.loads((d / file).read_text())
+    target = data
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    (d / file).write_text(json.dumps(data))
+    with pytest.raises(MistolError, match=re.escape(message)) as caught:
+        Tokenizer.from_dir(d)
+    assert "\n" not in str(caught.value)
