@@ -129,11 +129,21 @@ class ChatTemplate:
             pieces += [start, "assistant\n"]
         return pieces
 
+    def _render(self, **values) -> str:
+        """The model's template rendered; what goes wrong in it (it divides by zero, indexes a
+        message that is not there, reaches for what the sandbox forbids) as a one-line error."""
+        try:
+            return self._jinja.render(**values)
+        except MistolError:
+            raise  # (TemplateRefusal: raise_exception, which `render` answers)
+        except Exception as e:
+            raise MistolError(f"the model's chat_template fails ({type(e).__name__}: {' '.join(str(e).split())})") from None
+
     def _jinja_pieces(self, messages, contents, gen_prompt, continue_last) -> Pieces:
         marks = [f"\x00mistol-content-{i}\x00" for i in range(len(messages))]
         tok = self.tokenizer
         specials = dict(bos_token=_content_of(tok, tok.bos_id), eos_token=_content_of(tok, tok.eos_id))
-        rendered = self._jinja.render(
+        rendered = self._render(
             messages=[{**m, "content": mark} for m, mark in zip(messages, marks)],
             add_generation_prompt=gen_prompt, **specials,
         )
@@ -144,7 +154,7 @@ class ChatTemplate:
         # Other rewrites (DeepSeek-R1's drops the reasoning before "</think>") are not followed:
         # the text stays as written.
         texts = [m["content"] for m in messages]
-        real = self._jinja.render(messages=messages, add_generation_prompt=gen_prompt, **specials)
+        real = self._render(messages=messages, add_generation_prompt=gen_prompt, **specials)
 
         def joined(texts):
             return "".join(texts[marks.index(p)] if p in marks else p for p in parts)

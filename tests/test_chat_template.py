@@ -125,6 +125,28 @@ def test_a_template_that_refuses_a_system_message_gets_it_in_the_first_user_mess
     assert ChatTemplate.for_tokenizer(tok).render(MESSAGES) == list(expected)
 
 
+@pytest.mark.parametrize("template,why", [
+    ("{{ 1/0 }}", "ZeroDivisionError"),
+    ("{{ messages[5].content }}", "UndefinedError: list object has no element 5"),
+    ("{{ ''.__class__.__mro__ }}", "SecurityError"),  # (the sandbox's refusal)
+    ("{{ range(10**7) | list | length }}", "OverflowError"),
+])
+def test_a_template_that_fails_is_a_one_line_error(tmp_path, template, why):
+    """A model file's template runs in a sandbox; what goes wrong in it, or what the sandbox
+    forbids, is one line naming the template (it was a traceback: a 500 in the server)."""
+    import json
+
+    from bpe_models import FAMILIES, train_bpe_dir
+    from mistol.errors import MistolError
+
+    d = train_bpe_dir(tmp_path, FAMILIES["qwen2"])
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    with pytest.raises(MistolError, match="the model's chat_template fails") as caught:
+        ChatTemplate.for_tokenizer(Tokenizer.from_dir(d)).render(MESSAGES)
+    assert why in str(caught.value) and "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize("name", [*BPE_TEMPLATED, "gpt2"])
 def test_code_mode_conversation_renders_with_every_template(name, tmp_path):
     """The code-running system prompt, and a reply left open after a code block's output."""
