@@ -65,8 +65,8 @@ class ModelConfig:
     eos_token_id: int | None = 2
 
     def __post_init__(self):
-        # (a damaged or hostile file's numbers: refused here, before any tensor is sized by them)
-        # (bounds far past any model's, so that no product of two overflows torch's sizes)
+        # A damaged or hostile file's numbers, refused before any tensor is sized by them; the
+        # bounds are far past any model's, so that no product of two overflows torch's sizes.
         for names, bound in ((("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim"),
                               24), (("num_layers",), 16), (("max_position_embeddings",), 31)):
             for name in names:
