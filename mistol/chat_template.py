@@ -18,12 +18,18 @@ then the session's cache would no longer share the prefix and would run the repl
 from __future__ import annotations
 
 import re
+import threading
 from typing import Mapping, Sequence
 
 from .errors import MistolError
 from .pieces import Pieces, known_pieces
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# What one render of a model's template may make, far past what real templates need (they
+# loop over the messages and tools): elements of range() in all (the sandbox caps one range
+# at 100,000, but two nested ones made 10^10 steps and hung), the length of a text or list
+# that `*` makes, and an exponent (10 ** 100000000 computes a number of 100 million digits).
+RENDER_STEPS, RENDER_LENGTH, RENDER_EXPONENT = 1_000_000, 1 << 20, 64
 # What ends an assistant turn in the chat formats of the families we run (llama.cpp's list).
 END_OF_TURN = (IM_END, "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
 
@@ -131,7 +137,9 @@ class ChatTemplate:
 
     def _render(self, **values) -> str:
         """The model's template rendered; what goes wrong in it (it divides by zero, indexes a
-        message that is not there, reaches for what the sandbox forbids) as a one-line error."""
+        message that is not there, reaches for what the sandbox forbids or past what a render
+        may make) as a one-line error."""
+        self._jinja.environment.steps_left.value = RENDER_STEPS
         try:
             return self._jinja.render(**values)
         except MistolError:
@@ -223,9 +231,36 @@ def _content_of(tok, token_id):
 
 def _compile(source: str):
     try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2.exceptions import SecurityError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
     except ImportError:  # pragma: no cover - jinja2 is a core dependency
         raise MistolError("rendering the model's chat_template needs jinja2") from None
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox, with what one render may make bounded (RENDER_STEPS...)."""
+
+        intercepted_binops = frozenset(("*", "**"))
+
+        def __init__(self, **options):
+            super().__init__(**options)
+            self.steps_left = threading.local()  # (renders may run in several threads at once)
+            self.globals["range"] = self.bounded_range
+
+        def bounded_range(self, *args):
+            steps = safe_range(*args)
+            self.steps_left.value = getattr(self.steps_left, "value", RENDER_STEPS) - len(steps)
+            if self.steps_left.value < 0:
+                raise SecurityError(f"its loops run past {RENDER_STEPS} steps")
+            return steps
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, int) and abs(right) > RENDER_EXPONENT:
+                raise SecurityError(f"an exponent of {right}")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > RENDER_LENGTH:
+                        raise SecurityError(f"a text or list of {len(seq) * n} made by *")
+            return super().call_binop(context, operator, left, right)
 
     def raise_exception(message):
         raise TemplateRefusal(f"chat_template: {message}")
@@ -241,7 +276,7 @@ def _compile(source: str):
         return json.dumps(value, ensure_ascii=False, indent=indent)
 
     # The environment transformers' apply_chat_template renders in.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     env.filters["tojson"] = tojson

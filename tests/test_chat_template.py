@@ -130,6 +130,12 @@ def test_a_template_that_refuses_a_system_message_gets_it_in_the_first_user_mess
     ("{{ messages[5].content }}", "UndefinedError: list object has no element 5"),
     ("{{ ''.__class__.__mro__ }}", "SecurityError"),  # (the sandbox's refusal)
     ("{{ range(10**7) | list | length }}", "OverflowError"),
+    # what one render may make (the first hung: 10^10 steps; the others took gigabytes or a
+    # number of 100 million digits)
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "SecurityError: its loops run past 1000000 steps"),
+    ("{{ 'x' * 10**9 }}", "SecurityError: a text or list of 1000000000 made by *"),
+    ("{{ 10 ** 100000000 }}", "SecurityError: an exponent of 100000000"),
 ])
 def test_a_template_that_fails_is_a_one_line_error(tmp_path, template, why):
     """A model file's template runs in a sandbox; what goes wrong in it, or what the sandbox
