@@ -310,12 +310,14 @@ _LOOKUP_GROUPS = 64  # groups dequantized at a time by `rows_of_groups` (bounds 
 def rows_of_groups(ids: torch.Tensor, width: int, dequantize_groups: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Rows `ids` of a weight stored in groups of 8 rows, float32 [len(ids), width]:
     `dequantize_groups(group indices)` gives those groups' 8 rows each, [8 * n, width]."""
-    out = torch.empty(ids.numel(), width, device=ids.device)
-    for i in range(0, ids.numel(), _LOOKUP_GROUPS):
-        part = ids[i : i + _LOOKUP_GROUPS]
+
+    def picked(part: torch.Tensor) -> torch.Tensor:
         groups = dequantize_groups(part // INTERLEAVE).view(part.numel(), INTERLEAVE, width)
-        out[i : i + _LOOKUP_GROUPS] = groups[torch.arange(part.numel(), device=ids.device), part % INTERLEAVE]
-    return out
+        return groups[torch.arange(part.numel(), device=part.device), part % INTERLEAVE]
+
+    if ids.numel() <= _LOOKUP_GROUPS:  # (a decode step's token: one call)
+        return picked(ids)
+    return torch.cat([picked(ids[i : i + _LOOKUP_GROUPS]) for i in range(0, ids.numel(), _LOOKUP_GROUPS)])
 
 
 def kernel_input(x2: torch.Tensor) -> torch.Tensor:
